@@ -1,0 +1,1 @@
+"""RAIN-Merging for Hugging Face models."""

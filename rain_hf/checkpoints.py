@@ -1,0 +1,271 @@
+"""Where checkpoints come from and how their tensors are read: one tensor at a time, memory-mapped.
+
+A model is named by a Hub id or a local folder (:func:`resolve_model`); its weights are read lazily from
+safetensors (:class:`LazyCheckpoint`), so only the tensor being merged sits in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors import safe_open
+
+logger = logging.getLogger(__name__)
+
+#: Files fetched from the Hub for a full model: weights, configs, tokenizer; never .bin/.pt/.gguf duplicates.
+MODEL_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "vocab*",
+                  "merges.txt", "README.md", "LICENSE*"]
+#: Files fetched from the Hub for a peft adapter.
+ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "README.md"]
+
+_CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\](?P<sha>[0-9a-f]{40})")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be found, read, or merged with the others."""
+
+
+@dataclass
+class ModelSource:
+    """A model input after resolution.
+
+    Attributes:
+        name_or_path: what the user passed.
+        path: the local folder holding the files.
+        hub_id: the Hub repository id, also when a local folder is a Hub cache snapshot (``None`` if unknown).
+        revision: the Hub commit or revision the files came from (``None`` if unknown).
+    """
+
+    name_or_path: str
+    path: Path
+    hub_id: str | None = None
+    revision: str | None = None
+
+    def describe(self) -> str:
+        return self.hub_id or str(self.path)
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"name_or_path": self.name_or_path, "path": str(self.path), "hub_id": self.hub_id,
+                "revision": self.revision}
+
+
+def _hub_identity_of_folder(folder: Path) -> tuple[str | None, str | None]:
+    """(hub id, commit) of a Hub cache snapshot folder, or what a rain_hf/merge sidecar records; else Nones."""
+    match = _CACHE_SNAPSHOT.search(str(folder.resolve()))
+    if match:
+        return f"{match['org']}/{match['name']}", match["sha"]
+    return None, None
+
+
+def resolve_model(
+    name_or_path: str | os.PathLike,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    allow_patterns: list[str] | None = None,
+    role: str = "model",
+) -> ModelSource:
+    """Find a model's files: a local folder as it is, or a Hub id fetched with ``allow_patterns`` only.
+
+    Args:
+        name_or_path: a local folder or a Hub repository id (``"org/name"``).
+        revision: a Hub branch, tag or commit.
+        token: a Hub token (``None``: the logged-in one).
+        allow_patterns: which files to fetch from the Hub (default :data:`MODEL_PATTERNS`).
+        role: the model's role in the merge (``"base"``, ``"reasoning"``, ``"instruct"``), used in errors.
+
+    Example:
+        >>> src = resolve_model("benchmarks/organism/checkpoints/base")  # doctest: +SKIP
+        >>> src.path.is_dir()  # doctest: +SKIP
+        True
+    """
+    text = os.fspath(name_or_path)
+    local = Path(text).expanduser()
+    if local.is_dir():
+        hub_id, sha = _hub_identity_of_folder(local)
+        return ModelSource(text, local.resolve(), hub_id, revision or sha)
+    if local.exists():
+        raise CheckpointError(f"The {role} model {text!r} is a file; pass the folder that holds config.json and "
+                              "the safetensors weights.")
+    looks_local = text.startswith((".", "/", "~")) or os.sep in text.strip("/").split("/", 1)[-1] or text.count("/") > 1
+    if looks_local or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", text):
+        raise CheckpointError(f"The {role} model {text!r} is neither an existing local folder nor a valid Hub id "
+                              "('org/name'). Check the path.")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        folder = snapshot_download(text, revision=revision, token=token,
+                                   allow_patterns=allow_patterns or MODEL_PATTERNS)
+    except RevisionNotFoundError as exc:
+        raise CheckpointError(f"The {role} model {text!r} has no revision {revision!r} on the Hub.") from exc
+    except GatedRepoError as exc:
+        raise CheckpointError(f"The {role} model {text!r} is gated: accept its licence on the Hub and pass a "
+                              "token (token=... or `hf auth login`).") from exc
+    except RepositoryNotFoundError as exc:
+        raise CheckpointError(f"The {role} model {text!r} was not found on the Hub (or is private: pass a "
+                              "token).") from exc
+    except LocalEntryNotFoundError as exc:
+        raise CheckpointError(f"The {role} model {text!r} is not in the local Hub cache and the Hub cannot be "
+                              "reached (offline?). Download it first or pass a local folder.") from exc
+    except HfHubHTTPError as exc:
+        raise CheckpointError(f"Fetching the {role} model {text!r} from the Hub failed: {exc}") from exc
+    _, sha = _hub_identity_of_folder(Path(folder))
+    return ModelSource(text, Path(folder), text, sha or revision)
+
+
+class TensorSource(Protocol):
+    """Anything the merge can read named tensors from, one at a time."""
+
+    def keys(self) -> list[str]: ...
+
+    def shape(self, key: str) -> tuple[int, ...]: ...
+
+    def get(self, key: str) -> torch.Tensor: ...
+
+
+class LazyCheckpoint:
+    """Tensors of a safetensors checkpoint folder, read one at a time from memory-mapped files.
+
+    Handles a single ``model.safetensors``, a sharded checkpoint with ``model.safetensors.index.json``, or any
+    set of ``*.safetensors`` files in the folder.
+
+    Example:
+        >>> ckpt = LazyCheckpoint("benchmarks/organism/checkpoints/base")  # doctest: +SKIP
+        >>> w = ckpt.get("model.layers.0.self_attn.q_proj.weight")  # doctest: +SKIP
+    """
+
+    def __init__(self, folder: str | os.PathLike, name: str | None = None, prefix: str = "model") -> None:
+        self.folder = Path(folder)
+        self.name = name or str(folder)
+        index = self.folder / f"{prefix}.safetensors.index.json"
+        if index.is_file():
+            with open(index, encoding="utf-8") as f:
+                weight_map: dict[str, str] = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            single = self.folder / f"{prefix}.safetensors"
+            files = [single.name] if single.is_file() else sorted(p.name for p in self.folder.glob("*.safetensors"))
+            weight_map = {}
+        if not files:
+            bins = [p.name for p in self.folder.glob("*.bin")] + [p.name for p in self.folder.glob("*.pt")]
+            hint = (f" It holds {bins[:3]}: convert them to safetensors first (load the model with transformers and "
+                    "call save_pretrained(..., safe_serialization=True)).") if bins else ""
+            raise CheckpointError(f"No safetensors weights in {self.name} ({self.folder}).{hint}")
+        self._handles: dict[str, object] = {}
+        self._where: dict[str, str] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, str] = {}
+        for file in files:
+            handle = self._open(file)
+            for key in handle.keys():
+                self._where[key] = file
+                sl = handle.get_slice(key)
+                self._shapes[key] = tuple(sl.get_shape())
+                self._dtypes[key] = sl.get_dtype()
+        missing = sorted(set(weight_map) - set(self._where))
+        if missing:
+            raise CheckpointError(f"{self.name}: the index names tensors that no shard holds, e.g. {missing[:3]}. "
+                                  "The checkpoint is incomplete: download it again.")
+
+    def _open(self, file: str):
+        if file not in self._handles:
+            path = self.folder / file
+            if not path.is_file():
+                raise CheckpointError(f"{self.name}: shard {file} is missing from {self.folder}.")
+            try:
+                self._handles[file] = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as exc:  # safetensors raises its own error types
+                raise CheckpointError(f"{self.name}: cannot read {path}: {exc}") from exc
+        return self._handles[file]
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return _SAFETENSORS_DTYPES[self._dtypes[key]]
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor ``key`` as stored (dtype and values exactly as in the file), on the CPU."""
+        if key not in self._where:
+            raise KeyError(f"{self.name} has no tensor {key!r}")
+        return self._handles[self._where[key]].get_tensor(key)
+
+    def nbytes(self) -> int:
+        total = 0
+        for key, shape in self._shapes.items():
+            n = 1
+            for s in shape:
+                n *= s
+            total += n * self.dtype(key).itemsize
+        return total
+
+
+class StateDictSource:
+    """A :class:`TensorSource` over tensors already in memory (e.g. a model being trained)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], name: str = "state dict") -> None:
+        self._tensors = tensors
+        self.name = name
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._tensors
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._tensors[key].dtype
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._tensors[key].detach().to("cpu")
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{what}: {path.name} is missing from {path.parent}.") from exc
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{what}: {path} is not valid JSON ({exc}).") from exc
+
+
+def is_adapter_folder(folder: Path) -> bool:
+    """True when ``folder`` holds a peft adapter (``adapter_config.json``)."""
+    return (folder / "adapter_config.json").is_file()

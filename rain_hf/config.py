@@ -1,0 +1,271 @@
+"""`RainMergingConfig`: every knob of the merge, with documented defaults and a JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("rain", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp")
+POSITION_SETS = ("think", "think+prev", "window")
+PROJECTIONS = ("svd", "ridge")
+NORMALIZATIONS = ("mean", "none")
+MALFORMED_POLICIES = ("skip", "error")
+DTYPES = ("float32", "float16", "bfloat16")
+PRECISIONS = ("float32", "float64")
+
+CONFIG_NAME = "rain_merging_config.json"
+
+
+class ConfigError(ValueError):
+    """A field of :class:`RainMergingConfig` has a value the merge cannot use."""
+
+
+@dataclass
+class RainMergingConfig:
+    """All settings of a RAIN merge (and of the baseline methods that share its engine).
+
+    Defaults are the settings the project's organism benchmark supports (see ``benchmarks/organism/RESULTS.md``).
+
+    Example:
+        >>> from rain_hf import RainMergingConfig
+        >>> cfg = RainMergingConfig(lam=1.5, positions="window", window=3)
+        >>> RainMergingConfig.from_json(cfg.to_json()) == cfg
+        True
+
+    Attributes:
+        method: ``"rain"`` or a baseline: ``"task_arithmetic"``, ``"ties"``, ``"dare_ties"``, ``"dare_linear"``,
+            ``"slerp"``.
+        lam: global strength λ of θ = θ_R + λ·α⊙Δ⊥ (also the weight of the instruct vector in the baselines),
+            or ``"auto"`` to pick λ on ``lam_grid`` from calibration data alone.
+        lam_grid: candidate λ values for ``lam="auto"``.
+        lam_auto_max_kl: the largest L_think (mean KL at thinking positions) ``lam="auto"`` accepts.
+        stage1: project the task vector onto the null space of the thinking-token features.
+        stage2: scale each attention head by its instruction-attention coefficient.
+        positions: which token positions define the thinking features: ``"think"`` (the think tokens),
+            ``"think+prev"`` (plus the token before each, whose output predicts it) or ``"window"`` (plus a
+            ±``window`` neighbourhood of both).
+        window: radius r of the ``"window"`` position set.
+        projection: ``"svd"`` (exact projection onto the null space, singular values above ``rcond``·σ_max
+            span the protected subspace) or ``"ridge"`` (ΔW − ΔW Hᵀ(HHᵀ+εI)⁻¹H with ε = ``ridge``·σ_max²).
+        rcond: relative singular-value cut-off of the SVD projection.
+        ridge: relative ridge strength of the ridge projection.
+        project_bias: also merge biases, projecting [ΔW | Δb] against features with a constant 1 column.
+        precision: arithmetic of the projection (``"float32"`` or ``"float64"``).
+        rho: leakage penalty ρ of the stage-2 score g = a − ρu.
+        coef_normalize: ``"mean"`` divides the stage-2 scores by their mean over all heads (mean coefficient 1,
+            so λ alone sets the strength); ``"none"`` keeps the paper's literal g / (1 + u).
+        coef_min, coef_max: the box the coefficients are clipped to.
+        probe_lam: the expansion point of the stage-2 probe model θ_R + probe_lam·Δ⊥.
+        target_modules: ``"all-linear"`` (every linear layer inside the decoder blocks) or a list of module
+            name suffixes such as ``["q_proj", "v_proj"]``.
+        layers: indices of decoder layers to merge (``None``: all).
+        think_open, think_close: the thinking special tokens; each must be a single token of the tokenizer.
+        output_dtype: dtype of the merged weights (``None``: the reasoning model's).
+        batch_size: calibration samples per forward pass.
+        max_length: calibration sequences are cut to this many tokens (think tokens must survive the cut).
+        max_reasoning_samples, max_instruction_samples: use at most this many calibration samples (``None``: all).
+        on_malformed: ``"skip"`` a malformed calibration sample (logged with its index) or raise (``"error"``).
+        max_new_tokens, do_sample, temperature, top_p: generation of traces for prompt-only calibration data.
+        density: fraction of entries kept by TIES / DARE.
+        slerp_t: interpolation factor of SLERP (0: reasoning model, 1: instruct model).
+        seed: seed of DARE's random masks and of sampled generation.
+        max_shard_size: shard size of ``save_pretrained`` (bytes or a string such as ``"5GB"``).
+    """
+
+    method: str = "rain"
+    lam: float | str = 1.0
+    lam_grid: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0])
+    lam_auto_max_kl: float = 0.05
+    stage1: bool = True
+    stage2: bool = True
+    positions: str = "window"
+    window: int = 3
+    projection: str = "svd"
+    rcond: float = 0.1
+    ridge: float = 1e-2
+    project_bias: bool = False
+    precision: str = "float32"
+    rho: float = 0.5
+    coef_normalize: str = "mean"
+    coef_min: float = 0.0
+    coef_max: float = 2.0
+    probe_lam: float = 1.0
+    target_modules: str | list[str] = "all-linear"
+    layers: list[int] | None = None
+    think_open: str = "<think>"
+    think_close: str = "</think>"
+    output_dtype: str | None = None
+    batch_size: int = 4
+    max_length: int = 4096
+    max_reasoning_samples: int | None = None
+    max_instruction_samples: int | None = None
+    on_malformed: str = "skip"
+    max_new_tokens: int = 1024
+    do_sample: bool = False
+    temperature: float = 0.6
+    top_p: float = 0.95
+    density: float = 0.5
+    slerp_t: float = 0.5
+    seed: int = 0
+    max_shard_size: int | str = "5GB"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first field with an unusable value."""
+
+        def choice(name: str, allowed: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"RainMergingConfig.{name}={value!r} is not one of {list(allowed)}.")
+
+        def number(name: str, lo: float | None = None, hi: float | None = None, strict_lo: bool = False) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"RainMergingConfig.{name} must be a number, got {value!r}.")
+            if lo is not None and (value <= lo if strict_lo else value < lo):
+                raise ConfigError(f"RainMergingConfig.{name}={value!r} must be {'>' if strict_lo else '>='} {lo}.")
+            if hi is not None and value > hi:
+                raise ConfigError(f"RainMergingConfig.{name}={value!r} must be <= {hi}.")
+
+        def flag(name: str) -> None:
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"RainMergingConfig.{name} must be true or false, got {getattr(self, name)!r}.")
+
+        def positive_int(name: str, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if optional and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"RainMergingConfig.{name} must be a positive integer, got {value!r}.")
+
+        choice("method", METHODS)
+        if isinstance(self.lam, str):
+            if self.lam != "auto":
+                raise ConfigError(f"RainMergingConfig.lam={self.lam!r}: use a number or 'auto'.")
+        else:
+            number("lam")
+        if not isinstance(self.lam_grid, list) or not self.lam_grid:
+            raise ConfigError("RainMergingConfig.lam_grid must be a non-empty list of numbers.")
+        for v in self.lam_grid:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"RainMergingConfig.lam_grid holds {v!r}, which is not a number.")
+        number("lam_auto_max_kl", 0.0, strict_lo=True)
+        for name in ("stage1", "stage2", "project_bias", "do_sample"):
+            flag(name)
+        choice("positions", POSITION_SETS)
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
+            raise ConfigError(f"RainMergingConfig.window must be an integer >= 0, got {self.window!r}.")
+        choice("projection", PROJECTIONS)
+        number("rcond", 0.0, 1.0, strict_lo=True)
+        number("ridge", 0.0, strict_lo=True)
+        choice("precision", PRECISIONS)
+        number("rho", 0.0)
+        choice("coef_normalize", NORMALIZATIONS)
+        number("coef_min")
+        number("coef_max")
+        if self.coef_min > self.coef_max:
+            raise ConfigError(
+                f"RainMergingConfig.coef_min={self.coef_min} is above coef_max={self.coef_max}: swap them."
+            )
+        number("probe_lam", 0.0, strict_lo=True)
+        if isinstance(self.target_modules, str):
+            if self.target_modules != "all-linear":
+                raise ConfigError(
+                    f"RainMergingConfig.target_modules={self.target_modules!r}: use 'all-linear' or a list of "
+                    "module name suffixes such as ['q_proj', 'v_proj']."
+                )
+        elif not (isinstance(self.target_modules, list) and self.target_modules
+                  and all(isinstance(m, str) and m for m in self.target_modules)):
+            raise ConfigError("RainMergingConfig.target_modules must be 'all-linear' or a non-empty list of names.")
+        if self.layers is not None:
+            if not isinstance(self.layers, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers
+            ):
+                raise ConfigError(f"RainMergingConfig.layers must be null or a list of layer indices >= 0, "
+                                  f"got {self.layers!r}.")
+        for name in ("think_open", "think_close"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"RainMergingConfig.{name} must be a non-empty string.")
+        if self.think_open == self.think_close:
+            raise ConfigError("RainMergingConfig.think_open and think_close must differ.")
+        if self.output_dtype is not None:
+            choice("output_dtype", DTYPES)
+        positive_int("batch_size")
+        positive_int("max_length")
+        positive_int("max_reasoning_samples", optional=True)
+        positive_int("max_instruction_samples", optional=True)
+        choice("on_malformed", MALFORMED_POLICIES)
+        positive_int("max_new_tokens")
+        number("temperature", 0.0, strict_lo=True)
+        number("top_p", 0.0, 1.0, strict_lo=True)
+        number("density", 0.0, 1.0, strict_lo=True)
+        number("slerp_t", 0.0, 1.0)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"RainMergingConfig.seed must be an integer, got {self.seed!r}.")
+        parse_size(self.max_shard_size)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RainMergingConfig:
+        """Build a config from a dict; unknown keys are an error that lists the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"Unknown RainMergingConfig keys {unknown}; known keys: {sorted(known)}.")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RainMergingConfig:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> RainMergingConfig:
+        """Read a config from a JSON file (a ``rain_merging_config.json`` sidecar works too)."""
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if "config" in data and isinstance(data["config"], dict):  # the sidecar written by save_pretrained
+            data = data["config"]
+        return cls.from_dict(data)
+
+
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes of a shard size such as ``5_000_000_000``, ``"5GB"`` or ``"500MiB"`` (decimal units as in HF)."""
+    if isinstance(size, bool):
+        raise ConfigError(f"max_shard_size={size!r} is not a size.")
+    if isinstance(size, int):
+        if size <= 0:
+            raise ConfigError(f"max_shard_size={size} must be positive.")
+        return size
+    if isinstance(size, str):
+        text = size.strip().upper().replace(" ", "")
+        for unit in sorted(_UNITS, key=len, reverse=True):
+            if text.endswith(unit):
+                number = text[: -len(unit)]
+                try:
+                    value = float(number)
+                except ValueError:
+                    break
+                if value <= 0:
+                    break
+                return int(value * _UNITS[unit])
+    raise ConfigError(f"max_shard_size={size!r} is not a size: use bytes or a string such as '5GB' or '500MB'.")

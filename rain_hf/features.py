@@ -1,0 +1,387 @@
+"""Forward passes over calibration data: which modules are merged, their input features at the thinking
+positions (stage 1), and per-head instruction-attention statistics (stage 2).
+
+Everything is captured with hooks during ordinary forward passes of the reasoning (or probe) model: one pass per
+batch covers every layer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import CalibrationSample
+from .coefficients import attention_mass, masked_query_mean
+from .config import RainMergingConfig
+from .projection import feature_svd, with_bias_column
+
+logger = logging.getLogger(__name__)
+
+FEATURES_FORMAT = "rain_hf.think_features.v1"
+
+
+@dataclass
+class TargetModule:
+    """A linear module of a decoder layer that the merge changes.
+
+    Attributes:
+        name: module name in the model, e.g. ``model.layers.0.self_attn.q_proj``.
+        layer: decoder layer index.
+        kind: ``"q"``, ``"kv"``, ``"o"`` (attention projections, mapped per head in stage 2) or ``"other"``.
+        shape: (out_features, in_features).
+        has_bias: whether the module has a bias.
+    """
+
+    name: str
+    layer: int
+    kind: str
+    shape: tuple[int, int]
+    has_bias: bool
+
+    @property
+    def weight_key(self) -> str:
+        return f"{self.name}.weight"
+
+    @property
+    def bias_key(self) -> str | None:
+        return f"{self.name}.bias" if self.has_bias else None
+
+
+@dataclass
+class AttentionGeometry:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    num_layers: int
+
+
+def attention_geometry(model_config) -> AttentionGeometry:
+    """Head counts and head_dim from a transformers config (explicit ``head_dim`` wins, as in Qwen3)."""
+    cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return AttentionGeometry(heads, kv, head_dim, cfg.hidden_size, cfg.num_hidden_layers)
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder blocks: the longest ModuleList whose blocks hold an attention module."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and _attention_of(module[0]) is not None:
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    if best is None:
+        raise ValueError(f"{type(model).__name__}: no decoder blocks with an attention module were found.")
+    return best
+
+
+def _attention_of(block: nn.Module) -> tuple[str, nn.Module] | None:
+    for name, module in block.named_modules():
+        if name and type(module).__name__.endswith("Attention"):
+            return name, module
+    return None
+
+
+def find_target_modules(model: nn.Module, config: RainMergingConfig) -> list[TargetModule]:
+    """Linear modules inside the decoder blocks selected by ``config.target_modules`` and ``config.layers``.
+
+    Attention projections are classified by shape inside the block's attention module, not by name: a linear
+    with out = H·head_dim is a query projection, out = KV·head_dim a key/value projection, in = H·head_dim and
+    out = hidden the output projection.
+    """
+    geo = attention_geometry(model.config)
+    prefix, layers = find_decoder_layers(model)
+    if config.layers is not None:
+        bad = [i for i in config.layers if i >= len(layers)]
+        if bad:
+            raise ValueError(f"config.layers names layers {bad}, but the model has {len(layers)} (0–{len(layers) - 1}).")
+    wanted_layers = set(range(len(layers))) if config.layers is None else set(config.layers)
+    targets: list[TargetModule] = []
+    for idx, block in enumerate(layers):
+        if idx not in wanted_layers:
+            continue
+        attn = _attention_of(block)
+        attn_name = attn[0] if attn else None
+        for sub, module in block.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            leaf = sub.rsplit(".", 1)[-1]
+            if config.target_modules != "all-linear" and leaf not in config.target_modules:
+                continue
+            out_f, in_f = module.weight.shape
+            kind = "other"
+            if attn_name is not None and sub.startswith(attn_name + "."):
+                if in_f == geo.hidden_size and out_f == geo.num_heads * geo.head_dim:
+                    kind = "q"
+                elif in_f == geo.hidden_size and out_f == geo.num_kv_heads * geo.head_dim:
+                    kind = "kv"
+                elif in_f == geo.num_heads * geo.head_dim and out_f == geo.hidden_size:
+                    kind = "o"
+                else:
+                    logger.warning("%s.%s.%s: attention projection of unexpected shape %s gets the layer mean α.",
+                                   prefix, idx, sub, tuple(module.weight.shape))
+            targets.append(TargetModule(f"{prefix}.{idx}.{sub}", idx, kind, (out_f, in_f), module.bias is not None))
+    if not targets:
+        raise ValueError(f"target_modules={config.target_modules!r} matches no linear module in the decoder blocks.")
+    return targets
+
+
+# ---------------------------------------------------------------------------------------------- batching
+def _batches(samples: Sequence[CalibrationSample], batch_size: int):
+    for start in range(0, len(samples), batch_size):
+        yield samples[start : start + batch_size]
+
+
+def _pad(samples: Sequence[CalibrationSample], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids [B, T] and attention mask [B, T]."""
+    width = max(len(s.input_ids) for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for i, s in enumerate(samples):
+        ids[i, : len(s.input_ids)] = torch.tensor(s.input_ids, dtype=torch.long)
+        mask[i, : len(s.input_ids)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _span_mask(samples: Sequence[CalibrationSample], attr: str, width: int) -> torch.Tensor:
+    mask = torch.zeros((len(samples), width), dtype=torch.bool)
+    for i, s in enumerate(samples):
+        for a, b in getattr(s, attr):
+            mask[i, a:b] = True
+    return mask
+
+
+def _input_device(model: nn.Module):
+    return model.get_input_embeddings().weight.device
+
+
+# ---------------------------------------------------------------------------------------------- stage 1
+@dataclass
+class ThinkFeatures:
+    """SVD of the reasoning model's module inputs at the thinking positions, per group of modules that share an
+    input (q/k/v; gate/up). Depends only on the reasoning model and its calibration set, so one instance serves any
+    number of instruct models (see :meth:`save` / :meth:`load`).
+
+    Attributes:
+        bases: group name → (V [d, k], s [k]) of the group's feature matrix H [m, d] (with a column of ones when
+            ``settings["project_bias"]``).
+        module_group: module name → group name.
+        settings: what the features were computed with (positions, window, project_bias, samples, rows).
+    """
+
+    bases: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    module_group: dict[str, str]
+    settings: dict = field(default_factory=dict)
+
+    def basis(self, module_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if module_name not in self.module_group:
+            raise KeyError(f"No thinking features were captured for {module_name}: compute the features with the "
+                           "same target_modules and layers as the merge.")
+        return self.bases[self.module_group[module_name]]
+
+    def check_compatible(self, config: RainMergingConfig, module_names: Sequence[str]) -> None:
+        """Refuse features computed with other position settings or for other modules."""
+        for key in ("positions", "window", "project_bias"):
+            if key in self.settings and self.settings[key] != getattr(config, key):
+                raise ValueError(f"These thinking features were computed with {key}={self.settings[key]!r} but the "
+                                 f"config asks for {getattr(config, key)!r}: recompute them or change the config.")
+        missing = [m for m in module_names if m not in self.module_group]
+        if missing:
+            raise ValueError(f"The thinking features lack {len(missing)} merged modules (e.g. {missing[0]}): "
+                             "recompute them with the merge's target_modules and layers.")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the features to one safetensors file (metadata in its header)."""
+        tensors = {}
+        for group, (v, s) in self.bases.items():
+            tensors[f"{group}::V"] = v.contiguous().cpu()
+            tensors[f"{group}::s"] = s.contiguous().cpu()
+        meta = {"format": FEATURES_FORMAT, "module_group": json.dumps(self.module_group),
+                "settings": json.dumps(self.settings)}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ThinkFeatures:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FEATURES_FORMAT:
+                raise ValueError(f"{path} is not a rain_hf thinking-features file (format {meta.get('format')!r}).")
+            bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+            for key in f.keys():
+                group, part = key.rsplit("::", 1)
+                v, s = bases.get(group, (None, None))
+                if part == "V":
+                    v = f.get_tensor(key)
+                else:
+                    s = f.get_tensor(key)
+                bases[group] = (v, s)
+        return cls(bases, json.loads(meta["module_group"]), json.loads(meta["settings"]))
+
+
+class _FeatureRecorder:
+    """Forward pre-hooks that keep each targeted module's input rows at the thinking positions.
+
+    Modules called one after another on the very same input tensor (q/k/v, gate/up) share one feature matrix.
+    """
+
+    def __init__(self, model: nn.Module, targets: Sequence[TargetModule]) -> None:
+        modules = dict(model.named_modules())
+        self.rows: dict[str, list[torch.Tensor]] = {}
+        self.module_group: dict[str, str] = {}
+        self._last: tuple[torch.Tensor, str] | None = None
+        self.index: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.handles = [modules[t.name].register_forward_pre_hook(self._hook(t.name)) for t in targets]
+
+    def _hook(self, name: str):
+        def hook(_module, args):
+            x = args[0]
+            if self._last is not None and self._last[0] is x:
+                group = self._last[1]
+            else:
+                group = self.module_group.get(name, name)
+                b_idx, t_idx = self.index
+                self.rows.setdefault(group, []).append(x[b_idx.to(x.device), t_idx.to(x.device)].float().cpu())
+            # the grouping is decided on the first batch and must stay the same on the others
+            self.module_group.setdefault(name, group)
+            self._last = (x, group)
+
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self._last = None
+
+
+@torch.no_grad()
+def capture_think_features(
+    model: nn.Module,
+    samples: Sequence[CalibrationSample],
+    targets: Sequence[TargetModule],
+    config: RainMergingConfig,
+    pad_token_id: int,
+    svd_device: str | torch.device | None = None,
+) -> ThinkFeatures:
+    """Stage-1 features: one forward pass per batch captures every targeted module's input at the thinking
+    positions of every layer; then one SVD per input group.
+
+    Args:
+        model: the reasoning model (any device map).
+        samples: reasoning calibration samples.
+        targets: the modules to be merged (from :func:`find_target_modules`).
+        config: positions, window, batch_size, project_bias and precision are used.
+        pad_token_id: id used to right-pad batches (masked out).
+        svd_device: where to run the SVDs (default: the model's input device).
+    """
+    device = _input_device(model)
+    recorder = _FeatureRecorder(model, targets)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    n_rows = 0
+    try:
+        for batch in tqdm(list(_batches(samples, config.batch_size)), desc="stage 1: thinking features",
+                          unit="batch"):
+            ids, mask = _pad(batch, pad_token_id, device)
+            b_idx, t_idx = [], []
+            for i, s in enumerate(batch):
+                pos = s.think_positions(config.positions, config.window)
+                b_idx += [i] * len(pos)
+                t_idx += pos
+            recorder.index = (torch.tensor(b_idx), torch.tensor(t_idx))
+            recorder._last = None
+            n_rows += len(t_idx)
+            decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        recorder.close()
+    dtype = torch.float64 if config.precision == "float64" else torch.float32
+    svd_device = svd_device or device
+    bases = {}
+    for group, chunks in tqdm(recorder.rows.items(), desc="stage 1: feature SVD", unit="group"):
+        h = torch.cat(chunks).to(svd_device)
+        if config.project_bias:
+            h = with_bias_column(h)
+        v, s = feature_svd(h, dtype)
+        bases[group] = (v.cpu(), s.cpu())
+        chunks.clear()
+    settings = {"positions": config.positions, "window": config.window, "project_bias": config.project_bias,
+                "num_samples": len(samples), "num_rows": n_rows}
+    logger.info("Captured thinking features: %d samples, %d positions, %d input groups", len(samples), n_rows,
+                len(bases))
+    return ThinkFeatures(bases, dict(recorder.module_group), settings)
+
+
+# ---------------------------------------------------------------------------------------------- stage 2
+@torch.no_grad()
+def collect_attention_stats(
+    model: nn.Module,
+    samples: Sequence[CalibrationSample],
+    layers: Sequence[int],
+    batch_size: int,
+    pad_token_id: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer, per-head alignment a and leakage u from the model's real attention probabilities.
+
+    a[l, h] = mean over samples of the mean over queries t ∈ R of Σ_{τ ∈ I} A_l[h, t, τ]; u the same over t ∈ U.
+    Each layer's attention map is reduced inside its own hook, so no two layers' T×T maps are alive together.
+
+    Returns:
+        alignment [len(layers), H] and leakage [len(layers), H] (float64).
+    """
+    _, blocks = find_decoder_layers(model)
+    geo = attention_geometry(model.config)
+    device = _input_device(model)
+    n = len(layers)
+    sums = {"a": torch.zeros(n, geo.num_heads, dtype=torch.float64), "u": torch.zeros(n, geo.num_heads,
+                                                                                     dtype=torch.float64)}
+    counts = {"a": torch.zeros(n, dtype=torch.float64), "u": torch.zeros(n, dtype=torch.float64)}
+    masks: dict[str, torch.Tensor] = {}
+
+    def make_hook(row: int):
+        def hook(_module, _args, output):
+            attn = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if attn is None:
+                raise RuntimeError("The attention module returned no attention probabilities; stage 2 needs the "
+                                   "'eager' attention implementation.")
+            mass = attention_mass(attn, masks["I"].to(attn.device))
+            for key, qmask in (("a", masks["R"]), ("u", masks["U"])):
+                mean, valid = masked_query_mean(mass, qmask.to(attn.device))
+                sums[key][row] += mean[valid].sum(dim=0).double().cpu()
+                counts[key][row] += float(valid.sum())
+
+        return hook
+
+    previous = getattr(model.config, "_attn_implementation", None)
+    model.set_attn_implementation("eager")
+    handles = [_attention_of(blocks[layer])[1].register_forward_hook(make_hook(row)) for row, layer in
+               enumerate(layers)]
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    try:
+        for batch in tqdm(list(_batches(samples, batch_size)), desc="stage 2: instruction attention", unit="batch"):
+            ids, mask = _pad(batch, pad_token_id, device)
+            width = ids.shape[1]
+            masks["I"] = _span_mask(batch, "instruction_spans", width)
+            masks["R"] = _span_mask(batch, "constrained_spans", width)
+            masks["U"] = _span_mask(batch, "unrelated_spans", width)
+            decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        if previous is not None:
+            model.set_attn_implementation(previous)
+    if float(counts["a"].min()) == 0:
+        raise ValueError("No instruction calibration sample has response tokens to measure alignment on.")
+    alignment = sums["a"] / counts["a"].unsqueeze(1)
+    leakage = sums["u"] / counts["u"].clamp(min=1).unsqueeze(1)
+    return alignment, leakage

@@ -1,0 +1,84 @@
+"""Stage-1 math: project a task vector onto the null space of the thinking-token features (method.md §2).
+
+Pure functions on tensors. Notation: ``H`` is the feature matrix [m, d] (one row per thinking position), its thin
+SVD is H = U·diag(s)·Vᵀ with V [d, k] and s [k] (k = min(m, d)); ``delta`` is a module's ΔW [out, d].
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def feature_svd(features: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right singular vectors and singular values of a feature matrix.
+
+    Args:
+        features: H [m, d].
+        dtype: arithmetic precision (float32 or float64).
+
+    Returns:
+        V [d, k] and s [k] (descending), k = min(m, d). Only V and s are kept: they determine both the exact and
+        the ridge projection, and ‖X Hᵀ‖ = ‖X V diag(s)‖ for any X.
+    """
+    h = features.to(dtype)
+    _, s, vh = torch.linalg.svd(h, full_matrices=False)
+    return vh.transpose(0, 1).contiguous(), s
+
+
+def protected_basis(v: torch.Tensor, s: torch.Tensor, rcond: float) -> torch.Tensor:
+    """Orthonormal basis [d, r] of the row space of H: singular directions with s > rcond·s_max."""
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return v[:, :0]
+    keep = s > rcond * s[0]
+    return v[:, keep]
+
+
+def project_svd(delta: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """ΔW⊥ = ΔW − (ΔW B) Bᵀ: ΔW with the protected directions removed (paper Eq. 4–5).
+
+    Args:
+        delta: ΔW [out, d].
+        basis: B [d, r] with orthonormal columns.
+
+    Returns:
+        ΔW⊥ [out, d], in the dtype of ``delta``.
+    """
+    b = basis.to(delta.dtype)
+    return delta - (delta @ b) @ b.transpose(0, 1)
+
+
+def project_ridge(delta: torch.Tensor, v: torch.Tensor, s: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Ridge form ΔW − ΔW Hᵀ(HHᵀ + εI)⁻¹H with ε = ridge·s_max², computed as ΔW − ΔW V diag(s²/(s²+ε)) Vᵀ.
+
+    Args:
+        delta: ΔW [out, d]; v: V [d, k]; s: [k]; ridge: relative ε.
+    """
+    if s.numel() == 0:
+        return delta.clone()
+    s2 = s.to(delta.dtype) ** 2
+    eps = ridge * s2[0]
+    weights = s2 / (s2 + eps)
+    vv = v.to(delta.dtype)
+    return delta - ((delta @ vv) * weights) @ vv.transpose(0, 1)
+
+
+def removed_fraction(delta: torch.Tensor, projected: torch.Tensor) -> float:
+    """1 − ‖ΔW⊥‖_F / ‖ΔW‖_F: the share of the task vector's norm the projection took away (0 for ΔW = 0)."""
+    norm = float(torch.linalg.vector_norm(delta))
+    if norm == 0.0:
+        return 0.0
+    return 1.0 - float(torch.linalg.vector_norm(projected)) / norm
+
+
+def feature_residual(delta: torch.Tensor, projected: torch.Tensor, v: torch.Tensor, s: torch.Tensor) -> float:
+    """‖ΔW⊥ Hᵀ‖_F / ‖ΔW Hᵀ‖_F from the SVD of H (0 when ΔW Hᵀ = 0)."""
+    vs = v.to(delta.dtype) * s.to(delta.dtype)
+    before = float(torch.linalg.vector_norm(delta @ vs))
+    if before == 0.0:
+        return 0.0
+    return float(torch.linalg.vector_norm(projected @ vs)) / before
+
+
+def with_bias_column(features: torch.Tensor) -> torch.Tensor:
+    """[H | 1]: features of a module whose bias is treated as the weight of a constant input 1."""
+    return torch.cat([features, features.new_ones(features.shape[0], 1)], dim=1)

@@ -1,0 +1,187 @@
+"""Output: sharded safetensors written tensor by tensor, into a folder that appears only when complete.
+
+The shard layout is planned up front from the tensors' shapes and dtypes, so each shard's safetensors header is
+written first and every tensor is streamed to disk as soon as it is produced: memory holds one tensor, not one
+shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+class OutputExistsError(FileExistsError):
+    """The output folder exists and overwriting was not asked for."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * self.dtype.itemsize
+
+
+def plan_shards(specs: Sequence[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
+    """Group tensors, in order, into shards of at most ``max_shard_size`` bytes (a larger tensor gets its own)."""
+    shards: list[list[TensorSpec]] = []
+    current: list[TensorSpec] = []
+    size = 0
+    for spec in specs:
+        if current and size + spec.nbytes > max_shard_size:
+            shards.append(current)
+            current, size = [], 0
+        current.append(spec)
+        size += spec.nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def shard_file_names(count: int, prefix: str = "model") -> list[str]:
+    """Hugging Face's names: ``model.safetensors`` or ``model-00001-of-0000N.safetensors``."""
+    if count == 1:
+        return [f"{prefix}.safetensors"]
+    return [f"{prefix}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+class ShardedSafetensorsWriter:
+    """Writes planned tensors, in plan order, as sharded safetensors with an index.
+
+    Example:
+        >>> specs = [TensorSpec("a", (2, 2), torch.float32)]
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     w = ShardedSafetensorsWriter(d, specs, max_shard_size=1_000)
+        ...     w.write("a", torch.ones(2, 2))
+        ...     w.close()
+        ...     sorted(os.listdir(d))
+        ['model.safetensors']
+    """
+
+    def __init__(self, folder: str | os.PathLike, specs: Sequence[TensorSpec], max_shard_size: int,
+                 prefix: str = "model", metadata: dict[str, str] | None = None) -> None:
+        self.folder = Path(folder)
+        self.shards = plan_shards(specs, max_shard_size)
+        self.names = shard_file_names(len(self.shards), prefix)
+        self.prefix = prefix
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._order = [spec for shard in self.shards for spec in shard]
+        self._next = 0
+        self._shard_of = {spec.name: i for i, shard in enumerate(self.shards) for spec in shard}
+        self._file = None
+        self._open_shard = -1
+
+    def _start_shard(self, index: int) -> None:
+        if self._file is not None:
+            self._file.close()
+        header: dict[str, object] = {"__metadata__": self.metadata}
+        offset = 0
+        for spec in self.shards[index]:
+            header[spec.name] = {"dtype": _DTYPE_NAMES[spec.dtype], "shape": list(spec.shape),
+                                 "data_offsets": [offset, offset + spec.nbytes]}
+            offset += spec.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+        self._file = open(self.folder / self.names[index], "wb")
+        self._file.write(struct.pack("<Q", len(raw)))
+        self._file.write(raw)
+        self._open_shard = index
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor of the plan (names must come in plan order, with the planned shape/dtype)."""
+        if self._next >= len(self._order):
+            raise RuntimeError(f"Tensor {name!r} was not planned: all planned tensors were already written.")
+        spec = self._order[self._next]
+        if name != spec.name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise RuntimeError(f"Expected {spec} next, got {name} {tuple(tensor.shape)} {tensor.dtype}.")
+        shard = self._shard_of[name]
+        if shard != self._open_shard:
+            self._start_shard(shard)
+        data = tensor.detach().to("cpu").contiguous()
+        if data.numel():
+            self._file.write(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+        self._next += 1
+
+    def close(self) -> dict:
+        """Finish the last shard and write the index (for more than one shard). Returns the weight map."""
+        if self._next != len(self._order):
+            missing = [s.name for s in self._order[self._next:]][:3]
+            raise RuntimeError(f"Output incomplete: {len(self._order) - self._next} tensors not written, e.g. {missing}.")
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        weight_map = {spec.name: self.names[self._shard_of[spec.name]] for spec in self._order}
+        if len(self.shards) > 1:
+            index = {"metadata": {"total_size": sum(s.nbytes for s in self._order)}, "weight_map": weight_map}
+            with open(self.folder / f"{self.prefix}.safetensors.index.json", "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2, sort_keys=True)
+                f.write("\n")
+        return weight_map
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``target``; move it to ``target`` only when the block succeeds.
+
+    On any exception (KeyboardInterrupt included) the temporary folder is deleted and ``target`` is left as it
+    was. An existing ``target`` is replaced only with ``overwrite=True``, and only after the new one is complete.
+    """
+    target = Path(target).expanduser().absolute()
+    if target.exists() and not overwrite:
+        raise OutputExistsError(f"{target} already exists: choose another folder or pass overwrite=True.")
+    if target.exists() and not target.is_dir():
+        raise OutputExistsError(f"{target} exists and is not a folder.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the output is an ordinary folder
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / "out")
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old / "out", target)
+            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    logger.info("Wrote %s", target)
