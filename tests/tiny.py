@@ -1,0 +1,98 @@
+"""Tiny random checkpoints and calibration data for the tests (built on the fly; nothing is downloaded)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+SPECIALS = ["<pad>", "<|user|>", "<|assistant|>", "<|end|>", "<think>", "</think>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}<|end|>"
+    "{% else %}<|assistant|>{{ m['content'] }}<|end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+WORDS = ("alpha beta gamma delta apples pears sells eats answer write words lowercase capital quote "
+         "title comma end think step first then so the is are of and max has now how many").split()
+
+
+def build_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with chat and think special tokens (every character is representable)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choice(WORDS) for _ in range(12)) + f" {rng.randint(0, 99)}." for _ in range(300)]
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|end|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def model_config(arch: str, vocab_size: int):
+    """Random-model configs: Qwen2 (biases, GQA, tied embeddings), Llama (GQA), Qwen3 (explicit head_dim)."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  pad_token_id=0, eos_token_id=3)
+    if arch == "qwen2":
+        return Qwen2Config(**common, tie_word_embeddings=True)
+    if arch == "llama":
+        return LlamaConfig(**common, tie_word_embeddings=False)
+    if arch == "qwen3":
+        return Qwen3Config(**common, head_dim=32, tie_word_embeddings=False)
+    raise ValueError(arch)
+
+
+def save_model(model, tokenizer, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_triple(root: Path, arch: str = "qwen2", noise: float = 0.02, seed: int = 0, tokenizer=None):
+    """Save base / reasoning / instruct checkpoints (reasoning and instruct = base + small random deltas)."""
+    tokenizer = tokenizer or build_tokenizer()
+    cfg = model_config(arch, len(tokenizer))
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_config(cfg)
+    paths = {"base": save_model(base, tokenizer, root / "base")}
+    for i, role in enumerate(("reasoning", "instruct")):
+        model = AutoModelForCausalLM.from_config(cfg)
+        model.load_state_dict(base.state_dict())
+        g = torch.Generator().manual_seed(seed + 100 + i)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(noise * torch.randn(p.shape, generator=g) * (p.std() if p.numel() > 1 else 1.0))
+        paths[role] = save_model(model, tokenizer, root / role)
+    return paths
+
+
+def reasoning_records(n: int = 6, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        a, b = rng.randint(20, 45), rng.randint(2, 9)
+        out.append({"prompt": f"Max has {a} apples. He eats {b}. How many apples does Max have now?",
+                    "reasoning": f"{a} - {b} = {a - b}. so the answer is {a - b}.",
+                    "response": f"Max has {a - b} apples now. So, the answer is {a - b}."})
+    return out
+
+
+def instruction_records(n: int = 6, seed: int = 1) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(20, 45), rng.randint(2, 9)
+        instr = "Write the answer in lowercase."
+        out.append({"prompt": f"Max has {a} pears. He sells {b}. How many pears now? {instr}",
+                    "reason": f"{a} - {b} = {a - b}.",
+                    "response": f"max has {a - b} pears now. so, the answer is {a - b}.",
+                    "instruction_spans": [instr]})
+    return out
