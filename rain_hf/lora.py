@@ -1,0 +1,484 @@
+"""A peft LoRA adapter as a task vector: ΔW per base-model module, computed from the adapter's own tensors.
+
+The instruct model of a merge may be a LoRA adapter on the base model instead of a full checkpoint. Its task
+vector is, per adapted module, ``ΔW = scaling · B @ A`` (transposed when ``fan_in_fan_out``), with
+``scaling = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) and ``r`` / ``alpha`` overridden per module by
+``rank_pattern`` / ``alpha_pattern``. :class:`LoraDelta` reads the factors lazily from ``adapter_model.safetensors``
+and builds one ΔW at a time: no merged copy of the model is ever made.
+
+Conventions follow peft (checked against peft 0.21): saved keys are ``base_model.model.<module>.lora_A.weight`` /
+``.lora_B.weight`` without the adapter name; ``lora_A`` is ``[r, in]`` and ``lora_B`` is ``[out, r]``; a pattern
+key ``p`` applies to a module name ``m`` when ``re.match(rf"(.*\\.)?({p})$", m)`` succeeds, the first matching key
+in the config's order winning (``peft.utils.other.get_pattern_key``).
+
+What is refused (:class:`AdapterError`) and what is only reported (warnings from :meth:`LoraDelta.validate`):
+
+- refused: another ``peft_type``; DoRA (its magnitude vector makes the merged weight depend on the base weight);
+  initialisations that rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) unless converted to plain
+  LoRA; ``layer_replication``; ``target_parameters``; aLoRA, QALoRA, BD-LoRA, Arrow, KaSA, MonteCLoRA; LoRA on
+  convolutions; a ``lora_A`` without its ``lora_B`` (or the reverse); a ``.bin``-only adapter.
+- warned and ignored: LoRA on embeddings and on the output layer (never merged), ``modules_to_save``,
+  ``trainable_token_indices``, bias training (``bias != "none"``, ``lora_bias``), any other non-LoRA tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rain_hf.checkpoints import (
+    ADAPTER_PATTERNS,
+    CheckpointError,
+    LazyCheckpoint,
+    ModelSource,
+    is_adapter_folder,
+    read_json,
+    resolve_model,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AdapterError", "LoraDelta", "is_lora_adapter"]
+
+#: The prefix peft's PeftModel puts before the wrapped model's module names in a saved adapter.
+PEFT_PREFIX = "base_model.model."
+#: Last name component of output-embedding modules (LoRA there is never merged, like embeddings).
+OUTPUT_EMBEDDING_NAMES = ("lm_head", "embed_out")
+
+_LORA_FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+_LORA_EMBEDDING = re.compile(r"^(?P<module>.+)\.lora_embedding_[AB]$")
+_LORA_BIAS = re.compile(r"^(?P<module>.+)\.lora_B\.bias$")
+_DORA_MAGNITUDE = "lora_magnitude_vector"
+_HUB_ID = re.compile(r"[\w.\-]+(/[\w.\-]+)?")
+
+#: Config fields whose features change what an adapter's tensors mean: refused when set (truthy).
+_REFUSED_FEATURES = {
+    "layer_replication": "layer_replication (the adapter belongs to a model with duplicated layers, which the "
+                         "base checkpoint does not have)",
+    "target_parameters": "target_parameters (LoRA on raw nn.Parameters, e.g. MoE experts, whose layout differs "
+                         "from a linear layer's)",
+    "alora_invocation_tokens": "aLoRA (activated LoRA applies only after its invocation tokens and cannot be "
+                               "merged into weights)",
+    "use_qalora": "QALoRA (its lora_A acts on pooled input groups)",
+    "use_bdlora": "BD-LoRA (block-diagonal factors)",
+    "arrow_config": "Arrow routing (a mixture of adapters chosen per token)",
+    "kasa_config": "KaSA (a learned singular-value diagonal and a truncated base weight)",
+    "monteclora_config": "MonteCLoRA (variational factors)",
+}
+#: ``init_lora_weights`` values (prefixes) after which the training ran on a rewritten base weight.
+_BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+class AdapterError(CheckpointError):
+    """A peft adapter cannot be used as an instruct model's task vector (kind, file, or base model)."""
+
+
+@dataclass(frozen=True)
+class _Factor:
+    """One adapted module: where its factors are stored and how they combine.
+
+    Attributes:
+        module: the base model's module name, e.g. ``"model.layers.0.self_attn.q_proj"``.
+        key_a / key_b: the adapter tensors ``lora_A`` ``[r, in]`` and ``lora_B`` ``[out, r]``.
+        rank, alpha, scaling: the resolved ``r``, ``lora_alpha`` and ``alpha / r`` (or ``alpha / sqrt(r)``).
+        shape: ΔW's shape in the base weight's layout (``[out, in]``, or ``[in, out]`` with fan_in_fan_out).
+    """
+
+    module: str
+    key_a: str
+    key_b: str
+    rank: int
+    alpha: float
+    scaling: float
+    shape: tuple[int, int]
+
+
+def resolve_pattern(patterns: Mapping[str, object] | None, module: str) -> object | None:
+    """The value of the first key of ``patterns`` that applies to ``module`` (peft's ``get_pattern_key``), or None.
+
+    A key applies when it matches the whole module name or a dotted suffix of it, as a regular expression.
+
+    Example:
+        >>> resolve_pattern({"layers.0.self_attn.q_proj": 8, "q_proj": 2}, "model.layers.1.self_attn.q_proj")
+        2
+    """
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return None
+
+
+def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:
+    """peft's LoRA scaling: ``alpha / sqrt(rank)`` with rsLoRA, else ``alpha / rank``."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def module_of_saved_key(key: str) -> str:
+    """A saved adapter key with peft's ``base_model.model.`` prefix removed (base-model naming)."""
+    return key.removeprefix(PEFT_PREFIX)
+
+
+def _examples(items: list[str], n: int = 3) -> str:
+    shown = ", ".join(items[:n])
+    return f"{shown} (+{len(items) - n} more)" if len(items) > n else shown
+
+
+def _natural_key(text: str) -> list[object]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def check_adapter_config(config: Mapping[str, object], name: str) -> list[str]:
+    """Refuse adapter kinds whose ΔW is not ``scaling · B @ A``; return warnings for what will be ignored.
+
+    Args:
+        config: the parsed ``adapter_config.json``.
+        name: the adapter as the user named it (for messages).
+
+    Raises:
+        AdapterError: another peft type, DoRA, a base-rewriting initialisation or an unsupported feature.
+    """
+    peft_type = config.get("peft_type")
+    if peft_type is None:
+        raise AdapterError(f"The instruct adapter {name}: adapter_config.json has no peft_type, so it is not a "
+                           "peft adapter config. Save the adapter with PeftModel.save_pretrained.")
+    if str(peft_type).upper() != "LORA":
+        raise AdapterError(f"The instruct adapter {name} is a {peft_type} adapter; only LoRA adapters can be used as "
+                           "a task vector. Merge it into the base model (model.merge_and_unload(); "
+                           "save_pretrained) and pass that full model as the instruct model.")
+    if config.get("use_dora"):
+        raise AdapterError(f"The instruct adapter {name} uses DoRA (use_dora=true): its magnitude vector rescales "
+                           "every column of the merged weight, so ΔW depends on the base weight and is not "
+                           "scaling·B·A. Merge it into the base model (merge_and_unload(); save_pretrained) and "
+                           "pass that full model as the instruct model.")
+    for field, what in _REFUSED_FEATURES.items():
+        if config.get(field):
+            raise AdapterError(f"The instruct adapter {name} uses {what}, which rain_hf does not support "
+                               f"({field}={config[field]!r}). Merge it into its base model with peft "
+                               "(merge_and_unload(); save_pretrained) and pass that full model as the instruct model.")
+    init = str(config.get("init_lora_weights", True)).lower()
+    if init.startswith(_BASE_MUTATING_INITS):
+        raise AdapterError(f"The instruct adapter {name} was initialised with init_lora_weights={init!r}, which "
+                           "rewrites the base weights before training, so B·A is not its change to the original "
+                           "base. Convert it to a plain LoRA adapter: save it with PeftModel.save_pretrained(..., "
+                           "path_initial_model_for_weight_conversion=<the initial adapter>), or merge it and pass "
+                           "the full model.")
+    warnings: list[str] = []
+    if config.get("modules_to_save"):
+        warnings.append(f"Adapter {name}: modules_to_save={config['modules_to_save']} are full trained copies of "
+                        "those modules; they are ignored (only LoRA deltas are merged).")
+    if config.get("trainable_token_indices"):
+        warnings.append(f"Adapter {name}: trainable_token_indices are embedding changes; they are ignored "
+                        "(embeddings are never merged).")
+    bias = config.get("bias", "none")
+    if bias not in (None, "none"):
+        warnings.append(f"Adapter {name}: bias={bias!r} trained biases; bias deltas are ignored (only weight "
+                        "matrices are merged).")
+    if config.get("lora_bias"):
+        warnings.append(f"Adapter {name}: lora_bias=true adds a bias to lora_B; those bias deltas are ignored "
+                        "(only weight matrices are merged).")
+    return warnings
+
+
+def _refuse_bin_only(folder: Path, name: str) -> None:
+    if (folder / "adapter_model.safetensors").is_file():
+        return
+    bins = sorted(p.name for p in folder.glob("adapter_model*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    if bins:
+        raise AdapterError(f"The instruct adapter {name} holds only {bins[0]} (a pickle file, which rain_hf does not "
+                           "load). Convert it to safetensors: load it with PeftModel.from_pretrained(base, path) and "
+                           "save it again with save_pretrained(path, safe_serialization=True).")
+    raise AdapterError(f"The instruct adapter {name} has no adapter_model.safetensors in {folder}. Download the "
+                       "adapter completely or save it again with PeftModel.save_pretrained.")
+
+
+class LoraDelta:
+    """ΔW per base-model module computed from a peft LoRA adapter's tensors, without building a merged model.
+
+    Tensors stay in the memory-mapped ``adapter_model.safetensors`` until :meth:`delta` asks for one module.
+
+    Attributes:
+        source: where the adapter came from.
+        config: the adapter's ``adapter_config.json``.
+        base_model_name_or_path: the base model the adapter was trained on, as peft recorded it (or ``None``).
+
+    Example:
+        >>> lora = LoraDelta.from_pretrained("my-instruct-lora")  # doctest: +SKIP
+        >>> lora.validate(base_shapes, base_model_id="Qwen/Qwen2.5-7B", base_name="Qwen/Qwen2.5-7B")  # doctest: +SKIP
+        >>> dw = lora.delta("model.layers.0.self_attn.q_proj.weight")  # doctest: +SKIP
+    """
+
+    def __init__(self, source: ModelSource, config: dict, tensors: LazyCheckpoint) -> None:
+        self.source = source
+        self.config = config
+        self.base_model_name_or_path: str | None = config.get("base_model_name_or_path") or None
+        self._tensors = tensors
+        self._name = source.describe()
+        self._warnings = check_adapter_config(config, self._name)
+        self._fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+        self._factors: dict[str, _Factor] = self._index_factors()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        adapter: str | os.PathLike,
+        revision: str | None = None,
+        token: str | bool | None = None,
+    ) -> LoraDelta:
+        """Open a LoRA adapter from a local folder or a Hub id (only the adapter files are fetched).
+
+        Raises:
+            AdapterError: not a LoRA adapter, an unsupported kind, invalid JSON, a ``.bin``-only or incomplete file.
+            CheckpointError: the folder or Hub repository cannot be found or fetched.
+        """
+        source = resolve_model(adapter, revision=revision, token=token, allow_patterns=ADAPTER_PATTERNS,
+                               role="instruct")
+        name = source.describe()
+        if not is_adapter_folder(source.path):
+            raise AdapterError(f"The instruct adapter {name} has no adapter_config.json in {source.path}, so it is "
+                               "not a peft adapter. Pass the adapter's folder, or a full model as the instruct model.")
+        try:
+            config = read_json(source.path / "adapter_config.json", f"The instruct adapter {name}")
+        except CheckpointError as exc:
+            raise AdapterError(f"{exc} Fix or re-save the adapter (PeftModel.save_pretrained).") from exc
+        if not isinstance(config, dict):
+            raise AdapterError(f"The instruct adapter {name}: {source.path / 'adapter_config.json'} is not a JSON "
+                               "object. Re-save the adapter with PeftModel.save_pretrained.")
+        check_adapter_config(config, name)  # refuse an unsupported kind before touching the tensors
+        _refuse_bin_only(source.path, name)
+        tensors = LazyCheckpoint(source.path, name=f"the instruct adapter {name}", prefix="adapter_model")
+        lora = cls(source, config, tensors)
+        logger.info("LoRA adapter %s: %d adapted weight matrices, base %s", name, len(lora._factors),
+                    lora.base_model_name_or_path)
+        return lora
+
+    def _index_factors(self) -> dict[str, _Factor]:
+        """Pair every ``lora_A`` with its ``lora_B`` and resolve rank, alpha and scaling per module."""
+        pairs: dict[str, dict[str, str]] = {}
+        embeddings: list[str] = []
+        output_layers: list[str] = []
+        biases: list[str] = []
+        others: list[str] = []
+        for key in self._tensors.keys():
+            if _DORA_MAGNITUDE in key:
+                raise AdapterError(f"The instruct adapter {self._name} holds DoRA magnitude vectors ({key}) although "
+                                   "its config does not say use_dora: ΔW would depend on the base weight. Merge it "
+                                   "into the base model (merge_and_unload()) and pass the full model.")
+            name = module_of_saved_key(key)
+            factor = _LORA_FACTOR.match(name)
+            if factor:
+                pairs.setdefault(factor["module"], {})[factor["which"]] = key
+            elif _LORA_EMBEDDING.match(name):
+                embeddings.append(_LORA_EMBEDDING.match(name)["module"])
+            elif _LORA_BIAS.match(name):
+                biases.append(name)
+            elif ".lora_" in name:
+                raise AdapterError(f"The instruct adapter {self._name} holds a LoRA tensor in a layout rain_hf does "
+                                   f"not know: {key}. Save the adapter with PeftModel.save_pretrained (keys "
+                                   "'<module>.lora_A.weight' / '.lora_B.weight', without the adapter name).")
+            else:
+                others.append(name)
+        incomplete = sorted(f"{module} (has lora_{''.join(ab)}, lacks lora_{'B' if 'A' in ab else 'A'})"
+                            for module, ab in pairs.items() if len(ab) != 2)
+        if incomplete:
+            raise AdapterError(f"The instruct adapter {self._name} is incomplete: {_examples(incomplete)}. Every "
+                               "adapted module needs both lora_A and lora_B: download or save the adapter again.")
+        factors: dict[str, _Factor] = {}
+        for module in sorted(pairs, key=_natural_key):
+            if module.rsplit(".", 1)[-1] in OUTPUT_EMBEDDING_NAMES:
+                output_layers.append(module)
+                continue
+            entry = self._factor(module, pairs[module]["A"], pairs[module]["B"])
+            factors[f"{module}.weight"] = entry
+        if embeddings:
+            self._warnings.append(f"Adapter {self._name}: LoRA on embeddings ({_examples(sorted(set(embeddings)))}) "
+                                  "is ignored: embeddings are never merged.")
+        if output_layers:
+            self._warnings.append(f"Adapter {self._name}: LoRA on the output layer ({_examples(output_layers)}) is "
+                                  "ignored: the output layer is never merged.")
+        if biases:
+            self._warnings.append(f"Adapter {self._name}: lora_B biases ({_examples(biases)}) are ignored: bias "
+                                  "deltas are never merged.")
+        if others:
+            self._warnings.append(f"Adapter {self._name}: {len(others)} non-LoRA tensors (full copies of trained "
+                                  f"modules, biases or embeddings, e.g. {_examples(others)}) are ignored.")
+        return factors
+
+    def _factor(self, module: str, key_a: str, key_b: str) -> _Factor:
+        shape_a, shape_b = self._tensors.shape(key_a), self._tensors.shape(key_b)
+        if len(shape_a) != 2 or len(shape_b) != 2:
+            raise AdapterError(f"The instruct adapter {self._name}: module {module} has LoRA factors of shapes "
+                               f"{list(shape_a)} and {list(shape_b)}; only LoRA on linear layers (2-D factors) is "
+                               "supported. Merge the adapter into its base model and pass the full model.")
+        if shape_a[0] != shape_b[1]:
+            raise AdapterError(f"The instruct adapter {self._name}: module {module} has lora_A {list(shape_a)} and "
+                               f"lora_B {list(shape_b)}, whose ranks differ. The file is corrupt: save it again.")
+        try:
+            rank = resolve_pattern(self.config.get("rank_pattern"), module)
+            alpha = resolve_pattern(self.config.get("alpha_pattern"), module)
+        except re.error as exc:
+            raise AdapterError(f"The instruct adapter {self._name}: a rank_pattern / alpha_pattern key is not a valid "
+                               f"regular expression ({exc}). Fix adapter_config.json.") from exc
+        rank = int(self.config.get("r", 8) if rank is None else rank)
+        alpha = float(self.config.get("lora_alpha", 8) if alpha is None else alpha)
+        if rank != shape_a[0]:
+            raise AdapterError(f"The instruct adapter {self._name}: module {module} has rank {shape_a[0]} tensors but "
+                               f"its config (r / rank_pattern) gives r={rank}, so its scaling is unknown. Fix "
+                               "adapter_config.json or save the adapter again with peft.")
+        out_in = (shape_b[0], shape_a[1])
+        shape = (out_in[1], out_in[0]) if self._fan_in_fan_out else out_in
+        scaling = lora_scaling(rank, alpha, bool(self.config.get("use_rslora", False)))
+        return _Factor(module, key_a, key_b, rank, alpha, scaling, shape)
+
+    def weight_keys(self) -> list[str]:
+        """Base-model weight names that have a delta, e.g. ``"model.layers.0.self_attn.q_proj.weight"``."""
+        return list(self._factors)
+
+    def __contains__(self, weight_key: object) -> bool:
+        return weight_key in self._factors
+
+    def rank(self, weight_key: str) -> int:
+        """The resolved LoRA rank of ``weight_key``'s module."""
+        return self._factors[weight_key].rank
+
+    def scaling(self, weight_key: str) -> float:
+        """The resolved scaling (``alpha / r`` or ``alpha / sqrt(r)``) of ``weight_key``'s module."""
+        return self._factors[weight_key].scaling
+
+    def shape(self, weight_key: str) -> tuple[int, int]:
+        """The shape of ``delta(weight_key)`` (the base weight's layout), read without loading tensors."""
+        return self._factors[weight_key].shape
+
+    def factors(self, weight_key: str, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-rank factors ``(L, R)`` with ``delta(weight_key) == L @ R``, in fp32.
+
+        Shapes: ``L`` ``[out, r]`` and ``R`` ``[r, in]`` (``L`` ``[in, r]``, ``R`` ``[r, out]`` with fan_in_fan_out),
+        i.e. ``L @ R`` has the base weight's layout. The scaling is folded into ``L``. Useful to project ΔW in
+        O((out + in)·r) memory.
+        """
+        entry = self._factors[weight_key]
+        a = self._tensors.get(entry.key_a).to(device=device, dtype=torch.float32)  # [r, in]
+        b = self._tensors.get(entry.key_b).to(device=device, dtype=torch.float32)  # [out, r]
+        if self._fan_in_fan_out:
+            return a.T.contiguous() * entry.scaling, b.T.contiguous()  # [in, r], [r, out]
+        return b * entry.scaling, a
+
+    def delta(self, weight_key: str, device: torch.device | str | None = None) -> torch.Tensor | None:
+        """ΔW of ``weight_key`` as fp32 ``[out, in]`` (the base weight's layout), or None when not adapted.
+
+        ``scaling · B @ A`` with ``A`` ``[r, in]``, ``B`` ``[out, r]``; transposed to ``[in, out]`` when the adapter
+        says ``fan_in_fan_out`` (GPT-2 style ``Conv1D`` weights, stored ``[in, out]``).
+        """
+        if weight_key not in self._factors:
+            return None
+        left, right = self.factors(weight_key, device=device)
+        return left @ right
+
+    def validate(
+        self,
+        base_shapes: Mapping[str, tuple[int, ...]],
+        base_model_id: str | None,
+        base_name: str,
+    ) -> list[str]:
+        """Check that the adapter belongs to this base model; return warnings about what will be ignored.
+
+        Args:
+            base_shapes: the base checkpoint's tensor shapes by name.
+            base_model_id: the base model's Hub id, if known.
+            base_name: the base model as the user named it (a Hub id or a local folder), used for messages and for
+                comparing a recorded local path.
+
+        Raises:
+            AdapterError: an adapted module the base does not have, a ΔW shape that differs from the base
+                weight's, or a recorded base model that is not this one.
+        """
+        base_label = base_model_id or base_name
+        missing = [key for key in self._factors if key not in base_shapes]
+        if missing:
+            raise AdapterError(f"The instruct adapter {self._name} adapts modules the base model {base_label} does "
+                               f"not have: {_examples(missing)}. The adapter was trained on another architecture: "
+                               "pass the adapter's base model.")
+        mismatched = [f"module {entry.module} has ΔW of shape {list(entry.shape)} but the base weight is "
+                      f"{list(base_shapes[key])}"
+                      for key, entry in self._factors.items() if tuple(base_shapes[key]) != entry.shape]
+        if mismatched:
+            raise AdapterError(f"The instruct adapter {self._name} does not fit the base model {base_label}: "
+                               f"{'; '.join(mismatched[:3])}{' …' if len(mismatched) > 3 else ''} "
+                               f"({len(mismatched)} of {len(self._factors)} modules). The adapter was trained on a "
+                               f"model of another size ({self.base_model_name_or_path or 'base not recorded'}): "
+                               "pass the adapter's base model.")
+        warnings = list(self._warnings)
+        recorded = self.base_model_name_or_path
+        if recorded:
+            same = same_base_model(recorded, base_model_id, base_name)
+            if same is False:
+                raise AdapterError(f"The instruct adapter {self._name} was trained on {recorded}, base is "
+                                   f"{base_label}: pass the adapter's base model.")
+            if same is None:
+                warnings.append(f"Adapter {self._name} records base model {recorded!r}, which cannot be compared "
+                                f"with the base {base_label} here (tensor shapes agree).")
+        else:
+            warnings.append(f"Adapter {self._name} does not record its base model; only tensor shapes were checked.")
+        for message in warnings:
+            logger.warning(message)
+        return warnings
+
+
+def _looks_like_path(text: str) -> bool:
+    if Path(text).expanduser().is_dir():
+        return True
+    return (text.startswith((".", "/", "~", "\\")) or "\\" in text or text.count("/") > 1
+            or re.match(r"^[A-Za-z]:", text) is not None or not _HUB_ID.fullmatch(text))
+
+
+def same_base_model(recorded: str, base_model_id: str | None, base_name: str | None) -> bool | None:
+    """Whether an adapter's recorded ``base_model_name_or_path`` names this base model; None when undecidable.
+
+    A recorded Hub id is compared with ``base_model_id`` case-insensitively (when that is unknown, with the base's
+    folder name). A recorded local path matches the base folder by resolved path or by folder name; a path that does
+    not exist on this machine and has another folder name cannot be decided.
+
+    Example:
+        >>> same_base_model("Qwen/Qwen2.5-7B", "qwen/qwen2.5-7b", "Qwen/Qwen2.5-7B")
+        True
+    """
+    names = set()
+    if base_model_id:
+        names.add(base_model_id.rsplit("/", 1)[-1].casefold())
+    if base_name:
+        names.add(Path(base_name).expanduser().name.casefold())
+    if not _looks_like_path(recorded):
+        if base_model_id:
+            return recorded.casefold() == base_model_id.casefold()
+        return True if recorded.rsplit("/", 1)[-1].casefold() in names else None
+    rec = Path(recorded).expanduser()
+    base_path = Path(base_name).expanduser() if base_name else None
+    if rec.exists() and base_path is not None and base_path.exists() and rec.resolve() == base_path.resolve():
+        return True
+    if rec.name.casefold() in names:
+        return True
+    return False if rec.exists() else None
+
+
+def is_lora_adapter(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a local folder holding a peft LoRA adapter (``adapter_config.json`` with LORA).
+
+    DoRA and other LoRA variants count (``LoraDelta.from_pretrained`` then says why it refuses them); other peft
+    types (IA3, LoHa, …), full models, unreadable configs and Hub ids give False. To route any adapter to a clear
+    error, test :func:`rain_hf.checkpoints.is_adapter_folder` instead.
+    """
+    folder = Path(path).expanduser()
+    if not is_adapter_folder(folder):
+        return False
+    try:
+        config = read_json(folder / "adapter_config.json", str(folder))
+    except CheckpointError as exc:
+        logger.warning("%s", exc)
+        return False
+    return isinstance(config, dict) and str(config.get("peft_type", "")).upper() == "LORA"

@@ -1,0 +1,304 @@
+"""LoraDelta against peft itself: ΔW from the adapter tensors must equal merge_and_unload() minus the base."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from peft import IA3Config, LoraConfig, get_peft_model  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from rain_hf.checkpoints import CheckpointError, LazyCheckpoint  # noqa: E402
+from rain_hf.lora import AdapterError, LoraDelta, is_lora_adapter, resolve_pattern, same_base_model  # noqa: E402
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=64, vocab_size=64, max_position_embeddings=64)
+
+
+@pytest.fixture(autouse=True)
+def _offline_hub(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+
+
+def _save_random(model_cls, config, folder: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model_cls(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bases")
+    return {
+        "qwen": _save_random(Qwen2ForCausalLM, Qwen2Config(**TINY), root / "qwen"),
+        "qwen_wide": _save_random(Qwen2ForCausalLM, Qwen2Config(**{**TINY, "hidden_size": 48}), root / "qwen_wide"),
+        "llama": _save_random(LlamaForCausalLM, LlamaConfig(**TINY), root / "llama"),
+        "gpt2": _save_random(GPT2LMHeadModel, GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64,
+                                                         n_positions=64), root / "gpt2"),
+    }
+
+
+def _base_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    ckpt = LazyCheckpoint(folder)
+    return {key: ckpt.shape(key) for key in ckpt.keys()}
+
+
+def make_adapter(base: Path, out: Path, config, seed: int = 1, merge: bool = True, **save_kwargs):
+    """Save a peft adapter with random (non-zero) factors; return the reference ΔW per adapted weight (or None)."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if ".lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model.save_pretrained(out, **save_kwargs)
+    if not merge:
+        return None
+    base_sd = load_file(str(base / "model.safetensors"))
+    merged = peft_model.merge_and_unload().state_dict()
+    return {key: merged[key] - base_sd[key] for key in base_sd if not torch.equal(merged[key], base_sd[key])}
+
+
+def _assert_matches(lora: LoraDelta, reference: dict[str, torch.Tensor], base: Path) -> None:
+    assert sorted(lora.weight_keys()) == sorted(reference), "adapted modules differ from what peft merged"
+    for key, expected in reference.items():
+        got = lora.delta(key)
+        assert got.dtype == torch.float32 and got.shape == expected.shape, key
+        err = (got - expected).norm() / expected.norm()
+        assert err < 1e-6, f"{key}: relative error {err:.2e}"
+        left, right = lora.factors(key)
+        torch.testing.assert_close(left @ right, got)
+    for key in _base_shapes(base):
+        if key not in reference:
+            assert lora.delta(key) is None
+    assert lora.validate(_base_shapes(base), None, str(base)) == []
+
+
+@pytest.mark.parametrize("use_rslora", [False, True], ids=["plain", "rslora"])
+def test_qwen_all_linear_matches_merge_and_unload(bases, tmp_path, use_rslora):
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=use_rslora)
+    reference = make_adapter(bases["qwen"], tmp_path / "ad", config)
+    assert len(reference) == 2 * 7  # q k v o gate up down in each of the 2 layers
+    lora = LoraDelta.from_pretrained(tmp_path / "ad")
+    assert lora.base_model_name_or_path == str(bases["qwen"])
+    assert lora.config["use_rslora"] is use_rslora
+    expected_scaling = 8 / 2 if use_rslora else 8 / 4
+    assert lora.scaling("model.layers.0.self_attn.q_proj.weight") == pytest.approx(expected_scaling)
+    assert lora.weight_keys()[0].startswith("model.layers.0.")
+    _assert_matches(lora, reference, bases["qwen"])
+
+
+def test_rank_and_alpha_patterns_resolve_like_peft(bases, tmp_path):
+    # dict order matters: the first matching key wins, in peft and here
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+        rank_pattern={"layers.0.self_attn.q_proj": 6, "q_proj": 2, r"model\.layers\.1\.mlp\.down_proj": 8},
+        alpha_pattern={"^model.layers.1.self_attn.k_proj": 3, "v_proj": 16, "o_proj": 5.5},
+    )
+    reference = make_adapter(bases["qwen"], tmp_path / "ad", config)
+    lora = LoraDelta.from_pretrained(tmp_path / "ad")
+    ranks = {key: lora.rank(key) for key in lora.weight_keys()}
+    assert ranks["model.layers.0.self_attn.q_proj.weight"] == 6
+    assert ranks["model.layers.1.self_attn.q_proj.weight"] == 2
+    assert ranks["model.layers.1.mlp.down_proj.weight"] == 8
+    assert ranks["model.layers.0.mlp.down_proj.weight"] == 4
+    assert lora.scaling("model.layers.1.self_attn.k_proj.weight") == pytest.approx(3 / 4)
+    assert lora.scaling("model.layers.0.self_attn.k_proj.weight") == pytest.approx(8 / 4)
+    assert lora.scaling("model.layers.0.self_attn.v_proj.weight") == pytest.approx(16 / 4)
+    assert lora.scaling("model.layers.1.self_attn.q_proj.weight") == pytest.approx(8 / 2)
+    _assert_matches(lora, reference, bases["qwen"])
+
+
+def test_resolve_pattern_is_suffix_or_full_regex_match():
+    assert resolve_pattern({"q_proj": 2}, "model.layers.0.self_attn.q_proj") == 2
+    assert resolve_pattern({"proj": 2}, "model.layers.0.self_attn.q_proj") is None  # not a dotted suffix
+    assert resolve_pattern({"self_attn": 2}, "model.layers.0.self_attn.q_proj") is None  # must reach the end
+    assert resolve_pattern({r"layers\.\d\.mlp\..*": 3}, "model.layers.1.mlp.up_proj") == 3
+    assert resolve_pattern({}, "x") is None and resolve_pattern(None, "x") is None
+
+
+def test_llama_matches_merge_and_unload(bases, tmp_path):
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])
+    reference = make_adapter(bases["llama"], tmp_path / "ad", config)
+    _assert_matches(LoraDelta.from_pretrained(tmp_path / "ad"), reference, bases["llama"])
+
+
+def test_gpt2_conv1d_fan_in_fan_out(bases, tmp_path):
+    # peft forces fan_in_fan_out=True on Conv1D (weights stored [in, out]) and records it in the config
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"])
+    reference = make_adapter(bases["gpt2"], tmp_path / "ad", config)
+    lora = LoraDelta.from_pretrained(tmp_path / "ad")
+    assert lora.config["fan_in_fan_out"] is True
+    assert lora.delta("transformer.h.0.attn.c_attn.weight").shape == (32, 96)  # [in, out] like the base weight
+    _assert_matches(lora, reference, bases["gpt2"])
+
+
+def test_ignored_parts_are_warned(bases, tmp_path):
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens", "lm_head"],
+                        modules_to_save=["norm"], bias="all")
+    make_adapter(bases["qwen"], tmp_path / "ad", config, merge=False)
+    lora = LoraDelta.from_pretrained(tmp_path / "ad")
+    assert lora.weight_keys() == ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
+    text = "\n".join(lora.validate(_base_shapes(bases["qwen"]), None, str(bases["qwen"])))
+    for expected in ("embeddings", "output layer", "modules_to_save", "bias", "non-LoRA tensors"):
+        assert expected in text
+
+
+@pytest.fixture
+def plain_adapter(bases, tmp_path) -> Path:
+    make_adapter(bases["qwen"], tmp_path / "plain", LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+                 merge=False)
+    return tmp_path / "plain"
+
+
+def _edit_config(folder: Path, **changes) -> Path:
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+    return folder
+
+
+def test_dora_is_refused(bases, tmp_path):
+    make_adapter(bases["qwen"], tmp_path / "dora", LoraConfig(r=4, target_modules=["q_proj"], use_dora=True),
+                 merge=False)
+    assert is_lora_adapter(tmp_path / "dora")
+    with pytest.raises(AdapterError, match=r"DoRA.*depends on the base weight.*merge_and_unload"):
+        LoraDelta.from_pretrained(tmp_path / "dora")
+
+
+def test_other_peft_type_is_refused(bases, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(bases["qwen"])
+    ia3 = get_peft_model(model, IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    ia3.save_pretrained(tmp_path / "ia3")
+    assert not is_lora_adapter(tmp_path / "ia3")
+    with pytest.raises(AdapterError, match=r"is a IA3 adapter; only LoRA"):
+        LoraDelta.from_pretrained(tmp_path / "ia3")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("layer_replication", [[0, 2], [1, 2]], "layer_replication"),
+    ("target_parameters", ["mlp.experts.down_proj"], "target_parameters"),
+    ("use_qalora", True, "QALoRA"),
+    ("alora_invocation_tokens", [1, 2], "aLoRA"),
+    ("init_lora_weights", "pissa_niter_4", "path_initial_model_for_weight_conversion"),
+    ("init_lora_weights", "loftq", "rewrites the base weights"),
+])
+def test_unsupported_features_are_refused(plain_adapter, field, value, match):
+    _edit_config(plain_adapter, **{field: value})
+    with pytest.raises(AdapterError, match=match) as info:
+        LoraDelta.from_pretrained(plain_adapter)
+    assert str(plain_adapter) in str(info.value)
+
+
+def test_shape_mismatch_names_module_and_shapes(bases, tmp_path):
+    make_adapter(bases["qwen_wide"], tmp_path / "wide", LoraConfig(r=4, target_modules=["q_proj", "k_proj"]),
+                 merge=False)
+    lora = LoraDelta.from_pretrained(tmp_path / "wide")
+    with pytest.raises(AdapterError) as info:
+        lora.validate(_base_shapes(bases["qwen"]), None, str(bases["qwen"]))
+    message = str(info.value)
+    assert "model.layers.0.self_attn.q_proj" in message
+    assert "[48, 48]" in message and "[32, 32]" in message
+
+
+def test_module_missing_from_base_is_refused(bases, tmp_path):
+    make_adapter(bases["gpt2"], tmp_path / "gpt2", LoraConfig(r=4, target_modules=["c_attn"]), merge=False)
+    lora = LoraDelta.from_pretrained(tmp_path / "gpt2")
+    with pytest.raises(AdapterError, match=r"transformer\.h\.0\.attn\.c_attn\.weight.*another architecture"):
+        lora.validate(_base_shapes(bases["qwen"]), None, str(bases["qwen"]))
+
+
+def test_base_model_mismatch(bases, plain_adapter):
+    shapes = _base_shapes(bases["qwen"])
+    # recorded local folder that exists and is another model
+    _edit_config(plain_adapter, base_model_name_or_path=str(bases["llama"]))
+    with pytest.raises(AdapterError, match=r"was trained on .*llama, base is .*qwen: pass the adapter's base model"):
+        LoraDelta.from_pretrained(plain_adapter).validate(shapes, None, str(bases["qwen"]))
+    # recorded Hub id against a known Hub id: case-insensitive
+    _edit_config(plain_adapter, base_model_name_or_path="Qwen/Qwen2.5-0.5B")
+    lora = LoraDelta.from_pretrained(plain_adapter)
+    assert lora.validate(shapes, "qwen/qwen2.5-0.5b", str(bases["qwen"])) == []
+    with pytest.raises(AdapterError, match=r"trained on Qwen/Qwen2\.5-0\.5B, base is Qwen/Qwen2\.5-1\.5B"):
+        lora.validate(shapes, "Qwen/Qwen2.5-1.5B", "Qwen/Qwen2.5-1.5B")
+    # a Hub id against a local folder of that name matches; an unknown one is only warned about
+    assert lora.validate(shapes, None, "/models/Qwen2.5-0.5B") == []
+    assert "cannot be compared" in lora.validate(shapes, None, str(bases["qwen"]))[0]
+
+
+def test_same_base_model_rules(bases, tmp_path):
+    qwen = str(bases["qwen"])
+    assert same_base_model(qwen, None, qwen) is True
+    assert same_base_model(qwen + "/", None, str(bases["qwen"] / ".." / "qwen")) is True
+    assert same_base_model("/elsewhere/qwen", None, qwen) is True  # same folder name
+    assert same_base_model("/elsewhere/other", None, qwen) is None  # not on this machine: undecidable
+    assert same_base_model(str(bases["llama"]), None, qwen) is False
+    assert same_base_model("/train/Qwen2.5-7B", "Qwen/Qwen2.5-7B", qwen) is True
+    assert same_base_model("Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-7B-Instruct", "x") is False
+
+
+def test_bin_only_adapter_is_refused(bases, tmp_path):
+    make_adapter(bases["qwen"], tmp_path / "bin", LoraConfig(r=4, target_modules=["q_proj"]), merge=False,
+                 safe_serialization=False)
+    assert not (tmp_path / "bin" / "adapter_model.safetensors").exists()
+    with pytest.raises(AdapterError, match=r"adapter_model\.bin.*Convert it to safetensors"):
+        LoraDelta.from_pretrained(tmp_path / "bin")
+
+
+def test_missing_lora_b_is_refused(plain_adapter):
+    file = plain_adapter / "adapter_model.safetensors"
+    tensors = load_file(str(file))
+    del tensors["base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"]
+    save_file(tensors, str(file))
+    with pytest.raises(AdapterError, match=r"incomplete: model\.layers\.1\.mlp\.up_proj \(has lora_A, lacks lora_B\)"):
+        LoraDelta.from_pretrained(plain_adapter)
+
+
+def test_rank_disagreeing_with_config_is_refused(plain_adapter):
+    _edit_config(plain_adapter, rank_pattern={"o_proj": 8})
+    with pytest.raises(AdapterError, match=r"o_proj has rank 4 tensors but .* r=8"):
+        LoraDelta.from_pretrained(plain_adapter)
+
+
+def test_invalid_json_names_the_file(plain_adapter):
+    (plain_adapter / "adapter_config.json").write_text("{not json")
+    assert not is_lora_adapter(plain_adapter)
+    with pytest.raises(AdapterError, match=r"adapter_config\.json is not valid JSON"):
+        LoraDelta.from_pretrained(plain_adapter)
+
+
+def test_not_an_adapter(bases, tmp_path):
+    assert not is_lora_adapter(bases["qwen"]) and not is_lora_adapter(tmp_path / "nowhere")
+    with pytest.raises(AdapterError, match="no adapter_config.json"):
+        LoraDelta.from_pretrained(bases["qwen"])
+    with pytest.raises(CheckpointError, match="neither an existing local folder"):
+        LoraDelta.from_pretrained(tmp_path / "nowhere" / "deeper")
+
+
+def test_tensors_are_read_lazily(plain_adapter):
+    lora = LoraDelta.from_pretrained(plain_adapter)
+    assert isinstance(lora._tensors, LazyCheckpoint)
+    assert lora.shape("model.layers.0.mlp.down_proj.weight") == (32, 64)
