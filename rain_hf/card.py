@@ -1,0 +1,420 @@
+"""Model cards for merged models: Hub metadata, merge details, a head-coefficient heatmap.
+
+:func:`write_model_card` turns the sidecar that ``save_pretrained`` writes (``rain_merging_config.json``) into the
+folder's ``README.md``, rendered with :meth:`huggingface_hub.ModelCard.from_template` from the Jinja template
+``model_card_templates/rain_merging.md.j2`` (or a template of your own), plus ``rain_merging_heatmap.png`` when
+the merge computed per-head coefficients.
+
+The front matter lists the inputs' Hub ids under ``base_model`` (also for local folders that are Hub cache
+snapshots); inputs known only as local folders are named in the card's body instead, and ``base_model`` /
+``base_model_relation`` are left out when no input has a Hub id. ``model-index`` is written only for evaluation
+results passed in explicitly.
+
+A custom template receives the same variables as the default one: ``card_data`` (the YAML front matter),
+``info`` (the sidecar dict), ``model_name``, ``model_id``, ``method``, ``method_title``, ``method_formula``,
+``lam``, ``config``, ``config_yaml``, ``inputs`` / ``local_inputs`` (rows with ``role``, ``link``, ``path``,
+``revision``, ``hub_id``), ``reasoning_name`` / ``instruct_name`` / ``base_name`` (markdown links or paths),
+``has_calibration``, ``calibration``, ``heatmap_file``, ``coef_stats``, ``removed``, ``timings``, ``versions``,
+``think_open``, ``think_close``, ``paper_url`` and ``citation``.
+
+Example:
+    >>> from rain_hf.card import build_model_card
+    >>> info = {"method": "task_arithmetic", "lam": 0.5, "config": {"method": "task_arithmetic", "lam": 0.5},
+    ...         "inputs": {"reasoning": {"name_or_path": "org/r1", "hub_id": "org/r1"},
+    ...                    "instruct": {"name_or_path": "/data/it", "hub_id": None},
+    ...                    "base": {"name_or_path": "org/base", "hub_id": "org/base"}}}
+    >>> card = build_model_card(info)
+    >>> card.data.base_model, card.data.base_model_relation
+    (['org/r1', 'org/base'], 'merge')
+    >>> "/data/it" in card.text
+    True
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import sysconfig
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "HEATMAP_NAME",
+    "PAPER_URL",
+    "TEMPLATE_NAME",
+    "build_model_card",
+    "default_template_path",
+    "plot_head_coefficients",
+    "write_model_card",
+]
+
+#: File name of the default template, in ``model_card_templates/``.
+TEMPLATE_NAME = "rain_merging.md.j2"
+#: File name of the head-coefficient heatmap written next to the card.
+HEATMAP_NAME = "rain_merging_heatmap.png"
+PAPER_URL = "https://arxiv.org/abs/2602.22538"
+CITATION = """@inproceedings{huang2026rainmerging,
+  title         = {{RAIN-Merging}: A Gradient-Free Method to Enhance Instruction Following in Large Reasoning
+                   Models with Preserved Thinking Format},
+  author        = {Huang and others},
+  booktitle     = {International Conference on Learning Representations (ICLR)},
+  year          = {2026},
+  eprint        = {2602.22538},
+  archivePrefix = {arXiv},
+  url           = {https://arxiv.org/abs/2602.22538}
+}"""
+
+_BASE_TAGS = ["merge", "rain-merging", "reasoning"]
+_METHOD_TITLES = {
+    "rain": "RAIN-Merging",
+    "task_arithmetic": "Task Arithmetic",
+    "ties": "TIES-Merging",
+    "dare_ties": "DARE-TIES",
+    "dare_linear": "DARE (linear)",
+    "slerp": "SLERP",
+}
+_ROLE_ORDER = ("reasoning", "instruct", "base")
+_EVAL_KEYS = ("task_type", "dataset_name", "dataset_type", "metric_type", "metric_name", "metric_value")
+
+
+def default_template_path() -> Path:
+    """Where the default card template lives.
+
+    Looked up, in order: ``model_card_templates/`` next to the ``rain_hf`` package (a source checkout or an
+    editable install), then ``share/rain_hf/model_card_templates/`` under the installation prefixes (where a
+    wheel's ``data_files`` put it).
+
+    Example:
+        >>> default_template_path().name
+        'rain_merging.md.j2'
+    """
+    candidates = [Path(__file__).resolve().parent.parent / "model_card_templates" / TEMPLATE_NAME]
+    prefixes = [sysconfig.get_path("data"), sys.prefix, sys.base_prefix]
+    user_base = getattr(__import__("site"), "USER_BASE", None)
+    if user_base:
+        prefixes.append(user_base)
+    for prefix in dict.fromkeys(p for p in prefixes if p):
+        candidates.append(Path(prefix) / "share" / "rain_hf" / "model_card_templates" / TEMPLATE_NAME)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"The default model card template {TEMPLATE_NAME} was not found (looked in "
+        f"{', '.join(str(c.parent) for c in candidates)}). Reinstall rain_hf, or pass template_path= / "
+        "`output: {card_template: ...}`."
+    )
+
+
+def build_model_card(
+    info: dict[str, Any],
+    template_path: str | os.PathLike | None = None,
+    eval_results: Sequence[dict[str, Any] | EvalResult] | None = None,
+    *,
+    model_id: str | None = None,
+    model_name: str | None = None,
+) -> ModelCard:
+    """Render the model card of a merge from its sidecar dict (``rain_merging_config.json``).
+
+    Args:
+        info: the sidecar dict ``save_pretrained`` writes (method, λ, config, inputs, calibration, report, …).
+        template_path: a Jinja template of your own (default: :func:`default_template_path`).
+        eval_results: measured results for ``model-index``: ``huggingface_hub.EvalResult`` objects or dicts with
+            ``task_type``, ``dataset_name``, ``dataset_type``, ``metric_type``, ``metric_name``, ``metric_value``
+            (and optionally any other ``EvalResult`` field).
+        model_id: the repository id or folder the usage snippet loads (default ``"path/to/merged-model"``).
+        model_name: the card's title and ``model-index`` name (default: derived from the inputs).
+
+    Returns:
+        A :class:`huggingface_hub.ModelCard`; ``card.save(path)`` writes it.
+
+    Example:
+        >>> info = {"method": "rain", "lam": 1.0, "config": {"method": "rain", "lam": 1.0},
+        ...         "inputs": {"reasoning": {"name_or_path": "org/r", "hub_id": "org/r"}}}
+        >>> card = build_model_card(info, eval_results=[{"task_type": "text-generation", "dataset_name": "IFEval",
+        ...     "dataset_type": "google/IFEval", "metric_type": "accuracy", "metric_name": "prompt-level strict",
+        ...     "metric_value": 0.61}])
+        >>> card.data.eval_results[0].metric_value
+        0.61
+    """
+    path = Path(template_path) if template_path is not None else default_template_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"Model card template {str(path)!r} does not exist; pass the path of a Jinja "
+                                "markdown template (or None for the default one).")
+    method = str(info.get("method") or (info.get("config") or {}).get("method") or "rain")
+    config: dict[str, Any] = dict(info.get("config") or {})
+    inputs = _input_rows(info.get("inputs") or {})
+    hub_ids = list(dict.fromkeys(row["hub_id"] for row in inputs if row["hub_id"]))
+    name = model_name or _default_model_name(method, inputs)
+    results = _eval_results(eval_results)
+
+    tags = list(_BASE_TAGS) + ([method] if method != "rain" else [])
+    card_data = ModelCardData(
+        base_model=hub_ids or None,
+        library_name="transformers",
+        license=info.get("license") or None,
+        pipeline_tag="text-generation",
+        tags=tags,
+        eval_results=results,
+        model_name=name if results else None,
+        **({"base_model_relation": "merge"} if hub_ids else {}),
+    )
+
+    report = info.get("report") or {}
+    coefficients = report.get("head_coefficients")
+    calibration = _calibration_rows(info.get("calibration") or {})
+    lam = info.get("lam", config.get("lam"))
+    variables = {
+        "info": info,
+        "model_name": name,
+        "model_id": model_id or "path/to/merged-model",
+        "method": method,
+        "method_title": _METHOD_TITLES.get(method, method),
+        "method_formula": _method_formula(method, lam, config),
+        "lam": None if method == "slerp" else lam,
+        "config": config,
+        "config_yaml": _reproduction_yaml(method, config, info),
+        "inputs": inputs,
+        **{f"{row['key']}_name": _display_name(row) for row in inputs},
+        "local_inputs": [row for row in inputs if not row["hub_id"]],
+        "has_calibration": bool(calibration),
+        "calibration": calibration,
+        "heatmap_file": HEATMAP_NAME if coefficients is not None else None,
+        "coef_stats": _stats(coefficients),
+        "removed": _removed_rows(report.get("modules") or {}),
+        "timings": [(str(k), float(v)) for k, v in (report.get("timings") or {}).items()],
+        "versions": _versions(info),
+        "think_open": config.get("think_open", "<think>"),
+        "think_close": config.get("think_close", "</think>"),
+        "paper_url": PAPER_URL,
+        "citation": CITATION,
+    }
+    variables = {"reasoning_name": "the reasoning model", "instruct_name": "the instruct model",
+                 "base_name": "the base model", **variables}
+    card = ModelCard.from_template(card_data, template_path=str(path), **variables)
+    card.content = card.content.rstrip("\n") + "\n"
+    return card
+
+
+def write_model_card(
+    folder: str | os.PathLike,
+    info: dict[str, Any],
+    template_path: str | os.PathLike | None = None,
+    eval_results: Sequence[dict[str, Any] | EvalResult] | None = None,
+    *,
+    model_id: str | None = None,
+    model_name: str | None = None,
+) -> Path:
+    """Write ``README.md`` (and ``rain_merging_heatmap.png`` when there are head coefficients) into ``folder``.
+
+    Arguments as in :func:`build_model_card`; ``model_id`` defaults to ``folder``. Returns the README's path.
+
+    Example:
+        >>> import tempfile
+        >>> info = {"method": "slerp", "config": {"method": "slerp", "slerp_t": 0.5},
+        ...         "inputs": {"reasoning": {"name_or_path": "org/r", "hub_id": "org/r"}}}
+        >>> with tempfile.TemporaryDirectory() as out:
+        ...     write_model_card(out, info).name
+        'README.md'
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    coefficients = (info.get("report") or {}).get("head_coefficients")
+    if coefficients is not None:
+        plot_head_coefficients(coefficients, (info.get("report") or {}).get("layers"), folder / HEATMAP_NAME)
+    card = build_model_card(info, template_path, eval_results, model_id=model_id or str(folder),
+                            model_name=model_name)
+    readme = folder / "README.md"
+    card.save(readme)
+    logger.info("Wrote the model card %s", readme)
+    return readme
+
+
+def plot_head_coefficients(
+    coefficients: Sequence[Sequence[float]],
+    layers: Sequence[int] | None,
+    path: str | os.PathLike,
+) -> Path:
+    """Save a layers × heads heatmap of the stage-2 coefficients as a PNG (matplotlib, no global pyplot state).
+
+    Example:
+        >>> import tempfile, os
+        >>> with tempfile.TemporaryDirectory() as out:
+        ...     p = plot_head_coefficients([[1.0, 0.5], [1.2, 0.8]], [0, 1], os.path.join(out, "h.png"))
+        ...     p.stat().st_size > 0
+        True
+    """
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [list(row) for row in coefficients]
+    if not rows or not any(rows):
+        raise ValueError("head_coefficients is empty: nothing to plot.")
+    width = max(len(row) for row in rows)
+    grid = np.full((len(rows), width), np.nan)
+    for i, row in enumerate(rows):
+        grid[i, : len(row)] = [np.nan if v is None else float(v) for v in row]
+    labels = list(layers) if layers is not None and len(layers) == len(rows) else list(range(len(rows)))
+
+    fig = Figure(figsize=(min(2.0 + 0.3 * width, 16.0), min(1.5 + 0.25 * len(rows), 14.0)), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="coefficient α")
+    ax.set_xlabel("query head")
+    ax.set_ylabel("decoder layer")
+    ax.set_title("RAIN-Merging head coefficients")
+    if len(rows) <= 64:
+        ax.set_yticks(range(len(rows)), [str(v) for v in labels])
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, format="png")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _input_rows(inputs: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for role in list(_ROLE_ORDER) + sorted(set(inputs) - set(_ROLE_ORDER)):
+        entry = inputs.get(role)
+        if not entry:
+            continue
+        hub_id = entry.get("hub_id") or None
+        path = entry.get("path") or entry.get("name_or_path") or ""
+        lora = role == "instruct" and entry.get("kind") == "lora"
+        label = {"reasoning": "reasoning model (θ_R, the anchor)", "base": "base model (θ_B)",
+                 "instruct": "instruct LoRA adapter (on θ_B)" if lora else "instruct model (θ_I)"}.get(role, role)
+        link = f"[{hub_id}](https://huggingface.co/{hub_id})" if hub_id else f"local folder `{path}`"
+        revision = entry.get("revision") or None
+        rows.append({"role": label, "key": role, "hub_id": hub_id, "path": str(path), "link": link,
+                     "revision": f"`{revision}`" if revision else None,
+                     "name": entry.get("name_or_path") or hub_id or str(path),
+                     "note": None})
+    return rows
+
+
+def _display_name(row: dict[str, Any]) -> str:
+    return f"[{row['hub_id']}](https://huggingface.co/{row['hub_id']})" if row["hub_id"] else f"`{row['name']}`"
+
+
+def _default_model_name(method: str, inputs: list[dict[str, Any]]) -> str:
+    def short(role: str) -> str | None:
+        for row in inputs:
+            if row["key"] == role:
+                return str(row["hub_id"] or row["path"] or row["name"]).rstrip("/\\").replace("\\", "/").split("/")[-1]
+        return None
+
+    reasoning, instruct = short("reasoning"), short("instruct")
+    tag = "RAIN" if method == "rain" else method.replace("_", "-")
+    return "-".join(part for part in (reasoning, tag, instruct) if part) or f"{tag}-merge"
+
+
+def _method_formula(method: str, lam: Any, config: dict[str, Any]) -> str:
+    density = config.get("density")
+    convention = ("Trimming, sign election and the disjoint merge follow peft's `merge_utils` convention (sign vote "
+                  "on the unweighted task vectors, mean over the agreeing entries by count")
+    if method == "task_arithmetic":
+        return f"θ = θ_R + λ·Δ_I with Δ_I = θ_I − θ_B and λ = {lam}."
+    if method == "ties":
+        return (f"θ = θ_B + TIES(Δ_R, Δ_I) with Δ_R = θ_R − θ_B, Δ_I = θ_I − θ_B, weights [1, {lam}] and "
+                f"density {density}. {convention}).")
+    if method == "dare_ties":
+        return (f"θ = θ_B + DARE-TIES(Δ_R, Δ_I) with weights [1, {lam}] and density {density}: random drop with "
+                f"1/density rescale (seed {config.get('seed')}), then TIES. {convention}).")
+    if method == "dare_linear":
+        return (f"θ = θ_B + Δ̃_R + {lam}·Δ̃_I where Δ̃ keeps each entry with probability {density} and rescales it by "
+                f"1/density (seed {config.get('seed')}).")
+    if method == "slerp":
+        return (f"θ = SLERP(θ_R, θ_I; t = {config.get('slerp_t')}) per tensor (t = 0: the reasoning model, t = 1: "
+                "the instruct model), linear interpolation where the two are nearly colinear.")
+    return f"method {method!r}."
+
+
+def _reproduction_yaml(method: str, config: dict[str, Any], info: dict[str, Any]) -> str:
+    document: dict[str, Any] = {}
+    for role, key in (("base", "base_model"), ("reasoning", "reasoning_model"), ("instruct", "instruct_model")):
+        entry = (info.get("inputs") or {}).get(role)
+        if not entry:
+            continue
+        name = entry.get("hub_id") or entry.get("name_or_path") or entry.get("path")
+        revision = entry.get("revision")
+        document[key] = {"path": name, "revision": revision} if revision and entry.get("hub_id") else name
+    document["method"] = method
+    parameters = {k: v for k, v in config.items() if k != "method"}
+    if parameters:
+        document["parameters"] = parameters
+    sources = {name: (entry or {}).get("source") for name, entry in (info.get("calibration") or {}).items()}
+    if any(sources.values()):
+        document["calibration"] = {name: src for name, src in sources.items() if src}
+    text = yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=100).rstrip()
+    if config.get("lam") == "auto" and info.get("lam") is not None:
+        text += f"\n# lam='auto' chose λ = {info['lam']}"
+    return text
+
+
+def _calibration_rows(calibration: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for name in ("reasoning", "instruction"):
+        entry = calibration.get(name)
+        if entry:
+            rows.append({"name": name, "num_samples": entry.get("num_samples", "?"),
+                         "num_malformed": entry.get("num_malformed", 0), "source": entry.get("source") or "–"})
+    return rows
+
+
+def _stats(coefficients: Sequence[Sequence[float]] | None) -> dict[str, float] | None:
+    if coefficients is None:
+        return None
+    values = [float(v) for row in coefficients for v in row if v is not None and not math.isnan(float(v))]
+    if not values:
+        return None
+    return {"min": min(values), "mean": sum(values) / len(values), "max": max(values)}
+
+
+def _removed_rows(modules: dict[str, Any]) -> list[dict[str, Any]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for name, entry in modules.items():
+        if entry and entry.get("removed_fraction") is not None:
+            groups.setdefault(name.rsplit(".", 1)[-1], []).append(entry)
+    rows = []
+    for module, entries in groups.items():
+        residuals = [float(e["residual"]) for e in entries if e.get("residual") is not None]
+        rows.append({"module": module, "count": len(entries),
+                     "removed_fraction": sum(float(e["removed_fraction"]) for e in entries) / len(entries),
+                     "residual": sum(residuals) / len(residuals) if residuals else None})
+    return rows
+
+
+def _versions(info: dict[str, Any]) -> list[tuple[str, str]]:
+    versions = [("rain_hf", str(info["rain_hf_version"]))] if info.get("rain_hf_version") else []
+    versions += [(str(k), str(v)) for k, v in (info.get("library_versions") or {}).items() if v]
+    return versions
+
+
+def _eval_results(results: Sequence[dict[str, Any] | EvalResult] | None) -> list[EvalResult] | None:
+    if not results:
+        return None
+    converted = []
+    for i, result in enumerate(results):
+        if isinstance(result, EvalResult):
+            converted.append(result)
+            continue
+        if not isinstance(result, dict):
+            raise TypeError(f"eval_results[{i}] is a {type(result).__name__}; pass dicts or huggingface_hub.EvalResult.")
+        missing = [k for k in _EVAL_KEYS if k != "metric_name" and k not in result]
+        if missing:
+            raise ValueError(f"eval_results[{i}] lacks {missing}; each result needs {list(_EVAL_KEYS)}.")
+        try:
+            converted.append(EvalResult(**result))
+        except TypeError as exc:
+            raise ValueError(f"eval_results[{i}] has a key EvalResult does not know ({exc}); use "
+                             f"{list(_EVAL_KEYS)} and the other huggingface_hub.EvalResult fields.") from exc
+    return converted

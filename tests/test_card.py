@@ -1,0 +1,219 @@
+"""Model card: front matter round trip, base models for Hub and local inputs, eval results, heatmap, templates."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from huggingface_hub import EvalResult, ModelCard
+
+import rain_hf.card as card_module
+from rain_hf.card import HEATMAP_NAME, build_model_card, default_template_path, write_model_card
+from rain_hf.config import RainMergingConfig
+
+REASONING = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
+INSTRUCT = "Qwen/Qwen2.5-7B-Instruct"
+BASE = "Qwen/Qwen2.5-7B"
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+
+
+def _source(hub_id: str | None, path: str, revision: str | None = None, **extra) -> dict:
+    return {"name_or_path": hub_id or path, "path": path, "hub_id": hub_id, "revision": revision, **extra}
+
+
+def _info(method: str = "rain", *, local: tuple[str, ...] = (), coefficients: bool = True) -> dict:
+    """A sidecar dict as save_pretrained writes it; roles in ``local`` are local-only folders."""
+    hub = {"reasoning": REASONING, "instruct": INSTRUCT, "base": BASE}
+    inputs = {}
+    for role, hub_id in hub.items():
+        if role in local:
+            inputs[role] = _source(None, f"/data/checkpoints/{role}")
+        else:
+            inputs[role] = _source(hub_id, f"/hf/hub/models--{hub_id.replace('/', '--')}/snapshots/{SHA}", SHA)
+    inputs["instruct"]["kind"] = "full"
+    config = RainMergingConfig(method=method, lam=1.25).to_dict()
+    rain = method == "rain"
+    return {
+        "rain_hf_version": "0.1.0",
+        "library_versions": {"torch": "2.13.0", "transformers": "5.24.0", "peft": "0.21.2",
+                             "safetensors": "0.6.2", "huggingface_hub": "2.4.0"},
+        "method": method,
+        "lam": 1.25,
+        "config": config,
+        "inputs": inputs,
+        "calibration": {
+            "reasoning": {"num_samples": 150, "num_malformed": 3, "source": "calib/reasoning.json"} if rain else None,
+            "instruction": {"num_samples": 365, "num_malformed": 0, "source": "calib/instr.jsonl"} if rain else None,
+        },
+        "report": {
+            "timings": {"features": 1.5, "merge": 2.25},
+            "modules": {
+                "model.layers.0.self_attn.q_proj": {"removed_fraction": 0.10, "residual": 1e-6},
+                "model.layers.1.self_attn.q_proj": {"removed_fraction": 0.30, "residual": 3e-6},
+                "model.layers.0.mlp.down_proj": {"removed_fraction": 0.05, "residual": None},
+            } if rain else {},
+            "head_coefficients": [[1.0, 0.5, 1.5, 1.0], [0.8, 1.2, 0.9, 1.1]] if rain and coefficients else None,
+            "layers": [0, 1],
+            "vocab": {"reasoning": 100, "instruct": 100, "base": 100},
+        },
+        "license": "mit",
+    }
+
+
+def _front_matter(text: str) -> dict:
+    match = re.match(r"^---\n(.*?)\n---\n", text, flags=re.S)
+    assert match, "the card has no YAML front matter"
+    return yaml.safe_load(match.group(1))
+
+
+def _yaml_block(text: str) -> dict:
+    match = re.search(r"```yaml\n(.*?)```", text, flags=re.S)
+    assert match
+    return yaml.safe_load(match.group(1))
+
+
+def test_front_matter_round_trips_through_modelcard_load(tmp_path):
+    readme = write_model_card(tmp_path / "out", _info())
+    assert readme == tmp_path / "out" / "README.md"
+    loaded = ModelCard.load(readme)
+    data = loaded.data
+    assert data.base_model == [REASONING, INSTRUCT, BASE]
+    assert data.base_model_relation == "merge"
+    assert data.library_name == "transformers"
+    assert data.pipeline_tag == "text-generation"
+    assert data.tags == ["merge", "rain-merging", "reasoning"]
+    assert data.license == "mit"
+    assert data.eval_results is None
+    front = _front_matter(readme.read_text(encoding="utf-8"))
+    assert "model-index" not in front
+    assert set(front) == {"base_model", "base_model_relation", "library_name", "license", "pipeline_tag", "tags"}
+    assert loaded.text == ModelCard(readme.read_text(encoding="utf-8")).text
+
+
+def test_body_has_method_config_calibration_and_usage(tmp_path):
+    info = _info()
+    text = write_model_card(tmp_path, info, model_id="me/merged").read_text(encoding="utf-8")
+    assert "https://arxiv.org/abs/2602.22538" in text and "@inproceedings" in text
+    assert "λ = 1.25" in text
+    assert "| reasoning | 150 | 3 | calib/reasoning.json |" in text
+    assert "| instruction | 365 | 0 | calib/instr.jsonl |" in text
+    assert 'model_id = "me/merged"' in text
+    assert "AutoModelForCausalLM.from_pretrained(model_id" in text and "apply_chat_template(" in text
+    # removed fraction: mean over layers per module type
+    assert re.search(r"\| `q_proj` \| 2 \| 0\.2000 \| 2\.00e-06 \|", text)
+    assert re.search(r"\| `down_proj` \| 1 \| 0\.0500 \| – \|", text)
+    # the full config is a rain-merge YAML whose parameters rebuild the same RainMergingConfig
+    block = _yaml_block(text)
+    assert block["reasoning_model"] == {"path": REASONING, "revision": SHA}
+    assert block["method"] == "rain"
+    rebuilt = RainMergingConfig.from_dict({"method": block["method"], **block["parameters"]})
+    assert rebuilt.to_dict() == info["config"]
+
+
+def test_local_inputs_are_named_in_the_body_not_in_base_model(tmp_path):
+    mixed = write_model_card(tmp_path / "mixed", _info(local=("instruct",))).read_text(encoding="utf-8")
+    assert ModelCard(mixed).data.base_model == [REASONING, BASE]
+    assert "local folder `/data/checkpoints/instruct`" in mixed
+    assert "/data/checkpoints" not in mixed.split("---", 2)[1]
+
+    all_local = write_model_card(tmp_path / "local", _info(local=("reasoning", "instruct", "base")))
+    text = all_local.read_text(encoding="utf-8")
+    front = _front_matter(text)
+    assert "base_model" not in front and "base_model_relation" not in front
+    assert None not in front.values()
+    assert ModelCard.load(all_local).data.base_model is None
+    for role in ("reasoning", "instruct", "base"):
+        assert f"`/data/checkpoints/{role}`" in text
+
+
+def test_hub_cache_snapshot_keeps_its_hub_id(tmp_path):
+    info = _info()
+    info["inputs"]["reasoning"]["name_or_path"] = "/hf/hub/some/local/copy"
+    card = build_model_card(info)
+    assert card.data.base_model[0] == REASONING
+
+
+@pytest.mark.parametrize("as_objects", [False, True])
+def test_eval_results_make_a_model_index(tmp_path, as_objects):
+    results = [
+        {"task_type": "text-generation", "dataset_name": "IFEval", "dataset_type": "google/IFEval",
+         "metric_type": "accuracy", "metric_name": "prompt-level strict", "metric_value": 0.613},
+        {"task_type": "text-generation", "dataset_name": "MATH-500", "dataset_type": "HuggingFaceH4/MATH-500",
+         "metric_type": "accuracy", "metric_name": "pass@1", "metric_value": 0.87},
+    ]
+    passed = [EvalResult(**r) for r in results] if as_objects else copy.deepcopy(results)
+    readme = write_model_card(tmp_path, _info(), eval_results=passed, model_name="r1-rain-merged")
+    front = _front_matter(readme.read_text(encoding="utf-8"))
+    assert front["model-index"][0]["name"] == "r1-rain-merged"
+    loaded = ModelCard.load(readme).data
+    assert [(r.dataset_name, r.metric_value) for r in loaded.eval_results] == [("IFEval", 0.613), ("MATH-500", 0.87)]
+    assert loaded.model_name == "r1-rain-merged"
+
+
+def test_bad_eval_results_name_the_problem():
+    with pytest.raises(ValueError, match="lacks"):
+        build_model_card(_info(), eval_results=[{"dataset_name": "IFEval", "metric_value": 1.0}])
+    with pytest.raises(ValueError, match="EvalResult does not know"):
+        build_model_card(_info(), eval_results=[{"task_type": "t", "dataset_name": "d", "dataset_type": "d",
+                                                  "metric_type": "m", "metric_value": 1, "score": 2}])
+
+
+def test_heatmap_written_and_linked_only_with_coefficients(tmp_path):
+    readme = write_model_card(tmp_path / "rain", _info())
+    png = tmp_path / "rain" / HEATMAP_NAME
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"]({HEATMAP_NAME})" in readme.read_text(encoding="utf-8")
+
+    readme = write_model_card(tmp_path / "stage1", _info(coefficients=False))
+    assert not (tmp_path / "stage1" / HEATMAP_NAME).exists()
+    assert HEATMAP_NAME not in readme.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp"])
+def test_baseline_cards(tmp_path, method):
+    info = _info(method)
+    info["license"] = None
+    readme = write_model_card(tmp_path, info)
+    text = readme.read_text(encoding="utf-8")
+    data = ModelCard.load(readme).data
+    assert data.tags == ["merge", "rain-merging", "reasoning", method]
+    assert data.license is None and "license" not in _front_matter(text)
+    assert "## Calibration data" not in text and not (tmp_path / HEATMAP_NAME).exists()
+    assert _yaml_block(text)["method"] == method
+
+
+def test_custom_template(tmp_path):
+    template = tmp_path / "mine.md.j2"
+    template.write_text("---\n{{ card_data }}\n---\n\n# Custom card for {{ model_name }} ({{ method_title }})\n"
+                        "λ={{ lam }}; samples={{ calibration[0].num_samples }}\n", encoding="utf-8")
+    readme = write_model_card(tmp_path / "out", _info(), template_path=template, model_name="my-merge")
+    text = readme.read_text(encoding="utf-8")
+    assert "# Custom card for my-merge (RAIN-Merging)" in text and "λ=1.25; samples=150" in text
+    assert ModelCard.load(readme).data.base_model == [REASONING, INSTRUCT, BASE]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_model_card(_info(), template_path=tmp_path / "missing.j2")
+
+
+def test_default_template_discovery(tmp_path, monkeypatch):
+    path = default_template_path()
+    assert path == Path(__file__).resolve().parents[1] / "model_card_templates" / "rain_merging.md.j2"
+    # installed from a wheel: the template sits under <prefix>/share/rain_hf/model_card_templates
+    monkeypatch.setattr(card_module, "__file__", str(tmp_path / "site-packages" / "rain_hf" / "card.py"))
+    monkeypatch.setattr(card_module.sysconfig, "get_path", lambda name: str(tmp_path / "nowhere"))
+    monkeypatch.setattr(card_module.sys, "prefix", str(tmp_path / "prefix"))
+    with pytest.raises(FileNotFoundError, match="card_template"):
+        default_template_path()
+    shared = tmp_path / "prefix" / "share" / "rain_hf" / "model_card_templates"
+    shared.mkdir(parents=True)
+    (shared / "rain_merging.md.j2").write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+    assert default_template_path() == shared / "rain_merging.md.j2"
