@@ -123,19 +123,39 @@ def find_target_modules(model: nn.Module, config: RainMergingConfig) -> list[Tar
             out_f, in_f = module.weight.shape
             kind = "other"
             if attn_name is not None and sub.startswith(attn_name + "."):
-                if in_f == geo.hidden_size and out_f == geo.num_heads * geo.head_dim:
-                    kind = "q"
-                elif in_f == geo.hidden_size and out_f == geo.num_kv_heads * geo.head_dim:
-                    kind = "kv"
-                elif in_f == geo.num_heads * geo.head_dim and out_f == geo.hidden_size:
-                    kind = "o"
-                else:
-                    logger.warning("%s.%s.%s: attention projection of unexpected shape %s gets the layer mean α.",
-                                   prefix, idx, sub, tuple(module.weight.shape))
+                kind = _attention_kind(leaf, out_f, in_f, geo)
+                if kind == "other":
+                    logger.warning("%s.%s.%s: attention projection %s could not be mapped to heads; it gets the "
+                                   "layer mean α.", prefix, idx, sub, tuple(module.weight.shape))
             targets.append(TargetModule(f"{prefix}.{idx}.{sub}", idx, kind, (out_f, in_f), module.bias is not None))
     if not targets:
         raise ValueError(f"target_modules={config.target_modules!r} matches no linear module in the decoder blocks.")
     return targets
+
+
+_QUERY_NAMES = {"q_proj", "query", "q", "wq", "query_proj"}
+_KV_NAMES = {"k_proj", "v_proj", "key", "value", "k", "v", "wk", "wv", "key_proj", "value_proj"}
+_OUT_NAMES = {"o_proj", "out_proj", "dense", "o", "wo", "c_proj"}
+
+
+def _attention_kind(leaf: str, out_f: int, in_f: int, geo: AttentionGeometry) -> str:
+    """Which head layout a linear inside the attention module has: "q", "kv", "o" or "other".
+
+    The usual names decide, checked against the head geometry; a module with another name is classified by its
+    shape only where the shape is unambiguous (q and o have the same shape when H·head_dim == hidden).
+    """
+    q_dim, kv_dim, hidden = geo.num_heads * geo.head_dim, geo.num_kv_heads * geo.head_dim, geo.hidden_size
+    if leaf in _QUERY_NAMES and out_f == q_dim:
+        return "q"
+    if leaf in _KV_NAMES and out_f == kv_dim:
+        return "kv"
+    if leaf in _OUT_NAMES and in_f == q_dim:
+        return "o"
+    if leaf in _QUERY_NAMES | _KV_NAMES | _OUT_NAMES:
+        return "other"
+    shapes = {"q": (q_dim, hidden), "kv": (kv_dim, hidden), "o": (hidden, q_dim)}
+    matches = [k for k, shape in shapes.items() if shape == (out_f, in_f)]
+    return matches[0] if len(matches) == 1 else "other"
 
 
 # ---------------------------------------------------------------------------------------------- batching

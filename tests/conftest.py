@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 
@@ -7,6 +8,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="rain_hf-test-hf-home-")
 
 
 @pytest.fixture(autouse=True)

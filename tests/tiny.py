@@ -34,13 +34,14 @@ def build_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
     return fast
 
 
-def model_config(arch: str, vocab_size: int):
+def model_config(arch: str, vocab_size: int, **overrides):
     """Random-model configs: Qwen2 (biases, GQA, tied embeddings), Llama (GQA), Qwen3 (explicit head_dim)."""
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   pad_token_id=0, eos_token_id=3)
+    common.update(overrides)
     if arch == "qwen2":
         return Qwen2Config(**common, tie_word_embeddings=True)
     if arch == "llama":
@@ -77,7 +78,7 @@ def build_triple(root: Path, arch: str = "qwen2", noise: float = 0.02, seed: int
 def reasoning_records(n: int = 6, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     out = []
-    for i in range(n):
+    for _ in range(n):
         a, b = rng.randint(20, 45), rng.randint(2, 9)
         out.append({"prompt": f"Max has {a} apples. He eats {b}. How many apples does Max have now?",
                     "reasoning": f"{a} - {b} = {a - b}. so the answer is {a - b}.",

@@ -1,0 +1,722 @@
+"""`RainMerger`: load three checkpoints, run RAIN-Merging (or a baseline) and save the result.
+
+The merger only orders the steps; the math lives in :mod:`rain_hf.projection`, :mod:`rain_hf.coefficients` and
+:mod:`rain_hf.methods`, the forward passes in :mod:`rain_hf.features`, the data handling in
+:mod:`rain_hf.calibration`, the file handling in :mod:`rain_hf.checkpoints` and :mod:`rain_hf.writer`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .calibration import (
+    CalibrationSample,
+    check_think_tokens,
+    prepare_instruction_calibration,
+    prepare_reasoning_calibration,
+)
+from .checkpoints import (
+    CheckpointError,
+    LazyCheckpoint,
+    ModelSource,
+    StateDictSource,
+    TensorSource,
+    is_adapter_folder,
+    read_json,
+    resolve_model,
+)
+from .coefficients import head_coefficients, weight_scale
+from .config import CONFIG_NAME, ConfigError, RainMergingConfig, parse_size
+from .features import (
+    AttentionGeometry,
+    TargetModule,
+    ThinkFeatures,
+    attention_geometry,
+    capture_think_features,
+    collect_attention_stats,
+    find_target_modules,
+)
+from .projection import feature_residual, project_ridge, project_svd, protected_basis, removed_fraction
+from .writer import ShardedSafetensorsWriter, TensorSpec, atomic_directory
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ROLES = ("base", "reasoning", "instruct")
+
+
+class ModelMismatchError(CheckpointError):
+    """The three models cannot be merged with each other."""
+
+
+# ---------------------------------------------------------------------------------------------- task vectors
+class FullDelta:
+    """Δ = θ_I − θ_B read tensor by tensor from two checkpoints (fp32)."""
+
+    kind = "full"
+
+    def __init__(self, instruct: TensorSource, base: TensorSource) -> None:
+        self.instruct = instruct
+        self.base = base
+
+    def delta(self, key: str) -> torch.Tensor | None:
+        if key not in self.instruct or key not in self.base:
+            return None
+        return self.instruct.get(key).float() - self.base.get(key).float()
+
+
+# ---------------------------------------------------------------------------------------------- plan
+@dataclass
+class MergePlan:
+    """What a merge will do, established before any heavy work (see :meth:`RainMerger.plan`)."""
+
+    config: RainMergingConfig
+    sources: dict[str, ModelSource]
+    instruct_kind: str
+    model_type: str
+    geometry: AttentionGeometry
+    targets: list[TargetModule]
+    vocab: dict[str, int]
+    think_token_ids: tuple[int, int]
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"rain_hf merge plan (method={self.config.method}, lam={self.config.lam})"]
+        for role in _ROLES:
+            src = self.sources[role]
+            kind = f" [{self.instruct_kind}]" if role == "instruct" else ""
+            rev = f" @ {src.revision}" if src.revision else ""
+            lines.append(f"  {role:9s}: {src.describe()}{rev}{kind}")
+        g = self.geometry
+        lines.append(f"  architecture: {self.model_type}, {g.num_layers} layers, hidden {g.hidden_size}, "
+                     f"{g.num_heads} heads / {g.num_kv_heads} kv heads, head_dim {g.head_dim}")
+        layers = sorted({t.layer for t in self.targets})
+        kinds = sorted({t.name.rsplit(".", 1)[-1] for t in self.targets})
+        lines.append(f"  merged modules: {len(self.targets)} ({', '.join(kinds)}) in {len(layers)} layers")
+        lines.append("  vocab sizes: " + ", ".join(f"{k} {v}" for k, v in self.vocab.items()))
+        lines.append(f"  think tokens: {self.config.think_open!r}={self.think_token_ids[0]}, "
+                     f"{self.config.think_close!r}={self.think_token_ids[1]}")
+        if self.config.method == "rain":
+            lines.append(f"  stage 1: {'on' if self.config.stage1 else 'off'} (positions={self.config.positions}, "
+                         f"window={self.config.window}, {self.config.projection}, rcond={self.config.rcond}); "
+                         f"stage 2: {'on' if self.config.stage2 else 'off'} (rho={self.config.rho}, "
+                         f"box=[{self.config.coef_min}, {self.config.coef_max}])")
+        for w in self.warnings:
+            lines.append(f"  warning: {w}")
+        return "\n".join(lines)
+
+
+def _load_model_config(src: ModelSource, role: str):
+    from transformers import AutoConfig
+
+    if not (src.path / "config.json").is_file():
+        raise CheckpointError(f"The {role} model {src.describe()} has no config.json in {src.path}.")
+    try:
+        return AutoConfig.from_pretrained(str(src.path))
+    except Exception as exc:  # transformers raises ValueError/KeyError/OSError for unknown or broken configs
+        raise CheckpointError(f"The {role} model {src.describe()}: its config.json cannot be read ({exc}).") from exc
+
+
+def _skeleton(model_config) -> torch.nn.Module:
+    """The model's module tree on the meta device (no memory), for finding the merged modules."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config)
+
+
+def _compare_configs(configs: dict[str, Any], names: dict[str, str]) -> None:
+    ref = configs["reasoning"]
+    ref_geo = attention_geometry(ref)
+    for role in ("base", "instruct"):
+        other = configs.get(role)
+        if other is None:
+            continue
+        if other.model_type != ref.model_type:
+            raise ModelMismatchError(
+                f"The {role} model {names[role]} is a {other.model_type!r} model but the reasoning model "
+                f"{names['reasoning']} is {ref.model_type!r}: all three models must share one architecture.")
+        geo = attention_geometry(other)
+        for attr, label in (("num_layers", "layer count"), ("hidden_size", "hidden size"),
+                            ("num_heads", "attention heads"), ("num_kv_heads", "key/value heads"),
+                            ("head_dim", "head_dim")):
+            a, b = getattr(geo, attr), getattr(ref_geo, attr)
+            if a != b:
+                raise ModelMismatchError(
+                    f"{label} differs: the {role} model {names[role]} has {a}, the reasoning model "
+                    f"{names['reasoning']} has {b}. The models must come from the same pretrained base.")
+
+
+# ---------------------------------------------------------------------------------------------- report
+@dataclass
+class MergeReport:
+    """What a merge did: timings per stage, per-module projection figures, per-head coefficients."""
+
+    method: str = "rain"
+    lam: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    modules: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    layers: list[int] = field(default_factory=list)
+    head_coefficients: list[list[float]] | None = None
+    alignment: list[list[float]] | None = None
+    leakage: list[list[float]] | None = None
+    lam_search: list[dict[str, float]] | None = None
+    vocab: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+    def removed_by_type(self) -> dict[str, float]:
+        """Mean removed fraction per module type (q_proj, down_proj, …)."""
+        groups: dict[str, list[float]] = {}
+        for name, row in self.modules.items():
+            if row.get("removed_fraction") is not None:
+                groups.setdefault(name.rsplit(".", 1)[-1], []).append(row["removed_fraction"])
+        return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+
+    def __str__(self) -> str:
+        lines = [f"MergeReport(method={self.method}, lam={self.lam})"]
+        lines.append("  timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
+        removed = self.removed_by_type()
+        if removed:
+            lines.append("  removed fraction of ‖ΔW‖ by module type: "
+                         + ", ".join(f"{k} {v:.3f}" for k, v in removed.items()))
+            residuals = [r["residual"] for r in self.modules.values() if r.get("residual") is not None]
+            if residuals:
+                lines.append(f"  max residual ‖ΔW⊥Hᵀ‖/‖ΔW Hᵀ‖: {max(residuals):.2e}")
+        if self.head_coefficients is not None:
+            flat = [a for row in self.head_coefficients for a in row]
+            lines.append(f"  head coefficients: {len(self.head_coefficients)} layers × "
+                         f"{len(self.head_coefficients[0])} heads, min {min(flat):.3f}, mean "
+                         f"{sum(flat) / len(flat):.3f}, max {max(flat):.3f}")
+        for w in self.warnings:
+            lines.append(f"  warning: {w}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- merger
+class RainMerger:
+    """RAIN-Merging of an instruct model (full checkpoint or peft LoRA adapter) into a reasoning model.
+
+    Only the reasoning model is loaded whole (it runs the calibration forward passes); the base and instruct
+    weights are read one tensor at a time from their safetensors files.
+
+    Example:
+        >>> from rain_hf import RainMerger, RainMergingConfig
+        >>> merger = RainMerger.from_pretrained(  # doctest: +SKIP
+        ...     base_model="benchmarks/organism/checkpoints/base",
+        ...     reasoning_model="benchmarks/organism/checkpoints/reasoning",
+        ...     instruct_model="benchmarks/organism/checkpoints/instruct",
+        ...     config=RainMergingConfig(lam=4.0))
+        >>> model = merger.merge(  # doctest: +SKIP
+        ...     reasoning_calibration="benchmarks/organism/data/reasoning_calibration.json",
+        ...     instruction_calibration="benchmarks/organism/data/instruction_calibration.jsonl")
+        >>> merger.save_pretrained("organism-rain")  # doctest: +SKIP
+        >>> print(merger.report)  # doctest: +SKIP
+    """
+
+    def __init__(self, plan: MergePlan, model, tokenizer, reasoning: LazyCheckpoint, base: LazyCheckpoint,
+                 instruct, device: torch.device, features: ThinkFeatures | None = None) -> None:
+        self.plan = plan
+        self.config = plan.config
+        self.sources = plan.sources
+        self.targets = plan.targets
+        self.model = model
+        self.tokenizer = tokenizer
+        self.reasoning = reasoning
+        self.base = base
+        self.instruct = instruct
+        self.device = device
+        self.features = features
+        self.report = MergeReport(method=self.config.method, vocab=dict(plan.vocab), warnings=list(plan.warnings))
+        self.calibration_info: dict[str, dict | None] = {"reasoning": None, "instruction": None}
+        self.merged = False
+        self._param_map: dict[str, torch.nn.Parameter] | None = None
+        self._check_output_dtypes()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def plan(
+        cls,
+        base_model: str | os.PathLike,
+        reasoning_model: str | os.PathLike,
+        instruct_model: str | os.PathLike,
+        config: RainMergingConfig | None = None,
+        *,
+        revision: str | Mapping[str, str] | None = None,
+        token: str | bool | None = None,
+        _return_parts: bool = False,
+    ):
+        """Resolve and validate the three inputs without loading any weights; returns a :class:`MergePlan`.
+
+        Checks: same architecture family, layer count, hidden size, head counts and head_dim; every merged
+        module's tensor present with the same shape in all three; think tokens single tokens of the reasoning
+        tokenizer; a LoRA adapter's base and shapes. A vocabulary-size difference is allowed and reported.
+        """
+        from transformers import AutoTokenizer
+
+        from .lora import LoraDelta
+
+        config = config or RainMergingConfig()
+        config.validate()
+        revs = dict(revision) if isinstance(revision, Mapping) else {r: revision for r in _ROLES}
+        unknown = set(revs) - set(_ROLES)
+        if unknown:
+            raise ConfigError(f"revision names unknown roles {sorted(unknown)}; use {list(_ROLES)}.")
+        names = {"base": base_model, "reasoning": reasoning_model, "instruct": instruct_model}
+        sources = {role: resolve_model(names[role], revs.get(role), token, role=role) for role in _ROLES}
+        shown = {role: sources[role].describe() for role in _ROLES}
+        configs = {role: _load_model_config(sources[role], role) for role in ("base", "reasoning")}
+        adapter = is_adapter_folder(sources["instruct"].path)
+        warnings: list[str] = []
+        if not adapter:
+            configs["instruct"] = _load_model_config(sources["instruct"], "instruct")
+        _compare_configs(configs, shown)
+
+        reasoning = LazyCheckpoint(sources["reasoning"].path, f"the reasoning model {shown['reasoning']}")
+        base = LazyCheckpoint(sources["base"].path, f"the base model {shown['base']}")
+        targets = find_target_modules(_skeleton(configs["reasoning"]), config)
+        if adapter:
+            instruct = LoraDelta.from_pretrained(sources["instruct"].path)
+            instruct.source = sources["instruct"]
+            base_shapes = {k: base.shape(k) for k in base.keys()}
+            warnings += instruct.validate(base_shapes, sources["base"].hub_id, shown["base"])
+            touched = set(instruct.weight_keys())
+            outside = sorted(touched - {t.weight_key for t in targets})
+            if outside:
+                warnings.append(f"the adapter changes {len(outside)} modules outside the merged set "
+                                f"(e.g. {outside[0]}); they are not merged")
+        else:
+            instruct_ckpt = LazyCheckpoint(sources["instruct"].path, f"the instruct model {shown['instruct']}")
+            instruct = FullDelta(instruct_ckpt, base)
+        keys_to_check = [t.weight_key for t in targets]
+        if config.project_bias:
+            keys_to_check += [t.bias_key for t in targets if t.bias_key]
+        checked = [("reasoning", reasoning), ("base", base)]
+        if not adapter:
+            checked.append(("instruct", instruct.instruct))
+        for key in keys_to_check:
+            expected = None
+            for role, ckpt in checked:
+                if key not in ckpt:
+                    raise ModelMismatchError(f"The {role} model {shown[role]} has no tensor {key}, which the merge "
+                                             "needs: the checkpoints do not share one architecture.")
+                shape = ckpt.shape(key)
+                if expected is None:
+                    expected = (role, shape)
+                elif shape != expected[1]:
+                    raise ModelMismatchError(
+                        f"{key} has shape {shape} in the {role} model {shown[role]} but {expected[1]} in the "
+                        f"{expected[0]} model {shown[expected[0]]}: the models must share one base.")
+        vocab = {role: int(getattr(c.get_text_config() if hasattr(c, "get_text_config") else c, "vocab_size", 0))
+                 for role, c in configs.items()}
+        if len(set(vocab.values())) > 1:
+            warnings.append(f"vocabulary sizes differ ({vocab}); embeddings and lm_head are never merged, the "
+                            "merged model keeps the reasoning model's")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(sources["reasoning"].path))
+        except Exception as exc:
+            raise CheckpointError(f"The reasoning model {shown['reasoning']} has no loadable tokenizer ({exc}).") from exc
+        think_ids = check_think_tokens(tokenizer, config)
+        plan = MergePlan(config, sources, "lora" if adapter else "full", configs["reasoning"].model_type,
+                         attention_geometry(configs["reasoning"]), targets, vocab, think_ids, warnings)
+        for w in warnings:
+            logger.warning(w)
+        if _return_parts:
+            return plan, tokenizer, reasoning, base, instruct
+        return plan
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model: str | os.PathLike,
+        reasoning_model: str | os.PathLike,
+        instruct_model: str | os.PathLike,
+        config: RainMergingConfig | None = None,
+        *,
+        revision: str | Mapping[str, str] | None = None,
+        token: str | bool | None = None,
+        device: str | torch.device = "cpu",
+        torch_dtype: str | torch.dtype | None = None,
+        device_map: str | dict | None = None,
+        features: ThinkFeatures | str | os.PathLike | None = None,
+    ) -> RainMerger:
+        """Validate the three models (see :meth:`plan`), then load the reasoning model for the forward passes.
+
+        Args:
+            base_model, reasoning_model, instruct_model: Hub ids or local folders; ``instruct_model`` may be a
+                peft LoRA adapter (detected from ``adapter_config.json``).
+            config: the merge settings (default :class:`RainMergingConfig`).
+            revision: one revision for all three, or a dict ``{"base": ..., "reasoning": ..., "instruct": ...}``.
+            token: Hub token.
+            device: where the forward passes and the projections run (``"cpu"``, ``"cuda"``).
+            torch_dtype: dtype to load the reasoning model in (default: as stored).
+            device_map: e.g. ``"auto"`` to spread a reasoning model that does not fit on one device (accelerate).
+            features: precomputed :class:`ThinkFeatures` (or a path saved by :meth:`ThinkFeatures.save`).
+        """
+        from transformers import AutoModelForCausalLM
+
+        start = time.perf_counter()
+        plan, tokenizer, reasoning, base, instruct = cls.plan(
+            base_model, reasoning_model, instruct_model, config, revision=revision, token=token, _return_parts=True)
+        dtype = torch_dtype if torch_dtype is not None else "auto"
+        if isinstance(dtype, str) and dtype != "auto":
+            if dtype not in _DTYPES:
+                raise ConfigError(f"torch_dtype={dtype!r}: use one of {sorted(_DTYPES)} or 'auto'.")
+            dtype = _DTYPES[dtype]
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        model = AutoModelForCausalLM.from_pretrained(str(plan.sources["reasoning"].path), **kwargs)
+        if device_map is None:
+            model.to(device)
+        model.eval()
+        if isinstance(features, (str, os.PathLike)):
+            features = ThinkFeatures.load(features)
+        merger = cls(plan, model, tokenizer, reasoning, base, instruct, torch.device(device), features)
+        merger.report.timings["load"] = time.perf_counter() - start
+        return merger
+
+    # ------------------------------------------------------------------ helpers
+    def _output_dtype(self, key: str) -> torch.dtype:
+        stored = self.reasoning.dtype(key)
+        if self.config.output_dtype is None or not stored.is_floating_point:
+            return stored
+        return _DTYPES[self.config.output_dtype]
+
+    def _check_output_dtypes(self) -> None:
+        params = self._params()
+        for t in self.targets:
+            p = params[t.name + ".weight"]
+            out = self._output_dtype(t.weight_key)
+            if out != p.dtype and torch.finfo(out).bits > torch.finfo(p.dtype).bits or (
+                    {out, p.dtype} == {torch.float16, torch.bfloat16}):
+                raise ConfigError(
+                    f"The merged weights are saved as {out} but the reasoning model was loaded as {p.dtype}, which "
+                    f"cannot hold them exactly: load it with torch_dtype={str(out).replace('torch.', '')!r}.")
+
+    def _params(self) -> dict[str, torch.nn.Parameter]:
+        if self._param_map is None:
+            self._param_map = dict(self.model.named_parameters())
+        return self._param_map
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        if tok.pad_token_id is not None:
+            return tok.pad_token_id
+        return tok.eos_token_id if tok.eos_token_id is not None else 0
+
+    def _prepare(self, kind: str, data) -> list[CalibrationSample]:
+        prepare = prepare_reasoning_calibration if kind == "reasoning" else prepare_instruction_calibration
+        samples = prepare(data, self.tokenizer, self.config, model=self.model)
+        source = data if isinstance(data, (str, os.PathLike)) else type(data).__name__
+        self.calibration_info[kind] = {"num_samples": len(samples), "source": str(source)}
+        return samples
+
+    # ------------------------------------------------------------------ stage 1
+    def compute_features(self, reasoning_calibration) -> ThinkFeatures:
+        """Stage-1 features of the reasoning model on ``reasoning_calibration`` (kept and returned).
+
+        They depend only on the reasoning model and its calibration set: compute them once, then merge several
+        instruct models (or save them with :meth:`ThinkFeatures.save` and pass ``features=`` later).
+        """
+        if self.merged:
+            self.reset()
+        start = time.perf_counter()
+        samples = self._prepare("reasoning", reasoning_calibration)
+        self.features = capture_think_features(self.model, samples, self.targets, self.config, self._pad_id(),
+                                               svd_device=self.device)
+        self.report.timings["stage1_features"] = time.perf_counter() - start
+        return self.features
+
+    # ------------------------------------------------------------------ the stream
+    def _module_delta(self, target: TargetModule) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ΔW [out, in] and, with project_bias, Δb [out] (fp32, on the compute device)."""
+        dw = self.instruct.delta(target.weight_key)
+        dw = torch.zeros(target.shape) if dw is None else dw
+        db = None
+        if self.config.project_bias and target.bias_key:
+            db = self.instruct.delta(target.bias_key)
+            db = torch.zeros(target.shape[0]) if db is None else db
+        return dw.to(self.device), (db.to(self.device) if db is not None else None)
+
+    def _projected(self, target: TargetModule, dw: torch.Tensor, db: torch.Tensor | None, record: bool):
+        """Stage 1 on one module: ΔW⊥ (and Δb⊥), recording the removed fraction and residual."""
+        full = dw if db is None else torch.cat([dw, db.unsqueeze(1)], dim=1)
+        if self.config.stage1:
+            v, s = self.features.basis(target.name)
+            v, s = v.to(self.device), s.to(self.device)
+            prec = torch.float64 if self.config.precision == "float64" else torch.float32
+            work = full.to(prec)
+            if self.config.projection == "svd":
+                out = project_svd(work, protected_basis(v.to(prec), s.to(prec), self.config.rcond))
+            else:
+                out = project_ridge(work, v.to(prec), s.to(prec), self.config.ridge)
+            if record:
+                self.report.modules[target.name] = {
+                    "removed_fraction": removed_fraction(work, out),
+                    "residual": feature_residual(work, out, v.to(prec), s.to(prec)),
+                }
+            full = out.float()
+        if db is None:
+            return full, None
+        return full[:, :-1], full[:, -1]
+
+    def _scale(self, target: TargetModule, alpha: torch.Tensor | None) -> tuple[Any, Any]:
+        if alpha is None:
+            return 1.0, 1.0
+        row = self.report.layers.index(target.layer)
+        geo = self.plan.geometry
+        a = alpha[row].to(self.device)
+        w = weight_scale(target.kind, a, geo.num_kv_heads, geo.head_dim)
+        b = w.squeeze(1) if target.kind in ("q", "kv") else a.mean()
+        return w, b
+
+    def _write_param(self, name: str, value: torch.Tensor) -> None:
+        param = self._params()[name]
+        with torch.no_grad():
+            param.copy_(value.to(device=param.device, dtype=param.dtype))
+
+    def _apply_rain(self, lam: float, alpha: torch.Tensor | None, record: bool, desc: str) -> None:
+        """θ = θ_R + lam·α⊙Δ⊥ for every target, written into the loaded model (fp32 sum, one rounding)."""
+        for target in tqdm(self.targets, desc=desc, unit="module"):
+            dw, db = self._module_delta(target)
+            dw, db = self._projected(target, dw, db, record)
+            ws, bs = self._scale(target, alpha)
+            theta = self.reasoning.get(target.weight_key).to(self.device, torch.float32) + lam * ws * dw
+            self._write_param(target.weight_key, theta.to(self._output_dtype(target.weight_key)))
+            if db is not None:
+                b = self.reasoning.get(target.bias_key).to(self.device, torch.float32) + lam * bs * db
+                self._write_param(target.bias_key, b.to(self._output_dtype(target.bias_key)))
+
+    def _apply_baseline(self) -> None:
+        from .methods import merge_tensor
+
+        cfg = self.config
+        for target in tqdm(self.targets, desc=f"merge ({cfg.method})", unit="module"):
+            keys = [target.weight_key] + ([target.bias_key] if cfg.project_bias and target.bias_key else [])
+            for key in keys:
+                delta = self.instruct.delta(key)
+                reasoning = self.reasoning.get(key).to(self.device, torch.float32)
+                delta = torch.zeros_like(reasoning) if delta is None else delta.to(self.device)
+                base = self.base.get(key).to(self.device, torch.float32)
+                merged = merge_tensor(cfg.method, reasoning, base, delta, cfg, key)
+                self._write_param(key, merged.to(self._output_dtype(key)))
+
+    def reset(self) -> None:
+        """Put the reasoning model's own weights back into every merged module (read again from its files)."""
+        for target in self.targets:
+            for key in (target.weight_key, target.bias_key):
+                if key is not None:
+                    self._write_param(key, self.reasoning.get(key))
+        self.merged = False
+
+    def _merged_keys(self) -> set[str]:
+        keys = {t.weight_key for t in self.targets}
+        if self.config.project_bias:
+            keys |= {t.bias_key for t in self.targets if t.bias_key}
+        return keys
+
+    # ------------------------------------------------------------------ merge
+    def merge(self, reasoning_calibration=None, instruction_calibration=None):
+        """Run the merge; returns the merged model (the loaded reasoning model, changed in place).
+
+        Args:
+            reasoning_calibration: stage-1 data — a JSON/JSONL path, a list of dicts or a ``datasets.Dataset``
+                with ``prompt``/``reasoning``/``response`` (or prompts only: the reasoning model writes the rest).
+                Not needed when features were given or computed before, or with ``stage1=False``.
+            instruction_calibration: stage-2 data (the paper's IFEval-style format, or prompts only). Not
+                needed with ``stage2=False``.
+        """
+        cfg = self.config
+        if self.merged:
+            self.reset()
+        start = time.perf_counter()
+        if cfg.method != "rain":
+            self._apply_baseline()
+            self.report.lam = float(cfg.lam) if not isinstance(cfg.lam, str) else None
+            self.report.timings["merge"] = time.perf_counter() - start
+            self.merged = True
+            return self.model
+
+        if cfg.stage1:
+            if reasoning_calibration is not None:
+                self.compute_features(reasoning_calibration)
+            elif self.features is None:
+                raise ValueError("Stage 1 needs thinking features: pass reasoning_calibration=..., or features=... "
+                                 "to from_pretrained, or set RainMergingConfig(stage1=False).")
+            self.features.check_compatible(cfg, [t.name for t in self.targets])
+        self.report.layers = sorted({t.layer for t in self.targets})
+        alpha = None
+        if cfg.stage2:
+            if instruction_calibration is None:
+                raise ValueError("Stage 2 needs instruction calibration data: pass instruction_calibration=... or "
+                                 "set RainMergingConfig(stage2=False).")
+            t2 = time.perf_counter()
+            samples = self._prepare("instruction", instruction_calibration)
+            self._apply_rain(cfg.probe_lam, None, record=False, desc="stage 2: probe model")
+            try:
+                a, u = collect_attention_stats(self.model, samples, self.report.layers, cfg.batch_size,
+                                               self._pad_id())
+            finally:
+                self.reset()
+            alpha = head_coefficients(a, u, cfg.rho, cfg.coef_normalize, cfg.coef_min, cfg.coef_max)
+            self.report.alignment = a.tolist()
+            self.report.leakage = u.tolist()
+            self.report.head_coefficients = alpha.tolist()
+            self.report.timings["stage2_coefficients"] = time.perf_counter() - t2
+        t3 = time.perf_counter()
+        lam = cfg.lam
+        if lam == "auto":
+            lam = self._choose_lambda(alpha)
+        self._apply_rain(float(lam), alpha, record=True, desc="merge")
+        self.report.lam = float(lam)
+        self.report.timings["merge"] = time.perf_counter() - t3
+        self.merged = True
+        return self.model
+
+    def _choose_lambda(self, alpha: torch.Tensor | None) -> float:
+        raise ConfigError("lam='auto' needs held-out reasoning samples; it is not available in this version: "
+                          "set a number.")
+
+    # ------------------------------------------------------------------ saving
+    def sidecar(self) -> dict[str, Any]:
+        """The content of ``rain_merging_config.json``: config, inputs, versions, report."""
+        import huggingface_hub
+        import peft
+        import safetensors
+        import transformers
+
+        inputs = {role: self.sources[role].to_dict() for role in _ROLES}
+        inputs["instruct"]["kind"] = self.plan.instruct_kind
+        return {
+            "rain_hf_version": __version__,
+            "library_versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                 "peft": peft.__version__, "safetensors": safetensors.__version__,
+                                 "huggingface_hub": huggingface_hub.__version__},
+            "method": self.config.method,
+            "lam": self.report.lam,
+            "config": self.config.to_dict(),
+            "inputs": inputs,
+            "calibration": dict(self.calibration_info),
+            "report": {"timings": self.report.timings, "modules": self.report.modules,
+                       "head_coefficients": self.report.head_coefficients, "layers": self.report.layers,
+                       "alignment": self.report.alignment, "leakage": self.report.leakage,
+                       "lam_search": self.report.lam_search, "vocab": self.report.vocab,
+                       "warnings": self.report.warnings},
+            "license": _card_license(self.sources["reasoning"].path),
+        }
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        max_shard_size: int | str | None = None,
+        overwrite: bool = False,
+        card_template: str | os.PathLike | None = None,
+        eval_results: list | None = None,
+    ) -> Path:
+        """Write the merged model as a Hugging Face folder (loadable with ``AutoModelForCausalLM``).
+
+        Sharded safetensors (byte-based ``max_shard_size``), config and generation config of the reasoning model,
+        its tokenizer and chat template, ``rain_merging_config.json`` and a model card. The folder is written
+        elsewhere and moved into place at the end: an error or Ctrl-C leaves nothing behind, and an existing
+        folder is replaced only with ``overwrite=True``.
+        """
+        if not self.merged:
+            raise RuntimeError("Nothing to save yet: call merge() first.")
+        start = time.perf_counter()
+        shard_size = parse_size(max_shard_size if max_shard_size is not None else self.config.max_shard_size)
+        keys = self.reasoning.keys()
+        specs = [TensorSpec(k, self.reasoning.shape(k), self._output_dtype(k)) for k in keys]
+        merged = self._merged_keys()
+        params = self._params()
+        src = self.sources["reasoning"].path
+        with atomic_directory(save_directory, overwrite=overwrite) as tmp:
+            writer = ShardedSafetensorsWriter(tmp, specs, shard_size)
+            try:
+                for spec in tqdm(writer._order, desc="save", unit="tensor"):
+                    if spec.name in merged:
+                        tensor = params[spec.name].detach().to("cpu", spec.dtype)
+                    else:
+                        tensor = self.reasoning.get(spec.name).to(spec.dtype)
+                    writer.write(spec.name, tensor)
+                writer.close()
+            finally:
+                writer.abort()
+            model_config = read_json(src / "config.json", "the reasoning model")
+            if self.config.output_dtype is not None:
+                model_config["dtype"] = self.config.output_dtype
+                model_config.pop("torch_dtype", None)
+            with open(tmp / "config.json", "w", encoding="utf-8") as f:
+                json.dump(model_config, f, indent=2, sort_keys=True)
+                f.write("\n")
+            if (src / "generation_config.json").is_file():
+                (tmp / "generation_config.json").write_bytes((src / "generation_config.json").read_bytes())
+            self.tokenizer.save_pretrained(str(tmp))
+            info = self.sidecar()
+            with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
+                json.dump(info, f, indent=2)
+                f.write("\n")
+            self._write_card(tmp, info, card_template, eval_results)
+        self.report.timings["save"] = time.perf_counter() - start
+        return Path(save_directory)
+
+    def _write_card(self, folder: Path, info: dict, template, eval_results) -> None:
+        try:
+            from .card import write_model_card
+        except ImportError:  # the card module is optional for the core merge
+            logger.warning("rain_hf.card is unavailable: no model card written.")
+            return
+        write_model_card(folder, info, template_path=template, eval_results=eval_results)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = None,
+        save_directory: str | os.PathLike | None = None,
+    ):
+        """Save the merged model (to ``save_directory`` or a temporary folder) and upload it in one commit."""
+        from .hub import push_folder
+
+        if save_directory is None:
+            save_directory = Path(tempfile.mkdtemp(prefix="rain_hf-push-")) / repo_id.replace("/", "--")
+        folder = self.save_pretrained(save_directory, max_shard_size=max_shard_size)
+        return push_folder(folder, repo_id, private=private, token=token, revision=revision,
+                           commit_message=commit_message or f"Upload {self.config.method} merge made with rain_hf",
+                           create_pr=create_pr)
+
+
+def _card_license(folder: Path) -> str | None:
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return None
+    try:
+        from huggingface_hub import ModelCard
+
+        return ModelCard.load(str(readme)).data.to_dict().get("license")
+    except Exception:  # a malformed card only costs us the licence field
+        return None
+
+
+def state_dict_delta(instruct_state: Mapping[str, torch.Tensor], base: TensorSource) -> FullDelta:
+    """Task vector of an instruct model held in memory (e.g. during training) against a base checkpoint."""
+    return FullDelta(StateDictSource(instruct_state, "instruct state dict"), base)

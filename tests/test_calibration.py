@@ -1,0 +1,465 @@
+"""Tests of rain_hf.calibration: loading, rendering, token spans, validation and trace generation (CPU, offline)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from rain_hf.calibration import (
+    CalibrationError,
+    CalibrationSample,
+    _Malformed,
+    check_think_tokens,
+    generate_traces,
+    load_records,
+    locate_annotations,
+    merge_spans,
+    prepare_instruction_calibration,
+    prepare_reasoning_calibration,
+    split_generation,
+)
+from rain_hf.config import RainMergingConfig
+
+SHARED_CALIBRATION = Path(__file__).resolve().parents[1].parent / "shared" / "calibration"
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<think>", "</think>", "<|user|>", "<|assistant|>", "<|end|>"]
+PLAIN = (
+    "{% for m in messages %}<|user|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+WITH_BOS = "{{ bos_token }}" + PLAIN
+R1_STYLE = (  # like DeepSeek-R1: the generation prompt already opens the thinking
+    "{{ bos_token }}{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|><think>\n{% endif %}"
+)
+WITH_SYSTEM = "{{ bos_token }}System: answer at once. Be brief.\n" + PLAIN
+
+CORPUS = [
+    "Write a short poem about the sea. Answer in one line.",
+    "Okay, let me think about that. The sea is wide and deep.",
+    "The answer is 42. Cats sat on the mat at home.",
+    "Reply in lowercase letters only, and end with a dot.",
+]
+
+RECORD = {
+    "prompt": "Write a short poem about the sea.",
+    "reasoning": "Okay, the sea is wide. Let me write one line.",
+    "response": "The sea is wide and deep.",
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _offline():
+    """No network: every Hugging Face library works offline in this module."""
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+            mp.setenv(var, "1")
+        yield
+
+
+def _train_bpe(texts: list[str], vocab_size: int, specials: list[str]) -> Tokenizer:
+    """A byte-level BPE (every character is representable) trained on ``texts``."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def _wrap(backend: Tokenizer, template: str | None) -> PreTrainedTokenizerFast:
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = template
+    return fast
+
+
+@pytest.fixture(scope="module")
+def backend() -> Tokenizer:
+    return _train_bpe(CORPUS * 5, 400, SPECIALS)
+
+
+@pytest.fixture(scope="module")
+def make_tok(backend):
+    return lambda template=WITH_BOS: _wrap(backend, template)
+
+
+@pytest.fixture(scope="module")
+def tok(make_tok) -> PreTrainedTokenizerFast:
+    return make_tok(WITH_BOS)
+
+
+def _cfg(**kwargs) -> RainMergingConfig:
+    return RainMergingConfig(**kwargs)
+
+
+def _text(tok, sample: CalibrationSample, span: tuple[int, int]) -> str:
+    return tok.decode(sample.input_ids[span[0]:span[1]], clean_up_tokenization_spaces=False)
+
+
+# --------------------------------------------------------------------------------------------- rendering and spans
+@pytest.mark.parametrize("template", [PLAIN, WITH_BOS, R1_STYLE, WITH_SYSTEM])
+def test_spans_decode_back_to_their_text(make_tok, template):
+    tok = make_tok(template)
+    (sample,) = prepare_reasoning_calibration([RECORD], tok, _cfg())
+    open_id, close_id = tok.convert_tokens_to_ids("<think>"), tok.convert_tokens_to_ids("</think>")
+    assert sample.input_ids[sample.think_open] == open_id
+    assert sample.input_ids[sample.think_close] == close_id
+    assert sample.input_ids.count(open_id) == 1  # the R1-style template's own <think> is not doubled
+    assert _text(tok, sample, sample.prompt_span) == RECORD["prompt"]
+    assert _text(tok, sample, sample.thinking_span).strip() == RECORD["reasoning"]
+    assert _text(tok, sample, sample.response_span).strip() == RECORD["response"]
+    assert sample.thinking_span == (sample.think_open + 1, sample.think_close)
+    assert sample.response_span == (sample.think_close + 1, len(sample.input_ids))
+    assert sample.instruction_spans == [sample.prompt_span]
+    assert sample.constrained_spans == [sample.response_span]
+    assert sample.unrelated_spans == [sample.thinking_span]
+    assert sample.index == 0
+    rendered = tok.apply_chat_template([{"role": "user", "content": RECORD["prompt"]}], tokenize=False,
+                                       add_generation_prompt=True)
+    assert tok.decode(sample.input_ids).startswith(rendered)
+
+
+def test_bos_and_no_bos_give_the_same_spans_relative_to_the_prompt(make_tok):
+    (plain,) = prepare_instruction_calibration([RECORD], make_tok(PLAIN), _cfg())
+    (bos,) = prepare_instruction_calibration([RECORD], make_tok(WITH_BOS), _cfg())
+    assert bos.input_ids[1:] == plain.input_ids
+    shift = bos.prompt_span[0] - plain.prompt_span[0]
+    assert shift == 1
+
+    def rel(s: CalibrationSample):
+        base = s.prompt_span[0]
+        moved = lambda sp: (sp[0] - base, sp[1] - base)  # noqa: E731
+        return (s.think_open - base, s.think_close - base, moved(s.prompt_span), moved(s.thinking_span),
+                moved(s.response_span), [moved(x) for x in s.instruction_spans],
+                [moved(x) for x in s.constrained_spans], [moved(x) for x in s.unrelated_spans])
+
+    assert rel(bos) == rel(plain)
+
+
+def test_short_ambiguous_annotations_stay_in_their_segment(make_tok):
+    tok = make_tok(WITH_SYSTEM)  # the template itself contains "at" and "." before the prompt
+    record = {
+        "prompt": "Reply in one line. End at noon.",
+        "reason": "Okay. A cat sat at the mat. That is it.",
+        "response": "Cats sat. The first part at home.",
+        "related_prompt_list": [
+            {"prompt_spans": ["at", "."], "response_spans": ["."], "unrelated_response_spans": []},
+        ],
+        "unrelated_response_spans": ["The first part", "at"],
+    }
+    (s,) = prepare_instruction_calibration([record], tok, _cfg())
+    p0, p1 = s.prompt_span
+    assert all(p0 <= a < b <= p1 for a, b in s.instruction_spans)
+    # "at" of "End at noon", then the "." searched forward from it (the final one, not the one of "line.")
+    assert [_text(tok, s, sp).strip() for sp in s.instruction_spans] == ["at", "."]
+    assert s.instruction_spans[1][1] == p1
+    r0, r1 = s.response_span
+    assert all(r0 <= a < b <= r1 for a, b in s.constrained_spans)
+    assert [_text(tok, s, sp).strip() for sp in s.constrained_spans] == ["."]
+    assert _text(tok, s, (r0, s.constrained_spans[0][1])).strip() == "Cats sat."
+    # U = thinking + "The first part" + the "at" right after it (not the "at" of "Cats"/"sat")
+    assert s.unrelated_spans[0] == s.thinking_span
+    assert len(s.unrelated_spans) == 2
+    assert _text(tok, s, s.unrelated_spans[1]).strip() == "The first part at"
+
+
+def test_annotations_forward_search_and_offsets():
+    spans, missing = locate_annotations("a cat sat at the mat", [["sat", "at"], ["mat", "at"], [[2, 5], "zzz"]])
+    assert spans == [(6, 9), (10, 12), (17, 20), (18, 20), (2, 5)]  # "at" after "sat"; nested "at" in "mat"
+    assert missing == ["'zzz'"]
+    text = "skills as a [Sales Associate] at [Company]. Eager"
+    spans, _ = locate_annotations(text, [["skills as a", "at", ". Eager"]])
+    assert [text[a:b] for a, b in spans] == ["skills as a", "at", ". Eager"] and spans[1][0] == text.index(" at ") + 1
+    spans, _ = locate_annotations("the ink, the links", [["links", "ink"], ["ink"]])
+    assert spans == [(13, 18), (14, 17), (4, 7)]
+    assert merge_spans([(5, 7), (1, 3), (2, 4), (7, 9), (10, 10)]) == [(1, 4), (5, 9)]
+
+
+def test_missing_annotation_is_logged_not_fatal(tok, caplog):
+    record = dict(RECORD, instruction_spans=["no such text", "poem"], response_spans=["absent"])
+    with caplog.at_level(logging.WARNING, logger="rain_hf.calibration"):
+        (s,) = prepare_instruction_calibration([record], tok, _cfg())
+    assert "not found" in caplog.text and "no such text" in caplog.text and "absent" in caplog.text
+    assert [_text(tok, s, sp).strip() for sp in s.instruction_spans] == ["poem"]
+    assert s.constrained_spans == [s.response_span]
+
+
+def test_special_tokens_inside_the_text(tok):
+    record = {"prompt": "Say <|end|> then <s> twice.", "reasoning": "Hmm <|user|> odd.", "response": "Done <|end|>."}
+    (s,) = prepare_instruction_calibration([record], tok, _cfg())
+    assert _text(tok, s, s.prompt_span) == record["prompt"]
+    assert _text(tok, s, s.response_span).strip() == record["response"]
+    assert s.input_ids[s.think_close] == tok.convert_tokens_to_ids("</think>")
+
+
+def test_messages_records(tok):
+    records = [
+        {"messages": [{"role": "user", "content": RECORD["prompt"]},
+                      {"role": "assistant", "content": f"<think>\n{RECORD['reasoning']}\n</think>\n\n{RECORD['response']}"}]},
+        {"messages": [{"role": "user", "content": RECORD["prompt"]},
+                      {"role": "assistant", "content": RECORD["response"], "reasoning_content": RECORD["reasoning"]}]},
+    ]
+    a, b = prepare_reasoning_calibration(records, tok, _cfg())
+    assert a.input_ids == b.input_ids
+    assert _text(tok, a, a.thinking_span).strip() == RECORD["reasoning"]
+
+
+def test_think_positions(tok):
+    (s,) = prepare_reasoning_calibration([RECORD], tok, _cfg())
+    o, c, n = s.think_open, s.think_close, len(s.input_ids)
+    assert s.think_positions("think") == [o, c]
+    assert s.think_positions("think+prev") == [o - 1, o, c - 1, c]
+    assert s.think_positions("window", 2) == sorted({*range(o - 2, o + 3), *range(c - 2, min(c + 3, n))})
+    assert s.think_positions("window", 1000) == list(range(n))
+    with pytest.raises(ValueError, match="think\\+prev"):
+        s.think_positions("bogus")
+
+
+# ----------------------------------------------------------------------------------------------------- validation
+def test_think_token_that_is_not_one_token_is_refused(backend):
+    no_think = _train_bpe(CORPUS * 5, 400, [t for t in SPECIALS if "think" not in t])
+    with pytest.raises(CalibrationError, match=r"'<think>' is not a single token.*config\.think_open"):
+        prepare_reasoning_calibration([RECORD], _wrap(no_think, WITH_BOS), _cfg())
+    with pytest.raises(CalibrationError, match=r"'<reason>' is not a single token.*config\.think_open"):
+        check_think_tokens(_wrap(backend, WITH_BOS), _cfg(think_open="<reason>"))
+    assert check_think_tokens(_wrap(backend, WITH_BOS), _cfg()) == (3, 4)
+
+
+def test_slow_tokenizer_and_missing_template_are_refused(make_tok):
+    with pytest.raises(CalibrationError, match="fast tokenizer"):
+        prepare_reasoning_calibration([RECORD], types.SimpleNamespace(is_fast=False), _cfg())
+    with pytest.raises(CalibrationError, match="no chat template"):
+        prepare_reasoning_calibration([RECORD], make_tok(None), _cfg())
+    upper = PLAIN.replace("{{ m['content'] }}", "{{ m['content'] | upper }}")
+    with pytest.raises(CalibrationError, match="verbatim"):
+        prepare_reasoning_calibration([RECORD], make_tok(upper), _cfg())
+    bang = PLAIN.replace("{{ m['content'] }}", "{{ m['content'] | replace('!', '.') }}")
+    with pytest.raises(CalibrationError, match="index 1: the chat template does not render this prompt verbatim"):
+        prepare_reasoning_calibration([RECORD, dict(RECORD, prompt="Hi!")], make_tok(bang), _cfg(on_malformed="error"))
+
+
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [
+        ({"prompt": "Hi", "reasoning": "Hmm."}, "field 'response' is missing"),
+        ({"prompt": 3, "reasoning": "Hmm.", "response": "Ok."}, "field 'prompt' is a int, not a string"),
+        ({"prompt": "Hi", "reasoning": "  ", "response": "Ok."}, "field 'reasoning' / 'reason' is empty"),
+        ({"prompt": "Hi", "reasoning": "a </think> b", "response": "Ok."}, "contains the think token '</think>'"),
+        ({"prompt": "Hi", "reasoning": "Hmm.", "response": "<think>Ok."}, "contains the think token '<think>'"),
+        ({"prompt": "Hi", "reasoning": "Hmm " * 40, "response": "Ok."}, "config.max_length=30"),
+        (dict(RECORD, related_prompt_list="oops"), "'related_prompt_list' must be a list"),
+    ],
+)
+def test_malformed_sample_is_refused_with_index_and_reason(tok, record, reason):
+    short = {"prompt": "Hi", "reasoning": "Hmm.", "response": "Ok."}
+    with pytest.raises(CalibrationError, match="at index 1") as err:
+        prepare_instruction_calibration([short, record], tok, _cfg(on_malformed="error", max_length=30))
+    assert reason in str(err.value)
+
+
+def test_skip_versus_error(tok, caplog):
+    records = [RECORD, {"prompt": "Hi", "reasoning": "Hmm."}, RECORD]
+    with caplog.at_level(logging.WARNING, logger="rain_hf.calibration"):
+        samples = prepare_reasoning_calibration(records, tok, _cfg(on_malformed="skip"))
+    assert [s.index for s in samples] == [0, 2]
+    assert "sample 1" in caplog.text and "'response' is missing" in caplog.text
+    with pytest.raises(CalibrationError, match="index 1: field 'response' is missing"):
+        prepare_reasoning_calibration(records, tok, _cfg(on_malformed="error"))
+
+
+def test_sample_limits_take_the_first_usable(tok):
+    records = [RECORD, {"prompt": "x", "reasoning": ""}, RECORD, RECORD, RECORD]
+    samples = prepare_reasoning_calibration(records, tok, _cfg(max_reasoning_samples=2))
+    assert [s.index for s in samples] == [0, 2]
+    samples = prepare_instruction_calibration(records, tok, _cfg(max_instruction_samples=3, max_reasoning_samples=1))
+    assert [s.index for s in samples] == [0, 2, 3]
+
+
+def test_empty_sets_are_refused(tok):
+    bad = [{"prompt": "Hi", "reasoning": "Hmm."}, {"prompt": "Hi", "reasoning": "Hmm.", "response": 5}]
+    with pytest.raises(CalibrationError, match=r"no usable reasoning calibration samples: 2 malformed, first reasons: "
+                                               r"#0: field 'response' is missing; #1: field 'response' is a int"):
+        prepare_reasoning_calibration(bad, tok, _cfg())
+    with pytest.raises(CalibrationError, match="empty"):
+        prepare_reasoning_calibration([], tok, _cfg())
+
+
+def test_long_sample_is_cut_when_the_think_close_survives(tok):
+    record = dict(RECORD, response="The sea is wide and deep. " * 20, response_spans=["deep"] * 20)
+    (full,) = prepare_instruction_calibration([record], tok, _cfg())
+    limit = full.think_close + 4
+    (cut,) = prepare_instruction_calibration([record], tok, _cfg(max_length=limit))
+    assert len(cut.input_ids) == limit and cut.input_ids == full.input_ids[:limit]
+    assert cut.response_span == (full.think_close + 1, limit)
+    assert all(b <= limit for a, b in cut.constrained_spans)
+    assert cut.think_positions("window", 5)[-1] == limit - 1
+
+
+# -------------------------------------------------------------------------------------------------------- loading
+def test_load_records_from_files(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([RECORD, RECORD]))
+    (tmp_path / "a.jsonl").write_text(json.dumps(RECORD) + "\n\n" + json.dumps(RECORD) + "\n")
+    assert load_records(tmp_path / "a.json") == [RECORD, RECORD]
+    assert load_records(str(tmp_path / "a.jsonl")) == [RECORD, RECORD]
+    (tmp_path / "bad.jsonl").write_text(json.dumps(RECORD) + "\n" + json.dumps(RECORD) + "\n{oops\n")
+    with pytest.raises(CalibrationError, match="line 3 is not valid JSON"):
+        load_records(tmp_path / "bad.jsonl")
+    with pytest.raises(CalibrationError, match="does not exist"):
+        load_records(tmp_path / "missing.json")
+    (tmp_path / "a.csv").write_text("prompt\n")
+    with pytest.raises(CalibrationError, match=r"extension '\.csv'.*\.jsonl"):
+        load_records(tmp_path / "a.csv")
+    with pytest.raises(CalibrationError, match="is a folder"):
+        load_records(tmp_path)
+    (tmp_path / "dict.json").write_text(json.dumps({"data": [RECORD]}))
+    with pytest.raises(CalibrationError, match="must hold a list"):
+        load_records(tmp_path / "dict.json")
+    with pytest.raises(CalibrationError, match="record 1 is a str"):
+        load_records([RECORD, "text"])
+    with pytest.raises(CalibrationError, match="Unsupported calibration data"):
+        load_records(42)
+
+
+def test_dataset_input(tok):
+    import datasets
+
+    records = [RECORD, dict(RECORD, prompt="Reply in lowercase letters only.")]
+    ds = datasets.Dataset.from_list(records)
+    assert load_records(ds) == records
+    from_ds = prepare_reasoning_calibration(ds, tok, _cfg())
+    from_list = prepare_reasoning_calibration(records, tok, _cfg())
+    assert [s.input_ids for s in from_ds] == [s.input_ids for s in from_list]
+    with pytest.raises(CalibrationError, match="DatasetDict"):
+        load_records(datasets.DatasetDict({"train": ds}))
+
+
+# ----------------------------------------------------------------------------------------------------- generation
+def test_prompt_only_without_model_is_refused(tok):
+    with pytest.raises(CalibrationError, match=r"1 of 2 .*only a prompt.*'reasoning' and 'response'.*model="):
+        prepare_instruction_calibration([RECORD, {"prompt": "Hi"}], tok, _cfg())
+
+
+def test_split_generation(tok):
+    o, c, eos, pad = (tok.convert_tokens_to_ids(t) for t in ("<think>", "</think>", "</s>", "<pad>"))
+    words = tok.encode("Hmm ok", add_special_tokens=False)
+    answer = tok.encode("The answer", add_special_tokens=False)
+    assert split_generation(words + [c] + answer + [eos, pad], tok, o, c, {eos, pad}) == ("Hmm ok", "The answer")
+    cases = [
+        (words + answer, r"never closes its thinking \(it may have run out"),
+        (words + [eos] + [c] + answer, "never closes its thinking"),
+        (words + [c] + words + [c] + answer, "closes its thinking 2 times"),
+        ([o] + words + [c] + answer, "second think block"),
+        ([c] + answer + [eos], "empty thinking"),
+        (words + [c, eos], "no answer"),
+    ]
+    for ids, reason in cases:
+        with pytest.raises(_Malformed, match=reason):
+            split_generation(ids, tok, o, c, {eos, pad})
+
+
+def _chain_model(tok, successor: dict[int, int]) -> Qwen2ForCausalLM:
+    """A tiny random Qwen2 whose greedy next token is ``successor[last token]``.
+
+    The attention and MLP outputs are zeroed, so the residual stream is the last token's embedding; those
+    embeddings are orthonormal for the chain tokens and the lm_head maps each one to its successor.
+    """
+    config = Qwen2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval()
+    basis = torch.eye(config.hidden_size)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        for k, (current, nxt) in enumerate(successor.items()):
+            model.model.embed_tokens.weight[current] = basis[k]
+            model.lm_head.weight[nxt] += 10.0 * basis[k]
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model
+
+
+@pytest.fixture(scope="module")
+def chain_ids(tok):
+    last = tok.encode("\n", add_special_tokens=False)[-1]  # the prompt ends with "<think>\n"
+    a, b, c, d = tok.convert_tokens_to_ids(["o", "k", "y", "s"])
+    ids = dict(last=last, a=a, b=b, c=c, d=d, close=tok.convert_tokens_to_ids("</think>"), eos=tok.eos_token_id)
+    assert len(set(ids.values())) == len(ids)
+    return ids
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_prompt_only_records_are_generated(tok, chain_ids, do_sample):
+    i = chain_ids
+    model = _chain_model(tok, {i["last"]: i["a"], i["a"]: i["b"], i["b"]: i["close"], i["close"]: i["c"],
+                               i["c"]: i["d"], i["d"]: i["eos"]})
+    cfg = _cfg(max_new_tokens=12, batch_size=2, do_sample=do_sample)
+    records = [{"prompt": "Hi"}, RECORD, {"prompt": "Write a short poem about the sea, please."}]
+    traces = generate_traces(records, model, tok, cfg)
+    assert traces[1] == RECORD
+    for t in (traces[0], traces[2]):
+        assert (t["reasoning"], t["response"]) == ("ok", "ys") and "generation_error" not in t
+    samples = prepare_reasoning_calibration(records, tok, cfg, model=model)
+    assert [s.index for s in samples] == [0, 1, 2]
+    assert _text(tok, samples[0], samples[0].thinking_span).strip() == "ok"
+    assert _text(tok, samples[2], samples[2].response_span).strip() == "ys"
+    assert _text(tok, samples[2], samples[2].prompt_span) == records[2]["prompt"]
+
+
+def test_generation_without_think_block_is_malformed(tok, chain_ids):
+    i = chain_ids
+    model = _chain_model(tok, {i["last"]: i["a"], i["a"]: i["b"], i["b"]: i["a"]})  # never closes
+    cfg = _cfg(max_new_tokens=6, batch_size=4)
+    traces = generate_traces([{"prompt": "Hi"}], model, tok, cfg)
+    assert "never closes" in traces[0]["generation_error"] and "reasoning" not in traces[0]
+    with pytest.raises(CalibrationError, match=r"no usable reasoning .*1 malformed.*#0: generated trace .*never closes"):
+        prepare_reasoning_calibration([{"prompt": "Hi"}], tok, cfg, model=model)
+    with pytest.raises(CalibrationError, match="index 0: generated trace"):
+        prepare_reasoning_calibration([{"prompt": "Hi"}], tok, _cfg(on_malformed="error", max_new_tokens=6), model=model)
+
+
+# ------------------------------------------------------------------------------------------ the paper's public sets
+@pytest.mark.skipif(not SHARED_CALIBRATION.is_dir(), reason="../shared/calibration/ is not available")
+def test_public_calibration_sets(caplog):
+    reasoning_path = SHARED_CALIBRATION / "reasoning_calibration_set.json"
+    instruction_path = SHARED_CALIBRATION / "instruction_calibration_set.jsonl"
+    reasoning_records = load_records(reasoning_path)
+    instruction_records = load_records(instruction_path)
+    texts = [r[k] for r in reasoning_records[::10] + instruction_records[::10] for k in ("prompt", "response")]
+    tok = _wrap(_train_bpe(texts, 1000, SPECIALS), WITH_BOS)
+    cfg = _cfg(max_length=1_000_000)
+    with caplog.at_level(logging.WARNING, logger="rain_hf.calibration"):
+        reasoning = prepare_reasoning_calibration(reasoning_path, tok, cfg)
+        instruction = prepare_instruction_calibration(instruction_path, tok, cfg)
+    assert [s.index for s in reasoning] == list(range(150))
+    assert [s.index for s in instruction] == list(range(365))
+    assert "not found" not in caplog.text and "Skipping" not in caplog.text
+
+    for sample, record in zip(instruction, instruction_records):
+        groups = [
+            (sample.instruction_spans, [s for rp in record["related_prompt_list"] for s in rp["prompt_spans"]]),
+            (sample.constrained_spans, [s for rp in record["related_prompt_list"] for s in rp["response_spans"]]),
+            (sample.unrelated_spans, record["unrelated_response_spans"]),
+        ]
+        for spans, strings in groups:
+            decoded = [_text(tok, sample, span) for span in spans]
+            for string in strings:
+                assert any(string in d for d in decoded), (sample.index, string)
+        p0, p1 = sample.prompt_span
+        assert all(p0 <= a < b <= p1 for a, b in sample.instruction_spans)
+        assert all(sample.response_span[0] <= a for a, _ in sample.constrained_spans)

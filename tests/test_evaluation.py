@@ -1,0 +1,659 @@
+"""Tests of rain_hf.evaluation and the rain_ifeval metric module; fully offline (network blocked)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator, Mapping
+
+import pytest
+import torch
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from rain_hf import evaluation as ev
+from rain_hf._punkt import PUNKT_BUILD_VERSION
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fixtures: offline environment, tiny tokenizer and models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def offline(tmp_path_factory, monkeypatch):
+    """No network, Hub offline, temp HF_HOME and nltk data folders for every test of this file."""
+    root = tmp_path_factory.mktemp("offline")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_HOME", str(root / "hf"))
+    monkeypatch.setenv("NLTK_DATA", str(root / "nltk"))
+    monkeypatch.setenv("RAIN_HF_NLTK_DATA", str(root / "nltk"))
+
+    def _no_network(*args, **kwargs):
+        raise RuntimeError("network access in a test")
+
+    monkeypatch.setattr(socket.socket, "connect", _no_network)
+    monkeypatch.setattr(socket, "create_connection", _no_network)
+    yield root
+
+
+@pytest.fixture
+def no_nltk_download(monkeypatch):
+    """Make any nltk download attempt fail loudly."""
+    import nltk
+
+    def _fail(*args, **kwargs):
+        raise AssertionError("nltk tried to download data")
+
+    monkeypatch.setattr(nltk, "download", _fail)
+
+
+SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", THINK_OPEN, THINK_CLOSE]
+WORDS = [
+    "user",
+    "assistant",
+    "what",
+    "is",
+    "two",
+    "plus",
+    "three",
+    "four",
+    "the",
+    "answer",
+    "hello",
+    "world",
+    "?",
+]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    """A 64-token word-level tokenizer with chat and think special tokens and a chat template."""
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+    vocab.update({f"w{i}": i for i in range(len(vocab), 64)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        extra_special_tokens=[THINK_OPEN, THINK_CLOSE],
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=64,
+        initializer_range=0.2,
+    )
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> Qwen2ForCausalLM:
+    return tiny_qwen2(0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Think format
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, thinking, answer, ok",
+    [
+        ("<think>2+3=5</think>The answer is 5.", "2+3=5", "The answer is 5.", True),
+        ("  \n<think>\nplan\n</think>\n\n answer \n", "plan", "answer", True),
+        ("<think></think>answer", "", "answer", True),
+        ("<think>plan and answer", None, "plan and answer", False),  # missing close
+        ("<think>a</think>b<think>c</think>d", "abc", "d", False),  # two blocks
+        ("<think>a</think>  \n", "a", "", False),  # empty answer
+        ("intro <think>a</think>b", "intro a", "b", False),  # block not first
+        ("just an answer", None, "just an answer", False),
+    ],
+)
+def test_split_generation_free_template(text, thinking, answer, ok):
+    split = ev.split_generation(text)
+    assert split.format_ok is ok
+    assert split.answer == answer
+    assert split.thinking == thinking
+
+
+def test_split_generation_close_before_open_best_effort():
+    split = ev.split_generation("</think>b<think>a")
+    assert not split.format_ok
+    assert split.answer == "b<think>a"  # text after the last close, as is
+
+
+@pytest.mark.parametrize(
+    "text, answer, ok",
+    [
+        ("plan</think>The answer is 5.", "The answer is 5.", True),
+        ("\nplan\n</think>\nanswer", "answer", True),
+        ("<think>plan</think>answer", "answer", False),  # a second open
+        ("plan and answer", "plan and answer", False),  # never closed
+        ("a</think>b</think>c", "c", False),  # two closes
+        ("plan</think>", "", False),  # empty answer
+    ],
+)
+def test_split_generation_forced_template(text, answer, ok):
+    split = ev.split_generation(text, prompt_ends_with_open=True)
+    assert split.format_ok is ok
+    assert split.answer == answer
+
+
+def test_split_generation_custom_tags_and_rate():
+    split = ev.split_generation("<reason>r</reason>a", think_open="<reason>", think_close="</reason>")
+    assert split == ev.ThinkSplit(thinking="r", answer="a", format_ok=True)
+    gens = ["<think>a</think>b", "<think>a b", "a</think>b", "<think>x</think>y"]
+    assert ev.think_format_rate(gens) == 0.5
+    assert ev.think_format_rate(["a</think>b"], prompt_ends_with_open=True) == 1.0
+    with pytest.raises(ValueError):
+        ev.think_format_rate([])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# nltk data and IFEval
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_ensure_nltk_data_builds_punkt_tab_offline(tmp_path, no_nltk_download):
+    import nltk
+    from nltk.tokenize.punkt import PunktSentenceTokenizer, load_punkt_params
+
+    root = ev.ensure_nltk_data(str(tmp_path / "data"))
+    assert nltk.data.path[0] == root
+    lang_dir = os.path.join(root, "tokenizers", "punkt_tab", "english")
+    assert sorted(os.listdir(lang_dir)) == sorted(ev._PUNKT_FILES + (ev._PUNKT_MARKER,))
+    assert str(nltk.data.find("tokenizers/punkt_tab/english/")).startswith(root)
+    params = load_punkt_params(nltk.data.find("tokenizers/punkt_tab/english/"))
+    assert {"dr", "mr", "e.g"} <= params.abbrev_types
+    sentences = PunktSentenceTokenizer(params).tokenize(
+        "Dr. Smith arrived. He sat down! Did Mr. Lee come? Yes."
+    )
+    assert sentences == ["Dr. Smith arrived.", "He sat down!", "Did Mr. Lee come?", "Yes."]
+
+    mtime = os.path.getmtime(os.path.join(lang_dir, "abbrev_types.txt"))
+    assert ev.ensure_nltk_data(str(tmp_path / "data")) == root  # reused, path not duplicated
+    assert os.path.getmtime(os.path.join(lang_dir, "abbrev_types.txt")) == mtime
+    assert nltk.data.path.count(root) == 1
+
+    with open(os.path.join(lang_dir, ev._PUNKT_MARKER), "w") as f:
+        f.write("old-version\n")
+    ev.ensure_nltk_data(root)  # another build version: rebuilt
+    with open(os.path.join(lang_dir, ev._PUNKT_MARKER)) as f:
+        assert f.read().strip() == PUNKT_BUILD_VERSION
+
+
+def test_ensure_nltk_data_default_folder_from_env(offline):
+    assert ev.ensure_nltk_data() == os.path.abspath(str(offline / "nltk"))
+
+
+IFEVAL_CASES = [
+    # (answer, prompt, ids, kwargs, strict, loose)
+    ("hello world", "p", ["change_case:english_lowercase"], [{}], [True], [True]),
+    ("Hello World", "p", ["change_case:english_lowercase"], [{}], [False], [False]),
+    ("no commas here", "p", ["punctuation:no_comma"], [{}], [True], [True]),
+    ("yes, commas", "p", ["punctuation:no_comma"], [{}], [False], [False]),
+    (
+        "Here you go.\nAny other questions?\nBye",
+        "p",
+        ["startend:end_checker"],
+        [{"end_phrase": "Any other questions?"}],
+        [False],
+        [True],  # loose drops the last line
+    ),
+    ('"quoted answer"', "p", ["startend:quotation"], [{}], [True], [True]),
+    ('**"quoted answer"**', "p", ["startend:quotation"], [{}], [False], [True]),  # loose strips *
+    ("<<A Title>>\nbody text", "p", ["detectable_format:title"], [{}], [True], [True]),
+    (
+        "one two three four five six",
+        "p",
+        ["length_constraints:number_words"],
+        [{"num_words": 5, "relation": "at least", "end_phrase": None, "num_sentences": None}],
+        [True],
+        [True],
+    ),
+    # number_sentences uses nltk's punkt_tab: "Dr." must not end a sentence (2 sentences < 3)
+    (
+        "Dr. Smith arrived. He sat down.",
+        "p",
+        ["length_constraints:number_sentences"],
+        [{"num_sentences": 3, "relation": "less than"}],
+        [True],
+        [True],
+    ),
+    (
+        "One. Two. Three. Four.",
+        "p",
+        ["length_constraints:number_sentences", "change_case:english_lowercase"],
+        [{"num_sentences": 3, "relation": "less than"}, {}],
+        [False, False],
+        [False, False],
+    ),
+    (
+        "Repeat me please. The answer is 4.",
+        "Repeat me please.",
+        ["combination:repeat_prompt"],
+        [{"prompt_to_repeat": None}],  # defaults to the prompt
+        [True],
+        [True],
+    ),
+    ("", "p", ["punctuation:no_comma"], [{}], [False], [False]),  # an empty answer follows nothing
+]
+
+
+def test_instruction_following_strict_and_loose(no_nltk_download):
+    answers, prompts, ids, kwargs, strict, loose = (list(col) for col in zip(*IFEVAL_CASES))
+    scores = ev.instruction_following(answers, prompts, ids, kwargs)
+    assert scores["strict_per_instruction"] == strict
+    assert scores["loose_per_instruction"] == loose
+    flat_strict = [x for row in strict for x in row]
+    flat_loose = [x for row in loose for x in row]
+    assert scores["instruction_strict"] == pytest.approx(sum(flat_strict) / len(flat_strict))
+    assert scores["instruction_loose"] == pytest.approx(sum(flat_loose) / len(flat_loose))
+    assert scores["prompt_strict"] == pytest.approx(sum(map(all, strict)) / len(strict))
+    assert scores["prompt_loose"] == pytest.approx(sum(map(all, loose)) / len(loose))
+    assert scores["strict_per_prompt"] == [all(r) for r in strict]
+    assert scores["prompt_loose"] > scores["prompt_strict"]
+
+
+def test_instruction_following_matches_lm_eval_reference(no_nltk_download):
+    """Same verdicts as lm-eval's own IFEval scoring functions (kwargs without None or falsy values)."""
+    ev.ensure_nltk_data()
+    from lm_eval.tasks.ifeval import utils as lm_ifeval
+
+    for answer, prompt, ids, kwargs, _, _ in IFEVAL_CASES:
+        kwargs = [{k: v for k, v in kw.items() if v is not None} for kw in kwargs]
+        if "combination:repeat_prompt" in ids:
+            kwargs = [{"prompt_to_repeat": prompt}]
+        inp = lm_ifeval.InputExample(key=0, instruction_id_list=ids, prompt=prompt, kwargs=kwargs)
+        ours = ev.instruction_following([answer], [prompt], [ids], [kwargs])
+        assert (
+            ours["strict_per_instruction"][0]
+            == lm_ifeval.test_instruction_following_strict(inp, answer).follow_instruction_list
+        )
+        assert (
+            ours["loose_per_instruction"][0]
+            == lm_ifeval.test_instruction_following_loose(inp, answer).follow_instruction_list
+        )
+
+
+def test_instruction_following_on_answer_part_only():
+    generations = ["<think>First, think: commas, Capitals, everything.</think>\nhello world without commas"]
+    answers = [ev.split_generation(g).answer for g in generations]
+    ids = [["punctuation:no_comma", "change_case:english_lowercase"]]
+    on_answer = ev.instruction_following(answers, ["p"], ids, [[{}, {}]])
+    on_whole = ev.instruction_following(generations, ["p"], ids, [[{}, {}]])
+    assert on_answer["prompt_strict"] == 1.0
+    assert on_whole["prompt_strict"] == 0.0
+
+
+def test_instruction_following_errors(monkeypatch):
+    with pytest.raises(ValueError, match="same length"):
+        ev.instruction_following(["a"], [], [[]], [[]])
+    with pytest.raises(ValueError, match="Unknown IFEval instruction id"):
+        ev.instruction_following(["a"], ["p"], [["no:such_id"]], [[{}]])
+    for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")] + ["lm_eval"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ImportError, match=r'pip install "rain_hf\[eval\]"'):
+        ev.instruction_following(["a"], ["p"], [["punctuation:no_comma"]], [[{}]])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Answer accuracy
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_answer_accuracy():
+    answers = [
+        "Max has 33 apples now. So, the answer is 33.",
+        "It is 1,200",
+        "20-5 = 15",
+        "no number",
+        "-4.5",
+    ]
+    assert ev.answer_accuracy(answers, [33, "1200", 15, 3, -4.5]) == pytest.approx(4 / 5)
+    assert ev.answer_accuracy(["x = 2.0"], ["2"]) == 1.0
+    assert ev.extract_last_number("20-5") == "5"
+    assert ev.extract_last_number("none") is None
+    assert ev.answer_accuracy(["Answer: Paris"], ["paris"], extract=lambda a: a.split(":")[-1]) == 1.0
+    with pytest.raises(ValueError):
+        ev.answer_accuracy(["1"], [1, 2])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# L_think
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def slow_kl(model, reference, input_ids, positions) -> float:
+    """KL(p_model ‖ p_reference) per position, one unpadded sequence at a time, in float64."""
+    values = []
+    with torch.no_grad():
+        for ids, pos in zip(input_ids, positions):
+            lp = model(input_ids=ids[None]).logits[0].double().log_softmax(-1)
+            lq = reference(input_ids=ids[None]).logits[0].double().log_softmax(-1)
+            for t in pos:  # Σ_v p(v) (log p(v) − log q(v))
+                values.append(float(torch.dot(lp[t].exp(), lp[t] - lq[t])))
+    return float(sum(values) / len(values))
+
+
+def perturbed(model: Qwen2ForCausalLM, scale: float = 0.05, seed: int = 1) -> Qwen2ForCausalLM:
+    other = tiny_qwen2(0)
+    other.load_state_dict(model.state_dict())
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            if name.endswith("proj.weight"):
+                p.add_(scale * torch.randn(p.shape, generator=gen))
+    return other
+
+
+@pytest.fixture(scope="module")
+def kl_data():
+    gen = torch.Generator().manual_seed(3)
+    input_ids = [torch.randint(1, 64, (n,), generator=gen) for n in (7, 12, 4, 9, 5)]
+    positions = [[0, 3, 6], [11, 2, 5], [], [8, 8], [1]]
+    return input_ids, positions
+
+
+def test_think_kl_identical_models_is_zero(model, kl_data):
+    assert ev.think_kl(model, model, *kl_data, batch_size=2) == pytest.approx(0.0, abs=1e-7)
+    twin = tiny_qwen2(0)
+    assert ev.think_kl(twin, model, *kl_data) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_think_kl_matches_hand_computation(model, kl_data):
+    merged = perturbed(model)
+    fast = ev.think_kl(merged, model, *kl_data, batch_size=2, pad_token_id=0)
+    slow = slow_kl(merged, model, *kl_data)
+    assert fast > 1e-4
+    assert fast == pytest.approx(slow, rel=1e-4)
+    # direction matters: KL(merged ‖ LRM) differs from KL(LRM ‖ merged)
+    reverse = ev.think_kl(model, merged, *kl_data)
+    assert reverse == pytest.approx(slow_kl(model, merged, *kl_data), rel=1e-4)
+    assert reverse != pytest.approx(fast, rel=1e-3)
+
+
+class _NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward has no ``logits_to_keep``: think_kl must fall back to full logits."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+
+def test_think_kl_without_logits_to_keep_and_errors(model, kl_data):
+    merged = perturbed(model)
+    expected = ev.think_kl(merged, model, *kl_data, batch_size=3)
+    assert ev.think_kl(_NoLogitsToKeep(merged), model, *kl_data, batch_size=3) == pytest.approx(
+        expected, rel=1e-5
+    )
+    merged.train()
+    ev.think_kl(merged, model, *kl_data)
+    assert merged.training  # training flag restored
+    with pytest.raises(ValueError, match="outside"):
+        ev.think_kl(model, model, [torch.tensor([1, 2])], [[2]])
+    with pytest.raises(ValueError, match="at least one position"):
+        ev.think_kl(model, model, [torch.tensor([1, 2])], [[]])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Task-vector geometry
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _random_deltas(seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer in range(3):
+        out[f"model.layers.{layer}.self_attn.q_proj.weight"] = torch.randn(8, 6, generator=gen)
+        out[f"model.layers.{layer}.self_attn.q_proj.bias"] = torch.randn(8, generator=gen)
+        out[f"model.layers.{layer}.mlp.down_proj.weight"] = torch.randn(6, 10, generator=gen)
+    return out
+
+
+def _direct_geometry(a: dict, b: dict, module: str, k: int) -> tuple[float, float]:
+    names = [n for n in a if n.endswith(f"{module}.weight")]
+    flat_a = torch.cat([a[n].flatten() for n in names]).double()
+    flat_b = torch.cat([b[n].flatten() for n in names]).double()
+    cosine = float(flat_a @ flat_b / (flat_a.norm() * flat_b.norm()))
+    overlaps = []
+    for n in names:
+        ua = torch.linalg.svd(a[n].double()).U[:, :k]
+        ub = torch.linalg.svd(b[n].double()).U[:, :k]
+        overlaps.append(float(torch.linalg.matrix_norm(ua.T @ ub) ** 2 / k))
+    return cosine, sum(overlaps) / len(overlaps)
+
+
+class _LazyDeltas(Mapping):
+    """A mapping that builds each tensor on access and counts the loads."""
+
+    def __init__(self, source: dict[str, torch.Tensor]):
+        self.source, self.loads = source, 0
+
+    def __getitem__(self, key):
+        self.loads += 1
+        return self.source[key].clone()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.source)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
+def test_task_vector_geometry_matches_direct_computation():
+    a, b = _random_deltas(0), _random_deltas(1)
+    b["model.layers.0.mlp.down_proj.weight"] = (
+        a["model.layers.0.mlp.down_proj.weight"] * 2 + 0.1 * b["model.layers.0.mlp.down_proj.weight"]
+    )
+    geo = ev.task_vector_geometry(a, b, k=3)
+    for module in ("q_proj", "down_proj"):
+        cosine, overlap = _direct_geometry(a, b, module, k=3)
+        assert geo["modules"][module]["cosine"] == pytest.approx(cosine, abs=1e-5)
+        assert geo["modules"][module]["subspace_overlap"] == pytest.approx(overlap, abs=1e-4)
+        assert geo["modules"][module]["num_tensors"] == 3
+    assert geo["modules"]["q_proj.bias"]["subspace_overlap"] is None
+    flat_a = torch.cat([t.flatten() for t in a.values()]).double()
+    flat_b = torch.cat([b[n].flatten() for n in a]).double()
+    assert geo["cosine"] == pytest.approx(float(flat_a @ flat_b / (flat_a.norm() * flat_b.norm())), abs=1e-5)
+    same = ev.task_vector_geometry(a, a, k=3)
+    assert same["modules"]["down_proj"]["cosine"] == pytest.approx(1.0)
+    assert same["modules"]["down_proj"]["subspace_overlap"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_task_vector_geometry_lazy_sources_and_randomized_svd():
+    a, b = _random_deltas(0), _random_deltas(1)
+    expected = ev.task_vector_geometry(a, b, k=2)
+    lazy_a = _LazyDeltas(a)
+    assert ev.task_vector_geometry(lazy_a, b.__getitem__, k=2) == expected
+    assert lazy_a.loads == len(a)  # each tensor loaded once
+    assert ev.task_vector_geometry(a.__getitem__, b.__getitem__, k=2, keys=list(a)) == expected
+    with pytest.raises(ValueError, match="keys"):
+        ev.task_vector_geometry(a.__getitem__, b.__getitem__)
+    # rank-2 deltas: the randomized range finder recovers the exact top-2 subspace
+    gen = torch.Generator().manual_seed(5)
+    low = {
+        f"l{i}.o_proj.weight": torch.randn(40, 2, generator=gen) @ torch.randn(2, 30, generator=gen)
+        for i in range(2)
+    }
+    other = {n: t + 0.5 * torch.randn(t.shape, generator=gen) for n, t in low.items()}
+    exact = ev.task_vector_geometry(low, other, k=2, svd="exact")["modules"]["o_proj"]["subspace_overlap"]
+    approx = ev.task_vector_geometry(low, other, k=2, svd="randomized")["modules"]["o_proj"][
+        "subspace_overlap"
+    ]
+    assert approx == pytest.approx(exact, abs=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation
+# ----------------------------------------------------------------------------------------------------------------
+
+PROMPTS = ["what is two plus three ?", "hello", "what is the answer ?", "two plus two plus four is what ?"]
+
+
+def test_render_prompts(tokenizer):
+    plain = ev.render_prompts(tokenizer, ["hello"])
+    assert plain == ["<|im_start|>user hello<|im_end|> <|im_start|>assistant "]
+    forced = ev.render_prompts(
+        tokenizer, [[{"role": "user", "content": "hello"}]], force_think_open=THINK_OPEN
+    )
+    assert forced == [plain[0] + THINK_OPEN]
+    assert ev.render_prompts(tokenizer, [forced[0]], force_think_open=None)[0].count(THINK_OPEN) == 1
+
+
+def test_generate_batched_equals_one_by_one(model, tokenizer):
+    batched = ev.generate(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=4)
+    single = [ev.generate(model, tokenizer, [p], max_new_tokens=6, batch_size=1)[0] for p in PROMPTS]
+    assert len(batched) == len(PROMPTS)
+    assert batched == single
+    for text in batched:
+        assert 0 < len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= 6
+        assert "<pad>" not in text
+    assert ev.generate(model, tokenizer, [], max_new_tokens=2) == []
+
+
+def test_generate_stops_at_eos_and_keeps_think_tokens(model, tokenizer):
+    first = tokenizer(ev.generate(model, tokenizer, PROMPTS[:1], max_new_tokens=1)[0])["input_ids"][0]
+    stopper = tiny_qwen2(0)
+    stopper.generation_config.eos_token_id = first  # the first greedy token is now an end-of-turn token
+    assert ev.generate(stopper, tokenizer, PROMPTS[:1], max_new_tokens=5) == [""]
+
+    thinker = tiny_qwen2(0)
+    open_id, close_id = tokenizer.convert_tokens_to_ids([THINK_OPEN, THINK_CLOSE])
+    direction = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # only the two think tokens get non-zero logits
+        thinker.lm_head.weight.zero_()
+        thinker.lm_head.weight[open_id] = direction
+        thinker.lm_head.weight[close_id] = -direction
+    out = ev.generate(thinker, tokenizer, PROMPTS[:2], max_new_tokens=4, force_think_open=THINK_OPEN)
+    for text in out:
+        tokens = text.split()
+        assert len(tokens) == 4 and set(tokens) <= {THINK_OPEN, THINK_CLOSE}
+
+
+def test_generate_sampling_is_seeded(model, tokenizer):
+    state = torch.random.get_rng_state()
+    kwargs = dict(max_new_tokens=5, do_sample=True, temperature=1.5, top_p=0.95, batch_size=2)
+    first = ev.generate(model, tokenizer, PROMPTS, seed=7, **kwargs)
+    assert torch.equal(torch.random.get_rng_state(), state)  # caller's RNG untouched
+    assert ev.generate(model, tokenizer, PROMPTS, seed=7, **kwargs) == first
+    assert ev.generate(model, tokenizer, PROMPTS, seed=8, **kwargs) != first
+
+
+def test_completion_ids():
+    assert ev._completion_ids([5, 6, 3, 0, 0], stop_ids=[3], pad_token_id=0) == [5, 6]
+    assert ev._completion_ids([5, 6, 0, 0], stop_ids=[3], pad_token_id=0) == [5, 6]
+    assert ev._completion_ids([3, 5], stop_ids=[3], pad_token_id=0) == []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Calibration overlap
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_calibration_overlap():
+    calibration = [
+        "Write a poem about the sea.",
+        "Add 2 and 3",
+        "Write a poem about the sea.",
+        "List  three  colours!",
+    ]
+    evaluation = [
+        "write a POEM about the sea",
+        "Add 2 and 3",
+        "Unrelated prompt",
+        "list three colours",
+        "Add 2 and 3",
+    ]
+    report = ev.calibration_overlap(calibration, evaluation)
+    assert (report.num_calibration, report.num_eval) == (4, 5)
+    assert report.exact_indices == [1, 4]
+    assert report.normalized_indices == [0, 1, 3, 4]
+    assert report.normalized_pairs == [(0, 0), (1, 1), (3, 3), (4, 1)]
+    assert (report.exact_matches, report.normalized_matches) == (2, 4)
+    assert report.exact_fraction == pytest.approx(0.4) and report.normalized_fraction == pytest.approx(0.8)
+    assert "2/5" in report.summary()
+    assert ev.normalize_prompt("«Hello», World —  ok…") == "hello world ok"
+    empty = ev.calibration_overlap(calibration, [])
+    assert empty.normalized_fraction == 0.0 and empty.normalized_indices == []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluate metric module
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_metric_path():
+    assert os.path.isfile(os.path.join(ev.METRIC_PATH, "rain_ifeval.py"))
+
+
+def test_evaluate_load_offline(offline):
+    """evaluate.load(METRIC_PATH) in a fresh process with the Hub offline, a temp HF_HOME and no network."""
+    script = textwrap.dedent(
+        """
+        import json, socket
+        def _no_network(*args, **kwargs):
+            raise RuntimeError("network access")
+        socket.socket.connect = _no_network
+        import nltk
+        nltk.download = _no_network
+        import evaluate
+        from rain_hf.evaluation import METRIC_PATH
+        metric = evaluate.load(METRIC_PATH)
+        out = metric.compute(
+            predictions=[
+                "<think>Think, with commas, Capitals.</think>hello world",
+                "<think>plan</think>Hello, World",
+                "no think block here",
+            ],
+            prompts=["p1", "p2", "p3"],
+            instruction_id_list=[["punctuation:no_comma", "change_case:english_lowercase"]] * 3,
+            kwargs=[[{}, {}], [{}, None], ["{}", "{}"]],
+        )
+        print("RESULT" + json.dumps(out))
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
+    out = json.loads(line[len("RESULT") :])
+    assert out["prompt_strict"] == pytest.approx(2 / 3)
+    assert out["instruction_strict"] == pytest.approx(4 / 6)
+    assert out["think_format_rate"] == pytest.approx(2 / 3)
+    assert set(out) == {
+        "prompt_strict",
+        "instruction_strict",
+        "prompt_loose",
+        "instruction_loose",
+        "think_format_rate",
+    }
+    assert os.path.isdir(offline / "hf" / "modules")  # the module cache went to the temp HF_HOME

@@ -1,0 +1,357 @@
+"""push_folder drives the real HfApi code path; only the HTTP transport under huggingface_hub is replaced.
+
+``FakeHub`` is an ``httpx2`` transport installed with ``huggingface_hub.set_client_factory``: it answers the
+create-repo, branch, validate-yaml, preupload, LFS batch / upload / verify and commit endpoints the way the
+Hub documents them, records every request, and can be told to fail. Xet uploads are disabled in these tests
+(``hf_xet`` speaks its own protocol outside the httpx client), so large files take the LFS "basic" path.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import threading
+import tracemalloc
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import httpx2
+import pytest
+from huggingface_hub import constants, set_client_factory
+from huggingface_hub.utils._http import default_client_factory, hf_request_event_hook
+
+from rain_hf.card import write_model_card
+from rain_hf.hub import HubError, push_folder
+
+TOKEN = "hf_fake_write_token"
+SHARD_BYTES = 8 * 1024 * 1024
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+
+
+class FakeHub(httpx2.BaseTransport):
+    """Answers like the Hub's HTTP API; never touches the network."""
+
+    def __init__(self, lfs_min_size: int = 10_000) -> None:
+        self.lfs_min_size = lfs_min_size
+        self.lock = threading.Lock()
+        self.requests: list[tuple[str, str, str]] = []  # (endpoint name, method, url)
+        self.repos: dict[str, dict] = {}
+        self.branches: dict[str, set[str]] = {}
+        self.uploads: dict[str, dict] = {}  # oid -> {"size", "chunks", "max_chunk"}
+        self.commits: list[dict] = []
+        self.fail: dict[str, int | Exception] = {}
+
+    # ------------------------------------------------------------------ routing
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        name, match = self._route(request)
+        with self.lock:
+            self.requests.append((name, request.method, str(request.url)))
+        failure = self.fail.get(name)
+        if isinstance(failure, Exception):
+            raise failure
+        if failure is not None:
+            request.read()
+            return self._error(failure, request)
+        if name != "lfs_upload" and request.headers.get("authorization") != f"Bearer {TOKEN}":
+            request.read()
+            return httpx2.Response(401, json={"error": "Invalid credentials in Authorization header"},
+                                   headers={"X-Error-Message": "Invalid credentials in Authorization header"})
+        return getattr(self, f"_{name}")(request, match)
+
+    _ROUTES = [
+        ("create_repo", "POST", r"/api/repos/create"),
+        ("validate_yaml", "POST", r"/api/validate-yaml"),
+        ("branch", "POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/branch/(?P<branch>[^/]+)"),
+        ("preupload", "POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/preupload/(?P<rev>[^/]+)"),
+        ("commit", "POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/commit/(?P<rev>[^/]+)"),
+        ("repo_info", "GET", r"/api/models/(?P<repo>[^/]+/[^/]+)(/revision/.*)?"),
+        ("lfs_batch", "POST", r"/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch"),
+        ("lfs_verify", "POST", r"/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/verify"),
+        ("lfs_upload", "PUT", r"/upload/(?P<oid>[0-9a-f]{64})"),
+    ]
+
+    def _route(self, request: httpx2.Request) -> tuple[str, re.Match]:
+        path = request.url.raw_path.decode().split("?")[0]
+        for name, method, pattern in self._ROUTES:
+            match = re.fullmatch(pattern, path)
+            if match and request.method == method:
+                return name, match
+        raise AssertionError(f"unexpected request {request.method} {request.url}")
+
+    def _error(self, status: int, request: httpx2.Request) -> httpx2.Response:
+        headers = {"X-Error-Code": "RepoNotFound"} if status == 404 else {}
+        return httpx2.Response(status, json={"error": f"fake hub error {status}"}, headers=headers)
+
+    # ------------------------------------------------------------------ endpoints
+    def _create_repo(self, request, match):
+        payload = json.loads(request.read())
+        repo = f"{payload.get('organization') or 'fake-user'}/{payload['name']}"
+        with self.lock:
+            self.last_create_payload = payload
+            if repo in self.repos:
+                return httpx2.Response(409, json={"error": "You already created this model repo",
+                                                  "url": f"https://huggingface.co/{repo}"})
+            self.repos[repo] = payload
+            self.branches[repo] = {"main"}
+        return httpx2.Response(200, json={"url": f"https://huggingface.co/{repo}"})
+
+    def _repo_info(self, request, match):
+        repo = match["repo"]
+        if repo not in self.repos:
+            return self._error(404, request)
+        return httpx2.Response(200, json={"id": repo, "sha": "0" * 40, "private": False})
+
+    def _validate_yaml(self, request, match):
+        content = json.loads(request.read())["content"]
+        assert content.startswith("---\n")
+        return httpx2.Response(200, json={"errors": [], "warnings": []})
+
+    def _branch(self, request, match):
+        repo, branch = match["repo"], match["branch"]
+        if repo not in self.repos:
+            return self._error(404, request)
+        with self.lock:
+            if branch in self.branches[repo]:
+                return httpx2.Response(409, json={"error": "Reference already exists"})
+            self.branches[repo].add(branch)
+        return httpx2.Response(200, json={})
+
+    def _preupload(self, request, match):
+        if match["repo"] not in self.repos:
+            return self._error(404, request)
+        files = json.loads(request.read())["files"]
+        modes = [{"path": f["path"], "uploadMode": "lfs" if f["size"] >= self.lfs_min_size else "regular",
+                  "shouldIgnore": False, "oid": None} for f in files]
+        return httpx2.Response(200, json={"files": modes, "commitOid": "0" * 40})
+
+    def _lfs_batch(self, request, match):
+        payload = json.loads(request.read())
+        assert payload["operation"] == "upload" and "basic" in payload["transfers"]
+        objects = [{"oid": o["oid"], "size": o["size"], "authenticated": True,
+                    "actions": {"upload": {"href": f"https://fake-s3.example/upload/{o['oid']}"},
+                                "verify": {"href": f"https://huggingface.co/{match['repo']}.git/info/lfs/objects/verify"}}}
+                   for o in payload["objects"]]
+        return httpx2.Response(200, json={"transfer": "basic", "objects": objects})
+
+    def _lfs_upload(self, request, match):
+        # Read the body as the client streams it, chunk by chunk, never keeping it whole.
+        sha, size, chunks, max_chunk = hashlib.sha256(), 0, 0, 0
+        for chunk in request.stream:
+            sha.update(chunk)
+            size += len(chunk)
+            chunks += 1
+            max_chunk = max(max_chunk, len(chunk))
+        assert sha.hexdigest() == match["oid"], "uploaded bytes do not match the announced sha256"
+        with self.lock:
+            self.uploads[match["oid"]] = {"size": size, "chunks": chunks, "max_chunk": max_chunk}
+        return httpx2.Response(200)
+
+    def _lfs_verify(self, request, match):
+        payload = json.loads(request.read())
+        assert payload["oid"] in self.uploads
+        return httpx2.Response(200, json={})
+
+    def _commit(self, request, match):
+        repo, rev = match["repo"], httpx2.URL(str(request.url)).path.rsplit("/", 1)[1]
+        if repo not in self.repos:
+            return self._error(404, request)
+        lines = [json.loads(line) for line in request.read().decode().splitlines()]
+        header = lines[0]
+        assert header["key"] == "header"
+        files = {}
+        for line in lines[1:]:
+            value = line["value"]
+            if line["key"] == "file":
+                files[value["path"]] = {"mode": "regular", "content": base64.b64decode(value["content"])}
+            elif line["key"] == "lfsFile":
+                assert value["oid"] in self.uploads, f"{value['path']} committed before its LFS upload"
+                files[value["path"]] = {"mode": "lfs", "oid": value["oid"], "size": value["size"]}
+        create_pr = parse_qs(request.url.query.decode()).get("create_pr") == ["1"]
+        with self.lock:
+            self.commits.append({"repo": repo, "revision": rev, "summary": header["value"]["summary"],
+                                 "files": files, "create_pr": create_pr})
+            number = len(self.commits)
+        oid = hashlib.sha1(f"{repo}{number}".encode()).hexdigest()
+        return httpx2.Response(200, json={
+            "commitUrl": f"https://huggingface.co/{repo}/commit/{oid}", "commitOid": oid,
+            "pullRequestUrl": f"https://huggingface.co/{repo}/discussions/{number}" if create_pr else None})
+
+    # ------------------------------------------------------------------ helpers
+    def names(self) -> list[str]:
+        return [name for name, _, _ in self.requests]
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    fake = FakeHub()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    set_client_factory(lambda: httpx2.Client(transport=fake, event_hooks={"request": [hf_request_event_hook]},
+                                             follow_redirects=True, timeout=None))
+    yield fake
+    set_client_factory(default_client_factory)
+
+
+@pytest.fixture
+def merged(tmp_path) -> Path:
+    """An output folder shaped like RainMerger.save_pretrained's: two shards, index, configs, tokenizer, card."""
+    out = tmp_path / "merged"
+    out.mkdir()
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    for i, name in enumerate(shards):
+        with open(out / name, "wb") as f:
+            for _ in range(SHARD_BYTES // (1024 * 1024)):
+                f.write(os.urandom(1024 * 1024) if i == 0 else bytes(1024 * 1024))
+    index = {"metadata": {"total_size": 2 * SHARD_BYTES},
+             "weight_map": {"model.embed_tokens.weight": shards[0], "lm_head.weight": shards[1]}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        (out / name).write_text(json.dumps({"name": name}))
+    (out / "chat_template.jinja").write_text("{{ messages }}<think>\n")
+    info = {"method": "rain", "lam": 1.0, "config": {"method": "rain", "lam": 1.0},
+            "inputs": {"reasoning": {"name_or_path": "org/r", "hub_id": "org/r"}},
+            "report": {"head_coefficients": [[1.0, 0.9], [1.1, 1.0]], "layers": [0, 1]}}
+    (out / "rain_merging_config.json").write_text(json.dumps(info))
+    write_model_card(out, info)
+    (out / ".cache").mkdir()
+    (out / ".cache" / "lock").write_text("local state, not for the Hub")
+    return out
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[str, int, int]]:
+    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_size,
+                                         p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+EXPECTED_FILES = {
+    "README.md", "chat_template.jinja", "config.json", "generation_config.json", "model-00001-of-00002.safetensors",
+    "model-00002-of-00002.safetensors", "model.safetensors.index.json", "rain_merging_config.json",
+    "rain_merging_heatmap.png", "tokenizer.json", "tokenizer_config.json",
+}
+
+
+def test_push_creates_repo_and_one_commit_with_every_file(hub, merged):
+    before = _snapshot(merged)
+    tracemalloc.start()
+    try:
+        info = push_folder(merged, "me/r1-rain", private=True, token=TOKEN, commit_message="Add RAIN merge")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert hub.last_create_payload["name"] == "r1-rain" and hub.last_create_payload["organization"] == "me"
+    assert hub.last_create_payload["visibility"] == "private"
+    assert hub.names().count("create_repo") == 1 and hub.names().count("commit") == 1
+    assert "branch" not in hub.names()
+    (commit,) = hub.commits
+    assert commit["repo"] == "me/r1-rain" and commit["revision"] == "main" and commit["summary"] == "Add RAIN merge"
+    assert set(commit["files"]) == EXPECTED_FILES  # card, index and sidecar in the same commit; no .cache
+    assert commit["files"]["README.md"]["content"] == (merged / "README.md").read_bytes()
+    for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        entry = commit["files"][shard]
+        assert entry["mode"] == "lfs" and entry["size"] == SHARD_BYTES
+        upload = hub.uploads[entry["oid"]]
+        assert upload["size"] == SHARD_BYTES
+        # streamed from disk: many small chunks, and the process never held a shard in memory
+        assert upload["chunks"] > 1 and upload["max_chunk"] <= 1024 * 1024
+    assert peak < SHARD_BYTES // 2, f"peak traced memory {peak} bytes: a shard was read into memory"
+    assert info.oid and info.commit_url.startswith("https://huggingface.co/me/r1-rain/commit/")
+    assert info.pr_url is None
+    assert _snapshot(merged) == before
+
+
+def test_existing_repo_branch_and_pull_request(hub, merged):
+    push_folder(merged, "me/r1-rain", token=TOKEN)
+    info = push_folder(merged, "me/r1-rain", token=TOKEN, revision="rain-v2", create_pr=True)
+    assert hub.names().count("create_repo") == 2  # the second answered 409 and exist_ok kept going
+    assert "rain-v2" in hub.branches["me/r1-rain"]
+    assert hub.commits[-1]["revision"] == "rain-v2" and hub.commits[-1]["create_pr"] is True
+    assert info.pr_url == "https://huggingface.co/me/r1-rain/discussions/2"
+    assert "visibility" not in hub.last_create_payload  # private=None leaves visibility to the Hub
+
+
+def test_wrong_token_is_an_auth_error(hub, merged):
+    before = _snapshot(merged)
+    with pytest.raises(HubError) as excinfo:
+        push_folder(merged, "me/r1-rain", token="hf_wrong")
+    message = str(excinfo.value)
+    assert "401" in message and "token=" in message and "hf auth login" in message
+    assert f"local output at {merged} is intact" in message
+    assert excinfo.value.status_code == 401 and "\n" not in message
+    assert "commit" not in hub.names()
+    assert _snapshot(merged) == before
+
+
+def test_forbidden_namespace(hub, merged):
+    hub.fail["create_repo"] = 403
+    with pytest.raises(HubError, match="HTTP 403.*hf auth login"):
+        push_folder(merged, "someone-else/r1-rain", token=TOKEN)
+
+
+def test_missing_repository_is_reported(hub, merged):
+    hub.fail["preupload"] = 404
+    before = _snapshot(merged)
+    with pytest.raises(HubError, match="was not found.*dataset or Space") as excinfo:
+        push_folder(merged, "me/r1-rain", token=TOKEN)
+    assert excinfo.value.status_code == 404 and "intact" in str(excinfo.value)
+    assert _snapshot(merged) == before and not hub.commits
+
+
+@pytest.mark.parametrize("where", ["create_repo", "commit"])
+def test_network_errors(hub, merged, where):
+    hub.fail[where] = (httpx2.ConnectError("[Errno -2] Name or service not known") if where == "create_repo"
+                       else httpx2.ReadTimeout("The read operation timed out"))
+    before = _snapshot(merged)
+    with pytest.raises(HubError, match="Network error") as excinfo:
+        push_folder(merged, "me/r1-rain", token=TOKEN)
+    assert "intact" in str(excinfo.value) and isinstance(excinfo.value, RuntimeError)
+    assert isinstance(excinfo.value.__cause__, httpx2.TransportError)
+    assert _snapshot(merged) == before and not hub.commits
+
+
+def test_lfs_upload_failure_is_unwrapped(hub, merged):
+    hub.fail["lfs_upload"] = 403
+    with pytest.raises(HubError, match="HTTP 403"):
+        push_folder(merged, "me/r1-rain", token=TOKEN)
+    assert not hub.commits
+
+
+def test_rejected_card_metadata(hub, merged):
+    hub.fail["validate_yaml"] = 400
+    with pytest.raises(HubError, match="model card"):
+        push_folder(merged, "me/r1-rain", token=TOKEN)
+
+
+def test_other_repo_types_and_bad_ids_fail_before_any_request(hub, merged):
+    with pytest.raises(HubError, match="dataset repository.*'me/r1-rain'"):
+        push_folder(merged, "datasets/me/r1-rain", token=TOKEN)
+    with pytest.raises(HubError, match="Space repository"):
+        push_folder(merged, "spaces/me/r1-rain", token=TOKEN)
+    with pytest.raises(HubError, match="not a valid repository id"):
+        push_folder(merged, "me/r1 rain!", token=TOKEN)
+    assert hub.requests == []
+
+
+def test_offline_mode_is_explained(hub, merged, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubError, match="HF_HUB_OFFLINE"):
+        push_folder(merged, "me/r1-rain", token=TOKEN)
+
+
+def test_missing_or_empty_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        push_folder(tmp_path / "nope", "me/x", token=TOKEN)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no files"):
+        push_folder(tmp_path / "empty", "me/x", token=TOKEN)

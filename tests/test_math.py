@@ -1,0 +1,83 @@
+"""Projection and coefficient math against slow, obvious references."""
+
+import pytest
+import torch
+
+from rain_hf.coefficients import head_coefficients, kv_coefficients, weight_scale
+from rain_hf.projection import (
+    feature_residual,
+    feature_svd,
+    project_ridge,
+    project_svd,
+    protected_basis,
+    removed_fraction,
+    with_bias_column,
+)
+
+
+def test_exact_projection_kills_feature_outputs_and_matches_pinv_formula():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    dw = torch.randn(7, 12, generator=g, dtype=torch.float64)
+    v, s = feature_svd(h, torch.float64)
+    out = project_svd(dw, protected_basis(v, s, 1e-10))
+    reference = dw @ (torch.eye(12, dtype=torch.float64) - h.T @ torch.linalg.pinv(h @ h.T) @ h)
+    assert torch.allclose(out, reference, atol=1e-10)
+    assert torch.linalg.norm(out @ h.T) <= 1e-10 * torch.linalg.norm(dw @ h.T)
+    assert feature_residual(dw, out, v, s) < 1e-10
+    assert 0 < removed_fraction(dw, out) < 1
+
+
+def test_rcond_keeps_only_strong_directions():
+    v = torch.eye(4)
+    s = torch.tensor([10.0, 2.0, 0.5, 0.0])
+    assert protected_basis(v, s, 0.1).shape == (4, 2)
+    assert protected_basis(v, s, 0.01).shape == (4, 3)
+    assert protected_basis(v, torch.zeros(4), 0.1).shape == (4, 0)
+
+
+def test_ridge_matches_closed_form():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    dw = torch.randn(3, 9, generator=g, dtype=torch.float64)
+    v, s = feature_svd(h, torch.float64)
+    eps = 0.05 * float(s[0]) ** 2
+    reference = dw - dw @ h.T @ torch.linalg.inv(h @ h.T + eps * torch.eye(6, dtype=torch.float64)) @ h
+    assert torch.allclose(project_ridge(dw, v, s, 0.05), reference, atol=1e-10)
+
+
+def test_bias_column_projection_protects_affine_outputs():
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    dw = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    db = torch.randn(5, generator=g, dtype=torch.float64)
+    ha = with_bias_column(h)
+    v, s = feature_svd(ha, torch.float64)
+    out = project_svd(torch.cat([dw, db[:, None]], 1), protected_basis(v, s, 1e-12))
+    dw2, db2 = out[:, :-1], out[:, -1]
+    assert torch.allclose(h @ dw2.T + db2, torch.zeros(4, 5, dtype=torch.float64), atol=1e-10)
+
+
+def test_coefficients_literal_and_normalised():
+    a = torch.tensor([[0.2, 0.4], [0.1, 0.3]])
+    u = torch.tensor([[0.1, 0.0], [0.2, 0.1]])
+    literal = head_coefficients(a, u, 0.5, "none", 0.0, 1.5)
+    for i in range(2):
+        for j in range(2):
+            expected = min(max((a[i, j] - 0.5 * u[i, j]) / (1 + u[i, j]), 0.0), 1.5)
+            assert literal[i, j] == pytest.approx(float(expected), rel=1e-6)
+    norm = head_coefficients(a, u, 0.5, "mean", 0.0, 10.0)
+    assert float(norm.mean()) == pytest.approx(1.0, rel=1e-6)
+    assert head_coefficients(a, u, 0.5, "mean", 0.9, 1.1).min() >= 0.9
+
+
+def test_gqa_mapping_groups_consecutive_query_heads():
+    alpha = torch.tensor([1.0, 2.0, 3.0, 5.0, 7.0, 11.0])  # 6 query heads, 2 kv heads -> groups {0,1,2}, {3,4,5}
+    assert torch.allclose(kv_coefficients(alpha, 2), torch.tensor([2.0, 23.0 / 3]))
+    q = weight_scale("q", alpha, 2, 3)
+    assert q.shape == (18, 1) and float(q[3, 0]) == 2.0 and float(q[17, 0]) == 11.0
+    kv = weight_scale("kv", alpha, 2, 3)
+    assert kv.shape == (6, 1) and float(kv[0, 0]) == 2.0 and float(kv[5, 0]) == pytest.approx(23.0 / 3)
+    o = weight_scale("o", alpha, 2, 3)
+    assert o.shape == (1, 18) and float(o[0, 6]) == 3.0
+    assert float(weight_scale("other", alpha, 2, 3)) == pytest.approx(float(alpha.mean()))

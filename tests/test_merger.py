@@ -1,0 +1,322 @@
+"""RainMerger end to end on tiny random triples, against slow references written here."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import build_tokenizer, build_triple, instruction_records, reasoning_records
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rain_hf import RainMerger, RainMergingConfig
+from rain_hf.calibration import prepare_instruction_calibration, prepare_reasoning_calibration
+from rain_hf.checkpoints import CheckpointError
+from rain_hf.features import ThinkFeatures
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory, tokenizer):
+    return build_triple(tmp_path_factory.mktemp("qwen2"), "qwen2", tokenizer=tokenizer)
+
+
+def _merger(paths, **cfg):
+    return RainMerger.from_pretrained(paths["base"], paths["reasoning"], paths["instruct"], RainMergingConfig(**cfg))
+
+
+def _weights(folder):
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def _capture_inputs(model, samples, names, positions):
+    """Slow reference: each module's input rows at the given positions, one sample at a time."""
+    modules = dict(model.named_modules())
+    rows = {n: [] for n in names}
+    for s in samples:
+        pos = s.think_positions(*positions)
+        handles = [modules[n].register_forward_pre_hook(
+            lambda m, a, n=n, pos=pos: rows[n].append(a[0][0, pos].detach().double())) for n in names]
+        with torch.no_grad():
+            model(torch.tensor([s.input_ids]))
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(r) for n, r in rows.items()}
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3"])
+def test_end_to_end_reloads_and_generates(tmp_path, tokenizer, arch):
+    paths = build_triple(tmp_path, arch, tokenizer=tokenizer)
+    merger = _merger(paths, lam=1.0)
+    merger.merge(reasoning_records(), instruction_records())
+    out = merger.save_pretrained(tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template == tokenizer.chat_template
+    enc = tok.apply_chat_template([{"role": "user", "content": "Max has 3 apples."}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    gen = model.generate(**enc, max_new_tokens=4, do_sample=False)
+    assert gen.shape[1] == enc["input_ids"].shape[1] + 4
+    sidecar = json.loads((out / "rain_merging_config.json").read_text())
+    assert sidecar["config"]["lam"] == 1.0 and sidecar["inputs"]["instruct"]["kind"] == "full"
+    assert len(sidecar["report"]["head_coefficients"]) == 2
+    # every tensor that is not merged is bit-identical to the reasoning model's
+    merged = _weights(out)
+    reasoning = _weights(paths["reasoning"])
+    assert merged.keys() == reasoning.keys()
+    for key, value in reasoning.items():
+        if not key.endswith("proj.weight"):
+            assert torch.equal(merged[key], value), key
+    assert not torch.equal(merged["model.layers.0.mlp.up_proj.weight"], reasoning["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_projection_residual_on_calibration_features(qwen2, tokenizer):
+    cfg = dict(lam=1.0, stage2=False, rcond=1e-6, positions="window", window=1)
+    merger = _merger(qwen2, **cfg)
+    records = reasoning_records(3)
+    merger.merge(records)
+    reasoning = AutoModelForCausalLM.from_pretrained(qwen2["reasoning"])
+    samples = prepare_reasoning_calibration(records, tokenizer, RainMergingConfig(**cfg))
+    names = [t.name for t in merger.targets]
+    feats = _capture_inputs(reasoning, samples, names, ("window", 1))
+    base, instruct = _weights(qwen2["base"]), _weights(qwen2["instruct"])
+    merged = dict(merger.model.named_parameters())
+    for name in names:
+        key = name + ".weight"
+        h = feats[name]
+        assert h.shape[0] < h.shape[1]  # fewer rows than dims: an exact null space exists
+        dw = (instruct[key] - base[key]).double()
+        dw_perp = merged[key].detach().double() - reasoning.get_parameter(key).detach().double()
+        assert torch.linalg.norm(dw_perp @ h.T) <= 1e-4 * torch.linalg.norm(dw @ h.T), name
+        assert merger.report.modules[name]["residual"] < 1e-4
+
+
+def test_first_layer_hidden_states_at_think_positions(qwen2, tokenizer):
+    # k/v are left out: the think token's attention reads keys and values of every earlier position, which the
+    # projection at the think positions does not protect; q, o and the MLP see only the think rows.
+    cfg = dict(lam=3.0, stage2=False, rcond=1e-6, positions="think",
+               target_modules=["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    records = reasoning_records(4)
+    samples = prepare_reasoning_calibration(records, tokenizer, RainMergingConfig(**cfg))
+    reasoning = AutoModelForCausalLM.from_pretrained(qwen2["reasoning"])
+
+    def layer0(model, s):
+        with torch.no_grad():
+            hs = model(torch.tensor([s.input_ids]), output_hidden_states=True).hidden_states[1]
+        return hs[0, [s.think_open, s.think_close]]
+
+    rain = _merger(qwen2, **cfg)
+    rain.merge(records)
+    plain = _merger(qwen2, **{**cfg, "stage1": False})
+    plain.merge()
+    for s in samples:
+        ref = layer0(reasoning, s)
+        assert torch.allclose(layer0(rain.model, s), ref, atol=1e-5)
+        assert not torch.allclose(layer0(plain.model, s), ref, atol=1e-3)
+
+
+def test_gqa_reference_coefficients_and_merged_tensors(qwen2, tokenizer):
+    """Slow reference with explicit loops over heads (4 query heads, 2 kv heads)."""
+    cfg = RainMergingConfig(lam=1.5, rcond=0.05, positions="think+prev", coef_max=3.0)
+    rec_r, rec_i = reasoning_records(3), instruction_records(3)
+    merger = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], cfg)
+    merger.merge(rec_r, rec_i)
+    lib = {k: v.detach().double() for k, v in merger.model.named_parameters()}
+
+    reasoning = AutoModelForCausalLM.from_pretrained(qwen2["reasoning"], attn_implementation="eager")
+    base, instruct = _weights(qwen2["base"]), _weights(qwen2["instruct"])
+    r_samples = prepare_reasoning_calibration(rec_r, tokenizer, cfg)
+    names = [t.name for t in merger.targets]
+    feats = _capture_inputs(reasoning, r_samples, names, ("think+prev", 0))
+
+    def project(name):
+        key = name + ".weight"
+        dw = (instruct[key] - base[key]).double()
+        _, s, vh = torch.linalg.svd(feats[name], full_matrices=False)
+        b = vh[s > cfg.rcond * s[0]].T
+        return dw - dw @ b @ b.T
+
+    perp = {n: project(n) for n in names}
+    probe = AutoModelForCausalLM.from_pretrained(qwen2["reasoning"], attn_implementation="eager")
+    with torch.no_grad():
+        for n in names:
+            probe.get_parameter(n + ".weight").add_(perp[n].float())
+    i_samples = prepare_instruction_calibration(rec_i, tokenizer, cfg)
+    n_layers, n_heads, n_kv, hd = 2, 4, 2, 16
+    a = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+    u = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+    for s in i_samples:
+        with torch.no_grad():
+            attn = probe(torch.tensor([s.input_ids]), output_attentions=True).attentions
+        instr = [t for x, y in s.instruction_spans for t in range(x, y)]
+        resp = [t for x, y in s.constrained_spans for t in range(x, y)]
+        unrel = [t for x, y in s.unrelated_spans for t in range(x, y)]
+        for layer in range(n_layers):
+            for h in range(n_heads):
+                A = attn[layer][0, h].double()
+                a[layer, h] += sum(float(A[t, instr].sum()) for t in resp) / len(resp) / len(i_samples)
+                u[layer, h] += sum(float(A[t, instr].sum()) for t in unrel) / len(unrel) / len(i_samples)
+    score = (a - cfg.rho * u) / (1 + u)
+    alpha = (score / score.mean()).clamp(cfg.coef_min, cfg.coef_max)
+    assert torch.allclose(torch.tensor(merger.report.head_coefficients, dtype=torch.float64), alpha, atol=1e-5)
+
+    group = n_heads // n_kv
+    for n in names:
+        layer = int(n.split(".")[2])
+        leaf = n.rsplit(".", 1)[-1]
+        scale = torch.ones_like(perp[n])
+        for h in range(n_heads):
+            if leaf == "q_proj":
+                scale[h * hd:(h + 1) * hd, :] = alpha[layer, h]
+            if leaf == "o_proj":
+                scale[:, h * hd:(h + 1) * hd] = alpha[layer, h]
+        for g in range(n_kv):
+            if leaf in ("k_proj", "v_proj"):
+                members = [h for h in range(n_heads) if h // group == g]
+                scale[g * hd:(g + 1) * hd, :] = alpha[layer, members].mean()
+        if leaf.endswith(("gate_proj", "up_proj", "down_proj")):
+            scale[:] = alpha[layer].mean()
+        expected = reasoning.get_parameter(n + ".weight").detach().double() + cfg.lam * scale * perp[n]
+        assert torch.allclose(lib[n + ".weight"], expected, atol=1e-5), n
+
+
+def test_features_reused_from_memory_and_disk(qwen2, tmp_path):
+    first = _merger(qwen2, lam=1.0, stage2=False)
+    first.merge(reasoning_records())
+    path = tmp_path / "features.safetensors"
+    first.features.save(path)
+    again = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
+                                       RainMergingConfig(lam=1.0, stage2=False), features=path)
+    again.merge()
+    for (k, v), (k2, v2) in zip(first.model.named_parameters(), again.model.named_parameters()):
+        assert k == k2 and torch.equal(v, v2)
+    assert "stage1_features" not in again.report.timings
+    loaded = ThinkFeatures.load(path)
+    with pytest.raises(ValueError, match="positions"):
+        loaded.check_compatible(RainMergingConfig(positions="think"), [])
+
+
+def test_bf16_output_rounds_once_from_fp32(qwen2, tmp_path):
+    merger = _merger(qwen2, lam=1.0, stage1=False, stage2=False, output_dtype="bfloat16")
+    merger.merge()
+    out = merger.save_pretrained(tmp_path / "bf16")
+    w = _weights(out)
+    base, inst, reas = _weights(qwen2["base"]), _weights(qwen2["instruct"]), _weights(qwen2["reasoning"])
+    key = "model.layers.1.mlp.down_proj.weight"
+    assert w[key].dtype == torch.bfloat16
+    assert torch.equal(w[key], (reas[key].float() + (inst[key].float() - base[key].float())).to(torch.bfloat16))
+    assert w["model.norm.weight"].dtype == torch.bfloat16
+
+
+def test_crash_during_save_leaves_no_output(qwen2, tmp_path, monkeypatch):
+    merger = _merger(qwen2, lam=1.0, stage1=False, stage2=False)
+    merger.merge()
+    import rain_hf.writer as writer
+
+    calls = {"n": 0}
+    original = writer.ShardedSafetensorsWriter.write
+
+    def failing(self, name, tensor):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original(self, name, tensor)
+
+    monkeypatch.setattr(writer.ShardedSafetensorsWriter, "write", failing)
+    with pytest.raises(KeyboardInterrupt):
+        merger.save_pretrained(tmp_path / "out", max_shard_size=20_000)
+    assert not (tmp_path / "out").exists()
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_sharded_output_reloads(qwen2, tmp_path):
+    merger = _merger(qwen2, lam=1.0, stage1=False, stage2=False)
+    merger.merge()
+    out = merger.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert (out / "model.safetensors.index.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    for k, v in model.named_parameters():
+        assert torch.equal(v, merger.model.get_parameter(k)), k
+
+
+# ------------------------------------------------------------------------------------ refusals (item 1)
+def _swap(paths, role, folder):
+    return {**paths, role: folder}
+
+
+def test_refuses_other_architecture(qwen2, tmp_path, tokenizer):
+    llama = build_triple(tmp_path, "llama", tokenizer=tokenizer)
+    with pytest.raises(CheckpointError, match="'llama' model .* reasoning model .* 'qwen2'"):
+        RainMerger.plan(llama["base"], qwen2["reasoning"], qwen2["instruct"])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_hidden_layers": 3}, "layer count differs"),
+    ({"hidden_size": 96}, "hidden size differs"),
+    ({"num_key_value_heads": 4}, "key/value heads differs"),
+    ({"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 16}, "attention heads differs"),
+])
+def test_refuses_geometry_mismatch(qwen2, tmp_path, tokenizer, change, message):
+    from tiny import model_config
+
+    cfg = model_config("qwen2", len(tokenizer), **change)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(tmp_path / "odd")
+    tokenizer.save_pretrained(tmp_path / "odd")
+    with pytest.raises(CheckpointError, match=message):
+        RainMerger.plan(qwen2["base"], qwen2["reasoning"], tmp_path / "odd")
+
+
+def test_refuses_tensor_shape_mismatch(qwen2, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    odd = tmp_path / "odd"
+    shutil.copytree(qwen2["instruct"], odd)
+    w = _weights(odd)
+    w["model.layers.1.mlp.up_proj.weight"] = torch.zeros(100, 64)
+    save_file(w, odd / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"up_proj.weight has shape \(100, 64\) in the instruct model"):
+        RainMerger.plan(qwen2["base"], qwen2["reasoning"], odd)
+
+
+def test_refuses_missing_and_non_safetensors_inputs(qwen2, tmp_path):
+    with pytest.raises(CheckpointError, match="neither an existing local folder nor a valid Hub id"):
+        RainMerger.plan(qwen2["base"], tmp_path / "nope" / "deeper", qwen2["instruct"])
+    binonly = tmp_path / "bin"
+    binonly.mkdir()
+    (binonly / "config.json").write_text((qwen2["base"] / "config.json").read_text())
+    torch.save({}, binonly / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="convert them to safetensors"):
+        RainMerger.plan(binonly, qwen2["reasoning"], qwen2["instruct"])
+
+
+def test_refuses_think_tokens_that_are_not_single_tokens(qwen2):
+    with pytest.raises(Exception, match="<reason>"):
+        RainMerger.plan(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
+                        RainMergingConfig(think_open="<reason>", think_close="</reason>"))
+
+
+def test_vocab_difference_is_reported_not_refused(qwen2, tmp_path, tokenizer):
+    from tiny import model_config
+
+    cfg = model_config("qwen2", len(tokenizer) + 8)
+    big = AutoModelForCausalLM.from_config(cfg)
+    big.save_pretrained(tmp_path / "big")
+    plan = RainMerger.plan(qwen2["base"], qwen2["reasoning"], tmp_path / "big")
+    assert any("vocabulary sizes differ" in w for w in plan.warnings)
+    assert "vocab sizes" in plan.summary()
+
+
+def test_missing_calibration_is_a_clear_error(qwen2):
+    merger = _merger(qwen2, lam=1.0)
+    with pytest.raises(ValueError, match="reasoning_calibration"):
+        merger.merge()
+    merger = _merger(qwen2, lam=1.0, stage1=False)
+    with pytest.raises(ValueError, match="instruction_calibration"):
+        merger.merge()

@@ -1,0 +1,81 @@
+"""Streaming sharded safetensors and the all-or-nothing output folder."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rain_hf.config import ConfigError, RainMergingConfig, parse_size
+from rain_hf.writer import OutputExistsError, ShardedSafetensorsWriter, TensorSpec, atomic_directory
+
+
+def test_shards_follow_byte_budget_and_reload_exactly(tmp_path):
+    tensors = {f"t{i}": torch.randn(10, 10).to(dt) for i, dt in enumerate([torch.float32, torch.bfloat16,
+                                                                             torch.float16, torch.float32])}
+    specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    w = ShardedSafetensorsWriter(tmp_path, specs, max_shard_size=450)
+    for k, v in tensors.items():
+        w.write(k, v)
+    w.close()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert files == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert index["metadata"]["total_size"] == sum(s.nbytes for s in specs)
+    loaded = {}
+    for f in files:
+        loaded.update(load_file(tmp_path / f))
+    for k, v in tensors.items():
+        assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v)
+
+
+def test_writer_refuses_out_of_plan_tensors(tmp_path):
+    w = ShardedSafetensorsWriter(tmp_path, [TensorSpec("a", (2,), torch.float32)], 100)
+    with pytest.raises(RuntimeError, match="Expected"):
+        w.write("b", torch.zeros(2))
+    w.abort()
+
+
+def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_directory(target) as tmp:
+            (tmp / "model.safetensors").write_text("half")
+            raise KeyboardInterrupt
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_directory_never_overwrites_unless_asked(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("old")
+    with pytest.raises(OutputExistsError, match="overwrite=True"):
+        with atomic_directory(target):
+            pass
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target, overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+            raise RuntimeError("boom")
+    assert (target / "keep.txt").read_text() == "old"
+    with atomic_directory(target, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_config_round_trip_and_validation(tmp_path):
+    cfg = RainMergingConfig(lam=2.5, positions="think+prev", target_modules=["q_proj"], layers=[0, 1])
+    assert RainMergingConfig.from_json(cfg.to_json()) == cfg
+    cfg.save(tmp_path / "c.json")
+    assert RainMergingConfig.load(tmp_path / "c.json") == cfg
+    for bad, msg in [({"method": "fancy"}, "method"), ({"lam": "big"}, "lam"), ({"rcond": 0}, "rcond"),
+                     ({"coef_min": 2.0, "coef_max": 1.0}, "coef_min"), ({"positions": "all"}, "positions"),
+                     ({"target_modules": "attention"}, "target_modules"), ({"layers": [-1]}, "layers"),
+                     ({"think_open": "<t>", "think_close": "<t>"}, "differ"), ({"batch_size": 0}, "batch_size"),
+                     ({"max_shard_size": "lots"}, "max_shard_size"), ({"stage1": "yes"}, "stage1")]:
+        with pytest.raises(ConfigError, match=msg):
+            RainMergingConfig(**bad)
+    with pytest.raises(ConfigError, match="Unknown RainMergingConfig keys"):
+        RainMergingConfig.from_dict({"lambda": 1})
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20 and parse_size(7) == 7
