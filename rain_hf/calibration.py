@@ -1,0 +1,863 @@
+"""Calibration data for RAIN-Merging: loading, validation, rendering and token spans.
+
+Two calibration sets drive a RAIN merge (``docs/method.md`` §2.1 and §3.1):
+
+* the *reasoning* set (``prompt``, ``reasoning``, ``response``), whose think-token positions define the stage-1
+  features;
+* the *instruction* set (the same fields, the thinking text may be called ``reason``), optionally annotated with
+  the instruction strings inside the prompt and the parts of the response they constrain; it gives stage 2 its
+  query spans (response R, unrelated U) and key spans (instructions I).
+
+Every sample is rendered with the reasoning model's chat template as::
+
+    <chat template with the prompt as the user message, add_generation_prompt=True>
+    [<think>\\n]                 (only when the rendered prompt does not already end with the think-open token)
+    <reasoning>\\n</think>\\n\\n<response>
+
+(the R1 trace layout; the three texts are stripped of surrounding whitespace first). Every segment is placed by
+construction, so its character offsets are known; the text is tokenized once with an offset mapping and each
+character span becomes the token span of the tokens that overlap it. Annotation strings are searched only inside
+the segment they belong to, never in the whole text, so short strings such as ``"."`` or ``"at"`` land in the
+right place, with or without a BOS token in the template.
+
+Records that carry only a prompt can be completed by the reasoning model itself with :func:`generate_traces`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+Span = tuple[int, int]
+
+POSITION_MODES = ("think", "think+prev", "window")
+REASONING_KEYS = ("reasoning", "reason")
+# Stand-in user message used to find where the chat template puts the user's text.
+_SENTINEL = "RainHfPromptSentinel7c1e5b"
+_MAX_REASONS_SHOWN = 5
+
+
+class CalibrationError(ValueError):
+    """The calibration data (or the tokenizer used to render it) cannot be used; the message says how to fix it."""
+
+
+class _Malformed(Exception):
+    """Internal: one calibration record cannot be used (the reason is its message)."""
+
+
+@dataclass
+class CalibrationSample:
+    """One rendered calibration sample with the token spans the two stages need.
+
+    All spans are half-open ``[start, end)`` token index ranges into :attr:`input_ids`; span lists are sorted and
+    non-overlapping.
+
+    Attributes:
+        input_ids: the full rendered sequence (chat-templated prompt, think block, response).
+        think_open: token index of the think-open token.
+        think_close: token index of the think-close token.
+        prompt_span: tokens of the user prompt text (a token that straddles the template and the prompt counts).
+        thinking_span: tokens strictly between the two think tokens.
+        response_span: tokens after the think-close token, to the end of the sequence.
+        instruction_spans: I, the instruction tokens inside the prompt (default: the whole prompt span).
+        constrained_spans: R, the response tokens constrained by the instructions (default: the response span).
+        unrelated_spans: U, the thinking span plus any annotated unrelated response spans.
+        index: index of the record in the user's input.
+    """
+
+    input_ids: list[int]
+    think_open: int
+    think_close: int
+    prompt_span: Span
+    thinking_span: Span
+    response_span: Span
+    instruction_spans: list[Span] = field(default_factory=list)
+    constrained_spans: list[Span] = field(default_factory=list)
+    unrelated_spans: list[Span] = field(default_factory=list)
+    index: int = 0
+
+    def think_positions(self, mode: str = "window", window: int = 3) -> list[int]:
+        """Token positions of the thinking features, sorted and unique.
+
+        Args:
+            mode: ``"think"`` = the two think tokens; ``"think+prev"`` adds the token before each (its output
+                predicts the think token); ``"window"`` adds every position within ±``window`` of both.
+            window: radius of the ``"window"`` neighbourhood.
+
+        Returns:
+            Positions clipped to ``[0, len(input_ids))``.
+        """
+        anchors = (self.think_open, self.think_close)
+        if mode == "think":
+            positions = set(anchors)
+        elif mode == "think+prev":
+            positions = {p + d for p in anchors for d in (-1, 0)}
+        elif mode == "window":
+            if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+                raise ValueError(f"window={window!r} must be an integer >= 0.")
+            positions = {p + d for p in anchors for d in range(-window, window + 1)}
+        else:
+            raise ValueError(f"Unknown think-position mode {mode!r}; use one of {list(POSITION_MODES)}.")
+        n = len(self.input_ids)
+        return sorted(p for p in positions if 0 <= p < n)
+
+
+# ----------------------------------------------------------------------------------------------------- loading
+def load_records(data: Any) -> list[dict]:
+    """Read calibration records from a path, a list of dicts or a ``datasets.Dataset``.
+
+    Args:
+        data: a ``.json`` file holding a list of objects, a ``.jsonl`` file (one object per line, blank lines
+            ignored), a list/tuple of dicts, or a ``datasets.Dataset``.
+
+    Returns:
+        The records as a list of plain dicts (shallow copies).
+
+    Raises:
+        CalibrationError: missing file, unsupported extension, invalid JSON (with the line number for JSONL),
+            a record that is not an object, or an unsupported input type.
+    """
+    if isinstance(data, (str, os.PathLike)):
+        return _load_path(Path(data))
+    if isinstance(data, Mapping):
+        raise CalibrationError(
+            "Calibration data is a single dict (or a DatasetDict): pass a list of records, a Dataset split "
+            "(e.g. dataset['train']) or a path to a .json/.jsonl file."
+        )
+    if _is_hf_dataset(data):
+        return [dict(row) for row in data]
+    if isinstance(data, (list, tuple)):
+        records = []
+        for i, record in enumerate(data):
+            if not isinstance(record, Mapping):
+                raise CalibrationError(
+                    f"Calibration record {i} is a {type(record).__name__}, not a dict: every record must be an "
+                    "object with 'prompt', 'reasoning' and 'response'."
+                )
+            records.append(dict(record))
+        return records
+    raise CalibrationError(
+        f"Unsupported calibration data of type {type(data).__name__}: pass a path to a .json/.jsonl file, a list "
+        "of dicts or a datasets.Dataset."
+    )
+
+
+def _is_hf_dataset(data: Any) -> bool:
+    """True for a ``datasets.Dataset`` / ``IterableDataset`` (without importing ``datasets`` otherwise)."""
+    if not type(data).__module__.startswith("datasets"):
+        return False
+    import datasets
+
+    return isinstance(data, (datasets.Dataset, datasets.IterableDataset))
+
+
+def _load_path(path: Path) -> list[dict]:
+    """Read a ``.json`` list or a ``.jsonl`` file of records."""
+    if not path.exists():
+        raise CalibrationError(f"Calibration file {str(path)!r} does not exist: check the path.")
+    if path.is_dir():
+        raise CalibrationError(f"Calibration path {str(path)!r} is a folder: pass a .json or .jsonl file.")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        records = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise CalibrationError(
+                        f"{path}: line {lineno} is not valid JSON ({err.msg}): fix or remove that line."
+                    ) from err
+                if not isinstance(record, dict):
+                    raise CalibrationError(f"{path}: line {lineno} is a JSON {type(record).__name__}, not an object.")
+                records.append(record)
+        return records
+    if suffix == ".json":
+        try:
+            with open(path, encoding="utf-8") as f:
+                content = json.load(f)
+        except json.JSONDecodeError as err:
+            raise CalibrationError(
+                f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})."
+            ) from err
+        if not isinstance(content, list):
+            raise CalibrationError(
+                f"{path} holds a JSON {type(content).__name__}; a .json calibration file must hold a list of "
+                "objects (use .jsonl for one object per line)."
+            )
+        return load_records(content)
+    raise CalibrationError(
+        f"Unsupported calibration file extension {path.suffix!r} ({path}): use .json (a list of objects) or "
+        ".jsonl (one object per line)."
+    )
+
+
+# --------------------------------------------------------------------------------------------- tokenizer checks
+def check_think_tokens(tokenizer: Any, config: Any) -> tuple[int, int]:
+    """Ids of ``config.think_open`` / ``config.think_close``, each required to be one token of the vocabulary.
+
+    Raises:
+        CalibrationError: naming the token that is missing or splits into several tokens.
+    """
+    ids = []
+    for name in ("think_open", "think_close"):
+        text = getattr(config, name)
+        encoded = tokenizer.encode(text, add_special_tokens=False)
+        token_id = tokenizer.convert_tokens_to_ids(text)
+        single = len(encoded) == 1 and token_id is not None and encoded[0] == token_id
+        if not single or tokenizer.convert_ids_to_tokens(token_id) != text:
+            raise CalibrationError(
+                f"The {name.replace('_', '-')} token {text!r} is not a single token of the tokenizer (it encodes to "
+                f"{len(encoded)} tokens {encoded}). Set config.{name} to the model's thinking token, or use the "
+                "reasoning model's own tokenizer, which must have it as one token."
+            )
+        ids.append(token_id)
+    return ids[0], ids[1]
+
+
+def _check_fast(tokenizer: Any) -> None:
+    """Refuse tokenizers without an offset mapping (slow, Python-only tokenizers)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise CalibrationError(
+            f"Calibration needs a fast tokenizer (character offsets), got {type(tokenizer).__name__}: load it "
+            "with AutoTokenizer.from_pretrained(..., use_fast=True) or convert it to a tokenizers-backed one."
+        )
+
+
+@dataclass(frozen=True)
+class _Template:
+    """The chat template split around the user message, plus the think-token settings."""
+
+    before: str
+    after: str
+    think_open: str
+    think_close: str
+    open_id: int
+    close_id: int
+
+
+def _template_parts(tokenizer: Any, config: Any) -> _Template:
+    """Validate the tokenizer and find where its chat template puts the user message."""
+    _check_fast(tokenizer)
+    open_id, close_id = check_think_tokens(tokenizer, config)
+    if not getattr(tokenizer, "chat_template", None):
+        raise CalibrationError(
+            "The tokenizer has no chat template: use the reasoning model's tokenizer, or set "
+            "tokenizer.chat_template to its template."
+        )
+    rendered = _apply_template(tokenizer, _SENTINEL)
+    if rendered.count(_SENTINEL) != 1:
+        raise CalibrationError(
+            "The chat template does not render the user message verbatim (a test message appears "
+            f"{rendered.count(_SENTINEL)} times instead of once), so prompt spans cannot be located: use a "
+            "template that inserts the message content unchanged."
+        )
+    before, after = rendered.split(_SENTINEL)
+    return _Template(before, after, config.think_open, config.think_close, open_id, close_id)
+
+
+def _apply_template(tokenizer: Any, prompt: str) -> str:
+    """The chat-templated text of a single user message, with the generation prompt."""
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    if not isinstance(rendered, str):
+        raise CalibrationError(f"apply_chat_template(tokenize=False) returned {type(rendered).__name__}, not text.")
+    return rendered
+
+
+def _generation_prefix(tokenizer: Any, template: _Template, prompt: str) -> tuple[str, int]:
+    """The rendered prompt up to and including ``<think>\\n``, and the character offset of the think-open token.
+
+    The real rendering is compared with the sentinel split so that the prompt's offset is known exactly.
+    """
+    rendered = _apply_template(tokenizer, prompt)
+    if rendered != template.before + prompt + template.after:
+        raise _Malformed("the chat template does not render this prompt verbatim, so its span cannot be located")
+    stripped = rendered.rstrip()
+    if stripped.endswith(template.think_open):
+        open_char = len(stripped) - len(template.think_open)
+        prefix = rendered if len(stripped) < len(rendered) else rendered + "\n"
+    else:
+        open_char = len(rendered)
+        prefix = rendered + template.think_open + "\n"
+    return prefix, open_char
+
+
+# -------------------------------------------------------------------------------------------- record parsing
+@dataclass
+class _Fields:
+    """The validated texts of one record and its annotations (groups of strings or ``[start, end]`` pairs)."""
+
+    prompt: str
+    reasoning: str
+    response: str
+    prompt_groups: list[list[Any]] = field(default_factory=list)
+    response_groups: list[list[Any]] = field(default_factory=list)
+    unrelated_groups: list[list[Any]] = field(default_factory=list)
+
+
+class _ThinkSplit:
+    """Marker: an assistant message whose thinking and answer still have to be split at the think tokens."""
+
+    def __init__(self, content: Any) -> None:
+        self.content = content
+
+
+def _raw_fields(record: Mapping) -> tuple[Any, Any, Any]:
+    """The raw (prompt, reasoning, response) of a record; ``None`` marks an absent field.
+
+    ``messages``-style records (one user turn, optionally one assistant turn whose content holds
+    ``<think>…</think>answer`` or which has a ``reasoning_content``) are accepted too.
+    """
+    if "prompt" not in record and isinstance(record.get("messages"), list):
+        return _fields_from_messages(record["messages"])
+    reasoning = None
+    for key in REASONING_KEYS:
+        if record.get(key) is not None:
+            reasoning = record[key]
+            break
+    return record.get("prompt"), reasoning, record.get("response")
+
+
+def _fields_from_messages(messages: list) -> tuple[Any, Any, Any]:
+    """(prompt, reasoning, response) of a chat-format record; reasoning is split off at the think tokens later."""
+    roles = [m.get("role") if isinstance(m, Mapping) else None for m in messages]
+    if roles not in (["user"], ["user", "assistant"]):
+        raise _Malformed(f"'messages' must be one user turn, optionally followed by one assistant turn; got {roles}")
+    prompt = messages[0].get("content")
+    if len(messages) == 1:
+        return prompt, None, None
+    answer = messages[1]
+    if answer.get("reasoning_content") is not None:
+        return prompt, answer["reasoning_content"], answer.get("content")
+    return prompt, _ThinkSplit(answer.get("content")), None
+
+
+def _is_prompt_only(record: Mapping) -> bool:
+    """True when a record has a prompt but neither a reasoning trace nor a response (generation needed)."""
+    if "generation_error" in record:
+        return False
+    try:
+        _, reasoning, response = _raw_fields(record)
+    except _Malformed:
+        return False
+    return reasoning is None and response is None
+
+
+def _text(value: Any, name: str, template: _Template, check_think: bool) -> str:
+    """A stripped, non-empty string field (optionally free of think tokens), else :class:`_Malformed`."""
+    if value is None:
+        raise _Malformed(f"field '{name}' is missing")
+    if not isinstance(value, str):
+        raise _Malformed(f"field '{name}' is a {type(value).__name__}, not a string")
+    value = value.strip()
+    if not value:
+        raise _Malformed(f"field '{name}' is empty")
+    if check_think:
+        for token in (template.think_open, template.think_close):
+            if token in value:
+                raise _Malformed(
+                    f"field '{name}' contains the think token {token!r}: pass the thinking text and the answer "
+                    "without think tags"
+                )
+    return value
+
+
+def _parse_record(record: Mapping, template: _Template) -> _Fields:
+    """Validate one record and gather its annotations."""
+    if "generation_error" in record:
+        raise _Malformed(f"generated trace unusable: {record['generation_error']}")
+    prompt, reasoning, response = _raw_fields(record)
+    if isinstance(reasoning, _ThinkSplit):
+        content = _text(reasoning.content, "messages[1].content", template, check_think=False)
+        reasoning, response = _split_think_text(content, template)
+    if reasoning is None and response is None and prompt is not None:
+        raise _Malformed("only a prompt: no reasoning trace and no response")
+    fields = _Fields(
+        prompt=_text(prompt, "prompt", template, check_think=False),
+        reasoning=_text(reasoning, "reasoning' / 'reason", template, check_think=True),
+        response=_text(response, "response", template, check_think=True),
+    )
+    _collect_annotations(record, fields)
+    return fields
+
+
+def _split_think_text(content: str, template: _Template) -> tuple[str, str]:
+    """Split ``[<think>]reasoning</think>answer`` into (reasoning, answer)."""
+    if content.count(template.think_close) != 1:
+        raise _Malformed(f"the assistant message must contain exactly one {template.think_close!r}")
+    reasoning, response = content.split(template.think_close)
+    reasoning = reasoning.strip()
+    if reasoning.startswith(template.think_open):
+        reasoning = reasoning[len(template.think_open):]
+    return reasoning, response
+
+
+def _annotation_list(value: Any, where: str) -> list[Any]:
+    """An annotation list (``None`` = empty); anything but a list makes the record malformed."""
+    if value is None:
+        return []
+    if isinstance(value, str) or not isinstance(value, list):
+        raise _Malformed(f"'{where}' must be a list of strings, got {type(value).__name__}")
+    return value
+
+
+def _collect_annotations(record: Mapping, fields: _Fields) -> None:
+    """Fill the annotation groups of ``fields`` from the paper's format and the plain keys.
+
+    Paper format: ``related_prompt_list[*].prompt_spans`` (in the prompt), ``.response_spans`` and
+    ``.unrelated_response_spans`` (in the response), and a top-level ``unrelated_response_spans``. Plain format:
+    ``instruction_spans`` (in the prompt) and ``response_spans`` (in the response). ``negative_response_spans``
+    are not used. Each list is one group, searched forward in order.
+    """
+    related = record.get("related_prompt_list")
+    for i, item in enumerate(_annotation_list(related, "related_prompt_list")):
+        if not isinstance(item, Mapping):
+            raise _Malformed(f"related_prompt_list[{i}] is a {type(item).__name__}, not an object")
+        fields.prompt_groups.append(_annotation_list(item.get("prompt_spans"), f"related_prompt_list[{i}].prompt_spans"))
+        fields.response_groups.append(
+            _annotation_list(item.get("response_spans"), f"related_prompt_list[{i}].response_spans")
+        )
+        fields.unrelated_groups.append(
+            _annotation_list(item.get("unrelated_response_spans"), f"related_prompt_list[{i}].unrelated_response_spans")
+        )
+    fields.prompt_groups.append(_annotation_list(record.get("instruction_spans"), "instruction_spans"))
+    fields.response_groups.append(_annotation_list(record.get("response_spans"), "response_spans"))
+    fields.unrelated_groups.append(_annotation_list(record.get("unrelated_response_spans"), "unrelated_response_spans"))
+
+
+# -------------------------------------------------------------------------------------------------------- spans
+def locate_annotations(segment: str, groups: Iterable[Sequence[Any]]) -> tuple[list[Span], list[str]]:
+    """Character spans of annotations inside one segment of text.
+
+    Each group is searched in order, each string forward from the end of the previous match of its group (a
+    whole-word occurrence first); when not found there, from the start of the previous match (nested
+    annotations) and then from the start of the segment (annotations out of order). The search never leaves ``segment``. An item may also be a
+    ``[start, end]`` pair of character offsets into the segment.
+
+    Returns:
+        (spans relative to the segment, descriptions of the items that were not found or not usable).
+    """
+    spans: list[Span] = []
+    missing: list[str] = []
+    for group in groups:
+        prev_start = prev_end = 0
+        for item in group:
+            if _is_offset_pair(item):
+                start, end = int(item[0]), int(item[1])
+                if 0 <= start < end <= len(segment):
+                    spans.append((start, end))
+                else:
+                    missing.append(f"offsets {list(item)} outside the segment of {len(segment)} characters")
+                continue
+            if not isinstance(item, str) or not item.strip():
+                missing.append(repr(item)[:60])
+                continue
+            found = _find_in_segment(segment, item, prev_start, prev_end)
+            if found is None:
+                missing.append(repr(item)[:60])
+                continue
+            spans.append(found)
+            prev_start, prev_end = found
+    return spans, missing
+
+
+def _is_offset_pair(item: Any) -> bool:
+    """True for a ``[start, end]`` pair of ints."""
+    return (
+        isinstance(item, (list, tuple))
+        and len(item) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in item)
+    )
+
+
+def _find_in_segment(segment: str, needle: str, prev_start: int, prev_end: int) -> Span | None:
+    """Where ``needle`` (or its stripped form) sits in ``segment``, searching forward from the previous match.
+
+    From each starting point a whole-word occurrence is preferred (``"at"`` in ``"Associate at X"`` is the word
+    ``at``), then any occurrence.
+    """
+    starts = dict.fromkeys((prev_end, prev_start + 1 if prev_end else 0, 0))
+    for candidate in dict.fromkeys((needle, needle.strip())):
+        whole_word = _whole_word_pattern(candidate)
+        for start_at in starts:
+            match = whole_word.search(segment, start_at)
+            if match:
+                return match.span()
+            pos = segment.find(candidate, start_at)
+            if pos >= 0:
+                return pos, pos + len(candidate)
+    return None
+
+
+def _whole_word_pattern(text: str) -> re.Pattern[str]:
+    """A regex matching ``text`` not glued to word characters on a side where ``text`` itself has one."""
+    head = r"(?<!\w)" if re.match(r"\w", text[0]) else ""
+    tail = r"(?!\w)" if re.match(r"\w", text[-1]) else ""
+    return re.compile(head + re.escape(text) + tail)
+
+
+def merge_spans(spans: Iterable[Span]) -> list[Span]:
+    """Sorted union of half-open spans (overlapping or touching spans are merged, empty ones dropped)."""
+    merged: list[list[int]] = []
+    for start, end in sorted(s for s in spans if s[1] > s[0]):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(a, b) for a, b in merged]
+
+
+class _OffsetIndex:
+    """Maps character spans of the tokenized text to token spans (tokens that overlap the characters)."""
+
+    def __init__(self, offsets: Sequence[Sequence[int]]) -> None:
+        self.starts = [int(o[0]) for o in offsets]
+        self.ends = [int(o[1]) for o in offsets]
+        self.monotone = all(a <= b for a, b in zip(self.starts, self.starts[1:])) and all(
+            a <= b for a, b in zip(self.ends, self.ends[1:])
+        )
+
+    def token_span(self, char_start: int, char_end: int) -> Span | None:
+        """Token span ``[lo, hi)`` of the tokens overlapping ``[char_start, char_end)``; ``None`` if none do."""
+        if self.monotone:
+            lo = bisect.bisect_right(self.ends, char_start)
+            hi = bisect.bisect_left(self.starts, char_end)
+        else:
+            hits = [i for i, (s, e) in enumerate(zip(self.starts, self.ends)) if s < char_end and e > char_start]
+            lo, hi = (hits[0], hits[-1] + 1) if hits else (0, 0)
+        return (lo, hi) if hi > lo else None
+
+
+def _token_spans(index: _OffsetIndex, char_spans: Iterable[Span], offset: int, within: Span) -> list[Span]:
+    """Merged token spans of segment-relative character spans, clipped to the segment's token span ``within``."""
+    spans = []
+    for start, end in char_spans:
+        span = index.token_span(start + offset, end + offset)
+        if span is not None:
+            spans.append((max(span[0], within[0]), min(span[1], within[1])))
+    return merge_spans(spans)
+
+
+def _clip(spans: list[Span], limit: int) -> list[Span]:
+    """Spans cut at token ``limit`` (empty ones dropped)."""
+    return [(a, min(b, limit)) for a, b in spans if a < limit]
+
+
+def _think_token(index: _OffsetIndex, ids: list[int], char_pos: int, text: str, token_id: int) -> int:
+    """Token index of the think token written at ``char_pos``; it must be exactly one token with ``token_id``."""
+    span = index.token_span(char_pos, char_pos + len(text))
+    if span is None or span[1] - span[0] != 1 or ids[span[0]] != token_id:
+        raise _Malformed(
+            f"the think token {text!r} did not tokenize as the single token {token_id} in context (it merged with "
+            "neighbouring text)"
+        )
+    return span[0]
+
+
+def _build_sample(fields: _Fields, index: int, tokenizer: Any, template: _Template, max_length: int) -> CalibrationSample:
+    """Render one validated record and compute all its token spans (see the module docstring for the layout)."""
+    prefix, open_char = _generation_prefix(tokenizer, template, fields.prompt)
+    prompt_char = len(template.before)
+    text = prefix + fields.reasoning + "\n"
+    close_char = len(text)
+    text += template.think_close + "\n\n"
+    response_char = len(text)
+    text += fields.response
+
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoding["input_ids"])
+    offsets = _OffsetIndex(encoding["offset_mapping"])
+    open_tok = _think_token(offsets, ids, open_char, template.think_open, template.open_id)
+    close_tok = _think_token(offsets, ids, close_char, template.think_close, template.close_id)
+    n = len(ids)
+    prompt_span = offsets.token_span(prompt_char, prompt_char + len(fields.prompt))
+    if prompt_span is None or prompt_span[1] > open_tok:
+        raise _Malformed("the prompt tokens could not be located before the think-open token")
+    thinking_span = (open_tok + 1, close_tok)
+    response_span = (close_tok + 1, n)
+    if thinking_span[1] <= thinking_span[0] or response_span[1] <= response_span[0]:
+        raise _Malformed("the thinking or the response has no tokens")
+
+    prompt_chars, missing_p = locate_annotations(fields.prompt, fields.prompt_groups)
+    response_chars, missing_r = locate_annotations(fields.response, fields.response_groups)
+    unrelated_chars, missing_u = locate_annotations(fields.response, fields.unrelated_groups)
+    missing = [f"prompt {m}" for m in missing_p] + [f"response {m}" for m in missing_r + missing_u]
+    if missing:
+        logger.warning(
+            "Calibration sample %d: %d annotation(s) not found in their segment, ignored: %s",
+            index, len(missing), "; ".join(missing[:_MAX_REASONS_SHOWN]) + (" …" if len(missing) > _MAX_REASONS_SHOWN else ""),
+        )
+    instruction = _token_spans(offsets, prompt_chars, prompt_char, prompt_span) or [prompt_span]
+    constrained = _token_spans(offsets, response_chars, response_char, response_span)
+    unrelated = _token_spans(offsets, unrelated_chars, response_char, response_span)
+
+    if n > max_length:
+        if close_tok + 1 >= max_length:
+            raise _Malformed(
+                f"the rendered sample has {n} tokens and its think-close token is at position {close_tok}, so it "
+                f"does not survive the cut to config.max_length={max_length}: raise max_length or shorten the "
+                "prompt/reasoning"
+            )
+        logger.info("Calibration sample %d: %d tokens, response cut to max_length=%d.", index, n, max_length)
+        ids = ids[:max_length]
+        response_span = (close_tok + 1, max_length)
+        constrained = _clip(constrained, max_length)
+        unrelated = _clip(unrelated, max_length)
+    return CalibrationSample(
+        input_ids=ids,
+        think_open=open_tok,
+        think_close=close_tok,
+        prompt_span=prompt_span,
+        thinking_span=thinking_span,
+        response_span=response_span,
+        instruction_spans=instruction,
+        constrained_spans=constrained or [response_span],
+        unrelated_spans=merge_spans([thinking_span, *unrelated]),
+        index=index,
+    )
+
+
+# --------------------------------------------------------------------------------------------------- generation
+def split_generation(
+    token_ids: Sequence[int], tokenizer: Any, open_id: int, close_id: int, stop_ids: Iterable[int] = ()
+) -> tuple[str, str]:
+    """Split the generated continuation of ``…<think>\\n`` into (reasoning, response) texts.
+
+    The continuation is cut at the first stop token (EOS or padding); it must then hold exactly one think-close
+    token, no think-open token, and non-empty text on both sides.
+
+    Raises:
+        _Malformed: with the reason, for a generation without a proper think block and answer.
+    """
+    ids = list(token_ids)
+    stops = set(stop_ids)
+    ended = False
+    for i, token in enumerate(ids):
+        if token in stops:
+            ids, ended = ids[:i], True
+            break
+    if open_id in ids:
+        raise _Malformed("the generation opens a second think block")
+    closes = ids.count(close_id)
+    if closes == 0:
+        hint = "" if ended else " (it may have run out of config.max_new_tokens)"
+        raise _Malformed(f"the generation never closes its thinking{hint}")
+    if closes > 1:
+        raise _Malformed(f"the generation closes its thinking {closes} times")
+    cut = ids.index(close_id)
+    reasoning = tokenizer.decode(ids[:cut], skip_special_tokens=True).strip()
+    response = tokenizer.decode(ids[cut + 1:], skip_special_tokens=True).strip()
+    if not reasoning:
+        raise _Malformed("the generation has an empty thinking block")
+    if not response:
+        hint = "" if ended else " (it may have run out of config.max_new_tokens)"
+        raise _Malformed(f"the generation has no answer after the thinking{hint}")
+    return reasoning, response
+
+
+def _generation_config(model: Any, config: Any, pad_id: int) -> Any:
+    """The model's generation config with the calibration settings applied (greedy or sampled)."""
+    from transformers import GenerationConfig
+
+    gen = copy.deepcopy(getattr(model, "generation_config", None) or GenerationConfig())
+    gen.max_new_tokens = config.max_new_tokens
+    gen.max_length = None
+    gen.do_sample = config.do_sample
+    if config.do_sample:
+        gen.temperature, gen.top_p = config.temperature, config.top_p
+    else:
+        gen.temperature = gen.top_p = gen.top_k = None
+    gen.pad_token_id = pad_id
+    return gen
+
+
+def _stop_ids(gen: Any, tokenizer: Any, pad_id: int) -> set[int]:
+    """EOS ids of the generation config and tokenizer, plus the padding id."""
+    stops = {pad_id}
+    for eos in (gen.eos_token_id, tokenizer.eos_token_id):
+        if eos is None:
+            continue
+        stops.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    return stops
+
+
+def _generate_batch(records: list[dict], model: Any, tokenizer: Any, config: Any, template: _Template) -> list[dict]:
+    """Generate reasoning and response for one batch of prompt-only records (left padding, no grad)."""
+    results = [dict(r) for r in records]
+    rows, prefix_ids = [], []
+    for i, record in enumerate(records):
+        try:
+            prompt = _text(_raw_fields(record)[0], "prompt", template, check_think=False)
+            prefix, _ = _generation_prefix(tokenizer, template, prompt)
+        except _Malformed as err:
+            results[i]["generation_error"] = str(err)
+            continue
+        rows.append(i)
+        prefix_ids.append(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+    if not rows:
+        return results
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        eos = tokenizer.eos_token_id
+        pad_id = eos if eos is not None else 0
+    width = max(len(p) for p in prefix_ids)
+    device = getattr(model, "device", torch.device("cpu"))
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prefix_ids], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefix_ids], device=device)
+    gen = _generation_config(model, config, pad_id)
+    with torch.no_grad():
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen)
+    stops = _stop_ids(gen, tokenizer, pad_id)
+    for row, generated in zip(rows, output[:, width:].tolist()):
+        results[row]["generation"] = tokenizer.decode(generated, skip_special_tokens=False)
+        try:
+            reasoning, response = split_generation(generated, tokenizer, template.open_id, template.close_id, stops)
+        except _Malformed as err:
+            results[row]["generation_error"] = str(err)
+            continue
+        results[row]["reasoning"], results[row]["response"] = reasoning, response
+    return results
+
+
+def generate_traces(records: list[dict], model: Any, tokenizer: Any, config: Any) -> list[dict]:
+    """Complete prompt-only records with the reasoning model's own thinking and answer.
+
+    Prompts are rendered exactly as the calibration samples are (chat template, then the think-open token) and
+    generated in batches of ``config.batch_size`` with left padding, greedy or sampled (``config.do_sample``,
+    ``temperature``, ``top_p``, seeded with ``config.seed``), at most ``config.max_new_tokens`` new tokens.
+    Each generation is split at the think-close token.
+
+    Returns:
+        One dict per input record, in order. Records that already had a reasoning trace or a response are copied
+        unchanged; generated ones get ``reasoning``, ``response`` and the raw ``generation`` text, or a
+        ``generation_error`` (no proper think block and answer) that makes them malformed calibration samples.
+    """
+    template = _template_parts(tokenizer, config)
+    records = load_records(records)
+    todo = [i for i, r in enumerate(records) if _is_prompt_only(r)]
+    results = [dict(r) for r in records]
+    torch.manual_seed(config.seed)
+    batches = range(0, len(todo), config.batch_size)
+    for start in tqdm(batches, desc="Generating calibration traces", unit="batch"):
+        rows = todo[start:start + config.batch_size]
+        for row, done in zip(rows, _generate_batch([records[i] for i in rows], model, tokenizer, config, template)):
+            results[row] = done
+    failed = sum("generation_error" in results[i] for i in todo)
+    if todo:
+        logger.info("Generated %d calibration traces (%d without a proper think block).", len(todo), failed)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------- pipeline
+def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limit: int | None) -> list[CalibrationSample]:
+    """Load, (generate,) validate and render a calibration set; see the public wrappers."""
+    records = load_records(data)
+    if not records:
+        raise CalibrationError(f"The {kind} calibration set is empty: pass at least one record.")
+    template = _template_parts(tokenizer, config)
+    prompt_only = [i for i, r in enumerate(records) if _is_prompt_only(r)]
+    if prompt_only and model is None:
+        raise CalibrationError(
+            f"{len(prompt_only)} of {len(records)} {kind} calibration records (first: index {prompt_only[0]}) have "
+            "only a prompt. Pass 'reasoning' and 'response' for every record, or pass the reasoning model "
+            "(model=...) / let RainMerger generate them with generate_traces."
+        )
+    chunk = config.batch_size if prompt_only else len(records)
+    if prompt_only:
+        torch.manual_seed(config.seed)
+    samples: list[CalibrationSample] = []
+    failures: list[tuple[int, str]] = []
+    progress = tqdm(total=len(records), desc=f"Preparing {kind} calibration", unit="sample")
+    try:
+        for start in range(0, len(records), chunk):
+            batch = records[start:start + chunk]
+            todo = [j for j, r in enumerate(batch) if _is_prompt_only(r)]
+            if todo:
+                generated = _generate_batch([batch[j] for j in todo], model, tokenizer, config, template)
+                batch = list(batch)
+                for j, record in zip(todo, generated):
+                    batch[j] = record
+            for offset, record in enumerate(batch):
+                index = start + offset
+                progress.update(1)
+                try:
+                    samples.append(_build_sample(_parse_record(record, template), index, tokenizer, template,
+                                                 config.max_length))
+                except _Malformed as err:
+                    failures.append((index, str(err)))
+                    if config.on_malformed == "error":
+                        raise CalibrationError(
+                            f"Malformed {kind} calibration sample at index {index}: {err}. Fix the record, or set "
+                            "config.on_malformed='skip' to leave such samples out."
+                        ) from None
+                    logger.warning("Skipping malformed %s calibration sample %d: %s", kind, index, err)
+                if limit is not None and len(samples) >= limit:
+                    break
+            if limit is not None and len(samples) >= limit:
+                break
+    finally:
+        progress.close()
+    if not samples:
+        reasons = "; ".join(f"#{i}: {reason}" for i, reason in failures[:_MAX_REASONS_SHOWN])
+        raise CalibrationError(
+            f"no usable {kind} calibration samples: {len(failures)} malformed, first reasons: {reasons}"
+        )
+    logger.info("Using %d %s calibration samples (%d malformed skipped).", len(samples), kind, len(failures))
+    return samples
+
+
+def prepare_reasoning_calibration(
+    data: Any, tokenizer: Any, config: Any, model: Any = None
+) -> list[CalibrationSample]:
+    """The stage-1 calibration samples: records with ``prompt``, ``reasoning`` and ``response``.
+
+    Args:
+        data: anything :func:`load_records` reads (e.g. the paper's ``reasoning_calibration_set.json``).
+        tokenizer: the reasoning model's fast tokenizer (its chat template renders the prompts).
+        config: a :class:`~rain_hf.RainMergingConfig` (think tokens, ``max_length``, ``on_malformed``,
+            ``max_reasoning_samples`` and the generation settings).
+        model: the reasoning model; needed only when some records have only a prompt (it then writes their
+            reasoning and response, see :func:`generate_traces`).
+
+    Returns:
+        The first ``config.max_reasoning_samples`` usable samples (all when ``None``), in input order.
+
+    Raises:
+        CalibrationError: unreadable data, an unsuitable tokenizer, a malformed sample with
+            ``on_malformed="error"``, prompt-only records without a model, or no usable sample at all.
+    """
+    return _prepare(data, tokenizer, config, model, "reasoning", config.max_reasoning_samples)
+
+
+def prepare_instruction_calibration(
+    data: Any, tokenizer: Any, config: Any, model: Any = None
+) -> list[CalibrationSample]:
+    """The stage-2 calibration samples: records with ``prompt``, ``reason``/``reasoning``, ``response``.
+
+    Annotations (optional): the paper's ``related_prompt_list[*].prompt_spans`` (instruction text inside the
+    prompt), ``.response_spans`` (constrained response text), ``.unrelated_response_spans`` and a top-level
+    ``unrelated_response_spans``; or plain ``instruction_spans`` / ``response_spans`` lists. Items are strings
+    located inside their own segment, or ``[start, end]`` character offsets into it. Without annotations
+    I = the prompt, R = the response, U = the thinking; annotated unrelated spans are added to U.
+
+    Arguments, return value and errors as in :func:`prepare_reasoning_calibration`, with
+    ``config.max_instruction_samples`` as the limit.
+    """
+    return _prepare(data, tokenizer, config, model, "instruction", config.max_instruction_samples)
