@@ -27,7 +27,7 @@ from rain_hf.card import write_model_card
 from rain_hf.hub import HubError, push_folder
 
 TOKEN = "hf_fake_write_token"
-SHARD_BYTES = 8 * 1024 * 1024
+SHARD_BYTES = 24 * 1024 * 1024
 
 
 @pytest.fixture(autouse=True)
@@ -265,7 +265,7 @@ def test_push_creates_repo_and_one_commit_with_every_file(hub, merged):
         assert upload["size"] == SHARD_BYTES
         # streamed from disk: many small chunks, and the process never held a shard in memory
         assert upload["chunks"] > 1 and upload["max_chunk"] <= 1024 * 1024
-    assert peak < SHARD_BYTES // 2, f"peak traced memory {peak} bytes: a shard was read into memory"
+    assert peak < SHARD_BYTES // 3, f"peak traced memory {peak} bytes: a shard was read into memory"
     assert info.oid and info.commit_url.startswith("https://huggingface.co/me/r1-rain/commit/")
     assert info.pr_url is None
     assert _snapshot(merged) == before

@@ -1,0 +1,196 @@
+"""Publishing a saved merge to the Hugging Face Hub: one repository, one commit, files streamed from disk.
+
+:func:`push_folder` creates the model repository if needed (``create_repo(exist_ok=True)``), then uploads every
+file of the output folder — weights, index, config, tokenizer, chat template, generation config, ``README.md``
+(the model card), heatmap and sidecar — in **one** ``create_commit``. Each file is passed to the Hub client as a
+path, so large shards are hashed and uploaded in chunks, never read whole into memory. Any failure from the
+Hub (authentication, a missing or wrongly typed repository, a bad revision, network errors) is raised as
+:class:`HubError` with a message that says what to do; the local folder is only read, never changed.
+
+Example:
+    >>> from rain_hf.hub import push_folder
+    >>> info = push_folder("merged", "my-user/r1-rain-merged", private=True)  # doctest: +SKIP
+    >>> info.commit_url  # doctest: +SKIP
+    'https://huggingface.co/my-user/r1-rain-merged/commit/…'
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import httpx2
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    HFValidationError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_COMMIT_MESSAGE", "HubError", "push_folder"]
+
+DEFAULT_COMMIT_MESSAGE = "Upload merged model (rain_hf)"
+_OTHER_REPO_TYPES = {"datasets": "dataset", "spaces": "Space", "kernels": "kernel", "buckets": "bucket"}
+_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+
+
+class HubError(RuntimeError):
+    """Pushing to the Hugging Face Hub failed; the message says why and how to fix it.
+
+    Attributes:
+        repo_id: the repository the push went to.
+        folder: the local output folder, left as it was.
+        status_code: the HTTP status the Hub answered with, when there was one.
+    """
+
+    def __init__(self, message: str, *, repo_id: str, folder: Path, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.repo_id = repo_id
+        self.folder = folder
+        self.status_code = status_code
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+) -> CommitInfo:
+    """Upload every file of ``folder`` to the model repository ``repo_id`` in a single commit.
+
+    Args:
+        folder: a folder written by ``RainMerger.save_pretrained`` (any folder works).
+        repo_id: ``"namespace/name"`` (or ``"name"`` for your own namespace).
+        private: visibility of a repository this call creates (an existing one keeps its visibility).
+        token: a Hub token with write access (default: ``HF_TOKEN`` or the one saved by ``hf auth login``).
+        revision: the branch to commit to (created from ``main`` when missing; default ``main``).
+        commit_message: the commit's title (default :data:`DEFAULT_COMMIT_MESSAGE`).
+        create_pr: open a pull request with the commit instead of committing to the branch.
+
+    Returns:
+        The :class:`huggingface_hub.CommitInfo` of the commit (``commit_url``, ``oid``, ``pr_url``).
+
+    Raises:
+        HubError: the push failed; the local folder is intact.
+        FileNotFoundError: ``folder`` does not exist or holds no files.
+
+    Example:
+        >>> push_folder("merged", "my-user/r1-rain-merged", create_pr=True).pr_url  # doctest: +SKIP
+        'https://huggingface.co/my-user/r1-rain-merged/discussions/1'
+    """
+    folder = Path(folder)
+    files = _files_to_upload(folder)
+    _check_repo_id(repo_id, folder)
+    api = HfApi(token=token)
+    target = repo_id
+    step = "creating the repository"
+    try:
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        target = getattr(repo_url, "repo_id", None) or repo_id
+        if revision is not None and revision != "main" and not _COMMIT_SHA.fullmatch(revision):
+            step = f"creating the branch {revision!r}"
+            api.create_branch(target, branch=revision, exist_ok=True, repo_type="model")
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files]
+        step = "uploading the files"
+        info = api.create_commit(
+            target,
+            operations,
+            commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
+            revision=revision,
+            create_pr=create_pr,
+            repo_type="model",
+        )
+    except Exception as exc:  # every failure becomes one HubError with a fix; the cause stays chained
+        raise _hub_error(exc, target, folder, revision, step) from exc
+    logger.info("Pushed %d files from %s to %s", len(files), folder, info.pr_url or info.commit_url)
+    return info
+
+
+def _files_to_upload(folder: Path) -> list[tuple[str, Path]]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Cannot push {str(folder)!r}: it is not a folder. Save the merge first "
+                                "(merger.save_pretrained(folder)).")
+    files = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if not path.is_file() or any(part.startswith(".") for part in relative.parts):
+            continue  # skip .cache/, .git/, .gitattributes-like local state
+        files.append((relative.as_posix(), path))
+    if not files:
+        raise FileNotFoundError(f"Cannot push {str(folder)!r}: it holds no files.")
+    return files
+
+
+def _check_repo_id(repo_id: str, folder: Path) -> None:
+    first = repo_id.strip().split("/", 1)[0] if isinstance(repo_id, str) else ""
+    if first in _OTHER_REPO_TYPES and repo_id.count("/") == 2:
+        kind = _OTHER_REPO_TYPES[first]
+        raise HubError(f"{repo_id!r} names a {kind} repository; a merged model goes to a model repository: pass "
+                       f"'{repo_id.split('/', 1)[1]}'. {_intact(folder, repo_id)}", repo_id=repo_id, folder=folder)
+
+
+def _intact(folder: Path, repo_id: str) -> str:
+    return (f"The local output at {folder} is intact; retry with rain_hf.hub.push_folder('{folder}', '{repo_id}') "
+            f"or `hf upload {repo_id} {folder} .`")
+
+
+def _hub_error(exc: BaseException, repo_id: str, folder: Path, revision: str | None, step: str) -> HubError:
+    """Turn what the Hub client raised into a HubError that names the problem and the fix."""
+    if isinstance(exc, ValueError) and "README.md" in str(exc):  # the Hub's validate-yaml said no
+        errors = " ".join(line.strip("- ").strip() for line in str(exc).splitlines()[1:] if line.strip())
+        return HubError(f"The Hub rejected the model card's metadata (README.md front matter){': ' + errors if errors else ''}. "
+                        f"Fix the card template and push again. {_intact(folder, repo_id)}",
+                        repo_id=repo_id, folder=folder, status_code=400)
+    cause = exc
+    # lfs uploads wrap the HTTP error in a RuntimeError("Error while uploading ..."): look through the chain
+    known = (HfHubHTTPError, OfflineModeIsEnabled, HFValidationError, httpx2.TransportError, OSError)
+    while not isinstance(cause, known) and (
+        cause.__cause__ is not None
+    ):
+        cause = cause.__cause__
+    status = None
+    response = getattr(cause, "response", None)
+    if response is not None:
+        status = getattr(response, "status_code", None)
+    server = (getattr(cause, "server_message", None) or "").strip()
+    if not server and isinstance(cause, HfHubHTTPError):
+        server = next((line.strip() for line in str(cause).splitlines() if line.strip()), "")
+    detail = f" (Hub: {' '.join(server.split())})" if server else ""
+
+    if isinstance(cause, OfflineModeIsEnabled):
+        text = "HF_HUB_OFFLINE is set, so the Hub cannot be reached: unset it to push."
+    elif isinstance(cause, HFValidationError):
+        text = f"{repo_id!r} is not a valid repository id ({cause}); use 'namespace/name'."
+    elif isinstance(cause, RevisionNotFoundError):
+        text = (f"The revision {revision!r} does not exist in {repo_id} and could not be created; pass an existing "
+                "branch name (or none for main).")
+    elif status in (401, 403) and not isinstance(cause, RepositoryNotFoundError):
+        text = (f"The Hub refused {step} for {repo_id} (HTTP {status}: not authenticated, or the token cannot write "
+                f"there){detail}. Pass token= (a token with write access) or run `hf auth login`.")
+    elif isinstance(cause, RepositoryNotFoundError):
+        text = (f"The model repository {repo_id} was not found while {step} (HTTP {status}): it does not exist, the "
+                "token cannot see it, or the name belongs to a dataset or Space. Check the repo id, pass token= "
+                "(a token with write access) or run `hf auth login`.")
+    elif isinstance(cause, HfHubHTTPError):
+        if status == 409:
+            text = (f"The Hub reported a conflict while {step} for {repo_id}{detail}: a repository of another type "
+                    "may already use this name, or another commit was pushed meanwhile. Retry or pick another "
+                    "repo id.")
+        else:
+            text = f"The Hub answered HTTP {status} while {step} for {repo_id}{detail}."
+    elif isinstance(cause, (httpx2.TransportError, OSError, TimeoutError)):
+        text = (f"Network error while {step} for {repo_id} ({type(cause).__name__}: {cause}). Check the "
+                "connection (proxy, HF_ENDPOINT) and retry.")
+    else:
+        text = f"Pushing to {repo_id} failed while {step}: {type(cause).__name__}: {cause}"
+    return HubError(f"{text} {_intact(folder, repo_id)}", repo_id=repo_id, folder=folder, status_code=status)
