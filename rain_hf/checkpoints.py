@@ -10,13 +10,13 @@ import json
 import logging
 import os
 import re
+import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors import safe_open
 
 logger = logging.getLogger(__name__)
 
@@ -165,32 +165,16 @@ class LazyCheckpoint:
             hint = (f" It holds {bins[:3]}: convert them to safetensors first (load the model with transformers and "
                     "call save_pretrained(..., safe_serialization=True)).") if bins else ""
             raise CheckpointError(f"No safetensors weights in {self.name} ({self.folder}).{hint}")
-        self._handles: dict[str, object] = {}
         self._where: dict[str, str] = {}
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        self._dtypes: dict[str, str] = {}
+        self._entries: dict[str, tuple[tuple[int, ...], str, int, int]] = {}
         for file in files:
-            handle = self._open(file)
-            for key in handle.keys():
+            for key, entry in _read_header(self.folder / file, self.name).items():
                 self._where[key] = file
-                sl = handle.get_slice(key)
-                self._shapes[key] = tuple(sl.get_shape())
-                self._dtypes[key] = sl.get_dtype()
+                self._entries[key] = entry
         missing = sorted(set(weight_map) - set(self._where))
         if missing:
             raise CheckpointError(f"{self.name}: the index names tensors that no shard holds, e.g. {missing[:3]}. "
                                   "The checkpoint is incomplete: download it again.")
-
-    def _open(self, file: str):
-        if file not in self._handles:
-            path = self.folder / file
-            if not path.is_file():
-                raise CheckpointError(f"{self.name}: shard {file} is missing from {self.folder}.")
-            try:
-                self._handles[file] = safe_open(str(path), framework="pt", device="cpu")
-            except Exception as exc:  # safetensors raises its own error types
-                raise CheckpointError(f"{self.name}: cannot read {path}: {exc}") from exc
-        return self._handles[file]
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -205,25 +189,32 @@ class LazyCheckpoint:
         return len(self._where)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return self._shapes[key]
+        return self._entries[key][0]
 
     def dtype(self, key: str) -> torch.dtype:
-        return _SAFETENSORS_DTYPES[self._dtypes[key]]
+        return _SAFETENSORS_DTYPES[self._entries[key][1]]
 
     def get(self, key: str) -> torch.Tensor:
-        """The tensor ``key`` as stored (dtype and values exactly as in the file), on the CPU."""
+        """The tensor ``key`` as stored (dtype and values exactly as in the file), on the CPU.
+
+        Read with a plain positioned read rather than a memory map, so pages of tensors already merged do not
+        stay resident.
+        """
         if key not in self._where:
             raise KeyError(f"{self.name} has no tensor {key!r}")
-        return self._handles[self._where[key]].get_tensor(key)
+        shape, dtype, start, end = self._entries[key]
+        buf = bytearray(end - start)
+        with open(self.folder / self._where[key], "rb") as f:
+            f.seek(start)
+            if f.readinto(buf) != len(buf):
+                raise CheckpointError(f"{self.name}: {self._where[key]} is truncated (tensor {key}).")
+        torch_dtype = _SAFETENSORS_DTYPES[dtype]
+        if not buf:
+            return torch.empty(shape, dtype=torch_dtype)
+        return torch.frombuffer(buf, dtype=torch_dtype).reshape(shape)
 
     def nbytes(self) -> int:
-        total = 0
-        for key, shape in self._shapes.items():
-            n = 1
-            for s in shape:
-                n *= s
-            total += n * self.dtype(key).itemsize
-        return total
+        return sum(end - start for _, _, start, end in self._entries.values())
 
 
 class StateDictSource:
@@ -254,6 +245,29 @@ _SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+
+
+def _read_header(path: Path, name: str) -> dict[str, tuple[tuple[int, ...], str, int, int]]:
+    """Tensor name → (shape, safetensors dtype, absolute start, end) from a safetensors file's header."""
+    if not path.is_file():
+        raise CheckpointError(f"{name}: shard {path.name} is missing from {path.parent}.")
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > 100_000_000:
+                raise ValueError("header too large")
+            header = json.loads(f.read(size))
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{name}: {path} is not a valid safetensors file ({exc}).") from exc
+    entries = {}
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        if meta["dtype"] not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{name}: tensor {key} has dtype {meta['dtype']}, which rain_hf cannot merge.")
+        start, end = meta["data_offsets"]
+        entries[key] = (tuple(meta["shape"]), meta["dtype"], 8 + size + start, 8 + size + end)
+    return entries
 
 
 def read_json(path: Path, what: str) -> dict:
