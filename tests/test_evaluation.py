@@ -44,6 +44,23 @@ def offline(tmp_path_factory, monkeypatch):
     yield root
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models run faster (and steadier on a shared machine) on one thread; restored after each test."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def own_nltk_path(monkeypatch):
+    """A copy of ``nltk.data.path`` for the test, so that folders the test prepends do not outlive it."""
+    import nltk
+
+    monkeypatch.setattr(nltk.data, "path", list(nltk.data.path))
+
+
 @pytest.fixture
 def no_nltk_download(monkeypatch):
     """Make any nltk download attempt fail loudly."""
@@ -177,7 +194,7 @@ def test_split_generation_custom_tags_and_rate():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_ensure_nltk_data_builds_punkt_tab_offline(tmp_path, no_nltk_download):
+def test_ensure_nltk_data_builds_punkt_tab_offline(tmp_path, no_nltk_download, own_nltk_path):
     import nltk
     from nltk.tokenize.punkt import PunktSentenceTokenizer, load_punkt_params
 
@@ -203,6 +220,15 @@ def test_ensure_nltk_data_builds_punkt_tab_offline(tmp_path, no_nltk_download):
     ev.ensure_nltk_data(root)  # another build version: rebuilt
     with open(os.path.join(lang_dir, ev._PUNKT_MARKER)) as f:
         assert f.read().strip() == PUNKT_BUILD_VERSION
+
+
+def test_ensure_nltk_data_leaves_a_foreign_model_alone(tmp_path, own_nltk_path):
+    lang_dir = tmp_path / "tokenizers" / "punkt_tab" / "english"
+    lang_dir.mkdir(parents=True)
+    for name in ev._PUNKT_FILES:
+        (lang_dir / name).write_text("")
+    ev.ensure_nltk_data(str(tmp_path))
+    assert sorted(os.listdir(lang_dir)) == sorted(ev._PUNKT_FILES)  # no marker written, nothing replaced
 
 
 def test_ensure_nltk_data_default_folder_from_env(offline):
@@ -639,7 +665,7 @@ def test_evaluate_load_offline(offline):
         print("RESULT" + json.dumps(out))
         """
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
     )

@@ -1,0 +1,956 @@
+"""Evaluation of merged reasoning models: think format, instruction following, accuracy, L_think, geometry.
+
+Everything here is model-agnostic and works offline:
+
+- :func:`split_generation` / :func:`think_format_rate`: split a generation into its ``<think> … </think>`` block
+  and the answer, and check the format (method.md §4).
+- :func:`instruction_following`: IFEval strict and loose accuracy, prompt- and instruction-level, with lm-eval's
+  own checkers (``pip install "rain_hf[eval]"``), scored on the answer part only. :func:`ensure_nltk_data` builds
+  the nltk ``punkt_tab`` model those checkers need with nltk's own trainer, so nothing is ever downloaded.
+- :func:`answer_accuracy`: accuracy against references (last number of the answer by default).
+- :func:`think_kl`: L_think = mean KL(merged ‖ reasoning model) of the next-token distributions at given positions.
+- :func:`task_vector_geometry`: cosine and principal-subspace overlap of two task vectors per module type.
+- :func:`generate`: batched chat-template generation that keeps the think tokens in the decoded text.
+- :func:`calibration_overlap`: exact and normalised prompt overlap between a calibration and an evaluation set.
+
+The same instruction-following score is available as an ``evaluate`` metric module at :data:`METRIC_PATH`:
+
+    >>> import evaluate  # doctest: +SKIP
+    >>> metric = evaluate.load(METRIC_PATH)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import unicodedata
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "METRIC_PATH",
+    "OverlapReport",
+    "ThinkSplit",
+    "answer_accuracy",
+    "calibration_overlap",
+    "ensure_nltk_data",
+    "extract_last_number",
+    "generate",
+    "instruction_following",
+    "normalize_prompt",
+    "render_prompts",
+    "split_generation",
+    "task_vector_geometry",
+    "think_format_rate",
+    "think_kl",
+]
+
+METRIC_PATH: str = str(Path(__file__).resolve().parent / "metrics" / "rain_ifeval")
+"""Folder of the ``rain_ifeval`` metric module, for ``evaluate.load(METRIC_PATH)``."""
+
+_EVAL_EXTRA_HINT = 'pip install "rain_hf[eval]"'
+_NLTK_DATA_ENV = "RAIN_HF_NLTK_DATA"
+_PUNKT_FILES = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab")
+_PUNKT_MARKER = "rain_hf_build.txt"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Think format
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ThinkSplit:
+    """A generation split into its thinking and its answer.
+
+    Attributes:
+        thinking: the text inside the think block (stripped), ``None`` when no closed block was found.
+        answer: the answer (stripped). When the format is broken it is a best effort: the text after the last
+            think-close tag if there is one, else the whole text with the think tags removed.
+        format_ok: whether the generation has exactly one ``<think> … </think>`` block first, then a non-empty
+            answer (see :func:`split_generation`).
+    """
+
+    thinking: str | None
+    answer: str
+    format_ok: bool
+
+
+def split_generation(
+    text: str,
+    think_open: str = "<think>",
+    think_close: str = "</think>",
+    prompt_ends_with_open: bool = False,
+) -> ThinkSplit:
+    """Split a generated completion into thinking and answer, and check the think format.
+
+    The format is correct when:
+
+    - ``prompt_ends_with_open=False`` (the model must open the block itself): the completion starts with
+      ``think_open`` (leading whitespace allowed), contains exactly one ``think_open`` and one ``think_close``,
+      and a non-empty answer follows the close tag;
+    - ``prompt_ends_with_open=True`` (the chat template already put ``think_open`` at the end of the prompt): the
+      completion contains no ``think_open``, exactly one ``think_close``, and a non-empty answer after it.
+
+    Args:
+        text: the decoded completion (prompt excluded), decoded with the think tokens kept.
+        think_open, think_close: the think tags.
+        prompt_ends_with_open: whether the rendered prompt already ended with ``think_open``.
+
+    Returns:
+        A :class:`ThinkSplit`.
+
+    Example:
+        >>> split_generation("<think>2+3=5</think> The answer is 5.")
+        ThinkSplit(thinking='2+3=5', answer='The answer is 5.', format_ok=True)
+        >>> split_generation("2+3=5</think>5", prompt_ends_with_open=True).format_ok
+        True
+        >>> split_generation("<think>2+3=5 The answer is 5.")
+        ThinkSplit(thinking=None, answer='2+3=5 The answer is 5.', format_ok=False)
+    """
+    n_open = text.count(think_open)
+    n_close = text.count(think_close)
+    if prompt_ends_with_open:
+        structure_ok = n_open == 0 and n_close == 1
+    else:
+        structure_ok = (
+            n_open == 1
+            and n_close == 1
+            and text.lstrip().startswith(think_open)
+            and text.index(think_close) > text.index(think_open)
+        )
+    if structure_ok:
+        before, _, after = text.partition(think_close)
+        thinking = before.lstrip()
+        if thinking.startswith(think_open):
+            thinking = thinking[len(think_open) :]
+        answer = after.strip()
+        return ThinkSplit(thinking=thinking.strip(), answer=answer, format_ok=bool(answer))
+    if n_close:
+        before, _, after = text.rpartition(think_close)
+        thinking = before.replace(think_open, "").replace(think_close, "").strip()
+        return ThinkSplit(thinking=thinking, answer=after.strip(), format_ok=False)
+    return ThinkSplit(thinking=None, answer=text.replace(think_open, "").strip(), format_ok=False)
+
+
+def think_format_rate(
+    generations: Sequence[str],
+    think_open: str = "<think>",
+    think_close: str = "</think>",
+    prompt_ends_with_open: bool = False,
+) -> float:
+    """Fraction of generations whose think format is correct (see :func:`split_generation`).
+
+    Example:
+        >>> think_format_rate(["<think>a</think>b", "<think>a b", "a</think>b"])
+        0.3333333333333333
+    """
+    if not generations:
+        raise ValueError("think_format_rate needs at least one generation.")
+    ok = sum(
+        split_generation(g, think_open, think_close, prompt_ends_with_open=prompt_ends_with_open).format_ok
+        for g in generations
+    )
+    return ok / len(generations)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# IFEval (lm-eval's checkers) and the nltk data they need
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _default_nltk_data_dir() -> str:
+    if os.environ.get(_NLTK_DATA_ENV):
+        return os.environ[_NLTK_DATA_ENV]
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "rain_hf", "nltk_data")
+
+
+def _punkt_state(lang_dir: str, version: str) -> str:
+    """``"missing"``, ``"current"`` / ``"stale"`` (our build, this / another version) or ``"foreign"`` (not ours)."""
+    if not os.path.isdir(lang_dir):
+        return "missing"
+    marker = os.path.join(lang_dir, _PUNKT_MARKER)
+    if not os.path.isfile(marker):
+        return "foreign"
+    with open(marker, encoding="utf-8") as f:
+        built = f.read().strip()
+    complete = all(os.path.isfile(os.path.join(lang_dir, name)) for name in _PUNKT_FILES)
+    return "current" if built == version and complete else "stale"
+
+
+def ensure_nltk_data(path: str | None = None) -> str:
+    """Build the English ``punkt_tab`` model that IFEval's checkers need, and put it first on ``nltk.data.path``.
+
+    The model is trained here with nltk's own ``PunktTrainer`` on a small deterministic English text (see
+    ``rain_hf._punkt``) and written with ``nltk.tokenize.punkt.save_punkt_params`` to
+    ``<path>/tokenizers/punkt_tab/english``. Nothing is downloaded. An existing build of the same version is
+    reused, an older build is replaced, and a ``punkt_tab/english`` folder that this function did not write (a real
+    nltk download, say) is left alone and used. The only global change is that ``path`` is moved to the front of
+    ``nltk.data.path``.
+
+    Args:
+        path: nltk data folder. Defaults to ``$RAIN_HF_NLTK_DATA``, else ``~/.cache/rain_hf/nltk_data``
+            (``$XDG_CACHE_HOME`` respected).
+
+    Returns:
+        The absolute nltk data folder.
+
+    Example:
+        >>> import nltk, tempfile
+        >>> root = ensure_nltk_data(tempfile.mkdtemp())
+        >>> nltk.data.path[0] == root
+        True
+        >>> nltk.sent_tokenize("Dr. Lee sat down. He smiled.")
+        ['Dr. Lee sat down.', 'He smiled.']
+    """
+    try:
+        import nltk
+        from nltk.tokenize.punkt import save_punkt_params
+    except ImportError as err:
+        raise ImportError(f"IFEval scoring needs nltk: {_EVAL_EXTRA_HINT}") from err
+    from rain_hf._punkt import PUNKT_BUILD_VERSION, build_punkt_parameters
+
+    root = os.path.abspath(os.path.expanduser(path or _default_nltk_data_dir()))
+    nltk.data.path[:] = [root] + [p for p in nltk.data.path if p != root]
+    tab_dir = os.path.join(root, "tokenizers", "punkt_tab")
+    lang_dir = os.path.join(tab_dir, "english")
+    state = _punkt_state(lang_dir, PUNKT_BUILD_VERSION)
+    if state == "current":
+        return root
+    if state == "foreign":
+        logger.info("Using the existing nltk punkt_tab model in %s", lang_dir)
+        return root
+
+    os.makedirs(tab_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".english-", dir=tab_dir)  # private (0700), as nltk's sandbox requires
+    try:
+        save_punkt_params(build_punkt_parameters(), dir=staging)
+        with open(os.path.join(staging, _PUNKT_MARKER), "w", encoding="utf-8") as f:
+            f.write(PUNKT_BUILD_VERSION + "\n")
+        if _punkt_state(lang_dir, PUNKT_BUILD_VERSION) == "stale":
+            shutil.rmtree(lang_dir, ignore_errors=True)
+        try:
+            os.rename(staging, lang_dir)
+        except OSError:  # another process finished first
+            if _punkt_state(lang_dir, PUNKT_BUILD_VERSION) != "current":
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("Built nltk punkt_tab (english) in %s", lang_dir)
+    return root
+
+
+def _ifeval_registry(nltk_data_path: str | None = None) -> Mapping[str, type]:
+    """lm-eval's ``INSTRUCTION_DICT`` (instruction id → checker class), imported without any download."""
+    # Before the import: lm-eval downloads punkt_tab at import time when nltk cannot find it.
+    ensure_nltk_data(nltk_data_path)
+    try:
+        from langdetect import DetectorFactory
+        from lm_eval.tasks.ifeval import instructions_registry
+    except ImportError as err:
+        raise ImportError(f"IFEval scoring needs lm-eval's IFEval checkers: {_EVAL_EXTRA_HINT}") from err
+    DetectorFactory.seed = 0
+    return instructions_registry.INSTRUCTION_DICT
+
+
+def _build_checker(
+    registry: Mapping[str, type], instruction_id: str, kwargs: Mapping[str, Any] | None, prompt: str
+):
+    """Instantiate one IFEval checker the way IFEval does (None-valued kwargs dropped, prompt passed if needed)."""
+    if instruction_id not in registry:
+        raise ValueError(f"Unknown IFEval instruction id {instruction_id!r}; known ids: {sorted(registry)}")
+    checker = registry[instruction_id](instruction_id)
+    arg_keys = checker.get_instruction_args_keys() or []
+    clean = {k: v for k, v in (kwargs or {}).items() if v is not None}
+    if "prompt_to_repeat" in arg_keys and "prompt_to_repeat" not in clean:
+        clean["prompt_to_repeat"] = prompt
+    checker.build_description(**clean)
+    if "prompt" in arg_keys:
+        checker.build_description(prompt=prompt)
+    return checker
+
+
+def _loose_variants(response: str) -> list[str]:
+    """IFEval's loose responses: as is, without the first/last/both lines, each also with ``*`` removed."""
+    lines = response.split("\n")
+    trimmed = [
+        response,
+        "\n".join(lines[1:]).strip(),
+        "\n".join(lines[:-1]).strip(),
+        "\n".join(lines[1:-1]).strip(),
+    ]
+    return trimmed + [r.replace("*", "") for r in trimmed]
+
+
+def _follows(checker, response: str) -> bool:
+    return bool(response.strip()) and bool(checker.check_following(response))
+
+
+def instruction_following(
+    answers: Sequence[str],
+    prompts: Sequence[str],
+    instruction_id_lists: Sequence[Sequence[str]],
+    kwargs_lists: Sequence[Sequence[Mapping[str, Any] | None]],
+    *,
+    nltk_data_path: str | None = None,
+) -> dict[str, Any]:
+    """IFEval accuracy of answers with lm-eval's checkers (``lm_eval.tasks.ifeval.instructions_registry``).
+
+    Pass the answer part only (see :func:`split_generation`): the thinking is not the answer. Strict checks the
+    answer as is; loose (IFEval's upper bound) also accepts the answer without its first line, its last line or
+    both, each with or without ``*``. Each instruction's kwargs are cleaned as IFEval does (keys whose value is
+    ``None`` are dropped); checkers that need the prompt get it (``prompt_to_repeat`` defaults to the prompt).
+    langdetect is seeded (``DetectorFactory.seed = 0``) so that language checks are deterministic.
+
+    Args:
+        answers: N answers.
+        prompts: N prompts (the instruction text, used by prompt-dependent checkers).
+        instruction_id_lists: N lists of IFEval instruction ids, e.g. ``["punctuation:no_comma"]``.
+        kwargs_lists: N lists of kwargs dicts, one per instruction id.
+        nltk_data_path: where :func:`ensure_nltk_data` builds the nltk data (default: its default).
+
+    Returns:
+        ``prompt_strict``, ``instruction_strict``, ``prompt_loose``, ``instruction_loose`` (floats: prompt-level =
+        fraction of answers that follow all their instructions, instruction-level = fraction of all
+        instructions followed), ``strict_per_prompt`` / ``loose_per_prompt`` (N bools) and
+        ``strict_per_instruction`` / ``loose_per_instruction`` (N lists of bools).
+
+    Example:
+        >>> scores = instruction_following(
+        ...     ["hello world", "Hello, World"], ["Say hi, lowercase.", "Say hi, lowercase."],
+        ...     [["change_case:english_lowercase"]] * 2, [[{}]] * 2)
+        >>> scores["prompt_strict"]
+        0.5
+    """
+    n = len(answers)
+    if not (len(prompts) == len(instruction_id_lists) == len(kwargs_lists) == n):
+        raise ValueError(
+            f"answers, prompts, instruction_id_lists and kwargs_lists must have the same length, got {n}, "
+            f"{len(prompts)}, {len(instruction_id_lists)}, {len(kwargs_lists)}"
+        )
+    if n == 0:
+        raise ValueError("instruction_following needs at least one answer.")
+    registry = _ifeval_registry(nltk_data_path)
+
+    strict: list[list[bool]] = []
+    loose: list[list[bool]] = []
+    for answer, prompt, ids, kwargs_list in tqdm(
+        zip(answers, prompts, instruction_id_lists, kwargs_lists), total=n, desc="IFEval", leave=False
+    ):
+        if len(kwargs_list) != len(ids):
+            raise ValueError(
+                f"{len(ids)} instruction ids but {len(kwargs_list)} kwargs dicts for prompt {prompt!r}"
+            )
+        variants = _loose_variants(answer)
+        strict.append([])
+        loose.append([])
+        for instruction_id, kwargs in zip(ids, kwargs_list):
+            checker = _build_checker(registry, instruction_id, kwargs, prompt)
+            strict[-1].append(_follows(checker, answer))
+            loose[-1].append(any(_follows(checker, r) for r in variants))
+
+    def _instruction_level(results: list[list[bool]]) -> float:
+        flat = [x for row in results for x in row]
+        return sum(flat) / len(flat) if flat else float("nan")
+
+    strict_prompt = [all(row) for row in strict]
+    loose_prompt = [all(row) for row in loose]
+    return {
+        "prompt_strict": sum(strict_prompt) / n,
+        "instruction_strict": _instruction_level(strict),
+        "prompt_loose": sum(loose_prompt) / n,
+        "instruction_loose": _instruction_level(loose),
+        "strict_per_prompt": strict_prompt,
+        "loose_per_prompt": loose_prompt,
+        "strict_per_instruction": strict,
+        "loose_per_instruction": loose,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Answer accuracy
+# ---------------------------------------------------------------------------------------------------------------
+
+# A number, thousands separators allowed; a minus sign only when it does not follow a word character (20-5 → 5).
+_NUMBER_RE = re.compile(r"(?:(?<!\w)-)?\d+(?:,\d{3})*(?:\.\d+)?")
+
+
+def extract_last_number(text: str) -> str | None:
+    """The last number in ``text`` (thousands separators removed), or ``None``.
+
+    Example:
+        >>> extract_last_number("Max has 1,033 apples now. So, the answer is -4.5.")
+        '-4.5'
+    """
+    matches = _NUMBER_RE.findall(text)
+    return matches[-1].replace(",", "") if matches else None
+
+
+def _as_number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(str(value).strip().replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _same_answer(prediction: Any, reference: Any) -> bool:
+    if prediction is None:
+        return False
+    a, b = _as_number(prediction), _as_number(reference)
+    if a is not None and b is not None:
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+    return " ".join(str(prediction).split()).lower() == " ".join(str(reference).split()).lower()
+
+
+def answer_accuracy(
+    answers: Sequence[str],
+    references: Sequence[int | float | str],
+    extract: Callable[[str], Any] | None = None,
+) -> float:
+    """Fraction of answers whose extracted value equals the reference.
+
+    Values are compared numerically when both parse as numbers, else as whitespace-normalised lowercase strings.
+
+    Args:
+        answers: N answers (the answer part, see :func:`split_generation`).
+        references: N references.
+        extract: maps an answer to its value (``None``: no answer); default :func:`extract_last_number`.
+
+    Example:
+        >>> answer_accuracy(["So, the answer is 33.", "It is 12", "no idea"], [33, "12.0", 7])
+        0.6666666666666666
+    """
+    if len(answers) != len(references):
+        raise ValueError(f"{len(answers)} answers but {len(references)} references")
+    if not answers:
+        raise ValueError("answer_accuracy needs at least one answer.")
+    extract = extract or extract_last_number
+    return sum(_same_answer(extract(a), r) for a, r in zip(answers, references)) / len(answers)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# L_think
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _eval_mode(*models: torch.nn.Module) -> Iterator[None]:
+    """Put models in eval mode (no dropout) for the block, then restore their training flags."""
+    flags = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for m, flag in zip(models, flags):
+            m.train(flag)
+
+
+def _pad(seqs: Sequence[torch.Tensor], pad_token_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad 1-D token tensors to ``input_ids`` [B, T] and ``attention_mask`` [B, T] (left or right padding)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        span = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, span] = s
+        mask[i, span] = 1
+    return ids, mask
+
+
+def _log_probs_at(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+) -> torch.Tensor:
+    """fp32 log-softmax of the model's logits at (rows[i], cols[i]): [N, V], on the model's device.
+
+    Uses ``logits_to_keep`` (transformers CausalLM models) so that only the requested positions go through the
+    LM head.
+    """
+    device = _model_device(model)
+    kwargs: dict[str, Any] = {}
+    keep, inverse = torch.unique(cols, return_inverse=True)
+    try:
+        takes_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes_keep = False
+    if takes_keep:
+        kwargs["logits_to_keep"] = keep.to(device)
+    out = model(
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False, **kwargs
+    )
+    logits = out.logits if hasattr(out, "logits") else out[0]  # [B, T or len(keep), V]
+    col_index = inverse if (takes_keep and logits.shape[1] == len(keep)) else cols
+    picked = logits[rows.to(device), col_index.to(device)]
+    return torch.log_softmax(picked.float(), dim=-1)
+
+
+def think_kl(
+    model: torch.nn.Module,
+    reference_model: torch.nn.Module,
+    input_ids: Sequence[torch.Tensor],
+    positions: Sequence[Sequence[int]],
+    batch_size: int = 8,
+    pad_token_id: int = 0,
+) -> float:
+    """L_think: mean KL(p_model ‖ p_reference) of the next-token distributions at the given positions.
+
+    Direction (method.md §4): KL(merged ‖ LRM) = Σ_v p_merged(v) (log p_merged(v) − log p_LRM(v)), so pass the
+    merged model as ``model`` and the reasoning model as ``reference_model``. Position ``t`` of a sequence means the
+    logits computed at token ``t``, i.e. the distribution of token ``t + 1``: to score how the think token at index
+    ``t`` is predicted, pass ``t - 1``. Sequences are right-padded into batches with attention masks; softmax in
+    fp32; no gradients; dropout off. Both models should live on the same device (otherwise the reference's
+    log-probabilities are moved to the model's device).
+
+    Args:
+        model: the merged model (a causal LM returning ``.logits`` [B, T, V]).
+        reference_model: the reasoning model, same tokenizer.
+        input_ids: N 1-D LongTensors (token ids of held-out reasoning samples).
+        positions: N lists of positions (0 ≤ t < len(input_ids[i])); samples with no position are skipped.
+        batch_size: sequences per forward pass.
+        pad_token_id: the id used for right padding (masked out, never scored).
+
+    Returns:
+        The mean KL over all positions (nats).
+
+    Example:
+        >>> import torch
+        >>> from transformers import Qwen2Config, Qwen2ForCausalLM
+        >>> cfg = Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        ...                   intermediate_size=64, vocab_size=64)
+        >>> lrm = Qwen2ForCausalLM(cfg)
+        >>> think_kl(lrm, lrm, [torch.tensor([1, 2, 3, 4])], [[1, 3]])
+        0.0
+    """
+    if len(input_ids) != len(positions):
+        raise ValueError(f"{len(input_ids)} sequences but {len(positions)} position lists")
+    samples = []
+    for i, (ids, pos) in enumerate(zip(input_ids, positions)):
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        pos = [int(p) for p in pos]
+        bad = [p for p in pos if not 0 <= p < len(ids)]
+        if bad:
+            raise ValueError(f"sample {i}: positions {bad} are outside its {len(ids)} tokens")
+        if pos:
+            samples.append((ids, pos))
+    if not samples:
+        raise ValueError("think_kl needs at least one position.")
+    samples.sort(key=lambda s: len(s[0]), reverse=True)  # less padding
+
+    total, count = 0.0, 0
+    batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
+    with torch.no_grad(), _eval_mode(model, reference_model):
+        for batch in tqdm(batches, desc="think_kl", leave=False):
+            ids, mask = _pad([s[0] for s in batch], pad_token_id, left=False)
+            rows = torch.tensor([b for b, s in enumerate(batch) for _ in s[1]], dtype=torch.long)
+            cols = torch.tensor([p for s in batch for p in s[1]], dtype=torch.long)
+            log_p = _log_probs_at(model, ids, mask, rows, cols)  # [N, V]
+            log_q = _log_probs_at(reference_model, ids, mask, rows, cols).to(log_p.device)
+            kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [N]
+            total += float(kl.double().sum())
+            count += kl.numel()
+    return total / count
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Task-vector geometry
+# ---------------------------------------------------------------------------------------------------------------
+
+TensorSource = Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor]
+
+
+def _module_type(name: str) -> str:
+    """``model.layers.3.mlp.down_proj.weight`` → ``down_proj``; a bias gives ``down_proj.bias``."""
+    parts = name.split(".")
+    if len(parts) > 1 and parts[-1] == "weight":
+        return parts[-2]
+    if len(parts) > 1 and parts[-1] == "bias":
+        return f"{parts[-2]}.bias"
+    return parts[-1]
+
+
+def _top_left_singular_vectors(
+    matrix: torch.Tensor, k: int, randomized: bool, niter: int = 6
+) -> torch.Tensor:
+    """Orthonormal top-k left singular vectors of ``matrix`` [m, n] → [m, k] (fp32).
+
+    ``randomized`` uses a seeded range finder with ``niter`` power iterations (own generator: the global RNG is
+    untouched) instead of a full SVD.
+    """
+    a = matrix.float()
+    k = min(k, *a.shape)
+    if not randomized:
+        return torch.linalg.svd(a, full_matrices=False).U[:, :k]
+    q = min(2 * k + 8, *a.shape)
+    gen = torch.Generator(device=a.device).manual_seed(0)
+    basis = torch.linalg.qr(a @ torch.randn(a.shape[1], q, generator=gen, device=a.device)).Q
+    for _ in range(niter):
+        basis = torch.linalg.qr(a @ (a.T @ basis)).Q
+    u_small = torch.linalg.svd(basis.T @ a, full_matrices=False).U
+    return (basis @ u_small)[:, :k]
+
+
+def _cosine(dot: float, norm_a2: float, norm_b2: float) -> float:
+    denom = math.sqrt(norm_a2 * norm_b2)
+    return dot / denom if denom > 0 else float("nan")
+
+
+def task_vector_geometry(
+    delta_a: TensorSource,
+    delta_b: TensorSource,
+    k: int = 8,
+    *,
+    keys: Iterable[str] | None = None,
+    svd: str = "auto",
+) -> dict[str, Any]:
+    """Cosine and principal-subspace overlap of two task vectors, per module type and overall.
+
+    For each module type (the module's last name component: ``q_proj``, ``down_proj``; biases as
+    ``q_proj.bias``), the cosine is that of the deltas flattened and concatenated over layers:
+    Σ_l⟨a_l, b_l⟩ / √(Σ_l‖a_l‖² · Σ_l‖b_l‖²). The subspace overlap of one 2-D delta pair is ‖U_aᵀU_b‖_F² / k with
+    U the top-k left singular vectors (1: same subspace, ≈ k/m: random); the type's value is its mean over layers.
+    The overall cosine uses all shared tensors. Tensors are read one at a time (a lazy mapping, such as a view of
+    safetensors shards, or a callable ``name → tensor`` works) and processed in fp32 on their device.
+
+    Args:
+        delta_a, delta_b: task vectors, ``{name: tensor}`` or callables ``name → tensor``.
+        k: subspace rank (capped by the matrix size).
+        keys: the tensor names to compare (default: the names of ``delta_a`` that ``delta_b`` also has; required
+            when both are callables).
+        svd: ``"exact"`` (full SVD), ``"randomized"`` (seeded range finder) or ``"auto"`` (exact up to 1024 on the
+            smaller side).
+
+    Returns:
+        ``{"cosine": float, "k": int, "modules": {type: {"cosine": float, "subspace_overlap": float | None,
+        "num_tensors": int}}}``; cosines are NaN where a delta is zero.
+
+    Example:
+        >>> import torch
+        >>> a = {"layers.0.q_proj.weight": torch.eye(4), "layers.0.up_proj.weight": torch.ones(3, 4)}
+        >>> b = {"layers.0.q_proj.weight": torch.eye(4), "layers.0.up_proj.weight": -torch.ones(3, 4)}
+        >>> geo = task_vector_geometry(a, b, k=1)
+        >>> geo["modules"]["q_proj"]["cosine"], geo["modules"]["up_proj"]["cosine"]
+        (1.0, -1.0)
+    """
+    if svd not in ("auto", "exact", "randomized"):
+        raise ValueError(f"svd must be 'auto', 'exact' or 'randomized', got {svd!r}")
+    get_a = delta_a.__getitem__ if isinstance(delta_a, Mapping) else delta_a
+    get_b = delta_b.__getitem__ if isinstance(delta_b, Mapping) else delta_b
+    if keys is None:
+        if isinstance(delta_a, Mapping):
+            names = list(delta_a.keys())
+            if isinstance(delta_b, Mapping):
+                missing = [n for n in names if n not in delta_b]
+                if missing:
+                    logger.warning("%d tensors of delta_a are not in delta_b and are skipped", len(missing))
+                names = [n for n in names if n in delta_b]
+        elif isinstance(delta_b, Mapping):
+            names = list(delta_b.keys())
+        else:
+            raise ValueError("Pass `keys` when both task vectors are callables.")
+    else:
+        names = list(keys)
+    if not names:
+        raise ValueError("The two task vectors share no tensor.")
+
+    stats: dict[str, dict[str, Any]] = {}
+    dot_all = norm_a_all = norm_b_all = 0.0
+    for name in tqdm(names, desc="task-vector geometry", leave=False):
+        a, b = get_a(name), get_b(name)
+        if a.shape != b.shape:
+            raise ValueError(f"{name}: shapes differ ({tuple(a.shape)} vs {tuple(b.shape)})")
+        a32, b32 = a.float(), b.to(device=a.device, dtype=torch.float32)
+        dot, na2, nb2 = (float((x * y).double().sum()) for x, y in ((a32, b32), (a32, a32), (b32, b32)))
+        entry = stats.setdefault(
+            _module_type(name), {"dot": 0.0, "na2": 0.0, "nb2": 0.0, "overlaps": [], "n": 0}
+        )
+        entry["dot"] += dot
+        entry["na2"] += na2
+        entry["nb2"] += nb2
+        entry["n"] += 1
+        dot_all, norm_a_all, norm_b_all = dot_all + dot, norm_a_all + na2, norm_b_all + nb2
+        if a32.ndim == 2:
+            randomized = svd == "randomized" or (svd == "auto" and min(a32.shape) > 1024)
+            u_a = _top_left_singular_vectors(a32, k, randomized)
+            u_b = _top_left_singular_vectors(b32, k, randomized)
+            entry["overlaps"].append(float((u_a.T @ u_b).pow(2).sum()) / u_a.shape[1])
+
+    modules = {
+        t: {
+            "cosine": _cosine(s["dot"], s["na2"], s["nb2"]),
+            "subspace_overlap": sum(s["overlaps"]) / len(s["overlaps"]) if s["overlaps"] else None,
+            "num_tensors": s["n"],
+        }
+        for t, s in stats.items()
+    }
+    return {"cosine": _cosine(dot_all, norm_a_all, norm_b_all), "k": k, "modules": modules}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def render_prompts(
+    tokenizer: Any,
+    prompts: Sequence[str] | Sequence[Sequence[Mapping[str, str]]],
+    force_think_open: str | None = None,
+) -> list[str]:
+    """Render prompts with the tokenizer's chat template (``add_generation_prompt=True``).
+
+    A string prompt becomes one user message; a list of ``{"role", "content"}`` dicts is used as is. With
+    ``force_think_open``, the tag is appended unless the rendered prompt already ends with it (trailing whitespace
+    ignored).
+
+    Example:
+        >>> from transformers import AutoTokenizer
+        >>> tok = AutoTokenizer.from_pretrained("path/to/reasoning-model")  # doctest: +SKIP
+        >>> render_prompts(tok, ["What is 2+3?"], force_think_open="<think>")[0].endswith("<think>")  # doctest: +SKIP
+        True
+    """
+    texts = []
+    for prompt in prompts:
+        messages = (
+            [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+        )
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if force_think_open and not text.rstrip().endswith(force_think_open):
+            text += force_think_open
+        texts.append(text)
+    return texts
+
+
+def _as_id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def _stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """End-of-sequence / end-of-turn ids: the model's generation_config eos ids, then the tokenizer's eos."""
+    ids = _as_id_list(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+    ids += _as_id_list(getattr(tokenizer, "eos_token_id", None))
+    return list(dict.fromkeys(ids))
+
+
+def _completion_ids(ids: Sequence[int], stop_ids: Iterable[int], pad_token_id: int | None) -> list[int]:
+    """Cut a generated id sequence at its first stop token, and drop trailing padding.
+
+    Example:
+        >>> _completion_ids([5, 6, 2, 0, 0], stop_ids=[2], pad_token_id=0)
+        [5, 6]
+    """
+    stops = set(stop_ids)
+    out = []
+    for i in ids:
+        if i in stops:
+            break
+        out.append(int(i))
+    while out and out[-1] == pad_token_id:
+        out.pop()
+    return out
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch for the block (CPU and the model's accelerator) without changing the caller's RNG state."""
+    devices = [] if device.type == "cpu" else [device.index or 0]
+    with torch.random.fork_rng(devices=devices, device_type=None if device.type == "cpu" else device.type):
+        torch.manual_seed(seed)
+        yield
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str] | Sequence[Sequence[Mapping[str, str]]],
+    max_new_tokens: int = 256,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 16,
+    force_think_open: str | None = None,
+    seed: int = 0,
+    desc: str = "generate",
+) -> list[str]:
+    """Generate completions for chat prompts in left-padded batches; the think tags survive decoding.
+
+    Prompts are rendered with :func:`render_prompts`, tokenized without extra special tokens (the template has
+    them), sorted by length and left-padded. Completions are decoded with ``skip_special_tokens=False`` (think
+    tokens are often special tokens) after cutting at the first eos / end-of-turn id (model generation_config and
+    tokenizer) and dropping padding.
+
+    Args:
+        model: a causal LM with ``generate``.
+        tokenizer: its tokenizer (with a chat template; pad defaults to the first eos id).
+        prompts: N strings (one user message each) or N message lists.
+        max_new_tokens: generation budget per prompt.
+        do_sample, temperature, top_p: greedy (default) or sampled decoding; other sampling settings (such as
+            ``top_k``) come from the model's ``generation_config``, which greedy decoding ignores.
+        batch_size: prompts per ``generate`` call.
+        force_think_open: append this tag (e.g. ``"<think>"``) to each rendered prompt.
+        seed: torch seed of sampled decoding (the caller's RNG state is restored afterwards).
+        desc: progress-bar label.
+
+    Returns:
+        N completion strings (prompt excluded), in the order of ``prompts``.
+
+    Example:
+        >>> outs = generate(model, tokenizer, ["What is 2+3?"], max_new_tokens=64)  # doctest: +SKIP
+        >>> split_generation(outs[0]).format_ok  # doctest: +SKIP
+        True
+    """
+    if not prompts:
+        return []
+    texts = render_prompts(tokenizer, prompts, force_think_open=force_think_open)
+    stop_ids = _stop_token_ids(model, tokenizer)
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids[0] if stop_ids else None)
+    )
+    if pad_id is None:
+        raise ValueError("The tokenizer has neither a pad token nor an eos token; set tokenizer.pad_token.")
+    encoded = [
+        torch.tensor(ids, dtype=torch.long) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+
+    gen_kwargs: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": do_sample,
+        "pad_token_id": pad_id,
+    }
+    if stop_ids:
+        gen_kwargs["eos_token_id"] = stop_ids
+    if do_sample:
+        gen_kwargs.update(temperature=temperature, top_p=top_p)
+    else:  # don't let the model's sampling defaults (e.g. temperature 0.6) trigger warnings under greedy decoding
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+
+    device = _model_device(model)
+    results: list[str] = [""] * len(texts)
+    progress = tqdm(total=len(texts), desc=desc, unit="prompt", leave=False)
+    seeding = _seeded(seed, device) if do_sample else contextlib.nullcontext()
+    with torch.no_grad(), _eval_mode(model), seeding:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            input_ids, mask = _pad([encoded[i] for i in idx], pad_id, left=True)
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **gen_kwargs)
+            for row, i in enumerate(idx):
+                ids = _completion_ids(out[row, input_ids.shape[1] :].tolist(), stop_ids, pad_id)
+                results[i] = tokenizer.decode(
+                    ids, skip_special_tokens=False, clean_up_tokenization_spaces=False
+                )
+            progress.update(len(idx))
+    progress.close()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Calibration / evaluation overlap
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def normalize_prompt(text: str) -> str:
+    """Normalise a prompt for overlap checks: NFKC, lowercase, punctuation removed, whitespace collapsed.
+
+    Example:
+        >>> normalize_prompt("  Write a POEM,   please!\\n")
+        'write a poem please'
+    """
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = "".join(ch for ch in text if not unicodedata.category(ch).startswith("P"))
+    return " ".join(text.split())
+
+
+@dataclass
+class OverlapReport:
+    """Overlap between a calibration prompt set and an evaluation prompt set.
+
+    Attributes:
+        num_calibration, num_eval: set sizes.
+        exact_matches, normalized_matches: how many evaluation prompts occur in the calibration set verbatim /
+            after :func:`normalize_prompt` (every exact match is also a normalised match).
+        exact_fraction, normalized_fraction: the same as fractions of the evaluation set.
+        exact_indices, normalized_indices: the matching evaluation indices.
+        normalized_pairs: (evaluation index, first matching calibration index) for each normalised match.
+    """
+
+    num_calibration: int
+    num_eval: int
+    exact_matches: int
+    normalized_matches: int
+    exact_fraction: float
+    normalized_fraction: float
+    exact_indices: list[int] = field(default_factory=list)
+    normalized_indices: list[int] = field(default_factory=list)
+    normalized_pairs: list[tuple[int, int]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for logs."""
+        return (
+            f"{self.exact_matches}/{self.num_eval} evaluation prompts ({self.exact_fraction:.1%}) occur verbatim in the "
+            f"calibration set, {self.normalized_matches} ({self.normalized_fraction:.1%}) after normalisation"
+        )
+
+
+def calibration_overlap(calibration_prompts: Sequence[str], eval_prompts: Sequence[str]) -> OverlapReport:
+    """Report which evaluation prompts also occur in the calibration set (exactly, or after normalisation).
+
+    Example:
+        >>> report = calibration_overlap(["Write a poem.", "Add 2 and 3"], ["write a POEM", "Add 2 and 3", "Hi"])
+        >>> report.exact_indices, report.normalized_indices, report.normalized_pairs
+        ([1], [0, 1], [(0, 0), (1, 1)])
+    """
+    exact = set(calibration_prompts)
+    first_by_norm: dict[str, int] = {}
+    for j, prompt in enumerate(calibration_prompts):
+        first_by_norm.setdefault(normalize_prompt(prompt), j)
+    exact_idx = [i for i, p in enumerate(eval_prompts) if p in exact]
+    pairs = [
+        (i, first_by_norm[n]) for i, n in enumerate(map(normalize_prompt, eval_prompts)) if n in first_by_norm
+    ]
+    n_eval = len(eval_prompts)
+    report = OverlapReport(
+        num_calibration=len(calibration_prompts),
+        num_eval=n_eval,
+        exact_matches=len(exact_idx),
+        normalized_matches=len(pairs),
+        exact_fraction=len(exact_idx) / n_eval if n_eval else 0.0,
+        normalized_fraction=len(pairs) / n_eval if n_eval else 0.0,
+        exact_indices=exact_idx,
+        normalized_indices=[i for i, _ in pairs],
+        normalized_pairs=pairs,
+    )
+    if report.normalized_matches:
+        logger.warning("Calibration/evaluation overlap: %s", report.summary())
+    return report

@@ -1,0 +1,1 @@
+"""Metric modules for `evaluate.load` (each folder holds one script named like the folder)."""
