@@ -1,0 +1,453 @@
+"""``rain-merge``: run a merge described by a YAML file.
+
+Usage::
+
+    rain-merge CONFIG.yaml --out DIR [--push-to-hub REPO] [--device cuda] [--dry-run] [--overwrite] [--verbose]
+
+``rain-merge --help`` documents every key of the YAML file; ``examples/`` holds complete configs. Errors print
+one line (``rain-merge: error: ...``) and exit with status 2 (configuration or usage) or 1 (loading, merging,
+saving or pushing); ``--verbose`` adds the traceback and debug logs.
+
+Example:
+    >>> from rain_hf.cli import main
+    >>> main(["examples/organism_rain.yaml", "--dry-run"])  # doctest: +SKIP
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import re
+import sys
+import textwrap
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+
+from . import __version__
+from .config import ConfigError, RainMergingConfig, parse_size
+
+logger = logging.getLogger("rain_hf.cli")
+
+__all__ = ["CliError", "MergeJob", "load_job", "main"]
+
+PROG = "rain-merge"
+DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
+ROLES = {"base_model": "base", "reasoning_model": "reasoning", "instruct_model": "instruct"}
+
+#: Top-level keys of the YAML file and their documentation (``parameters`` lists RainMergingConfig's fields).
+TOP_LEVEL_KEYS: dict[str, str] = {
+    "base_model": "The pretrained base θ_B: a Hub id, a local folder, or a mapping {path: ..., revision: ...}.",
+    "reasoning_model": "The reasoning model θ_R (the anchor of the merge; its tokenizer, chat template and "
+                       "generation config are kept). Same forms as base_model.",
+    "instruct_model": "The instruct model θ_I, or a peft LoRA adapter trained on base_model. Same forms as "
+                      "base_model.",
+    "token": "Hub token for gated/private inputs and for --push-to-hub (default: env HF_TOKEN or `hf auth "
+             "login`). Prefer the environment variable over writing a token into a file.",
+    "method": "rain (default) or a baseline: task_arithmetic, ties, dare_ties, dare_linear, slerp.",
+    "parameters": "Any RainMergingConfig field (listed below), e.g. {lam: 1.0, positions: window, window: 3}.",
+    "calibration": "{reasoning: PATH, instruction: PATH}: JSON/JSONL calibration sets for stages 1 and 2 "
+                   "(needed by method rain with stage1 / stage2; ignored by the baselines).",
+    "dtype": "dtype the reasoning model is loaded in for the calibration passes: auto (as stored), float32, "
+             "float16 or bfloat16.",
+    "output": "{max_shard_size: '5GB', private: false, card_template: PATH}: shard size of the saved weights "
+              "(overrides parameters.max_shard_size), visibility of a repository --push-to-hub creates, and a "
+              "Jinja model card template of your own.",
+}
+MODEL_KEYS = ("path", "revision")
+CALIBRATION_KEYS = ("reasoning", "instruction")
+OUTPUT_KEYS = ("max_shard_size", "private", "card_template")
+
+
+class CliError(Exception):
+    """A problem with the command line or the YAML file (exit status 2)."""
+
+
+@dataclass
+class MergeJob:
+    """A validated YAML merge description, with paths resolved against the YAML file's folder."""
+
+    models: dict[str, str]
+    revisions: dict[str, str]
+    config: RainMergingConfig
+    token: str | None = None
+    calibration: dict[str, Path] = field(default_factory=dict)
+    dtype: str = "auto"
+    max_shard_size: int | str | None = None
+    private: bool | None = None
+    card_template: Path | None = None
+
+    @property
+    def revision(self) -> dict[str, str] | None:
+        return dict(self.revisions) if self.revisions else None
+
+    def describe(self, out: str | None, push: str | None) -> str:
+        """The job's own part of the dry-run plan (data and output)."""
+        lines = ["calibration:"]
+        for name in CALIBRATION_KEYS:
+            path = self.calibration.get(name)
+            lines.append(f"  {name:11s}: {path if path else '(none)'}")
+        if self.config.method != "rain" and self.calibration:
+            lines.append(f"  (method {self.config.method} does not use calibration data)")
+        lines.append(f"reasoning model dtype: {self.dtype}")
+        shard = self.max_shard_size if self.max_shard_size is not None else self.config.max_shard_size
+        lines.append(f"output: {out or '(none: dry run)'} (max_shard_size {shard}"
+                     f"{', card template ' + str(self.card_template) if self.card_template else ''})")
+        if push:
+            visibility = {None: "visibility unchanged/default", True: "private", False: "public"}[self.private]
+            lines.append(f"push to the Hub: {push} ({visibility})")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- YAML
+def load_job(path: str | os.PathLike) -> MergeJob:
+    """Read and validate a ``rain-merge`` YAML file; raises :class:`CliError` or :class:`ConfigError`.
+
+    Example:
+        >>> job = load_job("examples/qwen7b_rain.yaml")  # doctest: +SKIP
+        >>> job.models["reasoning"]  # doctest: +SKIP
+        'deepseek-ai/DeepSeek-R1-Distill-Qwen-7B'
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CliError(f"config file {str(path)!r} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise CliError(f"{path}: invalid YAML{where}: {problem}.") from exc
+    if not isinstance(data, dict):
+        raise CliError(f"{path}: the top level must be a mapping of keys ({', '.join(TOP_LEVEL_KEYS)}).")
+    unknown = sorted(set(map(str, data)) - set(TOP_LEVEL_KEYS))
+    if unknown:
+        raise CliError(f"{path}: unknown key(s) {unknown}; known keys: {list(TOP_LEVEL_KEYS)}. "
+                       "Merge parameters go under 'parameters:'.")
+    folder = path.resolve().parent
+
+    models: dict[str, str] = {}
+    revisions: dict[str, str] = {}
+    for key, role in ROLES.items():
+        if data.get(key) in (None, ""):
+            raise CliError(f"{path}: '{key}' is missing; give a Hub id or a local folder.")
+        models[role], revision = _model_entry(data[key], key, folder, path)
+        if revision:
+            revisions[role] = revision
+
+    parameters = data.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise CliError(f"{path}: 'parameters' must be a mapping of RainMergingConfig fields.")
+    parameters = _coerce_numbers(dict(parameters))
+    method = data.get("method")
+    if method is not None and "method" in parameters and parameters["method"] != method:
+        raise CliError(f"{path}: method is {method!r} at the top level but {parameters['method']!r} under "
+                       "parameters; give it once.")
+    if method is not None:
+        parameters["method"] = method
+    try:
+        config = RainMergingConfig.from_dict(parameters)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    except TypeError as exc:  # e.g. a YAML list where the dataclass expects a mapping
+        raise ConfigError(f"{path}: parameters: {exc}") from exc
+
+    token = data.get("token")
+    if token is not None and not isinstance(token, str):
+        raise CliError(f"{path}: 'token' must be a string (or leave it out and set HF_TOKEN).")
+
+    calibration = _calibration(data.get("calibration"), folder, path)
+    if config.method == "rain":
+        if config.stage1 and "reasoning" not in calibration:
+            raise CliError(f"{path}: method rain with stage1 needs 'calibration: {{reasoning: PATH}}' (or set "
+                           "parameters.stage1: false).")
+        if config.stage2 and "instruction" not in calibration:
+            raise CliError(f"{path}: method rain with stage2 needs 'calibration: {{instruction: PATH}}' (or set "
+                           "parameters.stage2: false).")
+
+    dtype = data.get("dtype", "auto") or "auto"
+    if dtype not in DTYPE_CHOICES:
+        raise CliError(f"{path}: dtype {dtype!r} is not one of {list(DTYPE_CHOICES)}.")
+
+    output = data.get("output") or {}
+    if not isinstance(output, dict):
+        raise CliError(f"{path}: 'output' must be a mapping with keys {list(OUTPUT_KEYS)}.")
+    unknown = sorted(set(map(str, output)) - set(OUTPUT_KEYS))
+    if unknown:
+        raise CliError(f"{path}: unknown output key(s) {unknown}; known: {list(OUTPUT_KEYS)}.")
+    max_shard_size = output.get("max_shard_size")
+    if max_shard_size is not None:
+        try:
+            parse_size(max_shard_size)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: output.{exc}") from exc
+    private = output.get("private")
+    if private is not None and not isinstance(private, bool):
+        raise CliError(f"{path}: output.private must be true or false, got {private!r}.")
+    card_template = None
+    if output.get("card_template"):
+        card_template = _local_path(str(output["card_template"]), folder)
+        if not card_template.is_file():
+            raise CliError(f"{path}: output.card_template {str(card_template)!r} does not exist.")
+    return MergeJob(models, revisions, config, token or None, calibration, dtype, max_shard_size, private,
+                    card_template)
+
+
+def _model_entry(value: Any, key: str, folder: Path, path: Path) -> tuple[str, str | None]:
+    if isinstance(value, dict):
+        unknown = sorted(set(map(str, value)) - set(MODEL_KEYS))
+        if unknown or not value.get("path"):
+            raise CliError(f"{path}: '{key}' as a mapping needs 'path' (and optionally 'revision'); got keys "
+                           f"{sorted(map(str, value))}.")
+        name, revision = value["path"], value.get("revision")
+        if revision is not None and not isinstance(revision, str):
+            revision = str(revision)
+    elif isinstance(value, str):
+        name, revision = value, None
+    else:
+        raise CliError(f"{path}: '{key}' must be a Hub id, a folder, or {{path: ..., revision: ...}}; got {value!r}.")
+    name = str(name)
+    return _model_location(name, folder), revision
+
+
+def _model_location(name: str, folder: Path) -> str:
+    """Local folders are relative to the YAML file; anything else is passed on as a Hub id."""
+    if name.startswith(("./", "../", "/", "~", ".\\", "..\\")) or os.path.isabs(name):
+        return str(_local_path(name, folder))
+    candidate = folder / name
+    return str(candidate) if candidate.is_dir() else name
+
+
+def _local_path(name: str, folder: Path) -> Path:
+    path = Path(name).expanduser()
+    return path if path.is_absolute() else (folder / path).resolve()
+
+
+def _calibration(value: Any, folder: Path, path: Path) -> dict[str, Path]:
+    if value in (None, {}):
+        return {}
+    if not isinstance(value, dict):
+        raise CliError(f"{path}: 'calibration' must be a mapping {{reasoning: PATH, instruction: PATH}}.")
+    unknown = sorted(set(map(str, value)) - set(CALIBRATION_KEYS))
+    if unknown:
+        raise CliError(f"{path}: unknown calibration key(s) {unknown}; known: {list(CALIBRATION_KEYS)}.")
+    found = {}
+    for name in CALIBRATION_KEYS:
+        if value.get(name):
+            file = _local_path(str(value[name]), folder)
+            if not file.exists():
+                raise CliError(f"{path}: calibration.{name} {str(file)!r} does not exist (paths are relative to "
+                               "the YAML file's folder).")
+            found[name] = file
+    return found
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _coerce_numbers(parameters: dict[str, Any]) -> dict[str, Any]:
+    """YAML 1.1 reads ``1e-2`` as a string: turn such strings into numbers for the numeric fields."""
+    numeric = {f.name for f in dataclasses.fields(RainMergingConfig) if "float" in str(f.type)}
+    for name in numeric & set(parameters):
+        value = parameters[name]
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            parameters[name] = float(value)
+    return parameters
+
+
+# ---------------------------------------------------------------------------------------------- help
+def _attribute_docs() -> dict[str, str]:
+    """The ``Attributes:`` section of RainMergingConfig's docstring, as {field: description}."""
+    doc = textwrap.dedent((RainMergingConfig.__doc__ or "").split("Attributes:", 1)[-1])
+    docs: dict[str, str] = {}
+    names: list[str] = []
+    for line in doc.splitlines():
+        match = re.match(r"^\s{0,4}([a-z_][a-z0-9_]*(?:, [a-z_][a-z0-9_]*)*): (.*)$", line)
+        if match:
+            names = match.group(1).split(", ")
+            for name in names:
+                docs[name] = match.group(2).strip()
+        elif line.strip() and names:
+            for name in names:
+                docs[name] += " " + line.strip()
+    return docs
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+    else:
+        return "required"
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("\n...").strip()
+
+
+def build_epilog(width: int = 100) -> str:
+    """The ``--help`` epilog: every YAML key, with RainMergingConfig's fields, defaults and descriptions."""
+    wrap = textwrap.TextWrapper(width=width, initial_indent="      ", subsequent_indent="      ")
+    lines = ["YAML keys:", ""]
+    for key, text in TOP_LEVEL_KEYS.items():
+        lines.append(f"  {key}")
+        lines.extend(wrap.wrap(text))
+    lines += ["", "parameters: (RainMergingConfig fields; unknown keys are an error)", ""]
+    docs = _attribute_docs()
+    for f in dataclasses.fields(RainMergingConfig):
+        lines.append(f"  {f.name} (default: {_default_text(f)})")
+        lines.extend(wrap.wrap(docs.get(f.name, "(undocumented)").replace("``", "")))
+    lines += [
+        "",
+        "Example (paths are relative to the YAML file):",
+        "",
+        "  base_model: Qwen/Qwen2.5-7B",
+        "  reasoning_model: deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
+        "  instruct_model: {path: Qwen/Qwen2.5-7B-Instruct, revision: main}",
+        "  method: rain",
+        "  parameters: {lam: 1.0, positions: window, window: 3}",
+        "  calibration: {reasoning: data/reasoning.json, instruction: data/instruction.jsonl}",
+        "  dtype: bfloat16",
+        "  output: {max_shard_size: 5GB, private: true}",
+        "",
+        "Exit status: 0 success, 1 loading/merging/saving/pushing failed, 2 bad command line or YAML.",
+    ]
+    return "\n".join(lines)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line instead of usage + error
+        self.exit(2, f"{PROG}: error: {message} (see {PROG} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description=textwrap.fill("Merge an instruct model into a reasoning model with RAIN-Merging (or a baseline), "
+                                  "keeping its <think> format; save it as a Hugging Face model folder and optionally "
+                                  "push it to the Hub.", width=100),
+        epilog=build_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", metavar="CONFIG.yaml", help="the merge description (keys below)")
+    parser.add_argument("--out", metavar="DIR", help="output folder (required unless --dry-run)")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="after saving, upload DIR to this model repository "
+                        "in one commit")
+    parser.add_argument("--device", default="cpu", help="where forward passes and projections run, e.g. cuda, "
+                        "cuda:1 (default: cpu)")
+    parser.add_argument("--dry-run", action="store_true", help="validate the models and config, print the plan, "
+                        "merge nothing")
+    parser.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logs, and tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s (rain_hf) {__version__}")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- run
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``rain-merge``; returns the exit status.
+
+    Example:
+        >>> main(["--version"])  # doctest: +SKIP
+        rain-merge (rain_hf) 0.1.0
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return int(exc.code or 0)
+    restore = _configure_logging(args.verbose)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except (CliError, ConfigError) as exc:
+        return _fail(exc, 2, args.verbose)
+    except Exception as exc:  # everything else is a runtime failure: one line, the traceback on --verbose
+        return _fail(exc, 1, args.verbose)
+    finally:
+        restore()
+
+
+def _fail(exc: BaseException, status: int, verbose: bool) -> int:
+    if verbose:
+        traceback.print_exception(exc, file=sys.stderr)
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if not isinstance(exc, (CliError, ConfigError)) and type(exc).__name__ not in message:
+        message = f"{message} ({type(exc).__name__})"
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return status
+
+
+def _configure_logging(verbose: bool) -> Callable[[], None]:
+    """Send rain_hf's logs to stderr (INFO, or DEBUG with --verbose); returns a function that undoes it."""
+    package = logging.getLogger("rain_hf")
+    saved = (package.level, package.propagate)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose else
+                                           f"{PROG}: %(message)s"))
+    package.addHandler(handler)
+    package.setLevel(logging.DEBUG if verbose else logging.INFO)
+    package.propagate = False
+
+    def restore() -> None:
+        package.removeHandler(handler)
+        package.setLevel(saved[0])
+        package.propagate = saved[1]
+
+    return restore
+
+
+def _run(args: argparse.Namespace) -> int:
+    job = load_job(args.config)
+    if not args.dry_run and not args.out:
+        raise CliError("--out DIR is required (or pass --dry-run).")
+    out = Path(args.out) if args.out else None
+    if out is not None and not args.dry_run and out.exists() and not args.overwrite:
+        if not out.is_dir() or any(out.iterdir()):
+            raise CliError(f"--out {str(out)!r} already exists; pass --overwrite to replace it or pick another "
+                           "folder.")
+
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CliError(f"--device {args.device}: no CUDA device is available to torch here; use --device cpu.")
+    from .merger import RainMerger
+
+    token = job.token
+    if args.dry_run:
+        plan = RainMerger.plan(job.models["base"], job.models["reasoning"], job.models["instruct"],
+                               config=job.config, revision=job.revision, token=token)
+        print(plan.summary())
+        print(job.describe(args.out, args.push_to_hub))
+        print("dry run: nothing was merged.")
+        return 0
+
+    torch_dtype = None if job.dtype == "auto" else job.dtype
+    merger = RainMerger.from_pretrained(job.models["base"], job.models["reasoning"], job.models["instruct"],
+                                        config=job.config, revision=job.revision, token=token,
+                                        device=args.device, torch_dtype=torch_dtype)
+    use_calibration = job.config.method == "rain"
+    merger.merge(
+        reasoning_calibration=str(job.calibration["reasoning"]) if use_calibration and job.config.stage1 else None,
+        instruction_calibration=(str(job.calibration["instruction"])
+                                 if use_calibration and job.config.stage2 else None),
+    )
+    saved = merger.save_pretrained(out, overwrite=args.overwrite, max_shard_size=job.max_shard_size,
+                                   card_template=job.card_template)
+    print(str(merger.report))
+    print(f"saved: {saved}")
+    if args.push_to_hub:
+        from .hub import push_folder
+
+        info = push_folder(saved, args.push_to_hub, private=job.private, token=token,
+                           commit_message=f"Upload {job.config.method} merge made with rain-merge")
+        print(f"pushed: {info.pr_url or info.commit_url}")
+    return 0

@@ -1,0 +1,256 @@
+"""rain-merge: --help, YAML validation and error reporting, and end-to-end runs on tiny random models."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rain_hf.cli import TOP_LEVEL_KEYS, load_job, main
+from rain_hf.config import RainMergingConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+
+
+def _write(folder: Path, data: dict | str, name: str = "merge.yaml") -> Path:
+    path = folder / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _minimal(folder: Path, **extra) -> dict:
+    """A valid job with local model folders (empty: enough for YAML validation) and calibration files."""
+    for role in ("base", "reasoning", "instruct"):
+        (folder / "models" / role).mkdir(parents=True, exist_ok=True)
+    (folder / "data").mkdir(exist_ok=True)
+    (folder / "data" / "r.json").write_text("[]")
+    (folder / "data" / "i.jsonl").write_text("")
+    job = {"base_model": "./models/base", "reasoning_model": "./models/reasoning", "instruct_model": "./models/instruct",
+           "method": "rain", "parameters": {"lam": 1.0},
+           "calibration": {"reasoning": "data/r.json", "instruction": "data/i.jsonl"}}
+    job.update(extra)
+    return job
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines, "nothing on stderr"
+    assert "Traceback" not in err
+    assert lines[-1].startswith("rain-merge: error: ")
+    errors = [line for line in lines if line.startswith("rain-merge: error:")]
+    assert len(errors) == 1
+    return lines[-1]
+
+
+# ---------------------------------------------------------------------------------------------- help
+def test_help_documents_every_key(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for key in TOP_LEVEL_KEYS:
+        assert f"\n  {key}\n" in out, key
+    for f in dataclasses.fields(RainMergingConfig):
+        assert f"\n  {f.name} (default: " in out, f.name
+    assert "(undocumented)" not in out
+    for key in ("max_shard_size", "private", "card_template", "reasoning: PATH", "instruction: PATH", "revision"):
+        assert key in out
+    for flag in ("--out", "--push-to-hub", "--device", "--dry-run", "--overwrite", "--verbose"):
+        assert flag in out
+    # descriptions come from RainMergingConfig's docstring
+    assert 'radius r of the "window" position set' in out and "``" not in out
+    assert "lam_grid (default: [0.5, 1.0" in out
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from rain_hf.cli import main; assert main(['--help']) == 0; assert 'torch' not in sys.modules"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_usage_errors_are_one_line(capsys):
+    assert main([]) == 2
+    _one_error_line(capsys.readouterr().err)
+    assert main(["x.yaml", "--bogus"]) == 2
+    assert "--bogus" in _one_error_line(capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------------------------------------- YAML errors
+@pytest.mark.parametrize("content, expected", [
+    ("base_model: [unclosed\n", "invalid YAML at line"),
+    ("- just\n- a list\n", "top level must be a mapping"),
+    ({"base_model": "a/b", "reasoning_model": "c/d", "instruct_model": "e/f", "lambda": 1},
+     "unknown key(s) ['lambda']; known keys: ['base_model'"),
+    ({"base_model": "a/b", "reasoning_model": "c/d"}, "'instruct_model' is missing"),
+])
+def test_bad_yaml_exits_2_with_one_line(tmp_path, capsys, content, expected):
+    code = main([str(_write(tmp_path, content)), "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert expected in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("parameters, expected", [
+    ({"lam": 1.0, "lamda": 2.0}, "Unknown RainMergingConfig keys ['lamda']; known keys: ["),
+    ({"density": 2.0}, "density=2.0 must be <= 1"),
+    ({"positions": "everywhere"}, "positions='everywhere' is not one of"),
+    ({"stage1": "yes please"}, "stage1 must be true or false"),
+])
+def test_bad_parameters_exit_2(tmp_path, capsys, parameters, expected):
+    config = _write(tmp_path, _minimal(tmp_path, parameters=parameters))
+    assert main([str(config), "--out", str(tmp_path / "out")]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert expected in line and str(config) in line
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"calibration": {"reasoning": "data/missing.json", "instruction": "data/i.jsonl"}}, "does not exist"),
+    ({"calibration": {"instruction": "data/i.jsonl"}}, "needs 'calibration: {reasoning: PATH}'"),
+    ({"calibration": {"reasoning": "data/r.json", "instructions": "x"}}, "unknown calibration key(s)"),
+    ({"dtype": "float8"}, "dtype 'float8' is not one of"),
+    ({"output": {"max_shard_size": "lots"}}, "max_shard_size='lots' is not a size"),
+    ({"output": {"privat": True}}, "unknown output key(s) ['privat']"),
+    ({"instruct_model": {"path": "a/b", "rev": "x"}}, "needs 'path' (and optionally 'revision')"),
+    ({"method": "ties", "parameters": {"method": "slerp"}}, "give it once"),
+    ({"token": 123}, "'token' must be a string"),
+])
+def test_bad_sections_exit_2(tmp_path, capsys, change, expected):
+    config = _write(tmp_path, _minimal(tmp_path, **change))
+    assert main([str(config), "--out", str(tmp_path / "out")]) == 2
+    assert expected in _one_error_line(capsys.readouterr().err)
+
+
+def test_verbose_shows_the_traceback(tmp_path, capsys):
+    config = _write(tmp_path, _minimal(tmp_path, parameters={"density": 2.0}))
+    assert main([str(config), "--out", str(tmp_path / "out"), "--verbose"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "ConfigError" in err
+    assert err.strip().splitlines()[-1].startswith("rain-merge: error: ")
+
+
+def test_out_is_required_and_not_clobbered(tmp_path, capsys):
+    config = _write(tmp_path, _minimal(tmp_path))
+    assert main([str(config)]) == 2
+    assert "--out DIR is required" in _one_error_line(capsys.readouterr().err)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert main([str(config), "--out", str(tmp_path / "out")]) == 2
+    assert "--overwrite" in _one_error_line(capsys.readouterr().err)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_missing_model_is_a_runtime_error(tmp_path, capsys):
+    config = _write(tmp_path, _minimal(tmp_path, base_model="./models/nowhere"))
+    assert main([str(config), "--dry-run"]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "nowhere" in line and "base" in line
+
+
+def test_load_job_resolves_paths_revisions_and_numbers(tmp_path):
+    job_dict = _minimal(tmp_path, instruct_model={"path": "Qwen/Qwen2.5-7B-Instruct", "revision": "abc123"},
+                        parameters={"ridge": "1e-2", "lam": "auto", "layers": [0, 1]},
+                        dtype="bfloat16", output={"max_shard_size": "500MB", "private": True})
+    job = load_job(_write(tmp_path, job_dict))
+    assert job.models["base"] == str((tmp_path / "models" / "base").resolve())
+    assert job.models["instruct"] == "Qwen/Qwen2.5-7B-Instruct"  # a Hub id stays a Hub id
+    assert job.revision == {"instruct": "abc123"}
+    assert job.config.ridge == 0.01 and job.config.lam == "auto" and job.config.layers == [0, 1]
+    assert job.calibration["reasoning"] == (tmp_path / "data" / "r.json").resolve()
+    assert (job.dtype, job.max_shard_size, job.private) == ("bfloat16", "500MB", True)
+
+
+def test_example_configs_parse(tmp_path):
+    # the 7B example names Hub models and calibration files the user supplies: give it placeholder files
+    shutil.copy(REPO / "examples" / "qwen7b_rain.yaml", tmp_path)
+    (tmp_path / "data").mkdir()
+    for name in ("reasoning_calibration.json", "instruction_calibration.jsonl"):
+        (tmp_path / "data" / name).write_text("")
+    job = load_job(tmp_path / "qwen7b_rain.yaml")
+    assert job.models == {"base": "Qwen/Qwen2.5-7B", "reasoning": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
+                          "instruct": "Qwen/Qwen2.5-7B-Instruct"}
+    assert job.config.method == "rain" and job.dtype == "bfloat16"
+
+    organism = REPO / "examples" / "organism_rain.yaml"
+    data = yaml.safe_load(organism.read_text())
+    for key in ("base_model", "reasoning_model", "instruct_model"):
+        assert data[key].startswith("../benchmarks/organism/checkpoints/")
+    RainMergingConfig.from_dict({"method": data["method"], **data["parameters"]})
+    if (REPO / "benchmarks" / "organism" / "data" / "reasoning_calibration.json").exists():
+        job = load_job(organism)
+        assert job.models["reasoning"] == str(REPO / "benchmarks" / "organism" / "checkpoints" / "reasoning")
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def triple(tmp_path_factory):
+    testing = pytest.importorskip("rain_hf.testing")
+    root = tmp_path_factory.mktemp("triple")
+    paths = testing.build_triple(root, "qwen2")
+    (root / "reasoning.json").write_text(json.dumps(testing.reasoning_records(4)))
+    (root / "instruction.jsonl").write_text("\n".join(json.dumps(r) for r in testing.instruction_records(4)))
+    return root, paths
+
+
+def _job_file(root: Path, tmp_path: Path, **extra) -> Path:
+    job = {"base_model": "base", "reasoning_model": "reasoning", "instruct_model": "instruct",
+           "parameters": {"lam": 1.0, "batch_size": 2},
+           "calibration": {"reasoning": "reasoning.json", "instruction": "instruction.jsonl"}}
+    job.update(extra)
+    return _write(root, job, name=f"{tmp_path.name}.yaml")
+
+
+def test_dry_run_prints_the_plan(triple, tmp_path, capsys):
+    root, _ = triple
+    config = _job_file(root, tmp_path)
+    assert main([str(config), "--dry-run", "--out", str(tmp_path / "out"), "--push-to-hub", "me/x"]) == 0
+    out = capsys.readouterr().out
+    assert "merge plan (method=rain" in out and "merged modules:" in out
+    assert "reasoning.json" in out and "push to the Hub: me/x" in out and "nothing was merged" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_full_run_writes_the_output_folder(triple, tmp_path, capsys, monkeypatch):
+    root, _ = triple
+    pushed = {}
+
+    def fake_push(folder, repo_id, **kwargs):
+        pushed.update(folder=Path(folder), repo_id=repo_id, **kwargs)
+        return type("Info", (), {"pr_url": None, "commit_url": f"https://huggingface.co/{repo_id}/commit/1"})()
+
+    monkeypatch.setattr("rain_hf.hub.push_folder", fake_push)
+    config = _job_file(root, tmp_path, output={"private": True, "max_shard_size": "10MB"})
+    out = tmp_path / "out"
+    assert main([str(config), "--out", str(out), "--push-to-hub", "me/tiny-rain"]) == 0
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "README.md", "rain_merging_config.json", "rain_merging_heatmap.png",
+            "tokenizer_config.json"} <= files
+    assert any(name.endswith(".safetensors") for name in files)
+    sidecar = json.loads((out / "rain_merging_config.json").read_text())
+    assert sidecar["method"] == "rain" and sidecar["config"]["batch_size"] == 2
+    assert sidecar["calibration"]["reasoning"]["num_samples"] == 4
+    assert (out / "README.md").read_text().startswith("---\n")
+    assert pushed["folder"] == out and pushed["repo_id"] == "me/tiny-rain" and pushed["private"] is True
+    stdout = capsys.readouterr().out
+    assert f"saved: {out}" in stdout and "pushed: https://huggingface.co/me/tiny-rain/commit/1" in stdout
+
+
+def test_baseline_run_needs_no_calibration(triple, tmp_path):
+    root, _ = triple
+    config = _job_file(root, tmp_path, method="ties", calibration=None, parameters={"density": 0.5, "lam": 0.8})
+    out = tmp_path / "out"
+    assert main([str(config), "--out", str(out)]) == 0
+    sidecar = json.loads((out / "rain_merging_config.json").read_text())
+    assert sidecar["method"] == "ties" and sidecar["report"]["head_coefficients"] is None
+    assert not (out / "rain_merging_heatmap.png").exists()
