@@ -41,7 +41,9 @@ class RainMergingConfig:
         lam: global strength λ of θ = θ_R + λ·α⊙Δ⊥ (also the weight of the instruct vector in the baselines),
             or ``"auto"`` to pick λ on ``lam_grid`` from calibration data alone.
         lam_grid: candidate λ values for ``lam="auto"``.
-        lam_auto_max_kl: the largest L_think (mean KL at thinking positions) ``lam="auto"`` accepts.
+        lam_auto_max_kl: the largest L_think (mean KL(merged ‖ reasoning) at the thinking positions of held-out
+            reasoning calibration samples) ``lam="auto"`` accepts; it picks the largest λ of the grid within it.
+        lam_auto_holdout: share of the reasoning calibration samples held out of stage 1 to measure L_think.
         stage1: project the task vector onto the null space of the thinking-token features.
         stage2: scale each attention head by its instruction-attention coefficient.
         positions: which token positions define the thinking features: ``"think"`` (the think tokens),
@@ -79,6 +81,7 @@ class RainMergingConfig:
     lam: float | str = 1.0
     lam_grid: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0])
     lam_auto_max_kl: float = 0.05
+    lam_auto_holdout: float = 0.25
     stage1: bool = True
     stage2: bool = True
     positions: str = "window"
@@ -156,6 +159,7 @@ class RainMergingConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ConfigError(f"RainMergingConfig.lam_grid holds {v!r}, which is not a number.")
         number("lam_auto_max_kl", 0.0, strict_lo=True)
+        number("lam_auto_holdout", 0.0, 0.9, strict_lo=True)
         for name in ("stage1", "stage2", "project_bias", "do_sample"):
             flag(name)
         choice("positions", POSITION_SETS)

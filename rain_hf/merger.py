@@ -47,6 +47,8 @@ from .features import (
     capture_think_features,
     collect_attention_stats,
     find_target_modules,
+    mean_kl,
+    think_log_probs,
 )
 from .projection import feature_residual, project_ridge, project_svd, protected_basis, removed_fraction
 from .writer import ShardedSafetensorsWriter, TensorSpec, atomic_directory
@@ -437,6 +439,8 @@ class RainMerger:
             self.reset()
         start = time.perf_counter()
         samples = self._prepare("reasoning", reasoning_calibration)
+        if self.config.lam == "auto":
+            samples = self._hold_out(samples)
         self.features = capture_think_features(self.model, samples, self.targets, self.config, self._pad_id(),
                                                svd_device=self.device)
         self.report.timings["stage1_features"] = time.perf_counter() - start
@@ -588,9 +592,44 @@ class RainMerger:
         self.merged = True
         return self.model
 
+    def _hold_out(self, samples: list[CalibrationSample]) -> list[CalibrationSample]:
+        """Keep the last share of the reasoning samples out of stage 1 to measure L_think for lam='auto'."""
+        n_out = max(1, round(len(samples) * self.config.lam_auto_holdout))
+        if len(samples) - n_out < 1:
+            raise ConfigError(f"lam='auto' needs at least 2 reasoning calibration samples (got {len(samples)}).")
+        self._heldout = samples[-n_out:]
+        return samples[:-n_out]
+
     def _choose_lambda(self, alpha: torch.Tensor | None) -> float:
-        raise ConfigError("lam='auto' needs held-out reasoning samples; it is not available in this version: "
-                          "set a number.")
+        """λ = the largest grid value whose L_think on held-out reasoning samples stays ≤ lam_auto_max_kl.
+
+        Instruction following grows with λ along the grid, so the largest λ within the thinking-format budget is
+        the calibration-only answer to "maximise instruction following subject to L_think ≤ δ".
+        """
+        cfg = self.config
+        heldout = getattr(self, "_heldout", None)
+        if not heldout:
+            raise ValueError("lam='auto' needs reasoning_calibration passed to merge() (or compute_features) so "
+                             "that part of it can be held out to measure L_think.")
+        start = time.perf_counter()
+        pad = self._pad_id()
+        reference = think_log_probs(self.model, heldout, cfg, pad)
+        search, chosen = [], None
+        for lam in sorted(cfg.lam_grid):
+            self._apply_rain(float(lam), alpha, record=False, desc=f"lam=auto: λ={lam}")
+            kl = mean_kl(think_log_probs(self.model, heldout, cfg, pad), reference)
+            search.append({"lam": float(lam), "l_think": kl})
+            logger.info("lam=auto: λ=%s L_think=%.4g", lam, kl)
+            if kl <= cfg.lam_auto_max_kl:
+                chosen = float(lam)
+        self.reset()
+        if chosen is None:
+            chosen = float(min(cfg.lam_grid))
+            self.report.warnings.append(f"lam='auto': no λ of the grid keeps L_think ≤ {cfg.lam_auto_max_kl}; "
+                                        f"using the smallest, {chosen}")
+        self.report.lam_search = search
+        self.report.timings["lam_auto"] = time.perf_counter() - start
+        return chosen
 
     # ------------------------------------------------------------------ saving
     def sidecar(self) -> dict[str, Any]:

@@ -1,4 +1,12 @@
-"""Tiny random checkpoints and calibration data for the tests (built on the fly; nothing is downloaded)."""
+"""Small random checkpoints and calibration records, built on the fly (nothing is downloaded).
+
+Used by the test suite, the memory benchmark and anyone who wants to try a merge without real checkpoints.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> from rain_hf.testing import build_triple
+    >>> paths = build_triple(pathlib.Path(tempfile.mkdtemp()), "qwen2")  # doctest: +SKIP
+"""
 
 from __future__ import annotations
 
@@ -41,37 +49,46 @@ def model_config(arch: str, vocab_size: int, **overrides):
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   pad_token_id=0, eos_token_id=3)
+    extra = {"qwen2": {"tie_word_embeddings": True}, "llama": {"tie_word_embeddings": False},
+             "qwen3": {"head_dim": 32, "tie_word_embeddings": False}}
+    if arch not in extra:
+        raise ValueError(f"unknown arch {arch!r}: use qwen2, llama or qwen3")
+    common.update(extra[arch])
     common.update(overrides)
-    if arch == "qwen2":
-        return Qwen2Config(**common, tie_word_embeddings=True)
-    if arch == "llama":
-        return LlamaConfig(**common, tie_word_embeddings=False)
-    if arch == "qwen3":
-        return Qwen3Config(**common, head_dim=32, tie_word_embeddings=False)
-    raise ValueError(arch)
+    config_class = {"qwen2": Qwen2Config, "llama": LlamaConfig, "qwen3": Qwen3Config}[arch]
+    return config_class(**common)
 
 
-def save_model(model, tokenizer, folder: Path) -> Path:
+def save_model(model, tokenizer, folder: Path, dtype: torch.dtype | None = None) -> Path:
+    if dtype is not None:
+        model.to(dtype)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
 
-def build_triple(root: Path, arch: str = "qwen2", noise: float = 0.02, seed: int = 0, tokenizer=None):
-    """Save base / reasoning / instruct checkpoints (reasoning and instruct = base + small random deltas)."""
+def build_triple(root: Path, arch: str = "qwen2", noise: float = 0.02, seed: int = 0, tokenizer=None,
+                 dtype: torch.dtype | None = None, **overrides) -> dict[str, Path]:
+    """Save base / reasoning / instruct checkpoints (reasoning and instruct = base + small random deltas).
+
+    ``overrides`` change the config (e.g. hidden_size); ``dtype`` is the stored dtype (default float32).
+    """
     tokenizer = tokenizer or build_tokenizer()
-    cfg = model_config(arch, len(tokenizer))
+    cfg = model_config(arch, max(len(tokenizer), overrides.pop("vocab_size", 0)), **overrides)
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_config(cfg)
-    paths = {"base": save_model(base, tokenizer, root / "base")}
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    paths = {"base": save_model(base, tokenizer, root / "base", dtype)}
+    del base
     for i, role in enumerate(("reasoning", "instruct")):
         model = AutoModelForCausalLM.from_config(cfg)
-        model.load_state_dict(base.state_dict())
+        model.load_state_dict(state)
         g = torch.Generator().manual_seed(seed + 100 + i)
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(noise * torch.randn(p.shape, generator=g) * (p.std() if p.numel() > 1 else 1.0))
-        paths[role] = save_model(model, tokenizer, root / role)
+        paths[role] = save_model(model, tokenizer, root / role, dtype)
+        del model
     return paths
 
 

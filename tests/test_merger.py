@@ -6,13 +6,13 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import build_tokenizer, build_triple, instruction_records, reasoning_records
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rain_hf import RainMerger, RainMergingConfig
 from rain_hf.calibration import prepare_instruction_calibration, prepare_reasoning_calibration
 from rain_hf.checkpoints import CheckpointError
 from rain_hf.features import ThinkFeatures
+from rain_hf.testing import build_tokenizer, build_triple, instruction_records, reasoning_records
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +261,7 @@ def test_refuses_other_architecture(qwen2, tmp_path, tokenizer):
     ({"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 16}, "attention heads differs"),
 ])
 def test_refuses_geometry_mismatch(qwen2, tmp_path, tokenizer, change, message):
-    from tiny import model_config
+    from rain_hf.testing import model_config
 
     cfg = model_config("qwen2", len(tokenizer), **change)
     model = AutoModelForCausalLM.from_config(cfg)
@@ -303,7 +303,7 @@ def test_refuses_think_tokens_that_are_not_single_tokens(qwen2):
 
 
 def test_vocab_difference_is_reported_not_refused(qwen2, tmp_path, tokenizer):
-    from tiny import model_config
+    from rain_hf.testing import model_config
 
     cfg = model_config("qwen2", len(tokenizer) + 8)
     big = AutoModelForCausalLM.from_config(cfg)
@@ -320,3 +320,50 @@ def test_missing_calibration_is_a_clear_error(qwen2):
     merger = _merger(qwen2, lam=1.0, stage1=False)
     with pytest.raises(ValueError, match="instruction_calibration"):
         merger.merge()
+
+
+def test_lora_instruct_model_merges_like_its_merged_copy(qwen2, tmp_path):
+    """A LoRA adapter as instruct model gives the same merge as the full model from merge_and_unload()."""
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(qwen2["base"])
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    full = peft_model.merge_and_unload()
+    full.save_pretrained(tmp_path / "full")
+    AutoTokenizer.from_pretrained(qwen2["base"]).save_pretrained(tmp_path / "full")
+
+    cfg = RainMergingConfig(lam=1.0, stage2=False)
+    records = reasoning_records(3)
+    results = {}
+    for kind in ("adapter", "full"):
+        merger = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], tmp_path / kind, cfg)
+        merger.merge(records)
+        results[kind] = {k: v.detach().clone() for k, v in merger.model.named_parameters()}
+        assert merger.plan.instruct_kind == ("lora" if kind == "adapter" else "full")
+    for key, value in results["full"].items():
+        assert torch.allclose(results["adapter"][key], value, atol=1e-6), key
+
+
+def test_device_map_auto_loads_and_merges(qwen2):
+    merger = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
+                                        RainMergingConfig(lam=1.0, stage2=False), device_map="auto")
+    merger.merge(reasoning_records(2))
+    assert merger.merged and merger.report.modules
+
+
+def test_lam_auto_picks_largest_lambda_within_think_budget(qwen2):
+    cfg = RainMergingConfig(lam="auto", lam_grid=[0.5, 1.0, 4.0, 16.0], stage2=False, lam_auto_max_kl=1e-3)
+    merger = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], cfg)
+    merger.merge(reasoning_records(8))
+    search = merger.report.lam_search
+    assert [row["lam"] for row in search] == [0.5, 1.0, 4.0, 16.0]
+    within = [row["lam"] for row in search if row["l_think"] <= 1e-3]
+    assert merger.report.lam == (max(within) if within else 0.5)
+    assert search[-1]["l_think"] > search[0]["l_think"]
+    assert merger.features.settings["num_samples"] == 6  # two of eight held out to measure L_think

@@ -1,0 +1,123 @@
+"""Peak memory and wall time of a RAIN merge of a random Qwen2-shaped model (default ≈0.5B parameters).
+
+    python -m benchmarks.merge_memory                       # Qwen2-0.5B shape, CPU
+    python -m benchmarks.merge_memory --shape 1.5b --device cuda
+
+The three checkpoints are built once (in a separate process, cached under --workdir); the merge then runs in a
+fresh process whose peak resident set size is read from the kernel (ru_maxrss). Prints the figures and checks the
+target peak RSS ≤ 1.5 × reasoning checkpoint size + 1 GiB, and that stage 1 ran one forward pass per batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHAPES = {
+    # Qwen2.5-0.5B / 1.5B geometry: tied embeddings, GQA, q/k/v biases
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True),
+}
+GIB = 2**30
+
+
+def build(workdir: Path, shape: str) -> dict[str, str]:
+    import torch
+
+    from rain_hf.testing import build_triple
+
+    root = workdir / f"qwen2-{shape}"
+    paths = {r: root / r for r in ("base", "reasoning", "instruct")}
+    if all((p / "config.json").is_file() for p in paths.values()):
+        return {k: str(v) for k, v in paths.items()}
+    start = time.perf_counter()
+    build_triple(root, "qwen2", noise=0.01, dtype=torch.bfloat16, **SHAPES[shape])
+    print(f"built {shape} triple in {time.perf_counter() - start:.0f}s under {root}", file=sys.stderr)
+    return {k: str(v) for k, v in paths.items()}
+
+
+def run_merge(paths: dict[str, str], device: str, samples: int, out: Path) -> dict:
+    """Runs in its own process: the merge, then the figures as JSON on stdout."""
+    import torch
+
+    from rain_hf import RainMerger, RainMergingConfig
+    from rain_hf.testing import instruction_records, reasoning_records
+
+    start = time.perf_counter()
+    cfg = RainMergingConfig(lam=1.0, batch_size=4)
+    merger = RainMerger.from_pretrained(paths["base"], paths["reasoning"], paths["instruct"], cfg, device=device)
+    forwards = {"n": 0}
+    merger.model.get_decoder().register_forward_pre_hook(lambda *_: forwards.__setitem__("n", forwards["n"] + 1))
+    merger.compute_features(reasoning_records(samples))
+    stage1_forwards = forwards["n"]
+    merger.merge(instruction_calibration=instruction_records(samples))
+    merger.save_pretrained(out, overwrite=True)
+    wall = time.perf_counter() - start
+    if device.startswith("cuda"):
+        gpu_peak = torch.cuda.max_memory_allocated() / GIB
+    else:
+        gpu_peak = None
+    return {
+        "wall_s": wall,
+        "timings": merger.report.timings,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+        "gpu_peak_gib": gpu_peak,
+        "reasoning_bytes": merger.reasoning.nbytes(),
+        "parameters": sum(p.numel() for p in merger.model.parameters()),
+        "stage1_batches": -(-samples // cfg.batch_size),
+        "stage1_forwards": stage1_forwards,
+        "num_layers": merger.plan.geometry.num_layers,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="0.5b")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--samples", type=int, default=16, help="calibration samples per stage")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "rain_hf_bench")
+    parser.add_argument("--_child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._child:
+        paths = json.loads(args._child)
+        print(json.dumps(run_merge(paths, args.device, args.samples, args.workdir / f"merged-{args.shape}")))
+        return 0
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    build_cmd = [sys.executable, "-c", "import json,sys; from benchmarks.merge_memory import build; "
+                 f"print(json.dumps(build(__import__('pathlib').Path({str(args.workdir)!r}), {args.shape!r})))"]
+    paths = json.loads(subprocess.run(build_cmd, check=True, stdout=subprocess.PIPE, text=True,
+                                      cwd=Path(__file__).resolve().parents[1]).stdout.strip().splitlines()[-1])
+    child = [sys.executable, "-m", "benchmarks.merge_memory", "--shape", args.shape, "--device", args.device,
+             "--samples", str(args.samples), "--workdir", str(args.workdir), "--_child", json.dumps(paths)]
+    done = subprocess.run(child, check=True, stdout=subprocess.PIPE, text=True,
+                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TQDM_DISABLE": "1"})
+    fig = json.loads(done.stdout.strip().splitlines()[-1])
+    size = fig["reasoning_bytes"] / GIB
+    target = 1.5 * size + 1.0
+    print(f"shape {args.shape}: {fig['parameters'] / 1e6:.0f}M parameters, reasoning checkpoint {size:.2f} GiB, "
+          f"device {args.device}")
+    print(f"wall time (load + stage 1 + stage 2 + merge + save): {fig['wall_s']:.1f} s")
+    for stage, seconds in fig["timings"].items():
+        print(f"  {stage:22s} {seconds:8.1f} s")
+    print(f"peak RSS {fig['peak_rss_gib']:.2f} GiB; target ≤ 1.5 × {size:.2f} + 1 = {target:.2f} GiB: "
+          f"{'OK' if fig['peak_rss_gib'] <= target else 'MISSED'}")
+    if fig["gpu_peak_gib"] is not None:
+        print(f"peak GPU memory allocated {fig['gpu_peak_gib']:.2f} GiB")
+    print(f"stage 1: {fig['stage1_forwards']} forward passes for {fig['stage1_batches']} batches over "
+          f"{fig['num_layers']} layers: {'OK' if fig['stage1_forwards'] == fig['stage1_batches'] else 'MISSED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
