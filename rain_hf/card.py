@@ -214,7 +214,8 @@ def write_model_card(
 ) -> Path:
     """Write ``README.md`` (and ``rain_merging_heatmap.png`` when there are head coefficients) into ``folder``.
 
-    Arguments as in :func:`build_model_card`; ``model_id`` defaults to ``folder``. Returns the README's path.
+    Arguments as in :func:`build_model_card`. Pass ``model_id`` (the Hub repo id, or the final folder when
+    ``folder`` is a temporary one) for a usage snippet that loads the right model. Returns the README's path.
 
     Example:
         >>> import tempfile
@@ -229,8 +230,7 @@ def write_model_card(
     coefficients = (info.get("report") or {}).get("head_coefficients")
     if coefficients is not None:
         plot_head_coefficients(coefficients, (info.get("report") or {}).get("layers"), folder / HEATMAP_NAME)
-    card = build_model_card(info, template_path, eval_results, model_id=model_id or str(folder),
-                            model_name=model_name)
+    card = build_model_card(info, template_path, eval_results, model_id=model_id, model_name=model_name)
     readme = folder / "README.md"
     card.save(readme)
     logger.info("Wrote the model card %s", readme)
@@ -354,7 +354,7 @@ def _reproduction_yaml(method: str, config: dict[str, Any], info: dict[str, Any]
     sources = {name: (entry or {}).get("source") for name, entry in (info.get("calibration") or {}).items()}
     if any(sources.values()):
         document["calibration"] = {name: src for name, src in sources.items() if src}
-    text = yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=100).rstrip()
+    text = yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=100, default_flow_style=None).rstrip()
     if config.get("lam") == "auto" and info.get("lam") is not None:
         text += f"\n# lam='auto' chose λ = {info['lam']}"
     return text
@@ -366,7 +366,7 @@ def _calibration_rows(calibration: dict[str, Any]) -> list[dict[str, Any]]:
         entry = calibration.get(name)
         if entry:
             rows.append({"name": name, "num_samples": entry.get("num_samples", "?"),
-                         "num_malformed": entry.get("num_malformed", 0), "source": entry.get("source") or "–"})
+                         "num_malformed": entry.get("num_malformed", "–"), "source": entry.get("source") or "–"})
     return rows
 
 

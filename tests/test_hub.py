@@ -355,3 +355,24 @@ def test_missing_or_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no files"):
         push_folder(tmp_path / "empty", "me/x", token=TOKEN)
+
+
+def test_merger_push_to_hub_sends_one_commit_with_card_and_weights(hub, tmp_path):
+    """RainMerger.push_to_hub → save_pretrained → push_folder, through the same fake Hub."""
+    testing = pytest.importorskip("rain_hf.testing")
+    from rain_hf import RainMerger, RainMergingConfig
+
+    paths = testing.build_triple(tmp_path / "triple", "qwen2")
+    merger = RainMerger.from_pretrained(paths["base"], paths["reasoning"], paths["instruct"],
+                                        RainMergingConfig(method="task_arithmetic", lam=0.5))
+    merger.merge()
+    info = merger.push_to_hub("me/tiny-ta", token=TOKEN, private=True, save_directory=tmp_path / "saved")
+    (commit,) = hub.commits
+    files = set(commit["files"])
+    assert {"README.md", "config.json", "rain_merging_config.json", "tokenizer_config.json"} <= files
+    assert any(name.endswith(".safetensors") and entry["mode"] == "lfs" for name, entry in commit["files"].items())
+    assert files == {p.relative_to(tmp_path / "saved").as_posix() for p in (tmp_path / "saved").rglob("*")
+                     if p.is_file()}
+    card = commit["files"]["README.md"]["content"].decode()
+    assert "task_arithmetic" in card and card.startswith("---\n")
+    assert info.commit_url.startswith("https://huggingface.co/me/tiny-ta/commit/")
