@@ -650,7 +650,7 @@ class RainMerger:
             "lam": self.report.lam,
             "config": self.config.to_dict(),
             "inputs": inputs,
-            "calibration": dict(self.calibration_info),
+            "calibration": self._calibration_summary(),
             "report": {"timings": self.report.timings, "modules": self.report.modules,
                        "head_coefficients": self.report.head_coefficients, "layers": self.report.layers,
                        "alignment": self.report.alignment, "leakage": self.report.leakage,
@@ -658,6 +658,13 @@ class RainMerger:
                        "warnings": self.report.warnings},
             "license": _card_license(self.sources["reasoning"].path),
         }
+
+    def _calibration_summary(self) -> dict[str, dict | None]:
+        info = dict(self.calibration_info)
+        if info["reasoning"] is None and self.features is not None and self.config.stage1:
+            info["reasoning"] = {"num_samples": self.features.settings.get("num_samples"),
+                                 "source": "precomputed thinking features"}
+        return info
 
     def save_pretrained(
         self,

@@ -64,6 +64,7 @@ def test_end_to_end_reloads_and_generates(tmp_path, tokenizer, arch):
     sidecar = json.loads((out / "rain_merging_config.json").read_text())
     assert sidecar["config"]["lam"] == 1.0 and sidecar["inputs"]["instruct"]["kind"] == "full"
     assert len(sidecar["report"]["head_coefficients"]) == 2
+    assert (out / "README.md").is_file() and (out / "rain_merging_heatmap.png").is_file()
     # every tensor that is not merged is bit-identical to the reasoning model's
     merged = _weights(out)
     reasoning = _weights(paths["reasoning"])
