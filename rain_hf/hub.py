@@ -154,9 +154,7 @@ def _hub_error(exc: BaseException, repo_id: str, folder: Path, revision: str | N
     cause = exc
     # lfs uploads wrap the HTTP error in a RuntimeError("Error while uploading ..."): look through the chain
     known = (HfHubHTTPError, OfflineModeIsEnabled, HFValidationError, httpx2.TransportError, OSError)
-    while not isinstance(cause, known) and (
-        cause.__cause__ is not None
-    ):
+    while not isinstance(cause, known) and cause.__cause__ is not None:
         cause = cause.__cause__
     status = None
     response = getattr(cause, "response", None)
@@ -188,7 +186,7 @@ def _hub_error(exc: BaseException, repo_id: str, folder: Path, revision: str | N
                     "repo id.")
         else:
             text = f"The Hub answered HTTP {status} while {step} for {repo_id}{detail}."
-    elif isinstance(cause, (httpx2.TransportError, OSError, TimeoutError)):
+    elif isinstance(cause, (httpx2.TransportError, ConnectionError, TimeoutError)):
         text = (f"Network error while {step} for {repo_id} ({type(cause).__name__}: {cause}). Check the "
                 "connection (proxy, HF_ENDPOINT) and retry.")
     else:
