@@ -507,16 +507,17 @@ class RainMerger:
                 self._write_param(target.bias_key, b.to(self._output_dtype(target.bias_key)))
 
     def _apply_baseline(self) -> None:
-        from .methods import merge_tensor
+        from .methods import merge_tensor, needs_base
 
         cfg = self.config
+        with_base = needs_base(cfg.method)
         for target in tqdm(self.targets, desc=f"merge ({cfg.method})", unit="module"):
             keys = [target.weight_key] + ([target.bias_key] if cfg.project_bias and target.bias_key else [])
             for key in keys:
                 delta = self.instruct.delta(key)
                 reasoning = self.reasoning.get(key).to(self.device, torch.float32)
                 delta = torch.zeros_like(reasoning) if delta is None else delta.to(self.device)
-                base = self.base.get(key).to(self.device, torch.float32)
+                base = self.base.get(key).to(self.device, torch.float32) if with_base else None
                 merged = merge_tensor(cfg.method, reasoning, base, delta, cfg, key)
                 self._write_param(key, merged.to(self._output_dtype(key)))
 

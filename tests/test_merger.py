@@ -368,3 +368,26 @@ def test_lam_auto_picks_largest_lambda_within_think_budget(qwen2):
     assert merger.report.lam == (max(within) if within else 0.5)
     assert search[-1]["l_think"] > search[0]["l_think"]
     assert merger.features.settings["num_samples"] == 6  # two of eight held out to measure L_think
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp"])
+def test_baselines_share_the_engine(qwen2, tmp_path, method):
+    from rain_hf.methods import merge_tensor
+
+    cfg = RainMergingConfig(method=method, lam=0.7, density=0.6, slerp_t=0.3, seed=3)
+    merger = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], cfg)
+    merger.merge()  # no calibration passes
+    out = _weights(merger.save_pretrained(tmp_path / method))
+    base, inst, reas = _weights(qwen2["base"]), _weights(qwen2["instruct"]), _weights(qwen2["reasoning"])
+    assert merger.report.timings.keys() == {"load", "merge", "save"}
+    for key, value in reas.items():
+        if key.endswith("proj.weight"):
+            expected = merge_tensor(method, value.float(), base[key].float(), inst[key].float() - base[key].float(),
+                                    cfg, key)
+            assert torch.equal(out[key], expected), key
+        else:
+            assert torch.equal(out[key], value), key
+    again = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], cfg)
+    again.merge()
+    for k, v in again.model.named_parameters():  # seeded: the same merge twice
+        assert torch.equal(v, merger.model.get_parameter(k)), k
