@@ -766,7 +766,8 @@ def generate_traces(records: list[dict], model: Any, tokenizer: Any, config: Any
 
 
 # ----------------------------------------------------------------------------------------------------- pipeline
-def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limit: int | None) -> list[CalibrationSample]:
+def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limit: int | None,
+             stats: dict | None = None) -> list[CalibrationSample]:
     """Load, (generate,) validate and render a calibration set; see the public wrappers."""
     records = load_records(data)
     if not records:
@@ -820,11 +821,14 @@ def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limi
             f"no usable {kind} calibration samples: {len(failures)} malformed, first reasons: {reasons}"
         )
     logger.info("Using %d %s calibration samples (%d malformed skipped).", len(samples), kind, len(failures))
+    if stats is not None:
+        stats.update(num_records=len(records), num_samples=len(samples), num_malformed=len(failures),
+                     malformed=[{"index": i, "reason": r} for i, r in failures])
     return samples
 
 
 def prepare_reasoning_calibration(
-    data: Any, tokenizer: Any, config: Any, model: Any = None
+    data: Any, tokenizer: Any, config: Any, model: Any = None, stats: dict | None = None
 ) -> list[CalibrationSample]:
     """The stage-1 calibration samples: records with ``prompt``, ``reasoning`` and ``response``.
 
@@ -835,6 +839,8 @@ def prepare_reasoning_calibration(
             ``max_reasoning_samples`` and the generation settings).
         model: the reasoning model; needed only when some records have only a prompt (it then writes their
             reasoning and response, see :func:`generate_traces`).
+        stats: a dict to fill with ``num_records``, ``num_samples``, ``num_malformed`` and ``malformed``
+            (index and reason of each skipped record).
 
     Returns:
         The first ``config.max_reasoning_samples`` usable samples (all when ``None``), in input order.
@@ -843,11 +849,11 @@ def prepare_reasoning_calibration(
         CalibrationError: unreadable data, an unsuitable tokenizer, a malformed sample with
             ``on_malformed="error"``, prompt-only records without a model, or no usable sample at all.
     """
-    return _prepare(data, tokenizer, config, model, "reasoning", config.max_reasoning_samples)
+    return _prepare(data, tokenizer, config, model, "reasoning", config.max_reasoning_samples, stats)
 
 
 def prepare_instruction_calibration(
-    data: Any, tokenizer: Any, config: Any, model: Any = None
+    data: Any, tokenizer: Any, config: Any, model: Any = None, stats: dict | None = None
 ) -> list[CalibrationSample]:
     """The stage-2 calibration samples: records with ``prompt``, ``reason``/``reasoning``, ``response``.
 
@@ -860,4 +866,4 @@ def prepare_instruction_calibration(
     Arguments, return value and errors as in :func:`prepare_reasoning_calibration`, with
     ``config.max_instruction_samples`` as the limit.
     """
-    return _prepare(data, tokenizer, config, model, "instruction", config.max_instruction_samples)
+    return _prepare(data, tokenizer, config, model, "instruction", config.max_instruction_samples, stats)

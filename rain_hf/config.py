@@ -151,6 +151,9 @@ class RainMergingConfig:
         if isinstance(self.lam, str):
             if self.lam != "auto":
                 raise ConfigError(f"RainMergingConfig.lam={self.lam!r}: use a number or 'auto'.")
+            if self.method != "rain":
+                raise ConfigError(f"RainMergingConfig.lam='auto' works with method='rain' only (it measures L_think "
+                                  f"on held-out reasoning samples); give method={self.method!r} a number.")
         else:
             number("lam")
         if not isinstance(self.lam_grid, list) or not self.lam_grid:

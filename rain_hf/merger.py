@@ -27,6 +27,7 @@ from .calibration import (
     prepare_instruction_calibration,
     prepare_reasoning_calibration,
 )
+from .card import write_model_card
 from .checkpoints import (
     CheckpointError,
     LazyCheckpoint,
@@ -423,9 +424,16 @@ class RainMerger:
 
     def _prepare(self, kind: str, data) -> list[CalibrationSample]:
         prepare = prepare_reasoning_calibration if kind == "reasoning" else prepare_instruction_calibration
-        samples = prepare(data, self.tokenizer, self.config, model=self.model)
-        source = data if isinstance(data, (str, os.PathLike)) else type(data).__name__
-        self.calibration_info[kind] = {"num_samples": len(samples), "source": str(source)}
+        stats: dict[str, Any] = {}
+        samples = prepare(data, self.tokenizer, self.config, model=self.model, stats=stats)
+        if isinstance(data, (str, os.PathLike)):
+            source = str(data)
+        elif isinstance(data, list):
+            source = f"a list of {len(data)} records"
+        else:
+            source = type(data).__name__
+        self.calibration_info[kind] = {"num_samples": len(samples), "num_malformed": stats.get("num_malformed"),
+                                       "source": source}
         return samples
 
     # ------------------------------------------------------------------ stage 1
@@ -675,6 +683,7 @@ class RainMerger:
         overwrite: bool = False,
         card_template: str | os.PathLike | None = None,
         eval_results: list | None = None,
+        _card_model_id: str | None = None,
     ) -> Path:
         """Write the merged model as a Hugging Face folder (loadable with ``AutoModelForCausalLM``).
 
@@ -718,17 +727,10 @@ class RainMerger:
             with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
                 json.dump(info, f, indent=2)
                 f.write("\n")
-            self._write_card(tmp, info, card_template, eval_results)
+            write_model_card(tmp, info, template_path=card_template, eval_results=eval_results,
+                             model_id=_card_model_id or str(save_directory))
         self.report.timings["save"] = time.perf_counter() - start
         return Path(save_directory)
-
-    def _write_card(self, folder: Path, info: dict, template, eval_results) -> None:
-        try:
-            from .card import write_model_card
-        except ImportError:  # the card module is optional for the core merge
-            logger.warning("rain_hf.card is unavailable: no model card written.")
-            return
-        write_model_card(folder, info, template_path=template, eval_results=eval_results)
 
     def push_to_hub(
         self,
@@ -746,7 +748,7 @@ class RainMerger:
 
         if save_directory is None:
             save_directory = Path(tempfile.mkdtemp(prefix="rain_hf-push-")) / repo_id.replace("/", "--")
-        folder = self.save_pretrained(save_directory, max_shard_size=max_shard_size)
+        folder = self.save_pretrained(save_directory, max_shard_size=max_shard_size, _card_model_id=repo_id)
         return push_folder(folder, repo_id, private=private, token=token, revision=revision,
                            commit_message=commit_message or f"Upload {self.config.method} merge made with rain_hf",
                            create_pr=create_pr)

@@ -79,3 +79,8 @@ def test_config_round_trip_and_validation(tmp_path):
     with pytest.raises(ConfigError, match="Unknown RainMergingConfig keys"):
         RainMergingConfig.from_dict({"lambda": 1})
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20 and parse_size(7) == 7
+
+
+def test_lam_auto_is_for_rain_only():
+    with pytest.raises(ConfigError, match="method='rain' only"):
+        RainMergingConfig(method="ties", lam="auto")
