@@ -1,0 +1,67 @@
+"""The organism benchmark's ``--quick`` path on the committed organism (skipped when it is not built)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ORGANISM = REPO / "benchmarks" / "organism"
+ORGANISM_ROOT = Path(os.environ.get("RAIN_HF_ORGANISM", ORGANISM))
+
+pytestmark = pytest.mark.skipif(
+    not (ORGANISM_ROOT / "checkpoints" / "instruct" / "model.safetensors").is_file()
+    or not (ORGANISM_ROOT / "data" / "eval_prompts.jsonl").is_file(),
+    reason="the organism is not built (python -m benchmarks.organism.build)",
+)
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("organism-bench")
+    # A child process: OMP_WAIT_POLICY only counts before torch loads, and spinning OpenMP threads make the run
+    # several times slower on a shared machine.
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.organism", "--quick", "--organism", str(ORGANISM_ROOT), "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("RESULTS.md", "results.png", "results.json"):
+        assert (out / name).is_file(), name
+    return json.loads((out / "results.json").read_text())
+
+
+def test_every_method_has_a_row(quick_results):
+    from benchmarks.organism.bench import FAMILIES
+
+    rows = quick_results["rows"]
+    methods = {r["method"] for r in rows}
+    assert {"base model", "reasoning model", "instruct model", "task_arithmetic", "ties", "dare_ties",
+            "dare_linear", "RAIN stage 1", "RAIN stage 2", "RAIN stage 1+2", "RAIN lam=auto"} <= methods
+    assert any(m.startswith("slerp") for m in methods)
+    assert any(m.startswith("RAIN config defaults") for m in methods)
+    assert {r["family"] for r in rows} == set(FAMILIES)
+
+
+def test_metrics_are_rates(quick_results):
+    for row in quick_results["rows"]:
+        for key in ("think", "accuracy", "if_prompt", "if_instruction"):
+            assert 0.0 <= row[key] <= 1.0, (row["method"], key, row[key])
+        assert math.isfinite(row["l_think"]) and row["l_think"] >= 0.0, row
+    by_method = {r["method"]: r for r in quick_results["rows"]}
+    assert by_method["reasoning model"]["l_think"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_reports_geometry_disjointness_and_auto(quick_results):
+    info = quick_results["info"]
+    assert 0.0 <= info["geometry"]["abs_cosine"] <= 1.0
+    assert set(info["geometry"]["relative_norm"]) == {"reasoning", "instruct"}
+    assert all("0 (0.0%) after normalisation" in line for line in info["overlap"])
+    assert info["auto"]["lam"] in {r["lam"] for r in info["auto"]["search"]}
