@@ -233,7 +233,7 @@ def write_model_card(
     card = build_model_card(info, template_path, eval_results, model_id=model_id, model_name=model_name)
     readme = folder / "README.md"
     card.save(readme)
-    logger.info("Wrote the model card %s", readme)
+    logger.debug("Wrote the model card %s", readme)
     return readme
 
 
