@@ -249,6 +249,7 @@ class _Template:
     think_close: str
     open_id: int
     close_id: int
+    spacing: tuple[str, str, str] = ("\n", "\n", "\n\n")
 
 
 def _template_parts(tokenizer: Any, config: Any) -> _Template:
@@ -268,7 +269,8 @@ def _template_parts(tokenizer: Any, config: Any) -> _Template:
             "template that inserts the message content unchanged."
         )
     before, after = rendered.split(_SENTINEL)
-    return _Template(before, after, config.think_open, config.think_close, open_id, close_id)
+    spacing = tuple(getattr(config, "think_spacing", ("\n", "\n", "\n\n")))
+    return _Template(before, after, config.think_open, config.think_close, open_id, close_id, spacing)
 
 
 def _apply_template(tokenizer: Any, prompt: str) -> str:
@@ -292,10 +294,10 @@ def _generation_prefix(tokenizer: Any, template: _Template, prompt: str) -> tupl
     stripped = rendered.rstrip()
     if stripped.endswith(template.think_open):
         open_char = len(stripped) - len(template.think_open)
-        prefix = rendered if len(stripped) < len(rendered) else rendered + "\n"
+        prefix = rendered if len(stripped) < len(rendered) else rendered + template.spacing[0]
     else:
         open_char = len(rendered)
-        prefix = rendered + template.think_open + "\n"
+        prefix = rendered + template.think_open + template.spacing[0]
     return prefix, open_char
 
 
@@ -575,9 +577,9 @@ def _build_sample(fields: _Fields, index: int, tokenizer: Any, template: _Templa
     """Render one validated record and compute all its token spans (see the module docstring for the layout)."""
     prefix, open_char = _generation_prefix(tokenizer, template, fields.prompt)
     prompt_char = len(template.before)
-    text = prefix + fields.reasoning + "\n"
+    text = prefix + fields.reasoning + template.spacing[1]
     close_char = len(text)
-    text += template.think_close + "\n\n"
+    text += template.think_close + template.spacing[2]
     response_char = len(text)
     text += fields.response
 

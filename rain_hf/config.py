@@ -65,6 +65,10 @@ class RainMergingConfig:
             name suffixes such as ``["q_proj", "v_proj"]``.
         layers: indices of decoder layers to merge (``None``: all).
         think_open, think_close: the thinking special tokens; each must be a single token of the tokenizer.
+        think_spacing: the text written after think_open, before think_close and after think_close when a
+            calibration sample (or a prompt-only generation prefix) is rendered. The default is DeepSeek-R1's
+            layout (a newline after the think-open token, one before the think-close token, two after it); use
+            ``["", "", ""]`` for models that write ``<think>…</think>answer`` (the project's organism).
         output_dtype: dtype of the merged weights (``None``: the reasoning model's).
         batch_size: calibration samples per forward pass.
         max_length: calibration sequences are cut to this many tokens (think tokens must survive the cut).
@@ -100,6 +104,7 @@ class RainMergingConfig:
     layers: list[int] | None = None
     think_open: str = "<think>"
     think_close: str = "</think>"
+    think_spacing: list[str] = field(default_factory=lambda: ["\n", "\n", "\n\n"])
     output_dtype: str | None = None
     batch_size: int = 4
     max_length: int = 4096
@@ -199,6 +204,10 @@ class RainMergingConfig:
         for name in ("think_open", "think_close"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(f"RainMergingConfig.{name} must be a non-empty string.")
+        if not (isinstance(self.think_spacing, list) and len(self.think_spacing) == 3
+                and all(isinstance(x, str) and not x.strip() for x in self.think_spacing)):
+            raise ConfigError(f"RainMergingConfig.think_spacing must be a list of three whitespace strings (after "
+                              f"<think>, before and after </think>), got {self.think_spacing!r}.")
         if self.think_open == self.think_close:
             raise ConfigError("RainMergingConfig.think_open and think_close must differ.")
         if self.output_dtype is not None:

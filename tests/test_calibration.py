@@ -463,3 +463,15 @@ def test_public_calibration_sets(caplog):
         p0, p1 = sample.prompt_span
         assert all(p0 <= a < b <= p1 for a, b in sample.instruction_spans)
         assert all(sample.response_span[0] <= a for a, _ in sample.constrained_spans)
+
+
+def test_think_spacing_sets_the_layout_of_rendered_samples():
+    from rain_hf.testing import build_tokenizer
+
+    tok = build_tokenizer()
+    rec = [{"prompt": "Max has 3 apples.", "reasoning": "3 + 0 = 3.", "response": "The answer is 3."}]
+    r1 = prepare_reasoning_calibration(rec, tok, RainMergingConfig())[0]
+    compact = prepare_reasoning_calibration(rec, tok, RainMergingConfig(think_spacing=["", "", ""]))[0]
+    assert tok.decode(r1.input_ids).endswith("<think>\n3 + 0 = 3.\n</think>\n\nThe answer is 3.")
+    assert tok.decode(compact.input_ids).endswith("<think>3 + 0 = 3.</think>The answer is 3.")
+    assert len(compact.input_ids) < len(r1.input_ids)
