@@ -56,11 +56,14 @@ class Settings:
     ties_grid: tuple[float, ...] = (1.0, 2.0, 3.0)
     dare_grid: tuple[float, ...] = (1.0, 2.0, 3.0)
     slerp_ts: tuple[float, ...] = (0.25, 0.5, 0.75)
-    rain_grid: tuple[float, ...] = (1.0, 2.0, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0)
+    rain_grid: tuple[float, ...] = (1.0, 2.0, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0)
     stage2_grid: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0)
     position_sets: tuple[str, ...] = ("think", "think+prev")
     position_lams: tuple[float, ...] = (4.0,)
     files_lam: float = 4.0
+    # Rendering of calibration samples around the think tags: the organism's own format has no whitespace there.
+    spacing: tuple[str, str, str] | None = ("", "", "")
+    r1_spacing_row: bool = True  # one RAIN row with rain_hf's default R1 spacing, for comparison
     prompts_only_row: bool = True
     training_check: bool = True  # regenerate the ≈35k training prompts for the disjointness check (≈10 s)
     shared_note: bool = True  # tokenize ../shared/calibration to report why it is not used
@@ -70,8 +73,23 @@ class Settings:
 FULL = Settings()
 QUICK = Settings(n_prompts=16, max_new_tokens=64, batch_size=16, ta_grid=(1.0, 2.0), ties_grid=(1.0,),
                  dare_grid=(1.0,), slerp_ts=(0.5,), rain_grid=(2.0, 4.0), stage2_grid=(1.0,),
-                 position_sets=("think",), position_lams=(4.0,), prompts_only_row=False, training_check=False,
+                 position_sets=("think",), position_lams=(4.0,), prompts_only_row=False, r1_spacing_row=False,
+                 training_check=False,
                  shared_note=False, plot=True)
+
+
+def rain_config(spacing: tuple[str, str, str] | None = None, **kwargs: Any) -> Any:
+    """A :class:`RainMergingConfig`; ``spacing`` (text after ``<think>``, before ``</think>``, after it) sets how
+    calibration samples are rendered (read by :mod:`rain_hf.calibration` as ``think_spacing``; default ``\\n``,
+    ``\\n``, ``\\n\\n`` as in R1 traces, which the organism never saw)."""
+    from rain_hf import RainMergingConfig
+
+    if spacing is not None and "think_spacing" in {f.name for f in dataclasses.fields(RainMergingConfig)}:
+        return RainMergingConfig(think_spacing=list(spacing), **kwargs)
+    cfg = RainMergingConfig(**kwargs)
+    if spacing is not None:  # older configs: rain_hf.calibration reads the attribute
+        cfg.think_spacing = list(spacing)
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -232,7 +250,6 @@ class Bench:
     def setup(self) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from rain_hf import RainMergingConfig
         from rain_hf.calibration import prepare_reasoning_calibration
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.org.checkpoint("reasoning"))
@@ -257,7 +274,7 @@ class Bench:
         self.stage1_path = self.workdir / "reasoning_calibration_stage1.json"
         with open(self.stage1_path, "w", encoding="utf-8") as f:
             json.dump(records[:-n_out], f, indent=1)
-        heldout = prepare_reasoning_calibration(records[-n_out:], self.tokenizer, RainMergingConfig())
+        heldout = prepare_reasoning_calibration(records[-n_out:], self.tokenizer, self.cfg())
         ids, positions = heldout_think_positions(heldout)
         self.info["calibration"] = {"stage1_samples": len(records) - n_out, "heldout_samples": len(heldout),
                                     "heldout_positions": sum(map(len, positions)), "eval_prompts": len(evals)}
@@ -287,6 +304,10 @@ class Bench:
         self.rows.append(row)
         logger.info("%s", " | ".join(row.cells()))
         return row
+
+    def cfg(self, **kwargs: Any) -> Any:
+        """A RainMergingConfig with the run's calibration spacing."""
+        return rain_config(self.settings.spacing, **kwargs)
 
     def merger(self, cfg: Any, features: Any = None) -> Any:
         from rain_hf import RainMerger
@@ -323,55 +344,59 @@ class Bench:
 
     def features_for(self, positions: str) -> Any:
         """Stage-1 features of one position setting, computed once from the stage-1 share of the file."""
-        from rain_hf import RainMergingConfig
 
-        merger = self.merger(RainMergingConfig(positions=positions, window=3))
+        merger = self.merger(self.cfg(positions=positions, window=3))
         start = time.perf_counter()
         features = merger.compute_features(str(self.stage1_path))
         self.info.setdefault("features_s", {})[positions] = time.perf_counter() - start
         return features
 
     def rain(self) -> None:
-        from rain_hf import RainMergingConfig
 
         s = self.settings
         feats = self.features_for("window")
         ins = {"instruction_calibration": str(self.instruction_path)}
         for lam in s.rain_grid:
-            self.merge_and_add("RAIN stage 1", "rain_stage1", lam, RainMergingConfig(lam=lam, stage2=False), feats)
+            self.merge_and_add("RAIN stage 1", "rain_stage1", lam, self.cfg(lam=lam, stage2=False), feats)
         for lam in s.stage2_grid:
-            self.merge_and_add("RAIN stage 2", "rain_stage2", lam, RainMergingConfig(lam=lam, stage1=False), **ins)
+            self.merge_and_add("RAIN stage 2", "rain_stage2", lam, self.cfg(lam=lam, stage1=False), **ins)
         for lam in s.rain_grid:
-            self.merge_and_add("RAIN stage 1+2", "rain_both", lam, RainMergingConfig(lam=lam), feats, **ins)
+            self.merge_and_add("RAIN stage 1+2", "rain_both", lam, self.cfg(lam=lam), feats, **ins)
         for positions in s.position_sets:
             pf = self.features_for(positions)
             for lam in s.position_lams:
                 self.merge_and_add(f"RAIN 1+2 positions={positions}", "rain_positions", lam,
-                                   RainMergingConfig(lam=lam, positions=positions), pf, **ins)
+                                   self.cfg(lam=lam, positions=positions), pf, **ins)
 
     def rain_from_files(self) -> None:
         """RainMergingConfig() defaults and the organism λ, everything loaded from the paper-format files."""
         from rain_hf import RainMergingConfig
 
         files = {"reasoning_calibration": str(self.stage1_path), "instruction_calibration": str(self.instruction_path)}
-        defaults = RainMergingConfig()
+        defaults = self.cfg()
         self.merge_and_add("RAIN config defaults (files)", "rain_files", float(defaults.lam), defaults,
                            note="RainMergingConfig() as is", **files)
         self.merge_and_add("RAIN 1+2 (files)", "rain_files", self.settings.files_lam,
-                           RainMergingConfig(lam=self.settings.files_lam), note="features computed inside merge()",
-                           **files)
+                           self.cfg(lam=self.settings.files_lam), note="features computed inside merge()", **files)
+        if self.settings.r1_spacing_row and self.settings.spacing is not None:
+            self.merge_and_add("RAIN 1+2 (files, R1 \\n spacing)", "rain_files", self.settings.files_lam,
+                               RainMergingConfig(lam=self.settings.files_lam),
+                               note="rain_hf's default rendering: newlines around the think tags", **files)
         if self.settings.prompts_only_row:
             prompts = str(self.org.data("prompts_only.jsonl"))
-            cfg = RainMergingConfig(lam=self.settings.files_lam, max_new_tokens=96, batch_size=16)
-            self.merge_and_add("RAIN 1+2 (prompts only, self-generated)", "rain_files", self.settings.files_lam,
-                               cfg, note="prompts_only.jsonl for both stages; merge time includes generation",
-                               reasoning_calibration=prompts, instruction_calibration=prompts)
+            cfg = self.cfg(lam=self.settings.files_lam, max_new_tokens=96, batch_size=16)
+            try:
+                self.merge_and_add("RAIN 1+2 (prompts only, self-generated)", "rain_files", self.settings.files_lam,
+                                   cfg, note="prompts_only.jsonl for both stages; merge time includes generation",
+                                   reasoning_calibration=prompts, instruction_calibration=prompts)
+            except Exception as exc:  # reported, not fatal: the other rows stand on their own
+                self.info["prompts_only_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                logger.warning("prompts-only calibration failed: %s", self.info["prompts_only_error"])
 
     def rain_auto(self) -> None:
         """lam='auto': λ from calibration data alone (held-out L_think on the reasoning calibration)."""
-        from rain_hf import RainMergingConfig
 
-        cfg = RainMergingConfig(lam="auto", lam_grid=list(self.settings.rain_grid))
+        cfg = self.cfg(lam="auto", lam_grid=list(self.settings.rain_grid))
         merger = self.merger(cfg)
         start = time.perf_counter()
         model = merger.merge(reasoning_calibration=str(self.org.data("reasoning_calibration.json")),
@@ -434,9 +459,15 @@ def target_checks(rows: Sequence[Row], info: dict[str, Any]) -> list[tuple[str, 
     pairs = [(r, s1[r.lam]) for r in both if r.lam in s1]
     wins = [(b, a) for b, a in pairs if feasible(b, ref) and (not feasible(a, ref) or b.if_prompt > a.if_prompt)]
     losses = [(b, a) for b, a in pairs if feasible(a, ref) and (not feasible(b, ref) or a.if_prompt > b.if_prompt)]
-    checks.append(("stage 1+2 gives more IF than stage 1 alone at equal λ (both feasible)",
-                   bool(wins) and len(wins) > len(losses),
-                   "; ".join(f"λ={b.lam:g}: {a.if_prompt:.2f}→{b.if_prompt:.2f}"
+    best_s1 = max((a.if_prompt for a in s1.values() if feasible(a, ref)), default=0.0)
+    best_both = max((b.if_prompt for b in both if feasible(b, ref)), default=0.0)
+    margin = 1.5 / max(1, info.get("calibration", {}).get("eval_prompts", 240))  # more than one prompt's worth
+    checks.append(("stage 1+2 gives more IF than stage 1 alone at equal λ (feasible rows; pairwise wins > losses "
+                   "by more than one prompt, and a higher best feasible IF)",
+                   len([w for w in wins if w[0].if_prompt - w[1].if_prompt > margin or not feasible(w[1], ref)])
+                   > len(losses) and best_both > best_s1,
+                   f"best feasible IF: stage 1 {best_s1:.3f}, stage 1+2 {best_both:.3f}; per λ (stage 1 → 1+2): "
+                   + "; ".join(f"λ={b.lam:g}: {a.if_prompt:.2f}→{b.if_prompt:.2f}"
                              f"{'' if feasible(a, ref) else ' (s1 infeasible)'}{'' if feasible(b, ref) else ' (1+2 infeasible)'}"
                              for b, a in pairs)))
     geo = info.get("geometry", {})
@@ -487,15 +518,16 @@ def plot(rows: Sequence[Row], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5), sharey=True)
     cmap = plt.get_cmap("tab20")
     for i, fam in enumerate(FAMILIES):
         sel = [r for r in rows if r.family == fam]
         if not sel:
             continue
         for ax, attr in zip(axes, ("think", "accuracy")):
+            marker = "s" if fam == "reference" else ("^" if fam.startswith("rain") else "o")
             ax.scatter([getattr(r, attr) for r in sel], [r.if_prompt for r in sel], color=cmap(i), label=fam,
-                       s=36, alpha=0.85, edgecolors="k", linewidths=0.3)
+                       marker=marker, s=40, alpha=0.85, edgecolors="k", linewidths=0.3)
             for r in sel:
                 tag = r.method.replace(" model", "") if r.lam is None else f"{r.lam:g}"
                 ax.annotate(tag, (getattr(r, attr), r.if_prompt), fontsize=6, xytext=(3, 2),
@@ -510,7 +542,7 @@ def plot(rows: Sequence[Row], path: Path) -> None:
         ax.set_xlim(-0.03, 1.03)
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="lower left")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle("Organism benchmark: instruction following vs think format and accuracy (numbers: λ)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -556,6 +588,8 @@ def results_markdown(rows: Sequence[Row], info: dict[str, Any], command: str, wa
         *summary_lines(rows, info),
         "```",
         "",
+        *([f"Prompts-only calibration (`prompts_only.jsonl`, traces written by the reasoning model) failed and has "
+           f"no row: {info['prompts_only_error']}", ""] if info.get("prompts_only_error") else []),
         "## Targets (issue 4)",
         "",
         *[f"- {'MET' if ok else 'MISSED'}: {desc} — {evidence}" for desc, ok, evidence in checks],
