@@ -39,11 +39,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .config import POSITION_SETS as POSITION_MODES
+
 logger = logging.getLogger(__name__)
 
 Span = tuple[int, int]
-
-POSITION_MODES = ("think", "think+prev", "window")
 REASONING_KEYS = ("reasoning", "reason")
 # Stand-in user message used to find where the chat template puts the user's text.
 _SENTINEL = "RainHfPromptSentinel7c1e5b"
@@ -94,8 +94,10 @@ class CalibrationSample:
 
         Args:
             mode: ``"think"`` = the two think tokens; ``"think+prev"`` adds the token before each (its output
-                predicts the think token); ``"window"`` adds every position within ±``window`` of both.
-            window: radius of the ``"window"`` neighbourhood.
+                predicts the think token); ``"window"`` adds every position within ±``window`` of both;
+                ``"window-before-answer"`` is ``"window"`` without the positions after the think-close token
+                (they predict the answer's first tokens, where format instructions act).
+            window: radius of the window neighbourhoods.
 
         Returns:
             Positions clipped to ``[0, len(input_ids))``.
@@ -105,10 +107,12 @@ class CalibrationSample:
             positions = set(anchors)
         elif mode == "think+prev":
             positions = {p + d for p in anchors for d in (-1, 0)}
-        elif mode == "window":
+        elif mode in ("window", "window-before-answer"):
             if isinstance(window, bool) or not isinstance(window, int) or window < 0:
                 raise ValueError(f"window={window!r} must be an integer >= 0.")
             positions = {p + d for p in anchors for d in range(-window, window + 1)}
+            if mode == "window-before-answer":
+                positions = {p for p in positions if p <= self.think_close}
         else:
             raise ValueError(f"Unknown think-position mode {mode!r}; use one of {list(POSITION_MODES)}.")
         n = len(self.input_ids)

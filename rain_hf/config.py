@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 METHODS = ("rain", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp")
-POSITION_SETS = ("think", "think+prev", "window")
+POSITION_SETS = ("think", "think+prev", "window", "window-before-answer")
 PROJECTIONS = ("svd", "ridge")
 NORMALIZATIONS = ("mean", "none")
 MALFORMED_POLICIES = ("skip", "error")
@@ -47,8 +47,9 @@ class RainMergingConfig:
         stage1: project the task vector onto the null space of the thinking-token features.
         stage2: scale each attention head by its instruction-attention coefficient.
         positions: which token positions define the thinking features: ``"think"`` (the think tokens),
-            ``"think+prev"`` (plus the token before each, whose output predicts it) or ``"window"`` (plus a
-            ±``window`` neighbourhood of both).
+            ``"think+prev"`` (plus the token before each, whose output predicts it), ``"window"`` (plus a
+            ±``window`` neighbourhood of both) or ``"window-before-answer"`` (``"window"`` without the positions
+            after the think-close token, whose outputs pick the answer's first tokens).
         window: radius r of the ``"window"`` position set.
         projection: ``"svd"`` (exact projection onto the null space, singular values above ``rcond``·σ_max
             span the protected subspace) or ``"ridge"`` (ΔW − ΔW Hᵀ(HHᵀ+εI)⁻¹H with ε = ``ridge``·σ_max²).

@@ -475,3 +475,16 @@ def test_think_spacing_sets_the_layout_of_rendered_samples():
     assert tok.decode(r1.input_ids).endswith("<think>\n3 + 0 = 3.\n</think>\n\nThe answer is 3.")
     assert tok.decode(compact.input_ids).endswith("<think>3 + 0 = 3.</think>The answer is 3.")
     assert len(compact.input_ids) < len(r1.input_ids)
+
+
+def test_window_before_answer_leaves_the_answer_positions_free():
+    from rain_hf.testing import build_tokenizer
+
+    tok = build_tokenizer()
+    rec = [{"prompt": "Max has 3 apples.", "reasoning": "3 + 0 = 3 so the answer is 3.", "response": "The answer is 3."}]
+    s = prepare_reasoning_calibration(rec, tok, RainMergingConfig())[0]
+    full = s.think_positions("window", 2)
+    pre = s.think_positions("window-before-answer", 2)
+    assert max(pre) == s.think_close and set(pre) <= set(full)
+    assert set(full) - set(pre) == {s.think_close + 1, s.think_close + 2}
+    assert s.think_open - 2 in pre and s.think_open + 2 in pre
