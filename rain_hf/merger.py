@@ -405,8 +405,8 @@ class RainMerger:
         for t in self.targets:
             p = params[t.name + ".weight"]
             out = self._output_dtype(t.weight_key)
-            if out != p.dtype and torch.finfo(out).bits > torch.finfo(p.dtype).bits or (
-                    {out, p.dtype} == {torch.float16, torch.bfloat16}):
+            wider = out != p.dtype and torch.finfo(out).bits > torch.finfo(p.dtype).bits
+            if wider or {out, p.dtype} == {torch.float16, torch.bfloat16}:
                 raise ConfigError(
                     f"The merged weights are saved as {out} but the reasoning model was loaded as {p.dtype}, which "
                     f"cannot hold them exactly: load it with torch_dtype={str(out).replace('torch.', '')!r}.")

@@ -407,3 +407,11 @@ def test_prompt_only_calibration_is_completed_by_the_reasoning_model():
     info = merger.sidecar()["calibration"]["reasoning"]
     assert info["num_samples"] == 8 and info["num_malformed"] == 0
     assert merger.features.settings["num_samples"] == 8
+
+
+def test_output_dtype_wider_than_the_loaded_model_is_refused(qwen2):
+    from rain_hf.config import ConfigError
+
+    with pytest.raises(ConfigError, match="torch_dtype='float32'"):
+        RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
+                                   RainMergingConfig(output_dtype="float32"), torch_dtype="bfloat16")
