@@ -85,11 +85,11 @@ class RainMergingConfig:
     method: str = "rain"
     lam: float | str = 1.0
     lam_grid: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0])
-    lam_auto_max_kl: float = 0.05
+    lam_auto_max_kl: float = 0.01
     lam_auto_holdout: float = 0.25
     stage1: bool = True
     stage2: bool = True
-    positions: str = "window"
+    positions: str = "window-before-answer"
     window: int = 3
     projection: str = "svd"
     rcond: float = 0.1

@@ -58,7 +58,7 @@ class Settings:
     slerp_ts: tuple[float, ...] = (0.25, 0.5, 0.75)
     rain_grid: tuple[float, ...] = (1.0, 2.0, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0)
     stage2_grid: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0)
-    position_sets: tuple[str, ...] = ("think", "think+prev")
+    position_sets: tuple[str, ...] = ("think", "think+prev", "window")
     position_lams: tuple[float, ...] = (4.0,)
     files_lam: float = 4.0
     # Rendering of calibration samples around the think tags: the organism's own format has no whitespace there.
@@ -354,7 +354,9 @@ class Bench:
     def rain(self) -> None:
 
         s = self.settings
-        feats = self.features_for("window")
+        from rain_hf import RainMergingConfig
+
+        feats = self.features_for(RainMergingConfig().positions)
         ins = {"instruction_calibration": str(self.instruction_path)}
         for lam in s.rain_grid:
             self.merge_and_add("RAIN stage 1", "rain_stage1", lam, self.cfg(lam=lam, stage2=False), feats)
