@@ -552,6 +552,9 @@ def plot(rows: Sequence[Row], path: Path) -> None:
 
 
 def results_markdown(rows: Sequence[Row], info: dict[str, Any], command: str, wall_s: float) -> str:
+    from rain_hf import RainMergingConfig
+
+    defaults = RainMergingConfig()
     cal = info["calibration"]
     checks = target_checks(rows, info)
     parts = [
@@ -578,8 +581,10 @@ def results_markdown(rows: Sequence[Row], info: dict[str, Any], command: str, wa
         "",
         "## Table",
         "",
-        "RAIN rows use `RainMergingConfig` defaults unless named: positions=window (±3), rcond 0.1, SVD, stage 2 "
-        "with ρ 0.5, mean-normalised coefficients clipped to [0, 2], probe λ 1. TIES/DARE: density 0.5, weights "
+        f"RAIN rows use `RainMergingConfig` defaults unless named: positions={defaults.positions} "
+        f"(window ±{defaults.window}), rcond {defaults.rcond}, {defaults.projection.upper()}, stage 2 with ρ "
+        f"{defaults.rho}, {defaults.coef_normalize}-normalised coefficients clipped to [{defaults.coef_min:g}, "
+        f"{defaults.coef_max:g}], probe λ {defaults.probe_lam:g}. TIES/DARE: density {defaults.density}, weights "
         "[1, λ]. Stage-2-only rows project nothing.",
         "",
         table(rows),
