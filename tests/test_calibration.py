@@ -55,15 +55,6 @@ RECORD = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _offline():
-    """No network: every Hugging Face library works offline in this module."""
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-            mp.setenv(var, "1")
-        yield
-
-
 def _train_bpe(texts: list[str], vocab_size: int, specials: list[str]) -> Tokenizer:
     """A byte-level BPE (every character is representable) trained on ``texts``."""
     tok = Tokenizer(models.BPE())

@@ -20,13 +20,6 @@ BASE = "Qwen/Qwen2.5-7B"
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-
-
 def _source(hub_id: str | None, path: str, revision: str | None = None, **extra) -> dict:
     return {"name_or_path": hub_id or path, "path": path, "hub_id": hub_id, "revision": revision, **extra}
 

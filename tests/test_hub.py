@@ -30,14 +30,6 @@ TOKEN = "hf_fake_write_token"
 SHARD_BYTES = 24 * 1024 * 1024
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-
-
 class FakeHub(httpx2.BaseTransport):
     """Answers like the Hub's HTTP API; never touches the network."""
 

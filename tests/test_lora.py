@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from peft import IA3Config, LoraConfig, get_peft_model  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers import (  # noqa: E402
+import pytest
+import torch
+from peft import IA3Config, LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
@@ -24,18 +20,11 @@ from transformers import (  # noqa: E402
     Qwen2ForCausalLM,
 )
 
-from rain_hf.checkpoints import CheckpointError, LazyCheckpoint  # noqa: E402
-from rain_hf.lora import AdapterError, LoraDelta, is_lora_adapter, resolve_pattern, same_base_model  # noqa: E402
+from rain_hf.checkpoints import CheckpointError, LazyCheckpoint
+from rain_hf.lora import AdapterError, LoraDelta, is_lora_adapter, resolve_pattern, same_base_model
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=64, vocab_size=64, max_position_embeddings=64)
-
-
-@pytest.fixture(autouse=True)
-def _offline_hub(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
 
 
 def _save_random(model_cls, config, folder: Path, seed: int = 0) -> Path:

@@ -13,13 +13,6 @@ from rain_hf.methods import BASELINE_METHODS, merge_tensor, needs_base, slerp, t
 KEY = "model.layers.0.mlp.up_proj.weight"
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-
-
 def _triple(seed: int = 0, shape: tuple[int, ...] = (3, 4)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(shape, generator=g)
