@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -215,29 +215,6 @@ class LazyCheckpoint:
 
     def nbytes(self) -> int:
         return sum(end - start for _, _, start, end in self._entries.values())
-
-
-class StateDictSource:
-    """A :class:`TensorSource` over tensors already in memory (e.g. a model being trained)."""
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor], name: str = "state dict") -> None:
-        self._tensors = tensors
-        self.name = name
-
-    def keys(self) -> list[str]:
-        return list(self._tensors)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._tensors
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._tensors[key].shape)
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self._tensors[key].dtype
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._tensors[key].detach().to("cpu")
 
 
 _SAFETENSORS_DTYPES = {

@@ -32,7 +32,6 @@ from .checkpoints import (
     CheckpointError,
     LazyCheckpoint,
     ModelSource,
-    StateDictSource,
     TensorSource,
     is_adapter_folder,
     read_json,
@@ -765,7 +764,3 @@ def _card_license(folder: Path) -> str | None:
     except Exception:  # a malformed card only costs us the licence field
         return None
 
-
-def state_dict_delta(instruct_state: Mapping[str, torch.Tensor], base: TensorSource) -> FullDelta:
-    """Task vector of an instruct model held in memory (e.g. during training) against a base checkpoint."""
-    return FullDelta(StateDictSource(instruct_state, "instruct state dict"), base)

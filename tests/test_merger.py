@@ -415,3 +415,17 @@ def test_output_dtype_wider_than_the_loaded_model_is_refused(qwen2):
     with pytest.raises(ConfigError, match="torch_dtype='float32'"):
         RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
                                    RainMergingConfig(output_dtype="float32"), torch_dtype="bfloat16")
+
+
+def test_licence_comes_from_the_reasoning_models_card(qwen2, tmp_path):
+    import shutil
+
+    reasoning = tmp_path / "reasoning"
+    shutil.copytree(qwen2["reasoning"], reasoning)
+    (reasoning / "README.md").write_text("---\nlicense: apache-2.0\n---\n# A reasoning model\n")
+    merger = RainMerger.from_pretrained(qwen2["base"], reasoning, qwen2["instruct"],
+                                        RainMergingConfig(method="task_arithmetic"))
+    merger.merge()
+    out = merger.save_pretrained(tmp_path / "out")
+    assert json.loads((out / "rain_merging_config.json").read_text())["license"] == "apache-2.0"
+    assert "license: apache-2.0" in (out / "README.md").read_text()
