@@ -550,6 +550,46 @@ def think_kl(
         >>> think_kl(lrm, lrm, [torch.tensor([1, 2, 3, 4])], [[1, 3]])
         0.0
     """
+    total, count = 0.0, 0
+    with torch.no_grad(), _eval_mode(model, reference_model):
+        for ids, mask, rows, cols in tqdm(_scoring_batches(input_ids, positions, batch_size, pad_token_id),
+                                          desc="think_kl", leave=False):
+            log_p = _log_probs_at(model, ids, mask, rows, cols)  # [N, V]
+            log_q = _log_probs_at(reference_model, ids, mask, rows, cols).to(log_p.device)
+            kl = kl_rows(log_p, log_q)  # [N]
+            total += float(kl.double().sum())
+            count += kl.numel()
+    return total / count
+
+
+def think_log_probs(
+    model: torch.nn.Module,
+    input_ids: Sequence[torch.Tensor],
+    positions: Sequence[Sequence[int]],
+    batch_size: int = 8,
+    pad_token_id: int = 0,
+) -> torch.Tensor:
+    """fp32 next-token log-probabilities [N, V] (CPU) at the given positions, in the order :func:`think_kl`
+    scores them; keep a reference model's once and compare later models with :func:`kl_rows`.
+
+    Arguments as in :func:`think_kl`.
+    """
+    out = []
+    with torch.no_grad(), _eval_mode(model):
+        for ids, mask, rows, cols in _scoring_batches(input_ids, positions, batch_size, pad_token_id):
+            out.append(_log_probs_at(model, ids, mask, rows, cols).cpu())
+    return torch.cat(out)
+
+
+def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) per row of log-probabilities [N, V] → [N]."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _scoring_batches(
+    input_ids: Sequence[torch.Tensor], positions: Sequence[Sequence[int]], batch_size: int, pad_token_id: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Right-padded batches (ids, mask, rows, cols) of the sequences that have positions, longest first."""
     if len(input_ids) != len(positions):
         raise ValueError(f"{len(input_ids)} sequences but {len(positions)} position lists")
     samples = []
@@ -564,20 +604,14 @@ def think_kl(
     if not samples:
         raise ValueError("think_kl needs at least one position.")
     samples.sort(key=lambda s: len(s[0]), reverse=True)  # less padding
-
-    total, count = 0.0, 0
-    batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
-    with torch.no_grad(), _eval_mode(model, reference_model):
-        for batch in tqdm(batches, desc="think_kl", leave=False):
-            ids, mask = _pad([s[0] for s in batch], pad_token_id, left=False)
-            rows = torch.tensor([b for b, s in enumerate(batch) for _ in s[1]], dtype=torch.long)
-            cols = torch.tensor([p for s in batch for p in s[1]], dtype=torch.long)
-            log_p = _log_probs_at(model, ids, mask, rows, cols)  # [N, V]
-            log_q = _log_probs_at(reference_model, ids, mask, rows, cols).to(log_p.device)
-            kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [N]
-            total += float(kl.double().sum())
-            count += kl.numel()
-    return total / count
+    batches = []
+    for i in range(0, len(samples), batch_size):
+        batch = samples[i : i + batch_size]
+        ids, mask = _pad([s[0] for s in batch], pad_token_id, left=False)
+        rows = torch.tensor([b for b, s in enumerate(batch) for _ in s[1]], dtype=torch.long)
+        cols = torch.tensor([p for s in batch for p in s[1]], dtype=torch.long)
+        batches.append((ids, mask, rows, cols))
+    return batches
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -406,27 +406,3 @@ def collect_attention_stats(
     leakage = sums["u"] / counts["u"].clamp(min=1).unsqueeze(1)
     return alignment, leakage
 
-
-# ---------------------------------------------------------------------------------------------- L_think
-@torch.no_grad()
-def think_log_probs(
-    model: nn.Module,
-    samples: Sequence[CalibrationSample],
-    config: RainMergingConfig,
-    pad_token_id: int,
-) -> torch.Tensor:
-    """Next-token log-probabilities [N, V] (fp32, CPU) at the thinking positions of every sample, in order."""
-    device = _input_device(model)
-    out = []
-    for batch in _batches(samples, config.batch_size):
-        ids, mask = _pad(batch, pad_token_id, device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        for i, s in enumerate(batch):
-            pos = torch.tensor(s.think_positions(config.positions, config.window), device=logits.device)
-            out.append(torch.log_softmax(logits[i, pos].float(), dim=-1).cpu())
-    return torch.cat(out)
-
-
-def mean_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
-    """Mean over rows of KL(p ‖ q) for log-probabilities [N, V]."""
-    return float((log_p.exp() * (log_p - log_q)).sum(dim=-1).mean())

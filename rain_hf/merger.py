@@ -47,8 +47,6 @@ from .features import (
     capture_think_features,
     collect_attention_stats,
     find_target_modules,
-    mean_kl,
-    think_log_probs,
 )
 from .projection import feature_residual, project_ridge, project_svd, protected_basis, removed_fraction
 from .writer import ShardedSafetensorsWriter, TensorSpec, atomic_directory
@@ -619,13 +617,20 @@ class RainMerger:
         if not heldout:
             raise ValueError("lam='auto' needs reasoning_calibration passed to merge() (or compute_features) so "
                              "that part of it can be held out to measure L_think.")
+        from .evaluation import kl_rows, think_log_probs
+
         start = time.perf_counter()
-        pad = self._pad_id()
-        reference = think_log_probs(self.model, heldout, cfg, pad)
+        ids = [torch.tensor(s.input_ids) for s in heldout]
+        positions = [s.think_positions(cfg.positions, cfg.window) for s in heldout]
+
+        def log_probs() -> torch.Tensor:
+            return think_log_probs(self.model, ids, positions, cfg.batch_size, self._pad_id())
+
+        reference = log_probs()
         search, chosen = [], None
         for lam in sorted(cfg.lam_grid):
             self._apply_rain(float(lam), alpha, record=False, desc=f"lam=auto: λ={lam}")
-            kl = mean_kl(think_log_probs(self.model, heldout, cfg, pad), reference)
+            kl = float(kl_rows(log_probs(), reference).mean())
             search.append({"lam": float(lam), "l_think": kl})
             logger.info("lam=auto: λ=%s L_think=%.4g", lam, kl)
             if kl <= cfg.lam_auto_max_kl:
