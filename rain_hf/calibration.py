@@ -641,7 +641,7 @@ def _build_sample(fields: _Fields, index: int, tokenizer: Any, template: _Templa
 
 
 # --------------------------------------------------------------------------------------------------- generation
-def split_generation(
+def split_generated_ids(
     token_ids: Sequence[int], tokenizer: Any, open_id: int, close_id: int, stop_ids: Iterable[int] = ()
 ) -> tuple[str, str]:
     """Split the generated continuation of ``…<think>\\n`` into (reasoning, response) texts.
@@ -734,7 +734,7 @@ def _generate_batch(records: list[dict], model: Any, tokenizer: Any, config: Any
     for row, generated in zip(rows, output[:, width:].tolist()):
         results[row]["generation"] = tokenizer.decode(generated, skip_special_tokens=False)
         try:
-            reasoning, response = split_generation(generated, tokenizer, template.open_id, template.close_id, stops)
+            reasoning, response = split_generated_ids(generated, tokenizer, template.open_id, template.close_id, stops)
         except _Malformed as err:
             results[row]["generation_error"] = str(err)
             continue

@@ -23,7 +23,7 @@ from rain_hf.calibration import (
     merge_spans,
     prepare_instruction_calibration,
     prepare_reasoning_calibration,
-    split_generation,
+    split_generated_ids,
 )
 from rain_hf.config import RainMergingConfig
 
@@ -344,7 +344,7 @@ def test_split_generation(tok):
     o, c, eos, pad = (tok.convert_tokens_to_ids(t) for t in ("<think>", "</think>", "</s>", "<pad>"))
     words = tok.encode("Hmm ok", add_special_tokens=False)
     answer = tok.encode("The answer", add_special_tokens=False)
-    assert split_generation(words + [c] + answer + [eos, pad], tok, o, c, {eos, pad}) == ("Hmm ok", "The answer")
+    assert split_generated_ids(words + [c] + answer + [eos, pad], tok, o, c, {eos, pad}) == ("Hmm ok", "The answer")
     cases = [
         (words + answer, r"never closes its thinking \(it may have run out"),
         (words + [eos] + [c] + answer, "never closes its thinking"),
@@ -355,7 +355,7 @@ def test_split_generation(tok):
     ]
     for ids, reason in cases:
         with pytest.raises(_Malformed, match=reason):
-            split_generation(ids, tok, o, c, {eos, pad})
+            split_generated_ids(ids, tok, o, c, {eos, pad})
 
 
 def _chain_model(tok, successor: dict[int, int]) -> Qwen2ForCausalLM:
