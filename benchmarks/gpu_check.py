@@ -1,0 +1,91 @@
+"""One prepared GPU check (run on a CUDA machine): the organism merged on CPU and on CUDA must agree, a
+``device_map="auto"`` load must merge to the same weights, and a LoRA instruct model must merge
+on CUDA.
+
+    python -m benchmarks.gpu_check            # prints max |Δ| per check; exit 1 if any check fails
+
+The memory/time figures of a larger model come from ``python -m benchmarks.merge_memory --shape 1.5b --device cuda``.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ORG = HERE / "organism"
+TOL = 1e-4  # fp32 organism: CPU and CUDA kernels differ in summation order only
+
+
+def merged_state(device: str, **kwargs) -> tuple[dict[str, torch.Tensor], float]:
+    from rain_hf import RainMerger, RainMergingConfig
+
+    cfg = RainMergingConfig(lam=4.0, think_spacing=["", "", ""])
+    start = time.perf_counter()
+    merger = RainMerger.from_pretrained(str(ORG / "checkpoints/base"), str(ORG / "checkpoints/reasoning"),
+                                        str(ORG / "checkpoints/instruct"), cfg, device=device, **kwargs)
+    model = merger.merge(reasoning_calibration=str(ORG / "data/reasoning_calibration.json"),
+                         instruction_calibration=str(ORG / "data/instruction_calibration.jsonl"))
+    seconds = time.perf_counter() - start
+    return {k: v.detach().float().cpu() for k, v in model.state_dict().items()}, seconds
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys(), "state dict keys differ"
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def lora_on_cuda() -> float:
+    """A random LoRA adapter on the organism base, merged on CPU and on CUDA."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rain_hf import RainMerger, RainMergingConfig
+
+    base = AutoModelForCausalLM.from_pretrained(str(ORG / "checkpoints/base"), dtype=torch.float32)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        peft_model.save_pretrained(tmp)
+        for device in ("cpu", "cuda"):
+            merger = RainMerger.from_pretrained(str(ORG / "checkpoints/base"), str(ORG / "checkpoints/reasoning"),
+                                                tmp, RainMergingConfig(lam=1.0, think_spacing=["", "", ""]),
+                                                device=device)
+            model = merger.merge(reasoning_calibration=str(ORG / "data/reasoning_calibration.json"),
+                                 instruction_calibration=str(ORG / "data/instruction_calibration.jsonl"))
+            out[device] = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    return max_diff(out["cpu"], out["cuda"])
+
+
+def main() -> int:
+    assert torch.cuda.is_available(), "no CUDA device"
+    print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}")
+    cpu, t_cpu = merged_state("cpu")
+    cuda, t_cuda = merged_state("cuda")
+    results = {"organism RAIN λ4 cpu vs cuda": max_diff(cpu, cuda)}
+    print(f"organism merge wall: cpu {t_cpu:.1f}s, cuda {t_cuda:.1f}s")
+    try:
+        auto, _ = merged_state("cuda", device_map="auto")
+        results["organism RAIN λ4 cpu vs device_map=auto"] = max_diff(cpu, auto)
+    except Exception as exc:  # reported as a failure, with the reason
+        print(f"device_map='auto' failed: {type(exc).__name__}: {exc}")
+        results["organism RAIN λ4 cpu vs device_map=auto"] = float("inf")
+    results["LoRA adapter cpu vs cuda"] = lora_on_cuda()
+    ok = True
+    for name, diff in results.items():
+        good = diff <= TOL
+        ok &= good
+        print(f"{name}: max |Δ| = {diff:.2e} ({'OK' if good else 'FAIL'}, tolerance {TOL:g})")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
