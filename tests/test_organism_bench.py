@@ -65,3 +65,18 @@ def test_reports_geometry_disjointness_and_auto(quick_results):
     assert set(info["geometry"]["relative_norm"]) == {"reasoning", "instruct"}
     assert all("0 (0.0%) after normalisation" in line for line in info["overlap"])
     assert info["auto"]["lam"] in {r["lam"] for r in info["auto"]["search"]}
+
+
+def test_per_instruction_rates_and_forced_rows(quick_results):
+    rows = {r["method"]: r for r in quick_results["rows"]}
+    reasoning, instruct = rows["reasoning model"], rows["instruct model"]
+    # the reasoning model ignores every instruction, the instruct model follows them: the breakdown must say so
+    assert reasoning["per_instruction"] and set(reasoning["per_instruction"]) == set(instruct["per_instruction"])
+    assert all(v == 0.0 for v in reasoning["per_instruction"].values())
+    assert min(instruct["per_instruction"].values()) >= 0.75
+    forced = [r for r in quick_results["rows"] if r["template"] == "forced"]
+    assert {r["family"] for r in forced} == {"forced_reference", "forced_task_arithmetic", "forced_rain_stage1",
+                                             "forced_rain_both", "forced_rain_stage1_all"}
+    assert all(r["method"].startswith("[forced] ") for r in forced)
+    # the think tag is part of a forced prompt, so the forced reasoning model still scores as thinking
+    assert rows["[forced] reasoning model"]["think"] == 1.0

@@ -8,6 +8,10 @@ model must open ``<think>`` itself) and scored with :mod:`rain_hf.evaluation`: t
 (last number of the answer), IFEval prompt- and instruction-level strict accuracy on the answer part, and L_think
 (mean KL(merged ‖ reasoning model) at the positions that predict the think block's tokens — ``<think>``, every
 thinking token and ``</think>`` — of reasoning calibration samples held out of stage 1).
+
+A second, smaller section (rows named ``[forced] …``) repeats the reference models, task arithmetic and RAIN in the
+paper's own setting: the prompt ends with ``<think>`` (as DeepSeek-R1-Distill templates do) and stage 1 sees only
+the reasoning calibration samples without format instructions (like the paper's math/code/science traces).
 """
 
 from __future__ import annotations
@@ -41,7 +45,10 @@ ACC_SLACK = 0.05  # … and accuracy ≥ the reasoning model's − this
 HOLDOUT = 0.25  # share of the reasoning calibration held out of stage 1 (the same split as lam="auto")
 
 FAMILIES = ("reference", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "rain_stage1",
-            "rain_stage2", "rain_both", "rain_positions", "rain_files", "rain_auto")
+            "rain_stage2", "rain_both", "rain_positions", "rain_ablations", "rain_files", "rain_auto",
+            "forced_reference", "forced_task_arithmetic", "forced_rain_stage1", "forced_rain_both",
+            "forced_rain_stage1_all")
+FORCED = "[forced] "  # method-name prefix of the rows generated with the prompt ending in <think>
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -60,6 +67,9 @@ class Settings:
     stage2_grid: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0)
     position_sets: tuple[str, ...] = ("think", "think+prev", "window")
     position_lams: tuple[float, ...] = (4.0,)
+    # ablations (free template): k/v left out of the merge; stage 1 on the samples without format instructions
+    no_kv_lams: tuple[float, ...] = (6.0, 8.0)
+    plain_stage1_lams: tuple[float, ...] = (3.0, 4.0)
     files_lam: float = 4.0
     # Rendering of calibration samples around the think tags: the organism's own format has no whitespace there.
     spacing: tuple[str, str, str] | None = ("", "", "")
@@ -68,14 +78,23 @@ class Settings:
     training_check: bool = True  # regenerate the ≈35k training prompts for the disjointness check (≈10 s)
     shared_note: bool = True  # tokenize ../shared/calibration to report why it is not used
     plot: bool = True
+    # The paper's setting: R1-distill templates end the prompt with <think>, and the reasoning calibration is
+    # traces of problems without format instructions. Evaluated on the same prompts with <think> appended.
+    forced: bool = True
+    forced_ta_grid: tuple[float, ...] = (2.0, 3.0, 4.0, 5.0, 6.0)
+    forced_rain_grid: tuple[float, ...] = (6.0, 7.0, 8.0, 9.0)
+    forced_both_grid: tuple[float, ...] = (6.0, 7.0, 8.0)
+    forced_all_samples_lams: tuple[float, ...] = (6.0, 8.0)  # stage 1 on every sample, instructions included
 
 
 FULL = Settings()
 QUICK = Settings(n_prompts=16, max_new_tokens=64, batch_size=16, ta_grid=(1.0, 2.0), ties_grid=(1.0,),
                  dare_grid=(1.0,), slerp_ts=(0.5,), rain_grid=(2.0, 4.0), stage2_grid=(1.0,),
-                 position_sets=("think",), position_lams=(4.0,), prompts_only_row=False, r1_spacing_row=False,
+                 position_sets=("think",), position_lams=(4.0,), no_kv_lams=(6.0,), plain_stage1_lams=(3.0,),
+                 prompts_only_row=False, r1_spacing_row=False,
                  training_check=False,
-                 shared_note=False, plot=True)
+                 shared_note=False, plot=True, forced_ta_grid=(2.0,), forced_rain_grid=(8.0,),
+                 forced_both_grid=(8.0,), forced_all_samples_lams=(8.0,))
 
 
 def rain_config(spacing: tuple[str, str, str] | None = None, **kwargs: Any) -> Any:
@@ -180,6 +199,8 @@ class Row:
     l_think: float
     merge_s: float | None
     note: str = ""
+    template: str = "free"  # "forced": the prompt ends with the think-open tag
+    per_instruction: dict[str, float] = field(default_factory=dict)  # instruction id → strict rate
 
     def cells(self) -> list[str]:
         lam = "–" if self.lam is None else f"{self.lam:g}"
@@ -203,7 +224,7 @@ class Evaluator:
     settings: Settings
     generations: dict[str, list[str]] = field(default_factory=dict)
 
-    def __call__(self, model: torch.nn.Module, label: str) -> dict[str, float]:
+    def __call__(self, model: torch.nn.Module, label: str, forced: bool = False) -> dict[str, float]:
         from rain_hf.evaluation import (
             answer_accuracy,
             generate,
@@ -214,7 +235,10 @@ class Evaluator:
 
         prompts = [r["prompt"] for r in self.evals]
         outs = generate(model, self.tokenizer, prompts, max_new_tokens=self.settings.max_new_tokens,
-                        batch_size=self.settings.batch_size, desc=label)
+                        batch_size=self.settings.batch_size, desc=label,
+                        force_think_open=T.THINK_OPEN if forced else None)
+        if forced:  # the tag is part of the prompt: score the think block as the model's
+            outs = [T.THINK_OPEN + o for o in outs]
         self.generations[label] = outs
         splits = [split_generation(o, T.THINK_OPEN, T.THINK_CLOSE) for o in outs]
         answers = [s.answer for s in splits]
@@ -225,7 +249,16 @@ class Evaluator:
         return {"think": sum(s.format_ok for s in splits) / len(splits),
                 "accuracy": answer_accuracy(answers, [r["answer"] for r in self.evals]),
                 "if_prompt": scores["prompt_strict"], "if_instruction": scores["instruction_strict"],
-                "l_think": max(0.0, kl)}
+                "l_think": max(0.0, kl), "per_instruction": per_instruction_rates(self.evals, scores)}
+
+
+def per_instruction_rates(evals: Sequence[dict], scores: dict[str, Any]) -> dict[str, float]:
+    """Strict instruction-level accuracy per IFEval instruction id (which instructions a merge transfers)."""
+    hits: dict[str, list[bool]] = {}
+    for record, followed in zip(evals, scores["strict_per_instruction"]):
+        for iid, ok in zip(record["instruction_id_list"], followed):
+            hits.setdefault(iid, []).append(bool(ok))
+    return {iid: sum(v) / len(v) for iid, v in sorted(hits.items())}
 
 
 def heldout_think_positions(samples: Sequence[Any]) -> tuple[list[torch.Tensor], list[list[int]]]:
@@ -274,9 +307,15 @@ class Bench:
         self.stage1_path = self.workdir / "reasoning_calibration_stage1.json"
         with open(self.stage1_path, "w", encoding="utf-8") as f:
             json.dump(records[:-n_out], f, indent=1)
+        # forced section: the stage-1 share without the samples whose prompts carry format instructions
+        self.stage1_plain_path = self.workdir / "reasoning_calibration_stage1_plain.json"
+        plain = [r for r in records[:-n_out] if r.get("source") == "organism/arith"]
+        with open(self.stage1_plain_path, "w", encoding="utf-8") as f:
+            json.dump(plain, f, indent=1)
         heldout = prepare_reasoning_calibration(records[-n_out:], self.tokenizer, self.cfg())
         ids, positions = heldout_think_positions(heldout)
-        self.info["calibration"] = {"stage1_samples": len(records) - n_out, "heldout_samples": len(heldout),
+        self.info["calibration"] = {"stage1_samples": len(records) - n_out, "stage1_plain_samples": len(plain),
+                                    "heldout_samples": len(heldout),
                                     "heldout_positions": sum(map(len, positions)), "eval_prompts": len(evals)}
         self.instruction_path = self.org.data("instruction_calibration.jsonl")
         self.evaluate = Evaluator(self.tokenizer, evals, self.models["reasoning"], ids, positions, self.settings)
@@ -299,8 +338,10 @@ class Bench:
     # ------------------------------------------------------------------ rows
     def add(self, method: str, family: str, lam: float | None, model: torch.nn.Module, merge_s: float | None,
             note: str = "") -> Row:
-        metrics = self.evaluate(model, method if lam is None else f"{method} λ={lam:g}")
-        row = Row(method, family, lam, merge_s=merge_s, note=note, **metrics)
+        forced = family.startswith("forced_")
+        metrics = self.evaluate(model, method if lam is None else f"{method} λ={lam:g}", forced=forced)
+        row = Row(method, family, lam, merge_s=merge_s, note=note, template="forced" if forced else "free",
+                  **metrics)
         self.rows.append(row)
         logger.info("%s", " | ".join(row.cells()))
         return row
@@ -342,14 +383,16 @@ class Bench:
             self.merge_and_add(f"slerp t={t:g}", "slerp", None, RainMergingConfig(method="slerp", slerp_t=t),
                                note=f"t={t:g}")
 
-    def features_for(self, positions: str) -> Any:
-        """Stage-1 features of one position setting, computed once from the stage-1 share of the file."""
-
-        merger = self.merger(self.cfg(positions=positions, window=3))
-        start = time.perf_counter()
-        features = merger.compute_features(str(self.stage1_path))
-        self.info.setdefault("features_s", {})[positions] = time.perf_counter() - start
-        return features
+    def features_for(self, positions: str, path: Path | None = None, label: str | None = None) -> Any:
+        """Stage-1 features of one position setting, computed once per (positions, file) from the stage-1 share."""
+        path = path or self.stage1_path
+        cache = self.__dict__.setdefault("_features", {})
+        if (positions, path) not in cache:
+            merger = self.merger(self.cfg(positions=positions, window=3))
+            start = time.perf_counter()
+            cache[positions, path] = merger.compute_features(str(path))
+            self.info.setdefault("features_s", {})[label or positions] = time.perf_counter() - start
+        return cache[positions, path]
 
     def rain(self) -> None:
 
@@ -369,6 +412,14 @@ class Bench:
             for lam in s.position_lams:
                 self.merge_and_add(f"RAIN 1+2 positions={positions}", "rain_positions", lam,
                                    self.cfg(lam=lam, positions=positions), pf, **ins)
+        no_kv = ["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        for lam in s.no_kv_lams:
+            self.merge_and_add("RAIN 1+2 without k/v", "rain_ablations", lam, self.cfg(lam=lam, target_modules=no_kv),
+                               feats, note="k_proj/v_proj keep the reasoning model's weights", **ins)
+        plain = self.features_for(RainMergingConfig().positions, self.stage1_plain_path, "plain samples")
+        for lam in s.plain_stage1_lams:
+            self.merge_and_add("RAIN 1+2 stage 1 on plain samples", "rain_ablations", lam, self.cfg(lam=lam), plain,
+                               note="stage 1 without the samples whose prompts carry format instructions", **ins)
 
     def rain_from_files(self) -> None:
         """RainMergingConfig() defaults and the organism λ, everything loaded from the paper-format files."""
@@ -409,10 +460,36 @@ class Bench:
                              "warnings": list(merger.report.warnings)}
         self.add("RAIN lam=auto", "rain_auto", lam, model, merge_s, note=f"picked λ={lam:g}")
 
+    def forced(self) -> None:
+        """The paper's setting: the prompt ends with ``<think>``; stage 1 sees only problems without instructions."""
+        from rain_hf import RainMergingConfig
+
+        s = self.settings
+        for role in ("base", "reasoning", "instruct"):
+            self.add(f"{FORCED}{role} model", "forced_reference", None, self.models[role], None)
+        for lam in s.forced_ta_grid:
+            self.merge_and_add(f"{FORCED}task_arithmetic", "forced_task_arithmetic", lam,
+                               RainMergingConfig(method="task_arithmetic", lam=lam))
+        feats = self.features_for(RainMergingConfig().positions, self.stage1_plain_path, "plain samples")
+        ins = {"instruction_calibration": str(self.instruction_path)}
+        for lam in s.forced_rain_grid:
+            self.merge_and_add(f"{FORCED}RAIN stage 1", "forced_rain_stage1", lam, self.cfg(lam=lam, stage2=False),
+                               feats, note="stage 1 on plain samples")
+        for lam in s.forced_both_grid:
+            self.merge_and_add(f"{FORCED}RAIN stage 1+2", "forced_rain_both", lam, self.cfg(lam=lam), feats,
+                               note="stage 1 on plain samples", **ins)
+        every = self.features_for(RainMergingConfig().positions)
+        for lam in s.forced_all_samples_lams:
+            self.merge_and_add(f"{FORCED}RAIN stage 1 (all samples)", "forced_rain_stage1_all", lam,
+                               self.cfg(lam=lam, stage2=False), every,
+                               note="stage 1 on every sample, format instructions included")
+
     def run(self) -> list[Row]:
         steps: list[tuple[str, Callable[[], None]]] = [
             ("setup", self.setup), ("references", self.references), ("baselines", self.baselines),
             ("rain", self.rain), ("rain from files", self.rain_from_files), ("lam=auto", self.rain_auto)]
+        if self.settings.forced:
+            steps.append(("forced template", self.forced))
         timings = {}
         for name, step in tqdm(steps, desc="organism benchmark", unit="step"):
             start = time.perf_counter()
@@ -423,20 +500,26 @@ class Bench:
 
 
 # ---------------------------------------------------------------------------------------------- analysis
-def reasoning_row(rows: Sequence[Row]) -> Row:
-    return next(r for r in rows if r.method == "reasoning model")
+def reasoning_row(rows: Sequence[Row], template: str = "free") -> Row:
+    name = "reasoning model" if template == "free" else f"{FORCED}reasoning model"
+    return next(r for r in rows if r.method == name)
 
 
 def feasible(row: Row, ref: Row) -> bool:
-    return row.think >= THINK_MIN and row.accuracy >= ref.accuracy - ACC_SLACK
+    # rates are fractions of the prompt count: the tolerance only absorbs float rounding of "ref − 0.05"
+    return row.think >= THINK_MIN - 1e-9 and row.accuracy >= ref.accuracy - ACC_SLACK - 1e-9
 
 
 def best_constrained(rows: Sequence[Row]) -> dict[str, Row | None]:
-    """Per family: the row with the highest IF prompt-level among those with think ≥ 0.98, acc ≥ ref − 0.05."""
-    ref = reasoning_row(rows)
+    """Per family: the row with the highest IF prompt-level among those with think ≥ 0.98, acc ≥ ref − 0.05
+    (ref: the reasoning model in the same template)."""
+    refs = {r.template: r for r in rows if r.family in ("reference", "forced_reference") and
+            r.method.endswith("reasoning model")}
     best: dict[str, Row | None] = {}
     for fam in FAMILIES:
-        cands = [r for r in rows if r.family == fam and feasible(r, ref)]
+        if not any(r.family == fam for r in rows):
+            continue
+        cands = [r for r in rows if r.family == fam and feasible(r, refs[r.template])]
         best[fam] = max(cands, key=lambda r: (r.if_prompt, r.if_instruction)) if cands else None
     return best
 
@@ -485,6 +568,21 @@ def target_checks(rows: Sequence[Row], info: dict[str, Any]) -> list[tuple[str, 
     return checks
 
 
+def per_instruction_table(rows: Sequence[Row]) -> str:
+    """Strict rate per instruction id for the reference models and each family's best feasible row."""
+    picked = [r for r in rows if r.family in ("reference", "forced_reference") and r.method.endswith(
+        ("reasoning model", "instruct model"))]
+    picked += [r for fam, r in best_constrained(rows).items() if r is not None and not fam.endswith("reference")]
+    ids = sorted({iid for r in picked for iid in r.per_instruction})
+    head = ["row", "λ"] + [iid.split(":")[-1] for iid in ids]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in picked:
+        lam = "–" if r.lam is None else f"{r.lam:g}"
+        lines.append("| " + " | ".join([r.method, lam] + [f"{r.per_instruction.get(i, float('nan')):.2f}"
+                                                            for i in ids]) + " |")
+    return "\n".join(lines)
+
+
 def table(rows: Sequence[Row]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
@@ -498,9 +596,9 @@ def summary_lines(rows: Sequence[Row], info: dict[str, Any]) -> list[str]:
            f"per module type cos: {geo['per_module']}",
            f"best IF prompt-level s.t. think ≥ {THINK_MIN} and accuracy ≥ reasoning − {ACC_SLACK}:"]
     for fam, row in best_constrained(rows).items():
-        if fam == "reference":
+        if fam in ("reference", "forced_reference"):
             continue
-        out.append(f"  {fam:16s} " + (f"{row.if_prompt:.3f} ({row.method}, λ={row.lam if row.lam is not None else '–'}, "
+        out.append(f"  {fam:22s} " + (f"{row.if_prompt:.3f} ({row.method}, λ={row.lam if row.lam is not None else '–'}, "
                                        f"think {row.think:.3f}, acc {row.accuracy:.3f})" if row else "none feasible"))
     auto = info.get("auto")
     if auto:
@@ -527,7 +625,8 @@ def plot(rows: Sequence[Row], path: Path) -> None:
         if not sel:
             continue
         for ax, attr in zip(axes, ("think", "accuracy")):
-            marker = "s" if fam == "reference" else ("^" if fam.startswith("rain") else "o")
+            marker = ("s" if fam.endswith("reference") else "D" if fam.startswith("forced") else
+                      "^" if fam.startswith("rain") else "o")
             ax.scatter([getattr(r, attr) for r in sel], [r.if_prompt for r in sel], color=cmap(i), label=fam,
                        marker=marker, s=40, alpha=0.85, edgecolors="k", linewidths=0.3)
             for r in sel:
@@ -561,6 +660,7 @@ def results_markdown(rows: Sequence[Row], info: dict[str, Any], command: str, wa
         "# Organism benchmark results",
         "",
         "Generated by `benchmarks/organism/bench.py` (rerunning the command rewrites this file and `results.png`).",
+        "What the numbers mean, and why RAIN's gain is small on this organism: `ANALYSIS.md` (hand-written).",
         "",
         f"Command: `{command}` — wall time {wall_s / 60:.1f} min on this machine (2 shared CPU cores, "
         f"torch {torch.__version__}).",
@@ -568,7 +668,10 @@ def results_markdown(rows: Sequence[Row], info: dict[str, Any], command: str, wa
         f"Held-out prompts: {cal['eval_prompts']} (free template, greedy, batched generation). L_think: mean "
         f"KL(merged ‖ reasoning) at the {cal['heldout_positions']} positions predicting the think-block tokens of "
         f"{cal['heldout_samples']} reasoning-calibration samples held out of stage 1 (stage 1 uses the other "
-        f"{cal['stage1_samples']}). Merge time: the `merge()` call (RAIN: stage-2 coefficients and projection; "
+        f"{cal['stage1_samples']}). Rows named `[forced] …`: the same prompts ending with `<think>` (the paper's "
+        f"R1-distill template), stage 1 on the {cal.get('stage1_plain_samples', '?')} stage-1 samples without "
+        "format instructions; the constraint then uses the forced reasoning model's accuracy. "
+        "Merge time: the `merge()` call (RAIN: stage-2 coefficients and projection; "
         "stage-1 features computed once per position setting: "
         + ", ".join(f"{k} {v:.1f}s" for k, v in info.get("features_s", {}).items()) + ").",
         "",
@@ -594,6 +697,13 @@ def results_markdown(rows: Sequence[Row], info: dict[str, Any], command: str, wa
         "```",
         *summary_lines(rows, info),
         "```",
+        "",
+        "## Which instructions transfer",
+        "",
+        "IF instruction-level strict per IFEval instruction id: the reasoning and instruct models, then each "
+        "family's best row under the constraint above (think ≥ 0.98, accuracy ≥ reasoning − 0.05).",
+        "",
+        per_instruction_table(rows),
         "",
         *([f"Prompts-only calibration (`prompts_only.jsonl`, traces written by the reasoning model) failed and has "
            f"no row: {info['prompts_only_error']}", ""] if info.get("prompts_only_error") else []),
