@@ -278,6 +278,7 @@ class Bench:
     workdir: Path
     rows: list[Row] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    features_cache: dict[tuple[str, Path], Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -386,13 +387,12 @@ class Bench:
     def features_for(self, positions: str, path: Path | None = None, label: str | None = None) -> Any:
         """Stage-1 features of one position setting, computed once per (positions, file) from the stage-1 share."""
         path = path or self.stage1_path
-        cache = self.__dict__.setdefault("_features", {})
-        if (positions, path) not in cache:
+        if (positions, path) not in self.features_cache:
             merger = self.merger(self.cfg(positions=positions, window=3))
             start = time.perf_counter()
-            cache[positions, path] = merger.compute_features(str(path))
+            self.features_cache[positions, path] = merger.compute_features(str(path))
             self.info.setdefault("features_s", {})[label or positions] = time.perf_counter() - start
-        return cache[positions, path]
+        return self.features_cache[positions, path]
 
     def rain(self) -> None:
 
@@ -513,13 +513,11 @@ def feasible(row: Row, ref: Row) -> bool:
 def best_constrained(rows: Sequence[Row]) -> dict[str, Row | None]:
     """Per family: the row with the highest IF prompt-level among those with think ≥ 0.98, acc ≥ ref − 0.05
     (ref: the reasoning model in the same template)."""
-    refs = {r.template: r for r in rows if r.family in ("reference", "forced_reference") and
-            r.method.endswith("reasoning model")}
     best: dict[str, Row | None] = {}
     for fam in FAMILIES:
         if not any(r.family == fam for r in rows):
             continue
-        cands = [r for r in rows if r.family == fam and feasible(r, refs[r.template])]
+        cands = [r for r in rows if r.family == fam and feasible(r, reasoning_row(rows, r.template))]
         best[fam] = max(cands, key=lambda r: (r.if_prompt, r.if_instruction)) if cands else None
     return best
 
