@@ -66,7 +66,10 @@ def lora_on_cuda() -> float:
 
 
 def main() -> int:
-    assert torch.cuda.is_available(), "no CUDA device"
+    if not torch.cuda.is_available():
+        print("benchmarks.gpu_check needs a CUDA device and none is visible; run it on a GPU machine.",
+              file=sys.stderr)
+        return 2
     print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}")
     cpu, t_cpu = merged_state("cpu")
     cuda, t_cuda = merged_state("cuda")
