@@ -1,0 +1,86 @@
+"""The first-token margin diagnostic of the organism (skipped when the organism is not built)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ORGANISM_ROOT = Path(os.environ.get("RAIN_HF_ORGANISM", REPO / "benchmarks" / "organism"))
+
+pytestmark = pytest.mark.skipif(
+    not (ORGANISM_ROOT / "checkpoints" / "instruct" / "model.safetensors").is_file()
+    or not (ORGANISM_ROOT / "data" / "eval_prompts.jsonl").is_file(),
+    reason="the organism is not built (python -m benchmarks.organism.build)",
+)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("first-token")
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.organism.first_token", "--quick", "--organism", str(ORGANISM_ROOT),
+         "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| reasoning model |" in (out / "FIRST_TOKEN.md").read_text()
+    return json.loads((out / "first_token.json").read_text())
+
+
+def test_reasoning_model_thinks_and_ignores_at_every_decision_point(quick):
+    ref = quick["rows"][0]
+    assert ref["model"] == "reasoning model"
+    for point in ("tag", "open", "close"):
+        assert ref[f"median_{point}"] < 0 and ref[f"wins_{point}"] == 0.0, (point, ref)
+
+
+def test_task_arithmetic_flips_the_tag_before_the_answer(quick):
+    ta2 = next(r for r in quick["rows"] if r["model"] == "task arithmetic" and r["lam"] == 2.0)
+    assert ta2["wins_tag"] >= 0.5 and ta2["wins_close"] == 0.0, ta2
+    assert 0.0 <= ta2["free_bound"] <= min(1.0 - ta2["wins_tag"], ta2["wins_close"])
+
+
+def test_think_failures_count_prompts_per_instruction(quick):
+    (lam, failures), = quick["failures"].items()
+    assert float(lam) == 4.0
+    for iid, (lost, total) in failures.items():
+        assert ":" in iid and 0 <= lost <= total
+    assert sum(total for _, total in failures.values()) >= quick["n_prompts"]  # 1–2 instructions per prompt
+
+
+def test_last_logits_matches_unpadded_forward():
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.organism.first_token import last_logits
+
+    model = AutoModelForCausalLM.from_pretrained(str(ORGANISM_ROOT / "checkpoints" / "reasoning")).eval()
+    seqs = [[1, 40, 41, 42, 2], [1, 50], [1, 60, 61]]
+    got = last_logits(model, seqs, batch_size=2, pad_id=0)
+    with torch.no_grad():
+        want = torch.stack([model(torch.tensor([s])).logits[0, -1] for s in seqs])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_probes_keep_only_prompts_whose_first_token_changes():
+    from transformers import AutoTokenizer
+
+    from benchmarks.organism.bench import read_jsonl
+    from benchmarks.organism.first_token import probes
+
+    tok = AutoTokenizer.from_pretrained(str(ORGANISM_ROOT / "checkpoints" / "reasoning"))
+    evals = read_jsonl(ORGANISM_ROOT / "data" / "eval_prompts.jsonl")[:40]
+    ps = probes(tok, [e["prompt"] for e in evals])
+    assert 0 < len(ps) < len(evals)
+    assert all(p.formatted != p.plain for p in ps)
+    end_only = {"punctuation:no_comma", "startend:end_checker", "detectable_content:postscript"}
+    assert not any(set(p.instruction_ids) <= end_only for p in ps)
+    with pytest.raises(RuntimeError, match="rebuild"):
+        probes(tok, ["not a held-out prompt"])
