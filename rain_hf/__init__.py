@@ -4,8 +4,8 @@ losing its ``<think> … </think>`` format (Huang et al., ICLR 2026, arXiv 2602.
 Example:
     >>> from rain_hf import RainMerger, RainMergingConfig
     >>> cfg = RainMergingConfig()
-    >>> cfg.method
-    'rain'
+    >>> cfg.method, cfg.lam
+    ('rain', 'auto')
 """
 
 __version__ = "0.1.0"

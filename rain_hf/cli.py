@@ -281,6 +281,8 @@ def _attribute_docs() -> dict[str, str]:
 
 
 def _default_text(f: dataclasses.Field) -> str:
+    if f.name == "lam":  # resolved per method in RainMergingConfig.__post_init__
+        return f"{RainMergingConfig().lam} (method rain), {RainMergingConfig(method='ties').lam} (baselines)"
     if f.default is not dataclasses.MISSING:
         value = f.default
     elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]

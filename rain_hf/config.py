@@ -39,7 +39,9 @@ class RainMergingConfig:
         method: ``"rain"`` or a baseline: ``"task_arithmetic"``, ``"ties"``, ``"dare_ties"``, ``"dare_linear"``,
             ``"slerp"``.
         lam: global strength λ of θ = θ_R + λ·α⊙Δ⊥ (also the weight of the instruct vector in the baselines),
-            or ``"auto"`` to pick λ on ``lam_grid`` from calibration data alone.
+            or ``"auto"`` to pick λ on ``lam_grid`` from calibration data alone. Left unset, it is ``"auto"`` for
+            ``method="rain"`` (no fixed λ fits every model size: the paper's 7B merge used λ ≈ 1, the organism
+            benchmark needs 4–5) and 1.0 for the baselines.
         lam_grid: candidate λ values for ``lam="auto"``.
         lam_auto_max_kl: the largest L_think (mean KL(merged ‖ reasoning) at the thinking positions of held-out
             reasoning calibration samples) ``lam="auto"`` accepts; it picks the largest λ of the grid within it.
@@ -83,7 +85,7 @@ class RainMergingConfig:
     """
 
     method: str = "rain"
-    lam: float | str = 1.0
+    lam: float | str | None = None
     lam_grid: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0])
     lam_auto_max_kl: float = 0.01
     lam_auto_holdout: float = 0.25
@@ -122,6 +124,8 @@ class RainMergingConfig:
     max_shard_size: int | str = "5GB"
 
     def __post_init__(self) -> None:
+        if self.lam is None:
+            self.lam = "auto" if self.method == "rain" else 1.0
         self.validate()
 
     # ------------------------------------------------------------------ validation

@@ -28,6 +28,7 @@ from .projection import feature_svd, with_bias_column
 logger = logging.getLogger(__name__)
 
 FEATURES_FORMAT = "rain_hf.think_features.v1"
+HELDOUT = "__heldout__"  # tensor-name prefix of the samples held out for lam="auto" (not a module group)
 
 
 @dataclass
@@ -199,11 +200,14 @@ class ThinkFeatures:
             ``settings["project_bias"]``).
         module_group: module name → group name.
         settings: what the features were computed with (positions, window, project_bias, samples, rows).
+        heldout: reasoning samples kept out of the features for ``lam="auto"``: (token ids, thinking positions)
+            each, so that features reused in another merge can still measure L_think.
     """
 
     bases: dict[str, tuple[torch.Tensor, torch.Tensor]]
     module_group: dict[str, str]
     settings: dict = field(default_factory=dict)
+    heldout: list[tuple[list[int], list[int]]] = field(default_factory=list)
 
     def basis(self, module_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         if module_name not in self.module_group:
@@ -228,6 +232,12 @@ class ThinkFeatures:
         for group, (v, s) in self.bases.items():
             tensors[f"{group}::V"] = v.contiguous().cpu()
             tensors[f"{group}::s"] = s.contiguous().cpu()
+        if self.heldout:
+            ids, positions = zip(*self.heldout)
+            tensors[HELDOUT + "::ids"] = torch.tensor([t for x in ids for t in x], dtype=torch.int64)
+            tensors[HELDOUT + "::ids_len"] = torch.tensor([len(x) for x in ids], dtype=torch.int64)
+            tensors[HELDOUT + "::pos"] = torch.tensor([p for x in positions for p in x], dtype=torch.int64)
+            tensors[HELDOUT + "::pos_len"] = torch.tensor([len(x) for x in positions], dtype=torch.int64)
         meta = {"format": FEATURES_FORMAT, "module_group": json.dumps(self.module_group),
                 "settings": json.dumps(self.settings)}
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -240,15 +250,24 @@ class ThinkFeatures:
             if meta.get("format") != FEATURES_FORMAT:
                 raise ValueError(f"{path} is not a rain_hf thinking-features file (format {meta.get('format')!r}).")
             bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+            held = {}
             for key in f.keys():
                 group, part = key.rsplit("::", 1)
+                if group == HELDOUT:
+                    held[part] = f.get_tensor(key).tolist()
+                    continue
                 v, s = bases.get(group, (None, None))
                 if part == "V":
                     v = f.get_tensor(key)
                 else:
                     s = f.get_tensor(key)
                 bases[group] = (v, s)
-        return cls(bases, json.loads(meta["module_group"]), json.loads(meta["settings"]))
+        heldout = []
+        if held:
+            ids, pos = iter(held["ids"]), iter(held["pos"])
+            heldout = [([next(ids) for _ in range(n)], [next(pos) for _ in range(m)])
+                       for n, m in zip(held["ids_len"], held["pos_len"])]
+        return cls(bases, json.loads(meta["module_group"]), json.loads(meta["settings"]), heldout)
 
 
 class _FeatureRecorder:

@@ -244,6 +244,7 @@ class RainMerger:
         self.report = MergeReport(method=self.config.method, vocab=dict(plan.vocab), warnings=list(plan.warnings))
         self.calibration_info: dict[str, dict | None] = {"reasoning": None, "instruction": None}
         self.merged = False
+        self._auto_heldout: list[tuple[list[int], list[int]]] = []  # lam="auto" without stage 1
         self._param_map: dict[str, torch.nn.Parameter] | None = None
         self._check_output_dtypes()
 
@@ -444,10 +445,12 @@ class RainMerger:
             self.reset()
         start = time.perf_counter()
         samples = self._prepare("reasoning", reasoning_calibration)
+        heldout: list[CalibrationSample] = []
         if self.config.lam == "auto":
-            samples = self._hold_out(samples)
+            samples, heldout = self._hold_out(samples)
         self.features = capture_think_features(self.model, samples, self.targets, self.config, self._pad_id(),
                                                svd_device=self.device)
+        self.features.heldout = self._think_rows(heldout)
         self.report.timings["stage1_features"] = time.perf_counter() - start
         return self.features
 
@@ -562,6 +565,11 @@ class RainMerger:
             self.merged = True
             return self.model
 
+        if cfg.lam == "auto" and not cfg.stage1:
+            if reasoning_calibration is None:
+                raise ValueError("lam='auto' measures L_think on reasoning calibration samples: pass "
+                                 "reasoning_calibration=... to merge(), or set lam to a number.")
+            self._auto_heldout = self._think_rows(self._prepare("reasoning", reasoning_calibration))
         if cfg.stage1:
             if reasoning_calibration is not None:
                 self.compute_features(reasoning_calibration)
@@ -598,13 +606,18 @@ class RainMerger:
         self.merged = True
         return self.model
 
-    def _hold_out(self, samples: list[CalibrationSample]) -> list[CalibrationSample]:
-        """Keep the last share of the reasoning samples out of stage 1 to measure L_think for lam='auto'."""
+    def _hold_out(self, samples: list[CalibrationSample]) -> tuple[list[CalibrationSample], list[CalibrationSample]]:
+        """(stage-1 samples, held-out samples): the last share is kept out of stage 1 to measure L_think."""
         n_out = max(1, round(len(samples) * self.config.lam_auto_holdout))
         if len(samples) - n_out < 1:
-            raise ConfigError(f"lam='auto' needs at least 2 reasoning calibration samples (got {len(samples)}).")
-        self._heldout = samples[-n_out:]
-        return samples[:-n_out]
+            raise ConfigError(f"lam='auto' needs at least 2 reasoning calibration samples (got {len(samples)}); "
+                              "pass more, or set lam to a number.")
+        return samples[:-n_out], samples[-n_out:]
+
+    def _think_rows(self, samples: list[CalibrationSample]) -> list[tuple[list[int], list[int]]]:
+        """(token ids, thinking positions) of each sample, as L_think reads them."""
+        cfg = self.config
+        return [(list(s.input_ids), s.think_positions(cfg.positions, cfg.window)) for s in samples]
 
     def _choose_lambda(self, alpha: torch.Tensor | None) -> float:
         """λ = the largest grid value whose L_think on held-out reasoning samples stays ≤ lam_auto_max_kl.
@@ -613,15 +626,16 @@ class RainMerger:
         the calibration-only answer to "maximise instruction following subject to L_think ≤ δ".
         """
         cfg = self.config
-        heldout = getattr(self, "_heldout", None)
+        heldout = self._auto_heldout if not cfg.stage1 else (self.features.heldout if self.features else [])
         if not heldout:
-            raise ValueError("lam='auto' needs reasoning_calibration passed to merge() (or compute_features) so "
-                             "that part of it can be held out to measure L_think.")
+            raise ValueError("lam='auto' measures L_think on reasoning calibration samples held out of stage 1, and "
+                             "these thinking features were computed without any (with a numeric lam): pass "
+                             "reasoning_calibration=... to merge(), or set lam to a number.")
         from .evaluation import kl_rows, think_log_probs
 
         start = time.perf_counter()
-        ids = [torch.tensor(s.input_ids) for s in heldout]
-        positions = [s.think_positions(cfg.positions, cfg.window) for s in heldout]
+        ids = [torch.tensor(i) for i, _ in heldout]
+        positions = [p for _, p in heldout]
 
         def log_probs() -> torch.Tensor:
             return think_log_probs(self.model, ids, positions, cfg.batch_size, self._pad_id())

@@ -370,6 +370,41 @@ def test_lam_auto_picks_largest_lambda_within_think_budget(qwen2):
     assert merger.features.settings["num_samples"] == 6  # two of eight held out to measure L_think
 
 
+def test_default_lam_is_auto_and_reused_features_keep_their_heldout_samples(qwen2, tmp_path):
+    assert RainMergingConfig().lam == "auto" and RainMergingConfig(method="ties").lam == 1.0
+    grid = dict(lam_grid=[0.5, 1.0, 4.0, 16.0], stage2=False, lam_auto_max_kl=1e-3)
+    first = _merger(qwen2, **grid)
+    first.merge(reasoning_records(8))
+    assert len(first.features.heldout) == 2 and all(ids and pos for ids, pos in first.features.heldout)
+    path = tmp_path / "features.safetensors"
+    first.features.save(path)
+    loaded = ThinkFeatures.load(path)
+    assert loaded.heldout == first.features.heldout
+    again = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
+                                       RainMergingConfig(**grid), features=path)
+    again.merge()  # no calibration passed: L_think is measured on the samples the features carry
+    assert again.report.lam == first.report.lam and again.report.lam_search == first.report.lam_search
+    for (k, v), (k2, v2) in zip(first.model.named_parameters(), again.model.named_parameters()):
+        assert k == k2 and torch.equal(v, v2)
+
+
+def test_lam_auto_errors_name_the_fix(qwen2, tmp_path):
+    numeric = _merger(qwen2, lam=1.0, stage2=False)
+    numeric.merge(reasoning_records(4))
+    assert numeric.features.heldout == []  # a numeric λ holds nothing out
+    reuse = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
+                                       RainMergingConfig(stage2=False), features=numeric.features)
+    with pytest.raises(ValueError, match="without any .*set lam to a number"):
+        reuse.merge()
+    with pytest.raises(ValueError, match="needs at least 2 .*set lam to a number"):
+        _merger(qwen2, stage2=False).merge(reasoning_records(1))
+    stage2_only = _merger(qwen2, stage1=False)
+    with pytest.raises(ValueError, match="reasoning_calibration=.*set lam to a number"):
+        stage2_only.merge(instruction_calibration=instruction_records())
+    stage2_only.merge(reasoning_records(4), instruction_records())  # every sample measures L_think
+    assert len(stage2_only.report.lam_search) == len(RainMergingConfig().lam_grid)
+
+
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp"])
 def test_baselines_share_the_engine(qwen2, tmp_path, method):
     from rain_hf.methods import merge_tensor

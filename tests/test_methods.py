@@ -183,15 +183,15 @@ def test_lam_override_and_errors():
     with pytest.raises(ValueError, match="RainMerger"):
         merge_tensor("rain", reasoning, base, delta, RainMergingConfig(), KEY)
     with pytest.raises(ValueError, match="needs the base"):
-        merge_tensor("ties", reasoning, None, delta, RainMergingConfig(), KEY)
+        merge_tensor("ties", reasoning, None, delta, RainMergingConfig(method="ties"), KEY)
     with pytest.raises(ValueError, match="differ in shape"):
-        merge_tensor("ties", reasoning, base.T, delta, RainMergingConfig(), KEY)
+        merge_tensor("ties", reasoning, base.T, delta, RainMergingConfig(method="ties"), KEY)
 
 
 def test_inputs_are_not_modified():
     reasoning, base, delta = _triple(7)
     copies = [t.clone() for t in (reasoning, base, delta)]
     for method in BASELINE_METHODS:
-        merge_tensor(method, reasoning, base, delta, RainMergingConfig(density=0.5), KEY)
+        merge_tensor(method, reasoning, base, delta, RainMergingConfig(method=method, density=0.5), KEY)
     for original, copy in zip((reasoning, base, delta), copies):
         assert torch.equal(original, copy)

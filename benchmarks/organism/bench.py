@@ -388,7 +388,8 @@ class Bench:
         """Stage-1 features of one position setting, computed once per (positions, file) from the stage-1 share."""
         path = path or self.stage1_path
         if (positions, path) not in self.features_cache:
-            merger = self.merger(self.cfg(positions=positions, window=3))
+            # A numeric λ: with lam="auto" the merger would hold a quarter out again (the bench holds out its own).
+            merger = self.merger(self.cfg(positions=positions, window=3, lam=1.0))
             start = time.perf_counter()
             self.features_cache[positions, path] = merger.compute_features(str(path))
             self.info.setdefault("features_s", {})[label or positions] = time.perf_counter() - start
@@ -426,9 +427,15 @@ class Bench:
         from rain_hf import RainMergingConfig
 
         files = {"reasoning_calibration": str(self.stage1_path), "instruction_calibration": str(self.instruction_path)}
+        # The defaults as a user calls them: the whole reasoning file (lam="auto" holds its own quarter out).
         defaults = self.cfg()
-        self.merge_and_add("RAIN config defaults (files)", "rain_files", float(defaults.lam), defaults,
-                           note="RainMergingConfig() as is", **files)
+        merger = self.merger(defaults)
+        start = time.perf_counter()
+        model = merger.merge(reasoning_calibration=str(self.org.data("reasoning_calibration.json")),
+                             instruction_calibration=str(self.instruction_path))
+        lam = float(merger.report.lam)
+        self.add("RAIN config defaults (files)", "rain_files", lam, model, time.perf_counter() - start,
+                 note=f"RainMergingConfig() as is (lam={defaults.lam!r} picked λ={lam:g})")
         self.merge_and_add("RAIN 1+2 (files)", "rain_files", self.settings.files_lam,
                            self.cfg(lam=self.settings.files_lam), note="features computed inside merge()", **files)
         if self.settings.r1_spacing_row and self.settings.spacing is not None:
@@ -560,9 +567,11 @@ def target_checks(rows: Sequence[Row], info: dict[str, Any]) -> list[tuple[str, 
                    f"instruct {rel.get('instruct', 0):.2%}"))
     default = next((r for r in rows if r.method.startswith("RAIN config defaults")), None)
     if default is not None:
-        checks.append(("RainMergingConfig() defaults are a setting the benchmark supports (feasible, IF ≥ reasoning + 0.6)",
-                       feasible(default, ref) and default.if_prompt >= ref.if_prompt + 0.6,
-                       f"λ={default.lam:g}: think {default.think:.3f}, acc {default.accuracy:.3f}, IF {default.if_prompt:.3f}"))
+        checks.append(("RainMergingConfig() defaults are a setting the benchmark supports (feasible, IF within 0.05 "
+                       "of the best feasible RAIN 1+2 row)",
+                       feasible(default, ref) and default.if_prompt >= best_both - 0.05,
+                       f"λ={default.lam:g}: think {default.think:.3f}, acc {default.accuracy:.3f}, IF "
+                       f"{default.if_prompt:.3f} (best feasible RAIN 1+2: {best_both:.3f})"))
     return checks
 
 
