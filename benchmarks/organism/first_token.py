@@ -172,14 +172,11 @@ def run(org: Organism, settings: Settings, workdir: Path) -> dict[str, Any]:
     # The benchmark's stage-1 split: the last quarter is held out there, so it is left out here too.
     records = read_records(org.data("reasoning_calibration.json"))
     stage1 = records[: -max(1, round(len(records) * HOLDOUT))]
-    calibrations = {
-        "all stage-1 samples": stage1,
-        "plain samples only": [r for r in stage1 if r.get("source") == "organism/arith"],
-    }
-    for name, recs in calibrations.items():
-        path = workdir / (name.replace(" ", "_") + ".json")
-        path.write_text(json.dumps(recs), encoding="utf-8")
-        calibrations[name] = path
+    calibrations: dict[str, Path] = {}
+    for name, recs in (("all stage-1 samples", stage1),
+                       ("plain samples only", [r for r in stage1 if r.get("source") == "organism/arith"])):
+        calibrations[name] = workdir / (name.replace(" ", "_") + ".json")
+        calibrations[name].write_text(json.dumps(recs), encoding="utf-8")
 
     def merger(method: str, lam: float, features: Any = None) -> Any:
         cfg = rain_config(SPACING, method=method, lam=lam, stage2=False)
