@@ -2,6 +2,7 @@
 
     python -m benchmarks.merge_memory                       # Qwen2-0.5B shape, CPU
     python -m benchmarks.merge_memory --shape 1.5b --device cuda
+    python -m benchmarks.merge_memory --lam auto             # the default λ search (RainMergingConfig())
 
 The three checkpoints are built once (in a separate process, cached under --workdir); the merge then runs in a
 fresh process whose peak resident set size is read from the kernel (ru_maxrss). Prints the figures and checks the
@@ -47,7 +48,7 @@ def build(workdir: Path, shape: str) -> dict[str, str]:
     return {k: str(v) for k, v in paths.items()}
 
 
-def run_merge(paths: dict[str, str], device: str, samples: int, out: Path) -> dict:
+def run_merge(paths: dict[str, str], device: str, samples: int, out: Path, lam: float | str = 1.0) -> dict:
     """Runs in its own process: the merge, then the figures as JSON on stdout."""
     import torch
 
@@ -55,7 +56,7 @@ def run_merge(paths: dict[str, str], device: str, samples: int, out: Path) -> di
     from rain_hf.testing import instruction_records, reasoning_records
 
     start = time.perf_counter()
-    cfg = RainMergingConfig(lam=1.0, batch_size=4)
+    cfg = RainMergingConfig(lam=lam, batch_size=4)
     merger = RainMerger.from_pretrained(paths["base"], paths["reasoning"], paths["instruct"], cfg, device=device)
     forwards = {"n": 0}
     merger.model.get_decoder().register_forward_pre_hook(lambda *_: forwards.__setitem__("n", forwards["n"] + 1))
@@ -75,7 +76,8 @@ def run_merge(paths: dict[str, str], device: str, samples: int, out: Path) -> di
         "gpu_peak_gib": gpu_peak,
         "reasoning_bytes": merger.reasoning.nbytes(),
         "parameters": sum(p.numel() for p in merger.model.parameters()),
-        "stage1_batches": -(-samples // cfg.batch_size),
+        "stage1_batches": -(-merger.features.settings["num_samples"] // cfg.batch_size),  # lam="auto" holds some out
+        "lam": merger.report.lam,
         "stage1_forwards": stage1_forwards,
         "num_layers": merger.plan.geometry.num_layers,
     }
@@ -86,12 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="0.5b")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--samples", type=int, default=16, help="calibration samples per stage")
+    parser.add_argument("--lam", default="1.0", help='λ, or "auto" for the calibration-only search (default 1.0)')
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "rain_hf_bench")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    lam = args.lam if args.lam == "auto" else float(args.lam)
     if args._child:
         paths = json.loads(args._child)
-        print(json.dumps(run_merge(paths, args.device, args.samples, args.workdir / f"merged-{args.shape}")))
+        print(json.dumps(run_merge(paths, args.device, args.samples, args.workdir / f"merged-{args.shape}", lam)))
         return 0
     args.workdir.mkdir(parents=True, exist_ok=True)
     build_cmd = [sys.executable, "-c", "import json,sys; from benchmarks.merge_memory import build; "
@@ -99,14 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     paths = json.loads(subprocess.run(build_cmd, check=True, stdout=subprocess.PIPE, text=True,
                                       cwd=Path(__file__).resolve().parents[1]).stdout.strip().splitlines()[-1])
     child = [sys.executable, "-m", "benchmarks.merge_memory", "--shape", args.shape, "--device", args.device,
-             "--samples", str(args.samples), "--workdir", str(args.workdir), "--_child", json.dumps(paths)]
+             "--samples", str(args.samples), "--lam", args.lam, "--workdir", str(args.workdir),
+             "--_child", json.dumps(paths)]
     done = subprocess.run(child, check=True, stdout=subprocess.PIPE, text=True,
                           cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TQDM_DISABLE": "1"})
     fig = json.loads(done.stdout.strip().splitlines()[-1])
     size = fig["reasoning_bytes"] / GIB
     target = 1.5 * size + 1.0
     print(f"shape {args.shape}: {fig['parameters'] / 1e6:.0f}M parameters, reasoning checkpoint {size:.2f} GiB, "
-          f"device {args.device}")
+          f"device {args.device}, lam {args.lam} (merged with λ = {fig['lam']:g})")
     print(f"wall time (load + stage 1 + stage 2 + merge + save): {fig['wall_s']:.1f} s")
     for stage, seconds in fig["timings"].items():
         print(f"  {stage:22s} {seconds:8.1f} s")
