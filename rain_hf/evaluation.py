@@ -552,8 +552,8 @@ def think_kl(
     """
     total, count = 0.0, 0
     with torch.no_grad(), _eval_mode(model, reference_model):
-        for ids, mask, rows, cols in tqdm(_scoring_batches(input_ids, positions, batch_size, pad_token_id),
-                                          desc="think_kl", leave=False):
+        for ids, mask, rows, cols, _ in tqdm(_scoring_batches(input_ids, positions, batch_size, pad_token_id),
+                                             desc="think_kl", leave=False):
             log_p = _log_probs_at(model, ids, mask, rows, cols)  # [N, V]
             log_q = _log_probs_at(reference_model, ids, mask, rows, cols).to(log_p.device)
             kl = kl_rows(log_p, log_q)  # [N]
@@ -569,16 +569,18 @@ def think_log_probs(
     batch_size: int = 8,
     pad_token_id: int = 0,
 ) -> torch.Tensor:
-    """fp32 next-token log-probabilities [N, V] (CPU) at the given positions, in the order :func:`think_kl`
-    scores them; keep a reference model's once and compare later models with :func:`kl_rows`.
+    """fp32 next-token log-probabilities [N, V] (CPU) at the given positions, one row per position in the order of
+    ``input_ids`` and of each sample's positions; keep a reference model's once and compare later models with
+    :func:`kl_rows`.
 
     Arguments as in :func:`think_kl`.
     """
-    out = []
+    out, order = [], []
     with torch.no_grad(), _eval_mode(model):
-        for ids, mask, rows, cols in _scoring_batches(input_ids, positions, batch_size, pad_token_id):
+        for ids, mask, rows, cols, index in _scoring_batches(input_ids, positions, batch_size, pad_token_id):
             out.append(_log_probs_at(model, ids, mask, rows, cols).cpu())
-    return torch.cat(out)
+            order.append(index)
+    return torch.cat(out)[torch.argsort(torch.cat(order))]  # batches run longest first; back to input order
 
 
 def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -588,11 +590,13 @@ def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 def _scoring_batches(
     input_ids: Sequence[torch.Tensor], positions: Sequence[Sequence[int]], batch_size: int, pad_token_id: int
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Right-padded batches (ids, mask, rows, cols) of the sequences that have positions, longest first."""
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Right-padded batches (ids, mask, rows, cols, index) of the sequences that have positions, longest first;
+    ``index`` is each scored row's place in input order (samples, then their positions)."""
     if len(input_ids) != len(positions):
         raise ValueError(f"{len(input_ids)} sequences but {len(positions)} position lists")
     samples = []
+    first_row = 0
     for i, (ids, pos) in enumerate(zip(input_ids, positions)):
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
         pos = [int(p) for p in pos]
@@ -600,7 +604,8 @@ def _scoring_batches(
         if bad:
             raise ValueError(f"sample {i}: positions {bad} are outside its {len(ids)} tokens")
         if pos:
-            samples.append((ids, pos))
+            samples.append((ids, pos, first_row))
+            first_row += len(pos)
     if not samples:
         raise ValueError("think_kl needs at least one position.")
     samples.sort(key=lambda s: len(s[0]), reverse=True)  # less padding
@@ -610,7 +615,8 @@ def _scoring_batches(
         ids, mask = _pad([s[0] for s in batch], pad_token_id, left=False)
         rows = torch.tensor([b for b, s in enumerate(batch) for _ in s[1]], dtype=torch.long)
         cols = torch.tensor([p for s in batch for p in s[1]], dtype=torch.long)
-        batches.append((ids, mask, rows, cols))
+        index = torch.tensor([s[2] + k for s in batch for k in range(len(s[1]))], dtype=torch.long)
+        batches.append((ids, mask, rows, cols, index))
     return batches
 
 

@@ -412,6 +412,15 @@ def test_think_kl_matches_hand_computation(model, kl_data):
     assert reverse != pytest.approx(fast, rel=1e-3)
 
 
+def test_think_log_probs_rows_follow_input_order(model, kl_data):
+    input_ids, positions = kl_data  # lengths 7, 12, 4, 9, 5 and unsorted, repeated and empty position lists
+    got = ev.think_log_probs(model, input_ids, positions, batch_size=2, pad_token_id=0)
+    with torch.no_grad():
+        want = torch.cat([model(ids.unsqueeze(0)).logits[0, pos].float().log_softmax(-1)
+                          for ids, pos in zip(input_ids, positions) if pos])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 class _NoLogitsToKeep(torch.nn.Module):
     """A causal LM whose forward has no ``logits_to_keep``: think_kl must fall back to full logits."""
 

@@ -56,16 +56,16 @@ def test_think_failures_count_prompts_per_instruction(quick):
     assert sum(total for _, total in failures.values()) >= quick["n_prompts"]  # 1–2 instructions per prompt
 
 
-def test_last_logits_matches_unpadded_forward():
+def test_next_token_log_probs_match_unpadded_forward_in_input_order():
     from transformers import AutoModelForCausalLM
 
-    from benchmarks.organism.first_token import last_logits
+    from benchmarks.organism.first_token import next_token_log_probs
 
     model = AutoModelForCausalLM.from_pretrained(str(ORGANISM_ROOT / "checkpoints" / "reasoning")).eval()
-    seqs = [[1, 40, 41, 42, 2], [1, 50], [1, 60, 61]]
-    got = last_logits(model, seqs, batch_size=2, pad_id=0)
+    seqs = [[1, 50], [1, 40, 41, 42, 2], [1, 60, 61]]  # not longest first: the rows must come back in this order
+    got = next_token_log_probs(model, seqs, batch_size=2, pad_id=0)
     with torch.no_grad():
-        want = torch.stack([model(torch.tensor([s])).logits[0, -1] for s in seqs])
+        want = torch.stack([model(torch.tensor([s])).logits[0, -1].float().log_softmax(-1) for s in seqs])
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 

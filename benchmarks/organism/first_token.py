@@ -100,22 +100,12 @@ def probes(tokenizer: Any, eval_prompts: Sequence[str]) -> list[Probe]:
     return out
 
 
-@torch.no_grad()
-def last_logits(model: torch.nn.Module, seqs: Sequence[list[int]], batch_size: int, pad_id: int) -> torch.Tensor:
-    """Next-token logits after each sequence: [N, V] (right padding, read at each sequence's last token)."""
-    rows = []
-    for i in range(0, len(seqs), batch_size):
-        chunk = seqs[i:i + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.full((len(chunk), width), pad_id)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for j, s in enumerate(chunk):
-            ids[j, : len(s)] = torch.tensor(s)
-            mask[j, : len(s)] = 1
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        last = torch.tensor([len(s) - 1 for s in chunk])
-        rows.append(logits[torch.arange(len(chunk)), last])
-    return torch.cat(rows)
+def next_token_log_probs(model: torch.nn.Module, seqs: Sequence[list[int]], batch_size: int,
+                         pad_id: int) -> torch.Tensor:
+    """Log-probabilities of the token after each sequence [N, V]; differences of them are logit differences."""
+    from rain_hf.evaluation import think_log_probs
+
+    return think_log_probs(model, [torch.tensor(s) for s in seqs], [[len(s) - 1] for s in seqs], batch_size, pad_id)
 
 
 def margins(model: torch.nn.Module, ps: Sequence[Probe], think_id: int, batch_size: int,
@@ -123,9 +113,9 @@ def margins(model: torch.nn.Module, ps: Sequence[Probe], think_id: int, batch_si
     """m_tag, m_open and m_close [N] of ``model`` on the probes (see the module docstring)."""
     n = torch.arange(len(ps))
     fmt = torch.tensor([p.formatted for p in ps])
-    tag = last_logits(model, [p.tag for p in ps], batch_size, pad_id)
-    opened = last_logits(model, [p.tag + [think_id] for p in ps], batch_size, pad_id)
-    close = last_logits(model, [p.close for p in ps], batch_size, pad_id)
+    tag = next_token_log_probs(model, [p.tag for p in ps], batch_size, pad_id)
+    opened = next_token_log_probs(model, [p.tag + [think_id] for p in ps], batch_size, pad_id)
+    close = next_token_log_probs(model, [p.close for p in ps], batch_size, pad_id)
     return {
         "tag": tag[n, fmt] - tag[:, think_id],
         "open": opened[n, fmt] - opened[n, torch.tensor([p.first_thought for p in ps])],
