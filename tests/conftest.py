@@ -1,6 +1,9 @@
 import os
 import socket
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -25,3 +28,35 @@ def _offline(tmp_path, monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", _no_network)
     monkeypatch.setattr(socket, "create_connection", _no_network)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def organism_root() -> Path:
+    """The built organism (``RAIN_HF_ORGANISM`` or the committed one); tests that need it skip when it is not built."""
+    root = Path(os.environ.get("RAIN_HF_ORGANISM", REPO / "benchmarks" / "organism"))
+    if not ((root / "checkpoints" / "instruct" / "model.safetensors").is_file()
+            and (root / "data" / "eval_prompts.jsonl").is_file()):
+        pytest.skip("the organism is not built (python -m benchmarks.organism.build)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def run_quick(organism_root):
+    """``run_quick(module, out)``: ``python -m <module> --quick`` on the organism, writing into ``out``.
+
+    A child process: OMP_WAIT_POLICY only counts before torch loads, and spinning OpenMP threads make the run
+    several times slower on a shared machine.
+    """
+
+    def run(module: str, out: Path) -> None:
+        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false")
+        proc = subprocess.run(
+            [sys.executable, "-m", module, "--quick", "--organism", str(organism_root), "--out", str(out)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    return run

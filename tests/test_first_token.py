@@ -3,34 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-ORGANISM_ROOT = Path(os.environ.get("RAIN_HF_ORGANISM", REPO / "benchmarks" / "organism"))
-
-pytestmark = pytest.mark.skipif(
-    not (ORGANISM_ROOT / "checkpoints" / "instruct" / "model.safetensors").is_file()
-    or not (ORGANISM_ROOT / "data" / "eval_prompts.jsonl").is_file(),
-    reason="the organism is not built (python -m benchmarks.organism.build)",
-)
-
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory) -> dict:
+def quick(tmp_path_factory, run_quick) -> dict:
     out = tmp_path_factory.mktemp("first-token")
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.organism.first_token", "--quick", "--organism", str(ORGANISM_ROOT),
-         "--out", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_quick("benchmarks.organism.first_token", out)
     assert "| reasoning model |" in (out / "FIRST_TOKEN.md").read_text()
     return json.loads((out / "first_token.json").read_text())
 
@@ -56,12 +37,12 @@ def test_think_failures_count_prompts_per_instruction(quick):
     assert sum(total for _, total in failures.values()) >= quick["n_prompts"]  # 1–2 instructions per prompt
 
 
-def test_next_token_log_probs_match_unpadded_forward_in_input_order():
+def test_next_token_log_probs_match_unpadded_forward_in_input_order(organism_root):
     from transformers import AutoModelForCausalLM
 
     from benchmarks.organism.first_token import next_token_log_probs
 
-    model = AutoModelForCausalLM.from_pretrained(str(ORGANISM_ROOT / "checkpoints" / "reasoning")).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(organism_root / "checkpoints" / "reasoning")).eval()
     seqs = [[1, 50], [1, 40, 41, 42, 2], [1, 60, 61]]  # not longest first: the rows must come back in this order
     got = next_token_log_probs(model, seqs, batch_size=2, pad_id=0)
     with torch.no_grad():
@@ -69,14 +50,14 @@ def test_next_token_log_probs_match_unpadded_forward_in_input_order():
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_probes_keep_only_prompts_whose_first_token_changes():
+def test_probes_keep_only_prompts_whose_first_token_changes(organism_root):
     from transformers import AutoTokenizer
 
     from benchmarks.organism.bench import read_jsonl
     from benchmarks.organism.first_token import probes
 
-    tok = AutoTokenizer.from_pretrained(str(ORGANISM_ROOT / "checkpoints" / "reasoning"))
-    evals = read_jsonl(ORGANISM_ROOT / "data" / "eval_prompts.jsonl")[:40]
+    tok = AutoTokenizer.from_pretrained(str(organism_root / "checkpoints" / "reasoning"))
+    evals = read_jsonl(organism_root / "data" / "eval_prompts.jsonl")[:40]
     ps = probes(tok, [e["prompt"] for e in evals])
     assert 0 < len(ps) < len(evals)
     assert all(p.formatted != p.plain for p in ps)

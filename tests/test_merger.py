@@ -428,17 +428,12 @@ def test_baselines_share_the_engine(qwen2, tmp_path, method):
         assert torch.equal(v, merger.model.get_parameter(k)), k
 
 
-ORGANISM = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "organism")
-
-
-@pytest.mark.skipif(not os.path.isdir(os.path.join(ORGANISM, "checkpoints", "reasoning")),
-                    reason="the organism checkpoints are not built")
-def test_prompt_only_calibration_is_completed_by_the_reasoning_model():
-    ckpt = os.path.join(ORGANISM, "checkpoints")
+def test_prompt_only_calibration_is_completed_by_the_reasoning_model(organism_root):
+    ckpt = os.path.join(organism_root, "checkpoints")
     cfg = RainMergingConfig(lam=2.0, stage2=False, max_reasoning_samples=8, max_new_tokens=96, batch_size=8,
                             think_spacing=["", "", ""])
     merger = RainMerger.from_pretrained(*(os.path.join(ckpt, r) for r in ("base", "reasoning", "instruct")), cfg)
-    merger.merge(reasoning_calibration=os.path.join(ORGANISM, "data", "prompts_only.jsonl"))
+    merger.merge(reasoning_calibration=os.path.join(organism_root, "data", "prompts_only.jsonl"))
     info = merger.sidecar()["calibration"]["reasoning"]
     assert info["num_samples"] == 8 and info["num_malformed"] == 0
     assert merger.features.settings["num_samples"] == 8

@@ -4,35 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-ORGANISM = REPO / "benchmarks" / "organism"
-ORGANISM_ROOT = Path(os.environ.get("RAIN_HF_ORGANISM", ORGANISM))
-
-pytestmark = pytest.mark.skipif(
-    not (ORGANISM_ROOT / "checkpoints" / "instruct" / "model.safetensors").is_file()
-    or not (ORGANISM_ROOT / "data" / "eval_prompts.jsonl").is_file(),
-    reason="the organism is not built (python -m benchmarks.organism.build)",
-)
-
 
 @pytest.fixture(scope="module")
-def quick_results(tmp_path_factory) -> dict:
+def quick_results(tmp_path_factory, run_quick) -> dict:
     out = tmp_path_factory.mktemp("organism-bench")
-    # A child process: OMP_WAIT_POLICY only counts before torch loads, and spinning OpenMP threads make the run
-    # several times slower on a shared machine.
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.organism", "--quick", "--organism", str(ORGANISM_ROOT), "--out", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_quick("benchmarks.organism", out)
     for name in ("RESULTS.md", "results.png", "results.json"):
         assert (out / name).is_file(), name
     return json.loads((out / "results.json").read_text())
