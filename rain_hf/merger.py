@@ -244,7 +244,6 @@ class RainMerger:
         self.report = MergeReport(method=self.config.method, vocab=dict(plan.vocab), warnings=list(plan.warnings))
         self.calibration_info: dict[str, dict | None] = {"reasoning": None, "instruction": None}
         self.merged = False
-        self._auto_heldout: list[tuple[list[int], list[int]]] = []  # lam="auto" without stage 1
         self._param_map: dict[str, torch.nn.Parameter] | None = None
         self._check_output_dtypes()
 
@@ -565,11 +564,12 @@ class RainMerger:
             self.merged = True
             return self.model
 
+        heldout: list[tuple[list[int], list[int]]] = []  # lam="auto": where L_think is measured
         if cfg.lam == "auto" and not cfg.stage1:
             if reasoning_calibration is None:
                 raise ValueError("lam='auto' measures L_think on reasoning calibration samples: pass "
                                  "reasoning_calibration=... to merge(), or set lam to a number.")
-            self._auto_heldout = self._think_rows(self._prepare("reasoning", reasoning_calibration))
+            heldout = self._think_rows(self._prepare("reasoning", reasoning_calibration))
         if cfg.stage1:
             if reasoning_calibration is not None:
                 self.compute_features(reasoning_calibration)
@@ -599,7 +599,7 @@ class RainMerger:
         t3 = time.perf_counter()
         lam = cfg.lam
         if lam == "auto":
-            lam = self._choose_lambda(alpha)
+            lam = self._choose_lambda(alpha, heldout if not cfg.stage1 else self.features.heldout)
         self._apply_rain(float(lam), alpha, record=True, desc="merge")
         self.report.lam = float(lam)
         self.report.timings["merge"] = time.perf_counter() - t3
@@ -619,14 +619,13 @@ class RainMerger:
         cfg = self.config
         return [(list(s.input_ids), s.think_positions(cfg.positions, cfg.window)) for s in samples]
 
-    def _choose_lambda(self, alpha: torch.Tensor | None) -> float:
+    def _choose_lambda(self, alpha: torch.Tensor | None, heldout: list[tuple[list[int], list[int]]]) -> float:
         """λ = the largest grid value whose L_think on held-out reasoning samples stays ≤ lam_auto_max_kl.
 
         Instruction following grows with λ along the grid, so the largest λ within the thinking-format budget is
         the calibration-only answer to "maximise instruction following subject to L_think ≤ δ".
         """
         cfg = self.config
-        heldout = self._auto_heldout if not cfg.stage1 else (self.features.heldout if self.features else [])
         if not heldout:
             raise ValueError("lam='auto' measures L_think on reasoning calibration samples held out of stage 1, and "
                              "these thinking features were computed without any (with a numeric lam): pass "
