@@ -95,6 +95,13 @@ QUICK = Settings(n_prompts=16, max_new_tokens=64, batch_size=16, ta_grid=(1.0, 2
                  training_check=False,
                  shared_note=False, plot=True, forced_ta_grid=(2.0,), forced_rain_grid=(8.0,),
                  forced_both_grid=(8.0,), forced_all_samples_lams=(8.0,))
+# For the near-orthogonal variant (`build --variant orthogonal`): its behaviour flips near λ 1 and its accuracy
+# limit is reached near λ 4 in the forced template, so the grids are finer and lower there.
+ORTHOGONAL = dataclasses.replace(FULL, ta_grid=(0.5, 0.75, 1.0, 1.125, 1.25, 1.5, 2.0, 2.5, 3.0),
+                                 stage2_grid=(0.5, 0.75, 1.0, 1.25, 1.5), forced_ta_grid=(1.0, 2.0, 3.0, 4.0),
+                                 forced_rain_grid=(3.0, 4.0, 6.0, 8.0), forced_both_grid=(4.0, 6.0),
+                                 forced_all_samples_lams=(4.0, 6.0))
+GRIDS = {"default": FULL, "orthogonal": ORTHOGONAL}
 
 
 def rain_config(spacing: tuple[str, str, str] | None = None, **kwargs: Any) -> Any:
@@ -143,12 +150,21 @@ def read_records(path: Path) -> list[dict]:
         return json.load(f)
 
 
-def training_prompts() -> list[str]:
-    """The user prompts of the base pretraining chats and of both fine-tunes, regenerated from the build's seeds."""
+def training_prompts(org: Organism) -> list[str]:
+    """The user prompts of the base pretraining chats and of both fine-tunes, regenerated from the build's seeds
+    and the recipe recorded in the organism's ``build_report.json`` (the default recipe where there is none)."""
     from benchmarks.organism import build as B
 
     recipe = B.Recipe()
-    rendered = [p for p, _ in B.finetune_pairs("reasoning", recipe.ft_steps * recipe.batch_size, recipe)]
+    report = org.data("build_report.json")
+    if report.exists():
+        recorded = json.loads(report.read_text(encoding="utf-8")).get("recipe", {})
+        known = {f.name for f in dataclasses.fields(B.Recipe)}
+        recipe = B.Recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k in known})
+    pairs = {kind: [p for p, _ in B.finetune_pairs(kind, B.finetune_steps(kind, recipe) * recipe.batch_size, recipe)]
+             for kind in ("reasoning", "instruct")}
+    seen = set(pairs["reasoning"])  # the same prompts for both fine-tunes unless a variant drops instructions
+    rendered = pairs["reasoning"] + [p for p in pairs["instruct"] if p not in seen]
     rendered += [d for d in B.base_documents(recipe.base_steps * recipe.batch_size, recipe) if d.startswith(T.USER)]
     return [text[len(T.USER):].split(T.END, 1)[0] for text in rendered]
 
@@ -160,7 +176,7 @@ def check_disjoint(org: Organism, eval_prompts: Sequence[str], check_training: b
     sets = {name: [r["prompt"] for r in read_records(org.data(name))]
             for name in ("reasoning_calibration.json", "instruction_calibration.jsonl", "prompts_only.jsonl")}
     if check_training:
-        sets["training prompts (base chats + fine-tunes, regenerated)"] = training_prompts()
+        sets["training prompts (base chats + fine-tunes, regenerated)"] = training_prompts(org)
     lines = []
     for name, prompts in sets.items():
         report = calibration_overlap(prompts, eval_prompts)
@@ -733,6 +749,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=None,
                     help="where RESULTS.md, results.png and results.json go (default: here; --quick: a temp folder)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--grids", choices=sorted(GRIDS), default="default",
+                    help="λ grids: 'default' for the committed organism, 'orthogonal' for `build --variant orthogonal`")
     ap.add_argument("--no-training-check", action="store_true",
                     help="skip regenerating the training prompts for the disjointness check")
     return ap.parse_args(argv)
@@ -753,7 +771,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     out = args.out or (Path(tempfile.mkdtemp(prefix="organism-bench-")) if args.quick else HERE)
     out.mkdir(parents=True, exist_ok=True)
-    settings = QUICK if args.quick else FULL
+    settings = QUICK if args.quick else GRIDS[args.grids]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="organism-bench-work-") as work:
         if args.no_training_check:
@@ -762,6 +780,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = bench.run()
     wall = time.perf_counter() - start
     command = "python -m benchmarks.organism" + (" --quick" if args.quick else "")
+    if args.organism.resolve() != HERE:
+        command += f" --organism {args.organism}"
+    if args.grids != "default":
+        command += f" --grids {args.grids}"
     print(table(rows))
     print("\n".join(summary_lines(rows, bench.info)))
     for desc, ok, evidence in target_checks(rows, bench.info):

@@ -9,6 +9,9 @@ instruction following are independent 50/50 choices, arithmetic facts, plain wor
 model is a short fine-tune that always thinks and ignores format instructions; the instruct model a short
 fine-tune that never thinks and follows them. Both fine-tunes start from the base, run in parallel processes
 with one thread each, and put the loss on the assistant response only.
+
+``--variant orthogonal`` builds the near-orthogonal variant of BUILD.md instead (base thinks 20 % of the time;
+the reasoning fine-tune sees no format instructions), into the folder given with ``--out``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from benchmarks.organism import tasks as T
@@ -57,7 +60,8 @@ class Recipe:
     base_lr: float = 2e-3
     base_warmup: int = 100
     base_weight_decay: float = 0.01
-    ft_steps: int = 100
+    ft_steps: int = 100  # the instruct fine-tune
+    reasoning_ft_steps: int = 100
     ft_lr: float = 5e-5
     ft_warmup: int = 10
     batch_size: int = 32
@@ -68,10 +72,17 @@ class Recipe:
     p_think: float = 0.5
     p_follow: float = 0.5
     n_instructions_probs: tuple = (0.2, 0.4, 0.4)  # prompts with 0 / 1 / 2 format instructions
+    # Share of the reasoning fine-tune's prompts whose format instructions are dropped (the problem stays): real
+    # reasoning traces rarely carry format instructions, so the reasoning model ignores them mostly by omission.
+    reasoning_ft_plain_share: float = 0.0
     eval_max_new_tokens: int = 64
 
 
-QUICK = Recipe(base_steps=30, ft_steps=6, base_warmup=5, ft_warmup=2)
+QUICK = Recipe(base_steps=30, ft_steps=6, reasoning_ft_steps=6, base_warmup=5, ft_warmup=2)
+# Near-orthogonal task vectors (cos -0.08 against -0.53): the base rarely thinks, and the reasoning model ignores
+# format instructions by omission (its fine-tune never sees one) instead of being taught to. BUILD.md, "Variant".
+VARIANTS = {"orthogonal": dict(p_think=0.2, p_follow=0.5, reasoning_ft_steps=600, reasoning_ft_plain_share=1.0,
+                               base_threads=1)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -125,13 +136,20 @@ def base_documents(n: int, recipe: Recipe, seed: int = SEED_BASE_DATA) -> list[s
     return docs
 
 
+def finetune_steps(kind: str, recipe: Recipe) -> int:
+    return recipe.reasoning_ft_steps if kind == "reasoning" else recipe.ft_steps
+
+
 def finetune_pairs(kind: str, n: int, recipe: Recipe, seed: int = SEED_FINETUNE_DATA) -> list[tuple[str, str]]:
-    """(rendered generation prompt, assistant text) pairs; both fine-tunes see the same prompts."""
+    """(rendered generation prompt, assistant text) pairs; both fine-tunes see the same problems in the same order."""
     rng = random.Random(seed)
+    drop_rng = random.Random(seed + 1)  # its own stream, so that both fine-tunes keep the same problems
     pairs = []
     for _ in range(n):
         p = T.sample_problem(rng, "train")
         ins = T.sample_instructions(rng, n_instructions(rng, recipe.n_instructions_probs))
+        if kind == "reasoning" and drop_rng.random() < recipe.reasoning_ft_plain_share:
+            ins = []
         if kind == "reasoning":
             target = assistant_text(p, ins, think=True, follow=False)
         elif kind == "instruct":
@@ -393,12 +411,13 @@ def finetune_worker(kind: str, recipe_dict: dict, base_dir: str, out_dir: str, t
     recipe = Recipe(**recipe_dict)
     tok = AutoTokenizer.from_pretrained(base_dir)
     model = Qwen2ForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    pairs = finetune_pairs(kind, recipe.ft_steps * recipe.batch_size, recipe)
+    steps = finetune_steps(kind, recipe)
+    pairs = finetune_pairs(kind, steps * recipe.batch_size, recipe)
     prompt_ids = tok([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
     full_ids = tok([p + a for p, a in pairs], add_special_tokens=False)["input_ids"]
     for pi, fi in zip(prompt_ids[:64], full_ids[:64]):
         assert fi[: len(pi)] == pi, "prompt tokens must be a prefix of the full sample"
-    secs = train(model, full_ids, [len(p) for p in prompt_ids], steps=recipe.ft_steps,
+    secs = train(model, full_ids, [len(p) for p in prompt_ids], steps=steps,
                  batch_size=recipe.batch_size, lr=recipe.ft_lr, warmup=recipe.ft_warmup, weight_decay=0.0,
                  pad_id=tok.pad_token_id, log_every=10, tag=kind)
     save_checkpoint(model, tok, Path(out_dir))
@@ -643,9 +662,15 @@ def main(argv=None) -> int:
     ap.add_argument("--force-finetunes", action="store_true", help="retrain the two fine-tunes only")
     ap.add_argument("--sequential", action="store_true", help="run the two fine-tunes one after the other")
     ap.add_argument("--skip-checks", action="store_true", help="do not generate / evaluate after building")
+    ap.add_argument("--variant", choices=sorted(VARIANTS), default=None,
+                    help="build a variant recipe (BUILD.md); needs --out, the committed organism stays as it is")
     args = ap.parse_args(argv)
+    if args.variant and args.out is None:
+        ap.error("--variant needs --out DIR: the committed checkpoints are the default recipe's")
 
     recipe = QUICK if args.quick else Recipe()
+    if args.variant:
+        recipe = replace(recipe, **VARIANTS[args.variant])
     out = args.out or (Path(tempfile.gettempdir()) / "organism_quick" if args.quick else HERE)
     ckpt, data_dir = out / "checkpoints", out / "data"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
