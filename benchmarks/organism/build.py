@@ -78,7 +78,7 @@ class Recipe:
     eval_max_new_tokens: int = 64
 
 
-QUICK = Recipe(base_steps=30, ft_steps=6, reasoning_ft_steps=6, base_warmup=5, ft_warmup=2)
+QUICK_STEPS = dict(base_steps=30, ft_steps=6, reasoning_ft_steps=6, base_warmup=5, ft_warmup=2)
 # Near-orthogonal task vectors (cos -0.08 against -0.53): the base rarely thinks, and the reasoning model ignores
 # format instructions by omission (its fine-tune never sees one) instead of being taught to. BUILD.md, "Variant".
 VARIANTS = {"orthogonal": dict(p_think=0.2, p_follow=0.5, reasoning_ft_steps=600, reasoning_ft_plain_share=1.0,
@@ -668,9 +668,7 @@ def main(argv=None) -> int:
     if args.variant and args.out is None:
         ap.error("--variant needs --out DIR: the committed checkpoints are the default recipe's")
 
-    recipe = QUICK if args.quick else Recipe()
-    if args.variant:
-        recipe = replace(recipe, **VARIANTS[args.variant])
+    recipe = replace(Recipe(), **{**VARIANTS.get(args.variant, {}), **(QUICK_STEPS if args.quick else {})})
     out = args.out or (Path(tempfile.gettempdir()) / "organism_quick" if args.quick else HERE)
     ckpt, data_dir = out / "checkpoints", out / "data"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
