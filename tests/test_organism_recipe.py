@@ -8,11 +8,7 @@ import json
 import pytest
 
 from benchmarks.organism import build as B
-from benchmarks.organism import tasks as T
-
-
-def _user_text(rendered: str) -> str:
-    return rendered[len(T.USER):].split(T.END, 1)[0]
+from benchmarks.organism.bench import user_prompt as _user_text
 
 
 def test_default_recipe_gives_both_fine_tunes_the_same_prompts():
@@ -47,6 +43,7 @@ def test_training_prompts_follow_the_recipe_recorded_by_the_build(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "build_report.json").write_text(json.dumps({"recipe": dataclasses.asdict(recipe)}))
     prompts = set(training_prompts(Organism(tmp_path)))
-    last_reasoning = _user_text(B.finetune_pairs("reasoning", 600 * 32, recipe)[-1][0])
+    n_reasoning = B.finetune_steps("reasoning", recipe) * recipe.batch_size
+    last_reasoning = _user_text(B.finetune_pairs("reasoning", n_reasoning, recipe)[-1][0])
     assert last_reasoning in prompts  # only a 600-step reasoning fine-tune reaches this far
     assert {_user_text(p) for p, _ in B.finetune_pairs("instruct", 64, recipe)} <= prompts

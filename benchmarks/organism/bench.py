@@ -150,6 +150,11 @@ def read_records(path: Path) -> list[dict]:
         return json.load(f)
 
 
+def user_prompt(rendered: str) -> str:
+    """The user's text of a rendered chat (``<|user|>…<|end|>…``)."""
+    return rendered[len(T.USER):].split(T.END, 1)[0]
+
+
 def training_prompts(org: Organism) -> list[str]:
     """The user prompts of the base pretraining chats and of both fine-tunes, regenerated from the build's seeds
     and the recipe recorded in the organism's ``build_report.json`` (the default recipe where there is none)."""
@@ -166,7 +171,7 @@ def training_prompts(org: Organism) -> list[str]:
     seen = set(pairs["reasoning"])  # the same prompts for both fine-tunes unless a variant drops instructions
     rendered = pairs["reasoning"] + [p for p in pairs["instruct"] if p not in seen]
     rendered += [d for d in B.base_documents(recipe.base_steps * recipe.batch_size, recipe) if d.startswith(T.USER)]
-    return [text[len(T.USER):].split(T.END, 1)[0] for text in rendered]
+    return [user_prompt(text) for text in rendered]
 
 
 def check_disjoint(org: Organism, eval_prompts: Sequence[str], check_training: bool) -> list[str]:

@@ -148,9 +148,9 @@ def finetune_pairs(kind: str, n: int, recipe: Recipe, seed: int = SEED_FINETUNE_
     for _ in range(n):
         p = T.sample_problem(rng, "train")
         ins = T.sample_instructions(rng, n_instructions(rng, recipe.n_instructions_probs))
-        if kind == "reasoning" and drop_rng.random() < recipe.reasoning_ft_plain_share:
-            ins = []
         if kind == "reasoning":
+            if drop_rng.random() < recipe.reasoning_ft_plain_share:
+                ins = []
             target = assistant_text(p, ins, think=True, follow=False)
         elif kind == "instruct":
             target = assistant_text(p, ins, think=False, follow=True)
