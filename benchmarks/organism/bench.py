@@ -245,32 +245,43 @@ class Evaluator:
     settings: Settings
     generations: dict[str, list[str]] = field(default_factory=dict)
 
-    def __call__(self, model: torch.nn.Module, label: str, forced: bool = False) -> dict[str, float]:
-        from rain_hf.evaluation import (
-            answer_accuracy,
-            generate,
-            instruction_following,
-            split_generation,
-            think_kl,
-        )
+    def __call__(self, model: torch.nn.Module, label: str, forced: bool = False) -> dict[str, Any]:
+        from rain_hf.evaluation import think_kl
 
-        prompts = [r["prompt"] for r in self.evals]
-        outs = generate(model, self.tokenizer, prompts, max_new_tokens=self.settings.max_new_tokens,
-                        batch_size=self.settings.batch_size, desc=label,
-                        force_think_open=T.THINK_OPEN if forced else None)
+        metrics = self.score(self.outputs(model, label, forced))
+        kl = think_kl(model, self.reference, self.heldout_ids, self.heldout_positions, batch_size=16,
+                      pad_token_id=self.tokenizer.pad_token_id or 0)
+        return {**metrics, "l_think": max(0.0, kl)}
+
+    def outputs(self, model: torch.nn.Module, label: str, forced: bool = False) -> list[str]:
+        """Greedy generations for the held-out prompts (kept in :attr:`generations` under ``label``)."""
+        from rain_hf.evaluation import generate
+
+        outs = generate(model, self.tokenizer, [r["prompt"] for r in self.evals],
+                        max_new_tokens=self.settings.max_new_tokens, batch_size=self.settings.batch_size,
+                        desc=label, force_think_open=T.THINK_OPEN if forced else None)
         if forced:  # the tag is part of the prompt: score the think block as the model's
             outs = [T.THINK_OPEN + o for o in outs]
         self.generations[label] = outs
-        splits = [split_generation(o, T.THINK_OPEN, T.THINK_CLOSE) for o in outs]
-        answers = [s.answer for s in splits]
-        scores = instruction_following(answers, prompts, [r["instruction_id_list"] for r in self.evals],
-                                       [r["kwargs"] for r in self.evals])
-        kl = think_kl(model, self.reference, self.heldout_ids, self.heldout_positions, batch_size=16,
-                      pad_token_id=self.tokenizer.pad_token_id or 0)
-        return {"think": sum(s.format_ok for s in splits) / len(splits),
-                "accuracy": answer_accuracy(answers, [r["answer"] for r in self.evals]),
-                "if_prompt": scores["prompt_strict"], "if_instruction": scores["instruction_strict"],
-                "l_think": max(0.0, kl), "per_instruction": per_instruction_rates(self.evals, scores)}
+        return outs
+
+    def score(self, outs: Sequence[str]) -> dict[str, Any]:
+        """Think-format rate, accuracy and IFEval scores of generations for :attr:`evals` (no model needed)."""
+        return score_generations(self.evals, outs)
+
+
+def score_generations(evals: Sequence[dict], outs: Sequence[str]) -> dict[str, Any]:
+    """Think-format rate, answer accuracy and strict IFEval scores (answer part only) of one model's generations."""
+    from rain_hf.evaluation import answer_accuracy, instruction_following, split_generation
+
+    splits = [split_generation(o, T.THINK_OPEN, T.THINK_CLOSE) for o in outs]
+    answers = [s.answer for s in splits]
+    scores = instruction_following(answers, [r["prompt"] for r in evals], [r["instruction_id_list"] for r in evals],
+                                   [r["kwargs"] for r in evals])
+    return {"think": sum(s.format_ok for s in splits) / len(splits),
+            "accuracy": answer_accuracy(answers, [r["answer"] for r in evals]),
+            "if_prompt": scores["prompt_strict"], "if_instruction": scores["instruction_strict"],
+            "per_instruction": per_instruction_rates(evals, scores)}
 
 
 def per_instruction_rates(evals: Sequence[dict], scores: dict[str, Any]) -> dict[str, float]:

@@ -75,6 +75,11 @@ class Recipe:
     # Share of the reasoning fine-tune's prompts whose format instructions are dropped (the problem stays): real
     # reasoning traces rarely carry format instructions, so the reasoning model ignores them mostly by omission.
     reasoning_ft_plain_share: float = 0.0
+    # Share of the instruct fine-tune's prompts that end with a forced <think> while the target stays the direct
+    # formatted reply ("ITM2" in organism-findings.md): an instruct model that never learned to think.
+    instruct_forced_think_share: float = 0.0
+    # Added to every data and torch seed (0: the committed organism); the recipe sweep uses it for seed variance.
+    seed_offset: int = 0
     eval_max_new_tokens: int = 64
 
 
@@ -119,7 +124,7 @@ def worked_doc(problem: T.Problem) -> str:
 
 def base_documents(n: int, recipe: Recipe, seed: int = SEED_BASE_DATA) -> list[str]:
     """Pretraining documents (full text incl. chat special tokens, each ending with the end token)."""
-    rng = random.Random(seed)
+    rng = random.Random(seed + recipe.seed_offset)
     docs = []
     for _ in range(n):
         r = rng.random()
@@ -142,21 +147,25 @@ def finetune_steps(kind: str, recipe: Recipe) -> int:
 
 def finetune_pairs(kind: str, n: int, recipe: Recipe, seed: int = SEED_FINETUNE_DATA) -> list[tuple[str, str]]:
     """(rendered generation prompt, assistant text) pairs; both fine-tunes see the same problems in the same order."""
+    seed += recipe.seed_offset
     rng = random.Random(seed)
-    drop_rng = random.Random(seed + 1)  # its own stream, so that both fine-tunes keep the same problems
+    side_rng = random.Random(seed + 1)  # its own stream, so that both fine-tunes keep the same problems
     pairs = []
     for _ in range(n):
         p = T.sample_problem(rng, "train")
         ins = T.sample_instructions(rng, n_instructions(rng, recipe.n_instructions_probs))
+        prefix = ""
         if kind == "reasoning":
-            if drop_rng.random() < recipe.reasoning_ft_plain_share:
+            if side_rng.random() < recipe.reasoning_ft_plain_share:
                 ins = []
             target = assistant_text(p, ins, think=True, follow=False)
         elif kind == "instruct":
+            if side_rng.random() < recipe.instruct_forced_think_share:
+                prefix = T.THINK_OPEN
             target = assistant_text(p, ins, think=False, follow=True)
         else:
             raise ValueError(kind)
-        pairs.append((T.render_chat(T.make_prompt(p, ins)), target + T.END))
+        pairs.append((T.render_chat(T.make_prompt(p, ins)) + prefix, target + T.END))
     return pairs
 
 
@@ -279,7 +288,7 @@ def make_model(recipe: Recipe, tok):
         pad_token_id=pad_id,
         dtype="float32",
     )
-    torch.manual_seed(SEED_TORCH_INIT)
+    torch.manual_seed(SEED_TORCH_INIT + recipe.seed_offset)
     model = Qwen2ForCausalLM(config)
     model.generation_config = generation_config(tok)
     assert isinstance(model.generation_config, GenerationConfig)
@@ -350,6 +359,9 @@ def train(model, seqs, loss_from, *, steps, batch_size, lr, warmup, weight_decay
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=lr, betas=(0.9, 0.95), eps=1e-8,
     )
+    device = next(model.parameters()).device
+    if device.type != "cpu":  # padding is cheap there; one micro-batch per step saves kernel launches
+        micro_batch = batch_size
     t0 = time.time()
     running = 0.0
     for step in range(steps):
@@ -369,7 +381,8 @@ def train(model, seqs, loss_from, *, steps, batch_size, lr, warmup, weight_decay
                 continue
             ids, mask, labels = collate([seqs[i] for i in m], [loss_from[i] for i in m], pad_id)
             assert int((labels[:, 1:] != -100).sum()) == count
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss * (count / total)
+            loss = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                         labels=labels.to(device)).loss * (count / total)
             loss.backward()
             step_loss += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -383,11 +396,11 @@ def train(model, seqs, loss_from, *, steps, batch_size, lr, warmup, weight_decay
     return time.time() - t0
 
 
-def train_base(recipe: Recipe, tok, out: Path) -> float:
+def train_base(recipe: Recipe, tok, out: Path, device: str = "cpu") -> float:
     import torch
 
     torch.set_num_threads(recipe.base_threads)
-    model = make_model(recipe, tok)
+    model = make_model(recipe, tok).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[base] Qwen2ForCausalLM with {n_params / 1e6:.2f} M parameters", flush=True)
     docs = base_documents(recipe.base_steps * recipe.batch_size, recipe)
@@ -397,20 +410,21 @@ def train_base(recipe: Recipe, tok, out: Path) -> float:
     secs = train(model, seqs, [0] * len(seqs), steps=recipe.base_steps, batch_size=recipe.batch_size,
                  lr=recipe.base_lr, warmup=recipe.base_warmup, weight_decay=recipe.base_weight_decay,
                  pad_id=tok.pad_token_id, log_every=50, tag="base", final_ratio=0.05)
-    save_checkpoint(model, tok, out)
+    save_checkpoint(model.to("cpu"), tok, out)
     return secs
 
 
-def finetune_worker(kind: str, recipe_dict: dict, base_dir: str, out_dir: str, threads: int) -> dict:
+def finetune_worker(kind: str, recipe_dict: dict, base_dir: str, out_dir: str, threads: int,
+                    device: str = "cpu") -> dict:
     """Fine-tune the base into the reasoning or instruct model (runs in its own process)."""
     import torch
     from transformers import AutoTokenizer, Qwen2ForCausalLM
 
     torch.set_num_threads(threads)
-    torch.manual_seed(SEED_TORCH_FINETUNE)
     recipe = Recipe(**recipe_dict)
+    torch.manual_seed(SEED_TORCH_FINETUNE + recipe.seed_offset)
     tok = AutoTokenizer.from_pretrained(base_dir)
-    model = Qwen2ForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = Qwen2ForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
     steps = finetune_steps(kind, recipe)
     pairs = finetune_pairs(kind, steps * recipe.batch_size, recipe)
     prompt_ids = tok([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
@@ -420,7 +434,7 @@ def finetune_worker(kind: str, recipe_dict: dict, base_dir: str, out_dir: str, t
     secs = train(model, full_ids, [len(p) for p in prompt_ids], steps=steps,
                  batch_size=recipe.batch_size, lr=recipe.ft_lr, warmup=recipe.ft_warmup, weight_decay=0.0,
                  pad_id=tok.pad_token_id, log_every=10, tag=kind)
-    save_checkpoint(model, tok, Path(out_dir))
+    save_checkpoint(model.to("cpu"), tok, Path(out_dir))
     return {"kind": kind, "seconds": secs}
 
 
