@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gzip
+import hashlib
 import json
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, replace
@@ -52,33 +54,55 @@ RECIPES: dict[str, dict[str, Any]] = {
     "plain_itm2": {"reasoning_ft_plain_share": 1.0, "instruct_forced_think_share": 0.25},
 }
 
-TA_GRID = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
-SLERP_TS = (0.5, 0.625, 0.75, 0.875)
+# Generated in this order (RAIN 1+2 first), so that a run stopped early has the rows that matter most.
+TA_GRID = (0.75, 1.0, 1.25, 1.5, 2.0)
+SLERP_TS = (0.5, 0.625, 0.75)
 RAIN_GRID = (1.5, 2.0, 3.0, 4.0, 5.0, 6.0)
-PLAIN_GRID = (2.0, 3.0, 4.0)
+PLAIN_GRID = (2.0, 3.0)
 
 logger = logging.getLogger("benchmarks.organism.sweep")
 
 
 # ---------------------------------------------------------------------------------------------- build + generate
+# Recipe fields that only the fine-tunes read: recipes that differ in these alone share one base.
+FINETUNE_FIELDS = {"ft_steps", "reasoning_ft_steps", "ft_lr", "ft_warmup", "reasoning_ft_plain_share",
+                   "instruct_forced_think_share", "eval_max_new_tokens"}
+
+
+def make_recipe(overrides: dict[str, Any], quick: bool) -> B.Recipe:
+    return replace(B.Recipe(), **{**overrides, **(B.QUICK_STEPS if quick else {})})
+
+
+def base_dir(out: Path, recipe: B.Recipe) -> Path:
+    fields = {k: v for k, v in asdict(recipe).items() if k not in FINETUNE_FIELDS}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+    return out / "_bases" / digest
+
+
+def train_shared_base(overrides: dict[str, Any], out: str, quick: bool, device: str) -> float:
+    """Train the base of a recipe into ``<out>/_bases/<hash of its base fields>`` (phase 1)."""
+    recipe = make_recipe(overrides, quick)
+    return B.train_base(recipe, B.build_tokenizer(recipe), base_dir(Path(out), recipe), device=device)
+
+
 def build_recipe(root: Path, overrides: dict[str, Any], quick: bool, device: str) -> dict[str, Any]:
-    """Tokenizer, base, both fine-tunes and the data files of one recipe under ``root`` (build.py's layout)."""
-    recipe = replace(B.Recipe(), **{**overrides, **(B.QUICK_STEPS if quick else {})})
+    """Both fine-tunes of one recipe from its shared base, in build.py's layout under ``root``. The data files do
+    not depend on the recipe: they are the committed organism's (so no IFEval checker runs on this machine)."""
+    recipe = make_recipe(overrides, quick)
     ckpt = root / "checkpoints"
-    timings: dict[str, float] = {}
-    tok = B.build_tokenizer(recipe)
-    timings["base"] = B.train_base(recipe, tok, ckpt / "base", device=device)
-    B.write_data(root / "data", tok)
-    for kind in ("reasoning", "instruct"):
-        timings[kind] = B.finetune_worker(kind, asdict(recipe), str(ckpt / "base"), str(ckpt / kind), 1,
-                                          device=device)["seconds"]
+    shutil.copytree(base_dir(root.parent, recipe), ckpt / "base", dirs_exist_ok=True)
+    shutil.copytree(B.HERE / "data", root / "data", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("build_report.json"))
+    timings = {kind: B.finetune_worker(kind, asdict(recipe), str(ckpt / "base"), str(ckpt / kind), 1,
+                                       device=device)["seconds"] for kind in ("reasoning", "instruct")}
     report = {"recipe": asdict(recipe), "timings_s": timings, "device": device}
     (root / "data" / "build_report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     return report
 
 
 def sweep_recipe(name: str, overrides: dict[str, Any], out: str, quick: bool, device: str) -> str:
-    """Build one recipe and write the generations of every swept merge to ``<out>/<name>/sweep.json``."""
+    """Fine-tune one recipe and write the generations of every swept merge to ``<out>/<name>/sweep.json`` (rewritten
+    after each model, so that a run stopped early still leaves what it generated)."""
     import torch
 
     from rain_hf import RainMergingConfig
@@ -90,7 +114,7 @@ def sweep_recipe(name: str, overrides: dict[str, Any], out: str, quick: bool, de
     root = Path(out) / name
     start = time.perf_counter()
     report = build_recipe(root, overrides, quick, device)
-    logger.info("built in %.0fs", time.perf_counter() - start)
+    logger.info("fine-tuned in %.0fs", time.perf_counter() - start)
 
     settings = dataclasses.replace(BE.QUICK if quick else BE.FULL, training_check=False, shared_note=False,
                                    batch_size=16 if quick else 120, plot=False)
@@ -99,27 +123,37 @@ def sweep_recipe(name: str, overrides: dict[str, Any], out: str, quick: bool, de
     bench.setup()
     bench.evaluate = GenerateOnly(**{f.name: getattr(bench.evaluate, f.name)
                                      for f in dataclasses.fields(BE.Evaluator)}, device=device)
+
+    def save() -> None:
+        rows = [{"method": r.method, "family": r.family, "lam": r.lam, "label": label}
+                for r, label in zip(bench.rows, bench.evaluate.generations)]
+        record = {"name": name, "overrides": overrides, "quick": quick, "build": report, "info": bench.info,
+                  "rows": rows, "generations": {r["label"]: bench.evaluate.generations[r["label"]] for r in rows},
+                  "wall_s": time.perf_counter() - start}
+        (root / "sweep.json").write_text(json.dumps(record, default=str), encoding="utf-8")
+
     bench.references()
-    for lam in TA_GRID:
-        bench.merge_and_add("task_arithmetic", "task_arithmetic", lam, RainMergingConfig(method="task_arithmetic",
-                                                                                         lam=lam))
-    for t in SLERP_TS:
-        bench.merge_and_add(f"slerp t={t:g}", "slerp", None, RainMergingConfig(method="slerp", slerp_t=t))
+    save()
     feats = bench.features_for(RainMergingConfig().positions)
     ins = {"instruction_calibration": str(bench.instruction_path)}
     for lam in RAIN_GRID:
-        bench.merge_and_add("RAIN stage 1", "rain_stage1", lam, bench.cfg(lam=lam, stage2=False), feats)
         bench.merge_and_add("RAIN stage 1+2", "rain_both", lam, bench.cfg(lam=lam), feats, **ins)
+        save()
+    for lam in TA_GRID:
+        bench.merge_and_add("task_arithmetic", "task_arithmetic", lam, RainMergingConfig(method="task_arithmetic",
+                                                                                         lam=lam))
+        save()
+    for t in SLERP_TS:
+        bench.merge_and_add(f"slerp t={t:g}", "slerp", None, RainMergingConfig(method="slerp", slerp_t=t))
+        save()
+    for lam in RAIN_GRID:
+        bench.merge_and_add("RAIN stage 1", "rain_stage1", lam, bench.cfg(lam=lam, stage2=False), feats)
+        save()
     plain = bench.features_for(RainMergingConfig().positions, bench.stage1_plain_path, "plain samples")
     for lam in PLAIN_GRID:
         bench.merge_and_add("RAIN 1+2 stage 1 on plain samples", "rain_ablations", lam, bench.cfg(lam=lam), plain,
                             **ins)
-    rows = [{"method": r.method, "family": r.family, "lam": r.lam, "label": label}
-            for r, label in zip(bench.rows, bench.evaluate.generations)]
-    record = {"name": name, "overrides": overrides, "quick": quick, "build": report, "info": bench.info,
-              "rows": rows, "generations": bench.evaluate.generations,
-              "wall_s": time.perf_counter() - start}
-    (root / "sweep.json").write_text(json.dumps(record, default=str), encoding="utf-8")
+        save()
     logger.info("done in %.0fs", time.perf_counter() - start)
     return name
 
@@ -221,8 +255,12 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unknown recipe(s) {unknown}; choose from {sorted(RECIPES)}")
         args.out.mkdir(parents=True, exist_ok=True)
         jobs = [(n, RECIPES[n], str(args.out), args.quick, args.device) for n in names]
+        bases = {base_dir(args.out, make_recipe(RECIPES[n], args.quick)): (RECIPES[n], str(args.out), args.quick,
+                                                                          args.device) for n in names}
         start = time.perf_counter()
         with mp.get_context("spawn").Pool(max(1, min(args.jobs, len(jobs)))) as pool:
+            pool.starmap(train_shared_base, list(bases.values()))
+            logger.info("%d bases for %d recipes: %.0fs", len(bases), len(jobs), time.perf_counter() - start)
             for done in pool.starmap(sweep_recipe, jobs):
                 logger.info("recipe %s written", done)
         logger.info("sweep of %d recipes: %.0fs", len(jobs), time.perf_counter() - start)
