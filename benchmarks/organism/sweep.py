@@ -52,12 +52,28 @@ RECIPES: dict[str, dict[str, Any]] = {
                         "instruct_forced_think_share": 0.25},
     "instruct50": {"ft_steps": 50},
     "plain_itm2": {"reasoning_ft_plain_share": 1.0, "instruct_forced_think_share": 0.25},
+    # second round, fine-tunes only (run with --base benchmarks/organism/checkpoints/base)
+    "plain_r300_itm2": {"reasoning_ft_plain_share": 1.0, "reasoning_ft_steps": 300, "instruct_forced_think_share": 0.25},
+    "plain_r600": {"reasoning_ft_plain_share": 1.0, "reasoning_ft_steps": 600},
+    "plain_r600_itm2": {"reasoning_ft_plain_share": 1.0, "reasoning_ft_steps": 600, "instruct_forced_think_share": 0.25},
+    "plain_r1000": {"reasoning_ft_plain_share": 1.0, "reasoning_ft_steps": 1000},
+    "plain_r1000_itm2": {"reasoning_ft_plain_share": 1.0, "reasoning_ft_steps": 1000,
+                         "instruct_forced_think_share": 0.25},
+    "plain90_r300": {"reasoning_ft_plain_share": 0.9, "reasoning_ft_steps": 300},
+    "plain90_r300_itm2": {"reasoning_ft_plain_share": 0.9, "reasoning_ft_steps": 300,
+                          "instruct_forced_think_share": 0.25},
+    "plain75_r300_itm2": {"reasoning_ft_plain_share": 0.75, "reasoning_ft_steps": 300,
+                          "instruct_forced_think_share": 0.25},
+    "plain_r300_itm2_i200": {"reasoning_ft_plain_share": 1.0, "reasoning_ft_steps": 300,
+                             "instruct_forced_think_share": 0.25, "ft_steps": 200},
+    "plain_r450_itm2": {"reasoning_ft_plain_share": 1.0, "reasoning_ft_steps": 450, "instruct_forced_think_share": 0.25},
+    "plain_r600_itm50": {"reasoning_ft_plain_share": 1.0, "reasoning_ft_steps": 600, "instruct_forced_think_share": 0.5},
 }
 
 # Generated in this order (RAIN 1+2 first), so that a run stopped early has the rows that matter most.
-TA_GRID = (0.75, 1.0, 1.25, 1.5, 2.0)
+TA_GRID = (0.25, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5, 2.0)
 SLERP_TS = (0.5, 0.625, 0.75)
-RAIN_GRID = (1.5, 2.0, 3.0, 4.0, 5.0, 6.0)
+RAIN_GRID = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0)
 PLAIN_GRID = (2.0, 3.0)
 
 logger = logging.getLogger("benchmarks.organism.sweep")
@@ -79,9 +95,12 @@ def base_dir(out: Path, recipe: B.Recipe) -> Path:
     return out / "_bases" / digest
 
 
-def train_shared_base(overrides: dict[str, Any], out: str, quick: bool, device: str) -> float:
-    """Train the base of a recipe into ``<out>/_bases/<hash of its base fields>`` (phase 1)."""
+def train_shared_base(overrides: dict[str, Any], out: str, quick: bool, device: str, given: str | None) -> float:
+    """Train the base of a recipe into ``<out>/_bases/<hash of its base fields>`` (phase 1), or copy ``given``."""
     recipe = make_recipe(overrides, quick)
+    if given is not None:
+        shutil.copytree(given, base_dir(Path(out), recipe), dirs_exist_ok=True)
+        return 0.0
     return B.train_base(recipe, B.build_tokenizer(recipe), base_dir(Path(out), recipe), device=device)
 
 
@@ -238,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--jobs", type=int, default=2, help="recipes built at the same time (one process each)")
     run.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated names of RECIPES")
     run.add_argument("--quick", action="store_true", help="build.py's quick step counts and 16 prompts")
+    run.add_argument("--base", type=Path, default=None,
+                     help="use this base checkpoint for every recipe instead of training one (fine-tune-only sweeps)")
     run.add_argument("--bundle", type=Path, default=None, help="also write every record into one gzipped file")
     bundle = sub.add_parser("bundle", help="write the records a run has finished into one gzipped file")
     bundle.add_argument("source", type=Path, help="a run's --out folder")
@@ -255,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unknown recipe(s) {unknown}; choose from {sorted(RECIPES)}")
         args.out.mkdir(parents=True, exist_ok=True)
         jobs = [(n, RECIPES[n], str(args.out), args.quick, args.device) for n in names]
+        given = None if args.base is None else str(args.base)
         bases = {base_dir(args.out, make_recipe(RECIPES[n], args.quick)): (RECIPES[n], str(args.out), args.quick,
-                                                                          args.device) for n in names}
+                                                                          args.device, given) for n in names}
         start = time.perf_counter()
         with mp.get_context("spawn").Pool(max(1, min(args.jobs, len(jobs)))) as pool:
             pool.starmap(train_shared_base, list(bases.values()))
