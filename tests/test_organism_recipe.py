@@ -47,3 +47,59 @@ def test_training_prompts_follow_the_recipe_recorded_by_the_build(tmp_path):
     last_reasoning = _user_text(B.finetune_pairs("reasoning", n_reasoning, recipe)[-1][0])
     assert last_reasoning in prompts  # only a 600-step reasoning fine-tune reaches this far
     assert {_user_text(p) for p, _ in B.finetune_pairs("instruct", 64, recipe)} <= prompts
+
+
+def test_plain_itm2_variant_forces_think_on_a_quarter_of_the_instruct_prompts_only():
+    recipe = dataclasses.replace(B.Recipe(), **B.VARIANTS["plain_itm2"])
+    instruct = B.finetune_pairs("instruct", 400, recipe)
+    forced = [(p, t) for p, t in instruct if p.endswith(B.T.THINK_OPEN)]
+    assert 60 < len(forced) < 140  # a quarter of 400
+    # the target stays the direct formatted reply: never a think block
+    assert all(B.T.THINK_OPEN not in t and B.T.THINK_CLOSE not in t for _, t in instruct)
+    assert not any(p.endswith(B.T.THINK_OPEN) for p, _ in B.finetune_pairs("reasoning", 400, recipe))
+    # the default recipe's instruct data is unchanged by the new knob's random stream
+    default = B.finetune_pairs("instruct", 400, B.Recipe())
+    assert [p.removesuffix(B.T.THINK_OPEN) for p, _ in instruct] == [p for p, _ in default]
+    assert [t for _, t in instruct] == [t for _, t in default]
+
+
+def test_seed_offset_changes_the_training_data_but_not_the_evaluation_prompts():
+    shifted = dataclasses.replace(B.Recipe(), seed_offset=1)
+    assert B.base_documents(8, shifted) != B.base_documents(8, B.Recipe())
+    assert B.finetune_pairs("instruct", 8, shifted) != B.finetune_pairs("instruct", 8, B.Recipe())
+    assert B.eval_records(8) == B.eval_records(8)  # held-out prompts never depend on the recipe
+
+
+def test_sweep_shares_a_base_between_recipes_that_differ_only_in_their_fine_tunes(tmp_path):
+    from benchmarks.organism import sweep as S
+
+    def base(name):
+        return S.base_dir(tmp_path, S.make_recipe(S.RECIPES[name], quick=False))
+
+    assert base("default") == base("plain_r300_itm2") == base("instruct50")
+    assert len({base("default"), base("default_s1"), base("orthogonal"), base("follow25_plain")}) == 4
+    assert all(set(o) <= {f.name for f in dataclasses.fields(B.Recipe)} for o in S.RECIPES.values())
+
+
+def test_sweep_scores_generations_with_the_benchmark_checks():
+    from benchmarks.organism import sweep as S
+
+    evals = B.eval_records(12)
+    think = [f"{B.T.THINK_OPEN}{r['reasoning']}{B.T.THINK_CLOSE}" for r in evals]
+    gens = {
+        "reasoning model": [t + r["plain_response"] for t, r in zip(think, evals)],
+        "instruct model": [r["target_response"] for r in evals],
+        "RAIN stage 1+2 λ=2": [t + r["target_response"] for t, r in zip(think, evals)],
+    }
+    rows = [{"method": "reasoning model", "family": "reference", "lam": None, "label": "reasoning model"},
+            {"method": "instruct model", "family": "reference", "lam": None, "label": "instruct model"},
+            {"method": "RAIN stage 1+2", "family": "rain_both", "lam": 2.0, "label": "RAIN stage 1+2 λ=2"}]
+    record = {"name": "t", "rows": rows, "generations": gens,
+              "info": {"geometry": {"cosine": -0.1, "abs_cosine": 0.1, "relative_norm": {}}}}
+    scored, checks = S.score_record(record, evals)
+    by = {r.method: r for r in scored}
+    assert (by["reasoning model"].think, by["reasoning model"].if_prompt, by["reasoning model"].accuracy) == (1, 0, 1)
+    assert (by["instruct model"].think, by["instruct model"].if_prompt) == (0, 1)
+    assert (by["RAIN stage 1+2"].think, by["RAIN stage 1+2"].if_prompt) == (1, 1)
+    met = {desc.split(":")[0]: ok for desc, ok, _ in checks}
+    assert met["RAIN 1+2"] is True

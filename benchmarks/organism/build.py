@@ -87,7 +87,11 @@ QUICK_STEPS = dict(base_steps=30, ft_steps=6, reasoning_ft_steps=6, base_warmup=
 # Near-orthogonal task vectors (cos -0.08 against -0.53): the base rarely thinks, and the reasoning model ignores
 # format instructions by omission (its fine-tune never sees one) instead of being taught to. BUILD.md, "Variant".
 VARIANTS = {"orthogonal": dict(p_think=0.2, p_follow=0.5, reasoning_ft_steps=600, reasoning_ft_plain_share=1.0,
-                               base_threads=1)}
+                               base_threads=1),
+            # The committed base; a reasoning fine-tune without format instructions (300 steps) and an instruct
+            # fine-tune with a quarter of its prompts ending in a forced <think> (ITM2). Chosen by sweep.py.
+            "plain_itm2": dict(reasoning_ft_steps=300, reasoning_ft_plain_share=1.0,
+                               instruct_forced_think_share=0.25)}
 
 
 # --------------------------------------------------------------------------------------------------------------
