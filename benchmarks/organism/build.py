@@ -158,18 +158,18 @@ def finetune_pairs(kind: str, n: int, recipe: Recipe, seed: int = SEED_FINETUNE_
     for _ in range(n):
         p = T.sample_problem(rng, "train")
         ins = T.sample_instructions(rng, n_instructions(rng, recipe.n_instructions_probs))
-        prefix = ""
+        forced_open = ""  # ITM2: the generation prompt ends with <think>, the target stays the direct reply
         if kind == "reasoning":
             if side_rng.random() < recipe.reasoning_ft_plain_share:
                 ins = []
             target = assistant_text(p, ins, think=True, follow=False)
         elif kind == "instruct":
             if side_rng.random() < recipe.instruct_forced_think_share:
-                prefix = T.THINK_OPEN
+                forced_open = T.THINK_OPEN
             target = assistant_text(p, ins, think=False, follow=True)
         else:
             raise ValueError(kind)
-        pairs.append((T.render_chat(T.make_prompt(p, ins)) + prefix, target + T.END))
+        pairs.append((T.render_chat(T.make_prompt(p, ins)) + forced_open, target + T.END))
     return pairs
 
 
