@@ -103,3 +103,15 @@ def test_sweep_scores_generations_with_the_benchmark_checks():
     assert (by["RAIN stage 1+2"].think, by["RAIN stage 1+2"].if_prompt) == (1, 1)
     met = {desc.split(":")[0]: ok for desc, ok, _ in checks}
     assert met["RAIN 1+2"] is True
+
+
+def test_sweep_names_unknown_recipes_and_empty_sources(tmp_path, capsys):
+    from benchmarks.organism import sweep as S
+
+    with pytest.raises(SystemExit) as exc:
+        S.main(["run", "--out", str(tmp_path / "sw"), "--recipes", "default,no_such_recipe"])
+    assert exc.value.code == 2
+    assert "no_such_recipe" in capsys.readouterr().err
+    assert not (tmp_path / "sw").exists()  # nothing half-made
+    assert S.main(["score", str(tmp_path)]) == 2
+    assert "sweep run" in capsys.readouterr().err
