@@ -49,8 +49,8 @@ def test_training_prompts_follow_the_recipe_recorded_by_the_build(tmp_path):
     assert {_user_text(p) for p, _ in B.finetune_pairs("instruct", 64, recipe)} <= prompts
 
 
-def test_plain_itm2_variant_forces_think_on_a_quarter_of_the_instruct_prompts_only():
-    recipe = dataclasses.replace(B.Recipe(), **B.VARIANTS["plain_itm2"])
+def test_plain_r300_itm2_variant_forces_think_on_a_quarter_of_the_instruct_prompts_only():
+    recipe = dataclasses.replace(B.Recipe(), **B.VARIANTS["plain_r300_itm2"])
     instruct = B.finetune_pairs("instruct", 400, recipe)
     forced = [(p, t) for p, t in instruct if p.endswith(B.T.THINK_OPEN)]
     assert 60 < len(forced) < 140  # a quarter of 400

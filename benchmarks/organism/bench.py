@@ -101,15 +101,15 @@ ORTHOGONAL = dataclasses.replace(FULL, ta_grid=(0.5, 0.75, 1.0, 1.125, 1.25, 1.5
                                  stage2_grid=(0.5, 0.75, 1.0, 1.25, 1.5), forced_ta_grid=(1.0, 2.0, 3.0, 4.0),
                                  forced_rain_grid=(3.0, 4.0, 6.0, 8.0), forced_both_grid=(4.0, 6.0),
                                  forced_all_samples_lams=(4.0, 6.0))
-# For `build --variant plain_itm2` (SWEEP.md): task arithmetic transfers some instructions below λ 1 there, so its
+# For `build --variant plain_r300_itm2` (SWEEP.md): task arithmetic transfers some instructions below λ 1 there, so its
 # grid starts at 0.25; RAIN's format limit is near λ 3.25, so its grid has quarter steps there.
-PLAIN_ITM2 = dataclasses.replace(FULL, ta_grid=(0.25, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5, 2.0),
+PLAIN_R300_ITM2 = dataclasses.replace(FULL, ta_grid=(0.25, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5, 2.0),
                                  rain_grid=(1.5, 2.0, 2.5, 2.75, 3.0, 3.25, 3.5, 4.0, 5.0),
                                  stage2_grid=(0.5, 0.75, 1.0, 1.25, 1.5), position_lams=(3.0,),
                                  no_kv_lams=(4.0, 6.0), plain_stage1_lams=(2.0, 3.0), files_lam=3.0,
                                  forced_ta_grid=(1.0, 2.0, 3.0, 4.0), forced_rain_grid=(2.0, 3.0, 4.0, 6.0),
                                  forced_both_grid=(3.0, 4.0), forced_all_samples_lams=(3.0, 4.0))
-GRIDS = {"default": FULL, "orthogonal": ORTHOGONAL, "plain_itm2": PLAIN_ITM2}
+GRIDS = {"default": FULL, "orthogonal": ORTHOGONAL, "plain_r300_itm2": PLAIN_R300_ITM2}
 
 
 def rain_config(spacing: tuple[str, str, str] | None = None, **kwargs: Any) -> Any:

@@ -90,7 +90,7 @@ VARIANTS = {"orthogonal": dict(p_think=0.2, p_follow=0.5, reasoning_ft_steps=600
                                base_threads=1),
             # The committed base; a reasoning fine-tune without format instructions (300 steps) and an instruct
             # fine-tune with a quarter of its prompts ending in a forced <think> (ITM2). Chosen by sweep.py.
-            "plain_itm2": dict(reasoning_ft_steps=300, reasoning_ft_plain_share=1.0,
+            "plain_r300_itm2": dict(reasoning_ft_steps=300, reasoning_ft_plain_share=1.0,
                                instruct_forced_think_share=0.25)}
 
 
