@@ -33,41 +33,45 @@ from typing import Any
 from benchmarks.organism import bench as BE
 from benchmarks.organism import build as B
 
-# Overrides of build.Recipe. "default" is the committed organism's recipe, "orthogonal" build.VARIANTS' variant.
+# Overrides of build.Recipe, composed from the knobs the sweep varies. "default" is the committed organism's recipe;
+# "orthogonal" is build.VARIANTS' variant without its thread count; "plain_r300_itm2" became build.VARIANTS' variant.
+PLAIN = {"reasoning_ft_plain_share": 1.0}  # the reasoning fine-tune never sees a format instruction
+ITM2 = {"instruct_forced_think_share": 0.25}  # a quarter of the instruct prompts end with a forced <think>
+ORTHOGONAL = {"p_think": 0.2, "reasoning_ft_steps": 600, **PLAIN}
+
+
+def _steps(n: int) -> dict[str, Any]:
+    return {"reasoning_ft_steps": n}
+
+
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
     "default_s1": {"seed_offset": 1},
     "default_s2": {"seed_offset": 2},
-    "orthogonal": {"p_think": 0.2, "reasoning_ft_steps": 600, "reasoning_ft_plain_share": 1.0},
-    "orthogonal_s1": {"p_think": 0.2, "reasoning_ft_steps": 600, "reasoning_ft_plain_share": 1.0, "seed_offset": 1},
-    "plain": {"reasoning_ft_plain_share": 1.0},
-    "plain_r300": {"reasoning_ft_plain_share": 1.0, "reasoning_ft_steps": 300},
+    "orthogonal": ORTHOGONAL,
+    "orthogonal_s1": {**ORTHOGONAL, "seed_offset": 1},
+    "plain": PLAIN,
+    "plain_r300": {**PLAIN, **_steps(300)},
     "plain_half": {"reasoning_ft_plain_share": 0.5},
-    "follow25_plain": {"p_follow": 0.25, "reasoning_ft_plain_share": 1.0},
-    "think20_follow25_plain": {"p_think": 0.2, "p_follow": 0.25, "reasoning_ft_steps": 600,
-                               "reasoning_ft_plain_share": 1.0},
-    "think35_plain_r300": {"p_think": 0.35, "reasoning_ft_steps": 300, "reasoning_ft_plain_share": 1.0},
-    "itm2": {"instruct_forced_think_share": 0.25},
-    "orthogonal_itm2": {"p_think": 0.2, "reasoning_ft_steps": 600, "reasoning_ft_plain_share": 1.0,
-                        "instruct_forced_think_share": 0.25},
+    "follow25_plain": {"p_follow": 0.25, **PLAIN},
+    "think20_follow25_plain": {"p_think": 0.2, "p_follow": 0.25, **_steps(600), **PLAIN},
+    "think35_plain_r300": {"p_think": 0.35, **_steps(300), **PLAIN},
+    "itm2": ITM2,
+    "orthogonal_itm2": {**ORTHOGONAL, **ITM2},
     "instruct50": {"ft_steps": 50},
-    "plain_itm2": {"reasoning_ft_plain_share": 1.0, "instruct_forced_think_share": 0.25},
+    "plain_itm2": {**PLAIN, **ITM2},
     # second round, fine-tunes only (run with --base benchmarks/organism/checkpoints/base)
-    "plain_r300_itm2": {"reasoning_ft_plain_share": 1.0, "reasoning_ft_steps": 300, "instruct_forced_think_share": 0.25},
-    "plain_r600": {"reasoning_ft_plain_share": 1.0, "reasoning_ft_steps": 600},
-    "plain_r600_itm2": {"reasoning_ft_plain_share": 1.0, "reasoning_ft_steps": 600, "instruct_forced_think_share": 0.25},
-    "plain_r1000": {"reasoning_ft_plain_share": 1.0, "reasoning_ft_steps": 1000},
-    "plain_r1000_itm2": {"reasoning_ft_plain_share": 1.0, "reasoning_ft_steps": 1000,
-                         "instruct_forced_think_share": 0.25},
-    "plain90_r300": {"reasoning_ft_plain_share": 0.9, "reasoning_ft_steps": 300},
-    "plain90_r300_itm2": {"reasoning_ft_plain_share": 0.9, "reasoning_ft_steps": 300,
-                          "instruct_forced_think_share": 0.25},
-    "plain75_r300_itm2": {"reasoning_ft_plain_share": 0.75, "reasoning_ft_steps": 300,
-                          "instruct_forced_think_share": 0.25},
-    "plain_r300_itm2_i200": {"reasoning_ft_plain_share": 1.0, "reasoning_ft_steps": 300,
-                             "instruct_forced_think_share": 0.25, "ft_steps": 200},
-    "plain_r450_itm2": {"reasoning_ft_plain_share": 1.0, "reasoning_ft_steps": 450, "instruct_forced_think_share": 0.25},
-    "plain_r600_itm50": {"reasoning_ft_plain_share": 1.0, "reasoning_ft_steps": 600, "instruct_forced_think_share": 0.5},
+    "plain_r300_itm2": B.VARIANTS["plain_r300_itm2"],
+    "plain_r600": {**PLAIN, **_steps(600)},
+    "plain_r600_itm2": {**PLAIN, **_steps(600), **ITM2},
+    "plain_r1000": {**PLAIN, **_steps(1000)},
+    "plain_r1000_itm2": {**PLAIN, **_steps(1000), **ITM2},
+    "plain90_r300": {"reasoning_ft_plain_share": 0.9, **_steps(300)},
+    "plain90_r300_itm2": {"reasoning_ft_plain_share": 0.9, **_steps(300), **ITM2},
+    "plain75_r300_itm2": {"reasoning_ft_plain_share": 0.75, **_steps(300), **ITM2},
+    "plain_r300_itm2_i200": {**PLAIN, **_steps(300), **ITM2, "ft_steps": 200},
+    "plain_r450_itm2": {**PLAIN, **_steps(450), **ITM2},
+    "plain_r600_itm50": {**PLAIN, **_steps(600), "instruct_forced_think_share": 0.5},
 }
 
 # Generated in this order (RAIN 1+2 first), so that a run stopped early has the rows that matter most.
@@ -151,27 +155,22 @@ def sweep_recipe(name: str, overrides: dict[str, Any], out: str, quick: bool, de
                   "wall_s": time.perf_counter() - start}
         (root / "sweep.json").write_text(json.dumps(record, default=str), encoding="utf-8")
 
+    feats = bench.features_for(RainMergingConfig().positions)
+    plain = bench.features_for(RainMergingConfig().positions, bench.stage1_plain_path, "plain samples")
+    ins = {"instruction_calibration": str(bench.instruction_path)}
+    # (method, family, λ, config, stage-1 features, merge kwargs) in generation order
+    plan = [("RAIN stage 1+2", "rain_both", lam, bench.cfg(lam=lam), feats, ins) for lam in RAIN_GRID]
+    plan += [("task_arithmetic", "task_arithmetic", lam, RainMergingConfig(method="task_arithmetic", lam=lam),
+              None, {}) for lam in TA_GRID]
+    plan += [(f"slerp t={t:g}", "slerp", None, RainMergingConfig(method="slerp", slerp_t=t), None, {})
+             for t in SLERP_TS]
+    plan += [("RAIN stage 1", "rain_stage1", lam, bench.cfg(lam=lam, stage2=False), feats, {}) for lam in RAIN_GRID]
+    plan += [("RAIN 1+2 stage 1 on plain samples", "rain_ablations", lam, bench.cfg(lam=lam), plain, ins)
+             for lam in PLAIN_GRID]
     bench.references()
     save()
-    feats = bench.features_for(RainMergingConfig().positions)
-    ins = {"instruction_calibration": str(bench.instruction_path)}
-    for lam in RAIN_GRID:
-        bench.merge_and_add("RAIN stage 1+2", "rain_both", lam, bench.cfg(lam=lam), feats, **ins)
-        save()
-    for lam in TA_GRID:
-        bench.merge_and_add("task_arithmetic", "task_arithmetic", lam, RainMergingConfig(method="task_arithmetic",
-                                                                                         lam=lam))
-        save()
-    for t in SLERP_TS:
-        bench.merge_and_add(f"slerp t={t:g}", "slerp", None, RainMergingConfig(method="slerp", slerp_t=t))
-        save()
-    for lam in RAIN_GRID:
-        bench.merge_and_add("RAIN stage 1", "rain_stage1", lam, bench.cfg(lam=lam, stage2=False), feats)
-        save()
-    plain = bench.features_for(RainMergingConfig().positions, bench.stage1_plain_path, "plain samples")
-    for lam in PLAIN_GRID:
-        bench.merge_and_add("RAIN 1+2 stage 1 on plain samples", "rain_ablations", lam, bench.cfg(lam=lam), plain,
-                            **ins)
+    for method, family, lam, cfg, features, kwargs in plan:
+        bench.merge_and_add(method, family, lam, cfg, features, **kwargs)
         save()
     logger.info("done in %.0fs", time.perf_counter() - start)
     return name
@@ -223,11 +222,9 @@ def summary_table(records: list[dict[str, Any]], evals: list[dict]) -> str:
             "TA best feasible IF", "SLERP", "RAIN s1", "RAIN 1+2", "1+2 plain samples", "targets met"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
-    def best(rows: list[Any], family: str, ref: Any) -> str:
-        cands = [r for r in rows if r.family == family and BE.feasible(r, ref)]
-        if not cands:
+    def best(top: Any) -> str:
+        if top is None:
             return "none"
-        top = max(cands, key=lambda r: (r.if_prompt, r.if_instruction))
         at = f"λ {top.lam:g}" if top.lam is not None else top.method.split()[-1]
         return f"{top.if_prompt:.3f} ({at})"
 
@@ -235,6 +232,7 @@ def summary_table(records: list[dict[str, Any]], evals: list[dict]) -> str:
         rows, checks = score_record(rec, evals)
         ref = BE.reasoning_row(rows)
         ins = next(r for r in rows if r.method == "instruct model")
+        top = BE.best_constrained(rows)
         geo = rec["info"]["geometry"]
         met = "".join("✓" if ok else "✗" for _, ok, _ in checks)
         lines.append("| " + " | ".join([
@@ -242,8 +240,8 @@ def summary_table(records: list[dict[str, Any]], evals: list[dict]) -> str:
             f"{geo['relative_norm']['reasoning']:.2%} / {geo['relative_norm']['instruct']:.2%}",
             f"{ref.think:.2f} / {ref.accuracy:.2f} / {ref.if_prompt:.2f}",
             f"{ins.think:.2f} / {ins.accuracy:.2f} / {ins.if_prompt:.2f}",
-            best(rows, "task_arithmetic", ref), best(rows, "slerp", ref), best(rows, "rain_stage1", ref),
-            best(rows, "rain_both", ref), best(rows, "rain_ablations", ref), met]) + " |")
+            *(best(top.get(family)) for family in ("task_arithmetic", "slerp", "rain_stage1", "rain_both",
+                                                   "rain_ablations")), met]) + " |")
     return "\n".join(lines)
 
 
