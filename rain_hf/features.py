@@ -184,6 +184,17 @@ def _span_mask(samples: Sequence[CalibrationSample], attr: str, width: int) -> t
     return mask
 
 
+def _think_index(batch: Sequence[CalibrationSample], config: RainMergingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch row, token position) [m] each of every thinking position of a padded batch."""
+    b_idx: list[int] = []
+    t_idx: list[int] = []
+    for i, s in enumerate(batch):
+        pos = s.think_positions(config.positions, config.window)
+        b_idx += [i] * len(pos)
+        t_idx += pos
+    return torch.tensor(b_idx, dtype=torch.long), torch.tensor(t_idx, dtype=torch.long)
+
+
 def _input_device(model: nn.Module):
     return model.get_input_embeddings().weight.device
 
@@ -333,32 +344,82 @@ def capture_think_features(
         for batch in tqdm(list(_batches(samples, config.batch_size)), desc="stage 1: thinking features",
                           unit="batch"):
             ids, mask = _pad(batch, pad_token_id, device)
-            b_idx, t_idx = [], []
-            for i, s in enumerate(batch):
-                pos = s.think_positions(config.positions, config.window)
-                b_idx += [i] * len(pos)
-                t_idx += pos
-            recorder.index = (torch.tensor(b_idx), torch.tensor(t_idx))
+            recorder.index = _think_index(batch, config)
             recorder._last = None
-            n_rows += len(t_idx)
+            n_rows += len(recorder.index[1])
             decoder(input_ids=ids, attention_mask=mask, use_cache=False)
     finally:
         recorder.close()
-    dtype = torch.float64 if config.precision == "float64" else torch.float32
     svd_device = svd_device or device
     bases = {}
     for group, chunks in tqdm(recorder.rows.items(), desc="stage 1: feature SVD", unit="group"):
-        h = torch.cat(chunks).to(svd_device)
-        if config.project_bias:
-            h = with_bias_column(h)
-        v, s = feature_svd(h, dtype)
-        bases[group] = (v.cpu(), s.cpu())
+        bases[group] = _rows_svd(chunks, config, svd_device)
         chunks.clear()
     settings = {"positions": config.positions, "window": config.window, "project_bias": config.project_bias,
                 "num_samples": len(samples), "num_rows": n_rows}
     logger.info("Captured thinking features: %d samples, %d positions, %d input groups", len(samples), n_rows,
                 len(bases))
     return ThinkFeatures(bases, dict(recorder.module_group), settings)
+
+
+def _rows_svd(chunks: list[torch.Tensor], config: RainMergingConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V, s) on the CPU of the feature matrix stacked from ``chunks`` (with the bias column if configured)."""
+    h = torch.cat(chunks).to(device)
+    if config.project_bias:
+        h = with_bias_column(h)
+    v, s = feature_svd(h, torch.float64 if config.precision == "float64" else torch.float32)
+    return v.cpu(), s.cpu()
+
+
+class _GroupCaptured(Exception):
+    """Raised from a pre-hook once a group's input is recorded: nothing after it in the forward pass is needed."""
+
+
+@torch.no_grad()
+def capture_group_basis(
+    model: nn.Module,
+    samples: Sequence[CalibrationSample],
+    module_names: Sequence[str],
+    config: RainMergingConfig,
+    pad_token_id: int,
+    svd_device: str | torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thinking features of one input group (modules that read the same input, e.g. q/k/v) in ``model`` as it is
+    now: the sequential form of stage 1 calls this after every earlier group has been merged.
+
+    Each forward pass stops as soon as the group's input is recorded, so a group in layer ℓ of L costs about
+    ℓ/L of a forward pass over ``samples``.
+
+    Returns:
+        V [d, k] and s [k] of the group's feature matrix H [m, d] (see :func:`rain_hf.projection.feature_svd`).
+    """
+    device = _input_device(model)
+    modules = dict(model.named_modules())
+    rows: list[torch.Tensor] = []
+    index: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def hook(_module, args):
+        x = args[0]
+        b_idx, t_idx = index[-1]
+        rows.append(x[b_idx.to(x.device), t_idx.to(x.device)].float().cpu())
+        raise _GroupCaptured
+
+    handles = [modules[name].register_forward_pre_hook(hook) for name in module_names]
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    try:
+        for batch in _batches(samples, config.batch_size):
+            ids, mask = _pad(batch, pad_token_id, device)
+            index.append(_think_index(batch, config))
+            try:
+                decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _GroupCaptured:
+                continue
+            raise RuntimeError(f"The forward pass never called {module_names[0]}: its thinking features cannot be "
+                               "captured.")
+    finally:
+        for h in handles:
+            h.remove()
+    return _rows_svd(rows, config, svd_device or device)
 
 
 # ---------------------------------------------------------------------------------------------- stage 2

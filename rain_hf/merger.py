@@ -44,6 +44,7 @@ from .features import (
     TargetModule,
     ThinkFeatures,
     attention_geometry,
+    capture_group_basis,
     capture_think_features,
     collect_attention_stats,
     find_target_modules,
@@ -241,6 +242,7 @@ class RainMerger:
         self.instruct = instruct
         self.device = device
         self.features = features
+        self._stage1_samples: list[CalibrationSample] | None = None  # kept for config.sequential
         self.report = MergeReport(method=self.config.method, vocab=dict(plan.vocab), warnings=list(plan.warnings))
         self.calibration_info: dict[str, dict | None] = {"reasoning": None, "instruction": None}
         self.merged = False
@@ -449,6 +451,7 @@ class RainMerger:
             samples, heldout = self._hold_out(samples)
         self.features = capture_think_features(self.model, samples, self.targets, self.config, self._pad_id(),
                                                svd_device=self.device)
+        self._stage1_samples = samples
         self.features.heldout = self._think_rows(heldout)
         self.report.timings["stage1_features"] = time.perf_counter() - start
         return self.features
@@ -464,11 +467,16 @@ class RainMerger:
             db = torch.zeros(target.shape[0]) if db is None else db
         return dw.to(self.device), (db.to(self.device) if db is not None else None)
 
-    def _projected(self, target: TargetModule, dw: torch.Tensor, db: torch.Tensor | None, record: bool):
-        """Stage 1 on one module: ΔW⊥ (and Δb⊥), recording the removed fraction and residual."""
+    def _projected(self, target: TargetModule, dw: torch.Tensor, db: torch.Tensor | None, record: bool,
+                   basis: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Stage 1 on one module: ΔW⊥ (and Δb⊥), recording the removed fraction and residual.
+
+        ``basis`` is the (V, s) of the module's features; ``None`` takes the reasoning model's from
+        :attr:`features`.
+        """
         full = dw if db is None else torch.cat([dw, db.unsqueeze(1)], dim=1)
         if self.config.stage1:
-            v, s = self.features.basis(target.name)
+            v, s = self.features.basis(target.name) if basis is None else basis
             v, s = v.to(self.device), s.to(self.device)
             prec = torch.float64 if self.config.precision == "float64" else torch.float32
             work = full.to(prec)
@@ -503,15 +511,39 @@ class RainMerger:
 
     def _apply_rain(self, lam: float, alpha: torch.Tensor | None, record: bool, desc: str) -> None:
         """θ = θ_R + lam·α⊙Δ⊥ for every target, written into the loaded model (fp32 sum, one rounding)."""
-        for target in tqdm(self.targets, desc=desc, unit="module"):
-            dw, db = self._module_delta(target)
-            dw, db = self._projected(target, dw, db, record)
-            ws, bs = self._scale(target, alpha)
-            theta = self.reasoning.get(target.weight_key).to(self.device, torch.float32) + lam * ws * dw
-            self._write_param(target.weight_key, theta.to(self._output_dtype(target.weight_key)))
-            if db is not None:
-                b = self.reasoning.get(target.bias_key).to(self.device, torch.float32) + lam * bs * db
-                self._write_param(target.bias_key, b.to(self._output_dtype(target.bias_key)))
+        if not (self.config.stage1 and self.config.sequential):
+            for target in tqdm(self.targets, desc=desc, unit="module"):
+                self._merge_module(target, lam, alpha, record)
+            return
+        # Modules downstream of a group do not change its input, so whatever they hold (the reasoning weights or
+        # another λ's merge) does not matter when its features are captured.
+        samples = self._stage1_samples
+        for group in tqdm(self._input_groups(), desc=f"{desc} (sequential)", unit="group"):
+            basis = capture_group_basis(self.model, samples, [t.name for t in group], self.config, self._pad_id(),
+                                        svd_device=self.device)
+            for target in group:
+                self._merge_module(target, lam, alpha, record, basis)
+
+    def _merge_module(self, target: TargetModule, lam: float, alpha: torch.Tensor | None, record: bool,
+                      basis: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        dw, db = self._module_delta(target)
+        dw, db = self._projected(target, dw, db, record, basis)
+        ws, bs = self._scale(target, alpha)
+        theta = self.reasoning.get(target.weight_key).to(self.device, torch.float32) + lam * ws * dw
+        self._write_param(target.weight_key, theta.to(self._output_dtype(target.weight_key)))
+        if db is not None:
+            b = self.reasoning.get(target.bias_key).to(self.device, torch.float32) + lam * bs * db
+            self._write_param(target.bias_key, b.to(self._output_dtype(target.bias_key)))
+
+    def _input_groups(self) -> list[list[TargetModule]]:
+        """The merged modules grouped by shared input, in the order the forward pass reaches them (the order in
+        which :attr:`features` first recorded them)."""
+        by_name = {t.name: t for t in self.targets}
+        groups: dict[str, list[TargetModule]] = {}
+        for name, group in self.features.module_group.items():
+            if name in by_name:
+                groups.setdefault(group, []).append(by_name[name])
+        return list(groups.values())
 
     def _apply_baseline(self) -> None:
         from .methods import merge_tensor, needs_base
@@ -577,6 +609,10 @@ class RainMerger:
                 raise ValueError("Stage 1 needs thinking features: pass reasoning_calibration=..., or features=... "
                                  "to from_pretrained, or set RainMergingConfig(stage1=False).")
             self.features.check_compatible(cfg, [t.name for t in self.targets])
+            if cfg.sequential and self._stage1_samples is None:
+                raise ValueError("sequential=True captures thinking features on the partly merged model, so it needs "
+                                 "the reasoning calibration samples, not only precomputed features: pass "
+                                 "reasoning_calibration=... to merge().")
         self.report.layers = sorted({t.layer for t in self.targets})
         alpha = None
         if cfg.stage2:

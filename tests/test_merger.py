@@ -96,6 +96,63 @@ def test_projection_residual_on_calibration_features(qwen2, tokenizer):
         assert merger.report.modules[name]["residual"] < 1e-4
 
 
+def _own_input_residuals(merger, samples, positions):
+    """Per module: ‖ΔW_merged Hᵀ‖ / ‖ΔW_instruct Hᵀ‖ with H the merged model's own inputs (slow reference)."""
+    names = [t.name for t in merger.targets]
+    feats = _capture_inputs(merger.model, samples, names, positions)
+    reasoning = _weights(merger.sources["reasoning"].path)
+    base, instruct = _weights(merger.sources["base"].path), _weights(merger.sources["instruct"].path)
+    merged = dict(merger.model.named_parameters())
+    out = {}
+    for name in names:
+        key = name + ".weight"
+        h = feats[name]
+        assert h.shape[0] < h.shape[1]  # fewer rows than dims: an exact null space exists
+        applied = (merged[key].detach().double() - reasoning[key].double()) @ h.T
+        out[name] = float(torch.linalg.norm(applied) / torch.linalg.norm((instruct[key] - base[key]).double() @ h.T))
+    return out
+
+
+def test_sequential_projection_is_null_on_the_merged_models_own_inputs(qwen2, tokenizer):
+    cfg = dict(lam=3.0, stage2=False, rcond=1e-6, positions="window", window=1)
+    records = reasoning_records(3)
+    samples = prepare_reasoning_calibration(records, tokenizer, RainMergingConfig(**cfg))
+    seq = _merger(qwen2, sequential=True, **cfg)
+    seq.merge(records)
+    one_shot = _merger(qwen2, **cfg)
+    one_shot.merge(records)
+    seq_res = _own_input_residuals(seq, samples, ("window", 1))
+    one_res = _own_input_residuals(one_shot, samples, ("window", 1))
+    assert max(seq_res.values()) < 1e-4, seq_res
+    # the one-shot projection protects the reasoning model's inputs: after layer 0, the merged model's differ
+    assert max(v for n, v in one_res.items() if ".layers.1." in n) > 1e-2, one_res
+    # the first input group sees nothing merged before it, so both forms agree there
+    first = dict(seq.model.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
+    assert torch.equal(first, dict(one_shot.model.named_parameters())["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_sequential_with_lam_auto_and_stage2(qwen2, tmp_path):
+    merger = _merger(qwen2, sequential=True, lam_grid=[0.5, 1.0, 2.0])
+    merger.merge(reasoning_records(8), instruction_records())
+    assert [row["lam"] for row in merger.report.lam_search] == [0.5, 1.0, 2.0]
+    assert merger.report.lam in (0.5, 1.0, 2.0) and merger.report.head_coefficients is not None
+    out = merger.save_pretrained(tmp_path / "out")
+    assert json.loads((out / "rain_merging_config.json").read_text())["config"]["sequential"] is True
+
+
+def test_sequential_needs_the_calibration_samples(qwen2):
+    first = _merger(qwen2, lam=1.0, stage2=False)
+    first.merge(reasoning_records(4))
+    reuse = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
+                                       RainMergingConfig(lam=1.0, stage2=False, sequential=True),
+                                       features=first.features)
+    before = {k: v.clone() for k, v in reuse.model.named_parameters()}
+    with pytest.raises(ValueError, match="sequential=True .*pass reasoning_calibration"):
+        reuse.merge()
+    assert not reuse.merged
+    assert all(torch.equal(v, before[k]) for k, v in reuse.model.named_parameters())
+
+
 def test_first_layer_hidden_states_at_think_positions(qwen2, tokenizer):
     # k/v are left out: the think token's attention reads keys and values of every earlier position, which the
     # projection at the think positions does not protect; q, o and the MLP see only the think rows.
