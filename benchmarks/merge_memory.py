@@ -3,6 +3,7 @@
     python -m benchmarks.merge_memory                       # Qwen2-0.5B shape, CPU
     python -m benchmarks.merge_memory --shape 1.5b --device cuda
     python -m benchmarks.merge_memory --lam auto             # the default λ search (RainMergingConfig())
+    python -m benchmarks.merge_memory --sequential           # stage 1 on the partly merged model's features
 
 The three checkpoints are built once (in a separate process, cached under --workdir); the merge then runs in a
 fresh process whose peak resident set size is read from the kernel (ru_maxrss). Prints the figures and checks the
@@ -48,7 +49,8 @@ def build(workdir: Path, shape: str) -> dict[str, str]:
     return {k: str(v) for k, v in paths.items()}
 
 
-def run_merge(paths: dict[str, str], device: str, samples: int, out: Path, lam: float | str = 1.0) -> dict:
+def run_merge(paths: dict[str, str], device: str, samples: int, out: Path, lam: float | str = 1.0,
+              sequential: bool = False) -> dict:
     """Runs in its own process: the merge, then the figures as JSON on stdout."""
     import torch
 
@@ -56,13 +58,14 @@ def run_merge(paths: dict[str, str], device: str, samples: int, out: Path, lam: 
     from rain_hf.testing import instruction_records, reasoning_records
 
     start = time.perf_counter()
-    cfg = RainMergingConfig(lam=lam, batch_size=4)
+    cfg = RainMergingConfig(lam=lam, batch_size=4, sequential=sequential)
     merger = RainMerger.from_pretrained(paths["base"], paths["reasoning"], paths["instruct"], cfg, device=device)
     forwards = {"n": 0}
     merger.model.get_decoder().register_forward_pre_hook(lambda *_: forwards.__setitem__("n", forwards["n"] + 1))
     merger.compute_features(reasoning_records(samples))
     stage1_forwards = forwards["n"]
     merger.merge(instruction_calibration=instruction_records(samples))
+    merge_forwards = forwards["n"] - stage1_forwards
     merger.save_pretrained(out, overwrite=True)
     wall = time.perf_counter() - start
     if device.startswith("cuda"):
@@ -79,6 +82,8 @@ def run_merge(paths: dict[str, str], device: str, samples: int, out: Path, lam: 
         "stage1_batches": -(-merger.features.settings["num_samples"] // cfg.batch_size),  # lam="auto" holds some out
         "lam": merger.report.lam,
         "stage1_forwards": stage1_forwards,
+        "merge_forwards": merge_forwards,  # stage-2 probe passes, plus the sequential captures (stopped early)
+        "input_groups": len(merger._input_groups()),
         "num_layers": merger.plan.geometry.num_layers,
     }
 
@@ -89,13 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--samples", type=int, default=16, help="calibration samples per stage")
     parser.add_argument("--lam", default="1.0", help='λ, or "auto" for the calibration-only search (default 1.0)')
+    parser.add_argument("--sequential", action="store_true", help="RainMergingConfig(sequential=True)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "rain_hf_bench")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     lam = args.lam if args.lam == "auto" else float(args.lam)
     if args._child:
         paths = json.loads(args._child)
-        print(json.dumps(run_merge(paths, args.device, args.samples, args.workdir / f"merged-{args.shape}", lam)))
+        print(json.dumps(run_merge(paths, args.device, args.samples, args.workdir / f"merged-{args.shape}", lam,
+                                   args.sequential)))
         return 0
     args.workdir.mkdir(parents=True, exist_ok=True)
     build_cmd = [sys.executable, "-c", "import json,sys; from benchmarks.merge_memory import build; "
@@ -104,14 +111,14 @@ def main(argv: list[str] | None = None) -> int:
                                       cwd=Path(__file__).resolve().parents[1]).stdout.strip().splitlines()[-1])
     child = [sys.executable, "-m", "benchmarks.merge_memory", "--shape", args.shape, "--device", args.device,
              "--samples", str(args.samples), "--lam", args.lam, "--workdir", str(args.workdir),
-             "--_child", json.dumps(paths)]
+             "--_child", json.dumps(paths)] + (["--sequential"] if args.sequential else [])
     done = subprocess.run(child, check=True, stdout=subprocess.PIPE, text=True,
                           cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TQDM_DISABLE": "1"})
     fig = json.loads(done.stdout.strip().splitlines()[-1])
     size = fig["reasoning_bytes"] / GIB
     target = 1.5 * size + 1.0
     print(f"shape {args.shape}: {fig['parameters'] / 1e6:.0f}M parameters, reasoning checkpoint {size:.2f} GiB, "
-          f"device {args.device}, lam {args.lam} (merged with λ = {fig['lam']:g})")
+          f"device {args.device}, lam {args.lam} (merged with λ = {fig['lam']:g}), sequential {args.sequential}")
     print(f"wall time (load + stage 1 + stage 2 + merge + save): {fig['wall_s']:.1f} s")
     for stage, seconds in fig["timings"].items():
         print(f"  {stage:22s} {seconds:8.1f} s")
@@ -121,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"peak GPU memory allocated {fig['gpu_peak_gib']:.2f} GiB")
     print(f"stage 1: {fig['stage1_forwards']} forward passes for {fig['stage1_batches']} batches over "
           f"{fig['num_layers']} layers: {'OK' if fig['stage1_forwards'] == fig['stage1_batches'] else 'MISSED'}")
+    print(f"merge: {fig['merge_forwards']} decoder passes ({fig['input_groups']} input groups"
+          f"{', each captured in passes stopped at the group' if args.sequential else ''})")
     return 0
 
 

@@ -45,7 +45,7 @@ ACC_SLACK = 0.05  # … and accuracy ≥ the reasoning model's − this
 HOLDOUT = 0.25  # share of the reasoning calibration held out of stage 1 (the same split as lam="auto")
 
 FAMILIES = ("reference", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "rain_stage1",
-            "rain_stage2", "rain_both", "rain_positions", "rain_ablations", "rain_files", "rain_auto",
+            "rain_stage2", "rain_both", "rain_seq_stage1", "rain_seq_both", "rain_positions", "rain_ablations", "rain_files", "rain_auto",
             "forced_reference", "forced_task_arithmetic", "forced_rain_stage1", "forced_rain_both",
             "forced_rain_stage1_all")
 FORCED = "[forced] "  # method-name prefix of the rows generated with the prompt ending in <think>
@@ -65,6 +65,8 @@ class Settings:
     slerp_ts: tuple[float, ...] = (0.25, 0.5, 0.75)
     rain_grid: tuple[float, ...] = (1.0, 2.0, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0)
     stage2_grid: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0)
+    # RainMergingConfig(sequential=True): features taken from the partly merged model; its format limit lies higher
+    sequential_grid: tuple[float, ...] = (4.0, 5.0, 6.0, 6.5, 7.0)
     position_sets: tuple[str, ...] = ("think", "think+prev", "window")
     position_lams: tuple[float, ...] = (4.0,)
     # ablations (free template): k/v left out of the merge; stage 1 on the samples without format instructions
@@ -89,7 +91,7 @@ class Settings:
 
 FULL = Settings()
 QUICK = Settings(n_prompts=16, max_new_tokens=64, batch_size=16, ta_grid=(1.0, 2.0), ties_grid=(1.0,),
-                 dare_grid=(1.0,), slerp_ts=(0.5,), rain_grid=(2.0, 4.0), stage2_grid=(1.0,),
+                 dare_grid=(1.0,), slerp_ts=(0.5,), rain_grid=(2.0, 4.0), stage2_grid=(1.0,), sequential_grid=(4.0,),
                  position_sets=("think",), position_lams=(4.0,), no_kv_lams=(6.0,), plain_stage1_lams=(3.0,),
                  prompts_only_row=False, r1_spacing_row=False,
                  training_check=False,
@@ -98,7 +100,8 @@ QUICK = Settings(n_prompts=16, max_new_tokens=64, batch_size=16, ta_grid=(1.0, 2
 # For the near-orthogonal variant (`build --variant orthogonal`): its behaviour flips near λ 1 and its accuracy
 # limit is reached near λ 4 in the forced template, so the grids are finer and lower there.
 ORTHOGONAL = dataclasses.replace(FULL, ta_grid=(0.5, 0.75, 1.0, 1.125, 1.25, 1.5, 2.0, 2.5, 3.0),
-                                 stage2_grid=(0.5, 0.75, 1.0, 1.25, 1.5), forced_ta_grid=(1.0, 2.0, 3.0, 4.0),
+                                 stage2_grid=(0.5, 0.75, 1.0, 1.25, 1.5), sequential_grid=(3.0, 4.0, 4.5, 5.0, 6.0),
+                                 forced_ta_grid=(1.0, 2.0, 3.0, 4.0),
                                  forced_rain_grid=(3.0, 4.0, 6.0, 8.0), forced_both_grid=(4.0, 6.0),
                                  forced_all_samples_lams=(4.0, 6.0))
 # For `build --variant plain_r300_itm2` (SWEEP.md): task arithmetic transfers some instructions below λ 1 there, so its
@@ -106,6 +109,7 @@ ORTHOGONAL = dataclasses.replace(FULL, ta_grid=(0.5, 0.75, 1.0, 1.125, 1.25, 1.5
 PLAIN_R300_ITM2 = dataclasses.replace(FULL, ta_grid=(0.25, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5, 2.0),
                                  rain_grid=(1.5, 2.0, 2.5, 2.75, 3.0, 3.25, 3.5, 4.0, 5.0),
                                  stage2_grid=(0.5, 0.75, 1.0, 1.25, 1.5), position_lams=(3.0,),
+                                 sequential_grid=(3.0, 3.25, 3.5, 3.75, 4.0, 4.5),
                                  no_kv_lams=(4.0, 6.0), plain_stage1_lams=(2.0, 3.0), files_lam=3.0,
                                  forced_ta_grid=(1.0, 2.0, 3.0, 4.0), forced_rain_grid=(2.0, 3.0, 4.0, 6.0),
                                  forced_both_grid=(3.0, 4.0), forced_all_samples_lams=(3.0, 4.0))
@@ -448,6 +452,13 @@ class Bench:
             self.merge_and_add("RAIN stage 2", "rain_stage2", lam, self.cfg(lam=lam, stage1=False), **ins)
         for lam in s.rain_grid:
             self.merge_and_add("RAIN stage 1+2", "rain_both", lam, self.cfg(lam=lam), feats, **ins)
+        stage1_samples = {"reasoning_calibration": str(self.stage1_path)}  # sequential recaptures on them
+        for lam in s.sequential_grid:
+            self.merge_and_add("RAIN stage 1 sequential", "rain_seq_stage1", lam,
+                               self.cfg(lam=lam, stage2=False, sequential=True), **stage1_samples)
+        for lam in s.sequential_grid:
+            self.merge_and_add("RAIN stage 1+2 sequential", "rain_seq_both", lam, self.cfg(lam=lam, sequential=True),
+                               **stage1_samples, **ins)
         for positions in s.position_sets:
             pf = self.features_for(positions)
             for lam in s.position_lams:
@@ -578,28 +589,11 @@ def target_checks(rows: Sequence[Row], info: dict[str, Any]) -> list[tuple[str, 
     checks.append(("no task-arithmetic λ reaches think ≥ 0.98 with IF ≥ reasoning + 0.3", not bad,
                    f"{len(ta)} λ values; offending: {[r.lam for r in bad] or 'none'}; max IF among think ≥ 0.98: "
                    f"{max([r.if_prompt for r in ta if r.think >= THINK_MIN], default=float('nan')):.3f}"))
-    both = [r for r in rows if r.family == "rain_both"]
-    good = [r for r in both if feasible(r, ref) and r.if_prompt >= ref.if_prompt + 0.6]
-    top = max((r for r in both if feasible(r, ref)), key=lambda r: r.if_prompt, default=None)
-    checks.append(("RAIN 1+2: some λ with think ≥ 0.98, acc ≥ reasoning − 0.05, IF ≥ reasoning + 0.6", bool(good),
-                   f"reasoning IF {ref.if_prompt:.3f}, acc {ref.accuracy:.3f}; best feasible RAIN 1+2: "
-                   + (f"λ={top.lam:g} IF {top.if_prompt:.3f} think {top.think:.3f} acc {top.accuracy:.3f}"
-                      if top else "none")))
-    s1 = {r.lam: r for r in rows if r.family == "rain_stage1"}
-    pairs = [(r, s1[r.lam]) for r in both if r.lam in s1]
-    wins = [(b, a) for b, a in pairs if feasible(b, ref) and (not feasible(a, ref) or b.if_prompt > a.if_prompt)]
-    losses = [(b, a) for b, a in pairs if feasible(a, ref) and (not feasible(b, ref) or a.if_prompt > b.if_prompt)]
-    best_s1 = max((a.if_prompt for a in s1.values() if feasible(a, ref)), default=0.0)
-    best_both = max((b.if_prompt for b in both if feasible(b, ref)), default=0.0)
     margin = 1.5 / max(1, info.get("calibration", {}).get("eval_prompts", 240))  # more than one prompt's worth
-    checks.append(("stage 1+2 gives more IF than stage 1 alone at equal λ (feasible rows; pairwise wins > losses "
-                   "by more than one prompt, and a higher best feasible IF)",
-                   len([w for w in wins if w[0].if_prompt - w[1].if_prompt > margin or not feasible(w[1], ref)])
-                   > len(losses) and best_both > best_s1,
-                   f"best feasible IF: stage 1 {best_s1:.3f}, stage 1+2 {best_both:.3f}; per λ (stage 1 → 1+2): "
-                   + "; ".join(f"λ={b.lam:g}: {a.if_prompt:.2f}→{b.if_prompt:.2f}"
-                             f"{'' if feasible(a, ref) else ' (s1 infeasible)'}{'' if feasible(b, ref) else ' (1+2 infeasible)'}"
-                             for b, a in pairs)))
+    for both_family, s1_family, label in (("rain_both", "rain_stage1", ""),
+                                          ("rain_seq_both", "rain_seq_stage1", " [sequential=True]")):
+        if any(r.family == both_family for r in rows):
+            checks += stage_checks(rows, ref, both_family, s1_family, label, margin)
     geo = info.get("geometry", {})
     rel = geo.get("relative_norm", {})
     checks.append(("|cos| of the task vectors ≤ 0.2 (real-model regime)", geo.get("abs_cosine", 1.0) <= 0.2,
@@ -607,11 +601,39 @@ def target_checks(rows: Sequence[Row], info: dict[str, Any]) -> list[tuple[str, 
                    f"instruct {rel.get('instruct', 0):.2%}"))
     default = next((r for r in rows if r.method.startswith("RAIN config defaults")), None)
     if default is not None:
+        best_both = max((b.if_prompt for b in rows if b.family == "rain_both" and feasible(b, ref)), default=0.0)
         checks.append(("RainMergingConfig() defaults are a setting the benchmark supports (feasible, IF within 0.05 "
                        "of the best feasible RAIN 1+2 row)",
                        feasible(default, ref) and default.if_prompt >= best_both - 0.05,
                        f"λ={default.lam:g}: think {default.think:.3f}, acc {default.accuracy:.3f}, IF "
                        f"{default.if_prompt:.3f} (best feasible RAIN 1+2: {best_both:.3f})"))
+    return checks
+
+
+def stage_checks(rows: Sequence[Row], ref: Row, both_family: str, s1_family: str, label: str,
+                 margin: float) -> list[tuple[str, bool, str]]:
+    """The two RAIN targets for one pair of row families (stage 1+2, stage 1 alone): + 0.6, and 1+2 > 1."""
+    both = [r for r in rows if r.family == both_family]
+    good = [r for r in both if feasible(r, ref) and r.if_prompt >= ref.if_prompt + 0.6 - 1e-9]
+    top = max((r for r in both if feasible(r, ref)), key=lambda r: r.if_prompt, default=None)
+    checks = [(f"RAIN 1+2{label}: some λ with think ≥ 0.98, acc ≥ reasoning − 0.05, IF ≥ reasoning + 0.6", bool(good),
+               f"reasoning IF {ref.if_prompt:.3f}, acc {ref.accuracy:.3f}; best feasible RAIN 1+2{label}: "
+               + (f"λ={top.lam:g} IF {top.if_prompt:.3f} think {top.think:.3f} acc {top.accuracy:.3f}"
+                  if top else "none"))]
+    s1 = {r.lam: r for r in rows if r.family == s1_family}
+    pairs = [(r, s1[r.lam]) for r in both if r.lam in s1]
+    wins = [(b, a) for b, a in pairs if feasible(b, ref) and (not feasible(a, ref) or b.if_prompt > a.if_prompt)]
+    losses = [(b, a) for b, a in pairs if feasible(a, ref) and (not feasible(b, ref) or a.if_prompt > b.if_prompt)]
+    best_s1 = max((a.if_prompt for a in s1.values() if feasible(a, ref)), default=0.0)
+    best_both = max((b.if_prompt for b in both if feasible(b, ref)), default=0.0)
+    checks.append((f"stage 1+2 gives more IF than stage 1 alone at equal λ{label} (feasible rows; pairwise wins > "
+                   "losses by more than one prompt, and a higher best feasible IF)",
+                   len([w for w in wins if w[0].if_prompt - w[1].if_prompt > margin or not feasible(w[1], ref)])
+                   > len(losses) and best_both > best_s1,
+                   f"best feasible IF: stage 1 {best_s1:.3f}, stage 1+2 {best_both:.3f}; per λ (stage 1 → 1+2): "
+                   + "; ".join(f"λ={b.lam:g}: {a.if_prompt:.2f}→{b.if_prompt:.2f}"
+                             f"{'' if feasible(a, ref) else ' (s1 infeasible)'}{'' if feasible(b, ref) else ' (1+2 infeasible)'}"
+                             for b, a in pairs)))
     return checks
 
 
