@@ -509,9 +509,13 @@ class RainMerger:
         with torch.no_grad():
             param.copy_(value.to(device=param.device, dtype=param.dtype))
 
-    def _apply_rain(self, lam: float, alpha: torch.Tensor | None, record: bool, desc: str) -> None:
-        """θ = θ_R + lam·α⊙Δ⊥ for every target, written into the loaded model (fp32 sum, one rounding)."""
-        if not (self.config.stage1 and self.config.sequential):
+    def _apply_rain(self, lam: float, alpha: torch.Tensor | None, record: bool, desc: str,
+                    one_shot: bool = False) -> None:
+        """θ = θ_R + lam·α⊙Δ⊥ for every target, written into the loaded model (fp32 sum, one rounding).
+
+        ``one_shot`` projects on the reasoning model's features even with ``config.sequential``.
+        """
+        if one_shot or not (self.config.stage1 and self.config.sequential):
             for target in tqdm(self.targets, desc=desc, unit="module"):
                 self._merge_module(target, lam, alpha, record)
             return
@@ -621,7 +625,8 @@ class RainMerger:
                                  "set RainMergingConfig(stage2=False).")
             t2 = time.perf_counter()
             samples = self._prepare("instruction", instruction_calibration)
-            self._apply_rain(cfg.probe_lam, None, record=False, desc="stage 2: probe model")
+            # The probe only ranks heads by attention: the one-shot Δ⊥ serves it at a fraction of the sequential cost.
+            self._apply_rain(cfg.probe_lam, None, record=False, desc="stage 2: probe model", one_shot=True)
             try:
                 a, u = collect_attention_stats(self.model, samples, self.report.layers, cfg.batch_size,
                                                self._pad_id())

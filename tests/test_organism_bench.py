@@ -24,7 +24,7 @@ def test_every_method_has_a_row(quick_results):
     methods = {r["method"] for r in rows}
     assert {"base model", "reasoning model", "instruct model", "task_arithmetic", "ties", "dare_ties",
             "dare_linear", "RAIN stage 1", "RAIN stage 2", "RAIN stage 1+2", "RAIN stage 1 sequential",
-            "RAIN stage 1+2 sequential", "RAIN lam=auto"} <= methods
+            "RAIN stage 1+2 sequential", "RAIN lam=auto", "RAIN lam=auto sequential"} <= methods
     assert any(m.startswith("slerp") for m in methods)
     assert any(m.startswith("RAIN config defaults") for m in methods)
     assert {r["family"] for r in rows} == set(FAMILIES)

@@ -507,16 +507,19 @@ class Bench:
     def rain_auto(self) -> None:
         """lam='auto': λ from calibration data alone (held-out L_think on the reasoning calibration)."""
 
-        cfg = self.cfg(lam="auto", lam_grid=list(self.settings.rain_grid))
-        merger = self.merger(cfg)
-        start = time.perf_counter()
-        model = merger.merge(reasoning_calibration=str(self.org.data("reasoning_calibration.json")),
-                             instruction_calibration=str(self.instruction_path))
-        merge_s = time.perf_counter() - start
-        lam = float(merger.report.lam)
-        self.info["auto"] = {"lam": lam, "search": merger.report.lam_search, "max_kl": cfg.lam_auto_max_kl,
-                             "warnings": list(merger.report.warnings)}
-        self.add("RAIN lam=auto", "rain_auto", lam, model, merge_s, note=f"picked λ={lam:g}")
+        for sequential, grid in ((False, self.settings.rain_grid), (True, self.settings.sequential_grid)):
+            cfg = self.cfg(lam="auto", lam_grid=list(grid), sequential=sequential)
+            merger = self.merger(cfg)
+            start = time.perf_counter()
+            model = merger.merge(reasoning_calibration=str(self.org.data("reasoning_calibration.json")),
+                                 instruction_calibration=str(self.instruction_path))
+            merge_s = time.perf_counter() - start
+            lam = float(merger.report.lam)
+            self.info["auto_sequential" if sequential else "auto"] = {
+                "lam": lam, "search": merger.report.lam_search, "max_kl": cfg.lam_auto_max_kl,
+                "warnings": list(merger.report.warnings)}
+            self.add("RAIN lam=auto" + (" sequential" if sequential else ""), "rain_auto", lam, model, merge_s,
+                     note=f"picked λ={lam:g}")
 
     def forced(self) -> None:
         """The paper's setting: the prompt ends with ``<think>``; stage 1 sees only problems without instructions."""
@@ -677,6 +680,13 @@ def summary_lines(rows: Sequence[Row], info: dict[str, Any]) -> list[str]:
                    f"lam='auto' picked λ={auto['lam']:g}; no RAIN 1+2 λ is feasible on test prompts")
         out.append("  auto search (λ: held-out L_think at the stage-1 positions): "
                    + ", ".join(f"{s['lam']:g}: {s['l_think']:.4f}" for s in auto["search"] or []))
+    auto_seq = info.get("auto_sequential")
+    if auto_seq:
+        best = best_constrained(rows).get("rain_seq_both")
+        out.append(f"lam='auto' with sequential=True picked λ={auto_seq['lam']:g}; best RAIN 1+2 sequential λ on test "
+                   f"prompts: {best.lam:g}" if best else f"lam='auto' with sequential=True picked "
+                   f"λ={auto_seq['lam']:g}; no RAIN 1+2 sequential λ is feasible on test prompts")
+        out.append("  auto search: " + ", ".join(f"{s['lam']:g}: {s['l_think']:.4f}" for s in auto_seq["search"] or []))
     return out
 
 
@@ -830,12 +840,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         command += f" --organism {args.organism}"
     if args.grids != "default":
         command += f" --grids {args.grids}"
+    if args.out is not None and not args.quick and out.resolve() != HERE:
+        command += f" --out {args.out}"
     print(table(rows))
     print("\n".join(summary_lines(rows, bench.info)))
     for desc, ok, evidence in target_checks(rows, bench.info):
         print(f"{'MET   ' if ok else 'MISSED'} {desc} — {evidence}")
     print(f"wall time {wall:.0f}s")
-    if out != HERE:  # the committed folder keeps RESULTS.md and results.png only
+    if not out.resolve().is_relative_to(HERE):  # committed folders keep RESULTS.md and results.png only
         with open(out / "results.json", "w", encoding="utf-8") as f:
             json.dump({"rows": [r.__dict__ for r in rows], "info": bench.info, "wall_s": wall,
                        "quick": args.quick}, f, indent=1, default=str)
