@@ -66,7 +66,7 @@ class Settings:
     rain_grid: tuple[float, ...] = (1.0, 2.0, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0)
     stage2_grid: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0)
     # RainMergingConfig(sequential=True): features taken from the partly merged model; its format limit lies higher
-    sequential_grid: tuple[float, ...] = (4.0, 5.0, 6.0, 6.5, 7.0)
+    sequential_grid: tuple[float, ...] = (5.0, 6.5)
     position_sets: tuple[str, ...] = ("think", "think+prev", "window")
     position_lams: tuple[float, ...] = (4.0,)
     # ablations (free template): k/v left out of the merge; stage 1 on the samples without format instructions
@@ -83,7 +83,7 @@ class Settings:
     # The paper's setting: R1-distill templates end the prompt with <think>, and the reasoning calibration is
     # traces of problems without format instructions. Evaluated on the same prompts with <think> appended.
     forced: bool = True
-    forced_ta_grid: tuple[float, ...] = (2.0, 3.0, 4.0, 5.0, 6.0)
+    forced_ta_grid: tuple[float, ...] = (4.0, 5.0, 6.0)
     forced_rain_grid: tuple[float, ...] = (6.0, 7.0, 8.0, 9.0)
     forced_both_grid: tuple[float, ...] = (6.0, 7.0, 8.0)
     forced_all_samples_lams: tuple[float, ...] = (6.0, 8.0)  # stage 1 on every sample, instructions included

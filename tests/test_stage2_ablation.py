@@ -1,0 +1,34 @@
+"""The stage-2 ablation script: how its coefficient variants are formed, and its quick run on the organism."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.organism.stage2 import VARIANTS, coefficients
+from rain_hf import RainMergingConfig
+from rain_hf.coefficients import head_coefficients
+
+
+def test_variants_split_alpha_into_its_layer_and_head_parts():
+    g = torch.Generator().manual_seed(0)
+    a, u = torch.rand(4, 6, generator=g) * 0.3 + 0.1, torch.rand(4, 6, generator=g) * 0.2
+    cfg = RainMergingConfig(coef_max=10.0)  # no clipping, so the means are exact
+    alpha = head_coefficients(a, u, cfg.rho, "mean", cfg.coef_min, cfg.coef_max)
+    assert coefficients("stage 1 only", a, u, cfg) is None
+    assert torch.equal(coefficients("mean", a, u, cfg), alpha)
+    within = coefficients("within-layer", a, u, cfg)
+    assert torch.allclose(within.mean(dim=1), torch.ones(4), atol=1e-6)
+    # within a layer, heads keep the library's ratios
+    assert torch.allclose(within / within[:, :1], alpha / alpha[:, :1], atol=1e-5)
+    between = coefficients("between-layer", a, u, cfg)
+    assert torch.allclose(between, alpha.mean(dim=1, keepdim=True).expand(4, 6))
+    assert not torch.allclose(between.mean(dim=1), torch.ones(4), atol=1e-3)
+    assert torch.allclose(coefficients("rho=0", a, u, cfg), head_coefficients(a, u, 0.0, "mean", 0.0, 10.0))
+
+
+def test_quick_run_writes_every_variant(tmp_path, run_quick):
+    run_quick("benchmarks.organism.stage2", tmp_path)
+    text = (tmp_path / "STAGE2.md").read_text()
+    assert text.count("| 0 | alignment |") == 1 and text.count("| alpha |") == 4
+    for variant in VARIANTS:
+        assert f"| 4 | {variant} |" in text, variant
