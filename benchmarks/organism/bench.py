@@ -45,7 +45,8 @@ ACC_SLACK = 0.05  # … and accuracy ≥ the reasoning model's − this
 HOLDOUT = 0.25  # share of the reasoning calibration held out of stage 1 (the same split as lam="auto")
 
 FAMILIES = ("reference", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "rain_stage1",
-            "rain_stage2", "rain_both", "rain_seq_stage1", "rain_seq_both", "rain_positions", "rain_ablations", "rain_files", "rain_auto",
+            "rain_stage2", "rain_both", "rain_seq_stage1", "rain_seq_both", "rain_positions", "rain_ablations",
+            "rain_files", "rain_auto",
             "forced_reference", "forced_task_arithmetic", "forced_rain_stage1", "forced_rain_both",
             "forced_rain_stage1_all")
 FORCED = "[forced] "  # method-name prefix of the rows generated with the prompt ending in <think>
@@ -617,6 +618,7 @@ def stage_checks(rows: Sequence[Row], ref: Row, both_family: str, s1_family: str
                  margin: float) -> list[tuple[str, bool, str]]:
     """The two RAIN targets for one pair of row families (stage 1+2, stage 1 alone): + 0.6, and 1+2 > 1."""
     both = [r for r in rows if r.family == both_family]
+    # IF is a count over the prompts: the tolerance only absorbs float rounding of "reference + 0.6"
     good = [r for r in both if feasible(r, ref) and r.if_prompt >= ref.if_prompt + 0.6 - 1e-9]
     top = max((r for r in both if feasible(r, ref)), key=lambda r: r.if_prompt, default=None)
     checks = [(f"RAIN 1+2{label}: some λ with think ≥ 0.98, acc ≥ reasoning − 0.05, IF ≥ reasoning + 0.6", bool(good),
