@@ -625,13 +625,7 @@ class RainMerger:
                                  "set RainMergingConfig(stage2=False).")
             t2 = time.perf_counter()
             samples = self._prepare("instruction", instruction_calibration)
-            # The probe only ranks heads by attention: the one-shot Δ⊥ serves it at a fraction of the sequential cost.
-            self._apply_rain(cfg.probe_lam, None, record=False, desc="stage 2: probe model", one_shot=True)
-            try:
-                a, u = collect_attention_stats(self.model, samples, self.report.layers, cfg.batch_size,
-                                               self._pad_id())
-            finally:
-                self.reset()
+            a, u = self._probe_attention(samples, cfg.probe_lam)
             alpha = head_coefficients(a, u, cfg.rho, cfg.coef_normalize, cfg.coef_min, cfg.coef_max)
             self.report.alignment = a.tolist()
             self.report.leakage = u.tolist()
@@ -646,6 +640,16 @@ class RainMerger:
         self.report.timings["merge"] = time.perf_counter() - t3
         self.merged = True
         return self.model
+
+    def _probe_attention(self, samples: list[CalibrationSample], probe_lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Alignment and leakage [len(report.layers), H] of the probe model θ_R + probe_lam·Δ⊥ (then reset)."""
+        # The probe only ranks heads by attention: the one-shot Δ⊥ serves it at a fraction of the sequential cost.
+        self._apply_rain(probe_lam, None, record=False, desc="stage 2: probe model", one_shot=True)
+        try:
+            return collect_attention_stats(self.model, samples, self.report.layers, self.config.batch_size,
+                                           self._pad_id())
+        finally:
+            self.reset()
 
     def _hold_out(self, samples: list[CalibrationSample]) -> tuple[list[CalibrationSample], list[CalibrationSample]]:
         """(stage-1 samples, held-out samples): the last share is kept out of stage 1 to measure L_think."""

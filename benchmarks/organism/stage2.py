@@ -34,7 +34,6 @@ import torch  # noqa: E402
 
 from benchmarks.organism import bench as BE  # noqa: E402
 from rain_hf.coefficients import head_coefficients, head_scores  # noqa: E402
-from rain_hf.features import collect_attention_stats  # noqa: E402
 
 VARIANTS = ("stage 1 only", "mean", "within-layer", "between-layer", "rho=0", "probe at λ")
 
@@ -61,17 +60,12 @@ def run(org: BE.Organism, lams: Sequence[float], n_prompts: int | None, workdir:
     merger = bench.merger(cfg, bench.features_for(cfg.positions))
     samples = merger._prepare("instruction", str(bench.instruction_path))
     layers = sorted({t.layer for t in merger.targets})
-    merger.report.layers = layers  # _scale maps α rows to layers through it
+    merger.report.layers = layers  # _scale and _probe_attention map α rows to layers through it
     stats: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def attention(probe_lam: float) -> tuple[torch.Tensor, torch.Tensor]:
         if probe_lam not in stats:
-            merger._apply_rain(probe_lam, None, record=False, desc=f"probe λ={probe_lam:g}")
-            try:
-                stats[probe_lam] = collect_attention_stats(merger.model, samples, layers, cfg.batch_size,
-                                                           merger._pad_id())
-            finally:
-                merger.reset()
+            stats[probe_lam] = merger._probe_attention(samples, probe_lam)
         return stats[probe_lam]
 
     a, u = attention(cfg.probe_lam)
