@@ -605,13 +605,18 @@ def target_checks(rows: Sequence[Row], info: dict[str, Any]) -> list[tuple[str, 
                    f"instruct {rel.get('instruct', 0):.2%}"))
     default = next((r for r in rows if r.method.startswith("RAIN config defaults")), None)
     if default is not None:
-        best_both = max((b.if_prompt for b in rows if b.family == "rain_both" and feasible(b, ref)), default=0.0)
+        best_both = best_feasible_if(rows, "rain_both", ref)
         checks.append(("RainMergingConfig() defaults are a setting the benchmark supports (feasible, IF within 0.05 "
                        "of the best feasible RAIN 1+2 row)",
                        feasible(default, ref) and default.if_prompt >= best_both - 0.05,
                        f"λ={default.lam:g}: think {default.think:.3f}, acc {default.accuracy:.3f}, IF "
                        f"{default.if_prompt:.3f} (best feasible RAIN 1+2: {best_both:.3f})"))
     return checks
+
+
+def best_feasible_if(rows: Sequence[Row], family: str, ref: Row) -> float:
+    """The highest IF prompt-level among a family's feasible rows (0 when none is feasible)."""
+    return max((r.if_prompt for r in rows if r.family == family and feasible(r, ref)), default=0.0)
 
 
 def stage_checks(rows: Sequence[Row], ref: Row, both_family: str, s1_family: str, label: str,
@@ -629,8 +634,7 @@ def stage_checks(rows: Sequence[Row], ref: Row, both_family: str, s1_family: str
     pairs = [(r, s1[r.lam]) for r in both if r.lam in s1]
     wins = [(b, a) for b, a in pairs if feasible(b, ref) and (not feasible(a, ref) or b.if_prompt > a.if_prompt)]
     losses = [(b, a) for b, a in pairs if feasible(a, ref) and (not feasible(b, ref) or a.if_prompt > b.if_prompt)]
-    best_s1 = max((a.if_prompt for a in s1.values() if feasible(a, ref)), default=0.0)
-    best_both = max((b.if_prompt for b in both if feasible(b, ref)), default=0.0)
+    best_s1, best_both = best_feasible_if(rows, s1_family, ref), best_feasible_if(rows, both_family, ref)
     checks.append((f"stage 1+2 gives more IF than stage 1 alone at equal λ{label} (feasible rows; pairwise wins > "
                    "losses by more than one prompt, and a higher best feasible IF)",
                    len([w for w in wins if w[0].if_prompt - w[1].if_prompt > margin or not feasible(w[1], ref)])
