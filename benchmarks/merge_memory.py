@@ -55,17 +55,23 @@ def run_merge(paths: dict[str, str], device: str, samples: int, out: Path, lam: 
     import torch
 
     from rain_hf import RainMerger, RainMergingConfig
+    from rain_hf.features import find_decoder_layers
     from rain_hf.testing import instruction_records, reasoning_records
 
     start = time.perf_counter()
     cfg = RainMergingConfig(lam=lam, batch_size=4, sequential=sequential)
     merger = RainMerger.from_pretrained(paths["base"], paths["reasoning"], paths["instruct"], cfg, device=device)
-    forwards = {"n": 0}
-    merger.model.get_decoder().register_forward_pre_hook(lambda *_: forwards.__setitem__("n", forwards["n"] + 1))
+    calls = {"decoder": 0, "layer": 0}
+
+    def count(kind):
+        return lambda *_: calls.__setitem__(kind, calls[kind] + 1)
+
+    merger.model.get_decoder().register_forward_pre_hook(count("decoder"))
+    for layer in find_decoder_layers(merger.model)[1]:
+        layer.register_forward_pre_hook(count("layer"))
     merger.compute_features(reasoning_records(samples))
-    stage1_forwards = forwards["n"]
+    stage1 = dict(calls)
     merger.merge(instruction_calibration=instruction_records(samples))
-    merge_forwards = forwards["n"] - stage1_forwards
     merger.save_pretrained(out, overwrite=True)
     wall = time.perf_counter() - start
     if device.startswith("cuda"):
@@ -81,8 +87,9 @@ def run_merge(paths: dict[str, str], device: str, samples: int, out: Path, lam: 
         "parameters": sum(p.numel() for p in merger.model.parameters()),
         "stage1_batches": -(-merger.features.settings["num_samples"] // cfg.batch_size),  # lam="auto" holds some out
         "lam": merger.report.lam,
-        "stage1_forwards": stage1_forwards,
-        "merge_forwards": merge_forwards,  # stage-2 probe passes, plus the sequential captures (stopped early)
+        "stage1_forwards": stage1["decoder"],
+        "merge_forwards": calls["decoder"] - stage1["decoder"],  # the stage-2 probe, and the sequential replay's start
+        "merge_layer_calls": calls["layer"] - stage1["layer"],  # also counts the replayed layers
         "input_groups": len(merger._input_groups()),
         "num_layers": merger.plan.geometry.num_layers,
     }
@@ -128,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"peak GPU memory allocated {fig['gpu_peak_gib']:.2f} GiB")
     print(f"stage 1: {fig['stage1_forwards']} forward passes for {fig['stage1_batches']} batches over "
           f"{fig['num_layers']} layers: {'OK' if fig['stage1_forwards'] == fig['stage1_batches'] else 'MISSED'}")
-    print(f"merge: {fig['merge_forwards']} decoder passes ({fig['input_groups']} input groups"
-          f"{', each captured in passes stopped at the group' if args.sequential else ''})")
+    print(f"merge: {fig['merge_forwards']} decoder passes, {fig['merge_layer_calls']} decoder-layer calls "
+          f"(= {fig['merge_layer_calls'] / fig['num_layers']:.1f} passes over {fig['num_layers']} layers; "
+          f"{fig['input_groups']} input groups{', each captured on replayed layer inputs' if args.sequential else ''})")
     return 0
 
 

@@ -371,55 +371,124 @@ def _rows_svd(chunks: list[torch.Tensor], config: RainMergingConfig, device) -> 
     return v.cpu(), s.cpu()
 
 
-class _GroupCaptured(Exception):
-    """Raised from a pre-hook once a group's input is recorded: nothing after it in the forward pass is needed."""
+class _Stop(Exception):
+    """Raised from a pre-hook once everything a pass was run for is recorded: the rest of the forward pass is
+    not needed."""
 
 
-@torch.no_grad()
-def capture_group_basis(
-    model: nn.Module,
-    samples: Sequence[CalibrationSample],
-    module_names: Sequence[str],
-    config: RainMergingConfig,
-    pad_token_id: int,
-    svd_device: str | torch.device | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Thinking features of one input group (modules that read the same input, e.g. q/k/v) in ``model`` as it is
-    now: the sequential form of stage 1 calls this after every earlier group has been merged.
+class LayerReplay:
+    """The sequential form of stage 1 without re-running the prefix for every group: the calibration batches'
+    hidden states at the input of one decoder layer, moved forward one layer at a time through the model as it is
+    being merged.
 
-    Each forward pass stops as soon as the group's input is recorded, so a group in layer ℓ of L costs about
-    ℓ/L of a forward pass over ``samples``.
+    A group of layer ℓ is captured by running layer ℓ alone on the cached inputs, and :meth:`group_basis` moves
+    the cache past a layer only once it is asked for a later one, so each decoder layer runs about (groups + 1)
+    times over the calibration set in all, instead of once per group after it.
 
-    Returns:
-        V [d, k] and s [k] of the group's feature matrix H [m, d] (see :func:`rain_hf.projection.feature_svd`).
+    Example:
+        >>> replay = LayerReplay(model, samples, config, pad_token_id)          # doctest: +SKIP
+        >>> v, s = replay.group_basis(0, ["model.layers.0.self_attn.q_proj"])  # doctest: +SKIP
+        >>> # ... merge layer 0's q/k/v, then ask for the next group
+
+    Args:
+        model: the model being merged (any device map).
+        samples: reasoning calibration samples.
+        config: positions, window, batch_size, project_bias and precision are used.
+        pad_token_id: id used to right-pad batches (masked out).
     """
-    device = _input_device(model)
-    modules = dict(model.named_modules())
-    rows: list[torch.Tensor] = []
-    index: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def hook(_module, args):
-        x = args[0]
-        b_idx, t_idx = index[-1]
-        rows.append(x[b_idx.to(x.device), t_idx.to(x.device)].float().cpu())
-        raise _GroupCaptured
+    @torch.no_grad()
+    def __init__(self, model: nn.Module, samples: Sequence[CalibrationSample], config: RainMergingConfig,
+                 pad_token_id: int) -> None:
+        self.model = model
+        self.config = config
+        self.layers = find_decoder_layers(model)[1]
+        self.layer = 0  # the layer whose input ``hidden`` holds
+        self.hidden: list[torch.Tensor] = []
+        self.index: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # Per batch and layer, the other arguments the decoder passed (masks differ between layer types, e.g.
+        # sliding-window layers); tensors shared between layers are stored once, by reference.
+        self.calls: list[list[tuple[tuple, dict]]] = []
+        device = _input_device(model)
+        last = len(self.layers) - 1
 
-    handles = [modules[name].register_forward_pre_hook(hook) for name in module_names]
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-    try:
-        for batch in _batches(samples, config.batch_size):
-            ids, mask = _pad(batch, pad_token_id, device)
-            index.append(_think_index(batch, config))
-            try:
-                decoder(input_ids=ids, attention_mask=mask, use_cache=False)
-            except _GroupCaptured:
-                continue
-            raise RuntimeError(f"The forward pass never called {module_names[0]}: its thinking features cannot be "
-                               "captured.")
-    finally:
-        for h in handles:
-            h.remove()
-    return _rows_svd(rows, config, svd_device or device)
+        def record(i: int):
+            def hook(_module, args, kwargs):
+                hidden, rest = (args[0], args[1:]) if args else (kwargs["hidden_states"], ())
+                if i == 0:
+                    self.hidden.append(hidden)
+                self.calls[-1].append((rest, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+                if i == last:
+                    raise _Stop
+
+            return hook
+
+        handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in
+                   enumerate(self.layers)]
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+        try:
+            for batch in _batches(samples, config.batch_size):
+                ids, mask = _pad(batch, pad_token_id, device)
+                self.index.append(_think_index(batch, config))
+                self.calls.append([])
+                try:
+                    decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+                except _Stop:
+                    continue
+                raise RuntimeError("The decoder's forward pass never reached its last layer: the sequential "
+                                   "projection cannot replay it layer by layer.")
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _run_layer(self, b: int) -> torch.Tensor:
+        args, kwargs = self.calls[b][self.layer]
+        out = self.layers[self.layer](self.hidden[b], *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.no_grad()
+    def _advance_to(self, layer: int) -> None:
+        if layer < self.layer:
+            raise ValueError(f"Layer {layer} was asked for after layer {self.layer}: the groups must come in "
+                             "forward order.")
+        while self.layer < layer:
+            self.hidden = [self._run_layer(b) for b in range(len(self.hidden))]
+            self.layer += 1
+
+    @torch.no_grad()
+    def group_rows(self, layer: int, module_names: Sequence[str]) -> list[torch.Tensor]:
+        """The input rows [m_b, d] per batch, at the thinking positions, of the group of ``module_names`` (modules
+        of decoder layer ``layer`` that read the same input), in the model as it is now."""
+        self._advance_to(layer)
+        modules = dict(self.model.named_modules())
+        rows: list[torch.Tensor] = []
+        b = 0
+
+        def hook(_module, args):
+            x = args[0]
+            b_idx, t_idx = self.index[b]
+            rows.append(x[b_idx.to(x.device), t_idx.to(x.device)].float().cpu())
+            raise _Stop
+
+        handles = [modules[name].register_forward_pre_hook(hook) for name in module_names]
+        try:
+            for b in range(len(self.hidden)):
+                try:
+                    self._run_layer(b)
+                except _Stop:
+                    continue
+                raise RuntimeError(f"Decoder layer {layer} never called {module_names[0]}: its thinking features "
+                                   "cannot be captured.")
+        finally:
+            for h in handles:
+                h.remove()
+        return rows
+
+    def group_basis(self, layer: int, module_names: Sequence[str], svd_device: str | torch.device | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """V [d, k] and s [k] of the group's feature matrix H [m, d] (see :meth:`group_rows` and
+        :func:`rain_hf.projection.feature_svd`)."""
+        return _rows_svd(self.group_rows(layer, module_names), self.config, svd_device or _input_device(self.model))
 
 
 # ---------------------------------------------------------------------------------------------- stage 2

@@ -41,10 +41,10 @@ from .coefficients import head_coefficients, weight_scale
 from .config import CONFIG_NAME, ConfigError, RainMergingConfig, parse_size
 from .features import (
     AttentionGeometry,
+    LayerReplay,
     TargetModule,
     ThinkFeatures,
     attention_geometry,
-    capture_group_basis,
     capture_think_features,
     collect_attention_stats,
     find_target_modules,
@@ -521,10 +521,9 @@ class RainMerger:
             return
         # Modules downstream of a group do not change its input, so whatever they hold (the reasoning weights or
         # another λ's merge) does not matter when its features are captured.
-        samples = self._stage1_samples
+        replay = LayerReplay(self.model, self._stage1_samples, self.config, self._pad_id())
         for group in tqdm(self._input_groups(), desc=f"{desc} (sequential)", unit="group"):
-            basis = capture_group_basis(self.model, samples, [t.name for t in group], self.config, self._pad_id(),
-                                        svd_device=self.device)
+            basis = replay.group_basis(group[0].layer, [t.name for t in group], svd_device=self.device)
             for target in group:
                 self._merge_module(target, lam, alpha, record, basis)
 

@@ -11,8 +11,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rain_hf import RainMerger, RainMergingConfig
 from rain_hf.calibration import prepare_instruction_calibration, prepare_reasoning_calibration
 from rain_hf.checkpoints import CheckpointError
-from rain_hf.features import ThinkFeatures
-from rain_hf.testing import build_tokenizer, build_triple, instruction_records, reasoning_records
+from rain_hf.features import LayerReplay, ThinkFeatures
+from rain_hf.testing import (
+    build_tokenizer,
+    build_triple,
+    instruction_records,
+    model_config,
+    reasoning_records,
+)
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +135,45 @@ def test_sequential_projection_is_null_on_the_merged_models_own_inputs(qwen2, to
     # the first input group sees nothing merged before it, so both forms agree there
     first = dict(seq.model.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
     assert torch.equal(first, dict(one_shot.model.named_parameters())["model.layers.0.self_attn.q_proj.weight"])
+
+
+def _replay_model(tokenizer, layer_types):
+    torch.manual_seed(0)
+    cfg = model_config("qwen2", len(tokenizer), num_hidden_layers=3, use_sliding_window=True, sliding_window=6,
+                       max_window_layers=0, layer_types=layer_types)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_layer_replay_matches_full_forward_passes(tokenizer):
+    """Cached layer inputs replayed after a merge give the rows a full forward pass of the changed model gives,
+    with padded batches and a sliding-window layer between full-attention ones."""
+    config = RainMergingConfig(positions="window", window=2, batch_size=3)
+    records = [{"prompt": "Max has 30 apples. " * 4 + "How many?", "reasoning": "30 - 0 = 30. " * 3,
+                "response": "Max has 30 apples now."}] + reasoning_records(4)
+    samples = prepare_reasoning_calibration(records, tokenizer, config)
+    assert len({len(s.input_ids) for s in samples[:3]}) > 1  # the first batch is padded
+    layer_types = ["full_attention", "sliding_attention", "full_attention"]
+    model = _replay_model(tokenizer, layer_types)
+    replay = LayerReplay(model, samples, config, tokenizer.pad_token_id)
+    positions = (config.positions, config.window)
+    names = [f"model.layers.{i}.self_attn.q_proj" for i in range(3)] + ["model.layers.2.mlp.down_proj"]
+    got = {0: torch.cat(replay.group_rows(0, [names[0]]))}
+    with torch.no_grad():  # a "merge" of layer 0 that the later layers' inputs must see
+        model.model.layers[0].self_attn.o_proj.weight.mul_(3.0)
+    got[1] = torch.cat(replay.group_rows(1, [names[1]]))
+    got[2] = torch.cat(replay.group_rows(2, [names[2]]))
+    down = torch.cat(replay.group_rows(2, [names[3]]))
+    ref = _capture_inputs(model, samples, names, positions)
+    for i in range(3):
+        torch.testing.assert_close(got[i].double(), ref[names[i]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(down.double(), ref[names[3]], atol=1e-5, rtol=1e-5)
+    # the sliding window reaches the rows compared here: layer 2's inputs differ without it
+    full = _replay_model(tokenizer, ["full_attention"] * 3)
+    full.load_state_dict(model.state_dict())
+    assert not torch.allclose(_capture_inputs(full, samples, [names[2]], positions)[names[2]], ref[names[2]],
+                              atol=1e-3)
+    with pytest.raises(ValueError, match="forward order"):
+        replay.group_rows(0, [names[0]])
 
 
 def test_sequential_with_lam_auto_and_stage2(qwen2, tmp_path):
