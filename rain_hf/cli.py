@@ -269,7 +269,8 @@ def _attribute_docs() -> dict[str, str]:
     docs: dict[str, str] = {}
     names: list[str] = []
     for line in doc.splitlines():
-        match = re.match(r"^\s{0,4}([a-z_][a-z0-9_]*(?:, [a-z_][a-z0-9_]*)*): (.*)$", line)
+        # a field starts a line; indented lines continue its description (and may hold "word: " themselves)
+        match = re.match(r"^([a-z_][a-z0-9_]*(?:, [a-z_][a-z0-9_]*)*): (.*)$", line)
         if match:
             names = match.group(1).split(", ")
             for name in names:

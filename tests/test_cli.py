@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -54,8 +55,12 @@ def test_help_documents_every_key(capsys):
     out = capsys.readouterr().out
     for key in TOP_LEVEL_KEYS:
         assert f"\n  {key}\n" in out, key
-    for f in dataclasses.fields(RainMergingConfig):
-        assert f"\n  {f.name} (default: " in out, f.name
+    fields = [f.name for f in dataclasses.fields(RainMergingConfig)]
+    for name in fields:
+        assert f"\n  {name} (default: " in out, name
+    # only fields are listed: "word: " inside a wrapped description is no key of its own
+    assert set(re.findall(r"\n  ([a-z_0-9]+) \(default: ", out)) == set(fields)
+    assert "the projection also covers what the earlier merged layers changed" in " ".join(out.split())
     assert "(undocumented)" not in out
     for key in ("max_shard_size", "private", "card_template", "reasoning: PATH", "instruction: PATH", "revision"):
         assert key in out
