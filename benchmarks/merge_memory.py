@@ -3,7 +3,7 @@
     python -m benchmarks.merge_memory                       # Qwen2-0.5B shape, CPU
     python -m benchmarks.merge_memory --shape 1.5b --device cuda
     python -m benchmarks.merge_memory --lam auto             # the default λ search (RainMergingConfig())
-    python -m benchmarks.merge_memory --sequential           # stage 1 on the partly merged model's features
+    python -m benchmarks.merge_memory --one-shot             # the paper's one-shot projection (sequential=False)
 
 The three checkpoints are built once (in a separate process, cached under --workdir); the merge then runs in a
 fresh process whose peak resident set size is read from the kernel (ru_maxrss). Prints the figures and checks the
@@ -50,7 +50,7 @@ def build(workdir: Path, shape: str) -> dict[str, str]:
 
 
 def run_merge(paths: dict[str, str], device: str, samples: int, out: Path, lam: float | str = 1.0,
-              sequential: bool = False) -> dict:
+              one_shot: bool = False) -> dict:
     """Runs in its own process: the merge, then the figures as JSON on stdout."""
     import torch
 
@@ -59,7 +59,7 @@ def run_merge(paths: dict[str, str], device: str, samples: int, out: Path, lam: 
     from rain_hf.testing import instruction_records, reasoning_records
 
     start = time.perf_counter()
-    cfg = RainMergingConfig(lam=lam, batch_size=4, sequential=sequential)
+    cfg = RainMergingConfig(lam=lam, batch_size=4, sequential=False if one_shot else None)
     merger = RainMerger.from_pretrained(paths["base"], paths["reasoning"], paths["instruct"], cfg, device=device)
     calls = {"decoder": 0, "layer": 0}
 
@@ -87,6 +87,7 @@ def run_merge(paths: dict[str, str], device: str, samples: int, out: Path, lam: 
         "parameters": sum(p.numel() for p in merger.model.parameters()),
         "stage1_batches": -(-merger.features.settings["num_samples"] // cfg.batch_size),  # lam="auto" holds some out
         "lam": merger.report.lam,
+        "projection": merger.report.projection,
         "stage1_forwards": stage1["decoder"],
         "merge_forwards": calls["decoder"] - stage1["decoder"],  # the stage-2 probe, and the sequential replay's start
         "merge_layer_calls": calls["layer"] - stage1["layer"],  # also counts the replayed layers
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--samples", type=int, default=16, help="calibration samples per stage")
     parser.add_argument("--lam", default="1.0", help='λ, or "auto" for the calibration-only search (default 1.0)')
-    parser.add_argument("--sequential", action="store_true", help="RainMergingConfig(sequential=True)")
+    parser.add_argument("--one-shot", action="store_true",
+                        help="RainMergingConfig(sequential=False); by default stage 1 is sequential")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "rain_hf_bench")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if args._child:
         paths = json.loads(args._child)
         print(json.dumps(run_merge(paths, args.device, args.samples, args.workdir / f"merged-{args.shape}", lam,
-                                   args.sequential)))
+                                   args.one_shot)))
         return 0
     args.workdir.mkdir(parents=True, exist_ok=True)
     build_cmd = [sys.executable, "-c", "import json,sys; from benchmarks.merge_memory import build; "
@@ -118,14 +120,14 @@ def main(argv: list[str] | None = None) -> int:
                                       cwd=Path(__file__).resolve().parents[1]).stdout.strip().splitlines()[-1])
     child = [sys.executable, "-m", "benchmarks.merge_memory", "--shape", args.shape, "--device", args.device,
              "--samples", str(args.samples), "--lam", args.lam, "--workdir", str(args.workdir),
-             "--_child", json.dumps(paths)] + (["--sequential"] if args.sequential else [])
+             "--_child", json.dumps(paths)] + (["--one-shot"] if args.one_shot else [])
     done = subprocess.run(child, check=True, stdout=subprocess.PIPE, text=True,
                           cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TQDM_DISABLE": "1"})
     fig = json.loads(done.stdout.strip().splitlines()[-1])
     size = fig["reasoning_bytes"] / GIB
     target = 1.5 * size + 1.0
     print(f"shape {args.shape}: {fig['parameters'] / 1e6:.0f}M parameters, reasoning checkpoint {size:.2f} GiB, "
-          f"device {args.device}, lam {args.lam} (merged with λ = {fig['lam']:g}), sequential {args.sequential}")
+          f"device {args.device}, lam {args.lam} (merged with λ = {fig['lam']:g}), {fig['projection']} projection")
     print(f"wall time (load + stage 1 + stage 2 + merge + save): {fig['wall_s']:.1f} s")
     for stage, seconds in fig["timings"].items():
         print(f"  {stage:22s} {seconds:8.1f} s")
@@ -137,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{fig['num_layers']} layers: {'OK' if fig['stage1_forwards'] == fig['stage1_batches'] else 'MISSED'}")
     print(f"merge: {fig['merge_forwards']} decoder passes, {fig['merge_layer_calls']} decoder-layer calls "
           f"(= {fig['merge_layer_calls'] / fig['num_layers']:.1f} passes over {fig['num_layers']} layers; "
-          f"{fig['input_groups']} input groups{', each captured on replayed layer inputs' if args.sequential else ''})")
+          f"{fig['input_groups']} input groups"
+          f"{', each captured on replayed layer inputs' if fig['projection'] == 'sequential' else ''})")
     return 0
 
 

@@ -14,8 +14,9 @@ A custom template receives the same variables as the default one: ``card_data`` 
 ``info`` (the sidecar dict), ``model_name``, ``model_id``, ``method``, ``method_title``, ``method_formula``,
 ``lam``, ``config``, ``config_yaml``, ``inputs`` / ``local_inputs`` (rows with ``role``, ``link``, ``path``,
 ``revision``, ``hub_id``), ``reasoning_name`` / ``instruct_name`` / ``base_name`` (markdown links or paths),
-``has_calibration``, ``calibration``, ``heatmap_file``, ``coef_stats``, ``removed``, ``timings``, ``versions``,
-``think_open``, ``think_close``, ``paper_url`` and ``citation``.
+``has_calibration``, ``calibration``, ``heatmap_file``, ``coef_stats``, ``removed``, ``timings``, ``projection``
+(stage 1 as it ran: ``"sequential"``, ``"one-shot"`` or ``None``), ``versions``, ``think_open``, ``think_close``,
+``paper_url`` and ``citation``.
 
 Example:
     >>> from rain_hf.card import build_model_card
@@ -190,6 +191,7 @@ def build_model_card(
         "coef_stats": _stats(coefficients),
         "removed": _removed_rows(report.get("modules") or {}),
         "timings": [(str(k), float(v)) for k, v in (report.get("timings") or {}).items()],
+        "projection": report.get("projection"),
         "versions": _versions(info),
         "think_open": config.get("think_open", "<think>"),
         "think_close": config.get("think_close", "</think>"),
@@ -357,6 +359,9 @@ def _reproduction_yaml(method: str, config: dict[str, Any], info: dict[str, Any]
     text = yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=100, default_flow_style=None).rstrip()
     if config.get("lam") == "auto" and info.get("lam") is not None:
         text += f"\n# lam='auto' chose λ = {info['lam']}"
+    projection = (info.get("report") or {}).get("projection")
+    if config.get("sequential") is None and projection:
+        text += f"\n# sequential unset: stage 1 ran {projection}"
     return text
 
 

@@ -62,8 +62,11 @@ class RainMergingConfig:
         sequential: take each module's thinking features from the model being merged instead of the reasoning
             model: input groups (q/k/v, o, gate/up, down) are merged in forward order, and each group's features
             are captured with every earlier group already merged, so the projection also covers what the earlier
-            merged layers changed in its input. Costs about half a forward pass over the stage-1 calibration per
-            input group (and per grid value with ``lam="auto"``); ``False`` is the paper's one-shot projection.
+            merged layers changed in its input. The calibration batches' inputs to each decoder layer are cached
+            and replayed, so it costs a few forward passes over the stage-1 calibration in all (per grid value with
+            ``lam="auto"``). ``None`` (default): sequential whenever ``merge()`` has the reasoning calibration
+            samples, the one-shot projection when it only has precomputed ``features``; ``True``: always (an
+            error without the samples); ``False``: the paper's one-shot projection.
         rho: leakage penalty ρ of the stage-2 score g = a − ρu.
         coef_normalize: ``"mean"`` divides the stage-2 scores by their mean over all heads (mean coefficient 1,
             so λ alone sets the strength); ``"none"`` keeps the paper's literal g / (1 + u).
@@ -103,7 +106,7 @@ class RainMergingConfig:
     ridge: float = 1e-2
     project_bias: bool = False
     precision: str = "float32"
-    sequential: bool = False
+    sequential: bool | None = None
     rho: float = 0.5
     coef_normalize: str = "mean"
     coef_min: float = 0.0
@@ -179,11 +182,14 @@ class RainMergingConfig:
                 raise ConfigError(f"RainMergingConfig.lam_grid holds {v!r}, which is not a number.")
         number("lam_auto_max_kl", 0.0, strict_lo=True)
         number("lam_auto_holdout", 0.0, 0.9, strict_lo=True)
-        for name in ("stage1", "stage2", "project_bias", "sequential", "do_sample"):
+        for name in ("stage1", "stage2", "project_bias", "do_sample"):
             flag(name)
+        if self.sequential is not None and not isinstance(self.sequential, bool):
+            raise ConfigError("RainMergingConfig.sequential must be true, false or null (sequential when the "
+                              f"calibration samples are at hand), got {self.sequential!r}.")
         if self.sequential and not self.stage1:
             raise ConfigError("RainMergingConfig.sequential=True changes how stage 1 projects, and stage1 is False: "
-                              "turn stage 1 on or leave sequential False.")
+                              "turn stage 1 on or leave sequential unset.")
         choice("positions", POSITION_SETS)
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
             raise ConfigError(f"RainMergingConfig.window must be an integer >= 0, got {self.window!r}.")

@@ -174,6 +174,7 @@ class MergeReport:
     alignment: list[list[float]] | None = None
     leakage: list[list[float]] | None = None
     lam_search: list[dict[str, float]] | None = None
+    projection: str | None = None  # stage 1 as it ran: "sequential" or "one-shot"
     vocab: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -367,7 +368,9 @@ class RainMerger:
             device: where the forward passes and the projections run (``"cpu"``, ``"cuda"``).
             torch_dtype: dtype to load the reasoning model in (default: as stored).
             device_map: e.g. ``"auto"`` to spread a reasoning model that does not fit on one device (accelerate).
-            features: precomputed :class:`ThinkFeatures` (or a path saved by :meth:`ThinkFeatures.save`).
+            features: precomputed :class:`ThinkFeatures` (or a path saved by :meth:`ThinkFeatures.save`). A merge
+                with them and without ``reasoning_calibration`` uses the one-shot projection (see
+                ``RainMergingConfig.sequential``).
         """
         from transformers import AutoModelForCausalLM
 
@@ -515,7 +518,7 @@ class RainMerger:
 
         ``one_shot`` projects on the reasoning model's features even with ``config.sequential``.
         """
-        if one_shot or not (self.config.stage1 and self.config.sequential):
+        if one_shot or not self._sequential():
             for target in tqdm(self.targets, desc=desc, unit="module"):
                 self._merge_module(target, lam, alpha, record)
             return
@@ -526,6 +529,11 @@ class RainMerger:
             basis = replay.group_basis(group[0].layer, [t.name for t in group], svd_device=self.device)
             for target in group:
                 self._merge_module(target, lam, alpha, record, basis)
+
+    def _sequential(self) -> bool:
+        """Whether stage 1 runs in the sequential form (see ``RainMergingConfig.sequential``)."""
+        cfg = self.config
+        return cfg.stage1 and cfg.sequential is not False and self._stage1_samples is not None
 
     def _merge_module(self, target: TargetModule, lam: float, alpha: torch.Tensor | None, record: bool,
                       basis: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
@@ -615,7 +623,11 @@ class RainMerger:
             if cfg.sequential and self._stage1_samples is None:
                 raise ValueError("sequential=True captures thinking features on the partly merged model, so it needs "
                                  "the reasoning calibration samples, not only precomputed features: pass "
-                                 "reasoning_calibration=... to merge().")
+                                 "reasoning_calibration=... to merge(), or leave sequential unset.")
+            self.report.projection = "sequential" if self._sequential() else "one-shot"
+            if cfg.sequential is None and self._stage1_samples is None:
+                logger.info("Precomputed thinking features only: stage 1 uses the one-shot projection (pass "
+                            "reasoning_calibration=... to merge() for the sequential one).")
         self.report.layers = sorted({t.layer for t in self.targets})
         alpha = None
         if cfg.stage2:
@@ -724,7 +736,8 @@ class RainMerger:
             "report": {"timings": self.report.timings, "modules": self.report.modules,
                        "head_coefficients": self.report.head_coefficients, "layers": self.report.layers,
                        "alignment": self.report.alignment, "leakage": self.report.leakage,
-                       "lam_search": self.report.lam_search, "vocab": self.report.vocab,
+                       "lam_search": self.report.lam_search, "projection": self.report.projection,
+                       "vocab": self.report.vocab,
                        "warnings": self.report.warnings},
             "license": _card_license(self.sources["reasoning"].path),
         }

@@ -112,8 +112,9 @@ def test_body_has_method_config_calibration_and_usage(tmp_path):
     rebuilt = RainMergingConfig.from_dict({"method": block["method"], **block["parameters"]})
     assert rebuilt.to_dict() == info["config"]
     assert "projection was sequential" not in text
-    info["config"]["sequential"] = True
-    assert "projection was sequential" in build_model_card(info).text
+    info["report"]["projection"] = "sequential"
+    text = build_model_card(info).text
+    assert "projection was sequential" in text and "# sequential unset: stage 1 ran sequential" in text
 
 
 def test_local_inputs_are_named_in_the_body_not_in_base_model(tmp_path):

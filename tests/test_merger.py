@@ -82,7 +82,7 @@ def test_end_to_end_reloads_and_generates(tmp_path, tokenizer, arch):
 
 
 def test_projection_residual_on_calibration_features(qwen2, tokenizer):
-    cfg = dict(lam=1.0, stage2=False, rcond=1e-6, positions="window", window=1)
+    cfg = dict(lam=1.0, stage2=False, rcond=1e-6, positions="window", window=1, sequential=False)
     merger = _merger(qwen2, **cfg)
     records = reasoning_records(3)
     merger.merge(records)
@@ -125,8 +125,9 @@ def test_sequential_projection_is_null_on_the_merged_models_own_inputs(qwen2, to
     samples = prepare_reasoning_calibration(records, tokenizer, RainMergingConfig(**cfg))
     seq = _merger(qwen2, sequential=True, **cfg)
     seq.merge(records)
-    one_shot = _merger(qwen2, **cfg)
+    one_shot = _merger(qwen2, sequential=False, **cfg)
     one_shot.merge(records)
+    assert (seq.report.projection, one_shot.report.projection) == ("sequential", "one-shot")
     seq_res = _own_input_residuals(seq, samples, ("window", 1))
     one_res = _own_input_residuals(one_shot, samples, ("window", 1))
     assert max(seq_res.values()) < 1e-4, seq_res
@@ -185,7 +186,7 @@ def test_sequential_with_lam_auto_and_stage2(qwen2, tmp_path):
     assert json.loads((out / "rain_merging_config.json").read_text())["config"]["sequential"] is True
 
 
-def test_sequential_needs_the_calibration_samples(qwen2):
+def test_sequential_needs_the_calibration_samples_unless_left_unset(qwen2):
     first = _merger(qwen2, lam=1.0, stage2=False)
     first.merge(reasoning_records(4))
     reuse = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
@@ -196,6 +197,14 @@ def test_sequential_needs_the_calibration_samples(qwen2):
         reuse.merge()
     assert not reuse.merged
     assert all(torch.equal(v, before[k]) for k, v in reuse.model.named_parameters())
+    # left unset, precomputed features give the one-shot projection; with the samples, the sequential one
+    unset = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
+                                       RainMergingConfig(lam=1.0, stage2=False), features=first.features)
+    one_shot = _merger(qwen2, lam=1.0, stage2=False, sequential=False)
+    one_shot.merge(reasoning_records(4))
+    unset.merge()
+    assert (first.report.projection, unset.report.projection) == ("sequential", "one-shot")
+    assert all(torch.equal(v, dict(one_shot.model.named_parameters())[k]) for k, v in unset.model.named_parameters())
 
 
 def test_first_layer_hidden_states_at_think_positions(qwen2, tokenizer):
@@ -224,7 +233,7 @@ def test_first_layer_hidden_states_at_think_positions(qwen2, tokenizer):
 
 def test_gqa_reference_coefficients_and_merged_tensors(qwen2, tokenizer):
     """Slow reference with explicit loops over heads (4 query heads, 2 kv heads)."""
-    cfg = RainMergingConfig(lam=1.5, rcond=0.05, positions="think+prev", coef_max=3.0)
+    cfg = RainMergingConfig(lam=1.5, rcond=0.05, positions="think+prev", coef_max=3.0, sequential=False)
     rec_r, rec_i = reasoning_records(3), instruction_records(3)
     merger = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], cfg)
     merger.merge(rec_r, rec_i)
@@ -288,7 +297,7 @@ def test_gqa_reference_coefficients_and_merged_tensors(qwen2, tokenizer):
 
 
 def test_features_reused_from_memory_and_disk(qwen2, tmp_path):
-    first = _merger(qwen2, lam=1.0, stage2=False)
+    first = _merger(qwen2, lam=1.0, stage2=False, sequential=False)  # reused features give the one-shot form
     first.merge(reasoning_records())
     path = tmp_path / "features.safetensors"
     first.features.save(path)
@@ -475,7 +484,7 @@ def test_lam_auto_picks_largest_lambda_within_think_budget(qwen2):
 def test_default_lam_is_auto_and_reused_features_keep_their_heldout_samples(qwen2, tmp_path):
     assert RainMergingConfig().lam == "auto" and RainMergingConfig(method="ties").lam == 1.0
     grid = dict(lam_grid=[0.5, 1.0, 4.0, 16.0], stage2=False, lam_auto_max_kl=1e-3)
-    first = _merger(qwen2, **grid)
+    first = _merger(qwen2, sequential=False, **grid)  # reused features give the one-shot form
     first.merge(reasoning_records(8))
     assert len(first.features.heldout) == 2 and all(ids and pos for ids, pos in first.features.heldout)
     path = tmp_path / "features.safetensors"

@@ -74,9 +74,10 @@ def test_config_round_trip_and_validation(tmp_path):
                      ({"target_modules": "attention"}, "target_modules"), ({"layers": [-1]}, "layers"),
                      ({"think_open": "<t>", "think_close": "<t>"}, "differ"), ({"batch_size": 0}, "batch_size"),
                      ({"max_shard_size": "lots"}, "max_shard_size"), ({"stage1": "yes"}, "stage1"),
-                     ({"sequential": True, "stage1": False}, "sequential")]:
+                     ({"sequential": True, "stage1": False}, "sequential"), ({"sequential": "yes"}, "null")]:
         with pytest.raises(ConfigError, match=msg):
             RainMergingConfig(**bad)
+    assert RainMergingConfig(stage1=False).sequential is None  # unset: nothing to make sequential, no error
     with pytest.raises(ConfigError, match="Unknown RainMergingConfig keys"):
         RainMergingConfig.from_dict({"lambda": 1})
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20 and parse_size(7) == 7
