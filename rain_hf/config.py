@@ -64,9 +64,11 @@ class RainMergingConfig:
             are captured with every earlier group already merged, so the projection also covers what the earlier
             merged layers changed in its input. The calibration batches' inputs to each decoder layer are cached
             and replayed, so it costs a few forward passes over the stage-1 calibration in all (per grid value with
-            ``lam="auto"``). ``None`` (default): sequential whenever ``merge()`` has the reasoning calibration
-            samples, the one-shot projection when it only has precomputed ``features``; ``True``: always (an
-            error without the samples); ``False``: the paper's one-shot projection.
+            ``lam="auto"``), and memory on the model's device for one layer's inputs (samples × tokens × hidden
+            size in the model's dtype) plus each padded batch's attention mask (up to batch_size × tokens² bytes
+            per batch). ``None`` (YAML ``null``, the default): sequential whenever ``merge()`` has the reasoning
+            calibration samples, the one-shot projection when it only has precomputed ``features``; ``True``:
+            always (an error without the samples); ``False``: the paper's one-shot projection.
         rho: leakage penalty ρ of the stage-2 score g = a − ρu.
         coef_normalize: ``"mean"`` divides the stage-2 scores by their mean over all heads (mean coefficient 1,
             so λ alone sets the strength); ``"none"`` keeps the paper's literal g / (1 + u).
