@@ -2,7 +2,8 @@
 positions (stage 1), and per-head instruction-attention statistics (stage 2).
 
 Everything is captured with hooks during ordinary forward passes of the reasoning (or probe) model: one pass per
-batch covers every layer.
+batch covers every layer. The sequential form of stage 1 (:class:`LayerReplay`) instead runs one decoder layer at a
+time on cached inputs, as the model is merged.
 """
 
 from __future__ import annotations
