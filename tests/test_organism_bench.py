@@ -60,3 +60,14 @@ def test_per_instruction_rates_and_forced_rows(quick_results):
     assert all(r["method"].startswith("[forced] ") for r in forced)
     # the think tag is part of a forced prompt, so the forced reasoning model still scores as thinking
     assert rows["[forced] reasoning model"]["think"] == 1.0
+
+
+def test_a_variant_run_writes_beside_the_committed_results_not_over_them(tmp_path):
+    from benchmarks.organism.bench import HERE, results_folder
+
+    assert results_folder(None, False, "default") == HERE
+    assert results_folder(None, False, "orthogonal") == HERE / "variants" / "orthogonal"
+    assert results_folder(tmp_path, False, "orthogonal") == tmp_path
+    quick = results_folder(None, True, "default")
+    assert quick.is_dir() and not quick.is_relative_to(HERE)
+    quick.rmdir()

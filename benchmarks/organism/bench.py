@@ -2,6 +2,7 @@
 
     python -m benchmarks.organism            # full run (240 prompts, fine λ grids), writes RESULTS.md + results.png
     python -m benchmarks.organism --quick    # a few prompts and a small grid (smoke test, < 1 minute)
+    python -m benchmarks.organism --organism /tmp/orth --grids orthogonal   # a variant, into variants/orthogonal/
 
 Each merged model is generated from greedily in the free template (the prompt ends at the assistant tag, so the
 model must open ``<think>`` itself) and scored with :mod:`rain_hf.evaluation`: think-format rate, answer accuracy
@@ -812,13 +813,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="24 prompts, small grids (smoke test)")
     ap.add_argument("--organism", type=Path, default=HERE, help="folder with checkpoints/ and data/ (default: here)")
     ap.add_argument("--out", type=Path, default=None,
-                    help="where RESULTS.md, results.png and results.json go (default: here; --quick: a temp folder)")
+                    help="where RESULTS.md, results.png and results.json go (default: here, or variants/GRIDS/ "
+                         "with --grids other than 'default'; --quick: a temp folder)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--grids", choices=sorted(GRIDS), default="default",
                     help="λ grids: 'default' for the committed organism, 'orthogonal' for `build --variant orthogonal`")
     ap.add_argument("--no-training-check", action="store_true",
                     help="skip regenerating the training prompts for the disjointness check")
     return ap.parse_args(argv)
+
+
+def results_folder(out: Path | None, quick: bool, grids: str) -> Path:
+    """Where a run writes its results: ``out`` when given, else a temporary folder for ``--quick``, this folder for
+    the default grids and ``variants/<grids>/`` for a variant's, so that a variant run never overwrites the
+    committed organism's RESULTS.md."""
+    if out is not None:
+        return out
+    if quick:
+        return Path(tempfile.mkdtemp(prefix="organism-bench-"))
+    return HERE if grids == "default" else HERE / "variants" / grids
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -834,7 +847,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"The organism is not built (missing {missing[0]}): run `python -m benchmarks.organism.build`.",
               file=sys.stderr)
         return 2
-    out = args.out or (Path(tempfile.mkdtemp(prefix="organism-bench-")) if args.quick else HERE)
+    out = results_folder(args.out, args.quick, args.grids)
     out.mkdir(parents=True, exist_ok=True)
     settings = QUICK if args.quick else GRIDS[args.grids]
     start = time.perf_counter()
@@ -849,8 +862,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         command += f" --organism {args.organism}"
     if args.grids != "default":
         command += f" --grids {args.grids}"
-    if args.out is not None and not args.quick and out.resolve() != HERE:
-        command += f" --out {args.out}"
+    if not args.quick and out.resolve() != HERE:
+        shown, root = out.resolve(), HERE.parents[1]
+        command += f" --out {shown.relative_to(root) if shown.is_relative_to(root) else out}"
     print(table(rows))
     print("\n".join(summary_lines(rows, bench.info)))
     for desc, ok, evidence in target_checks(rows, bench.info):
