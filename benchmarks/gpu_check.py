@@ -1,6 +1,6 @@
-"""One prepared GPU check (run on a CUDA machine): the organism merged on CPU and on CUDA must agree, a
-``device_map="auto"`` load must merge to the same weights, and a LoRA instruct model must merge
-on CUDA.
+"""One prepared GPU check (run on a CUDA machine): the organism merged on CPU and on CUDA must agree, in the
+one-shot and in the sequential projection, a ``device_map="auto"`` load must merge to the same weights, the
+sequential replay cache offloaded to CPU must not change the merge, and a LoRA instruct model must merge on CUDA.
 
     python -m benchmarks.gpu_check            # prints max |Δ| per check; exit 1 if any check fails
 
@@ -21,11 +21,11 @@ ORG = HERE / "organism"
 TOL = 1e-4  # fp32 organism: CPU and CUDA kernels differ in summation order only
 
 
-def merged_state(device: str, **kwargs) -> tuple[dict[str, torch.Tensor], float]:
+def merged_state(device: str, sequential: bool = False, offload: bool = False,
+                 **kwargs) -> tuple[dict[str, torch.Tensor], float]:
     from rain_hf import RainMerger, RainMergingConfig
 
-    # The one-shot form, as measured on an H200; the sequential default is not yet checked on CUDA here.
-    cfg = RainMergingConfig(lam=4.0, think_spacing=["", "", ""], sequential=False)
+    cfg = RainMergingConfig(lam=4.0, think_spacing=["", "", ""], sequential=sequential, sequential_offload=offload)
     start = time.perf_counter()
     merger = RainMerger.from_pretrained(str(ORG / "checkpoints/base"), str(ORG / "checkpoints/reasoning"),
                                         str(ORG / "checkpoints/instruct"), cfg, device=device, **kwargs)
@@ -72,16 +72,22 @@ def main() -> int:
               file=sys.stderr)
         return 2
     print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}")
-    cpu, t_cpu = merged_state("cpu")
-    cuda, t_cuda = merged_state("cuda")
-    results = {"organism RAIN λ4 cpu vs cuda": max_diff(cpu, cuda)}
-    print(f"organism merge wall: cpu {t_cpu:.1f}s, cuda {t_cuda:.1f}s")
-    try:
-        auto, _ = merged_state("cuda", device_map="auto")
-        results["organism RAIN λ4 cpu vs device_map=auto"] = max_diff(cpu, auto)
-    except Exception as exc:  # reported as a failure, with the reason
-        print(f"device_map='auto' failed: {type(exc).__name__}: {exc}")
-        results["organism RAIN λ4 cpu vs device_map=auto"] = float("inf")
+    results = {}
+    for sequential in (False, True):
+        form = "sequential" if sequential else "one-shot"
+        cpu, t_cpu = merged_state("cpu", sequential)
+        cuda, t_cuda = merged_state("cuda", sequential)
+        results[f"organism RAIN λ4 {form} cpu vs cuda"] = max_diff(cpu, cuda)
+        print(f"organism {form} merge wall: cpu {t_cpu:.1f}s, cuda {t_cuda:.1f}s")
+        try:
+            auto, _ = merged_state("cuda", sequential, device_map="auto")
+            results[f"organism RAIN λ4 {form} cpu vs device_map=auto"] = max_diff(cpu, auto)
+        except Exception as exc:  # reported as a failure, with the reason
+            print(f"device_map='auto' ({form}) failed: {type(exc).__name__}: {exc}")
+            results[f"organism RAIN λ4 {form} cpu vs device_map=auto"] = float("inf")
+    offloaded, t_off = merged_state("cuda", True, offload=True)
+    results["organism RAIN λ4 sequential cuda vs cuda with the cache offloaded"] = max_diff(cuda, offloaded)
+    print(f"organism sequential merge wall, cache offloaded: cuda {t_off:.1f}s")
     results["LoRA adapter cpu vs cuda"] = lora_on_cuda()
     ok = True
     for name, diff in results.items():

@@ -4,6 +4,7 @@
     python -m benchmarks.merge_memory --shape 1.5b --device cuda
     python -m benchmarks.merge_memory --lam auto             # the default λ search (RainMergingConfig())
     python -m benchmarks.merge_memory --one-shot             # the paper's one-shot projection (sequential=False)
+    python -m benchmarks.merge_memory --device cuda --offload  # the sequential replay cache kept in CPU memory
 
 The three checkpoints are built once (in a separate process, cached under --workdir); the merge then runs in a
 fresh process whose peak resident set size is read from the kernel (ru_maxrss). Prints the figures and checks the
@@ -50,7 +51,7 @@ def build(workdir: Path, shape: str) -> dict[str, str]:
 
 
 def run_merge(paths: dict[str, str], device: str, samples: int, out: Path, lam: float | str = 1.0,
-              one_shot: bool = False) -> dict:
+              one_shot: bool = False, offload: bool = False) -> dict:
     """Runs in its own process: the merge, then the figures as JSON on stdout."""
     import torch
 
@@ -59,7 +60,7 @@ def run_merge(paths: dict[str, str], device: str, samples: int, out: Path, lam: 
     from rain_hf.testing import instruction_records, reasoning_records
 
     start = time.perf_counter()
-    cfg = RainMergingConfig(lam=lam, batch_size=4, sequential=False if one_shot else None)
+    cfg = RainMergingConfig(lam=lam, batch_size=4, sequential=False if one_shot else None, sequential_offload=offload)
     merger = RainMerger.from_pretrained(paths["base"], paths["reasoning"], paths["instruct"], cfg, device=device)
     calls = {"decoder": 0, "layer": 0}
 
@@ -104,14 +105,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lam", default="1.0", help='λ, or "auto" for the calibration-only search (default 1.0)')
     parser.add_argument("--one-shot", action="store_true",
                         help="RainMergingConfig(sequential=False); by default stage 1 is sequential")
+    parser.add_argument("--offload", action="store_true",
+                        help="RainMergingConfig(sequential_offload=True): the replay cache in CPU memory")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "rain_hf_bench")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     lam = args.lam if args.lam == "auto" else float(args.lam)
+    if args.offload and args.one_shot:
+        parser.error("--offload moves the sequential projection's cache, and --one-shot turns it off: pick one.")
     if args._child:
         paths = json.loads(args._child)
         print(json.dumps(run_merge(paths, args.device, args.samples, args.workdir / f"merged-{args.shape}", lam,
-                                   args.one_shot)))
+                                   args.one_shot, args.offload)))
         return 0
     args.workdir.mkdir(parents=True, exist_ok=True)
     build_cmd = [sys.executable, "-c", "import json,sys; from benchmarks.merge_memory import build; "
@@ -120,14 +125,16 @@ def main(argv: list[str] | None = None) -> int:
                                       cwd=Path(__file__).resolve().parents[1]).stdout.strip().splitlines()[-1])
     child = [sys.executable, "-m", "benchmarks.merge_memory", "--shape", args.shape, "--device", args.device,
              "--samples", str(args.samples), "--lam", args.lam, "--workdir", str(args.workdir),
-             "--_child", json.dumps(paths)] + (["--one-shot"] if args.one_shot else [])
+             "--_child", json.dumps(paths)] + (["--one-shot"] if args.one_shot else []) + (
+                 ["--offload"] if args.offload else [])
     done = subprocess.run(child, check=True, stdout=subprocess.PIPE, text=True,
                           cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TQDM_DISABLE": "1"})
     fig = json.loads(done.stdout.strip().splitlines()[-1])
     size = fig["reasoning_bytes"] / GIB
     target = 1.5 * size + 1.0
     print(f"shape {args.shape}: {fig['parameters'] / 1e6:.0f}M parameters, reasoning checkpoint {size:.2f} GiB, "
-          f"device {args.device}, lam {args.lam} (merged with λ = {fig['lam']:g}), {fig['projection']} projection")
+          f"device {args.device}, lam {args.lam} (merged with λ = {fig['lam']:g}), {fig['projection']} projection"
+          f"{' (replay cache offloaded to CPU)' if args.offload else ''}")
     print(f"wall time (load + stage 1 + stage 2 + merge + save): {fig['wall_s']:.1f} s")
     for stage, seconds in fig["timings"].items():
         print(f"  {stage:22s} {seconds:8.1f} s")

@@ -64,11 +64,16 @@ class RainMergingConfig:
             are captured with every earlier group already merged, so the projection also covers what the earlier
             merged layers changed in its input. The calibration batches' inputs to each decoder layer are cached
             and replayed, so it costs a few forward passes over the stage-1 calibration in all (per grid value with
-            ``lam="auto"``), and memory on the model's device for one layer's inputs (samples × tokens × hidden
-            size in the model's dtype) plus each padded batch's attention mask (up to batch_size × tokens² bytes
-            per batch). ``None`` (YAML ``null``, the default): sequential whenever ``merge()`` has the reasoning
+            ``lam="auto"``), and memory on the model's device (or the CPU's, see ``sequential_offload``) for one
+            layer's inputs (samples × tokens × hidden size in the model's dtype) plus each padded batch's attention
+            mask (up to batch_size × tokens² bytes per batch). ``None`` (YAML ``null``, the default): sequential whenever ``merge()`` has the reasoning
             calibration samples, the one-shot projection when it only has precomputed ``features``; ``True``:
             always (an error without the samples); ``False``: the paper's one-shot projection.
+        sequential_offload: keep the sequential projection's replay cache (each calibration batch's layer inputs,
+            attention masks and position embeddings) in CPU memory and copy one batch at a time to the device of
+            the layer it runs through, so an accelerator holds one batch of it instead of the whole calibration set,
+            for a host–device copy each way per batch and layer run. Merged weights are the same; nothing changes
+            for a model on the CPU.
         rho: leakage penalty ρ of the stage-2 score g = a − ρu.
         coef_normalize: ``"mean"`` divides the stage-2 scores by their mean over all heads (mean coefficient 1,
             so λ alone sets the strength); ``"none"`` keeps the paper's literal g / (1 + u).
@@ -109,6 +114,7 @@ class RainMergingConfig:
     project_bias: bool = False
     precision: str = "float32"
     sequential: bool | None = None
+    sequential_offload: bool = False
     rho: float = 0.5
     coef_normalize: str = "mean"
     coef_min: float = 0.0
@@ -189,6 +195,11 @@ class RainMergingConfig:
         if self.sequential is not None and not isinstance(self.sequential, bool):
             raise ConfigError("RainMergingConfig.sequential must be true, false or null (sequential when the "
                               f"calibration samples are at hand), got {self.sequential!r}.")
+        flag("sequential_offload")
+        if self.sequential_offload and (self.sequential is False or not self.stage1):
+            raise ConfigError("RainMergingConfig.sequential_offload=True offloads the sequential projection's cache, "
+                              "and stage 1 is not sequential here (sequential=False or stage1=False): drop "
+                              "sequential_offload or leave sequential unset.")
         if self.sequential and not self.stage1:
             raise ConfigError("RainMergingConfig.sequential=True changes how stage 1 projects, and stage1 is False: "
                               "turn stage 1 on or leave sequential unset.")

@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -372,6 +373,25 @@ def _rows_svd(chunks: list[torch.Tensor], config: RainMergingConfig, device) -> 
     return v.cpu(), s.cpu()
 
 
+def move_tensors(obj: Any, device: torch.device, moved: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """``obj`` (tensors inside tuples, lists and dicts, e.g. a layer call's arguments) with every tensor on
+    ``device``; a tensor met twice, here or in an earlier call with the same ``moved``, is copied once, so tensors
+    the decoder shares between layers (masks, position embeddings) stay shared. ``moved`` maps a source tensor's
+    id to (source, copy), holding the source so that its id cannot be reused while the dict lives."""
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in moved:
+            moved[id(obj)] = (obj, obj.to(device))
+        return moved[id(obj)][1]
+    if isinstance(obj, tuple):
+        items = [move_tensors(o, device, moved) for o in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    if isinstance(obj, list):
+        return [move_tensors(o, device, moved) for o in obj]
+    if isinstance(obj, dict):
+        return {k: move_tensors(v, device, moved) for k, v in obj.items()}
+    return obj
+
+
 class _Stop(Exception):
     """Raised from a pre-hook once everything a pass was run for is recorded: the rest of the forward pass is
     not needed."""
@@ -391,10 +411,13 @@ class LayerReplay:
         >>> v, s = replay.group_basis(0, ["model.layers.0.self_attn.q_proj"])  # doctest: +SKIP
         >>> # ... merge layer 0's q/k/v, then ask for the next group
 
+    With ``config.sequential_offload`` the cache is kept in CPU memory and each batch is copied to the layer's
+    device only while it runs.
+
     Args:
         model: the model being merged (any device map).
         samples: reasoning calibration samples.
-        config: positions, window, batch_size, project_bias and precision are used.
+        config: positions, window, batch_size, project_bias, precision and sequential_offload are used.
         pad_token_id: id used to right-pad batches (masked out).
     """
 
@@ -410,15 +433,22 @@ class LayerReplay:
         # Per batch and layer, the other arguments the decoder passed (masks differ between layer types, e.g.
         # sliding-window layers); tensors shared between layers are stored once, by reference.
         self.calls: list[list[tuple[tuple, dict]]] = []
+        self.store = torch.device("cpu") if config.sequential_offload else None
+        # where each layer's inputs arrived in the decoder's own pass, to put an offloaded batch back there
+        self.devices: list[torch.device] = []
         device = _input_device(model)
         last = len(self.layers) - 1
+        shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # one batch's offloaded tensors, by source id
 
         def record(i: int):
             def hook(_module, args, kwargs):
                 hidden, rest = (args[0], args[1:]) if args else (kwargs["hidden_states"], ())
+                if len(self.calls) == 1:
+                    self.devices.append(hidden.device)
                 if i == 0:
-                    self.hidden.append(hidden)
-                self.calls[-1].append((rest, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+                    self.hidden.append(hidden if self.store is None else hidden.to(self.store))
+                call = (rest, {k: v for k, v in kwargs.items() if k != "hidden_states"})
+                self.calls[-1].append(call if self.store is None else move_tensors(call, self.store, shared))
                 if i == last:
                     raise _Stop
 
@@ -436,6 +466,8 @@ class LayerReplay:
                     decoder(input_ids=ids, attention_mask=mask, use_cache=False)
                 except _Stop:
                     continue
+                finally:
+                    shared.clear()  # drops the references that kept this batch's device tensors alive
                 raise RuntimeError("The decoder's forward pass never reached its last layer: the sequential "
                                    "projection cannot replay it layer by layer.")
         finally:
@@ -443,8 +475,10 @@ class LayerReplay:
                 h.remove()
 
     def _run_layer(self, b: int) -> torch.Tensor:
-        args, kwargs = self.calls[b][self.layer]
-        out = self.layers[self.layer](self.hidden[b], *args, **kwargs)
+        hidden, args, kwargs = self.hidden[b], *self.calls[b][self.layer]
+        if self.store is not None:
+            hidden, args, kwargs = move_tensors((hidden, args, kwargs), self.devices[self.layer], {})
+        out = self.layers[self.layer](hidden, *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
@@ -453,7 +487,10 @@ class LayerReplay:
             raise ValueError(f"Layer {layer} was asked for after layer {self.layer}: the groups must come in "
                              "forward order.")
         while self.layer < layer:
-            self.hidden = [self._run_layer(b) for b in range(len(self.hidden))]
+            # batch by batch in place, so the old and the new layer's inputs are never all alive together
+            for b in range(len(self.hidden)):
+                out = self._run_layer(b)
+                self.hidden[b] = out if self.store is None else out.to(self.store)
             self.layer += 1
 
     @torch.no_grad()

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rain_hf import RainMerger, RainMergingConfig
 from rain_hf.calibration import prepare_instruction_calibration, prepare_reasoning_calibration
 from rain_hf.checkpoints import CheckpointError
-from rain_hf.features import LayerReplay, ThinkFeatures
+from rain_hf.features import LayerReplay, ThinkFeatures, move_tensors
 from rain_hf.testing import (
     build_tokenizer,
     build_triple,
@@ -175,6 +175,34 @@ def test_layer_replay_matches_full_forward_passes(tokenizer):
                               atol=1e-3)
     with pytest.raises(ValueError, match="forward order"):
         replay.group_rows(0, [names[0]])
+
+
+def test_move_tensors_keeps_shared_tensors_shared():
+    mask, cos, sin = torch.ones(2, 1, 4, 4, dtype=torch.bool), torch.zeros(2, 4, 8), torch.ones(2, 4, 8)
+    layer0 = ((), {"attention_mask": mask, "position_embeddings": (cos, sin), "use_cache": False})
+    layer1 = ((), {"attention_mask": mask, "position_embeddings": (cos, sin), "use_cache": False})
+    moved: dict = {}
+    out0 = move_tensors(layer0, torch.device("meta"), moved)
+    out1 = move_tensors(layer1, torch.device("meta"), moved)
+    assert out0[1]["attention_mask"].device.type == "meta" and out0[1]["attention_mask"].dtype == torch.bool
+    assert out0[1]["use_cache"] is False and isinstance(out0[1]["position_embeddings"], tuple)
+    # the layers' shared tensors are copied once and stay shared; distinct ones stay distinct
+    assert out1[1]["attention_mask"] is out0[1]["attention_mask"]
+    assert out1[1]["position_embeddings"][0] is out0[1]["position_embeddings"][0]
+    assert out0[1]["position_embeddings"][0] is not out0[1]["position_embeddings"][1]
+    assert len(moved) == 3
+
+
+def test_sequential_offload_gives_the_same_merge(qwen2, tokenizer):
+    cfg = dict(lam=2.0, stage2=False, sequential=True, positions="window", window=1, batch_size=2)
+    on_device, offloaded = _merger(qwen2, **cfg), _merger(qwen2, sequential_offload=True, **cfg)
+    on_device.merge(reasoning_records(5))
+    offloaded.merge(reasoning_records(5))
+    replay = LayerReplay(offloaded.model, offloaded._stage1_samples, offloaded.config, tokenizer.pad_token_id)
+    assert replay.store == torch.device("cpu") and len(replay.devices) == len(replay.layers)
+    merged = dict(on_device.model.named_parameters())
+    assert all(torch.equal(v, merged[k]) for k, v in offloaded.model.named_parameters())
+    assert offloaded.report.projection == "sequential"
 
 
 def test_sequential_with_lam_auto_and_stage2(qwen2, tmp_path):

@@ -74,7 +74,10 @@ def test_config_round_trip_and_validation(tmp_path):
                      ({"target_modules": "attention"}, "target_modules"), ({"layers": [-1]}, "layers"),
                      ({"think_open": "<t>", "think_close": "<t>"}, "differ"), ({"batch_size": 0}, "batch_size"),
                      ({"max_shard_size": "lots"}, "max_shard_size"), ({"stage1": "yes"}, "stage1"),
-                     ({"sequential": True, "stage1": False}, "sequential"), ({"sequential": "yes"}, "null")]:
+                     ({"sequential": True, "stage1": False}, "sequential"), ({"sequential": "yes"}, "null"),
+                     ({"sequential_offload": 1}, "sequential_offload"),
+                     ({"sequential_offload": True, "sequential": False}, "drop sequential_offload"),
+                     ({"sequential_offload": True, "stage1": False}, "drop sequential_offload")]:
         with pytest.raises(ConfigError, match=msg):
             RainMergingConfig(**bad)
     assert RainMergingConfig(stage1=False).sequential is None  # unset: nothing to make sequential, no error
