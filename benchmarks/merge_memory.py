@@ -89,6 +89,7 @@ def run_merge(paths: dict[str, str], device: str, samples: int, out: Path, lam: 
         "stage1_batches": -(-merger.features.settings["num_samples"] // cfg.batch_size),  # lam="auto" holds some out
         "lam": merger.report.lam,
         "projection": merger.report.projection,
+        "replay_cache_bytes": merger.report.replay_cache_bytes,
         "stage1_forwards": stage1["decoder"],
         "merge_forwards": calls["decoder"] - stage1["decoder"],  # the stage-2 probe, and the sequential replay's start
         "merge_layer_calls": calls["layer"] - stage1["layer"],  # also counts the replayed layers
@@ -148,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
           f"(= {fig['merge_layer_calls'] / fig['num_layers']:.1f} passes over {fig['num_layers']} layers; "
           f"{fig['input_groups']} input groups"
           f"{', each captured on replayed layer inputs' if fig['projection'] == 'sequential' else ''})")
+    if fig["replay_cache_bytes"] is not None:
+        print(f"replay cache: {fig['replay_cache_bytes'] / 2**20:.1f} MiB "
+              f"{'in CPU memory' if args.offload else 'on ' + args.device}")
     return 0
 
 

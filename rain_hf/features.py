@@ -474,6 +474,25 @@ class LayerReplay:
             for h in handles:
                 h.remove()
 
+    def nbytes(self) -> int:
+        """Bytes the cache holds (one layer's inputs for every batch, and every tensor argument counted once): the
+        same at every layer, as each layer's outputs have its inputs' shape."""
+        seen: dict[int, int] = {}
+
+        def count(obj: Any) -> None:
+            if isinstance(obj, torch.Tensor):
+                seen[id(obj)] = obj.numel() * obj.element_size()
+            elif isinstance(obj, (tuple, list)):
+                for o in obj:
+                    count(o)
+            elif isinstance(obj, dict):
+                for o in obj.values():
+                    count(o)
+
+        count(self.hidden)
+        count(self.calls)
+        return sum(seen.values())
+
     def _run_layer(self, b: int) -> torch.Tensor:
         hidden, args, kwargs = self.hidden[b], *self.calls[b][self.layer]
         if self.store is not None:

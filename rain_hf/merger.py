@@ -175,6 +175,7 @@ class MergeReport:
     leakage: list[list[float]] | None = None
     lam_search: list[dict[str, float]] | None = None
     projection: str | None = None  # stage 1 as it ran: "sequential" or "one-shot"
+    replay_cache_bytes: int | None = None  # the sequential form's cached layer inputs, masks and position embeddings
     vocab: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -525,6 +526,7 @@ class RainMerger:
         # Modules downstream of a group do not change its input, so whatever they hold (the reasoning weights or
         # another λ's merge) does not matter when its features are captured.
         replay = LayerReplay(self.model, self._stage1_samples, self.config, self._pad_id())
+        self.report.replay_cache_bytes = replay.nbytes()
         for group in tqdm(self._input_groups(), desc=f"{desc} (sequential)", unit="group"):
             basis = replay.group_basis(group[0].layer, [t.name for t in group], svd_device=self.device)
             for target in group:

@@ -175,6 +175,16 @@ def test_layer_replay_matches_full_forward_passes(tokenizer):
                               atol=1e-3)
     with pytest.raises(ValueError, match="forward order"):
         replay.group_rows(0, [names[0]])
+    # the cache's size: one layer's inputs per batch, plus every other tensor argument once (by storage)
+    hidden = sum(len(batch) * max(len(s.input_ids) for s in batch) * model.config.hidden_size * 4
+                 for batch in (samples[:3], samples[3:]))
+    others = {}
+    for calls in replay.calls:
+        for args, kwargs in calls:
+            for t in [*args, *kwargs.values(), *(kwargs.get("position_embeddings") or ())]:
+                if isinstance(t, torch.Tensor):
+                    others[t.untyped_storage().data_ptr()] = t.numel() * t.element_size()
+    assert replay.nbytes() == hidden + sum(others.values()) and len(others) > len(replay.calls)
 
 
 def test_move_tensors_keeps_shared_tensors_shared():
@@ -203,6 +213,7 @@ def test_sequential_offload_gives_the_same_merge(qwen2, tokenizer):
     merged = dict(on_device.model.named_parameters())
     assert all(torch.equal(v, merged[k]) for k, v in offloaded.model.named_parameters())
     assert offloaded.report.projection == "sequential"
+    assert offloaded.report.replay_cache_bytes == on_device.report.replay_cache_bytes == replay.nbytes() > 0
 
 
 def test_sequential_with_lam_auto_and_stage2(qwen2, tmp_path):
