@@ -66,9 +66,10 @@ class RainMergingConfig:
             and replayed, so it costs a few forward passes over the stage-1 calibration in all (per grid value with
             ``lam="auto"``), and memory on the model's device (or the CPU's, see ``sequential_offload``) for one
             layer's inputs (samples × tokens × hidden size in the model's dtype) plus each padded batch's attention
-            mask (up to batch_size × tokens² bytes per batch). ``None`` (YAML ``null``, the default): sequential whenever ``merge()`` has the reasoning
-            calibration samples, the one-shot projection when it only has precomputed ``features``; ``True``:
-            always (an error without the samples); ``False``: the paper's one-shot projection.
+            mask (up to batch_size × tokens² bytes per batch). ``None`` (YAML ``null``, the default): sequential
+            whenever ``merge()`` has the reasoning calibration samples, the one-shot projection when it only has
+            precomputed ``features``; ``True``: always (an error without the samples); ``False``: the paper's
+            one-shot projection.
         sequential_offload: keep the sequential projection's replay cache (each calibration batch's layer inputs,
             attention masks and position embeddings) in CPU memory and copy one batch at a time to the device of
             the layer it runs through, so an accelerator holds one batch of it instead of the whole calibration set,
