@@ -739,7 +739,7 @@ class RainMerger:
                        "head_coefficients": self.report.head_coefficients, "layers": self.report.layers,
                        "alignment": self.report.alignment, "leakage": self.report.leakage,
                        "lam_search": self.report.lam_search, "projection": self.report.projection,
-                       "vocab": self.report.vocab,
+                       "replay_cache_bytes": self.report.replay_cache_bytes, "vocab": self.report.vocab,
                        "warnings": self.report.warnings},
             "license": _card_license(self.sources["reasoning"].path),
         }

@@ -222,7 +222,9 @@ def test_sequential_with_lam_auto_and_stage2(qwen2, tmp_path):
     assert [row["lam"] for row in merger.report.lam_search] == [0.5, 1.0, 2.0]
     assert merger.report.lam in (0.5, 1.0, 2.0) and merger.report.head_coefficients is not None
     out = merger.save_pretrained(tmp_path / "out")
-    assert json.loads((out / "rain_merging_config.json").read_text())["config"]["sequential"] is True
+    sidecar = json.loads((out / "rain_merging_config.json").read_text())
+    assert sidecar["config"]["sequential"] is True
+    assert sidecar["report"]["replay_cache_bytes"] == merger.report.replay_cache_bytes > 0
 
 
 def test_sequential_needs_the_calibration_samples_unless_left_unset(qwen2):
