@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -373,23 +373,33 @@ def _rows_svd(chunks: list[torch.Tensor], config: RainMergingConfig, device) -> 
     return v.cpu(), s.cpu()
 
 
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``obj`` with ``fn`` applied to every tensor inside it, through tuples (named ones included), lists and
+    dicts; anything else is kept as is."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        items = [map_tensors(o, fn) for o in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    if isinstance(obj, list):
+        return [map_tensors(o, fn) for o in obj]
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
 def move_tensors(obj: Any, device: torch.device, moved: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> Any:
     """``obj`` (tensors inside tuples, lists and dicts, e.g. a layer call's arguments) with every tensor on
     ``device``; a tensor met twice, here or in an earlier call with the same ``moved``, is copied once, so tensors
     the decoder shares between layers (masks, position embeddings) stay shared. ``moved`` maps a source tensor's
     id to (source, copy), holding the source so that its id cannot be reused while the dict lives."""
-    if isinstance(obj, torch.Tensor):
-        if id(obj) not in moved:
-            moved[id(obj)] = (obj, obj.to(device))
-        return moved[id(obj)][1]
-    if isinstance(obj, tuple):
-        items = [move_tensors(o, device, moved) for o in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
-    if isinstance(obj, list):
-        return [move_tensors(o, device, moved) for o in obj]
-    if isinstance(obj, dict):
-        return {k: move_tensors(v, device, moved) for k, v in obj.items()}
-    return obj
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in moved:
+            moved[id(t)] = (t, t.to(device))
+        return moved[id(t)][1]
+
+    return map_tensors(obj, move)
 
 
 class _Stop(Exception):
@@ -478,19 +488,7 @@ class LayerReplay:
         """Bytes the cache holds (one layer's inputs for every batch, and every tensor argument counted once): the
         same at every layer, as each layer's outputs have its inputs' shape."""
         seen: dict[int, int] = {}
-
-        def count(obj: Any) -> None:
-            if isinstance(obj, torch.Tensor):
-                seen[id(obj)] = obj.numel() * obj.element_size()
-            elif isinstance(obj, (tuple, list)):
-                for o in obj:
-                    count(o)
-            elif isinstance(obj, dict):
-                for o in obj.values():
-                    count(o)
-
-        count(self.hidden)
-        count(self.calls)
+        map_tensors((self.hidden, self.calls), lambda t: seen.setdefault(id(t), t.numel() * t.element_size()))
         return sum(seen.values())
 
     def _run_layer(self, b: int) -> torch.Tensor:
