@@ -44,7 +44,9 @@ class RainMergingConfig:
             benchmark needs 4–5) and 1.0 for the baselines.
         lam_grid: candidate λ values for ``lam="auto"``.
         lam_auto_max_kl: the largest L_think (mean KL(merged ‖ reasoning) at the thinking positions of held-out
-            reasoning calibration samples) ``lam="auto"`` accepts; it picks the largest λ of the grid within it.
+            reasoning calibration samples, the think-close token's own left out: it predicts the answer's first
+            token, where format instructions act) ``lam="auto"`` accepts; it picks the largest λ of the grid
+            within it.
         lam_auto_holdout: share of the reasoning calibration samples held out of stage 1 to measure L_think.
         stage1: project the task vector onto the null space of the thinking-token features.
         stage2: scale each attention head by its instruction-attention coefficient.

@@ -677,6 +677,17 @@ class RainMerger:
         cfg = self.config
         return [(list(s.input_ids), s.think_positions(cfg.positions, cfg.window)) for s in samples]
 
+    def _l_think_rows(self, heldout: list[tuple[list[int], list[int]]]) -> tuple[list[torch.Tensor], list[list[int]]]:
+        """Token ids and positions where ``lam="auto"`` measures L_think: the thinking positions of each held-out
+        sample but the think-close token's own, whose next token is the answer's first. Format instructions act
+        there (capitals, quotation marks, a start phrase), so a KL taken there grows with the instruction
+        following that λ is meant to maximise, not with damage to the thinking format."""
+        _, close_id = check_think_tokens(self.tokenizer, self.config)
+        # Every position set holds the think-open anchor, so no sample is left without a position.
+        ids = [torch.tensor(sample_ids) for sample_ids, _ in heldout]
+        positions = [[p for p in sample_positions if sample_ids[p] != close_id] for sample_ids, sample_positions in heldout]
+        return ids, positions
+
     def _choose_lambda(self, alpha: torch.Tensor | None, heldout: list[tuple[list[int], list[int]]]) -> float:
         """λ = the largest grid value whose L_think on held-out reasoning samples stays ≤ lam_auto_max_kl.
 
@@ -691,8 +702,7 @@ class RainMerger:
         from .evaluation import kl_rows, think_log_probs
 
         start = time.perf_counter()
-        ids = [torch.tensor(i) for i, _ in heldout]
-        positions = [p for _, p in heldout]
+        ids, positions = self._l_think_rows(heldout)
 
         def log_probs() -> torch.Tensor:
             return think_log_probs(self.model, ids, positions, cfg.batch_size, self._pad_id())

@@ -522,6 +522,31 @@ def test_lam_auto_picks_largest_lambda_within_think_budget(qwen2):
     assert merger.features.settings["num_samples"] == 6  # two of eight held out to measure L_think
 
 
+def test_lam_auto_l_think_leaves_out_the_think_close_position(qwen2, tokenizer):
+    # The think-close token's next token is the answer's first, where format instructions act: lam="auto" must not
+    # count that change against λ. Slow reference: full forward passes of each searched λ, one sample at a time.
+    auto = _merger(qwen2, lam="auto", lam_grid=[32.0, 128.0], stage2=False, sequential=False)
+    auto.merge(reasoning_records(8))
+    close_id = tokenizer.convert_tokens_to_ids("</think>")
+    reasoning = AutoModelForCausalLM.from_pretrained(qwen2["reasoning"], dtype=torch.float32).eval()
+    for row in auto.report.lam_search:
+        fixed = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
+                                           RainMergingConfig(lam=row["lam"], stage2=False), features=auto.features)
+        merged = fixed.merge().eval()
+        kept, with_close = [], []
+        for ids, positions in auto.features.heldout:
+            assert sum(ids[p] == close_id for p in positions) == 1
+            with torch.no_grad():
+                log_m = torch.log_softmax(merged(torch.tensor([ids])).logits[0].double(), -1)
+                log_r = torch.log_softmax(reasoning(torch.tensor([ids])).logits[0].double(), -1)
+            kl = (log_m.exp() * (log_m - log_r)).sum(-1)
+            kept += [kl[p] for p in positions if ids[p] != close_id]
+            with_close += [kl[p] for p in positions]
+        expected, other = float(torch.stack(kept).mean()), float(torch.stack(with_close).mean())
+        assert row["l_think"] == pytest.approx(expected, rel=1e-4)
+        assert abs(other - expected) > 1e-3 * expected  # the close position would change the figure
+
+
 def test_default_lam_is_auto_and_reused_features_keep_their_heldout_samples(qwen2, tmp_path):
     assert RainMergingConfig().lam == "auto" and RainMergingConfig(method="ties").lam == 1.0
     grid = dict(lam_grid=[0.5, 1.0, 4.0, 16.0], stage2=False, lam_auto_max_kl=1e-3)

@@ -687,7 +687,7 @@ def summary_lines(rows: Sequence[Row], info: dict[str, Any]) -> list[str]:
         out.append(f"lam='auto' picked λ={auto['lam']:g} (L_think ≤ {auto['max_kl']} on held-out calibration); "
                    f"best RAIN 1+2 λ on test prompts: {best.lam:g}" if best else
                    f"lam='auto' picked λ={auto['lam']:g}; no RAIN 1+2 λ is feasible on test prompts")
-        out.append("  auto search (λ: held-out L_think at the stage-1 positions): "
+        out.append("  auto search (λ: held-out L_think at the stage-1 positions before `</think>`): "
                    + ", ".join(f"{s['lam']:g}: {s['l_think']:.4f}" for s in auto["search"] or []))
     auto_seq = info.get("auto_sequential")
     if auto_seq:
