@@ -682,7 +682,7 @@ class RainMerger:
         sample but the think-close token's own, whose next token is the answer's first. Format instructions act
         there (capitals, quotation marks, a start phrase), so a KL taken there grows with the instruction
         following that λ is meant to maximise, not with damage to the thinking format."""
-        _, close_id = check_think_tokens(self.tokenizer, self.config)
+        close_id = self.plan.think_token_ids[1]
         # Every position set holds the think-open anchor, so no sample is left without a position.
         ids = [torch.tensor(sample_ids) for sample_ids, _ in heldout]
         positions = [[p for p in sample_positions if sample_ids[p] != close_id] for sample_ids, sample_positions in heldout]
