@@ -115,3 +115,20 @@ def test_sweep_names_unknown_recipes_and_empty_sources(tmp_path, capsys):
     assert not (tmp_path / "sw").exists()  # nothing half-made
     assert S.main(["score", str(tmp_path)]) == 2
     assert "sweep run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,six_heads", [("heads12", None), ("heads12_plain_r300_itm2", "plain_r300_itm2")])
+def test_heads12_variants_change_the_head_split_only(name, six_heads):
+    tok = B.build_tokenizer(B.Recipe())
+    reference = dataclasses.replace(B.Recipe(), **B.VARIANTS.get(six_heads, {}))
+    recipe = dataclasses.replace(B.Recipe(), **B.VARIANTS[name])
+    assert dataclasses.replace(recipe, num_heads=6, num_kv_heads=2) == reference
+    wide, narrow = B.make_model(recipe, tok), B.make_model(reference, tok)
+    assert wide.model.layers[0].self_attn.head_dim * 2 == narrow.model.layers[0].self_attn.head_dim == 32
+    # the same GQA ratio and the same shape of every weight: only how q/k/v/o rows split into heads differs
+    assert wide.config.num_attention_heads // wide.config.num_key_value_heads == 3
+    narrow_weights = narrow.state_dict()
+    assert wide.state_dict().keys() == narrow_weights.keys()
+    # same shapes and seeds: even the initial weights are the same
+    assert all(v.equal(narrow_weights[k]) for k, v in wide.state_dict().items())
+    assert B.finetune_pairs("instruct", 64, recipe) == B.finetune_pairs("instruct", 64, reference)

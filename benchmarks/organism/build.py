@@ -11,7 +11,8 @@ fine-tune that never thinks and follows them. Both fine-tunes start from the bas
 with one thread each, and put the loss on the assistant response only.
 
 ``--variant orthogonal`` builds the near-orthogonal variant of BUILD.md instead (base thinks 20 % of the time;
-the reasoning fine-tune sees no format instructions), into the folder given with ``--out``.
+the reasoning fine-tune sees no format instructions), into the folder given with ``--out``; BUILD.md lists the
+others (``plain_r300_itm2``, ``heads12``, ``heads12_plain_r300_itm2``).
 """
 
 from __future__ import annotations
@@ -92,6 +93,11 @@ VARIANTS = {"orthogonal": dict(p_think=0.2, p_follow=0.5, reasoning_ft_steps=600
             # fine-tune with a quarter of its prompts ending in a forced <think> (ITM2). Chosen by sweep.py.
             "plain_r300_itm2": dict(reasoning_ft_steps=300, reasoning_ft_plain_share=1.0,
                                instruct_forced_think_share=0.25)}
+# Stage 2 scores query heads; with 6 per layer its head-level part changed nothing (STAGE2.md). These give 12
+# heads of width 16 (4 kv heads: the same GQA ratio and the same parameter count) to the two recipes above.
+HEADS12 = dict(num_heads=12, num_kv_heads=4)
+VARIANTS["heads12"] = dict(HEADS12)
+VARIANTS["heads12_plain_r300_itm2"] = {**VARIANTS["plain_r300_itm2"], **HEADS12}
 
 
 # --------------------------------------------------------------------------------------------------------------
