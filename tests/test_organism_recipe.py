@@ -127,8 +127,8 @@ def test_heads12_variants_change_the_head_split_only(name, six_heads):
     assert wide.model.layers[0].self_attn.head_dim * 2 == narrow.model.layers[0].self_attn.head_dim == 32
     # the same GQA ratio and the same shape of every weight: only how q/k/v/o rows split into heads differs
     assert wide.config.num_attention_heads // wide.config.num_key_value_heads == 3
-    narrow_weights = narrow.state_dict()
-    assert wide.state_dict().keys() == narrow_weights.keys()
+    wide_weights, narrow_weights = wide.state_dict(), narrow.state_dict()
+    assert wide_weights.keys() == narrow_weights.keys()
     # same shapes and seeds: even the initial weights are the same
-    assert all(v.equal(narrow_weights[k]) for k, v in wide.state_dict().items())
+    assert all(v.equal(narrow_weights[k]) for k, v in wide_weights.items())
     assert B.finetune_pairs("instruct", 64, recipe) == B.finetune_pairs("instruct", 64, reference)
