@@ -45,16 +45,16 @@ def organism_root() -> Path:
 
 @pytest.fixture(scope="session")
 def run_quick(organism_root):
-    """``run_quick(module, out)``: ``python -m <module> --quick`` on the organism, writing into ``out``.
+    """``run_quick(module, out, *args)``: ``python -m <module> --quick [args]`` on the organism, writing into ``out``.
 
     A child process: OMP_WAIT_POLICY only counts before torch loads, and spinning OpenMP threads make the run
     several times slower on a shared machine.
     """
 
-    def run(module: str, out: Path) -> None:
+    def run(module: str, out: Path, *args: str) -> None:
         env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false")
         proc = subprocess.run(
-            [sys.executable, "-m", module, "--quick", "--organism", str(organism_root), "--out", str(out)],
+            [sys.executable, "-m", module, "--quick", "--organism", str(organism_root), "--out", str(out), *args],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]

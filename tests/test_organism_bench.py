@@ -7,6 +7,8 @@ import math
 
 import pytest
 
+from benchmarks.organism.bench import main as bench_main
+
 
 @pytest.fixture(scope="module")
 def quick_results(tmp_path_factory, run_quick) -> dict:
@@ -71,3 +73,29 @@ def test_a_variant_run_writes_beside_the_committed_results_not_over_them(tmp_pat
     quick = results_folder(None, True, "default")
     assert quick.is_dir() and not quick.is_relative_to(HERE)
     quick.rmdir()
+
+
+def test_one_process_gives_the_rows_of_two_workers(quick_results, tmp_path, run_quick):
+    """The default run spreads rows over two spawned workers of one thread each; run in one process, also with
+    one thread, every row, its order and the report must come out the same (merge times aside)."""
+    run_quick("benchmarks.organism", tmp_path, "--threads", "1", "--workers", "1")
+    serial = json.loads((tmp_path / "results.json").read_text())
+    assert quick_results["info"]["workers"] == {"processes": 2, "threads_each": 1}
+    assert serial["info"]["workers"] == {"processes": 1, "threads_each": 1}
+    assert [r["method"] for r in serial["rows"]] == [r["method"] for r in quick_results["rows"]]
+    for one, two in zip(serial["rows"], quick_results["rows"], strict=True):
+        for key, value in one.items():
+            if key == "l_think":  # reductions may group differently in another process
+                assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-8), (one["method"], one["lam"])
+            elif key != "merge_s":
+                assert two[key] == value, (one["method"], one["lam"], key)
+    assert list(serial["info"]["features_s"]) == list(quick_results["info"]["features_s"])
+    for key in ("auto", "auto_sequential"):
+        assert serial["info"][key]["lam"] == quick_results["info"][key]["lam"]
+    assert set(serial["info"]["timings_s"]) == set(quick_results["info"]["timings_s"])
+
+
+@pytest.mark.parametrize("args", [["--workers", "0"], ["--threads", "0"]])
+def test_workers_and_threads_must_be_positive(args, capsys):
+    assert bench_main(args) == 2
+    assert "at least 1" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ FAMILIES = ("reference", "task_arithmetic", "ties", "dare_ties", "dare_linear", 
             "forced_reference", "forced_task_arithmetic", "forced_rain_stage1", "forced_rain_both",
             "forced_rain_stage1_all")
 FORCED = "[forced] "  # method-name prefix of the rows generated with the prompt ending in <think>
+Job = Callable[[], Any]  # adds one or a few rows to a Bench
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -332,6 +334,23 @@ class Bench:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
+        """:meth:`load`, then what only the report needs: the disjointness check, the note on
+        ``../shared/calibration`` and the task-vector geometry."""
+        self.load()
+        evals = self.evaluate.evals
+        self.info["overlap"] = check_disjoint(self.org, [r["prompt"] for r in evals], self.settings.training_check)
+        for line in self.info["overlap"]:
+            logger.info("overlap: %s", line)
+        self.info["shared_calibration"] = "../shared/calibration: not used."
+        if self.settings.shared_note:
+            max_pos = int(self.models["reasoning"].config.max_position_embeddings)
+            self.info["shared_calibration"] = shared_calibration_note(self.tokenizer, max_pos)
+        logger.info("%s", self.info["shared_calibration"])
+        self.info["geometry"] = self.geometry()
+
+    def load(self) -> None:
+        """What evaluating rows needs: the tokenizer, the three models, the held-out prompts, the stage-1 share
+        of the reasoning calibration (written into :attr:`workdir`) and the held-out samples of L_think."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from rain_hf.calibration import prepare_reasoning_calibration
@@ -344,14 +363,6 @@ class Bench:
         evals = read_jsonl(self.org.data("eval_prompts.jsonl"))
         if self.settings.n_prompts is not None:
             evals = evals[: self.settings.n_prompts]
-        self.info["overlap"] = check_disjoint(self.org, [r["prompt"] for r in evals], self.settings.training_check)
-        for line in self.info["overlap"]:
-            logger.info("overlap: %s", line)
-        self.info["shared_calibration"] = "../shared/calibration: not used."
-        if self.settings.shared_note:
-            max_pos = int(self.models["reasoning"].config.max_position_embeddings)
-            self.info["shared_calibration"] = shared_calibration_note(self.tokenizer, max_pos)
-        logger.info("%s", self.info["shared_calibration"])
 
         records = read_records(self.org.data("reasoning_calibration.json"))
         n_out = max(1, round(len(records) * HOLDOUT))
@@ -370,7 +381,6 @@ class Bench:
                                     "heldout_positions": sum(map(len, positions)), "eval_prompts": len(evals)}
         self.instruction_path = self.org.data("instruction_calibration.jsonl")
         self.evaluate = Evaluator(self.tokenizer, evals, self.models["reasoning"], ids, positions, self.settings)
-        self.info["geometry"] = self.geometry()
 
     def geometry(self) -> dict[str, Any]:
         """|cos| of the two task vectors and each fine-tune's ‖Δ‖/‖W‖ over the decoder's linear weights."""
@@ -416,23 +426,17 @@ class Bench:
         self.add(method, family, lam, model, merge_s, note)
         return merger
 
-    def references(self) -> None:
-        for role in ("base", "reasoning", "instruct"):
-            self.add(f"{role} model", "reference", None, self.models[role], None)
+    def merge_job(self, method: str, family: str, lam: float | None, cfg: Any,
+                  features: tuple[str, Path | None, str | None] | None = None, note: str = "",
+                  **merge_kwargs: Any) -> Job:
+        """A job of one merged row; ``features`` names stage-1 features as :meth:`features_for`'s arguments, so
+        that they are computed when (and in the process where) a job first needs them."""
 
-    def baselines(self) -> None:
-        from rain_hf import RainMergingConfig
+        def job() -> None:
+            feats = None if features is None else self.features_for(*features)
+            self.merge_and_add(method, family, lam, cfg, feats, note, **merge_kwargs)
 
-        s = self.settings
-        grids: list[tuple[str, Sequence[float]]] = [("task_arithmetic", s.ta_grid), ("ties", s.ties_grid),
-                                                     ("dare_ties", s.dare_grid), ("dare_linear", s.dare_grid)]
-        for method, grid in grids:
-            for lam in grid:
-                note = "density 0.5" if method != "task_arithmetic" else ""
-                self.merge_and_add(method, method, lam, RainMergingConfig(method=method, lam=lam), note=note)
-        for t in s.slerp_ts:
-            self.merge_and_add(f"slerp t={t:g}", "slerp", None, RainMergingConfig(method="slerp", slerp_t=t),
-                               note=f"t={t:g}")
+        return job
 
     def features_for(self, positions: str, path: Path | None = None, label: str | None = None) -> Any:
         """Stage-1 features of one position setting, computed once per (positions, file) from the stage-1 share."""
@@ -445,77 +449,110 @@ class Bench:
             self.info.setdefault("features_s", {})[label or positions] = time.perf_counter() - start
         return self.features_cache[positions, path]
 
-    def rain(self) -> None:
+    # ------------------------------------------------------------------ jobs: each adds one or a few rows
+    def references(self) -> None:
+        """The base, reasoning and instruct models' rows (free template)."""
+        for job in self.reference_jobs():
+            job()
 
-        s = self.settings
+    def reference_jobs(self, prefix: str = "", family: str = "reference") -> Iterator[Job]:
+        for role in ("base", "reasoning", "instruct"):
+            yield functools.partial(self.add, f"{prefix}{role} model", family, None, self.models[role], None)
+
+    def baseline_jobs(self) -> Iterator[Job]:
         from rain_hf import RainMergingConfig
 
-        feats = self.features_for(RainMergingConfig().positions)
+        s = self.settings
+        grids: list[tuple[str, Sequence[float]]] = [("task_arithmetic", s.ta_grid), ("ties", s.ties_grid),
+                                                     ("dare_ties", s.dare_grid), ("dare_linear", s.dare_grid)]
+        for method, grid in grids:
+            for lam in grid:
+                note = "density 0.5" if method != "task_arithmetic" else ""
+                yield self.merge_job(method, method, lam, RainMergingConfig(method=method, lam=lam), note=note)
+        for t in s.slerp_ts:
+            yield self.merge_job(f"slerp t={t:g}", "slerp", None, RainMergingConfig(method="slerp", slerp_t=t),
+                                 note=f"t={t:g}")
+
+    def rain_jobs(self) -> Iterator[Job]:
+        from rain_hf import RainMergingConfig
+
+        s = self.settings
+        feats = (RainMergingConfig().positions, None, None)
         ins = {"instruction_calibration": str(self.instruction_path)}
         for lam in s.rain_grid:
-            self.merge_and_add("RAIN stage 1", "rain_stage1", lam, self.cfg(lam=lam, stage2=False), feats)
+            yield self.merge_job("RAIN stage 1", "rain_stage1", lam, self.cfg(lam=lam, stage2=False), feats)
         for lam in s.stage2_grid:
-            self.merge_and_add("RAIN stage 2", "rain_stage2", lam, self.cfg(lam=lam, stage1=False), **ins)
+            yield self.merge_job("RAIN stage 2", "rain_stage2", lam, self.cfg(lam=lam, stage1=False), **ins)
         for lam in s.rain_grid:
-            self.merge_and_add("RAIN stage 1+2", "rain_both", lam, self.cfg(lam=lam), feats, **ins)
+            yield self.merge_job("RAIN stage 1+2", "rain_both", lam, self.cfg(lam=lam), feats, **ins)
         stage1_samples = {"reasoning_calibration": str(self.stage1_path)}  # sequential recaptures on them
         for lam in s.sequential_grid:
-            self.merge_and_add("RAIN stage 1 sequential", "rain_seq_stage1", lam,
-                               self.cfg(lam=lam, stage2=False, sequential=True), **stage1_samples)
+            yield self.merge_job("RAIN stage 1 sequential", "rain_seq_stage1", lam,
+                                 self.cfg(lam=lam, stage2=False, sequential=True), **stage1_samples)
         for lam in s.sequential_grid:
-            self.merge_and_add("RAIN stage 1+2 sequential", "rain_seq_both", lam, self.cfg(lam=lam, sequential=True),
-                               **stage1_samples, **ins)
+            yield self.merge_job("RAIN stage 1+2 sequential", "rain_seq_both", lam,
+                                 self.cfg(lam=lam, sequential=True), **stage1_samples, **ins)
         for positions in s.position_sets:
-            pf = self.features_for(positions)
             for lam in s.position_lams:
-                self.merge_and_add(f"RAIN 1+2 positions={positions}", "rain_positions", lam,
-                                   self.cfg(lam=lam, positions=positions), pf, **ins)
+                yield self.merge_job(f"RAIN 1+2 positions={positions}", "rain_positions", lam,
+                                     self.cfg(lam=lam, positions=positions), (positions, None, None), **ins)
         no_kv = ["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         for lam in s.no_kv_lams:
-            self.merge_and_add("RAIN 1+2 without k/v", "rain_ablations", lam, self.cfg(lam=lam, target_modules=no_kv),
-                               feats, note="k_proj/v_proj keep the reasoning model's weights", **ins)
-        plain = self.features_for(RainMergingConfig().positions, self.stage1_plain_path, "plain samples")
+            yield self.merge_job("RAIN 1+2 without k/v", "rain_ablations", lam,
+                                 self.cfg(lam=lam, target_modules=no_kv), feats,
+                                 note="k_proj/v_proj keep the reasoning model's weights", **ins)
+        plain = (RainMergingConfig().positions, self.stage1_plain_path, "plain samples")
         for lam in s.plain_stage1_lams:
-            self.merge_and_add("RAIN 1+2 stage 1 on plain samples", "rain_ablations", lam, self.cfg(lam=lam), plain,
-                               note="stage 1 without the samples whose prompts carry format instructions", **ins)
+            yield self.merge_job("RAIN 1+2 stage 1 on plain samples", "rain_ablations", lam, self.cfg(lam=lam),
+                                 plain, note="stage 1 without the samples whose prompts carry format instructions",
+                                 **ins)
 
-    def rain_from_files(self) -> None:
+    def file_jobs(self) -> Iterator[Job]:
         """RainMergingConfig() defaults and the organism λ, everything loaded from the paper-format files."""
         from rain_hf import RainMergingConfig
 
         files = {"reasoning_calibration": str(self.stage1_path), "instruction_calibration": str(self.instruction_path)}
-        # The defaults as a user calls them: the whole reasoning file (lam="auto" holds its own quarter out).
-        defaults = self.cfg()
-        merger = self.merger(defaults)
-        start = time.perf_counter()
-        model = merger.merge(reasoning_calibration=str(self.org.data("reasoning_calibration.json")),
-                             instruction_calibration=str(self.instruction_path))
-        lam = float(merger.report.lam)
-        self.add("RAIN config defaults (files)", "rain_files", lam, model, time.perf_counter() - start,
-                 note=f"RainMergingConfig() as is (lam={defaults.lam!r} picked λ={lam:g})")
+
+        def defaults_row() -> None:
+            # The defaults as a user calls them: the whole reasoning file (lam="auto" holds its own quarter out).
+            defaults = self.cfg()
+            merger = self.merger(defaults)
+            start = time.perf_counter()
+            model = merger.merge(reasoning_calibration=str(self.org.data("reasoning_calibration.json")),
+                                 instruction_calibration=str(self.instruction_path))
+            lam = float(merger.report.lam)
+            self.add("RAIN config defaults (files)", "rain_files", lam, model, time.perf_counter() - start,
+                     note=f"RainMergingConfig() as is (lam={defaults.lam!r} picked λ={lam:g})")
+
+        yield defaults_row
         # The other file rows stay one-shot, comparable with the "RAIN stage 1+2" row at the same λ.
-        self.merge_and_add("RAIN 1+2 (files)", "rain_files", self.settings.files_lam,
-                           self.cfg(lam=self.settings.files_lam, sequential=False),
-                           note="features computed inside merge()", **files)
+        lam = self.settings.files_lam
+        yield self.merge_job("RAIN 1+2 (files)", "rain_files", lam, self.cfg(lam=lam, sequential=False),
+                             note="features computed inside merge()", **files)
         if self.settings.r1_spacing_row and self.settings.spacing is not None:
-            self.merge_and_add("RAIN 1+2 (files, R1 \\n spacing)", "rain_files", self.settings.files_lam,
-                               RainMergingConfig(lam=self.settings.files_lam, sequential=False),
-                               note="rain_hf's default rendering: newlines around the think tags", **files)
+            yield self.merge_job("RAIN 1+2 (files, R1 \\n spacing)", "rain_files", lam,
+                                 RainMergingConfig(lam=lam, sequential=False),
+                                 note="rain_hf's default rendering: newlines around the think tags", **files)
         if self.settings.prompts_only_row:
             prompts = str(self.org.data("prompts_only.jsonl"))
-            cfg = self.cfg(lam=self.settings.files_lam, max_new_tokens=96, batch_size=16, sequential=False)
-            try:
-                self.merge_and_add("RAIN 1+2 (prompts only, self-generated)", "rain_files", self.settings.files_lam,
-                                   cfg, note="prompts_only.jsonl for both stages; merge time includes generation",
-                                   reasoning_calibration=prompts, instruction_calibration=prompts)
-            except Exception as exc:  # reported, not fatal: the other rows stand on their own
-                self.info["prompts_only_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                logger.warning("prompts-only calibration failed: %s", self.info["prompts_only_error"])
+            cfg = self.cfg(lam=lam, max_new_tokens=96, batch_size=16, sequential=False)
+            row = self.merge_job("RAIN 1+2 (prompts only, self-generated)", "rain_files", lam, cfg,
+                                 note="prompts_only.jsonl for both stages; merge time includes generation",
+                                 reasoning_calibration=prompts, instruction_calibration=prompts)
 
-    def rain_auto(self) -> None:
+            def prompts_only_row() -> None:
+                try:
+                    row()
+                except Exception as exc:  # reported, not fatal: the other rows stand on their own
+                    self.info["prompts_only_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    logger.warning("prompts-only calibration failed: %s", self.info["prompts_only_error"])
+
+            yield prompts_only_row
+
+    def auto_jobs(self) -> Iterator[Job]:
         """lam='auto': λ from calibration data alone (held-out L_think on the reasoning calibration)."""
 
-        for sequential, grid in ((False, self.settings.rain_grid), (True, self.settings.sequential_grid)):
+        def auto_row(sequential: bool, grid: Sequence[float]) -> None:
             cfg = self.cfg(lam="auto", lam_grid=list(grid), sequential=sequential)
             merger = self.merger(cfg)
             start = time.perf_counter()
@@ -529,44 +566,147 @@ class Bench:
             self.add("RAIN lam=auto" + (" sequential" if sequential else ""), "rain_auto", lam, model, merge_s,
                      note=f"picked λ={lam:g}")
 
-    def forced(self) -> None:
+        for sequential, grid in ((False, self.settings.rain_grid), (True, self.settings.sequential_grid)):
+            yield functools.partial(auto_row, sequential, grid)
+
+    def forced_jobs(self) -> Iterator[Job]:
         """The paper's setting: the prompt ends with ``<think>``; stage 1 sees only problems without instructions."""
         from rain_hf import RainMergingConfig
 
         s = self.settings
-        for role in ("base", "reasoning", "instruct"):
-            self.add(f"{FORCED}{role} model", "forced_reference", None, self.models[role], None)
+        yield from self.reference_jobs(FORCED, "forced_reference")
         for lam in s.forced_ta_grid:
-            self.merge_and_add(f"{FORCED}task_arithmetic", "forced_task_arithmetic", lam,
-                               RainMergingConfig(method="task_arithmetic", lam=lam))
-        feats = self.features_for(RainMergingConfig().positions, self.stage1_plain_path, "plain samples")
+            yield self.merge_job(f"{FORCED}task_arithmetic", "forced_task_arithmetic", lam,
+                                 RainMergingConfig(method="task_arithmetic", lam=lam))
+        plain = (RainMergingConfig().positions, self.stage1_plain_path, "plain samples")
         ins = {"instruction_calibration": str(self.instruction_path)}
         for lam in s.forced_rain_grid:
-            self.merge_and_add(f"{FORCED}RAIN stage 1", "forced_rain_stage1", lam, self.cfg(lam=lam, stage2=False),
-                               feats, note="stage 1 on plain samples")
+            yield self.merge_job(f"{FORCED}RAIN stage 1", "forced_rain_stage1", lam, self.cfg(lam=lam, stage2=False),
+                                 plain, note="stage 1 on plain samples")
         for lam in s.forced_both_grid:
-            self.merge_and_add(f"{FORCED}RAIN stage 1+2", "forced_rain_both", lam, self.cfg(lam=lam), feats,
-                               note="stage 1 on plain samples", **ins)
-        every = self.features_for(RainMergingConfig().positions)
+            yield self.merge_job(f"{FORCED}RAIN stage 1+2", "forced_rain_both", lam, self.cfg(lam=lam), plain,
+                                 note="stage 1 on plain samples", **ins)
+        every = (RainMergingConfig().positions, None, None)
         for lam in s.forced_all_samples_lams:
-            self.merge_and_add(f"{FORCED}RAIN stage 1 (all samples)", "forced_rain_stage1_all", lam,
-                               self.cfg(lam=lam, stage2=False), every,
-                               note="stage 1 on every sample, format instructions included")
+            yield self.merge_job(f"{FORCED}RAIN stage 1 (all samples)", "forced_rain_stage1_all", lam,
+                                 self.cfg(lam=lam, stage2=False), every,
+                                 note="stage 1 on every sample, format instructions included")
 
-    def run(self) -> list[Row]:
-        steps: list[tuple[str, Callable[[], None]]] = [
-            ("setup", self.setup), ("references", self.references), ("baselines", self.baselines),
-            ("rain", self.rain), ("rain from files", self.rain_from_files), ("lam=auto", self.rain_auto)]
+    def jobs(self) -> list[tuple[str, Job]]:
+        """Every row of a run as (step, job), in table order; the same list in every process that loads the
+        same organism and settings, so a worker runs job ``i`` by its index."""
+        steps: list[tuple[str, Callable[[], Iterator[Job]]]] = [
+            ("references", self.reference_jobs), ("baselines", self.baseline_jobs), ("rain", self.rain_jobs),
+            ("rain from files", self.file_jobs), ("lam=auto", self.auto_jobs)]
         if self.settings.forced:
-            steps.append(("forced template", self.forced))
-        timings = {}
-        for name, step in tqdm(steps, desc="organism benchmark", unit="step"):
-            start = time.perf_counter()
-            step()
-            timings[name] = time.perf_counter() - start
-        self.info["timings_s"] = timings
+            steps.append(("forced template", self.forced_jobs))
+        return [(name, job) for name, make in steps for job in make()]
+
+    # ------------------------------------------------------------------ the run
+    def run(self, workers: int = 1, threads: int = 1) -> list[Row]:
+        """Set up and evaluate every row: in this process (``workers=1``), or spread over ``workers`` spawned
+        processes of ``threads`` torch threads each. Rows and report come out the same and in the same order
+        either way: every row's merge is seeded on its own and its generation is greedy."""
+        start = time.perf_counter()
+        pool = start_workers(self, workers, threads) if workers > 1 else None
+        try:
+            self.setup()
+            timings = {"setup": time.perf_counter() - start}
+            jobs = self.jobs()
+            if pool is None:
+                for name, job in tqdm(jobs, desc="organism benchmark", unit="row"):
+                    job_start = time.perf_counter()
+                    job()
+                    timings[name] = timings.get(name, 0.0) + time.perf_counter() - job_start
+            else:
+                results = list(tqdm(pool.imap_unordered(run_job, range(len(jobs))), total=len(jobs),
+                                    desc=f"organism benchmark ({workers} workers)", unit="row"))
+                for result in sorted(results, key=lambda r: r.index):
+                    self.rows.extend(result.rows)
+                    self.evaluate.generations.update(result.generations)
+                    timings[result.step] = timings.get(result.step, 0.0) + result.seconds
+                    for key, value in result.info.items():
+                        if key == "features_s":
+                            for label, secs in value.items():
+                                self.info.setdefault("features_s", {}).setdefault(label, secs)
+                        else:
+                            self.info.setdefault(key, value)
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+        self.info["timings_s"] = timings  # per step: the sum of its rows' times (over every worker)
+        self.info["workers"] = {"processes": workers, "threads_each": threads}
         return self.rows
 
+
+
+# ---------------------------------------------------------------------------------------------- workers
+@dataclass
+class JobResult:
+    """What a worker sends back for one job: its rows and what it added to the report."""
+
+    index: int
+    step: str
+    seconds: float
+    rows: list[Row]
+    generations: dict[str, list[str]]
+    info: dict[str, Any]
+
+
+_WORKER: dict[str, Any] = {}  # in a worker process: its Bench and job list
+
+
+def start_workers(bench: Bench, workers: int, threads: int) -> Any:
+    """A pool of ``workers`` spawned processes, each with its own :class:`Bench` on ``bench``'s organism and
+    settings (spawned, not forked: a child forked after OpenMP ran may hang in its next parallel region)."""
+    import multiprocessing
+
+    quiet = {"TQDM_DISABLE": "1"}  # per-row progress bars of two processes would interleave; one bar counts rows
+    saved = {k: os.environ.get(k) for k in quiet}
+    os.environ.update(quiet)
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        return ctx.Pool(workers, initializer=init_worker,
+                        initargs=(str(bench.org.root), bench.settings, str(bench.workdir), threads))
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def init_worker(root: str, settings: Settings, workdir: str, threads: int) -> None:
+    """Worker set-up: torch threads, logging, and a loaded :class:`Bench` in a folder of its own."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [worker {os.getpid()}] %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("rain_hf", "transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    folder = Path(workdir) / f"worker-{os.getpid()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    bench = Bench(Organism(Path(root)), settings, folder)
+    bench.load()
+    _WORKER.update(bench=bench, jobs=bench.jobs())
+
+
+def run_job(index: int) -> JobResult:
+    """Run job ``index`` of the worker's job list; return its rows, generations and report entries."""
+    bench, jobs = _WORKER["bench"], _WORKER["jobs"]
+    step, job = jobs[index]
+    n_rows, labels = len(bench.rows), set(bench.evaluate.generations)
+    before = {k: dict(v) if isinstance(v, dict) else v for k, v in bench.info.items()}
+    start = time.perf_counter()
+    job()
+    seconds = time.perf_counter() - start
+    info = {k: v for k, v in bench.info.items() if k not in before and k != "calibration"}
+    new_features = {k: v for k, v in bench.info.get("features_s", {}).items() if k not in before.get("features_s", {})}
+    if new_features:
+        info["features_s"] = new_features
+    return JobResult(index, step, seconds, bench.rows[n_rows:],
+                     {k: v for k, v in bench.evaluate.generations.items() if k not in labels}, info)
 
 # ---------------------------------------------------------------------------------------------- analysis
 def reasoning_row(rows: Sequence[Row], template: str = "free") -> Row:
@@ -742,6 +882,14 @@ def plot(rows: Sequence[Row], path: Path) -> None:
     plt.close(fig)
 
 
+def workers_text(info: dict[str, Any]) -> str:
+    """How the rows were evaluated, for the results header."""
+    w = info.get("workers", {"processes": 1})
+    if w["processes"] == 1:
+        return "rows evaluated in one process"
+    return f"rows evaluated by {w['processes']} worker processes of {w['threads_each']} torch thread(s) each"
+
+
 def results_markdown(rows: Sequence[Row], info: dict[str, Any], command: str, wall_s: float) -> str:
     from rain_hf import RainMergingConfig
 
@@ -755,7 +903,7 @@ def results_markdown(rows: Sequence[Row], info: dict[str, Any], command: str, wa
         "What the numbers mean, and why RAIN's gain is small on this organism: `ANALYSIS.md` (hand-written).",
         "",
         f"Command: `{command}` — wall time {wall_s / 60:.1f} min on this machine (2 shared CPU cores, "
-        f"torch {torch.__version__}).",
+        f"torch {torch.__version__}; {workers_text(info)}).",
         "",
         f"Held-out prompts: {cal['eval_prompts']} (free template, greedy, batched generation). L_think: mean "
         f"KL(merged ‖ reasoning) at the {cal['heldout_positions']} positions predicting the think-block tokens of "
@@ -819,7 +967,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=None,
                     help="where RESULTS.md, results.png and results.json go (default: here, or variants/GRIDS/ "
                          "with --grids other than 'default'; --quick: a temp folder)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads in all (default 2)")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="processes that evaluate rows, each with threads/workers torch threads (default 2; 1: every "
+                         "row in this process). Rows are the same either way")
     ap.add_argument("--grids", choices=sorted(GRIDS), default="default",
                     help="λ grids: 'default' for the committed organism, else the `build --variant` of that name")
     ap.add_argument("--no-training-check", action="store_true",
@@ -840,9 +991,13 @@ def results_folder(out: Path | None, quick: bool, grids: str) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads < 1 or args.workers < 1:
+        print("--threads and --workers must be at least 1.", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("rain_hf", "transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    workers = min(args.workers, args.threads)  # a worker needs a thread of its own
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     org = Organism(args.organism.resolve())
@@ -859,13 +1014,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.no_training_check:
             settings = dataclasses.replace(settings, training_check=False)
         bench = Bench(org, settings, Path(work))
-        rows = bench.run()
+        rows = bench.run(workers, max(1, args.threads // workers))
     wall = time.perf_counter() - start
     command = "python -m benchmarks.organism" + (" --quick" if args.quick else "")
     if args.organism.resolve() != HERE:
         command += f" --organism {args.organism}"
     if args.grids != "default":
         command += f" --grids {args.grids}"
+    if args.threads != 2 or args.workers != 2:
+        command += f" --threads {args.threads} --workers {args.workers}"
     if not args.quick and out.resolve() != HERE:
         shown, root = out.resolve(), HERE.parents[1]
         command += f" --out {shown.relative_to(root) if shown.is_relative_to(root) else out}"
