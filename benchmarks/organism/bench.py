@@ -3,6 +3,7 @@
     python -m benchmarks.organism            # full run (240 prompts, fine λ grids), writes RESULTS.md + results.png
     python -m benchmarks.organism --quick    # a few prompts and a small grid (smoke test, < 1 minute)
     python -m benchmarks.organism --organism /tmp/orth --grids orthogonal   # a variant, into variants/orthogonal/
+    python -m benchmarks.organism --workers 1   # every row in this process (default: 2 workers, 1 thread each)
 
 Each merged model is generated from greedily in the free template (the prompt ends at the assistant tag, so the
 model must open ``<think>`` itself) and scored with :mod:`rain_hf.evaluation`: think-format rate, answer accuracy
@@ -13,6 +14,10 @@ thinking token and ``</think>`` — of reasoning calibration samples held out of
 A second, smaller section (rows named ``[forced] …``) repeats the reference models, task arithmetic and RAIN in the
 paper's own setting: the prompt ends with ``<think>`` (as DeepSeek-R1-Distill templates do) and stage 1 sees only
 the reasoning calibration samples without format instructions (like the paper's math/code/science traces).
+
+Every row is a job (:meth:`Bench.jobs`). With ``--workers N`` the jobs go to N spawned processes that each load the
+organism once; rows come back in table order. On 2 cores two one-thread workers ran the full benchmark in 184 and
+212 s, one process in 394 s on one thread and 522 s on two, with every table row the same (README).
 """
 
 from __future__ import annotations
