@@ -99,3 +99,20 @@ def test_one_process_gives_the_rows_of_two_workers(quick_results, tmp_path, run_
 def test_workers_and_threads_must_be_positive(args, capsys):
     assert bench_main(args) == 2
     assert "at least 1" in capsys.readouterr().err
+
+
+def test_a_worker_that_cannot_load_the_organism_fails_its_jobs_instead_of_hanging(tmp_path, monkeypatch):
+    """A pool respawns a worker whose initializer raises, so the map would wait forever: the error must come
+    back through the first job instead."""
+    import torch
+
+    from benchmarks.organism import bench as BE
+
+    monkeypatch.setattr(BE, "_WORKER", {})
+    threads = torch.get_num_threads()
+    try:
+        BE.init_worker(str(tmp_path / "no-organism"), BE.QUICK, str(tmp_path / "work"), 1)
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(RuntimeError, match="could not load the organism.*--workers 1"):
+        BE.run_job(0)

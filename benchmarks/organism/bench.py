@@ -691,14 +691,20 @@ def init_worker(root: str, settings: Settings, workdir: str, threads: int) -> No
     for noisy in ("rain_hf", "transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     folder = Path(workdir) / f"worker-{os.getpid()}"
-    folder.mkdir(parents=True, exist_ok=True)
-    bench = Bench(Organism(Path(root)), settings, folder)
-    bench.load()
-    _WORKER.update(bench=bench, jobs=bench.jobs())
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        bench = Bench(Organism(Path(root)), settings, folder)
+        bench.load()
+        _WORKER.update(bench=bench, jobs=bench.jobs())
+    except Exception as exc:  # raised by run_job instead: a pool respawns a worker whose initializer fails
+        _WORKER["error"] = f"{type(exc).__name__}: {exc}"
 
 
 def run_job(index: int) -> JobResult:
     """Run job ``index`` of the worker's job list; return its rows, generations and report entries."""
+    if "error" in _WORKER:
+        raise RuntimeError(f"a benchmark worker could not load the organism ({_WORKER['error']}); run with "
+                           "--workers 1 to see the full traceback")
     bench, jobs = _WORKER["bench"], _WORKER["jobs"]
     step, job = jobs[index]
     n_rows, labels = len(bench.rows), set(bench.evaluate.generations)
