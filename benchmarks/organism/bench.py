@@ -645,7 +645,6 @@ class Bench:
         return self.rows
 
 
-
 # ---------------------------------------------------------------------------------------------- workers
 @dataclass
 class JobResult:
