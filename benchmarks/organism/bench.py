@@ -718,6 +718,7 @@ def run_job(index: int) -> JobResult:
     return JobResult(index, step, seconds, bench.rows[n_rows:],
                      {k: v for k, v in bench.evaluate.generations.items() if k not in labels}, info)
 
+
 # ---------------------------------------------------------------------------------------------- analysis
 def reasoning_row(rows: Sequence[Row], template: str = "free") -> Row:
     name = "reasoning model" if template == "free" else f"{FORCED}reasoning model"
