@@ -431,6 +431,15 @@ class Bench:
         self.add(method, family, lam, model, merge_s, note)
         return merger
 
+    def merge_whole_files(self, cfg: Any) -> tuple[Any, torch.nn.Module, float]:
+        """Merge with ``cfg`` on the organism's whole reasoning and instruction calibration files, as a user
+        would; the merger (for its report), the merged model and the ``merge()`` seconds."""
+        merger = self.merger(cfg)
+        start = time.perf_counter()
+        model = merger.merge(reasoning_calibration=str(self.org.data("reasoning_calibration.json")),
+                             instruction_calibration=str(self.instruction_path))
+        return merger, model, time.perf_counter() - start
+
     def merge_job(self, method: str, family: str, lam: float | None, cfg: Any,
                   features: tuple[str, Path | None, str | None] | None = None, note: str = "",
                   **merge_kwargs: Any) -> Job:
@@ -521,12 +530,9 @@ class Bench:
         def defaults_row() -> None:
             # The defaults as a user calls them: the whole reasoning file (lam="auto" holds its own quarter out).
             defaults = self.cfg()
-            merger = self.merger(defaults)
-            start = time.perf_counter()
-            model = merger.merge(reasoning_calibration=str(self.org.data("reasoning_calibration.json")),
-                                 instruction_calibration=str(self.instruction_path))
+            merger, model, merge_s = self.merge_whole_files(defaults)
             lam = float(merger.report.lam)
-            self.add("RAIN config defaults (files)", "rain_files", lam, model, time.perf_counter() - start,
+            self.add("RAIN config defaults (files)", "rain_files", lam, model, merge_s,
                      note=f"RainMergingConfig() as is (lam={defaults.lam!r} picked λ={lam:g})")
 
         yield defaults_row
@@ -559,11 +565,7 @@ class Bench:
 
         def auto_row(sequential: bool, grid: Sequence[float]) -> None:
             cfg = self.cfg(lam="auto", lam_grid=list(grid), sequential=sequential)
-            merger = self.merger(cfg)
-            start = time.perf_counter()
-            model = merger.merge(reasoning_calibration=str(self.org.data("reasoning_calibration.json")),
-                                 instruction_calibration=str(self.instruction_path))
-            merge_s = time.perf_counter() - start
+            merger, model, merge_s = self.merge_whole_files(cfg)
             lam = float(merger.report.lam)
             self.info["auto_sequential" if sequential else "auto"] = {
                 "lam": lam, "search": merger.report.lam_search, "max_kl": cfg.lam_auto_max_kl,
@@ -681,14 +683,18 @@ def start_workers(bench: Bench, workers: int, threads: int) -> Any:
                 os.environ[key] = value
 
 
+def configure_logging(fmt: str) -> None:
+    """The benchmark's log lines at INFO; the libraries' own only from WARNING (their INFO drowns the rows)."""
+    logging.basicConfig(level=logging.INFO, format=fmt, datefmt="%H:%M:%S")
+    for noisy in ("rain_hf", "transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def init_worker(root: str, settings: Settings, workdir: str, threads: int) -> None:
     """Worker set-up: torch threads, logging, and a loaded :class:`Bench` in a folder of its own."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [worker {os.getpid()}] %(message)s",
-                        datefmt="%H:%M:%S")
-    for noisy in ("rain_hf", "transformers", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(f"%(asctime)s [worker {os.getpid()}] %(message)s")
     folder = Path(workdir) / f"worker-{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -1005,9 +1011,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads < 1 or args.workers < 1:
         print("--threads and --workers must be at least 1.", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("rain_hf", "transformers", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging("%(asctime)s %(name)s %(message)s")
     workers = min(args.workers, args.threads)  # a worker needs a thread of its own
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -1025,7 +1029,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.no_training_check:
             settings = dataclasses.replace(settings, training_check=False)
         bench = Bench(org, settings, Path(work))
-        rows = bench.run(workers, max(1, args.threads // workers))
+        rows = bench.run(workers, args.threads // workers)
     wall = time.perf_counter() - start
     command = "python -m benchmarks.organism" + (" --quick" if args.quick else "")
     if args.organism.resolve() != HERE:
