@@ -616,6 +616,7 @@ class Bench:
         either way: every row's merge is seeded on its own and its generation is greedy."""
         start = time.perf_counter()
         pool = start_workers(self, workers, threads) if workers > 1 else None
+        finished = False
         try:
             self.setup()
             timings = {"setup": time.perf_counter() - start}
@@ -638,9 +639,15 @@ class Bench:
                                 self.info.setdefault("features_s", {}).setdefault(label, secs)
                         else:
                             self.info.setdefault(key, value)
+            finished = True
         finally:
             if pool is not None:
-                pool.terminate()
+                # A terminated worker skips its exit handlers, and the semaphore tqdm made in it is reported
+                # as leaked at shutdown: let finished workers exit on their own, kill them only after an error.
+                if finished:
+                    pool.close()
+                else:
+                    pool.terminate()
                 pool.join()
         self.info["timings_s"] = timings  # per step: the sum of its rows' times (over every worker)
         self.info["workers"] = {"processes": workers, "threads_each": threads}
