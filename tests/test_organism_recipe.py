@@ -132,3 +132,33 @@ def test_heads12_variants_change_the_head_split_only(name, six_heads):
     # same shapes and seeds: even the initial weights are the same
     assert all(v.equal(narrow_weights[k]) for k, v in wide_weights.items())
     assert B.finetune_pairs("instruct", 64, recipe) == B.finetune_pairs("instruct", 64, reference)
+
+
+def test_determinism_fingerprint_follows_the_first_steps_of_the_real_run():
+    """The fingerprint is a pure function of the steps run and differs after one step more; ``stop_after`` takes
+    its steps on the full run's learning-rate schedule, not on a schedule of that many steps."""
+    import torch
+
+    from benchmarks.organism import determinism as D
+
+    threads = torch.get_num_threads()
+    try:
+        two, _ = D.pretrain_fingerprint(2, 1)
+        assert D.pretrain_fingerprint(2, 1)[0] == two
+        three, _ = D.pretrain_fingerprint(3, 1)
+        assert three != two
+        recipe = dataclasses.replace(B.Recipe(), base_steps=4, base_warmup=1, base_threads=1)
+        tok = B.build_tokenizer(recipe)
+        first_three, _ = B.pretrain_base(recipe, tok, stop_after=3)
+        three_step_run, _ = B.pretrain_base(dataclasses.replace(recipe, base_steps=3), tok)
+        assert D.fingerprint(first_three) != D.fingerprint(three_step_run)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_determinism_names_bad_arguments(capsys):
+    from benchmarks.organism import determinism as D
+
+    with pytest.raises(SystemExit):
+        D.main(["--steps", "0"])
+    assert "at least 1" in capsys.readouterr().err

@@ -359,7 +359,9 @@ def collate(seqs: list[list[int]], loss_from: list[int], pad_id: int):
 
 
 def train(model, seqs, loss_from, *, steps, batch_size, lr, warmup, weight_decay, pad_id, log_every, tag,
-          final_ratio=0.0, micro_batch=8):
+          final_ratio=0.0, micro_batch=8, stop_after=None):
+    """Train ``model`` for ``steps`` optimiser steps on the learning-rate schedule of ``steps`` (``stop_after``:
+    run only the first that many of them, on the same schedule)."""
     import torch
 
     model.train()
@@ -374,7 +376,7 @@ def train(model, seqs, loss_from, *, steps, batch_size, lr, warmup, weight_decay
         micro_batch = batch_size
     t0 = time.time()
     running = 0.0
-    for step in range(steps):
+    for step in range(steps if stop_after is None else min(steps, stop_after)):
         lo = step * batch_size
         # One optimiser step per batch of `batch_size` sequences (token-mean loss over the whole batch); the
         # batch is run as length-sorted micro-batches only to avoid computing on padding.
@@ -406,20 +408,28 @@ def train(model, seqs, loss_from, *, steps, batch_size, lr, warmup, weight_decay
     return time.time() - t0
 
 
-def train_base(recipe: Recipe, tok, out: Path, device: str = "cpu") -> float:
+def pretrain_base(recipe: Recipe, tok, device: str = "cpu", stop_after: int | None = None):
+    """The base model pretrained on the recipe's mixture, in memory, and the seconds its training took
+    (``stop_after``: only the first that many steps of the recipe's run)."""
     import torch
 
     torch.set_num_threads(recipe.base_threads)
     model = make_model(recipe, tok).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[base] Qwen2ForCausalLM with {n_params / 1e6:.2f} M parameters", flush=True)
-    docs = base_documents(recipe.base_steps * recipe.batch_size, recipe)
+    steps = recipe.base_steps if stop_after is None else min(recipe.base_steps, stop_after)
+    docs = base_documents(steps * recipe.batch_size, recipe)  # a prefix of the full run's documents
     seqs = tok(docs, add_special_tokens=False)["input_ids"]
     print(f"[base] {len(docs)} documents, mean {sum(map(len, seqs)) / len(seqs):.1f} tokens, "
           f"max {max(map(len, seqs))}", flush=True)
     secs = train(model, seqs, [0] * len(seqs), steps=recipe.base_steps, batch_size=recipe.batch_size,
                  lr=recipe.base_lr, warmup=recipe.base_warmup, weight_decay=recipe.base_weight_decay,
-                 pad_id=tok.pad_token_id, log_every=50, tag="base", final_ratio=0.05)
+                 pad_id=tok.pad_token_id, log_every=50, tag="base", final_ratio=0.05, stop_after=stop_after)
+    return model, secs
+
+
+def train_base(recipe: Recipe, tok, out: Path, device: str = "cpu") -> float:
+    model, secs = pretrain_base(recipe, tok, device)
     save_checkpoint(model.to("cpu"), tok, out)
     return secs
 
