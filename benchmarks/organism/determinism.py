@@ -1,13 +1,13 @@
-"""Will this machine rebuild the committed organism bit for bit? The first 40 steps of the base's pretraining, hashed.
+"""Will this machine rebuild the committed organism bit for bit? The base's first 40 pretraining steps, hashed.
 
-    python -m benchmarks.organism.determinism                      # ≈20 s on 2 cores
+    python -m benchmarks.organism.determinism                      # ≈35 s on 2 cores
     ATEN_CPU_CAPABILITY=avx2 python -m benchmarks.organism.determinism
 
 The organism's weights are a function of its seeds and of the floating-point kernels torch picks on the machine:
 MKL's code path and the vector width of ATen's own kernels (``torch.backends.cpu.get_cpu_capability()``) both
 change the last bits of a training step, and 1800 steps turn those bits into another base (BUILD.md, "Seeds and
-determinism"). This script runs the first ``--steps`` steps of the committed base's pretraining in memory and prints a
-fingerprint of the weights. If it equals the fingerprint of a machine whose full build gave the committed
+determinism"). This script runs the first ``--steps`` steps of the committed base's pretraining in memory and
+prints a fingerprint of the weights. If it equals the fingerprint of a machine whose full build gave the committed
 checkpoints' sha256, ``python -m benchmarks.organism.build`` should give them here too; the full build takes
 ≈20 min to tell.
 """
@@ -57,7 +57,7 @@ def pretrain_fingerprint(steps: int, threads: int) -> tuple[str, float]:
     """Fingerprint of the committed recipe's base after the first ``steps`` steps of its pretraining run (same
     documents, same learning-rate schedule) on ``threads`` torch threads, and the training seconds."""
     recipe = replace(B.Recipe(), base_threads=threads)
-    random.seed(0)  # as build.main does, though nothing below draws from these generators
+    random.seed(0)  # the global seeds build.main sets, should anything in the recipe come to draw from them
     torch.manual_seed(0)
     tok = B.build_tokenizer(recipe)
     with contextlib.redirect_stdout(io.StringIO()):  # per-step lines; the result is one line
