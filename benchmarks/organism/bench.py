@@ -720,12 +720,12 @@ def run_job(index: int) -> JobResult:
     bench, jobs = _WORKER["bench"], _WORKER["jobs"]
     step, job = jobs[index]
     n_rows, labels = len(bench.rows), set(bench.evaluate.generations)
-    before = {k: dict(v) if isinstance(v, dict) else v for k, v in bench.info.items()}
+    known, known_features = set(bench.info), set(bench.info.get("features_s", {}))
     start = time.perf_counter()
     job()
     seconds = time.perf_counter() - start
-    info = {k: v for k, v in bench.info.items() if k not in before and k != "calibration"}
-    new_features = {k: v for k, v in bench.info.get("features_s", {}).items() if k not in before.get("features_s", {})}
+    info = {k: v for k, v in bench.info.items() if k not in known}
+    new_features = {k: v for k, v in bench.info.get("features_s", {}).items() if k not in known_features}
     if new_features:
         info["features_s"] = new_features
     return JobResult(index, step, seconds, bench.rows[n_rows:],
