@@ -757,6 +757,10 @@ def main(argv=None) -> int:
         else:
             with mp.get_context("spawn").Pool(len(jobs)) as pool:
                 results = pool.starmap(finetune_worker, jobs)
+                # Leaving the block terminates the workers, which skips their exit handlers, so a semaphore
+                # made in one (tqdm's lock) is reported as leaked: let them exit first (bench.py does the same).
+                pool.close()
+                pool.join()
         for r in results:
             report["timings_s"][r["kind"]] = r["seconds"]
         report["timings_s"]["finetunes_wall"] = time.time() - t0
