@@ -156,6 +156,66 @@ def test_determinism_fingerprint_follows_the_first_steps_of_the_real_run():
         torch.set_num_threads(threads)
 
 
+def test_determinism_verdict_says_which_recorded_build_a_fingerprint_predicts():
+    from benchmarks.organism import determinism as D
+
+    build_threads = B.Recipe().base_threads
+    assert "the committed checkpoints" in D.verdict(D.REFERENCE, D.DEFAULT_STEPS, build_threads)
+    other = next(k for k, (_, committed, _) in D.KNOWN_BUILDS.items() if not committed)
+    said = D.verdict(other, D.DEFAULT_STEPS, build_threads)
+    assert "other weights than the committed ones" in said and D.KNOWN_BUILDS[other][2] in said
+    assert "matches none of the known builds" in D.verdict("0" * 16, D.DEFAULT_STEPS, build_threads)
+    # a fingerprint is a prediction only for the build's own step count and thread count
+    assert "no known build for 10 steps" in D.verdict(D.REFERENCE, 10, build_threads)
+    said = D.verdict(D.REFERENCE, D.DEFAULT_STEPS, build_threads + 1)
+    assert "no prediction" in said and f"--threads {build_threads}" in said
+
+
+def test_step_trace_names_the_first_hash_where_two_runs_differ(tmp_path, capsys):
+    """A trace lists forward, backward, gradient and weight hashes in computation order; a rerun agrees with it
+    except where a hash was changed, and --compare names that hash first."""
+    import torch
+
+    from benchmarks.organism import determinism as D
+
+    threads = torch.get_num_threads()
+    try:
+        trace = D.step_trace(1)
+        keys = list(trace)
+        assert keys[0] == "forward 0000 model.embed_tokens in"
+        kinds = [k.split()[0] for k in keys]
+        assert kinds == sorted(kinds, key=["forward", "backward", "gradient", "weight"].index)
+        assert kinds.count("gradient") == kinds.count("weight") == len(list(B.make_model(
+            B.Recipe(), D.committed_tokenizer()).parameters()))
+        assert any(k.endswith("self_attn.o_proj in") for k in keys)  # the attention kernel's output
+        planted = dict(trace)
+        changed = next(k for k in keys if k.startswith("backward"))
+        planted[changed] = "0" * 16
+        assert D.first_difference(trace, planted) == (changed, 1)
+        assert D.first_difference(trace, {**planted, keys[-1]: "1" * 16}) == (changed, 2)
+        assert D.first_difference(trace, {k: v for k, v in trace.items() if k != keys[-1]}) == (keys[-1], 1)
+
+        theirs = tmp_path / "theirs.json"
+        theirs.write_text(json.dumps({"machine": "elsewhere", "threads": 1, "entries": planted}))
+        ours = tmp_path / "ours" / "trace.json"
+        assert D.main(["--threads", "1", "--trace", str(ours), "--compare", str(theirs)]) == 0
+        assert f"first difference: {changed} (1 of {len(trace)} hashes differ)" in capsys.readouterr().out
+        assert json.loads(ours.read_text())["entries"] == trace
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_determinism_compare_names_a_file_that_is_not_a_trace(tmp_path, capsys):
+    from benchmarks.organism import determinism as D
+
+    bad = tmp_path / "fingerprint.txt"
+    bad.write_text("bb3c74c736da06a1\n")
+    assert D.main(["--compare", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "give a file that --trace wrote" in err
+    assert D.main(["--compare", str(tmp_path / "missing.json")]) == 2
+
+
 def test_determinism_names_bad_arguments(capsys):
     from benchmarks.organism import determinism as D
 
