@@ -5,8 +5,8 @@
     python -m benchmarks.organism.determinism --compare benchmarks/organism/traces/intel-xeon-family6-model207.json
 
 The organism's weights are a function of its seeds and of the floating-point kernels torch picks on the machine:
-MKL's code path, the vector width of ATen's own kernels (``torch.backends.cpu.get_cpu_capability()``) and, on
-the Intel Xeon measured, the thread count change the last bits of a training step, and 1800 steps turn those bits into
+MKL's code path, the vector width of ATen's own kernels (``torch.backends.cpu.get_cpu_capability()``) and, on the
+Intel Xeon measured, the thread count change the last bits of a training step, and 1800 steps turn those bits into
 another base (BUILD.md, "Seeds and determinism"). This script runs the first ``--steps`` steps of the committed
 base's pretraining in memory and prints a fingerprint of the weights, and what a full build gave on machines with
 that fingerprint: the committed checkpoints (the AMD machines so far) or another organism (the Intel machines so
@@ -95,9 +95,9 @@ def tensors_digest(value) -> str | None:
 
 def step_trace(threads: int) -> dict[str, str]:
     """What the committed base's first pretraining step computes, hashed in the order it is computed: the inputs
-    and output of every module in the first micro-batch's forward pass, the gradient reaching every module's
-    output in its backward pass, then every parameter's gradient and value after the step. Two machines' traces first differ
-    at the kernel that gives them other bits (``first_difference``)."""
+    and output of every module in the first micro-batch's forward pass, the gradient reaching every module's output
+    in its backward pass, then every parameter's gradient and value after the step. Two machines' traces first
+    differ at the kernel that gives them other bits (``first_difference``)."""
     from torch.nn.modules import module as nn_module
 
     names: dict[int, str] = {}
