@@ -222,3 +222,6 @@ def test_determinism_names_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         D.main(["--steps", "0"])
     assert "at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        D.main(["--steps", "3", "--trace", "out.json"])
+    assert "always trace the first step" in capsys.readouterr().err

@@ -260,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or args.threads < 1:
         ap.error("--steps and --threads must be at least 1")
     if args.trace is not None or args.compare is not None:
+        if args.steps != DEFAULT_STEPS:
+            ap.error("--steps sets the fingerprint's steps; --trace and --compare always trace the first step")
         return run_trace(args.threads, args.trace, args.compare)
 
     start = time.perf_counter()
