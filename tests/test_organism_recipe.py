@@ -199,7 +199,15 @@ def test_step_trace_names_the_first_hash_where_two_runs_differ(tmp_path, capsys)
         theirs.write_text(json.dumps({"machine": "elsewhere", "threads": 1, "entries": planted}))
         ours = tmp_path / "ours" / "trace.json"
         assert D.main(["--threads", "1", "--trace", str(ours), "--compare", str(theirs)]) == 0
-        assert f"first difference: {changed} (1 of {len(trace)} hashes differ)" in capsys.readouterr().out
+        said = capsys.readouterr().out
+        assert f"first difference: {changed} (1 of {len(trace)} hashes differ)" in said
+        assert "no counterpart" not in said
+        renamed = {(k.replace("forward 0000", "forward 9999") if k == keys[0] else k): v for k, v in trace.items()}
+        theirs.write_text(json.dumps({"machine": "other code", "entries": renamed}))
+        assert D.main(["--threads", "1", "--compare", str(theirs)]) == 0
+        said = capsys.readouterr().out
+        assert f"1 of the {len(trace)} entries have no counterpart" in said
+        assert f"first difference: {keys[0]} (2 of {len(trace)} hashes differ)" in said
         assert json.loads(ours.read_text())["entries"] == trace
     finally:
         torch.set_num_threads(threads)
@@ -214,6 +222,10 @@ def test_determinism_compare_names_a_file_that_is_not_a_trace(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(bad) in err and "give a file that --trace wrote" in err
     assert D.main(["--compare", str(tmp_path / "missing.json")]) == 2
+    listed = tmp_path / "listed.json"
+    listed.write_text(json.dumps({"machine": "elsewhere", "entries": ["0" * 16]}))
+    assert D.main(["--compare", str(listed)]) == 2
+    assert "not a mapping" in capsys.readouterr().err
 
 
 def test_determinism_names_bad_arguments(capsys):

@@ -212,8 +212,10 @@ def cpu_name() -> str:
 
 def machine_line() -> str:
     kernels = ", ".join(f"{k}={os.environ[k]}" for k in KERNEL_ENV if k in os.environ) or "none set"
-    return (f"{cpu_name()}; torch {torch.__version__}, ATen capability {torch.backends.cpu.get_cpu_capability()}; "
-            f"kernel variables: {kernels}")
+    import transformers
+
+    return (f"{cpu_name()}; torch {torch.__version__}, transformers {transformers.__version__}, ATen capability "
+            f"{torch.backends.cpu.get_cpu_capability()}; kernel variables: {kernels}")
 
 
 def run_trace(threads: int, out: Path | None, compare: Path | None) -> int:
@@ -224,6 +226,8 @@ def run_trace(threads: int, out: Path | None, compare: Path | None) -> int:
         try:
             theirs = json.loads(compare.read_text())
             their_entries, their_machine = theirs["entries"], theirs["machine"]
+            if not isinstance(their_entries, dict):
+                raise TypeError(f"'entries' is a {type(their_entries).__name__}, not a mapping")
         except (OSError, ValueError, KeyError, TypeError) as err:
             print(f"error: cannot read a trace from {compare} ({err}); give a file that --trace wrote",
                   file=sys.stderr)
@@ -238,6 +242,11 @@ def run_trace(threads: int, out: Path | None, compare: Path | None) -> int:
     if theirs is not None:
         first, count = first_difference(entries, their_entries)
         print(f"{compare}: {their_machine}; {theirs.get('threads', '?')} thread(s)")
+        missing = sum(k not in their_entries for k in entries)
+        if missing:
+            # entry names carry the call order, which the torch and transformers versions decide
+            print(f"{missing} of the {len(entries)} entries have no counterpart there: the traces come from other "
+                  "code (compare the versions above)")
         if first is None:
             print(f"the traces agree in all {len(entries)} hashes")
         else:
