@@ -137,12 +137,7 @@ def step_trace(threads: int) -> dict[str, str]:
     handles = [nn_module.register_module_forward_pre_hook(pre_hook),
                nn_module.register_module_forward_hook(forward_hook)]
     try:
-        recipe = replace(B.Recipe(), base_threads=threads)
-        random.seed(0)
-        torch.manual_seed(0)
-        tok = committed_tokenizer()
-        with contextlib.redirect_stdout(io.StringIO()):
-            model, _ = B.pretrain_base(recipe, tok, stop_after=1)
+        model, _ = pretrain_first_steps(1, threads)
     finally:
         for handle in handles:
             handle.remove()
@@ -167,15 +162,20 @@ def committed_tokenizer():
     return B.build_tokenizer(B.Recipe())
 
 
-def pretrain_fingerprint(steps: int, threads: int) -> tuple[str, float]:
-    """Fingerprint of the committed recipe's base after the first ``steps`` steps of its pretraining run (same
-    documents, same learning-rate schedule) on ``threads`` torch threads, and the training seconds."""
+def pretrain_first_steps(steps: int, threads: int) -> tuple[torch.nn.Module, float]:
+    """The committed recipe's base after the first ``steps`` steps of its pretraining run (same documents, same
+    learning-rate schedule) on ``threads`` torch threads, and the training seconds."""
     recipe = replace(B.Recipe(), base_threads=threads)
     random.seed(0)  # the global seeds build.main sets, should anything in the recipe come to draw from them
     torch.manual_seed(0)
     tok = committed_tokenizer()
     with contextlib.redirect_stdout(io.StringIO()):  # per-step lines; the result is one line
-        model, secs = B.pretrain_base(recipe, tok, stop_after=steps)
+        return B.pretrain_base(recipe, tok, stop_after=steps)
+
+
+def pretrain_fingerprint(steps: int, threads: int) -> tuple[str, float]:
+    """Fingerprint of the base after ``pretrain_first_steps(steps, threads)``, and the training seconds."""
+    model, secs = pretrain_first_steps(steps, threads)
     return fingerprint(model), secs
 
 
@@ -211,9 +211,9 @@ def cpu_name() -> str:
 
 
 def machine_line() -> str:
-    kernels = ", ".join(f"{k}={os.environ[k]}" for k in KERNEL_ENV if k in os.environ) or "none set"
     import transformers
 
+    kernels = ", ".join(f"{k}={os.environ[k]}" for k in KERNEL_ENV if k in os.environ) or "none set"
     return (f"{cpu_name()}; torch {torch.__version__}, transformers {transformers.__version__}, ATen capability "
             f"{torch.backends.cpu.get_cpu_capability()}; kernel variables: {kernels}")
 
