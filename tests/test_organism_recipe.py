@@ -81,6 +81,19 @@ def test_sweep_shares_a_base_between_recipes_that_differ_only_in_their_fine_tune
     assert all(set(o) <= {f.name for f in dataclasses.fields(B.Recipe)} for o in S.RECIPES.values())
 
 
+def test_follow25_plain_variant_is_the_sweeps_recipe_with_its_own_base(tmp_path):
+    from benchmarks.organism import sweep as S
+    from benchmarks.organism.bench import GRIDS
+
+    assert B.VARIANTS["follow25_plain"] == S.RECIPES["follow25_plain"]
+    recipe = dataclasses.replace(B.Recipe(), **B.VARIANTS["follow25_plain"])
+    assert B.base_documents(64, recipe) != B.base_documents(64, B.Recipe())  # the base is trained anew
+    assert S.base_dir(tmp_path, S.make_recipe(S.RECIPES["follow25_plain"], quick=False)) != S.base_dir(
+        tmp_path, S.make_recipe(S.RECIPES["default"], quick=False))
+    assert all(_user_text(p).endswith("now?") for p, _ in B.finetune_pairs("reasoning", 64, recipe))
+    assert "follow25_plain" in GRIDS
+
+
 def test_sweep_scores_generations_with_the_benchmark_checks():
     from benchmarks.organism import sweep as S
 

@@ -125,8 +125,14 @@ PLAIN_R300_ITM2 = dataclasses.replace(FULL, ta_grid=(0.25, 0.5, 0.625, 0.75, 0.8
 # The 12-head variants of the two recipes above (`build --variant heads12[_plain_r300_itm2]`): the committed
 # recipe's format limit comes near λ 3.5 with 12 heads (one-shot), so its sequential rows sit there.
 HEADS12 = dataclasses.replace(FULL, sequential_grid=(3.0, 3.5, 4.0))
+# For `build --variant follow25_plain`, set from the sweep's GPU build before the CPU build was measured: no
+# task-arithmetic λ ≥ 0.75 kept the format there, so its grid starts at 0.25; RAIN's best row was λ 2 and λ 3 was
+# past the limit, so RAIN's grid has quarter steps between them (the sequential limit lies higher).
+FOLLOW25_PLAIN = dataclasses.replace(PLAIN_R300_ITM2, rain_grid=(1.5, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 5.0),
+                                     position_lams=(2.5,), sequential_grid=(2.0, 2.5, 2.75, 3.0, 3.25, 3.5, 4.0),
+                                     no_kv_lams=(3.0, 4.0), files_lam=2.5)
 GRIDS = {"default": FULL, "orthogonal": ORTHOGONAL, "plain_r300_itm2": PLAIN_R300_ITM2, "heads12": HEADS12,
-         "heads12_plain_r300_itm2": PLAIN_R300_ITM2}
+         "heads12_plain_r300_itm2": PLAIN_R300_ITM2, "follow25_plain": FOLLOW25_PLAIN}
 
 
 def rain_config(spacing: tuple[str, str, str] | None = None, **kwargs: Any) -> Any:

@@ -98,6 +98,10 @@ VARIANTS = {"orthogonal": dict(p_think=0.2, p_follow=0.5, reasoning_ft_steps=600
 HEADS12 = dict(num_heads=12, num_kv_heads=4)
 VARIANTS["heads12"] = dict(HEADS12)
 VARIANTS["heads12_plain_r300_itm2"] = {**VARIANTS["plain_r300_itm2"], **HEADS12}
+# A base that follows format instructions a quarter of the time (the committed one: half) and a reasoning
+# fine-tune without format instructions: round 1 of the sweep (SWEEP.md) met every target line there but + 0.6
+# (0.579 at λ 2 on a coarse grid, one-shot projection), and it was never rebuilt on CPU.
+VARIANTS["follow25_plain"] = dict(p_follow=0.25, reasoning_ft_plain_share=1.0)
 
 
 # --------------------------------------------------------------------------------------------------------------
