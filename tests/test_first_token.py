@@ -12,7 +12,9 @@ import torch
 def quick(tmp_path_factory, run_quick) -> dict:
     out = tmp_path_factory.mktemp("first-token")
     run_quick("benchmarks.organism.first_token", out)
-    assert "| reasoning model |" in (out / "FIRST_TOKEN.md").read_text()
+    text = (out / "FIRST_TOKEN.md").read_text()
+    assert "| reasoning model |" in text
+    assert "first_token --quick" in text and f"--out {out}`" in text  # the file names what it measured
     return json.loads((out / "first_token.json").read_text())
 
 

@@ -260,7 +260,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="organism-first-token-work-") as work:
         result = run(org, QUICK if args.quick else FULL, Path(work))
     wall = time.perf_counter() - start
-    command = "python -m benchmarks.organism.first_token" + (" --quick" if args.quick else "")
+    # Name the organism and output folder when given: a variant's file must say which checkpoints it measured.
+    command = " ".join(["python -m benchmarks.organism.first_token", *(["--quick"] if args.quick else []),
+                        *(["--organism", str(args.organism)] if args.organism != HERE else []),
+                        *(["--out", str(args.out)] if args.out else [])])
     text = markdown(result, command, wall)
     (out / "FIRST_TOKEN.md").write_text(text, encoding="utf-8")
     if out != HERE:  # the committed folder keeps FIRST_TOKEN.md only
