@@ -277,6 +277,21 @@ def _template_parts(tokenizer: Any, config: Any) -> _Template:
     return _Template(before, after, config.think_open, config.think_close, open_id, close_id, spacing)
 
 
+def template_opens_think(tokenizer: Any, config: Any) -> bool:
+    """Whether the chat template's generation prompt already ends with the think-open token (the R1-distill
+    templates), so that the model never decides whether to think.
+
+    Example (from the repository root):
+        >>> from transformers import AutoTokenizer
+        >>> from rain_hf import RainMergingConfig
+        >>> tokenizer = AutoTokenizer.from_pretrained("benchmarks/organism/checkpoints/reasoning")
+        >>> template_opens_think(tokenizer, RainMergingConfig())
+        False
+    """
+    template = _template_parts(tokenizer, config)
+    return template.after.rstrip().endswith(template.think_open)
+
+
 def _apply_template(tokenizer: Any, prompt: str) -> str:
     """The chat-templated text of a single user message, with the generation prompt."""
     rendered = tokenizer.apply_chat_template(

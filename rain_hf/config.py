@@ -48,6 +48,14 @@ class RainMergingConfig:
             token, where format instructions act) ``lam="auto"`` accepts; it picks the largest λ of the grid
             within it.
         lam_auto_holdout: share of the reasoning calibration samples held out of stage 1 to measure L_think.
+        lam_auto_min_think_open: the smallest share of calibration prompts (the held-out reasoning samples' and,
+            with stage 2, the instruction samples') on which the merged model still picks the think-open token
+            first where the reasoning model does; ``lam="auto"`` also rejects the λ values below it. It only
+            applies to chat templates that let the model decide whether to think (the generation prompt does not
+            already end with the think-open token); ``None`` turns it off. A prompt whose format instruction
+            changes the answer's first token is where merges tend to lose the think format first: the merged
+            model starts the formatted answer instead of thinking, which L_think, an average over every thinking
+            position, hardly registers.
         stage1: project the task vector onto the null space of the thinking-token features.
         stage2: scale each attention head by its instruction-attention coefficient.
         positions: which token positions define the thinking features: ``"think"`` (the think tokens),
@@ -107,6 +115,7 @@ class RainMergingConfig:
     lam_grid: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0])
     lam_auto_max_kl: float = 0.01
     lam_auto_holdout: float = 0.25
+    lam_auto_min_think_open: float | None = 0.98
     stage1: bool = True
     stage2: bool = True
     positions: str = "window-before-answer"
@@ -193,6 +202,8 @@ class RainMergingConfig:
                 raise ConfigError(f"RainMergingConfig.lam_grid holds {v!r}, which is not a number.")
         number("lam_auto_max_kl", 0.0, strict_lo=True)
         number("lam_auto_holdout", 0.0, 0.9, strict_lo=True)
+        if self.lam_auto_min_think_open is not None:
+            number("lam_auto_min_think_open", 0.0, 1.0)
         for name in ("stage1", "stage2", "project_bias", "do_sample"):
             flag(name)
         if self.sequential is not None and not isinstance(self.sequential, bool):

@@ -583,6 +583,23 @@ def think_log_probs(
     return torch.cat(out)[torch.argsort(torch.cat(order))]  # batches run longest first; back to input order
 
 
+def think_open_share(reference_choices: torch.Tensor, choices: torch.Tensor, open_id: int) -> float | None:
+    """Share of the prompts on which a model's greedy first token is the think-open token, among those where the
+    reference model's is; ``None`` when the reference opens the think block on none.
+
+    Args:
+        reference_choices: [N] the reference (reasoning) model's greedy next token after each prompt.
+        choices: [N] another model's, for the same prompts.
+        open_id: the think-open token id.
+    """
+    if reference_choices.shape != choices.shape:
+        raise ValueError(f"{tuple(reference_choices.shape)} reference choices but {tuple(choices.shape)} choices")
+    opened = reference_choices == open_id
+    if not bool(opened.any()):
+        return None
+    return float((choices[opened] == open_id).double().mean())
+
+
 def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """KL(p ‖ q) per row of log-probabilities [N, V] → [N]."""
     return (log_p.exp() * (log_p - log_q)).sum(-1)

@@ -12,7 +12,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from .calibration import (
     check_think_tokens,
     prepare_instruction_calibration,
     prepare_reasoning_calibration,
+    template_opens_think,
 )
 from .card import write_model_card
 from .checkpoints import (
@@ -173,7 +174,7 @@ class MergeReport:
     head_coefficients: list[list[float]] | None = None
     alignment: list[list[float]] | None = None
     leakage: list[list[float]] | None = None
-    lam_search: list[dict[str, float]] | None = None
+    lam_search: list[dict[str, float | None]] | None = None
     projection: str | None = None  # stage 1 as it ran: "sequential" or "one-shot"
     replay_cache_bytes: int | None = None  # the sequential form's cached layer inputs, masks and position embeddings
     vocab: dict[str, int] = field(default_factory=dict)
@@ -631,13 +632,13 @@ class RainMerger:
                 logger.info("Precomputed thinking features only: stage 1 uses the one-shot projection (pass "
                             "reasoning_calibration=... to merge() for the sequential one).")
         self.report.layers = sorted({t.layer for t in self.targets})
-        alpha = None
+        alpha, instruction_samples = None, []
         if cfg.stage2:
             if instruction_calibration is None:
                 raise ValueError("Stage 2 needs instruction calibration data: pass instruction_calibration=... or "
                                  "set RainMergingConfig(stage2=False).")
             t2 = time.perf_counter()
-            samples = self._prepare("instruction", instruction_calibration)
+            samples = instruction_samples = self._prepare("instruction", instruction_calibration)
             a, u = self._probe_attention(samples, cfg.probe_lam)
             alpha = head_coefficients(a, u, cfg.rho, cfg.coef_normalize, cfg.coef_min, cfg.coef_max)
             self.report.alignment = a.tolist()
@@ -647,7 +648,8 @@ class RainMerger:
         t3 = time.perf_counter()
         lam = cfg.lam
         if lam == "auto":
-            lam = self._choose_lambda(alpha, heldout if not cfg.stage1 else self.features.heldout)
+            lam = self._choose_lambda(alpha, heldout if not cfg.stage1 else self.features.heldout,
+                                      [s.input_ids for s in instruction_samples])
         self._apply_rain(float(lam), alpha, record=True, desc="merge")
         self.report.lam = float(lam)
         self.report.timings["merge"] = time.perf_counter() - t3
@@ -688,8 +690,23 @@ class RainMerger:
         positions = [[p for p in sample_positions if sample_ids[p] != close_id] for sample_ids, sample_positions in heldout]
         return ids, positions
 
-    def _choose_lambda(self, alpha: torch.Tensor | None, heldout: list[tuple[list[int], list[int]]]) -> float:
-        """λ = the largest grid value whose L_think on held-out reasoning samples stays ≤ lam_auto_max_kl.
+    def _think_open_prefixes(self, sequences: list[list[int]]) -> list[list[int]]:
+        """Each sequence up to its think-open token, when the model itself decides whether to think there: none
+        when the chat template already ends with the think-open token, or when the guard is off."""
+        if self.config.lam_auto_min_think_open is None:
+            return []
+        if template_opens_think(self.tokenizer, self.config):
+            logger.info("lam=auto: the chat template opens the think block itself, so no think-open decision is "
+                        "checked.")
+            return []
+        open_id = self.plan.think_token_ids[0]
+        starts = [ids.index(open_id) if open_id in ids else 0 for ids in sequences]
+        return [ids[:start] for ids, start in zip(sequences, starts) if start > 0]
+
+    def _choose_lambda(self, alpha: torch.Tensor | None, heldout: list[tuple[list[int], list[int]]],
+                       instruction_ids: Sequence[list[int]] = ()) -> float:
+        """λ = the largest grid value whose L_think on held-out reasoning samples stays ≤ lam_auto_max_kl and whose
+        think-open share (:func:`think_open_share`) stays ≥ lam_auto_min_think_open.
 
         Instruction following grows with λ along the grid, so the largest λ within the thinking-format budget is
         the calibration-only answer to "maximise instruction following subject to L_think ≤ δ".
@@ -699,27 +716,42 @@ class RainMerger:
             raise ValueError("lam='auto' measures L_think on reasoning calibration samples held out of stage 1, and "
                              "these thinking features were computed without any (with a numeric lam): pass "
                              "reasoning_calibration=... to merge(), or set lam to a number.")
-        from .evaluation import kl_rows, think_log_probs
+        from .evaluation import kl_rows, think_log_probs, think_open_share
 
         start = time.perf_counter()
         ids, positions = self._l_think_rows(heldout)
+        prefixes = self._think_open_prefixes([list(sample_ids) for sample_ids, _ in heldout] + list(instruction_ids))
+        open_id = self.plan.think_token_ids[0]
 
         def log_probs() -> torch.Tensor:
             return think_log_probs(self.model, ids, positions, cfg.batch_size, self._pad_id())
 
-        reference = log_probs()
+        def first_choices() -> torch.Tensor:
+            """The greedy next token after each prefix [len(prefixes)]."""
+            if not prefixes:
+                return torch.empty(0, dtype=torch.long)
+            return think_log_probs(self.model, [torch.tensor(p) for p in prefixes], [[len(p) - 1] for p in prefixes],
+                                   cfg.batch_size, self._pad_id()).argmax(-1)
+
+        reference, reference_choices = log_probs(), first_choices()
+        if prefixes and not bool((reference_choices == open_id).any()):
+            logger.info("lam=auto: the reasoning model opens the think block first on none of the %d calibration "
+                        "prompts, so no think-open decision is checked.", len(prefixes))
         search, chosen = [], None
         for lam in sorted(cfg.lam_grid):
             self._apply_rain(float(lam), alpha, record=False, desc=f"lam=auto: λ={lam}")
             kl = float(kl_rows(log_probs(), reference).mean())
-            search.append({"lam": float(lam), "l_think": kl})
-            logger.info("lam=auto: λ=%s L_think=%.4g", lam, kl)
-            if kl <= cfg.lam_auto_max_kl:
+            share = think_open_share(reference_choices, first_choices(), open_id)
+            search.append({"lam": float(lam), "l_think": kl, "think_open": share})
+            logger.info("lam=auto: λ=%s L_think=%.4g think-open share=%s", lam, kl, share)
+            if kl <= cfg.lam_auto_max_kl and (share is None or share >= cfg.lam_auto_min_think_open):
                 chosen = float(lam)
         self.reset()
         if chosen is None:
             chosen = float(min(cfg.lam_grid))
-            self.report.warnings.append(f"lam='auto': no λ of the grid keeps L_think ≤ {cfg.lam_auto_max_kl}; "
+            guard = "" if cfg.lam_auto_min_think_open is None else \
+                f" with a think-open share ≥ {cfg.lam_auto_min_think_open}"
+            self.report.warnings.append(f"lam='auto': no λ of the grid keeps L_think ≤ {cfg.lam_auto_max_kl}{guard}; "
                                         f"using the smallest, {chosen}")
         self.report.lam_search = search
         self.report.timings["lam_auto"] = time.perf_counter() - start

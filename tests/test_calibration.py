@@ -24,6 +24,7 @@ from rain_hf.calibration import (
     prepare_instruction_calibration,
     prepare_reasoning_calibration,
     split_generated_ids,
+    template_opens_think,
 )
 from rain_hf.config import RainMergingConfig
 
@@ -118,6 +119,11 @@ def test_spans_decode_back_to_their_text(make_tok, template):
     rendered = tok.apply_chat_template([{"role": "user", "content": RECORD["prompt"]}], tokenize=False,
                                        add_generation_prompt=True)
     assert tok.decode(sample.input_ids).startswith(rendered)
+
+
+def test_template_opens_think_only_when_the_generation_prompt_ends_with_it(make_tok):
+    assert template_opens_think(make_tok(R1_STYLE), _cfg())
+    assert not any(template_opens_think(make_tok(t), _cfg()) for t in (PLAIN, WITH_BOS, WITH_SYSTEM))
 
 
 def test_bos_and_no_bos_give_the_same_spans_relative_to_the_prompt(make_tok):

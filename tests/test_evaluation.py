@@ -432,6 +432,15 @@ class _NoLogitsToKeep(torch.nn.Module):
         return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
 
 
+def test_think_open_share_counts_only_prompts_the_reference_opens():
+    reference = torch.tensor([7, 7, 3, 7, 5])
+    assert ev.think_open_share(reference, torch.tensor([7, 2, 7, 7, 7]), 7) == pytest.approx(2 / 3)
+    assert ev.think_open_share(reference, reference, 7) == 1.0
+    assert ev.think_open_share(torch.tensor([1, 2]), torch.tensor([7, 7]), 7) is None  # nothing to keep
+    with pytest.raises(ValueError, match="reference choices"):
+        ev.think_open_share(reference, reference[:2], 7)
+
+
 def test_think_kl_without_logits_to_keep_and_errors(model, kl_data):
     merged = perturbed(model)
     expected = ev.think_kl(merged, model, *kl_data, batch_size=3)

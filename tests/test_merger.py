@@ -1,5 +1,6 @@
 """RainMerger end to end on tiny random triples, against slow references written here."""
 
+import dataclasses
 import json
 import os
 
@@ -614,6 +615,40 @@ def test_prompt_only_calibration_is_completed_by_the_reasoning_model(organism_ro
     info = merger.sidecar()["calibration"]["reasoning"]
     assert info["num_samples"] == 8 and info["num_malformed"] == 0
     assert merger.features.settings["num_samples"] == 8
+
+
+def test_lam_auto_rejects_lambdas_whose_merge_stops_opening_think(organism_root):
+    """On the organism a large λ makes the merged model start formatted answers without thinking, which the
+    think-open guard catches; the shares match a slow reference (one full forward pass per prompt)."""
+    ckpt = [os.path.join(organism_root, "checkpoints", r) for r in ("base", "reasoning", "instruct")]
+    data = [os.path.join(organism_root, "data", f) for f in ("reasoning_calibration.json",
+                                                             "instruction_calibration.jsonl")]
+    grid = dict(lam="auto", lam_grid=[1.0, 8.0], lam_auto_max_kl=1e9, sequential=False, think_spacing=["", "", ""])
+    guarded = RainMerger.from_pretrained(*ckpt, RainMergingConfig(**grid))
+    guarded.merge(*data)
+    low, high = guarded.report.lam_search
+    assert guarded.report.lam == 1.0 and low["think_open"] >= 0.98 > high["think_open"]
+    unguarded = RainMerger.from_pretrained(*ckpt, RainMergingConfig(**grid, lam_auto_min_think_open=None))
+    unguarded.merge(*data)
+    assert unguarded.report.lam == 8.0 and all(row["think_open"] is None for row in unguarded.report.lam_search)
+
+    cfg = guarded.config
+    open_id = guarded.plan.think_token_ids[0]
+    prompts = [ids for ids, _ in guarded.features.heldout]
+    prompts += [s.input_ids for s in prepare_instruction_calibration(data[1], guarded.tokenizer, cfg)]
+    prefixes = [ids[:ids.index(open_id)] for ids in prompts]
+    reasoning = AutoModelForCausalLM.from_pretrained(ckpt[1], dtype=torch.float32).eval()
+    fixed = RainMerger.from_pretrained(*ckpt, dataclasses.replace(cfg, lam=8.0), features=guarded.features)
+    merged = fixed.merge(instruction_calibration=data[1]).eval()
+
+    def first(model, ids):
+        with torch.no_grad():
+            return int(model(torch.tensor([ids])).logits[0, -1].argmax())
+
+    opened = [p for p in prefixes if first(reasoning, p) == open_id]
+    assert len(opened) > len(prefixes) // 2
+    expected = sum(first(merged, p) == open_id for p in opened) / len(opened)
+    assert high["think_open"] == pytest.approx(expected)
 
 
 def test_output_dtype_wider_than_the_loaded_model_is_refused(qwen2):

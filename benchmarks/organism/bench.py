@@ -575,7 +575,7 @@ class Bench:
             lam = float(merger.report.lam)
             self.info["auto_sequential" if sequential else "auto"] = {
                 "lam": lam, "search": merger.report.lam_search, "max_kl": cfg.lam_auto_max_kl,
-                "warnings": list(merger.report.warnings)}
+                "min_think_open": cfg.lam_auto_min_think_open, "warnings": list(merger.report.warnings)}
             self.add("RAIN lam=auto" + (" sequential" if sequential else ""), "rain_auto", lam, model, merge_s,
                      note=f"picked λ={lam:g}")
 
@@ -858,19 +858,31 @@ def summary_lines(rows: Sequence[Row], info: dict[str, Any]) -> list[str]:
     auto = info.get("auto")
     if auto:
         best = best_constrained(rows)["rain_both"]
-        out.append(f"lam='auto' picked λ={auto['lam']:g} (L_think ≤ {auto['max_kl']} on held-out calibration); "
+        out.append(f"lam='auto' picked λ={auto['lam']:g} (L_think ≤ {auto['max_kl']}{_guard(auto)} on held-out "
+                   "calibration); "
                    f"best RAIN 1+2 λ on test prompts: {best.lam:g}" if best else
                    f"lam='auto' picked λ={auto['lam']:g}; no RAIN 1+2 λ is feasible on test prompts")
-        out.append("  auto search (λ: held-out L_think at the stage-1 positions before `</think>`): "
-                   + ", ".join(f"{s['lam']:g}: {s['l_think']:.4f}" for s in auto["search"] or []))
+        out.append("  auto search (λ: held-out L_think at the stage-1 positions before `</think>`[, share of the "
+                   "calibration prompts that still open `<think>`]): " + _search_text(auto))
     auto_seq = info.get("auto_sequential")
     if auto_seq:
         best = best_constrained(rows).get("rain_seq_both")
         out.append(f"lam='auto' with sequential=True picked λ={auto_seq['lam']:g}; best RAIN 1+2 sequential λ on test "
                    f"prompts: {best.lam:g}" if best else f"lam='auto' with sequential=True picked "
                    f"λ={auto_seq['lam']:g}; no RAIN 1+2 sequential λ is feasible on test prompts")
-        out.append("  auto search: " + ", ".join(f"{s['lam']:g}: {s['l_think']:.4f}" for s in auto_seq["search"] or []))
+        out.append("  auto search: " + _search_text(auto_seq))
     return out
+
+
+def _guard(auto: dict[str, Any]) -> str:
+    """The think-open condition of a lam='auto' record ('' for records made before it existed, or with it off)."""
+    return "" if auto.get("min_think_open") is None else f", think-open share ≥ {auto['min_think_open']}"
+
+
+def _search_text(auto: dict[str, Any]) -> str:
+    return ", ".join(f"{s['lam']:g}: {s['l_think']:.4f}"
+                     + ("" if s.get("think_open") is None else f" [{s['think_open']:.3f}]")
+                     for s in auto["search"] or [])
 
 
 # ---------------------------------------------------------------------------------------------- outputs
