@@ -567,7 +567,8 @@ class Bench:
             yield prompts_only_row
 
     def auto_jobs(self) -> Iterator[Job]:
-        """lam='auto': λ from calibration data alone (held-out L_think on the reasoning calibration)."""
+        """lam='auto': λ from calibration data alone (held-out L_think on the reasoning calibration, and the share of
+        calibration prompts on which the merge still opens the think block)."""
 
         def auto_row(sequential: bool, grid: Sequence[float]) -> None:
             cfg = self.cfg(lam="auto", lam_grid=list(grid), sequential=sequential)
