@@ -202,8 +202,10 @@ class RainMergingConfig:
                 raise ConfigError(f"RainMergingConfig.lam_grid holds {v!r}, which is not a number.")
         number("lam_auto_max_kl", 0.0, strict_lo=True)
         number("lam_auto_holdout", 0.0, 0.9, strict_lo=True)
-        if self.lam_auto_min_think_open is not None:
-            number("lam_auto_min_think_open", 0.0, 1.0)
+        guard = self.lam_auto_min_think_open
+        if guard is not None and (isinstance(guard, bool) or not isinstance(guard, (int, float)) or not 0 <= guard <= 1):
+            raise ConfigError(f"RainMergingConfig.lam_auto_min_think_open must be a share between 0 and 1, or null to "
+                              f"turn the think-open check off, got {guard!r}.")
         for name in ("stage1", "stage2", "project_bias", "do_sample"):
             flag(name)
         if self.sequential is not None and not isinstance(self.sequential, bool):

@@ -65,7 +65,8 @@ def test_atomic_directory_never_overwrites_unless_asked(tmp_path):
 
 
 def test_config_round_trip_and_validation(tmp_path):
-    cfg = RainMergingConfig(lam=2.5, positions="think+prev", target_modules=["q_proj"], layers=[0, 1])
+    cfg = RainMergingConfig(lam=2.5, positions="think+prev", target_modules=["q_proj"], layers=[0, 1],
+                            lam_auto_min_think_open=None)
     assert RainMergingConfig.from_json(cfg.to_json()) == cfg
     cfg.save(tmp_path / "c.json")
     assert RainMergingConfig.load(tmp_path / "c.json") == cfg
@@ -77,7 +78,9 @@ def test_config_round_trip_and_validation(tmp_path):
                      ({"sequential": True, "stage1": False}, "sequential"), ({"sequential": "yes"}, "null"),
                      ({"sequential_offload": 1}, "sequential_offload"),
                      ({"sequential_offload": True, "sequential": False}, "drop sequential_offload"),
-                     ({"sequential_offload": True, "stage1": False}, "drop sequential_offload")]:
+                     ({"sequential_offload": True, "stage1": False}, "drop sequential_offload"),
+                     ({"lam_auto_min_think_open": 1.5}, "between 0 and 1, or null"),
+                     ({"lam_auto_min_think_open": "high"}, "think-open check off")]:
         with pytest.raises(ConfigError, match=msg):
             RainMergingConfig(**bad)
     assert RainMergingConfig(stage1=False).sequential is None  # unset: nothing to make sequential, no error
