@@ -203,9 +203,10 @@ class RainMergingConfig:
         number("lam_auto_max_kl", 0.0, strict_lo=True)
         number("lam_auto_holdout", 0.0, 0.9, strict_lo=True)
         guard = self.lam_auto_min_think_open
-        if guard is not None and (isinstance(guard, bool) or not isinstance(guard, (int, float)) or not 0 <= guard <= 1):
-            raise ConfigError(f"RainMergingConfig.lam_auto_min_think_open must be a share between 0 and 1, or null to "
-                              f"turn the think-open check off, got {guard!r}.")
+        share = not isinstance(guard, bool) and isinstance(guard, (int, float)) and 0 <= guard <= 1
+        if guard is not None and not share:
+            raise ConfigError("RainMergingConfig.lam_auto_min_think_open must be a share between 0 and 1, or null "
+                              f"to turn the think-open check off, got {guard!r}.")
         for name in ("stage1", "stage2", "project_bias", "do_sample"):
             flag(name)
         if self.sequential is not None and not isinstance(self.sequential, bool):

@@ -751,8 +751,8 @@ class RainMerger:
             chosen = float(min(cfg.lam_grid))
             guard = "" if cfg.lam_auto_min_think_open is None else \
                 f" with a think-open share ≥ {cfg.lam_auto_min_think_open}"
-            self.report.warnings.append(f"lam='auto': no λ of the grid keeps L_think ≤ {cfg.lam_auto_max_kl}{guard}; "
-                                        f"using the smallest, {chosen}")
+            self.report.warnings.append(f"lam='auto': no λ of the grid keeps L_think ≤ {cfg.lam_auto_max_kl}"
+                                        f"{guard}; using the smallest, {chosen}")
         self.report.lam_search = search
         self.report.timings["lam_auto"] = time.perf_counter() - start
         return chosen
