@@ -700,7 +700,8 @@ class RainMerger:
                         "checked.")
             return []
         open_id = self.plan.think_token_ids[0]
-        starts = [ids.index(open_id) if open_id in ids else 0 for ids in sequences]
+        # The last think-open token opens the block: a prompt may quote the token, the thinking and answer may not.
+        starts = [len(ids) - 1 - ids[::-1].index(open_id) if open_id in ids else 0 for ids in sequences]
         return [ids[:start] for ids, start in zip(sequences, starts) if start > 0]
 
     def _choose_lambda(self, alpha: torch.Tensor | None, heldout: list[tuple[list[int], list[int]]],

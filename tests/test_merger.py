@@ -651,6 +651,15 @@ def test_lam_auto_rejects_lambdas_whose_merge_stops_opening_think(organism_root)
     assert high["think_open"] == pytest.approx(expected)
 
 
+def test_think_open_prefixes_end_before_the_block_not_before_a_quoted_token(qwen2):
+    merger = _merger(qwen2, lam="auto")
+    open_id = merger.plan.think_token_ids[0]
+    # a prompt may quote the think-open token; the block's own is the last one (thinking and answer carry none)
+    assert merger._think_open_prefixes([[5, open_id, 7, open_id, 9], [open_id, 9], [5, 6]]) == [[5, open_id, 7]]
+    off = _merger(qwen2, lam="auto", lam_auto_min_think_open=None)
+    assert off._think_open_prefixes([[5, open_id, 9]]) == []
+
+
 def test_output_dtype_wider_than_the_loaded_model_is_refused(qwen2):
     from rain_hf.config import ConfigError
 
