@@ -638,8 +638,8 @@ class RainMerger:
                 raise ValueError("Stage 2 needs instruction calibration data: pass instruction_calibration=... or "
                                  "set RainMergingConfig(stage2=False).")
             t2 = time.perf_counter()
-            samples = instruction_samples = self._prepare("instruction", instruction_calibration)
-            a, u = self._probe_attention(samples, cfg.probe_lam)
+            instruction_samples = self._prepare("instruction", instruction_calibration)
+            a, u = self._probe_attention(instruction_samples, cfg.probe_lam)
             alpha = head_coefficients(a, u, cfg.rho, cfg.coef_normalize, cfg.coef_min, cfg.coef_max)
             self.report.alignment = a.tolist()
             self.report.leakage = u.tolist()
