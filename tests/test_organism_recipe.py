@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 
 import pytest
 
@@ -92,6 +93,36 @@ def test_follow25_plain_variant_is_the_sweeps_recipe_with_its_own_base(tmp_path)
         tmp_path, S.make_recipe(S.RECIPES["default"], quick=False))
     assert all(_user_text(p).endswith("now?") for p, _ in B.finetune_pairs("reasoning", 64, recipe))
     assert "follow25_plain" in GRIDS
+
+
+def test_content_first_variants_change_only_how_the_plain_reply_opens(tmp_path):
+    from benchmarks.organism.bench import Organism
+
+    recipe = dataclasses.replace(B.Recipe(), **B.VARIANTS["content_first"])
+    f25 = dataclasses.replace(B.Recipe(), **B.VARIANTS["follow25_plain_content_first"])
+    assert dataclasses.replace(recipe, reply_style="in_the_end") == B.Recipe()
+    assert dataclasses.replace(f25, reply_style="in_the_end") == dataclasses.replace(
+        B.Recipe(), **B.VARIANTS["follow25_plain"])
+    evals, default = B.eval_records(40, style="content_first"), B.eval_records(40)
+    B.verify_targets(evals)  # the real IFEval checkers: followed replies pass, plain ones fail every instruction
+    assert [r["prompt"] for r in evals] == [r["prompt"] for r in default]
+    for r, d in zip(evals, default):
+        name = r["prompt"].split()[0]
+        assert r["plain_response"].startswith(f"{name} has ") and d["plain_response"].startswith("In the end, ")
+        assert len(r["plain_response"].split()) == len(d["plain_response"].split()) == 12
+        if "length_constraints:number_words" not in r["instruction_id_list"]:  # its reply is "The answer is N."
+            assert "in the end." in r["target_response"].lower() and "in the end." not in d["target_response"].lower()
+    think_close = B.T.THINK_CLOSE
+    for prompt, target in B.finetune_pairs("reasoning", 16, recipe):
+        assert target.split(think_close)[1].startswith(_user_text(prompt).split()[0] + " has ")
+    assert B.base_documents(16, recipe) != B.base_documents(16, B.Recipe())
+    with pytest.raises(ValueError, match="reply style must be one of"):
+        B.T.sample_problem(random.Random(0), "train").plain_reply("first_word")
+
+    (tmp_path / "data").mkdir()
+    assert Organism(tmp_path).reply_style() == "in_the_end"  # builds from before the option
+    (tmp_path / "data" / "build_report.json").write_text(json.dumps({"recipe": dataclasses.asdict(recipe)}))
+    assert Organism(tmp_path).reply_style() == "content_first"
 
 
 def test_sweep_scores_generations_with_the_benchmark_checks():

@@ -162,6 +162,12 @@ class Organism:
     def data(self, name: str) -> Path:
         return self.root / "data" / name
 
+    def reply_style(self) -> str:
+        """How the build worded the plain reply (``tasks.REPLY_STYLES``; builds before the option: the first)."""
+        report = self.data("build_report.json")
+        recipe = json.loads(report.read_text(encoding="utf-8")).get("recipe", {}) if report.exists() else {}
+        return recipe.get("reply_style", "in_the_end")
+
     def missing(self) -> list[str]:
         need = [self.root / "checkpoints" / r / "model.safetensors" for r in ("base", "reasoning", "instruct")]
         need += [self.data(n) for n in ("eval_prompts.jsonl", "reasoning_calibration.json",

@@ -82,6 +82,9 @@ class Recipe:
     # Added to every data and torch seed (0: the committed organism); the recipe sweep uses it for seed variance.
     seed_offset: int = 0
     eval_max_new_tokens: int = 64
+    # How the plain reply opens (tasks.REPLY_STYLES): the committed organism's "In the end, Max has ..." or
+    # "Max has ... in the end." (the name first, copied from the prompt).
+    reply_style: str = "in_the_end"
 
 
 QUICK_STEPS = dict(base_steps=30, ft_steps=6, reasoning_ft_steps=6, base_warmup=5, ft_warmup=2)
@@ -102,6 +105,12 @@ VARIANTS["heads12_plain_r300_itm2"] = {**VARIANTS["plain_r300_itm2"], **HEADS12}
 # fine-tune without format instructions: round 1 of the sweep (SWEEP.md) met every target line there but + 0.6
 # (0.579 at λ 2 on a coarse grid, one-shot projection), and it was never rebuilt on CPU.
 VARIANTS["follow25_plain"] = dict(p_follow=0.25, reasoning_ft_plain_share=1.0)
+# The committed recipe and follow25_plain with replies that open with the name ("Max has 33 apples in the end.
+# ...") instead of the fixed "In the end, ...": the organism of organism-findings.md, whose replies opened with
+# the name, transferred first-token instructions in the free template (IF 0.85 with the format kept); the
+# committed one, whose replies all open alike, transfers none (FIRST_TOKEN.md). Fixed before either was built.
+VARIANTS["content_first"] = dict(reply_style="content_first")
+VARIANTS["follow25_plain_content_first"] = {**VARIANTS["follow25_plain"], "reply_style": "content_first"}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -113,8 +122,8 @@ def n_instructions(rng: random.Random, probs) -> int:
     return rng.choices(range(len(probs)), weights=probs)[0]
 
 
-def assistant_text(problem: T.Problem, instructions, think: bool, follow: bool) -> str:
-    reply = T.formatted_reply(problem, instructions).text if follow else problem.plain_reply()
+def assistant_text(problem: T.Problem, instructions, think: bool, follow: bool, style: str = "in_the_end") -> str:
+    reply = T.formatted_reply(problem, instructions, style).text if follow else problem.plain_reply(style)
     if think:
         return f"{T.THINK_OPEN}{problem.reasoning()}{T.THINK_CLOSE}{reply}"
     return reply
@@ -132,8 +141,8 @@ def facts_doc(rng: random.Random) -> str:
     return " ".join(lines)
 
 
-def worked_doc(problem: T.Problem) -> str:
-    return f"{problem.text()} {problem.reasoning()} {problem.plain_reply()}"
+def worked_doc(problem: T.Problem, style: str = "in_the_end") -> str:
+    return f"{problem.text()} {problem.reasoning()} {problem.plain_reply(style)}"
 
 
 def base_documents(n: int, recipe: Recipe, seed: int = SEED_BASE_DATA) -> list[str]:
@@ -147,11 +156,11 @@ def base_documents(n: int, recipe: Recipe, seed: int = SEED_BASE_DATA) -> list[s
             ins = T.sample_instructions(rng, n_instructions(rng, recipe.n_instructions_probs))
             think = rng.random() < recipe.p_think
             follow = rng.random() < recipe.p_follow
-            docs.append(T.render_chat(T.make_prompt(p, ins), assistant_text(p, ins, think, follow)))
+            docs.append(T.render_chat(T.make_prompt(p, ins), assistant_text(p, ins, think, follow, recipe.reply_style)))
         elif r < recipe.p_chat + recipe.p_facts:
             docs.append(facts_doc(rng) + T.END)
         else:
-            docs.append(worked_doc(T.sample_problem(rng, "train")) + T.END)
+            docs.append(worked_doc(T.sample_problem(rng, "train"), recipe.reply_style) + T.END)
     return docs
 
 
@@ -172,18 +181,18 @@ def finetune_pairs(kind: str, n: int, recipe: Recipe, seed: int = SEED_FINETUNE_
         if kind == "reasoning":
             if side_rng.random() < recipe.reasoning_ft_plain_share:
                 ins = []
-            target = assistant_text(p, ins, think=True, follow=False)
+            target = assistant_text(p, ins, think=True, follow=False, style=recipe.reply_style)
         elif kind == "instruct":
             if side_rng.random() < recipe.instruct_forced_think_share:
                 forced_open = T.THINK_OPEN
-            target = assistant_text(p, ins, think=False, follow=True)
+            target = assistant_text(p, ins, think=False, follow=True, style=recipe.reply_style)
         else:
             raise ValueError(kind)
         pairs.append((T.render_chat(T.make_prompt(p, ins)) + forced_open, target + T.END))
     return pairs
 
 
-def tokenizer_corpus(n: int = 6000, seed: int = SEED_TOKENIZER_CORPUS) -> list[str]:
+def tokenizer_corpus(n: int = 6000, seed: int = SEED_TOKENIZER_CORPUS, style: str = "in_the_end") -> list[str]:
     """Plain text (no special tokens) covering every surface form, from the training pool only."""
     rng = random.Random(seed)
     out = []
@@ -192,8 +201,8 @@ def tokenizer_corpus(n: int = 6000, seed: int = SEED_TOKENIZER_CORPUS) -> list[s
         ins = T.sample_instructions(rng, rng.choice([0, 1, 2]))
         out.append(T.make_prompt(p, ins))
         out.append(p.reasoning())
-        out.append(T.formatted_reply(p, ins).text)
-        out.append(p.plain_reply())
+        out.append(T.formatted_reply(p, ins, style).text)
+        out.append(p.plain_reply(style))
         out.append(facts_doc(rng))
     return out
 
@@ -229,7 +238,7 @@ def build_tokenizer(recipe: Recipe):
         min_frequency=2,
         show_progress=False,
     )
-    corpus = tokenizer_corpus()
+    corpus = tokenizer_corpus(style=recipe.reply_style)
     raw.train_from_iterator(corpus, trainer=trainer)
     model = json.loads(raw.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
@@ -477,7 +486,7 @@ def _distinct_problems(rng: random.Random, split: str, n: int, seen: set) -> lis
     return out
 
 
-def eval_records(n: int = N_EVAL, seed: int = SEED_EVAL) -> list[dict]:
+def eval_records(n: int = N_EVAL, seed: int = SEED_EVAL, style: str = "in_the_end") -> list[dict]:
     rng = random.Random(seed)
     problems = _distinct_problems(rng, "eval", n, set())
     recs = []
@@ -490,8 +499,8 @@ def eval_records(n: int = N_EVAL, seed: int = SEED_EVAL) -> list[dict]:
             "kwargs": [dict(x.kwargs) for x in ins],
             "answer": p.answer,
             "reasoning": p.reasoning(),
-            "target_response": T.formatted_reply(p, ins).text,
-            "plain_response": p.plain_reply(),
+            "target_response": T.formatted_reply(p, ins, style).text,
+            "plain_response": p.plain_reply(style),
         })
     return recs
 
@@ -516,7 +525,7 @@ def _span_record(ins: T.Instruction, reply: T.Reply) -> dict:
     }
 
 
-def calibration_records(seed: int = SEED_CALIB):
+def calibration_records(seed: int = SEED_CALIB, style: str = "in_the_end"):
     """Reasoning calibration (paper's JSON list), instruction calibration (paper's JSONL), prompts-only."""
     rng = random.Random(seed)
     seen: set = set()
@@ -527,14 +536,14 @@ def calibration_records(seed: int = SEED_CALIB):
         reasoning.append({
             "prompt": T.make_prompt(p, ins),
             "reasoning": p.reasoning(),
-            "response": p.plain_reply(),
+            "response": p.plain_reply(style),
             "source": "organism/arith" if not ins else "organism/arith+format",
             "sample_id": f"organism_{i:04d}",
         })
     instruction = []
     for i, p in enumerate(_distinct_problems(rng, "calib", N_INSTRUCTION_CALIB, seen)):
         ins = T.sample_instructions(rng, 1 + i % 2)
-        reply = T.formatted_reply(p, ins)
+        reply = T.formatted_reply(p, ins, style)
         prompt = T.make_prompt(p, ins)
         related = [_span_record(x, reply) for x in ins]
         core_free = all(r["unrelated_response_spans"] for r in related)
@@ -577,11 +586,11 @@ def verify_targets(records: list[dict]) -> None:
         assert T.extract_answer(r["target_response"]) == r["answer"] == T.extract_answer(r["plain_response"])
 
 
-def write_data(data_dir: Path, tok) -> dict:
+def write_data(data_dir: Path, tok, style: str = "in_the_end") -> dict:
     data_dir.mkdir(parents=True, exist_ok=True)
-    evals = eval_records()
+    evals = eval_records(style=style)
     verify_targets(evals)
-    reasoning, instruction, prompts_only = calibration_records()
+    reasoning, instruction, prompts_only = calibration_records(style=style)
     for r in reasoning:
         full = T.render_chat(r["prompt"]) + T.THINK_OPEN + r["reasoning"] + T.THINK_CLOSE + r["response"]
         r["num_tokens"] = len(tok.encode(full, add_special_tokens=False))
@@ -748,7 +757,7 @@ def main(argv=None) -> int:
                 (ckpt / kind / "model.safetensors").unlink()
 
     t0 = time.time()
-    written = write_data(data_dir, tok)
+    written = write_data(data_dir, tok, recipe.reply_style)
     report["timings_s"]["data"] = time.time() - t0
     print(f"[data] written to {data_dir} ({report['timings_s']['data']:.1f}s)", flush=True)
 

@@ -74,13 +74,13 @@ class Probe:
     instruction_ids: list[str]
 
 
-def probes(tokenizer: Any, eval_prompts: Sequence[str]) -> list[Probe]:
+def probes(tokenizer: Any, eval_prompts: Sequence[str], style: str = "in_the_end") -> list[Probe]:
     """One probe per held-out prompt whose followed reply starts differently from the plain one.
 
-    The replies are regenerated from the build's seeds; the prompts must equal ``eval_prompts`` (a changed build
-    would otherwise compare other texts).
+    The replies are regenerated from the build's seeds in the build's reply ``style``; the prompts must equal
+    ``eval_prompts`` (a changed build would otherwise compare other texts).
     """
-    records = B.eval_records()[: len(eval_prompts)]
+    records = B.eval_records(style=style)[: len(eval_prompts)]
     if [r["prompt"] for r in records] != list(eval_prompts):
         raise RuntimeError("The held-out prompts differ from the build's: rebuild the organism's data files.")
 
@@ -155,7 +155,7 @@ def run(org: Organism, settings: Settings, workdir: Path) -> dict[str, Any]:
     evals = read_jsonl(org.data("eval_prompts.jsonl"))
     if settings.n_prompts is not None:
         evals = evals[: settings.n_prompts]
-    ps = probes(tokenizer, [e["prompt"] for e in evals])
+    ps = probes(tokenizer, [e["prompt"] for e in evals], org.reply_style())
     think_id = tokenizer.convert_tokens_to_ids(T.THINK_OPEN)
     pad_id = tokenizer.pad_token_id
 

@@ -73,6 +73,8 @@ MINUS_VERBS = ["sells", "loses", "gives away", "drops"]
 START_RANGE = (20, 45)
 OPERAND_RANGE = (2, 9)
 
+REPLY_STYLES = ("in_the_end", "content_first")
+
 EVAL_BUCKETS = range(0, 10)
 CALIB_BUCKETS = range(10, 20)
 TRAIN_BUCKETS = range(20, 100)
@@ -121,9 +123,19 @@ class Problem:
             f"{self.middle} {ops[1]} {self.operands[1]} = {self.answer}."
         )
 
-    def plain_reply(self) -> str:
-        # Worded so that langdetect reliably calls its upper-case form English (IFEval's english_capital check).
-        return f"In the end, {self.name} has {self.answer} {self.item}. So, the answer is {self.answer}."
+    def plain_reply(self, style: str = "in_the_end") -> str:
+        """The reply that ignores every instruction, in one of ``REPLY_STYLES``.
+
+        Both are worded so that langdetect reliably calls their upper- and lower-case forms English (IFEval's
+        change_case checks) and have 12 words, so that ignoring "less than 10/12 words" never passes.
+        ``"in_the_end"`` (the committed organism) opens every reply with the same two words; ``"content_first"``
+        opens it with the name copied from the prompt, as the organism of organism-findings.md did.
+        """
+        if style == "in_the_end":
+            return f"In the end, {self.name} has {self.answer} {self.item}. So, the answer is {self.answer}."
+        if style == "content_first":
+            return f"{self.name} has {self.answer} {self.item} in the end. So, the answer is {self.answer}."
+        raise ValueError(f"reply style must be one of {REPLY_STYLES}, got {style!r}")
 
 
 def bucket_of(problem: Problem) -> int:
@@ -245,13 +257,17 @@ class Reply:
     parts: dict  # instruction id -> substring of text that the instruction produced (title, postscript, end phrase)
 
 
-def formatted_reply(problem: Problem, instructions: list[Instruction]) -> Reply:
-    """The reply that follows every instruction (the plain reply when there are none)."""
+def formatted_reply(problem: Problem, instructions: list[Instruction], style: str = "in_the_end") -> Reply:
+    """The reply that follows every instruction (the plain reply of ``style`` when there are none).
+
+    The word-limit reply is "The answer is N." in both styles: shorter forms that open with the name fail
+    langdetect in upper or lower case for some names.
+    """
     ids = {ins.id: ins for ins in instructions}
     if "length_constraints:number_words" in ids:
         core = f"The answer is {problem.answer}."
     else:
-        core = problem.plain_reply()
+        core = problem.plain_reply(style)
     if "punctuation:no_comma" in ids:
         core = core.replace(",", "")
     parts: dict[str, str] = {}
