@@ -67,3 +67,10 @@ def test_probes_keep_only_prompts_whose_first_token_changes(organism_root):
     assert not any(set(p.instruction_ids) <= end_only for p in ps)
     with pytest.raises(RuntimeError, match="rebuild"):
         probes(tok, ["not a held-out prompt"])
+    # A content_first build's plain reply opens with the name, so the probes compare against that token.
+    named = probes(tok, [e["prompt"] for e in evals], "content_first")
+    in_token = tok("In", add_special_tokens=False)["input_ids"][0]
+    assert all(p.plain == in_token for p in ps) and not any(p.plain == in_token for p in named)
+    for p in named:
+        name = tok.decode(p.tag).split("<|user|>")[1].split()[0]
+        assert tok.decode([p.plain]).strip() and name.startswith(tok.decode([p.plain]).strip())
