@@ -104,14 +104,16 @@ def test_content_first_variants_change_only_how_the_plain_reply_opens(tmp_path):
     assert dataclasses.replace(f25, reply_style="in_the_end") == dataclasses.replace(
         B.Recipe(), **B.VARIANTS["follow25_plain"])
     evals, default = B.eval_records(40, style="content_first"), B.eval_records(40)
-    B.verify_targets(evals)  # the real IFEval checkers: followed replies pass, plain ones fail every instruction
+    B.verify_targets(evals)  # real IFEval checkers: followed replies pass, plain ones fail every instruction
     assert [r["prompt"] for r in evals] == [r["prompt"] for r in default]
     for r, d in zip(evals, default):
         name = r["prompt"].split()[0]
-        assert r["plain_response"].startswith(f"{name} has ") and d["plain_response"].startswith("In the end, ")
+        assert r["plain_response"].startswith(f"{name} has ")
+        assert d["plain_response"].startswith("In the end, ")
         assert len(r["plain_response"].split()) == len(d["plain_response"].split()) == 12
-        if "length_constraints:number_words" not in r["instruction_id_list"]:  # its reply is "The answer is N."
-            assert "in the end." in r["target_response"].lower() and "in the end." not in d["target_response"].lower()
+        if "length_constraints:number_words" not in r["instruction_id_list"]:  # that one: "The answer is N."
+            assert "in the end." in r["target_response"].lower()
+            assert "in the end." not in d["target_response"].lower()
     think_close = B.T.THINK_CLOSE
     for prompt, target in B.finetune_pairs("reasoning", 16, recipe):
         assert target.split(think_close)[1].startswith(_user_text(prompt).split()[0] + " has ")

@@ -163,10 +163,10 @@ class Organism:
         return self.root / "data" / name
 
     def reply_style(self) -> str:
-        """How the build worded the plain reply (``tasks.REPLY_STYLES``; builds before the option: the first)."""
+        """How the build worded the plain reply (``tasks.REPLY_STYLES``; older builds: the default)."""
         report = self.data("build_report.json")
         recipe = json.loads(report.read_text(encoding="utf-8")).get("recipe", {}) if report.exists() else {}
-        return recipe.get("reply_style", "in_the_end")
+        return recipe.get("reply_style", T.DEFAULT_REPLY_STYLE)
 
     def missing(self) -> list[str]:
         need = [self.root / "checkpoints" / r / "model.safetensors" for r in ("base", "reasoning", "instruct")]

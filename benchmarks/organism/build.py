@@ -84,7 +84,7 @@ class Recipe:
     eval_max_new_tokens: int = 64
     # How the plain reply opens (tasks.REPLY_STYLES): the committed organism's "In the end, Max has ..." or
     # "Max has ... in the end." (the name first, copied from the prompt).
-    reply_style: str = "in_the_end"
+    reply_style: str = T.DEFAULT_REPLY_STYLE
 
 
 QUICK_STEPS = dict(base_steps=30, ft_steps=6, reasoning_ft_steps=6, base_warmup=5, ft_warmup=2)
@@ -122,7 +122,8 @@ def n_instructions(rng: random.Random, probs) -> int:
     return rng.choices(range(len(probs)), weights=probs)[0]
 
 
-def assistant_text(problem: T.Problem, instructions, think: bool, follow: bool, style: str = "in_the_end") -> str:
+def assistant_text(problem: T.Problem, instructions, think: bool, follow: bool,
+                   style: str = T.DEFAULT_REPLY_STYLE) -> str:
     reply = T.formatted_reply(problem, instructions, style).text if follow else problem.plain_reply(style)
     if think:
         return f"{T.THINK_OPEN}{problem.reasoning()}{T.THINK_CLOSE}{reply}"
@@ -141,7 +142,7 @@ def facts_doc(rng: random.Random) -> str:
     return " ".join(lines)
 
 
-def worked_doc(problem: T.Problem, style: str = "in_the_end") -> str:
+def worked_doc(problem: T.Problem, style: str = T.DEFAULT_REPLY_STYLE) -> str:
     return f"{problem.text()} {problem.reasoning()} {problem.plain_reply(style)}"
 
 
@@ -156,7 +157,8 @@ def base_documents(n: int, recipe: Recipe, seed: int = SEED_BASE_DATA) -> list[s
             ins = T.sample_instructions(rng, n_instructions(rng, recipe.n_instructions_probs))
             think = rng.random() < recipe.p_think
             follow = rng.random() < recipe.p_follow
-            docs.append(T.render_chat(T.make_prompt(p, ins), assistant_text(p, ins, think, follow, recipe.reply_style)))
+            reply = assistant_text(p, ins, think, follow, recipe.reply_style)
+            docs.append(T.render_chat(T.make_prompt(p, ins), reply))
         elif r < recipe.p_chat + recipe.p_facts:
             docs.append(facts_doc(rng) + T.END)
         else:
@@ -192,7 +194,8 @@ def finetune_pairs(kind: str, n: int, recipe: Recipe, seed: int = SEED_FINETUNE_
     return pairs
 
 
-def tokenizer_corpus(n: int = 6000, seed: int = SEED_TOKENIZER_CORPUS, style: str = "in_the_end") -> list[str]:
+def tokenizer_corpus(n: int = 6000, seed: int = SEED_TOKENIZER_CORPUS,
+                     style: str = T.DEFAULT_REPLY_STYLE) -> list[str]:
     """Plain text (no special tokens) covering every surface form, from the training pool only."""
     rng = random.Random(seed)
     out = []
@@ -486,7 +489,7 @@ def _distinct_problems(rng: random.Random, split: str, n: int, seen: set) -> lis
     return out
 
 
-def eval_records(n: int = N_EVAL, seed: int = SEED_EVAL, style: str = "in_the_end") -> list[dict]:
+def eval_records(n: int = N_EVAL, seed: int = SEED_EVAL, style: str = T.DEFAULT_REPLY_STYLE) -> list[dict]:
     rng = random.Random(seed)
     problems = _distinct_problems(rng, "eval", n, set())
     recs = []
@@ -525,7 +528,7 @@ def _span_record(ins: T.Instruction, reply: T.Reply) -> dict:
     }
 
 
-def calibration_records(seed: int = SEED_CALIB, style: str = "in_the_end"):
+def calibration_records(seed: int = SEED_CALIB, style: str = T.DEFAULT_REPLY_STYLE):
     """Reasoning calibration (paper's JSON list), instruction calibration (paper's JSONL), prompts-only."""
     rng = random.Random(seed)
     seen: set = set()
@@ -586,7 +589,7 @@ def verify_targets(records: list[dict]) -> None:
         assert T.extract_answer(r["target_response"]) == r["answer"] == T.extract_answer(r["plain_response"])
 
 
-def write_data(data_dir: Path, tok, style: str = "in_the_end") -> dict:
+def write_data(data_dir: Path, tok, style: str = T.DEFAULT_REPLY_STYLE) -> dict:
     data_dir.mkdir(parents=True, exist_ok=True)
     evals = eval_records(style=style)
     verify_targets(evals)

@@ -74,7 +74,7 @@ class Probe:
     instruction_ids: list[str]
 
 
-def probes(tokenizer: Any, eval_prompts: Sequence[str], style: str = "in_the_end") -> list[Probe]:
+def probes(tokenizer: Any, eval_prompts: Sequence[str], style: str = T.DEFAULT_REPLY_STYLE) -> list[Probe]:
     """One probe per held-out prompt whose followed reply starts differently from the plain one.
 
     The replies are regenerated from the build's seeds in the build's reply ``style``; the prompts must equal

@@ -74,6 +74,7 @@ START_RANGE = (20, 45)
 OPERAND_RANGE = (2, 9)
 
 REPLY_STYLES = ("in_the_end", "content_first")
+DEFAULT_REPLY_STYLE = REPLY_STYLES[0]  # the committed organism's
 
 EVAL_BUCKETS = range(0, 10)
 CALIB_BUCKETS = range(10, 20)
@@ -123,13 +124,14 @@ class Problem:
             f"{self.middle} {ops[1]} {self.operands[1]} = {self.answer}."
         )
 
-    def plain_reply(self, style: str = "in_the_end") -> str:
+    def plain_reply(self, style: str = DEFAULT_REPLY_STYLE) -> str:
         """The reply that ignores every instruction, in one of ``REPLY_STYLES``.
 
         Both are worded so that langdetect reliably calls their upper- and lower-case forms English (IFEval's
         change_case checks) and have 12 words, so that ignoring "less than 10/12 words" never passes.
-        ``"in_the_end"`` (the committed organism) opens every reply with the same two words; ``"content_first"``
-        opens it with the name copied from the prompt, as the organism of organism-findings.md did.
+        ``"in_the_end"`` (the committed organism) opens every reply with the same two words;
+        ``"content_first"`` opens it with the name copied from the prompt, as the organism of
+        organism-findings.md did.
         """
         if style == "in_the_end":
             return f"In the end, {self.name} has {self.answer} {self.item}. So, the answer is {self.answer}."
@@ -257,7 +259,8 @@ class Reply:
     parts: dict  # instruction id -> substring of text that the instruction produced (title, postscript, end phrase)
 
 
-def formatted_reply(problem: Problem, instructions: list[Instruction], style: str = "in_the_end") -> Reply:
+def formatted_reply(problem: Problem, instructions: list[Instruction],
+                    style: str = DEFAULT_REPLY_STYLE) -> Reply:
     """The reply that follows every instruction (the plain reply of ``style`` when there are none).
 
     The word-limit reply is "The answer is N." in both styles: shorter forms that open with the name fail
