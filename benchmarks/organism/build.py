@@ -107,7 +107,7 @@ VARIANTS["heads12_plain_r300_itm2"] = {**VARIANTS["plain_r300_itm2"], **HEADS12}
 VARIANTS["follow25_plain"] = dict(p_follow=0.25, reasoning_ft_plain_share=1.0)
 # The committed recipe and follow25_plain with replies that open with the name ("Max has 33 apples in the end.
 # ...") instead of the fixed "In the end, ...": the organism of organism-findings.md, whose replies opened with
-# the name, transferred first-token instructions in the free template (IF 0.85 with the format kept); the
+# the name, reached IF 0.85 with the format kept in the free template, which takes first-token instructions; the
 # committed one, whose replies all open alike, transfers none (FIRST_TOKEN.md). Fixed before either was built.
 VARIANTS["content_first"] = dict(reply_style="content_first")
 VARIANTS["follow25_plain_content_first"] = {**VARIANTS["follow25_plain"], "reply_style": "content_first"}
