@@ -122,9 +122,12 @@ def test_content_first_variants_change_only_how_the_plain_reply_opens(tmp_path):
         B.T.sample_problem(random.Random(0), "train").plain_reply("first_word")
 
     (tmp_path / "data").mkdir()
-    assert Organism(tmp_path).reply_style() == "in_the_end"  # builds from before the option
+    assert Organism(tmp_path).recipe().reply_style == "in_the_end"  # no build report: the default recipe
+    old = {k: v for k, v in dataclasses.asdict(recipe).items() if k != "reply_style"}
+    (tmp_path / "data" / "build_report.json").write_text(json.dumps({"recipe": old}))
+    assert Organism(tmp_path).recipe().reply_style == "in_the_end"  # builds from before the option
     (tmp_path / "data" / "build_report.json").write_text(json.dumps({"recipe": dataclasses.asdict(recipe)}))
-    assert Organism(tmp_path).reply_style() == "content_first"
+    assert Organism(tmp_path).recipe().reply_style == "content_first"
 
 
 def test_sweep_scores_generations_with_the_benchmark_checks():

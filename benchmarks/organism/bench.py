@@ -162,11 +162,17 @@ class Organism:
     def data(self, name: str) -> Path:
         return self.root / "data" / name
 
-    def reply_style(self) -> str:
-        """How the build worded the plain reply (``tasks.REPLY_STYLES``; older builds: the default)."""
+    def recipe(self) -> Any:
+        """The ``build.Recipe`` recorded in ``build_report.json``: the default recipe where there is none, and the
+        defaults for fields added after the build (so older builds read as the committed recipe)."""
+        from benchmarks.organism import build as B
+
         report = self.data("build_report.json")
-        recipe = json.loads(report.read_text(encoding="utf-8")).get("recipe", {}) if report.exists() else {}
-        return recipe.get("reply_style", T.DEFAULT_REPLY_STYLE)
+        if not report.exists():
+            return B.Recipe()
+        recorded = json.loads(report.read_text(encoding="utf-8")).get("recipe", {})
+        known = {f.name for f in dataclasses.fields(B.Recipe)}
+        return B.Recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k in known})
 
     def missing(self) -> list[str]:
         need = [self.root / "checkpoints" / r / "model.safetensors" for r in ("base", "reasoning", "instruct")]
@@ -197,12 +203,7 @@ def training_prompts(org: Organism) -> list[str]:
     and the recipe recorded in the organism's ``build_report.json`` (the default recipe where there is none)."""
     from benchmarks.organism import build as B
 
-    recipe = B.Recipe()
-    report = org.data("build_report.json")
-    if report.exists():
-        recorded = json.loads(report.read_text(encoding="utf-8")).get("recipe", {})
-        known = {f.name for f in dataclasses.fields(B.Recipe)}
-        recipe = B.Recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k in known})
+    recipe = org.recipe()
     pairs = {kind: [p for p, _ in B.finetune_pairs(kind, B.finetune_steps(kind, recipe) * recipe.batch_size, recipe)]
              for kind in ("reasoning", "instruct")}
     seen = set(pairs["reasoning"])  # the same prompts for both fine-tunes unless a variant drops instructions

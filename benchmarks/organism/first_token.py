@@ -155,7 +155,7 @@ def run(org: Organism, settings: Settings, workdir: Path) -> dict[str, Any]:
     evals = read_jsonl(org.data("eval_prompts.jsonl"))
     if settings.n_prompts is not None:
         evals = evals[: settings.n_prompts]
-    ps = probes(tokenizer, [e["prompt"] for e in evals], org.reply_style())
+    ps = probes(tokenizer, [e["prompt"] for e in evals], org.recipe().reply_style)
     think_id = tokenizer.convert_tokens_to_ids(T.THINK_OPEN)
     pad_id = tokenizer.pad_token_id
 
