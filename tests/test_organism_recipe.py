@@ -93,6 +93,10 @@ def test_follow25_plain_variant_is_the_sweeps_recipe_with_its_own_base(tmp_path)
         tmp_path, S.make_recipe(S.RECIPES["default"], quick=False))
     assert all(_user_text(p).endswith("now?") for p, _ in B.finetune_pairs("reasoning", 64, recipe))
     assert "follow25_plain" in GRIDS
+    itm2 = dataclasses.replace(B.Recipe(), **B.VARIANTS["follow25_plain_itm2"])
+    assert dataclasses.replace(itm2, instruct_forced_think_share=0.0) == recipe  # only the instruct fine-tune differs
+    assert B.finetune_pairs("reasoning", 64, itm2) == B.finetune_pairs("reasoning", 64, recipe)
+    assert B.finetune_pairs("instruct", 64, itm2) != B.finetune_pairs("instruct", 64, recipe)
 
 
 def test_content_first_variants_change_only_how_the_plain_reply_opens(tmp_path):

@@ -111,6 +111,10 @@ VARIANTS["follow25_plain"] = dict(p_follow=0.25, reasoning_ft_plain_share=1.0)
 # committed one, whose replies all open alike, transfers none (FIRST_TOKEN.md). Fixed before either was built.
 VARIANTS["content_first"] = dict(reply_style="content_first")
 VARIANTS["follow25_plain_content_first"] = {**VARIANTS["follow25_plain"], "reply_style": "content_first"}
+# follow25_plain with the instruct fine-tune of plain_r300_itm2 (a quarter of its prompts end with a forced
+# <think>): organism-findings.md lists this pair (a base that follows a quarter of the time, with ITM2) as not
+# tried. Fixed, with its bench grid (follow25_plain's), before it was built.
+VARIANTS["follow25_plain_itm2"] = {**VARIANTS["follow25_plain"], "instruct_forced_think_share": 0.25}
 
 
 # --------------------------------------------------------------------------------------------------------------
