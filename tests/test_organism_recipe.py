@@ -105,6 +105,10 @@ def test_content_first_variants_change_only_how_the_plain_reply_opens(tmp_path):
     recipe = dataclasses.replace(B.Recipe(), **B.VARIANTS["content_first"])
     f25 = dataclasses.replace(B.Recipe(), **B.VARIANTS["follow25_plain_content_first"])
     assert dataclasses.replace(recipe, reply_style="in_the_end") == B.Recipe()
+    cf_pi2 = dataclasses.replace(B.Recipe(), **B.VARIANTS["content_first_plain_r300_itm2"])
+    assert dataclasses.replace(cf_pi2, reply_style="in_the_end") == dataclasses.replace(
+        B.Recipe(), **B.VARIANTS["plain_r300_itm2"])
+    assert B.base_documents(64, cf_pi2) == B.base_documents(64, recipe)  # content_first's base
     assert dataclasses.replace(f25, reply_style="in_the_end") == dataclasses.replace(
         B.Recipe(), **B.VARIANTS["follow25_plain"])
     evals, default = B.eval_records(40, style="content_first"), B.eval_records(40)

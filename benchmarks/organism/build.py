@@ -115,6 +115,10 @@ VARIANTS["follow25_plain_content_first"] = {**VARIANTS["follow25_plain"], "reply
 # <think>): organism-findings.md lists this pair (a base that follows a quarter of the time, with ITM2) as not
 # tried. Fixed, with its bench grid (follow25_plain's), before it was built.
 VARIANTS["follow25_plain_itm2"] = {**VARIANTS["follow25_plain"], "instruct_forced_think_share": 0.25}
+# plain_r300_itm2 (the closest organism: it misses only "stage 1 + 2 > stage 1") on the content_first base, whose
+# name-first replies let the lowercase instruction transfer on the committed recipe. Fixed with its grid
+# (plain_r300_itm2's) before it was built.
+VARIANTS["content_first_plain_r300_itm2"] = {**VARIANTS["plain_r300_itm2"], "reply_style": "content_first"}
 
 
 # --------------------------------------------------------------------------------------------------------------
