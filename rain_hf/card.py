@@ -391,10 +391,12 @@ def _removed_rows(modules: dict[str, Any]) -> list[dict[str, Any]]:
             groups.setdefault(name.rsplit(".", 1)[-1], []).append(entry)
     rows = []
     for module, entries in groups.items():
-        residuals = [float(e["residual"]) for e in entries if e.get("residual") is not None]
-        rows.append({"module": module, "count": len(entries),
-                     "removed_fraction": sum(float(e["removed_fraction"]) for e in entries) / len(entries),
-                     "residual": sum(residuals) / len(residuals) if residuals else None})
+        row = {"module": module, "count": len(entries),
+               "removed_fraction": sum(float(e["removed_fraction"]) for e in entries) / len(entries)}
+        for key in ("residual", "residual_after_stage2"):
+            values = [float(e[key]) for e in entries if e.get(key) is not None]
+            row[key] = sum(values) / len(values) if values else None
+        rows.append(row)
     return rows
 
 

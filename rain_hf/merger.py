@@ -50,7 +50,14 @@ from .features import (
     collect_attention_stats,
     find_target_modules,
 )
-from .projection import feature_residual, project_ridge, project_svd, protected_basis, removed_fraction
+from .projection import (
+    feature_residual,
+    project_ridge,
+    project_svd,
+    protected_basis,
+    removed_fraction,
+    without_bias_column,
+)
 from .writer import ShardedSafetensorsWriter, TensorSpec, atomic_directory
 
 logger = logging.getLogger(__name__)
@@ -201,6 +208,10 @@ class MergeReport:
             residuals = [r["residual"] for r in self.modules.values() if r.get("residual") is not None]
             if residuals:
                 lines.append(f"  max residual ‖ΔW⊥Hᵀ‖/‖ΔW Hᵀ‖: {max(residuals):.2e}")
+            scaled = [r["residual_after_stage2"] for r in self.modules.values() if "residual_after_stage2" in r]
+            if scaled:
+                lines.append(f"  max residual of o_proj as merged (after stage 2's per-head column scales): "
+                             f"{max(scaled):.2e}")
         if self.head_coefficients is not None:
             flat = [a for row in self.head_coefficients for a in row]
             lines.append(f"  head coefficients: {len(self.head_coefficients)} layers × "
@@ -473,16 +484,20 @@ class RainMerger:
         return dw.to(self.device), (db.to(self.device) if db is not None else None)
 
     def _projected(self, target: TargetModule, dw: torch.Tensor, db: torch.Tensor | None, record: bool,
-                   basis: tuple[torch.Tensor, torch.Tensor] | None = None):
+                   basis: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   column_scale: torch.Tensor | None = None):
         """Stage 1 on one module: ΔW⊥ (and Δb⊥), recording the removed fraction and residual.
 
         ``basis`` is the (V, s) of the module's features; ``None`` takes the reasoning model's from
-        :attr:`features`.
+        :attr:`features`. ``column_scale`` [1, in (+1 with the bias)] is stage 2's per-column scale, given to
+        record the residual of the delta as merged too.
         """
         full = dw if db is None else torch.cat([dw, db.unsqueeze(1)], dim=1)
         if self.config.stage1:
             v, s = self.features.basis(target.name) if basis is None else basis
             v, s = v.to(self.device), s.to(self.device)
+            if v.shape[0] == full.shape[1] + 1:  # features with the bias column, module without a bias
+                v, s = without_bias_column(v, s)
             prec = torch.float64 if self.config.precision == "float64" else torch.float32
             work = full.to(prec)
             if self.config.projection == "svd":
@@ -490,10 +505,14 @@ class RainMerger:
             else:
                 out = project_ridge(work, v.to(prec), s.to(prec), self.config.ridge)
             if record:
-                self.report.modules[target.name] = {
-                    "removed_fraction": removed_fraction(work, out),
-                    "residual": feature_residual(work, out, v.to(prec), s.to(prec)),
-                }
+                row = {"removed_fraction": removed_fraction(work, out),
+                       "residual": feature_residual(work, out, v.to(prec), s.to(prec))}
+                if column_scale is not None:
+                    # Eq. 16 scales the input columns of o_proj per head after the projection; unequal scales move
+                    # part of ΔW⊥ back onto the protected directions (row and scalar scales cannot).
+                    c = column_scale.to(prec)
+                    row["residual_after_stage2"] = feature_residual(work * c, out * c, v.to(prec), s.to(prec))
+                self.report.modules[target.name] = row
             full = out.float()
         if db is None:
             return full, None
@@ -541,8 +560,11 @@ class RainMerger:
     def _merge_module(self, target: TargetModule, lam: float, alpha: torch.Tensor | None, record: bool,
                       basis: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         dw, db = self._module_delta(target)
-        dw, db = self._projected(target, dw, db, record, basis)
         ws, bs = self._scale(target, alpha)
+        column_scale = None
+        if alpha is not None and target.kind == "o":
+            column_scale = ws if db is None else torch.cat([ws, bs.reshape(1, 1)], dim=1)
+        dw, db = self._projected(target, dw, db, record, basis, column_scale)
         theta = self.reasoning.get(target.weight_key).to(self.device, torch.float32) + lam * ws * dw
         self._write_param(target.weight_key, theta.to(self._output_dtype(target.weight_key)))
         if db is not None:

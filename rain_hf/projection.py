@@ -53,7 +53,7 @@ def project_ridge(delta: torch.Tensor, v: torch.Tensor, s: torch.Tensor, ridge: 
     Args:
         delta: ΔW [out, d]; v: V [d, k]; s: [k]; ridge: relative ε.
     """
-    if s.numel() == 0:
+    if s.numel() == 0 or float(s[0]) == 0.0:  # H = 0 constrains nothing (and ε = 0 would give 0/0)
         return delta.clone()
     s2 = s.to(delta.dtype) ** 2
     eps = ridge * s2[0]
@@ -82,3 +82,20 @@ def feature_residual(delta: torch.Tensor, projected: torch.Tensor, v: torch.Tens
 def with_bias_column(features: torch.Tensor) -> torch.Tensor:
     """[H | 1]: features of a module whose bias is treated as the weight of a constant input 1."""
     return torch.cat([features, features.new_ones(features.shape[0], 1)], dim=1)
+
+
+def without_bias_column(v: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SVD of H from the SVD of [H | 1]: for a module without a bias in a group whose features carry the column.
+
+    Such a module must satisfy ΔW h = 0 on the rows of H itself; projecting [ΔW | 0] against [H | 1] and dropping
+    the last column would leave ΔW h = −(the dropped column's value). Since H = U·diag(s)·V[:d]ᵀ, the SVD of
+    V[:d]·diag(s) gives H's right singular vectors and singular values exactly (the full thin SVD is kept).
+
+    Args:
+        v: V [d + 1, k] and s [k] of [H | 1].
+
+    Returns:
+        V [d, k] and s [k] (descending) of H; directions beyond H's rank have s = 0.
+    """
+    left, sigma, _ = torch.linalg.svd(v[:-1] * s, full_matrices=False)
+    return left.contiguous(), sigma

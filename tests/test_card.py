@@ -104,7 +104,8 @@ def test_body_has_method_config_calibration_and_usage(tmp_path):
     assert "AutoModelForCausalLM.from_pretrained(model_id" in text and "apply_chat_template(" in text
     # removed fraction: mean over layers per module type
     assert re.search(r"\| `q_proj` \| 2 \| 0\.2000 \| 2\.00e-06 \|", text)
-    assert re.search(r"\| `down_proj` \| 1 \| 0\.0500 \| – \|", text)
+    assert re.search(r"\| `down_proj` \| 1 \| 0\.0500 \| – \|\n", text)
+    assert "residual as merged" not in text
     # the full config is a rain-merge YAML whose parameters rebuild the same RainMergingConfig
     block = _yaml_block(text)
     assert block["reasoning_model"] == {"path": REASONING, "revision": SHA}
@@ -115,6 +116,16 @@ def test_body_has_method_config_calibration_and_usage(tmp_path):
     info["report"]["projection"] = "sequential"
     text = build_model_card(info).text
     assert "projection was sequential" in text and "# sequential unset: stage 1 ran sequential" in text
+
+
+def test_o_proj_residual_as_merged_gets_its_own_column():
+    info = _info()
+    info["report"]["modules"]["model.layers.0.self_attn.o_proj"] = {
+        "removed_fraction": 0.2, "residual": 1e-6, "residual_after_stage2": 0.04}
+    text = build_model_card(info).text
+    assert "| module | layers | removed fraction | residual | residual as merged |" in text
+    assert re.search(r"\| `o_proj` \| 1 \| 0\.2000 \| 1\.00e-06 \| 4\.00e-02 \|", text)
+    assert re.search(r"\| `q_proj` \| 2 \| 0\.2000 \| 2\.00e-06 \| – \|", text)
 
 
 def test_local_inputs_are_named_in_the_body_not_in_base_model(tmp_path):

@@ -12,6 +12,7 @@ from rain_hf.projection import (
     protected_basis,
     removed_fraction,
     with_bias_column,
+    without_bias_column,
 )
 
 
@@ -56,6 +57,27 @@ def test_bias_column_projection_protects_affine_outputs():
     out = project_svd(torch.cat([dw, db[:, None]], 1), protected_basis(v, s, 1e-12))
     dw2, db2 = out[:, :-1], out[:, -1]
     assert torch.allclose(h @ dw2.T + db2, torch.zeros(4, 5, dtype=torch.float64), atol=1e-10)
+
+
+@pytest.mark.parametrize("rank", [3, 8])
+def test_bias_column_dropped_gives_the_features_own_projection(rank):
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(6, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, 8, generator=g, dtype=torch.float64)
+    dw = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    v, s = without_bias_column(*feature_svd(with_bias_column(h), torch.float64))
+    assert v.shape[0] == 8
+    reference = dw @ (torch.eye(8, dtype=torch.float64) - torch.linalg.pinv(h) @ h)
+    assert torch.allclose(project_svd(dw, protected_basis(v, s, 1e-10)), reference, atol=1e-10)
+    direct_v, direct_s = feature_svd(h, torch.float64)
+    assert torch.allclose(project_ridge(dw, v, s, 0.05), project_ridge(dw, direct_v, direct_s, 0.05), atol=1e-10)
+    assert torch.allclose(s[:rank], direct_s[:rank], atol=1e-10)
+
+
+def test_projections_of_all_zero_features_change_nothing():
+    dw = torch.randn(3, 5, dtype=torch.float64)
+    v, s = feature_svd(torch.zeros(4, 5, dtype=torch.float64), torch.float64)
+    assert torch.equal(project_svd(dw, protected_basis(v, s, 0.1)), dw)
+    assert torch.equal(project_ridge(dw, v, s, 0.05), dw)
 
 
 def test_coefficients_literal_and_normalised():

@@ -103,6 +103,34 @@ def test_projection_residual_on_calibration_features(qwen2, tokenizer):
         assert merger.report.modules[name]["residual"] < 1e-4
 
 
+@pytest.mark.parametrize("sequential", [False, True])
+def test_project_bias_protects_modules_with_and_without_a_bias(qwen2, tokenizer, sequential):
+    # Qwen2: q/k/v have biases (projected with them, [ΔW | Δb] against [H | 1]); o_proj and the MLP have none
+    cfg = dict(lam=1.0, stage2=False, rcond=1e-6, positions="window", window=1, project_bias=True,
+               sequential=sequential)
+    merger = _merger(qwen2, **cfg)
+    records = reasoning_records(3)
+    merger.merge(records)
+    model = merger.model if sequential else AutoModelForCausalLM.from_pretrained(qwen2["reasoning"])
+    samples = prepare_reasoning_calibration(records, tokenizer, RainMergingConfig(**cfg))
+    feats = _capture_inputs(model, samples, [t.name for t in merger.targets], ("window", 1))
+    reasoning, base, instruct = (_weights(qwen2[role]) for role in ("reasoning", "base", "instruct"))
+    merged = dict(merger.model.named_parameters())
+    kinds = set()
+    for target in merger.targets:
+        h = feats[target.name]
+        keys = [target.weight_key] + ([target.bias_key] if target.bias_key else [])
+        applied = [merged[k].detach().double() - reasoning[k].double() for k in keys]
+        task = [(instruct[k] - base[k]).double() for k in keys]
+        out, before = h @ applied[0].T, h @ task[0].T
+        if target.bias_key:
+            assert float(applied[1].abs().max()) > 0, target.name
+            out, before = out + applied[1], before + task[1]
+        kinds.add(target.has_bias)
+        assert torch.linalg.norm(out) <= 1e-4 * torch.linalg.norm(before), target.name
+    assert kinds == {True, False}
+
+
 def _own_input_residuals(merger, samples, positions):
     """Per module: ‖ΔW_merged Hᵀ‖ / ‖ΔW_instruct Hᵀ‖ with H the merged model's own inputs (slow reference)."""
     names = [t.name for t in merger.targets]
@@ -336,6 +364,16 @@ def test_gqa_reference_coefficients_and_merged_tensors(qwen2, tokenizer):
             scale[:] = alpha[layer].mean()
         expected = reasoning.get_parameter(n + ".weight").detach().double() + cfg.lam * scale * perp[n]
         assert torch.allclose(lib[n + ".weight"], expected, atol=1e-5), n
+        row = merger.report.modules[n]
+        if leaf == "o_proj":
+            # per-head column scales move Δ⊥ off the null space; the report gives the residual as merged
+            dw = (instruct[n + ".weight"] - base[n + ".weight"]).double()
+            merged = float(torch.linalg.norm((scale * perp[n]) @ feats[n].T)
+                           / torch.linalg.norm((scale * dw) @ feats[n].T))
+            assert row["residual_after_stage2"] == pytest.approx(merged, rel=2e-4), n
+            assert row["residual_after_stage2"] != pytest.approx(row["residual"], rel=2e-3), n
+        else:
+            assert "residual_after_stage2" not in row, n
 
 
 def test_features_reused_from_memory_and_disk(qwen2, tmp_path):
