@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 #: Files fetched from the Hub for a full model: weights, configs, tokenizer; never .bin/.pt/.gguf duplicates.
 MODEL_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "vocab*",
                   "merges.txt", "README.md", "LICENSE*"]
+#: Files never fetched for a full model: Mistral-style repositories ship the whole model a second time in the
+#: native format (``consolidated.safetensors``) beside the transformers shards.
+MODEL_IGNORE_PATTERNS = ["consolidated*.safetensors"]
 #: Files fetched from the Hub for a peft adapter.
 ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "README.md"]
 
@@ -58,7 +61,7 @@ class ModelSource:
 
 
 def _hub_identity_of_folder(folder: Path) -> tuple[str | None, str | None]:
-    """(hub id, commit) of a Hub cache snapshot folder, or what a rain_hf/merge sidecar records; else Nones."""
+    """(hub id, commit) of a Hub cache snapshot folder (read from its path); (None, None) for any other folder."""
     match = _CACHE_SNAPSHOT.search(str(folder.resolve()))
     if match:
         return f"{match['org']}/{match['name']}", match["sha"]
@@ -109,7 +112,8 @@ def resolve_model(
 
     try:
         folder = snapshot_download(text, revision=revision, token=token,
-                                   allow_patterns=allow_patterns or MODEL_PATTERNS)
+                                   allow_patterns=allow_patterns or MODEL_PATTERNS,
+                                   ignore_patterns=None if allow_patterns else MODEL_IGNORE_PATTERNS)
     except RevisionNotFoundError as exc:
         raise CheckpointError(f"The {role} model {text!r} has no revision {revision!r} on the Hub.") from exc
     except GatedRepoError as exc:

@@ -255,10 +255,14 @@ _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 def _coerce_numbers(parameters: dict[str, Any]) -> dict[str, Any]:
     """YAML 1.1 reads ``1e-2`` as a string: turn such strings into numbers for the numeric fields."""
     numeric = {f.name for f in dataclasses.fields(RainMergingConfig) if "float" in str(f.type)}
+    def number(value: Any) -> Any:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            return float(value)
+        return value
+
     for name in numeric & set(parameters):
         value = parameters[name]
-        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-            parameters[name] = float(value)
+        parameters[name] = [number(v) for v in value] if isinstance(value, list) else number(value)
     return parameters
 
 
@@ -444,7 +448,7 @@ def _run(args: argparse.Namespace) -> int:
                                  if use_calibration and job.config.stage2 else None),
     )
     saved = merger.save_pretrained(out, overwrite=args.overwrite, max_shard_size=job.max_shard_size,
-                                   card_template=job.card_template)
+                                   card_template=job.card_template, _card_model_id=args.push_to_hub)
     print(str(merger.report))
     print(f"saved: {saved}")
     if args.push_to_hub:

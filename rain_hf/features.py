@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .calibration import CalibrationSample
 from .coefficients import attention_mass, masked_query_mean
-from .config import RainMergingConfig
+from .config import ConfigError, RainMergingConfig
 from .projection import feature_svd, with_bias_column
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,8 @@ def find_target_modules(model: nn.Module, config: RainMergingConfig) -> list[Tar
     if config.layers is not None:
         bad = [i for i in config.layers if i >= len(layers)]
         if bad:
-            raise ValueError(f"config.layers names layers {bad}, but the model has {len(layers)} (0–{len(layers) - 1}).")
+            raise ConfigError(f"config.layers names layers {bad}, but the model has {len(layers)} "
+                              f"(0–{len(layers) - 1}): drop them, or leave layers unset to merge every layer.")
     wanted_layers = set(range(len(layers))) if config.layers is None else set(config.layers)
     targets: list[TargetModule] = []
     for idx, block in enumerate(layers):
@@ -132,7 +133,8 @@ def find_target_modules(model: nn.Module, config: RainMergingConfig) -> list[Tar
                                    "layer mean α.", prefix, idx, sub, tuple(module.weight.shape))
             targets.append(TargetModule(f"{prefix}.{idx}.{sub}", idx, kind, (out_f, in_f), module.bias is not None))
     if not targets:
-        raise ValueError(f"target_modules={config.target_modules!r} matches no linear module in the decoder blocks.")
+        raise ConfigError(f"target_modules={config.target_modules!r} matches no linear module in the decoder blocks: "
+                          "name their last parts (e.g. ['q_proj', 'v_proj']) or use 'all-linear'.")
     return targets
 
 

@@ -831,7 +831,7 @@ class RainMerger:
         Sharded safetensors (byte-based ``max_shard_size``), config and generation config of the reasoning model,
         its tokenizer and chat template, ``rain_merging_config.json`` and a model card. The folder is written
         elsewhere and moved into place at the end: an error or Ctrl-C leaves nothing behind, and an existing
-        folder is replaced only with ``overwrite=True``.
+        folder is replaced only with ``overwrite=True`` (an empty one is filled).
         """
         if not self.merged:
             raise RuntimeError("Nothing to save yet: call merge() first.")
@@ -884,15 +884,22 @@ class RainMerger:
         max_shard_size: int | str | None = None,
         save_directory: str | os.PathLike | None = None,
     ):
-        """Save the merged model (to ``save_directory`` or a temporary folder) and upload it in one commit."""
+        """Save the merged model (to ``save_directory``, or a temporary folder deleted after the upload) and upload
+        it in one commit."""
         from .hub import push_folder
 
+        scratch = None
         if save_directory is None:
-            save_directory = Path(tempfile.mkdtemp(prefix="rain_hf-push-")) / repo_id.replace("/", "--")
-        folder = self.save_pretrained(save_directory, max_shard_size=max_shard_size, _card_model_id=repo_id)
-        return push_folder(folder, repo_id, private=private, token=token, revision=revision,
-                           commit_message=commit_message or f"Upload {self.config.method} merge made with rain_hf",
-                           create_pr=create_pr)
+            scratch = tempfile.TemporaryDirectory(prefix="rain_hf-push-")
+            save_directory = Path(scratch.name) / repo_id.replace("/", "--")
+        try:
+            folder = self.save_pretrained(save_directory, max_shard_size=max_shard_size, _card_model_id=repo_id)
+            return push_folder(folder, repo_id, private=private, token=token, revision=revision,
+                               commit_message=commit_message or f"Upload {self.config.method} merge made with rain_hf",
+                               create_pr=create_pr)
+        finally:
+            if scratch is not None:
+                scratch.cleanup()
 
 
 def _card_license(folder: Path) -> str | None:

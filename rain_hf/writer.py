@@ -155,9 +155,12 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     """Yield a fresh temporary folder beside ``target``; move it to ``target`` only when the block succeeds.
 
     On any exception (KeyboardInterrupt included) the temporary folder is deleted and ``target`` is left as it
-    was. An existing ``target`` is replaced only with ``overwrite=True``, and only after the new one is complete.
+    was. An existing ``target`` is replaced only with ``overwrite=True`` (or when it is an empty folder), and only
+    after the new one is complete.
     """
     target = Path(target).expanduser().absolute()
+    if target.is_dir() and not any(target.iterdir()):
+        overwrite = True  # an empty folder holds nothing to lose (e.g. one made ahead for the output)
     if target.exists() and not overwrite:
         raise OutputExistsError(f"{target} already exists: choose another folder or pass overwrite=True.")
     if target.exists() and not target.is_dir():

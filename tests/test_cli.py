@@ -104,6 +104,7 @@ def test_bad_yaml_exits_2_with_one_line(tmp_path, capsys, content, expected):
     ({"density": 2.0}, "density=2.0 must be <= 1"),
     ({"positions": "everywhere"}, "positions='everywhere' is not one of"),
     ({"stage1": "yes please"}, "stage1 must be true or false"),
+    ({"lam_grid": ["1e-2", "x"]}, "lam_grid"),
 ])
 def test_bad_parameters_exit_2(tmp_path, capsys, parameters, expected):
     config = _write(tmp_path, _minimal(tmp_path, parameters=parameters))
@@ -164,6 +165,8 @@ def test_load_job_resolves_paths_revisions_and_numbers(tmp_path):
     assert job.models["instruct"] == "Qwen/Qwen2.5-7B-Instruct"  # a Hub id stays a Hub id
     assert job.revision == {"instruct": "abc123"}
     assert job.config.ridge == 0.01 and job.config.lam == "auto" and job.config.layers == [0, 1]
+    lam_grid = load_job(_write(tmp_path, _minimal(tmp_path, parameters={"lam_grid": ["5e-1", 1, "1.5"]})))
+    assert lam_grid.config.lam_grid == [0.5, 1.0, 1.5]
     assert job.calibration["reasoning"] == (tmp_path / "data" / "r.json").resolve()
     assert (job.dtype, job.max_shard_size, job.private) == ("bfloat16", "500MB", True)
 
@@ -229,6 +232,7 @@ def test_full_run_writes_the_output_folder(triple, tmp_path, capsys, monkeypatch
     monkeypatch.setattr("rain_hf.hub.push_folder", fake_push)
     config = _job_file(root, tmp_path, output={"private": True, "max_shard_size": "10MB"})
     out = tmp_path / "out"
+    out.mkdir()  # an empty folder made ahead is filled, not refused
     assert main([str(config), "--out", str(out), "--push-to-hub", "me/tiny-rain"]) == 0
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "README.md", "rain_merging_config.json", "rain_merging_heatmap.png",
@@ -238,9 +242,22 @@ def test_full_run_writes_the_output_folder(triple, tmp_path, capsys, monkeypatch
     assert sidecar["method"] == "rain" and sidecar["config"]["batch_size"] == 2
     assert sidecar["calibration"]["reasoning"]["num_samples"] == 4
     assert (out / "README.md").read_text().startswith("---\n")
+    assert 'model_id = "me/tiny-rain"' in (out / "README.md").read_text()
     assert pushed["folder"] == out and pushed["repo_id"] == "me/tiny-rain" and pushed["private"] is True
     stdout = capsys.readouterr().out
     assert f"saved: {out}" in stdout and "pushed: https://huggingface.co/me/tiny-rain/commit/1" in stdout
+
+
+@pytest.mark.parametrize("parameters, expected", [
+    ({"layers": [0, 9]}, "config.layers names layers [9], but the model has 2"),
+    ({"target_modules": ["foo_proj"]}, "matches no linear module"),
+])
+def test_config_errors_found_on_the_models_exit_2(triple, tmp_path, capsys, parameters, expected):
+    root, _ = triple
+    config = _job_file(root, tmp_path, parameters={"lam": 1.0, **parameters})
+    assert main([str(config), "--out", str(tmp_path / "out")]) == 2
+    assert expected in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
 
 
 def test_baseline_run_needs_no_calibration(triple, tmp_path):

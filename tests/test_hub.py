@@ -368,3 +368,24 @@ def test_merger_push_to_hub_sends_one_commit_with_card_and_weights(hub, tmp_path
     card = commit["files"]["README.md"]["content"].decode()
     assert "task_arithmetic" in card and card.startswith("---\n")
     assert info.commit_url.startswith("https://huggingface.co/me/tiny-ta/commit/")
+    assert 'model_id = "me/tiny-ta"' in card
+
+
+def test_merger_push_to_hub_without_a_folder_deletes_its_copy(hub, tmp_path, monkeypatch):
+    testing = pytest.importorskip("rain_hf.testing")
+    from rain_hf import RainMerger, RainMergingConfig
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    paths = testing.build_triple(tmp_path / "triple", "qwen2")
+    merger = RainMerger.from_pretrained(paths["base"], paths["reasoning"], paths["instruct"],
+                                        RainMergingConfig(method="task_arithmetic", lam=0.5))
+    merger.merge()
+    merger.push_to_hub("me/tiny-ta", token=TOKEN)
+    (commit,) = hub.commits
+    assert any(name.endswith(".safetensors") for name in commit["files"])
+    assert list(scratch.iterdir()) == []
+    with pytest.raises(HubError):
+        merger.push_to_hub("me/tiny-ta", token="hf_wrong")
+    assert list(scratch.iterdir()) == []

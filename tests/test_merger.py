@@ -488,6 +488,30 @@ def test_refuses_missing_and_non_safetensors_inputs(qwen2, tmp_path):
         RainMerger.plan(binonly, qwen2["reasoning"], qwen2["instruct"])
 
 
+def test_hub_fetch_skips_the_native_mistral_copy_of_the_weights(qwen2, monkeypatch):
+    from huggingface_hub.utils import filter_repo_objects
+
+    from rain_hf.checkpoints import ADAPTER_PATTERNS, resolve_model
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append(kwargs)
+        return str(qwen2["base"])
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
+    assert resolve_model("mistralai/Some-Reasoner").path == qwen2["base"].resolve()
+    repo = ["config.json", "consolidated.safetensors", "params.json", "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors", "model.safetensors.index.json", "tokenizer.json",
+            "pytorch_model.bin"]
+    fetched = list(filter_repo_objects(repo, allow_patterns=calls[0]["allow_patterns"],
+                                       ignore_patterns=calls[0]["ignore_patterns"]))
+    assert fetched == ["config.json", "params.json", "model-00001-of-00002.safetensors",
+                       "model-00002-of-00002.safetensors", "model.safetensors.index.json", "tokenizer.json"]
+    resolve_model("me/adapter", allow_patterns=ADAPTER_PATTERNS)
+    assert calls[1]["allow_patterns"] == ADAPTER_PATTERNS and calls[1]["ignore_patterns"] is None
+
+
 def test_refuses_think_tokens_that_are_not_single_tokens(qwen2):
     with pytest.raises(Exception, match="<reason>"):
         RainMerger.plan(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],

@@ -64,6 +64,15 @@ def test_atomic_directory_never_overwrites_unless_asked(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_atomic_directory_fills_an_existing_empty_folder(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    with atomic_directory(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_config_round_trip_and_validation(tmp_path):
     cfg = RainMergingConfig(lam=2.5, positions="think+prev", target_modules=["q_proj"], layers=[0, 1],
                             lam_auto_min_think_open=None)
