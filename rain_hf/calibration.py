@@ -134,8 +134,19 @@ def load_records(data: Any) -> list[dict]:
         CalibrationError: missing file, unsupported extension, invalid JSON (with the line number for JSONL),
             a record that is not an object, or an unsupported input type.
     """
+    return _load_with_locations(data)[0]
+
+
+def _load_with_locations(data: Any) -> tuple[list[dict], list[str] | None]:
+    """:func:`load_records`, plus where each record came from (``"FILE line N"`` / ``"FILE record N"``) when
+    ``data`` is a path, so that errors about a record can name it."""
     if isinstance(data, (str, os.PathLike)):
-        return _load_path(Path(data))
+        locations: list[str] = []
+        return _load_path(Path(data), locations), locations
+    return _load_in_memory(data), None
+
+
+def _load_in_memory(data: Any) -> list[dict]:
     if isinstance(data, Mapping):
         raise CalibrationError(
             "Calibration data is a single dict (or a DatasetDict): pass a list of records, a Dataset split "
@@ -168,8 +179,9 @@ def _is_hf_dataset(data: Any) -> bool:
     return isinstance(data, (datasets.Dataset, datasets.IterableDataset))
 
 
-def _load_path(path: Path) -> list[dict]:
-    """Read a ``.json`` list or a ``.jsonl`` file of records."""
+def _load_path(path: Path, locations: list[str]) -> list[dict]:
+    """Read a ``.json`` list or a ``.jsonl`` file of records, appending each record's location to ``locations``
+    (a UTF-8 byte-order mark is accepted)."""
     if not path.exists():
         raise CalibrationError(f"Calibration file {str(path)!r} does not exist: check the path.")
     if path.is_dir():
@@ -177,7 +189,7 @@ def _load_path(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         records = []
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -190,10 +202,11 @@ def _load_path(path: Path) -> list[dict]:
                 if not isinstance(record, dict):
                     raise CalibrationError(f"{path}: line {lineno} is a JSON {type(record).__name__}, not an object.")
                 records.append(record)
+                locations.append(f"{path} line {lineno}")
         return records
     if suffix == ".json":
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 content = json.load(f)
         except json.JSONDecodeError as err:
             raise CalibrationError(
@@ -204,7 +217,12 @@ def _load_path(path: Path) -> list[dict]:
                 f"{path} holds a JSON {type(content).__name__}; a .json calibration file must hold a list of "
                 "objects (use .jsonl for one object per line)."
             )
-        return load_records(content)
+        try:
+            records = _load_in_memory(content)
+        except CalibrationError as err:
+            raise CalibrationError(f"{path}: {err}") from None
+        locations.extend(f"{path} record {i}" for i in range(len(records)))
+        return records
     raise CalibrationError(
         f"Unsupported calibration file extension {path.suffix!r} ({path}): use .json (a list of objects) or "
         ".jsonl (one object per line)."
@@ -416,7 +434,19 @@ def _parse_record(record: Mapping, template: _Template) -> _Fields:
         response=_text(response, "response", template, check_think=True),
     )
     _collect_annotations(record, fields)
+    # [start, end] offsets count characters of the field as given; the fields were stripped
+    fields.prompt_groups = _shift_offsets(fields.prompt_groups, len(prompt) - len(prompt.lstrip()))
+    for name in ("response_groups", "unrelated_groups"):
+        setattr(fields, name, _shift_offsets(getattr(fields, name), len(response) - len(response.lstrip())))
     return fields
+
+
+def _shift_offsets(groups: list[list[Any]], shift: int) -> list[list[Any]]:
+    """Annotation groups with every ``[start, end]`` offset pair moved ``shift`` characters to the left."""
+    if not shift:
+        return groups
+    return [[[item[0] - shift, item[1] - shift] if _is_offset_pair(item) else item for item in group]
+            for group in groups]
 
 
 def _split_think_text(content: str, template: _Template) -> tuple[str, str]:
@@ -722,10 +752,10 @@ def _stop_ids(gen: Any, tokenizer: Any, pad_id: int) -> set[int]:
 def _generate_batch(records: list[dict], model: Any, tokenizer: Any, config: Any, template: _Template) -> list[dict]:
     """Generate reasoning and response for one batch of prompt-only records (left padding, no grad)."""
     results = [dict(r) for r in records]
-    rows, prefix_ids = [], []
+    rows, prefix_ids, prompts = [], [], {}
     for i, record in enumerate(records):
         try:
-            prompt = _text(_raw_fields(record)[0], "prompt", template, check_think=False)
+            prompt = prompts[i] = _text(_raw_fields(record)[0], "prompt", template, check_think=False)
             prefix, _ = _generation_prefix(tokenizer, template, prompt)
         except _Malformed as err:
             results[i]["generation_error"] = str(err)
@@ -754,6 +784,9 @@ def _generate_batch(records: list[dict], model: Any, tokenizer: Any, config: Any
             results[row]["generation_error"] = str(err)
             continue
         results[row]["reasoning"], results[row]["response"] = reasoning, response
+        # a chat-format record is read from its messages while it has no 'prompt': give it one, or the trace
+        # just generated would be ignored and the record would still count as prompt-only
+        results[row].setdefault("prompt", prompts[row])
     return results
 
 
@@ -790,14 +823,18 @@ def generate_traces(records: list[dict], model: Any, tokenizer: Any, config: Any
 def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limit: int | None,
              stats: dict | None = None) -> list[CalibrationSample]:
     """Load, (generate,) validate and render a calibration set; see the public wrappers."""
-    records = load_records(data)
+    records, locations = _load_with_locations(data)
     if not records:
         raise CalibrationError(f"The {kind} calibration set is empty: pass at least one record.")
+
+    def where(index: int) -> str:
+        return f"index {index}" + (f" ({locations[index]})" if locations else "")
+
     template = _template_parts(tokenizer, config)
     prompt_only = [i for i, r in enumerate(records) if _is_prompt_only(r)]
     if prompt_only and model is None:
         raise CalibrationError(
-            f"{len(prompt_only)} of {len(records)} {kind} calibration records (first: index {prompt_only[0]}) have "
+            f"{len(prompt_only)} of {len(records)} {kind} calibration records (first: {where(prompt_only[0])}) have "
             "only a prompt. Pass 'reasoning' and 'response' for every record, or pass the reasoning model "
             "(model=...) / let RainMerger generate them with generate_traces."
         )
@@ -826,10 +863,10 @@ def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limi
                     failures.append((index, str(err)))
                     if config.on_malformed == "error":
                         raise CalibrationError(
-                            f"Malformed {kind} calibration sample at index {index}: {err}. Fix the record, or set "
+                            f"Malformed {kind} calibration sample at {where(index)}: {err}. Fix the record, or set "
                             "config.on_malformed='skip' to leave such samples out."
                         ) from None
-                    logger.warning("Skipping malformed %s calibration sample %d: %s", kind, index, err)
+                    logger.warning("Skipping malformed %s calibration sample at %s: %s", kind, where(index), err)
                 if limit is not None and len(samples) >= limit:
                     break
             if limit is not None and len(samples) >= limit:
@@ -881,7 +918,8 @@ def prepare_instruction_calibration(
     Annotations (optional): the paper's ``related_prompt_list[*].prompt_spans`` (instruction text inside the
     prompt), ``.response_spans`` (constrained response text), ``.unrelated_response_spans`` and a top-level
     ``unrelated_response_spans``; or plain ``instruction_spans`` / ``response_spans`` lists. Items are strings
-    located inside their own segment, or ``[start, end]`` character offsets into it. Without annotations
+    located inside their own segment, or ``[start, end]`` character offsets into its field as given (leading
+    whitespace counted). Without annotations
     I = the prompt, R = the response, U = the thinking; annotated unrelated spans are added to U.
 
     Arguments, return value and errors as in :func:`prepare_reasoning_calibration`, with

@@ -269,7 +269,7 @@ def test_skip_versus_error(tok, caplog):
     with caplog.at_level(logging.WARNING, logger="rain_hf.calibration"):
         samples = prepare_reasoning_calibration(records, tok, _cfg(on_malformed="skip"))
     assert [s.index for s in samples] == [0, 2]
-    assert "sample 1" in caplog.text and "'response' is missing" in caplog.text
+    assert "sample at index 1" in caplog.text and "'response' is missing" in caplog.text
     with pytest.raises(CalibrationError, match="index 1: field 'response' is missing"):
         prepare_reasoning_calibration(records, tok, _cfg(on_malformed="error"))
 
@@ -323,8 +323,34 @@ def test_load_records_from_files(tmp_path):
         load_records(tmp_path / "dict.json")
     with pytest.raises(CalibrationError, match="record 1 is a str"):
         load_records([RECORD, "text"])
+    (tmp_path / "int.json").write_text(json.dumps([RECORD, 5]))
+    with pytest.raises(CalibrationError, match=r"int\.json: Calibration record 1 is a int"):
+        load_records(tmp_path / "int.json")
+    (tmp_path / "bom.jsonl").write_text("\ufeff" + json.dumps(RECORD) + "\n", encoding="utf-8")
+    (tmp_path / "bom.json").write_text("\ufeff" + json.dumps([RECORD]), encoding="utf-8")
+    assert load_records(tmp_path / "bom.jsonl") == load_records(tmp_path / "bom.json") == [RECORD]
     with pytest.raises(CalibrationError, match="Unsupported calibration data"):
         load_records(42)
+
+
+def test_errors_about_a_record_name_its_file_and_line(tok, tmp_path):
+    short = {"prompt": "Hi", "reasoning": "Hmm."}
+    (tmp_path / "r.jsonl").write_text(json.dumps(RECORD) + "\n\n\n" + json.dumps(short) + "\n")
+    with pytest.raises(CalibrationError, match=r"at index 1 \(.*r\.jsonl line 4\): field 'response' is missing"):
+        prepare_reasoning_calibration(tmp_path / "r.jsonl", tok, _cfg(on_malformed="error"))
+    (tmp_path / "r.json").write_text(json.dumps([RECORD, short]))
+    with pytest.raises(CalibrationError, match=r"at index 1 \(.*r\.json record 1\)"):
+        prepare_reasoning_calibration(tmp_path / "r.json", tok, _cfg(on_malformed="error"))
+    with pytest.raises(CalibrationError, match=r"at index 1: field 'response'"):
+        prepare_reasoning_calibration([RECORD, short], tok, _cfg(on_malformed="error"))
+
+
+def test_offset_annotations_count_characters_of_the_field_as_given(tok):
+    record = {"prompt": "  Tell me about apples. Write in lowercase.", "reasoning": "ok",
+              "response": "  apples are good.", "instruction_spans": [[24, 43]], "response_spans": [[2, 8]]}
+    (s,) = prepare_instruction_calibration([record], tok, _cfg(on_malformed="error"))
+    assert [_text(tok, s, sp).strip() for sp in s.instruction_spans] == ["Write in lowercase."]
+    assert [_text(tok, s, sp).strip() for sp in s.constrained_spans] == ["apples"]
 
 
 def test_dataset_input(tok):
@@ -406,13 +432,17 @@ def test_prompt_only_records_are_generated(tok, chain_ids, do_sample):
     model = _chain_model(tok, {i["last"]: i["a"], i["a"]: i["b"], i["b"]: i["close"], i["close"]: i["c"],
                                i["c"]: i["d"], i["d"]: i["eos"]})
     cfg = _cfg(max_new_tokens=12, batch_size=2, do_sample=do_sample)
-    records = [{"prompt": "Hi"}, RECORD, {"prompt": "Write a short poem about the sea, please."}]
+    records = [{"prompt": "Hi"}, RECORD, {"prompt": "Write a short poem about the sea, please."},
+               {"messages": [{"role": "user", "content": "Hi"}]}]
     traces = generate_traces(records, model, tok, cfg)
     assert traces[1] == RECORD
-    for t in (traces[0], traces[2]):
+    for t in (traces[0], traces[2], traces[3]):
         assert (t["reasoning"], t["response"]) == ("ok", "ys") and "generation_error" not in t
-    samples = prepare_reasoning_calibration(records, tok, cfg, model=model)
-    assert [s.index for s in samples] == [0, 1, 2]
+    assert generate_traces(traces, model, tok, cfg) == traces  # nothing left to generate
+    samples = prepare_reasoning_calibration(records, tok, _cfg(on_malformed="error", max_new_tokens=12,
+                                                               batch_size=2, do_sample=do_sample), model=model)
+    assert [s.index for s in samples] == [0, 1, 2, 3]
+    assert samples[3].input_ids == samples[0].input_ids
     assert _text(tok, samples[0], samples[0].thinking_span).strip() == "ok"
     assert _text(tok, samples[2], samples[2].response_span).strip() == "ys"
     assert _text(tok, samples[2], samples[2].prompt_span) == records[2]["prompt"]
