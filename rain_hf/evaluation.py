@@ -77,9 +77,11 @@ class ThinkSplit:
     """A generation split into its thinking and its answer.
 
     Attributes:
-        thinking: the text inside the think block (stripped), ``None`` when no closed block was found.
-        answer: the answer (stripped). When the format is broken it is a best effort: the text after the last
-            think-close tag if there is one, else the whole text with the think tags removed.
+        thinking: the text inside the think block (stripped; an unclosed block runs to the end), ``None`` when
+            the generation has no think tag at all.
+        answer: the answer (stripped). When the format is broken: the text after the last think-close tag if
+            there is one; else the text before an unclosed think-open tag (so empty when the generation opens a
+            block and never closes it: thinking is not an answer); the whole text when there is no tag.
         format_ok: whether the generation has exactly one ``<think> … </think>`` block first, then a non-empty
             answer (see :func:`split_generation`).
     """
@@ -118,8 +120,10 @@ def split_generation(
         ThinkSplit(thinking='2+3=5', answer='The answer is 5.', format_ok=True)
         >>> split_generation("2+3=5</think>5", prompt_ends_with_open=True).format_ok
         True
-        >>> split_generation("<think>2+3=5 The answer is 5.")
-        ThinkSplit(thinking=None, answer='2+3=5 The answer is 5.', format_ok=False)
+        >>> split_generation("<think>2+3=5 The answer is 5.")  # never closed: everything is thinking
+        ThinkSplit(thinking='2+3=5 The answer is 5.', answer='', format_ok=False)
+        >>> split_generation("The answer is 5.")  # no block at all: the model did not think
+        ThinkSplit(thinking=None, answer='The answer is 5.', format_ok=False)
     """
     n_open = text.count(think_open)
     n_close = text.count(think_close)
@@ -143,7 +147,12 @@ def split_generation(
         before, _, after = text.rpartition(think_close)
         thinking = before.replace(think_open, "").replace(think_close, "").strip()
         return ThinkSplit(thinking=thinking, answer=after.strip(), format_ok=False)
-    return ThinkSplit(thinking=None, answer=text.replace(think_open, "").strip(), format_ok=False)
+    if prompt_ends_with_open:  # the block the prompt opened was never closed: all of it is thinking
+        return ThinkSplit(thinking=text.replace(think_open, "").strip(), answer="", format_ok=False)
+    if n_open:  # an unclosed block runs to the end: only what precedes it can be an answer
+        before, _, after = text.partition(think_open)
+        return ThinkSplit(thinking=after.replace(think_open, "").strip(), answer=before.strip(), format_ok=False)
+    return ThinkSplit(thinking=None, answer=text.strip(), format_ok=False)
 
 
 def think_format_rate(
@@ -270,14 +279,21 @@ def _ifeval_registry(nltk_data_path: str | None = None) -> Mapping[str, type]:
 def _build_checker(
     registry: Mapping[str, type], instruction_id: str, kwargs: Mapping[str, Any] | None, prompt: str
 ):
-    """Instantiate one IFEval checker the way IFEval does (None-valued kwargs dropped, prompt passed if needed)."""
+    """Instantiate one IFEval checker (prompt passed to the checkers that read it).
+
+    Kwargs with a ``None`` value are dropped, as the IFEval data pads every record with all keys. lm-eval drops
+    every falsy value instead; for a ``0`` (e.g. ``let_frequency``) that makes its checker draw a random number,
+    so a 0 is kept here.
+    """
     if instruction_id not in registry:
         raise ValueError(f"Unknown IFEval instruction id {instruction_id!r}; known ids: {sorted(registry)}")
     checker = registry[instruction_id](instruction_id)
     arg_keys = checker.get_instruction_args_keys() or []
     clean = {k: v for k, v in (kwargs or {}).items() if v is not None}
-    if "prompt_to_repeat" in arg_keys and "prompt_to_repeat" not in clean:
-        clean["prompt_to_repeat"] = prompt
+    if "prompt_to_repeat" in arg_keys and not clean.get("prompt_to_repeat"):
+        # the whole prompt holds the repeat instruction itself, which IFEval's request to repeat leaves out
+        raise ValueError(f"{instruction_id} needs the kwarg 'prompt_to_repeat' (the request to repeat, without the "
+                         f"repeat instruction, as in IFEval's data); prompt: {prompt[:60]!r}")
     checker.build_description(**clean)
     if "prompt" in arg_keys:
         checker.build_description(prompt=prompt)
@@ -655,24 +671,29 @@ def _module_type(name: str) -> str:
 
 
 def _top_left_singular_vectors(
-    matrix: torch.Tensor, k: int, randomized: bool, niter: int = 6
+    matrix: torch.Tensor, k: int, randomized: bool, niter: int = 6, rtol: float = 1e-5
 ) -> torch.Tensor:
-    """Orthonormal top-k left singular vectors of ``matrix`` [m, n] → [m, k] (fp32).
+    """Orthonormal top-k left singular vectors of ``matrix`` [m, n] → [m, r] (fp32), r ≤ k.
 
-    ``randomized`` uses a seeded range finder with ``niter`` power iterations (own generator: the global RNG is
-    untouched) instead of a full SVD.
+    Directions with a singular value ≤ ``rtol``·s_max are left out (r < k for a matrix of rank below k, r = 0 for
+    a zero matrix): the SVD returns arbitrary vectors for them. ``randomized`` uses a seeded range finder with
+    ``niter`` power iterations (own generator: the global RNG is untouched) instead of a full SVD.
     """
     a = matrix.float()
     k = min(k, *a.shape)
     if not randomized:
-        return torch.linalg.svd(a, full_matrices=False).U[:, :k]
-    q = min(2 * k + 8, *a.shape)
-    gen = torch.Generator(device=a.device).manual_seed(0)
-    basis = torch.linalg.qr(a @ torch.randn(a.shape[1], q, generator=gen, device=a.device)).Q
-    for _ in range(niter):
-        basis = torch.linalg.qr(a @ (a.T @ basis)).Q
-    u_small = torch.linalg.svd(basis.T @ a, full_matrices=False).U
-    return (basis @ u_small)[:, :k]
+        u, s, _ = torch.linalg.svd(a, full_matrices=False)
+    else:
+        q = min(2 * k + 8, *a.shape)
+        gen = torch.Generator(device=a.device).manual_seed(0)
+        basis = torch.linalg.qr(a @ torch.randn(a.shape[1], q, generator=gen, device=a.device)).Q
+        for _ in range(niter):
+            basis = torch.linalg.qr(a @ (a.T @ basis)).Q
+        u_small, s, _ = torch.linalg.svd(basis.T @ a, full_matrices=False)
+        u = basis @ u_small
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return u[:, :0]
+    return u[:, :k][:, s[:k] > rtol * s[0]]
 
 
 def _cosine(dot: float, norm_a2: float, norm_b2: float) -> float:
@@ -692,8 +713,9 @@ def task_vector_geometry(
 
     For each module type (the module's last name component: ``q_proj``, ``down_proj``; biases as
     ``q_proj.bias``), the cosine is that of the deltas flattened and concatenated over layers:
-    Σ_l⟨a_l, b_l⟩ / √(Σ_l‖a_l‖² · Σ_l‖b_l‖²). The subspace overlap of one 2-D delta pair is ‖U_aᵀU_b‖_F² / k with
-    U the top-k left singular vectors (1: same subspace, ≈ k/m: random); the type's value is its mean over layers.
+    Σ_l⟨a_l, b_l⟩ / √(Σ_l‖a_l‖² · Σ_l‖b_l‖²). The subspace overlap of one 2-D delta pair is ‖U_aᵀU_b‖_F² / r with
+    U the top-r left singular vectors, r = k or less where a delta's rank is below k (a LoRA delta): 1 for the same
+    subspace, ≈ r/m for random ones. The type's value is its mean over layers, leaving out pairs with a zero delta.
     The overall cosine uses all shared tensors. Tensors are read one at a time (a lazy mapping, such as a view of
     safetensors shards, or a callable ``name → tensor`` works) and processed in fp32 on their device.
 
@@ -758,7 +780,9 @@ def task_vector_geometry(
             randomized = svd == "randomized" or (svd == "auto" and min(a32.shape) > 1024)
             u_a = _top_left_singular_vectors(a32, k, randomized)
             u_b = _top_left_singular_vectors(b32, k, randomized)
-            entry["overlaps"].append(float((u_a.T @ u_b).pow(2).sum()) / u_a.shape[1])
+            r = min(u_a.shape[1], u_b.shape[1])
+            if r:  # undefined where a delta is zero
+                entry["overlaps"].append(float((u_a[:, :r].T @ u_b[:, :r]).pow(2).sum()) / r)
 
     modules = {
         t: {

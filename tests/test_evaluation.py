@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -132,7 +133,8 @@ def model() -> Qwen2ForCausalLM:
         ("<think>2+3=5</think>The answer is 5.", "2+3=5", "The answer is 5.", True),
         ("  \n<think>\nplan\n</think>\n\n answer \n", "plan", "answer", True),
         ("<think></think>answer", "", "answer", True),
-        ("<think>plan and answer", None, "plan and answer", False),  # missing close
+        ("<think>plan and answer", "plan and answer", "", False),  # never closed: all thinking, no answer
+        ("Sure. <think>plan", "plan", "Sure.", False),  # an unclosed block after some text
         ("<think>a</think>b<think>c</think>d", "abc", "d", False),  # two blocks
         ("<think>a</think>  \n", "a", "", False),  # empty answer
         ("intro <think>a</think>b", "intro a", "b", False),  # block not first
@@ -158,7 +160,7 @@ def test_split_generation_close_before_open_best_effort():
         ("plan</think>The answer is 5.", "The answer is 5.", True),
         ("\nplan\n</think>\nanswer", "answer", True),
         ("<think>plan</think>answer", "answer", False),  # a second open
-        ("plan and answer", "plan and answer", False),  # never closed
+        ("plan and answer", "", False),  # the block the prompt opened is never closed: no answer
         ("a</think>b</think>c", "c", False),  # two closes
         ("plan</think>", "", False),  # empty answer
     ],
@@ -271,7 +273,7 @@ IFEVAL_CASES = [
         "Repeat me please. The answer is 4.",
         "Repeat me please.",
         ["combination:repeat_prompt"],
-        [{"prompt_to_repeat": None}],  # defaults to the prompt
+        [{"prompt_to_repeat": "Repeat me please."}],
         [True],
         [True],
     ),
@@ -519,6 +521,20 @@ def test_task_vector_geometry_matches_direct_computation():
     same = ev.task_vector_geometry(a, a, k=3)
     assert same["modules"]["down_proj"]["cosine"] == pytest.approx(1.0)
     assert same["modules"]["down_proj"]["subspace_overlap"] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("svd", ["exact", "randomized"])
+def test_task_vector_geometry_ignores_directions_a_delta_does_not_have(svd):
+    gen = torch.Generator().manual_seed(6)
+    rank1 = torch.randn(20, 1, generator=gen) @ torch.randn(1, 12, generator=gen)
+    full = torch.randn(20, 12, generator=gen)
+    # the rank-1 delta's one direction, inside the full-rank one's top subspace: overlap 1, whatever k
+    within = full + 50 * rank1
+    geo = ev.task_vector_geometry({"l0.o_proj.weight": rank1, "l1.o_proj.weight": torch.zeros(20, 12)},
+                                  {"l0.o_proj.weight": within, "l1.o_proj.weight": full}, k=4, svd=svd)
+    assert geo["modules"]["o_proj"]["subspace_overlap"] == pytest.approx(1.0, abs=1e-3)  # the zero pair left out
+    zero = ev.task_vector_geometry({"l.o_proj.weight": torch.zeros(20, 12)}, {"l.o_proj.weight": full}, k=4)
+    assert zero["modules"]["o_proj"]["subspace_overlap"] is None and math.isnan(zero["cosine"])
 
 
 def test_task_vector_geometry_lazy_sources_and_randomized_svd():

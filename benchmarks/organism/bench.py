@@ -955,7 +955,9 @@ def results_markdown(rows: Sequence[Row], info: dict[str, Any], command: str, wa
         f"Command: `{command}` — wall time {wall_s / 60:.1f} min on this machine (2 shared CPU cores, "
         f"torch {torch.__version__}; {workers_text(info)}).",
         "",
-        f"Held-out prompts: {cal['eval_prompts']} (free template, greedy, batched generation). L_think: mean "
+        f"Held-out prompts: {cal['eval_prompts']} (free template, greedy, batched generation). Accuracy and IFEval "
+        "are scored on the answer after `</think>`; a generation that opens `<think>` and never closes it has no "
+        "answer. L_think: mean "
         f"KL(merged ‖ reasoning) at the {cal['heldout_positions']} positions predicting the think-block tokens of "
         f"{cal['heldout_samples']} reasoning-calibration samples held out of stage 1 (stage 1 uses the other "
         f"{cal['stage1_samples']}). Rows named `[forced] …`: the same prompts ending with `<think>` (the paper's "
