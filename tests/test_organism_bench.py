@@ -116,3 +116,29 @@ def test_a_worker_that_cannot_load_the_organism_fails_its_jobs_instead_of_hangin
         torch.set_num_threads(threads)
     with pytest.raises(RuntimeError, match="could not load the organism.*--workers 1"):
         BE.run_job(0)
+
+
+def _row(method: str, family: str, lam: float | None, think: float, acc: float, if_prompt: float):
+    from benchmarks.organism.bench import Row
+
+    return Row(method, family, lam, think, acc, if_prompt, if_prompt, 0.0, None)
+
+
+def test_stage_1_plus_2_wins_only_where_both_keep_the_format():
+    from benchmarks.organism.bench import stage_checks
+
+    ref = _row("reasoning model", "reference", None, 1.0, 1.0, 0.0)
+    margin = 1.5 / 240
+
+    def verdict(pairs):
+        rows = [ref]
+        for lam, (s1, both) in pairs.items():
+            rows += [_row("RAIN stage 1", "s1", lam, *s1), _row("RAIN stage 1+2", "both", lam, *both)]
+        return stage_checks(rows, ref, "both", "s1", "", margin)[1][1]
+
+    # a tie where both keep the format, and 1+2 feasible where stage 1 loses the format: no IF win at equal format
+    assert not verdict({5: ((1.0, 1.0, 0.225), (1.0, 0.99, 0.225)), 6.5: ((0.9, 0.9, 0.33), (1.0, 0.98, 0.233))})
+    # ahead by more than one prompt at two λ where both are feasible, and a higher best feasible IF
+    assert verdict({4: ((1.0, 1.0, 0.20), (1.0, 1.0, 0.22)), 5: ((1.0, 1.0, 0.21), (1.0, 1.0, 0.23))})
+    # ahead by one prompt only: within the margin
+    assert not verdict({4: ((1.0, 1.0, 0.200), (1.0, 1.0, 0.204))})
