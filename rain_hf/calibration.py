@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -880,8 +881,10 @@ def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limi
         )
     logger.info("Using %d %s calibration samples (%d malformed skipped).", len(samples), kind, len(failures))
     if stats is not None:
+        canonical = json.dumps(records, sort_keys=True, ensure_ascii=False, default=str).encode()
         stats.update(num_records=len(records), num_samples=len(samples), num_malformed=len(failures),
-                     malformed=[{"index": i, "reason": r} for i, r in failures])
+                     malformed=[{"index": i, "reason": r} for i, r in failures],
+                     sha256=hashlib.sha256(canonical).hexdigest())
     return samples
 
 
@@ -897,8 +900,8 @@ def prepare_reasoning_calibration(
             ``max_reasoning_samples`` and the generation settings).
         model: the reasoning model; needed only when some records have only a prompt (it then writes their
             reasoning and response, see :func:`generate_traces`).
-        stats: a dict to fill with ``num_records``, ``num_samples``, ``num_malformed`` and ``malformed``
-            (index and reason of each skipped record).
+        stats: a dict to fill with ``num_records``, ``num_samples``, ``num_malformed``, ``malformed`` (index and
+            reason of each skipped record) and ``sha256`` (of the records as read, before any generation).
 
     Returns:
         The first ``config.max_reasoning_samples`` usable samples (all when ``None``), in input order.

@@ -6,12 +6,13 @@ safetensors (:class:`LazyCheckpoint`), so only the tensor being merged sits in m
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -264,3 +265,14 @@ def read_json(path: Path, what: str) -> dict:
 def is_adapter_folder(folder: Path) -> bool:
     """True when ``folder`` holds a peft adapter (``adapter_config.json``)."""
     return (folder / "adapter_config.json").is_file()
+
+
+def checkpoint_fingerprint(ckpt: LazyCheckpoint, sample_keys: Sequence[str]) -> str:
+    """A short hash that tells checkpoints apart: every tensor's name, dtype and shape, and the bytes of the
+    tensors ``sample_keys`` (a few MB; two fine-tunes of one architecture differ there)."""
+    digest = hashlib.sha256()
+    for key in sorted(ckpt.keys()):
+        digest.update(f"{key}|{ckpt.dtype(key)}|{tuple(ckpt.shape(key))};".encode())
+    for key in sample_keys:
+        digest.update(ckpt.get(key).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -214,7 +214,8 @@ class ThinkFeatures:
         bases: group name → (V [d, k], s [k]) of the group's feature matrix H [m, d] (with a column of ones when
             ``settings["project_bias"]``).
         module_group: module name → group name.
-        settings: what the features were computed with (positions, window, project_bias, samples, rows).
+        settings: what the features were computed with (positions, window, project_bias, samples, rows; from a
+            merger also the think tokens, think_spacing, max_length and the reasoning model's fingerprint).
         heldout: reasoning samples kept out of the features for ``lam="auto"``: (token ids, thinking positions)
             each, so that features reused in another merge can still measure L_think.
     """
@@ -232,7 +233,8 @@ class ThinkFeatures:
 
     def check_compatible(self, config: RainMergingConfig, module_names: Sequence[str]) -> None:
         """Refuse features computed with other position settings or for other modules."""
-        for key in ("positions", "window", "project_bias"):
+        for key in ("positions", "window", "project_bias", "think_open", "think_close", "think_spacing",
+                    "max_length"):
             if key in self.settings and self.settings[key] != getattr(config, key):
                 raise ValueError(f"These thinking features were computed with {key}={self.settings[key]!r} but the "
                                  f"config asks for {getattr(config, key)!r}: recompute them or change the config.")

@@ -34,6 +34,7 @@ from .checkpoints import (
     LazyCheckpoint,
     ModelSource,
     TensorSource,
+    checkpoint_fingerprint,
     is_adapter_folder,
     read_json,
     resolve_model,
@@ -260,6 +261,8 @@ class RainMerger:
         self.report = MergeReport(method=self.config.method, vocab=dict(plan.vocab), warnings=list(plan.warnings))
         self.calibration_info: dict[str, dict | None] = {"reasoning": None, "instruction": None}
         self.merged = False
+        self._touched = False  # whether any merged module holds other weights than the reasoning model's
+        self._fingerprint: str | None = None
         self._param_map: dict[str, torch.nn.Parameter] | None = None
         self._check_output_dtypes()
 
@@ -448,7 +451,7 @@ class RainMerger:
         else:
             source = type(data).__name__
         self.calibration_info[kind] = {"num_samples": len(samples), "num_malformed": stats.get("num_malformed"),
-                                       "source": source}
+                                       "source": source, "sha256": stats.get("sha256")}
         return samples
 
     # ------------------------------------------------------------------ stage 1
@@ -458,7 +461,7 @@ class RainMerger:
         They depend only on the reasoning model and its calibration set: compute them once, then merge several
         instruct models (or save them with :meth:`ThinkFeatures.save` and pass ``features=`` later).
         """
-        if self.merged:
+        if self._touched:  # a finished merge, or one that failed half way
             self.reset()
         start = time.perf_counter()
         samples = self._prepare("reasoning", reasoning_calibration)
@@ -467,6 +470,10 @@ class RainMerger:
             samples, heldout = self._hold_out(samples)
         self.features = capture_think_features(self.model, samples, self.targets, self.config, self._pad_id(),
                                                svd_device=self.device)
+        cfg = self.config
+        self.features.settings.update(think_open=cfg.think_open, think_close=cfg.think_close,
+                                      think_spacing=cfg.think_spacing, max_length=cfg.max_length,
+                                      reasoning_fingerprint=self._reasoning_fingerprint())
         self._stage1_samples = samples
         self.features.heldout = self._think_rows(heldout)
         self.report.timings["stage1_features"] = time.perf_counter() - start
@@ -530,6 +537,7 @@ class RainMerger:
 
     def _write_param(self, name: str, value: torch.Tensor) -> None:
         param = self._params()[name]
+        self._touched = True
         with torch.no_grad():
             param.copy_(value.to(device=param.device, dtype=param.dtype))
 
@@ -603,6 +611,30 @@ class RainMerger:
                 if key is not None:
                     self._write_param(key, self.reasoning.get(key))
         self.merged = False
+        self._touched = False
+
+    def _reasoning_fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = checkpoint_fingerprint(self.reasoning, [self.targets[0].weight_key])
+        return self._fingerprint
+
+    def _check_features_model(self) -> None:
+        """Refuse thinking features computed on another reasoning model (they would project the wrong null space)."""
+        recorded = self.features.settings.get("reasoning_fingerprint")
+        if recorded is None:
+            logger.warning("These thinking features do not record which reasoning model they come from (saved by an "
+                           "older rain_hf); make sure it is %s.", self.sources["reasoning"].describe())
+        elif recorded != self._reasoning_fingerprint():
+            raise ValueError(f"These thinking features were computed on another reasoning model (fingerprint "
+                             f"{recorded}, this one {self._reasoning_fingerprint()}): recompute them with "
+                             "compute_features(...) on this model, or pass reasoning_calibration=... to merge().")
+
+    def _new_report(self) -> None:
+        """A report for the merge about to run: the load's warnings and timing, and the stage-1 feature timing (the
+        features may come from an earlier compute_features call); nothing from an earlier merge."""
+        timings = {k: v for k, v in self.report.timings.items() if k in ("load", "stage1_features")}
+        self.report = MergeReport(method=self.config.method, vocab=dict(self.plan.vocab),
+                                  warnings=list(self.plan.warnings), timings=timings)
 
     def _merged_keys(self) -> set[str]:
         keys = {t.weight_key for t in self.targets}
@@ -622,8 +654,9 @@ class RainMerger:
                 needed with ``stage2=False``.
         """
         cfg = self.config
-        if self.merged:
+        if self._touched:  # a finished merge, or one that failed half way
             self.reset()
+        self._new_report()
         start = time.perf_counter()
         if cfg.method != "rain":
             self._apply_baseline()
@@ -645,6 +678,7 @@ class RainMerger:
                 raise ValueError("Stage 1 needs thinking features: pass reasoning_calibration=..., or features=... "
                                  "to from_pretrained, or set RainMergingConfig(stage1=False).")
             self.features.check_compatible(cfg, [t.name for t in self.targets])
+            self._check_features_model()
             if cfg.sequential and self._stage1_samples is None:
                 raise ValueError("sequential=True captures thinking features on the partly merged model, so it needs "
                                  "the reasoning calibration samples, not only precomputed features: pass "
@@ -681,8 +715,8 @@ class RainMerger:
     def _probe_attention(self, samples: list[CalibrationSample], probe_lam: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Alignment and leakage [len(report.layers), H] of the probe model θ_R + probe_lam·Δ⊥ (then reset)."""
         # The probe only ranks heads by attention: the one-shot Δ⊥ serves it at a fraction of the sequential cost.
-        self._apply_rain(probe_lam, None, record=False, desc="stage 2: probe model", one_shot=True)
         try:
+            self._apply_rain(probe_lam, None, record=False, desc="stage 2: probe model", one_shot=True)
             return collect_attention_stats(self.model, samples, self.report.layers, self.config.batch_size,
                                            self._pad_id())
         finally:
@@ -761,15 +795,17 @@ class RainMerger:
             logger.info("lam=auto: the reasoning model opens the think block first on none of the %d calibration "
                         "prompts, so no think-open decision is checked.", len(prefixes))
         search, chosen = [], None
-        for lam in sorted(cfg.lam_grid):
-            self._apply_rain(float(lam), alpha, record=False, desc=f"lam=auto: λ={lam}")
-            kl = float(kl_rows(log_probs(), reference).mean())
-            share = think_open_share(reference_choices, first_choices(), open_id)
-            search.append({"lam": float(lam), "l_think": kl, "think_open": share})
-            logger.info("lam=auto: λ=%s L_think=%.4g think-open share=%s", lam, kl, share)
-            if kl <= cfg.lam_auto_max_kl and (share is None or share >= cfg.lam_auto_min_think_open):
-                chosen = float(lam)
-        self.reset()
+        try:
+            for lam in sorted(cfg.lam_grid):
+                self._apply_rain(float(lam), alpha, record=False, desc=f"lam=auto: λ={lam}")
+                kl = float(kl_rows(log_probs(), reference).mean())
+                share = think_open_share(reference_choices, first_choices(), open_id)
+                search.append({"lam": float(lam), "l_think": kl, "think_open": share})
+                logger.info("lam=auto: λ=%s L_think=%.4g think-open share=%s", lam, kl, share)
+                if kl <= cfg.lam_auto_max_kl and (share is None or share >= cfg.lam_auto_min_think_open):
+                    chosen = float(lam)
+        finally:
+            self.reset()
         if chosen is None:
             chosen = float(min(cfg.lam_grid))
             guard = "" if cfg.lam_auto_min_think_open is None else \
@@ -797,6 +833,7 @@ class RainMerger:
                                  "huggingface_hub": huggingface_hub.__version__},
             "method": self.config.method,
             "lam": self.report.lam,
+            "loaded_dtype": str(self.model.dtype).replace("torch.", ""),  # features and attention were taken in it
             "config": self.config.to_dict(),
             "inputs": inputs,
             "calibration": self._calibration_summary(),
@@ -813,7 +850,8 @@ class RainMerger:
         info = dict(self.calibration_info)
         if info["reasoning"] is None and self.features is not None and self.config.stage1:
             info["reasoning"] = {"num_samples": self.features.settings.get("num_samples"),
-                                 "source": "precomputed thinking features"}
+                                 "source": "precomputed thinking features",
+                                 "reasoning_fingerprint": self.features.settings.get("reasoning_fingerprint")}
         return info
 
     def save_pretrained(

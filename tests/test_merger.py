@@ -392,6 +392,56 @@ def test_features_reused_from_memory_and_disk(qwen2, tmp_path):
         loaded.check_compatible(RainMergingConfig(positions="think"), [])
 
 
+def test_features_of_another_reasoning_model_or_template_are_refused(qwen2, tmp_path, tokenizer, caplog):
+    features = _merger(qwen2, lam=1.0, stage2=False).compute_features(reasoning_records())
+    assert len(features.settings["reasoning_fingerprint"]) == 16
+    other = build_triple(tmp_path / "other", "qwen2", seed=1, tokenizer=tokenizer)
+    cfg = RainMergingConfig(lam=1.0, stage2=False)
+    with pytest.raises(ValueError, match="another reasoning model"):
+        RainMerger.from_pretrained(other["base"], other["reasoning"], other["instruct"], cfg, features=features).merge()
+    with pytest.raises(ValueError, match="think_spacing"):
+        features.check_compatible(RainMergingConfig(think_spacing=["", "", ""]), [])
+    # a file from before the fingerprint: accepted, with a warning naming the model to check
+    del features.settings["reasoning_fingerprint"]
+    with caplog.at_level("WARNING", logger="rain_hf.merger"):
+        RainMerger.from_pretrained(other["base"], other["reasoning"], other["instruct"], cfg, features=features).merge()
+    assert "do not record which reasoning model" in caplog.text
+
+
+def test_a_merge_that_fails_half_way_leaves_nothing_behind(qwen2, monkeypatch):
+    import rain_hf.evaluation as ev
+    import rain_hf.merger as merger_module
+
+    cfg = dict(lam="auto", lam_grid=[1.0, 2.0], sequential=False, lam_auto_max_kl=1e-12)
+    data = (reasoning_records(8), instruction_records(3))
+    clean = _merger(qwen2, **cfg)
+    clean.merge(*data)
+    reasoning = _weights(qwen2["reasoning"])
+    merger = _merger(qwen2, **cfg)
+    for name, module in (("think_open_share", ev), ("collect_attention_stats", merger_module)):
+        original = getattr(module, name)
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(module, name, interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            merger.merge(*data)
+        monkeypatch.setattr(module, name, original)
+        assert not merger.merged
+        params = dict(merger.model.named_parameters())
+        assert all(torch.equal(params[t.weight_key].detach(), reasoning[t.weight_key]) for t in merger.targets), name
+    merger.merge(*data)
+    merger.merge(*data)  # twice: the report holds one merge's warnings
+    for (k, v), (k2, v2) in zip(clean.model.named_parameters(), merger.model.named_parameters()):
+        assert k == k2 and torch.equal(v, v2), k
+    assert merger.report.lam_search == clean.report.lam_search
+    assert merger.report.warnings == clean.report.warnings and len(clean.report.warnings) == 1
+    calibration = merger.sidecar()["calibration"]
+    assert calibration["reasoning"]["sha256"] == clean.sidecar()["calibration"]["reasoning"]["sha256"]
+    assert len(calibration["instruction"]["sha256"]) == 64
+
+
 def test_bf16_output_rounds_once_from_fp32(qwen2, tmp_path):
     merger = _merger(qwen2, lam=1.0, stage1=False, stage2=False, output_dtype="bfloat16")
     merger.merge()

@@ -169,7 +169,8 @@ def run(org: Organism, settings: Settings, workdir: Path) -> dict[str, Any]:
         calibrations[name].write_text(json.dumps(recs), encoding="utf-8")
 
     def merger(method: str, lam: float, features: Any = None) -> Any:
-        cfg = rain_config(SPACING, method=method, lam=lam, stage2=False)
+        # one-shot throughout: features are computed once per calibration and reused, which is the one-shot form
+        cfg = rain_config(SPACING, method=method, lam=lam, stage2=False, sequential=False)
         return RainMerger.from_pretrained(org.checkpoint("base"), org.checkpoint("reasoning"),
                                           org.checkpoint("instruct"), cfg, features=features)
 
