@@ -332,6 +332,8 @@ def test_instruction_following_errors(monkeypatch):
         ev.instruction_following(["a"], [], [[]], [[]])
     with pytest.raises(ValueError, match="Unknown IFEval instruction id"):
         ev.instruction_following(["a"], ["p"], [["no:such_id"]], [[{}]])
+    with pytest.raises(ValueError, match="needs the kwarg 'prompt_to_repeat'"):
+        ev.instruction_following(["a"], ["p"], [["combination:repeat_prompt"]], [[{"prompt_to_repeat": None}]])
     for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")] + ["lm_eval"]:
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ImportError, match=r'pip install "rain_hf\[eval\]"'):
