@@ -212,7 +212,7 @@ class ThinkFeatures:
 
     Attributes:
         bases: group name → (V [d, k], s [k]) of the group's feature matrix H [m, d] (with a column of ones when
-            ``settings["project_bias"]``).
+            ``settings["project_bias"]`` and a module of the group has a bias).
         module_group: module name → group name.
         settings: what the features were computed with (positions, window, project_bias, samples, rows; from a
             merger also the think tokens, think_spacing, max_length and the reasoning model's fingerprint).
@@ -357,9 +357,10 @@ def capture_think_features(
     finally:
         recorder.close()
     svd_device = svd_device or device
+    biased = {recorder.module_group[t.name] for t in targets if t.has_bias and t.name in recorder.module_group}
     bases = {}
     for group, chunks in tqdm(recorder.rows.items(), desc="stage 1: feature SVD", unit="group"):
-        bases[group] = _rows_svd(chunks, config, svd_device)
+        bases[group] = _rows_svd(chunks, config, svd_device, bias_column=group in biased)
         chunks.clear()
     settings = {"positions": config.positions, "window": config.window, "project_bias": config.project_bias,
                 "num_samples": len(samples), "num_rows": n_rows}
@@ -368,10 +369,12 @@ def capture_think_features(
     return ThinkFeatures(bases, dict(recorder.module_group), settings)
 
 
-def _rows_svd(chunks: list[torch.Tensor], config: RainMergingConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(V, s) on the CPU of the feature matrix stacked from ``chunks`` (with the bias column if configured)."""
+def _rows_svd(chunks: list[torch.Tensor], config: RainMergingConfig, device, bias_column: bool
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V, s) on the CPU of the feature matrix stacked from ``chunks``, with the column of ones when
+    ``config.project_bias`` and ``bias_column`` (a module of the group has a bias to project with its weight)."""
     h = torch.cat(chunks).to(device)
-    if config.project_bias:
+    if config.project_bias and bias_column:
         h = with_bias_column(h)
     v, s = feature_svd(h, torch.float64 if config.precision == "float64" else torch.float32)
     return v.cpu(), s.cpu()
@@ -547,7 +550,9 @@ class LayerReplay:
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """V [d, k] and s [k] of the group's feature matrix H [m, d] (see :meth:`group_rows` and
         :func:`rain_hf.projection.feature_svd`)."""
-        return _rows_svd(self.group_rows(layer, module_names), self.config, svd_device or _input_device(self.model))
+        biased = any(getattr(self.model.get_submodule(name), "bias", None) is not None for name in module_names)
+        return _rows_svd(self.group_rows(layer, module_names), self.config, svd_device or _input_device(self.model),
+                         bias_column=biased)
 
 
 # ---------------------------------------------------------------------------------------------- stage 2

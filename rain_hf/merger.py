@@ -503,7 +503,7 @@ class RainMerger:
         if self.config.stage1:
             v, s = self.features.basis(target.name) if basis is None else basis
             v, s = v.to(self.device), s.to(self.device)
-            if v.shape[0] == full.shape[1] + 1:  # features with the bias column, module without a bias
+            if v.shape[0] == full.shape[1] + 1:  # a module without a bias in a group that also holds biased ones
                 v, s = without_bias_column(v, s)
             prec = torch.float64 if self.config.precision == "float64" else torch.float32
             work = full.to(prec)

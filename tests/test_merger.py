@@ -111,6 +111,9 @@ def test_project_bias_protects_modules_with_and_without_a_bias(qwen2, tokenizer,
     merger = _merger(qwen2, **cfg)
     records = reasoning_records(3)
     merger.merge(records)
+    if not sequential:  # only the groups that hold a bias get the column of ones
+        for target in merger.targets:
+            assert merger.features.basis(target.name)[0].shape[0] == target.shape[1] + target.has_bias, target.name
     model = merger.model if sequential else AutoModelForCausalLM.from_pretrained(qwen2["reasoning"])
     samples = prepare_reasoning_calibration(records, tokenizer, RainMergingConfig(**cfg))
     feats = _capture_inputs(model, samples, [t.name for t in merger.targets], ("window", 1))
