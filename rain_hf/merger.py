@@ -506,19 +506,18 @@ class RainMerger:
             if v.shape[0] == full.shape[1] + 1:  # a module without a bias in a group that also holds biased ones
                 v, s = without_bias_column(v, s)
             prec = torch.float64 if self.config.precision == "float64" else torch.float32
-            work = full.to(prec)
+            work, v, s = full.to(prec), v.to(prec), s.to(prec)
             if self.config.projection == "svd":
-                out = project_svd(work, protected_basis(v.to(prec), s.to(prec), self.config.rcond))
+                out = project_svd(work, protected_basis(v, s, self.config.rcond))
             else:
-                out = project_ridge(work, v.to(prec), s.to(prec), self.config.ridge)
+                out = project_ridge(work, v, s, self.config.ridge)
             if record:
-                row = {"removed_fraction": removed_fraction(work, out),
-                       "residual": feature_residual(work, out, v.to(prec), s.to(prec))}
+                row = {"removed_fraction": removed_fraction(work, out), "residual": feature_residual(work, out, v, s)}
                 if column_scale is not None:
                     # Eq. 16 scales the input columns of o_proj per head after the projection; unequal scales move
                     # part of ΔW⊥ back onto the protected directions (row and scalar scales cannot).
                     c = column_scale.to(prec)
-                    row["residual_after_stage2"] = feature_residual(work * c, out * c, v.to(prec), s.to(prec))
+                    row["residual_after_stage2"] = feature_residual(work * c, out * c, v, s)
                 self.report.modules[target.name] = row
             full = out.float()
         if db is None:
