@@ -416,10 +416,11 @@ def _run(args: argparse.Namespace) -> int:
     if not args.dry_run and not args.out:
         raise CliError("--out DIR is required (or pass --dry-run).")
     out = Path(args.out) if args.out else None
-    if out is not None and not args.dry_run and out.exists() and not args.overwrite:
-        if not out.is_dir() or any(out.iterdir()):
-            raise CliError(f"--out {str(out)!r} already exists; pass --overwrite to replace it or pick another "
-                           "folder.")
+    from .writer import holds_output
+
+    if out is not None and not args.dry_run and not args.overwrite and holds_output(out):
+        raise CliError(f"--out {str(out)!r} already exists; pass --overwrite to replace it or pick another "
+                       "folder.")
 
     if args.device.startswith("cuda"):
         import torch

@@ -150,6 +150,12 @@ class ShardedSafetensorsWriter:
             self._file = None
 
 
+def holds_output(target: str | os.PathLike) -> bool:
+    """Whether ``target`` exists and is not an empty folder: writing there would replace something."""
+    target = Path(target).expanduser()
+    return target.exists() and not (target.is_dir() and not any(target.iterdir()))
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``target``; move it to ``target`` only when the block succeeds.
@@ -159,7 +165,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     after the new one is complete.
     """
     target = Path(target).expanduser().absolute()
-    if target.is_dir() and not any(target.iterdir()):
+    if not holds_output(target):
         overwrite = True  # an empty folder holds nothing to lose (e.g. one made ahead for the output)
     if target.exists() and not overwrite:
         raise OutputExistsError(f"{target} already exists: choose another folder or pass overwrite=True.")
