@@ -59,6 +59,9 @@ __all__ = [
 
 #: File name of the default template, in ``model_card_templates/``.
 TEMPLATE_NAME = "rain_merging.md.j2"
+#: How the sidecar names a reasoning calibration replaced by saved thinking features.
+_PRECOMPUTED = "precomputed thinking features"
+
 #: File name of the head-coefficient heatmap written next to the card.
 HEATMAP_NAME = "rain_merging_heatmap.png"
 PAPER_URL = "https://arxiv.org/abs/2602.22538"
@@ -161,6 +164,8 @@ def build_model_card(
         base_model=hub_ids or None,
         library_name="transformers",
         license=info.get("license") or None,
+        license_name=info.get("license_name") or None,
+        license_link=info.get("license_link") or None,
         pipeline_tag="text-generation",
         tags=tags,
         eval_results=results,
@@ -185,9 +190,10 @@ def build_model_card(
         "inputs": inputs,
         **{f"{row['key']}_name": _display_name(row) for row in inputs},
         "local_inputs": [row for row in inputs if not row["hub_id"]],
+        "input_licenses": _license_rows(info, inputs),
         "has_calibration": bool(calibration),
         "calibration": calibration,
-        "heatmap_file": HEATMAP_NAME if coefficients is not None else None,
+        "heatmap_file": HEATMAP_NAME if _stats(coefficients) is not None else None,
         "coef_stats": _stats(coefficients),
         "removed": _removed_rows(report.get("modules") or {}),
         "timings": [(str(k), float(v)) for k, v in (report.get("timings") or {}).items()],
@@ -228,11 +234,11 @@ def write_model_card(
         'README.md'
     """
     folder = Path(folder)
+    card = build_model_card(info, template_path, eval_results, model_id=model_id, model_name=model_name)
     folder.mkdir(parents=True, exist_ok=True)
     coefficients = (info.get("report") or {}).get("head_coefficients")
-    if coefficients is not None:
+    if _stats(coefficients) is not None:  # the card links the heatmap only then
         plot_head_coefficients(coefficients, (info.get("report") or {}).get("layers"), folder / HEATMAP_NAME)
-    card = build_model_card(info, template_path, eval_results, model_id=model_id, model_name=model_name)
     readme = folder / "README.md"
     card.save(readme)
     logger.debug("Wrote the model card %s", readme)
@@ -290,7 +296,8 @@ def _input_rows(inputs: dict[str, Any]) -> list[dict[str, Any]]:
         if not entry:
             continue
         hub_id = entry.get("hub_id") or None
-        path = entry.get("path") or entry.get("name_or_path") or ""
+        # as the user gave it: the resolved folder may be a cache path under someone's home directory
+        path = str(entry.get("name_or_path") or entry.get("path") or "").replace("|", "\\|")
         lora = role == "instruct" and entry.get("kind") == "lora"
         label = {"reasoning": "reasoning model (θ_R, the anchor)", "base": "base model (θ_B)",
                  "instruct": "instruct LoRA adapter (on θ_B)" if lora else "instruct model (θ_I)"}.get(role, role)
@@ -301,6 +308,16 @@ def _input_rows(inputs: dict[str, Any]) -> list[dict[str, Any]]:
                      "name": entry.get("name_or_path") or hub_id or str(path),
                      "note": None})
     return rows
+
+
+def _license_rows(info: dict[str, Any], inputs: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The inputs' licences, listed in the card when they differ (then the metadata names none)."""
+    licenses = info.get("input_licenses") or {}
+    if info.get("license") or len(licenses) < 2:
+        return []
+    labels = {row["key"]: row["role"] for row in inputs}
+    return [{"role": labels.get(role, role), "license": entry.get("license_name") or entry.get("license", "?"),
+             "link": entry.get("license_link")} for role, entry in licenses.items()]
 
 
 def _display_name(row: dict[str, Any]) -> str:
@@ -353,10 +370,17 @@ def _reproduction_yaml(method: str, config: dict[str, Any], info: dict[str, Any]
     parameters = {k: v for k, v in config.items() if k != "method"}
     if parameters:
         document["parameters"] = parameters
-    sources = {name: (entry or {}).get("source") for name, entry in (info.get("calibration") or {}).items()}
-    if any(sources.values()):
-        document["calibration"] = {name: src for name, src in sources.items() if src}
+    calibration = {name: entry for name, entry in (info.get("calibration") or {}).items() if entry}
+    # only files can be named in a config; "a list of N records" or precomputed features cannot
+    files = {name: entry["source"] for name, entry in calibration.items()
+             if entry.get("source") and entry.get("is_file", True) and entry.get("source") != _PRECOMPUTED}
+    if files:
+        document["calibration"] = files
     text = yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=100, default_flow_style=None).rstrip()
+    for name, entry in calibration.items():
+        if name not in files and entry.get("source"):
+            text += (f"\n# {name} calibration: {entry['source']}, not a file; save it as JSONL and add it under "
+                     "calibration:")
     if config.get("lam") == "auto" and info.get("lam") is not None:
         text += f"\n# lam='auto' chose λ = {info['lam']}"
     projection = (info.get("report") or {}).get("projection")

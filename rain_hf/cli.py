@@ -449,7 +449,7 @@ def _run(args: argparse.Namespace) -> int:
                                  if use_calibration and job.config.stage2 else None),
     )
     saved = merger.save_pretrained(out, overwrite=args.overwrite, max_shard_size=job.max_shard_size,
-                                   card_template=job.card_template, _card_model_id=args.push_to_hub)
+                                   card_template=job.card_template, model_id=args.push_to_hub)
     print(str(merger.report))
     print(f"saved: {saved}")
     if args.push_to_hub:

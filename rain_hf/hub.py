@@ -47,13 +47,16 @@ class HubError(RuntimeError):
         repo_id: the repository the push went to.
         folder: the local output folder, left as it was.
         status_code: the HTTP status the Hub answered with, when there was one.
+        reason: the message without its closing sentence about the intact local folder.
     """
 
-    def __init__(self, message: str, *, repo_id: str, folder: Path, status_code: int | None = None) -> None:
+    def __init__(self, message: str, *, repo_id: str, folder: Path, status_code: int | None = None,
+                 reason: str | None = None) -> None:
         super().__init__(message)
         self.repo_id = repo_id
         self.folder = folder
         self.status_code = status_code
+        self.reason = reason if reason is not None else message
 
 
 def push_folder(
@@ -90,14 +93,22 @@ def push_folder(
     """
     folder = Path(folder)
     files = _files_to_upload(folder)
-    _check_repo_id(repo_id, folder)
+    retry = _RetryHint(folder, repo_id, private, revision, create_pr)
+    _check_repo_id(repo_id, retry)
+    if revision is not None and _COMMIT_SHA.fullmatch(revision):
+        reason = (f"revision={revision!r} is a commit hash; a commit goes onto a branch (or an open pull "
+                  "request's 'refs/pr/N'): pass a branch name, or none for main.")
+        raise HubError(f"{reason} The local output at {folder} is intact.", repo_id=repo_id, folder=folder,
+                       reason=reason)
     api = HfApi(token=token)
     target = repo_id
     step = "creating the repository"
     try:
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         target = getattr(repo_url, "repo_id", None) or repo_id
-        if revision is not None and revision != "main" and not _COMMIT_SHA.fullmatch(revision):
+        retry.repo_id = target
+        # 'refs/pr/N' is an open pull request, not a branch to create
+        if revision is not None and revision != "main" and not revision.startswith("refs/pr/"):
             step = f"creating the branch {revision!r}"
             api.create_branch(target, branch=revision, exist_ok=True, repo_type="model")
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files]
@@ -111,7 +122,7 @@ def push_folder(
             repo_type="model",
         )
     except Exception as exc:  # every failure becomes one HubError with a fix; the cause stays chained
-        raise _hub_error(exc, target, folder, revision, step) from exc
+        raise _hub_error(exc, target, folder, revision, step, retry) from exc
     logger.info("Pushed %d files from %s to %s", len(files), folder, info.pr_url or info.commit_url)
     return info
 
@@ -131,26 +142,43 @@ def _files_to_upload(folder: Path) -> list[tuple[str, Path]]:
     return files
 
 
-def _check_repo_id(repo_id: str, folder: Path) -> None:
+def _check_repo_id(repo_id: str, retry: _RetryHint) -> None:
     first = repo_id.strip().split("/", 1)[0] if isinstance(repo_id, str) else ""
     if first in _OTHER_REPO_TYPES and repo_id.count("/") == 2:
         kind = _OTHER_REPO_TYPES[first]
-        raise HubError(f"{repo_id!r} names a {kind} repository; a merged model goes to a model repository: pass "
-                       f"'{repo_id.split('/', 1)[1]}'. {_intact(folder, repo_id)}", repo_id=repo_id, folder=folder)
+        retry.repo_id = repo_id.split("/", 1)[1]
+        reason = (f"{repo_id!r} names a {kind} repository; a merged model goes to a model repository: pass "
+                  f"'{retry.repo_id}'.")
+        raise HubError(f"{reason} {retry}", repo_id=repo_id, folder=retry.folder, reason=reason)
 
 
-def _intact(folder: Path, repo_id: str) -> str:
-    return (f"The local output at {folder} is intact; retry with rain_hf.hub.push_folder('{folder}', '{repo_id}') "
-            f"or `hf upload {repo_id} {folder} .`")
+class _RetryHint:
+    """The sentence that says the local output is intact and how to push it again with the same settings."""
+
+    def __init__(self, folder: Path, repo_id: str, private: bool | None, revision: str | None,
+                 create_pr: bool) -> None:
+        self.folder, self.repo_id = folder, repo_id
+        self.private, self.revision, self.create_pr = private, revision, create_pr
+
+    def __str__(self) -> str:
+        extra = "".join(f", {name}={value!r}" for name, value in
+                        (("private", self.private), ("revision", self.revision),
+                         ("create_pr", self.create_pr or None)) if value is not None)
+        flags = "".join(flag for flag, on in ((" --private", self.private),
+                                             (f" --revision {self.revision}", self.revision),
+                                             (" --create-pr", self.create_pr)) if on)
+        return (f"The local output at {self.folder} is intact; retry with rain_hf.hub.push_folder("
+                f"'{self.folder}', '{self.repo_id}'{extra}) or `hf upload {self.repo_id} {self.folder} .{flags}`")
 
 
-def _hub_error(exc: BaseException, repo_id: str, folder: Path, revision: str | None, step: str) -> HubError:
+def _hub_error(exc: BaseException, repo_id: str, folder: Path, revision: str | None, step: str,
+               retry: _RetryHint) -> HubError:
     """Turn what the Hub client raised into a HubError that names the problem and the fix."""
     if isinstance(exc, ValueError) and "README.md" in str(exc):  # the Hub's validate-yaml said no
         errors = " ".join(line.strip("- ").strip() for line in str(exc).splitlines()[1:] if line.strip())
-        return HubError(f"The Hub rejected the model card's metadata (README.md front matter){': ' + errors if errors else ''}. "
-                        f"Fix the card template and push again. {_intact(folder, repo_id)}",
-                        repo_id=repo_id, folder=folder, status_code=400)
+        reason = (f"The Hub rejected the model card's metadata (README.md front matter)"
+                  f"{': ' + errors if errors else ''}. Fix the card template and push again.")
+        return HubError(f"{reason} {retry}", repo_id=repo_id, folder=folder, status_code=400, reason=reason)
     cause = exc
     # lfs uploads wrap the HTTP error in a RuntimeError("Error while uploading ..."): look through the chain
     known = (HfHubHTTPError, OfflineModeIsEnabled, HFValidationError, httpx2.TransportError, OSError)
@@ -171,7 +199,7 @@ def _hub_error(exc: BaseException, repo_id: str, folder: Path, revision: str | N
         text = f"{repo_id!r} is not a valid repository id ({cause}); use 'namespace/name'."
     elif isinstance(cause, RevisionNotFoundError):
         text = (f"The revision {revision!r} does not exist in {repo_id} and could not be created; pass an existing "
-                "branch name (or none for main).")
+                "branch name, a new branch name, or none for main (an open pull request is 'refs/pr/N').")
     elif status in (401, 403) and not isinstance(cause, RepositoryNotFoundError):
         text = (f"The Hub refused {step} for {repo_id} (HTTP {status}: not authenticated, or the token cannot write "
                 f"there){detail}. Pass token= (a token with write access) or run `hf auth login`.")
@@ -191,4 +219,4 @@ def _hub_error(exc: BaseException, repo_id: str, folder: Path, revision: str | N
                 "connection (proxy, HF_ENDPOINT) and retry.")
     else:
         text = f"Pushing to {repo_id} failed while {step}: {type(cause).__name__}: {cause}"
-    return HubError(f"{text} {_intact(folder, repo_id)}", repo_id=repo_id, folder=folder, status_code=status)
+    return HubError(f"{text} {retry}", repo_id=repo_id, folder=folder, status_code=status, reason=text)

@@ -451,7 +451,8 @@ class RainMerger:
         else:
             source = type(data).__name__
         self.calibration_info[kind] = {"num_samples": len(samples), "num_malformed": stats.get("num_malformed"),
-                                       "source": source, "sha256": stats.get("sha256")}
+                                       "source": source, "sha256": stats.get("sha256"),
+                                       "is_file": isinstance(data, (str, os.PathLike))}
         return samples
 
     # ------------------------------------------------------------------ stage 1
@@ -824,6 +825,9 @@ class RainMerger:
         import transformers
 
         inputs = {role: self.sources[role].to_dict() for role in _ROLES}
+        for entry in inputs.values():
+            if entry["hub_id"]:
+                entry["path"] = None  # hub id and revision name it; the cache folder would only leak a home path
         inputs["instruct"]["kind"] = self.plan.instruct_kind
         return {
             "rain_hf_version": __version__,
@@ -842,7 +846,7 @@ class RainMerger:
                        "lam_search": self.report.lam_search, "projection": self.report.projection,
                        "replay_cache_bytes": self.report.replay_cache_bytes, "vocab": self.report.vocab,
                        "warnings": self.report.warnings},
-            "license": _card_license(self.sources["reasoning"].path),
+            **_merged_license({role: self.sources[role].path for role in _ROLES}),
         }
 
     def _calibration_summary(self) -> dict[str, dict | None]:
@@ -861,7 +865,7 @@ class RainMerger:
         overwrite: bool = False,
         card_template: str | os.PathLike | None = None,
         eval_results: list | None = None,
-        _card_model_id: str | None = None,
+        model_id: str | None = None,
     ) -> Path:
         """Write the merged model as a Hugging Face folder (loadable with ``AutoModelForCausalLM``).
 
@@ -869,6 +873,9 @@ class RainMerger:
         its tokenizer and chat template, ``rain_merging_config.json`` and a model card. The folder is written
         elsewhere and moved into place at the end: an error or Ctrl-C leaves nothing behind, and an existing
         folder is replaced only with ``overwrite=True`` (an empty one is filled).
+
+        ``model_id`` is what the card's usage snippet loads: pass the Hub repository you will push the folder to
+        with :func:`rain_hf.hub.push_folder` (default: ``save_directory`` as given).
         """
         if not self.merged:
             raise RuntimeError("Nothing to save yet: call merge() first.")
@@ -880,6 +887,13 @@ class RainMerger:
         params = self._params()
         src = self.sources["reasoning"].path
         with atomic_directory(save_directory, overwrite=overwrite) as tmp:
+            # sidecar and card first: a bad template fails before the shards are written, not after
+            info = self.sidecar()
+            with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
+                json.dump(info, f, indent=2)
+                f.write("\n")
+            write_model_card(tmp, info, template_path=card_template, eval_results=eval_results,
+                             model_id=model_id or str(save_directory))
             writer = ShardedSafetensorsWriter(tmp, specs, shard_size)
             try:
                 for spec in tqdm(writer._order, desc="save", unit="tensor"):
@@ -901,12 +915,6 @@ class RainMerger:
             if (src / "generation_config.json").is_file():
                 (tmp / "generation_config.json").write_bytes((src / "generation_config.json").read_bytes())
             self.tokenizer.save_pretrained(str(tmp))
-            info = self.sidecar()
-            with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
-                json.dump(info, f, indent=2)
-                f.write("\n")
-            write_model_card(tmp, info, template_path=card_template, eval_results=eval_results,
-                             model_id=_card_model_id or str(save_directory))
         self.report.timings["save"] = time.perf_counter() - start
         return Path(save_directory)
 
@@ -923,30 +931,52 @@ class RainMerger:
     ):
         """Save the merged model (to ``save_directory``, or a temporary folder deleted after the upload) and upload
         it in one commit."""
-        from .hub import push_folder
+        from .hub import HubError, push_folder
 
         scratch = None
         if save_directory is None:
             scratch = tempfile.TemporaryDirectory(prefix="rain_hf-push-")
             save_directory = Path(scratch.name) / repo_id.replace("/", "--")
         try:
-            folder = self.save_pretrained(save_directory, max_shard_size=max_shard_size, _card_model_id=repo_id)
-            return push_folder(folder, repo_id, private=private, token=token, revision=revision,
-                               commit_message=commit_message or f"Upload {self.config.method} merge made with rain_hf",
-                               create_pr=create_pr)
+            folder = self.save_pretrained(save_directory, max_shard_size=max_shard_size, model_id=repo_id)
+            try:
+                return push_folder(folder, repo_id, private=private, token=token, revision=revision,
+                                   commit_message=commit_message or f"Upload {self.config.method} merge made with "
+                                                                    "rain_hf", create_pr=create_pr)
+            except HubError as exc:
+                if scratch is None:
+                    raise
+                # the temporary copy is about to go: point at what keeps one instead of at a deleted folder
+                raise HubError(f"{exc.reason} The merged model was saved to a temporary folder, which is deleted "
+                               "now; pass save_directory= to keep a copy that rain_hf.hub.push_folder can push "
+                               "again.", repo_id=exc.repo_id, folder=exc.folder, status_code=exc.status_code,
+                               reason=exc.reason) from exc
         finally:
             if scratch is not None:
                 scratch.cleanup()
 
 
-def _card_license(folder: Path) -> str | None:
+def _card_license(folder: Path) -> dict[str, str]:
+    """``license`` (with ``license_name`` / ``license_link`` when given) from a model folder's card metadata."""
     readme = folder / "README.md"
     if not readme.is_file():
-        return None
+        return {}
     try:
         from huggingface_hub import ModelCard
 
-        return ModelCard.load(str(readme)).data.to_dict().get("license")
+        data = ModelCard.load(str(readme)).data.to_dict()
     except Exception:  # a malformed card only costs us the licence field
-        return None
+        return {}
+    if not isinstance(data.get("license"), str):
+        return {}
+    return {key: str(data[key]) for key in ("license", "license_name", "license_link") if data.get(key)}
 
+
+def _merged_license(folders: dict[str, Path]) -> dict[str, Any]:
+    """The merged model's licence fields: the inputs' licence when every input that states one states the same,
+    otherwise none (the merge is bound by each of them, listed in ``input_licenses``)."""
+    licenses = {role: found for role, folder in folders.items() if (found := _card_license(folder))}
+    distinct = {tuple(sorted(entry.items())) for entry in licenses.values()}
+    merged = dict(next(iter(distinct))) if len(distinct) == 1 else {}
+    return {"license": merged.get("license"), "license_name": merged.get("license_name"),
+            "license_link": merged.get("license_link"), "input_licenses": licenses}

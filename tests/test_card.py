@@ -144,11 +144,60 @@ def test_local_inputs_are_named_in_the_body_not_in_base_model(tmp_path):
         assert f"`/data/checkpoints/{role}`" in text
 
 
-def test_hub_cache_snapshot_keeps_its_hub_id(tmp_path):
+def test_hub_cache_snapshot_is_named_by_its_hub_id(tmp_path):
+    """A local folder inside the Hub cache is resolved to its repo and commit, and the card names those."""
+    from rain_hf.checkpoints import resolve_model
+
+    snapshot = tmp_path / "hub" / "models--deepseek-ai--DeepSeek-R1-Distill-Qwen-7B" / "snapshots" / SHA
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    source = resolve_model(str(snapshot))
+    assert (source.hub_id, source.revision) == (REASONING, SHA)
     info = _info()
-    info["inputs"]["reasoning"]["name_or_path"] = "/hf/hub/some/local/copy"
-    card = build_model_card(info)
-    assert card.data.base_model[0] == REASONING
+    info["inputs"]["reasoning"] = {**source.to_dict(), "path": None}
+    text = build_model_card(info).content
+    assert _front_matter(text)["base_model"][0] == REASONING and str(tmp_path) not in text
+
+
+def test_local_inputs_are_shown_as_given_not_resolved():
+    info = _info(local=("instruct",))
+    info["inputs"]["instruct"].update(name_or_path="ckpt/my|instruct", path="/home/someone/work/ckpt/my|instruct")
+    text = build_model_card(info).content
+    assert "/home/someone" not in text
+    assert "`ckpt/my\\|instruct`" in text  # a bar would end the table cell
+
+
+def test_differing_input_licences_are_listed_not_merged():
+    info = _info()
+    info.update(license=None, input_licenses={"reasoning": {"license": "mit"},
+                                              "instruct": {"license": "other", "license_name": "llama3.1",
+                                                           "license_link": "https://llama.com/license"}})
+    text = build_model_card(info).content
+    assert "license" not in _front_matter(text)
+    assert "- reasoning model (θ_R, the anchor): `mit`" in text
+    assert "- instruct model (θ_I): [llama3.1](https://llama.com/license)" in text
+    info.update(license="other", license_name="llama3.1", license_link="https://llama.com/license",
+                input_licenses={"reasoning": {"license": "other", "license_name": "llama3.1",
+                                              "license_link": "https://llama.com/license"}})
+    front = _front_matter(build_model_card(info).content)
+    assert (front["license"], front["license_name"], front["license_link"]) == (
+        "other", "llama3.1", "https://llama.com/license")
+
+
+def test_calibration_that_is_not_a_file_is_not_put_in_the_config():
+    info = _info()
+    info["calibration"]["instruction"].update(source="a list of 365 records", is_file=False)
+    text = build_model_card(info).content
+    assert _yaml_block(text)["calibration"] == {"reasoning": "calib/reasoning.json"}
+    assert "# instruction calibration: a list of 365 records, not a file" in text
+
+
+@pytest.mark.parametrize("coefficients", [[[float("nan"), float("nan")]], []])
+def test_coefficients_without_a_finite_value_give_no_heatmap(tmp_path, coefficients):
+    info = _info()
+    info["report"]["head_coefficients"] = coefficients
+    readme = write_model_card(tmp_path / "out", info)
+    assert HEATMAP_NAME not in readme.read_text() and not (tmp_path / "out" / HEATMAP_NAME).exists()
 
 
 @pytest.mark.parametrize("as_objects", [False, True])

@@ -42,6 +42,7 @@ class FakeHub(httpx2.BaseTransport):
         self.uploads: dict[str, dict] = {}  # oid -> {"size", "chunks", "max_chunk"}
         self.commits: list[dict] = []
         self.fail: dict[str, int | Exception] = {}
+        self.fail_body: dict[str, dict] = {}  # JSON body of a failure, by endpoint name
 
     # ------------------------------------------------------------------ routing
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
@@ -53,7 +54,7 @@ class FakeHub(httpx2.BaseTransport):
             raise failure
         if failure is not None:
             request.read()
-            return self._error(failure, request)
+            return self._error(failure, request, self.fail_body.get(name))
         if name != "lfs_upload" and request.headers.get("authorization") != f"Bearer {TOKEN}":
             request.read()
             return httpx2.Response(401, json={"error": "Invalid credentials in Authorization header"},
@@ -80,9 +81,9 @@ class FakeHub(httpx2.BaseTransport):
                 return name, match
         raise AssertionError(f"unexpected request {request.method} {request.url}")
 
-    def _error(self, status: int, request: httpx2.Request) -> httpx2.Response:
+    def _error(self, status: int, request: httpx2.Request, body: dict | None = None) -> httpx2.Response:
         headers = {"X-Error-Code": "RepoNotFound"} if status == 404 else {}
-        return httpx2.Response(status, json={"error": f"fake hub error {status}"}, headers=headers)
+        return httpx2.Response(status, json=body or {"error": f"fake hub error {status}"}, headers=headers)
 
     # ------------------------------------------------------------------ endpoints
     def _create_repo(self, request, match):
@@ -321,8 +322,34 @@ def test_lfs_upload_failure_is_unwrapped(hub, merged):
 
 def test_rejected_card_metadata(hub, merged):
     hub.fail["validate_yaml"] = 400
-    with pytest.raises(HubError, match="model card"):
+    hub.fail_body["validate_yaml"] = {"error": "Invalid metadata",
+                                      "errors": [{"message": '"license" must be one of [apache-2.0, mit, ...]'}]}
+    with pytest.raises(HubError, match="model card") as excinfo:
         push_folder(merged, "me/r1-rain", token=TOKEN)
+    assert '"license" must be one of' in str(excinfo.value)  # the Hub's reason reaches the user
+    assert not hub.commits
+
+
+def test_pull_request_ref_is_committed_to_not_created(hub, merged):
+    push_folder(merged, "me/r1-rain", token=TOKEN)
+    push_folder(merged, "me/r1-rain", token=TOKEN, revision="refs/pr/1")
+    assert "branch" not in hub.names()  # creating a branch named refs/pr/1 is a 400 on the Hub
+    assert len(hub.commits) == 2 and "refs%2Fpr%2F1" in [url for name, _, url in hub.requests if name == "commit"][-1]
+
+
+def test_commit_hash_revision_fails_before_any_request(hub, merged):
+    with pytest.raises(HubError, match="commit hash.*branch name"):
+        push_folder(merged, "me/r1-rain", token=TOKEN, revision="a" * 40)
+    assert hub.requests == []
+
+
+def test_retry_hint_keeps_the_push_settings(hub, merged):
+    with pytest.raises(HubError) as excinfo:
+        push_folder(merged, "me/r1-rain", token="hf_wrong", private=True, revision="dev", create_pr=True)
+    message = str(excinfo.value)
+    assert f"push_folder('{merged}', 'me/r1-rain', private=True, revision='dev', create_pr=True)" in message
+    assert f"hf upload me/r1-rain {merged} . --private --revision dev --create-pr" in message
+    assert excinfo.value.reason in message and "intact" not in excinfo.value.reason
 
 
 def test_other_repo_types_and_bad_ids_fail_before_any_request(hub, merged):
@@ -386,6 +413,8 @@ def test_merger_push_to_hub_without_a_folder_deletes_its_copy(hub, tmp_path, mon
     (commit,) = hub.commits
     assert any(name.endswith(".safetensors") for name in commit["files"])
     assert list(scratch.iterdir()) == []
-    with pytest.raises(HubError):
+    with pytest.raises(HubError) as excinfo:
         merger.push_to_hub("me/tiny-ta", token="hf_wrong")
     assert list(scratch.iterdir()) == []
+    message = str(excinfo.value)  # no advice to retry from the folder just deleted
+    assert "401" in message and "deleted" in message and "save_directory=" in message and "intact" not in message

@@ -795,3 +795,29 @@ def test_licence_comes_from_the_reasoning_models_card(qwen2, tmp_path):
     out = merger.save_pretrained(tmp_path / "out")
     assert json.loads((out / "rain_merging_config.json").read_text())["license"] == "apache-2.0"
     assert "license: apache-2.0" in (out / "README.md").read_text()
+    # an instruct model under another licence: the merge is bound by both, so the metadata names neither
+    instruct = tmp_path / "instruct"
+    shutil.copytree(qwen2["instruct"], instruct)
+    (instruct / "README.md").write_text("---\nlicense: other\nlicense_name: llama3.1\n---\n")
+    merger = RainMerger.from_pretrained(qwen2["base"], reasoning, instruct, RainMergingConfig(method="task_arithmetic"))
+    merger.merge()
+    out = merger.save_pretrained(tmp_path / "out2")
+    sidecar = json.loads((out / "rain_merging_config.json").read_text())
+    assert sidecar["license"] is None and sidecar["input_licenses"] == {
+        "reasoning": {"license": "apache-2.0"}, "instruct": {"license": "other", "license_name": "llama3.1"}}
+    text = (out / "README.md").read_text()
+    assert "license:" not in text.split("\n---\n", 1)[0] and "`llama3.1`" in text
+
+
+def test_bad_card_template_fails_before_the_weights_are_written(qwen2, tmp_path, monkeypatch):
+    import rain_hf.writer
+
+    merger = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
+                                        RainMergingConfig(method="task_arithmetic"))
+    merger.merge()
+    written = []
+    monkeypatch.setattr(rain_hf.writer.ShardedSafetensorsWriter, "write",
+                        lambda self, name, tensor: written.append(name))
+    with pytest.raises(FileNotFoundError, match="typo.md.j2"):
+        merger.save_pretrained(tmp_path / "out", card_template=tmp_path / "typo.md.j2")
+    assert written == [] and not (tmp_path / "out").exists()
