@@ -158,12 +158,17 @@ class LazyCheckpoint:
         self.name = name or str(folder)
         index = self.folder / f"{prefix}.safetensors.index.json"
         if index.is_file():
-            with open(index, encoding="utf-8") as f:
-                weight_map: dict[str, str] = json.load(f)["weight_map"]
+            weight_map = read_json(index, self.name).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{self.name}: {index} has no valid 'weight_map' (tensor name → shard file). "
+                                      "The checkpoint is damaged: download or save it again.")
             files = sorted(set(weight_map.values()))
         else:
             single = self.folder / f"{prefix}.safetensors"
-            files = [single.name] if single.is_file() else sorted(p.name for p in self.folder.glob("*.safetensors"))
+            # an adapter or a Mistral-style consolidated copy in the same folder is not part of the model
+            files = [single.name] if single.is_file() else sorted(
+                p.name for p in self.folder.glob("*.safetensors")
+                if not p.name.startswith(("adapter_model", "consolidated")))
             weight_map = {}
         if not files:
             bins = [p.name for p in self.folder.glob("*.bin")] + [p.name for p in self.folder.glob("*.pt")]
@@ -174,6 +179,10 @@ class LazyCheckpoint:
         self._entries: dict[str, tuple[tuple[int, ...], str, int, int]] = {}
         for file in files:
             for key, entry in _read_header(self.folder / file, self.name).items():
+                if key in self._where:
+                    raise CheckpointError(f"{self.name}: tensor {key} is in both {self._where[key]} and {file}, so "
+                                          "which one is the model's is unclear. Remove the stray file from "
+                                          f"{self.folder}, or add a model.safetensors.index.json.")
                 self._where[key] = file
                 self._entries[key] = entry
         missing = sorted(set(weight_map) - set(self._where))
@@ -197,7 +206,7 @@ class LazyCheckpoint:
         return self._entries[key][0]
 
     def dtype(self, key: str) -> torch.dtype:
-        return _SAFETENSORS_DTYPES[self._entries[key][1]]
+        return _torch_dtype(self._entries[key][1], key, self.name)
 
     def get(self, key: str) -> torch.Tensor:
         """The tensor ``key`` as stored (dtype and values exactly as in the file), on the CPU.
@@ -213,7 +222,7 @@ class LazyCheckpoint:
             f.seek(start)
             if f.readinto(buf) != len(buf):
                 raise CheckpointError(f"{self.name}: {self._where[key]} is truncated (tensor {key}).")
-        torch_dtype = _SAFETENSORS_DTYPES[dtype]
+        torch_dtype = _torch_dtype(dtype, key, self.name)
         if not buf:
             return torch.empty(shape, dtype=torch_dtype)
         return torch.frombuffer(buf, dtype=torch_dtype).reshape(shape)
@@ -225,8 +234,16 @@ class LazyCheckpoint:
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+
+
+def _torch_dtype(dtype: str, key: str, name: str) -> torch.dtype:
+    # checked when a tensor is used, so an exotic buffer the merge never reads does not block the checkpoint
+    if dtype not in _SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{name}: tensor {key} has dtype {dtype}, which rain_hf cannot read.")
+    return _SAFETENSORS_DTYPES[dtype]
 
 
 def _read_header(path: Path, name: str) -> dict[str, tuple[tuple[int, ...], str, int, int]]:
@@ -245,10 +262,12 @@ def _read_header(path: Path, name: str) -> dict[str, tuple[tuple[int, ...], str,
     for key, meta in header.items():
         if key == "__metadata__":
             continue
-        if meta["dtype"] not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{name}: tensor {key} has dtype {meta['dtype']}, which rain_hf cannot merge.")
-        start, end = meta["data_offsets"]
-        entries[key] = (tuple(meta["shape"]), meta["dtype"], 8 + size + start, 8 + size + end)
+        try:
+            start, end = meta["data_offsets"]
+            entries[key] = (tuple(meta["shape"]), str(meta["dtype"]), 8 + size + start, 8 + size + end)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{name}: {path} has a damaged header entry for {key} ({exc!r}); download or "
+                                  "save the checkpoint again.") from exc
     return entries
 
 

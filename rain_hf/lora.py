@@ -34,10 +34,12 @@ from pathlib import Path
 import torch
 
 from rain_hf.checkpoints import (
+    _CACHE_SNAPSHOT,
     ADAPTER_PATTERNS,
     CheckpointError,
     LazyCheckpoint,
     ModelSource,
+    TensorSource,
     is_adapter_folder,
     read_json,
     resolve_model,
@@ -170,19 +172,9 @@ def check_adapter_config(config: Mapping[str, object], name: str) -> list[str]:
                            "path_initial_model_for_weight_conversion=<the initial adapter>), or merge it and pass "
                            "the full model.")
     warnings: list[str] = []
-    if config.get("modules_to_save"):
-        warnings.append(f"Adapter {name}: modules_to_save={config['modules_to_save']} are full trained copies of "
-                        "those modules; they are ignored (only LoRA deltas are merged).")
     if config.get("trainable_token_indices"):
         warnings.append(f"Adapter {name}: trainable_token_indices are embedding changes; they are ignored "
                         "(embeddings are never merged).")
-    bias = config.get("bias", "none")
-    if bias not in (None, "none"):
-        warnings.append(f"Adapter {name}: bias={bias!r} trained biases; bias deltas are ignored (only weight "
-                        "matrices are merged).")
-    if config.get("lora_bias"):
-        warnings.append(f"Adapter {name}: lora_bias=true adds a bias to lora_B; those bias deltas are ignored "
-                        "(only weight matrices are merged).")
     return warnings
 
 
@@ -194,8 +186,10 @@ def _refuse_bin_only(folder: Path, name: str) -> None:
         raise AdapterError(f"The instruct adapter {name} holds only {bins[0]} (a pickle file, which rain_hf does not "
                            "load). Convert it to safetensors: load it with PeftModel.from_pretrained(base, path) and "
                            "save it again with save_pretrained(path, safe_serialization=True).")
-    raise AdapterError(f"The instruct adapter {name} has no adapter_model.safetensors in {folder}. Download the "
-                       "adapter completely or save it again with PeftModel.save_pretrained.")
+    raise AdapterError(f"The instruct adapter {name} has no adapter_model.safetensors in {folder}. If it only "
+                       "has adapter_model.bin (a pickle, which rain_hf neither fetches nor loads), convert it: load "
+                       "it with PeftModel.from_pretrained(base, adapter) and save_pretrained(path, "
+                       "safe_serialization=True). Otherwise download the adapter completely.")
 
 
 class LoraDelta:
@@ -222,6 +216,11 @@ class LoraDelta:
         self._name = source.describe()
         self._warnings = check_adapter_config(config, self._name)
         self._fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+        # trained full copies (modules_to_save, bias="all"): base-model name -> saved key; their delta is copy − base
+        self._copies: dict[str, str] = {}
+        # lora_bias: base bias name -> (saved lora_B.bias key, the module's scaling)
+        self._lora_biases: dict[str, tuple[str, float]] = {}
+        self._base: TensorSource | None = None
         self._factors: dict[str, _Factor] = self._index_factors()
 
     @classmethod
@@ -277,11 +276,15 @@ class LoraDelta:
             elif _LORA_EMBEDDING.match(name):
                 embeddings.append(_LORA_EMBEDDING.match(name)["module"])
             elif _LORA_BIAS.match(name):
-                biases.append(name)
+                biases.append(key)
             elif ".lora_" in name:
                 raise AdapterError(f"The instruct adapter {self._name} holds a LoRA tensor in a layout rain_hf does "
                                    f"not know: {key}. Save the adapter with PeftModel.save_pretrained (keys "
                                    "'<module>.lora_A.weight' / '.lora_B.weight', without the adapter name).")
+            elif name.endswith((".weight", ".bias")):
+                # modules_to_save copies and bias="all" biases, saved under the base model's names (a LoRA
+                # module's own bias sits under .base_layer)
+                self._copies[name.replace(".base_layer.", ".")] = key
             else:
                 others.append(name)
         incomplete = sorted(f"{module} (has lora_{''.join(ab)}, lacks lora_{'B' if 'A' in ab else 'A'})"
@@ -302,12 +305,13 @@ class LoraDelta:
         if output_layers:
             self._warnings.append(f"Adapter {self._name}: LoRA on the output layer ({_examples(output_layers)}) is "
                                   "ignored: the output layer is never merged.")
-        if biases:
-            self._warnings.append(f"Adapter {self._name}: lora_B biases ({_examples(biases)}) are ignored: bias "
-                                  "deltas are never merged.")
+        for key in biases:
+            module = _LORA_BIAS.match(module_of_saved_key(key))["module"]
+            if f"{module}.weight" in factors:
+                self._lora_biases[f"{module}.bias"] = (key, factors[f"{module}.weight"].scaling)
         if others:
-            self._warnings.append(f"Adapter {self._name}: {len(others)} non-LoRA tensors (full copies of trained "
-                                  f"modules, biases or embeddings, e.g. {_examples(others)}) are ignored.")
+            self._warnings.append(f"Adapter {self._name}: {len(others)} tensors that are neither LoRA factors nor "
+                                  f"copies of base-model weights (e.g. {_examples(others)}) are ignored.")
         return factors
 
     def _factor(self, module: str, key_a: str, key_b: str) -> _Factor:
@@ -337,11 +341,20 @@ class LoraDelta:
         return _Factor(module, key_a, key_b, rank, alpha, scaling, shape)
 
     def weight_keys(self) -> list[str]:
-        """Base-model weight names that have a delta, e.g. ``"model.layers.0.self_attn.q_proj.weight"``."""
-        return list(self._factors)
+        """Base-model weight names that have a delta, e.g. ``"model.layers.0.self_attn.q_proj.weight"``: LoRA
+        modules and trained full copies (``modules_to_save``)."""
+        return list(self._factors) + [k for k in self._copies if k.endswith(".weight") and k not in self._factors]
+
+    def bias_keys(self) -> list[str]:
+        """Base-model bias names that have a delta (``bias="all"`` / ``"lora_only"``, ``lora_bias``)."""
+        return sorted({k for k in self._copies if k.endswith(".bias")} | set(self._lora_biases), key=_natural_key)
 
     def __contains__(self, weight_key: object) -> bool:
-        return weight_key in self._factors
+        return weight_key in self._factors or weight_key in self._copies or weight_key in self._lora_biases
+
+    def use_base(self, base: TensorSource) -> None:
+        """The base checkpoint that trained full copies (``modules_to_save``, trained biases) are deltas against."""
+        self._base = base
 
     def rank(self, weight_key: str) -> int:
         """The resolved LoRA rank of ``weight_key``'s module."""
@@ -374,11 +387,28 @@ class LoraDelta:
 
         ``scaling · B @ A`` with ``A`` ``[r, in]``, ``B`` ``[out, r]``; transposed to ``[in, out]`` when the adapter
         says ``fan_in_fan_out`` (GPT-2 style ``Conv1D`` weights, stored ``[in, out]``).
+
+        Trained full copies (``modules_to_save``, ``bias="all"``) give ``copy − base`` (see :meth:`use_base`), and
+        a ``lora_bias`` adds ``scaling · lora_B.bias`` to its module's bias.
         """
-        if weight_key not in self._factors:
+        if weight_key not in self:
             return None
-        left, right = self.factors(weight_key, device=device)
-        return left @ right
+        total = None
+        if weight_key in self._factors:
+            left, right = self.factors(weight_key, device=device)
+            total = left @ right
+        if weight_key in self._copies:
+            if self._base is None:
+                raise AdapterError(f"The instruct adapter {self._name} holds a trained copy of {weight_key}; its "
+                                   "delta needs the base weights: call use_base(base checkpoint) first.")
+            copy = self._tensors.get(self._copies[weight_key]).to(device=device, dtype=torch.float32)
+            copy = copy - self._base.get(weight_key).to(device=device, dtype=torch.float32)
+            total = copy if total is None else total + copy
+        if weight_key in self._lora_biases:
+            key, scaling = self._lora_biases[weight_key]
+            bias = self._tensors.get(key).to(device=device, dtype=torch.float32) * scaling
+            total = bias if total is None else total + bias
+        return total
 
     def validate(
         self,
@@ -391,12 +421,14 @@ class LoraDelta:
         Args:
             base_shapes: the base checkpoint's tensor shapes by name.
             base_model_id: the base model's Hub id, if known.
-            base_name: the base model as the user named it (a Hub id or a local folder), used for messages and for
-                comparing a recorded local path.
+            base_name: the base model's local folder (or its name), used for messages and for comparing a recorded
+                local path.
 
         Raises:
-            AdapterError: an adapted module the base does not have, a ΔW shape that differs from the base
-                weight's, or a recorded base model that is not this one.
+            AdapterError: an adapted module the base does not have, or a ΔW shape that differs from the base
+                weight's. A recorded base model that is not this one, with every shape agreeing, is a warning (as
+                in peft): the recorded name is often a quantized copy, a renamed or a relative folder of the
+                same weights.
         """
         base_label = base_model_id or base_name
         missing = [key for key in self._factors if key not in base_shapes]
@@ -414,12 +446,20 @@ class LoraDelta:
                                f"model of another size ({self.base_model_name_or_path or 'base not recorded'}): "
                                "pass the adapter's base model.")
         warnings = list(self._warnings)
+        unfit = sorted(k for k in self._copies if tuple(base_shapes.get(k, ())) != self._tensors.shape(self._copies[k]))
+        if unfit:  # e.g. a resized embedding saved with modules_to_save: never merged, so only said
+            warnings.append(f"Adapter {self._name}: trained copies that do not fit the base model {base_label} "
+                            f"({_examples(unfit)}) are ignored.")
+            for key in unfit:
+                del self._copies[key]
         recorded = self.base_model_name_or_path
         if recorded:
             same = same_base_model(recorded, base_model_id, base_name)
             if same is False:
-                raise AdapterError(f"The instruct adapter {self._name} was trained on {recorded}, base is "
-                                   f"{base_label}: pass the adapter's base model.")
+                warnings.append(f"Adapter {self._name} records base model {recorded!r}, but the base is "
+                                f"{base_label}. Tensor shapes agree, so the merge goes on; if the adapter was "
+                                "trained on another model, its ΔW is no task vector of this base: pass the "
+                                "adapter's base model.")
             if same is None:
                 warnings.append(f"Adapter {self._name} records base model {recorded!r}, which cannot be compared "
                                 f"with the base {base_label} here (tensor shapes agree).")
@@ -448,6 +488,9 @@ def same_base_model(recorded: str, base_model_id: str | None, base_name: str | N
         >>> same_base_model("Qwen/Qwen2.5-7B", "qwen/qwen2.5-7b", "Qwen/Qwen2.5-7B")
         True
     """
+    snapshot = _CACHE_SNAPSHOT.search(recorded)
+    if snapshot:  # a folder of the Hub cache, on this machine or the one the adapter was trained on
+        recorded = f"{snapshot['org']}/{snapshot['name']}"
     names = set()
     if base_model_id:
         names.add(base_model_id.rsplit("/", 1)[-1].casefold())

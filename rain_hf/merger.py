@@ -134,9 +134,32 @@ def _load_model_config(src: ModelSource, role: str):
     if not (src.path / "config.json").is_file():
         raise CheckpointError(f"The {role} model {src.describe()} has no config.json in {src.path}.")
     try:
-        return AutoConfig.from_pretrained(str(src.path))
+        config = AutoConfig.from_pretrained(str(src.path))
     except Exception as exc:  # transformers raises ValueError/KeyError/OSError for unknown or broken configs
         raise CheckpointError(f"The {role} model {src.describe()}: its config.json cannot be read ({exc}).") from exc
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:
+        method = (quantization.get("quant_method") if isinstance(quantization, dict)
+                  else getattr(quantization, "quant_method", None))
+        raise CheckpointError(f"The {role} model {src.describe()} is quantized (quant_method={method!r}): its "
+                              "weights are stored with scales, so no task vector can be read from them. Pass the "
+                              "unquantized checkpoint, or dequantize it first (load it with transformers and "
+                              "save_pretrained in bfloat16).")
+    return config
+
+
+def refuse_offloaded(model: torch.nn.Module, device_map: Any) -> None:
+    """Raise ConfigError when accelerate offloaded part of ``model`` (its weights on the meta device).
+
+    Offloaded weights live in accelerate's hooks, outside the model: writing a merged weight into the module would
+    change nothing, and saving would then fail on the meta tensor.
+    """
+    offloaded = sorted({name.rsplit(".", 1)[0] for name, p in model.named_parameters() if p.device.type == "meta"})
+    if offloaded:
+        raise ConfigError(f"device_map={device_map!r} offloaded {len(offloaded)} modules to CPU or disk (e.g. "
+                          f"{offloaded[0]}); a merge writes into the loaded weights and cannot reach offloaded ones. "
+                          "Pass a device_map (or max_memory) that places every module on a device, or load on one "
+                          "device without device_map (device='cpu' fits any model that fits in RAM).")
 
 
 def _skeleton(model_config) -> torch.nn.Module:
@@ -312,11 +335,15 @@ class RainMerger:
             instruct = LoraDelta.from_pretrained(sources["instruct"].path)
             instruct.source = sources["instruct"]
             base_shapes = {k: base.shape(k) for k in base.keys()}
-            warnings += instruct.validate(base_shapes, sources["base"].hub_id, shown["base"])
+            warnings += instruct.validate(base_shapes, sources["base"].hub_id, str(sources["base"].path))
+            instruct.use_base(base)
+            if instruct.bias_keys() and not config.project_bias:
+                warnings.append(f"the adapter trained {len(instruct.bias_keys())} biases (e.g. "
+                                f"{instruct.bias_keys()[0]}); they are merged only with project_bias=True")
             touched = set(instruct.weight_keys())
             outside = sorted(touched - {t.weight_key for t in targets})
             if outside:
-                warnings.append(f"the adapter changes {len(outside)} modules outside the merged set "
+                warnings.append(f"the adapter holds deltas for {len(outside)} modules outside the merged set "
                                 f"(e.g. {outside[0]}); they are not merged")
         else:
             instruct_ckpt = LazyCheckpoint(sources["instruct"].path, f"the instruct model {shown['instruct']}")
@@ -333,6 +360,10 @@ class RainMerger:
                 if key not in ckpt:
                     raise ModelMismatchError(f"The {role} model {shown[role]} has no tensor {key}, which the merge "
                                              "needs: the checkpoints do not share one architecture.")
+                if not ckpt.dtype(key).is_floating_point or ckpt.dtype(key).itemsize == 1:
+                    raise CheckpointError(f"{key} is stored as {ckpt.dtype(key)} in the {role} model "
+                                          f"{shown[role]}: quantized weights hold no task vector. Pass the "
+                                          "unquantized (bfloat16, float16 or float32) checkpoint.")
                 shape = ckpt.shape(key)
                 if expected is None:
                     expected = (role, shape)
@@ -368,7 +399,7 @@ class RainMerger:
         *,
         revision: str | Mapping[str, str] | None = None,
         token: str | bool | None = None,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
         torch_dtype: str | torch.dtype | None = None,
         device_map: str | dict | None = None,
         features: ThinkFeatures | str | os.PathLike | None = None,
@@ -381,9 +412,12 @@ class RainMerger:
             config: the merge settings (default :class:`RainMergingConfig`).
             revision: one revision for all three, or a dict ``{"base": ..., "reasoning": ..., "instruct": ...}``.
             token: Hub token.
-            device: where the forward passes and the projections run (``"cpu"``, ``"cuda"``).
+            device: where the forward passes and the projections run (``"cpu"``, ``"cuda"``; default: the CPU, or
+                with ``device_map`` the device of the input embeddings).
             torch_dtype: dtype to load the reasoning model in (default: as stored).
             device_map: e.g. ``"auto"`` to spread a reasoning model that does not fit on one device (accelerate).
+                Every module must land on a device: modules offloaded to the CPU (next to GPUs) or to disk are
+                refused, because their weights live outside the model where a merge cannot write them.
             features: precomputed :class:`ThinkFeatures` (or a path saved by :meth:`ThinkFeatures.save`). A merge
                 with them and without ``reasoning_calibration`` uses the one-shot projection (see
                 ``RainMergingConfig.sequential``).
@@ -403,7 +437,11 @@ class RainMerger:
             kwargs["device_map"] = device_map
         model = AutoModelForCausalLM.from_pretrained(str(plan.sources["reasoning"].path), **kwargs)
         if device_map is None:
+            device = device if device is not None else "cpu"
             model.to(device)
+        else:
+            refuse_offloaded(model, device_map)
+            device = device if device is not None else model.get_input_embeddings().weight.device
         model.eval()
         if isinstance(features, (str, os.PathLike)):
             features = ThinkFeatures.load(features)
@@ -615,7 +653,9 @@ class RainMerger:
 
     def _reasoning_fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = checkpoint_fingerprint(self.reasoning, [self.targets[0].weight_key])
+            # first, middle and last merged weight: fine-tunes that differ late in the stack still differ
+            keys = [self.targets[i].weight_key for i in sorted({0, len(self.targets) // 2, len(self.targets) - 1})]
+            self._fingerprint = checkpoint_fingerprint(self.reasoning, keys)
         return self._fingerprint
 
     def _check_features_model(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -50,8 +51,11 @@ def _base_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     return {key: ckpt.shape(key) for key in ckpt.keys()}
 
 
-def make_adapter(base: Path, out: Path, config, seed: int = 1, merge: bool = True, **save_kwargs):
-    """Save a peft adapter with random (non-zero) factors; return the reference ΔW per adapted weight (or None)."""
+def make_adapter(base: Path, out: Path, config, seed: int = 1, merge: bool = True, train_all: bool = False,
+                 **save_kwargs):
+    """Save a peft adapter with random (non-zero) factors; return the reference ΔW per adapted weight (or None).
+
+    ``train_all`` also moves every other trainable parameter (modules_to_save copies, trained biases)."""
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -61,6 +65,8 @@ def make_adapter(base: Path, out: Path, config, seed: int = 1, merge: bool = Tru
         for name, param in peft_model.named_parameters():
             if ".lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+            elif train_all and param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_model.save_pretrained(out, **save_kwargs)
@@ -150,10 +156,34 @@ def test_ignored_parts_are_warned(bases, tmp_path):
                         modules_to_save=["norm"], bias="all")
     make_adapter(bases["qwen"], tmp_path / "ad", config, merge=False)
     lora = LoraDelta.from_pretrained(tmp_path / "ad")
-    assert lora.weight_keys() == ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
+    # saved copies (the embeddings' base layers, the norms of modules_to_save) are deltas too; the merger says
+    # that those outside its merged modules are not merged
+    assert lora.weight_keys()[:2] == ["model.layers.0.self_attn.q_proj.weight",
+                                      "model.layers.1.self_attn.q_proj.weight"]
+    assert {"lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"} <= set(lora.weight_keys()[2:])
     text = "\n".join(lora.validate(_base_shapes(bases["qwen"]), None, str(bases["qwen"])))
-    for expected in ("embeddings", "output layer", "modules_to_save", "bias", "non-LoRA tensors"):
+    for expected in ("embeddings", "output layer"):
         assert expected in text
+
+
+@pytest.mark.parametrize("extra", [{"modules_to_save": ["o_proj"], "bias": "all"}, {"bias": "lora_only"},
+                                   {"lora_bias": True}], ids=["modules_to_save+bias_all", "lora_only", "lora_bias"])
+def test_trained_copies_and_biases_match_merge_and_unload(bases, tmp_path, extra):
+    targets = ["q_proj", "v_proj"] + ([] if extra.get("lora_bias") else ["down_proj"])  # peft: lora_bias needs a bias
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, **extra)
+    reference = make_adapter(bases["qwen"], tmp_path / "ad", config, train_all=True)
+    lora = LoraDelta.from_pretrained(tmp_path / "ad")
+    assert sorted(lora.weight_keys() + lora.bias_keys()) == sorted(reference)
+    assert any(key.endswith(".bias") for key in reference)
+    assert lora.validate(_base_shapes(bases["qwen"]), None, str(bases["qwen"])) == []
+    with pytest.raises(AdapterError, match="use_base") if ("modules_to_save" in extra or "bias" in extra) else (
+            warnings.catch_warnings()):
+        for key in reference:
+            lora.delta(key)
+    lora.use_base(LazyCheckpoint(bases["qwen"]))
+    for key, expected in reference.items():
+        got = lora.delta(key)
+        assert (got - expected).norm() / expected.norm() < 1e-6, key
 
 
 @pytest.fixture
@@ -225,14 +255,19 @@ def test_base_model_mismatch(bases, plain_adapter):
     shapes = _base_shapes(bases["qwen"])
     # recorded local folder that exists and is another model
     _edit_config(plain_adapter, base_model_name_or_path=str(bases["llama"]))
-    with pytest.raises(AdapterError, match=r"was trained on .*llama, base is .*qwen: pass the adapter's base model"):
-        LoraDelta.from_pretrained(plain_adapter).validate(shapes, None, str(bases["qwen"]))
+    (warning,) = LoraDelta.from_pretrained(plain_adapter).validate(shapes, None, str(bases["qwen"]))
+    assert re.search(r"records base model '.*llama', but the base is .*qwen\. Tensor shapes agree, so the merge "
+                     r"goes on; .*pass the adapter's base model", warning)
     # recorded Hub id against a known Hub id: case-insensitive
     _edit_config(plain_adapter, base_model_name_or_path="Qwen/Qwen2.5-0.5B")
     lora = LoraDelta.from_pretrained(plain_adapter)
     assert lora.validate(shapes, "qwen/qwen2.5-0.5b", str(bases["qwen"])) == []
-    with pytest.raises(AdapterError, match=r"trained on Qwen/Qwen2\.5-0\.5B, base is Qwen/Qwen2\.5-1\.5B"):
-        lora.validate(shapes, "Qwen/Qwen2.5-1.5B", "Qwen/Qwen2.5-1.5B")
+    assert "records base model 'Qwen/Qwen2.5-0.5B', but the base is Qwen/Qwen2.5-1.5B" in lora.validate(
+        shapes, "Qwen/Qwen2.5-1.5B", "Qwen/Qwen2.5-1.5B")[0]
+    # a folder of the Hub cache, here or on the training machine, stands for its repo
+    _edit_config(plain_adapter, base_model_name_or_path="/home/u/.cache/huggingface/hub/models--Qwen--Qwen2.5-0.5B/"
+                                                        "snapshots/" + "a" * 40)
+    assert LoraDelta.from_pretrained(plain_adapter).validate(shapes, "Qwen/Qwen2.5-0.5B", str(bases["qwen"])) == []
     # a Hub id against a local folder of that name matches; an unknown one is only warned about
     assert lora.validate(shapes, None, "/models/Qwen2.5-0.5B") == []
     assert "cannot be compared" in lora.validate(shapes, None, str(bases["qwen"]))[0]

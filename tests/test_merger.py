@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rain_hf import RainMerger, RainMergingConfig
 from rain_hf.calibration import prepare_instruction_calibration, prepare_reasoning_calibration
 from rain_hf.checkpoints import CheckpointError
+from rain_hf.config import ConfigError
 from rain_hf.features import LayerReplay, ThinkFeatures, move_tensors
 from rain_hf.testing import (
     build_tokenizer,
@@ -402,6 +403,18 @@ def test_features_of_another_reasoning_model_or_template_are_refused(qwen2, tmp_
     cfg = RainMergingConfig(lam=1.0, stage2=False)
     with pytest.raises(ValueError, match="another reasoning model"):
         RainMerger.from_pretrained(other["base"], other["reasoning"], other["instruct"], cfg, features=features).merge()
+    # a fine-tune that differs only in its last merged module is another model too
+    import shutil
+
+    from safetensors.torch import save_file
+
+    late = tmp_path / "late"
+    shutil.copytree(qwen2["reasoning"], late)
+    weights = _weights(late)
+    weights["model.layers.1.mlp.down_proj.weight"] += 1e-3
+    save_file(weights, late / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="another reasoning model"):
+        RainMerger.from_pretrained(qwen2["base"], late, qwen2["instruct"], cfg, features=features).merge()
     with pytest.raises(ValueError, match="think_spacing"):
         features.check_compatible(RainMergingConfig(think_spacing=["", "", ""]), [])
     # a file from before the fingerprint: accepted, with a warning naming the model to check
@@ -541,6 +554,61 @@ def test_refuses_missing_and_non_safetensors_inputs(qwen2, tmp_path):
         RainMerger.plan(binonly, qwen2["reasoning"], qwen2["instruct"])
 
 
+def test_refuses_quantized_inputs(qwen2, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    fp8 = tmp_path / "fp8"
+    shutil.copytree(qwen2["instruct"], fp8)
+    w = _weights(fp8)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    w[key] = w[key].to(torch.float8_e4m3fn)
+    save_file(w, fp8 / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"{key} is stored as torch.float8_e4m3fn in the instruct model"):
+        RainMerger.plan(qwen2["base"], qwen2["reasoning"], fp8)
+    config = json.loads((qwen2["instruct"] / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    shutil.rmtree(fp8)
+    shutil.copytree(qwen2["instruct"], fp8)
+    (fp8 / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"instruct model .* is quantized \(quant_method='fp8'\)"):
+        RainMerger.plan(qwen2["base"], qwen2["reasoning"], fp8)
+
+
+def test_damaged_or_ambiguous_checkpoint_folders(qwen2, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from rain_hf.checkpoints import LazyCheckpoint
+
+    folder = tmp_path / "sharded"
+    shutil.copytree(qwen2["base"], folder)
+    (folder / "model.safetensors.index.json").write_text('{"metadata": {}, "weight_map": ')
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json is not valid JSON"):
+        LazyCheckpoint(folder)
+    (folder / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(CheckpointError, match="no valid 'weight_map'.*download or save it again"):
+        LazyCheckpoint(folder)
+    # no index, no model.safetensors: every *.safetensors is read, and a tensor in two files is an error
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    weights = _weights(qwen2["base"])
+    save_file(weights, loose / "part-a.safetensors")
+    save_file({"model.norm.weight": torch.zeros(64)}, loose / "part-b.safetensors")
+    with pytest.raises(CheckpointError, match="model.norm.weight is in both part-a.safetensors and part-b"):
+        LazyCheckpoint(loose)
+    (loose / "part-b.safetensors").rename(loose / "adapter_model.safetensors")  # not part of the model
+    assert torch.equal(LazyCheckpoint(loose).get("model.norm.weight"), weights["model.norm.weight"])
+    # a dtype rain_hf cannot read only matters for a tensor that is read
+    save_file({**weights, "odd_buffer": torch.zeros(3, dtype=torch.complex64)}, loose / "part-a.safetensors")
+    ckpt = LazyCheckpoint(loose)
+    assert ckpt.get("model.norm.weight").shape == (64,)
+    with pytest.raises(CheckpointError, match="odd_buffer has dtype C64, which rain_hf cannot read"):
+        ckpt.get("odd_buffer")
+
+
 def test_hub_fetch_skips_the_native_mistral_copy_of_the_weights(qwen2, monkeypatch):
     from huggingface_hub.utils import filter_repo_objects
 
@@ -591,23 +659,28 @@ def test_missing_calibration_is_a_clear_error(qwen2):
         merger.merge()
 
 
-def test_lora_instruct_model_merges_like_its_merged_copy(qwen2, tmp_path):
-    """A LoRA adapter as instruct model gives the same merge as the full model from merge_and_unload()."""
+@pytest.mark.parametrize("trained", ["lora", "lora+copies+biases"])
+def test_lora_instruct_model_merges_like_its_merged_copy(qwen2, tmp_path, trained):
+    """A LoRA adapter as instruct model gives the same merge as the full model from merge_and_unload(), also with
+    trained full copies (modules_to_save on a merged module) and trained biases merged with project_bias."""
     from peft import LoraConfig, get_peft_model
 
     base = AutoModelForCausalLM.from_pretrained(qwen2["base"])
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    extra = {} if trained == "lora" else {"modules_to_save": ["o_proj"], "bias": "all"}
+    targets = "all-linear" if trained == "lora" else ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj",
+                                                      "down_proj"]
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, **extra))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+            if "lora_B" in name or (p.requires_grad and "lora_" not in name):
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
     peft_model.save_pretrained(tmp_path / "adapter")
     full = peft_model.merge_and_unload()
     full.save_pretrained(tmp_path / "full")
     AutoTokenizer.from_pretrained(qwen2["base"]).save_pretrained(tmp_path / "full")
 
-    cfg = RainMergingConfig(lam=1.0, stage2=False)
+    cfg = RainMergingConfig(lam=1.0, stage2=False, project_bias=trained != "lora")
     records = reasoning_records(3)
     results = {}
     for kind in ("adapter", "full"):
@@ -617,6 +690,21 @@ def test_lora_instruct_model_merges_like_its_merged_copy(qwen2, tmp_path):
         assert merger.plan.instruct_kind == ("lora" if kind == "adapter" else "full")
     for key, value in results["full"].items():
         assert torch.allclose(results["adapter"][key], value, atol=1e-6), key
+
+
+def test_offloaded_modules_are_refused(qwen2, tmp_path):
+    """accelerate keeps offloaded weights outside the model (meta tensors): a merge there would write nothing."""
+    from accelerate import dispatch_model
+
+    from rain_hf.merger import refuse_offloaded
+
+    model = AutoModelForCausalLM.from_pretrained(qwen2["reasoning"])
+    refuse_offloaded(model, "auto")  # all on one device: fine
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = dispatch_model(model, device_map, offload_dir=str(tmp_path / "offload"))
+    with pytest.raises(ConfigError, match=r"offloaded \d+ modules to CPU or disk \(e\.g\. model\.layers\.1\."):
+        refuse_offloaded(model, device_map)
 
 
 def test_device_map_auto_loads_and_merges(qwen2):
@@ -776,7 +864,6 @@ def test_think_open_prefixes_end_before_the_block_not_before_a_quoted_token(qwen
 
 
 def test_output_dtype_wider_than_the_loaded_model_is_refused(qwen2):
-    from rain_hf.config import ConfigError
 
     with pytest.raises(ConfigError, match="torch_dtype='float32'"):
         RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
