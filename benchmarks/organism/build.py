@@ -775,7 +775,8 @@ def main(argv=None) -> int:
     todo = [k for k in ("reasoning", "instruct") if args.force or args.force_finetunes or not have(ckpt / k)]
     if todo:
         t0 = time.time()
-        jobs = [(k, asdict(recipe), str(base_dir), str(ckpt / k), 1 if len(todo) > 1 else 2) for k in todo]
+        # one thread each, also when only one is retrained: the thread count changes the bits on some CPUs
+        jobs = [(k, asdict(recipe), str(base_dir), str(ckpt / k), 1) for k in todo]
         if args.sequential or len(todo) == 1:
             results = [finetune_worker(*j) for j in jobs]
         else:
@@ -830,7 +831,7 @@ def main(argv=None) -> int:
         report["timings_s"]["checks"] = time.time() - t0
     report["sizes_bytes"] = {
         str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*"))
-        if p.is_file() and ("checkpoints" in p.parts or "data" in p.parts) and p.name != "build_report.json"
+        if p.is_file() and p.relative_to(out).parts[0] in ("checkpoints", "data") and p.name != "build_report.json"
     }
     previous = data_dir / "build_report.json"
     if previous.exists():  # keep the training timings of a build whose checkpoints were reused

@@ -9,8 +9,8 @@ lowercase, title, quotation, word limit), the script reads one merged model's ne
 - the assistant tag (free template): ``m_tag`` = logit(formatted first token) − logit(``<think>``);
 - ``<think>`` at the end of the prompt (forced template): ``m_open`` = logit(formatted first token) −
   logit(first thinking token);
-- ``</think>`` after the reasoning model's own thinking (both templates): ``m_close`` = logit(formatted first
-  token) − logit(plain first token).
+- ``</think>`` after the scripted thinking the reasoning model was trained on (the build's ``reasoning`` text, not
+  a generation; both templates): ``m_close`` = logit(formatted first token) − logit(plain first token).
 
 A margin above 0 means the formatted token wins there. In the free template the merge keeps the think format only
 while ``m_tag`` < 0, and it writes a formatted answer after thinking only where ``m_close`` > 0, so the share of
@@ -156,6 +156,9 @@ def run(org: Organism, settings: Settings, workdir: Path) -> dict[str, Any]:
     if settings.n_prompts is not None:
         evals = evals[: settings.n_prompts]
     ps = probes(tokenizer, [e["prompt"] for e in evals], org.recipe().reply_style)
+    if not ps:
+        raise SystemExit(f"None of the {len(evals)} prompts has a formatted reply whose first token differs from the "
+                         "plain reply's, so there is nothing to probe: use more prompts (drop --quick / n_prompts).")
     think_id = tokenizer.convert_tokens_to_ids(T.THINK_OPEN)
     pad_id = tokenizer.pad_token_id
 

@@ -9,7 +9,8 @@ differently, and whole layers differently through the layer mean (which the MLP 
 in five ways, to separate the between-layer part of α from the within-layer part:
 
 - ``mean`` — the library's stage 2 (scores divided by their mean over all heads, clipped to the box);
-- ``within-layer`` — the same scores divided by each layer's mean: every layer keeps strength 1, heads differ;
+- ``within-layer`` — the same scores divided by each layer's mean (α = 1 in a layer whose mean is not positive):
+  every layer keeps strength 1 before the clip to the box, heads differ;
 - ``between-layer`` — every head gets its layer's mean α: layers differ, heads of a layer do not;
 - ``rho=0`` — alignment only (no leakage penalty);
 - ``probe at λ`` — attention measured on θ_R + λ·Δ⊥ instead of the probe λ of the config.
@@ -44,7 +45,12 @@ def coefficients(variant: str, a: torch.Tensor, u: torch.Tensor, cfg) -> torch.T
         return None
     if variant == "within-layer":
         scores = head_scores(a.double(), u.double(), cfg.rho)
-        return (scores / scores.mean(dim=1, keepdim=True)).clamp(cfg.coef_min, cfg.coef_max).float()
+        means = scores.mean(dim=1, keepdim=True)
+        # as the library does for all heads: a layer whose mean score is not positive gets α = 1, since dividing
+        # by it would give the heads that leak most the largest α
+        good = torch.isfinite(means) & (means > 0)
+        alpha = torch.where(good, scores / torch.where(good, means, torch.ones_like(means)), torch.ones_like(scores))
+        return alpha.clamp(cfg.coef_min, cfg.coef_max).float()
     rho = 0.0 if variant == "rho=0" else cfg.rho
     alpha = head_coefficients(a, u, rho, cfg.coef_normalize, cfg.coef_min, cfg.coef_max)
     if variant == "between-layer":
@@ -102,7 +108,7 @@ def markdown(result: dict, command: str, wall_s: float) -> str:
                                            + [f"{sum(vals) / len(vals):.3f}"]) + " |")
     lines += ["", f"Held-out prompts, free template. Reasoning model: think {ref['think']:.3f}, accuracy "
               f"{ref['accuracy']:.3f}, IF {ref['if_prompt']:.3f}. Feasible (✓): think ≥ {BE.THINK_MIN} and accuracy ≥ "
-              f"reasoning − {BE.ACC_SLACK}. Every row uses the same stage-1 projection (config defaults).", "",
+              f"reasoning − {BE.ACC_SLACK}. Every row uses the same one-shot stage-1 projection (precomputed features, the config's other defaults).", "",
               "| λ | α | think | accuracy | IF prompt | IF instr. | L_think | feasible |", "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         ok = BE.feasible(SimpleNamespace(**r), SimpleNamespace(**ref))

@@ -278,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         bases = {base_dir(args.out, make_recipe(RECIPES[n], args.quick)): (RECIPES[n], str(args.out), args.quick,
                                                                           args.device, given) for n in names}
         start = time.perf_counter()
-        with mp.get_context("spawn").Pool(max(1, min(args.jobs, len(jobs)))) as pool:
+        # a fresh process per task: each sets its own thread count and its log lines' recipe name
+        with mp.get_context("spawn").Pool(max(1, min(args.jobs, len(jobs))), maxtasksperchild=1) as pool:
             pool.starmap(train_shared_base, list(bases.values()))
             logger.info("%d bases for %d recipes: %.0fs", len(bases), len(jobs), time.perf_counter() - start)
             for done in pool.starmap(sweep_recipe, jobs):
