@@ -1,4 +1,5 @@
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,7 +13,11 @@ _OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFF
             "HF_HUB_DISABLE_TELEMETRY": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
 os.environ.update(_OFFLINE)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="rain_hf-test-hf-home-")
+os.environ["HF_HOME"] = _SESSION_HF_HOME = tempfile.mkdtemp(prefix="rain_hf-test-hf-home-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION_HF_HOME, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -35,11 +40,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def organism_root() -> Path:
-    """The built organism (``RAIN_HF_ORGANISM`` or the committed one); tests that need it skip when it is not built."""
-    root = Path(os.environ.get("RAIN_HF_ORGANISM", REPO / "benchmarks" / "organism"))
+    """The built organism (``RAIN_HF_ORGANISM`` or the committed one). The committed one is part of the repository,
+    so its absence fails the tests; another that is not built skips them."""
+    committed = REPO / "benchmarks" / "organism"
+    root = Path(os.environ.get("RAIN_HF_ORGANISM", committed))
     if not ((root / "checkpoints" / "instruct" / "model.safetensors").is_file()
             and (root / "data" / "eval_prompts.jsonl").is_file()):
-        pytest.skip("the organism is not built (python -m benchmarks.organism.build)")
+        if root.resolve() == committed.resolve():
+            pytest.fail(f"the committed organism is missing from {root} (a partial checkout, or Git LFS?): "
+                        "restore it with git, or rebuild it with python -m benchmarks.organism.build")
+        pytest.skip(f"the organism at {root} is not built (python -m benchmarks.organism.build --out {root})")
     return root
 
 

@@ -195,7 +195,7 @@ def test_example_configs_parse(tmp_path):
 # ---------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def triple(tmp_path_factory):
-    testing = pytest.importorskip("rain_hf.testing")
+    from rain_hf import testing
     root = tmp_path_factory.mktemp("triple")
     paths = testing.build_triple(root, "qwen2")
     (root / "reasoning.json").write_text(json.dumps(testing.reasoning_records(4)))
@@ -246,6 +246,27 @@ def test_full_run_writes_the_output_folder(triple, tmp_path, capsys, monkeypatch
     assert pushed["folder"] == out and pushed["repo_id"] == "me/tiny-rain" and pushed["private"] is True
     stdout = capsys.readouterr().out
     assert f"saved: {out}" in stdout and "pushed: https://huggingface.co/me/tiny-rain/commit/1" in stdout
+
+
+def test_dtype_shard_size_and_card_template_reach_the_merge(triple, tmp_path):
+    from safetensors import safe_open
+
+    root, _ = triple
+    template = tmp_path / "card.md.j2"
+    template.write_text("---\n{{ card_data }}\n---\n\n# Custom card for {{ model_name }}\n")
+    config = _job_file(root, tmp_path, dtype="bfloat16",
+                       parameters={"lam": 1.0, "batch_size": 2, "output_dtype": "bfloat16"},
+                       output={"max_shard_size": "40KB", "card_template": str(template)})
+    out = tmp_path / "out"
+    assert main([str(config), "--out", str(out)]) == 0
+    sidecar = json.loads((out / "rain_merging_config.json").read_text())
+    assert sidecar["loaded_dtype"] == "bfloat16"  # the calibration passes ran in the YAML's dtype
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and all((out / name).stat().st_size <= 40_000 + 10_000 for name in shards)
+    with safe_open(out / shards[0], "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert "# Custom card for" in (out / "README.md").read_text()
 
 
 @pytest.mark.parametrize("parameters, expected", [

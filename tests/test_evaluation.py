@@ -688,7 +688,22 @@ def test_evaluate_load_offline(offline):
             instruction_id_list=[["punctuation:no_comma", "change_case:english_lowercase"]] * 3,
             kwargs=[[{}, {}], [{}, None], ["{}", "{}"]],
         )
+        ids = [["punctuation:no_comma", "change_case:english_lowercase"]]
+        extra = {
+            # the template put <think> in the prompt: the generation starts inside the block
+            "opened": metric.compute(predictions=["plan, with Commas</think>hello world"], prompts=["p"],
+                                     instruction_id_list=ids, prompt_ends_with_open=True),
+            "tags": metric.compute(predictions=["<reason>A, B</reason>hello world"], prompts=["p"],
+                                   instruction_id_list=ids, think_open="<reason>", think_close="</reason>"),
+            "whole": metric.compute(predictions=["<think>think, with commas</think>hello world"], prompts=["p"],
+                                    instruction_id_list=ids, split_thinking=False),
+        }
+        try:
+            metric.compute(predictions=["a", "b"], prompts=["p", "q"], instruction_id_list=ids * 2, kwargs=[[{}, {}]])
+        except ValueError as exc:
+            extra["mismatch"] = str(exc)
         print("RESULT" + json.dumps(out))
+        print("EXTRA" + json.dumps(extra))
         """
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -709,3 +724,9 @@ def test_evaluate_load_offline(offline):
         "think_format_rate",
     }
     assert os.path.isdir(os.path.join(os.environ["HF_HOME"], "modules"))  # the module cache went to the temp HF_HOME
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("EXTRA"))
+    extra = json.loads(line[len("EXTRA") :])
+    for name in ("opened", "tags"):  # the thinking (commas, capitals) is not scored; the answer passes
+        assert extra[name]["think_format_rate"] == 1.0 and extra[name]["prompt_strict"] == 1.0, name
+    assert extra["whole"]["prompt_strict"] == 0.0 and extra["whole"]["instruction_strict"] == 0.5
+    assert "2 predictions but 1 kwargs lists" in extra["mismatch"]

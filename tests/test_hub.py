@@ -378,8 +378,7 @@ def test_missing_or_empty_folder(tmp_path):
 
 def test_merger_push_to_hub_sends_one_commit_with_card_and_weights(hub, tmp_path):
     """RainMerger.push_to_hub → save_pretrained → push_folder, through the same fake Hub."""
-    testing = pytest.importorskip("rain_hf.testing")
-    from rain_hf import RainMerger, RainMergingConfig
+    from rain_hf import RainMerger, RainMergingConfig, testing
 
     paths = testing.build_triple(tmp_path / "triple", "qwen2")
     merger = RainMerger.from_pretrained(paths["base"], paths["reasoning"], paths["instruct"],
@@ -399,8 +398,7 @@ def test_merger_push_to_hub_sends_one_commit_with_card_and_weights(hub, tmp_path
 
 
 def test_merger_push_to_hub_without_a_folder_deletes_its_copy(hub, tmp_path, monkeypatch):
-    testing = pytest.importorskip("rain_hf.testing")
-    from rain_hf import RainMerger, RainMergingConfig
+    from rain_hf import RainMerger, RainMergingConfig, testing
 
     scratch = tmp_path / "tmp"
     scratch.mkdir()

@@ -83,6 +83,36 @@ def test_end_to_end_reloads_and_generates(tmp_path, tokenizer, arch):
     assert not torch.equal(merged["model.layers.0.mlp.up_proj.weight"], reasoning["model.layers.0.mlp.up_proj.weight"])
 
 
+def test_layer_subset_with_the_ridge_projection(qwen2, tokenizer):
+    """layers=[1]: layer 0 stays the reasoning model's bit for bit; layer 1 gets the ridge projection of Δ
+    (closed form on the captured features) scaled by α row 0, the row stage 2 reports for layer 1."""
+    cfg = RainMergingConfig(lam=1.5, projection="ridge", ridge=1e-2, rcond=1e-9, layers=[1], positions="think+prev",
+                            sequential=False)
+    rec_r = reasoning_records(3)
+    merger = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], cfg)
+    merger.merge(rec_r, instruction_records(3))
+    assert {t.layer for t in merger.targets} == {1} and merger.report.layers == [1]
+    alpha = torch.tensor(merger.report.head_coefficients, dtype=torch.float64)
+    assert alpha.shape == (1, 4) and not torch.allclose(alpha, torch.ones_like(alpha))
+    reasoning = AutoModelForCausalLM.from_pretrained(qwen2["reasoning"])
+    lib = dict(merger.model.named_parameters())
+    for name, param in reasoning.named_parameters():
+        if ".layers.1." not in name:
+            assert torch.equal(lib[name], param), name
+    names = [t.name for t in merger.targets]
+    feats = _capture_inputs(reasoning, prepare_reasoning_calibration(rec_r, tokenizer, cfg), names,
+                            ("think+prev", 0))
+    base, instruct = _weights(qwen2["base"]), _weights(qwen2["instruct"])
+    for n in names:
+        key = n + ".weight"
+        dw, h = (instruct[key] - base[key]).double(), feats[n]
+        eps = cfg.ridge * torch.linalg.svdvals(h)[0] ** 2
+        perp = dw - dw @ h.T @ torch.linalg.solve(h @ h.T + eps * torch.eye(h.shape[0], dtype=h.dtype), h)
+        scale = _head_scale(n.rsplit(".", 1)[-1], alpha[0], dw.shape, 4, 2, 16)
+        expected = reasoning.get_parameter(key).detach().double() + cfg.lam * scale * perp
+        assert torch.allclose(lib[key].detach().double(), expected, atol=1e-5), n
+
+
 def test_projection_residual_on_calibration_features(qwen2, tokenizer):
     cfg = dict(lam=1.0, stage2=False, rcond=1e-6, positions="window", window=1, sequential=False)
     merger = _merger(qwen2, **cfg)
@@ -249,11 +279,39 @@ def test_sequential_offload_gives_the_same_merge(qwen2, tokenizer):
     assert offloaded.report.replay_cache_bytes == on_device.report.replay_cache_bytes == replay.nbytes() > 0
 
 
-def test_sequential_with_lam_auto_and_stage2(qwen2, tmp_path):
-    merger = _merger(qwen2, sequential=True, lam_grid=[0.5, 1.0, 2.0])
+def _reference_l_think(merged, reasoning, heldout, close_id) -> float:
+    """Slow L_think: full forward passes, one held-out sample at a time, KL(merged ‖ reasoning) averaged over the
+    thinking positions but the think-close token's own."""
+    kls = []
+    for ids, positions in heldout:
+        with torch.no_grad():
+            log_m = torch.log_softmax(merged(torch.tensor([ids])).logits[0].double(), -1)
+            log_r = torch.log_softmax(reasoning(torch.tensor([ids])).logits[0].double(), -1)
+        kl = (log_m.exp() * (log_m - log_r)).sum(-1)
+        kls += [kl[p] for p in positions if ids[p] != close_id]
+    return float(torch.stack(kls).mean())
+
+
+def test_sequential_with_lam_auto_and_stage2(qwen2, tmp_path, tokenizer):
+    # λ large enough for L_think (≈1e-4) to stand well above the batched/unbatched rounding noise (≈3e-8)
+    merger = _merger(qwen2, sequential=True, lam_grid=[16.0, 32.0], lam_auto_max_kl=1.0)
     merger.merge(reasoning_records(8), instruction_records())
-    assert [row["lam"] for row in merger.report.lam_search] == [0.5, 1.0, 2.0]
-    assert merger.report.lam in (0.5, 1.0, 2.0) and merger.report.head_coefficients is not None
+    assert [row["lam"] for row in merger.report.lam_search] == [16.0, 32.0]
+    assert merger.report.lam == 32.0 and merger.report.head_coefficients is not None
+    # each searched λ is measured on the sequential merge itself: a fixed-λ sequential merge on the six stage-1
+    # samples, with the same stage 2, has the same L_think on the two held-out samples
+    reasoning = AutoModelForCausalLM.from_pretrained(qwen2["reasoning"], dtype=torch.float32).eval()
+    close_id = tokenizer.convert_tokens_to_ids("</think>")
+    for row in merger.report.lam_search:
+        fixed = _merger(qwen2, sequential=True, lam=row["lam"])
+        model = fixed.merge(reasoning_records(8)[:6], instruction_records()).eval()
+        assert fixed.report.projection == "sequential"
+        expected = _reference_l_think(model, reasoning, merger.features.heldout, close_id)
+        assert row["l_think"] == pytest.approx(expected, rel=1e-3)
+    one_shot = _merger(qwen2, sequential=False, lam=32.0)
+    model = one_shot.merge(reasoning_records(8)[:6], instruction_records()).eval()
+    other = _reference_l_think(model, reasoning, merger.features.heldout, close_id)
+    assert abs(other - merger.report.lam_search[-1]["l_think"]) > 0.1 * other  # the two forms differ here
     out = merger.save_pretrained(tmp_path / "out")
     sidecar = json.loads((out / "rain_merging_config.json").read_text())
     assert sidecar["config"]["sequential"] is True
@@ -305,9 +363,30 @@ def test_first_layer_hidden_states_at_think_positions(qwen2, tokenizer):
         assert not torch.allclose(layer0(plain.model, s), ref, atol=1e-3)
 
 
-def test_gqa_reference_coefficients_and_merged_tensors(qwen2, tokenizer):
+def _head_scale(leaf: str, alpha_row: torch.Tensor, shape, n_heads: int, n_kv: int, hd: int) -> torch.Tensor:
+    """Stage 2's scale of one module, by explicit loops: query rows and o_proj columns per head, k/v rows per kv
+    head (the mean of its query heads), the MLP by the layer mean."""
+    scale = torch.ones(shape, dtype=torch.float64)
+    group = n_heads // n_kv
+    for h in range(n_heads):
+        if leaf == "q_proj":
+            scale[h * hd:(h + 1) * hd, :] = alpha_row[h]
+        if leaf == "o_proj":
+            scale[:, h * hd:(h + 1) * hd] = alpha_row[h]
+    for g in range(n_kv):
+        if leaf in ("k_proj", "v_proj"):
+            scale[g * hd:(g + 1) * hd, :] = alpha_row[[h for h in range(n_heads) if h // group == g]].mean()
+    if leaf.endswith(("gate_proj", "up_proj", "down_proj")):
+        scale[:] = alpha_row.mean()
+    return scale
+
+
+@pytest.mark.parametrize("stage2_settings", [{}, {"probe_lam": 0.5, "coef_normalize": "none"}],
+                         ids=["defaults", "probe_lam+no_normalize"])
+def test_gqa_reference_coefficients_and_merged_tensors(qwen2, tokenizer, stage2_settings):
     """Slow reference with explicit loops over heads (4 query heads, 2 kv heads)."""
-    cfg = RainMergingConfig(lam=1.5, rcond=0.05, positions="think+prev", coef_max=3.0, sequential=False)
+    cfg = RainMergingConfig(lam=1.5, rcond=0.05, positions="think+prev", coef_max=3.0, sequential=False,
+                            **stage2_settings)
     rec_r, rec_i = reasoning_records(3), instruction_records(3)
     merger = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], cfg)
     merger.merge(rec_r, rec_i)
@@ -330,7 +409,7 @@ def test_gqa_reference_coefficients_and_merged_tensors(qwen2, tokenizer):
     probe = AutoModelForCausalLM.from_pretrained(qwen2["reasoning"], attn_implementation="eager")
     with torch.no_grad():
         for n in names:
-            probe.get_parameter(n + ".weight").add_(perp[n].float())
+            probe.get_parameter(n + ".weight").add_(cfg.probe_lam * perp[n].float())
     i_samples = prepare_instruction_calibration(rec_i, tokenizer, cfg)
     n_layers, n_heads, n_kv, hd = 2, 4, 2, 16
     a = torch.zeros(n_layers, n_heads, dtype=torch.float64)
@@ -347,25 +426,13 @@ def test_gqa_reference_coefficients_and_merged_tensors(qwen2, tokenizer):
                 a[layer, h] += sum(float(A[t, instr].sum()) for t in resp) / len(resp) / len(i_samples)
                 u[layer, h] += sum(float(A[t, instr].sum()) for t in unrel) / len(unrel) / len(i_samples)
     score = (a - cfg.rho * u) / (1 + u)
-    alpha = (score / score.mean()).clamp(cfg.coef_min, cfg.coef_max)
+    alpha = (score / score.mean() if cfg.coef_normalize == "mean" else score).clamp(cfg.coef_min, cfg.coef_max)
     assert torch.allclose(torch.tensor(merger.report.head_coefficients, dtype=torch.float64), alpha, atol=1e-5)
 
-    group = n_heads // n_kv
     for n in names:
         layer = int(n.split(".")[2])
         leaf = n.rsplit(".", 1)[-1]
-        scale = torch.ones_like(perp[n])
-        for h in range(n_heads):
-            if leaf == "q_proj":
-                scale[h * hd:(h + 1) * hd, :] = alpha[layer, h]
-            if leaf == "o_proj":
-                scale[:, h * hd:(h + 1) * hd] = alpha[layer, h]
-        for g in range(n_kv):
-            if leaf in ("k_proj", "v_proj"):
-                members = [h for h in range(n_heads) if h // group == g]
-                scale[g * hd:(g + 1) * hd, :] = alpha[layer, members].mean()
-        if leaf.endswith(("gate_proj", "up_proj", "down_proj")):
-            scale[:] = alpha[layer].mean()
+        scale = _head_scale(leaf, alpha[layer], perp[n].shape, n_heads, n_kv, hd)
         expected = reasoning.get_parameter(n + ".weight").detach().double() + cfg.lam * scale * perp[n]
         assert torch.allclose(lib[n + ".weight"], expected, atol=1e-5), n
         row = merger.report.modules[n]
@@ -633,6 +700,24 @@ def test_hub_fetch_skips_the_native_mistral_copy_of_the_weights(qwen2, monkeypat
     assert calls[1]["allow_patterns"] == ADAPTER_PATTERNS and calls[1]["ignore_patterns"] is None
 
 
+def test_revisions_reach_the_hub_fetch_per_role(qwen2, monkeypatch):
+    fetched = {}
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        fetched[repo_id] = kwargs.get("revision")
+        return str(qwen2[repo_id.split("/")[1]])
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
+    plan = RainMerger.plan("org/base", "org/reasoning", "org/instruct",
+                           revision={"instruct": "v2", "reasoning": "a" * 40})
+    assert fetched == {"org/base": None, "org/reasoning": "a" * 40, "org/instruct": "v2"}
+    assert plan.sources["instruct"].hub_id == "org/instruct"
+    RainMerger.plan("org/base", "org/reasoning", "org/instruct", revision="main")
+    assert set(fetched.values()) == {"main"}
+    with pytest.raises(ConfigError, match="unknown roles"):
+        RainMerger.plan("org/base", "org/reasoning", "org/instruct", revision={"instruction": "v2"})
+
+
 def test_refuses_think_tokens_that_are_not_single_tokens(qwen2):
     with pytest.raises(Exception, match="<reason>"):
         RainMerger.plan(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
@@ -712,18 +797,29 @@ def test_device_map_auto_loads_and_merges(qwen2):
                                         RainMergingConfig(lam=1.0, stage2=False), device_map="auto")
     merger.merge(reasoning_records(2))
     assert merger.merged and merger.report.modules
+    plain = _merger(qwen2, lam=1.0, stage2=False)
+    plain.merge(reasoning_records(2))
+    for (k, v), (k2, v2) in zip(merger.model.named_parameters(), plain.model.named_parameters()):
+        assert k == k2 and torch.equal(v, v2), k
 
 
 def test_lam_auto_picks_largest_lambda_within_think_budget(qwen2):
-    cfg = RainMergingConfig(lam="auto", lam_grid=[0.5, 1.0, 4.0, 16.0], stage2=False, lam_auto_max_kl=1e-3)
-    merger = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], cfg)
-    merger.merge(reasoning_records(8))
-    search = merger.report.lam_search
-    assert [row["lam"] for row in search] == [0.5, 1.0, 4.0, 16.0]
-    within = [row["lam"] for row in search if row["l_think"] <= 1e-3]
-    assert merger.report.lam == (max(within) if within else 0.5)
-    assert search[-1]["l_think"] > search[0]["l_think"]
-    assert merger.features.settings["num_samples"] == 6  # two of eight held out to measure L_think
+    grid = [0.5, 1.0, 4.0, 16.0]
+    loose = _merger(qwen2, lam="auto", lam_grid=grid, stage2=False, lam_auto_max_kl=1.0)
+    loose.merge(reasoning_records(8))
+    kl = [row["l_think"] for row in loose.report.lam_search]
+    assert [row["lam"] for row in loose.report.lam_search] == grid and 0 < kl[0] < kl[1] < kl[2] < kl[3]
+    assert loose.report.lam == 16.0
+    # a budget between λ 1's and λ 4's L_think: the search must stop at 1
+    tight = _merger(qwen2, lam="auto", lam_grid=grid, stage2=False, lam_auto_max_kl=(kl[1] * kl[2]) ** 0.5)
+    tight.merge(reasoning_records(8))
+    assert tight.report.lam == 1.0
+    assert [row["l_think"] for row in tight.report.lam_search] == pytest.approx(kl, rel=1e-6)
+    assert tight.features.settings["num_samples"] == 6  # two of eight held out to measure L_think
+    # below every λ's: the smallest, with a warning
+    none = _merger(qwen2, lam="auto", lam_grid=grid, stage2=False, lam_auto_max_kl=kl[0] / 2)
+    none.merge(reasoning_records(8))
+    assert none.report.lam == 0.5 and any("no λ of the grid" in w for w in none.report.warnings)
 
 
 def test_lam_auto_l_think_leaves_out_the_think_close_position(qwen2, tokenizer):

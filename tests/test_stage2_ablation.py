@@ -32,3 +32,10 @@ def test_quick_run_writes_every_variant(tmp_path, run_quick):
     assert text.count("| 0 | alignment |") == 1 and text.count("| alpha |") == 4
     for variant in VARIANTS:
         assert f"| 4 | {variant} |" in text, variant
+
+def test_within_layer_leaves_a_layer_with_a_non_positive_mean_at_one():
+    cfg = RainMergingConfig(coef_max=10.0)
+    a = torch.tensor([[0.3, 0.1], [0.0, 0.1]])
+    u = torch.tensor([[0.0, 0.0], [1.0, 0.0]])  # layer 1: mean a − ρu ≤ 0, the leaking head would get the most
+    within = coefficients("within-layer", a, u, cfg)
+    assert torch.allclose(within[1], torch.ones(2)) and torch.allclose(within[0], torch.tensor([1.5, 0.5]))
