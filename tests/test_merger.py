@@ -83,6 +83,37 @@ def test_end_to_end_reloads_and_generates(tmp_path, tokenizer, arch):
     assert not torch.equal(merged["model.layers.0.mlp.up_proj.weight"], reasoning["model.layers.0.mlp.up_proj.weight"])
 
 
+@pytest.mark.parametrize("arch, geometry", [
+    ("llama", {"num_attention_heads": 4, "num_key_value_heads": 4}),  # MHA
+    ("llama", {"num_attention_heads": 4, "num_key_value_heads": 1}),  # MQA
+    ("llama", {"hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 2}),  # groups of 3
+    ("qwen3", {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 24}),  # head_dim ≠ hidden / heads
+], ids=["mha", "mqa", "group3", "qwen3-head_dim"])
+def test_stage2_head_mapping_for_every_attention_geometry(tmp_path, tokenizer, arch, geometry):
+    """Stage 2 scales the stage-1 Δ⊥ per query head (q rows, o columns), per kv head with the mean of its query
+    heads (k/v rows) and per layer (MLP): (θ_1+2 − θ_R) = scale ⊙ (θ_1 − θ_R) on the same one-shot features."""
+    paths = build_triple(tmp_path / "triple", arch, tokenizer=tokenizer, **geometry)
+    common = dict(lam=1.5, sequential=False, coef_max=3.0)
+    stage1 = RainMerger.from_pretrained(paths["base"], paths["reasoning"], paths["instruct"],
+                                        RainMergingConfig(stage2=False, **common))
+    stage1.merge(reasoning_records(3))
+    both = RainMerger.from_pretrained(paths["base"], paths["reasoning"], paths["instruct"], RainMergingConfig(**common),
+                                      features=stage1.features)
+    both.merge(instruction_calibration=instruction_records(3))
+    alpha = torch.tensor(both.report.head_coefficients, dtype=torch.float64)
+    n_heads, n_kv = geometry["num_attention_heads"], geometry["num_key_value_heads"]
+    hd = geometry.get("head_dim", geometry.get("hidden_size", 64) // n_heads)
+    assert alpha.shape == (2, n_heads) and float(alpha.std()) > 1e-3
+    reasoning = dict(AutoModelForCausalLM.from_pretrained(paths["reasoning"]).named_parameters())
+    one, two = dict(stage1.model.named_parameters()), dict(both.model.named_parameters())
+    for target in both.targets:
+        key = target.name + ".weight"
+        d1 = (one[key] - reasoning[key]).detach().double()
+        d2 = (two[key] - reasoning[key]).detach().double()
+        scale = _head_scale(target.name.rsplit(".", 1)[-1], alpha[target.layer], d1.shape, n_heads, n_kv, hd)
+        assert torch.allclose(d2, scale * d1, atol=1e-6), key
+
+
 def test_layer_subset_with_the_ridge_projection(qwen2, tokenizer):
     """layers=[1]: layer 0 stays the reasoning model's bit for bit; layer 1 gets the ridge projection of Δ
     (closed form on the captured features) scaled by α row 0, the row stage 2 reports for layer 1."""
