@@ -132,10 +132,14 @@ def _files_to_upload(folder: Path) -> list[tuple[str, Path]]:
         raise FileNotFoundError(f"Cannot push {str(folder)!r}: it is not a folder. Save the merge first "
                                 "(merger.save_pretrained(folder)).")
     files = []
+    root = folder.resolve()
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)
         if not path.is_file() or any(part.startswith(".") for part in relative.parts):
             continue  # skip .cache/, .git/, .gitattributes-like local state
+        if path.is_symlink() and not path.resolve().is_relative_to(root):
+            logger.warning("Not pushing %s: it links to %s, outside the folder.", relative, path.resolve())
+            continue
         files.append((relative.as_posix(), path))
     if not files:
         raise FileNotFoundError(f"Cannot push {str(folder)!r}: it holds no files.")

@@ -368,6 +368,15 @@ def test_offline_mode_is_explained(hub, merged, monkeypatch):
         push_folder(merged, "me/r1-rain", token=TOKEN)
 
 
+def test_links_out_of_the_folder_are_not_pushed(hub, merged, tmp_path):
+    (tmp_path / "notes.txt").write_text("private notes next to the output")
+    (merged / "notes.txt").symlink_to(tmp_path / "notes.txt")
+    (merged / "card-link.md").symlink_to(merged / "README.md")  # inside the folder: pushed
+    push_folder(merged, "me/r1-rain", token=TOKEN)
+    files = set(hub.commits[-1]["files"])
+    assert "notes.txt" not in files and "card-link.md" in files
+
+
 def test_missing_or_empty_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a folder"):
         push_folder(tmp_path / "nope", "me/x", token=TOKEN)
