@@ -297,11 +297,12 @@ def _input_rows(inputs: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         hub_id = entry.get("hub_id") or None
         # as the user gave it: the resolved folder may be a cache path under someone's home directory
-        path = str(entry.get("name_or_path") or entry.get("path") or "").replace("|", "\\|")
+        path = str(entry.get("name_or_path") or entry.get("path") or "")
         lora = role == "instruct" and entry.get("kind") == "lora"
         label = {"reasoning": "reasoning model (θ_R, the anchor)", "base": "base model (θ_B)",
                  "instruct": "instruct LoRA adapter (on θ_B)" if lora else "instruct model (θ_I)"}.get(role, role)
-        link = f"[{hub_id}](https://huggingface.co/{hub_id})" if hub_id else f"local folder `{path}`"
+        # a bar would end the table cell the link sits in
+        link = f"[{hub_id}](https://huggingface.co/{hub_id})" if hub_id else f"local folder `{path}`".replace("|", "\\|")
         revision = entry.get("revision") or None
         rows.append({"role": label, "key": role, "hub_id": hub_id, "path": str(path), "link": link,
                      "revision": f"`{revision}`" if revision else None,
@@ -378,7 +379,12 @@ def _reproduction_yaml(method: str, config: dict[str, Any], info: dict[str, Any]
         document["calibration"] = files
     text = yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=100, default_flow_style=None).rstrip()
     for name, entry in calibration.items():
-        if name not in files and entry.get("source"):
+        if name in files or not entry.get("source"):
+            continue
+        if entry["source"] == _PRECOMPUTED:
+            text += (f"\n# {name} calibration: precomputed thinking features; add under calibration: the file they "
+                     "were computed from")
+        else:
             text += (f"\n# {name} calibration: {entry['source']}, not a file; save it as JSONL and add it under "
                      "calibration:")
     if config.get("lam") == "auto" and info.get("lam") is not None:

@@ -158,7 +158,8 @@ class LazyCheckpoint:
         self.name = name or str(folder)
         index = self.folder / f"{prefix}.safetensors.index.json"
         if index.is_file():
-            weight_map = read_json(index, self.name).get("weight_map")
+            document = read_json(index, self.name)
+            weight_map = document.get("weight_map") if isinstance(document, dict) else None
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise CheckpointError(f"{self.name}: {index} has no valid 'weight_map' (tensor name → shard file). "
                                       "The checkpoint is damaged: download or save it again.")
@@ -179,10 +180,14 @@ class LazyCheckpoint:
         self._entries: dict[str, tuple[tuple[int, ...], str, int, int]] = {}
         for file in files:
             for key, entry in _read_header(self.folder / file, self.name).items():
+                if weight_map.get(key, file) != file:
+                    continue  # the index names another shard for it
                 if key in self._where:
-                    raise CheckpointError(f"{self.name}: tensor {key} is in both {self._where[key]} and {file}, so "
-                                          "which one is the model's is unclear. Remove the stray file from "
-                                          f"{self.folder}, or add a model.safetensors.index.json.")
+                    where = (f"and {index.name} does not say which" if weight_map else
+                             "and no index says which")
+                    raise CheckpointError(f"{self.name}: tensor {key} is in both {self._where[key]} and {file}, "
+                                          f"{where}. Remove the stray file from {self.folder}, or write a "
+                                          f"{prefix}.safetensors.index.json that names one.")
                 self._where[key] = file
                 self._entries[key] = entry
         missing = sorted(set(weight_map) - set(self._where))
@@ -207,6 +212,10 @@ class LazyCheckpoint:
 
     def dtype(self, key: str) -> torch.dtype:
         return _torch_dtype(self._entries[key][1], key, self.name)
+
+    def stored_dtype(self, key: str) -> str:
+        """The safetensors dtype name of ``key`` (``"BF16"``, ``"F8_E8M0"`` …), also for dtypes torch cannot read."""
+        return self._entries[key][1]
 
     def get(self, key: str) -> torch.Tensor:
         """The tensor ``key`` as stored (dtype and values exactly as in the file), on the CPU.
@@ -286,12 +295,17 @@ def is_adapter_folder(folder: Path) -> bool:
     return (folder / "adapter_config.json").is_file()
 
 
-def checkpoint_fingerprint(ckpt: LazyCheckpoint, sample_keys: Sequence[str]) -> str:
-    """A short hash that tells checkpoints apart: every tensor's name, dtype and shape, and the bytes of the
-    tensors ``sample_keys`` (a few MB; two fine-tunes of one architecture differ there)."""
+def checkpoint_fingerprint(ckpt: LazyCheckpoint, sample_keys: Sequence[str] | None = None) -> str:
+    """A short hash that tells checkpoints apart: every tensor's name, stored dtype and shape, and the bytes of
+    the tensors ``sample_keys`` (default: the first, middle and last matrix of the decoder layers in name order,
+    so the hash depends on the checkpoint alone, never on which modules a merge selects)."""
+    if sample_keys is None:
+        matrices = sorted(k for k in ckpt.keys() if ".layers." in k and len(ckpt.shape(k)) == 2) or sorted(
+            k for k in ckpt.keys() if len(ckpt.shape(k)) == 2)
+        sample_keys = [matrices[i] for i in sorted({0, len(matrices) // 2, len(matrices) - 1})] if matrices else []
     digest = hashlib.sha256()
     for key in sorted(ckpt.keys()):
-        digest.update(f"{key}|{ckpt.dtype(key)}|{tuple(ckpt.shape(key))};".encode())
+        digest.update(f"{key}|{ckpt.stored_dtype(key)}|{tuple(ckpt.shape(key))};".encode())
     for key in sample_keys:
         digest.update(ckpt.get(key).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]

@@ -45,12 +45,12 @@ class HubError(RuntimeError):
 
     Attributes:
         repo_id: the repository the push went to.
-        folder: the local output folder, left as it was.
+        folder: the local output folder, left as it was (``None`` when it was a temporary one, now deleted).
         status_code: the HTTP status the Hub answered with, when there was one.
         reason: the message without its closing sentence about the intact local folder.
     """
 
-    def __init__(self, message: str, *, repo_id: str, folder: Path, status_code: int | None = None,
+    def __init__(self, message: str, *, repo_id: str, folder: Path | None, status_code: int | None = None,
                  reason: str | None = None) -> None:
         super().__init__(message)
         self.repo_id = repo_id

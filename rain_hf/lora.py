@@ -448,8 +448,8 @@ class LoraDelta:
         warnings = list(self._warnings)
         unfit = sorted(k for k in self._copies if tuple(base_shapes.get(k, ())) != self._tensors.shape(self._copies[k]))
         if unfit:  # e.g. a resized embedding saved with modules_to_save: never merged, so only said
-            warnings.append(f"Adapter {self._name}: trained copies that do not fit the base model {base_label} "
-                            f"({_examples(unfit)}) are ignored.")
+            warnings.append(f"Adapter {self._name}: trained copies that the base model {base_label} does not hold "
+                            f"in that shape (or at all, e.g. a tied lm_head) are ignored: {_examples(unfit)}.")
             for key in unfit:
                 del self._copies[key]
         recorded = self.base_model_name_or_path

@@ -653,9 +653,7 @@ class RainMerger:
 
     def _reasoning_fingerprint(self) -> str:
         if self._fingerprint is None:
-            # first, middle and last merged weight: fine-tunes that differ late in the stack still differ
-            keys = [self.targets[i].weight_key for i in sorted({0, len(self.targets) // 2, len(self.targets) - 1})]
-            self._fingerprint = checkpoint_fingerprint(self.reasoning, keys)
+            self._fingerprint = checkpoint_fingerprint(self.reasoning)
         return self._fingerprint
 
     def _check_features_model(self) -> None:
@@ -866,8 +864,10 @@ class RainMerger:
 
         inputs = {role: self.sources[role].to_dict() for role in _ROLES}
         for entry in inputs.values():
-            if entry["hub_id"]:
-                entry["path"] = None  # hub id and revision name it; the cache folder would only leak a home path
+            if entry["hub_id"]:  # hub id and revision name it; a cache folder would only leak a home path
+                entry["path"] = None
+                if Path(entry["name_or_path"]).is_dir():
+                    entry["name_or_path"] = entry["hub_id"]
         inputs["instruct"]["kind"] = self.plan.instruct_kind
         return {
             "rain_hf_version": __version__,
@@ -989,7 +989,7 @@ class RainMerger:
                 # the temporary copy is about to go: point at what keeps one instead of at a deleted folder
                 raise HubError(f"{exc.reason} The merged model was saved to a temporary folder, which is deleted "
                                "now; pass save_directory= to keep a copy that rain_hf.hub.push_folder can push "
-                               "again.", repo_id=exc.repo_id, folder=exc.folder, status_code=exc.status_code,
+                               "again.", repo_id=exc.repo_id, folder=None, status_code=exc.status_code,
                                reason=exc.reason) from exc
         finally:
             if scratch is not None:
@@ -1013,10 +1013,15 @@ def _card_license(folder: Path) -> dict[str, str]:
 
 
 def _merged_license(folders: dict[str, Path]) -> dict[str, Any]:
-    """The merged model's licence fields: the inputs' licence when every input that states one states the same,
-    otherwise none (the merge is bound by each of them, listed in ``input_licenses``)."""
+    """The merged model's licence fields: the inputs' licence when every input that states one states the same
+    (``license``, and ``license_name`` for ``other``), otherwise none (the merge is bound by each of them, listed
+    in ``input_licenses``). A ``license_link`` is kept when every input gives the same one (repos link their own
+    copy of one licence)."""
     licenses = {role: found for role, folder in folders.items() if (found := _card_license(folder))}
-    distinct = {tuple(sorted(entry.items())) for entry in licenses.values()}
-    merged = dict(next(iter(distinct))) if len(distinct) == 1 else {}
-    return {"license": merged.get("license"), "license_name": merged.get("license_name"),
-            "license_link": merged.get("license_link"), "input_licenses": licenses}
+    kinds = {(entry["license"], entry.get("license_name")) for entry in licenses.values()}
+    if len(kinds) != 1:
+        return {"license": None, "license_name": None, "license_link": None, "input_licenses": licenses}
+    (license, name), = kinds
+    links = {entry.get("license_link") for entry in licenses.values()}
+    return {"license": license, "license_name": name, "license_link": links.pop() if len(links) == 1 else None,
+            "input_licenses": licenses}

@@ -176,6 +176,15 @@ def test_differing_input_licences_are_listed_not_merged():
     assert "license" not in _front_matter(text)
     assert "- reasoning model (θ_R, the anchor): `mit`" in text
     assert "- instruct model (θ_I): [llama3.1](https://llama.com/license)" in text
+    # one licence, each repo linking its own copy: the licence stands, the link goes
+    links = {role: {"license": "apache-2.0", "license_link": f"https://huggingface.co/org/{role}/blob/main/LICENSE"}
+             for role in ("reasoning", "instruct", "base")}
+    from rain_hf.merger import _merged_license
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("rain_hf.merger._card_license", lambda folder: links[folder.name])
+        merged = _merged_license({role: Path(role) for role in links})
+    assert (merged["license"], merged["license_name"], merged["license_link"]) == ("apache-2.0", None, None)
     info.update(license="other", license_name="llama3.1", license_link="https://llama.com/license",
                 input_licenses={"reasoning": {"license": "other", "license_name": "llama3.1",
                                               "license_link": "https://llama.com/license"}})
@@ -190,6 +199,10 @@ def test_calibration_that_is_not_a_file_is_not_put_in_the_config():
     text = build_model_card(info).content
     assert _yaml_block(text)["calibration"] == {"reasoning": "calib/reasoning.json"}
     assert "# instruction calibration: a list of 365 records, not a file" in text
+    info["calibration"]["reasoning"].update(source="precomputed thinking features")
+    text = build_model_card(info).content
+    assert "calibration" not in _yaml_block(text)
+    assert "# reasoning calibration: precomputed thinking features; add under calibration: the file" in text
 
 
 @pytest.mark.parametrize("coefficients", [[[float("nan"), float("nan")]], []])

@@ -513,6 +513,11 @@ def test_features_of_another_reasoning_model_or_template_are_refused(qwen2, tmp_
     save_file(weights, late / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="another reasoning model"):
         RainMerger.from_pretrained(qwen2["base"], late, qwen2["instruct"], cfg, features=features).merge()
+    # the fingerprint is the checkpoint's, not the merge's: merging fewer layers with the same features is fine
+    subset = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
+                                        RainMergingConfig(lam=1.0, stage2=False, layers=[1]), features=features)
+    subset.merge()
+    assert {t.layer for t in subset.targets} == {1}
     with pytest.raises(ValueError, match="think_spacing"):
         features.check_compatible(RainMergingConfig(think_spacing=["", "", ""]), [])
     # a file from before the fingerprint: accepted, with a warning naming the model to check
@@ -679,7 +684,7 @@ def test_damaged_or_ambiguous_checkpoint_folders(qwen2, tmp_path):
 
     from safetensors.torch import save_file
 
-    from rain_hf.checkpoints import LazyCheckpoint
+    from rain_hf.checkpoints import LazyCheckpoint, checkpoint_fingerprint
 
     folder = tmp_path / "sharded"
     shutil.copytree(qwen2["base"], folder)
@@ -703,8 +708,23 @@ def test_damaged_or_ambiguous_checkpoint_folders(qwen2, tmp_path):
     save_file({**weights, "odd_buffer": torch.zeros(3, dtype=torch.complex64)}, loose / "part-a.safetensors")
     ckpt = LazyCheckpoint(loose)
     assert ckpt.get("model.norm.weight").shape == (64,)
+    assert len(checkpoint_fingerprint(ckpt)) == 16  # reads the stored dtype names only
     with pytest.raises(CheckpointError, match="odd_buffer has dtype C64, which rain_hf cannot read"):
         ckpt.get("odd_buffer")
+    # with an index, a tensor in two shards is read from the shard the index names
+    indexed = tmp_path / "indexed"
+    indexed.mkdir()
+    save_file(weights, indexed / "model-00001-of-00002.safetensors")
+    save_file({"model.norm.weight": torch.zeros(64)}, indexed / "model-00002-of-00002.safetensors")
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in weights}
+    (indexed / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert torch.equal(LazyCheckpoint(indexed).get("model.norm.weight"), weights["model.norm.weight"])
+    weight_map["model.norm.weight"] = "model-00002-of-00002.safetensors"
+    (indexed / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert not LazyCheckpoint(indexed).get("model.norm.weight").any()
+    (indexed / "model.safetensors.index.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="no valid 'weight_map'"):
+        LazyCheckpoint(indexed)
 
 
 def test_hub_fetch_skips_the_native_mistral_copy_of_the_weights(qwen2, monkeypatch):

@@ -280,9 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         # a fresh process per task: each sets its own thread count and its log lines' recipe name
         with mp.get_context("spawn").Pool(max(1, min(args.jobs, len(jobs))), maxtasksperchild=1) as pool:
-            pool.starmap(train_shared_base, list(bases.values()))
+            pool.starmap(train_shared_base, list(bases.values()), chunksize=1)
             logger.info("%d bases for %d recipes: %.0fs", len(bases), len(jobs), time.perf_counter() - start)
-            for done in pool.starmap(sweep_recipe, jobs):
+            for done in pool.starmap(sweep_recipe, jobs, chunksize=1):
                 logger.info("recipe %s written", done)
         logger.info("sweep of %d recipes: %.0fs", len(jobs), time.perf_counter() - start)
         if args.bundle is not None:
