@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,6 +154,9 @@ class RainMergingConfig:
     max_shard_size: int | str = "5GB"
 
     def __post_init__(self) -> None:
+        for name in ("lam_grid", "target_modules", "layers", "think_spacing"):  # tuples as peft takes them
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
         if self.lam is None:
             self.lam = "auto" if self.method == "rain" else 1.0
         self.validate()
@@ -166,14 +170,15 @@ class RainMergingConfig:
             if value not in allowed:
                 raise ConfigError(f"RainMergingConfig.{name}={value!r} is not one of {list(allowed)}.")
 
-        def number(name: str, lo: float | None = None, hi: float | None = None, strict_lo: bool = False) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"RainMergingConfig.{name} must be a number, got {value!r}.")
+        def number(name: str, lo: float | None = None, hi: float | None = None, strict_lo: bool = False,
+                   strict_hi: bool = False, value: Any = None) -> None:
+            value = getattr(self, name) if value is None else value
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"RainMergingConfig.{name} must be a finite number, got {value!r}.")
             if lo is not None and (value <= lo if strict_lo else value < lo):
                 raise ConfigError(f"RainMergingConfig.{name}={value!r} must be {'>' if strict_lo else '>='} {lo}.")
-            if hi is not None and value > hi:
-                raise ConfigError(f"RainMergingConfig.{name}={value!r} must be <= {hi}.")
+            if hi is not None and (value >= hi if strict_hi else value > hi):
+                raise ConfigError(f"RainMergingConfig.{name}={value!r} must be {'<' if strict_hi else '<='} {hi}.")
 
         def flag(name: str) -> None:
             if not isinstance(getattr(self, name), bool):
@@ -194,12 +199,11 @@ class RainMergingConfig:
                 raise ConfigError(f"RainMergingConfig.lam='auto' works with method='rain' only (it measures L_think "
                                   f"on held-out reasoning samples); give method={self.method!r} a number.")
         else:
-            number("lam")
+            number("lam", 0.0)  # a negative λ would subtract the instruct model's task vector
         if not isinstance(self.lam_grid, list) or not self.lam_grid:
             raise ConfigError("RainMergingConfig.lam_grid must be a non-empty list of numbers.")
         for v in self.lam_grid:
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ConfigError(f"RainMergingConfig.lam_grid holds {v!r}, which is not a number.")
+            number("lam_grid", 0.0, value=v)
         number("lam_auto_max_kl", 0.0, strict_lo=True)
         number("lam_auto_holdout", 0.0, 0.9, strict_lo=True)
         guard = self.lam_auto_min_think_open
@@ -224,13 +228,13 @@ class RainMergingConfig:
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
             raise ConfigError(f"RainMergingConfig.window must be an integer >= 0, got {self.window!r}.")
         choice("projection", PROJECTIONS)
-        number("rcond", 0.0, 1.0, strict_lo=True)
+        number("rcond", 0.0, 1.0, strict_lo=True, strict_hi=True)  # rcond 1 would keep no direction
         number("ridge", 0.0, strict_lo=True)
         choice("precision", PRECISIONS)
         number("rho", 0.0)
         choice("coef_normalize", NORMALIZATIONS)
-        number("coef_min")
-        number("coef_max")
+        number("coef_min", 0.0)  # a negative α would flip a head's share of the task vector
+        number("coef_max", 0.0, strict_lo=True)
         if self.coef_min > self.coef_max:
             raise ConfigError(
                 f"RainMergingConfig.coef_min={self.coef_min} is above coef_max={self.coef_max}: swap them."
@@ -251,6 +255,9 @@ class RainMergingConfig:
             ):
                 raise ConfigError(f"RainMergingConfig.layers must be null or a list of layer indices >= 0, "
                                   f"got {self.layers!r}.")
+            if not self.layers:
+                raise ConfigError("RainMergingConfig.layers=[] merges nothing: list layer indices, or leave layers "
+                                  "unset to merge every layer.")
         for name in ("think_open", "think_close"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(f"RainMergingConfig.{name} must be a non-empty string.")
@@ -272,8 +279,8 @@ class RainMergingConfig:
         number("top_p", 0.0, 1.0, strict_lo=True)
         number("density", 0.0, 1.0, strict_lo=True)
         number("slerp_t", 0.0, 1.0)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"RainMergingConfig.seed must be an integer, got {self.seed!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ConfigError(f"RainMergingConfig.seed must be an integer in [0, 2**63), got {self.seed!r}.")
         parse_size(self.max_shard_size)
 
     # ------------------------------------------------------------------ (de)serialisation
@@ -283,6 +290,8 @@ class RainMergingConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RainMergingConfig:
         """Build a config from a dict; unknown keys are an error that lists the known ones."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"RainMergingConfig.from_dict expects a dict of fields, got {type(data).__name__}.")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -315,7 +324,8 @@ _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2*
 
 
 def parse_size(size: int | str) -> int:
-    """Bytes of a shard size such as ``5_000_000_000``, ``"5GB"`` or ``"500MiB"`` (decimal units as in HF)."""
+    """Bytes of a shard size such as ``5_000_000_000``, ``"5GB"`` or ``"500MiB"`` (decimal units as in HF; as there,
+    a unit ending in a lowercase ``b`` counts bits: ``"8Gb"`` is 1 GB)."""
     if isinstance(size, bool):
         raise ConfigError(f"max_shard_size={size!r} is not a size.")
     if isinstance(size, int):
@@ -331,7 +341,12 @@ def parse_size(size: int | str) -> int:
                     value = float(number)
                 except ValueError:
                     break
-                if value <= 0:
+                if not math.isfinite(value):
                     break
-                return int(value * _UNITS[unit])
+                scaled = int(value * _UNITS[unit])
+                if size.strip().endswith("b") and unit != "B":
+                    scaled //= 8
+                if scaled < 1:
+                    break
+                return scaled
     raise ConfigError(f"max_shard_size={size!r} is not a size: use bytes or a string such as '5GB' or '500MB'.")

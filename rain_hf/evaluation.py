@@ -188,6 +188,22 @@ def _default_nltk_data_dir() -> str:
     return os.path.join(cache, "rain_hf", "nltk_data")
 
 
+def _make_unshared_dirs(directory: str) -> None:
+    """Create ``directory`` and its missing parents without group or world write, whatever the umask: nltk refuses
+    to save into a folder with such a parent (unless sticky)."""
+    missing = []
+    current = os.path.abspath(directory)
+    while not os.path.isdir(current):
+        missing.append(current)
+        current = os.path.dirname(current)
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder)
+        except FileExistsError:  # another process made it meanwhile
+            continue
+        os.chmod(folder, 0o755)
+
+
 def _punkt_state(lang_dir: str, version: str) -> str:
     """``"missing"``, ``"current"`` / ``"stale"`` (our build, this / another version) or ``"foreign"`` (not ours)."""
     if not os.path.isdir(lang_dir):
@@ -211,6 +227,11 @@ def ensure_nltk_data(path: str | None = None) -> str:
     nltk download, say) is left alone and used. The only global change is that ``path`` is moved to the front of
     ``nltk.data.path``.
 
+    Without ``path`` and ``$RAIN_HF_NLTK_DATA``, a real punkt_tab model that nltk already finds (``NLTK_DATA``,
+    ``~/nltk_data`` …) is used as it is, since it is the one IFEval's published scores used. The project's own
+    model agrees with it on ordinary sentences but not on every abbreviation (it splits after "Dec." or "Ph.D."
+    and not after "e.g."), which can move ``length_constraints:number_sentences`` near its threshold.
+
     Args:
         path: nltk data folder. Defaults to ``$RAIN_HF_NLTK_DATA``, else ``~/.cache/rain_hf/nltk_data``
             (``$XDG_CACHE_HOME`` respected).
@@ -233,6 +254,14 @@ def ensure_nltk_data(path: str | None = None) -> str:
         raise ImportError(f"IFEval scoring needs nltk: {_EVAL_EXTRA_HINT}") from err
     from rain_hf._punkt import PUNKT_BUILD_VERSION, build_punkt_parameters
 
+    if path is None and not os.environ.get(_NLTK_DATA_ENV):
+        try:
+            found = str(nltk.data.find("tokenizers/punkt_tab/english/"))
+        except LookupError:
+            found = None
+        if found and _punkt_state(found, PUNKT_BUILD_VERSION) == "foreign":
+            logger.info("Using nltk's own punkt_tab model in %s", found)
+            return os.path.dirname(os.path.dirname(os.path.dirname(os.path.normpath(found))))
     root = os.path.abspath(os.path.expanduser(path or _default_nltk_data_dir()))
     nltk.data.path[:] = [root] + [p for p in nltk.data.path if p != root]
     tab_dir = os.path.join(root, "tokenizers", "punkt_tab")
@@ -244,10 +273,15 @@ def ensure_nltk_data(path: str | None = None) -> str:
         logger.info("Using the existing nltk punkt_tab model in %s", lang_dir)
         return root
 
-    os.makedirs(tab_dir, exist_ok=True)
+    _make_unshared_dirs(tab_dir)
     staging = tempfile.mkdtemp(prefix=".english-", dir=tab_dir)  # private (0700), as nltk's sandbox requires
     try:
-        save_punkt_params(build_punkt_parameters(), dir=staging)
+        try:
+            save_punkt_params(build_punkt_parameters(), dir=staging)
+        except PermissionError as exc:
+            raise PermissionError(f"nltk refuses to write the punkt data under {root} ({exc}). Point "
+                                  f"{_NLTK_DATA_ENV} at a folder that only you can write to, with no parent "
+                                  "writable by others unless it is sticky like /tmp.") from exc
         with open(os.path.join(staging, _PUNKT_MARKER), "w", encoding="utf-8") as f:
             f.write(PUNKT_BUILD_VERSION + "\n")
         if _punkt_state(lang_dir, PUNKT_BUILD_VERSION) == "stale":

@@ -86,7 +86,9 @@ def build_triple(root: Path, arch: str = "qwen2", noise: float = 0.02, seed: int
         g = torch.Generator().manual_seed(seed + 100 + i)
         with torch.no_grad():
             for p in model.parameters():
-                p.add_(noise * torch.randn(p.shape, generator=g) * (p.std() if p.numel() > 1 else 1.0))
+                # biases start at 0 and norms at 1 (std 0): they get absolute noise, so they change too
+                scale = float(p.std()) if p.numel() > 1 else 0.0
+                p.add_(noise * torch.randn(p.shape, generator=g) * (scale if scale > 0 else 1.0))
         paths[role] = save_model(model, tokenizer, root / role, dtype)
         del model
     return paths

@@ -223,6 +223,30 @@ def test_ensure_nltk_data_leaves_a_foreign_model_alone(tmp_path, own_nltk_path):
     assert sorted(os.listdir(lang_dir)) == sorted(ev._PUNKT_FILES)  # no marker written, nothing replaced
 
 
+def test_ensure_nltk_data_under_a_group_writable_umask(tmp_path, own_nltk_path):
+    previous = os.umask(0o002)  # many desktop accounts: new folders are group-writable
+    try:
+        root = ev.ensure_nltk_data(str(tmp_path / "deeper" / "data"))
+    finally:
+        os.umask(previous)
+    assert os.path.isfile(os.path.join(root, "tokenizers", "punkt_tab", "english", ev._PUNKT_MARKER))
+    assert not os.stat(os.path.join(root, "tokenizers")).st_mode & 0o022
+
+
+def test_ensure_nltk_data_prefers_a_real_punkt_tab_nltk_finds(tmp_path, own_nltk_path, monkeypatch):
+    import nltk
+
+    real = tmp_path / "nltk_data"
+    lang_dir = real / "tokenizers" / "punkt_tab" / "english"
+    lang_dir.mkdir(parents=True)
+    for name in ev._PUNKT_FILES:
+        (lang_dir / name).write_text("")
+    monkeypatch.delenv(ev._NLTK_DATA_ENV, raising=False)
+    nltk.data.path.insert(0, str(real))
+    assert ev.ensure_nltk_data() == str(real)
+    assert sorted(os.listdir(lang_dir)) == sorted(ev._PUNKT_FILES)  # used as it is
+
+
 def test_ensure_nltk_data_default_folder_from_env(offline):
     assert ev.ensure_nltk_data() == os.path.abspath(str(offline / "nltk"))
 

@@ -89,9 +89,19 @@ def test_config_round_trip_and_validation(tmp_path):
                      ({"sequential_offload": True, "sequential": False}, "drop sequential_offload"),
                      ({"sequential_offload": True, "stage1": False}, "drop sequential_offload"),
                      ({"lam_auto_min_think_open": 1.5}, "between 0 and 1, or null"),
-                     ({"lam_auto_min_think_open": "high"}, "think-open check off")]:
+                     ({"lam_auto_min_think_open": "high"}, "think-open check off"),
+                     ({"rcond": 1.0}, r"rcond=1.0 must be < 1"), ({"lam": float("nan")}, "finite"),
+                     ({"lam": -1.0}, r"lam=-1.0 must be >= 0"), ({"lam_grid": [1.0, float("inf")]}, "finite"),
+                     ({"coef_min": -0.5}, "coef_min"), ({"coef_min": 0.0, "coef_max": 0.0}, "coef_max"),
+                     ({"layers": []}, "merges nothing"), ({"seed": 2**70}, r"seed must be an integer in \[0"),
+                     ({"max_shard_size": "0.5B"}, "max_shard_size"), ({"max_shard_size": "infGB"}, "max_shard_size"),
+                     ({"temperature": float("inf")}, "finite")]:
         with pytest.raises(ConfigError, match=msg):
             RainMergingConfig(**bad)
+    with pytest.raises(ConfigError, match="expects a dict"):
+        RainMergingConfig.from_dict(None)
+    assert RainMergingConfig(lam_grid=(1.0, 2.0), layers=(0,)) == RainMergingConfig(lam_grid=[1.0, 2.0], layers=[0])
+    assert parse_size("8Gb") == 10**9  # a lowercase b counts bits, as in transformers
     assert RainMergingConfig(stage1=False).sequential is None  # unset: nothing to make sequential, no error
     with pytest.raises(ConfigError, match="Unknown RainMergingConfig keys"):
         RainMergingConfig.from_dict({"lambda": 1})
