@@ -60,7 +60,7 @@ __all__ = [
 #: File name of the default template, in ``model_card_templates/``.
 TEMPLATE_NAME = "rain_merging.md.j2"
 #: How the sidecar names a reasoning calibration replaced by saved thinking features.
-_PRECOMPUTED = "precomputed thinking features"
+PRECOMPUTED_FEATURES_SOURCE = "precomputed thinking features"
 
 #: File name of the head-coefficient heatmap written next to the card.
 HEATMAP_NAME = "rain_merging_heatmap.png"
@@ -374,14 +374,15 @@ def _reproduction_yaml(method: str, config: dict[str, Any], info: dict[str, Any]
     calibration = {name: entry for name, entry in (info.get("calibration") or {}).items() if entry}
     # only files can be named in a config; "a list of N records" or precomputed features cannot
     files = {name: entry["source"] for name, entry in calibration.items()
-             if entry.get("source") and entry.get("is_file", True) and entry.get("source") != _PRECOMPUTED}
+             if entry.get("source") and entry.get("is_file", True)
+             and entry.get("source") != PRECOMPUTED_FEATURES_SOURCE}
     if files:
         document["calibration"] = files
     text = yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=100, default_flow_style=None).rstrip()
     for name, entry in calibration.items():
         if name in files or not entry.get("source"):
             continue
-        if entry["source"] == _PRECOMPUTED:
+        if entry["source"] == PRECOMPUTED_FEATURES_SOURCE:
             text += (f"\n# {name} calibration: precomputed thinking features; add under calibration: the file they "
                      "were computed from")
         else:

@@ -171,9 +171,9 @@ class RainMergingConfig:
                 raise ConfigError(f"RainMergingConfig.{name}={value!r} is not one of {list(allowed)}.")
 
         def number(name: str, lo: float | None = None, hi: float | None = None, strict_lo: bool = False,
-                   strict_hi: bool = False, value: Any = None) -> None:
-            value = getattr(self, name) if value is None else value
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                   strict_hi: bool = False, value: Any = _FIELD) -> None:
+            value = getattr(self, name) if value is _FIELD else value
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
                 raise ConfigError(f"RainMergingConfig.{name} must be a finite number, got {value!r}.")
             if lo is not None and (value <= lo if strict_lo else value < lo):
                 raise ConfigError(f"RainMergingConfig.{name}={value!r} must be {'>' if strict_lo else '>='} {lo}.")
@@ -319,13 +319,23 @@ class RainMergingConfig:
         return cls.from_dict(data)
 
 
+_FIELD = object()  # "read the value from the field" for validate's number()
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float
+        return False
+
+
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
           "GIB": 2**30, "TIB": 2**40}
 
 
 def parse_size(size: int | str) -> int:
     """Bytes of a shard size such as ``5_000_000_000``, ``"5GB"`` or ``"500MiB"`` (decimal units as in HF; as there,
-    a unit ending in a lowercase ``b`` counts bits: ``"8Gb"`` is 1 GB)."""
+    a decimal unit ending in a lowercase ``b`` counts bits: ``"8Gb"`` is 1 GB, ``"8GiB"`` and ``"8Gib"`` 8 GiB)."""
     if isinstance(size, bool):
         raise ConfigError(f"max_shard_size={size!r} is not a size.")
     if isinstance(size, int):
@@ -344,7 +354,7 @@ def parse_size(size: int | str) -> int:
                 if not math.isfinite(value):
                     break
                 scaled = int(value * _UNITS[unit])
-                if size.strip().endswith("b") and unit != "B":
+                if size.strip().endswith("b") and unit in ("KB", "MB", "GB", "TB"):  # decimal units only
                     scaled //= 8
                 if scaled < 1:
                     break

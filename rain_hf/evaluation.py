@@ -188,9 +188,25 @@ def _default_nltk_data_dir() -> str:
     return os.path.join(cache, "rain_hf", "nltk_data")
 
 
-def _make_unshared_dirs(directory: str) -> None:
-    """Create ``directory`` and its missing parents without group or world write, whatever the umask: nltk refuses
-    to save into a folder with such a parent (unless sticky)."""
+def _real_punkt_tab(nltk: Any, version: str) -> str | None:
+    """The nltk data folder of a punkt_tab English model that nltk finds and that this module did not build (a
+    folder or a ``punkt_tab.zip``), else None."""
+    try:
+        found = nltk.data.find("tokenizers/punkt_tab/english/")
+    except LookupError:
+        return None
+    if isinstance(found, nltk.data.ZipFilePathPointer):  # <root>/tokenizers/punkt_tab.zip
+        return os.path.dirname(os.path.dirname(os.path.abspath(found.zipfile.filename)))
+    lang_dir = os.path.normpath(str(found))
+    if _punkt_state(lang_dir, version) != "foreign":
+        return None
+    return os.path.dirname(os.path.dirname(os.path.dirname(lang_dir)))
+
+
+def _make_unshared_dirs(directory: str, ours: str) -> None:
+    """Create ``directory`` and its missing parents without group or world write, whatever the umask, and take
+    that write bit off the folders from ``ours`` down that this account owns (a umask-002 run may have left them):
+    nltk refuses to save into a folder with a parent others can write to (unless sticky)."""
     missing = []
     current = os.path.abspath(directory)
     while not os.path.isdir(current):
@@ -202,6 +218,14 @@ def _make_unshared_dirs(directory: str) -> None:
         except FileExistsError:  # another process made it meanwhile
             continue
         os.chmod(folder, 0o755)
+    folder = os.path.abspath(directory)
+    while True:
+        info = os.stat(folder)
+        if info.st_uid == os.getuid() and info.st_mode & 0o022:
+            os.chmod(folder, info.st_mode & 0o7755)
+        if folder == os.path.abspath(ours):
+            break
+        folder = os.path.dirname(folder)
 
 
 def _punkt_state(lang_dir: str, version: str) -> str:
@@ -228,7 +252,8 @@ def ensure_nltk_data(path: str | None = None) -> str:
     ``nltk.data.path``.
 
     Without ``path`` and ``$RAIN_HF_NLTK_DATA``, a real punkt_tab model that nltk already finds (``NLTK_DATA``,
-    ``~/nltk_data`` …) is used as it is, since it is the one IFEval's published scores used. The project's own
+    ``~/nltk_data`` …) is used as it is, since it is the one IFEval's published scores used, and its folder is
+    returned (``nltk.data.path`` is then left as it was). The project's own
     model agrees with it on ordinary sentences but not on every abbreviation (it splits after "Dec." or "Ph.D."
     and not after "e.g."), which can move ``length_constraints:number_sentences`` near its threshold.
 
@@ -255,13 +280,10 @@ def ensure_nltk_data(path: str | None = None) -> str:
     from rain_hf._punkt import PUNKT_BUILD_VERSION, build_punkt_parameters
 
     if path is None and not os.environ.get(_NLTK_DATA_ENV):
-        try:
-            found = str(nltk.data.find("tokenizers/punkt_tab/english/"))
-        except LookupError:
-            found = None
-        if found and _punkt_state(found, PUNKT_BUILD_VERSION) == "foreign":
-            logger.info("Using nltk's own punkt_tab model in %s", found)
-            return os.path.dirname(os.path.dirname(os.path.dirname(os.path.normpath(found))))
+        real = _real_punkt_tab(nltk, PUNKT_BUILD_VERSION)
+        if real is not None:
+            logger.info("Using nltk's own punkt_tab model under %s", real)
+            return real
     root = os.path.abspath(os.path.expanduser(path or _default_nltk_data_dir()))
     nltk.data.path[:] = [root] + [p for p in nltk.data.path if p != root]
     tab_dir = os.path.join(root, "tokenizers", "punkt_tab")
@@ -273,13 +295,17 @@ def ensure_nltk_data(path: str | None = None) -> str:
         logger.info("Using the existing nltk punkt_tab model in %s", lang_dir)
         return root
 
-    _make_unshared_dirs(tab_dir)
+    # the default folder is this module's own, down from ~/.cache/rain_hf; a folder the caller named is not
+    ours = os.path.dirname(root) if path is None and not os.environ.get(_NLTK_DATA_ENV) else os.path.join(
+        root, "tokenizers")
+    _make_unshared_dirs(tab_dir, ours)
     staging = tempfile.mkdtemp(prefix=".english-", dir=tab_dir)  # private (0700), as nltk's sandbox requires
     try:
         try:
             save_punkt_params(build_punkt_parameters(), dir=staging)
         except PermissionError as exc:
-            raise PermissionError(f"nltk refuses to write the punkt data under {root} ({exc}). Point "
+            raise PermissionError(f"nltk refuses to write the punkt data under {root} ({exc}). Take the "
+                                  "group/other write bit off the folder it names (chmod go-w), or point "
                                   f"{_NLTK_DATA_ENV} at a folder that only you can write to, with no parent "
                                   "writable by others unless it is sticky like /tmp.") from exc
         with open(os.path.join(staging, _PUNKT_MARKER), "w", encoding="utf-8") as f:

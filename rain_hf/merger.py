@@ -28,7 +28,7 @@ from .calibration import (
     prepare_reasoning_calibration,
     template_opens_think,
 )
-from .card import write_model_card
+from .card import PRECOMPUTED_FEATURES_SOURCE, write_model_card
 from .checkpoints import (
     CheckpointError,
     LazyCheckpoint,
@@ -866,7 +866,7 @@ class RainMerger:
         for entry in inputs.values():
             if entry["hub_id"]:  # hub id and revision name it; a cache folder would only leak a home path
                 entry["path"] = None
-                if Path(entry["name_or_path"]).is_dir():
+                if Path(entry["name_or_path"]).expanduser().is_dir():
                     entry["name_or_path"] = entry["hub_id"]
         inputs["instruct"]["kind"] = self.plan.instruct_kind
         return {
@@ -893,7 +893,7 @@ class RainMerger:
         info = dict(self.calibration_info)
         if info["reasoning"] is None and self.features is not None and self.config.stage1:
             info["reasoning"] = {"num_samples": self.features.settings.get("num_samples"),
-                                 "source": "precomputed thinking features",
+                                 "source": PRECOMPUTED_FEATURES_SOURCE,
                                  "reasoning_fingerprint": self.features.settings.get("reasoning_fingerprint")}
         return info
 
@@ -1023,5 +1023,6 @@ def _merged_license(folders: dict[str, Path]) -> dict[str, Any]:
         return {"license": None, "license_name": None, "license_link": None, "input_licenses": licenses}
     (license, name), = kinds
     links = {entry.get("license_link") for entry in licenses.values()}
-    return {"license": license, "license_name": name, "license_link": links.pop() if len(links) == 1 else None,
-            "input_licenses": licenses}
+    # one link for all, or else the reasoning model's own (a licence "other" needs one on the Hub)
+    link = links.pop() if len(links) == 1 else (licenses.get("reasoning") or {}).get("license_link")
+    return {"license": license, "license_name": name, "license_link": link, "input_licenses": licenses}

@@ -184,7 +184,8 @@ def test_differing_input_licences_are_listed_not_merged():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("rain_hf.merger._card_license", lambda folder: links[folder.name])
         merged = _merged_license({role: Path(role) for role in links})
-    assert (merged["license"], merged["license_name"], merged["license_link"]) == ("apache-2.0", None, None)
+    assert merged["license"] == "apache-2.0" and merged["license_name"] is None
+    assert merged["license_link"] == links["reasoning"]["license_link"]  # the reasoning model's own copy
     info.update(license="other", license_name="llama3.1", license_link="https://llama.com/license",
                 input_licenses={"reasoning": {"license": "other", "license_name": "llama3.1",
                                               "license_link": "https://llama.com/license"}})

@@ -231,6 +231,13 @@ def test_ensure_nltk_data_under_a_group_writable_umask(tmp_path, own_nltk_path):
         os.umask(previous)
     assert os.path.isfile(os.path.join(root, "tokenizers", "punkt_tab", "english", ev._PUNKT_MARKER))
     assert not os.stat(os.path.join(root, "tokenizers")).st_mode & 0o022
+    # folders an older run left group-writable are mended, not a dead end
+    left = tmp_path / "left"
+    (left / "tokenizers" / "punkt_tab").mkdir(parents=True)
+    for folder in (left / "tokenizers", left / "tokenizers" / "punkt_tab"):
+        folder.chmod(0o775)
+    root = ev.ensure_nltk_data(str(left))
+    assert os.path.isfile(os.path.join(root, "tokenizers", "punkt_tab", "english", ev._PUNKT_MARKER))
 
 
 def test_ensure_nltk_data_prefers_a_real_punkt_tab_nltk_finds(tmp_path, own_nltk_path, monkeypatch):
@@ -245,6 +252,16 @@ def test_ensure_nltk_data_prefers_a_real_punkt_tab_nltk_finds(tmp_path, own_nltk
     nltk.data.path.insert(0, str(real))
     assert ev.ensure_nltk_data() == str(real)
     assert sorted(os.listdir(lang_dir)) == sorted(ev._PUNKT_FILES)  # used as it is
+    # as nltk's downloader leaves it: tokenizers/punkt_tab.zip
+    import zipfile
+
+    zipped = tmp_path / "zipped"
+    (zipped / "tokenizers").mkdir(parents=True)
+    with zipfile.ZipFile(zipped / "tokenizers" / "punkt_tab.zip", "w") as archive:
+        for name in ev._PUNKT_FILES:
+            archive.writestr(f"punkt_tab/english/{name}", "")
+    nltk.data.path[:] = [str(zipped)]
+    assert ev.ensure_nltk_data() == str(zipped)
 
 
 def test_ensure_nltk_data_default_folder_from_env(offline):

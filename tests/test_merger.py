@@ -709,6 +709,17 @@ def test_damaged_or_ambiguous_checkpoint_folders(qwen2, tmp_path):
     ckpt = LazyCheckpoint(loose)
     assert ckpt.get("model.norm.weight").shape == (64,)
     assert len(checkpoint_fingerprint(ckpt)) == 16  # reads the stored dtype names only
+    # only the ends of each tensor are read: a change in the middle of one is not seen, one at an end is
+    reference = LazyCheckpoint(qwen2["reasoning"])
+    edited = tmp_path / "edited"
+    shutil.copytree(qwen2["reasoning"], edited)
+    tensors = _weights(edited)
+    tensors["model.layers.1.mlp.up_proj.weight"][64, 3] += 1.0  # 128×64 fp32: byte 16396 of 32768
+    save_file(tensors, edited / "model.safetensors", metadata={"format": "pt"})
+    assert checkpoint_fingerprint(LazyCheckpoint(edited)) == checkpoint_fingerprint(reference)
+    tensors["model.layers.1.mlp.up_proj.weight"][-1, -1] += 1.0
+    save_file(tensors, edited / "model.safetensors", metadata={"format": "pt"})
+    assert checkpoint_fingerprint(LazyCheckpoint(edited)) != checkpoint_fingerprint(reference)
     with pytest.raises(CheckpointError, match="odd_buffer has dtype C64, which rain_hf cannot read"):
         ckpt.get("odd_buffer")
     # with an index, a tensor in two shards is read from the shard the index names

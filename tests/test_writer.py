@@ -101,7 +101,12 @@ def test_config_round_trip_and_validation(tmp_path):
     with pytest.raises(ConfigError, match="expects a dict"):
         RainMergingConfig.from_dict(None)
     assert RainMergingConfig(lam_grid=(1.0, 2.0), layers=(0,)) == RainMergingConfig(lam_grid=[1.0, 2.0], layers=[0])
-    assert parse_size("8Gb") == 10**9  # a lowercase b counts bits, as in transformers
+    assert parse_size("8Gb") == 10**9  # a lowercase b counts bits in decimal units, as in transformers
+    assert parse_size("500Mib") == parse_size("500MiB") == 500 * 2**20
+    with pytest.raises(ConfigError, match="finite"):
+        RainMergingConfig(lam=10**400)
+    with pytest.raises(ConfigError, match=r"lam_grid must be a finite number, got None"):
+        RainMergingConfig(lam_grid=[1.0, None])
     assert RainMergingConfig(stage1=False).sequential is None  # unset: nothing to make sequential, no error
     with pytest.raises(ConfigError, match="Unknown RainMergingConfig keys"):
         RainMergingConfig.from_dict({"lambda": 1})
