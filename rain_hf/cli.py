@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -54,7 +55,8 @@ TOP_LEVEL_KEYS: dict[str, str] = {
     "method": "rain (default) or a baseline: task_arithmetic, ties, dare_ties, dare_linear, slerp.",
     "parameters": "Any RainMergingConfig field (listed below), e.g. {lam: 1.0, positions: window, window: 3}.",
     "calibration": "{reasoning: PATH, instruction: PATH}: JSON/JSONL calibration sets for stages 1 and 2 "
-                   "(needed by method rain with stage1 / stage2; ignored by the baselines).",
+                   "(needed by method rain with stage1 / stage2, and the reasoning set also for lam: auto, which "
+                   "measures L_think on it; ignored by the baselines).",
     "dtype": "dtype the reasoning model is loaded in for the calibration passes: auto (as stored), float32, "
              "float16 or bfloat16.",
     "output": "{max_shard_size: '5GB', private: false, card_template: PATH}: shard size of the saved weights "
@@ -168,6 +170,10 @@ def load_job(path: str | os.PathLike) -> MergeJob:
         if config.stage1 and "reasoning" not in calibration:
             raise CliError(f"{path}: method rain with stage1 needs 'calibration: {{reasoning: PATH}}' (or set "
                            "parameters.stage1: false).")
+        if config.lam == "auto" and "reasoning" not in calibration:
+            raise CliError(f"{path}: lam: auto measures L_think on reasoning calibration samples, so it needs "
+                           "'calibration: {reasoning: PATH}' also with stage1: false (or give parameters.lam a "
+                           "number).")
         if config.stage2 and "instruction" not in calibration:
             raise CliError(f"{path}: method rain with stage2 needs 'calibration: {{instruction: PATH}}' (or set "
                            "parameters.stage2: false).")
@@ -294,6 +300,8 @@ def _default_text(f: dataclasses.Field) -> str:
         value = f.default_factory()  # type: ignore[misc]
     else:
         return "required"
+    if isinstance(value, list) and any(isinstance(v, str) and not v.strip() for v in value):
+        return json.dumps(value)  # whitespace strings: YAML would fold them into blank lines
     return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("\n...").strip()
 
 
@@ -444,7 +452,8 @@ def _run(args: argparse.Namespace) -> int:
                                         device=args.device, torch_dtype=torch_dtype)
     use_calibration = job.config.method == "rain"
     merger.merge(
-        reasoning_calibration=str(job.calibration["reasoning"]) if use_calibration and job.config.stage1 else None,
+        reasoning_calibration=(str(job.calibration["reasoning"])
+                               if use_calibration and (job.config.stage1 or job.config.lam == "auto") else None),
         instruction_calibration=(str(job.calibration["instruction"])
                                  if use_calibration and job.config.stage2 else None),
     )

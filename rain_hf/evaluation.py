@@ -389,7 +389,8 @@ def instruction_following(
     Pass the answer part only (see :func:`split_generation`): the thinking is not the answer. Strict checks the
     answer as is; loose (IFEval's upper bound) also accepts the answer without its first line, its last line or
     both, each with or without ``*``. Each instruction's kwargs are cleaned as IFEval does (keys whose value is
-    ``None`` are dropped); checkers that need the prompt get it (``prompt_to_repeat`` defaults to the prompt).
+    ``None`` are dropped); ``combination:repeat_prompt`` needs its ``prompt_to_repeat`` kwarg (an error otherwise,
+    as in lm-eval), and ``prompts`` reach any checker whose arguments take a prompt.
     langdetect is seeded (``DetectorFactory.seed = 0``) so that language checks are deterministic.
 
     Args:

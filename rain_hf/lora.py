@@ -17,8 +17,11 @@ What is refused (:class:`AdapterError`) and what is only reported (warnings from
   initialisations that rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) unless converted to plain
   LoRA; ``layer_replication``; ``target_parameters``; aLoRA, QALoRA, BD-LoRA, Arrow, KaSA, MonteCLoRA; LoRA on
   convolutions; a ``lora_A`` without its ``lora_B`` (or the reverse); a ``.bin``-only adapter.
-- warned and ignored: LoRA on embeddings and on the output layer (never merged), ``modules_to_save``,
-  ``trainable_token_indices``, bias training (``bias != "none"``, ``lora_bias``), any other non-LoRA tensor.
+- merged as peft's ``merge_and_unload`` applies them: ``modules_to_save`` copies of merged linear layers
+  (copy − base) and trained biases (``bias="all"`` / ``"lora_only"``, ``scaling·lora_B.bias`` for ``lora_bias``;
+  biases only with ``project_bias=True``).
+- warned and ignored: LoRA on embeddings and on the output layer (never merged), copies of modules outside the
+  merged set (embeddings, norms, the output layer), ``trainable_token_indices``, any other non-LoRA tensor.
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ class ShardedSafetensorsWriter:
         >>> with tempfile.TemporaryDirectory() as d:
         ...     w = ShardedSafetensorsWriter(d, specs, max_shard_size=1_000)
         ...     w.write("a", torch.ones(2, 2))
-        ...     w.close()
+        ...     _ = w.close()
         ...     sorted(os.listdir(d))
         ['model.safetensors']
     """

@@ -248,6 +248,20 @@ def test_full_run_writes_the_output_folder(triple, tmp_path, capsys, monkeypatch
     assert f"saved: {out}" in stdout and "pushed: https://huggingface.co/me/tiny-rain/commit/1" in stdout
 
 
+def test_stage2_only_with_lam_auto_still_reads_the_reasoning_set(triple, tmp_path, capsys):
+    """stage1: false is the stage-2 ablation; lam: auto still measures L_think on the reasoning calibration."""
+    root, _ = triple
+    parameters = {"lam": "auto", "lam_grid": [0.5, 1.0], "stage1": False, "batch_size": 2}
+    config = _job_file(root, tmp_path, parameters=parameters)
+    out = tmp_path / "out"
+    assert main([str(config), "--out", str(out)]) == 0
+    sidecar = json.loads((out / "rain_merging_config.json").read_text())
+    assert sidecar["lam"] in (0.5, 1.0) and [row["lam"] for row in sidecar["report"]["lam_search"]] == [0.5, 1.0]
+    config = _job_file(root, tmp_path, parameters=parameters, calibration={"instruction": "instruction.jsonl"})
+    assert main([str(config), "--out", str(tmp_path / "out2")]) == 2
+    assert "lam: auto measures L_think" in _one_error_line(capsys.readouterr().err)
+
+
 def test_dtype_shard_size_and_card_template_reach_the_merge(triple, tmp_path):
     from safetensors import safe_open
 

@@ -33,7 +33,8 @@ downloaded.
 _KWARGS_DESCRIPTION = """
 Args:
     predictions (list of str): generated completions (prompt excluded, think tags kept).
-    prompts (list of str): the prompts (used by prompt-dependent checkers such as combination:repeat_prompt).
+    prompts (list of str): the prompts (given to checkers whose arguments take a prompt;
+        combination:repeat_prompt reads its own prompt_to_repeat kwarg).
     instruction_id_list (list of list of str): IFEval instruction ids per prediction.
     kwargs (list of list of dict, or list of list of JSON str): one kwargs dict per instruction id, as in the IFEval
         data set (keys with None values are dropped). Pass it to `compute` (it is not an Arrow feature, so it does
