@@ -302,7 +302,8 @@ def _input_rows(inputs: dict[str, Any]) -> list[dict[str, Any]]:
         label = {"reasoning": "reasoning model (θ_R, the anchor)", "base": "base model (θ_B)",
                  "instruct": "instruct LoRA adapter (on θ_B)" if lora else "instruct model (θ_I)"}.get(role, role)
         # a bar would end the table cell the link sits in
-        link = f"[{hub_id}](https://huggingface.co/{hub_id})" if hub_id else f"local folder `{path}`".replace("|", "\\|")
+        link = (f"[{hub_id}](https://huggingface.co/{hub_id})" if hub_id
+                else f"local folder `{path}`".replace("|", "\\|"))
         revision = entry.get("revision") or None
         rows.append({"role": label, "key": role, "hub_id": hub_id, "path": str(path), "link": link,
                      "revision": f"`{revision}`" if revision else None,

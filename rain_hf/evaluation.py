@@ -223,7 +223,7 @@ def _make_unshared_dirs(directory: str, ours: str) -> None:
         info = os.stat(folder)
         if info.st_uid == os.getuid() and info.st_mode & 0o022:
             os.chmod(folder, info.st_mode & 0o7755)
-        if folder == os.path.abspath(ours):
+        if folder == os.path.abspath(ours) or folder == os.path.dirname(folder):
             break
         folder = os.path.dirname(folder)
 
@@ -253,9 +253,9 @@ def ensure_nltk_data(path: str | None = None) -> str:
 
     Without ``path`` and ``$RAIN_HF_NLTK_DATA``, a real punkt_tab model that nltk already finds (``NLTK_DATA``,
     ``~/nltk_data`` …) is used as it is, since it is the one IFEval's published scores used, and its folder is
-    returned (``nltk.data.path`` is then left as it was). The project's own
-    model agrees with it on ordinary sentences but not on every abbreviation (it splits after "Dec." or "Ph.D."
-    and not after "e.g."), which can move ``length_constraints:number_sentences`` near its threshold.
+    returned (``nltk.data.path`` is then left as it was). The project's own model agrees with it on ordinary
+    sentences but not on every abbreviation (it splits after "Dec." or "Ph.D." and not after "e.g."), which can
+    move ``length_constraints:number_sentences`` near its threshold.
 
     Args:
         path: nltk data folder. Defaults to ``$RAIN_HF_NLTK_DATA``, else ``~/.cache/rain_hf/nltk_data``
