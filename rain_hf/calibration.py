@@ -138,6 +138,35 @@ def load_records(data: Any) -> list[dict]:
     return _load_with_locations(data)[0]
 
 
+def check_records(data: Any, what: str = "calibration") -> int:
+    """Read calibration records without a tokenizer or model, and refuse data no record of which has a prompt.
+
+    A quick check before minutes of model loading: the merge itself still validates each record (and skips or
+    refuses malformed ones by ``on_malformed``). Returns the number of records with a prompt.
+
+    Raises:
+        CalibrationError: what :func:`load_records` raises, no records, or none with a prompt (naming the first
+            record's keys and the fields expected).
+    """
+    records, locations = _load_with_locations(data)
+    if not records:
+        raise CalibrationError(f"The {what} data holds no records.")
+    usable = 0
+    for record in records:
+        try:
+            prompt = _raw_fields(record)[0]
+        except _Malformed:
+            continue
+        usable += isinstance(prompt, str) and bool(prompt.strip())
+    if not usable:
+        where = f" ({locations[0]})" if locations else ""
+        raise CalibrationError(
+            f"No {what} record has a prompt: the first one{where} has keys {sorted(records[0])}. Records need "
+            "'prompt' (with 'reasoning' and 'response', or alone to let the reasoning model write them), or "
+            "'messages' (one user turn, optionally one assistant turn).")
+    return usable
+
+
 def _load_with_locations(data: Any) -> tuple[list[dict], list[str] | None]:
     """:func:`load_records`, plus where each record came from (``"FILE line N"`` / ``"FILE record N"``) when
     ``data`` is a path, so that errors about a record can name it."""

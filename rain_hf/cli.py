@@ -72,6 +72,20 @@ class CliError(Exception):
     """A problem with the command line or the YAML file (exit status 2)."""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (YAML itself keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 @dataclass
 class MergeJob:
     """A validated YAML merge description, with paths resolved against the YAML file's folder."""
@@ -121,7 +135,7 @@ def load_job(path: str | os.PathLike) -> MergeJob:
     if not path.is_file():
         raise CliError(f"config file {str(path)!r} does not exist.")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -419,6 +433,76 @@ def _configure_logging(verbose: bool) -> Callable[[], None]:
     return restore
 
 
+def _check_push_target(repo_id: str | None, online: bool) -> None:
+    """A repo id the Hub would refuse, or (with ``online``) an offline Hub, found before the merge rather than
+    after it."""
+    if not repo_id:
+        return
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise CliError(f"--push-to-hub {repo_id!r} is not a valid repository id ({exc}); use namespace/name.") from exc
+    if online and constants.HF_HUB_OFFLINE:
+        raise CliError("--push-to-hub needs the Hub, and HF_HUB_OFFLINE is set: unset it, or merge without "
+                       "--push-to-hub and upload the folder later.")
+
+
+def _check_calibration_files(job: MergeJob, config_path: str) -> None:
+    """Each calibration file this merge reads must parse and hold records with a prompt: checked before any model
+    is loaded (the merge validates every record again)."""
+    from .calibration import CalibrationError, check_records
+
+    cfg = job.config
+    if cfg.method != "rain":
+        return
+    used = {"reasoning": cfg.stage1 or cfg.lam == "auto", "instruction": cfg.stage2}
+    for name, path in job.calibration.items():
+        if used.get(name):
+            try:
+                check_records(str(path), f"{name} calibration")
+            except CalibrationError as exc:
+                raise CliError(f"{config_path}: calibration.{name}: {exc}") from exc
+
+
+def _check_load_dtype(job: MergeJob, plan: Any, reasoning: Any, config_path: str) -> None:
+    """``dtype:`` narrower than the weights the merge saves, found before the load (and in a dry run)."""
+    if job.dtype == "auto":
+        return
+    from .merger import _DTYPES, _dtype_problem
+
+    loaded = _DTYPES[job.dtype]
+    for target in plan.targets:
+        stored = reasoning.dtype(target.weight_key)
+        out = _DTYPES[job.config.output_dtype] if job.config.output_dtype else stored
+        if _dtype_problem(out, loaded):
+            name = str(out).replace("torch.", "")
+            raise CliError(f"{config_path}: dtype: {job.dtype} cannot hold the merged weights, which are saved as "
+                           f"{name} ({'parameters.output_dtype' if job.config.output_dtype else 'as stored'}): use "
+                           f"dtype: {name} (or auto), or set parameters.output_dtype: {job.dtype} to save in "
+                           f"{job.dtype}.")
+
+
+def _check_out_folder(out: Path, overwrite: bool, plan: Any) -> None:
+    """--out problems the save would only meet after the merge."""
+    target = out.expanduser().resolve()
+    for role, source in plan.sources.items():
+        folder = source.path.resolve()
+        if folder == target or folder.is_relative_to(target):
+            raise CliError(f"--out {str(out)!r} is (or holds) the {role} model's folder {folder}: the merge would "
+                           "replace an input. Pick another folder.")
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {str(out)!r} is a file, not a folder: pick another path.")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise CliError(f"--out {str(out)!r}: {parent} is not writable, so the output cannot be written there.")
+
+
 def _run(args: argparse.Namespace) -> int:
     job = load_job(args.config)
     if not args.dry_run and not args.out:
@@ -426,21 +510,31 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     from .writer import holds_output
 
-    if out is not None and not args.dry_run and not args.overwrite and holds_output(out):
+    if out is not None and not args.overwrite and holds_output(out):
         raise CliError(f"--out {str(out)!r} already exists; pass --overwrite to replace it or pick another "
                        "folder.")
 
-    if args.device.startswith("cuda"):
-        import torch
+    import torch
 
-        if not torch.cuda.is_available():
-            raise CliError(f"--device {args.device}: no CUDA device is available to torch here; use --device cpu.")
+    try:
+        torch.device(args.device)
+    except RuntimeError as exc:
+        raise CliError(f"--device {args.device!r} is not a torch device: use cpu, cuda or cuda:N.") from exc
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CliError(f"--device {args.device}: no CUDA device is available to torch here; use --device cpu.")
+    _check_push_target(args.push_to_hub, online=not args.dry_run)
     from .merger import RainMerger
 
     token = job.token
+    # everything that can be checked without loading weights, before the load (and in a dry run)
+    plan, _, reasoning, _, _ = RainMerger.plan(job.models["base"], job.models["reasoning"], job.models["instruct"],
+                                               config=job.config, revision=job.revision, token=token,
+                                               _return_parts=True)
+    _check_load_dtype(job, plan, reasoning, args.config)
+    _check_calibration_files(job, args.config)
+    if out is not None:
+        _check_out_folder(out, args.overwrite, plan)
     if args.dry_run:
-        plan = RainMerger.plan(job.models["base"], job.models["reasoning"], job.models["instruct"],
-                               config=job.config, revision=job.revision, token=token)
         print(plan.summary())
         print(job.describe(args.out, args.push_to_hub))
         print("dry run: nothing was merged.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -293,9 +294,11 @@ class RainMergingConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"RainMergingConfig.from_dict expects a dict of fields, got {type(data).__name__}.")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
-            raise ConfigError(f"Unknown RainMergingConfig keys {unknown}; known keys: {sorted(known)}.")
+            close = {key: difflib.get_close_matches(str(key), known, n=1) for key in unknown}
+            hint = "".join(f" ({key!r}: did you mean {match[0]!r}?)" for key, match in close.items() if match)
+            raise ConfigError(f"Unknown RainMergingConfig keys {unknown}{hint}; known keys: {sorted(known)}.")
         return cls(**data)
 
     def to_json(self) -> str:

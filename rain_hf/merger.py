@@ -7,6 +7,7 @@ The merger only orders the steps; the math lives in :mod:`rain_hf.projection`, :
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -65,6 +66,10 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ROLES = ("base", "reasoning", "instruct")
+
+
+#: Config fields the plan is built on (which modules, which think tokens): fixed for a merger's lifetime.
+_PLAN_FIELDS = ("target_modules", "layers", "think_open", "think_close", "method", "project_bias")
 
 
 class ModelMismatchError(CheckpointError):
@@ -146,6 +151,17 @@ def _load_model_config(src: ModelSource, role: str):
                               "unquantized checkpoint, or dequantize it first (load it with transformers and "
                               "save_pretrained in bfloat16).")
     return config
+
+
+def _dtype_problem(out: torch.dtype, loaded: torch.dtype) -> str | None:
+    """Why weights merged in ``loaded`` cannot be saved as ``out`` without losing what the merge computed."""
+    wider = out != loaded and torch.finfo(out).bits > torch.finfo(loaded).bits
+    if not (wider or {out, loaded} == {torch.float16, torch.bfloat16}):
+        return None
+    name, short = str(out).replace("torch.", ""), str(loaded).replace("torch.", "")
+    return (f"The merged weights are saved as {name} (the stored dtype, or output_dtype) but the reasoning model "
+            f"is loaded as {short}, which cannot hold them exactly: load it with torch_dtype={name!r}, or set "
+            f"RainMergingConfig(output_dtype={short!r}) to save in {short}.")
 
 
 def refuse_offloaded(model: torch.nn.Module, device_map: Any) -> None:
@@ -270,7 +286,7 @@ class RainMerger:
     def __init__(self, plan: MergePlan, model, tokenizer, reasoning: LazyCheckpoint, base: LazyCheckpoint,
                  instruct, device: torch.device, features: ThinkFeatures | None = None) -> None:
         self.plan = plan
-        self.config = plan.config
+        self.config = copy.deepcopy(plan.config)  # may be changed between merges (λ, stages); the plan's may not
         self.sources = plan.sources
         self.targets = plan.targets
         self.model = model
@@ -312,7 +328,10 @@ class RainMerger:
 
         from .lora import LoraDelta
 
-        config = config or RainMergingConfig()
+        if isinstance(config, Mapping):
+            config = RainMergingConfig.from_dict(dict(config))
+        # a copy: the caller may change their object for the next merge, and this plan must not follow
+        config = copy.deepcopy(config) if config is not None else RainMergingConfig()
         config.validate()
         revs = dict(revision) if isinstance(revision, Mapping) else {r: revision for r in _ROLES}
         unknown = set(revs) - set(_ROLES)
@@ -321,6 +340,10 @@ class RainMerger:
         names = {"base": base_model, "reasoning": reasoning_model, "instruct": instruct_model}
         sources = {role: resolve_model(names[role], revs.get(role), token, role=role) for role in _ROLES}
         shown = {role: sources[role].describe() for role in _ROLES}
+        for a, b in (("instruct", "base"), ("instruct", "reasoning"), ("reasoning", "base")):
+            if sources[a].path.resolve() == sources[b].path.resolve():
+                raise ConfigError(f"The {a} and the {b} model are the same folder ({sources[a].path}): the merge "
+                                  "needs three different models (θ_B, θ_R and θ_I or a LoRA adapter on θ_B).")
         configs = {role: _load_model_config(sources[role], role) for role in ("base", "reasoning")}
         adapter = is_adapter_folder(sources["instruct"].path)
         warnings: list[str] = []
@@ -403,6 +426,7 @@ class RainMerger:
         torch_dtype: str | torch.dtype | None = None,
         device_map: str | dict | None = None,
         features: ThinkFeatures | str | os.PathLike | None = None,
+        dtype: str | torch.dtype | None = None,
     ) -> RainMerger:
         """Validate the three models (see :meth:`plan`), then load the reasoning model for the forward passes.
 
@@ -414,7 +438,9 @@ class RainMerger:
             token: Hub token.
             device: where the forward passes and the projections run (``"cpu"``, ``"cuda"``; default: the CPU, or
                 with ``device_map`` the device of the input embeddings).
-            torch_dtype: dtype to load the reasoning model in (default: as stored).
+            torch_dtype: dtype to load the reasoning model in (default: as stored; ``dtype=``, transformers 5's
+                name, is the same). Loading narrower than the saved weights is refused before the load: keep the
+                stored dtype, or set ``RainMergingConfig(output_dtype=...)`` to save in the loaded one.
             device_map: e.g. ``"auto"`` to spread a reasoning model that does not fit on one device (accelerate).
                 Every module must land on a device: modules offloaded to the CPU (next to GPUs) or to disk are
                 refused, because their weights live outside the model where a merge cannot write them.
@@ -424,14 +450,26 @@ class RainMerger:
         """
         from transformers import AutoModelForCausalLM
 
-        start = time.perf_counter()
-        plan, tokenizer, reasoning, base, instruct = cls.plan(
-            base_model, reasoning_model, instruct_model, config, revision=revision, token=token, _return_parts=True)
-        dtype = torch_dtype if torch_dtype is not None else "auto"
+        if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+            raise ConfigError(f"torch_dtype={torch_dtype!r} and dtype={dtype!r} disagree: pass one of them.")
+        dtype = torch_dtype if torch_dtype is not None else (dtype if dtype is not None else "auto")
         if isinstance(dtype, str) and dtype != "auto":
             if dtype not in _DTYPES:
                 raise ConfigError(f"torch_dtype={dtype!r}: use one of {sorted(_DTYPES)} or 'auto'.")
             dtype = _DTYPES[dtype]
+        if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"device={str(device)!r}, but torch sees no CUDA device here (torch "
+                              f"{torch.__version__}): use device='cpu', or install a CUDA build of torch.")
+        start = time.perf_counter()
+        plan, tokenizer, reasoning, base, instruct = cls.plan(
+            base_model, reasoning_model, instruct_model, config, revision=revision, token=token, _return_parts=True)
+        if dtype != "auto":  # before the load, which takes minutes on a large model
+            for target in plan.targets:
+                stored = reasoning.dtype(target.weight_key)
+                out = _DTYPES[plan.config.output_dtype] if plan.config.output_dtype else stored
+                problem = _dtype_problem(out, dtype)
+                if problem:
+                    raise ConfigError(problem)
         kwargs: dict[str, Any] = {"dtype": dtype}
         if device_map is not None:
             kwargs["device_map"] = device_map
@@ -459,13 +497,9 @@ class RainMerger:
     def _check_output_dtypes(self) -> None:
         params = self._params()
         for t in self.targets:
-            p = params[t.name + ".weight"]
-            out = self._output_dtype(t.weight_key)
-            wider = out != p.dtype and torch.finfo(out).bits > torch.finfo(p.dtype).bits
-            if wider or {out, p.dtype} == {torch.float16, torch.bfloat16}:
-                raise ConfigError(
-                    f"The merged weights are saved as {out} but the reasoning model was loaded as {p.dtype}, which "
-                    f"cannot hold them exactly: load it with torch_dtype={str(out).replace('torch.', '')!r}.")
+            problem = _dtype_problem(self._output_dtype(t.weight_key), params[t.name + ".weight"].dtype)
+            if problem:
+                raise ConfigError(problem)
 
     def _params(self) -> dict[str, torch.nn.Parameter]:
         if self._param_map is None:
@@ -692,13 +726,28 @@ class RainMerger:
                 needed with ``stage2=False``.
         """
         cfg = self.config
+        cfg.validate()
+        changed = [name for name in _PLAN_FIELDS if getattr(cfg, name) != getattr(self.plan.config, name)]
+        if changed:
+            raise ConfigError(f"merger.config.{changed[0]} changed after the merger was made; the modules to merge "
+                              "and the think tokens are fixed by the plan: make a new RainMerger with that config.")
         if self._touched:  # a finished merge, or one that failed half way
             self.reset()
         self._new_report()
         start = time.perf_counter()
+        unused = [name for name, data, used in (
+            ("reasoning_calibration", reasoning_calibration,
+             cfg.method == "rain" and (cfg.stage1 or cfg.lam == "auto")),
+            ("instruction_calibration", instruction_calibration, cfg.method == "rain" and cfg.stage2))
+            if data is not None and not used]
+        for name in unused:
+            self.report.warnings.append(f"{name} was given but this merge does not use it (method={cfg.method}, "
+                                        f"stage1={cfg.stage1}, stage2={cfg.stage2}, lam={cfg.lam})")
+            logger.warning(self.report.warnings[-1])
         if cfg.method != "rain":
             self._apply_baseline()
-            self.report.lam = float(cfg.lam) if not isinstance(cfg.lam, str) else None
+            # SLERP has no λ: its strength is slerp_t
+            self.report.lam = float(cfg.lam) if not isinstance(cfg.lam, str) and cfg.method != "slerp" else None
             self.report.timings["merge"] = time.perf_counter() - start
             self.merged = True
             return self.model
@@ -844,6 +893,11 @@ class RainMerger:
                     chosen = float(lam)
         finally:
             self.reset()
+        if chosen is not None and chosen == float(max(cfg.lam_grid)):
+            self.report.warnings.append(f"lam='auto': the largest λ of the grid, {chosen}, keeps L_think within "
+                                        f"{cfg.lam_auto_max_kl} (L_think {search[-1]['l_think']:.3g}); a larger λ "
+                                        "may too: extend lam_grid to search further.")
+            logger.warning(self.report.warnings[-1])
         if chosen is None:
             chosen = float(min(cfg.lam_grid))
             guard = "" if cfg.lam_auto_min_think_open is None else \
@@ -919,6 +973,13 @@ class RainMerger:
         """
         if not self.merged:
             raise RuntimeError("Nothing to save yet: call merge() first.")
+        target = Path(save_directory).expanduser().resolve()
+        for role in _ROLES:
+            source = self.sources[role].path.resolve()
+            if source == target or source.is_relative_to(target):
+                # overwriting an input would also make every later merge read the merged weights as θ_R/θ_B/θ_I
+                raise ConfigError(f"save_directory {str(save_directory)!r} is (or holds) the {role} model's folder "
+                                  f"{source}: saving there would replace an input. Choose another folder.")
         start = time.perf_counter()
         shard_size = parse_size(max_shard_size if max_shard_size is not None else self.config.max_shard_size)
         keys = self.reasoning.keys()

@@ -100,7 +100,7 @@ def test_bad_yaml_exits_2_with_one_line(tmp_path, capsys, content, expected):
 
 
 @pytest.mark.parametrize("parameters, expected", [
-    ({"lam": 1.0, "lamda": 2.0}, "Unknown RainMergingConfig keys ['lamda']; known keys: ["),
+    ({"lam": 1.0, "lamda": 2.0}, "Unknown RainMergingConfig keys ['lamda'] ('lamda': did you mean 'lam'?); known keys: ["),
     ({"density": 2.0}, "density=2.0 must be <= 1"),
     ({"positions": "everywhere"}, "positions='everywhere' is not one of"),
     ({"stage1": "yes please"}, "stage1 must be true or false"),
@@ -230,6 +230,7 @@ def test_full_run_writes_the_output_folder(triple, tmp_path, capsys, monkeypatch
         return type("Info", (), {"pr_url": None, "commit_url": f"https://huggingface.co/{repo_id}/commit/1"})()
 
     monkeypatch.setattr("rain_hf.hub.push_folder", fake_push)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # the push itself is faked
     config = _job_file(root, tmp_path, output={"private": True, "max_shard_size": "10MB"})
     out = tmp_path / "out"
     out.mkdir()  # an empty folder made ahead is filled, not refused
@@ -246,6 +247,56 @@ def test_full_run_writes_the_output_folder(triple, tmp_path, capsys, monkeypatch
     assert pushed["folder"] == out and pushed["repo_id"] == "me/tiny-rain" and pushed["private"] is True
     stdout = capsys.readouterr().out
     assert f"saved: {out}" in stdout and "pushed: https://huggingface.co/me/tiny-rain/commit/1" in stdout
+
+
+def test_problems_found_before_any_weight_is_loaded(triple, tmp_path, capsys, monkeypatch):
+    """Each of these used to surface only after the load (or the whole merge), or not in a dry run."""
+    import transformers
+
+    root, paths = triple
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("weights were loaded before the problem was reported")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
+    (root / "empty.jsonl").write_text("")
+    (root / "keys.json").write_text(json.dumps([{"question": "2+2?", "answer": "4"}]))
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "old.txt").write_text("x")
+    out = ["--out", str(tmp_path / "o")]
+    cases = [
+        (dict(calibration={"reasoning": "reasoning.json", "instruction": "empty.jsonl"}), out,
+         "calibration.instruction: The instruction calibration data holds no records"),
+        (dict(calibration={"reasoning": "keys.json", "instruction": "instruction.jsonl"}), out,
+         r"No reasoning calibration record has a prompt: the first one \(.*keys.json record 0\) has keys "
+         r"\['answer', 'question'\]"),
+        (dict(dtype="bfloat16"), out,
+         "dtype: bfloat16 cannot hold the merged weights, which are saved as float32 .* parameters.output_dtype: "
+         "bfloat16"),
+        (dict(), ["--out", str(paths["reasoning"]), "--overwrite"],
+         "is \\(or holds\\) the reasoning model's folder"),
+        (dict(), ["--out", str(tmp_path / "afile"), "--overwrite"], "is a file, not a folder"),
+        (dict(), ["--out", str(tmp_path / "full")], "already exists; pass --overwrite"),
+        (dict(), ["--out", str(tmp_path / "o"), "--push-to-hub", "not a repo"],
+         "is not a valid repository id"),
+        (dict(), ["--out", str(tmp_path / "o"), "--push-to-hub", "me/x"],
+         "HF_HUB_OFFLINE is set"),
+        (dict(), ["--out", str(tmp_path / "o"), "--device", "gpu"], "is not a torch device"),
+    ]
+    for job, extra, expected in cases:
+        config = _job_file(root, tmp_path, **job)  # one file, rewritten per case
+        for dry in ([], ["--dry-run"]):
+            if dry and "HF_HUB_OFFLINE" in expected:
+                continue  # a dry run may plan a push for later, online
+            assert main([str(config), *extra, *dry]) == 2, (expected, dry)
+            assert re.search(expected, _one_error_line(capsys.readouterr().err)), (expected, dry)
+    assert not (tmp_path / "o").exists() and (paths["reasoning"] / "model.safetensors").is_file()
+    twice = root / f"{tmp_path.name}-twice.yaml"
+    twice.write_text("base_model: base\nbase_model: reasoning\nreasoning_model: reasoning\n"
+                     "instruct_model: instruct\nmethod: task_arithmetic\n")
+    assert main([str(twice), "--dry-run"]) == 2
+    assert "'base_model' is given twice" in _one_error_line(capsys.readouterr().err)
 
 
 def test_stage2_only_with_lam_auto_still_reads_the_reasoning_set(triple, tmp_path, capsys):

@@ -873,9 +873,10 @@ def test_lam_auto_picks_largest_lambda_within_think_budget(qwen2):
     assert [row["lam"] for row in loose.report.lam_search] == grid and 0 < kl[0] < kl[1] < kl[2] < kl[3]
     assert loose.report.lam == 16.0
     # a budget between λ 1's and λ 4's L_think: the search must stop at 1
+    assert any("the largest λ of the grid, 16.0, keeps L_think" in w for w in loose.report.warnings)
     tight = _merger(qwen2, lam="auto", lam_grid=grid, stage2=False, lam_auto_max_kl=(kl[1] * kl[2]) ** 0.5)
     tight.merge(reasoning_records(8))
-    assert tight.report.lam == 1.0
+    assert tight.report.lam == 1.0 and not any("largest λ" in w for w in tight.report.warnings)
     assert [row["l_think"] for row in tight.report.lam_search] == pytest.approx(kl, rel=1e-6)
     assert tight.features.settings["num_samples"] == 6  # two of eight held out to measure L_think
     # below every λ's: the smallest, with a warning
@@ -1021,11 +1022,54 @@ def test_think_open_prefixes_end_before_the_block_not_before_a_quoted_token(qwen
     assert off._think_open_prefixes([[5, open_id, 9]]) == []
 
 
-def test_output_dtype_wider_than_the_loaded_model_is_refused(qwen2):
+def test_output_dtype_wider_than_the_loaded_model_is_refused(qwen2, monkeypatch):
+    import transformers
 
-    with pytest.raises(ConfigError, match="torch_dtype='float32'"):
-        RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
-                                   RainMergingConfig(output_dtype="float32"), torch_dtype="bfloat16")
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the dtype check")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
+    for kwargs in ({"config": RainMergingConfig(output_dtype="float32"), "torch_dtype": "bfloat16"},
+                   {"torch_dtype": "bfloat16"}, {"dtype": "bfloat16"}):  # the triple is stored in float32
+        with pytest.raises(ConfigError, match=r"torch_dtype='float32', or set RainMergingConfig\(output_dtype="
+                                              r"'bfloat16'\)"):
+            RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], **kwargs)
+    with pytest.raises(ConfigError, match="disagree"):
+        RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], torch_dtype="float32",
+                                   dtype="bfloat16")
+
+
+def test_the_merger_keeps_its_own_config(qwen2, tmp_path):
+    cfg = RainMergingConfig(lam=1.0, stage2=False, target_modules=["q_proj"])
+    merger = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], cfg)
+    cfg.lam, cfg.target_modules = 3.0, "all-linear"  # the caller sets up their next run
+    merger.merge(reasoning_records(3))
+    assert merger.report.lam == 1.0 and len(merger.targets) == 2
+    out = merger.save_pretrained(tmp_path / "out")
+    assert json.loads((out / "rain_merging_config.json").read_text())["config"]["target_modules"] == ["q_proj"]
+    merger.config.lam = 2.0  # λ and the stages may change between merges
+    merger.merge(reasoning_records(3))
+    assert merger.report.lam == 2.0
+    merger.config.target_modules = ["q_proj", "k_proj"]  # the modules may not: the plan was made for q_proj
+    with pytest.raises(ConfigError, match="target_modules changed after the merger was made"):
+        merger.merge(reasoning_records(3))
+
+
+def test_inputs_are_protected(qwen2, tmp_path, caplog):
+    with pytest.raises(ConfigError, match="instruct and the base model are the same folder"):
+        RainMerger.plan(qwen2["base"], qwen2["reasoning"], qwen2["base"])
+    merger = _merger(qwen2, method="slerp")
+    with caplog.at_level("WARNING", logger="rain_hf.merger"):
+        merger.merge(reasoning_records(2), instruction_records(2))
+    assert merger.report.lam is None  # SLERP has no λ
+    assert sum("was given but this merge does not use it" in w for w in merger.report.warnings) == 2
+    for folder in (qwen2["reasoning"], qwen2["reasoning"].parent):
+        with pytest.raises(ConfigError, match="would replace an input"):
+            merger.save_pretrained(folder, overwrite=True)
+    assert (qwen2["reasoning"] / "model.safetensors").is_file()
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="torch sees no CUDA device"):
+            RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], device="cuda")
 
 
 def test_licence_comes_from_the_reasoning_models_card(qwen2, tmp_path):
