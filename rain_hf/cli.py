@@ -79,6 +79,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error says so below
+                continue
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
                                                         key_node.start_mark)
@@ -486,7 +490,7 @@ def _check_load_dtype(job: MergeJob, plan: Any, reasoning: Any, config_path: str
                            f"{job.dtype}.")
 
 
-def _check_out_folder(out: Path, overwrite: bool, plan: Any) -> None:
+def _check_out_folder(out: Path, plan: Any) -> None:
     """--out problems the save would only meet after the merge."""
     target = out.expanduser().resolve()
     for role, source in plan.sources.items():
@@ -533,7 +537,7 @@ def _run(args: argparse.Namespace) -> int:
     _check_load_dtype(job, plan, reasoning, args.config)
     _check_calibration_files(job, args.config)
     if out is not None:
-        _check_out_folder(out, args.overwrite, plan)
+        _check_out_folder(out, plan)
     if args.dry_run:
         print(plan.summary())
         print(job.describe(args.out, args.push_to_hub))
