@@ -155,16 +155,16 @@ class RainMergingConfig:
     max_shard_size: int | str = "5GB"
 
     def __post_init__(self) -> None:
-        for name in ("lam_grid", "target_modules", "layers", "think_spacing"):  # tuples as peft takes them
-            if isinstance(getattr(self, name), tuple):
-                setattr(self, name, list(getattr(self, name)))
         if self.lam is None:
             self.lam = "auto" if self.method == "rain" else 1.0
         self.validate()
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first field with an unusable value."""
+        """Raise :class:`ConfigError` naming the first field with an unusable value (tuples become lists first)."""
+        for name in ("lam_grid", "target_modules", "layers", "think_spacing"):  # tuples as peft takes them
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
 
         def choice(name: str, allowed: tuple[str, ...]) -> None:
             value = getattr(self, name)

@@ -69,7 +69,7 @@ _ROLES = ("base", "reasoning", "instruct")
 
 
 #: Config fields the plan is built on (which modules, which think tokens): fixed for a merger's lifetime.
-_PLAN_FIELDS = ("target_modules", "layers", "think_open", "think_close", "method", "project_bias")
+_PLAN_FIELDS = ("target_modules", "layers", "think_open", "think_close", "project_bias")
 
 
 class ModelMismatchError(CheckpointError):
@@ -450,9 +450,10 @@ class RainMerger:
         """
         from transformers import AutoModelForCausalLM
 
-        if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+        given = [d for d in (torch_dtype, dtype) if d is not None and d != "auto"]
+        if len({_DTYPES.get(d, d) if isinstance(d, str) else d for d in given}) > 1:
             raise ConfigError(f"torch_dtype={torch_dtype!r} and dtype={dtype!r} disagree: pass one of them.")
-        dtype = torch_dtype if torch_dtype is not None else (dtype if dtype is not None else "auto")
+        dtype = given[0] if given else "auto"
         if isinstance(dtype, str) and dtype != "auto":
             if dtype not in _DTYPES:
                 raise ConfigError(f"torch_dtype={dtype!r}: use one of {sorted(_DTYPES)} or 'auto'.")

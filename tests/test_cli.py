@@ -292,6 +292,10 @@ def test_problems_found_before_any_weight_is_loaded(triple, tmp_path, capsys, mo
             assert main([str(config), *extra, *dry]) == 2, (expected, dry)
             assert re.search(expected, _one_error_line(capsys.readouterr().err)), (expected, dry)
     assert not (tmp_path / "o").exists() and (paths["reasoning"] / "model.safetensors").is_file()
+    anchors = root / f"{tmp_path.name}-anchors.yaml"  # YAML merge keys still work beside the duplicate check
+    anchors.write_text("base_model: &m {path: base}\nreasoning_model: {<<: *m, path: reasoning}\n"
+                       "instruct_model: instruct\nmethod: task_arithmetic\n")
+    assert load_job(anchors).models["reasoning"] == str((root / "reasoning").resolve())
     twice = root / f"{tmp_path.name}-twice.yaml"
     twice.write_text("base_model: base\nbase_model: reasoning\nreasoning_model: reasoning\n"
                      "instruct_model: instruct\nmethod: task_arithmetic\n")

@@ -1037,6 +1037,23 @@ def test_output_dtype_wider_than_the_loaded_model_is_refused(qwen2, monkeypatch)
     with pytest.raises(ConfigError, match="disagree"):
         RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], torch_dtype="float32",
                                    dtype="bfloat16")
+    monkeypatch.undo()
+    merger = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
+                                        torch_dtype=torch.float32, dtype="float32")  # the same dtype, two spellings
+    assert merger.model.dtype == torch.float32
+
+
+def test_loaded_dtype_from_the_config_is_checked_after_the_load(qwen2, tmp_path):
+    """dtype='auto' loads in config.json's dtype, which may be narrower than the stored tensors."""
+    import shutil
+
+    reasoning = tmp_path / "reasoning"
+    shutil.copytree(qwen2["reasoning"], reasoning)
+    config = json.loads((reasoning / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    (reasoning / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="saved as float32 .* loaded as bfloat16"):
+        RainMerger.from_pretrained(qwen2["base"], reasoning, qwen2["instruct"])
 
 
 def test_the_merger_keeps_its_own_config(qwen2, tmp_path):
@@ -1047,9 +1064,12 @@ def test_the_merger_keeps_its_own_config(qwen2, tmp_path):
     assert merger.report.lam == 1.0 and len(merger.targets) == 2
     out = merger.save_pretrained(tmp_path / "out")
     assert json.loads((out / "rain_merging_config.json").read_text())["config"]["target_modules"] == ["q_proj"]
-    merger.config.lam = 2.0  # λ and the stages may change between merges
+    merger.config.lam, merger.config.lam_grid = 2.0, (1.0, 2.0)  # λ and the stages may change between merges
     merger.merge(reasoning_records(3))
     assert merger.report.lam == 2.0
+    merger.config.method = "ties"  # so may the method: one loaded model, several methods compared
+    merger.merge()
+    assert merger.report.method == "ties"
     merger.config.target_modules = ["q_proj", "k_proj"]  # the modules may not: the plan was made for q_proj
     with pytest.raises(ConfigError, match="target_modules changed after the merger was made"):
         merger.merge(reasoning_records(3))
