@@ -478,28 +478,26 @@ def _check_load_dtype(job: MergeJob, plan: Any, reasoning: Any, config_path: str
     """``dtype:`` narrower than the weights the merge saves, found before the load (and in a dry run)."""
     if job.dtype == "auto":
         return
-    from .merger import _DTYPES, _dtype_problem
+    from .merger import _DTYPES, load_dtype_problem
 
-    loaded = _DTYPES[job.dtype]
-    for target in plan.targets:
-        stored = reasoning.dtype(target.weight_key)
-        out = _DTYPES[job.config.output_dtype] if job.config.output_dtype else stored
-        if _dtype_problem(out, loaded):
-            name = str(out).replace("torch.", "")
-            raise CliError(f"{config_path}: dtype: {job.dtype} cannot hold the merged weights, which are saved as "
-                           f"{name} ({'parameters.output_dtype' if job.config.output_dtype else 'as stored'}): use "
-                           f"dtype: {name} (or auto), or set parameters.output_dtype: {job.dtype} to save in "
-                           f"{job.dtype}.")
+    found = load_dtype_problem(plan, reasoning, _DTYPES[job.dtype])
+    if found:
+        name = str(found[0]).replace("torch.", "")
+        raise CliError(f"{config_path}: dtype: {job.dtype} cannot hold the merged weights, which are saved as "
+                       f"{name} ({'parameters.output_dtype' if job.config.output_dtype else 'as stored'}): use "
+                       f"dtype: {name} (or auto), or set parameters.output_dtype: {job.dtype} to save in "
+                       f"{job.dtype}.")
 
 
 def _check_out_folder(out: Path, plan: Any) -> None:
     """--out problems the save would only meet after the merge."""
+    from .merger import input_folder_in
+
+    clash = input_folder_in(out, plan.sources)
+    if clash:
+        raise CliError(f"--out {str(out)!r} is (or holds) the {clash[0]} model's folder {clash[1]}: the merge would "
+                       "replace an input. Pick another folder.")
     target = out.expanduser().resolve()
-    for role, source in plan.sources.items():
-        folder = source.path.resolve()
-        if folder == target or folder.is_relative_to(target):
-            raise CliError(f"--out {str(out)!r} is (or holds) the {role} model's folder {folder}: the merge would "
-                           "replace an input. Pick another folder.")
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {str(out)!r} is a file, not a folder: pick another path.")
     parent = target.parent
@@ -522,22 +520,14 @@ def _run(args: argparse.Namespace) -> int:
         raise CliError(f"--out {str(out)!r} already exists; pass --overwrite to replace it or pick another "
                        "folder.")
 
-    import torch
+    from .merger import RainMerger, check_device
 
-    try:
-        torch.device(args.device)
-    except RuntimeError as exc:
-        raise CliError(f"--device {args.device!r} is not a torch device: use cpu, cuda or cuda:N.") from exc
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CliError(f"--device {args.device}: no CUDA device is available to torch here; use --device cpu.")
+    check_device(args.device)
     _check_push_target(args.push_to_hub, online=not args.dry_run)
-    from .merger import RainMerger
-
-    token = job.token
     # everything that can be checked without loading weights, before the load (and in a dry run)
-    plan, _, reasoning, _, _ = RainMerger.plan(job.models["base"], job.models["reasoning"], job.models["instruct"],
-                                               config=job.config, revision=job.revision, token=token,
-                                               _return_parts=True)
+    parts = RainMerger.plan(job.models["base"], job.models["reasoning"], job.models["instruct"],
+                            config=job.config, revision=job.revision, token=job.token, _return_parts=True)
+    plan, reasoning = parts[0], parts[2]
     _check_load_dtype(job, plan, reasoning, args.config)
     _check_calibration_files(job, args.config)
     if out is not None:
@@ -549,9 +539,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     torch_dtype = None if job.dtype == "auto" else job.dtype
-    merger = RainMerger.from_pretrained(job.models["base"], job.models["reasoning"], job.models["instruct"],
-                                        config=job.config, revision=job.revision, token=token,
-                                        device=args.device, torch_dtype=torch_dtype)
+    merger = RainMerger._from_plan(parts, device=args.device, torch_dtype=torch_dtype)
     use_calibration = job.config.method == "rain"
     merger.merge(
         reasoning_calibration=(str(job.calibration["reasoning"])
@@ -566,7 +554,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.push_to_hub:
         from .hub import push_folder
 
-        info = push_folder(saved, args.push_to_hub, private=job.private, token=token,
+        info = push_folder(saved, args.push_to_hub, private=job.private, token=job.token,
                            commit_message=f"Upload {job.config.method} merge made with rain-merge")
         print(f"pushed: {info.pr_url or info.commit_url}")
     return 0

@@ -279,7 +279,8 @@ def ensure_nltk_data(path: str | None = None) -> str:
         raise ImportError(f"IFEval scoring needs nltk: {_EVAL_EXTRA_HINT}") from err
     from rain_hf._punkt import PUNKT_BUILD_VERSION, build_punkt_parameters
 
-    if path is None and not os.environ.get(_NLTK_DATA_ENV):
+    named = path is not None or bool(os.environ.get(_NLTK_DATA_ENV))
+    if not named:
         real = _real_punkt_tab(nltk, PUNKT_BUILD_VERSION)
         if real is not None:
             logger.info("Using nltk's own punkt_tab model under %s", real)
@@ -296,8 +297,7 @@ def ensure_nltk_data(path: str | None = None) -> str:
         return root
 
     # the default folder is this module's own, down from ~/.cache/rain_hf; a folder the caller named is not
-    ours = os.path.dirname(root) if path is None and not os.environ.get(_NLTK_DATA_ENV) else os.path.join(
-        root, "tokenizers")
+    ours = os.path.join(root, "tokenizers") if named else os.path.dirname(root)
     _make_unshared_dirs(tab_dir, ours)
     staging = tempfile.mkdtemp(prefix=".english-", dir=tab_dir)  # private (0700), as nltk's sandbox requires
     try:

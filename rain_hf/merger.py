@@ -164,6 +164,42 @@ def _dtype_problem(out: torch.dtype, loaded: torch.dtype) -> str | None:
             f"RainMergingConfig(output_dtype={short!r}) to save in {short}.")
 
 
+def check_device(device: str | torch.device | None) -> None:
+    """Raise ConfigError for a device torch does not know, or a CUDA device where torch sees none."""
+    if device is None:
+        return
+    try:
+        torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"device={str(device)!r} is not a torch device: use cpu, cuda or cuda:N.") from exc
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={str(device)!r}, but torch sees no CUDA device here (torch "
+                          f"{torch.__version__}): use device='cpu', or install a CUDA build of torch.")
+
+
+def load_dtype_problem(plan: MergePlan, reasoning: LazyCheckpoint,
+                       loaded: torch.dtype) -> tuple[torch.dtype, str] | None:
+    """(saved dtype, why) when merged weights loaded in ``loaded`` cannot be saved as they will be; None when fine.
+    Read from the checkpoint's header, before any load."""
+    for target in plan.targets:
+        stored = reasoning.dtype(target.weight_key)
+        out = _DTYPES[plan.config.output_dtype] if plan.config.output_dtype else stored
+        problem = _dtype_problem(out, loaded)
+        if problem:
+            return out, problem
+    return None
+
+
+def input_folder_in(target: str | os.PathLike, sources: Mapping[str, ModelSource]) -> tuple[str, Path] | None:
+    """(role, folder) of an input that ``target`` is, or holds: writing the output there would replace it."""
+    target = Path(target).expanduser().resolve()
+    for role, source in sources.items():
+        folder = source.path.resolve()
+        if folder == target or folder.is_relative_to(target):
+            return role, folder
+    return None
+
+
 def refuse_offloaded(model: torch.nn.Module, device_map: Any) -> None:
     """Raise ConfigError when accelerate offloaded part of ``model`` (its weights on the meta device).
 
@@ -448,8 +484,22 @@ class RainMerger:
                 with them and without ``reasoning_calibration`` uses the one-shot projection (see
                 ``RainMergingConfig.sequential``).
         """
+        start = time.perf_counter()
+        parts = cls.plan(base_model, reasoning_model, instruct_model, config, revision=revision, token=token,
+                         _return_parts=True)
+        return cls._from_plan(parts, device=device, torch_dtype=torch_dtype, dtype=dtype, device_map=device_map,
+                              features=features, start=start)
+
+    @classmethod
+    def _from_plan(cls, parts: tuple, *, device: str | torch.device | None = None,
+                   torch_dtype: str | torch.dtype | None = None, dtype: str | torch.dtype | None = None,
+                   device_map: str | dict | None = None, features: ThinkFeatures | str | os.PathLike | None = None,
+                   start: float | None = None) -> RainMerger:
+        """:meth:`from_pretrained` after its :meth:`plan` (``_return_parts=True``): for a caller that planned
+        already, e.g. the CLI's checks before the load."""
         from transformers import AutoModelForCausalLM
 
+        start = time.perf_counter() if start is None else start
         given = [d for d in (torch_dtype, dtype) if d is not None and d != "auto"]
         if len({_DTYPES.get(d, d) if isinstance(d, str) else d for d in given}) > 1:
             raise ConfigError(f"torch_dtype={torch_dtype!r} and dtype={dtype!r} disagree: pass one of them.")
@@ -458,19 +508,12 @@ class RainMerger:
             if dtype not in _DTYPES:
                 raise ConfigError(f"torch_dtype={dtype!r}: use one of {sorted(_DTYPES)} or 'auto'.")
             dtype = _DTYPES[dtype]
-        if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"device={str(device)!r}, but torch sees no CUDA device here (torch "
-                              f"{torch.__version__}): use device='cpu', or install a CUDA build of torch.")
-        start = time.perf_counter()
-        plan, tokenizer, reasoning, base, instruct = cls.plan(
-            base_model, reasoning_model, instruct_model, config, revision=revision, token=token, _return_parts=True)
+        check_device(device)
+        plan, tokenizer, reasoning, base, instruct = parts
         if dtype != "auto":  # before the load, which takes minutes on a large model
-            for target in plan.targets:
-                stored = reasoning.dtype(target.weight_key)
-                out = _DTYPES[plan.config.output_dtype] if plan.config.output_dtype else stored
-                problem = _dtype_problem(out, dtype)
-                if problem:
-                    raise ConfigError(problem)
+            found = load_dtype_problem(plan, reasoning, dtype)
+            if found:
+                raise ConfigError(found[1])
         kwargs: dict[str, Any] = {"dtype": dtype}
         if device_map is not None:
             kwargs["device_map"] = device_map
@@ -974,13 +1017,10 @@ class RainMerger:
         """
         if not self.merged:
             raise RuntimeError("Nothing to save yet: call merge() first.")
-        target = Path(save_directory).expanduser().resolve()
-        for role in _ROLES:
-            source = self.sources[role].path.resolve()
-            if source == target or source.is_relative_to(target):
-                # overwriting an input would also make every later merge read the merged weights as θ_R/θ_B/θ_I
-                raise ConfigError(f"save_directory {str(save_directory)!r} is (or holds) the {role} model's folder "
-                                  f"{source}: saving there would replace an input. Choose another folder.")
+        clash = input_folder_in(save_directory, self.sources)
+        if clash:  # overwriting an input would also make every later merge read the merged weights as θ_R/θ_B/θ_I
+            raise ConfigError(f"save_directory {str(save_directory)!r} is (or holds) the {clash[0]} model's folder "
+                              f"{clash[1]}: saving there would replace an input. Choose another folder.")
         start = time.perf_counter()
         shard_size = parse_size(max_shard_size if max_shard_size is not None else self.config.max_shard_size)
         keys = self.reasoning.keys()
