@@ -110,7 +110,8 @@ def split_generation(
     Args:
         text: the decoded completion (prompt excluded), decoded with the think tokens kept.
         think_open, think_close: the think tags.
-        prompt_ends_with_open: whether the rendered prompt already ended with ``think_open``.
+        prompt_ends_with_open: whether the rendered prompt already ended with ``think_open``
+            (:func:`rain_hf.calibration.template_opens_think` tells for a tokenizer's chat template).
 
     Returns:
         A :class:`ThinkSplit`.
@@ -145,8 +146,11 @@ def split_generation(
         return ThinkSplit(thinking=thinking.strip(), answer=answer, format_ok=bool(answer))
     if n_close:
         before, _, after = text.rpartition(think_close)
-        thinking = before.replace(think_open, "").replace(think_close, "").strip()
-        return ThinkSplit(thinking=thinking, answer=after.strip(), format_ok=False)
+        # a block opened again after the last close never ended: it is thinking, not answer
+        answer, _, reopened = after.partition(think_open)
+        parts = (t.replace(think_open, "").replace(think_close, "").strip() for t in (before, reopened))
+        thinking = "\n".join(t for t in parts if t)
+        return ThinkSplit(thinking=thinking, answer=answer.strip(), format_ok=False)
     if prompt_ends_with_open:  # the block the prompt opened was never closed: all of it is thinking
         return ThinkSplit(thinking=text.replace(think_open, "").strip(), answer="", format_ok=False)
     if n_open:  # an unclosed block runs to the end: only what precedes it can be an answer
@@ -462,8 +466,11 @@ def instruction_following(
 # Answer accuracy
 # ---------------------------------------------------------------------------------------------------------------
 
-# A number, thousands separators allowed; a minus sign only when it does not follow a word character (20-5 → 5).
-_NUMBER_RE = re.compile(r"(?:(?<!\w)-)?\d+(?:,\d{3})*(?:\.\d+)?")
+# A number, thousands separators allowed, or a bare decimal (.5); a minus sign only when it does not follow a word
+# character (20-5 → 5).
+_NUMBER_RE = re.compile(r"(?:(?<!\w)-)?(?:\d+(?:,\d{3})*(?:\.\d+)?|(?<!\d)\.\d+)")
+# Unicode minus, figure dash and en dash before a digit read as a minus sign (−3 → -3).
+_MINUS_RE = re.compile(r"[\u2212\u2012\u2013](?=[\d.])")
 
 
 def extract_last_number(text: str) -> str | None:
@@ -473,7 +480,7 @@ def extract_last_number(text: str) -> str | None:
         >>> extract_last_number("Max has 1,033 apples now. So, the answer is -4.5.")
         '-4.5'
     """
-    matches = _NUMBER_RE.findall(text)
+    matches = _NUMBER_RE.findall(_MINUS_RE.sub("-", text))
     return matches[-1].replace(",", "") if matches else None
 
 
@@ -678,8 +685,10 @@ def think_open_share(reference_choices: torch.Tensor, choices: torch.Tensor, ope
 
 
 def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p ‖ q) per row of log-probabilities [N, V] → [N]."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+    """KL(p ‖ q) per row of log-probabilities [N, V] → [N]; tokens with p = 0 add nothing (0·log 0 = 0), also where
+    a logit was masked to −inf."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros((), dtype=p.dtype, device=p.device)).sum(-1)
 
 
 def _scoring_batches(
@@ -1023,14 +1032,15 @@ def generate(
 
 
 def normalize_prompt(text: str) -> str:
-    """Normalise a prompt for overlap checks: NFKC, lowercase, punctuation removed, whitespace collapsed.
+    """Normalise a prompt for overlap checks: NFKC, lowercase, punctuation turned into spaces (so "cats.Do" and
+    "cats. Do" agree), whitespace collapsed.
 
     Example:
         >>> normalize_prompt("  Write a POEM,   please!\\n")
         'write a poem please'
     """
     text = unicodedata.normalize("NFKC", text).lower()
-    text = "".join(ch for ch in text if not unicodedata.category(ch).startswith("P"))
+    text = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in text)
     return " ".join(text.split())
 
 

@@ -151,7 +151,16 @@ def test_split_generation_free_template(text, thinking, answer, ok):
 def test_split_generation_close_before_open_best_effort():
     split = ev.split_generation("</think>b<think>a")
     assert not split.format_ok
-    assert split.answer == "b<think>a"  # text after the last close, as is
+    assert (split.answer, split.thinking) == ("b", "a")  # the block opened again after the close is thinking
+
+
+@pytest.mark.parametrize("forced", [False, True])
+def test_split_generation_block_reopened_after_answer_is_not_answer(forced):
+    text = ("" if forced else "<think>") + "plan</think>hello world\n<think>Hmm, wait, maybe"
+    split = ev.split_generation(text, prompt_ends_with_open=forced)
+    assert not split.format_ok
+    assert split.answer == "hello world"
+    assert split.thinking == "plan\nHmm, wait, maybe"
 
 
 @pytest.mark.parametrize(
@@ -397,6 +406,11 @@ def test_answer_accuracy():
     assert ev.answer_accuracy(answers, [33, "1200", 15, 3, -4.5]) == pytest.approx(4 / 5)
     assert ev.answer_accuracy(["x = 2.0"], ["2"]) == 1.0
     assert ev.extract_last_number("20-5") == "5"
+    assert ev.extract_last_number("The answer is .5") == ".5"
+    assert ev.extract_last_number("The answer is \u22123.") == "-3"  # Unicode minus sign
+    assert ev.extract_last_number("20\u22125") == "5"
+    assert ev.extract_last_number("version 1.25.") == "1.25"
+    assert ev.answer_accuracy([".5", "\u22123"], [0.5, -3]) == 1.0
     assert ev.extract_last_number("none") is None
     assert ev.answer_accuracy(["Answer: Paris"], ["paris"], extract=lambda a: a.split(":")[-1]) == 1.0
     with pytest.raises(ValueError):
@@ -693,6 +707,9 @@ def test_calibration_overlap():
     assert report.exact_fraction == pytest.approx(0.4) and report.normalized_fraction == pytest.approx(0.8)
     assert "2/5" in report.summary()
     assert ev.normalize_prompt("«Hello», World —  ok…") == "hello world ok"
+    assert ev.normalize_prompt("about cats.Do not") == ev.normalize_prompt("about cats. Do not")
+    assert ev.calibration_overlap(["Write about cats.Do not use commas."],
+                                  ["write about cats. do not use commas"]).normalized_matches == 1
     empty = ev.calibration_overlap(calibration, [])
     assert empty.normalized_fraction == 0.0 and empty.normalized_indices == []
 
@@ -771,3 +788,14 @@ def test_evaluate_load_offline(offline):
         assert extra[name]["think_format_rate"] == 1.0 and extra[name]["prompt_strict"] == 1.0, name
     assert extra["whole"]["prompt_strict"] == 0.0 and extra["whole"]["instruction_strict"] == 0.5
     assert "2 predictions but 1 kwargs lists" in extra["mismatch"]
+
+
+def test_kl_rows_masked_tokens_add_nothing():
+    inf = float("inf")
+    log_p = torch.log_softmax(torch.tensor([[0.0, 1.0, -inf], [2.0, -inf, -inf]]), -1)
+    log_q = torch.log_softmax(torch.tensor([[1.0, 0.0, -inf], [2.0, 0.0, -inf]]), -1)
+    kl = ev.kl_rows(log_p, log_q)
+    assert torch.isfinite(kl).all()
+    p = log_p[0, :2].exp()
+    assert float(kl[0]) == pytest.approx(float((p * (log_p[0, :2] - log_q[0, :2])).sum()))
+    assert float(kl[1]) == pytest.approx(-float(log_q[1, 0]))
