@@ -775,6 +775,7 @@ class RainMerger:
         if changed:
             raise ConfigError(f"merger.config.{changed[0]} changed after the merger was made; the modules to merge "
                               "and the think tokens are fixed by the plan: make a new RainMerger with that config.")
+        self._check_output_dtypes()  # output_dtype may have changed since the merger was made
         if self._touched:  # a finished merge, or one that failed half way
             self.reset()
         self._new_report()
@@ -832,11 +833,11 @@ class RainMerger:
             self.report.leakage = u.tolist()
             self.report.head_coefficients = alpha.tolist()
             self.report.timings["stage2_coefficients"] = time.perf_counter() - t2
-        t3 = time.perf_counter()
         lam = cfg.lam
-        if lam == "auto":
+        if lam == "auto":  # timed apart, as "lam_auto"
             lam = self._choose_lambda(alpha, heldout if not cfg.stage1 else self.features.heldout,
                                       [s.input_ids for s in instruction_samples])
+        t3 = time.perf_counter()
         self._apply_rain(float(lam), alpha, record=True, desc="merge")
         self.report.lam = float(lam)
         self.report.timings["merge"] = time.perf_counter() - t3
@@ -854,12 +855,16 @@ class RainMerger:
             self.reset()
 
     def _hold_out(self, samples: list[CalibrationSample]) -> tuple[list[CalibrationSample], list[CalibrationSample]]:
-        """(stage-1 samples, held-out samples): the last share is kept out of stage 1 to measure L_think."""
-        n_out = max(1, round(len(samples) * self.config.lam_auto_holdout))
-        if len(samples) - n_out < 1:
-            raise ConfigError(f"lam='auto' needs at least 2 reasoning calibration samples (got {len(samples)}); "
+        """(stage-1 samples, held-out samples): a share spread evenly over the set is kept out of stage 1 to
+        measure L_think — evenly, because calibration files come grouped by domain (the paper's: math, code,
+        science), and the last quarter would hold out one domain whole."""
+        n = len(samples)
+        n_out = max(1, round(n * self.config.lam_auto_holdout))
+        if n - n_out < 1:
+            raise ConfigError(f"lam='auto' needs at least 2 reasoning calibration samples (got {n}); "
                               "pass more, or set lam to a number.")
-        return samples[:-n_out], samples[-n_out:]
+        out = {int((j + 0.5) * n / n_out) for j in range(n_out)}  # distinct: the spacing n / n_out is > 1
+        return [s for i, s in enumerate(samples) if i not in out], [s for i, s in enumerate(samples) if i in out]
 
     def _think_rows(self, samples: list[CalibrationSample]) -> list[tuple[list[int], list[int]]]:
         """(token ids, thinking positions) of each sample, as L_think reads them."""
@@ -1021,6 +1026,8 @@ class RainMerger:
         if clash:  # overwriting an input would also make every later merge read the merged weights as θ_R/θ_B/θ_I
             raise ConfigError(f"save_directory {str(save_directory)!r} is (or holds) the {clash[0]} model's folder "
                               f"{clash[1]}: saving there would replace an input. Choose another folder.")
+        self._check_output_dtypes()
+        self.report.timings.pop("save", None)  # the sidecar is written before this save's time is known
         start = time.perf_counter()
         shard_size = parse_size(max_shard_size if max_shard_size is not None else self.config.max_shard_size)
         keys = self.reasoning.keys()

@@ -15,8 +15,9 @@ model's tensor θ_R, the base model's tensor θ_B (when :func:`needs_base` says 
 TIES / DARE convention: **peft's** (:mod:`peft.utils.merge_utils`, whose functions this module calls), not
 mergekit's:
 
-* trimming (TIES): each task vector keeps its ``int(density · numel)`` largest-magnitude entries
-  (``magnitude_based_pruning``); the others become 0;
+* trimming (TIES): each task vector keeps its ``int(density · numel)`` largest-magnitude entries, as peft's
+  ``magnitude_based_pruning`` does, but entries tied at the cut are kept in index order (peft's ``topk`` picks
+  among ties differently on CPU and CUDA, and bf16 deltas tie by the hundred thousand); the others become 0;
 * drop (DARE): each entry of each task vector is kept with probability ``density`` and the kept entries are
   rescaled by ``1 / density`` (mergekit's optional L1-norm rescale is not used);
 * sign election (``*_ties``): the sign of the sum of the **unweighted** trimmed task vectors
@@ -56,7 +57,7 @@ import torch
 
 from .config import METHODS, RainMergingConfig
 
-__all__ = ["BASELINE_METHODS", "merge_tensor", "needs_base", "slerp", "tensor_seed"]
+__all__ = ["BASELINE_METHODS", "merge_tensor", "needs_base", "slerp", "tensor_seed", "trim_by_magnitude"]
 
 #: The methods :func:`merge_tensor` implements (every ``RainMergingConfig.method`` except ``"rain"``).
 BASELINE_METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp")
@@ -189,12 +190,37 @@ def merge_tensor(
     mu = _merge_utils()
     if method == "ties":
         if density < 1.0:
-            task_vectors = [mu.magnitude_based_pruning(tv, density) for tv in task_vectors]
+            task_vectors = [trim_by_magnitude(tv, density) for tv in task_vectors]
         return theta_b + _disjoint(mu, task_vectors, weights)
     task_vectors = _dare_drop(task_vectors, density, tensor_seed(config.seed, key))
     if method == "dare_ties":
         return theta_b + _disjoint(mu, task_vectors, weights)
     return theta_b + mu.task_arithmetic(task_vectors, weights)  # dare_linear
+
+
+def trim_by_magnitude(tensor: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES trimming: keep the ``int(density · numel)`` largest-magnitude entries of ``tensor``, zero the rest.
+
+    Entries tied with the smallest kept magnitude are kept in index order, so the result is the same on every
+    device.
+
+    Example:
+        >>> trim_by_magnitude(torch.tensor([1.0, -3.0, 1.0, 1.0, 2.0]), 0.6)
+        tensor([ 1., -3.,  0.,  0.,  2.])
+    """
+    flat = tensor.reshape(-1)
+    k = int(density * flat.numel())
+    if k <= 0:
+        return torch.zeros_like(tensor)
+    if k >= flat.numel():
+        return tensor.clone()
+    magnitude = flat.abs()
+    cut = torch.kthvalue(magnitude, flat.numel() - k + 1).values  # the k-th largest magnitude
+    above = magnitude > cut
+    at_cut = magnitude == cut
+    room = k - int(above.sum())
+    keep = above | (at_cut & (torch.cumsum(at_cut, 0) <= room))
+    return (flat * keep).reshape(tensor.shape)
 
 
 def _merge_utils() -> ModuleType:

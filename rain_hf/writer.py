@@ -20,13 +20,12 @@ from pathlib import Path
 
 import torch
 
+from .checkpoints import _SAFETENSORS_DTYPES
+
 logger = logging.getLogger(__name__)
 
-_DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
+# every dtype the reader accepts can be written back (a copied buffer keeps its dtype)
+_DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
 
 
 class OutputExistsError(FileExistsError):
@@ -86,6 +85,11 @@ class ShardedSafetensorsWriter:
 
     def __init__(self, folder: str | os.PathLike, specs: Sequence[TensorSpec], max_shard_size: int,
                  prefix: str = "model", metadata: dict[str, str] | None = None) -> None:
+        unwritable = [spec for spec in specs if spec.dtype not in _DTYPE_NAMES]
+        if unwritable:
+            spec = unwritable[0]
+            raise ValueError(f"Tensor {spec.name!r} has dtype {spec.dtype}, which safetensors cannot store: cast it "
+                             f"to one of {sorted(str(d) for d in _DTYPE_NAMES)} before saving.")
         self.folder = Path(folder)
         self.shards = plan_shards(specs, max_shard_size)
         self.names = shard_file_names(len(self.shards), prefix)
@@ -125,7 +129,7 @@ class ShardedSafetensorsWriter:
             self._start_shard(shard)
         data = tensor.detach().to("cpu").contiguous()
         if data.numel():
-            self._file.write(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+            self._file.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))  # no extra copy
         self._next += 1
 
     def close(self) -> dict:
@@ -180,16 +184,18 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / "out")
     try:
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / "out")
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException:  # Ctrl-C included: whatever step it hit, leave target as it was and no debris
+        if tmp.exists():  # the new folder never took target's place
+            if old is not None and (old / "out").exists() and not target.exists():
+                os.replace(old / "out", target)
+            shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
-            os.replace(old / "out", target)
             shutil.rmtree(old, ignore_errors=True)
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

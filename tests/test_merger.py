@@ -1130,3 +1130,29 @@ def test_bad_card_template_fails_before_the_weights_are_written(qwen2, tmp_path,
     with pytest.raises(FileNotFoundError, match="typo.md.j2"):
         merger.save_pretrained(tmp_path / "out", card_template=tmp_path / "typo.md.j2")
     assert written == [] and not (tmp_path / "out").exists()
+
+
+def test_output_dtype_changed_after_construction_is_checked_again(qwen2, tmp_path):
+    merger = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
+                                        config=RainMergingConfig(method="task_arithmetic", lam=1.0,
+                                                                 output_dtype="bfloat16"),
+                                        torch_dtype="bfloat16")
+    merger.config.output_dtype = "float32"  # would save bf16-rounded weights labelled float32
+    with pytest.raises(ConfigError, match="output_dtype"):
+        merger.merge()
+    merger.config.output_dtype = "bfloat16"
+    merger.merge()
+    merger.config.output_dtype = "float32"
+    with pytest.raises(ConfigError, match="output_dtype"):
+        merger.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_lam_auto_holds_out_samples_spread_over_the_set(qwen2):
+    merger = _merger(qwen2, lam="auto")
+    samples = list(range(12))  # e.g. 4 math, 4 code, 4 science, in file order
+    kept, held = merger._hold_out(samples)
+    assert len(held) == 3 and sorted(kept + held) == samples
+    assert [h // 4 for h in held] == [0, 1, 2]  # one per domain, not the last domain whole
+    kept, held = merger._hold_out([0, 1])
+    assert (kept, held) == ([0], [1]) or (kept, held) == ([1], [0])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rain_hf.config import METHODS, RainMergingConfig
-from rain_hf.methods import BASELINE_METHODS, merge_tensor, needs_base, slerp, tensor_seed
+from rain_hf.methods import BASELINE_METHODS, merge_tensor, needs_base, slerp, tensor_seed, trim_by_magnitude
 
 KEY = "model.layers.0.mlp.up_proj.weight"
 
@@ -85,6 +85,23 @@ def test_ties_matches_peft_convention():
     ours = merge_tensor("ties", reasoning, base, delta, cfg, KEY)
     theirs = base + merge_utils.ties([reasoning - base, delta], torch.tensor([1.0, 0.8]), density=0.3)
     torch.testing.assert_close(ours, theirs)
+
+
+def test_trim_keeps_ties_at_the_cut_in_index_order():
+    # bf16 deltas tie in bulk: which tied entries survive must not depend on topk's device-specific choice
+    values = torch.tensor([0.5, -1.0, 0.5, 2.0, -0.5, 0.5, 0.25, 0.5])
+    for density, kept in [(0.5, [0, 1, 2, 3]), (0.375, [1, 3, 0]), (0.75, [0, 1, 2, 3, 4, 5]), (0.1, []),
+                          (1.0, list(range(8)))]:
+        out = trim_by_magnitude(values, density)
+        expected = torch.zeros_like(values)
+        expected[kept] = values[kept]
+        assert torch.equal(out, expected), density
+    big = torch.randn(64, 32).bfloat16().float() * 1e-3  # many exact ties at every magnitude
+    k = int(0.3 * big.numel())
+    out = trim_by_magnitude(big, 0.3)
+    assert int((out != 0).sum()) == k and out.shape == big.shape
+    assert float(out[out != 0].abs().min()) == float(big.abs().reshape(-1).topk(k).values[-1])
+    assert torch.equal(out, trim_by_magnitude(big.double(), 0.3).float())  # same entries whatever the dtype
 
 
 @pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])

@@ -116,3 +116,51 @@ def test_config_round_trip_and_validation(tmp_path):
 def test_lam_auto_is_for_rain_only():
     with pytest.raises(ConfigError, match="method='rain' only"):
         RainMergingConfig(method="ties", lam="auto")
+
+
+def test_writer_writes_every_dtype_the_reader_reads(tmp_path):
+    from rain_hf.checkpoints import LazyCheckpoint
+
+    tensors = {"u16": torch.arange(6).reshape(2, 3).to(torch.uint16), "u32": torch.arange(3).to(torch.uint32),
+               "u64": torch.arange(2).to(torch.uint64), "bf": torch.randn(2, 2).bfloat16()}
+    writer = ShardedSafetensorsWriter(tmp_path, [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in tensors.items()],
+                                      max_shard_size=10**6)
+    for name, tensor in tensors.items():
+        writer.write(name, tensor)
+    writer.close()
+    ckpt = LazyCheckpoint(tmp_path)
+    for name, tensor in tensors.items():
+        assert torch.equal(ckpt.get(name), tensor)
+
+
+def test_writer_names_a_dtype_safetensors_cannot_store(tmp_path):
+    with pytest.raises(ValueError, match="'c'.*complex64.*cast it"):
+        ShardedSafetensorsWriter(tmp_path, [TensorSpec("c", (2,), torch.complex64)], max_shard_size=100)
+
+
+@pytest.mark.parametrize("failing_move", [".old-", "out"])
+def test_atomic_directory_interrupted_while_swapping_leaves_old_output_and_no_debris(tmp_path, monkeypatch,
+                                                                                   failing_move):
+    import os
+
+    from rain_hf import writer as writer_module
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    real_replace = os.replace
+    interrupts = [1]
+
+    def interrupted(src, dst):
+        # ".old-": Ctrl-C while the old output is moved aside; "out": while the new one is moved into place
+        if interrupts and failing_move in str(dst) and (failing_move != "out" or str(dst) == str(target)):
+            interrupts.pop()
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(writer_module.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_directory(target, overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
