@@ -811,6 +811,12 @@ class RainMerger:
                                  "to from_pretrained, or set RainMergingConfig(stage1=False).")
             self.features.check_compatible(cfg, [t.name for t in self.targets])
             self._check_features_model()
+            if reasoning_calibration is None and self.features.heldout and cfg.lam != "auto":
+                self.report.warnings.append(
+                    f"the thinking features were computed for lam='auto' and leave {len(self.features.heldout)} "
+                    "reasoning calibration samples out of stage 1; pass reasoning_calibration=... to merge() to "
+                    "project with all of them")
+                logger.warning(self.report.warnings[-1])
             if cfg.sequential and self._stage1_samples is None:
                 raise ValueError("sequential=True captures thinking features on the partly merged model, so it needs "
                                  "the reasoning calibration samples, not only precomputed features: pass "

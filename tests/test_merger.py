@@ -896,6 +896,7 @@ def test_lam_auto_l_think_leaves_out_the_think_close_position(qwen2, tokenizer):
         fixed = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
                                            RainMergingConfig(lam=row["lam"], stage2=False), features=auto.features)
         merged = fixed.merge().eval()
+        assert any("leave 2 reasoning calibration samples out of stage 1" in w for w in fixed.report.warnings)
         kept, with_close = [], []
         for ids, positions in auto.features.heldout:
             assert sum(ids[p] == close_id for p in positions) == 1
