@@ -92,8 +92,9 @@ class RainMergingConfig:
             so λ alone sets the strength); ``"none"`` keeps the paper's literal g / (1 + u).
         coef_min, coef_max: the box the coefficients are clipped to.
         probe_lam: the expansion point of the stage-2 probe model θ_R + probe_lam·Δ⊥.
-        target_modules: ``"all-linear"`` (every linear layer inside the decoder blocks) or a list of module
-            name suffixes such as ``["q_proj", "v_proj"]``.
+        target_modules: ``"all-linear"`` (every linear layer inside the decoder blocks) or, as in peft, a list of
+            module names or dotted suffixes of them such as ``["q_proj", "v_proj", "mlp.down_proj"]``; an entry
+            that matches no linear module is an error.
         layers: indices of decoder layers to merge (``None``: all).
         think_open, think_close: the thinking special tokens; each must be a single token of the tokenizer.
         think_spacing: the text written after think_open, before think_close and after think_close when a

@@ -97,11 +97,21 @@ def _attention_of(block: nn.Module) -> tuple[str, nn.Module] | None:
     return None
 
 
+def unmergeable_weights(model: nn.Module) -> list[str]:
+    """Names of the matrices (parameters with ≥ 2 dims) inside the decoder blocks that are not ``nn.Linear``
+    weights, such as the fused expert tensors of Mixtral or Qwen3-MoE: no method here merges them."""
+    prefix, layers = find_decoder_layers(model)
+    linear = {id(m.weight) for m in layers.modules() if isinstance(m, nn.Linear)}
+    return [f"{prefix}.{name}" for name, p in layers.named_parameters() if p.dim() >= 2 and id(p) not in linear]
+
+
 def find_target_modules(model: nn.Module, config: RainMergingConfig) -> list[TargetModule]:
     """Linear modules inside the decoder blocks selected by ``config.target_modules`` and ``config.layers``.
 
-    Attention projections are classified by shape inside the block's attention module, not by name: a linear
-    with out = H·head_dim is a query projection, out = KV·head_dim a key/value projection, in = H·head_dim and
+    ``target_modules`` entries match as in peft: the module's name inside the block or a dotted suffix of it;
+    an entry that matches no linear module is an error. Attention projections are mapped to heads by their
+    usual names (q/k/v/o_proj and kin) and otherwise by shape inside the block's attention module: a linear with
+    out = H·head_dim is a query projection, out = KV·head_dim a key/value projection, in = H·head_dim and
     out = hidden the output projection.
     """
     geo = attention_geometry(model.config)
@@ -112,17 +122,21 @@ def find_target_modules(model: nn.Module, config: RainMergingConfig) -> list[Tar
             raise ConfigError(f"config.layers names layers {bad}, but the model has {len(layers)} "
                               f"(0–{len(layers) - 1}): drop them, or leave layers unset to merge every layer.")
     wanted_layers = set(range(len(layers))) if config.layers is None else set(config.layers)
+    every = config.target_modules == "all-linear"
+    entries = [] if every else list(config.target_modules)
+    matched: set[str] = set()
     targets: list[TargetModule] = []
     for idx, block in enumerate(layers):
-        if idx not in wanted_layers:
-            continue
         attn = _attention_of(block)
         attn_name = attn[0] if attn else None
         for sub, module in block.named_modules():
             if not isinstance(module, nn.Linear):
                 continue
             leaf = sub.rsplit(".", 1)[-1]
-            if config.target_modules != "all-linear" and leaf not in config.target_modules:
+            # peft's rule: an entry names the module or a dotted suffix of its name ("mlp.down_proj")
+            hits = [e for e in entries if sub == e or sub.endswith("." + e)]
+            matched.update(hits)
+            if (not every and not hits) or idx not in wanted_layers:
                 continue
             out_f, in_f = module.weight.shape
             kind = "other"
@@ -132,9 +146,12 @@ def find_target_modules(model: nn.Module, config: RainMergingConfig) -> list[Tar
                     logger.warning("%s.%s.%s: attention projection %s could not be mapped to heads; it gets the "
                                    "layer mean α.", prefix, idx, sub, tuple(module.weight.shape))
             targets.append(TargetModule(f"{prefix}.{idx}.{sub}", idx, kind, (out_f, in_f), module.bias is not None))
-    if not targets:
-        raise ConfigError(f"target_modules={config.target_modules!r} matches no linear module in the decoder blocks: "
-                          "name their last parts (e.g. ['q_proj', 'v_proj']) or use 'all-linear'.")
+    unmatched = [e for e in entries if e not in matched]
+    if unmatched or not targets:
+        names = sorted({sub for sub, m in layers[0].named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(f"target_modules entries {unmatched or entries} match no linear module in the decoder "
+                          f"blocks, whose linear modules are {names}: name them or a dotted suffix of their names "
+                          "(e.g. ['q_proj', 'mlp.down_proj']), or use 'all-linear'.")
     return targets
 
 
@@ -235,6 +252,8 @@ class ThinkFeatures:
         """Refuse features computed with other position settings or for other modules."""
         for key in ("positions", "window", "project_bias", "think_open", "think_close", "think_spacing",
                     "max_length"):
+            if key == "window" and config.positions not in ("window", "window-before-answer"):
+                continue  # the radius plays no part in the other position sets
             if key in self.settings and self.settings[key] != getattr(config, key):
                 raise ValueError(f"These thinking features were computed with {key}={self.settings[key]!r} but the "
                                  f"config asks for {getattr(config, key)!r}: recompute them or change the config.")

@@ -51,6 +51,7 @@ from .features import (
     capture_think_features,
     collect_attention_stats,
     find_target_modules,
+    unmergeable_weights,
 )
 from .projection import (
     feature_residual,
@@ -389,7 +390,13 @@ class RainMerger:
 
         reasoning = LazyCheckpoint(sources["reasoning"].path, f"the reasoning model {shown['reasoning']}")
         base = LazyCheckpoint(sources["base"].path, f"the base model {shown['base']}")
-        targets = find_target_modules(_skeleton(configs["reasoning"]), config)
+        skeleton = _skeleton(configs["reasoning"])
+        targets = find_target_modules(skeleton, config)
+        fused = unmergeable_weights(skeleton)
+        if fused:
+            warnings.append(f"{len(fused)} weight tensors inside the decoder blocks are not linear layers (e.g. "
+                            f"{fused[0]}, fused mixture-of-experts weights) and are not merged: they stay the "
+                            "reasoning model's")
         if adapter:
             instruct = LoraDelta.from_pretrained(sources["instruct"].path)
             instruct.source = sources["instruct"]

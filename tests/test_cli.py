@@ -340,7 +340,7 @@ def test_dtype_shard_size_and_card_template_reach_the_merge(triple, tmp_path):
 
 @pytest.mark.parametrize("parameters, expected", [
     ({"layers": [0, 9]}, "config.layers names layers [9], but the model has 2"),
-    ({"target_modules": ["foo_proj"]}, "matches no linear module"),
+    ({"target_modules": ["foo_proj"]}, "['foo_proj'] match no linear module"),
 ])
 def test_config_errors_found_on_the_models_exit_2(triple, tmp_path, capsys, parameters, expected):
     root, _ = triple

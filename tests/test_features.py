@@ -1,0 +1,65 @@
+"""Which modules a merge touches, and when saved thinking features fit a config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2Config, Qwen3MoeConfig
+
+from rain_hf.config import ConfigError, RainMergingConfig
+from rain_hf.features import ThinkFeatures, find_target_modules, unmergeable_weights
+
+
+def _meta(config) -> torch.nn.Module:
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.fixture(scope="module")
+def qwen2_skeleton() -> torch.nn.Module:
+    return _meta(Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=100))
+
+
+def _names(targets) -> list[str]:
+    return sorted({t.name.split(".", 3)[-1] for t in targets})
+
+
+def test_target_modules_match_dotted_suffixes_as_in_peft(qwen2_skeleton):
+    targets = find_target_modules(qwen2_skeleton, RainMergingConfig(lam=1.0, target_modules=["q_proj", "mlp.down_proj"]))
+    assert _names(targets) == ["mlp.down_proj", "self_attn.q_proj"]
+    assert len(targets) == 4  # both layers
+    one = find_target_modules(qwen2_skeleton, RainMergingConfig(lam=1.0, target_modules=["self_attn.o_proj"],
+                                                                layers=[1]))
+    assert [t.name for t in one] == ["model.layers.1.self_attn.o_proj"]
+
+
+@pytest.mark.parametrize("entries, named", [(["q_proj", "dwon_proj"], "['dwon_proj']"),
+                                            (["attn.q_proj"], "['attn.q_proj']"),  # not a whole-part suffix
+                                            (["foo"], "['foo']")])
+def test_target_modules_entry_matching_nothing_is_an_error(qwen2_skeleton, entries, named):
+    with pytest.raises(ConfigError, match="match no linear module") as err:
+        find_target_modules(qwen2_skeleton, RainMergingConfig(lam=1.0, target_modules=entries))
+    assert named in str(err.value) and "'mlp.down_proj'" in str(err.value)  # lists what there is
+
+
+def test_fused_expert_weights_are_reported_as_unmergeable(qwen2_skeleton):
+    assert unmergeable_weights(qwen2_skeleton) == []
+    for config in (Qwen3MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=4,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  vocab_size=100),
+                   MixtralConfig(hidden_size=64, intermediate_size=128, num_local_experts=4, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=100)):
+        model = _meta(config)
+        linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        expected = [n for n, p in model.named_parameters()
+                    if ".layers." in n and p.dim() >= 2 and n not in linear]
+        assert expected and unmergeable_weights(model) == expected
+
+
+def test_saved_features_ignore_a_window_their_position_set_does_not_use():
+    features = ThinkFeatures({}, {}, {"positions": "think", "window": 3})
+    features.check_compatible(RainMergingConfig(lam=1.0, positions="think", window=1), [])
+    windowed = ThinkFeatures({}, {}, {"positions": "window", "window": 3})
+    with pytest.raises(ValueError, match="window=3"):
+        windowed.check_compatible(RainMergingConfig(lam=1.0, positions="window", window=1), [])
