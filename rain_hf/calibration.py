@@ -14,7 +14,8 @@ Every sample is rendered with the reasoning model's chat template as::
     [<think>\\n]                 (only when the rendered prompt does not already end with the think-open token)
     <reasoning>\\n</think>\\n\\n<response>
 
-(the R1 trace layout; the three texts are stripped of surrounding whitespace first). Every segment is placed by
+(the R1 trace layout; the three texts are stripped of surrounding whitespace first; a template whose generation
+prompt already closes the thinking, i.e. one with thinking disabled, is refused). Every segment is placed by
 construction, so its character offsets are known; the text is tokenized once with an offset mapping and each
 character span becomes the token span of the tokens that overlap it. Annotation strings are searched only inside
 the segment they belong to, never in the whole text, so short strings such as ``"."`` or ``"at"`` land in the
@@ -26,6 +27,7 @@ Records that carry only a prompt can be completed by the reasoning model itself 
 from __future__ import annotations
 
 import bisect
+import codecs
 import copy
 import hashlib
 import json
@@ -59,6 +61,10 @@ class _Malformed(Exception):
     """Internal: one calibration record cannot be used (the reason is its message)."""
 
 
+class _EmptyFile(CalibrationError):
+    """A calibration file holding nothing but whitespace (:func:`check_records` words it as "no records")."""
+
+
 @dataclass
 class CalibrationSample:
     """One rendered calibration sample with the token spans the two stages need.
@@ -74,7 +80,10 @@ class CalibrationSample:
         thinking_span: tokens strictly between the two think tokens.
         response_span: tokens after the think-close token, to the end of the sequence.
         instruction_spans: I, the instruction tokens inside the prompt (default: the whole prompt span).
-        constrained_spans: R, the response tokens constrained by the instructions (default: the response span).
+        constrained_spans: R, the response tokens constrained by the instructions. Default (no R annotation
+            found): the response span less the annotated unrelated spans, so that R and U never share a token.
+            Empty when the cut to ``max_length`` removed every annotated R span (logged): stage 2 then leaves the
+            sample out of the alignment mean.
         unrelated_spans: U, the thinking span plus any annotated unrelated response spans.
         index: index of the record in the user's input.
     """
@@ -126,14 +135,15 @@ def load_records(data: Any) -> list[dict]:
 
     Args:
         data: a ``.json`` file holding a list of objects, a ``.jsonl`` file (one object per line, blank lines
-            ignored), a list/tuple of dicts, or a ``datasets.Dataset``.
+            ignored), a list/tuple of dicts, or a ``datasets.Dataset``. Files must be UTF-8; a file whose content
+            is plainly the other format (JSON Lines in ``.json``, one list in ``.jsonl``) is read as what it holds.
 
     Returns:
         The records as a list of plain dicts (shallow copies).
 
     Raises:
-        CalibrationError: missing file, unsupported extension, invalid JSON (with the line number for JSONL),
-            a record that is not an object, or an unsupported input type.
+        CalibrationError: missing, empty or non-UTF-8 file, unsupported extension, invalid JSON (with the line
+            number for JSONL), a record that is not an object, or an unsupported input type.
     """
     return _load_with_locations(data)[0]
 
@@ -148,7 +158,10 @@ def check_records(data: Any, what: str = "calibration") -> int:
         CalibrationError: what :func:`load_records` raises, no records, or none with a prompt (naming the first
             record's keys and the fields expected).
     """
-    records, locations = _load_with_locations(data)
+    try:
+        records, locations = _load_with_locations(data)
+    except _EmptyFile as err:
+        raise CalibrationError(f"The {what} data holds no records: {err}") from None
     if not records:
         raise CalibrationError(f"The {what} data holds no records.")
     usable = 0
@@ -210,53 +223,131 @@ def _is_hf_dataset(data: Any) -> bool:
 
 
 def _load_path(path: Path, locations: list[str]) -> list[dict]:
-    """Read a ``.json`` list or a ``.jsonl`` file of records, appending each record's location to ``locations``
-    (a UTF-8 byte-order mark is accepted)."""
+    """Read a ``.json`` list or a ``.jsonl`` file of records, appending each record's location to ``locations``.
+
+    The extension picks the format, but a file whose content is plainly the other format (JSON Lines named
+    ``.json``, one JSON list named ``.jsonl``) is read as what it holds, with a logged note. A UTF-8 byte-order
+    mark is accepted.
+    """
     if not path.exists():
         raise CalibrationError(f"Calibration file {str(path)!r} does not exist: check the path.")
     if path.is_dir():
         raise CalibrationError(f"Calibration path {str(path)!r} is a folder: pass a .json or .jsonl file.")
     suffix = path.suffix.lower()
+    if suffix not in (".json", ".jsonl"):
+        raise CalibrationError(
+            f"Unsupported calibration file extension {path.suffix!r} ({path}): use .json (a list of objects) or "
+            ".jsonl (one object per line)."
+        )
+    text = _read_utf8(path)
+    if not text.strip():
+        raise _EmptyFile(
+            f"{path} is empty: fill it with records (a JSON list in .json, one JSON object per "
+            "line in .jsonl)."
+        )
     if suffix == ".jsonl":
-        records = []
-        with open(path, encoding="utf-8-sig") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise CalibrationError(
-                        f"{path}: line {lineno} is not valid JSON ({err.msg}): fix or remove that line."
-                    ) from err
-                if not isinstance(record, dict):
-                    raise CalibrationError(f"{path}: line {lineno} is a JSON {type(record).__name__}, not an object.")
-                records.append(record)
-                locations.append(f"{path} line {lineno}")
-        return records
-    if suffix == ".json":
-        try:
-            with open(path, encoding="utf-8-sig") as f:
-                content = json.load(f)
-        except json.JSONDecodeError as err:
+        return _read_jsonl_file(path, text, locations)
+    return _read_json_file(path, text, locations)
+
+
+def _read_utf8(path: Path) -> str:
+    """The file's text, refusing bytes that are not UTF-8 with their offset (a leading BOM is dropped)."""
+    data = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        at = bom + err.start
+        line = data.count(b"\n", 0, at) + 1
+        raise CalibrationError(
+            f"{path} is not UTF-8 text: byte {at} (line {line}) is {data[at:at + 1]!r} ({err.reason}). Re-save the "
+            "file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 IN > OUT` for a Latin-1 file)."
+        ) from None
+
+
+def _read_jsonl_file(path: Path, text: str, locations: list[str]) -> list[dict]:
+    """Records of a ``.jsonl`` file; a file holding one JSON list instead (often pretty-printed) is read as one."""
+    try:
+        records, where = _parse_jsonl(path, text)
+    except CalibrationError:
+        whole = _json_or_none(text)
+        if isinstance(whole, list):
+            logger.info("%s holds one JSON list, not JSON Lines: read as a list of records (name it .json).", path)
+            return _records_of_list(path, whole, locations)
+        if isinstance(whole, dict):
+            raise CalibrationError(
+                f"{path} holds one JSON object spread over several lines, not JSON Lines: write one record per line "
+                "(e.g. `jq -c . IN > OUT`), or a list of records in a .json file."
+            ) from None
+        raise
+    locations.extend(where)
+    return records
+
+
+def _read_json_file(path: Path, text: str, locations: list[str]) -> list[dict]:
+    """Records of a ``.json`` list; a file holding JSON Lines instead (one object per line) is read as such."""
+    try:
+        content = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg != "Extra data":  # JSON Lines content fails as "Extra data" after its first line
             raise CalibrationError(
                 f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})."
             ) from err
-        if not isinstance(content, list):
-            raise CalibrationError(
-                f"{path} holds a JSON {type(content).__name__}; a .json calibration file must hold a list of "
-                "objects (use .jsonl for one object per line)."
-            )
         try:
-            records = _load_in_memory(content)
-        except CalibrationError as err:
-            raise CalibrationError(f"{path}: {err}") from None
-        locations.extend(f"{path} record {i}" for i in range(len(records)))
+            records, where = _parse_jsonl(path, text)
+        except CalibrationError as jsonl_err:
+            raise CalibrationError(
+                f"{path} is not valid JSON (extra data at line {err.lineno}, column {err.colno}); it looks like JSON "
+                f"Lines (name it .jsonl), but as JSON Lines: {jsonl_err}"
+            ) from None
+        logger.info("%s holds JSON Lines (one object per line), not a JSON list: read as JSON Lines (name it "
+                    ".jsonl).", path)
+        locations.extend(where)
         return records
-    raise CalibrationError(
-        f"Unsupported calibration file extension {path.suffix!r} ({path}): use .json (a list of objects) or "
-        ".jsonl (one object per line)."
-    )
+    if not isinstance(content, list):
+        raise CalibrationError(
+            f"{path} holds a JSON {type(content).__name__}; a .json calibration file must hold a list of "
+            "objects (use .jsonl for one object per line)."
+        )
+    return _records_of_list(path, content, locations)
+
+
+def _parse_jsonl(path: Path, text: str) -> tuple[list[dict], list[str]]:
+    """(records, locations) of JSON Lines text; blank lines are skipped."""
+    records, where = [], []
+    # split on "\n" only: JSON strings may hold U+2028 and other characters that str.splitlines() breaks at
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CalibrationError(
+                f"{path}: line {lineno} is not valid JSON ({err.msg}): fix or remove that line."
+            ) from err
+        if not isinstance(record, dict):
+            raise CalibrationError(f"{path}: line {lineno} is a JSON {type(record).__name__}, not an object.")
+        records.append(record)
+        where.append(f"{path} line {lineno}")
+    return records, where
+
+
+def _json_or_none(text: str) -> Any:
+    """``text`` parsed as one JSON document, or ``None`` when it is not one."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def _records_of_list(path: Path, content: list, locations: list[str]) -> list[dict]:
+    """The records of a JSON list read from ``path`` (each must be an object)."""
+    try:
+        records = _load_in_memory(content)
+    except CalibrationError as err:
+        raise CalibrationError(f"{path}: {err}") from None
+    locations.extend(f"{path} record {i}" for i in range(len(records)))
+    return records
 
 
 # --------------------------------------------------------------------------------------------- tokenizer checks
@@ -321,6 +412,15 @@ def _template_parts(tokenizer: Any, config: Any) -> _Template:
             "template that inserts the message content unchanged."
         )
     before, after = rendered.split(_SENTINEL)
+    if config.think_close in after:
+        # Qwen3 rendered with enable_thinking=False and "no-think" variants end the generation prompt with an
+        # empty think block; each sample would then carry a second think block the model never writes.
+        raise CalibrationError(
+            f"The chat template's generation prompt {after!r} already closes the thinking ({config.think_close!r}): "
+            "the template disables thinking, so the calibration samples would hold two think blocks. Use a "
+            "tokenizer/chat template with thinking enabled (for Qwen3, do not bake in enable_thinking=False), or "
+            "set tokenizer.chat_template to one whose generation prompt stops at or before the think-open token."
+        )
     spacing = tuple(getattr(config, "think_spacing", ("\n", "\n", "\n\n")))
     return _Template(before, after, config.think_open, config.think_close, open_id, close_id, spacing)
 
@@ -382,26 +482,29 @@ class _Fields:
 
 
 class _ThinkSplit:
-    """Marker: an assistant message whose thinking and answer still have to be split at the think tokens."""
+    """Marker: a text ``[<think>]thinking</think>answer`` whose thinking and answer still have to be split at the
+    think tokens (an assistant message, or a ``response`` given without a separate reasoning field)."""
 
-    def __init__(self, content: Any) -> None:
+    def __init__(self, content: Any, source: str) -> None:
         self.content = content
+        self.source = source  # the field as errors name it
 
 
 def _raw_fields(record: Mapping) -> tuple[Any, Any, Any]:
     """The raw (prompt, reasoning, response) of a record; ``None`` marks an absent field.
 
     ``messages``-style records (one user turn, optionally one assistant turn whose content holds
-    ``<think>…</think>answer`` or which has a ``reasoning_content``) are accepted too.
+    ``<think>…</think>answer`` or which has a ``reasoning_content``) are accepted too, and so is a ``response``
+    holding ``<think>…</think>answer`` when there is no reasoning field (the usual R1 dump).
     """
-    if "prompt" not in record and isinstance(record.get("messages"), list):
+    # a datasets.Dataset gives every row every column, so a chat-format row arrives with prompt=None
+    if record.get("prompt") is None and isinstance(record.get("messages"), list):
         return _fields_from_messages(record["messages"])
-    reasoning = None
-    for key in REASONING_KEYS:
-        if record.get(key) is not None:
-            reasoning = record[key]
-            break
-    return record.get("prompt"), reasoning, record.get("response")
+    reasoning = next((record[key] for key in REASONING_KEYS if record.get(key) is not None), None)
+    response = record.get("response")
+    if reasoning is None and response is not None:
+        return record.get("prompt"), _ThinkSplit(response, "response"), None
+    return record.get("prompt"), reasoning, response
 
 
 def _fields_from_messages(messages: list) -> tuple[Any, Any, Any]:
@@ -415,34 +518,36 @@ def _fields_from_messages(messages: list) -> tuple[Any, Any, Any]:
     answer = messages[1]
     if answer.get("reasoning_content") is not None:
         return prompt, answer["reasoning_content"], answer.get("content")
-    return prompt, _ThinkSplit(answer.get("content")), None
+    return prompt, _ThinkSplit(answer.get("content"), "messages[1].content"), None
 
 
 def _is_prompt_only(record: Mapping) -> bool:
-    """True when a record has a prompt but neither a reasoning trace nor a response (generation needed)."""
-    if "generation_error" in record:
+    """True when a record has a non-empty prompt but neither a reasoning trace nor a response (generation
+    needed); a record without a usable prompt is left to validation, which names what is wrong."""
+    if record.get("generation_error") is not None:
         return False
     try:
-        _, reasoning, response = _raw_fields(record)
+        prompt, reasoning, response = _raw_fields(record)
     except _Malformed:
         return False
-    return reasoning is None and response is None
+    return isinstance(prompt, str) and bool(prompt.strip()) and reasoning is None and response is None
 
 
-def _text(value: Any, name: str, template: _Template, check_think: bool) -> str:
-    """A stripped, non-empty string field (optionally free of think tokens), else :class:`_Malformed`."""
+def _text(value: Any, label: str, template: _Template, check_think: bool) -> str:
+    """A stripped, non-empty string (optionally free of think tokens), else :class:`_Malformed` naming ``label``
+    (e.g. ``"field 'prompt'"``)."""
     if value is None:
-        raise _Malformed(f"field '{name}' is missing")
+        raise _Malformed(f"{label} is missing")
     if not isinstance(value, str):
-        raise _Malformed(f"field '{name}' is a {type(value).__name__}, not a string")
+        raise _Malformed(f"{label} is a {type(value).__name__}, not a string")
     value = value.strip()
     if not value:
-        raise _Malformed(f"field '{name}' is empty")
+        raise _Malformed(f"{label} is empty")
     if check_think:
         for token in (template.think_open, template.think_close):
             if token in value:
                 raise _Malformed(
-                    f"field '{name}' contains the think token {token!r}: pass the thinking text and the answer "
+                    f"{label} contains the think token {token!r}: pass the thinking text and the answer "
                     "without think tags"
                 )
     return value
@@ -450,24 +555,29 @@ def _text(value: Any, name: str, template: _Template, check_think: bool) -> str:
 
 def _parse_record(record: Mapping, template: _Template) -> _Fields:
     """Validate one record and gather its annotations."""
-    if "generation_error" in record:
+    if record.get("generation_error") is not None:
         raise _Malformed(f"generated trace unusable: {record['generation_error']}")
     prompt, reasoning, response = _raw_fields(record)
+    reasoning_label, response_label = "field 'reasoning' / 'reason'", "field 'response'"
+    answer_at = 0  # where the answer starts in its field as given
     if isinstance(reasoning, _ThinkSplit):
-        content = _text(reasoning.content, "messages[1].content", template, check_think=False)
-        reasoning, response = _split_think_text(content, template)
-    if reasoning is None and response is None and prompt is not None:
+        source = reasoning.source
+        reasoning, response, answer_at = _split_think_text(reasoning.content, template, source)
+        reasoning_label, response_label = f"the thinking in '{source}'", f"the answer in '{source}'"
+    stripped_prompt = _text(prompt, "field 'prompt'", template, check_think=False)
+    if reasoning is None and response is None:
         raise _Malformed("only a prompt: no reasoning trace and no response")
     fields = _Fields(
-        prompt=_text(prompt, "prompt", template, check_think=False),
-        reasoning=_text(reasoning, "reasoning' / 'reason", template, check_think=True),
-        response=_text(response, "response", template, check_think=True),
+        prompt=stripped_prompt,
+        reasoning=_text(reasoning, reasoning_label, template, check_think=True),
+        response=_text(response, response_label, template, check_think=True),
     )
     _collect_annotations(record, fields)
-    # [start, end] offsets count characters of the field as given; the fields were stripped
+    # [start, end] offsets count characters of the field as given; the fields were stripped (and split)
     fields.prompt_groups = _shift_offsets(fields.prompt_groups, len(prompt) - len(prompt.lstrip()))
+    answer_at += len(response) - len(response.lstrip())
     for name in ("response_groups", "unrelated_groups"):
-        setattr(fields, name, _shift_offsets(getattr(fields, name), len(response) - len(response.lstrip())))
+        setattr(fields, name, _shift_offsets(getattr(fields, name), answer_at))
     return fields
 
 
@@ -479,15 +589,30 @@ def _shift_offsets(groups: list[list[Any]], shift: int) -> list[list[Any]]:
             for group in groups]
 
 
-def _split_think_text(content: str, template: _Template) -> tuple[str, str]:
-    """Split ``[<think>]reasoning</think>answer`` into (reasoning, answer)."""
-    if content.count(template.think_close) != 1:
-        raise _Malformed(f"the assistant message must contain exactly one {template.think_close!r}")
-    reasoning, response = content.split(template.think_close)
-    reasoning = reasoning.strip()
+def _split_think_text(content: Any, template: _Template, source: str) -> tuple[str, str, int]:
+    """Split the text ``[<think>]reasoning</think>answer`` of field ``source`` into (reasoning, answer, where the
+    answer starts in ``content``); the two texts are not stripped here."""
+    _text(content, f"field '{source}'", template, check_think=False)
+    close = template.think_close
+    found = content.count(close)
+    if found != 1:
+        if source == "response" and not found and template.think_open not in content:
+            raise _Malformed(
+                f"field 'reasoning' / 'reason' is missing, and 'response' holds no {close!r} to split the thinking "
+                "off: pass the thinking as 'reasoning', or write the response as '<think>thinking</think>answer'"
+            )
+        alternative = ""
+        if source == "response":
+            alternative = ", or pass the thinking as 'reasoning' and only the answer as 'response'"
+        raise _Malformed(
+            f"field '{source}' holds think tags but cannot be split into thinking and answer: it must contain "
+            f"exactly one {close!r} (found {found}), as '{template.think_open}thinking{close}answer'{alternative}"
+        )
+    cut = content.index(close)
+    reasoning = content[:cut].strip()
     if reasoning.startswith(template.think_open):
         reasoning = reasoning[len(template.think_open):]
-    return reasoning, response
+    return reasoning, content[cut + len(close):], cut + len(close)
 
 
 def _annotation_list(value: Any, where: str) -> list[Any]:
@@ -529,8 +654,9 @@ def locate_annotations(segment: str, groups: Iterable[Sequence[Any]]) -> tuple[l
 
     Each group is searched in order, each string forward from the end of the previous match of its group (a
     whole-word occurrence first); when not found there, from the start of the previous match (nested
-    annotations) and then from the start of the segment (annotations out of order). The search never leaves ``segment``. An item may also be a
-    ``[start, end]`` pair of character offsets into the segment.
+    annotations, a prefix of the previous match included) and then from the start of the segment (annotations
+    out of order). The search never leaves ``segment``. An item may also be a ``[start, end]`` pair of character
+    offsets into the segment.
 
     Returns:
         (spans relative to the segment, descriptions of the items that were not found or not usable).
@@ -574,7 +700,7 @@ def _find_in_segment(segment: str, needle: str, prev_start: int, prev_end: int) 
     From each starting point a whole-word occurrence is preferred (``"at"`` in ``"Associate at X"`` is the word
     ``at``), then any occurrence.
     """
-    starts = dict.fromkeys((prev_end, prev_start + 1 if prev_end else 0, 0))
+    starts = dict.fromkeys((prev_end, prev_start, 0))
     for candidate in dict.fromkeys((needle, needle.strip())):
         whole_word = _whole_word_pattern(candidate)
         for start_at in starts:
@@ -641,6 +767,26 @@ def _clip(spans: list[Span], limit: int) -> list[Span]:
     return [(a, min(b, limit)) for a, b in spans if a < limit]
 
 
+def _subtract(span: Span, holes: Iterable[Span]) -> list[Span]:
+    """The parts of ``span`` outside every span of ``holes``."""
+    parts, start = [], span[0]
+    for a, b in merge_spans(holes):
+        parts.append((start, min(a, span[1])))
+        start = max(start, b)
+    parts.append((start, span[1]))
+    return merge_spans(parts)
+
+
+def _default_constrained(response_span: Span, unrelated: list[Span], index: int) -> list[Span]:
+    """R of a sample without located R annotations: the response less the annotated unrelated spans (U), so
+    that the two query sets stay disjoint."""
+    constrained = _subtract(response_span, unrelated)
+    if not constrained:
+        logger.warning("Calibration sample %d: its annotated unrelated spans cover the whole response, so it has no "
+                       "constrained-response tokens (R) and counts for leakage only.", index)
+    return constrained
+
+
 def _think_token(index: _OffsetIndex, ids: list[int], char_pos: int, text: str, token_id: int) -> int:
     """Token index of the think token written at ``char_pos``; it must be exactly one token with ``token_id``."""
     span = index.token_span(char_pos, char_pos + len(text))
@@ -688,6 +834,7 @@ def _build_sample(fields: _Fields, index: int, tokenizer: Any, template: _Templa
     instruction = _token_spans(offsets, prompt_chars, prompt_char, prompt_span) or [prompt_span]
     constrained = _token_spans(offsets, response_chars, response_char, response_span)
     unrelated = _token_spans(offsets, unrelated_chars, response_char, response_span)
+    annotated = bool(constrained)
 
     if n > max_length:
         if close_tok + 1 >= max_length:
@@ -701,6 +848,16 @@ def _build_sample(fields: _Fields, index: int, tokenizer: Any, template: _Templa
         response_span = (close_tok + 1, max_length)
         constrained = _clip(constrained, max_length)
         unrelated = _clip(unrelated, max_length)
+    if annotated and not constrained:
+        # falling back to the whole (cut) response would measure alignment on tokens the annotation left out; an
+        # empty R only drops the sample from the alignment mean (stage 2 averages over samples that have R)
+        logger.warning(
+            "Calibration sample %d: every annotated constrained-response span (R) lies past the cut to "
+            "config.max_length=%d, so its R is empty and it counts for leakage only: raise max_length to keep it.",
+            index, max_length,
+        )
+    elif not annotated:
+        constrained = _default_constrained(response_span, unrelated, index)
     return CalibrationSample(
         input_ids=ids,
         think_open=open_tok,
@@ -709,7 +866,7 @@ def _build_sample(fields: _Fields, index: int, tokenizer: Any, template: _Templa
         thinking_span=thinking_span,
         response_span=response_span,
         instruction_spans=instruction,
-        constrained_spans=constrained or [response_span],
+        constrained_spans=constrained,
         unrelated_spans=merge_spans([thinking_span, *unrelated]),
         index=index,
     )
@@ -769,14 +926,23 @@ def _generation_config(model: Any, config: Any, pad_id: int) -> Any:
     return gen
 
 
-def _stop_ids(gen: Any, tokenizer: Any, pad_id: int) -> set[int]:
-    """EOS ids of the generation config and tokenizer, plus the padding id."""
-    stops = {pad_id}
+def _stop_ids(gen: Any, tokenizer: Any, pad_id: int | None) -> set[int]:
+    """EOS ids of the generation config and tokenizer, plus the tokenizer's own padding id (``None``: none)."""
+    stops = set() if pad_id is None else {pad_id}
     for eos in (gen.eos_token_id, tokenizer.eos_token_id):
         if eos is None:
             continue
         stops.update(eos if isinstance(eos, (list, tuple)) else [eos])
     return stops
+
+
+def _padding_id(tokenizer: Any) -> int:
+    """The id that left-pads prompts: the tokenizer's pad token, else its EOS token, else 0 (any id will do, the
+    attention mask hides it)."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0
 
 
 def _generate_batch(records: list[dict], model: Any, tokenizer: Any, config: Any, template: _Template) -> list[dict]:
@@ -785,7 +951,7 @@ def _generate_batch(records: list[dict], model: Any, tokenizer: Any, config: Any
     rows, prefix_ids, prompts = [], [], {}
     for i, record in enumerate(records):
         try:
-            prompt = prompts[i] = _text(_raw_fields(record)[0], "prompt", template, check_think=False)
+            prompt = prompts[i] = _text(_raw_fields(record)[0], "field 'prompt'", template, check_think=False)
             prefix, _ = _generation_prefix(tokenizer, template, prompt)
         except _Malformed as err:
             results[i]["generation_error"] = str(err)
@@ -794,10 +960,7 @@ def _generate_batch(records: list[dict], model: Any, tokenizer: Any, config: Any
         prefix_ids.append(tokenizer(prefix, add_special_tokens=False)["input_ids"])
     if not rows:
         return results
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        eos = tokenizer.eos_token_id
-        pad_id = eos if eos is not None else 0
+    pad_id = _padding_id(tokenizer)
     width = max(len(p) for p in prefix_ids)
     device = getattr(model, "device", torch.device("cpu"))
     input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prefix_ids], device=device)
@@ -805,7 +968,8 @@ def _generate_batch(records: list[dict], model: Any, tokenizer: Any, config: Any
     gen = _generation_config(model, config, pad_id)
     with torch.no_grad():
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen)
-    stops = _stop_ids(gen, tokenizer, pad_id)
+    # a stand-in pad id is an ordinary token (id 0 is "!" in Qwen's vocabulary): it must not end a generation
+    stops = _stop_ids(gen, tokenizer, tokenizer.pad_token_id)
     for row, generated in zip(rows, output[:, width:].tolist()):
         results[row]["generation"] = tokenizer.decode(generated, skip_special_tokens=False)
         try:
@@ -814,9 +978,10 @@ def _generate_batch(records: list[dict], model: Any, tokenizer: Any, config: Any
             results[row]["generation_error"] = str(err)
             continue
         results[row]["reasoning"], results[row]["response"] = reasoning, response
-        # a chat-format record is read from its messages while it has no 'prompt': give it one, or the trace
-        # just generated would be ignored and the record would still count as prompt-only
-        results[row].setdefault("prompt", prompts[row])
+        # a chat-format record is read from its messages while its 'prompt' is absent or None (a Dataset row):
+        # give it one, or the trace just generated would be ignored and the record would still be prompt-only
+        if results[row].get("prompt") is None:
+            results[row]["prompt"] = prompts[row]
     return results
 
 
@@ -843,7 +1008,7 @@ def generate_traces(records: list[dict], model: Any, tokenizer: Any, config: Any
         rows = todo[start:start + config.batch_size]
         for row, done in zip(rows, _generate_batch([records[i] for i in rows], model, tokenizer, config, template)):
             results[row] = done
-    failed = sum("generation_error" in results[i] for i in todo)
+    failed = sum(results[i].get("generation_error") is not None for i in todo)
     if todo:
         logger.info("Generated %d calibration traces (%d without a proper think block).", len(todo), failed)
     return results
@@ -920,7 +1085,8 @@ def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limi
 def prepare_reasoning_calibration(
     data: Any, tokenizer: Any, config: Any, model: Any = None, stats: dict | None = None
 ) -> list[CalibrationSample]:
-    """The stage-1 calibration samples: records with ``prompt``, ``reasoning`` and ``response``.
+    """The stage-1 calibration samples: records with ``prompt``, ``reasoning`` and ``response`` (or a ``response``
+    holding ``<think>reasoning</think>answer``, or ``messages``).
 
     Args:
         data: anything :func:`load_records` reads (e.g. the paper's ``reasoning_calibration_set.json``).
@@ -951,8 +1117,11 @@ def prepare_instruction_calibration(
     prompt), ``.response_spans`` (constrained response text), ``.unrelated_response_spans`` and a top-level
     ``unrelated_response_spans``; or plain ``instruction_spans`` / ``response_spans`` lists. Items are strings
     located inside their own segment, or ``[start, end]`` character offsets into its field as given (leading
-    whitespace counted). Without annotations
-    I = the prompt, R = the response, U = the thinking; annotated unrelated spans are added to U.
+    whitespace counted; for a ``response`` holding ``<think>…</think>answer``, counted from the field's start).
+    Without annotations I = the prompt, R = the response, U = the thinking. Annotated unrelated spans are added
+    to U and, when no R span is annotated, taken out of R (R = the response less U). A sample whose annotated R
+    spans all fall past ``config.max_length`` keeps an empty R (with a warning) instead of the whole cut
+    response.
 
     Arguments, return value and errors as in :func:`prepare_reasoning_calibration`, with
     ``config.max_instruction_samples`` as the limit.

@@ -16,6 +16,7 @@ from rain_hf.calibration import (
     CalibrationError,
     CalibrationSample,
     _Malformed,
+    check_records,
     check_think_tokens,
     generate_traces,
     load_records,
@@ -515,3 +516,140 @@ def test_window_before_answer_leaves_the_answer_positions_free():
     assert max(pre) == s.think_close and set(pre) <= set(full)
     assert set(full) - set(pre) == {s.think_close + 1, s.think_close + 2}
     assert s.think_open - 2 in pre and s.think_open + 2 in pre
+
+
+# ------------------------------------------------------------------------------------------ reviewed edge cases
+def test_reasoning_inside_the_response_is_split(tok):
+    embedded = {"prompt": RECORD["prompt"],
+                "response": f"<think>\n{RECORD['reasoning']}\n</think>\n\n{RECORD['response']}"}
+    assert check_records([embedded]) == 1
+    (reference,) = prepare_reasoning_calibration([RECORD], tok, _cfg())
+    (split,) = prepare_reasoning_calibration([embedded], tok, _cfg(on_malformed="error"))
+    (instruction,) = prepare_instruction_calibration([embedded], tok, _cfg(on_malformed="error"))
+    assert split.input_ids == instruction.input_ids == reference.input_ids
+    assert instruction.constrained_spans == [instruction.response_span]
+    # [start, end] offsets into such a response count from the field's start, think block included
+    response = "<think>ok</think>  apples are good."
+    record = {"prompt": "Tell me about apples.", "response": response,
+              "response_spans": [[response.index("apples"), response.index(" are")]]}
+    (s,) = prepare_instruction_calibration([record], tok, _cfg(on_malformed="error"))
+    assert [_text(tok, s, sp).strip() for sp in s.constrained_spans] == ["apples"]
+    cases = [
+        ({"prompt": "Hi", "response": "<think>Hmm. Ok."},
+         r"'response' holds think tags but cannot be split .*\(found 0\).*as 'reasoning'"),
+        ({"prompt": "Hi", "response": "a</think>b</think>c"}, "cannot be split .*exactly one '</think>' .*found 2"),
+        ({"prompt": "Hi", "response": "<think></think>Ok."}, "the thinking in 'response' is empty"),
+        ({"prompt": "Hi", "response": "Ok."}, "field 'reasoning' / 'reason' is missing, and 'response' holds no"),
+    ]
+    for bad, reason in cases:
+        with pytest.raises(CalibrationError, match=reason):
+            prepare_reasoning_calibration([bad], tok, _cfg(on_malformed="error"))
+
+
+def test_dataset_mixing_prompt_and_messages_rows(tok, chain_ids):
+    import datasets
+
+    chat = [{"role": "user", "content": RECORD["prompt"]},
+            {"role": "assistant", "content": f"<think>{RECORD['reasoning']}</think>{RECORD['response']}"}]
+    # what load_dataset("json") makes of mixed files: every row has every column, absent ones are None
+    ds = datasets.Dataset.from_dict({"prompt": [RECORD["prompt"], None], "reasoning": [RECORD["reasoning"], None],
+                                     "response": [RECORD["response"], None], "messages": [None, chat]})
+    assert ds[1]["prompt"] is None
+    samples = prepare_reasoning_calibration(ds, tok, _cfg(on_malformed="error"))
+    assert [s.index for s in samples] == [0, 1] and samples[0].input_ids == samples[1].input_ids
+    # a row without any prompt is malformed, not prompt-only (it must not ask for a model)
+    kept = prepare_reasoning_calibration([RECORD, {"prompt": None, "response": None}], tok, _cfg())
+    assert [s.index for s in kept] == [0]
+    # a prompt-only chat row of a Dataset is generated and then read with its new trace
+    i = chain_ids
+    model = _chain_model(tok, {i["last"]: i["a"], i["a"]: i["b"], i["b"]: i["close"], i["close"]: i["c"],
+                               i["c"]: i["d"], i["d"]: i["eos"]})
+    only = datasets.Dataset.from_dict({"prompt": ["Hi", None],
+                                       "messages": [None, [{"role": "user", "content": "Hi"}]]})
+    cfg = _cfg(on_malformed="error", max_new_tokens=12)
+    a, b = prepare_reasoning_calibration(only, tok, cfg, model=model)
+    assert a.input_ids == b.input_ids
+
+
+def test_non_utf8_file_is_refused_with_its_offset(tmp_path):
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(RECORD).encode() + b'\n{"prompt": "caf\xe9"}\n')
+    offset = path.read_bytes().index(b"\xe9")
+    for read in (load_records, check_records):
+        with pytest.raises(CalibrationError, match=rf"latin\.jsonl is not UTF-8 text: byte {offset} \(line 2\).*"
+                                                   "Re-save the file as UTF-8"):
+            read(path)
+
+
+def test_file_content_decides_between_json_and_jsonl(tok, tmp_path, caplog):
+    short = {"prompt": "Hi", "reasoning": "Hmm."}
+    lines = tmp_path / "lines.json"
+    lines.write_text(json.dumps(RECORD) + "\n\n" + json.dumps(RECORD) + "\n")
+    pretty = tmp_path / "pretty.jsonl"
+    pretty.write_text(json.dumps([RECORD, RECORD], indent=2))
+    with caplog.at_level(logging.INFO, logger="rain_hf.calibration"):
+        assert load_records(lines) == load_records(pretty) == [RECORD, RECORD]
+    assert "lines.json holds JSON Lines" in caplog.text and "pretty.jsonl holds one JSON list" in caplog.text
+    lines.write_text(json.dumps(RECORD) + "\n" + json.dumps(short) + "\n")
+    with pytest.raises(CalibrationError, match=r"at index 1 \(.*lines\.json line 2\): field 'response' is missing"):
+        prepare_reasoning_calibration(lines, tok, _cfg(on_malformed="error"))
+    lines.write_text(json.dumps(RECORD) + "\n" + json.dumps(RECORD) + "\n{oops\n")
+    with pytest.raises(CalibrationError, match=r"lines\.json is not valid JSON .*looks like JSON Lines.*line 3"):
+        load_records(lines)
+    pretty.write_text(json.dumps(RECORD, indent=2))
+    with pytest.raises(CalibrationError, match="one JSON object spread over several lines"):
+        load_records(pretty)
+    for name, content in (("empty.json", ""), ("empty.jsonl", "\n \n")):
+        (tmp_path / name).write_text(content)
+        with pytest.raises(CalibrationError, match=rf"{name} is empty"):
+            load_records(tmp_path / name)
+        with pytest.raises(CalibrationError, match=rf"The calibration data holds no records: .*{name} is empty"):
+            check_records(tmp_path / name)
+
+
+def test_unrelated_spans_are_taken_out_of_the_default_response_span(tok):
+    record = dict(RECORD, response="Cats sat. The first part at home.", unrelated_response_spans=["The first part"])
+    (s,) = prepare_instruction_calibration([record], tok, _cfg(on_malformed="error"))
+
+    def tokens(spans):
+        return {t for a, b in spans for t in range(a, b)}
+
+    response = set(range(*s.response_span))
+    unrelated = tokens(s.unrelated_spans) & response
+    assert unrelated and not tokens(s.constrained_spans) & unrelated
+    assert tokens(s.constrained_spans) | unrelated == response
+    assert _text(tok, s, s.constrained_spans[0]).strip() == "Cats sat."
+
+
+def test_annotated_spans_past_the_cut_leave_r_empty(tok, caplog):
+    record = dict(RECORD, response="The sea is wide and deep. " * 10 + "Okay", response_spans=["Okay"])
+    (full,) = prepare_instruction_calibration([record], tok, _cfg())
+    assert _text(tok, full, full.constrained_spans[0]).strip() == "Okay"
+    with caplog.at_level(logging.WARNING, logger="rain_hf.calibration"):
+        (cut,) = prepare_instruction_calibration([record], tok, _cfg(max_length=full.think_close + 6))
+    assert cut.constrained_spans == [] and cut.unrelated_spans == [cut.thinking_span]
+    assert "lies past the cut to config.max_length" in caplog.text
+
+
+def test_nested_annotation_that_prefixes_the_previous_match():
+    text = "Answer first, then explain. Answer in lowercase letters only."
+    spans, _ = locate_annotations(text, [["Answer in lowercase letters only", "Answer"]])
+    assert spans == [(28, 60), (28, 34)]
+
+
+def test_template_that_disables_thinking_is_refused(make_tok):
+    closed = PLAIN.replace("<|assistant|>\n{% endif %}", "<|assistant|>\n<think>\n\n</think>\n\n{% endif %}")
+    with pytest.raises(CalibrationError, match="already closes the thinking .*disables thinking.*thinking enabled"):
+        prepare_reasoning_calibration([RECORD], make_tok(closed), _cfg())
+
+
+def test_fallback_padding_id_does_not_stop_generation(backend, chain_ids):
+    bare = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>")  # neither pad nor eos token
+    bare.chat_template = WITH_BOS
+    assert bare.pad_token_id is None and bare.eos_token_id is None
+    i, zero = chain_ids, 0  # the stand-in pad id, an ordinary token of the model's output here
+    model = _chain_model(bare, {i["last"]: i["a"], i["a"]: zero, zero: i["b"], i["b"]: i["close"],
+                                i["close"]: i["c"], i["c"]: i["d"], i["d"]: i["c"]})
+    (trace,) = generate_traces([{"prompt": "Hi"}], model, bare, _cfg(max_new_tokens=7))
+    assert "generation_error" not in trace, trace.get("generation_error")
+    assert trace["response"] == "ysy"  # a, 0, b, </think>, then three answer tokens
