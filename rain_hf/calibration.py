@@ -289,7 +289,8 @@ def _read_json_file(path: Path, text: str, locations: list[str]) -> list[dict]:
     try:
         content = json.loads(text)
     except json.JSONDecodeError as err:
-        if err.msg != "Extra data":  # JSON Lines content fails as "Extra data" after its first line
+        # JSON Lines content fails as "Extra data" after its first object
+        if err.msg != "Extra data" or not text.lstrip().startswith("{"):
             raise CalibrationError(
                 f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})."
             ) from err
@@ -351,6 +352,25 @@ def _records_of_list(path: Path, content: list, locations: list[str]) -> list[di
 
 
 # --------------------------------------------------------------------------------------------- tokenizer checks
+def holdout_indices(n: int, share: float, seed: int = 0) -> list[int]:
+    """Sorted indices of the ``round(n · share)`` (at least one) of ``n`` calibration samples that ``lam="auto"``
+    holds out of stage 1 to measure L_think, drawn by a permutation seeded with ``seed``.
+
+    Drawn, not taken from the end or at a fixed stride: calibration files come grouped by domain (the paper's:
+    math, then code, then science) or alternating (plain and instructed prompts), and either layout would make
+    the held-out samples one kind only.
+
+    Example:
+        >>> holdout_indices(8, 0.25) == holdout_indices(8, 0.25)
+        True
+        >>> len(holdout_indices(64, 0.25))
+        16
+    """
+    n_out = max(1, round(n * share))
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    return sorted(torch.randperm(n, generator=generator)[:n_out].tolist())
+
+
 def check_think_tokens(tokenizer: Any, config: Any) -> tuple[int, int]:
     """Ids of ``config.think_open`` / ``config.think_close``, each required to be one token of the vocabulary.
 
@@ -563,6 +583,8 @@ def _parse_record(record: Mapping, template: _Template) -> _Fields:
     if isinstance(reasoning, _ThinkSplit):
         source = reasoning.source
         reasoning, response, answer_at = _split_think_text(reasoning.content, template, source)
+        if source != "response":  # a chat answer's offsets have always counted from the text after </think>
+            answer_at = 0
         reasoning_label, response_label = f"the thinking in '{source}'", f"the answer in '{source}'"
     stripped_prompt = _text(prompt, "field 'prompt'", template, check_think=False)
     if reasoning is None and response is None:
@@ -1117,7 +1139,8 @@ def prepare_instruction_calibration(
     prompt), ``.response_spans`` (constrained response text), ``.unrelated_response_spans`` and a top-level
     ``unrelated_response_spans``; or plain ``instruction_spans`` / ``response_spans`` lists. Items are strings
     located inside their own segment, or ``[start, end]`` character offsets into its field as given (leading
-    whitespace counted; for a ``response`` holding ``<think>…</think>answer``, counted from the field's start).
+    whitespace counted; for a ``response`` holding ``<think>…</think>answer``, counted from the field's start;
+    for a chat ``messages`` answer, from the text after ``</think>``).
     Without annotations I = the prompt, R = the response, U = the thinking. Annotated unrelated spans are added
     to U and, when no R span is annotated, taken out of R (R = the response less U). A sample whose annotated R
     spans all fall past ``config.max_length`` keeps an empty R (with a warning) instead of the whole cut

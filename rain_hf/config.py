@@ -49,7 +49,8 @@ class RainMergingConfig:
             reasoning calibration samples, the think-close token's own left out: it predicts the answer's first
             token, where format instructions act) ``lam="auto"`` accepts; it picks the largest λ of the grid
             within it.
-        lam_auto_holdout: share of the reasoning calibration samples held out of stage 1 to measure L_think.
+        lam_auto_holdout: share of the reasoning calibration samples held out of stage 1 to measure L_think (a
+            draw seeded with ``seed``, so that a file grouped by domain gives held-out samples of every domain).
         lam_auto_min_think_open: the smallest share of calibration prompts (the held-out reasoning samples' and,
             with stage 2, the instruction samples') on which the merged model still picks the think-open token
             first where the reasoning model does; ``lam="auto"`` also rejects the λ values below it. It only
@@ -109,7 +110,8 @@ class RainMergingConfig:
         max_new_tokens, do_sample, temperature, top_p: generation of traces for prompt-only calibration data.
         density: fraction of entries kept by TIES / DARE.
         slerp_t: interpolation factor of SLERP (0: reasoning model, 1: instruct model).
-        seed: seed of DARE's random masks and of sampled generation.
+        seed: seed of DARE's random masks, of sampled generation and of the draw of the samples ``lam="auto"``
+            holds out (so it can change the λ picked).
         max_shard_size: shard size of ``save_pretrained`` (bytes or a string such as ``"5GB"``).
     """
 

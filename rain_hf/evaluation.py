@@ -79,9 +79,10 @@ class ThinkSplit:
     Attributes:
         thinking: the text inside the think block (stripped; an unclosed block runs to the end), ``None`` when
             the generation has no think tag at all.
-        answer: the answer (stripped). When the format is broken: the text after the last think-close tag if
-            there is one; else the text before an unclosed think-open tag (so empty when the generation opens a
-            block and never closes it: thinking is not an answer); the whole text when there is no tag.
+        answer: the answer (stripped). When the format is broken: the text after the last think-close tag, up
+            to a think-open tag that follows it, if there is one; else the text before an unclosed think-open tag
+            (so empty when the generation opens a block and never closes it: thinking is not an answer); the
+            whole text when there is no tag.
         format_ok: whether the generation has exactly one ``<think> … </think>`` block first, then a non-empty
             answer (see :func:`split_generation`).
     """
@@ -466,9 +467,9 @@ def instruction_following(
 # Answer accuracy
 # ---------------------------------------------------------------------------------------------------------------
 
-# A number, thousands separators allowed, or a bare decimal (.5); a minus sign only when it does not follow a word
-# character (20-5 → 5).
-_NUMBER_RE = re.compile(r"(?:(?<!\w)-)?(?:\d+(?:,\d{3})*(?:\.\d+)?|(?<!\d)\.\d+)")
+# A number, thousands separators allowed, or a bare decimal (.5, but "...42" is 42); a minus sign only when it does
+# not follow a word character (20-5 → 5).
+_NUMBER_RE = re.compile(r"(?:(?<!\w)-)?(?:\d+(?:,\d{3})*(?:\.\d+)?|(?<![\d.])\.\d+)")
 # Unicode minus, figure dash and en dash before a digit read as a minus sign (−3 → -3).
 _MINUS_RE = re.compile(r"[\u2212\u2012\u2013](?=[\d.])")
 

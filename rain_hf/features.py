@@ -133,8 +133,9 @@ def find_target_modules(model: nn.Module, config: RainMergingConfig) -> list[Tar
             if not isinstance(module, nn.Linear):
                 continue
             leaf = sub.rsplit(".", 1)[-1]
-            # peft's rule: an entry names the module or a dotted suffix of its name ("mlp.down_proj")
-            hits = [e for e in entries if sub == e or sub.endswith("." + e)]
+            # peft's rule: an entry is the module's full name or a dotted suffix of it ("mlp.down_proj")
+            full = f"{prefix}.{idx}.{sub}"
+            hits = [e for e in entries if full == e or full.endswith("." + e)]
             matched.update(hits)
             if (not every and not hits) or idx not in wanted_layers:
                 continue
@@ -147,11 +148,14 @@ def find_target_modules(model: nn.Module, config: RainMergingConfig) -> list[Tar
                                    "layer mean α.", prefix, idx, sub, tuple(module.weight.shape))
             targets.append(TargetModule(f"{prefix}.{idx}.{sub}", idx, kind, (out_f, in_f), module.bias is not None))
     unmatched = [e for e in entries if e not in matched]
-    if unmatched or not targets:
-        names = sorted({sub for sub, m in layers[0].named_modules() if isinstance(m, nn.Linear)})
-        raise ConfigError(f"target_modules entries {unmatched or entries} match no linear module in the decoder "
-                          f"blocks, whose linear modules are {names}: name them or a dotted suffix of their names "
-                          "(e.g. ['q_proj', 'mlp.down_proj']), or use 'all-linear'.")
+    if unmatched:
+        names = sorted({sub for block in layers for sub, m in block.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(f"target_modules entries {unmatched} match no linear module in the decoder blocks, whose "
+                          f"linear modules are {names}: name them or a dotted suffix of their names (e.g. "
+                          "['q_proj', 'mlp.down_proj']), or use 'all-linear'.")
+    if not targets:
+        raise ConfigError(f"target_modules={config.target_modules!r} matches no linear module in the layers "
+                          f"{sorted(wanted_layers)} that config.layers selects: choose other layers or modules.")
     return targets
 
 
@@ -633,7 +637,9 @@ def collect_attention_stats(
         if previous is not None:
             model.set_attn_implementation(previous)
     if float(counts["a"].min()) == 0:
-        raise ValueError("No instruction calibration sample has response tokens to measure alignment on.")
+        raise ValueError("No instruction calibration sample has constrained-response tokens (R) to measure "
+                         "alignment on: the responses are empty, their annotated R spans all lie past "
+                         "config.max_length (raise it), or annotated unrelated spans cover them whole.")
     alignment = sums["a"] / counts["a"].unsqueeze(1)
     leakage = sums["u"] / counts["u"].clamp(min=1).unsqueeze(1)
     return alignment, leakage

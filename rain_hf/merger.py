@@ -25,6 +25,7 @@ from . import __version__
 from .calibration import (
     CalibrationSample,
     check_think_tokens,
+    holdout_indices,
     prepare_instruction_calibration,
     prepare_reasoning_calibration,
     template_opens_think,
@@ -394,9 +395,9 @@ class RainMerger:
         targets = find_target_modules(skeleton, config)
         fused = unmergeable_weights(skeleton)
         if fused:
-            warnings.append(f"{len(fused)} weight tensors inside the decoder blocks are not linear layers (e.g. "
-                            f"{fused[0]}, fused mixture-of-experts weights) and are not merged: they stay the "
-                            "reasoning model's")
+            warnings.append(f"{len(fused)} weight matrices inside the decoder blocks do not belong to linear "
+                            f"layers (fused mixture-of-experts weights, routers, convolutions …; e.g. {fused[0]}) "
+                            "and are not merged: they stay the reasoning model's")
         if adapter:
             instruct = LoraDelta.from_pretrained(sources["instruct"].path)
             instruct.source = sources["instruct"]
@@ -868,15 +869,13 @@ class RainMerger:
             self.reset()
 
     def _hold_out(self, samples: list[CalibrationSample]) -> tuple[list[CalibrationSample], list[CalibrationSample]]:
-        """(stage-1 samples, held-out samples): a share spread evenly over the set is kept out of stage 1 to
-        measure L_think — evenly, because calibration files come grouped by domain (the paper's: math, code,
-        science), and the last quarter would hold out one domain whole."""
+        """(stage-1 samples, held-out samples): a seeded draw of ``lam_auto_holdout`` of the samples is kept out of
+        stage 1 to measure L_think (:func:`~rain_hf.calibration.holdout_indices`)."""
         n = len(samples)
-        n_out = max(1, round(n * self.config.lam_auto_holdout))
-        if n - n_out < 1:
+        out = set(holdout_indices(n, self.config.lam_auto_holdout, self.config.seed))
+        if n - len(out) < 1:
             raise ConfigError(f"lam='auto' needs at least 2 reasoning calibration samples (got {n}); "
                               "pass more, or set lam to a number.")
-        out = {int((j + 0.5) * n / n_out) for j in range(n_out)}  # distinct: the spacing n / n_out is > 1
         return [s for i, s in enumerate(samples) if i not in out], [s for i, s in enumerate(samples) if i in out]
 
     def _think_rows(self, samples: list[CalibrationSample]) -> list[tuple[list[int], list[int]]]:

@@ -215,11 +215,10 @@ def trim_by_magnitude(tensor: torch.Tensor, density: float) -> torch.Tensor:
     if k >= flat.numel():
         return tensor.clone()
     magnitude = flat.abs()
-    cut = torch.kthvalue(magnitude, flat.numel() - k + 1).values  # the k-th largest magnitude
-    above = magnitude > cut
-    at_cut = magnitude == cut
-    room = k - int(above.sum())
-    keep = above | (at_cut & (torch.cumsum(at_cut, 0) <= room))
+    cut = torch.topk(magnitude, k, sorted=False).values.min()  # the k-th largest magnitude
+    keep = magnitude > cut
+    ties = torch.nonzero(magnitude == cut).squeeze(1)  # in index order
+    keep[ties[: k - int(keep.sum())]] = True
     return (flat * keep).reshape(tensor.shape)
 
 

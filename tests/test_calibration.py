@@ -534,6 +534,12 @@ def test_reasoning_inside_the_response_is_split(tok):
               "response_spans": [[response.index("apples"), response.index(" are")]]}
     (s,) = prepare_instruction_calibration([record], tok, _cfg(on_malformed="error"))
     assert [_text(tok, s, sp).strip() for sp in s.constrained_spans] == ["apples"]
+    # in a chat answer they count from the text after </think>, as they always have
+    chat = {"messages": [{"role": "user", "content": "Tell me about apples."},
+                         {"role": "assistant", "content": response}],
+            "response_spans": [[2, 8]]}
+    (c,) = prepare_instruction_calibration([chat], tok, _cfg(on_malformed="error"))
+    assert [_text(tok, c, sp).strip() for sp in c.constrained_spans] == ["apples"]
     cases = [
         ({"prompt": "Hi", "response": "<think>Hmm. Ok."},
          r"'response' holds think tags but cannot be split .*\(found 0\).*as 'reasoning'"),
@@ -596,6 +602,10 @@ def test_file_content_decides_between_json_and_jsonl(tok, tmp_path, caplog):
     lines.write_text(json.dumps(RECORD) + "\n" + json.dumps(RECORD) + "\n{oops\n")
     with pytest.raises(CalibrationError, match=r"lines\.json is not valid JSON .*looks like JSON Lines.*line 3"):
         load_records(lines)
+    lines.write_text(json.dumps([RECORD]) + "\n]\n")  # a list with stray text after it is not JSON Lines
+    with pytest.raises(CalibrationError, match=r"lines\.json is not valid JSON \(Extra data at line 2") as err:
+        load_records(lines)
+    assert "JSON Lines" not in str(err.value)
     pretty.write_text(json.dumps(RECORD, indent=2))
     with pytest.raises(CalibrationError, match="one JSON object spread over several lines"):
         load_records(pretty)

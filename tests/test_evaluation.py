@@ -410,6 +410,7 @@ def test_answer_accuracy():
     assert ev.extract_last_number("The answer is \u22123.") == "-3"  # Unicode minus sign
     assert ev.extract_last_number("20\u22125") == "5"
     assert ev.extract_last_number("version 1.25.") == "1.25"
+    assert ev.extract_last_number("The answer is...42") == "42"  # an ellipsis is not a decimal point
     assert ev.answer_accuracy([".5", "\u22123"], [0.5, -3]) == 1.0
     assert ev.extract_last_number("none") is None
     assert ev.answer_accuracy(["Answer: Paris"], ["paris"], extract=lambda a: a.split(":")[-1]) == 1.0

@@ -32,6 +32,12 @@ def test_target_modules_match_dotted_suffixes_as_in_peft(qwen2_skeleton):
     one = find_target_modules(qwen2_skeleton, RainMergingConfig(lam=1.0, target_modules=["self_attn.o_proj"],
                                                                 layers=[1]))
     assert [t.name for t in one] == ["model.layers.1.self_attn.o_proj"]
+    full = find_target_modules(qwen2_skeleton, RainMergingConfig(lam=1.0, target_modules=[
+        "model.layers.0.self_attn.q_proj", "layers.1.mlp.up_proj"]))  # full names and longer suffixes, as in peft
+    assert [t.name for t in full] == ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"]
+    with pytest.raises(ConfigError, match=r"matches no linear module in the layers \[0\] that config.layers"):
+        find_target_modules(qwen2_skeleton, RainMergingConfig(lam=1.0, target_modules=["layers.1.mlp.up_proj"],
+                                                              layers=[0]))
 
 
 @pytest.mark.parametrize("entries, named", [(["q_proj", "dwon_proj"], "['dwon_proj']"),

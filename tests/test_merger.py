@@ -10,7 +10,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rain_hf import RainMerger, RainMergingConfig
-from rain_hf.calibration import prepare_instruction_calibration, prepare_reasoning_calibration
+from rain_hf.calibration import (
+    holdout_indices,
+    prepare_instruction_calibration,
+    prepare_reasoning_calibration,
+)
 from rain_hf.checkpoints import CheckpointError
 from rain_hf.config import ConfigError
 from rain_hf.features import LayerReplay, ThinkFeatures, move_tensors
@@ -333,7 +337,8 @@ def test_sequential_with_lam_auto_and_stage2(qwen2, tmp_path, tokenizer):
     # samples, with the same stage 2, has the same L_think on the two held-out samples
     reasoning = AutoModelForCausalLM.from_pretrained(qwen2["reasoning"], dtype=torch.float32).eval()
     close_id = tokenizer.convert_tokens_to_ids("</think>")
-    stage1_records = [r for i, r in enumerate(reasoning_records(8)) if i not in (2, 6)]  # held out: spread evenly
+    held = holdout_indices(8, 0.25)
+    stage1_records = [r for i, r in enumerate(reasoning_records(8)) if i not in held]
     for row in merger.report.lam_search:
         fixed = _merger(qwen2, sequential=True, lam=row["lam"])
         model = fixed.merge(stage1_records, instruction_records()).eval()
@@ -1150,11 +1155,16 @@ def test_output_dtype_changed_after_construction_is_checked_again(qwen2, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-def test_lam_auto_holds_out_samples_spread_over_the_set(qwen2):
+def test_lam_auto_holds_out_a_seeded_draw_of_the_samples(qwen2):
     merger = _merger(qwen2, lam="auto")
-    samples = list(range(12))  # e.g. 4 math, 4 code, 4 science, in file order
-    kept, held = merger._hold_out(samples)
-    assert len(held) == 3 and sorted(kept + held) == samples
-    assert [h // 4 for h in held] == [0, 1, 2]  # one per domain, not the last domain whole
-    kept, held = merger._hold_out([0, 1])
-    assert (kept, held) == ([0], [1]) or (kept, held) == ([1], [0])
+    kept, held = merger._hold_out(list(range(12)))
+    assert held == holdout_indices(12, 0.25, seed=0) and sorted(kept + held) == list(range(12)) and len(held) == 3
+    assert merger._hold_out(list(range(12))) == (kept, held)  # the same draw every time
+    assert holdout_indices(150, 0.25, seed=1) != holdout_indices(150, 0.25, seed=0)
+    # the paper's file is 50 math, 50 code, 50 science traces: the held-out share takes from every domain, not
+    # the last one whole; an alternating layout (plain, instructed, …) gives both kinds
+    paper = holdout_indices(150, 0.25)
+    assert len(paper) == 38 and {i // 50 for i in paper} == {0, 1, 2}
+    assert {i % 2 for i in holdout_indices(64, 0.25)} == {0, 1}
+    with pytest.raises(ConfigError, match="at least 2"):
+        merger._hold_out([0])

@@ -51,6 +51,15 @@ THINK_MIN = 0.98  # constraint of the headline comparison: think-format rate ≥
 ACC_SLACK = 0.05  # … and accuracy ≥ the reasoning model's − this
 HOLDOUT = 0.25  # share of the reasoning calibration held out of stage 1 (the same split as lam="auto")
 
+
+def split_records(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(stage-1 records, held-out records): the split ``lam="auto"`` makes with the default seed, so that every
+    row's L_think is measured on samples no stage 1 saw."""
+    from rain_hf.calibration import holdout_indices
+
+    out = set(holdout_indices(len(records), HOLDOUT))
+    return [r for i, r in enumerate(records) if i not in out], [r for i, r in enumerate(records) if i in out]
+
 FAMILIES = ("reference", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "rain_stage1",
             "rain_stage2", "rain_both", "rain_seq_stage1", "rain_seq_both", "rain_positions", "rain_ablations",
             "rain_files", "rain_auto",
@@ -383,18 +392,22 @@ class Bench:
             evals = evals[: self.settings.n_prompts]
 
         records = read_records(self.org.data("reasoning_calibration.json"))
-        n_out = max(1, round(len(records) * HOLDOUT))
+        stage1, held = split_records(records)
         self.stage1_path = self.workdir / "reasoning_calibration_stage1.json"
         with open(self.stage1_path, "w", encoding="utf-8") as f:
-            json.dump(records[:-n_out], f, indent=1)
+            json.dump(stage1, f, indent=1)
         # forced section: the stage-1 share without the samples whose prompts carry format instructions
         self.stage1_plain_path = self.workdir / "reasoning_calibration_stage1_plain.json"
-        plain = [r for r in records[:-n_out] if r.get("source") == "organism/arith"]
+        plain = [r for r in stage1 if r.get("source") == "organism/arith"]
         with open(self.stage1_plain_path, "w", encoding="utf-8") as f:
             json.dump(plain, f, indent=1)
-        heldout = prepare_reasoning_calibration(records[-n_out:], self.tokenizer, self.cfg())
+        # lam="auto" draws its held-out samples among the prepared ones: the same split only if none is skipped
+        if len(prepare_reasoning_calibration(records, self.tokenizer, self.cfg())) != len(records):
+            raise SystemExit("Some organism reasoning calibration records are malformed, so lam='auto' would hold "
+                             "out other samples than the benchmark's L_think: rebuild the organism's data.")
+        heldout = prepare_reasoning_calibration(held, self.tokenizer, self.cfg())
         ids, positions = heldout_think_positions(heldout)
-        self.info["calibration"] = {"stage1_samples": len(records) - n_out, "stage1_plain_samples": len(plain),
+        self.info["calibration"] = {"stage1_samples": len(stage1), "stage1_plain_samples": len(plain),
                                     "heldout_samples": len(heldout),
                                     "heldout_positions": sum(map(len, positions)), "eval_prompts": len(evals)}
         self.instruction_path = self.org.data("instruction_calibration.jsonl")

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from benchmarks.organism import build as B  # noqa: E402
 from benchmarks.organism import tasks as T  # noqa: E402
-from benchmarks.organism.bench import HERE, HOLDOUT, Organism, rain_config, read_jsonl, read_records  # noqa: E402
+from benchmarks.organism.bench import HERE, Organism, rain_config, read_jsonl, read_records, split_records  # noqa: E402
 
 logger = logging.getLogger("benchmarks.organism.first_token")
 
@@ -162,9 +162,8 @@ def run(org: Organism, settings: Settings, workdir: Path) -> dict[str, Any]:
     think_id = tokenizer.convert_tokens_to_ids(T.THINK_OPEN)
     pad_id = tokenizer.pad_token_id
 
-    # The benchmark's stage-1 split: the last quarter is held out there, so it is left out here too.
-    records = read_records(org.data("reasoning_calibration.json"))
-    stage1 = records[: -max(1, round(len(records) * HOLDOUT))]
+    # The benchmark's stage-1 split: its held-out quarter is left out here too.
+    stage1, _ = split_records(read_records(org.data("reasoning_calibration.json")))
     calibrations: dict[str, Path] = {}
     for name, recs in (("all stage-1 samples", stage1),
                        ("plain samples only", [r for r in stage1 if r.get("source") == "organism/arith"])):
