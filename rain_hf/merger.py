@@ -874,8 +874,9 @@ class RainMerger:
         n = len(samples)
         out = set(holdout_indices(n, self.config.lam_auto_holdout, self.config.seed))
         if n - len(out) < 1:
-            raise ConfigError(f"lam='auto' needs at least 2 reasoning calibration samples (got {n}); "
-                              "pass more, or set lam to a number.")
+            raise ConfigError(f"lam='auto' holds out {len(out)} of the {n} reasoning calibration samples "
+                              f"(lam_auto_holdout={self.config.lam_auto_holdout}), which leaves none for stage 1: "
+                              "pass more samples (at least 2), lower lam_auto_holdout, or set lam to a number.")
         return [s for i, s in enumerate(samples) if i not in out], [s for i, s in enumerate(samples) if i in out]
 
     def _think_rows(self, samples: list[CalibrationSample]) -> list[tuple[list[int], list[int]]]:

@@ -1166,5 +1166,8 @@ def test_lam_auto_holds_out_a_seeded_draw_of_the_samples(qwen2):
     paper = holdout_indices(150, 0.25)
     assert len(paper) == 38 and {i // 50 for i in paper} == {0, 1, 2}
     assert {i % 2 for i in holdout_indices(64, 0.25)} == {0, 1}
-    with pytest.raises(ConfigError, match="at least 2"):
+    with pytest.raises(ConfigError, match="holds out 1 of the 1 .*at least 2"):
         merger._hold_out([0])
+    merger.config.lam_auto_holdout = 0.9
+    with pytest.raises(ConfigError, match=r"holds out 2 of the 2 .*lam_auto_holdout=0.9.*lower lam_auto_holdout"):
+        merger._hold_out([0, 1])
