@@ -943,7 +943,7 @@ def test_lam_auto_errors_name_the_fix(qwen2, tmp_path):
                                        RainMergingConfig(stage2=False), features=numeric.features)
     with pytest.raises(ValueError, match="without any .*set lam to a number"):
         reuse.merge()
-    with pytest.raises(ValueError, match="needs at least 2 .*set lam to a number"):
+    with pytest.raises(ValueError, match="holds out 1 of the 1 .*set lam to a number"):
         _merger(qwen2, stage2=False).merge(reasoning_records(1))
     stage2_only = _merger(qwen2, stage1=False)
     with pytest.raises(ValueError, match="reasoning_calibration=.*set lam to a number"):
