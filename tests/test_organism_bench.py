@@ -142,3 +142,28 @@ def test_stage_1_plus_2_wins_only_where_both_keep_the_format():
     assert verdict({4: ((1.0, 1.0, 0.20), (1.0, 1.0, 0.22)), 5: ((1.0, 1.0, 0.21), (1.0, 1.0, 0.23))})
     # ahead by one prompt only: within the margin
     assert not verdict({4: ((1.0, 1.0, 0.200), (1.0, 1.0, 0.204))})
+    # 1+2 ahead of an infeasible stage 1 is no win: a tie elsewhere stays a tie
+    assert not verdict({5: ((1.0, 1.0, 0.225), (1.0, 0.99, 0.225)), 6.5: ((0.9, 0.9, 0.10), (1.0, 0.98, 0.233))})
+
+
+def test_target_lines_hold_at_exactly_their_thresholds():
+    from benchmarks.organism.bench import target_checks
+
+    info = {"calibration": {"eval_prompts": 240}, "geometry": {"abs_cosine": 0.5, "cosine": -0.5}}
+    ref = _row("reasoning model", "reference", None, 1.0, 1.0, 31 / 240)
+    ta = _row("task_arithmetic", "task_arithmetic", 1.25, 1.0, 1.0, 103 / 240)  # exactly reasoning + 0.3
+    phenomenon = target_checks([ref, ta], info)[0]
+    assert phenomenon[0].startswith("no task-arithmetic λ") and phenomenon[1] is False
+    both = _row("RAIN stage 1+2", "rain_both", 5.0, 1.0, 1.0, 23 / 240)
+    defaults = _row("RAIN config defaults (files)", "rain_files", 5.0, 1.0, 1.0, 11 / 240)  # exactly 0.05 below
+    line = [c for c in target_checks([ref, both, defaults], info) if c[0].startswith("RainMergingConfig()")][0]
+    assert line[1] is True
+
+
+def test_row_notes_are_listed_once_per_row_name():
+    from benchmarks.organism.bench import row_notes
+
+    rows = [_row("ties", "ties", lam, 1.0, 1.0, 0.0) for lam in (1.0, 2.0)] + [_row("ta", "ta", 1.0, 1.0, 1.0, 0.0)]
+    for row in rows[:2]:
+        row.note = "density 0.5"
+    assert row_notes(rows) == ["- ties: density 0.5"]
