@@ -369,6 +369,8 @@ def _reproduction_yaml(method: str, config: dict[str, Any], info: dict[str, Any]
         revision = entry.get("revision")
         document[key] = {"path": name, "revision": revision} if revision and entry.get("hub_id") else name
     document["method"] = method
+    if info.get("loaded_dtype"):  # the calibration passes ran in it
+        document["dtype"] = info["loaded_dtype"]
     parameters = {k: v for k, v in config.items() if k != "method"}
     if parameters:
         document["parameters"] = parameters

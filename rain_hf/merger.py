@@ -819,6 +819,10 @@ class RainMerger:
                                  "to from_pretrained, or set RainMergingConfig(stage1=False).")
             self.features.check_compatible(cfg, [t.name for t in self.targets])
             self._check_features_model()
+            if cfg.lam == "auto" and not self.features.heldout:  # before stage 2's attention pass, not after
+                raise ValueError("lam='auto' measures L_think on reasoning calibration samples held out of stage 1, "
+                                 "and these thinking features were computed without any (with a numeric lam): pass "
+                                 "reasoning_calibration=... to merge(), or set lam to a number.")
             if reasoning_calibration is None and self.features.heldout and cfg.lam != "auto":
                 self.report.warnings.append(
                     f"the thinking features were computed for lam='auto' and leave {len(self.features.heldout)} "
@@ -1051,6 +1055,8 @@ class RainMerger:
         with atomic_directory(save_directory, overwrite=overwrite) as tmp:
             # sidecar and card first: a bad template fails before the shards are written, not after
             info = self.sidecar()
+            if max_shard_size is not None:  # what this save used, so that the card's YAML reproduces it
+                info["config"]["max_shard_size"] = max_shard_size
             with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
                 json.dump(info, f, indent=2)
                 f.write("\n")

@@ -336,8 +336,12 @@ def test_dtype_shard_size_and_card_template_reach_the_merge(triple, tmp_path):
     with safe_open(out / shards[0], "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     assert "# Custom card for" in (out / "README.md").read_text()
+    assert sidecar["config"]["max_shard_size"] == "40KB"  # what the save used, not the config's default
+    # the default card's YAML names the same dtype and shard size, so it reruns the same job
+    from rain_hf.card import build_model_card
 
-
+    block = yaml.safe_load(re.search(r"```yaml\n(.*?)```", build_model_card(sidecar).text, flags=re.S).group(1))
+    assert block["dtype"] == "bfloat16" and block["parameters"]["max_shard_size"] == "40KB"
 @pytest.mark.parametrize("parameters, expected", [
     ({"layers": [0, 9]}, "config.layers names layers [9], but the model has 2"),
     ({"target_modules": ["foo_proj"]}, "['foo_proj'] match no linear module"),

@@ -943,6 +943,15 @@ def test_lam_auto_errors_name_the_fix(qwen2, tmp_path):
                                        RainMergingConfig(stage2=False), features=numeric.features)
     with pytest.raises(ValueError, match="without any .*set lam to a number"):
         reuse.merge()
+    with_stage2 = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
+                                             RainMergingConfig(), features=numeric.features)
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("stage 2 ran before lam='auto' found the features unusable")
+
+    with_stage2._probe_attention = no_probe
+    with pytest.raises(ValueError, match="without any .*set lam to a number"):
+        with_stage2.merge(instruction_calibration=instruction_records())
     with pytest.raises(ValueError, match="holds out 1 of the 1 .*set lam to a number"):
         _merger(qwen2, stage2=False).merge(reasoning_records(1))
     stage2_only = _merger(qwen2, stage1=False)
