@@ -121,7 +121,8 @@ class MergePlan:
                      f"{g.num_heads} heads / {g.num_kv_heads} kv heads, head_dim {g.head_dim}")
         layers = sorted({t.layer for t in self.targets})
         kinds = sorted({t.name.rsplit(".", 1)[-1] for t in self.targets})
-        lines.append(f"  merged modules: {len(self.targets)} ({', '.join(kinds)}) in {len(layers)} layers")
+        lines.append(f"  merged modules: {len(self.targets)} ({', '.join(kinds)}) in {len(layers)} "
+                     f"layer{'s' if len(layers) != 1 else ''}")
         lines.append("  vocab sizes: " + ", ".join(f"{k} {v}" for k, v in self.vocab.items()))
         lines.append(f"  think tokens: {self.config.think_open!r}={self.think_token_ids[0]}, "
                      f"{self.config.think_close!r}={self.think_token_ids[1]}")
@@ -412,6 +413,11 @@ class RainMerger:
             if outside:
                 warnings.append(f"the adapter holds deltas for {len(outside)} modules outside the merged set "
                                 f"(e.g. {outside[0]}); they are not merged")
+            idle = [t.weight_key for t in targets if t.weight_key not in touched]
+            if idle:  # zero deltas: merged as no change, yet they cost stage-1 work and read as "projected"
+                warnings.append(f"the adapter holds no delta for {len(idle)} of the {len(targets)} merged modules "
+                                f"(e.g. {idle[0]}); they keep the reasoning model's weights: set target_modules to "
+                                "the adapter's modules to leave them out")
         else:
             instruct_ckpt = LazyCheckpoint(sources["instruct"].path, f"the instruct model {shown['instruct']}")
             instruct = FullDelta(instruct_ckpt, base)

@@ -1180,3 +1180,16 @@ def test_lam_auto_holds_out_a_seeded_draw_of_the_samples(qwen2):
     merger.config.lam_auto_holdout = 0.9
     with pytest.raises(ConfigError, match=r"holds out 2 of the 2 .*lam_auto_holdout=0.9.*lower lam_auto_holdout"):
         merger._hold_out([0, 1])
+
+
+def test_plan_warns_about_merged_modules_the_adapter_leaves_alone(qwen2, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(qwen2["base"])
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "qv")
+    plan = RainMerger.plan(qwen2["base"], qwen2["reasoning"], tmp_path / "qv", RainMergingConfig(lam=1.0))
+    idle = [w for w in plan.warnings if "holds no delta" in w]
+    assert len(idle) == 1 and f"for {len(plan.targets) - 4} of the {len(plan.targets)} merged modules" in idle[0]
+    narrow = RainMerger.plan(qwen2["base"], qwen2["reasoning"], tmp_path / "qv",
+                             RainMergingConfig(lam=1.0, target_modules=["q_proj", "v_proj"]))
+    assert not [w for w in narrow.warnings if "holds no delta" in w]
