@@ -108,8 +108,8 @@ def unmergeable_weights(model: nn.Module) -> list[str]:
 def find_target_modules(model: nn.Module, config: RainMergingConfig) -> list[TargetModule]:
     """Linear modules inside the decoder blocks selected by ``config.target_modules`` and ``config.layers``.
 
-    ``target_modules`` entries match as in peft: the module's name inside the block or a dotted suffix of it;
-    an entry that matches no linear module is an error. Attention projections are mapped to heads by their
+    ``target_modules`` entries match as in peft: a module's full name or a dotted suffix of it (``"q_proj"``,
+    ``"mlp.down_proj"``, ``"layers.1.mlp.up_proj"``); an entry that matches no linear module is an error. Attention projections are mapped to heads by their
     usual names (q/k/v/o_proj and kin) and otherwise by shape inside the block's attention module: a linear with
     out = H·head_dim is a query projection, out = KV·head_dim a key/value projection, in = H·head_dim and
     out = hidden the output projection.
