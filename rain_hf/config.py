@@ -7,6 +7,7 @@ import difflib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,8 +95,9 @@ class RainMergingConfig:
         coef_min, coef_max: the box the coefficients are clipped to.
         probe_lam: the expansion point of the stage-2 probe model θ_R + probe_lam·Δ⊥.
         target_modules: ``"all-linear"`` (every linear layer inside the decoder blocks) or, as in peft, a list of
-            module names or dotted suffixes of them such as ``["q_proj", "v_proj", "mlp.down_proj"]``; an entry
-            that matches no linear module is an error.
+            module names or dotted suffixes of them such as ``["q_proj", "v_proj", "mlp.down_proj"]`` (an entry
+            that matches no linear module is an error), or a regular expression that must match a module's whole
+            name (``".*self_attn.(q|v)_proj"``).
         layers: indices of decoder layers to merge (``None``: all).
         think_open, think_close: the thinking special tokens; each must be a single token of the tokenizer.
         think_spacing: the text written after think_open, before think_close and after think_close when a
@@ -246,10 +248,14 @@ class RainMergingConfig:
         number("probe_lam", 0.0, strict_lo=True)
         if isinstance(self.target_modules, str):
             if self.target_modules != "all-linear":
-                raise ConfigError(
-                    f"RainMergingConfig.target_modules={self.target_modules!r}: use 'all-linear' or a list of "
-                    "module name suffixes such as ['q_proj', 'v_proj']."
-                )
+                try:  # as in peft, a string other than "all-linear" is a regular expression
+                    re.compile(self.target_modules)
+                except re.error as err:
+                    raise ConfigError(
+                        f"RainMergingConfig.target_modules={self.target_modules!r} is not a valid regular expression "
+                        f"({err}): use 'all-linear', a regular expression, or a list of module names such as "
+                        "['q_proj', 'v_proj']."
+                    ) from None
         elif not (isinstance(self.target_modules, list) and self.target_modules
                   and all(isinstance(m, str) and m for m in self.target_modules)):
             raise ConfigError("RainMergingConfig.target_modules must be 'all-linear' or a non-empty list of names.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,7 +110,8 @@ def find_target_modules(model: nn.Module, config: RainMergingConfig) -> list[Tar
     """Linear modules inside the decoder blocks selected by ``config.target_modules`` and ``config.layers``.
 
     ``target_modules`` entries match as in peft: a module's full name or a dotted suffix of it (``"q_proj"``,
-    ``"mlp.down_proj"``, ``"layers.1.mlp.up_proj"``); an entry that matches no linear module is an error. Attention projections are mapped to heads by their
+    ``"mlp.down_proj"``, ``"layers.1.mlp.up_proj"``); an entry that matches no linear module is an error. A
+    single string other than ``"all-linear"`` is a regular expression that must match a module's whole name. Attention projections are mapped to heads by their
     usual names (q/k/v/o_proj and kin) and otherwise by shape inside the block's attention module: a linear with
     out = H·head_dim is a query projection, out = KV·head_dim a key/value projection, in = H·head_dim and
     out = hidden the output projection.
@@ -123,7 +125,8 @@ def find_target_modules(model: nn.Module, config: RainMergingConfig) -> list[Tar
                               f"(0–{len(layers) - 1}): drop them, or leave layers unset to merge every layer.")
     wanted_layers = set(range(len(layers))) if config.layers is None else set(config.layers)
     every = config.target_modules == "all-linear"
-    entries = [] if every else list(config.target_modules)
+    regex = re.compile(config.target_modules) if isinstance(config.target_modules, str) and not every else None
+    entries = [] if every or regex else list(config.target_modules)
     matched: set[str] = set()
     targets: list[TargetModule] = []
     for idx, block in enumerate(layers):
@@ -137,6 +140,9 @@ def find_target_modules(model: nn.Module, config: RainMergingConfig) -> list[Tar
             full = f"{prefix}.{idx}.{sub}"
             hits = [e for e in entries if full == e or full.endswith("." + e)]
             matched.update(hits)
+            if regex is not None and regex.fullmatch(full):
+                hits = [regex.pattern]
+                matched.add(regex.pattern)
             if (not every and not hits) or idx not in wanted_layers:
                 continue
             out_f, in_f = module.weight.shape
@@ -147,6 +153,11 @@ def find_target_modules(model: nn.Module, config: RainMergingConfig) -> list[Tar
                     logger.warning("%s.%s.%s: attention projection %s could not be mapped to heads; it gets the "
                                    "layer mean α.", prefix, idx, sub, tuple(module.weight.shape))
             targets.append(TargetModule(f"{prefix}.{idx}.{sub}", idx, kind, (out_f, in_f), module.bias is not None))
+    if regex is not None and regex.pattern not in matched:
+        example = f"{prefix}.0.{next(sub for sub, m in layers[0].named_modules() if isinstance(m, nn.Linear))}"
+        raise ConfigError(f"target_modules={regex.pattern!r} is a regular expression (as in peft) and matches no "
+                          f"linear module's whole name, such as {example!r}: write e.g. r'.*\\.q_proj', or a "
+                          f"list of names such as [{regex.pattern!r}].")
     unmatched = [e for e in entries if e not in matched]
     if unmatched:
         names = sorted({sub for block in layers for sub, m in block.named_modules() if isinstance(m, nn.Linear)})

@@ -69,3 +69,16 @@ def test_saved_features_ignore_a_window_their_position_set_does_not_use():
     windowed = ThinkFeatures({}, {}, {"positions": "window", "window": 3})
     with pytest.raises(ValueError, match="window=3"):
         windowed.check_compatible(RainMergingConfig(lam=1.0, positions="window", window=1), [])
+
+
+def test_a_string_target_is_a_regex_over_whole_names_as_in_peft(qwen2_skeleton):
+    targets = find_target_modules(qwen2_skeleton, RainMergingConfig(lam=1.0, target_modules=r".*\.self_attn\.(q|v)_proj"))
+    assert [t.name for t in targets] == [f"model.layers.{i}.self_attn.{m}_proj" for i in (0, 1) for m in "qv"]
+    # peft matches a string against the whole name: "q_proj" alone names no module
+    with pytest.raises(ConfigError, match=r"regular expression .*'model\.layers\.0\..*list of names such as \['q_proj'\]"):
+        find_target_modules(qwen2_skeleton, RainMergingConfig(lam=1.0, target_modules="q_proj"))
+    with pytest.raises(ConfigError, match="not a valid regular expression"):
+        RainMergingConfig(lam=1.0, target_modules="(")
+    with pytest.raises(ConfigError, match=r"in the layers \[0\]"):
+        find_target_modules(qwen2_skeleton, RainMergingConfig(lam=1.0, target_modules=r"model\.layers\.1\..*",
+                                                              layers=[0]))

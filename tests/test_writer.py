@@ -81,7 +81,7 @@ def test_config_round_trip_and_validation(tmp_path):
     assert RainMergingConfig.load(tmp_path / "c.json") == cfg
     for bad, msg in [({"method": "fancy"}, "method"), ({"lam": "big"}, "lam"), ({"rcond": 0}, "rcond"),
                      ({"coef_min": 2.0, "coef_max": 1.0}, "coef_min"), ({"positions": "all"}, "positions"),
-                     ({"target_modules": "attention"}, "target_modules"), ({"layers": [-1]}, "layers"),
+                     ({"target_modules": "attention("}, "target_modules"), ({"layers": [-1]}, "layers"),
                      ({"think_open": "<t>", "think_close": "<t>"}, "differ"), ({"batch_size": 0}, "batch_size"),
                      ({"max_shard_size": "lots"}, "max_shard_size"), ({"stage1": "yes"}, "stage1"),
                      ({"sequential": True, "stage1": False}, "sequential"), ({"sequential": "yes"}, "null"),
