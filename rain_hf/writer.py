@@ -190,12 +190,16 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
             os.replace(target, old / "out")
         os.replace(tmp, target)
     except BaseException:  # Ctrl-C included: whatever step it hit, leave target as it was and no debris
-        if tmp.exists():  # the new folder never took target's place
+        replaced = not tmp.exists()  # the new folder took target's place before the interruption
+        if not replaced:
             if old is not None and (old / "out").exists() and not target.exists():
                 os.replace(old / "out", target)
             shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            if replaced or not (old / "out").exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # something took target's name meanwhile: never delete the previous output
+                logger.warning("The previous content of %s was kept in %s", target, old / "out")
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

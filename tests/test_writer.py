@@ -164,3 +164,28 @@ def test_atomic_directory_interrupted_while_swapping_leaves_old_output_and_no_de
             (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
+
+
+def test_atomic_directory_never_deletes_the_previous_output_it_could_not_put_back(tmp_path, monkeypatch):
+    import os
+
+    from rain_hf import writer as writer_module
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    real_replace = os.replace
+
+    def raced(src, dst):
+        if str(dst) == str(target) and ".partial-" in str(src):
+            target.mkdir()  # another process takes the name while the old output is aside
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(writer_module.os, "replace", raced)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_directory(target, overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith(".out.old-")]
+    assert len(kept) == 1 and (kept[0] / "out" / "old.txt").read_text() == "old"
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
