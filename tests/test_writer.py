@@ -138,9 +138,9 @@ def test_writer_names_a_dtype_safetensors_cannot_store(tmp_path):
         ShardedSafetensorsWriter(tmp_path, [TensorSpec("c", (2,), torch.complex64)], max_shard_size=100)
 
 
-@pytest.mark.parametrize("failing_move", [".old-", "out"])
-def test_atomic_directory_interrupted_while_swapping_leaves_old_output_and_no_debris(tmp_path, monkeypatch,
-                                                                                   failing_move):
+def _interrupted_save(tmp_path, monkeypatch, before_replace):
+    """Save over an existing output "out" (holding old.txt) while ``before_replace(src, dst, target)`` runs before
+    each ``os.replace`` of the writer (it may raise KeyboardInterrupt); returns the target."""
     import os
 
     from rain_hf import writer as writer_module
@@ -149,43 +149,41 @@ def test_atomic_directory_interrupted_while_swapping_leaves_old_output_and_no_de
     target.mkdir()
     (target / "old.txt").write_text("old")
     real_replace = os.replace
-    interrupts = [1]
 
-    def interrupted(src, dst):
-        # ".old-": Ctrl-C while the old output is moved aside; "out": while the new one is moved into place
-        if interrupts and failing_move in str(dst) and (failing_move != "out" or str(dst) == str(target)):
-            interrupts.pop()
-            raise KeyboardInterrupt
+    def replace(src, dst):
+        before_replace(str(src), str(dst), target)
         return real_replace(src, dst)
 
-    monkeypatch.setattr(writer_module.os, "replace", interrupted)
+    monkeypatch.setattr(writer_module.os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
         with atomic_directory(target, overwrite=True) as tmp:
             (tmp / "new.txt").write_text("new")
+    return target
+
+
+@pytest.mark.parametrize("failing_move", [".old-", "out"])
+def test_atomic_directory_interrupted_while_swapping_leaves_old_output_and_no_debris(tmp_path, monkeypatch,
+                                                                                   failing_move):
+    interrupts = [1]
+
+    def interrupt_once(src, dst, target):
+        # ".old-": Ctrl-C while the old output is moved aside; "out": while the new one is moved into place
+        if interrupts and failing_move in dst and (failing_move != "out" or dst == str(target)):
+            interrupts.pop()
+            raise KeyboardInterrupt
+
+    target = _interrupted_save(tmp_path, monkeypatch, interrupt_once)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
 
 
 def test_atomic_directory_never_deletes_the_previous_output_it_could_not_put_back(tmp_path, monkeypatch):
-    import os
-
-    from rain_hf import writer as writer_module
-
-    target = tmp_path / "out"
-    target.mkdir()
-    (target / "old.txt").write_text("old")
-    real_replace = os.replace
-
-    def raced(src, dst):
-        if str(dst) == str(target) and ".partial-" in str(src):
+    def raced(src, dst, target):
+        if dst == str(target) and ".partial-" in src:
             target.mkdir()  # another process takes the name while the old output is aside
             raise KeyboardInterrupt
-        return real_replace(src, dst)
 
-    monkeypatch.setattr(writer_module.os, "replace", raced)
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_directory(target, overwrite=True) as tmp:
-            (tmp / "new.txt").write_text("new")
+    _interrupted_save(tmp_path, monkeypatch, raced)
     kept = [p for p in tmp_path.iterdir() if p.name.startswith(".out.old-")]
     assert len(kept) == 1 and (kept[0] / "out" / "old.txt").read_text() == "old"
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
