@@ -462,12 +462,8 @@ def _check_calibration_files(job: MergeJob, config_path: str) -> None:
     is loaded (the merge validates every record again)."""
     from .calibration import CalibrationError, check_records
 
-    cfg = job.config
-    if cfg.method != "rain":
-        return
-    used = {"reasoning": cfg.stage1 or cfg.lam == "auto", "instruction": cfg.stage2}
     for name, path in job.calibration.items():
-        if used.get(name):
+        if job.config.uses_calibration(name):
             try:
                 check_records(str(path), f"{name} calibration")
             except CalibrationError as exc:
@@ -540,13 +536,9 @@ def _run(args: argparse.Namespace) -> int:
 
     torch_dtype = None if job.dtype == "auto" else job.dtype
     merger = RainMerger._from_plan(parts, device=args.device, torch_dtype=torch_dtype)
-    use_calibration = job.config.method == "rain"
-    merger.merge(
-        reasoning_calibration=(str(job.calibration["reasoning"])
-                               if use_calibration and (job.config.stage1 or job.config.lam == "auto") else None),
-        instruction_calibration=(str(job.calibration["instruction"])
-                                 if use_calibration and job.config.stage2 else None),
-    )
+    reasoning_file, instruction_file = (str(job.calibration[kind]) if job.config.uses_calibration(kind) else None
+                                        for kind in CALIBRATION_KEYS)
+    merger.merge(reasoning_calibration=reasoning_file, instruction_calibration=instruction_file)
     saved = merger.save_pretrained(out, overwrite=args.overwrite, max_shard_size=job.max_shard_size,
                                    card_template=job.card_template, model_id=args.push_to_hub)
     print(str(merger.report))

@@ -294,6 +294,20 @@ class RainMergingConfig:
         parse_size(self.max_shard_size)
 
     # ------------------------------------------------------------------ (de)serialisation
+    def uses_calibration(self, kind: str) -> bool:
+        """Whether a merge with this config reads the ``"reasoning"`` calibration set (stage 1, or L_think for
+        ``lam="auto"``) or the ``"instruction"`` one (stage 2); the baselines read neither.
+
+        Example:
+            >>> RainMergingConfig(stage1=False).uses_calibration("reasoning")  # lam="auto" measures L_think on it
+            True
+        """
+        if kind not in ("reasoning", "instruction"):
+            raise ValueError(f"Unknown calibration kind {kind!r}; use 'reasoning' or 'instruction'.")
+        if self.method != "rain":
+            return False
+        return self.stage1 or self.lam == "auto" if kind == "reasoning" else self.stage2
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

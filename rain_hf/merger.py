@@ -180,13 +180,19 @@ def check_device(device: str | torch.device | None) -> None:
                           f"{torch.__version__}): use device='cpu', or install a CUDA build of torch.")
 
 
+def _saved_dtype(config: RainMergingConfig, stored: torch.dtype) -> torch.dtype:
+    """The dtype a tensor stored as ``stored`` is saved in: ``config.output_dtype`` for floats, else as stored."""
+    if config.output_dtype is None or not stored.is_floating_point:
+        return stored
+    return _DTYPES[config.output_dtype]
+
+
 def load_dtype_problem(plan: MergePlan, reasoning: LazyCheckpoint,
                        loaded: torch.dtype) -> tuple[torch.dtype, str] | None:
     """(saved dtype, why) when merged weights loaded in ``loaded`` cannot be saved as they will be; None when fine.
     Read from the checkpoint's header, before any load."""
     for target in plan.targets:
-        stored = reasoning.dtype(target.weight_key)
-        out = _DTYPES[plan.config.output_dtype] if plan.config.output_dtype else stored
+        out = _saved_dtype(plan.config, reasoning.dtype(target.weight_key))
         problem = _dtype_problem(out, loaded)
         if problem:
             return out, problem
@@ -547,10 +553,7 @@ class RainMerger:
 
     # ------------------------------------------------------------------ helpers
     def _output_dtype(self, key: str) -> torch.dtype:
-        stored = self.reasoning.dtype(key)
-        if self.config.output_dtype is None or not stored.is_floating_point:
-            return stored
-        return _DTYPES[self.config.output_dtype]
+        return _saved_dtype(self.config, self.reasoning.dtype(key))
 
     def _check_output_dtypes(self) -> None:
         params = self._params()
@@ -794,11 +797,9 @@ class RainMerger:
             self.reset()
         self._new_report()
         start = time.perf_counter()
-        unused = [name for name, data, used in (
-            ("reasoning_calibration", reasoning_calibration,
-             cfg.method == "rain" and (cfg.stage1 or cfg.lam == "auto")),
-            ("instruction_calibration", instruction_calibration, cfg.method == "rain" and cfg.stage2))
-            if data is not None and not used]
+        unused = [f"{kind}_calibration" for kind, data in (("reasoning", reasoning_calibration),
+                                                           ("instruction", instruction_calibration))
+                  if data is not None and not cfg.uses_calibration(kind)]
         for name in unused:
             self.report.warnings.append(f"{name} was given but this merge does not use it (method={cfg.method}, "
                                         f"stage1={cfg.stage1}, stage2={cfg.stage2}, lam={cfg.lam})")
