@@ -371,6 +371,12 @@ def holdout_indices(n: int, share: float, seed: int = 0) -> list[int]:
     return sorted(torch.randperm(n, generator=generator)[:n_out].tolist())
 
 
+def holdout_split(items: Sequence[Any], share: float, seed: int = 0) -> tuple[list[Any], list[Any]]:
+    """(kept, held out): ``items`` split at :func:`holdout_indices`, each part in input order."""
+    out = set(holdout_indices(len(items), share, seed))
+    return [x for i, x in enumerate(items) if i not in out], [x for i, x in enumerate(items) if i in out]
+
+
 def check_think_tokens(tokenizer: Any, config: Any) -> tuple[int, int]:
     """Ids of ``config.think_open`` / ``config.think_close``, each required to be one token of the vocabulary.
 
@@ -958,9 +964,9 @@ def _stop_ids(gen: Any, tokenizer: Any, pad_id: int | None) -> set[int]:
     return stops
 
 
-def _padding_id(tokenizer: Any) -> int:
-    """The id that left-pads prompts: the tokenizer's pad token, else its EOS token, else 0 (any id will do, the
-    attention mask hides it)."""
+def padding_id(tokenizer: Any) -> int:
+    """The id that pads batches (prompts on the left for generation, samples on the right for scoring): the
+    tokenizer's pad token, else its EOS token, else 0 (any id will do, the attention mask hides it)."""
     for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if token_id is not None:
             return token_id
@@ -982,7 +988,7 @@ def _generate_batch(records: list[dict], model: Any, tokenizer: Any, config: Any
         prefix_ids.append(tokenizer(prefix, add_special_tokens=False)["input_ids"])
     if not rows:
         return results
-    pad_id = _padding_id(tokenizer)
+    pad_id = padding_id(tokenizer)
     width = max(len(p) for p in prefix_ids)
     device = getattr(model, "device", torch.device("cpu"))
     input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prefix_ids], device=device)

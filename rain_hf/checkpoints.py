@@ -218,10 +218,9 @@ class LazyCheckpoint:
         """The first and the last ``n`` bytes of ``key``'s data (all of it when shorter than ``2n``)."""
         _, _, start, end = self._entries[key]
         with open(self.folder / self._where[key], "rb") as f:
-            if end - start <= 2 * n:
-                f.seek(start)
-                return f.read(end - start)
             f.seek(start)
+            if end - start <= 2 * n:
+                return f.read(end - start)
             head = f.read(n)
             f.seek(end - n)
             return head + f.read(n)

@@ -25,7 +25,8 @@ from . import __version__
 from .calibration import (
     CalibrationSample,
     check_think_tokens,
-    holdout_indices,
+    holdout_split,
+    padding_id,
     prepare_instruction_calibration,
     prepare_reasoning_calibration,
     template_opens_think,
@@ -568,10 +569,7 @@ class RainMerger:
         return self._param_map
 
     def _pad_id(self) -> int:
-        tok = self.tokenizer
-        if tok.pad_token_id is not None:
-            return tok.pad_token_id
-        return tok.eos_token_id if tok.eos_token_id is not None else 0
+        return padding_id(self.tokenizer)
 
     def _prepare(self, kind: str, data) -> list[CalibrationSample]:
         prepare = prepare_reasoning_calibration if kind == "reasoning" else prepare_instruction_calibration
@@ -881,14 +879,13 @@ class RainMerger:
 
     def _hold_out(self, samples: list[CalibrationSample]) -> tuple[list[CalibrationSample], list[CalibrationSample]]:
         """(stage-1 samples, held-out samples): a seeded draw of ``lam_auto_holdout`` of the samples is kept out of
-        stage 1 to measure L_think (:func:`~rain_hf.calibration.holdout_indices`)."""
-        n = len(samples)
-        out = set(holdout_indices(n, self.config.lam_auto_holdout, self.config.seed))
-        if n - len(out) < 1:
-            raise ConfigError(f"lam='auto' holds out {len(out)} of the {n} reasoning calibration samples "
+        stage 1 to measure L_think (:func:`~rain_hf.calibration.holdout_split`)."""
+        kept, held = holdout_split(samples, self.config.lam_auto_holdout, self.config.seed)
+        if not kept:
+            raise ConfigError(f"lam='auto' holds out {len(held)} of the {len(samples)} reasoning calibration samples "
                               f"(lam_auto_holdout={self.config.lam_auto_holdout}), which leaves none for stage 1: "
                               "pass more samples (at least 2), lower lam_auto_holdout, or set lam to a number.")
-        return [s for i, s in enumerate(samples) if i not in out], [s for i, s in enumerate(samples) if i in out]
+        return kept, held
 
     def _think_rows(self, samples: list[CalibrationSample]) -> list[tuple[list[int], list[int]]]:
         """(token ids, thinking positions) of each sample, as L_think reads them."""

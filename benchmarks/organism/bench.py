@@ -55,10 +55,9 @@ HOLDOUT = 0.25  # share of the reasoning calibration held out of stage 1 (the sa
 def split_records(records: list[dict]) -> tuple[list[dict], list[dict]]:
     """(stage-1 records, held-out records): the split ``lam="auto"`` makes with the default seed, so that every
     row's L_think is measured on samples no stage 1 saw."""
-    from rain_hf.calibration import holdout_indices
+    from rain_hf.calibration import holdout_split
 
-    out = set(holdout_indices(len(records), HOLDOUT))
-    return [r for i, r in enumerate(records) if i not in out], [r for i, r in enumerate(records) if i in out]
+    return holdout_split(records, HOLDOUT)
 
 FAMILIES = ("reference", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "rain_stage1",
             "rain_stage2", "rain_both", "rain_seq_stage1", "rain_seq_both", "rain_positions", "rain_ablations",
