@@ -590,6 +590,17 @@ class LayerReplay:
 
 
 # ---------------------------------------------------------------------------------------------- stage 2
+def eager_attention_bytes(lengths: Sequence[int], batch_size: int, num_heads: int, dtype_bytes: int) -> int:
+    """Peak bytes of one layer's eager attention over the largest calibration batch.
+
+    Eager attention holds the scores [B, H, T, T] in the model's dtype, their float32 softmax and its cast back,
+    with T the batch's longest sequence; :func:`collect_attention_stats` batches ``lengths`` in order.
+    """
+    largest = max((len(lengths[i:i + batch_size]) * max(lengths[i:i + batch_size]) ** 2
+                   for i in range(0, len(lengths), batch_size)), default=0)
+    return largest * num_heads * (2 * dtype_bytes + 4)
+
+
 @torch.no_grad()
 def collect_attention_stats(
     model: nn.Module,
@@ -629,6 +640,11 @@ def collect_attention_stats(
 
         return hook
 
+    peak = eager_attention_bytes([len(s.input_ids) for s in samples], batch_size, geo.num_heads,
+                                 next(model.parameters()).element_size())
+    # eager is the one implementation that returns the probabilities; its T×T maps dwarf a flash/sdpa pass
+    logger.info("Stage 2 runs eager attention: up to %.1f MiB per layer for the largest calibration batch (lower "
+                "batch_size or max_length if that does not fit).", peak / 2**20)
     previous = getattr(model.config, "_attn_implementation", None)
     model.set_attn_implementation("eager")
     handles = [_attention_of(blocks[layer])[1].register_forward_hook(make_hook(row)) for row, layer in

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2Config, Qwen3MoeConfig
 
 from rain_hf.config import ConfigError, RainMergingConfig
-from rain_hf.features import ThinkFeatures, find_target_modules, unmergeable_weights
+from rain_hf.features import ThinkFeatures, eager_attention_bytes, find_target_modules, unmergeable_weights
 
 
 def _meta(config) -> torch.nn.Module:
@@ -82,3 +82,12 @@ def test_a_string_target_is_a_regex_over_whole_names_as_in_peft(qwen2_skeleton):
     with pytest.raises(ConfigError, match=r"in the layers \[0\]"):
         find_target_modules(qwen2_skeleton, RainMergingConfig(lam=1.0, target_modules=r"model\.layers\.1\..*",
                                                               layers=[0]))
+
+
+def test_eager_attention_estimate_takes_the_largest_batch_in_calibration_order():
+    # batches of 2 in order: [3, 5] → 2·5², [2, 7] → 2·7², [1] → 1·1²; a batch costs its size × its longest²
+    lengths = [3, 5, 2, 7, 1]
+    assert eager_attention_bytes(lengths, 2, num_heads=3, dtype_bytes=2) == 2 * 7**2 * 3 * (2 * 2 + 4)
+    assert eager_attention_bytes([9, 1, 1, 1], 4, num_heads=1, dtype_bytes=4) == 4 * 81 * 12
+    assert eager_attention_bytes([9, 1, 1, 1], 1, num_heads=1, dtype_bytes=4) == 81 * 12
+    assert eager_attention_bytes([], 4, num_heads=8, dtype_bytes=2) == 0
