@@ -444,17 +444,13 @@ def _check_push_target(repo_id: str | None, online: bool) -> None:
     after it."""
     if not repo_id:
         return
-    from huggingface_hub import constants
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
+    from .hub import HubError, check_push_target
 
     try:
-        validate_repo_id(repo_id)
-    except HFValidationError as exc:
-        raise CliError(f"--push-to-hub {repo_id!r} is not a valid repository id ({exc}); use namespace/name.") from exc
-    if online and constants.HF_HUB_OFFLINE:
-        raise CliError("--push-to-hub needs the Hub, and HF_HUB_OFFLINE is set: unset it, or merge without "
-                       "--push-to-hub and upload the folder later.")
+        check_push_target(repo_id, need_network=online)
+    except HubError as exc:
+        later = " (or merge without --push-to-hub and upload the folder later)" if "OFFLINE" in exc.reason else ""
+        raise CliError(f"--push-to-hub {repo_id!r}: {exc.reason}{later}") from exc
 
 
 def _check_calibration_files(job: MergeJob, config_path: str) -> None:

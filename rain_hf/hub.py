@@ -3,7 +3,10 @@
 :func:`push_folder` creates the model repository if needed (``create_repo(exist_ok=True)``), then uploads every
 file of the output folder — weights, index, config, tokenizer, chat template, generation config, ``README.md``
 (the model card), heatmap and sidecar — in **one** ``create_commit``. Each file is passed to the Hub client as a
-path, so large shards are hashed and uploaded in chunks, never read whole into memory. Any failure from the
+path, so large shards are hashed and uploaded in chunks, never read whole into memory. The same commit deletes
+the weights (and heatmap) an earlier upload left at the top of the repository that this folder does not have:
+transformers reads ``model.safetensors`` before ``model.safetensors.index.json``, so an old single-file merge
+would otherwise shadow a new sharded one. Any failure from the
 Hub (authentication, a missing or wrongly typed repository, a bad revision, network errors) is raised as
 :class:`HubError` with a message that says what to do; the local folder is only read, never changed.
 
@@ -16,13 +19,14 @@ Example:
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import re
 from pathlib import Path
 
 import httpx2
-from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
+from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi
 from huggingface_hub.errors import (
     HfHubHTTPError,
     HFValidationError,
@@ -30,14 +34,19 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.hf_api import RepoFile
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_COMMIT_MESSAGE", "HubError", "push_folder"]
+__all__ = ["DEFAULT_COMMIT_MESSAGE", "HubError", "check_push_target", "push_folder"]
 
 DEFAULT_COMMIT_MESSAGE = "Upload merged model (rain_hf)"
 _OTHER_REPO_TYPES = {"datasets": "dataset", "spaces": "Space", "kernels": "kernel", "buckets": "bucket"}
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+#: Top-level files of an earlier upload that a new upload replaces (deleted when the folder lacks them): what
+#: transformers may load as the model's weights, and the stage-2 heatmap of a merge that had stage 2.
+REPLACED_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth",
+                     "rain_merging_heatmap.png")
 
 
 class HubError(RuntimeError):
@@ -80,12 +89,15 @@ def push_folder(
         commit_message: the commit's title (default :data:`DEFAULT_COMMIT_MESSAGE`).
         create_pr: open a pull request with the commit instead of committing to the branch.
 
+    The commit also deletes top-level files matching :data:`REPLACED_PATTERNS` that the branch holds and
+    ``folder`` does not (the weights and heatmap of an earlier upload), so the repository holds one model.
+
     Returns:
         The :class:`huggingface_hub.CommitInfo` of the commit (``commit_url``, ``oid``, ``pr_url``).
 
     Raises:
         HubError: the push failed; the local folder is intact.
-        FileNotFoundError: ``folder`` does not exist or holds no files.
+        FileNotFoundError: ``folder`` does not exist, holds no files, or links a weight file from outside.
 
     Example:
         >>> push_folder("merged", "my-user/r1-rain-merged", create_pr=True).pr_url  # doctest: +SKIP
@@ -94,12 +106,10 @@ def push_folder(
     folder = Path(folder)
     files = _files_to_upload(folder)
     retry = _RetryHint(folder, repo_id, private, revision, create_pr)
-    _check_repo_id(repo_id, retry)
-    if revision is not None and _COMMIT_SHA.fullmatch(revision):
-        reason = (f"revision={revision!r} is a commit hash; a commit goes onto a branch (or an open pull "
-                  "request's 'refs/pr/N'): pass a branch name, or none for main.")
-        raise HubError(f"{reason} The local output at {folder} is intact.", repo_id=repo_id, folder=folder,
-                       reason=reason)
+    reason = _push_target_problem(repo_id, revision)
+    if reason:
+        retry.repo_id = _model_repo_id(repo_id)
+        raise HubError(f"{reason} {retry}", repo_id=repo_id, folder=folder, reason=reason)
     api = HfApi(token=token)
     target = repo_id
     step = "creating the repository"
@@ -111,7 +121,13 @@ def push_folder(
         if revision is not None and revision != "main" and not revision.startswith("refs/pr/"):
             step = f"creating the branch {revision!r}"
             api.create_branch(target, branch=revision, exist_ok=True, repo_type="model")
-        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files]
+        operations: list = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files]
+        step = "listing the repository's files"
+        stale = _replaced_files(api, target, revision, {name for name, _ in files})
+        if stale:
+            logger.info("Deleting %d file(s) of an earlier upload that this one replaces: %s", len(stale),
+                        ", ".join(stale))
+            operations += [CommitOperationDelete(path_in_repo=name) for name in stale]
         step = "uploading the files"
         info = api.create_commit(
             target,
@@ -138,6 +154,10 @@ def _files_to_upload(folder: Path) -> list[tuple[str, Path]]:
         if not path.is_file() or any(part.startswith(".") for part in relative.parts):
             continue  # skip .cache/, .git/, .gitattributes-like local state
         if path.is_symlink() and not path.resolve().is_relative_to(root):
+            if _is_replaced(relative.as_posix()):  # pushing the rest would publish a model missing this file
+                raise FileNotFoundError(f"Cannot push {str(folder)!r}: its weight file {relative.as_posix()} links "
+                                        f"to {path.resolve()}, outside the folder. Copy the file into the folder "
+                                        "(or save the merge there again) and push again.")
             logger.warning("Not pushing %s: it links to %s, outside the folder.", relative, path.resolve())
             continue
         files.append((relative.as_posix(), path))
@@ -146,14 +166,52 @@ def _files_to_upload(folder: Path) -> list[tuple[str, Path]]:
     return files
 
 
-def _check_repo_id(repo_id: str, retry: _RetryHint) -> None:
-    first = repo_id.strip().split("/", 1)[0] if isinstance(repo_id, str) else ""
-    if first in _OTHER_REPO_TYPES and repo_id.count("/") == 2:
-        kind = _OTHER_REPO_TYPES[first]
-        retry.repo_id = repo_id.split("/", 1)[1]
-        reason = (f"{repo_id!r} names a {kind} repository; a merged model goes to a model repository: pass "
-                  f"'{retry.repo_id}'.")
-        raise HubError(f"{reason} {retry}", repo_id=repo_id, folder=retry.folder, reason=reason)
+def _is_replaced(name: str) -> bool:
+    return "/" not in name and any(fnmatch.fnmatchcase(name, pattern) for pattern in REPLACED_PATTERNS)
+
+
+def _replaced_files(api: HfApi, repo_id: str, revision: str | None, uploading: set[str]) -> list[str]:
+    """Top-level files of the branch that :data:`REPLACED_PATTERNS` names and the upload lacks."""
+    remote = api.list_repo_tree(repo_id, revision=revision, repo_type="model")
+    return sorted(entry.path for entry in remote
+                  if isinstance(entry, RepoFile) and _is_replaced(entry.path) and entry.path not in uploading)
+
+
+def _model_repo_id(repo_id: str) -> str:
+    """``repo_id`` without a ``datasets/``-style type prefix (unchanged when it has none)."""
+    if isinstance(repo_id, str) and repo_id.split("/", 1)[0] in _OTHER_REPO_TYPES and repo_id.count("/") == 2:
+        return repo_id.split("/", 1)[1]
+    return repo_id
+
+
+def _push_target_problem(repo_id: str, revision: str | None = None) -> str | None:
+    """Why the Hub would refuse ``repo_id``/``revision`` before any request is made, or ``None``."""
+    from huggingface_hub.utils import validate_repo_id
+
+    if _model_repo_id(repo_id) != repo_id:
+        return (f"{repo_id!r} names a {_OTHER_REPO_TYPES[repo_id.split('/', 1)[0]]} repository; a merged model "
+                f"goes to a model repository: pass '{_model_repo_id(repo_id)}'.")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        return f"{repo_id!r} is not a valid repository id ({exc}); use 'namespace/name'."
+    if revision is not None and _COMMIT_SHA.fullmatch(revision):
+        return (f"revision={revision!r} is a commit hash; a commit goes onto a branch (or an open pull request's "
+                "'refs/pr/N'): pass a branch name, or none for main.")
+    return None
+
+
+def check_push_target(repo_id: str, revision: str | None = None, *, need_network: bool = True) -> None:
+    """Raise :class:`HubError` now for a push that would fail at once: a repo id the Hub refuses, a commit hash
+    as the branch, or (with ``need_network``) ``HF_HUB_OFFLINE`` set. Call it before a long merge or save that
+    ends in a push."""
+    from huggingface_hub import constants
+
+    reason = _push_target_problem(repo_id, revision)
+    if reason is None and need_network and constants.HF_HUB_OFFLINE:
+        reason = "HF_HUB_OFFLINE is set, so the Hub cannot be reached: unset it to push."
+    if reason:
+        raise HubError(f"{reason} Nothing was saved or uploaded.", repo_id=repo_id, folder=None, reason=reason)
 
 
 class _RetryHint:

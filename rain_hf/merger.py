@@ -1103,8 +1103,9 @@ class RainMerger:
     ):
         """Save the merged model (to ``save_directory``, or a temporary folder deleted after the upload) and upload
         it in one commit."""
-        from .hub import HubError, push_folder
+        from .hub import HubError, check_push_target, push_folder
 
+        check_push_target(repo_id, revision)  # before a save that may take minutes and gigabytes
         scratch = None
         if save_directory is None:
             scratch = tempfile.TemporaryDirectory(prefix="rain_hf-push-")

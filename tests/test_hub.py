@@ -1,8 +1,8 @@
 """push_folder drives the real HfApi code path; only the HTTP transport under huggingface_hub is replaced.
 
 ``FakeHub`` is an ``httpx2`` transport installed with ``huggingface_hub.set_client_factory``: it answers the
-create-repo, branch, validate-yaml, preupload, LFS batch / upload / verify and commit endpoints the way the
-Hub documents them, records every request, and can be told to fail. Xet uploads are disabled in these tests
+create-repo, branch, tree, validate-yaml, preupload, LFS batch / upload / verify and commit endpoints the way
+the Hub documents them, keeps each branch's files, records every request, and can be told to fail. Xet uploads are disabled in these tests
 (``hf_xet`` speaks its own protocol outside the httpx client), so large files take the LFS "basic" path.
 """
 
@@ -16,7 +16,7 @@ import re
 import threading
 import tracemalloc
 from pathlib import Path
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 import httpx2
 import pytest
@@ -41,6 +41,7 @@ class FakeHub(httpx2.BaseTransport):
         self.branches: dict[str, set[str]] = {}
         self.uploads: dict[str, dict] = {}  # oid -> {"size", "chunks", "max_chunk"}
         self.commits: list[dict] = []
+        self.trees: dict[tuple[str, str], dict[str, dict]] = {}  # (repo, branch) -> path -> file entry
         self.fail: dict[str, int | Exception] = {}
         self.fail_body: dict[str, dict] = {}  # JSON body of a failure, by endpoint name
 
@@ -67,6 +68,7 @@ class FakeHub(httpx2.BaseTransport):
         ("branch", "POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/branch/(?P<branch>[^/]+)"),
         ("preupload", "POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/preupload/(?P<rev>[^/]+)"),
         ("commit", "POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/commit/(?P<rev>[^/]+)"),
+        ("tree", "GET", r"/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)"),
         ("repo_info", "GET", r"/api/models/(?P<repo>[^/]+/[^/]+)(/revision/.*)?"),
         ("lfs_batch", "POST", r"/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch"),
         ("lfs_verify", "POST", r"/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/verify"),
@@ -96,6 +98,7 @@ class FakeHub(httpx2.BaseTransport):
                                                   "url": f"https://huggingface.co/{repo}"})
             self.repos[repo] = payload
             self.branches[repo] = {"main"}
+            self.trees[(repo, "main")] = {".gitattributes": {"mode": "regular", "content": b"*.safetensors lfs"}}
         return httpx2.Response(200, json={"url": f"https://huggingface.co/{repo}"})
 
     def _repo_info(self, request, match):
@@ -117,7 +120,25 @@ class FakeHub(httpx2.BaseTransport):
             if branch in self.branches[repo]:
                 return httpx2.Response(409, json={"error": "Reference already exists"})
             self.branches[repo].add(branch)
+            self.trees[(repo, branch)] = dict(self.trees[(repo, "main")])
         return httpx2.Response(200, json={})
+
+    def _tree(self, request, match):
+        rev = unquote(match["rev"])
+        if rev.startswith("refs/pr/"):  # a pull request's files start as its target's (main here)
+            rev = "main"
+        tree = self.trees.get((match["repo"], rev))
+        if tree is None:
+            return self._error(404, request)
+        entries, folders = [], set()
+        for path, entry in sorted(tree.items()):
+            if "/" in path:
+                folders.add(path.split("/", 1)[0])
+            else:
+                size = entry["size"] if entry["mode"] == "lfs" else len(entry["content"])
+                entries.append({"type": "file", "path": path, "size": size, "oid": "1" * 40})
+        entries += [{"type": "directory", "path": folder, "oid": "2" * 40} for folder in sorted(folders)]
+        return httpx2.Response(200, json=entries)
 
     def _preupload(self, request, match):
         if match["repo"] not in self.repos:
@@ -161,7 +182,7 @@ class FakeHub(httpx2.BaseTransport):
         lines = [json.loads(line) for line in request.read().decode().splitlines()]
         header = lines[0]
         assert header["key"] == "header"
-        files = {}
+        files, deleted = {}, []
         for line in lines[1:]:
             value = line["value"]
             if line["key"] == "file":
@@ -169,10 +190,18 @@ class FakeHub(httpx2.BaseTransport):
             elif line["key"] == "lfsFile":
                 assert value["oid"] in self.uploads, f"{value['path']} committed before its LFS upload"
                 files[value["path"]] = {"mode": "lfs", "oid": value["oid"], "size": value["size"]}
+            elif line["key"] == "deletedFile":
+                deleted.append(value["path"])
         create_pr = parse_qs(request.url.query.decode()).get("create_pr") == ["1"]
         with self.lock:
             self.commits.append({"repo": repo, "revision": rev, "summary": header["value"]["summary"],
-                                 "files": files, "create_pr": create_pr})
+                                 "files": files, "deleted": deleted, "create_pr": create_pr})
+            if not create_pr and not unquote(match["rev"]).startswith("refs/pr/"):  # pull requests leave branches be
+                tree = self.trees[(repo, unquote(match["rev"]))]
+                for path in deleted:
+                    assert path in tree, f"deleting {path}, which the branch does not hold"
+                    del tree[path]
+                tree.update(files)
             number = len(self.commits)
         oid = hashlib.sha1(f"{repo}{number}".encode()).hexdigest()
         return httpx2.Response(200, json={
@@ -377,6 +406,36 @@ def test_links_out_of_the_folder_are_not_pushed(hub, merged, tmp_path):
     assert "notes.txt" not in files and "card-link.md" in files
 
 
+def test_a_new_upload_deletes_the_weights_it_replaces(hub, merged, tmp_path):
+    old = tmp_path / "old"
+    (old / "original").mkdir(parents=True)
+    for name in ("model.safetensors", "rain_merging_heatmap.png", "notes.md", "original/model.safetensors",
+                 "config.json"):
+        (old / name).write_bytes(b"an earlier merge: " + name.encode())
+    push_folder(old, "me/r1-rain", token=TOKEN)
+    (merged / "rain_merging_heatmap.png").unlink()  # the new merge ran without stage 2
+    push_folder(merged, "me/r1-rain", token=TOKEN, create_pr=True)
+    assert hub.commits[-1]["deleted"] == ["model.safetensors", "rain_merging_heatmap.png"]
+    assert "model.safetensors" in hub.trees[("me/r1-rain", "main")]  # a pull request leaves main as it was
+    push_folder(merged, "me/r1-rain", token=TOKEN)
+    # transformers would load an old model.safetensors before the new index: it goes in the same commit
+    assert hub.commits[-1]["deleted"] == ["model.safetensors", "rain_merging_heatmap.png"]
+    remote = set(hub.trees[("me/r1-rain", "main")])
+    assert remote == (EXPECTED_FILES - {"rain_merging_heatmap.png"}) | {".gitattributes", "notes.md",
+                                                                       "original/model.safetensors"}
+    push_folder(merged, "me/r1-rain", token=TOKEN, revision="v2")  # a new branch starts from main's files
+    assert hub.commits[-1]["deleted"] == []
+
+
+def test_a_weight_file_linked_from_outside_stops_the_push(hub, merged, tmp_path):
+    shard = merged / "model-00002-of-00002.safetensors"
+    shard.rename(tmp_path / shard.name)
+    shard.symlink_to(tmp_path / shard.name)
+    with pytest.raises(FileNotFoundError, match="weight file model-00002-of-00002.safetensors links to .*Copy"):
+        push_folder(merged, "me/r1-rain", token=TOKEN)
+    assert hub.requests == []
+
+
 def test_missing_or_empty_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a folder"):
         push_folder(tmp_path / "nope", "me/x", token=TOKEN)
@@ -425,3 +484,12 @@ def test_merger_push_to_hub_without_a_folder_deletes_its_copy(hub, tmp_path, mon
     assert list(scratch.iterdir()) == []
     message = str(excinfo.value)  # no advice to retry from the folder just deleted
     assert "401" in message and "deleted" in message and "save_directory=" in message and "intact" not in message
+    # a push that must fail fails before the save: no minutes of writing shards to throw away
+    for repo_id, revision, offline, expected in (("datasets/me/tiny-ta", None, False, "dataset repository"),
+                                                 ("me/tiny-ta", "a" * 40, False, "commit hash"),
+                                                 ("me/tiny-ta", None, True, "HF_HUB_OFFLINE")):
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+        monkeypatch.setattr(type(merger), "save_pretrained", lambda *a, **k: pytest.fail("saved before the check"))
+        with pytest.raises(HubError, match=expected) as early:
+            merger.push_to_hub(repo_id, token=TOKEN, revision=revision)
+        assert "Nothing was saved" in str(early.value)
