@@ -211,6 +211,24 @@ def build_model_card(
     return card
 
 
+class TemplateProblem(ValueError):
+    """A model card template that cannot be rendered (its file and line are in the message)."""
+
+
+def check_template(template_path: str | os.PathLike) -> None:
+    """Compile a card template the way :func:`build_model_card` renders it; raise :class:`TemplateProblem` naming
+    the file and line of a syntax error or unknown filter, so it is found before a merge rather than after."""
+    import jinja2
+
+    path = Path(template_path)
+    try:
+        jinja2.Template(path.read_text(encoding="utf-8"))
+    except jinja2.TemplateSyntaxError as exc:  # unknown filters and tests are reported as syntax errors too
+        raise TemplateProblem(f"{path}, line {exc.lineno}: {exc.message}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TemplateProblem(f"{path} cannot be read as UTF-8 text ({exc}).") from exc
+
+
 def write_model_card(
     folder: str | os.PathLike,
     info: dict[str, Any],

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import textwrap
 import traceback
@@ -105,6 +106,12 @@ class MergeJob:
     max_shard_size: int | str | None = None
     private: bool | None = None
     card_template: Path | None = None
+    #: local model folders (by role) and calibration files (by kind) as the YAML writes them, relative to its
+    #: folder: what the card and sidecar name them by, instead of this machine's absolute paths
+    written_models: dict[str, str] = field(default_factory=dict)
+    written_calibration: dict[str, str] = field(default_factory=dict)
+    #: the YAML file itself (an input the output folder must not replace)
+    source: Path | None = None
 
     @property
     def revision(self) -> dict[str, str] | None:
@@ -141,7 +148,13 @@ def load_job(path: str | os.PathLike) -> MergeJob:
     if not path.is_file():
         raise CliError(f"config file {str(path)!r} does not exist.")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CliError(f"{path}: not UTF-8 text (byte {exc.start}); save the YAML file as UTF-8.") from exc
+    except OSError as exc:
+        raise CliError(f"{path}: cannot be read ({exc.strerror or exc}).") from exc
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -157,12 +170,15 @@ def load_job(path: str | os.PathLike) -> MergeJob:
 
     models: dict[str, str] = {}
     revisions: dict[str, str] = {}
+    written_models: dict[str, str] = {}
     for key, role in ROLES.items():
         if data.get(key) in (None, ""):
             raise CliError(f"{path}: '{key}' is missing; give a Hub id or a local folder.")
-        models[role], revision = _model_entry(data[key], key, folder, path)
+        models[role], revision, name = _model_entry(data[key], key, folder, path)
         if revision:
             revisions[role] = revision
+        if models[role] != name:  # a local folder: keep the name the YAML gives it
+            written_models[role] = name
 
     parameters = data.get("parameters") or {}
     if not isinstance(parameters, dict):
@@ -186,6 +202,7 @@ def load_job(path: str | os.PathLike) -> MergeJob:
         raise CliError(f"{path}: 'token' must be a string (or leave it out and set HF_TOKEN).")
 
     calibration = _calibration(data.get("calibration"), folder, path)
+    written_calibration = {kind: str(data["calibration"][kind]) for kind in calibration}
     if config.method == "rain":
         if config.stage1 and "reasoning" not in calibration:
             raise CliError(f"{path}: method rain with stage1 needs 'calibration: {{reasoning: PATH}}' (or set "
@@ -222,11 +239,18 @@ def load_job(path: str | os.PathLike) -> MergeJob:
         card_template = _local_path(str(output["card_template"]), folder)
         if not card_template.is_file():
             raise CliError(f"{path}: output.card_template {str(card_template)!r} does not exist.")
+        from .card import TemplateProblem, check_template
+
+        try:  # a template that cannot render would fail after the merge, throwing its hours away
+            check_template(card_template)
+        except TemplateProblem as exc:
+            raise CliError(f"{path}: output.card_template: {exc}") from exc
     return MergeJob(models, revisions, config, token or None, calibration, dtype, max_shard_size, private,
-                    card_template)
+                    card_template, written_models, written_calibration, path.resolve())
 
 
-def _model_entry(value: Any, key: str, folder: Path, path: Path) -> tuple[str, str | None]:
+def _model_entry(value: Any, key: str, folder: Path, path: Path) -> tuple[str, str | None, str]:
+    """(where to load from, revision, the name as written) of a model entry."""
     if isinstance(value, dict):
         unknown = sorted(set(map(str, value)) - set(MODEL_KEYS))
         if unknown or not value.get("path"):
@@ -234,21 +258,35 @@ def _model_entry(value: Any, key: str, folder: Path, path: Path) -> tuple[str, s
                            f"{sorted(map(str, value))}.")
         name, revision = value["path"], value.get("revision")
         if revision is not None and not isinstance(revision, str):
-            revision = str(revision)
+            # YAML reads 0123456 as the octal number 42798: converting back would name another revision
+            raise CliError(f"{path}: {key}.revision {revision!r} is not a string (YAML read it as "
+                           f"{type(revision).__name__}); quote it (revision: '0123456') so YAML keeps it as written.")
     elif isinstance(value, str):
         name, revision = value, None
     else:
         raise CliError(f"{path}: '{key}' must be a Hub id, a folder, or {{path: ..., revision: ...}}; got {value!r}.")
     name = str(name)
-    return _model_location(name, folder), revision
+    location = _model_location(name, folder, f"{path}: {key}")
+    if revision and (location != name or Path(name).expanduser().is_absolute()):
+        raise CliError(f"{path}: {key}.revision {revision!r} is given for the local folder {location}; a revision "
+                       "picks a commit of a Hub repository: check out that revision into the folder, or name the "
+                       "model by its Hub id.")
+    return location, revision, name
 
 
-def _model_location(name: str, folder: Path) -> str:
+def _model_location(name: str, folder: Path, where: str) -> str:
     """Local folders are relative to the YAML file; anything else is passed on as a Hub id."""
     if name.startswith(("./", "../", "/", "~", ".\\", "..\\")) or os.path.isabs(name):
         return str(_local_path(name, folder))
     candidate = folder / name
-    return str(candidate) if candidate.is_dir() else name
+    if candidate.is_dir():
+        return str(candidate)
+    if Path(name).is_dir() and Path(name).resolve() != candidate.resolve():
+        # the same YAML must name the same model from any working directory
+        raise CliError(f"{where}: {name!r} is a folder under the current directory but not under the YAML file's "
+                       f"folder {folder}, and model paths are relative to the YAML file: write it relative to "
+                       f"{folder}, or as an absolute path.")
+    return name
 
 
 def _local_path(name: str, folder: Path) -> Path:
@@ -397,8 +435,12 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version and usage errors
         return int(exc.code or 0)
     restore = _configure_logging(args.verbose)
+    previous = _raise_on_sigterm()
     try:
         return _run(args)
+    except _Terminated:
+        print(f"{PROG}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
@@ -407,7 +449,24 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # everything else is a runtime failure: one line, the traceback on --verbose
         return _fail(exc, 1, args.verbose)
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         restore()
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a job scheduler), raised like Ctrl-C so a half-written output is removed."""
+
+
+def _raise_on_sigterm() -> Any:
+    """Make SIGTERM raise :class:`_Terminated`; returns the previous handler (``None`` off the main thread)."""
+    def handler(signum, frame):
+        raise _Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # signals can only be set from the main thread
+        return None
 
 
 def _fail(exc: BaseException, status: int, verbose: bool) -> int:
@@ -481,15 +540,25 @@ def _check_load_dtype(job: MergeJob, plan: Any, reasoning: Any, config_path: str
                        f"{job.dtype}.")
 
 
-def _check_out_folder(out: Path, plan: Any) -> None:
-    """--out problems the save would only meet after the merge."""
+def _check_out_models(out: Path, plan: Any) -> None:
+    """--out must not be, or hold, an input model's folder (known once the plan has resolved them)."""
     from .merger import input_folder_in
 
     clash = input_folder_in(out, plan.sources)
     if clash:
         raise CliError(f"--out {str(out)!r} is (or holds) the {clash[0]} model's folder {clash[1]}: the merge would "
                        "replace an input. Pick another folder.")
+
+
+def _check_out_folder(out: Path, job: MergeJob) -> None:
+    """--out problems the save would only meet after the merge, found before any model is fetched."""
     target = out.expanduser().resolve()
+    files = {f"calibration.{kind}": path for kind, path in job.calibration.items()}
+    files.update({"output.card_template": job.card_template, "config file": job.source})
+    for what, file in files.items():
+        if file is not None and (file.resolve() == target or file.resolve().is_relative_to(target)):
+            raise CliError(f"--out {str(out)!r} holds the {what} {file}: saving there would replace the folder and "
+                           "delete it. Pick another folder.")
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {str(out)!r} is a file, not a folder: pick another path.")
     parent = target.parent
@@ -512,18 +581,28 @@ def _run(args: argparse.Namespace) -> int:
         raise CliError(f"--out {str(out)!r} already exists; pass --overwrite to replace it or pick another "
                        "folder.")
 
+    from .calibration import CalibrationError
     from .merger import RainMerger, check_device
 
     check_device(args.device)
     _check_push_target(args.push_to_hub, online=not args.dry_run)
-    # everything that can be checked without loading weights, before the load (and in a dry run)
-    parts = RainMerger.plan(job.models["base"], job.models["reasoning"], job.models["instruct"],
-                            config=job.config, revision=job.revision, token=job.token, _return_parts=True)
-    plan, reasoning = parts[0], parts[2]
-    _check_load_dtype(job, plan, reasoning, args.config)
+    # everything that can be checked without loading weights, before the load (and in a dry run); the checks
+    # that need no model first, as planning a Hub model downloads its weights
     _check_calibration_files(job, args.config)
     if out is not None:
-        _check_out_folder(out, plan)
+        _check_out_folder(out, job)
+    try:
+        parts = RainMerger.plan(job.models["base"], job.models["reasoning"], job.models["instruct"],
+                                config=job.config, revision=job.revision, token=job.token, _return_parts=True)
+    except CalibrationError as exc:  # e.g. think_open is not one token of the tokenizer: a parameters problem
+        raise CliError(f"{args.config}: {exc}") from exc
+    plan, reasoning = parts[0], parts[2]
+    for role, source in plan.sources.items():
+        if role in job.written_models and source.hub_id is None:
+            source.name_or_path = job.written_models[role]  # the card names local inputs as the YAML does
+    _check_load_dtype(job, plan, reasoning, args.config)
+    if out is not None:
+        _check_out_models(out, plan)
     if args.dry_run:
         print(plan.summary())
         print(job.describe(args.out, args.push_to_hub))
@@ -535,6 +614,9 @@ def _run(args: argparse.Namespace) -> int:
     reasoning_file, instruction_file = (str(job.calibration[kind]) if job.config.uses_calibration(kind) else None
                                         for kind in CALIBRATION_KEYS)
     merger.merge(reasoning_calibration=reasoning_file, instruction_calibration=instruction_file)
+    for kind in CALIBRATION_KEYS:
+        if (merger.calibration_info.get(kind) or {}).get("is_file") and kind in job.written_calibration:
+            merger.calibration_info[kind]["source"] = job.written_calibration[kind]
     saved = merger.save_pretrained(out, overwrite=args.overwrite, max_shard_size=job.max_shard_size,
                                    card_template=job.card_template, model_id=args.push_to_hub)
     print(str(merger.report))

@@ -149,8 +149,37 @@ def test_out_is_required_and_not_clobbered(tmp_path, capsys):
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
+def test_unreadable_yaml_exits_2(tmp_path, capsys):
+    (tmp_path / "latin1.yaml").write_bytes("base_model: caf\xe9\n".encode("latin-1"))
+    assert main([str(tmp_path / "latin1.yaml"), "--dry-run"]) == 2
+    assert "not UTF-8 text (byte 15); save the YAML file as UTF-8" in _one_error_line(capsys.readouterr().err)
+
+
+def test_sigterm_removes_the_half_written_output(triple, tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    from rain_hf import writer
+
+    root, _ = triple
+    write = writer.ShardedSafetensorsWriter.write
+
+    def terminated_midway(self, name, tensor):
+        write(self, name, tensor)
+        os.kill(os.getpid(), signal.SIGTERM)  # what `kill`, `timeout` and job schedulers send
+
+    monkeypatch.setattr(writer.ShardedSafetensorsWriter, "write", terminated_midway)
+    before = signal.getsignal(signal.SIGTERM)
+    config = _job_file(root, tmp_path, method="task_arithmetic", calibration=None)
+    assert main([str(config), "--out", str(tmp_path / "out")]) == 128 + signal.SIGTERM
+    assert "terminated" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) == before
+
+
 def test_missing_model_is_a_runtime_error(tmp_path, capsys):
     config = _write(tmp_path, _minimal(tmp_path, base_model="./models/nowhere"))
+    (tmp_path / "data" / "r.json").write_text('[{"prompt": "2+2?"}]')  # the data checks come first and pass
+    (tmp_path / "data" / "i.jsonl").write_text('{"prompt": "Say hi."}\n')
     assert main([str(config), "--dry-run"]) == 1
     line = _one_error_line(capsys.readouterr().err)
     assert "nowhere" in line and "base" in line
@@ -244,6 +273,12 @@ def test_full_run_writes_the_output_folder(triple, tmp_path, capsys, monkeypatch
     assert sidecar["calibration"]["reasoning"]["num_samples"] == 4
     assert (out / "README.md").read_text().startswith("---\n")
     assert 'model_id = "me/tiny-rain"' in (out / "README.md").read_text()
+    # local inputs are named as the YAML names them, not by this machine's absolute paths
+    assert {role: entry["name_or_path"] for role, entry in sidecar["inputs"].items()} == {
+        "base": "base", "reasoning": "reasoning", "instruct": "instruct"}
+    assert [sidecar["calibration"][kind]["source"] for kind in ("reasoning", "instruction")] == [
+        "reasoning.json", "instruction.jsonl"]
+    assert str(root) not in (out / "README.md").read_text()
     assert pushed["folder"] == out and pushed["repo_id"] == "me/tiny-rain" and pushed["private"] is True
     stdout = capsys.readouterr().out
     assert f"saved: {out}" in stdout and "pushed: https://huggingface.co/me/tiny-rain/commit/1" in stdout
@@ -264,6 +299,13 @@ def test_problems_found_before_any_weight_is_loaded(triple, tmp_path, capsys, mo
     (tmp_path / "afile").write_text("x")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "old.txt").write_text("x")
+    (root / "cal").mkdir(exist_ok=True)
+    shutil.copy(root / "reasoning.json", root / "cal" / "r.json")
+    (tmp_path / "tpl").mkdir()
+    (tmp_path / "tpl" / "card.md.j2").write_text("# {{ model_name }}\n")
+    (tmp_path / "bad.md.j2").write_text("# card\n{% for x in %}\n")
+    (tmp_path / "cwd" / "base").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)  # a folder named relative to the working directory, not to the YAML file
     out = ["--out", str(tmp_path / "o")]
     cases = [
         (dict(calibration={"reasoning": "reasoning.json", "instruction": "empty.jsonl"}), out,
@@ -283,6 +325,20 @@ def test_problems_found_before_any_weight_is_loaded(triple, tmp_path, capsys, mo
         (dict(), ["--out", str(tmp_path / "o"), "--push-to-hub", "me/x"],
          "HF_HUB_OFFLINE is set"),
         (dict(), ["--out", str(tmp_path / "o"), "--device", "gpu"], "is not a torch device"),
+        # --overwrite must not delete an input that is not a model: calibration data, template, the YAML itself
+        (dict(), ["--out", str(root), "--overwrite"], "holds the calibration.reasoning"),
+        (dict(calibration={"reasoning": "cal/r.json", "instruction": "instruction.jsonl"}),
+         ["--out", str(root / "cal"), "--overwrite"], "holds the calibration.reasoning .*cal/r.json"),
+        (dict(output={"card_template": str(tmp_path / "tpl" / "card.md.j2")}),
+         ["--out", str(tmp_path / "tpl"), "--overwrite"], "holds the output.card_template"),
+        (dict(output={"card_template": str(tmp_path / "bad.md.j2")}), out,
+         "output.card_template: .*bad.md.j2, line 2: Expected an expression"),
+        (dict(base_model={"path": "Qwen/Qwen2.5-7B", "revision": 123}), out,
+         "base_model.revision 123 is not a string .*quote it"),
+        (dict(base_model={"path": "base", "revision": "v2"}), out,
+         "base_model.revision 'v2' is given for the local folder"),
+        (dict(base_model="cwd/base"), out, "'cwd/base' is a folder under the current directory but not under the "
+                                           "YAML file's folder"),
     ]
     for job, extra, expected in cases:
         config = _job_file(root, tmp_path, **job)  # one file, rewritten per case
@@ -292,6 +348,13 @@ def test_problems_found_before_any_weight_is_loaded(triple, tmp_path, capsys, mo
             assert main([str(config), *extra, *dry]) == 2, (expected, dry)
             assert re.search(expected, _one_error_line(capsys.readouterr().err)), (expected, dry)
     assert not (tmp_path / "o").exists() and (paths["reasoning"] / "model.safetensors").is_file()
+    assert (root / "reasoning.json").is_file() and (root / "cal" / "r.json").is_file()
+    assert (tmp_path / "tpl" / "card.md.j2").is_file()
+    (root / "jobs").mkdir()  # the YAML file alone in the folder --out names
+    config = _write(root / "jobs", {"base_model": "../base", "reasoning_model": "../reasoning",
+                                    "instruct_model": "../instruct", "method": "task_arithmetic"}, name="job.yaml")
+    assert main([str(config), "--out", str(config.parent), "--overwrite"]) == 2
+    assert "holds the config file" in _one_error_line(capsys.readouterr().err) and config.is_file()
     anchors = root / f"{tmp_path.name}-anchors.yaml"  # YAML merge keys still work beside the duplicate check
     anchors.write_text("base_model: &m {path: base}\nreasoning_model: {<<: *m, path: reasoning}\n"
                        "instruct_model: instruct\nmethod: task_arithmetic\n")
@@ -344,6 +407,7 @@ def test_dtype_shard_size_and_card_template_reach_the_merge(triple, tmp_path):
     assert block["dtype"] == "bfloat16" and block["parameters"]["max_shard_size"] == "40KB"
 @pytest.mark.parametrize("parameters, expected", [
     ({"layers": [0, 9]}, "config.layers names layers [9], but the model has 2"),
+    ({"think_open": "<thinking>"}, "think-open token '<thinking>' is not a single token of the tokenizer"),
     ({"target_modules": ["foo_proj"]}, "['foo_proj'] match no linear module"),
 ])
 def test_config_errors_found_on_the_models_exit_2(triple, tmp_path, capsys, parameters, expected):
