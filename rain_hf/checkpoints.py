@@ -31,7 +31,9 @@ MODEL_IGNORE_PATTERNS = ["consolidated*.safetensors"]
 ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "README.md"]
 
 _EDGE_BYTES = 4096  # per tensor end, for checkpoint_fingerprint
-_CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\](?P<sha>[0-9a-f]{40})")
+# anchored at the end: a subfolder of a snapshot is another model than the repository's root
+_CACHE_SNAPSHOT = re.compile(
+    r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\](?P<sha>[0-9a-f]{40})[/\\]?$")
 
 
 class CheckpointError(ValueError):
@@ -95,7 +97,11 @@ def resolve_model(
     local = Path(text).expanduser()
     if local.is_dir():
         hub_id, sha = _hub_identity_of_folder(local)
-        return ModelSource(text, local.resolve(), hub_id, revision or sha)
+        if revision is not None and revision != sha:
+            # the folder's files are what they are: recording the revision would misstate where they came from
+            logger.warning("revision=%r is ignored for the %s model: %s is a local folder, read as it is (a revision "
+                           "picks a commit of a Hub id).", revision, role, text)
+        return ModelSource(text, local.resolve(), hub_id, sha)
     if local.exists():
         raise CheckpointError(f"The {role} model {text!r} is a file; pass the folder that holds config.json and "
                               "the safetensors weights.")

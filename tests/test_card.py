@@ -159,6 +159,21 @@ def test_hub_cache_snapshot_is_named_by_its_hub_id(tmp_path):
     assert _front_matter(text)["base_model"][0] == REASONING and str(tmp_path) not in text
 
 
+def test_only_a_snapshot_root_stands_for_its_repo_and_a_local_folder_keeps_no_revision(tmp_path, caplog):
+    from rain_hf.checkpoints import resolve_model
+
+    adapters = tmp_path / "hub" / "models--acme--adapters" / "snapshots" / SHA / "ifeval-v2"
+    adapters.mkdir(parents=True)
+    source = resolve_model(str(adapters))  # one of several models in the repo: not the repo's root model
+    assert (source.hub_id, source.revision) == (None, None)
+    assert resolve_model(str(adapters.parent) + "/").hub_id == "acme/adapters"
+    with caplog.at_level("WARNING", logger="rain_hf.checkpoints"):
+        source = resolve_model(str(adapters.parent), revision="v2", role="instruct")
+    assert source.revision == SHA  # where the files came from, not what was asked for
+    assert "revision='v2' is ignored for the instruct model" in caplog.text
+    assert resolve_model(str(adapters), revision="v2").revision is None
+
+
 def test_local_inputs_are_shown_as_given_not_resolved():
     info = _info(local=("instruct",))
     info["inputs"]["instruct"].update(name_or_path="ckpt/my|instruct", path="/home/someone/work/ckpt/my|instruct")
