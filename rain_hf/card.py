@@ -476,4 +476,8 @@ def _eval_results(results: Sequence[dict[str, Any] | EvalResult] | None) -> list
         except TypeError as exc:
             raise ValueError(f"eval_results[{i}] has a key EvalResult does not know ({exc}); use "
                              f"{list(_EVAL_KEYS)} and the other huggingface_hub.EvalResult fields.") from exc
+    for result in converted:  # YAML would write a numpy or torch scalar as a Python object the Hub cannot read
+        for name, value in vars(result).items():
+            if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+                setattr(result, name, value.item())
     return converted

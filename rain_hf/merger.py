@@ -1010,7 +1010,7 @@ class RainMerger:
                        "lam_search": self.report.lam_search, "projection": self.report.projection,
                        "replay_cache_bytes": self.report.replay_cache_bytes, "vocab": self.report.vocab,
                        "warnings": self.report.warnings},
-            **_merged_license({role: self.sources[role].path for role in _ROLES}),
+            **_merged_license({role: self.sources[role] for role in _ROLES}),
         }
 
     def _calibration_summary(self) -> dict[str, dict | None]:
@@ -1086,6 +1086,8 @@ class RainMerger:
                 f.write("\n")
             if (src / "generation_config.json").is_file():
                 (tmp / "generation_config.json").write_bytes((src / "generation_config.json").read_bytes())
+            for file in license_files(src):  # the merge redistributes the reasoning model's weights
+                (tmp / file.name).write_bytes(file.read_bytes())
             self.tokenizer.save_pretrained(str(tmp))
         self.report.timings["save"] = time.perf_counter() - start
         return Path(save_directory)
@@ -1145,12 +1147,38 @@ def _card_license(folder: Path) -> dict[str, str]:
     return {key: str(data[key]) for key in ("license", "license_name", "license_link") if data.get(key)}
 
 
-def _merged_license(folders: dict[str, Path]) -> dict[str, Any]:
+def license_files(folder: Path) -> list[Path]:
+    """The top-level licence files (``LICENSE``, ``LICENSE.txt``, …) of a model folder, copied into a merge of it."""
+    return sorted(p for p in folder.glob("LICENSE*") if p.is_file())
+
+
+def _input_license_link(link: str | None, role: str, source: ModelSource) -> str | None:
+    """An input card's ``license_link`` as the merged card can use it: a link relative to the input repository
+    (``LICENSE``) would resolve in the merged repository instead, so it becomes the input's file at its recorded
+    revision; a local input's relative link stays only where the merge ships the file (the reasoning model's
+    licence files), and goes otherwise."""
+    if not link or "://" in link or link.startswith(("mailto:", "#")):
+        return link or None
+    relative = link.removeprefix("./")
+    if source.hub_id:
+        return f"https://huggingface.co/{source.hub_id}/blob/{source.revision or 'main'}/{relative}"
+    if role == "reasoning" and (source.path / relative) in license_files(source.path):
+        return relative
+    return None
+
+
+def _merged_license(sources: Mapping[str, ModelSource]) -> dict[str, Any]:
     """The merged model's licence fields: the inputs' licence when every input that states one states the same
     (``license``, and ``license_name`` for ``other``), otherwise none (the merge is bound by each of them, listed
     in ``input_licenses``). A ``license_link`` is kept when every input gives the same one (repos link their own
-    copy of one licence)."""
-    licenses = {role: found for role, folder in folders.items() if (found := _card_license(folder))}
+    copy of one licence), else the reasoning model's; links relative to an input's repository are rewritten
+    (:func:`_input_license_link`)."""
+    licenses = {}
+    for role, source in sources.items():
+        found = _card_license(source.path)
+        if found:
+            link = _input_license_link(found.pop("license_link", None), role, source)
+            licenses[role] = {**found, **({"license_link": link} if link else {})}
     kinds = {(entry["license"], entry.get("license_name")) for entry in licenses.values()}
     if len(kinds) != 1:
         return {"license": None, "license_name": None, "license_link": None, "input_licenses": licenses}

@@ -194,13 +194,22 @@ def test_differing_input_licences_are_listed_not_merged():
     # one licence, each repo linking its own copy: the licence stands, the link goes
     links = {role: {"license": "apache-2.0", "license_link": f"https://huggingface.co/org/{role}/blob/main/LICENSE"}
              for role in ("reasoning", "instruct", "base")}
+    from rain_hf.checkpoints import ModelSource
     from rain_hf.merger import _merged_license
 
+    sources = {role: ModelSource(f"org/{role}", Path(role), f"org/{role}", SHA) for role in links}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("rain_hf.merger._card_license", lambda folder: links[folder.name])
-        merged = _merged_license({role: Path(role) for role in links})
-    assert merged["license"] == "apache-2.0" and merged["license_name"] is None
-    assert merged["license_link"] == links["reasoning"]["license_link"]  # the reasoning model's own copy
+        mp.setattr("rain_hf.merger._card_license", lambda folder: dict(links[folder.name]))
+        merged = _merged_license(sources)
+        assert merged["license"] == "apache-2.0" and merged["license_name"] is None
+        assert merged["license_link"] == links["reasoning"]["license_link"]  # the reasoning model's own copy
+        # a link relative to an input repository would resolve in the merged one: it names the input's file
+        links = {role: {"license": "other", "license_name": "acme", "license_link": "LICENSE"} for role in links}
+        sources["base"] = ModelSource("/data/base", Path("base"))  # local, and its LICENSE is not shipped
+        merged = _merged_license(sources)
+    assert merged["license_link"] == f"https://huggingface.co/org/reasoning/blob/{SHA}/LICENSE"
+    assert merged["input_licenses"]["instruct"]["license_link"] == f"https://huggingface.co/org/instruct/blob/{SHA}/LICENSE"
+    assert "license_link" not in merged["input_licenses"]["base"]
     info.update(license="other", license_name="llama3.1", license_link="https://llama.com/license",
                 input_licenses={"reasoning": {"license": "other", "license_name": "llama3.1",
                                               "license_link": "https://llama.com/license"}})
@@ -244,6 +253,19 @@ def test_eval_results_make_a_model_index(tmp_path, as_objects):
     loaded = ModelCard.load(readme).data
     assert [(r.dataset_name, r.metric_value) for r in loaded.eval_results] == [("IFEval", 0.613), ("MATH-500", 0.87)]
     assert loaded.model_name == "r1-rain-merged"
+
+
+def test_numpy_and_torch_scores_are_written_as_numbers(tmp_path):
+    import numpy as np
+    import torch
+
+    results = [{"task_type": "text-generation", "dataset_name": "IFEval", "dataset_type": "google/IFEval",
+                "metric_type": "accuracy", "metric_value": np.float64(0.61)},
+               EvalResult(task_type="text-generation", dataset_type="x/MATH", dataset_name="MATH",
+                          metric_type="accuracy", metric_value=torch.tensor(0.5))]
+    readme = write_model_card(tmp_path, _info(), eval_results=results)
+    loaded = ModelCard.load(readme).data
+    assert [r.metric_value for r in loaded.eval_results] == [0.61, 0.5]
 
 
 def test_bad_eval_results_name_the_problem():

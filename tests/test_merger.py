@@ -1113,13 +1113,17 @@ def test_licence_comes_from_the_reasoning_models_card(qwen2, tmp_path):
 
     reasoning = tmp_path / "reasoning"
     shutil.copytree(qwen2["reasoning"], reasoning)
-    (reasoning / "README.md").write_text("---\nlicense: apache-2.0\n---\n# A reasoning model\n")
+    (reasoning / "README.md").write_text("---\nlicense: apache-2.0\nlicense_link: LICENSE\n---\n# A reasoning model\n")
+    (reasoning / "LICENSE").write_text("Apache License, Version 2.0\n")
     merger = RainMerger.from_pretrained(qwen2["base"], reasoning, qwen2["instruct"],
                                         RainMergingConfig(method="task_arithmetic"))
     merger.merge()
     out = merger.save_pretrained(tmp_path / "out")
     assert json.loads((out / "rain_merging_config.json").read_text())["license"] == "apache-2.0"
     assert "license: apache-2.0" in (out / "README.md").read_text()
+    # the merge ships the reasoning model's licence file, so its relative link resolves in the new repository
+    assert (out / "LICENSE").read_text() == "Apache License, Version 2.0\n"
+    assert "license_link: LICENSE" in (out / "README.md").read_text()
     # an instruct model under another licence: the merge is bound by both, so the metadata names neither
     instruct = tmp_path / "instruct"
     shutil.copytree(qwen2["instruct"], instruct)
@@ -1129,7 +1133,8 @@ def test_licence_comes_from_the_reasoning_models_card(qwen2, tmp_path):
     out = merger.save_pretrained(tmp_path / "out2")
     sidecar = json.loads((out / "rain_merging_config.json").read_text())
     assert sidecar["license"] is None and sidecar["input_licenses"] == {
-        "reasoning": {"license": "apache-2.0"}, "instruct": {"license": "other", "license_name": "llama3.1"}}
+        "reasoning": {"license": "apache-2.0", "license_link": "LICENSE"},
+        "instruct": {"license": "other", "license_name": "llama3.1"}}
     text = (out / "README.md").read_text()
     assert "license:" not in text.split("\n---\n", 1)[0] and "`llama3.1`" in text
 
