@@ -116,6 +116,12 @@ def test_body_has_method_config_calibration_and_usage(tmp_path):
     info["report"]["projection"] = "sequential"
     text = build_model_card(info).text
     assert "projection was sequential" in text and "# sequential unset: stage 1 ran sequential" in text
+    assert "was off for this merge" not in text
+    for stage, said in (("stage1", "Stage 1 was off for this merge: Δ⊥ = Δ, nothing was projected."),
+                        ("stage2", "Stage 2 was off for this merge: every α = 1.")):
+        ablation = copy.deepcopy(info)
+        ablation["config"][stage] = False
+        assert said in " ".join(build_model_card(ablation).text.split())
 
 
 def test_o_proj_residual_as_merged_gets_its_own_column():
