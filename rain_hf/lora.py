@@ -32,7 +32,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import torch
 
@@ -61,6 +61,9 @@ _LORA_FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 _LORA_EMBEDDING = re.compile(r"^(?P<module>.+)\.lora_embedding_[AB]$")
 _LORA_BIAS = re.compile(r"^(?P<module>.+)\.lora_B\.bias$")
 _DORA_MAGNITUDE = "lora_magnitude_vector"
+#: Buffers peft saves beside the factors that only training uses (VeLoRA's projection for the backward pass):
+#: ΔW is still scaling · B @ A, as in peft's own merge.
+_TRAINING_ONLY = (".lora_velora_embed",)
 _HUB_ID = re.compile(r"[\w.\-]+(/[\w.\-]+)?")
 
 #: Config fields whose features change what an adapter's tensors mean: refused when set (truthy).
@@ -280,6 +283,8 @@ class LoraDelta:
                 embeddings.append(_LORA_EMBEDDING.match(name)["module"])
             elif _LORA_BIAS.match(name):
                 biases.append(key)
+            elif name.endswith(_TRAINING_ONLY):
+                others.append(name)
             elif ".lora_" in name:
                 raise AdapterError(f"The instruct adapter {self._name} holds a LoRA tensor in a layout rain_hf does "
                                    f"not know: {key}. Save the adapter with PeftModel.save_pretrained (keys "
@@ -319,6 +324,12 @@ class LoraDelta:
 
     def _factor(self, module: str, key_a: str, key_b: str) -> _Factor:
         shape_a, shape_b = self._tensors.shape(key_a), self._tensors.shape(key_b)
+        if 0 in (*shape_a, *shape_b) or (len(shape_a) == 1 and len(shape_b) == 1):
+            raise AdapterError(f"The instruct adapter {self._name}: module {module} has LoRA factors of shapes "
+                               f"{list(shape_a)} and {list(shape_b)}, which is how DeepSpeed ZeRO-3 or FSDP saves "
+                               "parameters that were never gathered. Save the adapter again with gathered "
+                               "parameters (e.g. the Trainer's save_model, or stage3_gather_16bit_weights_on_model_"
+                               "save: true).")
         if len(shape_a) != 2 or len(shape_b) != 2:
             raise AdapterError(f"The instruct adapter {self._name}: module {module} has LoRA factors of shapes "
                                f"{list(shape_a)} and {list(shape_b)}; only LoRA on linear layers (2-D factors) is "
@@ -449,6 +460,12 @@ class LoraDelta:
                                f"model of another size ({self.base_model_name_or_path or 'base not recorded'}): "
                                "pass the adapter's base model.")
         warnings = list(self._warnings)
+        no_bias = sorted(k for k in self._lora_biases if k not in base_shapes)
+        if no_bias:  # peft's merge_and_unload refuses these too: a bias-free layer has nowhere to put one
+            warnings.append(f"Adapter {self._name} trained biases (lora_bias) for modules whose base layer has no "
+                            f"bias ({_examples(no_bias)}): they cannot be merged and are ignored.")
+            for key in no_bias:
+                del self._lora_biases[key]
         unfit = sorted(k for k in self._copies if tuple(base_shapes.get(k, ())) != self._tensors.shape(self._copies[k]))
         if unfit:  # e.g. a resized embedding saved with modules_to_save: never merged, so only said
             warnings.append(f"Adapter {self._name}: trained copies that the base model {base_label} does not hold "
@@ -503,13 +520,15 @@ def same_base_model(recorded: str, base_model_id: str | None, base_name: str | N
         if base_model_id:
             return recorded.casefold() == base_model_id.casefold()
         return True if recorded.rsplit("/", 1)[-1].casefold() in names else None
-    rec = Path(recorded).expanduser()
+    # a path recorded on Windows names its folder after the last backslash, also when read here
+    rec = PureWindowsPath(recorded) if "\\" in recorded else Path(recorded).expanduser()
     base_path = Path(base_name).expanduser() if base_name else None
-    if rec.exists() and base_path is not None and base_path.exists() and rec.resolve() == base_path.resolve():
+    exists = isinstance(rec, Path) and rec.exists()
+    if exists and base_path is not None and base_path.exists() and rec.resolve() == base_path.resolve():
         return True
     if rec.name.casefold() in names:
         return True
-    return False if rec.exists() else None
+    return False if exists else None
 
 
 def is_lora_adapter(path: str | os.PathLike) -> bool:

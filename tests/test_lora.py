@@ -186,6 +186,37 @@ def test_trained_copies_and_biases_match_merge_and_unload(bases, tmp_path, extra
         assert (got - expected).norm() / expected.norm() < 1e-6, key
 
 
+def test_velora_adapter_merges_like_plain_lora(bases, tmp_path):
+    from peft.tuners.lora.config import VeloraConfig
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], velora_config=VeloraConfig())
+    reference = make_adapter(bases["qwen"], tmp_path / "velora", config)
+    lora = LoraDelta.from_pretrained(tmp_path / "velora")  # its training-only buffers are not factors
+    for key, expected in reference.items():
+        assert (lora.delta(key) - expected).norm() / expected.norm() < 1e-6, key
+    assert "lora_velora_embed" in "\n".join(lora.validate(_base_shapes(bases["qwen"]), None, str(bases["qwen"])))
+
+
+def test_lora_bias_on_a_layer_without_bias_is_not_counted_as_merged(bases, tmp_path):
+    # Qwen2's o_proj has no bias: peft's merge_and_unload refuses such an adapter
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], lora_bias=True)
+    make_adapter(bases["qwen"], tmp_path / "ad", config, merge=False, train_all=True)
+    lora = LoraDelta.from_pretrained(tmp_path / "ad")
+    warned = "\n".join(lora.validate(_base_shapes(bases["qwen"]), None, str(bases["qwen"])))
+    assert "lora_bias" in warned and "model.layers.0.self_attn.o_proj.bias" in warned and "ignored" in warned
+    assert lora.bias_keys() == ["model.layers.0.self_attn.q_proj.bias", "model.layers.1.self_attn.q_proj.bias"]
+
+
+def test_ungathered_zero3_factors_are_named(plain_adapter):
+    file = plain_adapter / "adapter_model.safetensors"
+    tensors = load_file(str(file))
+    for which in "AB":
+        tensors[f"base_model.model.model.layers.0.mlp.down_proj.lora_{which}.weight"] = torch.zeros(0)
+    save_file(tensors, str(file))
+    with pytest.raises(AdapterError, match=r"down_proj has LoRA factors of shapes \[0\] and \[0\].*ZeRO-3"):
+        LoraDelta.from_pretrained(plain_adapter)
+
+
 @pytest.fixture
 def plain_adapter(bases, tmp_path) -> Path:
     make_adapter(bases["qwen"], tmp_path / "plain", LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
@@ -282,6 +313,8 @@ def test_same_base_model_rules(bases, tmp_path):
     assert same_base_model(str(bases["llama"]), None, qwen) is False
     assert same_base_model("/train/Qwen2.5-7B", "Qwen/Qwen2.5-7B", qwen) is True
     assert same_base_model("Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-7B-Instruct", "x") is False
+    assert same_base_model(r"C:\models\qwen", None, qwen) is True  # recorded on Windows: same folder name
+    assert same_base_model(r"C:\models\other", None, qwen) is None
 
 
 def test_bin_only_adapter_is_refused(bases, tmp_path):
