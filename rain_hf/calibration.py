@@ -393,7 +393,8 @@ def check_think_tokens(tokenizer: Any, config: Any) -> tuple[int, int]:
             raise CalibrationError(
                 f"The {name.replace('_', '-')} token {text!r} is not a single token of the tokenizer (it encodes to "
                 f"{len(encoded)} tokens {encoded}). Set config.{name} to the model's thinking token, or use the "
-                "reasoning model's own tokenizer, which must have it as one token."
+                "reasoning model's own tokenizer, which must have it as one token (check the order of the models: "
+                "base_model, reasoning_model, instruct_model)."
             )
         ids.append(token_id)
     return ids[0], ids[1]

@@ -390,6 +390,10 @@ def _reproduction_yaml(method: str, config: dict[str, Any], info: dict[str, Any]
     if info.get("loaded_dtype"):  # the calibration passes ran in it
         document["dtype"] = info["loaded_dtype"]
     parameters = {k: v for k, v in config.items() if k != "method"}
+    projection = (info.get("report") or {}).get("projection")
+    if "sequential" in parameters and parameters["sequential"] is None and projection:
+        # unset, the mode follows the data given: a rerun with the features' source file would run sequential
+        parameters["sequential"] = projection == "sequential"
     if parameters:
         document["parameters"] = parameters
     calibration = {name: entry for name, entry in (info.get("calibration") or {}).items() if entry}
@@ -411,9 +415,8 @@ def _reproduction_yaml(method: str, config: dict[str, Any], info: dict[str, Any]
                      "calibration:")
     if config.get("lam") == "auto" and info.get("lam") is not None:
         text += f"\n# lam='auto' chose λ = {info['lam']}"
-    projection = (info.get("report") or {}).get("projection")
     if config.get("sequential") is None and projection:
-        text += f"\n# sequential unset: stage 1 ran {projection}"
+        text += f"\n# sequential was unset (null) and stage 1 ran {projection}: written here so that a rerun does too"
     return text
 
 

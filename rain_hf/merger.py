@@ -343,6 +343,7 @@ class RainMerger:
         self.device = device
         self.features = features
         self._stage1_samples: list[CalibrationSample] | None = None  # kept for config.sequential
+        self._given_config: tuple[RainMergingConfig, dict[str, Any]] | None = None  # the caller's object, as given
         self.report = MergeReport(method=self.config.method, vocab=dict(plan.vocab), warnings=list(plan.warnings))
         self.calibration_info: dict[str, dict | None] = {"reasoning": None, "instruction": None}
         self.merged = False
@@ -508,8 +509,11 @@ class RainMerger:
         start = time.perf_counter()
         parts = cls.plan(base_model, reasoning_model, instruct_model, config, revision=revision, token=token,
                          _return_parts=True)
-        return cls._from_plan(parts, device=device, torch_dtype=torch_dtype, dtype=dtype, device_map=device_map,
-                              features=features, start=start)
+        merger = cls._from_plan(parts, device=device, torch_dtype=torch_dtype, dtype=dtype, device_map=device_map,
+                                features=features, start=start)
+        if isinstance(config, RainMergingConfig):  # to say so when the caller edits it instead of merger.config
+            merger._given_config = (config, config.to_dict())
+        return merger
 
     @classmethod
     def _from_plan(cls, parts: tuple, *, device: str | torch.device | None = None,
@@ -783,8 +787,18 @@ class RainMerger:
                 Not needed when features were given or computed before, or with ``stage1=False``.
             instruction_calibration: stage-2 data (the paper's IFEval-style format, or prompts only). Not
                 needed with ``stage2=False``.
+
+        The merge follows ``merger.config``, the merger's own copy of the config: to merge again with another λ
+        or other stages, change it (``merger.config.lam = 1.0``) and call ``merge()`` again.
         """
         cfg = self.config
+        if self._given_config is not None:
+            given, as_given = self._given_config
+            edited = sorted(k for k, v in given.to_dict().items() if as_given.get(k) != v and getattr(cfg, k) != v)
+            if edited:
+                logger.warning("The RainMergingConfig passed to from_pretrained was changed afterwards (%s); the "
+                               "merger merges with its own copy, merger.config: set merger.config.%s instead.",
+                               ", ".join(f"{k}={getattr(given, k)!r}" for k in edited), edited[0])
         cfg.validate()
         changed = [name for name in _PLAN_FIELDS if getattr(cfg, name) != getattr(self.plan.config, name)]
         if changed:
@@ -948,9 +962,14 @@ class RainMerger:
                                    cfg.batch_size, self._pad_id()).argmax(-1)
 
         reference, reference_choices = log_probs(), first_choices()
-        if prefixes and not bool((reference_choices == open_id).any()):
-            logger.info("lam=auto: the reasoning model opens the think block first on none of the %d calibration "
-                        "prompts, so no think-open decision is checked.", len(prefixes))
+        opened = int((reference_choices == open_id).sum())
+        if prefixes and opened < len(prefixes) / 2:  # a reasoning model opens it on (nearly) every prompt
+            self.report.warnings.append(
+                f"lam=auto: the reasoning model opens the think block first on {opened} of {len(prefixes)} "
+                "calibration prompts; check that it is a reasoning model and that the models are passed in order "
+                "(base_model, reasoning_model, instruct_model)."
+                + (" No think-open decision is checked." if not opened else ""))
+            logger.warning(self.report.warnings[-1])
         search, chosen = [], None
         try:
             for lam in sorted(cfg.lam_grid):

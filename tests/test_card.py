@@ -115,7 +115,12 @@ def test_body_has_method_config_calibration_and_usage(tmp_path):
     assert "projection was sequential" not in text
     info["report"]["projection"] = "sequential"
     text = build_model_card(info).text
-    assert "projection was sequential" in text and "# sequential unset: stage 1 ran sequential" in text
+    assert "projection was sequential" in text and "stage 1 ran sequential: written here" in text
+    # an unset mode follows the data given, so the card writes the one that ran: adding the file that precomputed
+    # features came from must not turn a one-shot merge into a sequential rerun
+    assert _yaml_block(text)["parameters"]["sequential"] is True
+    info["report"]["projection"] = "one-shot"
+    assert _yaml_block(build_model_card(info).text)["parameters"]["sequential"] is False
     assert "was off for this merge" not in text
     for stage, said in (("stage1", "Stage 1 was off for this merge: Δ⊥ = Δ, nothing was projected."),
                         ("stage2", "Stage 2 was off for this merge: every α = 1.")):

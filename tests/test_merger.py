@@ -561,7 +561,10 @@ def test_a_merge_that_fails_half_way_leaves_nothing_behind(qwen2, monkeypatch):
     for (k, v), (k2, v2) in zip(clean.model.named_parameters(), merger.model.named_parameters()):
         assert k == k2 and torch.equal(v, v2), k
     assert merger.report.lam_search == clean.report.lam_search
-    assert merger.report.warnings == clean.report.warnings and len(clean.report.warnings) == 1
+    assert merger.report.warnings == clean.report.warnings and len(clean.report.warnings) == 2
+    # a random "reasoning" model never opens the think block: lam=auto says so and names the argument order
+    assert "opens the think block first on 0 of 5 calibration prompts" in clean.report.warnings[0]
+    assert "(base_model, reasoning_model, instruct_model)" in clean.report.warnings[0]
     calibration = merger.sidecar()["calibration"]
     assert calibration["reasoning"]["sha256"] == clean.sidecar()["calibration"]["reasoning"]["sha256"]
     assert len(calibration["instruction"]["sha256"]) == 64
@@ -1072,12 +1075,16 @@ def test_loaded_dtype_from_the_config_is_checked_after_the_load(qwen2, tmp_path)
         RainMerger.from_pretrained(qwen2["base"], reasoning, qwen2["instruct"])
 
 
-def test_the_merger_keeps_its_own_config(qwen2, tmp_path):
+def test_the_merger_keeps_its_own_config(qwen2, tmp_path, caplog):
     cfg = RainMergingConfig(lam=1.0, stage2=False, target_modules=["q_proj"])
     merger = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], cfg)
     cfg.lam, cfg.target_modules = 3.0, "all-linear"  # the caller sets up their next run
-    merger.merge(reasoning_records(3))
+    with caplog.at_level("WARNING", logger="rain_hf.merger"):
+        merger.merge(reasoning_records(3))
     assert merger.report.lam == 1.0 and len(merger.targets) == 2
+    # ... or thought this would change the merge: either way, say which object the merge follows
+    assert "changed afterwards (lam=3.0, target_modules='all-linear')" in caplog.text
+    assert "set merger.config.lam instead" in caplog.text
     out = merger.save_pretrained(tmp_path / "out")
     assert json.loads((out / "rain_merging_config.json").read_text())["config"]["target_modules"] == ["q_proj"]
     merger.config.lam, merger.config.lam_grid = 2.0, (1.0, 2.0)  # λ and the stages may change between merges
