@@ -625,10 +625,14 @@ def _split_think_text(content: Any, template: _Template, source: str) -> tuple[s
     close = template.think_close
     found = content.count(close)
     if found != 1:
-        if source == "response" and not found and template.think_open not in content:
+        if not found and template.think_open not in content:
+            # no think tags at all: the sample has no thinking, which is what stage 1 protects
+            missing = "field 'reasoning' / 'reason' is missing, and " if source == "response" else ""
+            give = "pass the thinking as 'reasoning', or " if source == "response" else ""
             raise _Malformed(
-                f"field 'reasoning' / 'reason' is missing, and 'response' holds no {close!r} to split the thinking "
-                "off: pass the thinking as 'reasoning', or write the response as '<think>thinking</think>answer'"
+                f"{missing}field '{source}' holds no {close!r} to split the thinking off: {give}write it as "
+                f"'{template.think_open}thinking{close}answer', or leave the answer out and the reasoning model "
+                "writes its own"
             )
         alternative = ""
         if source == "response":
@@ -1098,7 +1102,12 @@ def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limi
     finally:
         progress.close()
     if not samples:
-        reasons = "; ".join(f"#{i}: {reason}" for i, reason in failures[:_MAX_REASONS_SHOWN])
+        by_reason: dict[str, list[int]] = {}
+        for i, reason in failures:  # one line per distinct reason: a whole file usually fails the same way
+            by_reason.setdefault(reason, []).append(i)
+        reasons = "; ".join(
+            f"#{', #'.join(map(str, ids[:3]))}{f' and {len(ids) - 3} more' if len(ids) > 3 else ''}: {reason}"
+            for reason, ids in list(by_reason.items())[:_MAX_REASONS_SHOWN])
         raise CalibrationError(
             f"no usable {kind} calibration samples: {len(failures)} malformed, first reasons: {reasons}"
         )

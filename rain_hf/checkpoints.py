@@ -131,8 +131,9 @@ def resolve_model(
         raise CheckpointError(f"The {role} model {text!r} was not found on the Hub (or is private: pass a "
                               "token).") from exc
     except LocalEntryNotFoundError as exc:
-        raise CheckpointError(f"The {role} model {text!r} is not in the local Hub cache and the Hub cannot be "
-                              "reached (offline?). Download it first or pass a local folder.") from exc
+        what = f"Revision {revision!r} of the {role} model {text!r}" if revision else f"The {role} model {text!r}"
+        raise CheckpointError(f"{what} is not in the local Hub cache and the Hub cannot be reached (offline?). "
+                              "Download it first or pass a local folder.") from exc
     except HfHubHTTPError as exc:
         raise CheckpointError(f"Fetching the {role} model {text!r} from the Hub failed: {exc}") from exc
     _, sha = _hub_identity_of_folder(Path(folder))

@@ -288,6 +288,9 @@ def test_empty_sets_are_refused(tok):
     with pytest.raises(CalibrationError, match=r"no usable reasoning calibration samples: 2 malformed, first reasons: "
                                                r"#0: field 'response' is missing; #1: field 'response' is a int"):
         prepare_reasoning_calibration(bad, tok, _cfg())
+    with pytest.raises(CalibrationError, match=r"6 malformed, first reasons: #0, #2, #3 and 2 more: field 'response' "
+                                               r"is missing; #1: field 'response' is a int, not a string$"):
+        prepare_reasoning_calibration([bad[0], bad[1]] + [bad[0]] * 4, tok, _cfg())
     with pytest.raises(CalibrationError, match="empty"):
         prepare_reasoning_calibration([], tok, _cfg())
 
@@ -545,7 +548,11 @@ def test_reasoning_inside_the_response_is_split(tok):
          r"'response' holds think tags but cannot be split .*\(found 0\).*as 'reasoning'"),
         ({"prompt": "Hi", "response": "a</think>b</think>c"}, "cannot be split .*exactly one '</think>' .*found 2"),
         ({"prompt": "Hi", "response": "<think></think>Ok."}, "the thinking in 'response' is empty"),
-        ({"prompt": "Hi", "response": "Ok."}, "field 'reasoning' / 'reason' is missing, and 'response' holds no"),
+        ({"prompt": "Hi", "response": "Ok."}, "field 'reasoning' / 'reason' is missing, and field 'response' holds "
+                                              "no '</think>' .*or leave the answer out"),
+        ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ok."}]},
+         r"field 'messages\[1\].content' holds no '</think>' to split the thinking off: write it as "
+         "'<think>thinking</think>answer', or leave the answer out"),
     ]
     for bad, reason in cases:
         with pytest.raises(CalibrationError, match=reason):

@@ -185,6 +185,14 @@ def test_only_a_snapshot_root_stands_for_its_repo_and_a_local_folder_keeps_no_re
     assert resolve_model(str(adapters), revision="v2").revision is None
 
 
+def test_a_revision_missing_from_the_offline_cache_is_named():
+    from rain_hf.checkpoints import CheckpointError, resolve_model
+
+    with pytest.raises(CheckpointError, match="^Revision 'v2' of the reasoning model 'org/reasoning' is not in the "
+                                              "local Hub cache"):
+        resolve_model("org/reasoning", revision="v2", role="reasoning")
+
+
 def test_local_inputs_are_shown_as_given_not_resolved():
     info = _info(local=("instruct",))
     info["inputs"]["instruct"].update(name_or_path="ckpt/my|instruct", path="/home/someone/work/ckpt/my|instruct")
