@@ -485,9 +485,7 @@ class LoraDelta:
                                 f"with the base {base_label} here (tensor shapes agree).")
         else:
             warnings.append(f"Adapter {self._name} does not record its base model; only tensor shapes were checked.")
-        for message in warnings:
-            logger.warning(message)
-        return warnings
+        return warnings  # the caller logs them (RainMerger.plan logs every plan warning once)
 
 
 def _looks_like_path(text: str) -> bool:

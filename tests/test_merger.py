@@ -1194,12 +1194,18 @@ def test_lam_auto_holds_out_a_seeded_draw_of_the_samples(qwen2):
         merger._hold_out([0, 1])
 
 
-def test_plan_warns_about_merged_modules_the_adapter_leaves_alone(qwen2, tmp_path):
+def test_plan_warns_about_merged_modules_the_adapter_leaves_alone(qwen2, tmp_path, caplog):
     from peft import LoraConfig, get_peft_model
 
     base = AutoModelForCausalLM.from_pretrained(qwen2["base"])
     get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "qv")
-    plan = RainMerger.plan(qwen2["base"], qwen2["reasoning"], tmp_path / "qv", RainMergingConfig(lam=1.0))
+    adapter_config = json.loads((tmp_path / "qv" / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = "/train/elsewhere/base-v0"  # an adapter warning of its own
+    (tmp_path / "qv" / "adapter_config.json").write_text(json.dumps(adapter_config))
+    with caplog.at_level("WARNING"):
+        plan = RainMerger.plan(qwen2["base"], qwen2["reasoning"], tmp_path / "qv", RainMergingConfig(lam=1.0))
+    logged = [record.getMessage() for record in caplog.records]
+    assert logged == plan.warnings and any("base-v0" in w for w in logged)  # the adapter's too, each once
     idle = [w for w in plan.warnings if "holds no delta" in w]
     assert len(idle) == 1 and f"for {len(plan.targets) - 4} of the {len(plan.targets)} merged modules" in idle[0]
     narrow = RainMerger.plan(qwen2["base"], qwen2["reasoning"], tmp_path / "qv",
