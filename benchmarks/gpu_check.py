@@ -71,35 +71,49 @@ def main() -> int:
         print("benchmarks.gpu_check needs a CUDA device and none is visible; run it on a GPU machine.",
               file=sys.stderr)
         return 2
-    print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}")
-    # start CUDA, cuBLAS and cuSOLVER (and the lazy imports) before anything is timed
-    torch.linalg.svd(torch.randn(8, 8, device="cuda") @ torch.randn(8, 8, device="cuda"))
-    torch.cuda.synchronize()
+    print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}", flush=True)
+    # start CUDA, cuBLAS, cuSOLVER, the eager attention kernels and the lazy imports before anything is timed
     merged_state("cpu")
-    results = {}
+    merged_state("cuda")
+    results: dict[str, float] = {}
+
+    def check(name: str, run) -> None:
+        """Run one comparison and print it at once: a later failure must not lose the earlier figures."""
+        try:
+            diff = run()
+        except Exception as exc:  # reported as a failure, with the reason; the other checks still run
+            print(f"{name}: failed with {type(exc).__name__}: {exc}", flush=True)
+            diff = float("inf")
+        results[name] = diff
+        print(f"{name}: max |Δ| = {diff:.2e} ({'OK' if diff <= TOL else 'FAIL'}, tolerance {TOL:g})", flush=True)
+
+    states: dict[str, dict[str, torch.Tensor]] = {}
     for sequential in (False, True):
         form = "sequential" if sequential else "one-shot"
-        cpu, t_cpu = merged_state("cpu", sequential)
-        cuda, t_cuda = merged_state("cuda", sequential)
-        results[f"organism RAIN λ4 {form} cpu vs cuda"] = max_diff(cpu, cuda)
-        print(f"organism {form} merge (calibration, stages 1 and 2, load excluded): cpu {t_cpu:.1f}s, "
-              f"cuda {t_cuda:.1f}s")
         try:
-            auto, _ = merged_state("cuda", sequential, device_map="auto")
-            results[f"organism RAIN λ4 {form} cpu vs device_map=auto"] = max_diff(cpu, auto)
-        except Exception as exc:  # reported as a failure, with the reason
-            print(f"device_map='auto' ({form}) failed: {type(exc).__name__}: {exc}")
-            results[f"organism RAIN λ4 {form} cpu vs device_map=auto"] = float("inf")
-    offloaded, t_off = merged_state("cuda", True, offload=True)
-    results["organism RAIN λ4 sequential cuda vs cuda with the cache offloaded"] = max_diff(cuda, offloaded)
-    print(f"organism sequential merge wall, cache offloaded: cuda {t_off:.1f}s")
-    results["LoRA adapter cpu vs cuda"] = lora_on_cuda()
-    ok = True
-    for name, diff in results.items():
-        good = diff <= TOL
-        ok &= good
-        print(f"{name}: max |Δ| = {diff:.2e} ({'OK' if good else 'FAIL'}, tolerance {TOL:g})")
-    return 0 if ok else 1
+            cpu, t_cpu = merged_state("cpu", sequential)
+            cuda, t_cuda = merged_state("cuda", sequential)
+        except Exception as exc:
+            print(f"organism {form} merge failed: {type(exc).__name__}: {exc}", flush=True)
+            results[f"organism RAIN λ4 {form} cpu vs cuda"] = float("inf")
+            continue
+        states[form] = cuda
+        print(f"organism {form} merge (calibration, stages 1 and 2, load excluded): cpu {t_cpu:.1f}s, "
+              f"cuda {t_cuda:.1f}s", flush=True)
+        check(f"organism RAIN λ4 {form} cpu vs cuda", lambda cpu=cpu, cuda=cuda: max_diff(cpu, cuda))
+        check(f"organism RAIN λ4 {form} cpu vs device_map=auto", lambda cpu=cpu, sequential=sequential: max_diff(
+            cpu, merged_state("cuda", sequential, device_map="auto")[0]))
+
+    def offloaded() -> float:
+        state, seconds = merged_state("cuda", True, offload=True)
+        print(f"organism sequential merge wall, cache offloaded: cuda {seconds:.1f}s", flush=True)
+        return max_diff(states["sequential"], state)
+
+    check("organism RAIN λ4 sequential cuda vs cuda with the cache offloaded", offloaded)
+    check("LoRA adapter cpu vs cuda", lora_on_cuda)
+    failed = [name for name, diff in results.items() if not diff <= TOL]
+    print(f"{len(results) - len(failed)} of {len(results)} checks passed" + (f"; failed: {failed}" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
