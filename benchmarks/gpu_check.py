@@ -73,8 +73,11 @@ def main() -> int:
         return 2
     print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}", flush=True)
     # start CUDA, cuBLAS, cuSOLVER, the eager attention kernels and the lazy imports before anything is timed
-    merged_state("cpu")
-    merged_state("cuda")
+    try:
+        merged_state("cpu")
+        merged_state("cuda")
+    except Exception as exc:  # the checks below run (and fail) one by one, each printing its own reason
+        print(f"warm-up merge failed: {type(exc).__name__}: {exc}", flush=True)
     results: dict[str, float] = {}
 
     def check(name: str, run) -> None:
@@ -105,6 +108,8 @@ def main() -> int:
             cpu, merged_state("cuda", sequential, device_map="auto")[0]))
 
     def offloaded() -> float:
+        if "sequential" not in states:
+            raise RuntimeError("skipped: the sequential CUDA merge failed above")
         state, seconds = merged_state("cuda", True, offload=True)
         print(f"organism sequential merge wall, cache offloaded: cuda {seconds:.1f}s", flush=True)
         return max_diff(states["sequential"], state)

@@ -394,6 +394,8 @@ def _reproduction_yaml(method: str, config: dict[str, Any], info: dict[str, Any]
     if "sequential" in parameters and parameters["sequential"] is None and projection:
         # unset, the mode follows the data given: a rerun with the features' source file would run sequential
         parameters["sequential"] = projection == "sequential"
+        if not parameters["sequential"]:  # offloading the cache of a sequential run that did not happen
+            parameters["sequential_offload"] = False
     if parameters:
         document["parameters"] = parameters
     calibration = {name: entry for name, entry in (info.get("calibration") or {}).items() if entry}

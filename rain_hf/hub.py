@@ -43,9 +43,11 @@ __all__ = ["DEFAULT_COMMIT_MESSAGE", "HubError", "check_push_target", "push_fold
 DEFAULT_COMMIT_MESSAGE = "Upload merged model (rain_hf)"
 _OTHER_REPO_TYPES = {"datasets": "dataset", "spaces": "Space", "kernels": "kernel", "buckets": "bucket"}
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
-#: Top-level files of an earlier upload that a new upload replaces (deleted when the folder lacks them): what
-#: transformers may load as the model's weights, and the stage-2 heatmap of a merge that had stage 2.
-REPLACED_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth",
+#: Top-level files of an earlier upload that a new upload replaces (deleted when the folder lacks them): the
+#: names transformers loads a model's weights from, and the stage-2 heatmap of a merge that had stage 2. Other
+#: files (a Trainer's optimizer.pt, an adapter) are left alone.
+REPLACED_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+                     "pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json",
                      "rain_merging_heatmap.png")
 
 
@@ -108,8 +110,13 @@ def push_folder(
     retry = _RetryHint(folder, repo_id, private, revision, create_pr)
     reason = _push_target_problem(repo_id, revision)
     if reason:
+        # the retry advice carries the corrected values, or none where there is nothing to correct them to
         retry.repo_id = _model_repo_id(repo_id)
-        raise HubError(f"{reason} {retry}", repo_id=repo_id, folder=folder, reason=reason)
+        if revision is not None and _COMMIT_SHA.fullmatch(revision):
+            retry.revision = None
+        hint = retry if _push_target_problem(retry.repo_id, retry.revision) is None else (
+            f"The local output at {folder} is intact.")
+        raise HubError(f"{reason} {hint}", repo_id=repo_id, folder=folder, reason=reason)
     api = HfApi(token=token)
     target = repo_id
     step = "creating the repository"
@@ -123,7 +130,10 @@ def push_folder(
             api.create_branch(target, branch=revision, exist_ok=True, repo_type="model")
         operations: list = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files]
         step = "listing the repository's files"
-        stale = _replaced_files(api, target, revision, {name for name, _ in files})
+        stale, adapter = _replaced_files(api, target, revision, {name for name, _ in files})
+        if adapter:
+            logger.warning("%s holds adapter_config.json, so transformers will load it as a peft adapter, not as "
+                           "this model: delete the adapter files there, or push to another repository.", target)
         if stale:
             logger.info("Deleting %d file(s) of an earlier upload that this one replaces: %s", len(stale),
                         ", ".join(stale))
@@ -170,11 +180,13 @@ def _is_replaced(name: str) -> bool:
     return "/" not in name and any(fnmatch.fnmatchcase(name, pattern) for pattern in REPLACED_PATTERNS)
 
 
-def _replaced_files(api: HfApi, repo_id: str, revision: str | None, uploading: set[str]) -> list[str]:
-    """Top-level files of the branch that :data:`REPLACED_PATTERNS` names and the upload lacks."""
-    remote = api.list_repo_tree(repo_id, revision=revision, repo_type="model")
-    return sorted(entry.path for entry in remote
-                  if isinstance(entry, RepoFile) and _is_replaced(entry.path) and entry.path not in uploading)
+def _replaced_files(api: HfApi, repo_id: str, revision: str | None, uploading: set[str]) -> tuple[list[str], bool]:
+    """Top-level files of the branch that :data:`REPLACED_PATTERNS` names and the upload lacks, and whether the
+    branch holds an ``adapter_config.json`` the upload does not replace."""
+    remote = [entry.path for entry in api.list_repo_tree(repo_id, revision=revision, repo_type="model")
+              if isinstance(entry, RepoFile)]
+    stale = sorted(name for name in remote if _is_replaced(name) and name not in uploading)
+    return stale, "adapter_config.json" in remote and "adapter_config.json" not in uploading
 
 
 def _model_repo_id(repo_id: str) -> str:

@@ -1007,10 +1007,11 @@ class RainMerger:
 
         inputs = {role: self.sources[role].to_dict() for role in _ROLES}
         for entry in inputs.values():
-            if entry["hub_id"]:  # hub id and revision name it; a cache folder would only leak a home path
-                entry["path"] = None
-                if Path(entry["name_or_path"]).expanduser().is_dir():
-                    entry["name_or_path"] = entry["hub_id"]
+            # the sidecar is published with the weights: this machine's resolved folders (home paths, cache
+            # folders) stay out; inputs are named as they were given, or by hub id and revision
+            entry["path"] = None
+            if entry["hub_id"] and Path(entry["name_or_path"]).expanduser().is_dir():
+                entry["name_or_path"] = entry["hub_id"]
         inputs["instruct"]["kind"] = self.plan.instruct_kind
         return {
             "rain_hf_version": __version__,

@@ -120,7 +120,10 @@ def test_body_has_method_config_calibration_and_usage(tmp_path):
     # features came from must not turn a one-shot merge into a sequential rerun
     assert _yaml_block(text)["parameters"]["sequential"] is True
     info["report"]["projection"] = "one-shot"
-    assert _yaml_block(build_model_card(info).text)["parameters"]["sequential"] is False
+    info["config"]["sequential_offload"] = True  # allowed while sequential is unset; it had nothing to offload
+    parameters = _yaml_block(build_model_card(info).text)["parameters"]
+    assert parameters["sequential"] is False and parameters["sequential_offload"] is False
+    RainMergingConfig.from_dict(parameters)  # the block loads
     assert "was off for this merge" not in text
     for stage, said in (("stage1", "Stage 1 was off for this merge: Δ⊥ = Δ, nothing was projected."),
                         ("stage2", "Stage 2 was off for this merge: every α = 1.")):

@@ -279,6 +279,7 @@ def test_full_run_writes_the_output_folder(triple, tmp_path, capsys, monkeypatch
     assert [sidecar["calibration"][kind]["source"] for kind in ("reasoning", "instruction")] == [
         "reasoning.json", "instruction.jsonl"]
     assert str(root) not in (out / "README.md").read_text()
+    assert str(root) not in (out / "rain_merging_config.json").read_text()  # published with the weights too
     assert pushed["folder"] == out and pushed["repo_id"] == "me/tiny-rain" and pushed["private"] is True
     stdout = capsys.readouterr().out
     assert f"saved: {out}" in stdout and "pushed: https://huggingface.co/me/tiny-rain/commit/1" in stdout

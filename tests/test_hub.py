@@ -367,9 +367,13 @@ def test_pull_request_ref_is_committed_to_not_created(hub, merged):
 
 
 def test_commit_hash_revision_fails_before_any_request(hub, merged):
-    with pytest.raises(HubError, match="commit hash.*branch name"):
+    with pytest.raises(HubError, match="commit hash.*branch name") as excinfo:
         push_folder(merged, "me/r1-rain", token=TOKEN, revision="a" * 40)
     assert hub.requests == []
+    assert "a" * 40 not in str(excinfo.value).split("branch name")[1]  # the retry advice drops the bad revision
+    with pytest.raises(HubError) as excinfo:
+        push_folder(merged, "me/r1 rain!", token=TOKEN)
+    assert "retry" not in str(excinfo.value) and f"local output at {merged} is intact" in str(excinfo.value)
 
 
 def test_retry_hint_keeps_the_push_settings(hub, merged):
@@ -406,23 +410,25 @@ def test_links_out_of_the_folder_are_not_pushed(hub, merged, tmp_path):
     assert "notes.txt" not in files and "card-link.md" in files
 
 
-def test_a_new_upload_deletes_the_weights_it_replaces(hub, merged, tmp_path):
+def test_a_new_upload_deletes_the_weights_it_replaces(hub, merged, tmp_path, caplog):
     old = tmp_path / "old"
     (old / "original").mkdir(parents=True)
-    for name in ("model.safetensors", "rain_merging_heatmap.png", "notes.md", "original/model.safetensors",
-                 "config.json"):
+    kept = {"notes.md", "original/model.safetensors", "optimizer.pt", "training_args.bin", "adapter_model.safetensors",
+            "adapter_config.json"}  # not a model's weights: left alone
+    for name in ("model.safetensors", "rain_merging_heatmap.png", "config.json", *kept):
         (old / name).write_bytes(b"an earlier merge: " + name.encode())
     push_folder(old, "me/r1-rain", token=TOKEN)
     (merged / "rain_merging_heatmap.png").unlink()  # the new merge ran without stage 2
     push_folder(merged, "me/r1-rain", token=TOKEN, create_pr=True)
     assert hub.commits[-1]["deleted"] == ["model.safetensors", "rain_merging_heatmap.png"]
     assert "model.safetensors" in hub.trees[("me/r1-rain", "main")]  # a pull request leaves main as it was
-    push_folder(merged, "me/r1-rain", token=TOKEN)
+    with caplog.at_level("WARNING", logger="rain_hf.hub"):
+        push_folder(merged, "me/r1-rain", token=TOKEN)
     # transformers would load an old model.safetensors before the new index: it goes in the same commit
     assert hub.commits[-1]["deleted"] == ["model.safetensors", "rain_merging_heatmap.png"]
     remote = set(hub.trees[("me/r1-rain", "main")])
-    assert remote == (EXPECTED_FILES - {"rain_merging_heatmap.png"}) | {".gitattributes", "notes.md",
-                                                                       "original/model.safetensors"}
+    assert remote == (EXPECTED_FILES - {"rain_merging_heatmap.png"}) | {".gitattributes"} | kept
+    assert "holds adapter_config.json, so transformers will load it as a peft adapter" in caplog.text
     push_folder(merged, "me/r1-rain", token=TOKEN, revision="v2")  # a new branch starts from main's files
     assert hub.commits[-1]["deleted"] == []
 
