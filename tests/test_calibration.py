@@ -226,8 +226,8 @@ def test_think_positions(tok):
 # ----------------------------------------------------------------------------------------------------- validation
 def test_think_token_that_is_not_one_token_is_refused(backend):
     no_think = _train_bpe(CORPUS * 5, 400, [t for t in SPECIALS if "think" not in t])
-    with pytest.raises(CalibrationError, match=r"'<think>' is not a single token.*config\.think_open.*check the order of the models: "
-                                                r"base_model, reasoning_model, instruct_model"):
+    with pytest.raises(CalibrationError, match=r"'<think>' is not a single token.*config\.think_open.*check the "
+                                                r"order of the models: base_model, reasoning_model, instruct_model"):
         prepare_reasoning_calibration([RECORD], _wrap(no_think, WITH_BOS), _cfg())
     with pytest.raises(CalibrationError, match=r"'<reason>' is not a single token.*config\.think_open"):
         check_think_tokens(_wrap(backend, WITH_BOS), _cfg(think_open="<reason>"))
