@@ -16,7 +16,8 @@ A custom template receives the same variables as the default one: ``card_data`` 
 ``revision``, ``hub_id``), ``reasoning_name`` / ``instruct_name`` / ``base_name`` (markdown links or paths),
 ``has_calibration``, ``calibration``, ``heatmap_file``, ``coef_stats``, ``removed``, ``timings``, ``projection``
 (stage 1 as it ran: ``"sequential"``, ``"one-shot"`` or ``None``), ``versions``, ``think_open``, ``think_close``,
-``paper_url`` and ``citation``.
+``think_tokens_special`` (whether decoding with ``skip_special_tokens=True`` would drop them), ``paper_url`` and
+``citation``.
 
 Example:
     >>> from rain_hf.card import build_model_card
@@ -201,6 +202,7 @@ def build_model_card(
         "versions": _versions(info),
         "think_open": config.get("think_open", "<think>"),
         "think_close": config.get("think_close", "</think>"),
+        "think_tokens_special": bool(info.get("think_tokens_special")),
         "paper_url": PAPER_URL,
         "citation": CITATION,
     }

@@ -1021,6 +1021,9 @@ class RainMerger:
             "method": self.config.method,
             "lam": self.report.lam,
             "loaded_dtype": str(self.model.dtype).replace("torch.", ""),  # features and attention were taken in it
+            # decode(skip_special_tokens=True) drops special tokens: the card's snippet must not hide the thinking
+            "think_tokens_special": any(getattr(self.tokenizer.added_tokens_decoder.get(i), "special", False)
+                                        for i in self.plan.think_token_ids),
             "config": self.config.to_dict(),
             "inputs": inputs,
             "calibration": self._calibration_summary(),

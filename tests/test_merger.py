@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -1144,6 +1145,25 @@ def test_licence_comes_from_the_reasoning_models_card(qwen2, tmp_path):
         "instruct": {"license": "other", "license_name": "llama3.1"}}
     text = (out / "README.md").read_text()
     assert "license:" not in text.split("\n---\n", 1)[0] and "`llama3.1`" in text
+
+
+def test_card_snippet_keeps_special_think_tokens_visible(qwen2, tmp_path):
+    """The random triple's tokenizer marks <think> special (the organism's and R1-Distill's do not): decoding with
+    skip_special_tokens=True would hide the thinking the merge keeps, so the card's snippet keeps them."""
+    merger = _merger(qwen2, method="task_arithmetic", lam=0.5)
+    merger.merge()
+    out = merger.save_pretrained(tmp_path / "out")
+    assert json.loads((out / "rain_merging_config.json").read_text())["think_tokens_special"] is True
+    card = (out / "README.md").read_text()
+    assert "skip_special_tokens=False" in card and "skip_special_tokens=True" not in card
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer.encode("<think>so</think>4", add_special_tokens=False)
+    assert "<think>" not in tokenizer.decode(ids, skip_special_tokens=True)  # what the old snippet printed
+    assert "<think>" in tokenizer.decode(ids, skip_special_tokens=False)
+    organism = Path(__file__).resolve().parents[1] / "benchmarks" / "organism" / "checkpoints"
+    merger = RainMerger.from_pretrained(organism / "base", organism / "reasoning", organism / "instruct",
+                                        RainMergingConfig(method="task_arithmetic", lam=0.5))
+    assert merger.sidecar()["think_tokens_special"] is False  # tokens that are not special: the usual snippet
 
 
 def test_bad_card_template_fails_before_the_weights_are_written(qwen2, tmp_path, monkeypatch):
