@@ -1113,11 +1113,22 @@ def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limi
         )
     logger.info("Using %d %s calibration samples (%d malformed skipped).", len(samples), kind, len(failures))
     if stats is not None:
-        canonical = json.dumps(records, sort_keys=True, ensure_ascii=False, default=str).encode()
+        # null and absent fields read alike, so one set hashes alike from a file and from a datasets.Dataset (whose
+        # Arrow schema gives every nested record every key, filled with None)
+        canonical = json.dumps(_without_nulls(records), sort_keys=True, ensure_ascii=False, default=str).encode()
         stats.update(num_records=len(records), num_samples=len(samples), num_malformed=len(failures),
                      malformed=[{"index": i, "reason": r} for i, r in failures],
                      sha256=hashlib.sha256(canonical).hexdigest())
     return samples
+
+
+def _without_nulls(value: Any) -> Any:
+    """``value`` with every ``None``-valued mapping entry left out, at any depth."""
+    if isinstance(value, Mapping):
+        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, (list, tuple)):
+        return [_without_nulls(item) for item in value]
+    return value
 
 
 def prepare_reasoning_calibration(
@@ -1134,7 +1145,8 @@ def prepare_reasoning_calibration(
         model: the reasoning model; needed only when some records have only a prompt (it then writes their
             reasoning and response, see :func:`generate_traces`).
         stats: a dict to fill with ``num_records``, ``num_samples``, ``num_malformed``, ``malformed`` (index and
-            reason of each skipped record) and ``sha256`` (of the records as read, before any generation).
+            reason of each skipped record) and ``sha256`` (of the records as read, before any generation; null and
+            absent fields hash alike).
 
     Returns:
         The first ``config.max_reasoning_samples`` usable samples (all when ``None``), in input order.

@@ -560,6 +560,26 @@ def test_reasoning_inside_the_response_is_split(tok):
             prepare_reasoning_calibration([bad], tok, _cfg(on_malformed="error"))
 
 
+def test_one_set_hashes_alike_from_a_file_and_from_a_dataset(tok, tmp_path):
+    import datasets
+
+    records = [{"prompt": "Reply in one line. End at noon.", "reason": "Okay. That is it.", "response": "Cats sat.",
+                "related_prompt_list": [{"prompt_spans": ["noon"], "response_spans": ["."]}]},
+               {"prompt": "Say it twice.", "reason": "Fine.", "response": "Hi hi.",
+                "related_prompt_list": [{"prompt_spans": ["twice"], "response_spans": ["hi"],
+                                         "unrelated_response_spans": []}]}]
+    path = tmp_path / "instructions.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
+    dataset = datasets.Dataset.from_list(records)
+    assert dataset[0]["related_prompt_list"][0]["unrelated_response_spans"] is None  # Arrow filled it in
+    hashes = []
+    for data in (str(path), dataset, records):
+        stats: dict = {}
+        prepare_instruction_calibration(data, tok, _cfg(), stats=stats)
+        hashes.append(stats["sha256"])
+    assert len(set(hashes)) == 1
+
+
 def test_dataset_mixing_prompt_and_messages_rows(tok, chain_ids):
     import datasets
 
