@@ -265,6 +265,16 @@ def _read_utf8(path: Path) -> str:
         ) from None
 
 
+_NOTED: set[str] = set()  # files whose format note was logged: rain-merge reads each file twice (check, merge)
+
+
+def _note_once(path: Path, message: str) -> None:
+    key = str(path.resolve())
+    if key not in _NOTED:
+        _NOTED.add(key)
+        logger.info(message, path)
+
+
 def _read_jsonl_file(path: Path, text: str, locations: list[str]) -> list[dict]:
     """Records of a ``.jsonl`` file; a file holding one JSON list instead (often pretty-printed) is read as one."""
     try:
@@ -272,7 +282,7 @@ def _read_jsonl_file(path: Path, text: str, locations: list[str]) -> list[dict]:
     except CalibrationError:
         whole = _json_or_none(text)
         if isinstance(whole, list):
-            logger.info("%s holds one JSON list, not JSON Lines: read as a list of records (name it .json).", path)
+            _note_once(path, "%s holds one JSON list, not JSON Lines: read as a list of records (name it .json).")
             return _records_of_list(path, whole, locations)
         if isinstance(whole, dict):
             raise CalibrationError(
@@ -301,8 +311,8 @@ def _read_json_file(path: Path, text: str, locations: list[str]) -> list[dict]:
                 f"{path} is not valid JSON (extra data at line {err.lineno}, column {err.colno}); it looks like JSON "
                 f"Lines (name it .jsonl), but as JSON Lines: {jsonl_err}"
             ) from None
-        logger.info("%s holds JSON Lines (one object per line), not a JSON list: read as JSON Lines (name it "
-                    ".jsonl).", path)
+        _note_once(path, "%s holds JSON Lines (one object per line), not a JSON list: read as JSON Lines (name it "
+                         ".jsonl).")
         locations.extend(where)
         return records
     if not isinstance(content, list):

@@ -624,6 +624,11 @@ def test_file_content_decides_between_json_and_jsonl(tok, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="rain_hf.calibration"):
         assert load_records(lines) == load_records(pretty) == [RECORD, RECORD]
     assert "lines.json holds JSON Lines" in caplog.text and "pretty.jsonl holds one JSON list" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rain_hf.calibration"):
+        check_records(lines)  # rain-merge checks a file, then the merge reads it again: one note is enough
+        load_records(pretty)
+    assert "holds JSON Lines" not in caplog.text and "holds one JSON list" not in caplog.text
     lines.write_text(json.dumps(RECORD) + "\n" + json.dumps(short) + "\n")
     with pytest.raises(CalibrationError, match=r"at index 1 \(.*lines\.json line 2\): field 'response' is missing"):
         prepare_reasoning_calibration(lines, tok, _cfg(on_malformed="error"))
