@@ -124,10 +124,7 @@ class FakeHub(httpx2.BaseTransport):
         return httpx2.Response(200, json={})
 
     def _tree(self, request, match):
-        rev = unquote(match["rev"])
-        if rev.startswith("refs/pr/"):  # a pull request's files start as its target's (main here)
-            rev = "main"
-        tree = self.trees.get((match["repo"], rev))
+        tree = self.trees.get((match["repo"], unquote(match["rev"])))
         if tree is None:
             return self._error(404, request)
         entries, folders = [], set()
@@ -196,13 +193,16 @@ class FakeHub(httpx2.BaseTransport):
         with self.lock:
             self.commits.append({"repo": repo, "revision": rev, "summary": header["value"]["summary"],
                                  "files": files, "deleted": deleted, "create_pr": create_pr})
-            if not create_pr and not unquote(match["rev"]).startswith("refs/pr/"):  # pull requests leave branches be
-                tree = self.trees[(repo, unquote(match["rev"]))]
-                for path in deleted:
-                    assert path in tree, f"deleting {path}, which the branch does not hold"
-                    del tree[path]
-                tree.update(files)
             number = len(self.commits)
+            target = unquote(match["rev"])
+            if create_pr:  # a pull request (numbered like the fake's commits) starts from its target's files
+                target = f"refs/pr/{number}"
+                self.trees[(repo, target)] = dict(self.trees[(repo, unquote(match["rev"]))])
+            tree = self.trees[(repo, target)]  # a branch, or an open pull request's ref
+            for path in deleted:
+                assert path in tree, f"deleting {path}, which {target} does not hold"
+                del tree[path]
+            tree.update(files)
         oid = hashlib.sha1(f"{repo}{number}".encode()).hexdigest()
         return httpx2.Response(200, json={
             "commitUrl": f"https://huggingface.co/{repo}/commit/{oid}", "commitOid": oid,
@@ -360,10 +360,13 @@ def test_rejected_card_metadata(hub, merged):
 
 
 def test_pull_request_ref_is_committed_to_not_created(hub, merged):
-    push_folder(merged, "me/r1-rain", token=TOKEN)
+    push_folder(merged, "me/r1-rain", token=TOKEN, create_pr=True)
+    (merged / "rain_merging_heatmap.png").unlink()  # the PR's next commit drops it: listed on the PR, not on main
     push_folder(merged, "me/r1-rain", token=TOKEN, revision="refs/pr/1")
     assert "branch" not in hub.names()  # creating a branch named refs/pr/1 is a 400 on the Hub
     assert len(hub.commits) == 2 and "refs%2Fpr%2F1" in [url for name, _, url in hub.requests if name == "commit"][-1]
+    assert hub.commits[-1]["deleted"] == ["rain_merging_heatmap.png"]
+    assert set(hub.trees[("me/r1-rain", "main")]) == {".gitattributes"}  # main is untouched by the pull request
 
 
 def test_commit_hash_revision_fails_before_any_request(hub, merged):
