@@ -342,9 +342,18 @@ class RainMergingConfig:
         """Read a config from a JSON file (a ``rain_merging_config.json`` sidecar works too)."""
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
+        written_by = None
         if "config" in data and isinstance(data["config"], dict):  # the sidecar written by save_pretrained
-            data = data["config"]
-        return cls.from_dict(data)
+            written_by, data = data.get("rain_hf_version"), data["config"]
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            from . import __version__
+
+            if written_by and str(written_by) != __version__ and "Unknown RainMergingConfig keys" in str(exc):
+                raise ConfigError(f"{exc} {path} was written by rain_hf {written_by} and this is rain_hf "
+                                  f"{__version__}: install rain_hf {written_by} (or newer) to read it.") from exc
+            raise
 
 
 _FIELD = object()  # "read the value from the field" for validate's number()

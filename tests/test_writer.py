@@ -79,6 +79,12 @@ def test_config_round_trip_and_validation(tmp_path):
     assert RainMergingConfig.from_json(cfg.to_json()) == cfg
     cfg.save(tmp_path / "c.json")
     assert RainMergingConfig.load(tmp_path / "c.json") == cfg
+    # a sidecar from a newer rain_hf with a field this one lacks: say which version wrote it
+    sidecar = {"rain_hf_version": "99.0", "config": {**cfg.to_dict(), "future_field": 1}}
+    (tmp_path / "s.json").write_text(json.dumps(sidecar))
+    with pytest.raises(ConfigError, match=r"Unknown RainMergingConfig keys \['future_field'\].*written by rain_hf "
+                                          r"99\.0 and this is rain_hf .*install rain_hf 99\.0"):
+        RainMergingConfig.load(tmp_path / "s.json")
     for bad, msg in [({"method": "fancy"}, "method"), ({"lam": "big"}, "lam"), ({"rcond": 0}, "rcond"),
                      ({"coef_min": 2.0, "coef_max": 1.0}, "coef_min"), ({"positions": "all"}, "positions"),
                      ({"target_modules": "attention("}, "target_modules"), ({"layers": [-1]}, "layers"),
