@@ -453,6 +453,25 @@ def test_prompt_only_records_are_generated(tok, chain_ids, do_sample):
     assert _text(tok, samples[2], samples[2].prompt_span) == records[2]["prompt"]
 
 
+def test_sampled_traces_follow_the_seed(tok, chain_ids):
+    i = chain_ids
+    successor = {i["last"]: i["a"], i["a"]: i["b"], i["b"]: i["close"], i["close"]: i["c"], i["c"]: i["d"],
+                 i["d"]: i["eos"]}
+    model = _chain_model(tok, successor)
+    with torch.no_grad():  # after "o", another "o" is as likely as "k": a fork that only sampling takes both ways
+        model.lm_head.weight[i["a"]] += 10.0 * torch.eye(32)[list(successor).index(i["a"])]
+    records = [{"prompt": f"Question {n}?"} for n in range(8)]
+
+    def reasonings(**settings) -> list:
+        cfg = _cfg(max_new_tokens=12, batch_size=4, **settings)
+        return [t.get("reasoning") for t in generate_traces(records, model, tok, cfg)]
+
+    assert len(set(reasonings())) == 1  # greedy: one path for every prompt
+    first = reasonings(do_sample=True, seed=0)
+    assert len(set(first)) > 1 and reasonings(do_sample=True, seed=0) == first
+    assert reasonings(do_sample=True, seed=1) != first
+
+
 def test_generation_without_think_block_is_malformed(tok, chain_ids):
     i = chain_ids
     model = _chain_model(tok, {i["last"]: i["a"], i["a"]: i["b"], i["b"]: i["a"]})  # never closes

@@ -27,6 +27,10 @@ def test_exact_projection_kills_feature_outputs_and_matches_pinv_formula():
     assert torch.linalg.norm(out @ h.T) <= 1e-10 * torch.linalg.norm(dw @ h.T)
     assert feature_residual(dw, out, v, s) < 1e-10
     assert 0 < removed_fraction(dw, out) < 1
+    assert removed_fraction(dw, out) == pytest.approx(1 - float(torch.linalg.norm(out) / torch.linalg.norm(dw)),
+                                                      rel=1e-12)
+    assert removed_fraction(dw, dw) == 0.0 and removed_fraction(dw, torch.zeros_like(dw)) == 1.0
+    assert removed_fraction(torch.zeros_like(dw), torch.zeros_like(dw)) == 0.0
 
 
 def test_rcond_keeps_only_strong_directions():
@@ -90,7 +94,14 @@ def test_coefficients_literal_and_normalised():
             assert literal[i, j] == pytest.approx(float(expected), rel=1e-6)
     norm = head_coefficients(a, u, 0.5, "mean", 0.0, 10.0)
     assert float(norm.mean()) == pytest.approx(1.0, rel=1e-6)
-    assert head_coefficients(a, u, 0.5, "mean", 0.9, 1.1).min() >= 0.9
+    # both ends of the box: the scores / their mean are [0.71, 2.10, 0, 1.19] here
+    scores = (a - 0.5 * u) / (1 + u)
+    expected = (scores / scores.mean()).clamp(0.9, 1.1)
+    boxed = head_coefficients(a, u, 0.5, "mean", 0.9, 1.1)
+    assert torch.allclose(boxed, expected.float()) and float(boxed.max()) == pytest.approx(1.1)
+    assert float(boxed.min()) == pytest.approx(0.9)
+    capped = head_coefficients(a, u, 0.5, "none", 0.0, 0.2)  # the literal form's upper clip
+    assert torch.allclose(capped, scores.clamp(0.0, 0.2).float()) and float(capped.max()) == pytest.approx(0.2)
 
 
 def test_gqa_mapping_groups_consecutive_query_heads():

@@ -313,6 +313,19 @@ def test_sequential_offload_gives_the_same_merge(qwen2, tokenizer):
     assert all(torch.equal(v, merged[k]) for k, v in offloaded.model.named_parameters())
     assert offloaded.report.projection == "sequential"
     assert offloaded.report.replay_cache_bytes == on_device.report.replay_cache_bytes == replay.nbytes() > 0
+    # on a CPU-only machine "offloaded" and "on the device" are one place: pretend layer 0 ran on another device
+    # (meta) and check that a replayed batch is moved there, every tensor argument with it
+    seen = []
+
+    def layer(hidden, *args, **kwargs):
+        tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+        seen.append((hidden.device, [t.device for t in tensors]))
+        return hidden
+
+    replay.layers, replay.devices = [layer], [torch.device("meta")]
+    replay._run_layer(0)
+    assert seen[0][0].type == "meta" and seen[0][1] and all(d.type == "meta" for d in seen[0][1])
+    assert replay.hidden[0].device == replay.store  # the cache itself stays where it is kept
 
 
 def _reference_l_think(merged, reasoning, heldout, close_id) -> float:
@@ -1202,6 +1215,9 @@ def test_lam_auto_holds_out_a_seeded_draw_of_the_samples(qwen2):
     assert held == holdout_indices(12, 0.25, seed=0) and sorted(kept + held) == list(range(12)) and len(held) == 3
     assert merger._hold_out(list(range(12))) == (kept, held)  # the same draw every time
     assert holdout_indices(150, 0.25, seed=1) != holdout_indices(150, 0.25, seed=0)
+    merger.config.seed = 1  # the merge's own seed draws it
+    assert merger._hold_out(list(range(12)))[1] == holdout_indices(12, 0.25, seed=1) != held
+    merger.config.seed = 0
     # the paper's file is 50 math, 50 code, 50 science traces: the held-out share takes from every domain, not
     # the last one whole; an alternating layout (plain, instructed, …) gives both kinds
     paper = holdout_indices(150, 0.25)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from pathlib import Path
 
 import pytest
 
 from benchmarks.organism import build as B
 from benchmarks.organism.bench import user_prompt as _user_text
+
+ORGANISM = Path(__file__).resolve().parents[1] / "benchmarks" / "organism"
 
 
 def test_default_recipe_gives_both_fine_tunes_the_same_prompts():
@@ -68,7 +71,15 @@ def test_seed_offset_changes_the_training_data_but_not_the_evaluation_prompts():
     shifted = dataclasses.replace(B.Recipe(), seed_offset=1)
     assert B.base_documents(8, shifted) != B.base_documents(8, B.Recipe())
     assert B.finetune_pairs("instruct", 8, shifted) != B.finetune_pairs("instruct", 8, B.Recipe())
-    assert B.eval_records(8) == B.eval_records(8)  # held-out prompts never depend on the recipe
+    # held-out prompts never depend on the recipe: its only say in them is the reply style, which changes the
+    # reference replies but not what write_data puts in eval_prompts.jsonl (the committed file)
+    committed = [json.loads(line) for line in (ORGANISM / "data" / "eval_prompts.jsonl").read_text().splitlines()]
+    styles = {B.Recipe().reply_style} | {v["reply_style"] for v in B.VARIANTS.values() if "reply_style" in v}
+    assert len(styles) == 2 and len(committed) == B.N_EVAL
+    for style in styles:
+        written = [{k: r[k] for k in ("key", "prompt", "instruction_id_list", "kwargs", "answer")}
+                   for r in B.eval_records(style=style)]
+        assert written == committed, style
 
 
 def test_sweep_shares_a_base_between_recipes_that_differ_only_in_their_fine_tunes(tmp_path):

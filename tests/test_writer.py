@@ -31,8 +31,14 @@ def test_shards_follow_byte_budget_and_reload_exactly(tmp_path):
 
 def test_writer_refuses_out_of_plan_tensors(tmp_path):
     w = ShardedSafetensorsWriter(tmp_path, [TensorSpec("a", (2,), torch.float32)], 100)
-    with pytest.raises(RuntimeError, match="Expected"):
-        w.write("b", torch.zeros(2))
+    # a wrong name, shape or dtype would put bytes under a header that describes others: a corrupt file
+    for name, tensor in (("b", torch.zeros(2)), ("a", torch.zeros(3)), ("a", torch.zeros(2, dtype=torch.bfloat16)),
+                         ("a", torch.zeros(1, 2))):
+        with pytest.raises(RuntimeError, match=r"Expected .*'a'"):
+            w.write(name, tensor)
+    w.write("a", torch.zeros(2))  # nothing was written by the refused calls: the planned tensor still fits
+    with pytest.raises(RuntimeError, match="all planned tensors were already written"):
+        w.write("a", torch.zeros(2))
     w.abort()
 
 
