@@ -1,4 +1,4 @@
-"""Stage-2 math: per-head instruction-attention statistics → coefficients α → per-weight scales (method.md §3).
+"""Stage-2 math: per-head instruction-attention statistics → coefficients α → per-weight scales.
 
 Pure functions on tensors; the forward passes that produce attention maps live in :mod:`rain_hf.features`.
 """

@@ -51,7 +51,8 @@ class RainMergingConfig:
             token, where format instructions act) ``lam="auto"`` accepts; it picks the largest λ of the grid
             within it.
         lam_auto_holdout: share of the reasoning calibration samples held out of stage 1 to measure L_think (a
-            draw seeded with ``seed``, so that a file grouped by domain gives held-out samples of every domain).
+            random draw seeded with ``seed``, not the last samples, so that a file grouped by domain does not hold
+            out one domain only).
         lam_auto_min_think_open: the smallest share of calibration prompts (the held-out reasoning samples' and,
             with stage 2, the instruction samples') on which the merged model still picks the think-open token
             first where the reasoning model does; ``lam="auto"`` also rejects the λ values below it. It only

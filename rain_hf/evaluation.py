@@ -3,7 +3,7 @@
 Everything here is model-agnostic and works offline:
 
 - :func:`split_generation` / :func:`think_format_rate`: split a generation into its ``<think> … </think>`` block
-  and the answer, and check the format (method.md §4).
+  and the answer, and check the format.
 - :func:`instruction_following`: IFEval strict and loose accuracy, prompt- and instruction-level, with lm-eval's
   own checkers (``pip install "rain_hf[eval]"``), scored on the answer part only. :func:`ensure_nltk_data` builds
   the nltk ``punkt_tab`` model those checkers need with nltk's own trainer, so nothing is ever downloaded.
@@ -608,7 +608,7 @@ def think_kl(
 ) -> float:
     """L_think: mean KL(p_model ‖ p_reference) of the next-token distributions at the given positions.
 
-    Direction (method.md §4): KL(merged ‖ LRM) = Σ_v p_merged(v) (log p_merged(v) − log p_LRM(v)), so pass the
+    Direction (as the paper defines L_think): KL(merged ‖ LRM) = Σ_v p_merged(v) (log p_merged(v) − log p_LRM(v)), so pass the
     merged model as ``model`` and the reasoning model as ``reference_model``. Position ``t`` of a sequence means the
     logits computed at token ``t``, i.e. the distribution of token ``t + 1``: to score how the think token at index
     ``t`` is predicted, pass ``t - 1``. Sequences are right-padded into batches with attention masks; softmax in

@@ -1,4 +1,4 @@
-"""Stage-1 math: project a task vector onto the null space of the thinking-token features (method.md §2).
+"""Stage-1 math: project a task vector onto the null space of the thinking-token features.
 
 Pure functions on tensors. Notation: ``H`` is the feature matrix [m, d] (one row per thinking position), its thin
 SVD is H = U·diag(s)·Vᵀ with V [d, k] and s [k] (k = min(m, d)); ``delta`` is a module's ΔW [out, d].

@@ -3,7 +3,7 @@
     python -m benchmarks.organism.stage2 --organism DIR --lams 3,3.25,3.5 --out DIR   # writes STAGE2.md there
     python -m benchmarks.organism.stage2 --quick                                      # 16 prompts, one λ
 
-Stage 2 turns each head's alignment a and leakage u into α (method.md §3) and scales Δ⊥ by it: heads of one layer
+Stage 2 turns each head's alignment a and leakage u into α and scales Δ⊥ by it: heads of one layer
 differently, and whole layers differently through the layer mean (which the MLP gets). The script prints a, u and
 α per layer and head, then evaluates at each λ, on the same stage-1 features, stage 1 alone (α = 1) and α formed
 in five ways, to separate the between-layer part of α from the within-layer part:
