@@ -1,6 +1,6 @@
 """Calibration data for RAIN-Merging: loading, validation, rendering and token spans.
 
-Two calibration sets drive a RAIN merge (the paper's §2.1 and §3.1):
+Two calibration sets drive a RAIN merge, one per stage:
 
 * the *reasoning* set (``prompt``, ``reasoning``, ``response``), whose think-token positions define the stage-1
   features;
