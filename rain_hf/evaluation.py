@@ -611,9 +611,9 @@ def think_kl(
     Direction, as the paper defines L_think: KL(merged ‖ LRM) = Σ_v p_merged(v) (log p_merged(v) − log p_LRM(v)),
     so pass the merged model as ``model`` and the reasoning model as ``reference_model``. Position ``t`` of a
     sequence means the logits computed at token ``t``, i.e. the distribution of token ``t + 1``: to score how the
-    think token at index ``t`` is predicted, pass ``t - 1``. Sequences are right-padded into batches with attention masks; softmax in
-    fp32; no gradients; dropout off. Both models should live on the same device (otherwise the reference's
-    log-probabilities are moved to the model's device).
+    think token at index ``t`` is predicted, pass ``t - 1``. Sequences are right-padded into batches with attention
+    masks; softmax in fp32; no gradients; dropout off. Both models should live on the same device (otherwise the
+    reference's log-probabilities are moved to the model's device).
 
     Args:
         model: the merged model (a causal LM returning ``.logits`` [B, T, V]).
