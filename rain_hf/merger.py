@@ -937,13 +937,10 @@ class RainMerger:
         think-open share (:func:`think_open_share`) stays ≥ lam_auto_min_think_open.
 
         Instruction following grows with λ along the grid, so the largest λ within the thinking-format budget is
-        the calibration-only answer to "maximise instruction following subject to L_think ≤ δ".
+        the calibration-only answer to "maximise instruction following subject to L_think ≤ δ". ``heldout`` is
+        never empty: :meth:`merge` refuses features without held-out samples before stage 2.
         """
         cfg = self.config
-        if not heldout:
-            raise ValueError("lam='auto' measures L_think on reasoning calibration samples held out of stage 1, and "
-                             "these thinking features were computed without any (with a numeric lam): pass "
-                             "reasoning_calibration=... to merge(), or set lam to a number.")
         from .evaluation import kl_rows, think_log_probs, think_open_share
 
         start = time.perf_counter()
