@@ -52,9 +52,9 @@ ACC_SLACK = 0.05  # … and accuracy ≥ the reasoning model's − this
 HOLDOUT = 0.25  # share of the reasoning calibration held out of stage 1 (the same split as lam="auto")
 
 
-def split_records(records: list[dict]) -> tuple[list[dict], list[dict]]:
-    """(stage-1 records, held-out records): the split ``lam="auto"`` makes with the default seed, so that every
-    row's L_think is measured on samples no stage 1 saw."""
+def split_records(records: list) -> tuple[list, list]:
+    """(stage-1 part, held-out part) of the reasoning calibration records, or of their prepared samples: the split
+    ``lam="auto"`` makes with the default seed, so that every row's L_think is measured on samples no stage 1 saw."""
     from rain_hf.calibration import holdout_split
 
     return holdout_split(records, HOLDOUT)
@@ -391,7 +391,7 @@ class Bench:
             evals = evals[: self.settings.n_prompts]
 
         records = read_records(self.org.data("reasoning_calibration.json"))
-        stage1, held = split_records(records)
+        stage1, _ = split_records(records)
         self.stage1_path = self.workdir / "reasoning_calibration_stage1.json"
         with open(self.stage1_path, "w", encoding="utf-8") as f:
             json.dump(stage1, f, indent=1)
@@ -401,10 +401,11 @@ class Bench:
         with open(self.stage1_plain_path, "w", encoding="utf-8") as f:
             json.dump(plain, f, indent=1)
         # lam="auto" draws its held-out samples among the prepared ones: the same split only if none is skipped
-        if len(prepare_reasoning_calibration(records, self.tokenizer, self.cfg())) != len(records):
+        prepared = prepare_reasoning_calibration(records, self.tokenizer, self.cfg())
+        if len(prepared) != len(records):
             raise SystemExit("Some organism reasoning calibration records are malformed, so lam='auto' would hold "
                              "out other samples than the benchmark's L_think: rebuild the organism's data.")
-        heldout = prepare_reasoning_calibration(held, self.tokenizer, self.cfg())
+        heldout = split_records(prepared)[1]
         ids, positions = heldout_think_positions(heldout)
         self.info["calibration"] = {"stage1_samples": len(stage1), "stage1_plain_samples": len(plain),
                                     "heldout_samples": len(heldout),
