@@ -1,4 +1,4 @@
-"""Where checkpoints come from and how their tensors are read: one tensor at a time, memory-mapped.
+"""Where checkpoints come from and how their tensors are read: one tensor at a time, straight from the file.
 
 A model is named by a Hub id or a local folder (:func:`resolve_model`); its weights are read lazily from
 safetensors (:class:`LazyCheckpoint`), so only the tensor being merged sits in memory.
@@ -151,7 +151,7 @@ class TensorSource(Protocol):
 
 
 class LazyCheckpoint:
-    """Tensors of a safetensors checkpoint folder, read one at a time from memory-mapped files.
+    """Tensors of a safetensors checkpoint folder, read one at a time (a positioned read of its bytes).
 
     Handles a single ``model.safetensors``, a sharded checkpoint with ``model.safetensors.index.json``, or any
     set of ``*.safetensors`` files in the folder.

@@ -201,7 +201,7 @@ def _refuse_bin_only(folder: Path, name: str) -> None:
 class LoraDelta:
     """ΔW per base-model module computed from a peft LoRA adapter's tensors, without building a merged model.
 
-    Tensors stay in the memory-mapped ``adapter_model.safetensors`` until :meth:`delta` asks for one module.
+    Tensors stay in ``adapter_model.safetensors`` (read one at a time) until :meth:`delta` asks for one module.
 
     Attributes:
         source: where the adapter came from.

@@ -80,8 +80,14 @@ class ModelMismatchError(CheckpointError):
 
 
 # ---------------------------------------------------------------------------------------------- task vectors
+def work_dtype(stored: torch.dtype) -> torch.dtype:
+    """The dtype a tensor stored as ``stored`` is merged in: float32, or float64 for float64 checkpoints (so that a
+    merge that changes nothing gives back the stored values exactly)."""
+    return torch.promote_types(stored, torch.float32)
+
+
 class FullDelta:
-    """Δ = θ_I − θ_B read tensor by tensor from two checkpoints (fp32)."""
+    """Δ = θ_I − θ_B read tensor by tensor from two checkpoints (float32, or float64 when either is stored so)."""
 
     kind = "full"
 
@@ -92,7 +98,9 @@ class FullDelta:
     def delta(self, key: str) -> torch.Tensor | None:
         if key not in self.instruct or key not in self.base:
             return None
-        return self.instruct.get(key).float() - self.base.get(key).float()
+        instruct, base = self.instruct.get(key), self.base.get(key)
+        dtype = work_dtype(torch.promote_types(instruct.dtype, base.dtype))
+        return instruct.to(dtype) - base.to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -708,10 +716,12 @@ class RainMerger:
         if alpha is not None and target.kind == "o":
             column_scale = ws if db is None else torch.cat([ws, bs.reshape(1, 1)], dim=1)
         dw, db = self._projected(target, dw, db, record, basis, column_scale)
-        theta = self.reasoning.get(target.weight_key).to(self.device, torch.float32) + lam * ws * dw
+        theta = self.reasoning.get(target.weight_key)
+        theta = theta.to(self.device, work_dtype(theta.dtype)) + lam * ws * dw
         self._write_param(target.weight_key, theta.to(self._output_dtype(target.weight_key)))
         if db is not None:
-            b = self.reasoning.get(target.bias_key).to(self.device, torch.float32) + lam * bs * db
+            b = self.reasoning.get(target.bias_key)
+            b = b.to(self.device, work_dtype(b.dtype)) + lam * bs * db
             self._write_param(target.bias_key, b.to(self._output_dtype(target.bias_key)))
 
     def _input_groups(self) -> list[list[TargetModule]]:
@@ -732,10 +742,19 @@ class RainMerger:
         for target in tqdm(self.targets, desc=f"merge ({cfg.method})", unit="module"):
             keys = [target.weight_key] + ([target.bias_key] if cfg.project_bias and target.bias_key else [])
             for key in keys:
-                delta = self.instruct.delta(key)
-                reasoning = self.reasoning.get(key).to(self.device, torch.float32)
+                reasoning = self.reasoning.get(key)
+                reasoning = reasoning.to(self.device, work_dtype(reasoning.dtype))
+                base = self.base.get(key) if with_base else None
+                if base is not None and isinstance(self.instruct, FullDelta) and key in self.instruct.instruct:
+                    # θ_B is needed twice (in Δ_I and by the method): read it once
+                    instruct = self.instruct.instruct.get(key)
+                    dtype = work_dtype(torch.promote_types(instruct.dtype, base.dtype))
+                    delta = instruct.to(dtype) - base.to(dtype)
+                else:
+                    delta = self.instruct.delta(key)
+                if base is not None:
+                    base = base.to(self.device, work_dtype(base.dtype))
                 delta = torch.zeros_like(reasoning) if delta is None else delta.to(self.device)
-                base = self.base.get(key).to(self.device, torch.float32) if with_base else None
                 merged = merge_tensor(cfg.method, reasoning, base, delta, cfg, key)
                 self._write_param(key, merged.to(self._output_dtype(key)))
 

@@ -145,7 +145,7 @@ def merge_tensor(
         lam: overrides ``config.lam`` (e.g. the value ``lam="auto"`` resolved to).
 
     Returns:
-        The merged tensor, float32 (or float64 when an input is float64), on the inputs' device.
+        The merged tensor, float32 (float64 when ``reasoning`` is float64), on the inputs' device.
 
     Example:
         >>> import torch

@@ -1247,3 +1247,21 @@ def test_plan_warns_about_merged_modules_the_adapter_leaves_alone(qwen2, tmp_pat
     narrow = RainMerger.plan(qwen2["base"], qwen2["reasoning"], tmp_path / "qv",
                              RainMergingConfig(lam=1.0, target_modules=["q_proj", "v_proj"]))
     assert not [w for w in narrow.warnings if "holds no delta" in w]
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "slerp", "rain"])
+def test_float64_checkpoints_are_merged_in_float64(tmp_path, tokenizer, method):
+    paths = build_triple(tmp_path, "llama", tokenizer=tokenizer, dtype=torch.float64)
+    r, b, i = (_weights(paths[role]) for role in ("reasoning", "base", "instruct"))
+    key = "model.layers.0.mlp.up_proj.weight"
+    identity = {"slerp_t": 0.0} if method == "slerp" else {"lam": 0.0}
+    stages = {"stage1": False, "stage2": False} if method == "rain" else {}
+    merger = _merger(paths, method=method, **identity, **stages)
+    merger.merge()
+    same = _weights(merger.save_pretrained(tmp_path / "identity"))
+    assert same[key].dtype == torch.float64 and torch.equal(same[key], r[key])  # fp32 work would round θ_R
+    if method in ("task_arithmetic", "rain"):
+        merger = _merger(paths, method=method, lam=0.7, **stages)
+        merger.merge()
+        out = _weights(merger.save_pretrained(tmp_path / "merged"))
+        assert torch.allclose(out[key], r[key] + 0.7 * (i[key] - b[key]), rtol=0, atol=1e-14)
