@@ -348,7 +348,7 @@ def _build_checker(
 
     Kwargs with a ``None`` value are dropped, as the IFEval data pads every record with all keys. lm-eval drops
     every falsy value instead; for a ``0`` (e.g. ``let_frequency``) that makes its checker draw a random number,
-    so a 0 is kept here.
+    so a 0 is kept here. A missing argument is an error rather than a random draw, and so is an unknown one.
     """
     if instruction_id not in registry:
         raise ValueError(f"Unknown IFEval instruction id {instruction_id!r}; known ids: {sorted(registry)}")
@@ -359,6 +359,15 @@ def _build_checker(
         # the whole prompt holds the repeat instruction itself, which IFEval's request to repeat leaves out
         raise ValueError(f"{instruction_id} needs the kwarg 'prompt_to_repeat' (the request to repeat, without the "
                          f"repeat instruction, as in IFEval's data); prompt: {prompt[:60]!r}")
+    missing = [k for k in arg_keys if k != "prompt" and k not in clean]
+    if missing:
+        # lm-eval's checkers draw a missing argument at random, which would make the score a coin toss
+        raise ValueError(f"{instruction_id} needs the kwargs {missing} (it takes {list(arg_keys)}); give them as "
+                         f"IFEval's data does, e.g. in the record's kwargs list. Prompt: {prompt[:60]!r}")
+    unknown = sorted(set(clean) - set(arg_keys))
+    if unknown:
+        raise ValueError(f"{instruction_id} takes the kwargs {list(arg_keys) or 'none'}, not {unknown}: drop them or "
+                         f"check the instruction id. Prompt: {prompt[:60]!r}")
     checker.build_description(**clean)
     if "prompt" in arg_keys:
         checker.build_description(prompt=prompt)
@@ -393,9 +402,11 @@ def instruction_following(
 
     Pass the answer part only (see :func:`split_generation`): the thinking is not the answer. Strict checks the
     answer as is; loose (IFEval's upper bound) also accepts the answer without its first line, its last line or
-    both, each with or without ``*``. Each instruction's kwargs are cleaned as IFEval does (keys whose value is
-    ``None`` are dropped); ``combination:repeat_prompt`` needs its ``prompt_to_repeat`` kwarg (an error otherwise,
-    as in lm-eval), and ``prompts`` reach any checker whose arguments take a prompt.
+    both, each with or without ``*``. Keys of an instruction's kwargs whose value is ``None`` are dropped (the
+    IFEval data pads every record with all keys; unlike lm-eval, a ``0`` is kept). Every argument the checker
+    takes must be given: lm-eval's checkers would draw a missing one at random (a word limit, a keyword …), so it
+    is a ``ValueError`` here, as is an argument the checker does not take. ``prompts`` reach any checker whose
+    arguments take a prompt.
     langdetect is seeded (``DetectorFactory.seed = 0``) so that language checks are deterministic.
 
     Args:

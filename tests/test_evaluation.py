@@ -384,6 +384,15 @@ def test_instruction_following_errors(monkeypatch):
         ev.instruction_following(["a"], ["p"], [["no:such_id"]], [[{}]])
     with pytest.raises(ValueError, match="needs the kwarg 'prompt_to_repeat'"):
         ev.instruction_following(["a"], ["p"], [["combination:repeat_prompt"]], [[{"prompt_to_repeat": None}]])
+    # lm-eval would draw the missing word limit (and relation) at random: the score would be a coin toss
+    for kwargs in ({}, {"num_words": 10, "relation": None}):
+        with pytest.raises(ValueError, match=r"length_constraints:number_words needs the kwargs \[.*'relation'\]"):
+            ev.instruction_following(["one two"], ["p"], [["length_constraints:number_words"]], [[kwargs]])
+    with pytest.raises(ValueError, match=r"takes the kwargs none, not \['num_words'\]"):
+        ev.instruction_following(["a"], ["p"], [["punctuation:no_comma"]], [[{"num_words": 3}]])
+    zero = ev.instruction_following(["lll"], ["p"], [["keywords:letter_frequency"]],
+                                    [[{"letter": "l", "let_frequency": 0, "let_relation": "at least"}]])
+    assert zero["prompt_strict"] == 1.0  # a 0 is an argument, not a missing one
     for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")] + ["lm_eval"]:
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ImportError, match=r'pip install "rain_hf\[eval\]"'):
@@ -761,6 +770,10 @@ def test_evaluate_load_offline(offline):
             metric.compute(predictions=["a", "b"], prompts=["p", "q"], instruction_id_list=ids * 2, kwargs=[[{}, {}]])
         except ValueError as exc:
             extra["mismatch"] = str(exc)
+        try:
+            metric.compute(predictions=["one two"], prompts=["p"], instruction_id_list=[["startend:end_checker"]])
+        except ValueError as exc:
+            extra["no_kwargs"] = str(exc)
         print("RESULT" + json.dumps(out))
         print("EXTRA" + json.dumps(extra))
         """
@@ -789,6 +802,7 @@ def test_evaluate_load_offline(offline):
         assert extra[name]["think_format_rate"] == 1.0 and extra[name]["prompt_strict"] == 1.0, name
     assert extra["whole"]["prompt_strict"] == 0.0 and extra["whole"]["instruction_strict"] == 0.5
     assert "2 predictions but 1 kwargs lists" in extra["mismatch"]
+    assert "startend:end_checker needs the kwargs ['end_phrase']" in extra["no_kwargs"]
 
 
 def test_kl_rows_masked_tokens_add_nothing():

@@ -38,7 +38,8 @@ Args:
     instruction_id_list (list of list of str): IFEval instruction ids per prediction.
     kwargs (list of list of dict, or list of list of JSON str): one kwargs dict per instruction id, as in the IFEval
         data set (keys with None values are dropped). Pass it to `compute` (it is not an Arrow feature, so it does
-        not go through `add_batch`). Default: no kwargs.
+        not go through `add_batch`). It may be left out only when no instruction takes arguments: a missing
+        argument (a word limit, a keyword …) is an error, not a random draw as in lm-eval.
     think_open (str): think-open tag, default "<think>".
     think_close (str): think-close tag, default "</think>".
     prompt_ends_with_open (bool): the chat template already put think_open at the end of the prompt.
