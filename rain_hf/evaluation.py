@@ -108,6 +108,9 @@ def split_generation(
     - ``prompt_ends_with_open=True`` (the chat template already put ``think_open`` at the end of the prompt): the
       completion contains no ``think_open``, exactly one ``think_close``, and a non-empty answer after it.
 
+    An empty block (``<think>\n\n</think>``, what Qwen3 writes with thinking switched off) passes the format
+    check; test ``thinking.strip()`` as well where the model must actually think.
+
     Args:
         text: the decoded completion (prompt excluded), decoded with the think tokens kept.
         think_open, think_close: the think tags.
@@ -524,6 +527,8 @@ def answer_accuracy(
     """Fraction of answers whose extracted value equals the reference.
 
     Values are compared numerically when both parse as numbers, else as whitespace-normalised lowercase strings.
+    The default ``extract`` finds numbers only, so an answer to a reference such as ``"B"`` or ``"yes"`` counts
+    as wrong unless you pass an ``extract`` that returns that kind of value.
 
     Args:
         answers: N answers (the answer part, see :func:`split_generation`).
@@ -753,13 +758,15 @@ def _module_type(name: str) -> str:
 
 
 def _top_left_singular_vectors(
-    matrix: torch.Tensor, k: int, randomized: bool, niter: int = 6, rtol: float = 1e-5
+    matrix: torch.Tensor, k: int, randomized: bool, max_iter: int = 40, tol: float = 1e-4, rtol: float = 1e-5
 ) -> torch.Tensor:
     """Orthonormal top-k left singular vectors of ``matrix`` [m, n] → [m, r] (fp32), r ≤ k.
 
     Directions with a singular value ≤ ``rtol``·s_max are left out (r < k for a matrix of rank below k, r = 0 for
-    a zero matrix): the SVD returns arbitrary vectors for them. ``randomized`` uses a seeded range finder with
-    ``niter`` power iterations (own generator: the global RNG is untouched) instead of a full SVD.
+    a zero matrix): the SVD returns arbitrary vectors for them. ``randomized`` uses a seeded range finder (own
+    generator: the global RNG is untouched) instead of a full SVD, with power iterations until the top-k subspace
+    moves less than ``tol`` (1 − ‖U_prevᵀU‖_F²/k), at most ``max_iter``: a fixed small count is far off on flat
+    spectra.
     """
     a = matrix.float()
     k = min(k, *a.shape)
@@ -769,10 +776,15 @@ def _top_left_singular_vectors(
         q = min(2 * k + 8, *a.shape)
         gen = torch.Generator(device=a.device).manual_seed(0)
         basis = torch.linalg.qr(a @ torch.randn(a.shape[1], q, generator=gen, device=a.device)).Q
-        for _ in range(niter):
+        previous = None
+        for _ in range(max_iter + 1):
+            u_small, s, _ = torch.linalg.svd(basis.T @ a, full_matrices=False)
+            u = basis @ u_small
+            top = u[:, :k]
+            if previous is not None and 1 - float((previous.T @ top).pow(2).sum()) / k < tol:
+                break
+            previous = top
             basis = torch.linalg.qr(a @ (a.T @ basis)).Q
-        u_small, s, _ = torch.linalg.svd(basis.T @ a, full_matrices=False)
-        u = basis @ u_small
     if s.numel() == 0 or float(s[0]) == 0.0:
         return u[:, :0]
     return u[:, :k][:, s[:k] > rtol * s[0]]
@@ -899,6 +911,9 @@ def render_prompts(
         >>> render_prompts(tok, ["What is 2+3?"], force_think_open="<think>")[0].endswith("<think>")  # doctest: +SKIP
         True
     """
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], Mapping)):
+        raise TypeError("render_prompts takes a list of prompts: wrap one prompt, or one conversation (a list of "
+                        "{'role', 'content'} dicts), in a list.")
     texts = []
     for prompt in prompts:
         messages = (
@@ -982,7 +997,8 @@ def generate(
             ``top_k``) come from the model's ``generation_config``, which greedy decoding ignores.
         batch_size: prompts per ``generate`` call.
         force_think_open: append this tag (e.g. ``"<think>"``) to each rendered prompt.
-        seed: torch seed of sampled decoding (the caller's RNG state is restored afterwards).
+        seed: torch seed of sampled decoding, set once for the whole run (the caller's RNG state is restored
+            afterwards): sampled texts do not depend on the prompts' order within a batch but do on ``batch_size``.
         desc: progress-bar label.
 
     Returns:
@@ -1044,16 +1060,21 @@ def generate(
 
 
 def normalize_prompt(text: str) -> str:
-    """Normalise a prompt for overlap checks: NFKC, lowercase, punctuation turned into spaces (so "cats.Do" and
-    "cats. Do" agree), whitespace collapsed.
+    """Normalise a prompt for overlap checks: NFKC, case folded (so "straße" and "STRASSE" agree), punctuation and
+    symbols turned into spaces (so "cats.Do" and "cats. Do" agree), invisible format characters (zero-width
+    spaces …) dropped, whitespace collapsed.
 
     Example:
         >>> normalize_prompt("  Write a POEM,   please!\\n")
         'write a poem please'
     """
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in text)
-    return " ".join(text.split())
+    text = unicodedata.normalize("NFKC", text).casefold()
+    kept = []
+    for ch in text:
+        category = unicodedata.category(ch)
+        if category != "Cf":
+            kept.append(" " if category[0] in "PS" else ch)
+    return " ".join("".join(kept).split())
 
 
 @dataclass
@@ -1095,6 +1116,13 @@ def calibration_overlap(calibration_prompts: Sequence[str], eval_prompts: Sequen
         >>> report.exact_indices, report.normalized_indices, report.normalized_pairs
         ([1], [0, 1], [(0, 0), (1, 1)])
     """
+    for name, prompts in (("calibration_prompts", calibration_prompts), ("eval_prompts", eval_prompts)):
+        if isinstance(prompts, str):
+            raise TypeError(f"calibration_overlap: {name} is one string; pass a list of prompts.")
+        bad = next((i for i, p in enumerate(prompts) if not isinstance(p, str)), None)
+        if bad is not None:
+            raise TypeError(f"calibration_overlap: {name}[{bad}] is a {type(prompts[bad]).__name__}, not a string; "
+                            "pass the prompt texts (for chat records, the user message's content).")
     exact = set(calibration_prompts)
     first_by_norm: dict[str, int] = {}
     for j, prompt in enumerate(calibration_prompts):

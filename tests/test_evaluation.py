@@ -625,6 +625,13 @@ def test_task_vector_geometry_lazy_sources_and_randomized_svd():
         "subspace_overlap"
     ]
     assert approx == pytest.approx(exact, abs=1e-3)
+    # a flat spectrum (full-rank noise around a shared matrix): six fixed power iterations were 0.018 off here
+    gen = torch.Generator().manual_seed(7)
+    shared = torch.randn(300, 300, generator=gen)
+    a, b = ({"l.o_proj.weight": shared + 0.5 * torch.randn(300, 300, generator=gen)} for _ in range(2))
+    exact, approx = (ev.task_vector_geometry(a, b, k=8, svd=svd)["modules"]["o_proj"]["subspace_overlap"]
+                     for svd in ("exact", "randomized"))
+    assert approx == pytest.approx(exact, abs=0.005)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -636,6 +643,9 @@ PROMPTS = ["what is two plus three ?", "hello", "what is the answer ?", "two plu
 
 def test_render_prompts(tokenizer):
     plain = ev.render_prompts(tokenizer, ["hello"])
+    for unwrapped in ("hello", [{"role": "user", "content": "hello"}]):
+        with pytest.raises(TypeError, match="wrap one prompt, or one conversation"):
+            ev.render_prompts(tokenizer, unwrapped)
     assert plain == ["<|im_start|>user hello<|im_end|> <|im_start|>assistant "]
     forced = ev.render_prompts(
         tokenizer, [[{"role": "user", "content": "hello"}]], force_think_open=THINK_OPEN
@@ -722,6 +732,14 @@ def test_calibration_overlap():
                                   ["write about cats. do not use commas"]).normalized_matches == 1
     empty = ev.calibration_overlap(calibration, [])
     assert empty.normalized_fraction == 0.0 and empty.normalized_indices == []
+    # symbols, zero-width characters and case folding do not hide a twin
+    assert ev.normalize_prompt("use <b>bold</b> + $5") == "use b bold b 5"
+    assert ev.normalize_prompt("hello\u200bworld") == "helloworld" == ev.normalize_prompt("HELLOWORLD")
+    assert ev.normalize_prompt("Straße") == ev.normalize_prompt("STRASSE")
+    with pytest.raises(TypeError, match=r"eval_prompts\[0\] is a list, not a string"):
+        ev.calibration_overlap(calibration, [[{"role": "user", "content": "Add 2 and 3"}]])
+    with pytest.raises(TypeError, match="calibration_prompts is one string"):
+        ev.calibration_overlap("Add 2 and 3", evaluation)
 
 
 # ----------------------------------------------------------------------------------------------------------------
