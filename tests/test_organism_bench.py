@@ -45,8 +45,10 @@ def test_reports_geometry_disjointness_and_auto(quick_results):
     info = quick_results["info"]
     assert 0.0 <= info["geometry"]["abs_cosine"] <= 1.0
     assert set(info["geometry"]["relative_norm"]) == {"reasoning", "instruct"}
-    assert all("0 (0.0%) after normalisation" in line for line in info["overlap"])
-    assert info["auto"]["lam"] in {r["lam"] for r in info["auto"]["search"]}
+    assert all("0 (0.0%) after normalisation" in line and "; 0 held-out word problems" in line
+               for line in info["overlap"])
+    for key in ("auto", "defaults"):
+        assert info[key]["lam"] in {r["lam"] for r in info[key]["search"]}, key
 
 
 def test_per_instruction_rates_and_forced_rows(quick_results):
@@ -167,3 +169,36 @@ def test_row_notes_are_listed_once_per_row_name():
     for row in rows[:2]:
         row.note = "density 0.5"
     assert row_notes(rows) == ["- ties: density 0.5"]
+
+
+def test_disjointness_stops_on_a_held_out_word_problem_under_another_instruction(tmp_path):
+    from benchmarks.organism.bench import HERE, Organism, check_disjoint, read_records
+
+    org = Organism(HERE)
+    evals = [r["prompt"] for r in read_records(org.data("eval_prompts.jsonl"))]
+    assert any("0 held-out word problems" in line for line in check_disjoint(org, evals, check_training=False))
+    calibration = read_records(org.data("instruction_calibration.jsonl"))[0]["prompt"]
+    reworded = calibration.split("?", 1)[0] + "? Answer in capital letters only."
+    assert reworded != calibration
+    with pytest.raises(RuntimeError, match="instruction_calibration.jsonl.*1 shared word problems"):
+        check_disjoint(org, evals + [reworded], check_training=False)
+
+
+def test_cli_refuses_runs_that_would_mislabel_or_replace_results(tmp_path, capsys):
+    other = tmp_path / "other-organism"
+    assert bench_main(["--organism", str(other)]) == 2  # would replace the committed RESULTS.md
+    assert "give --out DIR" in capsys.readouterr().err
+    assert bench_main(["--quick", "--grids", "orthogonal"]) == 2
+    assert "--quick runs its own small grids" in capsys.readouterr().err
+
+
+def test_grid_edge_picks_are_marked_and_bad_shared_calibration_is_a_note(tmp_path, monkeypatch):
+    from benchmarks.organism import bench as BE
+
+    search = [{"lam": 4.0, "l_think": 0.004}, {"lam": 5.0, "l_think": 0.008}]
+    assert "grid's largest value" in BE._edge_text({"lam": 5.0, "search": search})
+    assert BE._edge_text({"lam": 4.0, "search": search}) == ""
+    monkeypatch.setattr(BE, "SHARED_CALIBRATION", tmp_path)
+    for content in ("[]", '{"prompt": "not a list"}'):
+        (tmp_path / "reasoning_calibration_set.json").write_text(content)
+        assert "unreadable as a list of records" in BE.shared_calibration_note(None, 512)

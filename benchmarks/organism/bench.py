@@ -220,8 +220,14 @@ def training_prompts(org: Organism) -> list[str]:
     return [user_prompt(text) for text in rendered]
 
 
+def problem_stem(prompt: str) -> str:
+    """The word problem of a prompt, without its format instruction: the text up to the question mark."""
+    return prompt.split("?", 1)[0]
+
+
 def check_disjoint(org: Organism, eval_prompts: Sequence[str], check_training: bool) -> list[str]:
-    """Overlap of the held-out prompts with every calibration file (and the training prompts); asserts none."""
+    """Overlap of the held-out prompts with every calibration file (and the training prompts), as whole prompts and
+    as word problems (the same problem under another instruction); raises RuntimeError on any."""
     from rain_hf.evaluation import calibration_overlap
 
     sets = {name: [r["prompt"] for r in read_records(org.data(name))]
@@ -229,10 +235,16 @@ def check_disjoint(org: Organism, eval_prompts: Sequence[str], check_training: b
     if check_training:
         sets["training prompts (base chats + fine-tunes, regenerated)"] = training_prompts(org)
     lines = []
+    eval_stems = [problem_stem(p) for p in eval_prompts]
     for name, prompts in sets.items():
         report = calibration_overlap(prompts, eval_prompts)
-        lines.append(f"{name} ({report.num_calibration} prompts): {report.summary()}")
-        assert report.normalized_matches == 0, f"held-out prompts overlap {name}: {report.summary()}"
+        stems = calibration_overlap([problem_stem(p) for p in prompts], eval_stems)
+        lines.append(f"{name} ({report.num_calibration} prompts): {report.summary()}; "
+                     f"{stems.normalized_matches} held-out word problems occur in it under any instruction")
+        if report.normalized_matches or stems.normalized_matches:
+            raise RuntimeError(f"held-out prompts overlap {name}: {report.summary()}; "
+                               f"{stems.normalized_matches} shared word problems. The evaluation would not be "
+                               "held out: rebuild the data with `python -m benchmarks.organism.build`.")
     return lines
 
 
@@ -241,9 +253,13 @@ def shared_calibration_note(tokenizer: Any, max_positions: int) -> str:
     path = SHARED_CALIBRATION / "reasoning_calibration_set.json"
     if not path.is_file():
         return "../shared/calibration: not present; not used."
-    records = read_records(path)
-    lengths = [len(tokenizer.encode(f"{r.get('prompt', '')}{r.get('reasoning', '')}{r.get('response', '')}",
-                                    add_special_tokens=False)) for r in records]
+    try:
+        records = read_records(path)
+        lengths = [len(tokenizer.encode(f"{r.get('prompt', '')}{r.get('reasoning', '')}{r.get('response', '')}",
+                                        add_special_tokens=False)) for r in records]
+        statistics.median(lengths)
+    except (OSError, ValueError, AttributeError, TypeError, statistics.StatisticsError) as exc:
+        return f"../shared/calibration: {path.name} is unreadable as a list of records ({exc!r}); not used."
     fit = sum(n <= max_positions for n in lengths) / max(1, len(lengths))
     return (f"../shared/calibration: NOT used. {len(records)} real R1 reasoning traces; under the organism's "
             f"512-token byte-level BPE their median length is {statistics.median(lengths):.0f} tokens and "
@@ -560,6 +576,9 @@ class Bench:
             defaults = self.cfg()
             merger, model, merge_s = self.merge_whole_files(defaults)
             lam = float(merger.report.lam)
+            self.info["defaults"] = {
+                "lam": lam, "search": merger.report.lam_search, "max_kl": defaults.lam_auto_max_kl,
+                "min_think_open": defaults.lam_auto_min_think_open, "warnings": list(merger.report.warnings)}
             self.add("RAIN config defaults (files)", "rain_files", lam, model, merge_s,
                      note=f"RainMergingConfig() with only think_spacing set to the organism's layout "
                           f"(lam={defaults.lam!r} picked λ={lam:g}); merge time includes the stage-1 feature "
@@ -897,8 +916,8 @@ def summary_lines(rows: Sequence[Row], info: dict[str, Any]) -> list[str]:
     auto = info.get("auto")
     if auto:
         best = best_constrained(rows)["rain_both"]
-        out.append(f"lam='auto' picked λ={auto['lam']:g} (L_think ≤ {auto['max_kl']}{_guard(auto)} on held-out "
-                   "calibration); "
+        out.append(f"lam='auto' picked λ={auto['lam']:g}{_edge_text(auto)} (L_think ≤ {auto['max_kl']}{_guard(auto)} "
+                   "on held-out calibration); "
                    f"best RAIN 1+2 λ on test prompts: {best.lam:g}" if best else
                    f"lam='auto' picked λ={auto['lam']:g}; no RAIN 1+2 λ is feasible on test prompts")
         out.append("  auto search (λ: held-out L_think at the stage-1 positions before `</think>`[, share of the "
@@ -906,11 +925,23 @@ def summary_lines(rows: Sequence[Row], info: dict[str, Any]) -> list[str]:
     auto_seq = info.get("auto_sequential")
     if auto_seq:
         best = best_constrained(rows).get("rain_seq_both")
-        out.append(f"lam='auto' with sequential=True picked λ={auto_seq['lam']:g}; best RAIN 1+2 sequential λ on test "
-                   f"prompts: {best.lam:g}" if best else f"lam='auto' with sequential=True picked "
+        out.append(f"lam='auto' with sequential=True picked λ={auto_seq['lam']:g}{_edge_text(auto_seq)}; best RAIN "
+                   f"1+2 sequential λ on test prompts: {best.lam:g}" if best else f"lam='auto' with sequential=True picked "
                    f"λ={auto_seq['lam']:g}; no RAIN 1+2 sequential λ is feasible on test prompts")
         out.append("  auto search: " + _search_text(auto_seq))
+    defaults = info.get("defaults")
+    if defaults:
+        out.append(f"RainMergingConfig() defaults (lam='auto' on the default grid) picked λ={defaults['lam']:g}"
+                   f"{_edge_text(defaults)}; search: " + _search_text(defaults))
     return out
+
+
+def _edge_text(auto: dict[str, Any]) -> str:
+    """A remark when a lam='auto' pick is the largest λ it tried: the grid, not the data, stopped it."""
+    tried = [s["lam"] for s in auto.get("search") or []]
+    if tried and auto["lam"] == max(tried):
+        return " (the grid's largest value: every λ it tried passed, so a larger λ might pass too)"
+    return ""
 
 
 def _guard(auto: dict[str, Any]) -> str:
@@ -999,7 +1030,7 @@ def results_markdown(rows: Sequence[Row], info: dict[str, Any], command: str, wa
         + ", ".join(f"{k} {v:.1f}s" for k, v in info.get("features_s", {}).items())
         + "; rows that capture their own features, search λ or generate traces say so in the row notes).",
         "",
-        "Disjointness (asserted):",
+        "Disjointness (checked; any overlap stops the run):",
         "",
         *[f"- {line}" for line in info["overlap"]],
         "",
@@ -1050,7 +1081,7 @@ def results_markdown(rows: Sequence[Row], info: dict[str, Any], command: str, wa
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.organism",
                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="24 prompts, small grids (smoke test)")
+    ap.add_argument("--quick", action="store_true", help=f"{QUICK.n_prompts} prompts, small grids (smoke test)")
     ap.add_argument("--organism", type=Path, default=HERE, help="folder with checkpoints/ and data/ (default: here)")
     ap.add_argument("--out", type=Path, default=None,
                     help="where RESULTS.md, results.png and results.json go (default: here, or variants/GRIDS/ "
@@ -1086,6 +1117,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     workers = min(args.workers, args.threads)  # a worker needs a thread of its own
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.quick and args.grids != "default":
+        print("--quick runs its own small grids: leave out --grids, or --quick.", file=sys.stderr)
+        return 2
+    if args.out is None and not args.quick and args.grids == "default" and args.organism.resolve() != HERE:
+        print(f"--organism {args.organism} is not the committed organism, whose RESULTS.md this run would replace: "
+              "give --out DIR, or --grids NAME for a `build --variant NAME` organism.", file=sys.stderr)
+        return 2
     org = Organism(args.organism.resolve())
     missing = org.missing()
     if missing:
@@ -1109,6 +1147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         command += f" --grids {args.grids}"
     if args.threads != 2 or args.workers != 2:
         command += f" --threads {args.threads} --workers {args.workers}"
+    if args.no_training_check:
+        command += " --no-training-check"
     if not args.quick and out.resolve() != HERE:
         shown, root = out.resolve(), HERE.parents[1]
         command += f" --out {shown.relative_to(root) if shown.is_relative_to(root) else out}"

@@ -265,11 +265,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall = time.perf_counter() - start
     # Name the organism and output folder when given: a variant's file must say which checkpoints it measured.
     command = " ".join(["python -m benchmarks.organism.first_token", *(["--quick"] if args.quick else []),
-                        *(["--organism", str(args.organism)] if args.organism != HERE else []),
+                        *(["--organism", str(args.organism)] if args.organism.resolve() != HERE else []),
                         *(["--out", str(args.out)] if args.out else [])])
     text = markdown(result, command, wall)
     (out / "FIRST_TOKEN.md").write_text(text, encoding="utf-8")
-    if out != HERE:  # the committed folder keeps FIRST_TOKEN.md only
+    if out.resolve() != HERE:  # the committed folder keeps FIRST_TOKEN.md only
         (out / "first_token.json").write_text(json.dumps({**result, "wall_s": wall}, indent=1), encoding="utf-8")
     print(text)
     print(f"results in {out / 'FIRST_TOKEN.md'}")

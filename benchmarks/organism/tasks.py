@@ -17,10 +17,12 @@ the import does not try to download it).
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import random
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 
@@ -345,6 +347,7 @@ def _ensure_offline_nltk() -> None:
 
     if _NLTK_DIR is None:
         _NLTK_DIR = tempfile.mkdtemp(prefix="organism_nltk_")
+        atexit.register(shutil.rmtree, _NLTK_DIR, ignore_errors=True)
         rng = random.Random(0)
         trainer = PunktTrainer()
         trainer.train(" ".join(sample_problem(rng, "train").text() for _ in range(200)), finalize=True)
