@@ -60,6 +60,7 @@ def model_config(arch: str, vocab_size: int, **overrides):
 
 
 def save_model(model, tokenizer, folder: Path, dtype: torch.dtype | None = None) -> Path:
+    """Save ``model`` (cast to ``dtype`` first, when given) and ``tokenizer`` into ``folder``; return ``folder``."""
     if dtype is not None:
         model.to(dtype)
     model.save_pretrained(folder)
@@ -71,12 +72,15 @@ def build_triple(root: Path, arch: str = "qwen2", noise: float = 0.02, seed: int
                  dtype: torch.dtype | None = None, **overrides) -> dict[str, Path]:
     """Save base / reasoning / instruct checkpoints (reasoning and instruct = base + small random deltas).
 
-    ``overrides`` change the config (e.g. hidden_size); ``dtype`` is the stored dtype (default float32).
+    ``overrides`` change the config (e.g. hidden_size); a ``vocab_size`` below the tokenizer's size is raised to
+    it. ``dtype`` is the stored dtype (default float32). The weights depend on ``seed`` only; the caller's torch
+    random state is left as it was.
     """
     tokenizer = tokenizer or build_tokenizer()
     cfg = model_config(arch, max(len(tokenizer), overrides.pop("vocab_size", 0)), **overrides)
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_config(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        base = AutoModelForCausalLM.from_config(cfg)
     state = {k: v.clone() for k, v in base.state_dict().items()}
     paths = {"base": save_model(base, tokenizer, root / "base", dtype)}
     del base
@@ -95,6 +99,7 @@ def build_triple(root: Path, arch: str = "qwen2", noise: float = 0.02, seed: int
 
 
 def reasoning_records(n: int = 6, seed: int = 0) -> list[dict]:
+    """``n`` reasoning calibration records in the paper's format (``prompt``, ``reasoning``, ``response``)."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -106,6 +111,8 @@ def reasoning_records(n: int = 6, seed: int = 0) -> list[dict]:
 
 
 def instruction_records(n: int = 6, seed: int = 1) -> list[dict]:
+    """``n`` instruction calibration records in the paper's format (``prompt``, ``reason``, ``response``, and the
+    instruction's text in ``instruction_spans``)."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):

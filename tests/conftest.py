@@ -1,3 +1,4 @@
+import atexit
 import os
 import shutil
 import socket
@@ -13,11 +14,20 @@ _OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFF
             "HF_HUB_DISABLE_TELEMETRY": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
 os.environ.update(_OFFLINE)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ["HF_HOME"] = _SESSION_HF_HOME = tempfile.mkdtemp(prefix="rain_hf-test-hf-home-")
+os.environ.pop("HF_TOKEN", None)  # module-scoped fixtures start benchmark subprocesses before _offline runs
+# Caches of the session (and of its subprocesses) stay out of $HOME: HF_HOME, the nltk data rain_hf builds,
+# matplotlib's font cache, torch's inductor cache.
+_SESSION_DIR = tempfile.mkdtemp(prefix="rain_hf-tests-")
+os.environ["HF_HOME"] = os.path.join(_SESSION_DIR, "hf_home")
+os.environ["RAIN_HF_NLTK_DATA"] = os.path.join(_SESSION_DIR, "nltk_data")
+os.environ["MPLCONFIGDIR"] = os.path.join(_SESSION_DIR, "matplotlib")
+os.environ["XDG_CACHE_HOME"] = os.path.join(_SESSION_DIR, "cache")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_SESSION_DIR, "torchinductor")
+atexit.register(shutil.rmtree, _SESSION_DIR, ignore_errors=True)  # also when the run is interrupted
 
 
 def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(_SESSION_HF_HOME, ignore_errors=True)
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

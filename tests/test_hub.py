@@ -477,13 +477,13 @@ def test_merger_push_to_hub_sends_one_commit_with_card_and_weights(hub, tmp_path
 def test_merger_push_to_hub_without_a_folder_deletes_its_copy(hub, tmp_path, monkeypatch):
     from rain_hf import RainMerger, RainMergingConfig, testing
 
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
-    monkeypatch.setattr("tempfile.tempdir", str(scratch))
     paths = testing.build_triple(tmp_path / "triple", "qwen2")
     merger = RainMerger.from_pretrained(paths["base"], paths["reasoning"], paths["instruct"],
                                         RainMergingConfig(method="task_arithmetic", lam=0.5))
     merger.merge()
+    scratch = tmp_path / "tmp"  # from here on: the push's own temporary folder is the only one made
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
     merger.push_to_hub("me/tiny-ta", token=TOKEN)
     (commit,) = hub.commits
     assert any(name.endswith(".safetensors") for name in commit["files"])
