@@ -64,13 +64,34 @@ def head_coefficients(
     if normalize == "mean":
         mean = scores.mean()
         if not torch.isfinite(mean) or mean <= 0:
-            logger.warning("Stage-2 scores have a non-positive mean (%.3g); using α = 1 for every head.", float(mean))
-            scores = torch.ones_like(scores)
+            scores = torch.ones_like(scores)  # coefficient_warning says so
         else:
             scores = scores / mean
     elif normalize != "none":
         raise ValueError(f"normalize={normalize!r} is not 'mean' or 'none'")
     return scores.clamp(lo, hi).float()
+
+
+def coefficient_warning(
+    alignment: torch.Tensor, leakage: torch.Tensor, rho: float, normalize: str, alpha: torch.Tensor,
+    lo: float, hi: float,
+) -> str | None:
+    """Why the coefficients α [L, H] that :func:`head_coefficients` made from a, u [L, H] rank the heads poorly, or
+    None: the mean-normalised scores have a non-positive mean (every α set to 1: stage 2 changed nothing), or most
+    heads sit on a bound of the box (the mean is small against the spread of the scores, which happens when
+    leakage outweighs alignment on many heads).
+    """
+    hint = "a smaller rho, or coef_normalize='none' with a box that suits the raw scores"
+    if normalize == "mean":
+        mean = float(head_scores(alignment.double(), leakage.double(), rho).mean())
+        if not mean > 0:
+            return (f"stage 2: the head scores a − ρ·u have a non-positive mean ({mean:.3g}), so every head got α = 1 "
+                    f"and stage 2 changed nothing; try {hint}.")
+    at_bound = float(((alpha <= lo) | (alpha >= hi)).float().mean()) if alpha.numel() else 0.0
+    if at_bound > 0.5:
+        return (f"stage 2: {at_bound:.0%} of the heads' coefficients sit on a bound of [{lo:g}, {hi:g}], so they "
+                f"hardly rank the heads; try {hint}.")
+    return None
 
 
 def kv_coefficients(alpha: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

@@ -42,7 +42,7 @@ from .checkpoints import (
     read_json,
     resolve_model,
 )
-from .coefficients import head_coefficients, weight_scale
+from .coefficients import coefficient_warning, head_coefficients, weight_scale
 from .config import CONFIG_NAME, ConfigError, RainMergingConfig, parse_size
 from .features import (
     AttentionGeometry,
@@ -885,6 +885,10 @@ class RainMerger:
             instruction_samples = self._prepare("instruction", instruction_calibration)
             a, u = self._probe_attention(instruction_samples, cfg.probe_lam)
             alpha = head_coefficients(a, u, cfg.rho, cfg.coef_normalize, cfg.coef_min, cfg.coef_max)
+            problem = coefficient_warning(a, u, cfg.rho, cfg.coef_normalize, alpha, cfg.coef_min, cfg.coef_max)
+            if problem:
+                self.report.warnings.append(problem)
+                logger.warning(problem)
             self.report.alignment = a.tolist()
             self.report.leakage = u.tolist()
             self.report.head_coefficients = alpha.tolist()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rain_hf.coefficients import head_coefficients, kv_coefficients, weight_scale
+from rain_hf.coefficients import coefficient_warning, head_coefficients, kv_coefficients, weight_scale
 from rain_hf.projection import (
     feature_residual,
     feature_svd,
@@ -102,6 +102,25 @@ def test_coefficients_literal_and_normalised():
     assert float(boxed.min()) == pytest.approx(0.9)
     capped = head_coefficients(a, u, 0.5, "none", 0.0, 0.2)  # the literal form's upper clip
     assert torch.allclose(capped, scores.clamp(0.0, 0.2).float()) and float(capped.max()) == pytest.approx(0.2)
+
+
+
+def test_coefficient_warning_names_a_stage_2_that_cannot_rank_heads():
+    a = torch.tensor([[0.2, 0.4], [0.1, 0.3]])
+    u = torch.tensor([[0.1, 0.0], [0.2, 0.1]])
+    fine = head_coefficients(a, u, 0.5, "mean", 0.0, 2.0)
+    assert coefficient_warning(a, u, 0.5, "mean", fine, 0.0, 2.0) is None
+    # leakage outweighs alignment everywhere: the mean is negative and every α falls back to 1
+    leaky = torch.tensor([[0.9, 0.8], [0.7, 0.9]])
+    ones = head_coefficients(a, leaky, 0.5, "mean", 0.0, 2.0)
+    assert torch.equal(ones, torch.ones(2, 2))
+    assert "non-positive mean" in coefficient_warning(a, leaky, 0.5, "mean", ones, 0.0, 2.0)
+    # a mean near 0 against a wide spread: every α lands on a bound
+    a2, u2 = torch.tensor([[0.10, 0.10, 0.12, 0.08]]), torch.tensor([[0.19, 0.21, 0.22, 0.17]])
+    saturated = head_coefficients(a2, u2, 0.5, "mean", 0.0, 2.0)
+    assert set(saturated.flatten().tolist()) == {0.0, 2.0}
+    assert "100% of the heads' coefficients sit on a bound of [0, 2]" in coefficient_warning(
+        a2, u2, 0.5, "mean", saturated, 0.0, 2.0)
 
 
 def test_gqa_mapping_groups_consecutive_query_heads():
