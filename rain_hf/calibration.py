@@ -699,7 +699,7 @@ def locate_annotations(segment: str, groups: Iterable[Sequence[Any]]) -> tuple[l
     whole-word occurrence first); when not found there, from the start of the previous match (nested
     annotations, a prefix of the previous match included) and then from the start of the segment (annotations
     out of order). The search never leaves ``segment``. An item may also be a ``[start, end]`` pair of character
-    offsets into the segment.
+    offsets into the segment. Each item gives one span, trimmed of whitespace at both ends.
 
     Returns:
         (spans relative to the segment, descriptions of the items that were not found or not usable).
@@ -711,8 +711,10 @@ def locate_annotations(segment: str, groups: Iterable[Sequence[Any]]) -> tuple[l
         for item in group:
             if _is_offset_pair(item):
                 start, end = int(item[0]), int(item[1])
-                if 0 <= start < end <= len(segment):
-                    spans.append((start, end))
+                if 0 <= start < end <= len(segment) and segment[start:end].strip():
+                    spans.append(_without_edge_space(segment, (start, end)))
+                elif 0 <= start < end <= len(segment):
+                    missing.append(f"offsets {list(item)} cover only whitespace")
                 else:
                     missing.append(f"offsets {list(item)} outside the segment of {len(segment)} characters")
                 continue
@@ -723,9 +725,20 @@ def locate_annotations(segment: str, groups: Iterable[Sequence[Any]]) -> tuple[l
             if found is None:
                 missing.append(repr(item)[:60])
                 continue
-            spans.append(found)
+            spans.append(_without_edge_space(segment, found))
             prev_start, prev_end = found
     return spans, missing
+
+
+def _without_edge_space(segment: str, span: Span) -> Span:
+    """``span`` without whitespace at either end: byte-level BPE glues a space to the next word, so a span that
+    ends in one would also take the following word's token."""
+    start, end = span
+    while start < end and segment[start].isspace():
+        start += 1
+    while end > start and segment[end - 1].isspace():
+        end -= 1
+    return start, end
 
 
 def _is_offset_pair(item: Any) -> bool:
@@ -1178,7 +1191,8 @@ def prepare_instruction_calibration(
     ``unrelated_response_spans``; or plain ``instruction_spans`` / ``response_spans`` lists. Items are strings
     located inside their own segment, or ``[start, end]`` character offsets into its field as given (leading
     whitespace counted; for a ``response`` holding ``<think>…</think>answer``, counted from the field's start;
-    for a chat ``messages`` answer, from the text after ``</think>``).
+    for a chat ``messages`` answer, from the text after ``</think>``). Each item marks one occurrence (a string
+    repeated in the prompt is marked once; list it twice to mark both), without whitespace at its ends.
     Without annotations I = the prompt, R = the response, U = the thinking. Annotated unrelated spans are added
     to U and, when no R span is annotated, taken out of R (R = the response less U). A sample whose annotated R
     spans all fall past ``config.max_length`` keeps an empty R (with a warning) instead of the whole cut

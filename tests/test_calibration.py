@@ -181,6 +181,21 @@ def test_annotations_forward_search_and_offsets():
     spans, _ = locate_annotations("the ink, the links", [["links", "ink"], ["ink"]])
     assert spans == [(13, 18), (14, 17), (4, 7)]
     assert merge_spans([(5, 7), (1, 3), (2, 4), (7, 9), (10, 10)]) == [(1, 4), (5, 9)]
+    # whitespace at an annotation's ends is not part of it (a trailing space would take the next word's token)
+    spans, missing = locate_annotations("max has pears. the answer", [["max has pears. "], [[3, 8], [14, 15]]])
+    assert spans == [(0, 14), (4, 7)] and missing == ["offsets [14, 15] cover only whitespace"]
+
+
+def test_a_trailing_space_does_not_pull_the_next_word_into_an_annotation(tok):
+    record = {"prompt": "Write the answer in lowercase. Max has pears.", "reason": "ok.",
+              "response": "max has pears. the answer is three.",
+              "instruction_spans": ["Write the answer in lowercase. "], "response_spans": ["the answer is three."],
+              "unrelated_response_spans": ["max has pears. "]}
+    (s,) = prepare_instruction_calibration([record], tok, _cfg())
+    tokens = {kind: {t for a, b in spans for t in range(a, b)}
+              for kind, spans in (("I", s.instruction_spans), ("R", s.constrained_spans), ("U", s.unrelated_spans))}
+    assert not tokens["R"] & tokens["U"]
+    assert tok.decode([s.input_ids[t] for t in sorted(tokens["I"])]).strip() == "Write the answer in lowercase."
 
 
 def test_missing_annotation_is_logged_not_fatal(tok, caplog):
@@ -510,7 +525,7 @@ def test_public_calibration_sets(caplog):
         for spans, strings in groups:
             decoded = [_text(tok, sample, span) for span in spans]
             for string in strings:
-                assert any(string in d for d in decoded), (sample.index, string)
+                assert any(string.strip() in d for d in decoded), (sample.index, string)
         p0, p1 = sample.prompt_span
         assert all(p0 <= a < b <= p1 for a, b in sample.instruction_spans)
         assert all(sample.response_span[0] <= a for a, _ in sample.constrained_spans)
