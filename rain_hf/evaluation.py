@@ -764,9 +764,9 @@ def _top_left_singular_vectors(
 
     Directions with a singular value ≤ ``rtol``·s_max are left out (r < k for a matrix of rank below k, r = 0 for
     a zero matrix): the SVD returns arbitrary vectors for them. ``randomized`` uses a seeded range finder (own
-    generator: the global RNG is untouched) instead of a full SVD, with power iterations until the top-k subspace
-    moves less than ``tol`` (1 − ‖U_prevᵀU‖_F²/k), at most ``max_iter``: a fixed small count is far off on flat
-    spectra.
+    generator: the global RNG is untouched) instead of a full SVD, with power iterations until the kept top-r
+    subspace moves less than ``tol`` (1 − ‖U_prevᵀU‖_F²/r), at most ``max_iter``: a fixed small count is far off on
+    flat spectra.
     """
     a = matrix.float()
     k = min(k, *a.shape)
@@ -777,11 +777,16 @@ def _top_left_singular_vectors(
         gen = torch.Generator(device=a.device).manual_seed(0)
         basis = torch.linalg.qr(a @ torch.randn(a.shape[1], q, generator=gen, device=a.device)).Q
         previous = None
-        for _ in range(max_iter + 1):
+        for step in range(max_iter + 1):
             u_small, s, _ = torch.linalg.svd(basis.T @ a, full_matrices=False)
             u = basis @ u_small
-            top = u[:, :k]
-            if previous is not None and 1 - float((previous.T @ top).pow(2).sum()) / k < tol:
+            # only the directions that are kept count: below a rank of k the others are noise that never settles
+            rank = int((s[:k] > rtol * s[0]).sum()) if s.numel() and float(s[0]) > 0 else 0
+            top = u[:, :rank]
+            if rank == 0 or step == max_iter or (
+                previous is not None and previous.shape[1] == rank
+                and 1 - float((previous.T @ top).pow(2).sum()) / rank < tol
+            ):
                 break
             previous = top
             basis = torch.linalg.qr(a @ (a.T @ basis)).Q
@@ -911,6 +916,7 @@ def render_prompts(
         >>> render_prompts(tok, ["What is 2+3?"], force_think_open="<think>")[0].endswith("<think>")  # doctest: +SKIP
         True
     """
+    prompts = prompts if isinstance(prompts, str) else list(prompts)  # arrays, Series and generators too
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], Mapping)):
         raise TypeError("render_prompts takes a list of prompts: wrap one prompt, or one conversation (a list of "
                         "{'role', 'content'} dicts), in a list.")
@@ -998,7 +1004,7 @@ def generate(
         batch_size: prompts per ``generate`` call.
         force_think_open: append this tag (e.g. ``"<think>"``) to each rendered prompt.
         seed: torch seed of sampled decoding, set once for the whole run (the caller's RNG state is restored
-            afterwards): sampled texts do not depend on the prompts' order within a batch but do on ``batch_size``.
+            afterwards): a sampled text also depends on ``batch_size`` and on the order of the prompts.
         desc: progress-bar label.
 
     Returns:
@@ -1061,8 +1067,8 @@ def generate(
 
 def normalize_prompt(text: str) -> str:
     """Normalise a prompt for overlap checks: NFKC, case folded (so "straße" and "STRASSE" agree), punctuation and
-    symbols turned into spaces (so "cats.Do" and "cats. Do" agree), invisible format characters (zero-width
-    spaces …) dropped, whitespace collapsed.
+    symbols other than mathematical ones turned into spaces (so "cats.Do" and "cats. Do" agree, while "2+3" and
+    "2×3" stay apart), invisible format characters (zero-width spaces …) dropped, whitespace collapsed.
 
     Example:
         >>> normalize_prompt("  Write a POEM,   please!\\n")
@@ -1073,7 +1079,7 @@ def normalize_prompt(text: str) -> str:
     for ch in text:
         category = unicodedata.category(ch)
         if category != "Cf":
-            kept.append(" " if category[0] in "PS" else ch)
+            kept.append(" " if category[0] == "P" or category in ("Sc", "Sk", "So") else ch)
     return " ".join("".join(kept).split())
 
 

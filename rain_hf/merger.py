@@ -95,10 +95,12 @@ class FullDelta:
         self.instruct = instruct
         self.base = base
 
-    def delta(self, key: str) -> torch.Tensor | None:
+    def delta(self, key: str, base: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Δ of ``key``; ``base`` is θ_B's tensor when the caller has read it already (it is not read again)."""
         if key not in self.instruct or key not in self.base:
             return None
-        instruct, base = self.instruct.get(key), self.base.get(key)
+        instruct = self.instruct.get(key)
+        base = self.base.get(key) if base is None else base
         dtype = work_dtype(torch.promote_types(instruct.dtype, base.dtype))
         return instruct.to(dtype) - base.to(dtype)
 
@@ -625,7 +627,8 @@ class RainMerger:
 
     # ------------------------------------------------------------------ the stream
     def _module_delta(self, target: TargetModule) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """ΔW [out, in] and, with project_bias, Δb [out] (fp32, on the compute device)."""
+        """ΔW [out, in] and, with project_bias, Δb [out] (fp32, or float64 for float64 checkpoints; on the compute
+        device)."""
         dw = self.instruct.delta(target.weight_key)
         dw = torch.zeros(target.shape) if dw is None else dw
         db = None
@@ -663,7 +666,7 @@ class RainMerger:
                     c = column_scale.to(prec)
                     row["residual_after_stage2"] = feature_residual(work * c, out * c, v, s)
                 self.report.modules[target.name] = row
-            full = out.float()
+            full = out.to(full.dtype)  # fp32, or float64 for float64 checkpoints
         if db is None:
             return full, None
         return full[:, :-1], full[:, -1]
@@ -686,7 +689,8 @@ class RainMerger:
 
     def _apply_rain(self, lam: float, alpha: torch.Tensor | None, record: bool, desc: str,
                     one_shot: bool = False) -> None:
-        """θ = θ_R + lam·α⊙Δ⊥ for every target, written into the loaded model (fp32 sum, one rounding).
+        """θ = θ_R + lam·α⊙Δ⊥ for every target, written into the loaded model (summed in fp32, or float64 for
+        float64 checkpoints: one rounding).
 
         ``one_shot`` projects on the reasoning model's features even with ``config.sequential``.
         """
@@ -745,11 +749,8 @@ class RainMerger:
                 reasoning = self.reasoning.get(key)
                 reasoning = reasoning.to(self.device, work_dtype(reasoning.dtype))
                 base = self.base.get(key) if with_base else None
-                if base is not None and isinstance(self.instruct, FullDelta) and key in self.instruct.instruct:
-                    # θ_B is needed twice (in Δ_I and by the method): read it once
-                    instruct = self.instruct.instruct.get(key)
-                    dtype = work_dtype(torch.promote_types(instruct.dtype, base.dtype))
-                    delta = instruct.to(dtype) - base.to(dtype)
+                if base is not None and isinstance(self.instruct, FullDelta):
+                    delta = self.instruct.delta(key, base)  # θ_B is needed twice: read once
                 else:
                     delta = self.instruct.delta(key)
                 if base is not None:

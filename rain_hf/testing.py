@@ -78,23 +78,23 @@ def build_triple(root: Path, arch: str = "qwen2", noise: float = 0.02, seed: int
     """
     tokenizer = tokenizer or build_tokenizer()
     cfg = model_config(arch, max(len(tokenizer), overrides.pop("vocab_size", 0)), **overrides)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):  # from_config initialises with the global generator
         torch.manual_seed(seed)
         base = AutoModelForCausalLM.from_config(cfg)
-    state = {k: v.clone() for k, v in base.state_dict().items()}
-    paths = {"base": save_model(base, tokenizer, root / "base", dtype)}
-    del base
-    for i, role in enumerate(("reasoning", "instruct")):
-        model = AutoModelForCausalLM.from_config(cfg)
-        model.load_state_dict(state)
-        g = torch.Generator().manual_seed(seed + 100 + i)
-        with torch.no_grad():
-            for p in model.parameters():
-                # biases start at 0 and norms at 1 (std 0): they get absolute noise, so they change too
-                scale = float(p.std()) if p.numel() > 1 else 0.0
-                p.add_(noise * torch.randn(p.shape, generator=g) * (scale if scale > 0 else 1.0))
-        paths[role] = save_model(model, tokenizer, root / role, dtype)
-        del model
+        state = {k: v.clone() for k, v in base.state_dict().items()}
+        paths = {"base": save_model(base, tokenizer, root / "base", dtype)}
+        del base
+        for i, role in enumerate(("reasoning", "instruct")):
+            model = AutoModelForCausalLM.from_config(cfg)
+            model.load_state_dict(state)
+            g = torch.Generator().manual_seed(seed + 100 + i)
+            with torch.no_grad():
+                for p in model.parameters():
+                    # biases start at 0 and norms at 1 (std 0): they get absolute noise, so they change too
+                    scale = float(p.std()) if p.numel() > 1 else 0.0
+                    p.add_(noise * torch.randn(p.shape, generator=g) * (scale if scale > 0 else 1.0))
+            paths[role] = save_model(model, tokenizer, root / role, dtype)
+            del model
     return paths
 
 

@@ -634,6 +634,16 @@ def test_task_vector_geometry_lazy_sources_and_randomized_svd():
     assert approx == pytest.approx(exact, abs=0.005)
 
 
+def test_randomized_svd_stops_once_the_kept_directions_settle(monkeypatch):
+    calls = []
+    svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: calls.append(1) or svd(*a, **k))
+    gen = torch.Generator().manual_seed(3)
+    rank2 = torch.randn(200, 2, generator=gen) @ torch.randn(2, 150, generator=gen)  # a LoRA-like delta, k > rank
+    u = ev._top_left_singular_vectors(rank2, 8, randomized=True)
+    assert u.shape == (200, 2) and len(calls) <= 3  # not max_iter rounds on the six noise directions
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Generation
 # ----------------------------------------------------------------------------------------------------------------
@@ -646,6 +656,7 @@ def test_render_prompts(tokenizer):
     for unwrapped in ("hello", [{"role": "user", "content": "hello"}]):
         with pytest.raises(TypeError, match="wrap one prompt, or one conversation"):
             ev.render_prompts(tokenizer, unwrapped)
+    assert ev.render_prompts(tokenizer, (p for p in ["hello"])) == plain  # any iterable of prompts
     assert plain == ["<|im_start|>user hello<|im_end|> <|im_start|>assistant "]
     forced = ev.render_prompts(
         tokenizer, [[{"role": "user", "content": "hello"}]], force_think_open=THINK_OPEN
@@ -733,7 +744,8 @@ def test_calibration_overlap():
     empty = ev.calibration_overlap(calibration, [])
     assert empty.normalized_fraction == 0.0 and empty.normalized_indices == []
     # symbols, zero-width characters and case folding do not hide a twin
-    assert ev.normalize_prompt("use <b>bold</b> + $5") == "use b bold b 5"
+    assert ev.normalize_prompt("use ©2024 ★ $5") == "use 2024 5"
+    assert len({ev.normalize_prompt(f"What is 2{op}3?") for op in "+×<="}) == 4  # math symbols tell prompts apart
     assert ev.normalize_prompt("hello\u200bworld") == "helloworld" == ev.normalize_prompt("HELLOWORLD")
     assert ev.normalize_prompt("Straße") == ev.normalize_prompt("STRASSE")
     with pytest.raises(TypeError, match=r"eval_prompts\[0\] is a list, not a string"):

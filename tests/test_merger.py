@@ -1265,3 +1265,15 @@ def test_float64_checkpoints_are_merged_in_float64(tmp_path, tokenizer, method):
         merger.merge()
         out = _weights(merger.save_pretrained(tmp_path / "merged"))
         assert torch.allclose(out[key], r[key] + 0.7 * (i[key] - b[key]), rtol=0, atol=1e-14)
+
+
+def test_build_triple_leaves_the_callers_random_state_alone(tmp_path, tokenizer):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = build_triple(tmp_path / "a", "qwen2", tokenizer=tokenizer)
+    assert torch.equal(torch.rand(3), expected)
+    second = build_triple(tmp_path / "b", "qwen2", tokenizer=tokenizer)
+    for role in ("base", "reasoning", "instruct"):  # the weights depend on the seed alone
+        one, two = _weights(first[role]), _weights(second[role])
+        assert all(torch.equal(one[k], two[k]) for k in one), role

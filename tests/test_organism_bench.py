@@ -171,7 +171,7 @@ def test_row_notes_are_listed_once_per_row_name():
     assert row_notes(rows) == ["- ties: density 0.5"]
 
 
-def test_disjointness_stops_on_a_held_out_word_problem_under_another_instruction(tmp_path):
+def test_disjointness_stops_on_a_held_out_word_problem_under_another_instruction():
     from benchmarks.organism.bench import HERE, Organism, check_disjoint, read_records
 
     org = Organism(HERE)
@@ -195,10 +195,20 @@ def test_cli_refuses_runs_that_would_mislabel_or_replace_results(tmp_path, capsy
 def test_grid_edge_picks_are_marked_and_bad_shared_calibration_is_a_note(tmp_path, monkeypatch):
     from benchmarks.organism import bench as BE
 
-    search = [{"lam": 4.0, "l_think": 0.004}, {"lam": 5.0, "l_think": 0.008}]
-    assert "grid's largest value" in BE._edge_text({"lam": 5.0, "search": search})
-    assert BE._edge_text({"lam": 4.0, "search": search}) == ""
+    search = [{"lam": 4.0, "l_think": 0.004, "think_open": 1.0}, {"lam": 5.0, "l_think": 0.008, "think_open": 1.0}]
+    record = {"lam": 5.0, "search": search, "max_kl": 0.01, "min_think_open": 0.98}
+    assert "grid's largest value, which passed" in BE._edge_text(record)
+    assert BE._edge_text(dict(record, lam=4.0)) == ""  # the data stopped it
+    assert BE._edge_text(dict(record, max_kl=0.005)) == ""  # λ 5 failed (a fallback, not an edge pick)
+    assert BE._edge_text(dict(record, min_think_open=1.01)) == ""
+
+    class Tokenizer:
+        def encode(self, text, add_special_tokens=False):
+            return text.split()
+
     monkeypatch.setattr(BE, "SHARED_CALIBRATION", tmp_path)
-    for content in ("[]", '{"prompt": "not a list"}'):
+    for content in ("[]", '{"prompt": "not a list"}', "[1, 2]", "not json"):
         (tmp_path / "reasoning_calibration_set.json").write_text(content)
-        assert "unreadable as a list of records" in BE.shared_calibration_note(None, 512)
+        assert "is not a non-empty JSON list of records" in BE.shared_calibration_note(Tokenizer(), 512), content
+    (tmp_path / "reasoning_calibration_set.json").write_text('[{"prompt": "a b", "response": "c"}]')
+    assert "1 real R1 reasoning traces" in BE.shared_calibration_note(Tokenizer(), 512)

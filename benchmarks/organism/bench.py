@@ -255,11 +255,13 @@ def shared_calibration_note(tokenizer: Any, max_positions: int) -> str:
         return "../shared/calibration: not present; not used."
     try:
         records = read_records(path)
-        lengths = [len(tokenizer.encode(f"{r.get('prompt', '')}{r.get('reasoning', '')}{r.get('response', '')}",
-                                        add_special_tokens=False)) for r in records]
-        statistics.median(lengths)
-    except (OSError, ValueError, AttributeError, TypeError, statistics.StatisticsError) as exc:
-        return f"../shared/calibration: {path.name} is unreadable as a list of records ({exc!r}); not used."
+    except (OSError, ValueError) as exc:
+        records = exc
+    if not (isinstance(records, list) and records and all(isinstance(r, dict) for r in records)):
+        return (f"../shared/calibration: {path.name} is not a non-empty JSON list of records "
+                f"({records!r:.80}); not used.")
+    lengths = [len(tokenizer.encode(f"{r.get('prompt', '')}{r.get('reasoning', '')}{r.get('response', '')}",
+                                    add_special_tokens=False)) for r in records]
     fit = sum(n <= max_positions for n in lengths) / max(1, len(lengths))
     return (f"../shared/calibration: NOT used. {len(records)} real R1 reasoning traces; under the organism's "
             f"512-token byte-level BPE their median length is {statistics.median(lengths):.0f} tokens and "
@@ -936,12 +938,17 @@ def summary_lines(rows: Sequence[Row], info: dict[str, Any]) -> list[str]:
     return out
 
 
-def _edge_text(auto: dict[str, Any]) -> str:
-    """A remark when a lam='auto' pick is the largest λ it tried: the grid, not the data, stopped it."""
-    tried = [s["lam"] for s in auto.get("search") or []]
-    if tried and auto["lam"] == max(tried):
-        return " (the grid's largest value: every λ it tried passed, so a larger λ might pass too)"
-    return ""
+def _edge_text(record: dict[str, Any]) -> str:
+    """A remark when a lam='auto' pick is the largest λ of its grid and passed there: the grid, not the data,
+    stopped it (a pick that passed nothing is the grid's smallest λ, and says so in the warnings)."""
+    search = record.get("search") or []
+    top = max(search, key=lambda s: s["lam"], default=None)
+    if top is None or record["lam"] != top["lam"] or top["l_think"] > record["max_kl"]:
+        return ""
+    guard = record.get("min_think_open")
+    if guard is not None and top.get("think_open") is not None and top["think_open"] < guard:
+        return ""
+    return " (the grid's largest value, which passed: a larger λ might pass too)"
 
 
 def _guard(auto: dict[str, Any]) -> str:
