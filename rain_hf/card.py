@@ -418,7 +418,8 @@ def _reproduction_yaml(method: str, config: dict[str, Any], info: dict[str, Any]
             text += (f"\n# {name} calibration: {entry['source']}, not a file; save it as JSONL and add it under "
                      "calibration:")
     if config.get("lam") == "auto" and info.get("lam") is not None:
-        text += f"\n# lam='auto' chose λ = {info['lam']}"
+        text += (f"\n# lam='auto' chose λ = {info['lam']}, projecting with the reasoning samples it did not hold out; "
+                 f"lam: {info['lam']} with the same file projects with all of them, so its weights differ")
     if config.get("sequential") is None and projection:
         text += f"\n# sequential was unset (null) and stage 1 ran {projection}: written here so that a rerun does too"
     return text

@@ -272,6 +272,12 @@ class ThinkFeatures:
             if key in self.settings and self.settings[key] != getattr(config, key):
                 raise ValueError(f"These thinking features were computed with {key}={self.settings[key]!r} but the "
                                  f"config asks for {getattr(config, key)!r}: recompute them or change the config.")
+        # lam="auto" measures L_think on the samples these features left out: the config must name the same draw
+        for recorded, key in (("holdout_share", "lam_auto_holdout"), ("holdout_seed", "seed")):
+            if config.lam == "auto" and recorded in self.settings and self.settings[recorded] != getattr(config, key):
+                raise ValueError(f"These thinking features held out the lam='auto' samples drawn with {key}="
+                                 f"{self.settings[recorded]!r}, but the config asks for {getattr(config, key)!r}: "
+                                 f"recompute them, or set {key} back so that the saved settings describe this merge.")
         missing = [m for m in module_names if m not in self.module_group]
         if missing:
             raise ValueError(f"The thinking features lack {len(missing)} merged modules (e.g. {missing[0]}): "

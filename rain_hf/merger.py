@@ -620,6 +620,8 @@ class RainMerger:
         self.features.settings.update(think_open=cfg.think_open, think_close=cfg.think_close,
                                       think_spacing=cfg.think_spacing, max_length=cfg.max_length,
                                       reasoning_fingerprint=self._reasoning_fingerprint())
+        if heldout:
+            self.features.settings.update(holdout_share=cfg.lam_auto_holdout, holdout_seed=cfg.seed)
         self._stage1_samples = samples
         self.features.heldout = self._think_rows(heldout)
         self.report.timings["stage1_features"] = time.perf_counter() - start
@@ -918,11 +920,14 @@ class RainMerger:
     def _hold_out(self, samples: list[CalibrationSample]) -> tuple[list[CalibrationSample], list[CalibrationSample]]:
         """(stage-1 samples, held-out samples): a seeded draw of ``lam_auto_holdout`` of the samples is kept out of
         stage 1 to measure L_think (:func:`~rain_hf.calibration.holdout_split`)."""
-        kept, held = holdout_split(samples, self.config.lam_auto_holdout, self.config.seed)
+        share = self.config.lam_auto_holdout
+        kept, held = holdout_split(samples, share, self.config.seed)
         if not kept:
+            # the draw holds out max(1, round(n·share)) samples: the smallest n that leaves one for stage 1
+            need = next(n for n in range(2, 10**6) if n - max(1, round(n * share)) >= 1)
             raise ConfigError(f"lam='auto' holds out {len(held)} of the {len(samples)} reasoning calibration samples "
-                              f"(lam_auto_holdout={self.config.lam_auto_holdout}), which leaves none for stage 1: "
-                              "pass more samples (at least 2), lower lam_auto_holdout, or set lam to a number.")
+                              f"(lam_auto_holdout={share}), which leaves none for stage 1: pass at least {need} "
+                              "samples, lower lam_auto_holdout, or set lam to a number.")
         return kept, held
 
     def _think_rows(self, samples: list[CalibrationSample]) -> list[tuple[list[int], list[int]]]:
@@ -993,13 +998,13 @@ class RainMerger:
             logger.warning(self.report.warnings[-1])
         search, chosen = [], None
         try:
-            for lam in sorted(cfg.lam_grid):
+            for lam in sorted(set(cfg.lam_grid)):
                 self._apply_rain(float(lam), alpha, record=False, desc=f"lam=auto: λ={lam}")
                 kl = float(kl_rows(log_probs(), reference).mean())
                 share = think_open_share(reference_choices, first_choices(), open_id)
                 search.append({"lam": float(lam), "l_think": kl, "think_open": share})
                 logger.info("lam=auto: λ=%s L_think=%.4g think-open share=%s", lam, kl, share)
-                if kl <= cfg.lam_auto_max_kl and (share is None or share >= cfg.lam_auto_min_think_open):
+                if self._passes(search[-1]):
                     chosen = float(lam)
         finally:
             self.reset()
@@ -1014,9 +1019,27 @@ class RainMerger:
                 f" with a think-open share ≥ {cfg.lam_auto_min_think_open}"
             self.report.warnings.append(f"lam='auto': no λ of the grid keeps L_think ≤ {cfg.lam_auto_max_kl}"
                                         f"{guard}; using the smallest, {chosen}")
+            logger.warning(self.report.warnings[-1])
+        else:
+            failed_below = [row["lam"] for row in search if row["lam"] < chosen and not self._passes(row)]
+            if failed_below:
+                self.report.warnings.append(
+                    f"lam='auto': λ {chosen} passed but the smaller {', '.join(f'{v:g}' for v in failed_below)} did "
+                    "not: the budget is not monotone in λ on these samples (a noisy L_think or think-open share); "
+                    "more held-out samples or a finer lam_grid would make the pick steadier.")
+                logger.warning(self.report.warnings[-1])
+        if chosen == 0:
+            self.report.warnings.append("lam='auto' picked λ 0: the merged model is the reasoning model.")
+            logger.warning(self.report.warnings[-1])
         self.report.lam_search = search
         self.report.timings["lam_auto"] = time.perf_counter() - start
         return chosen
+
+    def _passes(self, row: dict[str, Any]) -> bool:
+        """Whether one ``lam_search`` row keeps L_think and the think-open share within the config's budget."""
+        cfg = self.config
+        share = row["think_open"]
+        return row["l_think"] <= cfg.lam_auto_max_kl and (share is None or share >= cfg.lam_auto_min_think_open)
 
     # ------------------------------------------------------------------ saving
     def sidecar(self) -> dict[str, Any]:

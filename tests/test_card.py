@@ -125,6 +125,12 @@ def test_body_has_method_config_calibration_and_usage(tmp_path):
     assert parameters["sequential"] is False and parameters["sequential_offload"] is False
     RainMergingConfig.from_dict(parameters)  # the block loads
     assert "was off for this merge" not in text
+    picked = copy.deepcopy(info)
+    picked["config"]["lam"] = "auto"
+    text = build_model_card(picked).text
+    assert _yaml_block(text)["parameters"]["lam"] == "auto"  # a rerun repeats the search and its hold-out
+    assert ("lam='auto' chose λ = 1.25, projecting with the reasoning samples it did not hold out; lam: 1.25 with the "
+            "same file projects with all of them") in text
     for stage, said in (("stage1", "Stage 1 was off for this merge: Δ⊥ = Δ, nothing was projected."),
                         ("stage2", "Stage 2 was off for this merge: every α = 1.")):
         ablation = copy.deepcopy(info)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -1223,11 +1224,12 @@ def test_lam_auto_holds_out_a_seeded_draw_of_the_samples(qwen2):
     paper = holdout_indices(150, 0.25)
     assert len(paper) == 38 and {i // 50 for i in paper} == {0, 1, 2}
     assert {i % 2 for i in holdout_indices(64, 0.25)} == {0, 1}
-    with pytest.raises(ConfigError, match="holds out 1 of the 1 .*at least 2"):
+    with pytest.raises(ConfigError, match="holds out 1 of the 1 .*pass at least 2 samples"):
         merger._hold_out([0])
     merger.config.lam_auto_holdout = 0.9
-    with pytest.raises(ConfigError, match=r"holds out 2 of the 2 .*lam_auto_holdout=0.9.*lower lam_auto_holdout"):
-        merger._hold_out([0, 1])
+    with pytest.raises(ConfigError, match=r"holds out 3 of the 3 .*lam_auto_holdout=0.9.*at least 5 samples, lower "):
+        merger._hold_out([0, 1, 2])
+    assert len(merger._hold_out(list(range(5)))[0]) == 1  # five is enough
 
 
 def test_plan_warns_about_merged_modules_the_adapter_leaves_alone(qwen2, tmp_path, caplog):
@@ -1277,3 +1279,48 @@ def test_build_triple_leaves_the_callers_random_state_alone(tmp_path, tokenizer)
     for role in ("base", "reasoning", "instruct"):  # the weights depend on the seed alone
         one, two = _weights(first[role]), _weights(second[role])
         assert all(torch.equal(one[k], two[k]) for k in one), role
+
+
+def test_lam_auto_refuses_features_held_out_with_another_seed_or_share(qwen2, tmp_path):
+    merger = _merger(qwen2, lam="auto", lam_grid=[1.0], stage2=False)
+    merger.compute_features(reasoning_records(8))
+    merger.features.save(tmp_path / "features.safetensors")
+    merger.config.seed = 5  # the sidecar would record seed 5 for a split drawn with seed 0
+    with pytest.raises(ValueError, match="held out the lam='auto' samples drawn with seed=0, but the config asks for 5"):
+        merger.merge()
+    for change in ({"seed": 5}, {"lam_auto_holdout": 0.5}):
+        reuse = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
+                                           RainMergingConfig(lam="auto", lam_grid=[1.0], stage2=False, **change),
+                                           features=tmp_path / "features.safetensors")
+        with pytest.raises(ValueError, match=f"drawn with {next(iter(change))}="):
+            reuse.merge()
+    same = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
+                                      RainMergingConfig(lam="auto", lam_grid=[1.0], stage2=False),
+                                      features=tmp_path / "features.safetensors")
+    same.merge()
+    numeric = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
+                                         RainMergingConfig(lam=1.0, stage2=False, seed=5),
+                                         features=tmp_path / "features.safetensors")
+    numeric.merge()  # a numeric λ measures nothing on the held-out samples: any seed
+
+
+def test_lam_auto_search_edge_cases(qwen2, monkeypatch, caplog):
+    import rain_hf.evaluation as evaluation
+
+    # λ 0 merges nothing, so its L_think is 0: picked when every other λ fails, with a warning; duplicates once
+    zero = _merger(qwen2, lam="auto", lam_grid=[4.0, 0.0, 4.0, 16.0], stage2=False, lam_auto_max_kl=1e-12)
+    zero.merge(reasoning_records(8))
+    assert [row["lam"] for row in zero.report.lam_search] == [0.0, 4.0, 16.0]
+    assert zero.report.lam == 0.0 and any("picked λ 0: the merged model is the reasoning model" in w
+                                          for w in zero.report.warnings)
+    with caplog.at_level(logging.WARNING, logger="rain_hf.merger"):
+        none = _merger(qwen2, lam="auto", lam_grid=[4.0, 16.0], stage2=False, lam_auto_max_kl=1e-12)
+        none.merge(reasoning_records(8))
+    assert none.report.lam == 4.0 and "no λ of the grid keeps L_think" in caplog.text  # logged, not only recorded
+    # a pass above a failure: picked (the largest that passes), with a warning that the budget is not monotone
+    values = iter([0.0, 1.0, 0.0])
+    monkeypatch.setattr(evaluation, "kl_rows", lambda *a: torch.tensor([next(values)]))
+    bumpy = _merger(qwen2, lam="auto", lam_grid=[1.0, 2.0, 3.0], stage2=False, lam_auto_max_kl=0.5)
+    bumpy.merge(reasoning_records(8))
+    assert bumpy.report.lam == 3.0
+    assert any("λ 3.0 passed but the smaller 2 did not" in w for w in bumpy.report.warnings)
