@@ -16,8 +16,9 @@ A custom template receives the same variables as the default one: ``card_data`` 
 ``revision``, ``hub_id``), ``reasoning_name`` / ``instruct_name`` / ``base_name`` (markdown links or paths),
 ``has_calibration``, ``calibration``, ``heatmap_file``, ``coef_stats``, ``removed``, ``timings``, ``projection``
 (stage 1 as it ran: ``"sequential"``, ``"one-shot"`` or ``None``), ``versions``, ``think_open``, ``think_close``,
-``think_tokens_special`` (whether decoding with ``skip_special_tokens=True`` would drop them), ``paper_url`` and
-``citation``.
+``think_tokens_special`` (whether decoding with ``skip_special_tokens=True`` would drop them),
+``template_opens_think`` (whether the chat template's generation prompt ends with ``think_open``), ``paper_url``
+and ``citation``.
 
 Example:
     >>> from rain_hf.card import build_model_card
@@ -203,6 +204,7 @@ def build_model_card(
         "think_open": config.get("think_open", "<think>"),
         "think_close": config.get("think_close", "</think>"),
         "think_tokens_special": bool(info.get("think_tokens_special")),
+        "template_opens_think": bool(info.get("template_opens_think")),
         "paper_url": PAPER_URL,
         "citation": CITATION,
     }

@@ -1068,6 +1068,8 @@ class RainMerger:
             # decode(skip_special_tokens=True) drops special tokens: the card's snippet must not hide the thinking
             "think_tokens_special": any(getattr(self.tokenizer.added_tokens_decoder.get(i), "special", False)
                                         for i in self.plan.think_token_ids),
+            # the generation prompt ends with think_open (R1-Distill): generations start inside the block
+            "template_opens_think": template_opens_think(self.tokenizer, self.config),
             "config": self.config.to_dict(),
             "inputs": inputs,
             "calibration": self._calibration_summary(),

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -1178,6 +1179,21 @@ def test_card_snippet_keeps_special_think_tokens_visible(qwen2, tmp_path):
     merger = RainMerger.from_pretrained(organism / "base", organism / "reasoning", organism / "instruct",
                                         RainMergingConfig(method="task_arithmetic", lam=0.5))
     assert merger.sidecar()["think_tokens_special"] is False  # tokens that are not special: the usual snippet
+    assert "starts inside the thinking" not in card and merger.sidecar()["template_opens_think"] is False
+
+
+def test_card_snippet_says_when_the_template_opens_the_think_block(qwen2, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(qwen2["reasoning"])
+    tokenizer.chat_template = tokenizer.chat_template + "{% if add_generation_prompt %}<think>{% endif %}"
+    folder = tmp_path / "reasoning"
+    shutil.copytree(qwen2["reasoning"], folder)
+    tokenizer.save_pretrained(folder)
+    merger = RainMerger.from_pretrained(qwen2["base"], folder, qwen2["instruct"],
+                                        RainMergingConfig(method="task_arithmetic", lam=0.5))
+    merger.merge()
+    out = merger.save_pretrained(tmp_path / "out")
+    assert json.loads((out / "rain_merging_config.json").read_text())["template_opens_think"] is True
+    assert "the completion starts inside the thinking, then </think>" in (out / "README.md").read_text()
 
 
 def test_bad_card_template_fails_before_the_weights_are_written(qwen2, tmp_path, monkeypatch):
