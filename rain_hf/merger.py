@@ -1035,6 +1035,14 @@ class RainMerger:
         self.report.timings["lam_auto"] = time.perf_counter() - start
         return chosen
 
+    def _template_opens_think(self) -> bool | None:
+        """:func:`template_opens_think` for the card, or None where the tokenizer has no usable chat template (a
+        baseline merge does not need one)."""
+        try:
+            return template_opens_think(self.tokenizer, self.config)
+        except ValueError:  # CalibrationError, or a template transformers cannot render
+            return None
+
     def _passes(self, row: dict[str, Any]) -> bool:
         """Whether one ``lam_search`` row keeps L_think and the think-open share within the config's budget."""
         cfg = self.config
@@ -1069,7 +1077,7 @@ class RainMerger:
             "think_tokens_special": any(getattr(self.tokenizer.added_tokens_decoder.get(i), "special", False)
                                         for i in self.plan.think_token_ids),
             # the generation prompt ends with think_open (R1-Distill): generations start inside the block
-            "template_opens_think": template_opens_think(self.tokenizer, self.config),
+            "template_opens_think": self._template_opens_think(),
             "config": self.config.to_dict(),
             "inputs": inputs,
             "calibration": self._calibration_summary(),

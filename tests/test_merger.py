@@ -1194,6 +1194,14 @@ def test_card_snippet_says_when_the_template_opens_the_think_block(qwen2, tmp_pa
     out = merger.save_pretrained(tmp_path / "out")
     assert json.loads((out / "rain_merging_config.json").read_text())["template_opens_think"] is True
     assert "the completion starts inside the thinking, then </think>" in (out / "README.md").read_text()
+    tokenizer.chat_template = None  # a baseline merge needs no chat template: the card just says nothing of it
+    tokenizer.save_pretrained(folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    merger = RainMerger.from_pretrained(qwen2["base"], folder, qwen2["instruct"],
+                                        RainMergingConfig(method="task_arithmetic", lam=0.5))
+    merger.merge()
+    out = merger.save_pretrained(tmp_path / "plain")
+    assert json.loads((out / "rain_merging_config.json").read_text())["template_opens_think"] is None
 
 
 def test_bad_card_template_fails_before_the_weights_are_written(qwen2, tmp_path, monkeypatch):
