@@ -5,11 +5,7 @@ Pure functions on tensors; the forward passes that produce attention maps live i
 
 from __future__ import annotations
 
-import logging
-
 import torch
-
-logger = logging.getLogger(__name__)
 
 
 def attention_mass(attn: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:

@@ -1122,13 +1122,17 @@ def calibration_overlap(calibration_prompts: Sequence[str], eval_prompts: Sequen
         >>> report.exact_indices, report.normalized_indices, report.normalized_pairs
         ([1], [0, 1], [(0, 0), (1, 1)])
     """
+    checked = []
     for name, prompts in (("calibration_prompts", calibration_prompts), ("eval_prompts", eval_prompts)):
         if isinstance(prompts, str):
             raise TypeError(f"calibration_overlap: {name} is one string; pass a list of prompts.")
+        prompts = list(prompts)  # generators are read twice below
+        checked.append(prompts)
         bad = next((i for i, p in enumerate(prompts) if not isinstance(p, str)), None)
         if bad is not None:
             raise TypeError(f"calibration_overlap: {name}[{bad}] is a {type(prompts[bad]).__name__}, not a string; "
                             "pass the prompt texts (for chat records, the user message's content).")
+    calibration_prompts, eval_prompts = checked
     exact = set(calibration_prompts)
     first_by_norm: dict[str, int] = {}
     for j, prompt in enumerate(calibration_prompts):

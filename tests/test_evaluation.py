@@ -752,6 +752,7 @@ def test_calibration_overlap():
         ev.calibration_overlap(calibration, [[{"role": "user", "content": "Add 2 and 3"}]])
     with pytest.raises(TypeError, match="calibration_prompts is one string"):
         ev.calibration_overlap("Add 2 and 3", evaluation)
+    assert ev.calibration_overlap(iter(calibration), iter(evaluation)).normalized_pairs == report.normalized_pairs
 
 
 # ----------------------------------------------------------------------------------------------------------------
