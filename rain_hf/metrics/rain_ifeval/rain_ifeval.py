@@ -48,6 +48,8 @@ Returns:
     prompt_strict, instruction_strict, prompt_loose, instruction_loose (float): IFEval accuracies.
     think_format_rate (float): fraction of predictions with exactly one think block, then a non-empty answer.
 Examples:
+    >>> import evaluate
+    >>> from rain_hf.evaluation import METRIC_PATH
     >>> metric = evaluate.load(METRIC_PATH)
     >>> metric.compute(predictions=["<think>ok</think>hello world"], prompts=["Answer in lowercase."],
     ...                instruction_id_list=[["change_case:english_lowercase"]], kwargs=[[{}]])["prompt_strict"]
