@@ -247,7 +247,8 @@ class ThinkFeatures:
             ``settings["project_bias"]`` and a module of the group has a bias).
         module_group: module name → group name.
         settings: what the features were computed with (positions, window, project_bias, samples, rows; from a
-            merger also the think tokens, think_spacing, max_length and the reasoning model's fingerprint).
+            merger also the think tokens, think_spacing, max_length and the reasoning model's fingerprint, and
+            for ``lam="auto"`` the ``holdout_share`` and ``holdout_seed`` of the held-out draw).
         heldout: reasoning samples kept out of the features for ``lam="auto"``: (token ids, thinking positions)
             each, so that features reused in another merge can still measure L_think.
     """
@@ -264,7 +265,8 @@ class ThinkFeatures:
         return self.bases[self.module_group[module_name]]
 
     def check_compatible(self, config: RainMergingConfig, module_names: Sequence[str]) -> None:
-        """Refuse features computed with other position settings or for other modules."""
+        """Refuse features computed with other position settings, for other modules, or (for ``lam="auto"``) with
+        another held-out draw."""
         for key in ("positions", "window", "project_bias", "think_open", "think_close", "think_spacing",
                     "max_length"):
             if key == "window" and config.positions not in ("window", "window-before-answer"):
@@ -276,8 +278,10 @@ class ThinkFeatures:
         for recorded, key in (("holdout_share", "lam_auto_holdout"), ("holdout_seed", "seed")):
             if config.lam == "auto" and recorded in self.settings and self.settings[recorded] != getattr(config, key):
                 raise ValueError(f"These thinking features held out the lam='auto' samples drawn with {key}="
-                                 f"{self.settings[recorded]!r}, but the config asks for {getattr(config, key)!r}: "
-                                 f"recompute them, or set {key} back so that the saved settings describe this merge.")
+                                 f"{self.settings[recorded]!r}, but the config asks for {getattr(config, key)!r}, "
+                                 "and the saved config must reproduce the hold-out: pass reasoning_calibration=... to "
+                                 f"merge() to draw it anew, set {key}={self.settings[recorded]!r}, or set lam to a "
+                                 "number.")
         missing = [m for m in module_names if m not in self.module_group]
         if missing:
             raise ValueError(f"The thinking features lack {len(missing)} merged modules (e.g. {missing[0]}): "

@@ -1024,7 +1024,7 @@ class RainMerger:
             failed_below = [row["lam"] for row in search if row["lam"] < chosen and not self._passes(row)]
             if failed_below:
                 self.report.warnings.append(
-                    f"lam='auto': λ {chosen} passed but the smaller {', '.join(f'{v:g}' for v in failed_below)} did "
+                    f"lam='auto': λ {chosen:g} passed but the smaller {', '.join(f'{v:g}' for v in failed_below)} did "
                     "not: the budget is not monotone in λ on these samples (a noisy L_think or think-open share); "
                     "more held-out samples or a finer lam_grid would make the pick steadier.")
                 logger.warning(self.report.warnings[-1])
@@ -1040,14 +1040,15 @@ class RainMerger:
         baseline merge does not need one)."""
         try:
             return template_opens_think(self.tokenizer, self.config)
-        except ValueError:  # CalibrationError, or a template transformers cannot render
+        except Exception:  # noqa: BLE001 - CalibrationError, a jinja error …: the card then says nothing of it
             return None
 
     def _passes(self, row: dict[str, Any]) -> bool:
         """Whether one ``lam_search`` row keeps L_think and the think-open share within the config's budget."""
         cfg = self.config
         share = row["think_open"]
-        return row["l_think"] <= cfg.lam_auto_max_kl and (share is None or share >= cfg.lam_auto_min_think_open)
+        guard = cfg.lam_auto_min_think_open
+        return row["l_think"] <= cfg.lam_auto_max_kl and (guard is None or share is None or share >= guard)
 
     # ------------------------------------------------------------------ saving
     def sidecar(self) -> dict[str, Any]:

@@ -1202,6 +1202,13 @@ def test_card_snippet_says_when_the_template_opens_the_think_block(qwen2, tmp_pa
     merger.merge()
     out = merger.save_pretrained(tmp_path / "plain")
     assert json.loads((out / "rain_merging_config.json").read_text())["template_opens_think"] is None
+    tokenizer.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}{{ raise_exception('boom') }}"
+    tokenizer.save_pretrained(folder)  # a template transformers cannot render: a jinja error, not a ValueError
+    merger = RainMerger.from_pretrained(qwen2["base"], folder, qwen2["instruct"],
+                                        RainMergingConfig(method="task_arithmetic", lam=0.5))
+    merger.merge()
+    out = merger.save_pretrained(tmp_path / "unrenderable")
+    assert json.loads((out / "rain_merging_config.json").read_text())["template_opens_think"] is None
 
 
 def test_bad_card_template_fails_before_the_weights_are_written(qwen2, tmp_path, monkeypatch):
@@ -1347,4 +1354,4 @@ def test_lam_auto_search_edge_cases(qwen2, monkeypatch, caplog):
     bumpy = _merger(qwen2, lam="auto", lam_grid=[1.0, 2.0, 3.0], stage2=False, lam_auto_max_kl=0.5)
     bumpy.merge(reasoning_records(8))
     assert bumpy.report.lam == 3.0
-    assert any("λ 3.0 passed but the smaller 2 did not" in w for w in bumpy.report.warnings)
+    assert any("λ 3 passed but the smaller 2 did not" in w for w in bumpy.report.warnings)
