@@ -39,3 +39,11 @@ def test_within_layer_leaves_a_layer_with_a_non_positive_mean_at_one():
     u = torch.tensor([[0.0, 0.0], [1.0, 0.0]])  # layer 1: mean a − ρu ≤ 0, the leaking head would get the most
     within = coefficients("within-layer", a, u, cfg)
     assert torch.allclose(within[1], torch.ones(2)) and torch.allclose(within[0], torch.tensor([1.5, 0.5]))
+
+
+def test_a_variant_whose_scores_cannot_rank_heads_says_so(caplog):
+    cfg = RainMergingConfig()
+    a, u = torch.tensor([[0.1, 0.1]]), torch.tensor([[0.9, 0.8]])  # leakage outweighs alignment on every head
+    with caplog.at_level("WARNING", logger="benchmarks.organism.stage2"):
+        assert torch.equal(coefficients("mean", a, u, cfg), torch.ones(1, 2))
+    assert "mean: stage 2: the head scores a − ρ·u have a non-positive mean" in caplog.text

@@ -34,7 +34,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from benchmarks.organism import bench as BE  # noqa: E402
-from rain_hf.coefficients import head_coefficients, head_scores  # noqa: E402
+from rain_hf.coefficients import coefficient_warning, head_coefficients, head_scores  # noqa: E402
 
 VARIANTS = ("stage 1 only", "mean", "within-layer", "between-layer", "rho=0", "probe at λ")
 
@@ -53,6 +53,9 @@ def coefficients(variant: str, a: torch.Tensor, u: torch.Tensor, cfg) -> torch.T
         return alpha.clamp(cfg.coef_min, cfg.coef_max).float()
     rho = 0.0 if variant == "rho=0" else cfg.rho
     alpha = head_coefficients(a, u, rho, cfg.coef_normalize, cfg.coef_min, cfg.coef_max)
+    problem = coefficient_warning(a, u, rho, cfg.coef_normalize, alpha, cfg.coef_min, cfg.coef_max)
+    if problem:  # as a merge does
+        logging.getLogger(__name__).warning("%s: %s", variant, problem)
     if variant == "between-layer":
         return alpha.mean(dim=1, keepdim=True).expand_as(alpha).contiguous()
     return alpha
