@@ -362,6 +362,11 @@ def _records_of_list(path: Path, content: list, locations: list[str]) -> list[di
 
 
 # --------------------------------------------------------------------------------------------- tokenizer checks
+def holdout_count(n: int, share: float) -> int:
+    """How many of ``n`` calibration samples ``lam="auto"`` holds out: ``round(n · share)``, at least one."""
+    return max(1, round(n * share))
+
+
 def holdout_indices(n: int, share: float, seed: int = 0) -> list[int]:
     """Sorted indices of the ``round(n · share)`` (at least one) of ``n`` calibration samples that ``lam="auto"``
     holds out of stage 1 to measure L_think, drawn by a permutation seeded with ``seed``.
@@ -376,7 +381,7 @@ def holdout_indices(n: int, share: float, seed: int = 0) -> list[int]:
         >>> len(holdout_indices(64, 0.25))
         16
     """
-    n_out = max(1, round(n * share))
+    n_out = holdout_count(n, share)
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     return sorted(torch.randperm(n, generator=generator)[:n_out].tolist())
 

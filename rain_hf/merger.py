@@ -25,6 +25,7 @@ from . import __version__
 from .calibration import (
     CalibrationSample,
     check_think_tokens,
+    holdout_count,
     holdout_split,
     padding_id,
     prepare_instruction_calibration,
@@ -923,8 +924,7 @@ class RainMerger:
         share = self.config.lam_auto_holdout
         kept, held = holdout_split(samples, share, self.config.seed)
         if not kept:
-            # the draw holds out max(1, round(n·share)) samples: the smallest n that leaves one for stage 1
-            need = next(n for n in range(2, 10**6) if n - max(1, round(n * share)) >= 1)
+            need = next(n for n in range(2, 10**6) if n - holdout_count(n, share) >= 1)  # leaves one for stage 1
             raise ConfigError(f"lam='auto' holds out {len(held)} of the {len(samples)} reasoning calibration samples "
                               f"(lam_auto_holdout={share}), which leaves none for stage 1: pass at least {need} "
                               "samples, lower lam_auto_holdout, or set lam to a number.")
