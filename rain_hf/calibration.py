@@ -716,12 +716,12 @@ def locate_annotations(segment: str, groups: Iterable[Sequence[Any]]) -> tuple[l
         for item in group:
             if _is_offset_pair(item):
                 start, end = int(item[0]), int(item[1])
-                if 0 <= start < end <= len(segment) and segment[start:end].strip():
-                    spans.append(_without_edge_space(segment, (start, end)))
-                elif 0 <= start < end <= len(segment):
+                if not 0 <= start < end <= len(segment):
+                    missing.append(f"offsets {list(item)} outside the segment of {len(segment)} characters")
+                elif not segment[start:end].strip():
                     missing.append(f"offsets {list(item)} cover only whitespace")
                 else:
-                    missing.append(f"offsets {list(item)} outside the segment of {len(segment)} characters")
+                    spans.append(_without_edge_space(segment, (start, end)))
                 continue
             if not isinstance(item, str) or not item.strip():
                 missing.append(repr(item)[:60])
