@@ -92,7 +92,8 @@ class RainMergingConfig:
             for a model on the CPU.
         rho: leakage penalty ρ of the stage-2 score g = a − ρu.
         coef_normalize: ``"mean"`` divides the stage-2 scores by their mean over all heads (mean coefficient 1
-            before the clip to ``[coef_min, coef_max]``, so λ alone sets the strength); ``"none"`` keeps the paper's literal g / (1 + u).
+            before the clip to ``[coef_min, coef_max]``, so λ alone sets the strength); ``"none"`` keeps the
+            paper's literal g / (1 + u).
         coef_min, coef_max: the box the coefficients are clipped to.
         probe_lam: the expansion point of the stage-2 probe model θ_R + probe_lam·Δ⊥.
         target_modules: ``"all-linear"`` (every linear layer inside the decoder blocks) or, as in peft, a list of
