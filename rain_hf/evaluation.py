@@ -903,12 +903,14 @@ def render_prompts(
     tokenizer: Any,
     prompts: Sequence[str] | Sequence[Sequence[Mapping[str, str]]],
     force_think_open: str | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Render prompts with the tokenizer's chat template (``add_generation_prompt=True``).
 
     A string prompt becomes one user message; a list of ``{"role", "content"}`` dicts is used as is. With
     ``force_think_open``, the tag is appended unless the rendered prompt already ends with it (trailing whitespace
-    ignored).
+    ignored). ``chat_template_kwargs`` are extra template variables, as in ``apply_chat_template`` (for Qwen3,
+    ``{"enable_thinking": False}`` renders the prompt with thinking switched off).
 
     Example:
         >>> from transformers import AutoTokenizer
@@ -920,12 +922,19 @@ def render_prompts(
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], Mapping)):
         raise TypeError("render_prompts takes a list of prompts: wrap one prompt, or one conversation (a list of "
                         "{'role', 'content'} dicts), in a list.")
+    template_kwargs = dict(chat_template_kwargs or {})
+    reserved = sorted({"conversation", "messages", "tokenize", "add_generation_prompt"} & set(template_kwargs))
+    if reserved:
+        raise ValueError(f"chat_template_kwargs cannot set {reserved}: render_prompts sets them itself; pass only "
+                         "template variables such as enable_thinking.")
     texts = []
     for prompt in prompts:
         messages = (
             [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
         )
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **template_kwargs
+        )
         if force_think_open and not text.rstrip().endswith(force_think_open):
             text += force_think_open
         texts.append(text)
@@ -986,6 +995,7 @@ def generate(
     force_think_open: str | None = None,
     seed: int = 0,
     desc: str = "generate",
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Generate completions for chat prompts in left-padded batches; the think tags survive decoding.
 
@@ -1006,6 +1016,7 @@ def generate(
         seed: torch seed of sampled decoding, set once for the whole run (the caller's RNG state is restored
             afterwards): a sampled text also depends on ``batch_size`` and on the order of the prompts.
         desc: progress-bar label.
+        chat_template_kwargs: extra chat-template variables (e.g. ``{"enable_thinking": False}`` for Qwen3).
 
     Returns:
         N completion strings (prompt excluded), in the order of ``prompts``.
@@ -1017,7 +1028,9 @@ def generate(
     """
     if not prompts:
         return []
-    texts = render_prompts(tokenizer, prompts, force_think_open=force_think_open)
+    texts = render_prompts(
+        tokenizer, prompts, force_think_open=force_think_open, chat_template_kwargs=chat_template_kwargs
+    )
     stop_ids = _stop_token_ids(model, tokenizer)
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids[0] if stop_ids else None)

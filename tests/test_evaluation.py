@@ -665,6 +665,24 @@ def test_render_prompts(tokenizer):
     assert ev.render_prompts(tokenizer, [forced[0]], force_think_open=None)[0].count(THINK_OPEN) == 1
 
 
+def test_render_prompts_passes_chat_template_kwargs(tokenizer, monkeypatch):
+    monkeypatch.setattr(tokenizer, "chat_template", tokenizer.chat_template.replace(
+        "<|im_start|>assistant ", "<|im_start|>assistant {% if enable_thinking is false %}<think> </think> {% endif %}"))
+    plain = ev.render_prompts(tokenizer, ["hello"])
+    off = ev.render_prompts(tokenizer, ["hello"], chat_template_kwargs={"enable_thinking": False})
+    assert off == [plain[0] + "<think> </think> "]
+    with pytest.raises(ValueError, match="cannot set \\['add_generation_prompt'\\]"):
+        ev.render_prompts(tokenizer, ["hello"], chat_template_kwargs={"add_generation_prompt": False})
+
+
+def test_generate_passes_chat_template_kwargs(model, tokenizer, monkeypatch):
+    seen = []
+    render = ev.render_prompts
+    monkeypatch.setattr(ev, "render_prompts", lambda *a, **k: seen.append(k["chat_template_kwargs"]) or render(*a, **k))
+    ev.generate(model, tokenizer, PROMPTS[:1], max_new_tokens=1, chat_template_kwargs={"enable_thinking": False})
+    assert seen == [{"enable_thinking": False}]
+
+
 def test_generate_batched_equals_one_by_one(model, tokenizer):
     batched = ev.generate(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=4)
     single = [ev.generate(model, tokenizer, [p], max_new_tokens=6, batch_size=1)[0] for p in PROMPTS]
