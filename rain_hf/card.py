@@ -432,7 +432,10 @@ def _calibration_rows(calibration: dict[str, Any]) -> list[dict[str, Any]]:
     for name in ("reasoning", "instruction"):
         entry = calibration.get(name)
         if entry:
-            rows.append({"name": name, "num_samples": entry.get("num_samples", "?"),
+            used = entry.get("num_samples", "?")
+            if entry.get("num_held_out"):
+                used = f"{used} ({entry['num_held_out']} held out to choose λ)"
+            rows.append({"name": name, "num_samples": used,
                          "num_malformed": entry.get("num_malformed", "–"), "source": entry.get("source") or "–"})
     return rows
 

@@ -623,6 +623,7 @@ class RainMerger:
                                       reasoning_fingerprint=self._reasoning_fingerprint())
         if heldout:
             self.features.settings.update(holdout_share=cfg.lam_auto_holdout, holdout_seed=cfg.seed)
+            self.calibration_info["reasoning"]["num_held_out"] = len(heldout)  # measured L_think, not projected
         self._stage1_samples = samples
         self.features.heldout = self._think_rows(heldout)
         self.report.timings["stage1_features"] = time.perf_counter() - start
@@ -1097,6 +1098,8 @@ class RainMerger:
             info["reasoning"] = {"num_samples": self.features.settings.get("num_samples"),
                                  "source": PRECOMPUTED_FEATURES_SOURCE,
                                  "reasoning_fingerprint": self.features.settings.get("reasoning_fingerprint")}
+            if self.config.lam == "auto" and self.features.heldout:
+                info["reasoning"]["num_held_out"] = len(self.features.heldout)
         return info
 
     def save_pretrained(

@@ -127,7 +127,9 @@ def test_body_has_method_config_calibration_and_usage(tmp_path):
     assert "was off for this merge" not in text
     picked = copy.deepcopy(info)
     picked["config"]["lam"] = "auto"
+    picked["calibration"]["reasoning"]["num_held_out"] = 38
     text = build_model_card(picked).text
+    assert "| reasoning | 150 (38 held out to choose λ) | 3 | calib/reasoning.json |" in text
     assert _yaml_block(text)["parameters"]["lam"] == "auto"  # a rerun repeats the search and its hold-out
     assert ("lam='auto' chose λ = 1.25, projecting with the reasoning samples it did not hold out; lam: 1.25 with the "
             "same file projects with all of them") in text

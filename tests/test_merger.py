@@ -915,6 +915,8 @@ def test_lam_auto_l_think_leaves_out_the_think_close_position(qwen2, tokenizer):
     # count that change against λ. Slow reference: full forward passes of each searched λ, one sample at a time.
     auto = _merger(qwen2, lam="auto", lam_grid=[32.0, 128.0], stage2=False, sequential=False)
     auto.merge(reasoning_records(8))
+    assert auto.calibration_info["reasoning"]["num_samples"] == 8
+    assert auto.calibration_info["reasoning"]["num_held_out"] == len(auto.features.heldout) == 2  # for the card
     close_id = tokenizer.convert_tokens_to_ids("</think>")
     reasoning = AutoModelForCausalLM.from_pretrained(qwen2["reasoning"], dtype=torch.float32).eval()
     for row in auto.report.lam_search:
@@ -950,6 +952,7 @@ def test_default_lam_is_auto_and_reused_features_keep_their_heldout_samples(qwen
                                        RainMergingConfig(**grid), features=path)
     again.merge()  # no calibration passed: L_think is measured on the samples the features carry
     assert again.report.lam == first.report.lam and again.report.lam_search == first.report.lam_search
+    assert again._calibration_summary()["reasoning"]["num_held_out"] == 2
     for (k, v), (k2, v2) in zip(first.model.named_parameters(), again.model.named_parameters()):
         assert k == k2 and torch.equal(v, v2)
 
