@@ -123,6 +123,17 @@ def resolve_pattern(patterns: Mapping[str, object] | None, module: str) -> objec
     return None
 
 
+def matching_pattern_keys(patterns: Mapping[str, object] | None, module: str) -> list[str]:
+    """Every key of ``patterns`` that applies to ``module``, in the config's order (:func:`resolve_pattern` takes
+    the first).
+
+    Example:
+        >>> matching_pattern_keys({"q_proj": 8, "layers.1.*": 2, "v_proj": 4}, "model.layers.1.self_attn.q_proj")
+        ['q_proj', 'layers.1.*']
+    """
+    return [key for key in (patterns or {}) if re.match(rf"(.*\.)?({key})$", module)]
+
+
 def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:
     """peft's LoRA scaling: ``alpha / sqrt(rank)`` with rsLoRA, else ``alpha / rank``."""
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
@@ -172,16 +183,29 @@ def check_adapter_config(config: Mapping[str, object], name: str) -> list[str]:
                                "(merge_and_unload(); save_pretrained) and pass that full model as the instruct model.")
     init = str(config.get("init_lora_weights", True)).lower()
     if init.startswith(_BASE_MUTATING_INITS):
+        # peft converts PiSSA, OLoRA, CorDA and LoRA-GA adapters to plain LoRA on save, but not LoftQ ones
+        convert = ("" if init.startswith("loftq") else
+                   "Convert it to a plain LoRA adapter: save it with PeftModel.save_pretrained(..., "
+                   "path_initial_model_for_weight_conversion=<the initial adapter>), or ")
         raise AdapterError(f"The instruct adapter {name} was initialised with init_lora_weights={init!r}, which "
                            "rewrites the base weights before training, so B·A is not its change to the original "
-                           "base. Convert it to a plain LoRA adapter: save it with PeftModel.save_pretrained(..., "
-                           "path_initial_model_for_weight_conversion=<the initial adapter>), or merge it and pass "
-                           "the full model.")
+                           f"base. {convert}{'m' if convert else 'M'}erge it into its base model (merge_and_unload(); "
+                           "save_pretrained) and pass the full model.")
     warnings: list[str] = []
     if config.get("trainable_token_indices"):
         warnings.append(f"Adapter {name}: trainable_token_indices are embedding changes; they are ignored "
                         "(embeddings are never merged).")
     return warnings
+
+
+def nested_adapters_hint(folder: Path) -> str:
+    """A sentence naming the subfolders of ``folder`` that hold peft adapters, or "": peft saves an adapter whose
+    name is not "default" in a subfolder of that name."""
+    nested = sorted(p.parent.name for p in Path(folder).glob("*/adapter_config.json"))
+    if not nested:
+        return ""
+    held = f"subfolders {', '.join(map(repr, nested))} hold adapters" if len(nested) > 1 else f"subfolder {nested[0]!r} holds one"
+    return (f" Its {held} (peft saves an adapter named other than 'default' under its name): pass that folder.")
 
 
 def _refuse_bin_only(folder: Path, name: str) -> None:
@@ -246,8 +270,9 @@ class LoraDelta:
                                role="instruct")
         name = source.describe()
         if not is_adapter_folder(source.path):
+            hint = nested_adapters_hint(source.path) or " Pass the adapter folder, or a full model as the instruct model."
             raise AdapterError(f"The instruct adapter {name} has no adapter_config.json in {source.path}, so it is "
-                               "not a peft adapter. Pass the adapter's folder, or a full model as the instruct model.")
+                               f"not a peft adapter.{hint}")
         try:
             config = read_json(source.path / "adapter_config.json", f"The instruct adapter {name}")
         except CheckpointError as exc:
@@ -301,12 +326,23 @@ class LoraDelta:
             raise AdapterError(f"The instruct adapter {self._name} is incomplete: {_examples(incomplete)}. Every "
                                "adapted module needs both lora_A and lora_B: download or save the adapter again.")
         factors: dict[str, _Factor] = {}
+        self._ambiguous_alpha: list[str] = []
         for module in sorted(pairs, key=_natural_key):
             if module.rsplit(".", 1)[-1] in OUTPUT_EMBEDDING_NAMES:
                 output_layers.append(module)
                 continue
             entry = self._factor(module, pairs[module]["A"], pairs[module]["B"])
             factors[f"{module}.weight"] = entry
+        for module in {*embeddings, *output_layers}:  # their ".base_layer.weight" is the frozen base layer
+            saved = self._copies.get(f"{module}.weight", "")
+            if ".base_layer." in saved:
+                del self._copies[f"{module}.weight"]
+        if self._ambiguous_alpha:
+            self._warnings.append(f"Adapter {self._name}: several alpha_pattern keys with different values match "
+                                  f"{len(self._ambiguous_alpha)} modules (e.g. {self._ambiguous_alpha[0]}); the first "
+                                  "in adapter_config.json wins, as on peft's reload, but peft saves the keys sorted, so "
+                                  "training may have used another and the scaling may be off: rename the keys so that "
+                                  "one matches each module.")
         if embeddings:
             self._warnings.append(f"Adapter {self._name}: LoRA on embeddings ({_examples(sorted(set(embeddings)))}) "
                                   "is ignored: embeddings are never merged.")
@@ -340,15 +376,25 @@ class LoraDelta:
         try:
             rank = resolve_pattern(self.config.get("rank_pattern"), module)
             alpha = resolve_pattern(self.config.get("alpha_pattern"), module)
+            matches = {field: matching_pattern_keys(self.config.get(field), module)
+                       for field in ("rank_pattern", "alpha_pattern")}
         except re.error as exc:
             raise AdapterError(f"The instruct adapter {self._name}: a rank_pattern / alpha_pattern key is not a valid "
                                f"regular expression ({exc}). Fix adapter_config.json.") from exc
         rank = int(self.config.get("r", 8) if rank is None else rank)
         alpha = float(self.config.get("lora_alpha", 8) if alpha is None else alpha)
+        # peft writes adapter_config.json with sorted keys, so when several keys match, the one that wins on
+        # reload (the first in the file) need not be the one that applied in training
+        clash = {field: ", ".join(f"{k!r}: {self.config[field][k]}" for k in keys) for field, keys in matches.items()
+                 if len({repr(self.config[field][k]) for k in keys}) > 1}
         if rank != shape_a[0]:
+            fix = (f"Several rank_pattern keys match it ({clash['rank_pattern']}) and the first wins; peft saves the "
+                   "keys sorted, which can change which one that is: rename the keys so that one matches each module."
+                   if "rank_pattern" in clash else "Fix adapter_config.json or save the adapter again with peft.")
             raise AdapterError(f"The instruct adapter {self._name}: module {module} has rank {shape_a[0]} tensors but "
-                               f"its config (r / rank_pattern) gives r={rank}, so its scaling is unknown. Fix "
-                               "adapter_config.json or save the adapter again with peft.")
+                               f"its config (r / rank_pattern) gives r={rank}, so its scaling is unknown. {fix}")
+        if "alpha_pattern" in clash:
+            self._ambiguous_alpha.append(f"{module} ({clash['alpha_pattern']})")
         out_in = (shape_b[0], shape_a[1])
         shape = (out_in[1], out_in[0]) if self._fan_in_fan_out else out_in
         scaling = lora_scaling(rank, alpha, bool(self.config.get("use_rslora", False)))

@@ -152,7 +152,10 @@ def _load_model_config(src: ModelSource, role: str):
     from transformers import AutoConfig
 
     if not (src.path / "config.json").is_file():
-        raise CheckpointError(f"The {role} model {src.describe()} has no config.json in {src.path}.")
+        from .lora import nested_adapters_hint
+
+        raise CheckpointError(f"The {role} model {src.describe()} has no config.json in {src.path}."
+                              f"{nested_adapters_hint(src.path)}")
     try:
         config = AutoConfig.from_pretrained(str(src.path))
     except Exception as exc:  # transformers raises ValueError/KeyError/OSError for unknown or broken configs
@@ -384,7 +387,7 @@ class RainMerger:
         """
         from transformers import AutoTokenizer
 
-        from .lora import LoraDelta
+        from .lora import LoraDelta, _natural_key
 
         if isinstance(config, Mapping):
             config = RainMergingConfig.from_dict(dict(config))
@@ -428,11 +431,14 @@ class RainMerger:
                 warnings.append(f"the adapter trained {len(instruct.bias_keys())} biases (e.g. "
                                 f"{instruct.bias_keys()[0]}); they are merged only with project_bias=True")
             touched = set(instruct.weight_keys())
-            outside = sorted(touched - {t.weight_key for t in targets})
+            # with project_bias, a bias delta alone makes a merged module change
+            touched_bias = set(instruct.bias_keys()) if config.project_bias else set()
+            merged = {t.weight_key for t in targets} | {t.bias_key for t in targets if t.bias_key}
+            outside = sorted((touched | touched_bias) - merged, key=_natural_key)
             if outside:
-                warnings.append(f"the adapter holds deltas for {len(outside)} modules outside the merged set "
+                warnings.append(f"the adapter holds deltas for {len(outside)} tensors outside the merged set "
                                 f"(e.g. {outside[0]}); they are not merged")
-            idle = [t.weight_key for t in targets if t.weight_key not in touched]
+            idle = [t.weight_key for t in targets if t.weight_key not in touched and t.bias_key not in touched_bias]
             if idle:  # zero deltas: merged as no change, yet they cost stage-1 work and read as "projected"
                 warnings.append(f"the adapter holds no delta for {len(idle)} of the {len(targets)} merged modules "
                                 f"(e.g. {idle[0]}); they keep the reasoning model's weights: set target_modules to "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from rain_hf import RainMerger, RainMergingConfig
 from rain_hf.checkpoints import CheckpointError, LazyCheckpoint
 from rain_hf.lora import AdapterError, LoraDelta, is_lora_adapter, resolve_pattern, same_base_model
 
@@ -127,6 +129,25 @@ def test_rank_and_alpha_patterns_resolve_like_peft(bases, tmp_path):
     _assert_matches(lora, reference, bases["qwen"])
 
 
+def test_clashing_alpha_pattern_keys_are_warned(bases, tmp_path):
+    # peft saves adapter_config.json with sorted keys: layers.1's q_proj trained with alpha 32 (the first key at
+    # creation) reloads with alpha 2, in peft as here; the file cannot tell, so it is said
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], alpha_pattern={"q_proj": 32, r"layers\.1\..*": 2})
+    reference = make_adapter(bases["qwen"], tmp_path / "ad", config)
+    lora = LoraDelta.from_pretrained(tmp_path / "ad")
+    assert list(lora.config["alpha_pattern"]) == [r"layers\.1\..*", "q_proj"]
+    assert lora.scaling("model.layers.1.self_attn.q_proj.weight") == pytest.approx(2 / 4)
+    key = "model.layers.1.self_attn.q_proj.weight"
+    torch.testing.assert_close(lora.delta(key) * 16, reference[key])  # the trained model used alpha 32
+    text = "\n".join(lora.validate(_base_shapes(bases["qwen"]), None, str(bases["qwen"])))
+    assert "several alpha_pattern keys with different values match 1 modules" in text
+    assert "model.layers.1.self_attn.q_proj ('layers\\\\.1\\\\..*': 2, 'q_proj': 32)" in text
+    plain = make_adapter(bases["qwen"], tmp_path / "plain", LoraConfig(r=4, target_modules=["q_proj"],
+                                                                      alpha_pattern={"q_proj": 32, "x_proj": 2}))
+    assert plain and not [w for w in LoraDelta.from_pretrained(tmp_path / "plain").validate(
+        _base_shapes(bases["qwen"]), None, str(bases["qwen"])) if "alpha_pattern" in w]
+
+
 def test_resolve_pattern_is_suffix_or_full_regex_match():
     assert resolve_pattern({"q_proj": 2}, "model.layers.0.self_attn.q_proj") == 2
     assert resolve_pattern({"proj": 2}, "model.layers.0.self_attn.q_proj") is None  # not a dotted suffix
@@ -156,11 +177,14 @@ def test_ignored_parts_are_warned(bases, tmp_path):
                         modules_to_save=["norm"], bias="all")
     make_adapter(bases["qwen"], tmp_path / "ad", config, merge=False)
     lora = LoraDelta.from_pretrained(tmp_path / "ad")
-    # saved copies (the embeddings' base layers, the norms of modules_to_save) are deltas too; the merger says
-    # that those outside its merged modules are not merged
+    # saved copies (the norms of modules_to_save) are deltas too; the merger says that those outside its merged
+    # modules are not merged. The frozen base layers peft saves beside an embedding or output-layer LoRA are not
+    # trained copies: their delta (copy − base) would read as zero where peft's merge changes the weight
     assert lora.weight_keys()[:2] == ["model.layers.0.self_attn.q_proj.weight",
                                       "model.layers.1.self_attn.q_proj.weight"]
-    assert {"lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"} <= set(lora.weight_keys()[2:])
+    assert "model.norm.weight" in lora.weight_keys()[2:]
+    assert {"lm_head.weight", "model.embed_tokens.weight"}.isdisjoint(lora.weight_keys())
+    assert lora.delta("model.embed_tokens.weight") is None
     text = "\n".join(lora.validate(_base_shapes(bases["qwen"]), None, str(bases["qwen"])))
     for expected in ("embeddings", "output layer"):
         assert expected in text
@@ -255,7 +279,8 @@ def test_other_peft_type_is_refused(bases, tmp_path):
     ("use_qalora", True, "QALoRA"),
     ("alora_invocation_tokens", [1, 2], "aLoRA"),
     ("init_lora_weights", "pissa_niter_4", "path_initial_model_for_weight_conversion"),
-    ("init_lora_weights", "loftq", "rewrites the base weights"),
+    ("init_lora_weights", "loftq", "rewrites the base weights before training, so B·A is not its change to the "
+                                   "original base. Merge it into its base model"),  # peft cannot convert LoftQ
 ])
 def test_unsupported_features_are_refused(plain_adapter, field, value, match):
     _edit_config(plain_adapter, **{field: value})
@@ -340,6 +365,13 @@ def test_rank_disagreeing_with_config_is_refused(plain_adapter):
         LoraDelta.from_pretrained(plain_adapter)
 
 
+def test_clashing_rank_pattern_keys_name_the_fix(plain_adapter):
+    _edit_config(plain_adapter, rank_pattern={"layers.1.*": 2, ".*proj": 4})
+    with pytest.raises(AdapterError, match=r"layers\.1\..* has rank 4 tensors but .* r=2, .*Several rank_pattern keys "
+                                           r"match it \('layers\.1\.\*': 2, '\.\*proj': 4\) and the first wins"):
+        LoraDelta.from_pretrained(plain_adapter)
+
+
 def test_invalid_json_names_the_file(plain_adapter):
     (plain_adapter / "adapter_config.json").write_text("{not json")
     assert not is_lora_adapter(plain_adapter)
@@ -353,6 +385,16 @@ def test_not_an_adapter(bases, tmp_path):
         LoraDelta.from_pretrained(bases["qwen"])
     with pytest.raises(CheckpointError, match="neither an existing local folder"):
         LoraDelta.from_pretrained(tmp_path / "nowhere" / "deeper")
+    # an adapter saved under another name than "default" lands in a subfolder of that name
+    model = AutoModelForCausalLM.from_pretrained(bases["qwen"])
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="instr").save_pretrained(
+        tmp_path / "named")
+    with pytest.raises(AdapterError, match=r"Its subfolder 'instr' holds one .*: pass that folder"):
+        LoraDelta.from_pretrained(tmp_path / "named")
+    assert LoraDelta.from_pretrained(tmp_path / "named" / "instr").weight_keys()
+    with pytest.raises(CheckpointError, match=r"no config\.json in .*Its subfolder 'instr' holds one"):
+        RainMerger.plan(bases["qwen"], shutil.copytree(bases["qwen"], tmp_path / "reasoning"), tmp_path / "named",
+                        RainMergingConfig(lam=1.0))
 
 
 def test_tensors_are_read_lazily(plain_adapter):

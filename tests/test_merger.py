@@ -1285,6 +1285,25 @@ def test_plan_warns_about_merged_modules_the_adapter_leaves_alone(qwen2, tmp_pat
     assert not [w for w in narrow.warnings if "holds no delta" in w]
 
 
+def test_plan_counts_trained_biases_in_the_adapter_warnings(qwen2, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(qwen2["base"])
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], bias="all")).save_pretrained(tmp_path / "q")
+    # merging q_proj only, the k/v biases peft trained are dropped: said so
+    narrow = RainMerger.plan(qwen2["base"], qwen2["reasoning"], tmp_path / "q",
+                             RainMergingConfig(lam=1.0, target_modules=["q_proj"], project_bias=True))
+    outside = [w for w in narrow.warnings if "outside the merged set" in w]
+    assert len(outside) == 1 and "for 4 tensors" in outside[0] and "layers.0.self_attn.k_proj.bias" in outside[0]
+    # merging all linear layers, k/v change through their biases: not "no delta"
+    wide = RainMerger.plan(qwen2["base"], qwen2["reasoning"], tmp_path / "q",
+                           RainMergingConfig(lam=1.0, project_bias=True))
+    idle = [w for w in wide.warnings if "holds no delta" in w][0]
+    assert f"for {len(wide.targets) - 6} of the {len(wide.targets)} merged modules" in idle
+    assert "k_proj" not in idle and "v_proj" not in idle
+    assert not [w for w in wide.warnings if "outside the merged set" in w]
+
+
 @pytest.mark.parametrize("method", ["task_arithmetic", "slerp", "rain"])
 def test_float64_checkpoints_are_merged_in_float64(tmp_path, tokenizer, method):
     paths = build_triple(tmp_path, "llama", tokenizer=tokenizer, dtype=torch.float64)
