@@ -34,7 +34,7 @@ from typing import Any, NoReturn
 import yaml
 
 from . import __version__
-from .config import ConfigError, RainMergingConfig, parse_size
+from .config import CONFIG_NAME, ConfigError, RainMergingConfig, parse_size
 
 logger = logging.getLogger("rain_hf.cli")
 
@@ -415,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "cuda:1 (default: cpu)")
     parser.add_argument("--dry-run", action="store_true", help="validate the models and config, print the plan, "
                         "merge nothing")
-    parser.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    parser.add_argument("--overwrite", action="store_true", help="replace DIR if it exists (only an earlier "
+                        "output: a folder holding rain_merging_config.json)")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logs, and tracebacks on errors")
     parser.add_argument("--version", action="version", version=f"%(prog)s (rain_hf) {__version__}")
     return parser
@@ -568,6 +569,14 @@ def _check_out_folder(out: Path, job: MergeJob) -> None:
         raise CliError(f"--out {str(out)!r}: {parent} is a file, so no folder can be made under it.")
     if not os.access(parent, os.W_OK):
         raise CliError(f"--out {str(out)!r}: {parent} is not writable, so the output cannot be written there.")
+    from .writer import replace_problem
+
+    local_inputs = [Path(m).resolve() for m in job.models.values() if Path(m).is_dir()]
+    if any(m == target or m.is_relative_to(target) for m in local_inputs):
+        return  # _check_out_models names the input model, once planning has resolved them
+    problem = replace_problem(out, marker=CONFIG_NAME)
+    if problem:
+        raise CliError(f"--out {str(out)!r}: {problem}")
 
 
 def _run(args: argparse.Namespace) -> int:

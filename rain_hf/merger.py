@@ -1123,7 +1123,9 @@ class RainMerger:
         Sharded safetensors (byte-based ``max_shard_size``), config and generation config of the reasoning model,
         its tokenizer and chat template, ``rain_merging_config.json`` and a model card. The folder is written
         elsewhere and moved into place at the end: an error or Ctrl-C leaves nothing behind, and an existing
-        folder is replaced only with ``overwrite=True`` (an empty one is filled).
+        folder is replaced only with ``overwrite=True`` (an empty one is filled), and only if it is an earlier
+        output (it holds ``rain_merging_config.json``): other folders, the current directory and the home
+        folder are refused rather than deleted.
 
         ``model_id`` is what the card's usage snippet loads: pass the Hub repository you will push the folder to
         with :func:`rain_hf.hub.push_folder` (default: ``save_directory`` as given).
@@ -1143,7 +1145,7 @@ class RainMerger:
         merged = self._merged_keys()
         params = self._params()
         src = self.sources["reasoning"].path
-        with atomic_directory(save_directory, overwrite=overwrite) as tmp:
+        with atomic_directory(save_directory, overwrite=overwrite, marker=CONFIG_NAME) as tmp:
             # sidecar and card first: a bad template fails before the shards are written, not after
             info = self.sidecar()
             if max_shard_size is not None:  # what this save used, so that the card's YAML reproduces it

@@ -160,13 +160,36 @@ def holds_output(target: str | os.PathLike) -> bool:
     return target.exists() and not (target.is_dir() and not any(target.iterdir()))
 
 
+def replace_problem(target: str | os.PathLike, marker: str | None = None) -> str | None:
+    """Why replacing the existing folder ``target`` wholesale would destroy what it must not, or None.
+
+    Replacing deletes everything in the folder: the current directory, a folder above it and the home folder are
+    never replaced, and with ``marker`` a non-empty folder is replaced only if it holds that file (the sign of an
+    earlier output), so that ``--out ~/models --overwrite`` cannot delete a collection of models.
+    """
+    target = Path(target).expanduser().absolute()
+    if not target.is_dir():
+        return None
+    resolved, cwd = target.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        return (f"{target} is the current directory or a folder above it: replacing it would delete the folder "
+                "you work in. Name a new folder for the output.")
+    if resolved == Path.home().resolve():
+        return f"{target} is the home folder: name a new folder for the output."
+    if marker is not None and holds_output(target) and not (target / marker).is_file():
+        return (f"{target} is not empty and holds no {marker}, so it is not an earlier output of this tool; "
+                "replacing it would delete everything in it. Name a new folder, or empty or delete this one "
+                "yourself.")
+    return None
+
+
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(target: str | os.PathLike, overwrite: bool = False, marker: str | None = None) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``target``; move it to ``target`` only when the block succeeds.
 
     On any exception (KeyboardInterrupt included) the temporary folder is deleted and ``target`` is left as it
-    was. An existing ``target`` is replaced only with ``overwrite=True`` (or when it is an empty folder), and only
-    after the new one is complete.
+    was. An existing ``target`` is replaced only with ``overwrite=True`` (or when it is an empty folder), only
+    after the new one is complete, and never where :func:`replace_problem` (with ``marker``) objects.
     """
     target = Path(target).expanduser().absolute()
     if not holds_output(target):
@@ -175,6 +198,9 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
         raise OutputExistsError(f"{target} already exists: choose another folder or pass overwrite=True.")
     if target.exists() and not target.is_dir():
         raise OutputExistsError(f"{target} exists and is not a folder.")
+    problem = replace_problem(target, marker)
+    if problem:
+        raise OutputExistsError(problem)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the output is an ordinary folder

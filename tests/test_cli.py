@@ -240,6 +240,31 @@ def _job_file(root: Path, tmp_path: Path, **extra) -> Path:
     return _write(root, job, name=f"{tmp_path.name}.yaml")
 
 
+def test_overwrite_replaces_only_an_earlier_output(triple, tmp_path, capsys, monkeypatch):
+    root, _ = triple
+    config = _job_file(root, tmp_path, method="task_arithmetic")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    # --overwrite replaces an earlier output only: a folder of other things, the working directory and the
+    # folders above it, or the home folder would be deleted whole
+    assert main([str(config), "--out", str(tmp_path / "out"), "--overwrite"]) == 2
+    assert "holds no rain_merging_config.json, so it is not an earlier output" in _one_error_line(
+        capsys.readouterr().err)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    for out in (".", "..", str(tmp_path)):
+        assert main([str(config), "--out", out, "--overwrite"]) == 2
+        assert "is the current directory or a folder above it" in _one_error_line(capsys.readouterr().err)
+    monkeypatch.setenv("HOME", str(tmp_path / "out"))
+    assert main([str(config), "--out", "~", "--overwrite"]) == 2
+    assert "is the home folder" in _one_error_line(capsys.readouterr().err)
+    (tmp_path / "out" / "rain_merging_config.json").write_text("{}")  # an earlier output (home aside)
+    monkeypatch.setenv("HOME", str(tmp_path / "work"))
+    assert main([str(config), "--out", str(tmp_path / "out"), "--overwrite"]) == 0
+    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "model.safetensors").is_file()
+
+
 def test_dry_run_prints_the_plan(triple, tmp_path, capsys):
     root, _ = triple
     config = _job_file(root, tmp_path)

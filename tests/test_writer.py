@@ -1,6 +1,7 @@
 """Streaming sharded safetensors and the all-or-nothing output folder."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,6 +69,30 @@ def test_atomic_directory_never_overwrites_unless_asked(tmp_path):
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_atomic_directory_with_a_marker_replaces_only_an_earlier_output(tmp_path, monkeypatch):
+    target = tmp_path / "models"
+    (target / "other-model").mkdir(parents=True)
+    with pytest.raises(OutputExistsError, match="holds no done.json, so it is not an earlier output"):
+        with atomic_directory(target, overwrite=True, marker="done.json"):
+            raise AssertionError("the block ran")
+    assert (target / "other-model").is_dir()
+    (target / "done.json").write_text("{}")
+    with atomic_directory(target, overwrite=True, marker="done.json") as tmp:
+        (tmp / "done.json").write_text("{}")
+    assert [p.name for p in target.iterdir()] == ["done.json"]
+    monkeypatch.chdir(target)  # never the working directory or above it, marker or not
+    for folder in (target, tmp_path, Path(".")):
+        with pytest.raises(OutputExistsError, match="current directory or a folder above it"):
+            with atomic_directory(folder, overwrite=True):
+                pass
+    monkeypatch.setenv("HOME", str(tmp_path / "models"))
+    monkeypatch.chdir(tmp_path.parent)
+    with pytest.raises(OutputExistsError, match="is the home folder"):
+        with atomic_directory("~", overwrite=True, marker="done.json"):
+            pass
+    assert (target / "done.json").is_file()
 
 
 def test_atomic_directory_fills_an_existing_empty_folder(tmp_path):
