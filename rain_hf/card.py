@@ -210,7 +210,13 @@ def build_model_card(
     }
     variables = {"reasoning_name": "the reasoning model", "instruct_name": "the instruct model",
                  "base_name": "the base model", **variables}
-    card = ModelCard.from_template(card_data, template_path=str(path), **variables)
+    try:
+        card = ModelCard.from_template(card_data, template_path=str(path), **variables)
+    except Exception as exc:  # a user's template can fail in any way (undefined names, type errors, bad YAML)
+        if template_path is None:
+            raise
+        raise TemplateProblem(f"{path}: rendering the card failed ({type(exc).__name__}: {exc}). Fix the template, "
+                              "or pass none for the default one.") from exc
     card.content = card.content.rstrip("\n") + "\n"
     return card
 
@@ -219,9 +225,11 @@ class TemplateProblem(ValueError):
     """A model card template that cannot be rendered (its file and line are in the message)."""
 
 
-def check_template(template_path: str | os.PathLike) -> None:
-    """Compile a card template the way :func:`build_model_card` renders it; raise :class:`TemplateProblem` naming
-    the file and line of a syntax error or unknown filter, so it is found before a merge rather than after."""
+def check_template(template_path: str | os.PathLike, config: dict[str, Any] | None = None) -> None:
+    """Compile a card template and render it for a sample merge (``config``: the merge's
+    :meth:`RainMergingConfig.to_dict`, default the defaults); raise :class:`TemplateProblem` naming the file (and
+    the line of a syntax error), so that a template that cannot render is found before a merge rather than after.
+    """
     import jinja2
 
     path = Path(template_path)
@@ -231,6 +239,30 @@ def check_template(template_path: str | os.PathLike) -> None:
         raise TemplateProblem(f"{path}, line {exc.lineno}: {exc.message}") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise TemplateProblem(f"{path} cannot be read as UTF-8 text ({exc}).") from exc
+    build_model_card(_sample_sidecar(config), path)
+
+
+def _sample_sidecar(config: dict[str, Any] | None) -> dict[str, Any]:
+    """The sidecar of a plausible two-layer merge with ``config``, for trial renders of a template."""
+    from . import __version__
+    from .config import RainMergingConfig
+
+    config = dict(config) if config is not None else RainMergingConfig().to_dict()
+    rain = config.get("method", "rain") == "rain"
+    lam = config.get("lam")
+    lam = (config.get("lam_grid") or [1.0])[-1] if lam == "auto" else lam
+    modules = {f"model.layers.{i}.self_attn.q_proj": {"removed_fraction": 0.2, "residual": 1e-6} for i in (0, 1)}
+    calibration = {"num_samples": 8, "num_malformed": 0, "source": "calibration.jsonl", "is_file": True}
+    return {
+        "rain_hf_version": __version__, "method": config.get("method", "rain"), "lam": lam,
+        "config": config, "think_tokens_special": True, "template_opens_think": False,
+        "inputs": {role: {"name_or_path": f"org/{role}", "path": f"/models/{role}", "hub_id": f"org/{role}",
+                          "revision": None, "kind": "full"} for role in ("reasoning", "instruct", "base")},
+        "calibration": {"reasoning": calibration if rain else None, "instruction": calibration if rain else None},
+        "report": {"timings": {"merge": 1.0}, "modules": modules if rain else {}, "layers": [0, 1],
+                   "head_coefficients": [[1.0, 0.5], [1.5, 1.0]] if rain else None,
+                   "projection": "sequential" if rain else None, "lam_search": None, "warnings": []},
+    }
 
 
 def write_model_card(

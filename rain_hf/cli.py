@@ -242,7 +242,7 @@ def load_job(path: str | os.PathLike) -> MergeJob:
         from .card import TemplateProblem, check_template
 
         try:  # a template that cannot render would fail after the merge, throwing its hours away
-            check_template(card_template)
+            check_template(card_template, config.to_dict())
         except TemplateProblem as exc:
             raise CliError(f"{path}: output.card_template: {exc}") from exc
     return MergeJob(models, revisions, config, token or None, calibration, dtype, max_shard_size, private,

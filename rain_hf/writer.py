@@ -201,6 +201,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False, marker:
     problem = replace_problem(target, marker)
     if problem:
         raise OutputExistsError(problem)
+    made = [p for p in (target.parent, *target.parent.parents) if not p.exists()]  # innermost first
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the output is an ordinary folder
@@ -208,6 +209,9 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False, marker:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:  # the parents made for the output, unless something else was put there meanwhile
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     old = None
     try:

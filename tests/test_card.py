@@ -11,7 +11,14 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard
 
 import rain_hf.card as card_module
-from rain_hf.card import HEATMAP_NAME, build_model_card, default_template_path, write_model_card
+from rain_hf.card import (
+    HEATMAP_NAME,
+    TemplateProblem,
+    build_model_card,
+    check_template,
+    default_template_path,
+    write_model_card,
+)
 from rain_hf.config import RainMergingConfig
 
 REASONING = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
@@ -340,6 +347,21 @@ def test_custom_template(tmp_path):
     assert ModelCard.load(readme).data.base_model == [REASONING, INSTRUCT, BASE]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_model_card(_info(), template_path=tmp_path / "missing.j2")
+
+
+@pytest.mark.parametrize("method", ["rain", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp"])
+def test_check_template_renders_a_sample_merge(tmp_path, method):
+    config = RainMergingConfig(method=method, **({"lam": "auto"} if method == "rain" else {})).to_dict()
+    check_template(default_template_path(), config)  # the default template renders for every method
+    for body, what in (("{{ nope.attr }}", "UndefinedError: 'nope' is undefined"),
+                       ("{{ config.seed + 'x' }}", "TypeError"),
+                       ("{{ info.report.modules['model.layers.9.mlp.up_proj'].removed_fraction }}", "UndefinedError")):
+        template = tmp_path / "bad.md.j2"
+        template.write_text(f"---\nlicense: mit\n---\n# {{{{ model_name }}}} {body}\n")
+        with pytest.raises(TemplateProblem, match=f"bad.md.j2: rendering the card failed \\({what}"):
+            check_template(template, config)
+        with pytest.raises(TemplateProblem, match="bad.md.j2: rendering the card failed"):  # at save time too
+            build_model_card(_info(method), template)
 
 
 def test_default_template_discovery(tmp_path, monkeypatch):

@@ -330,6 +330,7 @@ def test_problems_found_before_any_weight_is_loaded(triple, tmp_path, capsys, mo
     (tmp_path / "tpl").mkdir()
     (tmp_path / "tpl" / "card.md.j2").write_text("# {{ model_name }}\n")
     (tmp_path / "bad.md.j2").write_text("# card\n{% for x in %}\n")
+    (tmp_path / "undefined.md.j2").write_text("# {{ model_name }} {{ nope.attr }}\n")
     (tmp_path / "cwd" / "base").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)  # a folder named relative to the working directory, not to the YAML file
     out = ["--out", str(tmp_path / "o")]
@@ -359,6 +360,8 @@ def test_problems_found_before_any_weight_is_loaded(triple, tmp_path, capsys, mo
          ["--out", str(tmp_path / "tpl"), "--overwrite"], "holds the output.card_template"),
         (dict(output={"card_template": str(tmp_path / "bad.md.j2")}), out,
          "output.card_template: .*bad.md.j2, line 2: Expected an expression"),
+        (dict(output={"card_template": str(tmp_path / "undefined.md.j2")}), out,  # fails only when rendered
+         "output.card_template: .*undefined.md.j2: rendering the card failed \\(UndefinedError: 'nope' is undefined"),
         (dict(base_model={"path": "Qwen/Qwen2.5-7B", "revision": 123}), out,
          "base_model.revision 123 is not a string .*quote it"),
         (dict(base_model={"path": "base", "revision": "v2"}), out,

@@ -51,6 +51,11 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
             raise KeyboardInterrupt
     assert not target.exists()
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError):  # the parent folders made for the output go too, not existing ones
+        with atomic_directory(tmp_path / "kept" / "a" / "b" / "out"):
+            raise RuntimeError("boom")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any((tmp_path / "kept").iterdir())
 
 
 def test_atomic_directory_never_overwrites_unless_asked(tmp_path):
