@@ -41,7 +41,7 @@ logger = logging.getLogger("rain_hf.cli")
 __all__ = ["CliError", "MergeJob", "load_job", "main"]
 
 PROG = "rain-merge"
-DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
+DTYPE_CHOICES = ("auto", "float64", "float32", "float16", "bfloat16")
 ROLES = {"base_model": "base", "reasoning_model": "reasoning", "instruct_model": "instruct"}
 
 #: Top-level keys of the YAML file and their documentation (``parameters`` lists RainMergingConfig's fields).
@@ -57,9 +57,9 @@ TOP_LEVEL_KEYS: dict[str, str] = {
     "parameters": "Any RainMergingConfig field (listed below), e.g. {lam: 1.0, positions: window, window: 3}.",
     "calibration": "{reasoning: PATH, instruction: PATH}: JSON/JSONL calibration sets for stages 1 and 2 "
                    "(needed by method rain with stage1 / stage2, and the reasoning set also for lam: auto, which "
-                   "measures L_think on it; ignored by the baselines).",
-    "dtype": "dtype the reasoning model is loaded in for the calibration passes: auto (as stored), float32, "
-             "float16 or bfloat16.",
+                   "measures L_think on it; the baselines do not read them, though a file named here must exist).",
+    "dtype": "dtype the reasoning model is loaded in for the calibration passes: auto (as stored), float64, "
+             "float32, float16 or bfloat16.",
     "output": "{max_shard_size: '5GB', private: false, card_template: PATH}: shard size of the saved weights "
               "(overrides parameters.max_shard_size), visibility of a repository --push-to-hub creates, and a "
               "Jinja model card template of your own.",
@@ -238,7 +238,9 @@ def load_job(path: str | os.PathLike) -> MergeJob:
     if output.get("card_template"):
         card_template = _local_path(str(output["card_template"]), folder)
         if not card_template.is_file():
-            raise CliError(f"{path}: output.card_template {str(card_template)!r} does not exist.")
+            state = "is a folder, not a template file" if card_template.is_dir() else "does not exist"
+            raise CliError(f"{path}: output.card_template {str(card_template)!r} {state} (paths are relative to the "
+                           "YAML file's folder).")
         from .card import TemplateProblem, check_template
 
         try:  # a template that cannot render would fail after the merge, throwing its hours away
@@ -257,6 +259,9 @@ def _model_entry(value: Any, key: str, folder: Path, path: Path) -> tuple[str, s
             raise CliError(f"{path}: '{key}' as a mapping needs 'path' (and optionally 'revision'); got keys "
                            f"{sorted(map(str, value))}.")
         name, revision = value["path"], value.get("revision")
+        if not isinstance(name, str):
+            raise CliError(f"{path}: {key}.path {name!r} is not a string (YAML read it as {type(name).__name__}); "
+                           "quote it so that YAML keeps it as written.")
         if revision is not None and not isinstance(revision, str):
             # YAML reads 0123456 as the octal number 42798: converting back would name another revision
             raise CliError(f"{path}: {key}.revision {revision!r} is not a string (YAML read it as "
@@ -277,7 +282,14 @@ def _model_entry(value: Any, key: str, folder: Path, path: Path) -> tuple[str, s
 def _model_location(name: str, folder: Path, where: str) -> str:
     """Local folders are relative to the YAML file; anything else is passed on as a Hub id."""
     if name.startswith(("./", "../", "/", "~", ".\\", "..\\")) or os.path.isabs(name):
-        return str(_local_path(name, folder))
+        local = _local_path(name, folder)
+        if not local.exists():  # written as a path, so never a Hub id: say so now, not at load time
+            hint = (f" It exists under the current directory, but model paths are relative to the YAML file: write "
+                    f"it relative to {folder}, or as an absolute path." if Path(name).expanduser().is_dir() else
+                    " Model paths are relative to the YAML file's folder." if not Path(name).expanduser().is_absolute()
+                    else "")
+            raise CliError(f"{where}: {name!r} names the local folder {local}, which does not exist.{hint}")
+        return str(local)
     candidate = folder / name
     if candidate.is_dir():
         return str(candidate)

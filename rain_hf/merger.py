@@ -68,7 +68,7 @@ from .writer import ShardedSafetensorsWriter, TensorSpec, atomic_directory
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ROLES = ("base", "reasoning", "instruct")
 
 
@@ -187,12 +187,24 @@ def check_device(device: str | torch.device | None) -> None:
     if device is None:
         return
     try:
-        torch.device(device)
+        parsed = torch.device(device)
     except RuntimeError as exc:
         raise ConfigError(f"device={str(device)!r} is not a torch device: use cpu, cuda or cuda:N.") from exc
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={str(device)!r}, but torch sees no CUDA device here (torch "
-                          f"{torch.__version__}): use device='cpu', or install a CUDA build of torch.")
+    if parsed.type == "meta":
+        raise ConfigError("device='meta' holds no weights, so nothing could be merged or saved: use cpu or cuda.")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={str(device)!r}, but torch sees no CUDA device here (torch "
+                              f"{torch.__version__}): use device='cpu', or install a CUDA build of torch.")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={str(device)!r}, but torch sees {torch.cuda.device_count()} CUDA device(s) "
+                              f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}; CUDA_VISIBLE_DEVICES renumbers them).")
+    elif parsed.type != "cpu":
+        backend = getattr(torch, parsed.type, None)  # torch.mps, torch.xpu …
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise ConfigError(f"device={str(device)!r}, but this torch build ({torch.__version__}) has no usable "
+                              f"{parsed.type} device: use cpu or cuda.")
 
 
 def _saved_dtype(config: RainMergingConfig, stored: torch.dtype) -> torch.dtype:

@@ -176,13 +176,21 @@ def test_sigterm_removes_the_half_written_output(triple, tmp_path, capsys, monke
     assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) == before
 
 
-def test_missing_model_is_a_runtime_error(tmp_path, capsys):
-    config = _write(tmp_path, _minimal(tmp_path, base_model="./models/nowhere"))
-    (tmp_path / "data" / "r.json").write_text('[{"prompt": "2+2?"}]')  # the data checks come first and pass
-    (tmp_path / "data" / "i.jsonl").write_text('{"prompt": "Say hi."}\n')
-    assert main([str(config), "--dry-run"]) == 1
+def test_missing_model_folder_is_a_configuration_error(tmp_path, capsys, monkeypatch):
+    # a name written as a path is never a Hub id: a missing folder is the YAML's problem (exit 2), named at once
+    config = _write(tmp_path / "configs", _minimal(tmp_path / "configs", base_model="./models/nowhere"))
+    assert main([str(config), "--dry-run"]) == 2
     line = _one_error_line(capsys.readouterr().err)
-    assert "nowhere" in line and "base" in line
+    assert re.search(r"base_model: './models/nowhere' names the local folder .*configs/models/nowhere, which does "
+                     r"not exist\. Model paths are relative to the YAML file's folder", line)
+    (tmp_path / "models" / "nowhere").mkdir(parents=True)  # relative to the working directory, as mergekit reads
+    monkeypatch.chdir(tmp_path)
+    assert main([str(config), "--dry-run"]) == 2
+    assert "It exists under the current directory, but model paths are relative to the YAML file" in _one_error_line(
+        capsys.readouterr().err)
+    config = _write(tmp_path, _minimal(tmp_path, base_model={"path": 5}))
+    assert main([str(config), "--dry-run"]) == 2
+    assert "base_model.path 5 is not a string" in _one_error_line(capsys.readouterr().err)
 
 
 def test_load_job_resolves_paths_revisions_and_numbers(tmp_path):
@@ -312,6 +320,7 @@ def test_full_run_writes_the_output_folder(triple, tmp_path, capsys, monkeypatch
 
 def test_problems_found_before_any_weight_is_loaded(triple, tmp_path, capsys, monkeypatch):
     """Each of these used to surface only after the load (or the whole merge), or not in a dry run."""
+    import torch
     import transformers
 
     root, paths = triple
@@ -352,6 +361,9 @@ def test_problems_found_before_any_weight_is_loaded(triple, tmp_path, capsys, mo
         (dict(), ["--out", str(tmp_path / "o"), "--push-to-hub", "me/x"],
          "HF_HUB_OFFLINE is set"),
         (dict(), ["--out", str(tmp_path / "o"), "--device", "gpu"], "is not a torch device"),
+        (dict(), ["--out", str(tmp_path / "o"), "--device", "meta"], "device='meta' holds no weights"),
+        *([] if torch.xpu.is_available() else [
+            (dict(), ["--out", str(tmp_path / "o"), "--device", "xpu"], "has no usable xpu device")]),
         # --overwrite must not delete an input that is not a model: calibration data, template, the YAML itself
         (dict(), ["--out", str(root), "--overwrite"], "holds the calibration.reasoning"),
         (dict(calibration={"reasoning": "cal/r.json", "instruction": "instruction.jsonl"}),
@@ -434,6 +446,31 @@ def test_dtype_shard_size_and_card_template_reach_the_merge(triple, tmp_path):
 
     block = yaml.safe_load(re.search(r"```yaml\n(.*?)```", build_model_card(sidecar).text, flags=re.S).group(1))
     assert block["dtype"] == "bfloat16" and block["parameters"]["max_shard_size"] == "40KB"
+
+
+def test_float64_card_yaml_reruns(tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    from rain_hf import testing
+
+    paths = testing.build_triple(tmp_path, "qwen2", dtype=torch.float64)
+    config = _write(tmp_path, {"base_model": "base", "reasoning_model": "reasoning", "instruct_model": "instruct",
+                               "method": "task_arithmetic", "parameters": {"lam": 0.5}})
+    assert paths and main([str(config), "--out", str(tmp_path / "first")]) == 0
+    card = (tmp_path / "first" / "README.md").read_text()
+    block = yaml.safe_load(re.search(r"```yaml\n(.*?)```", card, flags=re.S).group(1))
+    assert block["dtype"] == "float64"  # the card names the dtype it loaded, which the YAML must accept
+    rerun = _write(tmp_path, block, name="rerun.yaml")
+    assert main([str(rerun), "--out", str(tmp_path / "second")]) == 0, capsys.readouterr().err
+    first, second = (load_file(tmp_path / name / "model.safetensors") for name in ("first", "second"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    template_folder = _write(tmp_path, {**block, "output": {"card_template": "first"}}, name="folder.yaml")
+    assert main([str(template_folder), "--dry-run"]) == 2
+    assert "output.card_template '" in (line := _one_error_line(capsys.readouterr().err))
+    assert "is a folder, not a template file (paths are relative to the YAML file's folder)" in line
+
+
 @pytest.mark.parametrize("parameters, expected", [
     ({"layers": [0, 9]}, "config.layers names layers [9], but the model has 2"),
     ({"think_open": "<thinking>"}, "think-open token '<thinking>' is not a single token of the tokenizer"),

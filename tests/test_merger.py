@@ -1132,6 +1132,12 @@ def test_inputs_are_protected(qwen2, tmp_path, caplog):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="torch sees no CUDA device"):
             RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], device="cuda")
+    else:
+        with pytest.raises(ConfigError, match="CUDA device\\(s\\)"):
+            RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
+                                       device=f"cuda:{torch.cuda.device_count()}")
+    with pytest.raises(ConfigError, match="device='meta' holds no weights"):
+        RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], device="meta")
 
 
 def test_licence_comes_from_the_reasoning_models_card(qwen2, tmp_path):
