@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="where forward passes and projections run, e.g. cuda, "
                         "cuda:1 (default: cpu)")
     parser.add_argument("--dry-run", action="store_true", help="validate the models and config, print the plan, "
-                        "merge nothing")
+                        "merge nothing (Hub models are still downloaded in full: the check reads their files)")
     parser.add_argument("--overwrite", action="store_true", help="replace DIR if it exists (only an earlier "
                         "output: a folder holding rain_merging_config.json)")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logs, and tracebacks on errors")
