@@ -4,7 +4,8 @@
 file of the output folder — weights, index, config, tokenizer, chat template, generation config, ``README.md``
 (the model card), heatmap and sidecar — in **one** ``create_commit``. Each file is passed to the Hub client as a
 path, so large shards are hashed and uploaded in chunks, never read whole into memory. The same commit deletes
-the weights (and heatmap) an earlier upload left at the top of the repository that this folder does not have:
+the weights, tokenizer, chat template and generation config files (and heatmap) an earlier upload left at the
+top of the repository that this folder does not have:
 transformers reads ``model.safetensors`` before ``model.safetensors.index.json``, so an old single-file merge
 would otherwise shadow a new sharded one. Any failure from the
 Hub (authentication, a missing or wrongly typed repository, a bad revision, network errors) is raised as
@@ -44,10 +45,14 @@ DEFAULT_COMMIT_MESSAGE = "Upload merged model (rain_hf)"
 _OTHER_REPO_TYPES = {"datasets": "dataset", "spaces": "Space", "kernels": "kernel", "buckets": "bucket"}
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 #: Top-level files of an earlier upload that a new upload replaces (deleted when the folder lacks them): the
-#: names transformers loads a model's weights from, and the stage-2 heatmap of a merge that had stage 2. Other
-#: files (a Trainer's optimizer.pt, an adapter) are left alone.
+#: names transformers loads a model's weights, tokenizer, chat template and generation config from (an old
+#: special_tokens_map.json or added_tokens.json would change the new tokenizer's special tokens), and the stage-2
+#: heatmap of a merge that had stage 2. Other files (a Trainer's optimizer.pt, an adapter) are left alone.
 REPLACED_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
                      "pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json",
+                     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                     "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
+                     "chat_template.jinja", "chat_template.json", "generation_config.json",
                      "rain_merging_heatmap.png")
 
 

@@ -418,17 +418,19 @@ def test_a_new_upload_deletes_the_weights_it_replaces(hub, merged, tmp_path, cap
     (old / "original").mkdir(parents=True)
     kept = {"notes.md", "original/model.safetensors", "optimizer.pt", "training_args.bin", "adapter_model.safetensors",
             "adapter_config.json"}  # not a model's weights: left alone
-    for name in ("model.safetensors", "rain_merging_heatmap.png", "config.json", *kept):
+    for name in ("model.safetensors", "rain_merging_heatmap.png", "config.json", "special_tokens_map.json",
+                 "added_tokens.json", *kept):  # an old tokenizer's special tokens would change the new one's
         (old / name).write_bytes(b"an earlier merge: " + name.encode())
     push_folder(old, "me/r1-rain", token=TOKEN)
     (merged / "rain_merging_heatmap.png").unlink()  # the new merge ran without stage 2
     push_folder(merged, "me/r1-rain", token=TOKEN, create_pr=True)
-    assert hub.commits[-1]["deleted"] == ["model.safetensors", "rain_merging_heatmap.png"]
+    replaced = ["added_tokens.json", "model.safetensors", "rain_merging_heatmap.png", "special_tokens_map.json"]
+    assert hub.commits[-1]["deleted"] == replaced
     assert "model.safetensors" in hub.trees[("me/r1-rain", "main")]  # a pull request leaves main as it was
     with caplog.at_level("WARNING", logger="rain_hf.hub"):
         push_folder(merged, "me/r1-rain", token=TOKEN)
     # transformers would load an old model.safetensors before the new index: it goes in the same commit
-    assert hub.commits[-1]["deleted"] == ["model.safetensors", "rain_merging_heatmap.png"]
+    assert hub.commits[-1]["deleted"] == replaced
     remote = set(hub.trees[("me/r1-rain", "main")])
     assert remote == (EXPECTED_FILES - {"rain_merging_heatmap.png"}) | {".gitattributes"} | kept
     assert "holds adapter_config.json, so transformers will load it as a peft adapter" in caplog.text
