@@ -11,7 +11,7 @@ snapshots); inputs known only as local folders are named in the card's body inst
 results passed in explicitly.
 
 A custom template receives the same variables as the default one: ``card_data`` (the YAML front matter),
-``info`` (the sidecar dict), ``model_name``, ``model_id``, ``method``, ``method_title``, ``method_formula``,
+``info`` (the sidecar dict), ``model_name``, ``model_id``, ``model_revision``, ``method``, ``method_title``, ``method_formula``,
 ``lam``, ``config``, ``config_yaml``, ``inputs`` / ``local_inputs`` (rows with ``role``, ``link``, ``path``,
 ``revision``, ``hub_id``), ``reasoning_name`` / ``instruct_name`` / ``base_name`` (markdown links or paths),
 ``has_calibration``, ``calibration``, ``heatmap_file``, ``coef_stats``, ``removed``, ``timings``, ``projection``
@@ -126,6 +126,7 @@ def build_model_card(
     *,
     model_id: str | None = None,
     model_name: str | None = None,
+    model_revision: str | None = None,
 ) -> ModelCard:
     """Render the model card of a merge from its sidecar dict (``rain_merging_config.json``).
 
@@ -136,6 +137,7 @@ def build_model_card(
             ``task_type``, ``dataset_name``, ``dataset_type``, ``metric_type``, ``metric_name``, ``metric_value``
             (and optionally any other ``EvalResult`` field).
         model_id: the repository id or folder the usage snippet loads (default ``"path/to/merged-model"``).
+        model_revision: the branch the snippet loads, when the model is pushed to one other than main.
         model_name: the card's title and ``model-index`` name (default: derived from the inputs).
 
     Returns:
@@ -183,6 +185,7 @@ def build_model_card(
         "info": info,
         "model_name": name,
         "model_id": model_id or "path/to/merged-model",
+        "model_revision": model_revision if model_revision not in (None, "main") else None,
         "method": method,
         "method_title": _METHOD_TITLES.get(method, method),
         "method_formula": _method_formula(method, lam, config),
@@ -273,6 +276,7 @@ def write_model_card(
     *,
     model_id: str | None = None,
     model_name: str | None = None,
+    model_revision: str | None = None,
 ) -> Path:
     """Write ``README.md`` (and ``rain_merging_heatmap.png`` when there are head coefficients) into ``folder``.
 
@@ -288,7 +292,8 @@ def write_model_card(
         'README.md'
     """
     folder = Path(folder)
-    card = build_model_card(info, template_path, eval_results, model_id=model_id, model_name=model_name)
+    card = build_model_card(info, template_path, eval_results, model_id=model_id, model_name=model_name,
+                            model_revision=model_revision)
     folder.mkdir(parents=True, exist_ok=True)
     coefficients = (info.get("report") or {}).get("head_coefficients")
     if _stats(coefficients) is not None:  # the card links the heatmap only then

@@ -638,8 +638,13 @@ def _run(args: argparse.Namespace) -> int:
     for kind in CALIBRATION_KEYS:
         if (merger.calibration_info.get(kind) or {}).get("is_file") and kind in job.written_calibration:
             merger.calibration_info[kind]["source"] = job.written_calibration[kind]
+    model_id = None
+    if args.push_to_hub:
+        from .hub import namespaced_repo_id
+
+        model_id = namespaced_repo_id(args.push_to_hub, job.token)
     saved = merger.save_pretrained(out, overwrite=args.overwrite, max_shard_size=job.max_shard_size,
-                                   card_template=job.card_template, model_id=args.push_to_hub)
+                                   card_template=job.card_template, model_id=model_id)
     print(str(merger.report))
     print(f"saved: {saved}")
     if args.push_to_hub:

@@ -110,7 +110,7 @@ def push_folder(
         >>> push_folder("merged", "my-user/r1-rain-merged", create_pr=True).pr_url  # doctest: +SKIP
         'https://huggingface.co/my-user/r1-rain-merged/discussions/1'
     """
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     files = _files_to_upload(folder)
     retry = _RetryHint(folder, repo_id, private, revision, create_pr)
     reason = _push_target_problem(repo_id, revision)
@@ -192,6 +192,21 @@ def _replaced_files(api: HfApi, repo_id: str, revision: str | None, uploading: s
               if isinstance(entry, RepoFile)]
     stale = sorted(name for name in remote if _is_replaced(name) and name not in uploading)
     return stale, "adapter_config.json" in remote and "adapter_config.json" not in uploading
+
+
+def namespaced_repo_id(repo_id: str, token: str | bool | None = None) -> str:
+    """``repo_id`` with the namespace the Hub gives a bare name (the token's user), for the card's usage snippet;
+    unchanged when it has a namespace or the Hub cannot say (offline, no token)."""
+    if "/" in repo_id:
+        return repo_id
+    try:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return repo_id
+        return f"{HfApi(token=token).whoami()['name']}/{repo_id}"
+    except Exception:  # the snippet keeps the bare name; the push itself reports real failures
+        return repo_id
 
 
 def _model_repo_id(repo_id: str) -> str:

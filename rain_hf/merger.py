@@ -1129,6 +1129,7 @@ class RainMerger:
         card_template: str | os.PathLike | None = None,
         eval_results: list | None = None,
         model_id: str | None = None,
+        model_revision: str | None = None,
     ) -> Path:
         """Write the merged model as a Hugging Face folder (loadable with ``AutoModelForCausalLM``).
 
@@ -1140,7 +1141,8 @@ class RainMerger:
         folder are refused rather than deleted.
 
         ``model_id`` is what the card's usage snippet loads: pass the Hub repository you will push the folder to
-        with :func:`rain_hf.hub.push_folder` (default: ``save_directory`` as given).
+        with :func:`rain_hf.hub.push_folder` (default: ``save_directory`` as given), and ``model_revision`` the
+        branch, if not main. Returns the folder's path (``~`` expanded).
         """
         if not self.merged:
             raise RuntimeError("Nothing to save yet: call merge() first.")
@@ -1166,7 +1168,7 @@ class RainMerger:
                 json.dump(info, f, indent=2)
                 f.write("\n")
             write_model_card(tmp, info, template_path=card_template, eval_results=eval_results,
-                             model_id=model_id or str(save_directory))
+                             model_id=model_id or str(save_directory), model_revision=model_revision)
             writer = ShardedSafetensorsWriter(tmp, specs, shard_size)
             try:
                 for spec in tqdm(writer._order, desc="save", unit="tensor"):
@@ -1191,7 +1193,7 @@ class RainMerger:
                 (tmp / file.name).write_bytes(file.read_bytes())
             self.tokenizer.save_pretrained(str(tmp))
         self.report.timings["save"] = time.perf_counter() - start
-        return Path(save_directory)
+        return Path(save_directory).expanduser()
 
     def push_to_hub(
         self,
@@ -1203,10 +1205,19 @@ class RainMerger:
         create_pr: bool = False,
         max_shard_size: int | str | None = None,
         save_directory: str | os.PathLike | None = None,
+        overwrite: bool = False,
+        card_template: str | os.PathLike | None = None,
+        eval_results: list | None = None,
     ):
         """Save the merged model (to ``save_directory``, or a temporary folder deleted after the upload) and upload
-        it in one commit."""
-        from .hub import HubError, check_push_target, push_folder
+        it in one commit. ``overwrite``, ``card_template`` and ``eval_results`` are passed to
+        :meth:`save_pretrained`; the card's usage snippet loads ``repo_id`` (with your namespace when the id has
+        none and the token says who you are) at ``revision``.
+
+        Example:
+            >>> merger.push_to_hub("my-user/r1-rain", private=True, save_directory="r1-rain")  # doctest: +SKIP
+        """
+        from .hub import HubError, check_push_target, namespaced_repo_id, push_folder
 
         check_push_target(repo_id, revision)  # before a save that may take minutes and gigabytes
         scratch = None
@@ -1214,7 +1225,9 @@ class RainMerger:
             scratch = tempfile.TemporaryDirectory(prefix="rain_hf-push-")
             save_directory = Path(scratch.name) / repo_id.replace("/", "--")
         try:
-            folder = self.save_pretrained(save_directory, max_shard_size=max_shard_size, model_id=repo_id)
+            folder = self.save_pretrained(save_directory, max_shard_size=max_shard_size, overwrite=overwrite,
+                                          card_template=card_template, eval_results=eval_results,
+                                          model_id=namespaced_repo_id(repo_id, token), model_revision=revision)
             try:
                 return push_folder(folder, repo_id, private=private, token=token, revision=revision,
                                    commit_message=commit_message or f"Upload {self.config.method} merge made with "

@@ -64,6 +64,7 @@ class FakeHub(httpx2.BaseTransport):
 
     _ROUTES = [
         ("create_repo", "POST", r"/api/repos/create"),
+        ("whoami", "GET", r"/api/whoami-v2"),
         ("validate_yaml", "POST", r"/api/validate-yaml"),
         ("branch", "POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/branch/(?P<branch>[^/]+)"),
         ("preupload", "POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/preupload/(?P<rev>[^/]+)"),
@@ -100,6 +101,9 @@ class FakeHub(httpx2.BaseTransport):
             self.branches[repo] = {"main"}
             self.trees[(repo, "main")] = {".gitattributes": {"mode": "regular", "content": b"*.safetensors lfs"}}
         return httpx2.Response(200, json={"url": f"https://huggingface.co/{repo}"})
+
+    def _whoami(self, request, match):
+        return httpx2.Response(200, json={"name": "fake-user", "type": "user"})
 
     def _repo_info(self, request, match):
         repo = match["repo"]
@@ -474,6 +478,29 @@ def test_merger_push_to_hub_sends_one_commit_with_card_and_weights(hub, tmp_path
     assert "task_arithmetic" in card and card.startswith("---\n")
     assert info.commit_url.startswith("https://huggingface.co/me/tiny-ta/commit/")
     assert 'model_id = "me/tiny-ta"' in card
+
+
+def test_merger_push_to_hub_card_snippet_loads_the_pushed_branch_and_namespace(hub, tmp_path, monkeypatch):
+    from rain_hf import RainMerger, RainMergingConfig, testing
+
+    paths = testing.build_triple(tmp_path / "triple", "qwen2")
+    merger = RainMerger.from_pretrained(paths["base"], paths["reasoning"], paths["instruct"],
+                                        RainMergingConfig(method="task_arithmetic", lam=0.5))
+    merger.merge()
+    merger.push_to_hub("me/tiny-ta", token=TOKEN, revision="dev", save_directory=tmp_path / "saved")
+    card = hub.commits[-1]["files"]["README.md"]["content"].decode()
+    assert 'model_id = "me/tiny-ta"\nrevision = "dev"' in card
+    assert "AutoTokenizer.from_pretrained(model_id, revision=revision)" in card
+    assert "AutoModelForCausalLM.from_pretrained(model_id, revision=revision," in card
+    # a bare name lands in the token's namespace; the snippet says where; push_to_hub passes the save options on
+    template = tmp_path / "card.md.j2"
+    template.write_text("---\n{{ card_data }}\n---\n# mine: {{ model_id }} {{ model_revision }}\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    merger.push_to_hub("tiny2", token=TOKEN, save_directory="~/saved", overwrite=True, card_template=template)
+    assert (tmp_path / "saved" / "README.md").read_text().endswith("# mine: fake-user/tiny2 None\n")
+    assert hub.commits[-1]["files"]["README.md"]["content"].decode().endswith("# mine: fake-user/tiny2 None\n")
+    assert merger.save_pretrained("~/again").is_absolute()  # ~ expanded, so push_folder finds it
+    push_folder("~/again", "me/tiny-ta", token=TOKEN)
 
 
 def test_merger_push_to_hub_without_a_folder_deletes_its_copy(hub, tmp_path, monkeypatch):
