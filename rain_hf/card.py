@@ -12,7 +12,7 @@ results passed in explicitly.
 
 A custom template receives the same variables as the default one: ``card_data`` (the YAML front matter),
 ``info`` (the sidecar dict), ``model_name``, ``model_id``, ``model_revision``, ``method``, ``method_title``, ``method_formula``,
-``lam``, ``config``, ``config_yaml``, ``inputs`` / ``local_inputs`` (rows with ``role``, ``link``, ``path``,
+``lam``, ``config``, ``config_yaml``, ``merged_scope``, ``inputs`` / ``local_inputs`` (rows with ``role``, ``link``, ``path``,
 ``revision``, ``hub_id``), ``reasoning_name`` / ``instruct_name`` / ``base_name`` (markdown links or paths),
 ``has_calibration``, ``calibration``, ``heatmap_file``, ``coef_stats``, ``removed``, ``timings``, ``projection``
 (stage 1 as it ran: ``"sequential"``, ``"one-shot"`` or ``None``), ``versions``, ``think_open``, ``think_close``,
@@ -78,7 +78,6 @@ CITATION = """@inproceedings{huang2026rainmerging,
   url           = {https://arxiv.org/abs/2602.22538}
 }"""
 
-_BASE_TAGS = ["merge", "rain-merging", "reasoning"]
 _METHOD_TITLES = {
     "rain": "RAIN-Merging",
     "task_arithmetic": "Task Arithmetic",
@@ -160,10 +159,11 @@ def build_model_card(
     config: dict[str, Any] = dict(info.get("config") or {})
     inputs = _input_rows(info.get("inputs") or {})
     hub_ids = list(dict.fromkeys(row["hub_id"] for row in inputs if row["hub_id"]))
-    name = model_name or _default_model_name(method, inputs)
+    name = _inline(model_name or _default_model_name(method, inputs))
     results = _eval_results(eval_results)
 
-    tags = list(_BASE_TAGS) + ([method] if method != "rain" else [])
+    # the rain-merging tag only on RAIN merges: a baseline made with this library is not one
+    tags = ["merge", "rain-merging", "reasoning"] if method == "rain" else ["merge", "reasoning", method]
     card_data = ModelCardData(
         base_model=hub_ids or None,
         library_name="transformers",
@@ -189,6 +189,7 @@ def build_model_card(
         "method": method,
         "method_title": _METHOD_TITLES.get(method, method),
         "method_formula": _method_formula(method, lam, config),
+        "merged_scope": _merged_scope(config),
         "lam": None if method == "slerp" else lam,
         "config": config,
         "config_yaml": _reproduction_yaml(method, config, info),
@@ -348,6 +349,18 @@ def plot_head_coefficients(
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+def _inline(text: str, cell: bool = False) -> str:
+    """``text`` fit for one markdown line: whitespace runs (newlines too) become one space; in a table ``cell``, a
+    bar, which would end the cell, is escaped too.
+
+    Example:
+        >>> _inline("data/r|v2\\n.jsonl"), _inline("data/r|v2\\n.jsonl", cell=True)
+        ('data/r|v2 .jsonl', 'data/r\\\\|v2 .jsonl')
+    """
+    text = " ".join(str(text).split())
+    return text.replace("|", "\\|") if cell else text
+
+
 def _input_rows(inputs: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for role in list(_ROLE_ORDER) + sorted(set(inputs) - set(_ROLE_ORDER)):
@@ -360,11 +373,9 @@ def _input_rows(inputs: dict[str, Any]) -> list[dict[str, Any]]:
         lora = role == "instruct" and entry.get("kind") == "lora"
         label = {"reasoning": "reasoning model (θ_R, the anchor)", "base": "base model (θ_B)",
                  "instruct": "instruct LoRA adapter (on θ_B)" if lora else "instruct model (θ_I)"}.get(role, role)
-        # a bar would end the table cell the link sits in
-        link = (f"[{hub_id}](https://huggingface.co/{hub_id})" if hub_id
-                else f"local folder `{path}`".replace("|", "\\|"))
+        link = f"[{hub_id}](https://huggingface.co/{hub_id})" if hub_id else f"local folder `{_inline(path, cell=True)}`"
         revision = entry.get("revision") or None
-        rows.append({"role": label, "key": role, "hub_id": hub_id, "path": str(path), "link": link,
+        rows.append({"role": label, "key": role, "hub_id": hub_id, "path": _inline(path), "link": link,
                      "revision": f"`{revision}`" if revision else None,
                      "name": entry.get("name_or_path") or hub_id or str(path),
                      "note": None})
@@ -382,7 +393,7 @@ def _license_rows(info: dict[str, Any], inputs: list[dict[str, Any]]) -> list[di
 
 
 def _display_name(row: dict[str, Any]) -> str:
-    return f"[{row['hub_id']}](https://huggingface.co/{row['hub_id']})" if row["hub_id"] else f"`{row['name']}`"
+    return f"[{row['hub_id']}](https://huggingface.co/{row['hub_id']})" if row["hub_id"] else f"`{_inline(row['name'])}`"
 
 
 def _default_model_name(method: str, inputs: list[dict[str, Any]]) -> str:
@@ -395,6 +406,25 @@ def _default_model_name(method: str, inputs: list[dict[str, Any]]) -> str:
     reasoning, instruct = short("reasoning"), short("instruct")
     tag = "RAIN" if method == "rain" else method.replace("_", "-")
     return "-".join(part for part in (reasoning, tag, instruct) if part) or f"{tag}-merge"
+
+
+def _merged_scope(config: dict[str, Any]) -> str:
+    """Which linear layers the merge changed, as the card's sentence starts ("Only the linear layers … are merged").
+
+    Example:
+        >>> _merged_scope({"target_modules": ["q_proj", "v_proj"], "layers": [0, 3]})
+        'Only the linear layers `q_proj`, `v_proj` of decoder layers 0, 3 are merged'
+    """
+    targets = config.get("target_modules") or "all-linear"
+    if targets == "all-linear":
+        what = "the linear layers"
+    elif isinstance(targets, str):
+        what = f"the linear layers matching `{targets}`"
+    else:
+        what = "the linear layers " + ", ".join(f"`{t}`" for t in targets)
+    layers = config.get("layers")
+    where = f"of decoder layers {', '.join(map(str, layers))}" if layers else "inside the decoder blocks"
+    return f"Only {what} {where} are merged"
 
 
 def _method_formula(method: str, lam: Any, config: dict[str, Any]) -> str:
@@ -456,7 +486,7 @@ def _reproduction_yaml(method: str, config: dict[str, Any], info: dict[str, Any]
         else:
             text += (f"\n# {name} calibration: {entry['source']}, not a file; save it as JSONL and add it under "
                      "calibration:")
-    if config.get("lam") == "auto" and info.get("lam") is not None:
+    if config.get("lam") == "auto" and info.get("lam") is not None and config.get("stage1", True):
         text += (f"\n# lam='auto' chose λ = {info['lam']}, projecting with the reasoning samples it did not hold out; "
                  f"lam: {info['lam']} with the same file projects with all of them, so its weights differ")
     if config.get("sequential") is None and projection:
@@ -473,7 +503,7 @@ def _calibration_rows(calibration: dict[str, Any]) -> list[dict[str, Any]]:
             if entry.get("num_held_out"):
                 used = f"{used} ({entry['num_held_out']} held out to choose λ)"
             rows.append({"name": name, "num_samples": used,
-                         "num_malformed": entry.get("num_malformed", "–"), "source": entry.get("source") or "–"})
+                         "num_malformed": entry.get("num_malformed", "–"), "source": _inline(entry.get("source") or "–", cell=True)})
     return rows
 
 

@@ -140,11 +140,24 @@ def test_body_has_method_config_calibration_and_usage(tmp_path):
     assert _yaml_block(text)["parameters"]["lam"] == "auto"  # a rerun repeats the search and its hold-out
     assert ("lam='auto' chose λ = 1.25, projecting with the reasoning samples it did not hold out; lam: 1.25 with the "
             "same file projects with all of them") in text
+    picked["config"]["stage1"] = False  # nothing projected: lam: 1.25 gives the same weights
+    assert "lam='auto' chose" not in build_model_card(picked).text
     for stage, said in (("stage1", "Stage 1 was off for this merge: Δ⊥ = Δ, nothing was projected."),
                         ("stage2", "Stage 2 was off for this merge: every α = 1.")):
         ablation = copy.deepcopy(info)
         ablation["config"][stage] = False
         assert said in " ".join(build_model_card(ablation).text.split())
+
+
+def test_paths_cannot_break_the_markdown():
+    info = _info(local=("instruct",))
+    info["inputs"]["instruct"]["name_or_path"] = "/data/it|v2\n## Heading"
+    info["calibration"]["reasoning"]["source"] = "calib/r|v2.jsonl"
+    text = build_model_card(info).text
+    assert "| reasoning | 150 | 3 | calib/r\\|v2.jsonl |" in text
+    assert "| local folder `/data/it\\|v2 ## Heading` |" in text  # a table cell
+    assert "- instruct model (θ_I): local folder `/data/it|v2 ## Heading`" in text  # a list item
+    assert "of `/data/it|v2 ## Heading` into" in text and "\n## Heading" not in text
 
 
 def test_o_proj_residual_as_merged_gets_its_own_column():
@@ -331,10 +344,14 @@ def test_baseline_cards(tmp_path, method):
     readme = write_model_card(tmp_path, info)
     text = readme.read_text(encoding="utf-8")
     data = ModelCard.load(readme).data
-    assert data.tags == ["merge", "rain-merging", "reasoning", method]
+    assert data.tags == ["merge", "reasoning", method]  # not tagged as a RAIN merge
     assert data.license is None and "license" not in _front_matter(text)
     assert "## Calibration data" not in text and not (tmp_path / HEATMAP_NAME).exists()
     assert _yaml_block(text)["method"] == method
+    assert "Only the linear layers inside the decoder blocks are merged;" in " ".join(text.split())
+    info["config"].update(target_modules=["q_proj"], layers=[0], project_bias=True)  # a narrower merge says so
+    text = " ".join(build_model_card(info).text.split())
+    assert "Only the linear layers `q_proj` of decoder layers 0 are merged, with their biases;" in text
 
 
 def test_custom_template(tmp_path):
