@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from rain_hf._modes import eval_mode as _eval_mode
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -557,19 +559,6 @@ def _model_device(model: torch.nn.Module) -> torch.device:
         return next(model.parameters()).device
     except StopIteration:
         return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _eval_mode(*models: torch.nn.Module) -> Iterator[None]:
-    """Put models in eval mode (no dropout) for the block, then restore their training flags."""
-    flags = [m.training for m in models]
-    try:
-        for m in models:
-            m.eval()
-        yield
-    finally:
-        for m, flag in zip(models, flags):
-            m.train(flag)
 
 
 def _pad(seqs: Sequence[torch.Tensor], pad_token_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._modes import eval_mode
 from .calibration import CalibrationSample
 from .coefficients import attention_mass, masked_query_mean
 from .config import ConfigError, RainMergingConfig
@@ -331,6 +332,20 @@ class ThinkFeatures:
         return cls(bases, json.loads(meta["module_group"]), json.loads(meta["settings"]), heldout)
 
 
+def _register_all(pairs: Sequence[tuple[nn.Module, Any]], pre: bool) -> list[Any]:
+    """Register each (module, hook) as a forward pre-hook (``pre``) or forward hook; all of them or none: a failure
+    part way removes the ones already registered, so no hook outlives a failed call."""
+    handles: list[Any] = []
+    try:
+        for module, hook in pairs:
+            handles.append(module.register_forward_pre_hook(hook) if pre else module.register_forward_hook(hook))
+    except BaseException:
+        for handle in handles:
+            handle.remove()
+        raise
+    return handles
+
+
 class _FeatureRecorder:
     """Forward pre-hooks that keep each targeted module's input rows at the thinking positions.
 
@@ -343,7 +358,7 @@ class _FeatureRecorder:
         self.module_group: dict[str, str] = {}
         self._last: tuple[torch.Tensor, str] | None = None
         self.index: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.handles = [modules[t.name].register_forward_pre_hook(self._hook(t.name)) for t in targets]
+        self.handles = _register_all([(modules[t.name], self._hook(t.name)) for t in targets], pre=True)
 
     def _hook(self, name: str):
         def hook(_module, args):
@@ -391,13 +406,14 @@ def capture_think_features(
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
     n_rows = 0
     try:
-        for batch in tqdm(list(_batches(samples, config.batch_size)), desc="stage 1: thinking features",
-                          unit="batch"):
-            ids, mask = _pad(batch, pad_token_id, device)
-            recorder.index = _think_index(batch, config)
-            recorder._last = None
-            n_rows += len(recorder.index[1])
-            decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+        with eval_mode(model):
+            for batch in tqdm(list(_batches(samples, config.batch_size)), desc="stage 1: thinking features",
+                              unit="batch"):
+                ids, mask = _pad(batch, pad_token_id, device)
+                recorder.index = _think_index(batch, config)
+                recorder._last = None
+                n_rows += len(recorder.index[1])
+                decoder(input_ids=ids, attention_mask=mask, use_cache=False)
     finally:
         recorder.close()
     svd_device = svd_device or device
@@ -489,6 +505,7 @@ class LayerReplay:
         self.config = config
         self.layers = find_decoder_layers(model)[1]
         self.layer = 0  # the layer whose input ``hidden`` holds
+        self.broken = False  # set while _advance_to moves the batches on, and left set if it is interrupted
         self.hidden: list[torch.Tensor] = []
         self.index: list[tuple[torch.Tensor, torch.Tensor]] = []
         # Per batch and layer, the other arguments the decoder passed (masks differ between layer types, e.g.
@@ -524,7 +541,8 @@ class LayerReplay:
                 self.index.append(_think_index(batch, config))
                 self.calls.append([])
                 try:
-                    decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+                    with eval_mode(model):
+                        decoder(input_ids=ids, attention_mask=mask, use_cache=False)
                 except _Stop:
                     continue
                 finally:
@@ -546,20 +564,27 @@ class LayerReplay:
         hidden, args, kwargs = self.hidden[b], *self.calls[b][self.layer]
         if self.store is not None:
             hidden, args, kwargs = move_tensors((hidden, args, kwargs), self.devices[self.layer], {})
-        out = self.layers[self.layer](hidden, *args, **kwargs)
+        with eval_mode(self.layers[self.layer]):
+            out = self.layers[self.layer](hidden, *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
     def _advance_to(self, layer: int) -> None:
+        if self.broken:
+            raise RuntimeError("This LayerReplay was interrupted while advancing a layer, so its batches sit at "
+                               "different layers: build a new one.")
         if layer < self.layer:
             raise ValueError(f"Layer {layer} was asked for after layer {self.layer}: the groups must come in "
                              "forward order.")
         while self.layer < layer:
-            # batch by batch in place, so the old and the new layer's inputs are never all alive together
+            # batch by batch in place, so the old and the new layer's inputs are never all alive together; an
+            # interruption part way leaves the batches at different layers, which no later call may read
+            self.broken = True
             for b in range(len(self.hidden)):
                 out = self._run_layer(b)
                 self.hidden[b] = out if self.store is None else out.to(self.store)
             self.layer += 1
+            self.broken = False
 
     @torch.no_grad()
     def group_rows(self, layer: int, module_names: Sequence[str]) -> list[torch.Tensor]:
@@ -576,7 +601,7 @@ class LayerReplay:
             rows.append(x[b_idx.to(x.device), t_idx.to(x.device)].float().cpu())
             raise _Stop
 
-        handles = [modules[name].register_forward_pre_hook(hook) for name in module_names]
+        handles = _register_all([(modules[name], hook) for name in module_names], pre=True)
         try:
             for b in range(len(self.hidden)):
                 try:
@@ -656,18 +681,19 @@ def collect_attention_stats(
     logger.info("Stage 2 runs eager attention: up to %.1f MiB per layer for the largest calibration batch (lower "
                 "batch_size or max_length if that does not fit).", peak / 2**20)
     previous = getattr(model.config, "_attn_implementation", None)
-    model.set_attn_implementation("eager")
-    handles = [_attention_of(blocks[layer])[1].register_forward_hook(make_hook(row)) for row, layer in
-               enumerate(layers)]
+    handles = _register_all([(_attention_of(blocks[layer])[1], make_hook(row)) for row, layer in enumerate(layers)],
+                            pre=False)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
     try:
+        model.set_attn_implementation("eager")
         for batch in tqdm(list(_batches(samples, batch_size)), desc="stage 2: instruction attention", unit="batch"):
             ids, mask = _pad(batch, pad_token_id, device)
             width = ids.shape[1]
             masks["I"] = _span_mask(batch, "instruction_spans", width)
             masks["R"] = _span_mask(batch, "constrained_spans", width)
             masks["U"] = _span_mask(batch, "unrelated_spans", width)
-            decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+            with eval_mode(model):
+                decoder(input_ids=ids, attention_mask=mask, use_cache=False)
     finally:
         for h in handles:
             h.remove()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2Config, Qwen3MoeConfig
@@ -91,3 +93,78 @@ def test_eager_attention_estimate_takes_the_largest_batch_in_calibration_order()
     assert eager_attention_bytes([9, 1, 1, 1], 4, num_heads=1, dtype_bytes=4) == 4 * 81 * 12
     assert eager_attention_bytes([9, 1, 1, 1], 1, num_heads=1, dtype_bytes=4) == 81 * 12
     assert eager_attention_bytes([], 4, num_heads=8, dtype_bytes=2) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Capture passes called directly (the merger puts the model in eval mode and passes valid targets itself)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dropout_model_and_samples():
+    from rain_hf import testing
+    from rain_hf.calibration import prepare_reasoning_calibration
+
+    tokenizer = testing.build_tokenizer()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(testing.model_config("qwen2", len(tokenizer), attention_dropout=0.3))
+    samples = prepare_reasoning_calibration(testing.reasoning_records(4), tokenizer, RainMergingConfig(lam=1.0))
+    return model, samples, tokenizer.pad_token_id
+
+
+def _hook_count(model) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def test_direct_capture_runs_in_eval_mode_and_leaves_no_hooks(dropout_model_and_samples):
+    from rain_hf.features import (
+        LayerReplay,
+        capture_think_features,
+        collect_attention_stats,
+        find_decoder_layers,
+    )
+
+    model, samples, pad = dropout_model_and_samples
+    model.train()  # from_config models start in training mode: dropout would make every capture differ
+    config = RainMergingConfig(lam=1.0, batch_size=2)
+    targets = find_target_modules(model, config)
+    first, second = (capture_think_features(model, samples, targets, config, pad) for _ in range(2))
+    for group, (_, s) in first.bases.items():
+        torch.testing.assert_close(s, second.bases[group][1])
+    assert model.training and all(m.training for m in model.modules())  # the caller's mode is back
+    replay = LayerReplay(model, samples, config, pad)
+    rows = replay.group_rows(1, ["model.layers.1.mlp.down_proj"])
+    again = LayerReplay(model, samples, config, pad).group_rows(1, ["model.layers.1.mlp.down_proj"])
+    assert all(torch.equal(a, b) for a, b in zip(rows, again)) and model.training
+    # a bad name after good ones: no hook stays behind to break the model's later passes
+    bad = [*targets, dataclasses.replace(targets[0], name="model.layers.0.self_attn.qproj")]
+    with pytest.raises(KeyError):
+        capture_think_features(model, samples, bad, config, pad)
+    with pytest.raises(KeyError):
+        replay.group_rows(1, ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.qproj"])
+    with pytest.raises(IndexError):
+        collect_attention_stats(model, samples, [0, 5], 2, pad)
+    assert _hook_count(model) == 0 and model.config._attn_implementation != "eager"
+    assert len(find_decoder_layers(model)[1]) == 2
+
+
+def test_an_interrupted_replay_refuses_to_go_on(dropout_model_and_samples, monkeypatch):
+    from rain_hf.features import LayerReplay
+
+    model, samples, pad = dropout_model_and_samples
+    replay = LayerReplay(model, samples, RainMergingConfig(lam=1.0, batch_size=2), pad)
+    run, calls = replay._run_layer, []
+
+    def interrupted(b):
+        calls.append(b)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return run(b)
+
+    monkeypatch.setattr(replay, "_run_layer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        replay.group_rows(1, ["model.layers.1.mlp.down_proj"])
+    monkeypatch.setattr(replay, "_run_layer", run)
+    with pytest.raises(RuntimeError, match="interrupted while advancing a layer, so its batches sit at different "
+                                           "layers: build a new one"):
+        replay.group_rows(1, ["model.layers.1.mlp.down_proj"])
