@@ -347,11 +347,11 @@ class RainMerger:
         ...     base_model="benchmarks/organism/checkpoints/base",
         ...     reasoning_model="benchmarks/organism/checkpoints/reasoning",
         ...     instruct_model="benchmarks/organism/checkpoints/instruct",
-        ...     config=RainMergingConfig(lam=4.0))
+        ...     config=RainMergingConfig(lam=4.0, think_spacing=["", "", ""]))  # the organism's spacing
         >>> model = merger.merge(  # doctest: +SKIP
         ...     reasoning_calibration="benchmarks/organism/data/reasoning_calibration.json",
         ...     instruction_calibration="benchmarks/organism/data/instruction_calibration.jsonl")
-        >>> merger.save_pretrained("organism-rain")  # doctest: +SKIP
+        >>> merger.save_pretrained("out/organism-rain")  # doctest: +SKIP
         >>> print(merger.report)  # doctest: +SKIP
     """
 
@@ -841,6 +841,7 @@ class RainMerger:
                 logger.warning("The RainMergingConfig passed to from_pretrained was changed afterwards (%s); the "
                                "merger merges with its own copy, merger.config: set merger.config.%s instead.",
                                ", ".join(f"{k}={getattr(given, k)!r}" for k in edited), edited[0])
+                self._given_config = (given, given.to_dict())  # said once per edit, not at every later merge
         cfg.validate()
         changed = [name for name in _PLAN_FIELDS if getattr(cfg, name) != getattr(self.plan.config, name)]
         if changed:

@@ -1383,3 +1383,22 @@ def test_lam_auto_search_edge_cases(qwen2, monkeypatch, caplog):
     bumpy.merge(reasoning_records(8))
     assert bumpy.report.lam == 3.0
     assert any("λ 3 passed but the smaller 2 did not" in w for w in bumpy.report.warnings)
+
+
+def test_editing_the_passed_config_warns_once_per_edit(qwen2, caplog):
+    given = RainMergingConfig(method="task_arithmetic", lam=1.0)
+    merger = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], given)
+    given.lam = 2.0  # changes nothing: the merger keeps its own copy
+    with caplog.at_level("WARNING", logger="rain_hf.merger"):
+        merger.merge()
+    assert merger.report.lam == 1.0 and "changed afterwards (lam=2.0)" in caplog.text
+    caplog.clear()
+    merger.config.lam = 3.0  # what the warning says to do: no warning again
+    with caplog.at_level("WARNING", logger="rain_hf.merger"):
+        merger.merge()
+        merger.merge()
+    assert merger.report.lam == 3.0 and "changed afterwards" not in caplog.text
+    given.lam = 4.0  # a new edit of the passed object is said again
+    with caplog.at_level("WARNING", logger="rain_hf.merger"):
+        merger.merge()
+    assert "changed afterwards (lam=4.0)" in caplog.text
