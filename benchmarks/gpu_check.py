@@ -71,7 +71,14 @@ def main() -> int:
         print("benchmarks.gpu_check needs a CUDA device and none is visible; run it on a GPU machine.",
               file=sys.stderr)
         return 2
-    print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}", flush=True)
+    import huggingface_hub
+    import peft
+    import transformers
+
+    # the GPU image's own packages run this (rain_hf from the checkout, not installed): say which
+    print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}, transformers "
+          f"{transformers.__version__}, huggingface_hub {huggingface_hub.__version__}, peft {peft.__version__}",
+          flush=True)
     # start CUDA, cuBLAS, cuSOLVER, the eager attention kernels and the lazy imports before anything is timed
     try:
         merged_state("cpu")
