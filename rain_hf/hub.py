@@ -129,6 +129,8 @@ def push_folder(
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         target = getattr(repo_url, "repo_id", None) or repo_id
         retry.repo_id = target
+        if private:
+            _warn_if_public(api, target)
         # 'refs/pr/N' is an open pull request, not a branch to create
         if revision is not None and revision != "main" and not revision.startswith("refs/pr/"):
             step = f"creating the branch {revision!r}"
@@ -156,6 +158,18 @@ def push_folder(
         raise _hub_error(exc, target, folder, revision, step, retry) from exc
     logger.info("Pushed %d files from %s to %s", len(files), folder, info.pr_url or info.commit_url)
     return info
+
+
+def _warn_if_public(api: HfApi, repo_id: str) -> None:
+    """private=True makes only a new repository private: say so when the push goes to an existing public one."""
+    try:
+        public = api.repo_info(repo_id, repo_type="model").private is False
+    except Exception:  # only a warning is at stake; the commit reports real failures
+        return
+    if public:
+        logger.warning("%s already exists and is public; private=True applies only to a repository the push "
+                       "creates, so this upload is public. Make it private first (repository settings on the Hub, "
+                       "or HfApi().update_repo_settings(repo_id, private=True)).", repo_id)
 
 
 def _files_to_upload(folder: Path) -> list[tuple[str, Path]]:

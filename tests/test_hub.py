@@ -109,7 +109,8 @@ class FakeHub(httpx2.BaseTransport):
         repo = match["repo"]
         if repo not in self.repos:
             return self._error(404, request)
-        return httpx2.Response(200, json={"id": repo, "sha": "0" * 40, "private": False})
+        private = self.repos[repo].get("visibility") == "private"
+        return httpx2.Response(200, json={"id": repo, "sha": "0" * 40, "private": private})
 
     def _validate_yaml(self, request, match):
         content = json.loads(request.read())["content"]
@@ -406,6 +407,18 @@ def test_offline_mode_is_explained(hub, merged, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(HubError, match="HF_HUB_OFFLINE"):
         push_folder(merged, "me/r1-rain", token=TOKEN)
+
+
+def test_private_push_to_an_existing_public_repository_warns(hub, merged, caplog):
+    push_folder(merged, "me/r1-rain", token=TOKEN)  # created public
+    with caplog.at_level("WARNING", logger="rain_hf.hub"):
+        push_folder(merged, "me/r1-rain", token=TOKEN, private=True)
+    assert "already exists and is public; private=True applies only to a repository the push creates" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rain_hf.hub"):
+        push_folder(merged, "me/r1-private", token=TOKEN, private=True)  # made private by this push
+        push_folder(merged, "me/r1-private", token=TOKEN, private=True)
+    assert "is public" not in caplog.text
 
 
 def test_links_out_of_the_folder_are_not_pushed(hub, merged, tmp_path):
