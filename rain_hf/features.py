@@ -564,8 +564,7 @@ class LayerReplay:
         hidden, args, kwargs = self.hidden[b], *self.calls[b][self.layer]
         if self.store is not None:
             hidden, args, kwargs = move_tensors((hidden, args, kwargs), self.devices[self.layer], {})
-        with eval_mode(self.layers[self.layer]):
-            out = self.layers[self.layer](hidden, *args, **kwargs)
+        out = self.layers[self.layer](hidden, *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
@@ -580,9 +579,10 @@ class LayerReplay:
             # batch by batch in place, so the old and the new layer's inputs are never all alive together; an
             # interruption part way leaves the batches at different layers, which no later call may read
             self.broken = True
-            for b in range(len(self.hidden)):
-                out = self._run_layer(b)
-                self.hidden[b] = out if self.store is None else out.to(self.store)
+            with eval_mode(self.model):
+                for b in range(len(self.hidden)):
+                    out = self._run_layer(b)
+                    self.hidden[b] = out if self.store is None else out.to(self.store)
             self.layer += 1
             self.broken = False
 
@@ -605,7 +605,8 @@ class LayerReplay:
         try:
             for b in range(len(self.hidden)):
                 try:
-                    self._run_layer(b)
+                    with eval_mode(self.model):
+                        self._run_layer(b)
                 except _Stop:
                     continue
                 raise RuntimeError(f"Decoder layer {layer} never called {module_names[0]}: its thinking features "
