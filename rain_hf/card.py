@@ -229,11 +229,10 @@ class TemplateProblem(ValueError):
     """A model card template that cannot be rendered (its file and line are in the message)."""
 
 
-def check_template(template_path: str | os.PathLike, config: dict[str, Any] | None = None) -> None:
-    """Compile a card template and render it for a sample merge (``config``: the merge's
-    :meth:`RainMergingConfig.to_dict`, default the defaults); raise :class:`TemplateProblem` naming the file (and
-    the line of a syntax error), so that a template that cannot render is found before a merge rather than after.
-    """
+def check_template(template_path: str | os.PathLike) -> None:
+    """Compile a card template the way :func:`build_model_card` renders it; raise :class:`TemplateProblem` naming
+    the file and line of a syntax error or unknown filter, so it is found before a merge rather than after (see
+    also :func:`trial_render`)."""
     import jinja2
 
     path = Path(template_path)
@@ -243,29 +242,64 @@ def check_template(template_path: str | os.PathLike, config: dict[str, Any] | No
         raise TemplateProblem(f"{path}, line {exc.lineno}: {exc.message}") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise TemplateProblem(f"{path} cannot be read as UTF-8 text ({exc}).") from exc
-    build_model_card(_sample_sidecar(config), path)
 
 
-def _sample_sidecar(config: dict[str, Any] | None) -> dict[str, Any]:
-    """The sidecar of a plausible two-layer merge with ``config``, for trial renders of a template."""
+def trial_render(template_path: str | os.PathLike, config: dict[str, Any] | None = None,
+                 local_roles: Sequence[str] = ()) -> str | None:
+    """Render a card template for a sample merge shaped like the one ``config`` (a
+    :meth:`RainMergingConfig.to_dict`, default the defaults) will make, with the inputs in ``local_roles`` as local
+    folders; return why it failed, or None. A sample cannot hold every value a real merge records, so a failure here
+    is a strong hint, not a proof, that the save will fail.
+    """
+    try:
+        build_model_card(_sample_sidecar(config, local_roles), template_path)
+    except TemplateProblem as exc:
+        return str(exc)
+    return None
+
+
+def _sample_sidecar(config: dict[str, Any] | None, local_roles: Sequence[str] = ()) -> dict[str, Any]:
+    """The sidecar of a plausible two-layer merge with ``config`` (the keys ``save_pretrained`` writes), for trial
+    renders of a template."""
     from . import __version__
     from .config import RainMergingConfig
 
     config = dict(config) if config is not None else RainMergingConfig().to_dict()
-    rain = config.get("method", "rain") == "rain"
-    lam = config.get("lam")
-    lam = (config.get("lam_grid") or [1.0])[-1] if lam == "auto" else lam
-    modules = {f"model.layers.{i}.self_attn.q_proj": {"removed_fraction": 0.2, "residual": 1e-6} for i in (0, 1)}
-    calibration = {"num_samples": 8, "num_malformed": 0, "source": "calibration.jsonl", "is_file": True}
+    method = config.get("method", "rain")
+    rain, auto = method == "rain", config.get("lam") == "auto"
+    grid = list(config.get("lam_grid") or [1.0])
+    lam = None if method == "slerp" else grid[-1] if auto else config.get("lam")
+    stage1, stage2 = rain and config.get("stage1", True), rain and config.get("stage2", True)
+    modules = {f"model.layers.{i}.self_attn.{name}": {"removed_fraction": 0.2 if stage1 else None,
+                                                      "residual": 1e-6 if stage1 else None}
+               for i in (0, 1) for name in ("q_proj", "o_proj")}
+    def calibration(used: bool) -> dict[str, Any] | None:
+        return {"num_samples": 8, "num_malformed": 0, "source": "calibration.jsonl", "sha256": "0" * 64,
+                "is_file": True} if used else None
+    inputs = {}
+    for role in ("reasoning", "instruct", "base"):
+        local = role in local_roles
+        inputs[role] = {"name_or_path": f"models/{role}" if local else f"org/{role}", "path": f"/models/{role}",
+                        "hub_id": None if local else f"org/{role}", "revision": None if local else "0" * 40,
+                        "kind": "full"}
     return {
-        "rain_hf_version": __version__, "method": config.get("method", "rain"), "lam": lam,
-        "config": config, "think_tokens_special": True, "template_opens_think": False,
-        "inputs": {role: {"name_or_path": f"org/{role}", "path": f"/models/{role}", "hub_id": f"org/{role}",
-                          "revision": None, "kind": "full"} for role in ("reasoning", "instruct", "base")},
-        "calibration": {"reasoning": calibration if rain else None, "instruction": calibration if rain else None},
-        "report": {"timings": {"merge": 1.0}, "modules": modules if rain else {}, "layers": [0, 1],
-                   "head_coefficients": [[1.0, 0.5], [1.5, 1.0]] if rain else None,
-                   "projection": "sequential" if rain else None, "lam_search": None, "warnings": []},
+        "rain_hf_version": __version__, "method": method, "lam": lam, "config": config,
+        "library_versions": {"torch": "2", "transformers": "5", "peft": "0", "safetensors": "0",
+                             "huggingface_hub": "2"},
+        "loaded_dtype": "bfloat16", "output_dtypes": ["bfloat16"], "think_token_ids": [1, 2],
+        "think_tokens_special": True, "template_opens_think": False, "inputs": inputs,
+        "calibration": {"reasoning": calibration(stage1 or (rain and auto)), "instruction": calibration(stage2)},
+        "report": {"timings": {"load": 1.0, "merge": 1.0}, "modules": modules if rain else {}, "layers": [0, 1],
+                   "head_coefficients": [[1.0, 0.5], [1.5, 1.0]] if stage2 else None,
+                   "alignment": [[0.1, 0.2], [0.3, 0.4]] if stage2 else None,
+                   "leakage": [[0.01, 0.02], [0.03, 0.04]] if stage2 else None,
+                   "lam_search": [{"lam": v, "l_think": 0.01, "think_open": 1.0} for v in grid] if rain and auto
+                   else None,
+                   "projection": ("sequential" if config.get("sequential") is not False else "one-shot") if stage1
+                   else None,
+                   "replay_cache_bytes": 1024 if stage1 else None, "vocab": {"reasoning": 100},
+                   "warnings": []},
+        "license": "apache-2.0",
     }
 
 

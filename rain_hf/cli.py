@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -241,12 +242,17 @@ def load_job(path: str | os.PathLike) -> MergeJob:
             state = "is a folder, not a template file" if card_template.is_dir() else "does not exist"
             raise CliError(f"{path}: output.card_template {str(card_template)!r} {state} (paths are relative to the "
                            "YAML file's folder).")
-        from .card import TemplateProblem, check_template
+        from .card import TemplateProblem, check_template, trial_render
 
-        try:  # a template that cannot render would fail after the merge, throwing its hours away
-            check_template(card_template, config.to_dict())
+        try:  # a template that cannot compile would fail after the merge
+            check_template(card_template)
         except TemplateProblem as exc:
             raise CliError(f"{path}: output.card_template: {exc}") from exc
+        local = [role for role, location in models.items() if Path(location).is_dir()]
+        problem = trial_render(card_template, config.to_dict(), local)
+        if problem:  # a sample merge cannot hold every real value: warn, and save with the default card if need be
+            logger.warning("%s: output.card_template failed a trial render for a sample merge: %s If the save "
+                           "fails the same way, the model is saved with the default card.", path, problem)
     return MergeJob(models, revisions, config, token or None, calibration, dtype, max_shard_size, private,
                     card_template, written_models, written_calibration, path.resolve())
 
@@ -643,10 +649,23 @@ def _run(args: argparse.Namespace) -> int:
         from .hub import namespaced_repo_id
 
         model_id = namespaced_repo_id(args.push_to_hub, job.token)
-    saved = merger.save_pretrained(out, overwrite=args.overwrite, max_shard_size=job.max_shard_size,
-                                   card_template=job.card_template, model_id=model_id)
+    from .card import TemplateProblem
+
+    save = functools.partial(merger.save_pretrained, out, overwrite=args.overwrite,
+                             max_shard_size=job.max_shard_size, model_id=model_id)
+    try:
+        saved, card_failed = save(card_template=job.card_template), None
+    except TemplateProblem as exc:  # the merge is not thrown away for its card
+        saved, card_failed = save(card_template=None), exc
+        logger.error("output.card_template: %s The model was saved with the default card instead.", exc)
     print(str(merger.report))
     print(f"saved: {saved}")
+    if card_failed is not None:  # the output is complete but not as asked: say so in the status
+        pushed = (f" It was not pushed to {args.push_to_hub}: fix the template, write the card again "
+                  "(rain_hf.card.write_model_card) and push the folder (rain_hf.hub.push_folder or `hf upload`)."
+                  if args.push_to_hub else "")
+        print(f"{PROG}: error: the card template failed, so {saved} has the default card.{pushed}", file=sys.stderr)
+        return 1
     if args.push_to_hub:
         from .hub import push_folder
 

@@ -17,6 +17,7 @@ from rain_hf.card import (
     build_model_card,
     check_template,
     default_template_path,
+    trial_render,
     write_model_card,
 )
 from rain_hf.config import RainMergingConfig
@@ -367,18 +368,31 @@ def test_custom_template(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["rain", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp"])
-def test_check_template_renders_a_sample_merge(tmp_path, method):
-    config = RainMergingConfig(method=method, **({"lam": "auto"} if method == "rain" else {})).to_dict()
-    check_template(default_template_path(), config)  # the default template renders for every method
+def test_trial_render_of_a_sample_merge(tmp_path, method):
+    for extra in ({}, {"lam": "auto"}, {"stage1": False}, {"stage2": False}, {"sequential": False}):
+        if method != "rain" and extra:
+            continue
+        config = RainMergingConfig(method=method, **extra).to_dict()
+        assert trial_render(default_template_path(), config) is None  # the default template, every kind of merge
+        assert trial_render(default_template_path(), config, ["base", "instruct", "reasoning"]) is None
+    check_template(default_template_path())
+    config = RainMergingConfig(method=method).to_dict()
     for body, what in (("{{ nope.attr }}", "UndefinedError: 'nope' is undefined"),
                        ("{{ config.seed + 'x' }}", "TypeError"),
                        ("{{ info.report.modules['model.layers.9.mlp.up_proj'].removed_fraction }}", "UndefinedError")):
         template = tmp_path / "bad.md.j2"
         template.write_text(f"---\nlicense: mit\n---\n# {{{{ model_name }}}} {body}\n")
-        with pytest.raises(TemplateProblem, match=f"bad.md.j2: rendering the card failed \\({what}"):
-            check_template(template, config)
+        check_template(template)  # compiles
+        assert re.match(f".*bad.md.j2: rendering the card failed \\({what}", trial_render(template, config))
         with pytest.raises(TemplateProblem, match="bad.md.j2: rendering the card failed"):  # at save time too
             build_model_card(_info(method), template)
+    # what every real sidecar holds renders in the trial too; local inputs are local there
+    template.write_text("# {{ info.library_versions.torch }} {{ info.calibration.reasoning.sha256 if "
+                        "info.calibration.reasoning else '' }} {{ local_inputs[0].path }}\n")
+    assert trial_render(template, config, ["reasoning"]) is None
+    template.write_text("# {{ info.report.head_coefficients | length }}\n")  # None without stage 2: fails
+    stage2_off = RainMergingConfig(method="rain", stage2=False).to_dict()
+    assert "TypeError" in trial_render(template, stage2_off)
 
 
 def test_default_template_discovery(tmp_path, monkeypatch):

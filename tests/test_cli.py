@@ -339,7 +339,6 @@ def test_problems_found_before_any_weight_is_loaded(triple, tmp_path, capsys, mo
     (tmp_path / "tpl").mkdir()
     (tmp_path / "tpl" / "card.md.j2").write_text("# {{ model_name }}\n")
     (tmp_path / "bad.md.j2").write_text("# card\n{% for x in %}\n")
-    (tmp_path / "undefined.md.j2").write_text("# {{ model_name }} {{ nope.attr }}\n")
     (tmp_path / "cwd" / "base").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)  # a folder named relative to the working directory, not to the YAML file
     out = ["--out", str(tmp_path / "o")]
@@ -372,8 +371,6 @@ def test_problems_found_before_any_weight_is_loaded(triple, tmp_path, capsys, mo
          ["--out", str(tmp_path / "tpl"), "--overwrite"], "holds the output.card_template"),
         (dict(output={"card_template": str(tmp_path / "bad.md.j2")}), out,
          "output.card_template: .*bad.md.j2, line 2: Expected an expression"),
-        (dict(output={"card_template": str(tmp_path / "undefined.md.j2")}), out,  # fails only when rendered
-         "output.card_template: .*undefined.md.j2: rendering the card failed \\(UndefinedError: 'nope' is undefined"),
         (dict(base_model={"path": "Qwen/Qwen2.5-7B", "revision": 123}), out,
          "base_model.revision 123 is not a string .*quote it"),
         (dict(base_model={"path": "base", "revision": "v2"}), out,
@@ -446,6 +443,21 @@ def test_dtype_shard_size_and_card_template_reach_the_merge(triple, tmp_path):
 
     block = yaml.safe_load(re.search(r"```yaml\n(.*?)```", build_model_card(sidecar).text, flags=re.S).group(1))
     assert block["dtype"] == "bfloat16" and block["parameters"]["max_shard_size"] == "40KB"
+
+
+def test_a_card_template_that_fails_to_render_does_not_cost_the_merge(triple, tmp_path, capsys):
+    root, _ = triple
+    template = tmp_path / "undefined.md.j2"
+    template.write_text("---\nlicense: mit\n---\n# {{ model_name }} {{ nope.attr }}\n")
+    config = _job_file(root, tmp_path, method="task_arithmetic", output={"card_template": str(template)})
+    assert main([str(config), "--dry-run"]) == 0  # a warning before the merge, not a refusal
+    err = capsys.readouterr().err
+    assert "failed a trial render for a sample merge" in err and "'nope' is undefined" in err
+    out = tmp_path / "out"
+    assert main([str(config), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "the card template failed, so" in err and "has the default card" in err
+    assert (out / "model.safetensors").is_file() and "## Usage" in (out / "README.md").read_text()
 
 
 def test_float64_card_yaml_reruns(tmp_path, capsys):
