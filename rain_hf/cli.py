@@ -605,8 +605,11 @@ def _run(args: argparse.Namespace) -> int:
     from .writer import holds_output
 
     if out is not None and not args.overwrite and holds_output(out):
-        raise CliError(f"--out {str(out)!r} already exists; pass --overwrite to replace it or pick another "
-                       "folder.")
+        from .writer import replace_problem
+
+        problem = replace_problem(out, marker=CONFIG_NAME)  # --overwrite would not help
+        raise CliError(f"--out {str(out)!r}: {problem}" if problem else f"--out {str(out)!r} already exists; pass "
+                       "--overwrite to replace it or pick another folder.")
 
     from .calibration import CalibrationError
     from .merger import RainMerger, check_device

@@ -172,8 +172,8 @@ def replace_problem(target: str | os.PathLike, marker: str | None = None) -> str
         return None
     resolved, cwd = target.resolve(), Path.cwd().resolve()
     if resolved == cwd or resolved in cwd.parents:
-        return (f"{target} is the current directory or a folder above it: replacing it would delete the folder "
-                "you work in. Name a new folder for the output.")
+        return (f"{target} is the current directory or a folder above it: the output takes its place whole, which "
+                "would delete (or, if empty, swap out) the folder you work in. Name a new folder for the output.")
     if resolved == Path.home().resolve():
         return f"{target} is the home folder: name a new folder for the output."
     if marker is not None and holds_output(target) and not (target / marker).is_file():
@@ -194,13 +194,13 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False, marker:
     target = Path(target).expanduser().absolute()
     if not holds_output(target):
         overwrite = True  # an empty folder holds nothing to lose (e.g. one made ahead for the output)
-    if target.exists() and not overwrite:
-        raise OutputExistsError(f"{target} already exists: choose another folder or pass overwrite=True.")
     if target.exists() and not target.is_dir():
         raise OutputExistsError(f"{target} exists and is not a folder.")
-    problem = replace_problem(target, marker)
+    problem = replace_problem(target, marker)  # first: overwrite=True would not help
     if problem:
         raise OutputExistsError(problem)
+    if target.exists() and not overwrite:
+        raise OutputExistsError(f"{target} already exists: choose another folder or pass overwrite=True.")
     made = [p for p in (target.parent, *target.parent.parents) if not p.exists()]  # innermost first
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))

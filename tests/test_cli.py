@@ -144,8 +144,11 @@ def test_out_is_required_and_not_clobbered(tmp_path, capsys):
     assert "--out DIR is required" in _one_error_line(capsys.readouterr().err)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert main([str(config), "--out", str(tmp_path / "out")]) == 2  # not offering --overwrite, which would not do
+    assert "is not an earlier output of this tool" in _one_error_line(capsys.readouterr().err)
+    (tmp_path / "out" / "rain_merging_config.json").write_text("{}")
     assert main([str(config), "--out", str(tmp_path / "out")]) == 2
-    assert "--overwrite" in _one_error_line(capsys.readouterr().err)
+    assert "already exists; pass --overwrite" in _one_error_line(capsys.readouterr().err)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
@@ -334,6 +337,7 @@ def test_problems_found_before_any_weight_is_loaded(triple, tmp_path, capsys, mo
     (tmp_path / "afile").write_text("x")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "old.txt").write_text("x")
+    (tmp_path / "full" / "rain_merging_config.json").write_text("{}")  # an earlier output
     (root / "cal").mkdir(exist_ok=True)
     shutil.copy(root / "reasoning.json", root / "cal" / "r.json")
     (tmp_path / "tpl").mkdir()
