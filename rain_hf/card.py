@@ -185,7 +185,9 @@ def build_model_card(
         "info": info,
         "model_name": name,
         "model_id": model_id or "path/to/merged-model",
-        "model_revision": model_revision if model_revision not in (None, "main") else None,
+        # an open pull request's ref stops being the model's home once merged: the snippet then loads main
+        "model_revision": None if model_revision in (None, "main") or model_revision.startswith("refs/pr/")
+        else model_revision,
         "method": method,
         "method_title": _METHOD_TITLES.get(method, method),
         "method_formula": _method_formula(method, lam, config),

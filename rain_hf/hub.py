@@ -97,7 +97,8 @@ def push_folder(
         create_pr: open a pull request with the commit instead of committing to the branch.
 
     The commit also deletes top-level files matching :data:`REPLACED_PATTERNS` that the branch holds and
-    ``folder`` does not (the weights and heatmap of an earlier upload), so the repository holds one model.
+    ``folder`` does not (the weight, tokenizer, chat-template and generation-config files and heatmap of an earlier
+    upload), so the repository holds one model.
 
     Returns:
         The :class:`huggingface_hub.CommitInfo` of the commit (``commit_url``, ``oid``, ``pr_url``).
@@ -184,7 +185,7 @@ def _files_to_upload(folder: Path) -> list[tuple[str, Path]]:
             continue  # skip .cache/, .git/, .gitattributes-like local state
         if path.is_symlink() and not path.resolve().is_relative_to(root):
             if _is_replaced(relative.as_posix()):  # pushing the rest would publish a model missing this file
-                raise FileNotFoundError(f"Cannot push {str(folder)!r}: its weight file {relative.as_posix()} links "
+                raise FileNotFoundError(f"Cannot push {str(folder)!r}: its file {relative.as_posix()} links "
                                         f"to {path.resolve()}, outside the folder. Copy the file into the folder "
                                         "(or save the merge there again) and push again.")
             logger.warning("Not pushing %s: it links to %s, outside the folder.", relative, path.resolve())

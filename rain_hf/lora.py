@@ -204,8 +204,11 @@ def nested_adapters_hint(folder: Path) -> str:
     nested = sorted(p.parent.name for p in Path(folder).glob("*/adapter_config.json"))
     if not nested:
         return ""
-    held = f"subfolders {', '.join(map(repr, nested))} hold adapters" if len(nested) > 1 else f"subfolder {nested[0]!r} holds one"
-    return (f" Its {held} (peft saves an adapter named other than 'default' under its name): pass that folder.")
+    if len(nested) == 1:
+        return (f" Its subfolder {nested[0]!r} holds a peft adapter (peft saves an adapter named other than "
+                "'default' under its name): pass that folder.")
+    return (f" Its subfolders {', '.join(map(repr, nested))} hold peft adapters (peft saves an adapter named other "
+            "than 'default' under its name): pass one of them.")
 
 
 def _refuse_bin_only(folder: Path, name: str) -> None:

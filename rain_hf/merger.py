@@ -154,8 +154,8 @@ def _load_model_config(src: ModelSource, role: str):
     if not (src.path / "config.json").is_file():
         from .lora import nested_adapters_hint
 
-        raise CheckpointError(f"The {role} model {src.describe()} has no config.json in {src.path}."
-                              f"{nested_adapters_hint(src.path)}")
+        hint = nested_adapters_hint(src.path) if role == "instruct" else ""  # only it may be an adapter
+        raise CheckpointError(f"The {role} model {src.describe()} has no config.json in {src.path}.{hint}")
     try:
         config = AutoConfig.from_pretrained(str(src.path))
     except Exception as exc:  # transformers raises ValueError/KeyError/OSError for unknown or broken configs
@@ -1112,13 +1112,18 @@ class RainMerger:
         }
 
     def _calibration_summary(self) -> dict[str, dict | None]:
-        info = dict(self.calibration_info)
+        info = {kind: dict(entry) if entry else entry for kind, entry in self.calibration_info.items()}
+        auto = self.config.lam == "auto"
         if info["reasoning"] is None and self.features is not None and self.config.stage1:
-            info["reasoning"] = {"num_samples": self.features.settings.get("num_samples"),
-                                 "source": PRECOMPUTED_FEATURES_SOURCE,
-                                 "reasoning_fingerprint": self.features.settings.get("reasoning_fingerprint")}
-            if self.config.lam == "auto" and self.features.heldout:
-                info["reasoning"]["num_held_out"] = len(self.features.heldout)
+            projected, held = self.features.settings.get("num_samples"), len(self.features.heldout)
+            info["reasoning"] = {  # the count as the calibration set had it: projected + held out, when both count
+                "num_samples": projected + held if auto and projected is not None else projected,
+                "source": PRECOMPUTED_FEATURES_SOURCE,
+                "reasoning_fingerprint": self.features.settings.get("reasoning_fingerprint")}
+            if auto and held:
+                info["reasoning"]["num_held_out"] = held
+        elif info["reasoning"] and not auto:  # λ was set to a number since: nothing was held out to choose it
+            info["reasoning"].pop("num_held_out", None)
         return info
 
     def save_pretrained(

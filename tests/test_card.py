@@ -150,6 +150,13 @@ def test_body_has_method_config_calibration_and_usage(tmp_path):
         assert said in " ".join(build_model_card(ablation).text.split())
 
 
+def test_usage_snippet_revision():
+    assert 'revision = "dev"' in build_model_card(_info(), model_id="me/m", model_revision="dev").text
+    for revision in (None, "main", "refs/pr/3"):  # a pull request's ref is not where the model stays
+        text = build_model_card(_info(), model_id="me/m", model_revision=revision).text
+        assert "revision" not in text.split("## Usage")[1].split("```")[1]
+
+
 def test_paths_cannot_break_the_markdown():
     info = _info(local=("instruct",))
     info["inputs"]["instruct"]["name_or_path"] = "/data/it|v2\n## Heading"

@@ -459,7 +459,7 @@ def test_a_weight_file_linked_from_outside_stops_the_push(hub, merged, tmp_path)
     shard = merged / "model-00002-of-00002.safetensors"
     shard.rename(tmp_path / shard.name)
     shard.symlink_to(tmp_path / shard.name)
-    with pytest.raises(FileNotFoundError, match="weight file model-00002-of-00002.safetensors links to .*Copy"):
+    with pytest.raises(FileNotFoundError, match="its file model-00002-of-00002.safetensors links to .*Copy"):
         push_folder(merged, "me/r1-rain", token=TOKEN)
     assert hub.requests == []
 

@@ -952,7 +952,14 @@ def test_default_lam_is_auto_and_reused_features_keep_their_heldout_samples(qwen
                                        RainMergingConfig(**grid), features=path)
     again.merge()  # no calibration passed: L_think is measured on the samples the features carry
     assert again.report.lam == first.report.lam and again.report.lam_search == first.report.lam_search
-    assert again._calibration_summary()["reasoning"]["num_held_out"] == 2
+    summary = again._calibration_summary()["reasoning"]  # counted as the calibration set had them: 6 + 2
+    assert summary["num_samples"] == 8 and summary["num_held_out"] == 2
+    direct = first._calibration_summary()["reasoning"]  # the same figures as the merge that computed them
+    assert (direct["num_samples"], direct["num_held_out"]) == (8, 2)
+    first.config.lam = 1.0  # a number since: nothing is held out to choose it, on either path
+    assert "num_held_out" not in first._calibration_summary()["reasoning"]
+    again.config.lam = 1.0
+    assert again._calibration_summary()["reasoning"]["num_samples"] == 6
     for (k, v), (k2, v2) in zip(first.model.named_parameters(), again.model.named_parameters()):
         assert k == k2 and torch.equal(v, v2)
 
