@@ -90,7 +90,8 @@ def push_folder(
     Args:
         folder: a folder written by ``RainMerger.save_pretrained`` (any folder works).
         repo_id: ``"namespace/name"`` (or ``"name"`` for your own namespace).
-        private: visibility of a repository this call creates (an existing one keeps its visibility).
+        private: visibility of a repository this call creates (an existing one keeps its visibility; with
+            ``private=True`` a push to an existing public repository is refused before anything is uploaded).
         token: a Hub token with write access (default: ``HF_TOKEN`` or the one saved by ``hf auth login``).
         revision: the branch to commit to (created from ``main`` when missing; default ``main``).
         commit_message: the commit's title (default :data:`DEFAULT_COMMIT_MESSAGE`).
@@ -130,8 +131,10 @@ def push_folder(
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         target = getattr(repo_url, "repo_id", None) or repo_id
         retry.repo_id = target
-        if private:
-            _warn_if_public(api, target)
+        reason = _public_problem(api, target) if private else None
+        if reason:
+            raise HubError(f"{reason} Nothing was uploaded; the local output at {folder} is intact.",
+                           repo_id=target, folder=folder, reason=reason)
         # 'refs/pr/N' is an open pull request, not a branch to create
         if revision is not None and revision != "main" and not revision.startswith("refs/pr/"):
             step = f"creating the branch {revision!r}"
@@ -155,22 +158,27 @@ def push_folder(
             create_pr=create_pr,
             repo_type="model",
         )
+    except HubError:
+        raise
     except Exception as exc:  # every failure becomes one HubError with a fix; the cause stays chained
         raise _hub_error(exc, target, folder, revision, step, retry) from exc
     logger.info("Pushed %d files from %s to %s", len(files), folder, info.pr_url or info.commit_url)
     return info
 
 
-def _warn_if_public(api: HfApi, repo_id: str) -> None:
-    """private=True makes only a new repository private: say so when the push goes to an existing public one."""
+def _public_problem(api: HfApi, repo_id: str) -> str | None:
+    """private=True makes only a new repository private: why a push to an existing public one is refused, or
+    None (also when the visibility cannot be read; the commit then reports real failures)."""
     try:
         public = api.repo_info(repo_id, repo_type="model").private is False
-    except Exception:  # only a warning is at stake; the commit reports real failures
-        return
-    if public:
-        logger.warning("%s already exists and is public; private=True applies only to a repository the push "
-                       "creates, so this upload is public. Make it private first (repository settings on the Hub, "
-                       "or HfApi().update_repo_settings(repo_id, private=True)).", repo_id)
+    except Exception:
+        return None
+    if not public:
+        return None
+    return (f"{repo_id} already exists and is public, so private=True cannot keep this upload private (it only "
+            "applies to a repository the push creates). Make the repository private first (its settings on the "
+            f"Hub, or HfApi().update_repo_settings({repo_id!r}, private=True)), or push without private=True to "
+            "publish it.")
 
 
 def _files_to_upload(folder: Path) -> list[tuple[str, Path]]:

@@ -409,16 +409,15 @@ def test_offline_mode_is_explained(hub, merged, monkeypatch):
         push_folder(merged, "me/r1-rain", token=TOKEN)
 
 
-def test_private_push_to_an_existing_public_repository_warns(hub, merged, caplog):
+def test_private_push_to_an_existing_public_repository_is_refused(hub, merged):
     push_folder(merged, "me/r1-rain", token=TOKEN)  # created public
-    with caplog.at_level("WARNING", logger="rain_hf.hub"):
+    with pytest.raises(HubError, match=r"me/r1-rain already exists and is public, so private=True cannot keep this "
+                                       r"upload private .*update_repo_settings.*Nothing was uploaded"):
         push_folder(merged, "me/r1-rain", token=TOKEN, private=True)
-    assert "already exists and is public; private=True applies only to a repository the push creates" in caplog.text
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="rain_hf.hub"):
-        push_folder(merged, "me/r1-private", token=TOKEN, private=True)  # made private by this push
-        push_folder(merged, "me/r1-private", token=TOKEN, private=True)
-    assert "is public" not in caplog.text
+    assert len(hub.commits) == 1
+    push_folder(merged, "me/r1-private", token=TOKEN, private=True)  # made private by this push
+    push_folder(merged, "me/r1-private", token=TOKEN, private=True)
+    assert len(hub.commits) == 3
 
 
 def test_links_out_of_the_folder_are_not_pushed(hub, merged, tmp_path):
