@@ -253,16 +253,22 @@ def trial_render(template_path: str | os.PathLike, config: dict[str, Any] | None
     folders; return why it failed, or None. A sample cannot hold every value a real merge records, so a failure here
     is a strong hint, not a proof, that the save will fail.
     """
+    # the sample's card is thrown away: huggingface_hub's notes on it (e.g. no metadata block) come at the save
+    repocard = logging.getLogger("huggingface_hub.repocard")
+    level = repocard.level
+    repocard.setLevel(logging.ERROR)
     try:
         build_model_card(_sample_sidecar(config, local_roles), template_path)
     except TemplateProblem as exc:
         return str(exc)
+    finally:
+        repocard.setLevel(level)
     return None
 
 
 def _sample_sidecar(config: dict[str, Any] | None, local_roles: Sequence[str] = ()) -> dict[str, Any]:
-    """The sidecar of a plausible two-layer merge with ``config`` (the keys ``save_pretrained`` writes), for trial
-    renders of a template."""
+    """The sidecar of a plausible two-layer merge with ``config`` (the keys :meth:`RainMerger.sidecar` writes, and
+    which of them a merge of that kind leaves empty), for trial renders of a template."""
     from . import __version__
     from .config import RainMergingConfig
 
@@ -272,36 +278,41 @@ def _sample_sidecar(config: dict[str, Any] | None, local_roles: Sequence[str] = 
     grid = list(config.get("lam_grid") or [1.0])
     lam = None if method == "slerp" else grid[-1] if auto else config.get("lam")
     stage1, stage2 = rain and config.get("stage1", True), rain and config.get("stage2", True)
-    modules = {f"model.layers.{i}.self_attn.{name}": {"removed_fraction": 0.2 if stage1 else None,
-                                                      "residual": 1e-6 if stage1 else None}
-               for i in (0, 1) for name in ("q_proj", "o_proj")}
-    def calibration(used: bool) -> dict[str, Any] | None:
-        return {"num_samples": 8, "num_malformed": 0, "source": "calibration.jsonl", "sha256": "0" * 64,
-                "is_file": True} if used else None
+    sequential = stage1 and config.get("sequential") is not False
+    module = {"removed_fraction": 0.2, "residual": 1e-6, **({"residual_after_stage2": 1e-3} if stage2 else {})}
+    modules = {f"model.layers.{i}.self_attn.{name}": dict(module) for i in (0, 1) for name in ("q_proj", "o_proj")}
+
+    def calibration(used: bool, held_out: bool = False) -> dict[str, Any] | None:
+        entry = {"num_samples": 8, "num_malformed": 0, "source": "calibration.jsonl", "sha256": "0" * 64,
+                 "is_file": True}
+        return {**entry, "num_held_out": 2} if used and held_out else entry if used else None
+
     inputs = {}
     for role in ("reasoning", "instruct", "base"):
         local = role in local_roles
-        inputs[role] = {"name_or_path": f"models/{role}" if local else f"org/{role}", "path": f"/models/{role}",
+        inputs[role] = {"name_or_path": f"models/{role}" if local else f"org/{role}", "path": None,
                         "hub_id": None if local else f"org/{role}", "revision": None if local else "0" * 40,
-                        "kind": "full"}
+                        **({"kind": "full"} if role == "instruct" else {})}
+    timings = {"load": 1.0, **({"stage1_features": 1.0} if stage1 else {}),
+               **({"lam_auto": 1.0} if rain and auto else {}),
+               **({"stage2_coefficients": 1.0} if stage2 else {}), "merge": 1.0}
     return {
         "rain_hf_version": __version__, "method": method, "lam": lam, "config": config,
         "library_versions": {"torch": "2", "transformers": "5", "peft": "0", "safetensors": "0",
                              "huggingface_hub": "2"},
-        "loaded_dtype": "bfloat16", "output_dtypes": ["bfloat16"], "think_token_ids": [1, 2],
-        "think_tokens_special": True, "template_opens_think": False, "inputs": inputs,
-        "calibration": {"reasoning": calibration(stage1 or (rain and auto)), "instruction": calibration(stage2)},
-        "report": {"timings": {"load": 1.0, "merge": 1.0}, "modules": modules if rain else {}, "layers": [0, 1],
+        "loaded_dtype": "bfloat16", "think_tokens_special": True, "template_opens_think": False, "inputs": inputs,
+        "calibration": {"reasoning": calibration(stage1 or (rain and auto), held_out=stage1 and auto),
+                        "instruction": calibration(stage2)},
+        "report": {"timings": timings, "modules": modules if stage1 else {}, "layers": [0, 1] if rain else [],
                    "head_coefficients": [[1.0, 0.5], [1.5, 1.0]] if stage2 else None,
                    "alignment": [[0.1, 0.2], [0.3, 0.4]] if stage2 else None,
                    "leakage": [[0.01, 0.02], [0.03, 0.04]] if stage2 else None,
                    "lam_search": [{"lam": v, "l_think": 0.01, "think_open": 1.0} for v in grid] if rain and auto
                    else None,
-                   "projection": ("sequential" if config.get("sequential") is not False else "one-shot") if stage1
-                   else None,
-                   "replay_cache_bytes": 1024 if stage1 else None, "vocab": {"reasoning": 100},
-                   "warnings": []},
-        "license": "apache-2.0",
+                   "projection": ("sequential" if sequential else "one-shot") if stage1 else None,
+                   "replay_cache_bytes": 1024 if sequential else None,
+                   "vocab": {"reasoning": 100, "instruct": 100, "base": 100}, "warnings": []},
+        "license": None, "license_name": None, "license_link": None, "input_licenses": {},
     }
 
 

@@ -569,8 +569,9 @@ def _check_out_models(out: Path, plan: Any) -> None:
                        "replace an input. Pick another folder.")
 
 
-def _check_out_folder(out: Path, job: MergeJob) -> None:
-    """--out problems the save would only meet after the merge, found before any model is fetched."""
+def _check_out_folder(out: Path, job: MergeJob, overwrite: bool) -> None:
+    """--out problems the save would only meet after the merge, found before any model is fetched; the most
+    specific first (an input inside it, a file), so that the advice given is one that works."""
     target = out.expanduser().resolve()
     files = {f"calibration.{kind}": path for kind, path in job.calibration.items()}
     files.update({"output.card_template": job.card_template, "config file": job.source})
@@ -587,14 +588,17 @@ def _check_out_folder(out: Path, job: MergeJob) -> None:
         raise CliError(f"--out {str(out)!r}: {parent} is a file, so no folder can be made under it.")
     if not os.access(parent, os.W_OK):
         raise CliError(f"--out {str(out)!r}: {parent} is not writable, so the output cannot be written there.")
-    from .writer import replace_problem
+    from .writer import holds_output, replace_problem
 
     local_inputs = [Path(m).resolve() for m in job.models.values() if Path(m).is_dir()]
     if any(m == target or m.is_relative_to(target) for m in local_inputs):
         return  # _check_out_models names the input model, once planning has resolved them
     problem = replace_problem(out, marker=CONFIG_NAME)
-    if problem:
+    if problem:  # --overwrite would not help
         raise CliError(f"--out {str(out)!r}: {problem}")
+    if not overwrite and holds_output(out):
+        raise CliError(f"--out {str(out)!r} already exists; pass --overwrite to replace it or pick another "
+                       "folder.")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -602,15 +606,6 @@ def _run(args: argparse.Namespace) -> int:
     if not args.dry_run and not args.out:
         raise CliError("--out DIR is required (or pass --dry-run).")
     out = Path(args.out) if args.out else None
-    from .writer import holds_output
-
-    if out is not None and not args.overwrite and holds_output(out):
-        from .writer import replace_problem
-
-        problem = replace_problem(out, marker=CONFIG_NAME)  # --overwrite would not help
-        raise CliError(f"--out {str(out)!r}: {problem}" if problem else f"--out {str(out)!r} already exists; pass "
-                       "--overwrite to replace it or pick another folder.")
-
     from .calibration import CalibrationError
     from .merger import RainMerger, check_device
 
@@ -620,7 +615,7 @@ def _run(args: argparse.Namespace) -> int:
     # that need no model first, as planning a Hub model downloads its weights
     _check_calibration_files(job, args.config)
     if out is not None:
-        _check_out_folder(out, job)
+        _check_out_folder(out, job, args.overwrite)
     try:
         parts = RainMerger.plan(job.models["base"], job.models["reasoning"], job.models["instruct"],
                                 config=job.config, revision=job.revision, token=job.token, _return_parts=True)
@@ -665,8 +660,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"saved: {saved}")
     if card_failed is not None:  # the output is complete but not as asked: say so in the status
         pushed = (f" It was not pushed to {args.push_to_hub}: fix the template, write the card again "
-                  "(rain_hf.card.write_model_card) and push the folder (rain_hf.hub.push_folder or `hf upload`)."
-                  if args.push_to_hub else "")
+                  f"(rain_hf.card.write_model_card with model_id={args.push_to_hub!r}) and push the folder "
+                  "(rain_hf.hub.push_folder or `hf upload`)." if args.push_to_hub else "")
         print(f"{PROG}: error: the card template failed, so {saved} has the default card.{pushed}", file=sys.stderr)
         return 1
     if args.push_to_hub:

@@ -177,8 +177,8 @@ def _public_problem(api: HfApi, repo_id: str) -> str | None:
         return None
     return (f"{repo_id} already exists and is public, so private=True cannot keep this upload private (it only "
             "applies to a repository the push creates). Make the repository private first (its settings on the "
-            f"Hub, or HfApi().update_repo_settings({repo_id!r}, private=True)), or push without private=True to "
-            "publish it.")
+            f"Hub, or HfApi().update_repo_settings({repo_id!r}, private=True)), or push without private=True "
+            "(output: {private: false} in a rain-merge YAML) to publish it.")
 
 
 def _files_to_upload(folder: Path) -> list[tuple[str, Path]]:

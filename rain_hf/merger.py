@@ -1122,8 +1122,9 @@ class RainMerger:
                 "reasoning_fingerprint": self.features.settings.get("reasoning_fingerprint")}
             if auto and held:
                 info["reasoning"]["num_held_out"] = held
-        elif info["reasoning"] and not auto:  # λ was set to a number since: nothing was held out to choose it
-            info["reasoning"].pop("num_held_out", None)
+        elif info["reasoning"] and not auto and info["reasoning"].get("num_held_out"):
+            # λ was set to a number since, and the features are reused: they project the samples not held out
+            info["reasoning"]["num_samples"] -= info["reasoning"].pop("num_held_out")
         return info
 
     def save_pretrained(

@@ -142,6 +142,8 @@ def test_out_is_required_and_not_clobbered(tmp_path, capsys):
     config = _write(tmp_path, _minimal(tmp_path))
     assert main([str(config)]) == 2
     assert "--out DIR is required" in _one_error_line(capsys.readouterr().err)
+    (tmp_path / "data" / "r.json").write_text('[{"prompt": "2+2?"}]')  # the data checks come first and pass
+    (tmp_path / "data" / "i.jsonl").write_text('{"prompt": "Say hi."}\n')
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
     assert main([str(config), "--out", str(tmp_path / "out")]) == 2  # not offering --overwrite, which would not do

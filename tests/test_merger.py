@@ -956,8 +956,9 @@ def test_default_lam_is_auto_and_reused_features_keep_their_heldout_samples(qwen
     assert summary["num_samples"] == 8 and summary["num_held_out"] == 2
     direct = first._calibration_summary()["reasoning"]  # the same figures as the merge that computed them
     assert (direct["num_samples"], direct["num_held_out"]) == (8, 2)
-    first.config.lam = 1.0  # a number since: nothing is held out to choose it, on either path
-    assert "num_held_out" not in first._calibration_summary()["reasoning"]
+    first.config.lam = 1.0  # a number since: the reused features project the 6 not held out, on either path
+    assert "num_held_out" not in (summary := first._calibration_summary()["reasoning"])
+    assert summary["num_samples"] == 6 and first.calibration_info["reasoning"]["num_held_out"] == 2
     again.config.lam = 1.0
     assert again._calibration_summary()["reasoning"]["num_samples"] == 6
     for (k, v), (k2, v2) in zip(first.model.named_parameters(), again.model.named_parameters()):
