@@ -360,6 +360,10 @@ def test_problems_found_before_any_weight_is_loaded(triple, tmp_path, capsys, mo
         (dict(), ["--out", str(paths["reasoning"]), "--overwrite"],
          "is \\(or holds\\) the reasoning model's folder"),
         (dict(), ["--out", str(tmp_path / "afile"), "--overwrite"], "is a file, not a folder"),
+        # without --overwrite too: the advice must not be to delete an input or to pass --overwrite
+        (dict(), ["--out", str(paths["reasoning"])], "is \\(or holds\\) the reasoning model's folder"),
+        (dict(), ["--out", str(root)], "holds the calibration.reasoning"),
+        (dict(), ["--out", str(tmp_path / "afile")], "is a file, not a folder"),
         (dict(), ["--out", str(tmp_path / "full")], "already exists; pass --overwrite"),
         (dict(), ["--out", str(tmp_path / "o"), "--push-to-hub", "not a repo"],
          "is not a valid repository id"),
