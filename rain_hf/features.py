@@ -536,19 +536,19 @@ class LayerReplay:
                    enumerate(self.layers)]
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
         try:
-            for batch in _batches(samples, config.batch_size):
-                ids, mask = _pad(batch, pad_token_id, device)
-                self.index.append(_think_index(batch, config))
-                self.calls.append([])
-                try:
-                    with eval_mode(model):
+            with eval_mode(model):
+                for batch in _batches(samples, config.batch_size):
+                    ids, mask = _pad(batch, pad_token_id, device)
+                    self.index.append(_think_index(batch, config))
+                    self.calls.append([])
+                    try:
                         decoder(input_ids=ids, attention_mask=mask, use_cache=False)
-                except _Stop:
-                    continue
-                finally:
-                    shared.clear()  # drops the references that kept this batch's device tensors alive
-                raise RuntimeError("The decoder's forward pass never reached its last layer: the sequential "
-                                   "projection cannot replay it layer by layer.")
+                    except _Stop:
+                        continue
+                    finally:
+                        shared.clear()  # drops the references that kept this batch's device tensors alive
+                    raise RuntimeError("The decoder's forward pass never reached its last layer: the sequential "
+                                       "projection cannot replay it layer by layer.")
         finally:
             for h in handles:
                 h.remove()
@@ -603,14 +603,14 @@ class LayerReplay:
 
         handles = _register_all([(modules[name], hook) for name in module_names], pre=True)
         try:
-            for b in range(len(self.hidden)):
-                try:
-                    with eval_mode(self.model):
+            with eval_mode(self.model):
+                for b in range(len(self.hidden)):
+                    try:
                         self._run_layer(b)
-                except _Stop:
-                    continue
-                raise RuntimeError(f"Decoder layer {layer} never called {module_names[0]}: its thinking features "
-                                   "cannot be captured.")
+                    except _Stop:
+                        continue
+                    raise RuntimeError(f"Decoder layer {layer} never called {module_names[0]}: its thinking features "
+                                       "cannot be captured.")
         finally:
             for h in handles:
                 h.remove()
@@ -687,13 +687,13 @@ def collect_attention_stats(
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
     try:
         model.set_attn_implementation("eager")
-        for batch in tqdm(list(_batches(samples, batch_size)), desc="stage 2: instruction attention", unit="batch"):
-            ids, mask = _pad(batch, pad_token_id, device)
-            width = ids.shape[1]
-            masks["I"] = _span_mask(batch, "instruction_spans", width)
-            masks["R"] = _span_mask(batch, "constrained_spans", width)
-            masks["U"] = _span_mask(batch, "unrelated_spans", width)
-            with eval_mode(model):
+        with eval_mode(model):
+            for batch in tqdm(list(_batches(samples, batch_size)), desc="stage 2: instruction attention", unit="batch"):
+                ids, mask = _pad(batch, pad_token_id, device)
+                width = ids.shape[1]
+                masks["I"] = _span_mask(batch, "instruction_spans", width)
+                masks["R"] = _span_mask(batch, "constrained_spans", width)
+                masks["U"] = _span_mask(batch, "unrelated_spans", width)
                 decoder(input_ids=ids, attention_mask=mask, use_cache=False)
     finally:
         for h in handles:
