@@ -588,10 +588,10 @@ def _check_out_folder(out: Path, job: MergeJob, overwrite: bool) -> None:
         raise CliError(f"--out {str(out)!r}: {parent} is a file, so no folder can be made under it.")
     if not os.access(parent, os.W_OK):
         raise CliError(f"--out {str(out)!r}: {parent} is not writable, so the output cannot be written there.")
+    from .merger import input_folder_in
     from .writer import holds_output, replace_problem
 
-    local_inputs = [Path(m).resolve() for m in job.models.values() if Path(m).is_dir()]
-    if any(m == target or m.is_relative_to(target) for m in local_inputs):
+    if input_folder_in(out, {role: m for role, m in job.models.items() if Path(m).is_dir()}):
         return  # _check_out_models names the input model, once planning has resolved them
     problem = replace_problem(out, marker=CONFIG_NAME)
     if problem:  # --overwrite would not help

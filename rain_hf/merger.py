@@ -226,11 +226,13 @@ def load_dtype_problem(plan: MergePlan, reasoning: LazyCheckpoint,
     return None
 
 
-def input_folder_in(target: str | os.PathLike, sources: Mapping[str, ModelSource]) -> tuple[str, Path] | None:
-    """(role, folder) of an input that ``target`` is, or holds: writing the output there would replace it."""
+def input_folder_in(target: str | os.PathLike, sources: Mapping[str, ModelSource | str | os.PathLike]
+                    ) -> tuple[str, Path] | None:
+    """(role, folder) of an input (a resolved source, or a folder path) that ``target`` is, or holds: writing the
+    output there would replace it."""
     target = Path(target).expanduser().resolve()
     for role, source in sources.items():
-        folder = source.path.resolve()
+        folder = Path(getattr(source, "path", source)).resolve()
         if folder == target or folder.is_relative_to(target):
             return role, folder
     return None
