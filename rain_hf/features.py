@@ -420,7 +420,7 @@ def capture_think_features(
     biased = {recorder.module_group[t.name] for t in targets if t.has_bias and t.name in recorder.module_group}
     bases = {}
     for group, chunks in tqdm(recorder.rows.items(), desc="stage 1: feature SVD", unit="group"):
-        bases[group] = _rows_svd(chunks, config, svd_device, bias_column=group in biased)
+        bases[group] = _rows_svd(chunks, config, svd_device, bias_column=group in biased, where=group)
         chunks.clear()
     settings = {"positions": config.positions, "window": config.window, "project_bias": config.project_bias,
                 "num_samples": len(samples), "num_rows": n_rows}
@@ -429,11 +429,20 @@ def capture_think_features(
     return ThinkFeatures(bases, dict(recorder.module_group), settings)
 
 
-def _rows_svd(chunks: list[torch.Tensor], config: RainMergingConfig, device, bias_column: bool
+def _rows_svd(chunks: list[torch.Tensor], config: RainMergingConfig, device, bias_column: bool, where: str
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(V, s) on the CPU of the feature matrix stacked from ``chunks``, with the column of ones when
-    ``config.project_bias`` and ``bias_column`` (a module of the group has a bias to project with its weight)."""
+    ``config.project_bias`` and ``bias_column`` (a module of the group has a bias to project with its weight).
+    ``where`` names the group's input in the error raised for non-finite features."""
     h = torch.cat(chunks).to(device)
+    bad = int((~torch.isfinite(h)).sum())
+    if bad:
+        # An SVD of such rows either fails inside LAPACK or gives NaN singular values, which would protect
+        # nothing and merge the task vector unprojected.
+        raise ValueError(f"The thinking features at the input of {where} hold {bad} non-finite values (inf or NaN) "
+                         "in a [{} x {}] matrix: the reasoning model's activations overflow (float16 models often do: load "
+                         "it with torch_dtype='bfloat16' or 'float32') or its weights hold inf/NaN (check the "
+                         "checkpoint).".format(*h.shape))
     if config.project_bias and bias_column:
         h = with_bias_column(h)
     v, s = feature_svd(h, torch.float64 if config.precision == "float64" else torch.float32)
@@ -622,7 +631,7 @@ class LayerReplay:
         :func:`rain_hf.projection.feature_svd`)."""
         biased = any(getattr(self.model.get_submodule(name), "bias", None) is not None for name in module_names)
         return _rows_svd(self.group_rows(layer, module_names), self.config, svd_device or _input_device(self.model),
-                         bias_column=biased)
+                         bias_column=biased, where=module_names[0])
 
 
 # ---------------------------------------------------------------------------------------------- stage 2

@@ -27,10 +27,19 @@ def feature_svd(features: torch.Tensor, dtype: torch.dtype = torch.float32) -> t
 
 def protected_basis(v: torch.Tensor, s: torch.Tensor, rcond: float) -> torch.Tensor:
     """Orthonormal basis [d, r] of the row space of H: singular directions with s > rcond·s_max."""
+    _check_finite(s)
     if s.numel() == 0 or float(s[0]) == 0.0:
         return v[:, :0]
     keep = s > rcond * s[0]
     return v[:, keep]
+
+
+def _check_finite(s: torch.Tensor) -> None:
+    # NaN singular values compare False with the cut-off: the basis would come out empty and the task vector
+    # would be merged unprojected, with nothing said.
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError("The feature matrix has non-finite singular values (its features hold inf or NaN): "
+                         "recompute them with the reasoning model loaded in bfloat16 or float32, or check its weights.")
 
 
 def project_svd(delta: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -53,6 +62,7 @@ def project_ridge(delta: torch.Tensor, v: torch.Tensor, s: torch.Tensor, ridge: 
     Args:
         delta: ΔW [out, d]; v: V [d, k]; s: [k]; ridge: relative ε.
     """
+    _check_finite(s)
     if s.numel() == 0 or float(s[0]) == 0.0:  # H = 0 constrains nothing (and ε = 0 would give 0/0)
         return delta.clone()
     s2 = s.to(delta.dtype) ** 2

@@ -168,3 +168,23 @@ def test_an_interrupted_replay_refuses_to_go_on(dropout_model_and_samples, monke
     with pytest.raises(RuntimeError, match="interrupted while advancing a layer, so its batches sit at different "
                                            "layers: build a new one"):
         replay.group_rows(1, ["model.layers.1.mlp.down_proj"])
+
+
+def test_non_finite_features_are_refused_with_the_module_named(dropout_model_and_samples):
+    # An SVD of rows holding inf either fails inside LAPACK or gives NaN singular values, and a NaN cut-off would
+    # keep no direction: the task vector would be merged unprojected.
+    from rain_hf import testing
+    from rain_hf.features import LayerReplay, capture_think_features
+
+    _, samples, pad = dropout_model_and_samples
+    model = AutoModelForCausalLM.from_config(testing.model_config("qwen2", 300)).eval()
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight[0] = float("inf")
+    config = RainMergingConfig(lam=1.0, batch_size=2)
+    targets = find_target_modules(model, config)
+    with pytest.raises(ValueError, match=r"input of model\.layers\.1\.mlp\.(gate|up)_proj hold \d+ non-finite"):
+        capture_think_features(model, samples, targets, config, pad)
+    replay = LayerReplay(model, samples, config, pad)
+    replay.group_basis(0, ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"])  # layer 0 is finite
+    with pytest.raises(ValueError, match=r"input of model\.layers\.1\.mlp\.gate_proj .*float16 models often do"):
+        replay.group_basis(1, ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"])

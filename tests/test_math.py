@@ -84,6 +84,16 @@ def test_projections_of_all_zero_features_change_nothing():
     assert torch.equal(project_ridge(dw, v, s, 0.05), dw)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_singular_values_are_refused_not_read_as_nothing_to_protect(value):
+    v = torch.eye(5, dtype=torch.float64)[:, :3]
+    s = torch.tensor([value, 1.0, 0.5], dtype=torch.float64)
+    dw = torch.randn(3, 5, dtype=torch.float64)
+    for call in (lambda: protected_basis(v, s, 0.1), lambda: project_ridge(dw, v, s, 0.05)):
+        with pytest.raises(ValueError, match="non-finite singular values"):
+            call()
+
+
 def test_coefficients_literal_and_normalised():
     a = torch.tensor([[0.2, 0.4], [0.1, 0.3]])
     u = torch.tensor([[0.1, 0.0], [0.2, 0.1]])
