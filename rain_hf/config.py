@@ -18,6 +18,9 @@ NORMALIZATIONS = ("mean", "none")
 MALFORMED_POLICIES = ("skip", "error")
 DTYPES = ("float32", "float16", "bfloat16")
 PRECISIONS = ("float32", "float64")
+# Smallest usable rcond per SVD precision, ~100 machine epsilons: a float32 SVD of a rank-300 feature matrix
+# [2400, 3584] gave noise singular values at 1.2e-6·σ_max (the exact ones are 0).
+RCOND_FLOOR = {"float32": 1e-5, "float64": 1e-13}
 
 CONFIG_NAME = "rain_merging_config.json"
 
@@ -70,7 +73,8 @@ class RainMergingConfig:
         window: radius r of the ``"window"`` position set.
         projection: ``"svd"`` (exact projection onto the null space, singular values above ``rcond``·σ_max
             span the protected subspace) or ``"ridge"`` (ΔW − ΔW Hᵀ(HHᵀ+εI)⁻¹H with ε = ``ridge``·σ_max²).
-        rcond: relative singular-value cut-off of the SVD projection.
+        rcond: relative singular-value cut-off of the SVD projection (at least 1e-5 with float32 precision, 1e-13
+            with float64: smaller cut-offs would count rounding noise as features).
         ridge: relative ridge strength of the ridge projection.
         project_bias: also merge biases, projecting [ΔW | Δb] against features with a constant 1 column.
         precision: arithmetic of the projection (``"float32"`` or ``"float64"``).
@@ -178,7 +182,10 @@ class RainMergingConfig:
         def choice(name: str, allowed: tuple[str, ...]) -> None:
             value = getattr(self, name)
             if value not in allowed:
-                raise ConfigError(f"RainMergingConfig.{name}={value!r} is not one of {list(allowed)}.")
+                lowered = [a for a in allowed if isinstance(value, str) and a.lower() == value.lower()]
+                close = lowered or (difflib.get_close_matches(value, allowed, n=1) if isinstance(value, str) else [])
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"RainMergingConfig.{name}={value!r} is not one of {list(allowed)}{hint}.")
 
         def number(name: str, lo: float | None = None, hi: float | None = None, strict_lo: bool = False,
                    strict_hi: bool = False, value: Any = _FIELD) -> None:
@@ -241,6 +248,14 @@ class RainMergingConfig:
         number("rcond", 0.0, 1.0, strict_lo=True, strict_hi=True)  # rcond 1 would keep no direction
         number("ridge", 0.0, strict_lo=True)
         choice("precision", PRECISIONS)
+        floor = RCOND_FLOOR[self.precision]
+        if self.projection == "svd" and self.rcond < floor:
+            raise ConfigError(
+                f"RainMergingConfig.rcond={self.rcond!r} is below what a {self.precision} SVD resolves: singular "
+                f"values under about {floor:g}·σ_max are rounding noise there, and protecting their directions "
+                f"would remove task-vector directions no feature asks to protect. Use rcond >= {floor:g}"
+                + (" or precision='float64'." if self.precision == "float32" else ".")
+            )
         number("rho", 0.0)
         choice("coef_normalize", NORMALIZATIONS)
         number("coef_min", 0.0)  # a negative α would flip a head's share of the task vector

@@ -103,6 +103,12 @@ def test_bad_yaml_exits_2_with_one_line(tmp_path, capsys, content, expected):
     ({"lam": 1.0, "lamda": 2.0}, "Unknown RainMergingConfig keys ['lamda'] ('lamda': did you mean 'lam'?); known keys: ["),
     ({"density": 2.0}, "density=2.0 must be <= 1"),
     ({"positions": "everywhere"}, "positions='everywhere' is not one of"),
+    ({"positions": "Window"}, "is not one of ['think', 'think+prev', 'window', 'window-before-answer'] (did you mean "
+                              "'window'?)"),
+    ({"rcond": 1e-9}, "rcond=1e-09 is below what a float32 SVD resolves: singular values under about 1e-05·σ_max "
+                      "are rounding noise there, and protecting their directions would remove task-vector directions "
+                      "no feature asks to protect. Use rcond >= 1e-05 or precision='float64'."),
+    ({"rcond": 1e-14, "precision": "float64"}, "Use rcond >= 1e-13."),
     ({"stage1": "yes please"}, "stage1 must be true or false"),
     ({"lam_grid": ["1e-2", "x"]}, "lam_grid"),
 ])
@@ -111,6 +117,13 @@ def test_bad_parameters_exit_2(tmp_path, capsys, parameters, expected):
     assert main([str(config), "--out", str(tmp_path / "out")]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert expected in line and str(config) in line
+
+
+def test_small_rcond_is_accepted_where_it_is_resolved_or_unused():
+    from rain_hf.config import RainMergingConfig
+
+    RainMergingConfig(rcond=1e-9, precision="float64").validate()
+    RainMergingConfig(rcond=1e-9, projection="ridge").validate()  # ridge does not cut singular values
 
 
 @pytest.mark.parametrize("change, expected", [

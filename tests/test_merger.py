@@ -152,7 +152,7 @@ def test_layer_subset_with_the_ridge_projection(qwen2, tokenizer):
 
 
 def test_projection_residual_on_calibration_features(qwen2, tokenizer):
-    cfg = dict(lam=1.0, stage2=False, rcond=1e-6, positions="window", window=1, sequential=False)
+    cfg = dict(lam=1.0, stage2=False, rcond=1e-5, positions="window", window=1, sequential=False)
     merger = _merger(qwen2, **cfg)
     records = reasoning_records(3)
     merger.merge(records)
@@ -175,7 +175,7 @@ def test_projection_residual_on_calibration_features(qwen2, tokenizer):
 @pytest.mark.parametrize("sequential", [False, True])
 def test_project_bias_protects_modules_with_and_without_a_bias(qwen2, tokenizer, sequential):
     # Qwen2: q/k/v have biases (projected with them, [ΔW | Δb] against [H | 1]); o_proj and the MLP have none
-    cfg = dict(lam=1.0, stage2=False, rcond=1e-6, positions="window", window=1, project_bias=True,
+    cfg = dict(lam=1.0, stage2=False, rcond=1e-5, positions="window", window=1, project_bias=True,
                sequential=sequential)
     merger = _merger(qwen2, **cfg)
     records = reasoning_records(3)
@@ -221,7 +221,7 @@ def _own_input_residuals(merger, samples, positions):
 
 
 def test_sequential_projection_is_null_on_the_merged_models_own_inputs(qwen2, tokenizer):
-    cfg = dict(lam=3.0, stage2=False, rcond=1e-6, positions="window", window=1)
+    cfg = dict(lam=3.0, stage2=False, rcond=1e-5, positions="window", window=1)
     records = reasoning_records(3)
     samples = prepare_reasoning_calibration(records, tokenizer, RainMergingConfig(**cfg))
     seq = _merger(qwen2, sequential=True, **cfg)
@@ -395,7 +395,7 @@ def test_sequential_needs_the_calibration_samples_unless_left_unset(qwen2):
 def test_first_layer_hidden_states_at_think_positions(qwen2, tokenizer):
     # k/v are left out: the think token's attention reads keys and values of every earlier position, which the
     # projection at the think positions does not protect; q, o and the MLP see only the think rows.
-    cfg = dict(lam=3.0, stage2=False, rcond=1e-6, positions="think",
+    cfg = dict(lam=3.0, stage2=False, rcond=1e-5, positions="think",
                target_modules=["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     records = reasoning_records(4)
     samples = prepare_reasoning_calibration(records, tokenizer, RainMergingConfig(**cfg))
