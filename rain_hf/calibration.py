@@ -84,7 +84,9 @@ class CalibrationSample:
             found): the response span less the annotated unrelated spans, so that R and U never share a token.
             Empty when the cut to ``max_length`` removed every annotated R span (logged): stage 2 then leaves the
             sample out of the alignment mean.
-        unrelated_spans: U, the thinking span plus any annotated unrelated response spans.
+        unrelated_spans: U, the thinking span plus any annotated unrelated response spans. Annotated R and U share
+            the tokens where the annotations themselves overlap (26 of the paper's 365 instruction samples do);
+            those tokens count in both.
         index: index of the record in the user's input.
     """
 
@@ -254,14 +256,23 @@ def _read_utf8(path: Path) -> str:
     """The file's text, refusing bytes that are not UTF-8 with their offset (a leading BOM is dropped)."""
     data = path.read_bytes()
     bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    wide = next((name for mark, name in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                                         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+                 if data.startswith(mark)), None)
+    if wide is None and b"\x00" in data[:64]:  # JSON never holds a raw NUL: ASCII text in UTF-16 without a BOM
+        wide = "utf-16le" if data[1:2] == b"\x00" else "utf-16be"
+    if wide:
+        raise CalibrationError(f"{path} is not UTF-8 text: it looks like {wide.upper()}; re-save it as UTF-8 (e.g. "
+                               f"`iconv -f {wide} -t utf-8 IN > OUT`).")
     try:
         return data[bom:].decode("utf-8")
     except UnicodeDecodeError as err:
         at = bom + err.start
         line = data.count(b"\n", 0, at) + 1
         raise CalibrationError(
-            f"{path} is not UTF-8 text: byte {at} (line {line}) is {data[at:at + 1]!r} ({err.reason}). Re-save the "
-            "file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 IN > OUT` for a Latin-1 file)."
+            f"{path} is not UTF-8 text: byte {at} (line {line}) is {data[at:at + 1]!r} ({err.reason}); re-save the "
+            "file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 IN > OUT` for a Latin-1 file, `-f cp1252` for one "
+            "written by Windows programs)."
         ) from None
 
 
@@ -367,7 +378,7 @@ def holdout_count(n: int, share: float) -> int:
     return max(1, round(n * share))
 
 
-def holdout_indices(n: int, share: float, seed: int = 0) -> list[int]:
+def holdout_indices(n: int, share: float, seed: int = 0, groups: Sequence[Any] | None = None) -> list[int]:
     """Sorted indices of the ``round(n · share)`` (at least one) of ``n`` calibration samples that ``lam="auto"``
     holds out of stage 1 to measure L_think, drawn by a permutation seeded with ``seed``.
 
@@ -375,21 +386,56 @@ def holdout_indices(n: int, share: float, seed: int = 0) -> list[int]:
     math, then code, then science) or alternating (plain and instructed prompts), and either layout would make
     the held-out samples one kind only.
 
+    ``groups`` (one hashable key per sample, e.g. :func:`prompt_key`) keeps samples with equal keys on one side:
+    samples that share a prompt share every hidden state up to the think-open token, so holding out one while
+    stage 1 sees another would measure L_think partly on features stage 1 protected (the paper's reasoning set
+    has 150 traces of 118 prompts). Groups are taken in the permutation's order while they fit in the count (the
+    first one always), so with distinct keys the draw is the same as without ``groups``.
+
     Example:
         >>> holdout_indices(8, 0.25) == holdout_indices(8, 0.25)
         True
         >>> len(holdout_indices(64, 0.25))
         16
+        >>> holdout_indices(4, 0.5, groups=["a", "a", "b", "c"]) in ([0, 1], [2, 3])
+        True
     """
     n_out = holdout_count(n, share)
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    return sorted(torch.randperm(n, generator=generator)[:n_out].tolist())
+    order = torch.randperm(n, generator=generator).tolist()
+    if groups is None:
+        return sorted(order[:n_out])
+    if len(groups) != n:
+        raise ValueError(f"holdout_indices: {len(groups)} group keys for {n} samples.")
+    members: dict[Any, list[int]] = {}
+    for i, key in enumerate(groups):
+        members.setdefault(key, []).append(i)
+    held: list[int] = []
+    seen = set()
+    for i in order:
+        key = groups[i]
+        if key in seen:
+            continue
+        seen.add(key)
+        if not held or len(held) + len(members[key]) <= n_out:
+            held.extend(members[key])
+        if len(held) >= n_out:
+            break
+    return sorted(held)
 
 
-def holdout_split(items: Sequence[Any], share: float, seed: int = 0) -> tuple[list[Any], list[Any]]:
-    """(kept, held out): ``items`` split at :func:`holdout_indices`, each part in input order."""
-    out = set(holdout_indices(len(items), share, seed))
+def holdout_split(items: Sequence[Any], share: float, seed: int = 0, key: Any = None
+                  ) -> tuple[list[Any], list[Any]]:
+    """(kept, held out): ``items`` split at :func:`holdout_indices`, each part in input order; ``key`` (a function
+    of an item) groups the items that must stay on one side."""
+    groups = None if key is None else [key(x) for x in items]
+    out = set(holdout_indices(len(items), share, seed, groups))
     return [x for i, x in enumerate(items) if i not in out], [x for i, x in enumerate(items) if i in out]
+
+
+def prompt_key(sample: CalibrationSample) -> tuple[int, ...]:
+    """The tokens before the think-open token: samples with equal keys have equal hidden states there."""
+    return tuple(sample.input_ids[:sample.think_open])
 
 
 def check_think_tokens(tokenizer: Any, config: Any) -> tuple[int, int]:
@@ -435,6 +481,7 @@ class _Template:
     open_id: int
     close_id: int
     spacing: tuple[str, str, str] = ("\n", "\n", "\n\n")
+    specials: tuple[str, ...] = ()  # the tokenizer's other special tokens, read as control tokens inside any text
 
 
 def _template_parts(tokenizer: Any, config: Any) -> _Template:
@@ -464,7 +511,12 @@ def _template_parts(tokenizer: Any, config: Any) -> _Template:
             "set tokenizer.chat_template to one whose generation prompt stops at or before the think-open token."
         )
     spacing = tuple(getattr(config, "think_spacing", ("\n", "\n", "\n\n")))
-    return _Template(before, after, config.think_open, config.think_close, open_id, close_id, spacing)
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    specials = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
+    specials |= {t.content for t in added.values() if getattr(t, "special", False)}
+    specials -= {config.think_open, config.think_close, ""}
+    return _Template(before, after, config.think_open, config.think_close, open_id, close_id, spacing,
+                     tuple(sorted(specials)))
 
 
 def template_opens_think(tokenizer: Any, config: Any) -> bool:
@@ -540,13 +592,34 @@ def _raw_fields(record: Mapping) -> tuple[Any, Any, Any]:
     holding ``<think>…</think>answer`` when there is no reasoning field (the usual R1 dump).
     """
     # a datasets.Dataset gives every row every column, so a chat-format row arrives with prompt=None
-    if record.get("prompt") is None and isinstance(record.get("messages"), list):
-        return _fields_from_messages(record["messages"])
-    reasoning = next((record[key] for key in REASONING_KEYS if record.get(key) is not None), None)
+    messages = record.get("messages")
+    if record.get("prompt") is None and messages is not None:
+        if not isinstance(messages, list):
+            raise _Malformed(f"field 'messages' is a {type(messages).__name__}, not a list of {{'role', 'content'}} "
+                             "turns (a JSON string must be parsed first)")
+        return _fields_from_messages(messages)
+    if messages is not None:
+        turns = messages if isinstance(messages, list) else []
+        first = turns[0].get("content") if turns and isinstance(turns[0], Mapping) else None
+        if not isinstance(first, str) or first.strip() != str(record["prompt"]).strip():
+            raise _Malformed("fields 'prompt' and 'messages' both give the prompt, and they differ: keep one of them")
+        if all(record.get(key) is None for key in (*REASONING_KEYS, "response")):
+            return _fields_from_messages(turns)  # the same prompt twice: the chat turns carry the answer
+    given = {key: record[key] for key in REASONING_KEYS if record.get(key) is not None}
+    if len(given) > 1 and len({str(v).strip() for v in given.values()}) > 1:
+        raise _Malformed("fields 'reasoning' and 'reason' both hold a thinking text, and they differ: keep one of them")
+    reasoning = next(iter(given.values()), None)
     response = record.get("response")
     if reasoning is None and response is not None:
         return record.get("prompt"), _ThinkSplit(response, "response"), None
     return record.get("prompt"), reasoning, response
+
+
+def _prompt_label(record: Mapping) -> str:
+    """Where a record's prompt comes from, as error messages name it."""
+    if record.get("prompt") is None and isinstance(record.get("messages"), list):
+        return "messages[0].content"
+    return "field 'prompt'"
 
 
 def _fields_from_messages(messages: list) -> tuple[Any, Any, Any]:
@@ -554,6 +627,10 @@ def _fields_from_messages(messages: list) -> tuple[Any, Any, Any]:
     roles = [m.get("role") if isinstance(m, Mapping) else None for m in messages]
     if roles not in (["user"], ["user", "assistant"]):
         raise _Malformed(f"'messages' must be one user turn, optionally followed by one assistant turn; got {roles}")
+    for i, turn in enumerate(messages):
+        if isinstance(turn.get("content"), list):
+            raise _Malformed(f"messages[{i}].content is a list of content parts; only plain-text turns are read: "
+                             "join the parts' text into one string")
     prompt = messages[0].get("content")
     if len(messages) == 1:
         return prompt, None, None
@@ -608,7 +685,7 @@ def _parse_record(record: Mapping, template: _Template) -> _Fields:
         if source != "response":  # a chat answer's offsets have always counted from the text after </think>
             answer_at = 0
         reasoning_label, response_label = f"the thinking in '{source}'", f"the answer in '{source}'"
-    stripped_prompt = _text(prompt, "field 'prompt'", template, check_think=False)
+    stripped_prompt = _text(prompt, _prompt_label(record), template, check_think=False)
     if reasoning is None and response is None:
         raise _Malformed("only a prompt: no reasoning trace and no response")
     fields = _Fields(
@@ -663,12 +740,12 @@ def _split_think_text(content: Any, template: _Template, source: str) -> tuple[s
     return reasoning, content[cut + len(close):], cut + len(close)
 
 
-def _annotation_list(value: Any, where: str) -> list[Any]:
+def _annotation_list(value: Any, where: str, items: str = "strings (or [start, end] offsets)") -> list[Any]:
     """An annotation list (``None`` = empty); anything but a list makes the record malformed."""
     if value is None:
         return []
     if isinstance(value, str) or not isinstance(value, list):
-        raise _Malformed(f"'{where}' must be a list of strings, got {type(value).__name__}")
+        raise _Malformed(f"'{where}' must be a list of {items}, got {type(value).__name__}")
     return value
 
 
@@ -681,7 +758,7 @@ def _collect_annotations(record: Mapping, fields: _Fields) -> None:
     are not used. Each list is one group, searched forward in order.
     """
     related = record.get("related_prompt_list")
-    for i, item in enumerate(_annotation_list(related, "related_prompt_list")):
+    for i, item in enumerate(_annotation_list(related, "related_prompt_list", "objects with 'prompt_spans' and 'response_spans'")):
         if not isinstance(item, Mapping):
             raise _Malformed(f"related_prompt_list[{i}] is a {type(item).__name__}, not an object")
         fields.prompt_groups.append(_annotation_list(item.get("prompt_spans"), f"related_prompt_list[{i}].prompt_spans"))
@@ -838,13 +915,13 @@ def _subtract(span: Span, holes: Iterable[Span]) -> list[Span]:
     return merge_spans(parts)
 
 
-def _default_constrained(response_span: Span, unrelated: list[Span], index: int) -> list[Span]:
+def _default_constrained(response_span: Span, unrelated: list[Span], where: str) -> list[Span]:
     """R of a sample without located R annotations: the response less the annotated unrelated spans (U), so
     that the two query sets stay disjoint."""
     constrained = _subtract(response_span, unrelated)
     if not constrained:
-        logger.warning("Calibration sample %d: its annotated unrelated spans cover the whole response, so it has no "
-                       "constrained-response tokens (R) and counts for leakage only.", index)
+        logger.warning("Calibration sample at %s: its annotated unrelated spans cover the whole response, so it has "
+                       "no constrained-response tokens (R) and counts for leakage only.", where)
     return constrained
 
 
@@ -859,8 +936,17 @@ def _think_token(index: _OffsetIndex, ids: list[int], char_pos: int, text: str, 
     return span[0]
 
 
-def _build_sample(fields: _Fields, index: int, tokenizer: Any, template: _Template, max_length: int) -> CalibrationSample:
-    """Render one validated record and compute all its token spans (see the module docstring for the layout)."""
+def _build_sample(fields: _Fields, index: int, tokenizer: Any, template: _Template, max_length: int,
+                  where: str | None = None) -> CalibrationSample:
+    """Render one validated record and compute all its token spans (see the module docstring for the layout);
+    ``where`` names the record in warnings (default: its index)."""
+    where = where or f"index {index}"
+    for name in ("prompt", "reasoning", "response"):
+        found = [t for t in template.specials if t in getattr(fields, name)]
+        if found:
+            logger.warning("Calibration sample at %s: its %s holds the special token(s) %s, which the tokenizer "
+                           "reads as control tokens (an end of turn inside the text, say): remove them unless they "
+                           "are meant as such.", where, name, ", ".join(map(repr, found)))
     prefix, open_char = _generation_prefix(tokenizer, template, fields.prompt)
     prompt_char = len(template.before)
     text = prefix + fields.reasoning + template.spacing[1]
@@ -889,8 +975,8 @@ def _build_sample(fields: _Fields, index: int, tokenizer: Any, template: _Templa
     missing = [f"prompt {m}" for m in missing_p] + [f"response {m}" for m in missing_r + missing_u]
     if missing:
         logger.warning(
-            "Calibration sample %d: %d annotation(s) not found in their segment, ignored: %s",
-            index, len(missing), "; ".join(missing[:_MAX_REASONS_SHOWN]) + (" …" if len(missing) > _MAX_REASONS_SHOWN else ""),
+            "Calibration sample at %s: %d annotation(s) not found in their segment, ignored: %s",
+            where, len(missing), "; ".join(missing[:_MAX_REASONS_SHOWN]) + (" …" if len(missing) > _MAX_REASONS_SHOWN else ""),
         )
     instruction = _token_spans(offsets, prompt_chars, prompt_char, prompt_span) or [prompt_span]
     constrained = _token_spans(offsets, response_chars, response_char, response_span)
@@ -904,7 +990,7 @@ def _build_sample(fields: _Fields, index: int, tokenizer: Any, template: _Templa
                 f"does not survive the cut to config.max_length={max_length}: raise max_length or shorten the "
                 "prompt/reasoning"
             )
-        logger.info("Calibration sample %d: %d tokens, response cut to max_length=%d.", index, n, max_length)
+        logger.info("Calibration sample at %s: %d tokens, response cut to max_length=%d.", where, n, max_length)
         ids = ids[:max_length]
         response_span = (close_tok + 1, max_length)
         constrained = _clip(constrained, max_length)
@@ -913,12 +999,12 @@ def _build_sample(fields: _Fields, index: int, tokenizer: Any, template: _Templa
         # falling back to the whole (cut) response would measure alignment on tokens the annotation left out; an
         # empty R only drops the sample from the alignment mean (stage 2 averages over samples that have R)
         logger.warning(
-            "Calibration sample %d: every annotated constrained-response span (R) lies past the cut to "
+            "Calibration sample at %s: every annotated constrained-response span (R) lies past the cut to "
             "config.max_length=%d, so its R is empty and it counts for leakage only: raise max_length to keep it.",
-            index, max_length,
+            where, max_length,
         )
     elif not annotated:
-        constrained = _default_constrained(response_span, unrelated, index)
+        constrained = _default_constrained(response_span, unrelated, where)
     return CalibrationSample(
         input_ids=ids,
         think_open=open_tok,
@@ -1012,7 +1098,7 @@ def _generate_batch(records: list[dict], model: Any, tokenizer: Any, config: Any
     rows, prefix_ids, prompts = [], [], {}
     for i, record in enumerate(records):
         try:
-            prompt = prompts[i] = _text(_raw_fields(record)[0], "field 'prompt'", template, check_think=False)
+            prompt = prompts[i] = _text(_raw_fields(record)[0], _prompt_label(record), template, check_think=False)
             prefix, _ = _generation_prefix(tokenizer, template, prompt)
         except _Malformed as err:
             results[i]["generation_error"] = str(err)
@@ -1114,7 +1200,7 @@ def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limi
                 progress.update(1)
                 try:
                     samples.append(_build_sample(_parse_record(record, template), index, tokenizer, template,
-                                                 config.max_length))
+                                                 config.max_length, where(index)))
                 except _Malformed as err:
                     failures.append((index, str(err)))
                     if config.on_malformed == "error":
@@ -1134,7 +1220,7 @@ def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limi
         for i, reason in failures:  # one line per distinct reason: a whole file usually fails the same way
             by_reason.setdefault(reason, []).append(i)
         reasons = "; ".join(
-            f"#{', #'.join(map(str, ids[:3]))}{f' and {len(ids) - 3} more' if len(ids) > 3 else ''}: {reason}"
+            f"{', '.join(map(where, ids[:3]))}{f' and {len(ids) - 3} more' if len(ids) > 3 else ''}: {reason}"
             for reason, ids in list(by_reason.items())[:_MAX_REASONS_SHOWN])
         raise CalibrationError(
             f"no usable {kind} calibration samples: {len(failures)} malformed, first reasons: {reasons}"

@@ -30,6 +30,7 @@ from .calibration import (
     padding_id,
     prepare_instruction_calibration,
     prepare_reasoning_calibration,
+    prompt_key,
     template_opens_think,
 )
 from .card import PRECOMPUTED_FEATURES_SOURCE, write_model_card
@@ -944,7 +945,11 @@ class RainMerger:
         """(stage-1 samples, held-out samples): a seeded draw of ``lam_auto_holdout`` of the samples is kept out of
         stage 1 to measure L_think (:func:`~rain_hf.calibration.holdout_split`)."""
         share = self.config.lam_auto_holdout
-        kept, held = holdout_split(samples, share, self.config.seed)
+        kept, held = holdout_split(samples, share, self.config.seed, key=prompt_key)
+        if not kept and len({prompt_key(s) for s in samples}) == 1 and len(samples) > 1:
+            raise ConfigError(f"lam='auto' holds out samples whose prompts stage 1 does not see, and all "
+                              f"{len(samples)} reasoning calibration samples share one prompt: add samples with "
+                              "other prompts, or set lam to a number.")
         if not kept:
             need = next(n for n in range(2, 10**6) if n - holdout_count(n, share) >= 1)  # leaves one for stage 1
             raise ConfigError(f"lam='auto' holds out {len(held)} of the {len(samples)} reasoning calibration samples "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import types
 from pathlib import Path
 
@@ -299,14 +300,22 @@ def test_sample_limits_take_the_first_usable(tok):
     assert [s.index for s in samples] == [0, 2, 3]
 
 
-def test_empty_sets_are_refused(tok):
+def test_empty_sets_are_refused(tok, tmp_path):
     bad = [{"prompt": "Hi", "reasoning": "Hmm."}, {"prompt": "Hi", "reasoning": "Hmm.", "response": 5}]
     with pytest.raises(CalibrationError, match=r"no usable reasoning calibration samples: 2 malformed, first reasons: "
-                                               r"#0: field 'response' is missing; #1: field 'response' is a int"):
+                                               r"index 0: field 'response' is missing; index 1: field 'response' is a "
+                                               r"int"):
         prepare_reasoning_calibration(bad, tok, _cfg())
-    with pytest.raises(CalibrationError, match=r"6 malformed, first reasons: #0, #2, #3 and 2 more: field 'response' "
-                                               r"is missing; #1: field 'response' is a int, not a string$"):
+    with pytest.raises(CalibrationError, match=r"6 malformed, first reasons: index 0, index 2, index 3 and 2 more: "
+                                               r"field 'response' is missing; index 1: field 'response' is a int, not a "
+                                               r"string$"):
         prepare_reasoning_calibration([bad[0], bad[1]] + [bad[0]] * 4, tok, _cfg())
+    # from a file, the summary gives the lines, as the per-record messages do (blank lines are skipped)
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(bad[0]) + "\n\n" + json.dumps(bad[1]) + "\n", encoding="utf-8")
+    with pytest.raises(CalibrationError, match=r"first reasons: index 0 \(.*bad.jsonl line 1\): field 'response' "
+                                               r"is missing; index 1 \(.*bad.jsonl line 3\): field 'response' is a int"):
+        prepare_reasoning_calibration(str(path), tok, _cfg())
     with pytest.raises(CalibrationError, match="empty"):
         prepare_reasoning_calibration([], tok, _cfg())
 
@@ -493,7 +502,7 @@ def test_generation_without_think_block_is_malformed(tok, chain_ids):
     cfg = _cfg(max_new_tokens=6, batch_size=4)
     traces = generate_traces([{"prompt": "Hi"}], model, tok, cfg)
     assert "never closes" in traces[0]["generation_error"] and "reasoning" not in traces[0]
-    with pytest.raises(CalibrationError, match=r"no usable reasoning .*1 malformed.*#0: generated trace .*never closes"):
+    with pytest.raises(CalibrationError, match=r"no usable reasoning .*1 malformed.*index 0: generated trace .*never closes"):
         prepare_reasoning_calibration([{"prompt": "Hi"}], tok, cfg, model=model)
     with pytest.raises(CalibrationError, match="index 0: generated trace"):
         prepare_reasoning_calibration([{"prompt": "Hi"}], tok, _cfg(on_malformed="error", max_new_tokens=6), model=model)
@@ -645,8 +654,16 @@ def test_non_utf8_file_is_refused_with_its_offset(tmp_path):
     offset = path.read_bytes().index(b"\xe9")
     for read in (load_records, check_records):
         with pytest.raises(CalibrationError, match=rf"latin\.jsonl is not UTF-8 text: byte {offset} \(line 2\).*"
-                                                   "Re-save the file as UTF-8"):
+                                                   "re-save the file as UTF-8 .*iconv -f latin1"):
             read(path)
+    # UTF-16 (Windows "Unicode") with and without a byte-order mark: latin1 advice would make it worse
+    text = json.dumps(RECORD) + "\n"
+    for data, codec in ((text.encode("utf-16"), "utf-16"), (text.encode("utf-16-le"), "utf-16le"),
+                        (text.encode("utf-32"), "utf-32")):
+        path.write_bytes(data)
+        with pytest.raises(CalibrationError, match=rf"looks like {codec.upper()}; re-save it as UTF-8 \(e\.g\. "
+                                                   rf"`iconv -f {codec} -t utf-8 IN > OUT`\)\.$"):
+            load_records(path)
 
 
 def test_file_content_decides_between_json_and_jsonl(tok, tmp_path, caplog):
@@ -730,3 +747,43 @@ def test_fallback_padding_id_does_not_stop_generation(backend, chain_ids):
     (trace,) = generate_traces([{"prompt": "Hi"}], model, bare, _cfg(max_new_tokens=7))
     assert "generation_error" not in trace, trace.get("generation_error")
     assert trace["response"] == "ysy"  # a, 0, b, </think>, then three answer tokens
+
+
+@pytest.mark.parametrize("record, expected", [
+    ({"prompt": "p", "reasoning": "new", "reason": "old", "response": "r"},
+     "fields 'reasoning' and 'reason' both hold a thinking text, and they differ: keep one of them"),
+    ({"prompt": "stale", "messages": [{"role": "user", "content": "new"},
+                                      {"role": "assistant", "content": "<think>t</think>a"}]},
+     "fields 'prompt' and 'messages' both give the prompt, and they differ: keep one of them"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                   {"role": "assistant", "content": "<think>t</think>a"}]},
+     "messages[0].content is a list of content parts; only plain-text turns are read: join the parts' text"),
+    ({"messages": '[{"role": "user", "content": "Hi"}]'},
+     "field 'messages' is a str, not a list of {'role', 'content'} turns (a JSON string must be parsed first)"),
+    ({"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "<think>t</think>a"}]},
+     "messages[0].content is empty"),
+    (dict(RECORD, related_prompt_list={"prompt_spans": ["x"]}),
+     "'related_prompt_list' must be a list of objects with 'prompt_spans' and 'response_spans', got dict"),
+])
+def test_conflicting_or_misshapen_fields_are_named(tok, record, expected):
+    with pytest.raises(CalibrationError, match=re.escape(expected)):
+        prepare_reasoning_calibration([record], tok, _cfg())
+
+
+def test_equal_duplicate_fields_are_accepted(tok):
+    same = prepare_reasoning_calibration([{"prompt": "p", "reasoning": "t", "reason": " t", "response": "r"}], tok,
+                                         _cfg())
+    chat = prepare_reasoning_calibration([{"prompt": "Hi", "messages": [
+        {"role": "user", "content": "Hi "}, {"role": "assistant", "content": "<think>t</think>r"}]}], tok, _cfg())
+    assert len(same) == len(chat) == 1
+
+
+def test_special_tokens_inside_the_texts_are_warned_about(tok, caplog):
+    record = dict(RECORD, reasoning="First this.<|end|> Then that.")
+    with caplog.at_level(logging.WARNING, logger="rain_hf.calibration"):
+        (sample,) = prepare_reasoning_calibration([record, RECORD], tok, _cfg())[:1]
+    warned = [r.getMessage() for r in caplog.records if "special token" in r.getMessage()]
+    assert warned == ["Calibration sample at index 0: its reasoning holds the special token(s) '<|end|>', which the "
+                      "tokenizer reads as control tokens (an end of turn inside the text, say): remove them unless "
+                      "they are meant as such."]
+    assert tok.convert_tokens_to_ids("<|end|>") in sample.input_ids[sample.think_open:sample.think_close]

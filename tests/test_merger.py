@@ -1258,14 +1258,22 @@ def test_output_dtype_changed_after_construction_is_checked_again(qwen2, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def _drawn(merger, n):
+    """(kept, held) indices of n samples with distinct prompts, as merger._hold_out draws them."""
+    from types import SimpleNamespace
+
+    kept, held = merger._hold_out([SimpleNamespace(input_ids=[i, 7], think_open=1) for i in range(n)])
+    return [k.input_ids[0] for k in kept], [h.input_ids[0] for h in held]
+
+
 def test_lam_auto_holds_out_a_seeded_draw_of_the_samples(qwen2):
     merger = _merger(qwen2, lam="auto")
-    kept, held = merger._hold_out(list(range(12)))
+    kept, held = _drawn(merger, 12)
     assert held == holdout_indices(12, 0.25, seed=0) and sorted(kept + held) == list(range(12)) and len(held) == 3
-    assert merger._hold_out(list(range(12))) == (kept, held)  # the same draw every time
+    assert _drawn(merger, 12) == (kept, held)  # the same draw every time
     assert holdout_indices(150, 0.25, seed=1) != holdout_indices(150, 0.25, seed=0)
     merger.config.seed = 1  # the merge's own seed draws it
-    assert merger._hold_out(list(range(12)))[1] == holdout_indices(12, 0.25, seed=1) != held
+    assert _drawn(merger, 12)[1] == holdout_indices(12, 0.25, seed=1) != held
     merger.config.seed = 0
     # the paper's file is 50 math, 50 code, 50 science traces: the held-out share takes from every domain, not
     # the last one whole; an alternating layout (plain, instructed, …) gives both kinds
@@ -1273,11 +1281,32 @@ def test_lam_auto_holds_out_a_seeded_draw_of_the_samples(qwen2):
     assert len(paper) == 38 and {i // 50 for i in paper} == {0, 1, 2}
     assert {i % 2 for i in holdout_indices(64, 0.25)} == {0, 1}
     with pytest.raises(ConfigError, match="holds out 1 of the 1 .*pass at least 2 samples"):
-        merger._hold_out([0])
+        _drawn(merger, 1)
     merger.config.lam_auto_holdout = 0.9
     with pytest.raises(ConfigError, match=r"holds out 3 of the 3 .*lam_auto_holdout=0.9.*at least 5 samples, lower "):
-        merger._hold_out([0, 1, 2])
-    assert len(merger._hold_out(list(range(5)))[0]) == 1  # five is enough
+        _drawn(merger, 3)
+    assert len(_drawn(merger, 5)[0]) == 1  # five is enough
+
+
+def test_lam_auto_keeps_samples_of_one_prompt_on_one_side(qwen2, tokenizer):
+    # equal prompts give equal hidden states up to <think>: a held-out sample whose prompt stage 1 saw would
+    # measure L_think partly on protected features
+    groups = [i // 3 for i in range(30)] + list(range(10, 60))  # 10 prompts with 3 traces each, 50 single ones
+    for seed in range(20):
+        held = set(holdout_indices(80, 0.25, seed, groups))
+        assert len(held) == 20 and all((i in held) == (j in held) for i in range(80) for j in range(80)
+                                       if groups[i] == groups[j]), seed
+    assert holdout_indices(80, 0.25, 3, list(range(80))) == holdout_indices(80, 0.25, 3)  # distinct: same draw
+    assert len(holdout_indices(4, 0.25, 0, ["a", "a", "a", "b"])) in (1, 3)  # the first group drawn always goes
+    records = reasoning_records(4)
+    records = [dict(r, prompt=records[0]["prompt"]) if i % 2 else r for i, r in enumerate(records)]
+    merger = _merger(qwen2, lam="auto", lam_auto_holdout=0.5)
+    samples = prepare_reasoning_calibration(records, tokenizer, merger.config)
+    kept, held = merger._hold_out(samples)
+    assert {s.index for s in kept}.isdisjoint({0, 1, 3}) or {s.index for s in held}.isdisjoint({0, 1, 3})
+    same = [dict(r, prompt=records[0]["prompt"]) for r in records]
+    with pytest.raises(ConfigError, match="all 4 reasoning calibration samples share one prompt: add samples"):
+        merger._hold_out(prepare_reasoning_calibration(same, tokenizer, merger.config))
 
 
 def test_plan_warns_about_merged_modules_the_adapter_leaves_alone(qwen2, tmp_path, caplog):

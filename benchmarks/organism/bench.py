@@ -54,10 +54,14 @@ HOLDOUT = 0.25  # share of the reasoning calibration held out of stage 1 (the sa
 
 def split_records(records: list) -> tuple[list, list]:
     """(stage-1 part, held-out part) of the reasoning calibration records, or of their prepared samples: the split
-    ``lam="auto"`` makes with the default seed, so that every row's L_think is measured on samples no stage 1 saw."""
-    from rain_hf.calibration import holdout_split
+    ``lam="auto"`` makes with the default seed (records that share a prompt stay on one side), so that every row's
+    L_think is measured on samples no stage 1 saw."""
+    from rain_hf.calibration import CalibrationSample, holdout_split, prompt_key
 
-    return holdout_split(records, HOLDOUT)
+    def key(item):
+        return prompt_key(item) if isinstance(item, CalibrationSample) else item["prompt"].strip()
+
+    return holdout_split(records, HOLDOUT, key=key)
 
 FAMILIES = ("reference", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "rain_stage1",
             "rain_stage2", "rain_both", "rain_seq_stage1", "rain_seq_both", "rain_positions", "rain_ablations",
@@ -424,6 +428,11 @@ class Bench:
             raise SystemExit("Some organism reasoning calibration records are malformed, so lam='auto' would hold "
                              "out other samples than the benchmark's L_think: rebuild the organism's data.")
         heldout = split_records(prepared)[1]
+        kept_ids = {id(r) for r in stage1}
+        if [s.index for s in heldout] != [i for i, r in enumerate(records) if id(r) not in kept_ids]:
+            raise SystemExit("The records and their prepared samples split differently (prompts equal as text but "
+                             "not as tokens, or the reverse): lam='auto' would hold out other samples than the "
+                             "benchmark's L_think.")
         ids, positions = heldout_think_positions(heldout)
         self.info["calibration"] = {"stage1_samples": len(stage1), "stage1_plain_samples": len(plain),
                                     "heldout_samples": len(heldout),
