@@ -55,7 +55,7 @@ class RainMergingConfig:
             within it (and the think-open guard below), or, when none is, the grid's smallest λ with a warning.
         lam_auto_holdout: share of the reasoning calibration samples held out of stage 1 to measure L_think (a
             random draw seeded with ``seed``, not the last samples, so that a file grouped by domain does not hold
-            out one domain only).
+            out one domain only; samples that share a prompt are held out or kept together).
         lam_auto_min_think_open: the smallest share of calibration prompts (the held-out reasoning samples' and,
             with stage 2, the instruction samples') on which the merged model still picks the think-open token
             first where the reasoning model does; ``lam="auto"`` also rejects the λ values below it. It only
