@@ -80,7 +80,8 @@ class ThinkSplit:
 
     Attributes:
         thinking: the text inside the think block (stripped; an unclosed block runs to the end), ``None`` when
-            the generation has no think tag at all.
+            the generation has no think tag at all. When the format is broken: all the text that is not the
+            answer, its pieces between tags joined by newlines.
         answer: the answer (stripped). When the format is broken: the text after the last think-close tag, up
             to a think-open tag that follows it, if there is one; else the text before an unclosed think-open tag
             (so empty when the generation opens a block and never closes it: thinking is not an answer); the
@@ -154,15 +155,26 @@ def split_generation(
         before, _, after = text.rpartition(think_close)
         # a block opened again after the last close never ended: it is thinking, not answer
         answer, _, reopened = after.partition(think_open)
-        parts = (t.replace(think_open, "").replace(think_close, "").strip() for t in (before, reopened))
-        thinking = "\n".join(t for t in parts if t)
+        thinking = _join_pieces((before, reopened), think_open, think_close)
         return ThinkSplit(thinking=thinking, answer=answer.strip(), format_ok=False)
     if prompt_ends_with_open:  # the block the prompt opened was never closed: all of it is thinking
-        return ThinkSplit(thinking=text.replace(think_open, "").strip(), answer="", format_ok=False)
+        return ThinkSplit(thinking=_join_pieces((text,), think_open, think_close), answer="", format_ok=False)
     if n_open:  # an unclosed block runs to the end: only what precedes it can be an answer
         before, _, after = text.partition(think_open)
-        return ThinkSplit(thinking=after.replace(think_open, "").strip(), answer=before.strip(), format_ok=False)
+        return ThinkSplit(thinking=_join_pieces((after,), think_open, think_close), answer=before.strip(),
+                          format_ok=False)
     return ThinkSplit(thinking=None, answer=text.strip(), format_ok=False)
+
+
+def _join_pieces(texts: Sequence[str], think_open: str, think_close: str) -> str:
+    """The text between the tags of ``texts``, one stripped non-empty piece per line (pieces of a broken
+    generation: glued together they would run an answer draft into the next block's thinking)."""
+    pieces = []
+    for text in texts:
+        for piece in text.replace(think_close, think_open).split(think_open):
+            if piece.strip():
+                pieces.append(piece.strip())
+    return "\n".join(pieces)
 
 
 def think_format_rate(

@@ -135,9 +135,9 @@ def model() -> Qwen2ForCausalLM:
         ("<think></think>answer", "", "answer", True),
         ("<think>plan and answer", "plan and answer", "", False),  # never closed: all thinking, no answer
         ("Sure. <think>plan", "plan", "Sure.", False),  # an unclosed block after some text
-        ("<think>a</think>b<think>c</think>d", "abc", "d", False),  # two blocks
+        ("<think>a</think>b<think>c</think>d", "a\nb\nc", "d", False),  # two blocks: pieces kept apart
         ("<think>a</think>  \n", "a", "", False),  # empty answer
-        ("intro <think>a</think>b", "intro a", "b", False),  # block not first
+        ("intro <think>a</think>b", "intro\na", "b", False),  # block not first
         ("just an answer", None, "just an answer", False),
     ],
 )
