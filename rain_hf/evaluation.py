@@ -115,7 +115,8 @@ def split_generation(
     check; test ``thinking.strip()`` as well where the model must actually think.
 
     Args:
-        text: the decoded completion (prompt excluded), decoded with the think tokens kept.
+        text: the decoded completion (prompt excluded), decoded with the think tokens kept and the end-of-turn and
+            padding tokens cut off (else they end the answer; :func:`generate` cuts them).
         think_open, think_close: the think tags.
         prompt_ends_with_open: whether the rendered prompt already ended with ``think_open``
             (:func:`rain_hf.calibration.template_opens_think` tells for a tokenizer's chat template).

@@ -32,7 +32,9 @@ downloaded.
 
 _KWARGS_DESCRIPTION = """
 Args:
-    predictions (list of str): generated completions (prompt excluded, think tags kept).
+    predictions (list of str): generated completions (prompt excluded, think tags kept, end-of-turn and padding
+        tokens cut off: a trailing <|im_end|> is part of the answer the checkers read, and fails json_format or
+        end_checker; rain_hf.evaluation.generate cuts them).
     prompts (list of str): the prompts (given to checkers whose arguments take a prompt;
         combination:repeat_prompt reads its own prompt_to_repeat kwarg).
     instruction_id_list (list of list of str): IFEval instruction ids per prediction.
