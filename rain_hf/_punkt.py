@@ -1,9 +1,9 @@
 """A small English Punkt sentence model, trained here with nltk's own ``PunktTrainer``.
 
 lm-eval's IFEval checkers count sentences and words with nltk's ``punkt_tab`` model, which nltk normally downloads.
-This module writes a deterministic training text (plain sentences, questions, exclamations, and abbreviations such
-as "Dr." or "e.g." inside sentences), trains Punkt on it and adds a short list of common English abbreviations, so
-that the project never needs a download. :func:`rain_hf.evaluation.ensure_nltk_data` saves the result as a
+This module writes a deterministic training text (plain sentences, questions, exclamations, and titles such as
+"Dr." or "Mr." before names inside sentences), trains Punkt on it, adds a short list of common English abbreviations and the
+case statistics of common function words, so that the project never needs a download. :func:`rain_hf.evaluation.ensure_nltk_data` saves the result as a
 ``punkt_tab`` folder.
 
 Example:
@@ -21,16 +21,36 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from nltk.tokenize.punkt import PunktParameters
 
-# Bump when the training text or the abbreviation list changes: saved models with another version are rebuilt.
-PUNKT_BUILD_VERSION = "rain_hf-punkt-1"
+# Bump when the training text or the word lists change: saved models with another version are rebuilt.
+PUNKT_BUILD_VERSION = "rain_hf-punkt-2"
 
-# Common abbreviations that rarely end a sentence (lowercase, without the final period). Words that are also
-# ordinary sentence-final words ("no", "min", "etc") are left out on purpose.
+# Common abbreviations that rarely end a sentence (lowercase, without the final period), limited to those that
+# nltk's published English model also treats as abbreviations, since IFEval's scores were computed with that model:
+# it ends a sentence after "e.g.", "i.e.", "fig.", "vol.", "approx." or "dept.", and so does this one. Words that
+# are also ordinary sentence-final words ("no", "min", "etc") are left out on purpose.
 EXTRA_ABBREVIATIONS = (
-    "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "mt", "vs", "e.g", "i.e", "a.m", "p.m", "u.s", "u.k",
-    "inc", "ltd", "corp", "dept", "fig", "approx", "jan", "feb", "apr", "aug", "sept", "oct", "nov", "vol",
-    "gen", "capt", "lt", "sgt",
+    "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "a.m", "p.m", "u.s", "u.k", "inc", "ltd", "corp",
+    "jan", "feb", "aug", "sept", "oct", "nov", "gen", "lt",
 )  # fmt: skip
+
+# Function words written in lower case inside a sentence and capitalised only at its start. Punkt's orthographic
+# heuristic must have seen a word that way before it ends a sentence at an abbreviation followed by the word
+# capitalised ("at 5 p.m. It was late"); the training text alone covers a few dozen words. Words that are also
+# names or months ("will", "may", "mark") are left out: "Mr. Will Smith" must stay one sentence.
+COMMON_WORDS = """
+a about above according across after afterwards again against all almost along already also although always among an
+and another any anyone anything anyway are around as at back because before behind below besides between both but
+by can cannot could despite did do does doing during each either even eventually ever every everybody everyone
+everything except few finally first for from further furthermore given had has have having he her here hers herself
+him himself his how however if in including indeed instead into is it its itself just last later least less let like
+many meanwhile more moreover most much my myself near neither never nevertheless next nobody none nor not nothing now
+of often on once one only or other others otherwise our ours ourselves out over overall perhaps please rather really
+second she should similarly since so some someone something sometimes soon still such than that the their theirs
+them themselves there therefore these they third this those though through throughout thus to today together
+tomorrow too toward towards under unless unlike until up upon us usually very was we were what whatever when
+whenever where whereas whether which while who whoever whom whose why with within without would yesterday yet you
+your yours yourself yourselves
+""".split()
 
 _SUBJECTS = (
     "the farmer", "my sister", "a young teacher", "the old doctor", "our team", "the small dog",
@@ -54,7 +74,7 @@ def punkt_training_text() -> str:
     """Return the deterministic English text the Punkt model is trained on (about 1,000 sentences).
 
     Every sentence-final word also occurs inside sentences, so that the trainer does not take it for an
-    abbreviation; titles ("Dr.", "Mr.") and "e.g."/"i.e." occur before names and lowercase words.
+    abbreviation; titles ("Dr.", "Mr.") occur inside sentences, before names.
 
     Example:
         >>> from rain_hf._punkt import punkt_training_text
@@ -76,15 +96,17 @@ def punkt_training_text() -> str:
         if i % 3 == 0:
             title = _TITLES[i % len(_TITLES)]
             name = _NAMES[i % len(_NAMES)]
-            sentences.append(f"Then {title} {name} {verb} {obj} with {subject}.")
+            # the title inside the sentence: a fixed first word here would be learnt as a sentence starter
+            sentences.append(f"{_capitalize(subject)} met {title} {name}, who {verb} {obj}.")
         if i % 7 == 0:
-            sentences.append(f"They {verb} small things, e.g. {obj}, and i.e. nothing else{tail}.")
+            sentences.append(f"They {verb} small things, such as {obj}, and nothing else{tail}.")
     paragraphs = [" ".join(sentences[j : j + 8]) for j in range(0, len(sentences), 8)]
     return "\n\n".join(paragraphs)
 
 
 def build_punkt_parameters() -> PunktParameters:
-    """Train Punkt on :func:`punkt_training_text` and add :data:`EXTRA_ABBREVIATIONS`.
+    """Train Punkt on :func:`punkt_training_text`, add :data:`EXTRA_ABBREVIATIONS`, and mark each of
+    :data:`COMMON_WORDS` as seen capitalised at a sentence start and in lower case inside sentences.
 
     Returns:
         ``nltk.tokenize.punkt.PunktParameters`` (abbreviation types, collocations, sentence starters and
@@ -96,10 +118,12 @@ def build_punkt_parameters() -> PunktParameters:
         >>> PunktSentenceTokenizer(build_punkt_parameters()).tokenize("Dr. Lee sat down. He smiled.")
         ['Dr. Lee sat down.', 'He smiled.']
     """
-    from nltk.tokenize.punkt import PunktTrainer
+    from nltk.tokenize.punkt import _ORTHO_BEG_UC, _ORTHO_MID_LC, PunktTrainer
 
     trainer = PunktTrainer()
     trainer.train(punkt_training_text(), finalize=True)
     params = trainer.get_params()
     params.abbrev_types.update(EXTRA_ABBREVIATIONS)
+    for word in COMMON_WORDS:
+        params.ortho_context[word] |= _ORTHO_BEG_UC | _ORTHO_MID_LC
     return params

@@ -16,7 +16,7 @@ from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from rain_hf import evaluation as ev
-from rain_hf._punkt import PUNKT_BUILD_VERSION
+from rain_hf._punkt import PUNKT_BUILD_VERSION, build_punkt_parameters
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -205,7 +205,7 @@ def test_ensure_nltk_data_builds_punkt_tab_offline(tmp_path, no_nltk_download, o
     assert sorted(os.listdir(lang_dir)) == sorted(ev._PUNKT_FILES + (ev._PUNKT_MARKER,))
     assert str(nltk.data.find("tokenizers/punkt_tab/english/")).startswith(root)
     params = load_punkt_params(nltk.data.find("tokenizers/punkt_tab/english/"))
-    assert {"dr", "mr", "e.g"} <= params.abbrev_types
+    assert {"dr", "mr", "p.m"} <= params.abbrev_types and "e.g" not in params.abbrev_types
     sentences = PunktSentenceTokenizer(params).tokenize(
         "Dr. Smith arrived. He sat down! Did Mr. Lee come? Yes."
     )
@@ -221,6 +221,49 @@ def test_ensure_nltk_data_builds_punkt_tab_offline(tmp_path, no_nltk_download, o
     ev.ensure_nltk_data(root)  # another build version: rebuilt
     with open(os.path.join(lang_dir, ev._PUNKT_MARKER)) as f:
         assert f.read().strip() == PUNKT_BUILD_VERSION
+
+
+@pytest.mark.parametrize("text, expected", [
+    # a capitalised function word after an abbreviation starts a sentence
+    ("We met at 5 p.m. It was raining.", ["We met at 5 p.m.", "It was raining."]),
+    ("Sales grew in the U.S. However, Europe lagged.", ["Sales grew in the U.S.", "However, Europe lagged."]),
+    ("Martin Luther King Jr. It was his dream.", ["Martin Luther King Jr.", "It was his dream."]),
+    ("The meeting moved to Feb. This was expected.", ["The meeting moved to Feb.", "This was expected."]),
+    # … a name or other capitalised word does not
+    ("Ask Mr. Brown about it. He knows.", ["Ask Mr. Brown about it.", "He knows."]),
+    ("The U.S. Army arrived. Nobody cheered.", ["The U.S. Army arrived.", "Nobody cheered."]),
+    ("Mr. Will Smith arrived late.", ["Mr. Will Smith arrived late."]),
+    ("We drove to St. Louis. Then we flew home.", ["We drove to St. Louis.", "Then we flew home."]),
+    # as in nltk's published English model, "e.g." is not an abbreviation
+    ("I like fruit, e.g. apples.", ["I like fruit, e.g.", "apples."]),
+])
+def test_the_built_punkt_model_splits_after_abbreviations(text, expected):
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+    assert PunktSentenceTokenizer(build_punkt_parameters()).tokenize(text) == expected
+
+
+def test_switching_punkt_models_drops_the_cached_sentence_tokenizers(tmp_path, no_nltk_download, own_nltk_path):
+    # lm-eval and nltk cache the sentence tokenizer they load first; a later model would be ignored otherwise
+    import nltk
+    from nltk.tokenize.punkt import save_punkt_params
+
+    ours = ev.ensure_nltk_data(str(tmp_path / "ours"))
+    ev._ifeval_registry(ours)
+    from lm_eval.tasks.ifeval import instructions_util
+
+    text = "We met at 5 p.m. It was raining."
+    assert instructions_util.count_sentences(text) == 2
+    other = build_punkt_parameters()
+    del other.ortho_context["it"]  # a model that never saw "it": no break at "p.m. It"
+    lang_dir = tmp_path / "other" / "tokenizers" / "punkt_tab" / "english"
+    lang_dir.parent.mkdir(parents=True, mode=0o700)  # nltk writes only into private folders …
+    nltk.data.path.insert(0, str(tmp_path / "other"))  # … inside its data folders
+    save_punkt_params(other, dir=str(lang_dir))
+    ev.ensure_nltk_data(str(tmp_path / "other"))
+    assert instructions_util.count_sentences(text) == 1
+    ev.ensure_nltk_data(ours)
+    assert instructions_util.count_sentences(text) == 2
 
 
 def test_ensure_nltk_data_leaves_a_foreign_model_alone(tmp_path, own_nltk_path):
