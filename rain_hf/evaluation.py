@@ -902,7 +902,8 @@ def task_vector_geometry(
             u_b = _top_left_singular_vectors(b32, k, randomized)
             r = min(u_a.shape[1], u_b.shape[1])
             if r:  # undefined where a delta is zero
-                entry["overlaps"].append(float((u_a[:, :r].T @ u_b[:, :r]).pow(2).sum()) / r)
+                # ≤ 1 in exact arithmetic; float32 rounding can put it a few ulps above
+                entry["overlaps"].append(min(1.0, float((u_a[:, :r].T @ u_b[:, :r]).pow(2).sum()) / r))
 
     modules = {
         t: {

@@ -866,6 +866,11 @@ def test_evaluate_load_offline(offline):
             metric.compute(predictions=["one two"], prompts=["p"], instruction_id_list=[["startend:end_checker"]])
         except ValueError as exc:
             extra["no_kwargs"] = str(exc)
+        try:
+            metric.compute(predictions=["one two"], prompts=["p"], instruction_id_list=[["startend:end_checker"]],
+                           kwargs=[["{'end_phrase': 'two'}"]])
+        except ValueError as exc:
+            extra["bad_json"] = str(exc)
         print("RESULT" + json.dumps(out))
         print("EXTRA" + json.dumps(extra))
         """
@@ -895,6 +900,7 @@ def test_evaluate_load_offline(offline):
     assert extra["whole"]["prompt_strict"] == 0.0 and extra["whole"]["instruction_strict"] == 0.5
     assert "2 predictions but 1 kwargs lists" in extra["mismatch"]
     assert "startend:end_checker needs the kwargs ['end_phrase']" in extra["no_kwargs"]
+    assert extra["bad_json"].startswith("kwargs[0][0] is not valid JSON (Expecting property name enclosed in double")
 
 
 def test_kl_rows_masked_tokens_add_nothing():

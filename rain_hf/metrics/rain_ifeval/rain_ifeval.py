@@ -76,12 +76,15 @@ _CITATION = """
 """
 
 
-def _as_kwargs(item):
+def _as_kwargs(item, row, column):
     """One instruction's kwargs: a dict, a JSON string, or None."""
     if item is None:
         return {}
     if isinstance(item, str):
-        return json.loads(item) if item.strip() else {}
+        try:
+            return json.loads(item) if item.strip() else {}
+        except json.JSONDecodeError as err:
+            raise ValueError(f"kwargs[{row}][{column}] is not valid JSON ({err}): {item!r}") from None
     return dict(item)
 
 
@@ -119,7 +122,7 @@ class RainIfeval(evaluate.Metric):
             kwargs = [[{} for _ in ids] for ids in instruction_id_list]
         if len(kwargs) != len(predictions):
             raise ValueError(f"{len(predictions)} predictions but {len(kwargs)} kwargs lists")
-        kwargs = [[_as_kwargs(item) for item in row] for row in kwargs]
+        kwargs = [[_as_kwargs(item, i, j) for j, item in enumerate(row)] for i, row in enumerate(kwargs)]
         splits = [split_generation(p, think_open, think_close, prompt_ends_with_open) for p in predictions]
         answers = [s.answer for s in splits] if split_thinking else list(predictions)
         scores = instruction_following(answers, prompts, instruction_id_list, kwargs)
