@@ -158,8 +158,13 @@ def test_target_lines_hold_at_exactly_their_thresholds():
     assert phenomenon[0].startswith("no task-arithmetic λ") and phenomenon[1] is False
     both = _row("RAIN stage 1+2", "rain_both", 5.0, 1.0, 1.0, 23 / 240)
     defaults = _row("RAIN config defaults (files)", "rain_files", 5.0, 1.0, 1.0, 11 / 240)  # exactly 0.05 below
-    line = [c for c in target_checks([ref, both, defaults], info) if c[0].startswith("RainMergingConfig()")][0]
+    checks = target_checks([ref, both, defaults], info)
+    line = [c for c in checks if c[0].startswith("RainMergingConfig()")][0]
     assert line[1] is True
+    assert checks[0][0].startswith("no task-arithmetic λ") and checks[0][1] is False  # no rows: nothing shown
+    s1 = _row("RAIN stage 1", "rain_stage1", 5.0, 1.0, 1.0, 22 / 240)
+    line = [c for c in target_checks([ref, both, s1], info) if c[0].startswith("stage 1+2 gives more IF")][0]
+    assert "best feasible IF: stage 1 0.092, stage 1+2 0.096 (1 prompt apart)" in line[2]
 
 
 def test_row_notes_are_listed_once_per_row_name():
@@ -212,3 +217,19 @@ def test_grid_edge_picks_are_marked_and_bad_shared_calibration_is_a_note(tmp_pat
         assert "is not a non-empty JSON list of records" in BE.shared_calibration_note(Tokenizer(), 512), content
     (tmp_path / "reasoning_calibration_set.json").write_text('[{"prompt": "a b", "response": "c"}]')
     assert "1 real R1 reasoning traces" in BE.shared_calibration_note(Tokenizer(), 512)
+
+
+def test_script_arguments_that_cannot_work_get_a_message(tmp_path):
+    import argparse
+
+    from benchmarks.organism.bench import out_folder_problem, positive_int
+
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        assert out_folder_problem(out) == f"--out {out}: a file is in the way (the path or one of its parents is a " \
+                                          "file); give a folder."
+    assert out_folder_problem(tmp_path / "new" / "deeper") is None and (tmp_path / "new" / "deeper").is_dir()
+    assert positive_int("3") == 3
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            positive_int(bad)

@@ -211,8 +211,9 @@ def user_prompt(rendered: str) -> str:
 
 
 def training_prompts(org: Organism) -> list[str]:
-    """The user prompts of the base pretraining chats and of both fine-tunes, regenerated from the build's seeds
-    and the recipe recorded in the organism's ``build_report.json`` (the default recipe where there is none)."""
+    """The user prompts of the base pretraining chats and of both fine-tunes, and the word problems of the base's
+    worked-problem documents, regenerated from the build's seeds and the recipe recorded in the organism's
+    ``build_report.json`` (the default recipe where there is none)."""
     from benchmarks.organism import build as B
 
     recipe = org.recipe()
@@ -220,8 +221,11 @@ def training_prompts(org: Organism) -> list[str]:
              for kind in ("reasoning", "instruct")}
     seen = set(pairs["reasoning"])  # the same prompts for both fine-tunes unless a variant drops instructions
     rendered = pairs["reasoning"] + [p for p in pairs["instruct"] if p not in seen]
-    rendered += [d for d in B.base_documents(recipe.base_steps * recipe.batch_size, recipe) if d.startswith(T.USER)]
-    return [user_prompt(text) for text in rendered]
+    documents = B.base_documents(recipe.base_steps * recipe.batch_size, recipe)
+    rendered += [d for d in documents if d.startswith(T.USER)]
+    # a worked-problem document is a word problem, its steps and its answer, in plain text
+    worked = [problem_stem(d) + "?" for d in documents if not d.startswith(T.USER) and "?" in d]
+    return [user_prompt(text) for text in rendered] + worked
 
 
 def problem_stem(prompt: str) -> str:
@@ -237,7 +241,7 @@ def check_disjoint(org: Organism, eval_prompts: Sequence[str], check_training: b
     sets = {name: [r["prompt"] for r in read_records(org.data(name))]
             for name in ("reasoning_calibration.json", "instruction_calibration.jsonl", "prompts_only.jsonl")}
     if check_training:
-        sets["training prompts (base chats + fine-tunes, regenerated)"] = training_prompts(org)
+        sets["training prompts (base chats and worked problems + fine-tunes, regenerated)"] = training_prompts(org)
     lines = []
     eval_stems = [problem_stem(p) for p in eval_prompts]
     for name, prompts in sets.items():
@@ -824,7 +828,7 @@ def target_checks(rows: Sequence[Row], info: dict[str, Any]) -> list[tuple[str, 
     checks = []
     ta = [r for r in rows if r.family == "task_arithmetic"]
     bad = [r for r in ta if r.think >= THINK_MIN and r.if_prompt >= ref.if_prompt + 0.3 - 1e-9]
-    checks.append(("no task-arithmetic λ reaches think ≥ 0.98 with IF ≥ reasoning + 0.3", not bad,
+    checks.append(("no task-arithmetic λ reaches think ≥ 0.98 with IF ≥ reasoning + 0.3", bool(ta) and not bad,
                    f"{len(ta)} λ values; offending: {[r.lam for r in bad] or 'none'}; max IF among think ≥ 0.98: "
                    f"{max([r.if_prompt for r in ta if r.think >= THINK_MIN], default=float('nan')):.3f}"))
     margin = 1.5 / max(1, info.get("calibration", {}).get("eval_prompts", 240))  # more than one prompt's worth
@@ -872,11 +876,13 @@ def stage_checks(rows: Sequence[Row], ref: Row, both_family: str, s1_family: str
     wins = [(b, a) for b, a in both_ok if b.if_prompt - a.if_prompt > margin]
     losses = [(b, a) for b, a in both_ok if a.if_prompt - b.if_prompt > margin]
     best_s1, best_both = best_feasible_if(rows, s1_family, ref), best_feasible_if(rows, both_family, ref)
+    apart = round(abs(best_both - best_s1) / (margin / 1.5))  # in prompts: the margin is 1.5 prompts' share
     checks.append((f"stage 1+2 gives more IF than stage 1 alone at equal λ{label} (λ where both meet the format "
                    "and accuracy limits; more of them with 1+2 ahead by more than one prompt than behind, and a "
                    "higher best feasible IF)",
                    len(wins) > len(losses) and best_both > best_s1,
-                   f"best feasible IF: stage 1 {best_s1:.3f}, stage 1+2 {best_both:.3f}; per λ (stage 1 → 1+2): "
+                   f"best feasible IF: stage 1 {best_s1:.3f}, stage 1+2 {best_both:.3f} ({apart} prompt"
+                   f"{'' if apart == 1 else 's'} apart); per λ (stage 1 → 1+2): "
                    + "; ".join(f"λ={b.lam:g}: {a.if_prompt:.2f}→{b.if_prompt:.2f}"
                              f"{'' if feasible(a, ref) else ' (s1 infeasible)'}{'' if feasible(b, ref) else ' (1+2 infeasible)'}"
                              for b, a in pairs)))
@@ -1124,6 +1130,28 @@ def results_folder(out: Path | None, quick: bool, grids: str) -> Path:
     return HERE if grids == "default" else HERE / "variants" / grids
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def out_folder_problem(out: Path) -> str | None:
+    """Create ``out`` (and its parents) for a script's results; the message to print when that is not possible."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        return f"--out {out}: a file is in the way (the path or one of its parents is a file); give a folder."
+    except OSError as exc:
+        return f"--out {out}: cannot create the folder ({exc.strerror}); give a folder you can write to."
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads < 1 or args.workers < 1:
@@ -1147,7 +1175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     out = results_folder(args.out, args.quick, args.grids)
-    out.mkdir(parents=True, exist_ok=True)
+    problem = out_folder_problem(out)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     settings = QUICK if args.quick else GRIDS[args.grids]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="organism-bench-work-") as work:

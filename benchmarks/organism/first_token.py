@@ -42,7 +42,16 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from benchmarks.organism import build as B  # noqa: E402
 from benchmarks.organism import tasks as T  # noqa: E402
-from benchmarks.organism.bench import HERE, Organism, rain_config, read_jsonl, read_records, split_records  # noqa: E402
+from benchmarks.organism.bench import (  # noqa: E402
+    HERE,
+    Organism,
+    out_folder_problem,
+    positive_int,
+    rain_config,
+    read_jsonl,
+    read_records,
+    split_records,
+)
 
 logger = logging.getLogger("benchmarks.organism.first_token")
 
@@ -246,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--organism", type=Path, default=HERE, help="folder with checkpoints/ and data/")
     ap.add_argument("--out", type=Path, default=None, help="where FIRST_TOKEN.md goes (default: here; "
                                                              "--quick: a temp folder)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=positive_int, default=2)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("rain_hf", "transformers", "httpx"):
@@ -258,7 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     out = args.out or (Path(tempfile.mkdtemp(prefix="organism-first-token-")) if args.quick else HERE)
-    out.mkdir(parents=True, exist_ok=True)
+    problem = out_folder_problem(out)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="organism-first-token-work-") as work:
         result = run(org, QUICK if args.quick else FULL, Path(work))

@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--organism", type=Path, default=BE.HERE, help="folder with checkpoints/ and data/")
     ap.add_argument("--lams", default="4,5", help="comma-separated λ values (default 4,5)")
     ap.add_argument("--out", type=Path, default=None, help="where STAGE2.md goes (default: a temp folder)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=BE.positive_int, default=2)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -136,9 +136,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"The organism is not built (missing {org.missing()[0]}): run `python -m benchmarks.organism.build`.",
               file=sys.stderr)
         return 2
-    lams = [float(x) for x in args.lams.split(",")][: 1 if args.quick else None]
+    try:
+        lams = [float(x) for x in args.lams.split(",")][: 1 if args.quick else None]
+    except ValueError:
+        ap.error(f"--lams {args.lams!r}: give comma-separated numbers, e.g. 4,5")
     out = args.out or Path(tempfile.mkdtemp(prefix="organism-stage2-"))
-    out.mkdir(parents=True, exist_ok=True)
+    problem = BE.out_folder_problem(out)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="organism-stage2-work-") as work:
         result = run(org, lams, 16 if args.quick else None, Path(work))

@@ -290,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "bundle":
         records = load_records(args.source)
+        if not records:
+            print(f"No sweep records under {args.source}: give a `sweep run` --out folder.", file=sys.stderr)
+            return 2
         write_bundle(records, args.file)
         logger.info("%d records (%s) in %s", len(records), ", ".join(r["name"] for r in records), args.file)
         return 0
