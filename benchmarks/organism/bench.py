@@ -638,7 +638,10 @@ class Bench:
                 "lam": lam, "search": merger.report.lam_search, "max_kl": cfg.lam_auto_max_kl,
                 "min_think_open": cfg.lam_auto_min_think_open, "warnings": list(merger.report.warnings)}
             self.add("RAIN lam=auto" + (" sequential" if sequential else ""), "rain_auto", lam, model, merge_s,
-                     note=f"picked λ={lam:g}; merge time includes the stage-1 feature capture and the λ search")
+                     note=f"picked λ={lam:g} from the calibration data on the grid {', '.join(f'{x:g}' for x in grid)} "
+                          "(this benchmark's RAIN grid, which was laid out after seeing test rows; the defaults row "
+                          "searches the library's own grid); merge time includes the stage-1 feature capture and "
+                          "the λ search")
 
         for sequential, grid in ((False, self.settings.rain_grid), (True, self.settings.sequential_grid)):
             yield functools.partial(auto_row, sequential, grid)
