@@ -121,7 +121,8 @@ class RainMergingConfig:
         density: fraction of entries kept by TIES / DARE.
         slerp_t: interpolation factor of SLERP (0: reasoning model, 1: instruct model).
         seed: seed of DARE's random masks, of sampled generation and of the draw of the samples ``lam="auto"``
-            holds out (so it can change the λ picked).
+            holds out (so it can change the λ picked). DARE's masks use its low 32 bits only (torch's CPU
+            generator), so seeds that differ by a multiple of 2³² draw the same masks.
         max_shard_size: shard size of ``save_pretrained`` (bytes or a string such as ``"5GB"``).
     """
 

@@ -862,6 +862,10 @@ class RainMerger:
             self.report.warnings.append(f"{name} was given but this merge does not use it (method={cfg.method}, "
                                         f"stage1={cfg.stage1}, stage2={cfg.stage2}, lam={cfg.lam})")
             logger.warning(self.report.warnings[-1])
+        if cfg.method == "slerp" and not isinstance(cfg.lam, str) and cfg.lam != 1.0:
+            self.report.warnings.append(f"lam={cfg.lam} is not used by method='slerp', whose mix is slerp_t="
+                                        f"{cfg.slerp_t}: set slerp_t to move towards the instruct model.")
+            logger.warning(self.report.warnings[-1])
         if cfg.method != "rain":
             self._apply_baseline()
             # SLERP has no λ: its strength is slerp_t

@@ -165,6 +165,10 @@ def merge_tensor(
     if isinstance(weight, bool) or not isinstance(weight, (int, float)):
         raise ValueError(f"merge_tensor needs a numeric lam, got {weight!r}: resolve lam='auto' first and pass "
                          "lam=<number>.")
+    if not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"merge_tensor needs a finite lam >= 0, got {weight!r}.")
+    if method in ("ties", "dare_ties", "dare_linear") and not 0.0 < float(config.density) <= 1.0:
+        raise ValueError(f"config.density={config.density!r}: the share of entries {method} keeps must be in (0, 1].")
     if reasoning.shape != delta_instruct.shape:
         raise ValueError(f"{key}: reasoning tensor {tuple(reasoning.shape)} and instruct task vector "
                          f"{tuple(delta_instruct.shape)} differ in shape.")

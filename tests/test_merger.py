@@ -1133,6 +1133,11 @@ def test_inputs_are_protected(qwen2, tmp_path, caplog):
         merger.merge(reasoning_records(2), instruction_records(2))
     assert merger.report.lam is None  # SLERP has no λ
     assert sum("was given but this merge does not use it" in w for w in merger.report.warnings) == 2
+    assert not any("is not used by method='slerp'" in w for w in merger.report.warnings)  # lam left unset
+    merger.config.lam = 3.0
+    merger.merge()
+    assert merger.report.warnings == ["lam=3.0 is not used by method='slerp', whose mix is slerp_t=0.5: set slerp_t "
+                                      "to move towards the instruct model."]
     for folder in (qwen2["reasoning"], qwen2["reasoning"].parent):
         with pytest.raises(ConfigError, match="would replace an input"):
             merger.save_pretrained(folder, overwrite=True)

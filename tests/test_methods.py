@@ -212,3 +212,15 @@ def test_inputs_are_not_modified():
         merge_tensor(method, reasoning, base, delta, RainMergingConfig(method=method, density=0.5), KEY)
     for original, copy in zip((reasoning, base, delta), copies):
         assert torch.equal(original, copy)
+
+
+def test_merge_tensor_refuses_weights_that_cannot_merge():
+    reasoning, base, delta = _triple(5, (2, 3))
+    for lam in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="needs a finite lam >= 0"):
+            merge_tensor("task_arithmetic", reasoning, base, delta, RainMergingConfig(method="task_arithmetic"),
+                         KEY, lam=lam)
+    cfg = RainMergingConfig(method="dare_linear")
+    cfg.density = 0.0  # edited after validation: merge_tensor is public, and 1/density would give NaN weights
+    with pytest.raises(ValueError, match=r"density=0.0: the share of entries dare_linear keeps must be in \(0, 1\]"):
+        merge_tensor("dare_linear", reasoning, base, delta, cfg, KEY)
