@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import struct
@@ -129,11 +130,12 @@ def resolve_model(
                               "token (token=... or `hf auth login`).") from exc
     except RepositoryNotFoundError as exc:
         raise CheckpointError(f"The {role} model {text!r} was not found on the Hub (or is private: pass a "
-                              "token).") from exc
+                              f"token), and no local folder {local.resolve()} exists either.") from exc
     except LocalEntryNotFoundError as exc:
         what = f"Revision {revision!r} of the {role} model {text!r}" if revision else f"The {role} model {text!r}"
-        raise CheckpointError(f"{what} is not in the local Hub cache and the Hub cannot be reached (offline?). "
-                              "Download it first or pass a local folder.") from exc
+        raise CheckpointError(f"{what} is not in the local Hub cache and the Hub cannot be reached (offline?), and "
+                              f"no local folder {local.resolve()} exists either. Download it first or pass a local "
+                              "folder.") from exc
     except HfHubHTTPError as exc:
         raise CheckpointError(f"Fetching the {role} model {text!r} from the Hub failed: {exc}") from exc
     _, sha = _hub_identity_of_folder(Path(folder))
@@ -165,7 +167,14 @@ class LazyCheckpoint:
         self.folder = Path(folder)
         self.name = name or str(folder)
         index = self.folder / f"{prefix}.safetensors.index.json"
-        if index.is_file():
+        single = self.folder / f"{prefix}.safetensors"
+        if single.is_file() and index.is_file():
+            # transformers loads the single file then: reading the shards would merge another model than the one
+            # loaded for the forward passes
+            logger.warning("%s holds both %s and %s; transformers loads %s, and so does rain_hf. If the shards are "
+                           "the checkpoint you meant, delete the stale %s.", self.name, single.name, index.name,
+                           single.name, single.name)
+        if index.is_file() and not single.is_file():
             document = read_json(index, self.name)
             weight_map = document.get("weight_map") if isinstance(document, dict) else None
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -173,7 +182,6 @@ class LazyCheckpoint:
                                       "The checkpoint is damaged: download or save it again.")
             files = sorted(set(weight_map.values()))
         else:
-            single = self.folder / f"{prefix}.safetensors"
             # an adapter or a Mistral-style consolidated copy in the same folder is not part of the model
             files = [single.name] if single.is_file() else sorted(
                 p.name for p in self.folder.glob("*.safetensors")
@@ -183,6 +191,11 @@ class LazyCheckpoint:
             bins = [p.name for p in self.folder.glob("*.bin")] + [p.name for p in self.folder.glob("*.pt")]
             hint = (f" It holds {bins[:3]}: convert them to safetensors first (load the model with transformers and "
                     "call save_pretrained(..., safe_serialization=True)).") if bins else ""
+            hub_id, _ = _hub_identity_of_folder(self.folder)
+            if hub_id and not bins:  # only safetensors are fetched from the Hub
+                hint = (f" The Hub repository {hub_id} may ship only PyTorch .bin weights, which rain_hf does not "
+                        "download: load it with transformers and save_pretrained it to a local folder, or pass a "
+                        "revision that has safetensors (such as the Hub conversion bot's refs/pr/N).")
             raise CheckpointError(f"No safetensors weights in {self.name} ({self.folder}).{hint}")
         self._where: dict[str, str] = {}
         self._entries: dict[str, tuple[tuple[int, ...], str, int, int]] = {}
@@ -267,6 +280,9 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+_ITEMSIZE = {name: dtype.itemsize for name, dtype in _SAFETENSORS_DTYPES.items()}
+
+
 def _torch_dtype(dtype: str, key: str, name: str) -> torch.dtype:
     # checked when a tensor is used, so an exotic buffer the merge never reads does not block the checkpoint
     if dtype not in _SAFETENSORS_DTYPES:
@@ -278,6 +294,7 @@ def _read_header(path: Path, name: str) -> dict[str, tuple[tuple[int, ...], str,
     """Tensor name → (shape, safetensors dtype, absolute start, end) from a safetensors file's header."""
     if not path.is_file():
         raise CheckpointError(f"{name}: shard {path.name} is missing from {path.parent}.")
+    file_size = path.stat().st_size
     try:
         with open(path, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
@@ -292,9 +309,14 @@ def _read_header(path: Path, name: str) -> dict[str, tuple[tuple[int, ...], str,
             continue
         try:
             start, end = meta["data_offsets"]
-            entries[key] = (tuple(meta["shape"]), str(meta["dtype"]), 8 + size + start, 8 + size + end)
+            shape = tuple(int(n) for n in meta["shape"])
+            itemsize = _ITEMSIZE.get(str(meta["dtype"]))
+            if itemsize is not None and (end - start != math.prod(shape) * itemsize or 8 + size + end > file_size):
+                raise ValueError(f"shape {list(shape)} of {meta['dtype']} does not fit bytes {start}–{end} of a "
+                                 f"{file_size}-byte file")
+            entries[key] = (shape, str(meta["dtype"]), 8 + size + start, 8 + size + end)
         except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{name}: {path} has a damaged header entry for {key} ({exc!r}); download or "
+            raise CheckpointError(f"{name}: {path} has a damaged header entry for {key} ({exc}); download or "
                                   "save the checkpoint again.") from exc
     return entries
 

@@ -471,6 +471,12 @@ class RainMerger:
             expected = None
             for role, ckpt in checked:
                 if key not in ckpt:
+                    bare = key.split(".", 1)[-1]
+                    if bare in ckpt:  # transformers adds the prefix back on load; a merge reads names as stored
+                        raise ModelMismatchError(
+                            f"The {role} model {shown[role]} stores its tensors without the "
+                            f"'{key.split('.', 1)[0]}.' prefix ({bare}, not {key}): it was saved from the bare "
+                            "decoder (AutoModel). Load it with AutoModelForCausalLM and save_pretrained it again.")
                     raise ModelMismatchError(f"The {role} model {shown[role]} has no tensor {key}, which the merge "
                                              "needs: the checkpoints do not share one architecture.")
                 if not ckpt.dtype(key).is_floating_point or ckpt.dtype(key).itemsize == 1:
@@ -1195,6 +1201,7 @@ class RainMerger:
                     else:
                         tensor = self.reasoning.get(spec.name).to(spec.dtype)
                     writer.write(spec.name, tensor)
+                    del tensor  # else the next read would hold two of the largest tensors (embeddings, LM head)
                 writer.close()
             finally:
                 writer.abort()

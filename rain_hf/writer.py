@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -142,7 +143,10 @@ class ShardedSafetensorsWriter:
             self._file = None
         weight_map = {spec.name: self.names[self._shard_of[spec.name]] for spec in self._order}
         if len(self.shards) > 1:
-            index = {"metadata": {"total_size": sum(s.nbytes for s in self._order)}, "weight_map": weight_map}
+            # the metadata transformers writes: bytes and parameter count of all tensors
+            metadata = {"total_parameters": sum(math.prod(s.shape) for s in self._order),
+                        "total_size": sum(s.nbytes for s in self._order)}
+            index = {"metadata": metadata, "weight_map": weight_map}
             with open(self.folder / f"{self.prefix}.safetensors.index.json", "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2, sort_keys=True)
                 f.write("\n")
@@ -168,6 +172,9 @@ def replace_problem(target: str | os.PathLike, marker: str | None = None) -> str
     earlier output), so that ``--out ~/models --overwrite`` cannot delete a collection of models.
     """
     target = Path(target).expanduser().absolute()
+    if target.is_symlink() and not target.exists():
+        return (f"{target} is a symbolic link to {os.readlink(target)}, which does not exist: create that folder "
+                "or name another one for the output.")
     if not target.is_dir():
         return None
     resolved, cwd = target.resolve(), Path.cwd().resolve()
@@ -192,6 +199,8 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False, marker:
     after the new one is complete, and never where :func:`replace_problem` (with ``marker``) objects.
     """
     target = Path(target).expanduser().absolute()
+    if target.is_symlink() and target.exists():
+        target = target.resolve()  # a link to a folder elsewhere (a bigger disk, say): the output goes there
     if not holds_output(target):
         overwrite = True  # an empty folder holds nothing to lose (e.g. one made ahead for the output)
     if target.exists() and not target.is_dir():

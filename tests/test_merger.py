@@ -669,6 +669,15 @@ def test_refuses_tensor_shape_mismatch(qwen2, tmp_path):
     save_file(w, odd / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"up_proj.weight has shape \(100, 64\) in the instruct model"):
         RainMerger.plan(qwen2["base"], qwen2["reasoning"], odd)
+    # saved from the bare decoder: the same architecture, the names without "model."
+    bare = tmp_path / "bare"
+    shutil.copytree(qwen2["instruct"], bare)
+    save_file({k.split(".", 1)[1]: v for k, v in _weights(qwen2["instruct"]).items() if k.startswith("model.")},
+              bare / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"stores its tensors without the 'model.' prefix \(layers.0.self_attn"
+                                              r".q_proj.weight, not model.layers.0.self_attn.q_proj.weight\): it "
+                                              "was saved from the bare decoder"):
+        RainMerger.plan(qwen2["base"], qwen2["reasoning"], bare)
 
 
 def test_refuses_missing_and_non_safetensors_inputs(qwen2, tmp_path):
@@ -704,7 +713,7 @@ def test_refuses_quantized_inputs(qwen2, tmp_path):
         RainMerger.plan(qwen2["base"], qwen2["reasoning"], fp8)
 
 
-def test_damaged_or_ambiguous_checkpoint_folders(qwen2, tmp_path):
+def test_damaged_or_ambiguous_checkpoint_folders(qwen2, tmp_path, caplog):
     import shutil
 
     from safetensors.torch import save_file
@@ -713,6 +722,19 @@ def test_damaged_or_ambiguous_checkpoint_folders(qwen2, tmp_path):
 
     folder = tmp_path / "sharded"
     shutil.copytree(qwen2["base"], folder)
+    # a stale single file next to shards: transformers loads the single file, so the merge must read it too
+    weights = _weights(qwen2["base"])
+    save_file({k: torch.zeros_like(v) for k, v in weights.items()}, folder / "model-00001-of-00001.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "model-00001-of-00001.safetensors" for k in weights}}))
+    with caplog.at_level(logging.WARNING, logger="rain_hf.checkpoints"):
+        both = LazyCheckpoint(folder, "the base model")
+    assert torch.equal(both.get("model.norm.weight"), weights["model.norm.weight"])
+    assert "the base model holds both model.safetensors and model.safetensors.index.json; transformers loads " \
+           "model.safetensors, and so does rain_hf" in caplog.text
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(folder).model.norm.weight.detach(),
+                       weights["model.norm.weight"])  # what transformers loads
+    (folder / "model.safetensors").unlink()
     (folder / "model.safetensors.index.json").write_text('{"metadata": {}, "weight_map": ')
     with pytest.raises(CheckpointError, match="model.safetensors.index.json is not valid JSON"):
         LazyCheckpoint(folder)
@@ -722,7 +744,6 @@ def test_damaged_or_ambiguous_checkpoint_folders(qwen2, tmp_path):
     # no index, no model.safetensors: every *.safetensors is read, and a tensor in two files is an error
     loose = tmp_path / "loose"
     loose.mkdir()
-    weights = _weights(qwen2["base"])
     save_file(weights, loose / "part-a.safetensors")
     save_file({"model.norm.weight": torch.zeros(64)}, loose / "part-b.safetensors")
     with pytest.raises(CheckpointError, match="model.norm.weight is in both part-a.safetensors and part-b"):
@@ -734,6 +755,23 @@ def test_damaged_or_ambiguous_checkpoint_folders(qwen2, tmp_path):
     ckpt = LazyCheckpoint(loose)
     assert ckpt.get("model.norm.weight").shape == (64,)
     assert len(checkpoint_fingerprint(ckpt)) == 16  # reads the stored dtype names only
+    # a header whose shape does not fit its bytes is refused when the file is opened, naming the tensor
+    data = (loose / "part-a.safetensors").read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    header["model.norm.weight"]["shape"] = [65]
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(size)
+    assert len(text) == size
+    (loose / "part-a.safetensors").write_bytes(data[:8] + text + data[8 + size:])
+    with pytest.raises(CheckpointError, match=r"part-a.safetensors has a damaged header entry for model.norm.weight "
+                                              r"\(shape \[65\] of F32 does not fit bytes"):
+        LazyCheckpoint(loose)
+    # a Hub snapshot without safetensors: the repository may ship .bin weights only, which are not fetched
+    snapshot = tmp_path / "hub" / "models--org--bin-only" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="The Hub repository org/bin-only may ship only PyTorch .bin weights"):
+        LazyCheckpoint(snapshot)
     # only the ends of each tensor are read: a change in the middle of one is not seen, one at an end is
     reference = LazyCheckpoint(qwen2["reasoning"])
     edited = tmp_path / "edited"

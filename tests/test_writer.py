@@ -22,7 +22,7 @@ def test_shards_follow_byte_budget_and_reload_exactly(tmp_path):
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert files == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
-    assert index["metadata"]["total_size"] == sum(s.nbytes for s in specs)
+    assert index["metadata"] == {"total_parameters": 400, "total_size": sum(s.nbytes for s in specs)}
     loaded = {}
     for f in files:
         loaded.update(load_file(tmp_path / f))
@@ -98,6 +98,26 @@ def test_atomic_directory_with_a_marker_replaces_only_an_earlier_output(tmp_path
         with atomic_directory("~", overwrite=True, marker="done.json"):
             pass
     assert (target / "done.json").is_file()
+
+
+def test_atomic_directory_through_a_symbolic_link(tmp_path):
+    # a link to a folder on another disk: the output goes into the linked folder, and the link stays
+    disk = tmp_path / "disk" / "out"
+    disk.mkdir(parents=True)
+    (disk / "done.json").write_text("{}")
+    link = tmp_path / "out"
+    link.symlink_to(disk)
+    with atomic_directory(link, overwrite=True, marker="done.json") as tmp:
+        (tmp / "done.json").write_text('{"new": 1}')
+    assert link.is_symlink() and (disk / "done.json").read_text() == '{"new": 1}'
+    # a dangling link is refused before anything is written
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "gone")
+    with pytest.raises(OutputExistsError, match=r"dangling is a symbolic link to .*gone, which does not exist: "
+                                                "create that folder or name another one"):
+        with atomic_directory(dangling):
+            raise AssertionError("the block ran")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "disk", "out"]
 
 
 def test_atomic_directory_fills_an_existing_empty_folder(tmp_path):
