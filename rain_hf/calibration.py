@@ -389,8 +389,9 @@ def holdout_indices(n: int, share: float, seed: int = 0, groups: Sequence[Any] |
     ``groups`` (one hashable key per sample, e.g. :func:`prompt_key`) keeps samples with equal keys on one side:
     samples that share a prompt share every hidden state up to the think-open token, so holding out one while
     stage 1 sees another would measure L_think partly on features stage 1 protected (the paper's reasoning set
-    has 150 traces of 118 prompts). Groups are taken in the permutation's order while they fit in the count (the
-    first one always), so with distinct keys the draw is the same as without ``groups``.
+    has 150 traces of 118 prompts). Groups are taken in the permutation's order when they fit in the count, so
+    with distinct keys the draw is the same as without ``groups``; when no group fits, the smallest one (the first
+    drawn among equals) is held out alone.
 
     Example:
         >>> holdout_indices(8, 0.25) == holdout_indices(8, 0.25)
@@ -411,16 +412,14 @@ def holdout_indices(n: int, share: float, seed: int = 0, groups: Sequence[Any] |
     for i, key in enumerate(groups):
         members.setdefault(key, []).append(i)
     held: list[int] = []
-    seen = set()
-    for i in order:
-        key = groups[i]
-        if key in seen:
-            continue
-        seen.add(key)
-        if not held or len(held) + len(members[key]) <= n_out:
+    drawn = list(dict.fromkeys(groups[i] for i in order))  # the groups in the order of their first drawn sample
+    for key in drawn:
+        if len(held) + len(members[key]) <= n_out:
             held.extend(members[key])
-        if len(held) >= n_out:
+        if len(held) == n_out:
             break
+    if not held:
+        held = list(members[min(drawn, key=lambda k: len(members[k]))])
     return sorted(held)
 
 

@@ -205,6 +205,9 @@ def build_model_card(
         "coef_stats": _stats(coefficients),
         "removed": _removed_rows(report.get("modules") or {}),
         "timings": [(str(k), float(v)) for k, v in (report.get("timings") or {}).items()],
+        # the λ search of lam="auto" (method rain only) and whatever the merge warned about
+        "lam_search": report.get("lam_search") or [] if method == "rain" else [],
+        "warnings": [_inline(str(w)) for w in report.get("warnings") or []],
         "projection": report.get("projection"),
         "versions": _versions(info),
         "think_open": config.get("think_open", "<think>"),
@@ -307,11 +310,12 @@ def _sample_sidecar(config: dict[str, Any] | None, local_roles: Sequence[str] = 
                    "head_coefficients": [[1.0, 0.5], [1.5, 1.0]] if stage2 else None,
                    "alignment": [[0.1, 0.2], [0.3, 0.4]] if stage2 else None,
                    "leakage": [[0.01, 0.02], [0.03, 0.04]] if stage2 else None,
-                   "lam_search": [{"lam": v, "l_think": 0.01, "think_open": 1.0} for v in grid] if rain and auto
-                   else None,
+                   "lam_search": [{"lam": v, "l_think": 0.01, "think_open": 1.0, "within_budget": True}
+                                  for v in grid] if rain and auto else None,
                    "projection": ("sequential" if sequential else "one-shot") if stage1 else None,
                    "replay_cache_bytes": 1024 if sequential else None,
-                   "vocab": {"reasoning": 100, "instruct": 100, "base": 100}, "warnings": []},
+                   "vocab": {"reasoning": 100, "instruct": 100, "base": 100},
+                   "warnings": ["a sample warning"]},
         "license": None, "license_name": None, "license_link": None, "input_licenses": {},
     }
 

@@ -75,6 +75,8 @@ _ROLES = ("base", "reasoning", "instruct")
 
 #: Config fields the plan is built on (which modules, which think tokens): fixed for a merger's lifetime.
 _PLAN_FIELDS = ("target_modules", "layers", "think_open", "think_close", "project_bias")
+# config fields that act when the model is saved, not when it is merged: they may change between merge and save
+_SAVE_FIELDS = ("output_dtype", "max_shard_size")
 
 
 class ModelMismatchError(CheckpointError):
@@ -374,7 +376,11 @@ class RainMerger:
         self._stage1_samples: list[CalibrationSample] | None = None  # kept for config.sequential
         self._given_config: tuple[RainMergingConfig, dict[str, Any]] | None = None  # the caller's object, as given
         self.report = MergeReport(method=self.config.method, vocab=dict(plan.vocab), warnings=list(plan.warnings))
+        # what the current (or last finished) merge read; the reasoning entry of the features' own data is kept
+        # apart, since a later merge may reuse those features without the data
         self.calibration_info: dict[str, dict | None] = {"reasoning": None, "instruction": None}
+        self._features_calibration: dict | None = None
+        self._merged_config: RainMergingConfig | None = None  # the config of the merge the model now holds
         self.merged = False
         self._touched = False  # whether any merged module holds other weights than the reasoning model's
         self._fingerprint: str | None = None
@@ -651,6 +657,7 @@ class RainMerger:
         if heldout:
             self.features.settings.update(holdout_share=cfg.lam_auto_holdout, holdout_seed=cfg.seed)
             self.calibration_info["reasoning"]["num_held_out"] = len(heldout)  # measured L_think, not projected
+        self._features_calibration = copy.deepcopy(self.calibration_info["reasoning"])
         self._stage1_samples = samples
         self.features.heldout = self._think_rows(heldout)
         self.report.timings["stage1_features"] = time.perf_counter() - start
@@ -792,11 +799,11 @@ class RainMerger:
 
     def reset(self) -> None:
         """Put the reasoning model's own weights back into every merged module (read again from its files)."""
+        self.merged = False  # first: an interruption half way must not leave a mixed model that saves
         for target in self.targets:
             for key in (target.weight_key, target.bias_key):
                 if key is not None:
                     self._write_param(key, self.reasoning.get(key))
-        self.merged = False
         self._touched = False
 
     def _reasoning_fingerprint(self) -> str:
@@ -860,6 +867,9 @@ class RainMerger:
         if self._touched:  # a finished merge, or one that failed half way
             self.reset()
         self._new_report()
+        self.calibration_info = {"reasoning": None, "instruction": None}
+        if cfg.method != "rain" or not cfg.stage1:  # no features in this merge, whenever they were computed
+            self.report.timings.pop("stage1_features", None)
         start = time.perf_counter()
         unused = [f"{kind}_calibration" for kind, data in (("reasoning", reasoning_calibration),
                                                            ("instruction", instruction_calibration))
@@ -877,6 +887,7 @@ class RainMerger:
             # SLERP has no λ: its strength is slerp_t
             self.report.lam = float(cfg.lam) if not isinstance(cfg.lam, str) and cfg.method != "slerp" else None
             self.report.timings["merge"] = time.perf_counter() - start
+            self._merged_config = copy.deepcopy(cfg)
             self.merged = True
             return self.model
 
@@ -889,7 +900,9 @@ class RainMerger:
         if cfg.stage1:
             if reasoning_calibration is not None:
                 self.compute_features(reasoning_calibration)
-            elif self.features is None:
+            else:  # the features' own data, as compute_features recorded it (None for features from a file)
+                self.calibration_info["reasoning"] = copy.deepcopy(self._features_calibration)
+            if self.features is None:
                 raise ValueError("Stage 1 needs thinking features: pass reasoning_calibration=..., or features=... "
                                  "to from_pretrained, or set RainMergingConfig(stage1=False).")
             self.features.check_compatible(cfg, [t.name for t in self.targets])
@@ -938,6 +951,7 @@ class RainMerger:
         self._apply_rain(float(lam), alpha, record=True, desc="merge")
         self.report.lam = float(lam)
         self.report.timings["merge"] = time.perf_counter() - t3
+        self._merged_config = copy.deepcopy(cfg)
         self.merged = True
         return self.model
 
@@ -956,6 +970,10 @@ class RainMerger:
         stage 1 to measure L_think (:func:`~rain_hf.calibration.holdout_split`)."""
         share = self.config.lam_auto_holdout
         kept, held = holdout_split(samples, share, self.config.seed, key=prompt_key)
+        if kept and len(held) > holdout_count(len(samples), share):
+            logger.warning("lam='auto' holds out %d of the %d reasoning calibration samples, where lam_auto_holdout=%s "
+                           "asks for %d: every prompt has more traces than that, and one prompt's traces are held "
+                           "out together.", len(held), len(samples), share, holdout_count(len(samples), share))
         if not kept and len({prompt_key(s) for s in samples}) == 1 and len(samples) > 1:
             raise ConfigError(f"lam='auto' holds out samples whose prompts stage 1 does not see, and all "
                               f"{len(samples)} reasoning calibration samples share one prompt: add samples with "
@@ -1040,8 +1058,9 @@ class RainMerger:
                 kl = float(kl_rows(log_probs(), reference).mean())
                 share = think_open_share(reference_choices, first_choices(), open_id)
                 search.append({"lam": float(lam), "l_think": kl, "think_open": share})
+                search[-1]["within_budget"] = self._passes(search[-1])
                 logger.info("lam=auto: λ=%s L_think=%.4g think-open share=%s", lam, kl, share)
-                if self._passes(search[-1]):
+                if search[-1]["within_budget"]:
                     chosen = float(lam)
         finally:
             self.reset()
@@ -1103,12 +1122,13 @@ class RainMerger:
             if entry["hub_id"] and Path(entry["name_or_path"]).expanduser().is_dir():
                 entry["name_or_path"] = entry["hub_id"]
         inputs["instruct"]["kind"] = self.plan.instruct_kind
+        config = self._record_config().to_dict()
         return {
             "rain_hf_version": __version__,
             "library_versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                                  "peft": peft.__version__, "safetensors": safetensors.__version__,
                                  "huggingface_hub": huggingface_hub.__version__},
-            "method": self.config.method,
+            "method": config["method"],
             "lam": self.report.lam,
             "loaded_dtype": str(self.model.dtype).replace("torch.", ""),  # features and attention were taken in it
             # decode(skip_special_tokens=True) drops special tokens: the card's snippet must not hide the thinking
@@ -1116,7 +1136,7 @@ class RainMerger:
                                         for i in self.plan.think_token_ids),
             # the generation prompt ends with think_open (R1-Distill): generations start inside the block
             "template_opens_think": self._template_opens_think(),
-            "config": self.config.to_dict(),
+            "config": config,
             "inputs": inputs,
             "calibration": self._calibration_summary(),
             "report": {"timings": self.report.timings, "modules": self.report.modules,
@@ -1128,10 +1148,20 @@ class RainMerger:
             **_merged_license({role: self.sources[role] for role in _ROLES}),
         }
 
+    def _record_config(self) -> RainMergingConfig:
+        """The config the saved files describe: the merged one, with the save options as they are now."""
+        if self._merged_config is None:
+            return self.config
+        record = copy.deepcopy(self._merged_config)
+        for name in _SAVE_FIELDS:
+            setattr(record, name, getattr(self.config, name))
+        return record
+
     def _calibration_summary(self) -> dict[str, dict | None]:
         info = {kind: dict(entry) if entry else entry for kind, entry in self.calibration_info.items()}
-        auto = self.config.lam == "auto"
-        if info["reasoning"] is None and self.features is not None and self.config.stage1:
+        cfg = self._record_config()
+        auto = cfg.lam == "auto"
+        if info["reasoning"] is None and self.features is not None and cfg.method == "rain" and cfg.stage1:
             projected, held = self.features.settings.get("num_samples"), len(self.features.heldout)
             info["reasoning"] = {  # the count as the calibration set had it: projected + held out, when both count
                 "num_samples": projected + held if auto and projected is not None else projected,
@@ -1170,6 +1200,12 @@ class RainMerger:
         """
         if not self.merged:
             raise RuntimeError("Nothing to save yet: call merge() first.")
+        edited = [f"{k}: {v!r} → {getattr(self.config, k)!r}" for k, v in vars(self._merged_config).items()
+                  if k not in _SAVE_FIELDS and getattr(self.config, k) != v] if self._merged_config else []
+        if edited:
+            logger.warning("merger.config was changed after the last merge (%s); the saved model is that merge, and "
+                           "its card and rain_merging_config.json describe it: call merge() to apply the changes.",
+                           "; ".join(edited))
         clash = input_folder_in(save_directory, self.sources)
         if clash:  # overwriting an input would also make every later merge read the merged weights as θ_R/θ_B/θ_I
             raise ConfigError(f"save_directory {str(save_directory)!r} is (or holds) the {clash[0]} model's folder "

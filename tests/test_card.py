@@ -416,3 +416,21 @@ def test_default_template_discovery(tmp_path, monkeypatch):
     shared.mkdir(parents=True)
     (shared / "rain_merging.md.j2").write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
     assert default_template_path() == shared / "rain_merging.md.j2"
+
+
+def test_the_lam_search_and_the_merge_warnings_are_in_the_card():
+    info = card_module._sample_sidecar(RainMergingConfig(lam="auto", lam_grid=[1.0, 2.0]).to_dict())
+    info["report"]["lam_search"] = [{"lam": 1.0, "l_think": 0.004, "think_open": 1.0, "within_budget": True},
+                                    {"lam": 2.0, "l_think": 0.0213, "think_open": None, "within_budget": False}]
+    info["report"]["warnings"] = ["lam='auto': no λ of the grid keeps\nL_think ≤ 0.01; using the smallest, 1.0"]
+    text = build_model_card(info).content
+    assert "## Choosing λ" in text and "within L_think ≤ 0.01 and a share ≥ 0.98" in text
+    assert "| 1.0 | 0.004 | 1.000 | yes |\n| 2.0 | 0.0213 | – | no |" in text
+    assert "## Warnings\n\nThe merge reported:\n\n- lam='auto': no λ of the grid keeps L_think ≤ 0.01; using the " \
+           "smallest, 1.0\n" in text
+    del info["report"]["lam_search"][0]["within_budget"]  # a sidecar from before the column existed
+    assert "| 1.0 | 0.004 | 1.000 | – |" in build_model_card(info).content
+    numeric = card_module._sample_sidecar(RainMergingConfig(lam=2.0).to_dict())
+    numeric["report"]["warnings"] = []
+    text = build_model_card(numeric).content
+    assert "## Choosing λ" not in text and "## Warnings" not in text

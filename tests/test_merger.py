@@ -994,10 +994,13 @@ def test_default_lam_is_auto_and_reused_features_keep_their_heldout_samples(qwen
     assert summary["num_samples"] == 8 and summary["num_held_out"] == 2
     direct = first._calibration_summary()["reasoning"]  # the same figures as the merge that computed them
     assert (direct["num_samples"], direct["num_held_out"]) == (8, 2)
-    first.config.lam = 1.0  # a number since: the reused features project the 6 not held out, on either path
+    first.config.lam = 1.0  # edited, not merged yet: the records still describe the lam='auto' merge
+    assert first._calibration_summary()["reasoning"]["num_held_out"] == 2
+    first.merge()  # a number since: the reused features project the 6 not held out, on either path
     assert "num_held_out" not in (summary := first._calibration_summary()["reasoning"])
     assert summary["num_samples"] == 6 and first.calibration_info["reasoning"]["num_held_out"] == 2
     again.config.lam = 1.0
+    again.merge()
     assert again._calibration_summary()["reasoning"]["num_samples"] == 6
     for (k, v), (k2, v2) in zip(first.model.named_parameters(), again.model.named_parameters()):
         assert k == k2 and torch.equal(v, v2)
@@ -1340,7 +1343,10 @@ def test_lam_auto_keeps_samples_of_one_prompt_on_one_side(qwen2, tokenizer):
         assert len(held) == 20 and all((i in held) == (j in held) for i in range(80) for j in range(80)
                                        if groups[i] == groups[j]), seed
     assert holdout_indices(80, 0.25, 3, list(range(80))) == holdout_indices(80, 0.25, 3)  # distinct: same draw
-    assert len(holdout_indices(4, 0.25, 0, ["a", "a", "a", "b"])) in (1, 3)  # the first group drawn always goes
+    for seed in range(10):  # a group larger than the count is passed over for ones that fit …
+        assert holdout_indices(8, 0.25, seed, ["a"] * 6 + ["b", "c"]) == [6, 7]
+        # … and when none fits, the smallest is held out alone
+        assert holdout_indices(9, 0.25, seed, ["a"] * 3 + ["b"] * 4 + ["c"] * 2) == [7, 8]
     records = reasoning_records(4)
     records = [dict(r, prompt=records[0]["prompt"]) if i % 2 else r for i, r in enumerate(records)]
     merger = _merger(qwen2, lam="auto", lam_auto_holdout=0.5)
@@ -1482,3 +1488,65 @@ def test_editing_the_passed_config_warns_once_per_edit(qwen2, caplog):
     with caplog.at_level("WARNING", logger="rain_hf.merger"):
         merger.merge()
     assert "changed afterwards (lam=4.0)" in caplog.text
+
+
+def test_saved_records_describe_the_merge_the_model_holds(qwen2, tmp_path, caplog, monkeypatch):
+    """Config edits after a merge, later merges that read less data, and failed merges never leak into the
+    sidecar or card of the model that is saved."""
+    data_a, data_b = reasoning_records(4), reasoning_records(4, seed=1)
+    merger = _merger(qwen2, lam=1.0, stage2=False, sequential=False)
+    merger.merge(data_a)
+    sha_a = merger.sidecar()["calibration"]["reasoning"]["sha256"]
+    # edited for the next merge, then saved without merging: the files describe the merge that was made
+    merger.config.lam, merger.config.stage1 = 4.0, False
+    with caplog.at_level(logging.WARNING, logger="rain_hf.merger"):
+        out = merger.save_pretrained(tmp_path / "a")
+    sidecar = json.loads((out / "rain_merging_config.json").read_text())
+    assert (sidecar["config"]["lam"], sidecar["config"]["stage1"], sidecar["lam"]) == (1.0, True, 1.0)
+    assert "merger.config was changed after the last merge (lam: 1.0 → 4.0; stage1: True → False)" in caplog.text
+    assert "Stage 1 was off" not in (out / "README.md").read_text()
+    # a merge without stage 1 lists no reasoning data and no feature timing, though the features are kept
+    merger.merge()
+    record = merger.sidecar()
+    assert record["calibration"] == {"reasoning": None, "instruction": None}
+    assert "stage1_features" not in record["report"]["timings"]
+    merger.config.method = "ties"
+    merger.merge()
+    assert merger.sidecar()["calibration"] == {"reasoning": None, "instruction": None}
+    # back to stage 1 without data: the features' own data (A) is named
+    merger.config.method, merger.config.stage1 = "rain", True
+    merger.merge()
+    assert merger.sidecar()["calibration"]["reasoning"]["sha256"] == sha_a
+    # a merge on B interrupted in its feature capture keeps A's features, and a retry names A, not B
+    import rain_hf.merger as merger_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(merger_module, "capture_think_features", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        merger.merge(data_b)
+    monkeypatch.undo()
+    merger.merge()
+    assert merger.sidecar()["calibration"]["reasoning"]["sha256"] == sha_a
+
+
+def test_an_interrupted_restore_leaves_nothing_to_save(qwen2, tmp_path, monkeypatch):
+    merger = _merger(qwen2, lam=1.0, stage2=False, sequential=False)
+    merger.merge(reasoning_records(3))
+    merger.config.lam = 3.0
+    get, calls = merger.reasoning.get, []
+
+    def interrupted(key):
+        calls.append(key)
+        if len(calls) == 5:  # half way through putting the reasoning weights back
+            raise KeyboardInterrupt
+        return get(key)
+
+    monkeypatch.setattr(merger.reasoning, "get", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        merger.merge()
+    monkeypatch.undo()
+    assert not merger.merged
+    with pytest.raises(RuntimeError, match="Nothing to save yet"):
+        merger.save_pretrained(tmp_path / "mixed")
