@@ -38,7 +38,12 @@ def masked_query_mean(mass: torch.Tensor, query_mask: torch.Tensor) -> tuple[tor
 
 
 def head_scores(alignment: torch.Tensor, leakage: torch.Tensor, rho: float) -> torch.Tensor:
-    """Paper Eq. 14–15 before the box: g / H̃ with g = a − ρu and H̃ = 1 + u (any shape, elementwise)."""
+    """Paper Eq. 14–15 before the box: g / H̃ with g = a − ρu and H̃ = 1 + u (any shape, elementwise).
+
+    Example:
+        >>> head_scores(torch.tensor([0.3, 0.5]), torch.tensor([0.0, 0.25]), rho=0.5)
+        tensor([0.3000, 0.3000])
+    """
     return (alignment - rho * leakage) / (1.0 + leakage)
 
 
@@ -55,6 +60,12 @@ def head_coefficients(
     ``normalize="mean"`` divides the scores by their mean over all heads before the clip (raw attention masses
     are ≪ 1, so the literal form would clip nearly everything to the lower bound); ``"none"`` is the paper's
     literal α = clip(g / H̃, lo, hi).
+
+    Example:
+        >>> a, u = torch.tensor([[0.1, 0.3], [0.2, 0.6]]), torch.zeros(2, 2)
+        >>> head_coefficients(a, u, rho=0.5, normalize="mean", lo=0.0, hi=2.0)  # mean score 0.3
+        tensor([[0.3333, 1.0000],
+                [0.6667, 2.0000]])
     """
     scores = head_scores(alignment.double(), leakage.double(), rho)
     if normalize == "mean":
@@ -98,6 +109,10 @@ def kv_coefficients(alpha: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 
     Returns:
         [KV] or [L, KV].
+
+    Example:
+        >>> kv_coefficients(torch.tensor([1.0, 3.0, 0.5, 1.5]), num_kv_heads=2)  # heads 0, 1 → kv 0; 2, 3 → kv 1
+        tensor([2., 1.])
     """
     heads = alpha.shape[-1]
     if heads % num_kv_heads:

@@ -51,6 +51,16 @@ def project_svd(delta: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ΔW⊥ [out, d], in the dtype of ``delta``.
+
+    Example:
+        >>> h = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # features span e1 and e2
+        >>> v, s = feature_svd(h)
+        >>> project_svd(torch.ones(2, 3), protected_basis(v, s, rcond=0.1)).abs()
+        tensor([[0., 0., 1.],
+                [0., 0., 1.]])
+        >>> project_svd(torch.ones(2, 3), protected_basis(v, s, rcond=0.6)).abs()  # 1 < 0.6·2: e2 is not kept
+        tensor([[0., 1., 1.],
+                [0., 1., 1.]])
     """
     b = basis.to(delta.dtype)
     return delta - (delta @ b) @ b.transpose(0, 1)

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rain_hf import RainMerger, RainMergingConfig
 from rain_hf.calibration import (
+    CalibrationError,
     holdout_indices,
     prepare_instruction_calibration,
     prepare_reasoning_calibration,
@@ -28,6 +29,7 @@ from rain_hf.testing import (
     model_config,
     reasoning_records,
 )
+from rain_hf.writer import OutputExistsError
 
 
 @pytest.fixture(scope="module")
@@ -596,6 +598,7 @@ def test_bf16_output_rounds_once_from_fp32(qwen2, tmp_path):
     assert w[key].dtype == torch.bfloat16
     assert torch.equal(w[key], (reas[key].float() + (inst[key].float() - base[key].float())).to(torch.bfloat16))
     assert w["model.norm.weight"].dtype == torch.bfloat16
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"  # what dtype="auto" loads
 
 
 def test_crash_during_save_leaves_no_output(qwen2, tmp_path, monkeypatch):
@@ -844,7 +847,7 @@ def test_revisions_reach_the_hub_fetch_per_role(qwen2, monkeypatch):
 
 
 def test_refuses_think_tokens_that_are_not_single_tokens(qwen2):
-    with pytest.raises(Exception, match="<reason>"):
+    with pytest.raises(CalibrationError, match="<reason>"):
         RainMerger.plan(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
                         RainMergingConfig(think_open="<reason>", think_close="</reason>"))
 
@@ -1182,6 +1185,11 @@ def test_inputs_are_protected(qwen2, tmp_path, caplog):
     for folder in (qwen2["reasoning"], qwen2["reasoning"].parent):
         with pytest.raises(ConfigError, match="would replace an input"):
             merger.save_pretrained(folder, overwrite=True)
+    models = tmp_path / "models"  # a folder of other things: overwrite=True replaces only an earlier output
+    (models / "other-model").mkdir(parents=True)
+    with pytest.raises(OutputExistsError, match="holds no rain_merging_config.json, so it is not an earlier output"):
+        merger.save_pretrained(models, overwrite=True)
+    assert (models / "other-model").is_dir()
     assert (qwen2["reasoning"] / "model.safetensors").is_file()
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="torch sees no CUDA device"):
@@ -1550,3 +1558,43 @@ def test_an_interrupted_restore_leaves_nothing_to_save(qwen2, tmp_path, monkeypa
     assert not merger.merged
     with pytest.raises(RuntimeError, match="Nothing to save yet"):
         merger.save_pretrained(tmp_path / "mixed")
+
+
+def test_biases_merge_with_lambda_and_their_rows_head_scale(qwen2):
+    """project_bias with stage 2 and λ ≠ 1: each q/k/v bias entry moves by λ·(its row's stage-2 scale)·Δb (stage 1
+    off, so Δb⊥ = Δb); a baseline merges biases with λ too."""
+    base, inst, reas = _weights(qwen2["base"]), _weights(qwen2["instruct"]), _weights(qwen2["reasoning"])
+    merger = _merger(qwen2, lam=2.0, stage1=False, project_bias=True)
+    merger.merge(instruction_calibration=instruction_records(3))
+    alpha = torch.tensor(merger.report.head_coefficients, dtype=torch.float64)
+    merged = {k: v.detach().double() for k, v in merger.model.named_parameters()}
+    checked = 0
+    for target in merger.targets:
+        if not target.bias_key:
+            continue
+        leaf = target.name.rsplit(".", 1)[-1]
+        rows = _head_scale(leaf, alpha[target.layer], target.shape, 4, 2, 16)[:, 0]
+        delta_b = (inst[target.bias_key] - base[target.bias_key]).double()
+        torch.testing.assert_close(merged[target.bias_key] - reas[target.bias_key].double(), 2.0 * rows * delta_b,
+                                   atol=1e-6, rtol=1e-5)
+        checked += 1
+    assert checked == 6  # q, k and v of both layers
+    baseline = _merger(qwen2, method="task_arithmetic", lam=0.5, project_bias=True)
+    baseline.merge()
+    key = "model.layers.0.self_attn.k_proj.bias"
+    torch.testing.assert_close(baseline.model.get_parameter(key).detach(), reas[key] + 0.5 * (inst[key] - base[key]))
+
+
+def test_a_module_without_bias_is_projected_on_its_groups_features_without_the_ones_column(qwen2):
+    """In a group whose features carry the column of ones (another module of it has a bias), a module without one
+    must still get ΔW h = 0 on the rows of H itself."""
+    from rain_hf.projection import feature_svd, with_bias_column
+
+    merger = _merger(qwen2, lam=1.0, stage2=False, project_bias=True, rcond=1e-5, sequential=False)
+    target = next(t for t in merger.targets if t.name.endswith("o_proj"))
+    assert not target.has_bias
+    h = torch.randn(20, target.shape[1], generator=torch.Generator().manual_seed(0))
+    dw = torch.randn(target.shape, generator=torch.Generator().manual_seed(1))
+    out, bias = merger._projected(target, dw, None, record=False, basis=feature_svd(with_bias_column(h)))
+    assert bias is None and out.shape == dw.shape
+    assert float(torch.linalg.norm(out @ h.T)) < 1e-4 * float(torch.linalg.norm(dw @ h.T))

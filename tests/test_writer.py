@@ -25,6 +25,8 @@ def test_shards_follow_byte_budget_and_reload_exactly(tmp_path):
     assert index["metadata"] == {"total_parameters": 400, "total_size": sum(s.nbytes for s in specs)}
     loaded = {}
     for f in files:
+        header_size = int.from_bytes((tmp_path / f).read_bytes()[:8], "little")
+        assert header_size % 8 == 0, f  # padded, as safetensors writes it: the data starts 8-byte aligned
         loaded.update(load_file(tmp_path / f))
     for k, v in tensors.items():
         assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v)
@@ -118,6 +120,12 @@ def test_atomic_directory_through_a_symbolic_link(tmp_path):
         with atomic_directory(dangling):
             raise AssertionError("the block ran")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "disk", "out"]
+
+
+def test_atomic_directory_output_is_an_ordinary_folder(tmp_path):
+    with atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "x.txt").write_text("x")
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755  # not the private mode of the temporary folder
 
 
 def test_atomic_directory_fills_an_existing_empty_folder(tmp_path):
