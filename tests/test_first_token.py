@@ -74,3 +74,13 @@ def test_probes_keep_only_prompts_whose_first_token_changes(organism_root):
     for p in named:
         name = tok.decode(p.tag).split("<|user|>")[1].split()[0]
         assert tok.decode([p.plain]).strip() and name.startswith(tok.decode([p.plain]).strip())
+
+
+def test_think_failures_counts_lost_formats_per_instruction(monkeypatch):
+    import rain_hf.evaluation as ev
+    from benchmarks.organism.first_token import think_failures
+
+    outs = ["<think>a</think>b", "no think block", "<think>a</think>c", "<think>never closed"]
+    monkeypatch.setattr(ev, "generate", lambda model, tokenizer, prompts, **kw: outs[:len(prompts)])
+    evals = [{"prompt": "p", "instruction_id_list": ids} for ids in (["x:a"], ["x:a", "y:b"], ["y:b"], ["y:b"])]
+    assert think_failures(None, None, evals, batch_size=2) == {"x:a": (1, 2), "y:b": (2, 3)}

@@ -233,3 +233,18 @@ def test_script_arguments_that_cannot_work_get_a_message(tmp_path):
     for bad in ("0", "-1", "two"):
         with pytest.raises(argparse.ArgumentTypeError):
             positive_int(bad)
+
+
+def test_generations_are_scored_strictly_on_the_answer():
+    from benchmarks.organism import tasks as T
+    from benchmarks.organism.bench import score_generations
+
+    evals = [{"prompt": "Answer in lowercase.", "instruction_id_list": ["change_case:english_lowercase"],
+              "kwargs": [{}], "answer": 5}]
+    # loose IFEval drops the first line and would pass; strict does not; the thinking (capitals) is not scored
+    outs = [f"{T.THINK_OPEN}Think About It{T.THINK_CLOSE}A Title\nthe answer is 5."]
+    scores = score_generations(evals, outs)
+    assert (scores["think"], scores["accuracy"], scores["if_prompt"], scores["if_instruction"]) == (1.0, 1.0, 0.0, 0.0)
+    assert scores["per_instruction"] == {"change_case:english_lowercase": 0.0}
+    scores = score_generations(evals, [f"{T.THINK_OPEN}Think About It{T.THINK_CLOSE}the answer is 5."])
+    assert (scores["if_prompt"], scores["if_instruction"]) == (1.0, 1.0)
