@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from nltk.tokenize.punkt import PunktParameters
 
 # Bump when the training text or the word lists change: saved models with another version are rebuilt.
-PUNKT_BUILD_VERSION = "rain_hf-punkt-2"
+PUNKT_BUILD_VERSION = "rain_hf-punkt-3"
 
 # Common abbreviations that rarely end a sentence (lowercase, without the final period), limited to those that
 # nltk's published English model also treats as abbreviations, since IFEval's scores were computed with that model:
@@ -36,7 +36,7 @@ EXTRA_ABBREVIATIONS = (
 # Function words written in lower case inside a sentence and capitalised only at its start. Punkt's orthographic
 # heuristic must have seen a word that way before it ends a sentence at an abbreviation followed by the word
 # capitalised ("at 5 p.m. It was late"); the training text alone covers a few dozen words. Words that are also
-# names or months ("will", "may", "mark") are left out: "Mr. Will Smith" must stay one sentence.
+# names or months ("will", "may", "mark", "who", "rather") are left out: "Mr. Will Smith" must stay one sentence.
 COMMON_WORDS = """
 a about above according across after afterwards again against all almost along already also although always among an
 and another any anyone anything anyway are around as at back because before behind below besides between both but
@@ -44,11 +44,11 @@ by can cannot could despite did do does doing during each either even eventually
 everything except few finally first for from further furthermore given had has have having he her here hers herself
 him himself his how however if in including indeed instead into is it its itself just last later least less let like
 many meanwhile more moreover most much my myself near neither never nevertheless next nobody none nor not nothing now
-of often on once one only or other others otherwise our ours ourselves out over overall perhaps please rather really
+of often on once one only or other others otherwise our ours ourselves out over overall perhaps please really
 second she should similarly since so some someone something sometimes soon still such than that the their theirs
 them themselves there therefore these they third this those though through throughout thus to today together
 tomorrow too toward towards under unless unlike until up upon us usually very was we were what whatever when
-whenever where whereas whether which while who whoever whom whose why with within without would yesterday yet you
+whenever where whereas whether which while whoever whom whose why with within without would yesterday yet you
 your yours yourself yourselves
 """.split()
 
@@ -97,7 +97,7 @@ def punkt_training_text() -> str:
             title = _TITLES[i % len(_TITLES)]
             name = _NAMES[i % len(_NAMES)]
             # the title inside the sentence: a fixed first word here would be learnt as a sentence starter
-            sentences.append(f"{_capitalize(subject)} met {title} {name}, who {verb} {obj}.")
+            sentences.append(f"{_capitalize(subject)} met {title} {name}, and they {verb} {obj}.")
         if i % 7 == 0:
             sentences.append(f"They {verb} small things, such as {obj}, and nothing else{tail}.")
     paragraphs = [" ".join(sentences[j : j + 8]) for j in range(0, len(sentences), 8)]

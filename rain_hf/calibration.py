@@ -166,15 +166,19 @@ def check_records(data: Any, what: str = "calibration") -> int:
         raise CalibrationError(f"The {what} data holds no records: {err}") from None
     if not records:
         raise CalibrationError(f"The {what} data holds no records.")
-    usable = 0
-    for record in records:
+    usable, malformed = 0, None
+    for i, record in enumerate(records):
         try:
             prompt = _raw_fields(record)[0]
-        except _Malformed:
+        except _Malformed as err:
+            malformed = malformed or (i, str(err))
             continue
         usable += isinstance(prompt, str) and bool(prompt.strip())
     if not usable:
         where = f" ({locations[0]})" if locations else ""
+        if malformed is not None:
+            at = f"index {malformed[0]}" + (f" ({locations[malformed[0]]})" if locations else "")
+            raise CalibrationError(f"No {what} record is usable: the first malformed one, at {at}: {malformed[1]}.")
         raise CalibrationError(
             f"No {what} record has a prompt: the first one{where} has keys {sorted(records[0])}. Records need "
             "'prompt' (with 'reasoning' and 'response', or alone to let the reasoning model write them), or "
@@ -259,8 +263,10 @@ def _read_utf8(path: Path) -> str:
     wide = next((name for mark, name in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
                                          (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
                  if data.startswith(mark)), None)
-    if wide is None and b"\x00" in data[:64]:  # JSON never holds a raw NUL: ASCII text in UTF-16 without a BOM
-        wide = "utf-16le" if data[1:2] == b"\x00" else "utf-16be"
+    if wide is None and b"\x00" in data[:64]:  # JSON never holds a raw NUL: ASCII text in UTF-16/32 without a BOM
+        width = 4 if data[1:3] == b"\x00\x00" or data[:3] == b"\x00\x00\x00" else 2
+        order = "be" if data[:1] == b"\x00" else "le"
+        wide = f"utf-{8 * width}{order}"
     if wide:
         raise CalibrationError(f"{path} is not UTF-8 text: it looks like {wide.upper()}; re-save it as UTF-8 (e.g. "
                                f"`iconv -f {wide} -t utf-8 IN > OUT`).")
@@ -597,13 +603,15 @@ def _raw_fields(record: Mapping) -> tuple[Any, Any, Any]:
             raise _Malformed(f"field 'messages' is a {type(messages).__name__}, not a list of {{'role', 'content'}} "
                              "turns (a JSON string must be parsed first)")
         return _fields_from_messages(messages)
-    if messages is not None:
-        turns = messages if isinstance(messages, list) else []
-        first = turns[0].get("content") if turns and isinstance(turns[0], Mapping) else None
-        if not isinstance(first, str) or first.strip() != str(record["prompt"]).strip():
+    roles = [m.get("role") if isinstance(m, Mapping) else None for m in messages] \
+        if isinstance(messages, list) else None
+    if roles in (["user"], ["user", "assistant"]) and isinstance(messages[0].get("content"), str):
+        # both forms of one sample; any other 'messages' (a system turn, a whole conversation, []) is another
+        # column of the data set, and the record is read through 'prompt' as it always was
+        if messages[0]["content"].strip() != str(record["prompt"]).strip():
             raise _Malformed("fields 'prompt' and 'messages' both give the prompt, and they differ: keep one of them")
         if all(record.get(key) is None for key in (*REASONING_KEYS, "response")):
-            return _fields_from_messages(turns)  # the same prompt twice: the chat turns carry the answer
+            return _fields_from_messages(messages)  # the same prompt twice: the chat turns carry the answer
     given = {key: record[key] for key in REASONING_KEYS if record.get(key) is not None}
     if len(given) > 1 and len({str(v).strip() for v in given.values()}) > 1:
         raise _Malformed("fields 'reasoning' and 'reason' both hold a thinking text, and they differ: keep one of them")

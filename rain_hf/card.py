@@ -207,6 +207,8 @@ def build_model_card(
         "timings": [(str(k), float(v)) for k, v in (report.get("timings") or {}).items()],
         # the λ search of lam="auto" (method rain only) and whatever the merge warned about
         "lam_search": report.get("lam_search") or [] if method == "rain" else [],
+        # the think-open share is None where the chat template opens the block itself (nothing to check)
+        "think_open_checked": any(row.get("think_open") is not None for row in report.get("lam_search") or []),
         "warnings": [_inline(str(w)) for w in report.get("warnings") or []],
         "projection": report.get("projection"),
         "versions": _versions(info),

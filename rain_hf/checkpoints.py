@@ -311,9 +311,12 @@ def _read_header(path: Path, name: str) -> dict[str, tuple[tuple[int, ...], str,
             start, end = meta["data_offsets"]
             shape = tuple(int(n) for n in meta["shape"])
             itemsize = _ITEMSIZE.get(str(meta["dtype"]))
-            if itemsize is not None and (end - start != math.prod(shape) * itemsize or 8 + size + end > file_size):
-                raise ValueError(f"shape {list(shape)} of {meta['dtype']} does not fit bytes {start}–{end} of a "
-                                 f"{file_size}-byte file")
+            if itemsize is not None and end - start != math.prod(shape) * itemsize:
+                raise ValueError(f"shape {list(shape)} of {meta['dtype']} needs {math.prod(shape) * itemsize} bytes, "
+                                 f"its offsets give {end - start}")
+            if 8 + size + end > file_size:
+                raise CheckpointError(f"{name}: {path} is truncated: tensor {key} ends at byte {8 + size + end}, "
+                                      f"the file has {file_size}. Download or save the checkpoint again.")
             entries[key] = (shape, str(meta["dtype"]), 8 + size + start, 8 + size + end)
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{name}: {path} has a damaged header entry for {key} ({exc}); download or "

@@ -75,8 +75,14 @@ _ROLES = ("base", "reasoning", "instruct")
 
 #: Config fields the plan is built on (which modules, which think tokens): fixed for a merger's lifetime.
 _PLAN_FIELDS = ("target_modules", "layers", "think_open", "think_close", "project_bias")
-# config fields that act when the model is saved, not when it is merged: they may change between merge and save
+# config fields that the save applies: the saved record takes them as they are then (output_dtype also rounds the
+# merged weights at merge time, so a change of it after the merge is warned about at save)
 _SAVE_FIELDS = ("output_dtype", "max_shard_size")
+
+
+def _as_list(value: Any) -> Any:
+    """Tuples as lists: a config field set to an equal tuple is no edit (validate() makes it a list)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 class ModelMismatchError(CheckpointError):
@@ -298,7 +304,7 @@ class MergeReport:
     head_coefficients: list[list[float]] | None = None
     alignment: list[list[float]] | None = None
     leakage: list[list[float]] | None = None
-    lam_search: list[dict[str, float | None]] | None = None
+    lam_search: list[dict[str, float | bool | None]] | None = None  # λ, l_think, think_open, within_budget
     projection: str | None = None  # stage 1 as it ran: "sequential" or "one-shot"
     replay_cache_bytes: int | None = None  # the sequential form's cached layer inputs, masks and position embeddings
     vocab: dict[str, int] = field(default_factory=dict)
@@ -1201,10 +1207,12 @@ class RainMerger:
         if not self.merged:
             raise RuntimeError("Nothing to save yet: call merge() first.")
         edited = [f"{k}: {v!r} → {getattr(self.config, k)!r}" for k, v in vars(self._merged_config).items()
-                  if k not in _SAVE_FIELDS and getattr(self.config, k) != v] if self._merged_config else []
+                  if k != "max_shard_size" and _as_list(getattr(self.config, k)) != _as_list(v)] \
+            if self._merged_config else []
         if edited:
-            logger.warning("merger.config was changed after the last merge (%s); the saved model is that merge, and "
-                           "its card and rain_merging_config.json describe it: call merge() to apply the changes.",
+            logger.warning("merger.config was changed after the last merge (%s); the saved model is that merge "
+                           "(its weights were rounded to the output_dtype of that merge), and its card and "
+                           "rain_merging_config.json describe it: call merge() to apply the changes.",
                            "; ".join(edited))
         clash = input_folder_in(save_directory, self.sources)
         if clash:  # overwriting an input would also make every later merge read the merged weights as θ_R/θ_B/θ_I
@@ -1291,7 +1299,7 @@ class RainMerger:
                                           model_id=namespaced_repo_id(repo_id, token), model_revision=revision)
             try:
                 return push_folder(folder, repo_id, private=private, token=token, revision=revision,
-                                   commit_message=commit_message or f"Upload {self.config.method} merge made with "
+                                   commit_message=commit_message or f"Upload {self._record_config().method} merge made with "
                                                                     "rain_hf", create_pr=create_pr)
             except HubError as exc:
                 if scratch is None:

@@ -39,7 +39,7 @@ def _check_finite(s: torch.Tensor) -> None:
     # would be merged unprojected, with nothing said.
     if not bool(torch.isfinite(s).all()):
         raise ValueError("The feature matrix has non-finite singular values (its features hold inf or NaN): "
-                         "recompute them with the reasoning model loaded in bfloat16 or float32, or check its weights.")
+                         "recompute them with the reasoning model loaded in float32, or check its weights.")
 
 
 def project_svd(delta: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:

@@ -659,7 +659,7 @@ def test_non_utf8_file_is_refused_with_its_offset(tmp_path):
     # UTF-16 (Windows "Unicode") with and without a byte-order mark: latin1 advice would make it worse
     text = json.dumps(RECORD) + "\n"
     for data, codec in ((text.encode("utf-16"), "utf-16"), (text.encode("utf-16-le"), "utf-16le"),
-                        (text.encode("utf-32"), "utf-32")):
+                        (text.encode("utf-32"), "utf-32"), (text.encode("utf-32-be"), "utf-32be")):
         path.write_bytes(data)
         with pytest.raises(CalibrationError, match=rf"looks like {codec.upper()}; re-save it as UTF-8 \(e\.g\. "
                                                    rf"`iconv -f {codec} -t utf-8 IN > OUT`\)\.$"):
@@ -768,6 +768,20 @@ def test_fallback_padding_id_does_not_stop_generation(backend, chain_ids):
 def test_conflicting_or_misshapen_fields_are_named(tok, record, expected):
     with pytest.raises(CalibrationError, match=re.escape(expected)):
         prepare_reasoning_calibration([record], tok, _cfg())
+
+
+def test_messages_of_another_shape_leave_the_prompt_in_charge(tok):
+    # a system turn, a whole conversation or an empty list in a 'messages' column is not the sample's chat form
+    for messages in ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Other"}],
+                     [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                      {"role": "user", "content": "c"}],
+                     []):
+        (sample,) = prepare_reasoning_calibration([dict(RECORD, messages=messages)], tok, _cfg())
+        assert sample.input_ids == prepare_reasoning_calibration([RECORD], tok, _cfg())[0].input_ids
+    assert check_records([{"prompt": "Hi", "messages": [{"role": "system", "content": "x"}]}]) == 1
+    with pytest.raises(CalibrationError, match="No calibration record is usable: the first malformed one, at index "
+                                               "0: fields 'reasoning' and 'reason' both hold a thinking text"):
+        check_records([{"prompt": "p", "reasoning": "a", "reason": "b", "response": "r"}])
 
 
 def test_equal_duplicate_fields_are_accepted(tok):

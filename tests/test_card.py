@@ -430,6 +430,9 @@ def test_the_lam_search_and_the_merge_warnings_are_in_the_card():
            "smallest, 1.0\n" in text
     del info["report"]["lam_search"][0]["within_budget"]  # a sidecar from before the column existed
     assert "| 1.0 | 0.004 | 1.000 | – |" in build_model_card(info).content
+    for row in info["report"]["lam_search"]:  # a template that opens the block itself: no share was measured
+        row["think_open"] = None
+    assert "within L_think ≤ 0.01 (or the smallest" in build_model_card(info).content
     numeric = card_module._sample_sidecar(RainMergingConfig(lam=2.0).to_dict())
     numeric["report"]["warnings"] = []
     text = build_model_card(numeric).content

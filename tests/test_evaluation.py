@@ -233,6 +233,7 @@ def test_ensure_nltk_data_builds_punkt_tab_offline(tmp_path, no_nltk_download, o
     ("Ask Mr. Brown about it. He knows.", ["Ask Mr. Brown about it.", "He knows."]),
     ("The U.S. Army arrived. Nobody cheered.", ["The U.S. Army arrived.", "Nobody cheered."]),
     ("Mr. Will Smith arrived late.", ["Mr. Will Smith arrived late."]),
+    ("We saw Dr. Who yesterday.", ["We saw Dr. Who yesterday."]),
     ("We drove to St. Louis. Then we flew home.", ["We drove to St. Louis.", "Then we flew home."]),
     # as in nltk's published English model, "e.g." is not an abbreviation
     ("I like fruit, e.g. apples.", ["I like fruit, e.g.", "apples."]),

@@ -186,5 +186,5 @@ def test_non_finite_features_are_refused_with_the_module_named(dropout_model_and
         capture_think_features(model, samples, targets, config, pad)
     replay = LayerReplay(model, samples, config, pad)
     replay.group_basis(0, ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"])  # layer 0 is finite
-    with pytest.raises(ValueError, match=r"input of model\.layers\.1\.mlp\.gate_proj .*float16 models often do"):
+    with pytest.raises(ValueError, match=r"input of model\.layers\.1\.mlp\.gate_proj .*float16 models often do: load it with torch_dtype=.float32."):
         replay.group_basis(1, ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"])

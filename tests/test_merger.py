@@ -767,7 +767,11 @@ def test_damaged_or_ambiguous_checkpoint_folders(qwen2, tmp_path, caplog):
     assert len(text) == size
     (loose / "part-a.safetensors").write_bytes(data[:8] + text + data[8 + size:])
     with pytest.raises(CheckpointError, match=r"part-a.safetensors has a damaged header entry for model.norm.weight "
-                                              r"\(shape \[65\] of F32 does not fit bytes"):
+                                              r"\(shape \[65\] of F32 needs 260 bytes, its offsets give 256\)"):
+        LazyCheckpoint(loose)
+    (loose / "part-a.safetensors").write_bytes(data[:-100])  # cut short: the header is fine, the data is not
+    with pytest.raises(CheckpointError, match=r"part-a.safetensors is truncated: tensor .* ends at byte \d+, the file "
+                                              r"has \d+\. Download or save the checkpoint again"):
         LazyCheckpoint(loose)
     # a Hub snapshot without safetensors: the repository may ship .bin weights only, which are not fetched
     snapshot = tmp_path / "hub" / "models--org--bin-only" / "snapshots" / ("0" * 40)
@@ -1513,6 +1517,14 @@ def test_saved_records_describe_the_merge_the_model_holds(qwen2, tmp_path, caplo
     assert (sidecar["config"]["lam"], sidecar["config"]["stage1"], sidecar["lam"]) == (1.0, True, 1.0)
     assert "merger.config was changed after the last merge (lam: 1.0 → 4.0; stage1: True → False)" in caplog.text
     assert "Stage 1 was off" not in (out / "README.md").read_text()
+    merger.config.lam, merger.config.stage1 = 1.0, True
+    merger.config.lam_grid = tuple(merger.config.lam_grid)  # equal as a tuple: no edit
+    merger.config.output_dtype = "float32"  # the merged weights were not rounded to it: an edit
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rain_hf.merger"):
+        merger.save_pretrained(tmp_path / "b")
+    assert "changed after the last merge (output_dtype: None → 'float32')" in caplog.text
+    merger.config.output_dtype, merger.config.lam, merger.config.stage1 = None, 4.0, False
     # a merge without stage 1 lists no reasoning data and no feature timing, though the features are kept
     merger.merge()
     record = merger.sidecar()
