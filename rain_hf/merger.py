@@ -1206,14 +1206,18 @@ class RainMerger:
         """
         if not self.merged:
             raise RuntimeError("Nothing to save yet: call merge() first.")
-        edited = [f"{k}: {v!r} → {getattr(self.config, k)!r}" for k, v in vars(self._merged_config).items()
+        edited = [k for k, v in vars(self._merged_config).items()
                   if k != "max_shard_size" and _as_list(getattr(self.config, k)) != _as_list(v)] \
             if self._merged_config else []
         if edited:
-            logger.warning("merger.config was changed after the last merge (%s); the saved model is that merge "
-                           "(its weights were rounded to the output_dtype of that merge), and its card and "
-                           "rain_merging_config.json describe it: call merge() to apply the changes.",
-                           "; ".join(edited))
+            was = self._merged_config.output_dtype
+            rounded = (f" (its merged weights were rounded to {was!r})" if was else
+                       " (its merged weights were rounded to the checkpoint's own dtypes)") \
+                if "output_dtype" in edited else ""
+            logger.warning("merger.config was changed after the last merge (%s); the saved model is that merge%s, "
+                           "and its card and rain_merging_config.json describe it: call merge() to apply the changes.",
+                           "; ".join(f"{k}: {getattr(self._merged_config, k)!r} → {getattr(self.config, k)!r}"
+                                     for k in edited), rounded)
         clash = input_folder_in(save_directory, self.sources)
         if clash:  # overwriting an input would also make every later merge read the merged weights as θ_R/θ_B/θ_I
             raise ConfigError(f"save_directory {str(save_directory)!r} is (or holds) the {clash[0]} model's folder "

@@ -1515,7 +1515,8 @@ def test_saved_records_describe_the_merge_the_model_holds(qwen2, tmp_path, caplo
         out = merger.save_pretrained(tmp_path / "a")
     sidecar = json.loads((out / "rain_merging_config.json").read_text())
     assert (sidecar["config"]["lam"], sidecar["config"]["stage1"], sidecar["lam"]) == (1.0, True, 1.0)
-    assert "merger.config was changed after the last merge (lam: 1.0 → 4.0; stage1: True → False)" in caplog.text
+    assert "merger.config was changed after the last merge (lam: 1.0 → 4.0; stage1: True → False); the saved " \
+           "model is that merge, and its card" in caplog.text
     assert "Stage 1 was off" not in (out / "README.md").read_text()
     merger.config.lam, merger.config.stage1 = 1.0, True
     merger.config.lam_grid = tuple(merger.config.lam_grid)  # equal as a tuple: no edit
@@ -1523,7 +1524,8 @@ def test_saved_records_describe_the_merge_the_model_holds(qwen2, tmp_path, caplo
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="rain_hf.merger"):
         merger.save_pretrained(tmp_path / "b")
-    assert "changed after the last merge (output_dtype: None → 'float32')" in caplog.text
+    assert "changed after the last merge (output_dtype: None → 'float32'); the saved model is that merge (its " \
+           "merged weights were rounded to the checkpoint's own dtypes)" in caplog.text
     merger.config.output_dtype, merger.config.lam, merger.config.stage1 = None, 4.0, False
     # a merge without stage 1 lists no reasoning data and no feature timing, though the features are kept
     merger.merge()
