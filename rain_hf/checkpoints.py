@@ -318,6 +318,8 @@ def _read_header(path: Path, name: str) -> dict[str, tuple[tuple[int, ...], str,
                 raise CheckpointError(f"{name}: {path} is truncated: tensor {key} ends at byte {8 + size + end}, "
                                       f"the file has {file_size}. Download or save the checkpoint again.")
             entries[key] = (shape, str(meta["dtype"]), 8 + size + start, 8 + size + end)
+        except CheckpointError:
+            raise
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{name}: {path} has a damaged header entry for {key} ({exc}); download or "
                                   "save the checkpoint again.") from exc
