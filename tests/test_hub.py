@@ -479,8 +479,10 @@ def test_merger_push_to_hub_sends_one_commit_with_card_and_weights(hub, tmp_path
     merger = RainMerger.from_pretrained(paths["base"], paths["reasoning"], paths["instruct"],
                                         RainMergingConfig(method="task_arithmetic", lam=0.5))
     merger.merge()
+    merger.config.method = "ties"  # edited for a next merge: the push is still the task-arithmetic merge
     info = merger.push_to_hub("me/tiny-ta", token=TOKEN, private=True, save_directory=tmp_path / "saved")
     (commit,) = hub.commits
+    assert commit["summary"] == "Upload task_arithmetic merge made with rain_hf"
     files = set(commit["files"])
     assert {"README.md", "config.json", "rain_merging_config.json", "tokenizer_config.json"} <= files
     assert any(name.endswith(".safetensors") and entry["mode"] == "lfs" for name, entry in commit["files"].items())
