@@ -181,6 +181,7 @@ def build_model_card(
     coefficients = report.get("head_coefficients")
     calibration = _calibration_rows(info.get("calibration") or {})
     lam = info.get("lam", config.get("lam"))
+    lam_search = (report.get("lam_search") or []) if method == "rain" else []
     variables = {
         "info": info,
         "model_name": name,
@@ -206,9 +207,9 @@ def build_model_card(
         "removed": _removed_rows(report.get("modules") or {}),
         "timings": [(str(k), float(v)) for k, v in (report.get("timings") or {}).items()],
         # the λ search of lam="auto" (method rain only) and whatever the merge warned about
-        "lam_search": report.get("lam_search") or [] if method == "rain" else [],
+        "lam_search": lam_search,
         # the think-open share is None where the chat template opens the block itself (nothing to check)
-        "think_open_checked": any(row.get("think_open") is not None for row in report.get("lam_search") or []),
+        "think_open_checked": any(row.get("think_open") is not None for row in lam_search),
         "warnings": [_inline(str(w)) for w in report.get("warnings") or []],
         "projection": report.get("projection"),
         "versions": _versions(info),

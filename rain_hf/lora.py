@@ -118,9 +118,14 @@ def resolve_pattern(patterns: Mapping[str, object] | None, module: str) -> objec
         2
     """
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if _pattern_applies(key, module):
             return value
     return None
+
+
+def _pattern_applies(key: str, module: str) -> bool:
+    """Whether a rank/alpha pattern key matches the whole module name or a dotted suffix of it (a regex)."""
+    return re.match(rf"(.*\.)?({key})$", module) is not None
 
 
 def matching_pattern_keys(patterns: Mapping[str, object] | None, module: str) -> list[str]:
@@ -131,7 +136,7 @@ def matching_pattern_keys(patterns: Mapping[str, object] | None, module: str) ->
         >>> matching_pattern_keys({"q_proj": 8, "layers.1.*": 2, "v_proj": 4}, "model.layers.1.self_attn.q_proj")
         ['q_proj', 'layers.1.*']
     """
-    return [key for key in (patterns or {}) if re.match(rf"(.*\.)?({key})$", module)]
+    return [key for key in (patterns or {}) if _pattern_applies(key, module)]
 
 
 def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:

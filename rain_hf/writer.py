@@ -40,11 +40,12 @@ class TensorSpec:
     dtype: torch.dtype
 
     @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
     def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * self.dtype.itemsize
+        return self.numel * self.dtype.itemsize
 
 
 def plan_shards(specs: Sequence[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
@@ -144,7 +145,7 @@ class ShardedSafetensorsWriter:
         weight_map = {spec.name: self.names[self._shard_of[spec.name]] for spec in self._order}
         if len(self.shards) > 1:
             # the metadata transformers writes: bytes and parameter count of all tensors
-            metadata = {"total_parameters": sum(math.prod(s.shape) for s in self._order),
+            metadata = {"total_parameters": sum(s.numel for s in self._order),
                         "total_size": sum(s.nbytes for s in self._order)}
             index = {"metadata": metadata, "weight_map": weight_map}
             with open(self.folder / f"{self.prefix}.safetensors.index.json", "w", encoding="utf-8") as f:
