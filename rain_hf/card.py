@@ -13,8 +13,10 @@ results passed in explicitly.
 A custom template receives the same variables as the default one: ``card_data`` (the YAML front matter),
 ``info`` (the sidecar dict), ``model_name``, ``model_id``, ``model_revision``, ``method``, ``method_title``, ``method_formula``,
 ``lam``, ``config``, ``config_yaml``, ``merged_scope``, ``inputs`` / ``local_inputs`` (rows with ``role``, ``link``, ``path``,
-``revision``, ``hub_id``), ``reasoning_name`` / ``instruct_name`` / ``base_name`` (markdown links or paths),
-``has_calibration``, ``calibration``, ``heatmap_file``, ``coef_stats``, ``removed``, ``timings``, ``projection``
+``path_code`` (the path as a markdown code span), ``revision``, ``hub_id``), ``reasoning_name`` / ``instruct_name`` /
+``base_name`` (markdown links or paths), ``input_licenses`` (the inputs' licences when they differ),
+``has_calibration``, ``calibration``, ``heatmap_file``, ``coef_stats``, ``removed``, ``timings``, ``lam_search``
+(``lam="auto"``'s rows), ``think_open_checked``, ``warnings`` (the merge's), ``projection``
 (stage 1 as it ran: ``"sequential"``, ``"one-shot"`` or ``None``), ``versions``, ``think_open``, ``think_close``,
 ``think_tokens_special`` (whether decoding with ``skip_special_tokens=True`` would drop them),
 ``template_opens_think`` (whether the chat template's generation prompt ends with ``think_open``), ``paper_url``
@@ -38,6 +40,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 import sysconfig
 from collections.abc import Sequence
@@ -415,6 +418,20 @@ def _inline(text: str, cell: bool = False) -> str:
     return text.replace("|", "\\|") if cell else text
 
 
+def _code(text: str, cell: bool = False) -> str:
+    """``text`` as one markdown code span, fenced with more backticks than any run inside it (a path holding a
+    backtick would otherwise end the span early).
+
+    Example:
+        >>> _code("models/r"), _code("models/r `1`")
+        ('`models/r`', '`` models/r `1` ``')
+    """
+    text = _inline(text, cell)
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if "`" in text else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def _input_rows(inputs: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for role in list(_ROLE_ORDER) + sorted(set(inputs) - set(_ROLE_ORDER)):
@@ -427,9 +444,9 @@ def _input_rows(inputs: dict[str, Any]) -> list[dict[str, Any]]:
         lora = role == "instruct" and entry.get("kind") == "lora"
         label = {"reasoning": "reasoning model (θ_R, the anchor)", "base": "base model (θ_B)",
                  "instruct": "instruct LoRA adapter (on θ_B)" if lora else "instruct model (θ_I)"}.get(role, role)
-        link = f"[{hub_id}](https://huggingface.co/{hub_id})" if hub_id else f"local folder `{_inline(path, cell=True)}`"
+        link = f"[{hub_id}](https://huggingface.co/{hub_id})" if hub_id else f"local folder {_code(path, cell=True)}"
         revision = entry.get("revision") or None
-        rows.append({"role": label, "key": role, "hub_id": hub_id, "path": _inline(path), "link": link,
+        rows.append({"role": label, "key": role, "hub_id": hub_id, "path": _inline(path), "path_code": _code(path), "link": link,
                      "revision": f"`{revision}`" if revision else None,
                      "name": entry.get("name_or_path") or hub_id or str(path),
                      "note": None})
@@ -447,7 +464,7 @@ def _license_rows(info: dict[str, Any], inputs: list[dict[str, Any]]) -> list[di
 
 
 def _display_name(row: dict[str, Any]) -> str:
-    return f"[{row['hub_id']}](https://huggingface.co/{row['hub_id']})" if row["hub_id"] else f"`{_inline(row['name'])}`"
+    return f"[{row['hub_id']}](https://huggingface.co/{row['hub_id']})" if row["hub_id"] else _code(row['name'])
 
 
 def _default_model_name(method: str, inputs: list[dict[str, Any]]) -> str:

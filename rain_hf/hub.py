@@ -83,6 +83,7 @@ def push_folder(
     token: str | None = None,
     revision: str | None = None,
     commit_message: str | None = None,
+    commit_description: str | None = None,
     create_pr: bool = False,
 ) -> CommitInfo:
     """Upload every file of ``folder`` to the model repository ``repo_id`` in a single commit.
@@ -95,25 +96,40 @@ def push_folder(
         token: a Hub token with write access (default: ``HF_TOKEN`` or the one saved by ``hf auth login``).
         revision: the branch to commit to (created from ``main`` when missing; default ``main``).
         commit_message: the commit's title (default :data:`DEFAULT_COMMIT_MESSAGE`).
+        commit_description: the commit's longer description (or the pull request's, with ``create_pr``).
         create_pr: open a pull request with the commit instead of committing to the branch.
 
     The commit also deletes top-level files matching :data:`REPLACED_PATTERNS` that the branch holds and
     ``folder`` does not (the weight, tokenizer, chat-template and generation-config files and heatmap of an earlier
     upload), so the repository holds one model.
 
+    A model card written by rain_hf whose usage snippet loads another model id (a folder saved without
+    ``model_id=``, e.g. ``rain-merge`` without ``--push-to-hub``) is uploaded with the snippet loading the pushed
+    repository; the local ``README.md`` is left as it is.
+
     Returns:
         The :class:`huggingface_hub.CommitInfo` of the commit (``commit_url``, ``oid``, ``pr_url``).
 
     Raises:
         HubError: the push failed; the local folder is intact.
-        FileNotFoundError: ``folder`` does not exist, holds no files, or links a weight file from outside.
+        FileNotFoundError: ``folder`` does not exist, holds no files, or links a file the model needs (weights,
+            config, tokenizer, card, sidecar) from outside.
+        TypeError: ``private`` is not a bool.
 
     Example:
         >>> push_folder("merged", "my-user/r1-rain-merged", create_pr=True).pr_url  # doctest: +SKIP
         'https://huggingface.co/my-user/r1-rain-merged/discussions/1'
     """
+    if private is not None and not isinstance(private, bool):
+        raise TypeError(f"private must be True, False or None, not {private!r}; pass the commit message as "
+                        "commit_message=.")
     folder = Path(folder).expanduser()
     files = _files_to_upload(folder)
+    names = {name for name, _ in files}
+    if "model.safetensors" in names and "model.safetensors.index.json" in names:
+        logger.warning("%s holds both model.safetensors and a shard index; transformers loads model.safetensors "
+                       "and ignores the shards. Delete the one that is stale before pushing, or this upload "
+                       "publishes it.", folder)
     retry = _RetryHint(folder, repo_id, private, revision, create_pr)
     reason = _push_target_problem(repo_id, revision)
     if reason:
@@ -139,7 +155,9 @@ def push_folder(
         if revision is not None and revision != "main" and not revision.startswith("refs/pr/"):
             step = f"creating the branch {revision!r}"
             api.create_branch(target, branch=revision, exist_ok=True, repo_type="model")
-        operations: list = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files]
+        card = _card_for_target(folder, names, target, revision)
+        operations: list = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=card if name == "README.md"
+                                               and card is not None else str(path)) for name, path in files]
         step = "listing the repository's files"
         stale, adapter = _replaced_files(api, target, revision, {name for name, _ in files})
         if adapter:
@@ -154,6 +172,7 @@ def push_folder(
             target,
             operations,
             commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
+            commit_description=commit_description,
             revision=revision,
             create_pr=create_pr,
             repo_type="model",
@@ -192,7 +211,8 @@ def _files_to_upload(folder: Path) -> list[tuple[str, Path]]:
         if not path.is_file() or any(part.startswith(".") for part in relative.parts):
             continue  # skip .cache/, .git/, .gitattributes-like local state
         if path.is_symlink() and not path.resolve().is_relative_to(root):
-            if _is_replaced(relative.as_posix()):  # pushing the rest would publish a model missing this file
+            name = relative.as_posix()
+            if _is_replaced(name) or name in _NEEDED:  # pushing the rest would publish a model missing this file
                 raise FileNotFoundError(f"Cannot push {str(folder)!r}: its file {relative.as_posix()} links "
                                         f"to {path.resolve()}, outside the folder. Copy the file into the folder "
                                         "(or save the merge there again) and push again.")
@@ -202,6 +222,33 @@ def _files_to_upload(folder: Path) -> list[tuple[str, Path]]:
     if not files:
         raise FileNotFoundError(f"Cannot push {str(folder)!r}: it holds no files.")
     return files
+
+
+# Files a saved merge needs besides those REPLACED_PATTERNS names: never left out of a push.
+_NEEDED = ("config.json", "README.md", "rain_merging_config.json")
+_SNIPPET_ID = re.compile(r'^model_id = "(.*)"$', re.MULTILINE)
+_SNIPPET_REVISION = re.compile(r'^revision = "(.*)"  #', re.MULTILINE)
+
+
+def _card_for_target(folder: Path, names: set[str], repo_id: str, revision: str | None) -> bytes | None:
+    """The bytes of a rain_hf model card whose usage snippet loads ``repo_id`` instead of the model id it was
+    written with, or None when the card (or its absence) can be uploaded as it is."""
+    if "README.md" not in names or "rain_merging_config.json" not in names:
+        return None
+    text = (folder / "README.md").read_text(encoding="utf-8")
+    branch = None if revision in (None, "main") or revision.startswith("refs/pr/") else revision
+    found = _SNIPPET_REVISION.search(text)
+    if (found.group(1) if found else None) != branch:
+        logger.warning("The model card's usage snippet loads %s, but this push goes to %s: write the card again "
+                       "(rain_hf.card.write_model_card with model_revision=%r) to load that branch.",
+                       f"the branch {found.group(1)!r}" if found else "the main branch",
+                       f"the branch {branch!r}" if branch else "main", branch)
+    match = _SNIPPET_ID.search(text)
+    if match is None or match.group(1) == repo_id:
+        return None
+    logger.info("The model card's usage snippet loads %r; the uploaded card loads %s instead.", match.group(1),
+                repo_id)
+    return (text[:match.start(1)] + repo_id + text[match.end(1):]).encode("utf-8")
 
 
 def _is_replaced(name: str) -> bool:

@@ -1271,10 +1271,12 @@ class RainMerger:
     def push_to_hub(
         self,
         repo_id: str,
+        *,
         private: bool | None = None,
         token: str | None = None,
         revision: str | None = None,
         commit_message: str | None = None,
+        commit_description: str | None = None,
         create_pr: bool = False,
         max_shard_size: int | str | None = None,
         save_directory: str | os.PathLike | None = None,
@@ -1283,8 +1285,9 @@ class RainMerger:
         eval_results: list | None = None,
     ):
         """Save the merged model (to ``save_directory``, or a temporary folder deleted after the upload) and upload
-        it in one commit. ``overwrite``, ``card_template`` and ``eval_results`` are passed to
-        :meth:`save_pretrained`; the card's usage snippet loads ``repo_id`` (with your namespace when the id has
+        it in one commit. The arguments after ``repo_id`` are keyword-only, as in transformers' ``push_to_hub``
+        (a commit message passed second is refused rather than taken for ``private``). ``overwrite``,
+        ``card_template`` and ``eval_results`` are passed to :meth:`save_pretrained`; the card's usage snippet loads ``repo_id`` (with your namespace when the id has
         none and the token says who you are) at ``revision``.
 
         Example:
@@ -1304,7 +1307,8 @@ class RainMerger:
             try:
                 return push_folder(folder, repo_id, private=private, token=token, revision=revision,
                                    commit_message=commit_message or f"Upload {self._record_config().method} merge made with "
-                                                                    "rain_hf", create_pr=create_pr)
+                                                                    "rain_hf",
+                                   commit_description=commit_description, create_pr=create_pr)
             except HubError as exc:
                 if scratch is None:
                     raise

@@ -197,7 +197,7 @@ class FakeHub(httpx2.BaseTransport):
         create_pr = parse_qs(request.url.query.decode()).get("create_pr") == ["1"]
         with self.lock:
             self.commits.append({"repo": repo, "revision": rev, "summary": header["value"]["summary"],
-                                 "files": files, "deleted": deleted, "create_pr": create_pr})
+                                 "description": header["value"].get("description"), "files": files, "deleted": deleted, "create_pr": create_pr})
             number = len(self.commits)
             target = unquote(match["rev"])
             if create_pr:  # a pull request (numbered like the fake's commits) starts from its target's files
@@ -284,7 +284,10 @@ def test_push_creates_repo_and_one_commit_with_every_file(hub, merged):
     (commit,) = hub.commits
     assert commit["repo"] == "me/r1-rain" and commit["revision"] == "main" and commit["summary"] == "Add RAIN merge"
     assert set(commit["files"]) == EXPECTED_FILES  # card, index and sidecar in the same commit; no .cache
-    assert commit["files"]["README.md"]["content"] == (merged / "README.md").read_bytes()
+    # the card was written without model_id: the uploaded one loads the repository, the local one is kept
+    local_card = (merged / "README.md").read_bytes()
+    assert b'model_id = "path/to/merged-model"' in local_card
+    assert commit["files"]["README.md"]["content"] == local_card.replace(b"path/to/merged-model", b"me/r1-rain")
     for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
         entry = commit["files"][shard]
         assert entry["mode"] == "lfs" and entry["size"] == SHARD_BYTES
@@ -492,6 +495,9 @@ def test_merger_push_to_hub_sends_one_commit_with_card_and_weights(hub, tmp_path
     assert "task_arithmetic" in card and card.startswith("---\n")
     assert info.commit_url.startswith("https://huggingface.co/me/tiny-ta/commit/")
     assert 'model_id = "me/tiny-ta"' in card
+    with pytest.raises(TypeError, match="positional"):  # keyword-only, as in transformers: not taken for private
+        merger.push_to_hub("me/tiny-ta", "Add the merge", token=TOKEN)  # type: ignore[misc]
+    assert len(hub.commits) == 1
 
 
 def test_merger_push_to_hub_card_snippet_loads_the_pushed_branch_and_namespace(hub, tmp_path, monkeypatch):
@@ -545,3 +551,40 @@ def test_merger_push_to_hub_without_a_folder_deletes_its_copy(hub, tmp_path, mon
         with pytest.raises(HubError, match=expected) as early:
             merger.push_to_hub(repo_id, token=TOKEN, revision=revision)
         assert "Nothing was saved" in str(early.value)
+
+
+def test_push_keeps_a_card_that_loads_the_target_and_passes_the_description(hub, merged):
+    write_model_card(merged, json.loads((merged / "rain_merging_config.json").read_text()), model_id="me/r1-rain")
+    push_folder(merged, "me/r1-rain", token=TOKEN, commit_description="λ = 1, both stages")
+    (commit,) = hub.commits
+    assert commit["files"]["README.md"]["content"] == (merged / "README.md").read_bytes()
+    assert commit["description"] == "λ = 1, both stages"
+
+
+def test_push_warns_when_the_card_loads_another_branch(hub, merged, caplog):
+    with caplog.at_level("WARNING", logger="rain_hf.hub"):
+        push_folder(merged, "me/r1-rain", token=TOKEN, revision="dev")
+    assert "usage snippet loads the main branch, but this push goes to the branch 'dev'" in caplog.text
+
+
+def test_push_refuses_a_linked_config_from_outside(hub, merged, tmp_path):
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text("{}")
+    (merged / "config.json").unlink()
+    (merged / "config.json").symlink_to(outside)
+    with pytest.raises(FileNotFoundError, match="config.json links to .*outside the folder"):
+        push_folder(merged, "me/r1-rain", token=TOKEN)
+    assert hub.commits == []
+
+
+def test_push_warns_about_a_single_file_beside_shards(hub, merged, caplog):
+    (merged / "model.safetensors").write_bytes(b"stale")
+    with caplog.at_level("WARNING", logger="rain_hf.hub"):
+        push_folder(merged, "me/r1-rain", token=TOKEN)
+    assert "holds both model.safetensors and a shard index" in caplog.text
+
+
+def test_push_refuses_a_commit_message_in_the_place_of_private(hub, merged):
+    with pytest.raises(TypeError, match="private must be True, False or None"):
+        push_folder(merged, "me/r1-rain", private="Add RAIN merge", token=TOKEN)  # type: ignore[arg-type]
+    assert hub.commits == []
