@@ -61,9 +61,9 @@ TOP_LEVEL_KEYS: dict[str, str] = {
                    "measures L_think on it; the baselines do not read them, though a file named here must exist).",
     "dtype": "dtype the reasoning model is loaded in for the calibration passes: auto (as stored), float64, "
              "float32, float16 or bfloat16.",
-    "output": "{max_shard_size: '5GB', private: false, card_template: PATH}: shard size of the saved weights "
-              "(overrides parameters.max_shard_size), visibility of a repository --push-to-hub creates, and a "
-              "Jinja model card template of your own.",
+    "output": "{max_shard_size: '5GB', private: true, card_template: PATH}: shard size of the saved weights "
+              "(overrides parameters.max_shard_size), visibility of a repository --push-to-hub creates (left out: "
+              "the Hub's default), and a Jinja model card template of your own.",
 }
 MODEL_KEYS = ("path", "revision")
 CALIBRATION_KEYS = ("reasoning", "instruction")
@@ -146,6 +146,12 @@ def load_job(path: str | os.PathLike) -> MergeJob:
         'deepseek-ai/DeepSeek-R1-Distill-Qwen-7B'
     """
     path = Path(path)
+    if path.is_dir():
+        raise CliError(f"config file {str(path)!r} is a folder; pass the YAML file in it.")
+    if path.exists() and not path.is_file():
+        # a pipe (<(...)) has no folder for the YAML's relative paths to be read from
+        raise CliError(f"config file {str(path)!r} is not a regular file (a pipe?): write the YAML to a file, "
+                       "since the paths in it are relative to its folder.")
     if not path.is_file():
         raise CliError(f"config file {str(path)!r} does not exist.")
     try:
@@ -181,7 +187,7 @@ def load_job(path: str | os.PathLike) -> MergeJob:
         if models[role] != name:  # a local folder: keep the name the YAML gives it
             written_models[role] = name
 
-    parameters = data.get("parameters") or {}
+    parameters = {} if data.get("parameters") is None else data["parameters"]
     if not isinstance(parameters, dict):
         raise CliError(f"{path}: 'parameters' must be a mapping of RainMergingConfig fields.")
     parameters = _coerce_numbers(dict(parameters))
@@ -220,7 +226,7 @@ def load_job(path: str | os.PathLike) -> MergeJob:
     if dtype not in DTYPE_CHOICES:
         raise CliError(f"{path}: dtype {dtype!r} is not one of {list(DTYPE_CHOICES)}.")
 
-    output = data.get("output") or {}
+    output = {} if data.get("output") is None else data["output"]
     if not isinstance(output, dict):
         raise CliError(f"{path}: 'output' must be a mapping with keys {list(OUTPUT_KEYS)}.")
     unknown = sorted(set(map(str, output)) - set(OUTPUT_KEYS))
@@ -236,8 +242,8 @@ def load_job(path: str | os.PathLike) -> MergeJob:
     if private is not None and not isinstance(private, bool):
         raise CliError(f"{path}: output.private must be true or false, got {private!r}.")
     card_template = None
-    if output.get("card_template"):
-        card_template = _local_path(str(output["card_template"]), folder)
+    if output.get("card_template") is not None:
+        card_template = _local_path(_path_value(output["card_template"], "output.card_template", path), folder)
         if not card_template.is_file():
             state = "is a folder, not a template file" if card_template.is_dir() else "does not exist"
             raise CliError(f"{path}: output.card_template {str(card_template)!r} {state} (paths are relative to the "
@@ -307,6 +313,13 @@ def _model_location(name: str, folder: Path, where: str) -> str:
     return name
 
 
+def _path_value(value: Any, key: str, path: Path) -> str:
+    """A YAML value that names a file: a non-empty string (a list or a bool would become a path like "['a']")."""
+    if not isinstance(value, str) or not value.strip():
+        raise CliError(f"{path}: {key} must be a file path, got {value!r}.")
+    return value
+
+
 def _local_path(name: str, folder: Path) -> Path:
     path = Path(name).expanduser()
     return path if path.is_absolute() else (folder / path).resolve()
@@ -322,8 +335,8 @@ def _calibration(value: Any, folder: Path, path: Path) -> dict[str, Path]:
         raise CliError(f"{path}: unknown calibration key(s) {unknown}; known: {list(CALIBRATION_KEYS)}.")
     found = {}
     for name in CALIBRATION_KEYS:
-        if value.get(name):
-            file = _local_path(str(value[name]), folder)
+        if value.get(name) is not None:
+            file = _local_path(_path_value(value[name], f"calibration.{name}", path), folder)
             if not file.exists():
                 raise CliError(f"{path}: calibration.{name} {str(file)!r} does not exist (paths are relative to "
                                "the YAML file's folder).")
@@ -448,6 +461,31 @@ def main(argv: list[str] | None = None) -> int:
         >>> main(["--version"])  # doctest: +SKIP
         rain-merge (rain_hf) 0.1.0
     """
+    encoding = _lenient_output()
+    try:
+        return _main(argv)
+    finally:
+        encoding()
+
+
+def _lenient_output() -> Callable[[], None]:
+    """Print θ, λ and ‖ΔW‖ as escapes where stdout/stderr cannot encode them (a cp1252 console, a redirect on
+    Windows) instead of failing after the model was saved; returns the function that restores the streams."""
+    restores = []
+    for stream in (sys.stdout, sys.stderr):
+        errors = getattr(stream, "errors", None)
+        if errors == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+            restores.append(functools.partial(stream.reconfigure, errors=errors))
+
+    def restore_all() -> None:
+        for restore in restores:
+            restore()
+
+    return restore_all
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -576,7 +614,10 @@ def _check_out_folder(out: Path, job: MergeJob, overwrite: bool) -> None:
     files = {f"calibration.{kind}": path for kind, path in job.calibration.items()}
     files.update({"output.card_template": job.card_template, "config file": job.source})
     for what, file in files.items():
-        if file is not None and (file.resolve() == target or file.resolve().is_relative_to(target)):
+        if file is not None and file.resolve() == target:
+            raise CliError(f"--out {str(out)!r} is the {what} itself; --out names the folder the merged model is "
+                           "written to: pick another path.")
+        if file is not None and file.resolve().is_relative_to(target):
             raise CliError(f"--out {str(out)!r} holds the {what} {file}: saving there would replace the folder and "
                            "delete it. Pick another folder.")
     if out.exists() and not out.is_dir():
@@ -601,12 +642,27 @@ def _check_out_folder(out: Path, job: MergeJob, overwrite: bool) -> None:
                        "folder.")
 
 
+def _reword_missing_folder(exc: Exception, job: MergeJob) -> None:
+    """Raise ``exc`` again naming the folder the CLI looked in: a name that is no folder under the YAML's folder
+    is tried as a Hub id, and a failed download names the folder under the working directory instead."""
+    message = str(exc)
+    anchor = job.source.resolve().parent
+    for name in job.models.values():
+        seen = f"local folder {Path(name).resolve()} "
+        if seen in message and Path(name).resolve() != anchor / name:
+            message = message.replace(seen, f"local folder {anchor / name} (model paths are relative to the YAML "
+                                             "file) ")
+    if message != str(exc):
+        raise type(exc)(message) from exc
+
+
 def _run(args: argparse.Namespace) -> int:
     job = load_job(args.config)
     if not args.dry_run and not args.out:
         raise CliError("--out DIR is required (or pass --dry-run).")
     out = Path(args.out) if args.out else None
     from .calibration import CalibrationError
+    from .checkpoints import CheckpointError
     from .merger import RainMerger, check_device
 
     check_device(args.device)
@@ -621,6 +677,9 @@ def _run(args: argparse.Namespace) -> int:
                                 config=job.config, revision=job.revision, token=job.token, _return_parts=True)
     except CalibrationError as exc:  # e.g. think_open is not one token of the tokenizer: a parameters problem
         raise CliError(f"{args.config}: {exc}") from exc
+    except CheckpointError as exc:
+        _reword_missing_folder(exc, job)
+        raise
     plan, reasoning = parts[0], parts[2]
     for role, source in plan.sources.items():
         if role in job.written_models and source.hub_id is None:
@@ -638,7 +697,10 @@ def _run(args: argparse.Namespace) -> int:
     merger = RainMerger._from_plan(parts, device=args.device, torch_dtype=torch_dtype)
     reasoning_file, instruction_file = (str(job.calibration[kind]) if job.config.uses_calibration(kind) else None
                                         for kind in CALIBRATION_KEYS)
-    merger.merge(reasoning_calibration=reasoning_file, instruction_calibration=instruction_file)
+    try:
+        merger.merge(reasoning_calibration=reasoning_file, instruction_calibration=instruction_file)
+    except CalibrationError as exc:  # the data or parameters the YAML names, as when planning: exit 2
+        raise CliError(f"{args.config}: {exc}") from exc
     for kind in CALIBRATION_KEYS:
         if (merger.calibration_info.get(kind) or {}).get("is_file") and kind in job.written_calibration:
             merger.calibration_info[kind]["source"] = job.written_calibration[kind]

@@ -359,7 +359,14 @@ class RainMergingConfig:
     def load(cls, path: str | os.PathLike) -> RainMergingConfig:
         """Read a config from a JSON file (a ``rain_merging_config.json`` sidecar works too)."""
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
+                                  "pass a file written by RainMergingConfig.save or save_pretrained.") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object of RainMergingConfig fields, got "
+                              f"{type(data).__name__}.")
         written_by = None
         if "config" in data and isinstance(data["config"], dict):  # the sidecar written by save_pretrained
             written_by, data = data.get("rain_hf_version"), data["config"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -136,6 +137,10 @@ def test_small_rcond_is_accepted_where_it_is_resolved_or_unused():
     ({"instruct_model": {"path": "a/b", "rev": "x"}}, "needs 'path' (and optionally 'revision')"),
     ({"method": "ties", "parameters": {"method": "slerp"}}, "give it once"),
     ({"token": 123}, "'token' must be a string"),
+    ({"parameters": []}, "'parameters' must be a mapping"),  # not read as "no parameters"
+    ({"output": False}, "'output' must be a mapping"),
+    ({"output": {"card_template": ["a"]}}, "output.card_template must be a file path, got ['a']"),
+    ({"calibration": {"reasoning": True, "instruction": "data/i.jsonl"}}, "calibration.reasoning must be a file path"),
 ])
 def test_bad_sections_exit_2(tmp_path, capsys, change, expected):
     config = _write(tmp_path, _minimal(tmp_path, **change))
@@ -209,6 +214,37 @@ def test_missing_model_folder_is_a_configuration_error(tmp_path, capsys, monkeyp
     config = _write(tmp_path, _minimal(tmp_path, base_model={"path": 5}))
     assert main([str(config), "--dry-run"]) == 2
     assert "base_model.path 5 is not a string" in _one_error_line(capsys.readouterr().err)
+
+
+def test_a_hub_id_that_cannot_be_fetched_names_the_folder_the_cli_looked_in(tmp_path, capsys, monkeypatch):
+    config = _write(tmp_path / "configs", _minimal(tmp_path / "configs", base_model="org/missing-model"))
+    (tmp_path / "configs" / "data" / "r.json").write_text('[{"prompt": "2+2?"}]')  # the data checks come first
+    (tmp_path / "configs" / "data" / "i.jsonl").write_text('{"prompt": "Say hi."}\n')
+    monkeypatch.chdir(tmp_path)
+    assert main([str(config), "--dry-run"]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"no local folder {tmp_path / 'configs' / 'org' / 'missing-model'} (model paths are relative" in line
+    assert f"{tmp_path / 'org'}" not in line.replace(str(tmp_path / "configs"), "")
+
+
+def test_config_paths_that_are_not_files_and_out_naming_an_input_file(tmp_path, capsys):
+    assert main([str(tmp_path), "--dry-run"]) == 2
+    assert "is a folder; pass the YAML file in it" in _one_error_line(capsys.readouterr().err)
+    config = _write(tmp_path, _minimal(tmp_path))
+    (tmp_path / "data" / "r.json").write_text('[{"prompt": "2+2?"}]')  # the data checks come first
+    (tmp_path / "data" / "i.jsonl").write_text('{"prompt": "Say hi."}\n')
+    for out in (config, tmp_path / "data" / "r.json"):
+        assert main([str(config), "--out", str(out)]) == 2
+        assert "itself; --out names the folder the merged model is written to" in _one_error_line(
+            capsys.readouterr().err)
+
+
+def test_help_survives_a_console_that_cannot_encode_it(tmp_path):
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252"}
+    code = "import sys; from rain_hf.cli import main; sys.exit(main())"
+    done = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr.decode("cp1252")
+    assert b"\\u03b8" in done.stdout and b"Traceback" not in done.stderr
 
 
 def test_load_job_resolves_paths_revisions_and_numbers(tmp_path):
@@ -510,6 +546,7 @@ def test_float64_card_yaml_reruns(tmp_path, capsys):
     ({"layers": [0, 9]}, "config.layers names layers [9], but the model has 2"),
     ({"think_open": "<thinking>"}, "think-open token '<thinking>' is not a single token of the tokenizer"),
     ({"target_modules": ["foo_proj"]}, "['foo_proj'] match no linear module"),
+    ({"max_length": 8}, "no usable reasoning calibration samples"),  # found in merge(), exit 2 all the same
 ])
 def test_config_errors_found_on_the_models_exit_2(triple, tmp_path, capsys, parameters, expected):
     root, _ = triple

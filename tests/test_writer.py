@@ -143,6 +143,11 @@ def test_config_round_trip_and_validation(tmp_path):
     assert RainMergingConfig.from_json(cfg.to_json()) == cfg
     cfg.save(tmp_path / "c.json")
     assert RainMergingConfig.load(tmp_path / "c.json") == cfg
+    for text, msg in [("null", "expected a JSON object .* got NoneType"), ('"config"', "got str"),
+                      ("{lam: 1}", "not valid JSON")]:
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(ConfigError, match=msg):
+            RainMergingConfig.load(tmp_path / "bad.json")
     # a sidecar from a newer rain_hf with a field this one lacks: say which version wrote it
     sidecar = {"rain_hf_version": "99.0", "config": {**cfg.to_dict(), "future_field": 1}}
     (tmp_path / "s.json").write_text(json.dumps(sidecar))
