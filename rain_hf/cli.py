@@ -419,7 +419,8 @@ def build_epilog(width: int = 100) -> str:
         "  dtype: bfloat16",
         "  output: {max_shard_size: 5GB, private: true}",
         "",
-        "Exit status: 0 success, 1 loading/merging/saving/pushing failed, 2 bad command line or YAML.",
+        "Exit status: 0 success, 1 loading/merging/saving/pushing failed, 2 bad command line, YAML or "
+        "calibration data.",
     ]
     return "\n".join(lines)
 
