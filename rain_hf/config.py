@@ -85,7 +85,8 @@ class RainMergingConfig:
             and replayed, so it costs a few forward passes over the stage-1 calibration in all (per grid value with
             ``lam="auto"``), and memory on the model's device (or the CPU's, see ``sequential_offload``) for one
             layer's inputs (samples × tokens × hidden size in the model's dtype) plus each padded batch's attention
-            mask (up to batch_size × tokens² bytes per batch). ``None`` (YAML ``null``, the default): sequential
+            mask (batch_size × tokens² elements: 1 byte each with sdpa, the model dtype's size with eager
+            attention) and position embeddings (cos and sin, up to batch_size × tokens × head_dim each). ``None`` (YAML ``null``, the default): sequential
             whenever ``merge()`` has the reasoning calibration samples, the one-shot projection when it only has
             precomputed ``features``; ``True``: always (an error without the samples); ``False``: the paper's
             one-shot projection.

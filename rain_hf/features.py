@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ._modes import eval_mode
 from .calibration import CalibrationSample
 from .coefficients import attention_mass, masked_query_mean
-from .config import ConfigError, RainMergingConfig
+from .config import RCOND_FLOOR, ConfigError, RainMergingConfig
 from .projection import feature_svd, with_bias_column
 
 logger = logging.getLogger(__name__)
@@ -232,6 +232,22 @@ def _think_index(batch: Sequence[CalibrationSample], config: RainMergingConfig) 
     return torch.tensor(b_idx, dtype=torch.long), torch.tensor(t_idx, dtype=torch.long)
 
 
+def _rows_at(x: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor], shape: tuple[int, int],
+             name: str) -> torch.Tensor:
+    """The rows [m, d] (float32, on the CPU) of a module's input at the (batch row, position) pairs ``index`` of a
+    padded batch of ``shape`` (B, T). The input is [B, T, d], or [B·T, d] where a block flattens the tokens before
+    the module (the shared experts of Qwen2-MoE and Llama 4)."""
+    batch, width = shape
+    if x.dim() == 2 and x.shape[0] == batch * width:
+        x = x.view(batch, width, x.shape[-1])
+    if x.dim() != 3 or tuple(x.shape[:2]) != (batch, width):
+        raise RuntimeError(f"{name} receives inputs of shape {tuple(x.shape)}, not one row per token of the batch "
+                           f"({batch} × {width}), so its thinking features cannot be told apart: leave it out of "
+                           "config.target_modules.")
+    b_idx, t_idx = index
+    return x[b_idx.to(x.device), t_idx.to(x.device)].float().cpu()
+
+
 def _input_device(model: nn.Module):
     return model.get_input_embeddings().weight.device
 
@@ -247,7 +263,8 @@ class ThinkFeatures:
         bases: group name → (V [d, k], s [k]) of the group's feature matrix H [m, d] (with a column of ones when
             ``settings["project_bias"]`` and a module of the group has a bias).
         module_group: module name → group name.
-        settings: what the features were computed with (positions, window, project_bias, samples, rows; from a
+        settings: what the features were computed with (positions, window, project_bias, the SVD's precision,
+            num_samples, num_rows; from a
             merger also the think tokens, think_spacing, max_length and the reasoning model's fingerprint, and
             for ``lam="auto"`` the ``holdout_share`` and ``holdout_seed`` of the held-out draw).
         heldout: reasoning samples kept out of the features for ``lam="auto"``: (token ids, thinking positions)
@@ -275,6 +292,13 @@ class ThinkFeatures:
             if key in self.settings and self.settings[key] != getattr(config, key):
                 raise ValueError(f"These thinking features were computed with {key}={self.settings[key]!r} but the "
                                  f"config asks for {getattr(config, key)!r}: recompute them or change the config.")
+        floor = RCOND_FLOOR.get(self.settings.get("precision"))
+        if config.projection == "svd" and floor is not None and config.rcond < floor:
+            # the config's own floor is for its precision; these singular values are only as exact as their SVD
+            raise ValueError(f"These thinking features' SVD ran in {self.settings['precision']}, which resolves "
+                             f"singular values down to about {floor:g}·σ_max, but the config asks for rcond="
+                             f"{config.rcond:g}: below that, rounding noise would be protected. Recompute the features "
+                             f"with precision='float64', or use rcond >= {floor:g}.")
         # lam="auto" measures L_think on the samples these features left out: the config must name the same draw
         for recorded, key in (("holdout_share", "lam_auto_holdout"), ("holdout_seed", "seed")):
             if config.lam == "auto" and recorded in self.settings and self.settings[recorded] != getattr(config, key):
@@ -358,6 +382,7 @@ class _FeatureRecorder:
         self.module_group: dict[str, str] = {}
         self._last: tuple[torch.Tensor, str] | None = None
         self.index: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.shape: tuple[int, int] = (0, 0)  # (batch rows, padded length) of the batch running now
         self.handles = _register_all([(modules[t.name], self._hook(t.name)) for t in targets], pre=True)
 
     def _hook(self, name: str):
@@ -367,8 +392,7 @@ class _FeatureRecorder:
                 group = self._last[1]
             else:
                 group = self.module_group.get(name, name)
-                b_idx, t_idx = self.index
-                self.rows.setdefault(group, []).append(x[b_idx.to(x.device), t_idx.to(x.device)].float().cpu())
+                self.rows.setdefault(group, []).append(_rows_at(x, self.index, self.shape, name))
             # the grouping is decided on the first batch and must stay the same on the others
             self.module_group.setdefault(name, group)
             self._last = (x, group)
@@ -411,6 +435,7 @@ def capture_think_features(
                               unit="batch"):
                 ids, mask = _pad(batch, pad_token_id, device)
                 recorder.index = _think_index(batch, config)
+                recorder.shape = tuple(ids.shape)
                 recorder._last = None
                 n_rows += len(recorder.index[1])
                 decoder(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -423,7 +448,7 @@ def capture_think_features(
         bases[group] = _rows_svd(chunks, config, svd_device, bias_column=group in biased, where=group)
         chunks.clear()
     settings = {"positions": config.positions, "window": config.window, "project_bias": config.project_bias,
-                "num_samples": len(samples), "num_rows": n_rows}
+                "precision": config.precision, "num_samples": len(samples), "num_rows": n_rows}
     logger.info("Captured thinking features: %d samples, %d positions, %d input groups", len(samples), n_rows,
                 len(bases))
     return ThinkFeatures(bases, dict(recorder.module_group), settings)
@@ -518,6 +543,7 @@ class LayerReplay:
         self.broken = False  # set while _advance_to moves the batches on, and left set if it is interrupted
         self.hidden: list[torch.Tensor] = []
         self.index: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.shapes: list[tuple[int, int]] = []  # (batch rows, padded length) per batch
         # Per batch and layer, the other arguments the decoder passed (masks differ between layer types, e.g.
         # sliding-window layers); tensors shared between layers are stored once, by reference.
         self.calls: list[list[tuple[tuple, dict]]] = []
@@ -550,6 +576,7 @@ class LayerReplay:
                 for batch in _batches(samples, config.batch_size):
                     ids, mask = _pad(batch, pad_token_id, device)
                     self.index.append(_think_index(batch, config))
+                    self.shapes.append(tuple(ids.shape))
                     self.calls.append([])
                     try:
                         decoder(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -606,9 +633,7 @@ class LayerReplay:
         b = 0
 
         def hook(_module, args):
-            x = args[0]
-            b_idx, t_idx = self.index[b]
-            rows.append(x[b_idx.to(x.device), t_idx.to(x.device)].float().cpu())
+            rows.append(_rows_at(args[0], self.index[b], self.shapes[b], module_names[0]))
             raise _Stop
 
         handles = _register_all([(modules[name], hook) for name in module_names], pre=True)

@@ -73,6 +73,16 @@ def test_saved_features_ignore_a_window_their_position_set_does_not_use():
         windowed.check_compatible(RainMergingConfig(lam=1.0, positions="window", window=1), [])
 
 
+def test_saved_features_refuse_an_rcond_their_svd_precision_does_not_resolve():
+    # the config allows rcond 1e-12 in float64, but singular values from a float32 SVD are noise down to ~1e-7
+    fine = RainMergingConfig(lam=1.0, precision="float64", rcond=1e-12)
+    with pytest.raises(ValueError, match="SVD ran in float32.*rcond=1e-12.*precision='float64'"):
+        ThinkFeatures({}, {}, {"precision": "float32"}).check_compatible(fine, [])
+    ThinkFeatures({}, {}, {"precision": "float64"}).check_compatible(fine, [])
+    ThinkFeatures({}, {}, {"precision": "float32"}).check_compatible(dataclasses.replace(fine, projection="ridge"), [])
+    ThinkFeatures({}, {}, {}).check_compatible(fine, [])  # saved before the precision was recorded
+
+
 def test_a_string_target_is_a_regex_over_whole_names_as_in_peft(qwen2_skeleton):
     targets = find_target_modules(qwen2_skeleton, RainMergingConfig(lam=1.0, target_modules=r".*\.self_attn\.(q|v)_proj"))
     assert [t.name for t in targets] == [f"model.layers.{i}.self_attn.{m}_proj" for i in (0, 1) for m in "qv"]
@@ -188,3 +198,37 @@ def test_non_finite_features_are_refused_with_the_module_named(dropout_model_and
     replay.group_basis(0, ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"])  # layer 0 is finite
     with pytest.raises(ValueError, match=r"input of model\.layers\.1\.mlp\.gate_proj .*float16 models often do: load it with torch_dtype=.float32."):
         replay.group_basis(1, ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"])
+
+
+def test_modules_fed_flattened_tokens_get_their_rows_at_the_thinking_positions():
+    # Qwen2-MoE calls its shared expert on hidden_states.view(-1, d): rows [B·T, d], not [B, T, d]
+    from transformers import Qwen2MoeConfig
+
+    from rain_hf import testing
+    from rain_hf.calibration import prepare_reasoning_calibration
+    from rain_hf.features import LayerReplay, capture_think_features
+
+    tokenizer = testing.build_tokenizer()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Qwen2MoeConfig(
+        hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+        shared_expert_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer))).eval()
+    config = RainMergingConfig(lam=1.0, batch_size=3)
+    samples = prepare_reasoning_calibration(testing.reasoning_records(5), tokenizer, config)
+    name = "model.layers.1.mlp.shared_expert.gate_proj"
+    reference = []  # one unpadded sample at a time
+    handle = dict(model.named_modules())[name].register_forward_pre_hook(
+        lambda _m, args: reference.append(args[0].reshape(-1, 64)[positions]))
+    for sample in samples:
+        positions = sample.think_positions(config.positions, config.window)
+        with torch.no_grad():
+            model(input_ids=torch.tensor([sample.input_ids]))
+    handle.remove()
+    reference = torch.cat(reference)
+    targets = [t for t in find_target_modules(model, config) if "shared_expert." in t.name]
+    features = capture_think_features(model, samples, targets, config, tokenizer.pad_token_id)
+    v, s = features.bases[features.module_group[name]]
+    torch.testing.assert_close(v @ torch.diag(s**2) @ v.T, reference.T @ reference, rtol=1e-4, atol=1e-4)
+    rows = LayerReplay(model, samples, config, tokenizer.pad_token_id).group_rows(1, [name])
+    torch.testing.assert_close(torch.cat(rows), reference)
