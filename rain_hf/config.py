@@ -86,8 +86,9 @@ class RainMergingConfig:
             ``lam="auto"``), and memory on the model's device (or the CPU's, see ``sequential_offload``) for one
             layer's inputs (samples × tokens × hidden size in the model's dtype) plus each padded batch's attention
             mask (batch_size × tokens² elements: 1 byte each with sdpa, the model dtype's size with eager
-            attention) and position embeddings (cos and sin, up to batch_size × tokens × head_dim each). ``None`` (YAML ``null``, the default): sequential
-            whenever ``merge()`` has the reasoning calibration samples, the one-shot projection when it only has
+            attention) and position embeddings (cos and sin, up to batch_size × tokens × head_dim each). ``None``
+            (YAML ``null``, the default): sequential whenever ``merge()`` has the reasoning calibration samples,
+            the one-shot projection when it only has
             precomputed ``features``; ``True``: always (an error without the samples); ``False``: the paper's
             one-shot projection.
         sequential_offload: keep the sequential projection's replay cache (each calibration batch's layer inputs,
