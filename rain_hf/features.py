@@ -234,7 +234,8 @@ def _think_index(batch: Sequence[CalibrationSample], config: RainMergingConfig) 
 
 def _rows_at(x: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor], shape: tuple[int, int],
              name: str) -> torch.Tensor:
-    """The rows [m, d] (float32, on the CPU) of a module's input at the (batch row, position) pairs ``index`` of a
+    """The rows [m, d] (on the CPU, in the model's dtype until the SVD: a bfloat16 model's rows take half the
+    memory of float32 ones, and the cast is exact) of a module's input at the (batch row, position) pairs ``index`` of a
     padded batch of ``shape`` (B, T). The input is [B, T, d], or [B·T, d] where a block flattens the tokens before
     the module (the shared experts of Qwen2-MoE and Llama 4)."""
     batch, width = shape
@@ -245,7 +246,7 @@ def _rows_at(x: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor], shape: t
                            f"({batch} × {width}), so its thinking features cannot be told apart: leave it out of "
                            "config.target_modules.")
     b_idx, t_idx = index
-    return x[b_idx.to(x.device), t_idx.to(x.device)].float().cpu()
+    return x[b_idx.to(x.device), t_idx.to(x.device)].cpu()
 
 
 def _input_device(model: nn.Module):

@@ -232,3 +232,15 @@ def test_modules_fed_flattened_tokens_get_their_rows_at_the_thinking_positions()
     torch.testing.assert_close(v @ torch.diag(s**2) @ v.T, reference.T @ reference, rtol=1e-4, atol=1e-4)
     rows = LayerReplay(model, samples, config, tokenizer.pad_token_id).group_rows(1, [name])
     torch.testing.assert_close(torch.cat(rows), reference)
+
+
+def test_rows_keep_the_model_dtype_until_the_svd():
+    from rain_hf.features import _rows_at
+
+    x = torch.randn(2, 5, 8).to(torch.bfloat16)  # half the memory of float32 rows; the later cast is exact
+    index = (torch.tensor([0, 1, 1]), torch.tensor([4, 0, 2]))
+    rows = _rows_at(x, index, (2, 5), "m")
+    assert rows.dtype == torch.bfloat16 and torch.equal(rows, x[index])
+    assert torch.equal(_rows_at(x.reshape(10, 8), index, (2, 5), "m"), rows)
+    with pytest.raises(RuntimeError, match=r"m receives inputs of shape \(3, 8\).*leave it out"):
+        _rows_at(x.reshape(10, 8)[:3], index, (2, 5), "m")
