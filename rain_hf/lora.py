@@ -63,22 +63,22 @@ _LORA_BIAS = re.compile(r"^(?P<module>.+)\.lora_B\.bias$")
 _DORA_MAGNITUDE = "lora_magnitude_vector"
 #: Buffers peft saves beside the factors that only training uses (VeLoRA's projection for the backward pass):
 #: ΔW is still scaling · B @ A, as in peft's own merge.
-_TRAINING_ONLY = (".lora_velora_embed",)
+#: MonteCLoRA's sampler: its merge, as peft's, is the plain B @ A.
+_TRAINING_ONLY = (".lora_velora_embed", ".lora_monteclora_sampler.expert_weights",
+                  ".lora_monteclora_sampler.expert_weights_prior", ".lora_monteclora_sampler.gaussian_var_prior",
+                  ".lora_monteclora_sampler.std_prior")
 _HUB_ID = re.compile(r"[\w.\-]+(/[\w.\-]+)?")
 
 #: Config fields whose features change what an adapter's tensors mean: refused when set (truthy).
 _REFUSED_FEATURES = {
     "layer_replication": "layer_replication (the adapter belongs to a model with duplicated layers, which the "
                          "base checkpoint does not have)",
-    "target_parameters": "target_parameters (LoRA on raw nn.Parameters, e.g. MoE experts, whose layout differs "
-                         "from a linear layer's)",
     "alora_invocation_tokens": "aLoRA (activated LoRA applies only after its invocation tokens and cannot be "
                                "merged into weights)",
     "use_qalora": "QALoRA (its lora_A acts on pooled input groups)",
     "use_bdlora": "BD-LoRA (block-diagonal factors)",
     "arrow_config": "Arrow routing (a mixture of adapters chosen per token)",
     "kasa_config": "KaSA (a learned singular-value diagonal and a truncated base weight)",
-    "monteclora_config": "MonteCLoRA (variational factors)",
 }
 #: ``init_lora_weights`` values (prefixes) after which the training ran on a rewritten base weight.
 _BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -335,9 +335,18 @@ class LoraDelta:
                                "adapted module needs both lora_A and lora_B: download or save the adapter again.")
         factors: dict[str, _Factor] = {}
         self._ambiguous_alpha: list[str] = []
+        # target_parameters on a linear layer's weight saves ordinary factors; on other parameters (fused experts
+        # [E, in, out]) the factors stack the experts and sit on the parameter's module, nested under .base_layer
+        parents = {str(p).rpartition(".")[0] for p in self.config.get("target_parameters") or ()
+                   if not str(p).endswith(".weight")}
+        parameter_lora: list[str] = []
         for module in sorted(pairs, key=_natural_key):
             if module.rsplit(".", 1)[-1] in OUTPUT_EMBEDDING_NAMES:
                 output_layers.append(module)
+                continue
+            unwrapped = module.replace(".base_layer", "")
+            if any(unwrapped == parent or unwrapped.endswith(f".{parent}") for parent in parents):
+                parameter_lora.append(unwrapped)
                 continue
             entry = self._factor(module, pairs[module]["A"], pairs[module]["B"])
             factors[f"{module}.weight"] = entry
@@ -351,6 +360,12 @@ class LoraDelta:
                                   "in adapter_config.json wins, as on peft's reload, but peft saves the keys sorted, so "
                                   "training may have used another and the scaling may be off: rename the keys so that "
                                   "one matches each module.")
+        if parameter_lora:
+            targets = sorted(str(p) for p in self.config["target_parameters"] if not str(p).endswith(".weight"))
+            self._warnings.append(f"Adapter {self._name}: LoRA on parameters that are not linear-layer weights "
+                                  f"(target_parameters {targets}, e.g. fused mixture-of-experts weights; "
+                                  f"{_examples(sorted(set(parameter_lora), key=_natural_key))}) is ignored: they stay "
+                                  "the reasoning model's, as a full instruct model's fused expert weights do.")
         if embeddings:
             self._warnings.append(f"Adapter {self._name}: LoRA on embeddings ({_examples(sorted(set(embeddings)))}) "
                                   "is ignored: embeddings are never merged.")

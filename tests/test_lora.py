@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, get_peft_model
+from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
@@ -221,6 +221,46 @@ def test_velora_adapter_merges_like_plain_lora(bases, tmp_path):
     assert "lora_velora_embed" in "\n".join(lora.validate(_base_shapes(bases["qwen"]), None, str(bases["qwen"])))
 
 
+def test_monteclora_adapter_merges_like_plain_lora(bases, tmp_path):
+    from peft.tuners.lora.config import MontecloraConfig
+
+    # peft's merge ignores MonteCLoRA's sampler and merges B @ A, as for plain LoRA
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], monteclora_config=MontecloraConfig())
+    reference = make_adapter(bases["llama"], tmp_path / "monteclora", config)
+    lora = LoraDelta.from_pretrained(tmp_path / "monteclora")
+    assert sorted(lora.weight_keys()) == sorted(reference)
+    for key, expected in reference.items():
+        assert (lora.delta(key) - expected).norm() / expected.norm() < 1e-6, key
+
+
+def test_target_parameters_on_linear_weights_merge_and_on_fused_experts_are_ignored(bases, tmp_path):
+    from transformers import Qwen3MoeConfig
+
+    dense = LoraConfig(r=4, lora_alpha=8, target_modules=[],
+                       target_parameters=["self_attn.q_proj.weight", "mlp.down_proj.weight"])
+    reference = make_adapter(bases["llama"], tmp_path / "dense", dense)
+    _assert_matches(LoraDelta.from_pretrained(tmp_path / "dense"), reference, bases["llama"])
+
+    moe = _save_random(AutoModelForCausalLM.from_config, Qwen3MoeConfig(
+        **TINY, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, head_dim=8), tmp_path / "moe")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    make_adapter(moe, tmp_path / "experts", config, merge=False)
+    before = AutoModelForCausalLM.from_pretrained(moe, dtype=torch.float32).state_dict()  # experts fused in memory
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(moe, dtype=torch.float32),
+                                       tmp_path / "experts").merge_and_unload().state_dict()
+    reference = {key: merged[key] - before[key] for key in before if not torch.equal(merged[key], before[key])}
+    lora = LoraDelta.from_pretrained(tmp_path / "experts")
+    attention = {key: delta for key, delta in reference.items() if ".self_attn." in key}
+    assert len(attention) == 4 and len(reference) > 4  # peft also changed the experts
+    assert sorted(lora.weight_keys()) == sorted(attention)
+    for key, expected in attention.items():
+        assert (lora.delta(key) - expected).norm() / expected.norm() < 1e-6, key
+    warned = "\n".join(lora.validate(_base_shapes(moe), None, str(moe)))
+    assert "LoRA on parameters that are not linear-layer weights (target_parameters ['mlp.experts.down_proj', " in warned
+    assert "model.layers.0.mlp.experts, model.layers.1.mlp.experts) is ignored" in warned
+
+
 def test_lora_bias_on_a_layer_without_bias_is_not_counted_as_merged(bases, tmp_path):
     # Qwen2's o_proj has no bias: peft's merge_and_unload refuses such an adapter
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], lora_bias=True)
@@ -275,7 +315,6 @@ def test_other_peft_type_is_refused(bases, tmp_path):
 
 @pytest.mark.parametrize("field,value,match", [
     ("layer_replication", [[0, 2], [1, 2]], "layer_replication"),
-    ("target_parameters", ["mlp.experts.down_proj"], "target_parameters"),
     ("use_qalora", True, "QALoRA"),
     ("alora_invocation_tokens", [1, 2], "aLoRA"),
     ("init_lora_weights", "pissa_niter_4", "path_initial_model_for_weight_conversion"),
