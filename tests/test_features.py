@@ -244,3 +244,11 @@ def test_rows_keep_the_model_dtype_until_the_svd():
     assert torch.equal(_rows_at(x.reshape(10, 8), index, (2, 5), "m"), rows)
     with pytest.raises(RuntimeError, match=r"m receives inputs of shape \(3, 8\).*leave it out"):
         _rows_at(x.reshape(10, 8)[:3], index, (2, 5), "m")
+
+
+def test_conv1d_blocks_are_named_as_unsupported():
+    from transformers import GPT2Config
+
+    gpt2 = _meta(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64))
+    with pytest.raises(ConfigError, match=r"GPT-2-style Conv1D layers \(attn.c_attn, .*merges linear layers only"):
+        find_target_modules(gpt2, RainMergingConfig(lam=1.0))
