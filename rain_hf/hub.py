@@ -236,6 +236,9 @@ def _card_for_target(folder: Path, names: set[str], repo_id: str, revision: str 
     if "README.md" not in names or "rain_merging_config.json" not in names:
         return None
     text = (folder / "README.md").read_text(encoding="utf-8")
+    match = _SNIPPET_ID.search(text)
+    if match is None:  # a card of the user's own template, without the usage snippet
+        return None
     branch = None if revision in (None, "main") or revision.startswith("refs/pr/") else revision
     found = _SNIPPET_REVISION.search(text)
     if (found.group(1) if found else None) != branch:
@@ -243,8 +246,7 @@ def _card_for_target(folder: Path, names: set[str], repo_id: str, revision: str 
                        "(rain_hf.card.write_model_card with model_revision=%r) to load that branch.",
                        f"the branch {found.group(1)!r}" if found else "the main branch",
                        f"the branch {branch!r}" if branch else "main", branch)
-    match = _SNIPPET_ID.search(text)
-    if match is None or match.group(1) == repo_id:
+    if match.group(1) == repo_id:
         return None
     logger.info("The model card's usage snippet loads %r; the uploaded card loads %s instead.", match.group(1),
                 repo_id)

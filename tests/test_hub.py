@@ -565,6 +565,12 @@ def test_push_warns_when_the_card_loads_another_branch(hub, merged, caplog):
     with caplog.at_level("WARNING", logger="rain_hf.hub"):
         push_folder(merged, "me/r1-rain", token=TOKEN, revision="dev")
     assert "usage snippet loads the main branch, but this push goes to the branch 'dev'" in caplog.text
+    caplog.clear()
+    (merged / "README.md").write_text("---\nlicense: mit\n---\n# my own card, no usage snippet\n")
+    with caplog.at_level("WARNING", logger="rain_hf.hub"):
+        push_folder(merged, "me/r1-rain", token=TOKEN, revision="dev")
+    assert "usage snippet" not in caplog.text
+    assert hub.commits[-1]["files"]["README.md"]["content"] == (merged / "README.md").read_bytes()
 
 
 def test_push_refuses_a_linked_config_from_outside(hub, merged, tmp_path):
