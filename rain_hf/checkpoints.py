@@ -108,8 +108,16 @@ def resolve_model(
                               "the safetensors weights.")
     looks_local = text.startswith((".", "/", "~")) or os.sep in text.strip("/").split("/", 1)[-1] or text.count("/") > 1
     if looks_local or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", text):
+        parts = text.split("/")
+        hint = ""
+        if len(parts) > 2 and not text.startswith((".", "/", "~")) and all(
+                re.fullmatch(r"[\w.\-]+", part) for part in parts):
+            # peft pushes a named adapter into a subfolder, and a Trainer's repository holds checkpoint-N/
+            repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
+            hint = (f" If {sub!r} is a subfolder of the Hub repository {repo!r}, download it and pass the local "
+                    f"folder: `hf download {repo} --include '{sub}/*' --local-dir DIR`, then DIR/{sub}.")
         raise CheckpointError(f"The {role} model {text!r} is neither an existing local folder nor a valid Hub id "
-                              "('org/name'). Check the path.")
+                              f"('org/name'). Check the path.{hint}")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,

@@ -686,6 +686,9 @@ def test_refuses_tensor_shape_mismatch(qwen2, tmp_path):
 def test_refuses_missing_and_non_safetensors_inputs(qwen2, tmp_path):
     with pytest.raises(CheckpointError, match="neither an existing local folder nor a valid Hub id"):
         RainMerger.plan(qwen2["base"], tmp_path / "nope" / "deeper", qwen2["instruct"])
+    with pytest.raises(CheckpointError, match=r"If 'checkpoint-500' is a subfolder of the Hub repository 'me/run', "
+                                              r"download it .*hf download me/run --include 'checkpoint-500/\*'"):
+        RainMerger.plan(qwen2["base"], qwen2["reasoning"], "me/run/checkpoint-500")
     binonly = tmp_path / "bin"
     binonly.mkdir()
     (binonly / "config.json").write_text((qwen2["base"] / "config.json").read_text())
