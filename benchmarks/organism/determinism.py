@@ -9,9 +9,9 @@ MKL's code path, the vector width of ATen's own kernels (``torch.backends.cpu.ge
 Intel Xeon measured, the thread count change the last bits of a training step, and 1800 steps turn those bits into
 another base (BUILD.md, "Seeds and determinism"). This script runs the first ``--steps`` steps of the committed
 base's pretraining in memory and prints a fingerprint of the weights, and what a full build gave on machines with
-that fingerprint: the committed checkpoints (the AMD machines so far) or another organism (the Intel machines so
-far), whose target lines differ (ANALYSIS.md). The full build, ``python -m benchmarks.organism.build``, takes
-≈20 min to tell.
+that fingerprint: the committed checkpoints (the AMD machines with AVX-512 so far) or another organism (the Intel
+machines so far; AMD machines without AVX-512 another again), whose target lines differ (ANALYSIS.md). The full
+build, ``python -m benchmarks.organism.build``, takes ≈20 min to tell.
 
 ``--trace OUT.json`` hashes what the first step computes, module by module, and ``--compare TRACE.json`` names the
 first hash where this machine and the one that wrote TRACE.json part: the kernel to look at. ``traces/`` holds the
@@ -54,6 +54,10 @@ KNOWN_BUILDS = {
     "dd7a4f68fb6ce835": ("an Intel Xeon (CPU family 6, model 207)", False,
                          "base a8a03c15615db369, reasoning a5775d4d314e89f0, instruct f843a6d725c2b3e0; an earlier "
                          "Intel Xeon gave the same"),
+    # ATen's kernels at AVX2 width: forced on the AVX-512 EPYC above, and the only width of a Zen 3 EPYC
+    "52755888e1c7f218": ("an AMD EPYC without AVX-512 (CPU family 25, model 1; ATen capability AVX2) and the AMD EPYC "
+                         "(25, 17) run with ATEN_CPU_CAPABILITY=avx2", False,
+                         "base 6241ef8c40a007d2, reasoning a9c3f3c5e4a277a3, instruct 919c4dacfd9e572b"),
 }
 
 # Environment variables that select the kernels (read once, when torch loads), printed with the result.
