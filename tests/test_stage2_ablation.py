@@ -32,6 +32,11 @@ def test_quick_run_writes_every_variant(tmp_path, run_quick):
     assert text.count("| 0 | alignment |") == 1 and text.count("| alpha |") == 4
     for variant in VARIANTS:
         assert f"| 4 | {variant} |" in text, variant
+    # each variant merges other weights: its L_think on the held-out calibration rows differs from every other's
+    # (labels alone would pass if every variant silently became stage 1 alone)
+    l_think = {row.split("|")[2].strip(): row.split("|")[7].strip() for row in text.splitlines()
+               if row.startswith("| 4 | ")}
+    assert set(l_think) == set(VARIANTS) and len(set(l_think.values())) == len(VARIANTS), l_think
 
 def test_within_layer_leaves_a_layer_with_a_non_positive_mean_at_one():
     cfg = RainMergingConfig(coef_max=10.0)
