@@ -81,10 +81,12 @@ def attention_geometry(model_config) -> AttentionGeometry:
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of decoder blocks: the longest ModuleList whose blocks hold an attention module."""
+    """The ModuleList of decoder blocks: the longest ModuleList some of whose blocks hold an attention module (a
+    hybrid model such as Qwen3-Next starts with linear-attention blocks)."""
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and _attention_of(module[0]) is not None:
+        if (isinstance(module, nn.ModuleList) and len(module) > 0
+                and any(_attention_of(block) is not None for block in module)):
             if best is None or len(module) > len(best[1]):
                 best = (name, module)
     if best is None:
@@ -105,6 +107,20 @@ def unmergeable_weights(model: nn.Module) -> list[str]:
     prefix, layers = find_decoder_layers(model)
     linear = {id(m.weight) for m in layers.modules() if isinstance(m, nn.Linear)}
     return [f"{prefix}.{name}" for name, p in layers.named_parameters() if p.dim() >= 2 and id(p) not in linear]
+
+
+def layers_without_attention(model: nn.Module) -> list[int]:
+    """Indices of the decoder blocks that hold no softmax attention module (the linear-attention blocks of a hybrid
+    model such as Qwen3-Next): stage 2 has no instruction attention to score there."""
+    return [i for i, block in enumerate(find_decoder_layers(model)[1]) if _attention_of(block) is None]
+
+
+def merged_routers(model: nn.Module, targets: Sequence[TargetModule]) -> list[str]:
+    """Targets that are mixture-of-experts routers: a linear layer named ``router`` or of a ``*Router`` class
+    (Llama 4, Phi-MoE), which "all-linear" selects although the experts they route to are fused weights."""
+    modules = dict(model.named_modules())
+    return [t.name for t in targets if t.name.rsplit(".", 1)[-1] == "router"
+            or type(modules[t.name]).__name__.endswith("Router")]
 
 
 def find_target_modules(model: nn.Module, config: RainMergingConfig) -> list[TargetModule]:
@@ -241,11 +257,14 @@ def _rows_at(x: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor], shape: t
              name: str) -> torch.Tensor:
     """The rows [m, d] (on the CPU, in the model's dtype until the SVD: a bfloat16 model's rows take half the
     memory of float32 ones, and the cast is exact) of a module's input at the (batch row, position) pairs ``index`` of a
-    padded batch of ``shape`` (B, T). The input is [B, T, d], or [B·T, d] where a block flattens the tokens before
-    the module (the shared experts of Qwen2-MoE and Llama 4)."""
+    padded batch of ``shape`` (B, T). The input is [B, T, d]; [B·T, d] where a block flattens the tokens before
+    the module (the shared experts of Qwen2-MoE and Llama 4); or [B, 1, T, d] (the latent that DeepSeek-V3's
+    multi-head latent attention feeds kv_b_proj)."""
     batch, width = shape
     if x.dim() == 2 and x.shape[0] == batch * width:
         x = x.view(batch, width, x.shape[-1])
+    elif x.dim() > 3 and [n for n in x.shape[:-1] if n != 1] == [n for n in (batch, width) if n != 1]:
+        x = x.reshape(batch, width, x.shape[-1])
     if x.dim() != 3 or tuple(x.shape[:2]) != (batch, width):
         raise RuntimeError(f"{name} receives inputs of shape {tuple(x.shape)}, not one row per token of the batch "
                            f"({batch} × {width}), so its thinking features cannot be told apart: leave it out of "

@@ -55,6 +55,8 @@ from .features import (
     capture_think_features,
     collect_attention_stats,
     find_target_modules,
+    layers_without_attention,
+    merged_routers,
     unmergeable_weights,
 )
 from .projection import (
@@ -443,11 +445,25 @@ class RainMerger:
         base = LazyCheckpoint(sources["base"].path, f"the base model {shown['base']}")
         skeleton = _skeleton(configs["reasoning"])
         targets = find_target_modules(skeleton, config)
+        if config.method == "rain" and config.stage2:
+            merged_layers = {t.layer for t in targets}
+            bare = [i for i in layers_without_attention(skeleton) if i in merged_layers]
+            if bare:
+                attention = sorted(merged_layers - set(bare))
+                raise ConfigError(f"Decoder layers {bare} hold no softmax attention module (linear attention, e.g. "
+                                  "Qwen3-Next's Gated DeltaNet), so stage 2 has no instruction attention to score "
+                                  f"there: set stage2=False, or config.layers to the attention layers {attention}.")
         fused = unmergeable_weights(skeleton)
         if fused:
             warnings.append(f"{len(fused)} weight matrices inside the decoder blocks do not belong to linear "
-                            f"layers (fused mixture-of-experts weights, routers, convolutions …; e.g. {fused[0]}) "
-                            "and are not merged: they stay the reasoning model's")
+                            f"layers (fused mixture-of-experts weights, routers that are no linear layer, "
+                            f"convolutions …; e.g. {fused[0]}) and are not merged: they stay the reasoning model's")
+        routers = merged_routers(skeleton, targets)
+        if routers:
+            warnings.append(f"{len(routers)} merged modules are mixture-of-experts routers (e.g. {routers[0]}): the "
+                            "instruct model's routing change is merged while the experts it routes to stay the "
+                            "reasoning model's; list target_modules without them to keep the reasoning model's "
+                            "routing")
         if adapter:
             instruct = LoraDelta.from_pretrained(sources["instruct"].path)
             instruct.source = sources["instruct"]
@@ -489,6 +505,12 @@ class RainMerger:
                             f"The {role} model {shown[role]} stores its tensors without the "
                             f"'{key.split('.', 1)[0]}.' prefix ({bare}, not {key}): it was saved from the bare "
                             "decoder (AutoModel). Load it with AutoModelForCausalLM and save_pretrained it again.")
+                    if all(key not in other for _, other in checked):
+                        raise ModelMismatchError(
+                            f"No checkpoint stores {key}, the weight of a targeted module: transformers renames some "
+                            "stored tensors when it loads them (Phi-MoE's block_sparse_moe.gate becomes mlp.router), "
+                            "and a merge reads tensors by the names they are stored under. List target_modules "
+                            f"without {key.rsplit('.', 2)[-2]}.")
                     raise ModelMismatchError(f"The {role} model {shown[role]} has no tensor {key}, which the merge "
                                              "needs: the checkpoints do not share one architecture.")
                 if not ckpt.dtype(key).is_floating_point or ckpt.dtype(key).itemsize == 1:

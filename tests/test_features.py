@@ -252,3 +252,25 @@ def test_conv1d_blocks_are_named_as_unsupported():
     gpt2 = _meta(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64))
     with pytest.raises(ConfigError, match=r"GPT-2-style Conv1D layers \(attn.c_attn, .*merges linear layers only"):
         find_target_modules(gpt2, RainMergingConfig(lam=1.0))
+
+
+def test_hybrid_and_moe_layouts_are_told_apart():
+    from transformers import Llama4TextConfig, Qwen3NextConfig
+
+    from rain_hf.features import _rows_at, layers_without_attention, merged_routers
+
+    hybrid = _meta(Qwen3NextConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=4,
+                                   num_experts_per_tok=2, num_hidden_layers=4, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=16, vocab_size=100))
+    assert layers_without_attention(hybrid) == [0, 1, 2]  # Gated DeltaNet blocks first, softmax attention last
+    assert {t.layer for t in find_target_modules(hybrid, RainMergingConfig(lam=1.0))} == {0, 1, 2, 3}
+    llama4 = _meta(Llama4TextConfig(hidden_size=64, intermediate_size=64, intermediate_size_mlp=128, num_local_experts=4,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                    vocab_size=100))
+    targets = find_target_modules(llama4, RainMergingConfig(lam=1.0))
+    assert merged_routers(llama4, targets) == [f"model.layers.{i}.feed_forward.router" for i in range(2)]
+    assert merged_routers(llama4, [t for t in targets if "router" not in t.name]) == []
+    # DeepSeek-V3's latent attention feeds kv_b_proj [B, 1, T, r]
+    x = torch.randn(2, 1, 5, 8)
+    index = (torch.tensor([0, 1]), torch.tensor([4, 2]))
+    assert torch.equal(_rows_at(x, index, (2, 5), "kv_b_proj"), x[:, 0][index])

@@ -1615,3 +1615,31 @@ def test_a_module_without_bias_is_projected_on_its_groups_features_without_the_o
     out, bias = merger._projected(target, dw, None, record=False, basis=feature_svd(with_bias_column(h)))
     assert bias is None and out.shape == dw.shape
     assert float(torch.linalg.norm(out @ h.T)) < 1e-4 * float(torch.linalg.norm(dw @ h.T))
+
+
+@pytest.mark.parametrize("arch", ["qwen3_next", "phimoe"])
+def test_moe_layouts_the_plan_cannot_merge_are_named(tmp_path, arch):
+    from transformers import PhimoeConfig, Qwen3NextConfig
+
+    from rain_hf import testing
+    from rain_hf.merger import ModelMismatchError
+
+    tokenizer = testing.build_tokenizer()
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=len(tokenizer))
+    config = (Qwen3NextConfig(**small, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, head_dim=8)
+              if arch == "qwen3_next" else PhimoeConfig(**small, num_local_experts=4))
+    torch.manual_seed(0)
+    base = testing.save_model(AutoModelForCausalLM.from_config(config), tokenizer, tmp_path / "base")
+    models = (base, shutil.copytree(base, tmp_path / "reasoning"), shutil.copytree(base, tmp_path / "instruct"))
+    if arch == "qwen3_next":  # linear-attention blocks first: no instruction attention for stage 2 to score
+        with pytest.raises(ConfigError, match=r"Decoder layers \[0, 1, 2\] hold no softmax attention module .*"
+                                              r"set stage2=False, or config.layers to the attention layers \[3\]"):
+            RainMerger.plan(*models, RainMergingConfig(lam=1.0))
+        plan = RainMerger.plan(*models, RainMergingConfig(lam=1.0, stage2=False))
+        assert {t.layer for t in plan.targets} == {0, 1, 2, 3}
+    else:  # transformers stores the router as block_sparse_moe.gate and loads it as mlp.router
+        with pytest.raises(ModelMismatchError, match=r"No checkpoint stores model.layers.0.mlp.router.weight.*"
+                                                     "List target_modules without router"):
+            RainMerger.plan(*models, RainMergingConfig(lam=1.0))
+        RainMerger.plan(*models, RainMergingConfig(lam=1.0, target_modules=["q_proj", "o_proj"]))
