@@ -446,7 +446,8 @@ def _input_rows(inputs: dict[str, Any]) -> list[dict[str, Any]]:
                  "instruct": "instruct LoRA adapter (on θ_B)" if lora else "instruct model (θ_I)"}.get(role, role)
         link = f"[{hub_id}](https://huggingface.co/{hub_id})" if hub_id else f"local folder {_code(path, cell=True)}"
         revision = entry.get("revision") or None
-        rows.append({"role": label, "key": role, "hub_id": hub_id, "path": _inline(path), "path_code": _code(path), "link": link,
+        rows.append({"role": label, "key": role, "hub_id": hub_id, "path": _inline(path), "path_code": _code(path),
+                     "link": link,
                      "revision": f"`{revision}`" if revision else None,
                      "name": entry.get("name_or_path") or hub_id or str(path),
                      "note": None})

@@ -88,9 +88,8 @@ class RainMergingConfig:
             mask (batch_size × tokens² elements: 1 byte each with sdpa, the model dtype's size with eager
             attention) and position embeddings (cos and sin, up to batch_size × tokens × head_dim each). ``None``
             (YAML ``null``, the default): sequential whenever ``merge()`` has the reasoning calibration samples,
-            the one-shot projection when it only has
-            precomputed ``features``; ``True``: always (an error without the samples); ``False``: the paper's
-            one-shot projection.
+            the one-shot projection when it only has precomputed ``features``; ``True``: always (an error without
+            the samples); ``False``: the paper's one-shot projection.
         sequential_offload: keep the sequential projection's replay cache (each calibration batch's layer inputs,
             attention masks and position embeddings) in CPU memory and copy one batch at a time to the device of
             the layer it runs through, so an accelerator holds one batch of it instead of the whole calibration set,

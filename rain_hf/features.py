@@ -111,15 +111,21 @@ def unmergeable_weights(model: nn.Module) -> list[str]:
 
 def layers_without_attention(model: nn.Module) -> list[int]:
     """Indices of the decoder blocks that hold no softmax attention module (the linear-attention blocks of a hybrid
-    model such as Qwen3-Next): stage 2 has no instruction attention to score there."""
-    return [i for i, block in enumerate(find_decoder_layers(model)[1]) if _attention_of(block) is None]
+    model such as Qwen3-Next or MiniMax): stage 2 has no instruction attention to score there."""
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    # MiniMax's linear attention is a class named *Attention too: the config's layer types tell them apart
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    blocks = find_decoder_layers(model)[1]
+    return [i for i, block in enumerate(blocks) if _attention_of(block) is None
+            or (i < len(layer_types) and layer_types[i] == "linear_attention")]
 
 
 def merged_routers(model: nn.Module, targets: Sequence[TargetModule]) -> list[str]:
     """Targets that are mixture-of-experts routers: a linear layer named ``router`` or of a ``*Router`` class
     (Llama 4, Phi-MoE), which "all-linear" selects although the experts they route to are fused weights."""
     modules = dict(model.named_modules())
-    return [t.name for t in targets if t.name.rsplit(".", 1)[-1] == "router"
+    return [t.name for t in targets if "router" in t.name.split(".")
             or type(modules[t.name]).__name__.endswith("Router")]
 
 
@@ -183,9 +189,9 @@ def find_target_modules(model: nn.Module, config: RainMergingConfig) -> list[Tar
                           "['q_proj', 'mlp.down_proj']), or use 'all-linear'.")
     conv1d = sorted({sub for block in layers for sub, m in block.named_modules() if type(m).__name__ == "Conv1D"})
     if not targets and conv1d and not any(isinstance(m, nn.Linear) for block in layers for m in block.modules()):
-        raise ConfigError(f"The decoder blocks are built from GPT-2-style Conv1D layers ({', '.join(conv1d)}; weights "
-                          "stored [in, out]), not nn.Linear, and rain_hf merges linear layers only: use a model "
-                          "whose blocks use nn.Linear (Llama, Qwen2/3, Mistral, …).")
+        raise ConfigError(f"The decoder blocks are built from GPT-2-style Conv1D layers ({', '.join(conv1d)}; "
+                          "weights stored [in, out]), not nn.Linear, and rain_hf merges linear layers only: use a "
+                          "model whose blocks use nn.Linear (Llama, Qwen2/3, Mistral, …).")
     if not targets:
         raise ConfigError(f"target_modules={config.target_modules!r} matches no linear module in the layers "
                           f"{sorted(wanted_layers)} that config.layers selects: choose other layers or modules.")
@@ -256,8 +262,8 @@ def _think_index(batch: Sequence[CalibrationSample], config: RainMergingConfig) 
 def _rows_at(x: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor], shape: tuple[int, int],
              name: str) -> torch.Tensor:
     """The rows [m, d] (on the CPU, in the model's dtype until the SVD: a bfloat16 model's rows take half the
-    memory of float32 ones, and the cast is exact) of a module's input at the (batch row, position) pairs ``index`` of a
-    padded batch of ``shape`` (B, T). The input is [B, T, d]; [B·T, d] where a block flattens the tokens before
+    memory of float32 ones, and the cast is exact) of a module's input at the (batch row, position) pairs
+    ``index`` of a padded batch of ``shape`` (B, T). The input is [B, T, d]; [B·T, d] where a block flattens the tokens before
     the module (the shared experts of Qwen2-MoE and Llama 4); or [B, 1, T, d] (the latent that DeepSeek-V3's
     multi-head latent attention feeds kv_b_proj)."""
     batch, width = shape
@@ -307,9 +313,11 @@ class ThinkFeatures:
                            "same target_modules and layers as the merge.")
         return self.bases[self.module_group[module_name]]
 
-    def check_compatible(self, config: RainMergingConfig, module_names: Sequence[str]) -> None:
-        """Refuse features computed with other position settings, for other modules, or (for ``lam="auto"``) with
-        another held-out draw."""
+    def check_compatible(self, config: RainMergingConfig, module_names: Sequence[str], projects: bool = True
+                         ) -> None:
+        """Refuse features computed with other position settings, for other modules, (for ``lam="auto"``) with
+        another held-out draw, or (when their bases will project, ``projects``) by an SVD too coarse for
+        ``config.rcond``."""
         for key in ("positions", "window", "project_bias", "think_open", "think_close", "think_spacing",
                     "max_length"):
             if key == "window" and config.positions not in ("window", "window-before-answer"):
@@ -318,12 +326,12 @@ class ThinkFeatures:
                 raise ValueError(f"These thinking features were computed with {key}={self.settings[key]!r} but the "
                                  f"config asks for {getattr(config, key)!r}: recompute them or change the config.")
         floor = RCOND_FLOOR.get(self.settings.get("precision"))
-        if config.projection == "svd" and floor is not None and config.rcond < floor:
+        if projects and config.projection == "svd" and floor is not None and config.rcond < floor:
             # the config's own floor is for its precision; these singular values are only as exact as their SVD
             raise ValueError(f"These thinking features' SVD ran in {self.settings['precision']}, which resolves "
                              f"singular values down to about {floor:g}·σ_max, but the config asks for rcond="
-                             f"{config.rcond:g}: below that, rounding noise would be protected. Recompute the features "
-                             f"with precision='float64', or use rcond >= {floor:g}.")
+                             f"{config.rcond:g}: below that, rounding noise would be protected. Recompute the "
+                             f"features with precision='float64', or use rcond >= {floor:g}.")
         # lam="auto" measures L_think on the samples these features left out: the config must name the same draw
         for recorded, key in (("holdout_share", "lam_auto_holdout"), ("holdout_seed", "seed")):
             if config.lam == "auto" and recorded in self.settings and self.settings[recorded] != getattr(config, key):

@@ -235,7 +235,10 @@ def _card_for_target(folder: Path, names: set[str], repo_id: str, revision: str 
     written with, or None when the card (or its absence) can be uploaded as it is."""
     if "README.md" not in names or "rain_merging_config.json" not in names:
         return None
-    text = (folder / "README.md").read_text(encoding="utf-8")
+    try:
+        text = (folder / "README.md").read_text(encoding="utf-8")
+    except UnicodeDecodeError:  # not a card rain_hf wrote: the Hub client reports what is wrong with it
+        return None
     match = _SNIPPET_ID.search(text)
     if match is None:  # a card of the user's own template, without the usage snippet
         return None

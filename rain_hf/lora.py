@@ -337,15 +337,21 @@ class LoraDelta:
         self._ambiguous_alpha: list[str] = []
         # target_parameters on a linear layer's weight saves ordinary factors; on other parameters (fused experts
         # [E, in, out]) the factors stack the experts and sit on the parameter's module, nested under .base_layer
-        parents = {str(p).rpartition(".")[0] for p in self.config.get("target_parameters") or ()
-                   if not str(p).endswith(".weight")}
+        parameters = [str(p) for p in self.config.get("target_parameters") or ()
+                      if str(p).rpartition(".")[2] != "weight"]
+        parents = {p.rpartition(".")[0] for p in parameters if "." in p}
+        # a bare parameter name ("gate_up_proj") matches any module holding one, so the modules it adapted are
+        # told apart by their factors: they stack one rank per expert where a linear layer's hold one
+        bare = any("." not in p for p in parameters)
         parameter_lora: list[str] = []
         for module in sorted(pairs, key=_natural_key):
             if module.rsplit(".", 1)[-1] in OUTPUT_EMBEDDING_NAMES:
                 output_layers.append(module)
                 continue
             unwrapped = module.replace(".base_layer", "")
-            if any(unwrapped == parent or unwrapped.endswith(f".{parent}") for parent in parents):
+            rank = self._configured_rank(module) if bare else None
+            if any(unwrapped == parent or unwrapped.endswith(f".{parent}") for parent in parents) or (
+                    rank is not None and self._tensors.shape(pairs[module]["A"])[0] != rank):
                 parameter_lora.append(unwrapped)
                 continue
             entry = self._factor(module, pairs[module]["A"], pairs[module]["B"])
@@ -361,7 +367,7 @@ class LoraDelta:
                                   "training may have used another and the scaling may be off: rename the keys so that "
                                   "one matches each module.")
         if parameter_lora:
-            targets = sorted(str(p) for p in self.config["target_parameters"] if not str(p).endswith(".weight"))
+            targets = sorted(parameters)
             self._warnings.append(f"Adapter {self._name}: LoRA on parameters that are not linear-layer weights "
                                   f"(target_parameters {targets}, e.g. fused mixture-of-experts weights; "
                                   f"{_examples(sorted(set(parameter_lora), key=_natural_key))}) is ignored: they stay "
@@ -380,6 +386,14 @@ class LoraDelta:
             self._warnings.append(f"Adapter {self._name}: {len(others)} tensors that are neither LoRA factors nor "
                                   f"copies of base-model weights (e.g. {_examples(others)}) are ignored.")
         return factors
+
+    def _configured_rank(self, module: str) -> int | None:
+        """The rank adapter_config.json gives ``module`` (None when a pattern key is not a valid regex)."""
+        try:
+            rank = resolve_pattern(self.config.get("rank_pattern"), module)
+        except re.error:
+            return None  # _factor names the bad key
+        return int(self.config.get("r", 8) if rank is None else rank)
 
     def _factor(self, module: str, key_a: str, key_b: str) -> _Factor:
         shape_a, shape_b = self._tensors.shape(key_a), self._tensors.shape(key_b)

@@ -54,6 +54,7 @@ from .features import (
     attention_geometry,
     capture_think_features,
     collect_attention_stats,
+    find_decoder_layers,
     find_target_modules,
     layers_without_attention,
     merged_routers,
@@ -447,9 +448,10 @@ class RainMerger:
         targets = find_target_modules(skeleton, config)
         if config.method == "rain" and config.stage2:
             merged_layers = {t.layer for t in targets}
-            bare = [i for i in layers_without_attention(skeleton) if i in merged_layers]
+            linear = layers_without_attention(skeleton)
+            bare = [i for i in linear if i in merged_layers]
             if bare:
-                attention = sorted(merged_layers - set(bare))
+                attention = [i for i in range(len(find_decoder_layers(skeleton)[1])) if i not in linear]
                 raise ConfigError(f"Decoder layers {bare} hold no softmax attention module (linear attention, e.g. "
                                   "Qwen3-Next's Gated DeltaNet), so stage 2 has no instruction attention to score "
                                   f"there: set stage2=False, or config.layers to the attention layers {attention}.")
@@ -495,9 +497,13 @@ class RainMerger:
         checked = [("reasoning", reasoning), ("base", base)]
         if not adapter:
             checked.append(("instruct", instruct.instruct))
+        # stored under another name in every checkpoint: renamed on load, reported together after the loop
+        unstored = [key for key in keys_to_check if all(key not in ckpt for _, ckpt in checked)]
         for key in keys_to_check:
             expected = None
             for role, ckpt in checked:
+                if key in unstored and key.split(".", 1)[-1] not in ckpt:
+                    break
                 if key not in ckpt:
                     bare = key.split(".", 1)[-1]
                     if bare in ckpt:  # transformers adds the prefix back on load; a merge reads names as stored
@@ -505,12 +511,6 @@ class RainMerger:
                             f"The {role} model {shown[role]} stores its tensors without the "
                             f"'{key.split('.', 1)[0]}.' prefix ({bare}, not {key}): it was saved from the bare "
                             "decoder (AutoModel). Load it with AutoModelForCausalLM and save_pretrained it again.")
-                    if all(key not in other for _, other in checked):
-                        raise ModelMismatchError(
-                            f"No checkpoint stores {key}, the weight of a targeted module: transformers renames some "
-                            "stored tensors when it loads them (Phi-MoE's block_sparse_moe.gate becomes mlp.router), "
-                            "and a merge reads tensors by the names they are stored under. List target_modules "
-                            f"without {key.rsplit('.', 2)[-2]}.")
                     raise ModelMismatchError(f"The {role} model {shown[role]} has no tensor {key}, which the merge "
                                              "needs: the checkpoints do not share one architecture.")
                 if not ckpt.dtype(key).is_floating_point or ckpt.dtype(key).itemsize == 1:
@@ -524,6 +524,19 @@ class RainMerger:
                     raise ModelMismatchError(
                         f"{key} has shape {shape} in the {role} model {shown[role]} but {expected[1]} in the "
                         f"{expected[0]} model {shown[expected[0]]}: the models must share one base.")
+        if unstored and len(unstored) == len(keys_to_check):
+            raise ModelMismatchError(
+                f"None of the {len(unstored)} tensors of the targeted modules is stored under the name the model "
+                f"class gives it (e.g. {unstored[0]}): transformers converts this checkpoint layout when it loads it, "
+                "and a merge reads tensors by the names they are stored under, so rain_hf cannot merge this "
+                "layout.")
+        if unstored:
+            modules = sorted({key.rsplit(".", 2)[-2] for key in unstored})
+            raise ModelMismatchError(
+                f"No checkpoint stores {len(unstored)} tensors of targeted modules under the names they are loaded "
+                f"with (e.g. {unstored[0]}): transformers renames some stored tensors when it loads them (Phi-MoE's "
+                "block_sparse_moe.gate becomes mlp.router), and a merge reads tensors by the names they are stored "
+                f"under. List target_modules without {', '.join(modules)}.")
         vocab = {role: int(getattr(c.get_text_config() if hasattr(c, "get_text_config") else c, "vocab_size", 0))
                  for role, c in configs.items()}
         if len(set(vocab.values())) > 1:
@@ -933,7 +946,10 @@ class RainMerger:
             if self.features is None:
                 raise ValueError("Stage 1 needs thinking features: pass reasoning_calibration=..., or features=... "
                                  "to from_pretrained, or set RainMergingConfig(stage1=False).")
-            self.features.check_compatible(cfg, [t.name for t in self.targets])
+            # the sequential form recomputes every basis in cfg.precision; only the one-shot projection and the
+            # stage-2 probe project with these features' own
+            self.features.check_compatible(cfg, [t.name for t in self.targets],
+                                           projects=not self._sequential() or cfg.stage2)
             self._check_features_model()
             if cfg.lam == "auto" and not self.features.heldout:  # before stage 2's attention pass, not after
                 raise ValueError("lam='auto' measures L_think on reasoning calibration samples held out of stage 1, "
@@ -1309,8 +1325,9 @@ class RainMerger:
         """Save the merged model (to ``save_directory``, or a temporary folder deleted after the upload) and upload
         it in one commit. The arguments after ``repo_id`` are keyword-only, as in transformers' ``push_to_hub``
         (a commit message passed second is refused rather than taken for ``private``). ``overwrite``,
-        ``card_template`` and ``eval_results`` are passed to :meth:`save_pretrained`; the card's usage snippet loads ``repo_id`` (with your namespace when the id has
-        none and the token says who you are) at ``revision``.
+        ``card_template`` and ``eval_results`` are passed to :meth:`save_pretrained`; the card's usage snippet
+        loads ``repo_id`` (with your namespace when the id has none and the token says who you are) at
+        ``revision``.
 
         Example:
             >>> merger.push_to_hub("my-user/r1-rain", private=True, save_directory="r1-rain")  # doctest: +SKIP

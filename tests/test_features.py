@@ -81,6 +81,8 @@ def test_saved_features_refuse_an_rcond_their_svd_precision_does_not_resolve():
     ThinkFeatures({}, {}, {"precision": "float64"}).check_compatible(fine, [])
     ThinkFeatures({}, {}, {"precision": "float32"}).check_compatible(dataclasses.replace(fine, projection="ridge"), [])
     ThinkFeatures({}, {}, {}).check_compatible(fine, [])  # saved before the precision was recorded
+    # a sequential merge without stage 2 recomputes every basis in the config's precision
+    ThinkFeatures({}, {}, {"precision": "float32"}).check_compatible(fine, [], projects=False)
 
 
 def test_a_string_target_is_a_regex_over_whole_names_as_in_peft(qwen2_skeleton):
@@ -263,10 +265,21 @@ def test_hybrid_and_moe_layouts_are_told_apart():
                                    num_experts_per_tok=2, num_hidden_layers=4, num_attention_heads=4,
                                    num_key_value_heads=2, head_dim=16, vocab_size=100))
     assert layers_without_attention(hybrid) == [0, 1, 2]  # Gated DeltaNet blocks first, softmax attention last
+    from transformers import JetMoeConfig, MiniMaxConfig
+
+    minimax = _meta(MiniMaxConfig(hidden_size=64, intermediate_size=128, num_local_experts=4, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=100,
+                                  layer_types=["linear_attention", "full_attention"]))
+    assert layers_without_attention(minimax) == [0]  # its linear attention's class is named *Attention too
+    jetmoe = _meta(JetMoeConfig(hidden_size=64, intermediate_size=128, num_local_experts=4, num_hidden_layers=2,
+                                num_key_value_heads=2, kv_channels=16, vocab_size=100))
+    jet_targets = find_target_modules(jetmoe, RainMergingConfig(lam=1.0))
+    assert set(merged_routers(jetmoe, jet_targets)) == {f"model.layers.{i}.{part}.router.layer" for i in range(2)
+                                                        for part in ("mlp", "self_attention.experts")}
     assert {t.layer for t in find_target_modules(hybrid, RainMergingConfig(lam=1.0))} == {0, 1, 2, 3}
-    llama4 = _meta(Llama4TextConfig(hidden_size=64, intermediate_size=64, intermediate_size_mlp=128, num_local_experts=4,
-                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                    vocab_size=100))
+    llama4 = _meta(Llama4TextConfig(hidden_size=64, intermediate_size=64, intermediate_size_mlp=128,
+                                    num_local_experts=4, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=16, vocab_size=100))
     targets = find_target_modules(llama4, RainMergingConfig(lam=1.0))
     assert merged_routers(llama4, targets) == [f"model.layers.{i}.feed_forward.router" for i in range(2)]
     assert merged_routers(llama4, [t for t in targets if "router" not in t.name]) == []

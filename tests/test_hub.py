@@ -197,7 +197,8 @@ class FakeHub(httpx2.BaseTransport):
         create_pr = parse_qs(request.url.query.decode()).get("create_pr") == ["1"]
         with self.lock:
             self.commits.append({"repo": repo, "revision": rev, "summary": header["value"]["summary"],
-                                 "description": header["value"].get("description"), "files": files, "deleted": deleted, "create_pr": create_pr})
+                                 "description": header["value"].get("description"), "files": files,
+                                 "deleted": deleted, "create_pr": create_pr})
             number = len(self.commits)
             target = unquote(match["rev"])
             if create_pr:  # a pull request (numbered like the fake's commits) starts from its target's files

@@ -246,6 +246,11 @@ def test_target_parameters_on_linear_weights_merge_and_on_fused_experts_are_igno
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
     make_adapter(moe, tmp_path / "experts", config, merge=False)
+    # bare parameter names match by suffix in peft: the experts are told apart by their stacked factors
+    bare = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                      target_parameters=["gate_up_proj", "down_proj"])
+    make_adapter(moe, tmp_path / "bare", bare, merge=False)
+    assert all(".self_attn." in key for key in LoraDelta.from_pretrained(tmp_path / "bare").weight_keys())
     before = AutoModelForCausalLM.from_pretrained(moe, dtype=torch.float32).state_dict()  # experts fused in memory
     merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(moe, dtype=torch.float32),
                                        tmp_path / "experts").merge_and_unload().state_dict()

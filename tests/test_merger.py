@@ -1636,10 +1636,29 @@ def test_moe_layouts_the_plan_cannot_merge_are_named(tmp_path, arch):
         with pytest.raises(ConfigError, match=r"Decoder layers \[0, 1, 2\] hold no softmax attention module .*"
                                               r"set stage2=False, or config.layers to the attention layers \[3\]"):
             RainMerger.plan(*models, RainMergingConfig(lam=1.0))
+        with pytest.raises(ConfigError, match=r"the attention layers \[3\]"):  # not the empty selected ones
+            RainMerger.plan(*models, RainMergingConfig(lam=1.0, layers=[0, 1]))
         plan = RainMerger.plan(*models, RainMergingConfig(lam=1.0, stage2=False))
         assert {t.layer for t in plan.targets} == {0, 1, 2, 3}
     else:  # transformers stores the router as block_sparse_moe.gate and loads it as mlp.router
-        with pytest.raises(ModelMismatchError, match=r"No checkpoint stores model.layers.0.mlp.router.weight.*"
-                                                     "List target_modules without router"):
+        with pytest.raises(ModelMismatchError, match=r"No checkpoint stores 4 tensors .*\(e.g. model.layers.0.mlp"
+                                                     r".router.weight\).*List target_modules without router\."):
             RainMerger.plan(*models, RainMergingConfig(lam=1.0))
         RainMerger.plan(*models, RainMergingConfig(lam=1.0, target_modules=["q_proj", "o_proj"]))
+
+
+def test_a_layout_stored_under_other_names_throughout_is_named(qwen2, tmp_path):
+    from safetensors.torch import save_file
+
+    from rain_hf.merger import ModelMismatchError
+
+    models = []
+    for role in ("base", "reasoning", "instruct"):  # every decoder tensor under another prefix than it loads with
+        folder = shutil.copytree(qwen2[role], tmp_path / role)
+        tensors = load_file(str(folder / "model.safetensors"))
+        save_file({k.replace("model.layers.", "backbone.layers."): v for k, v in tensors.items()},
+                  str(folder / "model.safetensors"), metadata={"format": "pt"})
+        models.append(folder)
+    with pytest.raises(ModelMismatchError, match=r"None of the \d+ tensors of the targeted modules is stored under "
+                                                 r"the name the model class gives it"):
+        RainMerger.plan(*models, RainMergingConfig(lam=1.0, method="task_arithmetic"))
