@@ -45,6 +45,8 @@ class TargetModule:
         kind: ``"q"``, ``"kv"``, ``"o"`` (attention projections, mapped per head in stage 2) or ``"other"``.
         shape: (out_features, in_features).
         has_bias: whether the module has a bias.
+        in_attention: whether the module sits in the block's attention module (where ``kind`` ``"other"`` means
+            a projection stage 2 could not map to heads).
     """
 
     name: str
@@ -52,6 +54,7 @@ class TargetModule:
     kind: str
     shape: tuple[int, int]
     has_bias: bool
+    in_attention: bool = False
 
     @property
     def weight_key(self) -> str:
@@ -170,12 +173,11 @@ def find_target_modules(model: nn.Module, config: RainMergingConfig) -> list[Tar
                 continue
             out_f, in_f = module.weight.shape
             kind = "other"
-            if attn_name is not None and sub.startswith(attn_name + "."):
+            in_attention = attn_name is not None and sub.startswith(attn_name + ".")
+            if in_attention:
                 kind = _attention_kind(leaf, out_f, in_f, geo)
-                if kind == "other":
-                    logger.warning("%s.%s.%s: attention projection %s could not be mapped to heads; it gets the "
-                                   "layer mean α.", prefix, idx, sub, tuple(module.weight.shape))
-            targets.append(TargetModule(f"{prefix}.{idx}.{sub}", idx, kind, (out_f, in_f), module.bias is not None))
+            targets.append(TargetModule(f"{prefix}.{idx}.{sub}", idx, kind, (out_f, in_f), module.bias is not None,
+                                        in_attention))
     if regex is not None and regex.pattern not in matched:
         example = f"{prefix}.0.{next(sub for sub, m in layers[0].named_modules() if isinstance(m, nn.Linear))}"
         raise ConfigError(f"target_modules={regex.pattern!r} is a regular expression (as in peft) and matches no "

@@ -460,6 +460,11 @@ class RainMerger:
             warnings.append(f"{len(fused)} weight matrices inside the decoder blocks do not belong to linear "
                             f"layers (fused mixture-of-experts weights, routers that are no linear layer, "
                             f"convolutions …; e.g. {fused[0]}) and are not merged: they stay the reasoning model's")
+        unmapped = [t.name for t in targets if t.in_attention and t.kind == "other"]
+        if unmapped and config.method == "rain" and config.stage2:
+            # e.g. multi-head latent attention (DeepSeek-V3), or a query projection that also carries a gate
+            warnings.append(f"{len(unmapped)} attention projections could not be mapped to heads (e.g. "
+                            f"{unmapped[0]}): stage 2 scales each of them by its layer's mean α, not per head")
         routers = merged_routers(skeleton, targets)
         if routers:
             warnings.append(f"{len(routers)} merged modules are mixture-of-experts routers (e.g. {routers[0]}): the "

@@ -1617,9 +1617,9 @@ def test_a_module_without_bias_is_projected_on_its_groups_features_without_the_o
     assert float(torch.linalg.norm(out @ h.T)) < 1e-4 * float(torch.linalg.norm(dw @ h.T))
 
 
-@pytest.mark.parametrize("arch", ["qwen3_next", "phimoe"])
+@pytest.mark.parametrize("arch", ["qwen3_next", "phimoe", "deepseek_v3"])
 def test_moe_layouts_the_plan_cannot_merge_are_named(tmp_path, arch):
-    from transformers import PhimoeConfig, Qwen3NextConfig
+    from transformers import DeepseekV3Config, PhimoeConfig, Qwen3NextConfig
 
     from rain_hf import testing
     from rain_hf.merger import ModelMismatchError
@@ -1627,8 +1627,14 @@ def test_moe_layouts_the_plan_cannot_merge_are_named(tmp_path, arch):
     tokenizer = testing.build_tokenizer()
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=len(tokenizer))
-    config = (Qwen3NextConfig(**small, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, head_dim=8)
-              if arch == "qwen3_next" else PhimoeConfig(**small, num_local_experts=4))
+    config = {"qwen3_next": lambda: Qwen3NextConfig(**small, moe_intermediate_size=16, num_experts=4,
+                                                    num_experts_per_tok=2, head_dim=8),
+              "phimoe": lambda: PhimoeConfig(**small, num_local_experts=4),
+              "deepseek_v3": lambda: DeepseekV3Config(**{**small, "num_key_value_heads": 4}, moe_intermediate_size=16,
+                                                      n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                                                      n_group=1, topk_group=1, first_k_dense_replace=1,
+                                                      q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+                                                      qk_nope_head_dim=8, v_head_dim=8)}[arch]()
     torch.manual_seed(0)
     base = testing.save_model(AutoModelForCausalLM.from_config(config), tokenizer, tmp_path / "base")
     models = (base, shutil.copytree(base, tmp_path / "reasoning"), shutil.copytree(base, tmp_path / "instruct"))
@@ -1640,6 +1646,13 @@ def test_moe_layouts_the_plan_cannot_merge_are_named(tmp_path, arch):
             RainMerger.plan(*models, RainMergingConfig(lam=1.0, layers=[0, 1]))
         plan = RainMerger.plan(*models, RainMergingConfig(lam=1.0, stage2=False))
         assert {t.layer for t in plan.targets} == {0, 1, 2, 3}
+    elif arch == "deepseek_v3":  # latent attention: no projection has the per-head layout stage 2 scales
+        plan = RainMerger.plan(*models, RainMergingConfig(lam=1.0))
+        assert any(w.startswith("16 attention projections could not be mapped to heads (e.g. model.layers.0."
+                                "self_attn.q_a_proj): stage 2 scales each of them by its layer's mean α")
+                   for w in plan.warnings), plan.warnings
+        plan = RainMerger.plan(*models, RainMergingConfig(lam=1.0, stage2=False))
+        assert not any("could not be mapped to heads" in w for w in plan.warnings)
     else:  # transformers stores the router as block_sparse_moe.gate and loads it as mlp.router
         with pytest.raises(ModelMismatchError, match=r"No checkpoint stores 4 tensors .*\(e.g. model.layers.0.mlp"
                                                      r".router.weight\).*List target_modules without router\."):
