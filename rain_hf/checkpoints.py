@@ -106,11 +106,12 @@ def resolve_model(
     if local.exists():
         raise CheckpointError(f"The {role} model {text!r} is a file; pass the folder that holds config.json and "
                               "the safetensors weights.")
-    looks_local = text.startswith((".", "/", "~")) or os.sep in text.strip("/").split("/", 1)[-1] or text.count("/") > 1
+    written_as_path = text.startswith((".", "/", "~"))
+    looks_local = written_as_path or os.sep in text.strip("/").split("/", 1)[-1] or text.count("/") > 1
     if looks_local or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", text):
         parts = text.split("/")
         hint = ""
-        if len(parts) > 2 and not text.startswith((".", "/", "~")) and all(
+        if len(parts) > 2 and not written_as_path and all(
                 re.fullmatch(r"[\w.\-]+", part) for part in parts):
             # peft pushes a named adapter into a subfolder, and a Trainer's repository holds checkpoint-N/
             repo, sub = "/".join(parts[:2]), "/".join(parts[2:])

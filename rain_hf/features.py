@@ -189,12 +189,13 @@ def find_target_modules(model: nn.Module, config: RainMergingConfig) -> list[Tar
         raise ConfigError(f"target_modules entries {unmatched} match no linear module in the decoder blocks, whose "
                           f"linear modules are {names}: name them or a dotted suffix of their names (e.g. "
                           "['q_proj', 'mlp.down_proj']), or use 'all-linear'.")
-    conv1d = sorted({sub for block in layers for sub, m in block.named_modules() if type(m).__name__ == "Conv1D"})
-    if not targets and conv1d and not any(isinstance(m, nn.Linear) for block in layers for m in block.modules()):
-        raise ConfigError(f"The decoder blocks are built from GPT-2-style Conv1D layers ({', '.join(conv1d)}; "
-                          "weights stored [in, out]), not nn.Linear, and rain_hf merges linear layers only: use a "
-                          "model whose blocks use nn.Linear (Llama, Qwen2/3, Mistral, …).")
     if not targets:
+        conv1d = sorted({sub for block in layers for sub, m in block.named_modules()
+                         if type(m).__name__ == "Conv1D"})
+        if conv1d and not any(isinstance(m, nn.Linear) for block in layers for m in block.modules()):
+            raise ConfigError(f"The decoder blocks are built from GPT-2-style Conv1D layers ({', '.join(conv1d)}; "
+                              "weights stored [in, out]), not nn.Linear, and rain_hf merges linear layers only: use "
+                              "a model whose blocks use nn.Linear (Llama, Qwen2/3, Mistral, …).")
         raise ConfigError(f"target_modules={config.target_modules!r} matches no linear module in the layers "
                           f"{sorted(wanted_layers)} that config.layers selects: choose other layers or modules.")
     return targets

@@ -1171,7 +1171,8 @@ class RainMerger:
             if entry["hub_id"] and Path(entry["name_or_path"]).expanduser().is_dir():
                 entry["name_or_path"] = entry["hub_id"]
         inputs["instruct"]["kind"] = self.plan.instruct_kind
-        config = self._record_config().to_dict()
+        record = self._record_config()
+        config = record.to_dict()
         return {
             "rain_hf_version": __version__,
             "library_versions": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -1187,7 +1188,7 @@ class RainMerger:
             "template_opens_think": self._template_opens_think(),
             "config": config,
             "inputs": inputs,
-            "calibration": self._calibration_summary(),
+            "calibration": self._calibration_summary(record),
             "report": {"timings": self.report.timings, "modules": self.report.modules,
                        "head_coefficients": self.report.head_coefficients, "layers": self.report.layers,
                        "alignment": self.report.alignment, "leakage": self.report.leakage,
@@ -1206,9 +1207,10 @@ class RainMerger:
             setattr(record, name, getattr(self.config, name))
         return record
 
-    def _calibration_summary(self) -> dict[str, dict | None]:
+    def _calibration_summary(self, cfg: RainMergingConfig | None = None) -> dict[str, dict | None]:
+        """What the recorded merge (``cfg``, default :meth:`_record_config`) read from each calibration set."""
         info = {kind: dict(entry) if entry else entry for kind, entry in self.calibration_info.items()}
-        cfg = self._record_config()
+        cfg = cfg or self._record_config()
         auto = cfg.lam == "auto"
         if info["reasoning"] is None and self.features is not None and cfg.method == "rain" and cfg.stage1:
             projected, held = self.features.settings.get("num_samples"), len(self.features.heldout)
@@ -1349,10 +1351,10 @@ class RainMerger:
                                           card_template=card_template, eval_results=eval_results,
                                           model_id=namespaced_repo_id(repo_id, token), model_revision=revision)
             try:
+                message = commit_message or f"Upload {self._record_config().method} merge made with rain_hf"
                 return push_folder(folder, repo_id, private=private, token=token, revision=revision,
-                                   commit_message=commit_message or f"Upload {self._record_config().method} merge made with "
-                                                                    "rain_hf",
-                                   commit_description=commit_description, create_pr=create_pr)
+                                   commit_message=message, commit_description=commit_description,
+                                   create_pr=create_pr)
             except HubError as exc:
                 if scratch is None:
                     raise
