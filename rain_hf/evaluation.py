@@ -81,12 +81,13 @@ class ThinkSplit:
 
     Attributes:
         thinking: the text inside the think block (stripped; an unclosed block runs to the end), ``None`` when
-            the generation has no think tag at all. When the format is broken: all the text that is not the
-            answer, its pieces between tags joined by newlines.
+            the generation has no think tag at all and the prompt did not open a block. When the format is
+            broken: all the text that is not the answer, its pieces between tags joined by newlines.
         answer: the answer (stripped). When the format is broken: the text after the last think-close tag, up
             to a think-open tag that follows it, if there is one; else the text before an unclosed think-open tag
-            (so empty when the generation opens a block and never closes it: thinking is not an answer); the
-            whole text when there is no tag.
+            (so empty when the generation opens a block and never closes it: thinking is not an answer); when
+            there is no tag, the whole text, or nothing when the prompt opened the block
+            (``prompt_ends_with_open=True``: the block never closed, so all of it is thinking).
         format_ok: whether the generation has exactly one ``<think> … </think>`` block first, then a non-empty
             answer (see :func:`split_generation`).
     """
@@ -134,6 +135,8 @@ def split_generation(
         ThinkSplit(thinking='2+3=5 The answer is 5.', answer='', format_ok=False)
         >>> split_generation("The answer is 5.")  # no block at all: the model did not think
         ThinkSplit(thinking=None, answer='The answer is 5.', format_ok=False)
+        >>> split_generation("The answer is 5.", prompt_ends_with_open=True)  # the block the prompt opened
+        ThinkSplit(thinking='The answer is 5.', answer='', format_ok=False)
     """
     n_open = text.count(think_open)
     n_close = text.count(think_close)
@@ -1103,19 +1106,37 @@ def generate(
 def normalize_prompt(text: str) -> str:
     """Normalise a prompt for overlap checks: NFKC, case folded (so "straße" and "STRASSE" agree), punctuation and
     symbols other than mathematical ones turned into spaces (so "cats.Do" and "cats. Do" agree, while "2+3" and
-    "2×3" stay apart), invisible format characters (zero-width spaces …) dropped, whitespace collapsed.
+    "2×3" stay apart), invisible format characters (zero-width spaces …) dropped, whitespace collapsed. The ASCII
+    operators ``* / % ^`` count as mathematical, and so does a hyphen with a digit next to it (a minus: "2-3",
+    "-5"), while a hyphen between words is a space ("well-known" and "well known" agree). Mathematical symbols
+    stand apart from their neighbours, so "12*4" and "12 * 4" agree.
 
     Example:
         >>> normalize_prompt("  Write a POEM,   please!\\n")
         'write a poem please'
     """
-    text = unicodedata.normalize("NFKC", text).casefold()
+    text = "".join(ch for ch in unicodedata.normalize("NFKC", text).casefold() if unicodedata.category(ch) != "Cf")
     kept = []
-    for ch in text:
+    in_math = False
+    for i, ch in enumerate(text):
         category = unicodedata.category(ch)
-        if category != "Cf":
-            kept.append(" " if category[0] == "P" or category in ("Sc", "Sk", "So") else ch)
+        math = category == "Sm" or ch in _ASCII_OPERATORS or (ch == "-" and _digit_beside(text, i))
+        if math != in_math:
+            kept.append(" ")  # a run of symbols ("<=") is one word, apart from its neighbours
+            in_math = math
+        kept.append(ch if math or not (category[0] == "P" or category in ("Sc", "Sk", "So")) else " ")
     return " ".join("".join(kept).split())
+
+
+# Unicode files these under punctuation or modifier symbols, yet in a prompt they are arithmetic.
+_ASCII_OPERATORS = frozenset("*/%^")
+
+
+def _digit_beside(text: str, i: int) -> bool:
+    """Whether the nearest non-space character before or after ``text[i]`` is a digit."""
+    before = text[:i].rstrip()
+    after = text[i + 1 :].lstrip()
+    return bool(before and before[-1].isdigit()) or bool(after and after[0].isdigit())
 
 
 @dataclass

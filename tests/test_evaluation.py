@@ -808,6 +808,14 @@ def test_calibration_overlap():
     # symbols, zero-width characters and case folding do not hide a twin
     assert ev.normalize_prompt("use ©2024 ★ $5") == "use 2024 5"
     assert len({ev.normalize_prompt(f"What is 2{op}3?") for op in "+×<="}) == 4  # math symbols tell prompts apart
+    # ASCII operators and a minus are punctuation or symbols to Unicode, yet tell maths prompts apart
+    assert len({ev.normalize_prompt(f"Compute 12{op}4.") for op in "+*/-^% "}) == 7
+    assert ev.normalize_prompt("What is -5 + 3?") != ev.normalize_prompt("What is 5 + 3?")
+    assert ev.normalize_prompt("What is 2 - 3?") == "what is 2 - 3" == ev.normalize_prompt("What is 2-3?")
+    assert ev.normalize_prompt("Is 2<=3?") == "is 2 <= 3"
+    assert ev.normalize_prompt("a well-known fact") == ev.normalize_prompt("a well known fact")
+    operators = ev.calibration_overlap(["Compute 12*4."], ["Compute 12/4.", "Compute 12-4.", "Compute 12 * 4"])
+    assert operators.normalized_indices == [2]
     assert ev.normalize_prompt("hello\u200bworld") == "helloworld" == ev.normalize_prompt("HELLOWORLD")
     assert ev.normalize_prompt("Straße") == ev.normalize_prompt("STRASSE")
     with pytest.raises(TypeError, match=r"eval_prompts\[0\] is a list, not a string"):
