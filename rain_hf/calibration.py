@@ -702,19 +702,43 @@ def _parse_record(record: Mapping, template: _Template) -> _Fields:
     )
     _collect_annotations(record, fields)
     # [start, end] offsets count characters of the field as given; the fields were stripped (and split)
-    fields.prompt_groups = _shift_offsets(fields.prompt_groups, len(prompt) - len(prompt.lstrip()))
-    answer_at += len(response) - len(response.lstrip())
+    fields.prompt_groups = _shift_offsets(fields.prompt_groups, prompt, 0)
     for name in ("response_groups", "unrelated_groups"):
-        setattr(fields, name, _shift_offsets(getattr(fields, name), answer_at))
+        setattr(fields, name, _shift_offsets(getattr(fields, name), response, answer_at))
     return fields
 
 
-def _shift_offsets(groups: list[list[Any]], shift: int) -> list[list[Any]]:
-    """Annotation groups with every ``[start, end]`` offset pair moved ``shift`` characters to the left."""
-    if not shift:
-        return groups
-    return [[[item[0] - shift, item[1] - shift] if _is_offset_pair(item) else item for item in group]
-            for group in groups]
+class _GivenOffsets(tuple):
+    """A ``(start, end)`` pair in the stripped text, remembering the offsets the record gave (for messages)."""
+
+    given: list[int]
+
+    def __new__(cls, start: int, end: int, given: Sequence[int]) -> _GivenOffsets:
+        pair = super().__new__(cls, (start, end))
+        pair.given = list(given)
+        return pair
+
+
+def _shift_offsets(groups: list[list[Any]], text: str, text_at: int) -> list[list[Any]]:
+    """Annotation groups with every ``[start, end]`` offset pair, given in a field where the unstripped ``text``
+    starts at ``text_at``, moved into ``text.strip()``.
+
+    An edge that falls into the whitespace stripped off ``text`` moves to the stripped text's edge: an annotation
+    of "Write in lowercase.\n" or of the blank line before an answer still means the text it covers.
+    """
+    leading = len(text) - len(text.lstrip())
+    stripped = len(text.strip())
+
+    def inside(offset: int) -> int:
+        offset -= text_at + leading
+        if -leading <= offset < 0:
+            return 0
+        if stripped < offset <= len(text) - leading:
+            return stripped
+        return offset
+
+    return [[_GivenOffsets(inside(item[0]), inside(item[1]), item) if _is_offset_pair(item) else item
+             for item in group] for group in groups]
 
 
 def _split_think_text(content: Any, template: _Template, source: str) -> tuple[str, str, int]:
@@ -744,6 +768,13 @@ def _split_think_text(content: Any, template: _Template, source: str) -> tuple[s
     reasoning = content[:cut].strip()
     if reasoning.startswith(template.think_open):
         reasoning = reasoning[len(template.think_open):]
+    elif template.think_open in reasoning:
+        preamble = reasoning[:reasoning.index(template.think_open)].strip()
+        raise _Malformed(
+            f"field '{source}' has text before {template.think_open!r} ({preamble[:40]!r}): the think block "
+            f"comes first, as '{template.think_open}thinking{close}answer'; drop the text or move it into the "
+            "prompt"
+        )
     return reasoning, content[cut + len(close):], cut + len(close)
 
 
@@ -800,10 +831,15 @@ def locate_annotations(segment: str, groups: Iterable[Sequence[Any]]) -> tuple[l
         for item in group:
             if _is_offset_pair(item):
                 start, end = int(item[0]), int(item[1])
-                if not 0 <= start < end <= len(segment):
-                    missing.append(f"offsets {list(item)} outside the segment of {len(segment)} characters")
+                given = getattr(item, "given", None)
+                named = f"offsets {given or list(item)}"
+                if given is not None and 0 <= start == end <= len(segment):  # all in the stripped whitespace
+                    missing.append(f"{named} cover only whitespace")
+                elif not 0 <= start < end <= len(segment):
+                    whitespace = "" if given is None else ", edge whitespace stripped"
+                    missing.append(f"{named} outside the segment of {len(segment)} characters{whitespace}")
                 elif not segment[start:end].strip():
-                    missing.append(f"offsets {list(item)} cover only whitespace")
+                    missing.append(f"{named} cover only whitespace")
                 else:
                     spans.append(_without_edge_space(segment, (start, end)))
                 continue
@@ -845,10 +881,10 @@ def _find_in_segment(segment: str, needle: str, prev_start: int, prev_end: int) 
     From each starting point a whole-word occurrence is preferred (``"at"`` in ``"Associate at X"`` is the word
     ``at``), then any occurrence.
     """
-    starts = dict.fromkeys((prev_end, prev_start, 0))
-    for candidate in dict.fromkeys((needle, needle.strip())):
-        whole_word = _whole_word_pattern(candidate)
-        for start_at in starts:
+    candidates = dict.fromkeys((needle, needle.strip()))
+    for start_at in dict.fromkeys((prev_end, prev_start, 0)):
+        for candidate in candidates:
+            whole_word = _whole_word_pattern(candidate)
             match = whole_word.search(segment, start_at)
             if match:
                 return match.span()

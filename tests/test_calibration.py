@@ -179,6 +179,9 @@ def test_annotations_forward_search_and_offsets():
     text = "skills as a [Sales Associate] at [Company]. Eager"
     spans, _ = locate_annotations(text, [["skills as a", "at", ". Eager"]])
     assert [text[a:b] for a, b in spans] == ["skills as a", "at", ". Eager"] and spans[1][0] == text.index(" at ") + 1
+    # forward first, for an annotation with edge whitespace too ("at " is the "at" after "look", not in "Sit at")
+    spans, _ = locate_annotations("Sit at home. Then look at.", [["Then look", "at "]])
+    assert spans == [(13, 22), (23, 25)]
     spans, _ = locate_annotations("the ink, the links", [["links", "ink"], ["ink"]])
     assert spans == [(13, 18), (14, 17), (4, 7)]
     assert merge_spans([(5, 7), (1, 3), (2, 4), (7, 9), (10, 10)]) == [(1, 4), (5, 9)]
@@ -380,6 +383,24 @@ def test_offset_annotations_count_characters_of_the_field_as_given(tok):
     (s,) = prepare_instruction_calibration([record], tok, _cfg(on_malformed="error"))
     assert [_text(tok, s, sp).strip() for sp in s.instruction_spans] == ["Write in lowercase."]
     assert [_text(tok, s, sp).strip() for sp in s.constrained_spans] == ["apples"]
+
+
+def test_offsets_may_take_in_the_whitespace_stripped_off_a_field(tok, caplog):
+    prompt = "Tell me about apples. Write in lowercase.\n"
+    response = "<think>ok</think>\n\napples are good.\n"
+    record = {"prompt": prompt, "response": response,
+              "instruction_spans": [[prompt.index("Write"), len(prompt)]],
+              "response_spans": [[response.index("</think>") + 8, response.index(" are")], [0, 9]]}
+    with caplog.at_level(logging.WARNING, logger="rain_hf"):
+        (s,) = prepare_instruction_calibration([record], tok, _cfg())
+    assert [_text(tok, s, sp).strip() for sp in s.instruction_spans] == ["Write in lowercase."]
+    assert [_text(tok, s, sp).strip() for sp in s.constrained_spans] == ["apples"]
+    # the warning quotes the offsets the record gave: [0, 9] is the think block, not the answer
+    assert "response offsets [0, 9] outside the segment of 16 characters, edge whitespace stripped" in caplog.text
+    record = dict(record, instruction_spans=[[len(prompt) - 1, len(prompt)]], response_spans=[])
+    with caplog.at_level(logging.WARNING, logger="rain_hf"):
+        prepare_instruction_calibration([record], tok, _cfg())
+    assert f"prompt offsets [{len(prompt) - 1}, {len(prompt)}] cover only whitespace" in caplog.text
 
 
 def test_dataset_input(tok):
@@ -592,6 +613,8 @@ def test_reasoning_inside_the_response_is_split(tok):
          r"'response' holds think tags but cannot be split .*\(found 0\).*as 'reasoning'"),
         ({"prompt": "Hi", "response": "a</think>b</think>c"}, "cannot be split .*exactly one '</think>' .*found 2"),
         ({"prompt": "Hi", "response": "<think></think>Ok."}, "the thinking in 'response' is empty"),
+        ({"prompt": "Hi", "response": "Sure.\n<think>Hmm.</think>Ok."},
+         r"'response' has text before '<think>' \('Sure.'\): the think block comes first"),
         ({"prompt": "Hi", "response": "Ok."}, "field 'reasoning' / 'reason' is missing, and field 'response' holds "
                                               "no '</think>' .*or leave the answer out"),
         ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ok."}]},
