@@ -196,8 +196,10 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False, marker:
     """Yield a fresh temporary folder beside ``target``; move it to ``target`` only when the block succeeds.
 
     On any exception (KeyboardInterrupt included) the temporary folder is deleted and ``target`` is left as it
-    was. An existing ``target`` is replaced only with ``overwrite=True`` (or when it is an empty folder), only
-    after the new one is complete, and never where :func:`replace_problem` (with ``marker``) objects.
+    was. An existing ``target`` is replaced only with ``overwrite=True``, only after the new one is complete, and
+    never where :func:`replace_problem` (with ``marker``) objects. An existing empty folder is filled in place
+    instead (it may be a mount point, or sit in a folder that cannot be written): the temporary folder is inside
+    it, and its files move up when the block succeeds.
     """
     target = Path(target).expanduser().absolute()
     if target.is_symlink() and target.exists():
@@ -211,6 +213,14 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False, marker:
         raise OutputExistsError(problem)
     if target.exists() and not overwrite:
         raise OutputExistsError(f"{target} already exists: choose another folder or pass overwrite=True.")
+    if target.is_dir() and not holds_output(target):
+        # an empty folder made ahead may be a mount point or sit in a folder we cannot write: fill it in place
+        with _filled_in_place(target) as tmp:
+            yield tmp
+        return
+    if os.path.ismount(target):
+        raise OutputExistsError(f"{target} is a mount point, so the new output cannot take its place: empty it "
+                                "and save again (an empty folder is filled), or name a folder inside it.")
     made = [p for p in (target.parent, *target.parent.parents) if not p.exists()]  # innermost first
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
@@ -227,7 +237,13 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False, marker:
     try:
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "out")
+            try:
+                os.replace(target, old / "out")
+            except OSError as exc:
+                raise OutputExistsError(
+                    f"{target} could not be moved aside for the new output ({exc.strerror}; a mount point cannot "
+                    "be): empty it and save again (an empty folder is filled in place), or name a folder inside "
+                    "it.") from exc
         os.replace(tmp, target)
     except BaseException:  # Ctrl-C included: whatever step it hit, leave target as it was and no debris
         replaced = not tmp.exists()  # the new folder took target's place before the interruption
@@ -243,4 +259,29 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False, marker:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    logger.info("Wrote %s", target)
+
+
+@contextlib.contextmanager
+def _filled_in_place(target: Path) -> Iterator[Path]:
+    """Yield a temporary folder inside the empty folder ``target``; move its files up only when the block
+    succeeds, else leave ``target`` empty again."""
+    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=target))
+    os.chmod(tmp, 0o755)
+    moved: list[Path] = []
+    try:
+        yield tmp
+        for entry in sorted(tmp.iterdir()):
+            os.replace(entry, target / entry.name)
+            moved.append(target / entry.name)
+        tmp.rmdir()
+    except BaseException:
+        for path in moved:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     logger.info("Wrote %s", target)

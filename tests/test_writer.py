@@ -1,6 +1,9 @@
 """Streaming sharded safetensors and the all-or-nothing output folder."""
 
+import errno
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -120,6 +123,51 @@ def test_atomic_directory_through_a_symbolic_link(tmp_path):
         with atomic_directory(dangling):
             raise AssertionError("the block ran")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "disk", "out"]
+
+
+def test_an_empty_folder_made_ahead_is_filled_in_place(tmp_path, monkeypatch):
+    # a mount point, or a folder in a parent the user cannot write: the folder itself must stay where it is
+    target = tmp_path / "volume"
+    target.mkdir()
+    inode = target.stat().st_ino
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(*args, dir=None, **kwargs):
+        if Path(dir) == tmp_path:
+            raise PermissionError(13, "Permission denied", str(dir))
+        return real_mkdtemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target) as tmp:
+            assert tmp.parent == target
+            (tmp / "model.safetensors").write_text("half")
+            raise RuntimeError("boom")
+    assert target.is_dir() and list(target.iterdir()) == []
+    with atomic_directory(target) as tmp:
+        (tmp / "config.json").write_text("{}")
+        (tmp / "sub").mkdir()
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "sub"]
+    assert target.stat().st_ino == inode and [p.name for p in tmp_path.iterdir()] == ["volume"]
+
+
+def test_an_output_that_cannot_be_moved_aside_is_named(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("old")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(src) == target:  # what a mount point answers
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OutputExistsError, match=r"out could not be moved aside for the new output \(Device or "
+                                                r"resource busy; a mount point cannot be\): empty it"):
+        with atomic_directory(target, overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["keep.txt"] and [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_atomic_directory_output_is_an_ordinary_folder(tmp_path):
