@@ -318,11 +318,11 @@ class ThinkFeatures:
 
     def check_compatible(self, config: RainMergingConfig, module_names: Sequence[str], projects: bool = True
                          ) -> None:
-        """Refuse features computed with other position settings, for other modules, (for ``lam="auto"``) with
-        another held-out draw, or (when their bases will project, ``projects``) by an SVD too coarse for
-        ``config.rcond``."""
+        """Refuse features computed with other position settings or sample cap, for other modules, (for
+        ``lam="auto"``) with another held-out draw, or (when their bases will project, ``projects``) by an SVD in
+        another precision or too coarse for ``config.rcond``."""
         for key in ("positions", "window", "project_bias", "think_open", "think_close", "think_spacing",
-                    "max_length"):
+                    "max_length", "max_reasoning_samples"):
             if key == "window" and config.positions not in ("window", "window-before-answer"):
                 continue  # the radius plays no part in the other position sets
             if key in self.settings and self.settings[key] != getattr(config, key):
@@ -335,6 +335,11 @@ class ThinkFeatures:
                              f"singular values down to about {floor:g}·σ_max, but the config asks for rcond="
                              f"{config.rcond:g}: below that, rounding noise would be protected. Recompute the "
                              f"features with precision='float64', or use rcond >= {floor:g}.")
+        recorded = self.settings.get("precision")
+        if projects and recorded is not None and recorded != config.precision:
+            raise ValueError(f"These thinking features' SVD ran in {recorded}, but the config asks for precision="
+                             f"{config.precision!r}: recompute them in it (pass reasoning_calibration=... to merge()), "
+                             f"or set precision={recorded!r}.")
         # lam="auto" measures L_think on the samples these features left out: the config must name the same draw
         for recorded, key in (("holdout_share", "lam_auto_holdout"), ("holdout_seed", "seed")):
             if config.lam == "auto" and recorded in self.settings and self.settings[recorded] != getattr(config, key):
@@ -484,7 +489,8 @@ def capture_think_features(
         bases[group] = _rows_svd(chunks, config, svd_device, bias_column=group in biased, where=group)
         chunks.clear()
     settings = {"positions": config.positions, "window": config.window, "project_bias": config.project_bias,
-                "precision": config.precision, "num_samples": len(samples), "num_rows": n_rows}
+                "precision": config.precision, "max_reasoning_samples": config.max_reasoning_samples,
+                "num_samples": len(samples), "num_rows": n_rows}
     logger.info("Captured thinking features: %d samples, %d positions, %d input groups", len(samples), n_rows,
                 len(bases))
     return ThinkFeatures(bases, dict(recorder.module_group), settings)

@@ -7,6 +7,7 @@ The merger only orders the steps; the math lives in :mod:`rain_hf.projection`, :
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -181,6 +182,16 @@ def _load_model_config(src: ModelSource, role: str):
                               "unquantized checkpoint, or dequantize it first (load it with transformers and "
                               "save_pretrained in bfloat16).")
     return config
+
+
+def _check_fits_float16(name: str, tensor: torch.Tensor, output_dtype: str | None) -> None:
+    """Refuse a tensor that overflowed float16 (a cast or a merge gave ±inf), naming it and the fix."""
+    if bool(torch.isfinite(tensor).all()):
+        return
+    fix = ("save in 'bfloat16' (same size, float32's range) or leave output_dtype unset" if output_dtype
+           else "merge in float32 (torch_dtype='float32') and save with output_dtype='bfloat16'")
+    raise ConfigError(f"{name} does not fit in float16 (largest magnitude 65504): saved as float16 it holds "
+                      f"infinite values: {fix}.")
 
 
 def _dtype_problem(out: torch.dtype, loaded: torch.dtype) -> str | None:
@@ -647,8 +658,8 @@ class RainMerger:
         return merger
 
     # ------------------------------------------------------------------ helpers
-    def _output_dtype(self, key: str) -> torch.dtype:
-        return _saved_dtype(self.config, self.reasoning.dtype(key))
+    def _output_dtype(self, key: str, cfg: RainMergingConfig | None = None) -> torch.dtype:
+        return _saved_dtype(cfg or self.config, self.reasoning.dtype(key))
 
     def _check_output_dtypes(self) -> None:
         params = self._params()
@@ -685,8 +696,12 @@ class RainMerger:
         """Stage-1 features of the reasoning model on ``reasoning_calibration`` (kept and returned).
 
         They depend only on the reasoning model and its calibration set: compute them once, then merge several
-        instruct models (or save them with :meth:`ThinkFeatures.save` and pass ``features=`` later).
+        instruct models (or save them with :meth:`ThinkFeatures.save` and pass ``features=`` later). They are
+        taken on the reasoning model's own weights, so a merge the model holds is undone (merge again).
         """
+        if self.merged:  # the capture runs on the reasoning model itself
+            logger.warning("compute_features() puts the reasoning model's weights back, undoing the last merge: call "
+                           "merge() again to merge with these features.")
         if self._touched:  # a finished merge, or one that failed half way
             self.reset()
         start = time.perf_counter()
@@ -877,7 +892,7 @@ class RainMerger:
 
     def _merged_keys(self) -> set[str]:
         keys = {t.weight_key for t in self.targets}
-        if self.config.project_bias:
+        if self.plan.config.project_bias:  # fixed by the plan (merge() refuses a change), whatever config says now
             keys |= {t.bias_key for t in self.targets if t.bias_key}
         return keys
 
@@ -1250,29 +1265,36 @@ class RainMerger:
         branch, if not main. Returns the folder's path (``~`` expanded).
         """
         if not self.merged:
-            raise RuntimeError("Nothing to save yet: call merge() first.")
+            if self._merged_config is None:
+                raise RuntimeError("Nothing to save yet: call merge() first.")
+            raise RuntimeError("Nothing to save: the model no longer holds a finished merge (compute_features() or "
+                               "reset() put the reasoning model's weights back, or a later merge() did not finish): "
+                               "call merge() again.")
         edited = [k for k, v in vars(self._merged_config).items()
                   if k != "max_shard_size" and _as_list(getattr(self.config, k)) != _as_list(v)] \
             if self._merged_config else []
         if edited:
             was = self._merged_config.output_dtype
-            rounded = (f" (its merged weights were rounded to {was!r})" if was else
-                       " (its merged weights were rounded to the checkpoint's own dtypes)") \
+            rounded = (f" (rounded to and saved in {was!r})" if was else
+                       " (saved in the checkpoint's own dtypes, which its merged weights were rounded to)") \
                 if "output_dtype" in edited else ""
+            fixed = [k for k in edited if k in _PLAN_FIELDS]
+            apply = (f"make a new RainMerger with {fixed[0]} changed (merge() refuses it)" if fixed
+                     else "call merge() to apply the changes")
             logger.warning("merger.config was changed after the last merge (%s); the saved model is that merge%s, "
-                           "and its card and rain_merging_config.json describe it: call merge() to apply the changes.",
+                           "and its card and rain_merging_config.json describe it: %s.",
                            "; ".join(f"{k}: {getattr(self._merged_config, k)!r} → {getattr(self.config, k)!r}"
-                                     for k in edited), rounded)
+                                     for k in edited), rounded, apply)
         clash = input_folder_in(save_directory, self.sources)
         if clash:  # overwriting an input would also make every later merge read the merged weights as θ_R/θ_B/θ_I
             raise ConfigError(f"save_directory {str(save_directory)!r} is (or holds) the {clash[0]} model's folder "
                               f"{clash[1]}: saving there would replace an input. Choose another folder.")
-        self._check_output_dtypes()
+        merged_with = self._merged_config  # the saved model is the last merge, in the dtypes it was rounded to
         self.report.timings.pop("save", None)  # the sidecar is written before this save's time is known
         start = time.perf_counter()
         shard_size = parse_size(max_shard_size if max_shard_size is not None else self.config.max_shard_size)
         keys = self.reasoning.keys()
-        specs = [TensorSpec(k, self.reasoning.shape(k), self._output_dtype(k)) for k in keys]
+        specs = [TensorSpec(k, self.reasoning.shape(k), self._output_dtype(k, merged_with)) for k in keys]
         merged = self._merged_keys()
         params = self._params()
         src = self.sources["reasoning"].path
@@ -1293,14 +1315,17 @@ class RainMerger:
                         tensor = params[spec.name].detach().to("cpu", spec.dtype)
                     else:
                         tensor = self.reasoning.get(spec.name).to(spec.dtype)
+                    if spec.dtype == torch.float16 and (spec.name in merged or
+                                                        self.reasoning.dtype(spec.name) != torch.float16):
+                        _check_fits_float16(spec.name, tensor, merged_with.output_dtype)
                     writer.write(spec.name, tensor)
                     del tensor  # else the next read would hold two of the largest tensors (embeddings, LM head)
                 writer.close()
             finally:
                 writer.abort()
             model_config = read_json(src / "config.json", "the reasoning model")
-            if self.config.output_dtype is not None:
-                model_config["dtype"] = self.config.output_dtype
+            if merged_with.output_dtype is not None:
+                model_config["dtype"] = merged_with.output_dtype
                 model_config.pop("torch_dtype", None)
             with open(tmp / "config.json", "w", encoding="utf-8") as f:
                 json.dump(model_config, f, indent=2, sort_keys=True)
@@ -1308,6 +1333,8 @@ class RainMerger:
             if (src / "generation_config.json").is_file():
                 (tmp / "generation_config.json").write_bytes((src / "generation_config.json").read_bytes())
             for file in license_files(src):  # the merge redistributes the reasoning model's weights
+                (tmp / file.name).write_bytes(file.read_bytes())
+            for file in remote_code_files(src, model_config):  # config.json's auto_map still names them
                 (tmp / file.name).write_bytes(file.read_bytes())
             self.tokenizer.save_pretrained(str(tmp))
         self.report.timings["save"] = time.perf_counter() - start
@@ -1387,6 +1414,33 @@ def _card_license(folder: Path) -> dict[str, str]:
 def license_files(folder: Path) -> list[Path]:
     """The top-level licence files (``LICENSE``, ``LICENSE.txt``, …) of a model folder, copied into a merge of it."""
     return sorted(p for p in folder.glob("LICENSE*") if p.is_file())
+
+
+def remote_code_files(folder: Path, model_config: dict) -> list[Path]:
+    """The top-level Python files of a model folder whose ``config.json`` or ``tokenizer_config.json`` has an
+    ``auto_map`` (code loaded with ``trust_remote_code=True``), so that a merge of it loads the same way; a module
+    the map names that the folder lacks is warned about."""
+    maps = [model_config.get("auto_map")]
+    tokenizer_config = folder / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            maps.append(json.loads(tokenizer_config.read_text(encoding="utf-8")).get("auto_map"))
+    named = set()
+    for auto_map in maps:
+        if not isinstance(auto_map, dict):
+            continue
+        for value in auto_map.values():
+            for reference in value if isinstance(value, list) else [value]:
+                # "module.Class", or "org/repo--module.Class" for code that lives in another repository
+                if isinstance(reference, str) and "--" not in reference and "." in reference:
+                    named.add(reference.rsplit(".", 1)[0] + ".py")
+    if not named:
+        return []
+    missing = sorted(name for name in named if not (folder / name).is_file())
+    if missing:
+        logger.warning("The reasoning model's auto_map names %s, which its folder lacks: the merged folder loads "
+                       "with trust_remote_code=True only once you add it.", ", ".join(missing))
+    return sorted(p for p in folder.glob("*.py") if p.is_file())
 
 
 def _input_license_link(link: str | None, role: str, source: ModelSource) -> str | None:

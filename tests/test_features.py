@@ -79,7 +79,15 @@ def test_saved_features_refuse_an_rcond_their_svd_precision_does_not_resolve():
     with pytest.raises(ValueError, match="SVD ran in float32.*rcond=1e-12.*precision='float64'"):
         ThinkFeatures({}, {}, {"precision": "float32"}).check_compatible(fine, [])
     ThinkFeatures({}, {}, {"precision": "float64"}).check_compatible(fine, [])
-    ThinkFeatures({}, {}, {"precision": "float32"}).check_compatible(dataclasses.replace(fine, projection="ridge"), [])
+    ridge32 = dataclasses.replace(fine, projection="ridge", precision="float32", rcond=1e-5)
+    ThinkFeatures({}, {}, {"precision": "float32"}).check_compatible(dataclasses.replace(ridge32, rcond=1e-12), [])
+    # bases from another precision than the config's would project in it unnoticed
+    with pytest.raises(ValueError, match=r"SVD ran in float32, but the config asks for precision='float64': "
+                                         r"recompute them in it .*or set precision='float32'"):
+        ThinkFeatures({}, {}, {"precision": "float32"}).check_compatible(dataclasses.replace(fine, rcond=1e-5), [])
+    with pytest.raises(ValueError, match=r"computed with max_reasoning_samples=8 but the config asks for 4"):
+        ThinkFeatures({}, {}, {"max_reasoning_samples": 8}).check_compatible(
+            dataclasses.replace(fine, max_reasoning_samples=4), [])
     ThinkFeatures({}, {}, {}).check_compatible(fine, [])  # saved before the precision was recorded
     # a sequential merge without stage 2 recomputes every basis in the config's precision
     ThinkFeatures({}, {}, {"precision": "float32"}).check_compatible(fine, [], projects=False)

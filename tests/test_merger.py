@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rain_hf import RainMerger, RainMergingConfig
@@ -1313,10 +1313,10 @@ def test_output_dtype_changed_after_construction_is_checked_again(qwen2, tmp_pat
         merger.merge()
     merger.config.output_dtype = "bfloat16"
     merger.merge()
-    merger.config.output_dtype = "float32"
-    with pytest.raises(ConfigError, match="output_dtype"):
-        merger.save_pretrained(tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    merger.config.output_dtype = "float32"  # after the merge: the save is that merge, in bf16 as it was rounded
+    out = merger.save_pretrained(tmp_path / "out")
+    assert {t.dtype for t in _weights(out).values()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def _drawn(merger, n):
@@ -1523,12 +1523,23 @@ def test_saved_records_describe_the_merge_the_model_holds(qwen2, tmp_path, caplo
     assert "Stage 1 was off" not in (out / "README.md").read_text()
     merger.config.lam, merger.config.stage1 = 1.0, True
     merger.config.lam_grid = tuple(merger.config.lam_grid)  # equal as a tuple: no edit
-    merger.config.output_dtype = "float32"  # the merged weights were not rounded to it: an edit
+    merger.config.output_dtype = "bfloat16"  # the merged weights were not rounded to it: an edit
+    merger.config.project_bias = True  # fixed by the plan: merge() refuses it
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="rain_hf.merger"):
-        merger.save_pretrained(tmp_path / "b")
-    assert "changed after the last merge (output_dtype: None → 'float32'); the saved model is that merge (its " \
-           "merged weights were rounded to the checkpoint's own dtypes)" in caplog.text
+        out = merger.save_pretrained(tmp_path / "b")
+    assert "changed after the last merge (project_bias: False → True; output_dtype: None → 'bfloat16'); the saved " \
+           "model is that merge (saved in the checkpoint's own dtypes, which its merged weights were rounded to), " \
+           "and its card and rain_merging_config.json describe it: make a new RainMerger with project_bias " \
+           "changed" in caplog.text
+    # ... and it is saved as it was merged: in float32, its biases the reasoning model's (project_bias was off)
+    saved = load_file(out / "model.safetensors")
+    params = dict(merger.model.named_parameters())
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    assert "dtype" not in json.loads((out / "config.json").read_text()) or \
+        json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    assert all(torch.equal(saved[k], params[k].detach()) for k in saved if not k.startswith("lm_head"))
+    merger.config.project_bias = False
     merger.config.output_dtype, merger.config.lam, merger.config.stage1 = None, 4.0, False
     # a merge without stage 1 lists no reasoning data and no feature timing, though the features are kept
     merger.merge()
@@ -1573,8 +1584,22 @@ def test_an_interrupted_restore_leaves_nothing_to_save(qwen2, tmp_path, monkeypa
         merger.merge()
     monkeypatch.undo()
     assert not merger.merged
-    with pytest.raises(RuntimeError, match="Nothing to save yet"):
+    with pytest.raises(RuntimeError, match=r"no longer holds a finished merge .*or a later merge\(\) did not finish"):
         merger.save_pretrained(tmp_path / "mixed")
+
+
+def test_compute_features_after_a_merge_says_it_undoes_it(qwen2, tmp_path, caplog):
+    merger = _merger(qwen2, lam=1.0, stage2=False, sequential=False)
+    with pytest.raises(RuntimeError, match=r"Nothing to save yet: call merge\(\) first"):
+        merger.save_pretrained(tmp_path / "out")
+    merger.merge(reasoning_records(3))
+    with caplog.at_level(logging.WARNING, logger="rain_hf.merger"):
+        merger.compute_features(reasoning_records(3))
+    assert "compute_features() puts the reasoning model's weights back, undoing the last merge" in caplog.text
+    reasoning = _weights(qwen2["reasoning"])
+    assert all(torch.equal(p.detach(), reasoning[k]) for k, p in merger.model.named_parameters() if k in reasoning)
+    with pytest.raises(RuntimeError, match=r"no longer holds a finished merge \(compute_features\(\) or reset"):
+        merger.save_pretrained(tmp_path / "out")
 
 
 def test_biases_merge_with_lambda_and_their_rows_head_scale(qwen2):
@@ -1600,6 +1625,65 @@ def test_biases_merge_with_lambda_and_their_rows_head_scale(qwen2):
     baseline.merge()
     key = "model.layers.0.self_attn.k_proj.bias"
     torch.testing.assert_close(baseline.model.get_parameter(key).detach(), reas[key] + 0.5 * (inst[key] - base[key]))
+
+
+def test_a_tensor_that_overflows_float16_is_refused_at_save(qwen2, tmp_path):
+    # a bf16 or fp32 checkpoint may hold values past float16's 65504 (an outlier norm weight)
+    folders = {role: tmp_path / role for role in ("base", "reasoning", "instruct")}
+    for role, folder in folders.items():
+        shutil.copytree(qwen2[role], folder)
+    weights = _weights(folders["reasoning"])
+    weights["model.norm.weight"][0] = 1.0e5
+    save_file(weights, str(folders["reasoning"] / "model.safetensors"), metadata={"format": "pt"})
+    merger = RainMerger.from_pretrained(folders["base"], folders["reasoning"], folders["instruct"],
+                                        RainMergingConfig(method="task_arithmetic", output_dtype="float16"))
+    merger.merge()
+    with pytest.raises(ConfigError, match=r"model.norm.weight does not fit in float16 .*save in 'bfloat16'"):
+        merger.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    merger.config.output_dtype = "bfloat16"
+    merger.merge()
+    assert _weights(merger.save_pretrained(tmp_path / "out"))["model.norm.weight"][0].item() > 65504
+
+
+def test_a_reasoning_model_with_its_own_code_gives_a_merge_that_loads_the_same_way(qwen2, tmp_path, caplog):
+    folders = {role: tmp_path / role for role in ("base", "reasoning", "instruct")}
+    for role, folder in folders.items():
+        shutil.copytree(qwen2[role], folder)
+    reasoning = folders["reasoning"]
+    config = json.loads((reasoning / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_mine.MineConfig",
+                          "AutoModelForCausalLM": "modeling_mine.MineForCausalLM",
+                          "AutoModel": "other/repo--modeling_other.Other"}  # code in another repository
+    (reasoning / "config.json").write_text(json.dumps(config))
+    (reasoning / "configuration_mine.py").write_text(
+        "from transformers import Qwen2Config\n\n\nclass MineConfig(Qwen2Config):\n    pass\n")
+    (reasoning / "modeling_mine.py").write_text(
+        "from transformers import Qwen2ForCausalLM\n\nfrom .configuration_mine import MineConfig\n\n\n"
+        "class MineForCausalLM(Qwen2ForCausalLM):\n    config_class = MineConfig\n")
+    merger = RainMerger.from_pretrained(folders["base"], reasoning, folders["instruct"],
+                                        RainMergingConfig(method="task_arithmetic"))
+    merger.merge()
+    out = merger.save_pretrained(tmp_path / "out")
+    for name in ("configuration_mine.py", "modeling_mine.py"):
+        assert (out / name).read_bytes() == (reasoning / name).read_bytes()
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert type(model).__name__ == "MineForCausalLM"
+    (reasoning / "modeling_mine.py").unlink()
+    with caplog.at_level(logging.WARNING, logger="rain_hf.merger"):
+        merger.save_pretrained(tmp_path / "out2")
+    assert "auto_map names modeling_mine.py, which its folder lacks" in caplog.text
+
+
+def test_merged_biases_are_saved_after_project_bias_is_edited(qwen2, tmp_path):
+    # project_bias is fixed by the plan: an edit after the merge must not make the save drop the merged biases
+    merger = _merger(qwen2, method="task_arithmetic", lam=0.5, project_bias=True)
+    merger.merge()
+    merger.config.project_bias = False
+    saved = _weights(merger.save_pretrained(tmp_path / "out"))
+    key = "model.layers.0.self_attn.k_proj.bias"
+    assert not torch.equal(saved[key], _weights(qwen2["reasoning"])[key])
+    assert torch.equal(saved[key], merger.model.get_parameter(key).detach())
 
 
 def test_a_module_without_bias_is_projected_on_its_groups_features_without_the_ones_column(qwen2):
