@@ -76,7 +76,9 @@ class RainMergingConfig:
         rcond: relative singular-value cut-off of the SVD projection (at least 1e-5 with float32 precision, 1e-13
             with float64: smaller cut-offs would count rounding noise as features).
         ridge: relative ridge strength of the ridge projection.
-        project_bias: also merge biases, projecting [ΔW | Δb] against features with a constant 1 column.
+        project_bias: also merge biases, projecting [ΔW | Δb] against features with a constant 1 column (every
+            method; off, the merged modules keep the reasoning model's biases, and a plan warns when the instruct
+            model changed them).
         precision: arithmetic of the projection (``"float32"`` or ``"float64"``).
         sequential: take each module's thinking features from the model being merged instead of the reasoning
             model: input groups (q/k/v, o, gate/up, down) are merged in forward order, and each group's features

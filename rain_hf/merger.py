@@ -184,6 +184,13 @@ def _load_model_config(src: ModelSource, role: str):
     return config
 
 
+def _bias_changed(instruct: LazyCheckpoint, base: LazyCheckpoint, key: str) -> bool:
+    """Whether a bias both checkpoints store differs between them (a missing one is reported elsewhere)."""
+    if key not in instruct or key not in base or instruct.shape(key) != base.shape(key):
+        return False
+    return not torch.equal(instruct.get(key), base.get(key))
+
+
 def _check_fits_float16(name: str, tensor: torch.Tensor, output_dtype: str | None) -> None:
     """Refuse a tensor that overflowed float16 (a cast or a merge gave ±inf), naming it and the fix."""
     if bool(torch.isfinite(tensor).all()):
@@ -507,6 +514,12 @@ class RainMerger:
         else:
             instruct_ckpt = LazyCheckpoint(sources["instruct"].path, f"the instruct model {shown['instruct']}")
             instruct = FullDelta(instruct_ckpt, base)
+            if not config.project_bias:  # as the adapter's trained biases above: say that they stay behind
+                changed = [t.bias_key for t in targets if t.bias_key and _bias_changed(instruct_ckpt, base, t.bias_key)]
+                if changed:
+                    warnings.append(f"the instruct model changed {len(changed)} biases of merged modules (e.g. "
+                                    f"{changed[0]}); they keep the reasoning model's values: they are merged only "
+                                    "with project_bias=True")
         keys_to_check = [t.weight_key for t in targets]
         if config.project_bias:
             keys_to_check += [t.bias_key for t in targets if t.bias_key]

@@ -579,10 +579,11 @@ def test_a_merge_that_fails_half_way_leaves_nothing_behind(qwen2, monkeypatch):
     for (k, v), (k2, v2) in zip(clean.model.named_parameters(), merger.model.named_parameters()):
         assert k == k2 and torch.equal(v, v2), k
     assert merger.report.lam_search == clean.report.lam_search
-    assert merger.report.warnings == clean.report.warnings and len(clean.report.warnings) == 2
+    assert merger.report.warnings == clean.report.warnings and len(clean.report.warnings) == 3
+    assert clean.report.warnings[0].startswith("the instruct model changed 6 biases of merged modules")
     # a random "reasoning" model never opens the think block: lam=auto says so and names the argument order
-    assert "opens the think block first on 0 of 5 calibration prompts" in clean.report.warnings[0]
-    assert "(base_model, reasoning_model, instruct_model)" in clean.report.warnings[0]
+    assert "opens the think block first on 0 of 5 calibration prompts" in clean.report.warnings[1]
+    assert "(base_model, reasoning_model, instruct_model)" in clean.report.warnings[1]
     calibration = merger.sidecar()["calibration"]
     assert calibration["reasoning"]["sha256"] == clean.sidecar()["calibration"]["reasoning"]["sha256"]
     assert len(calibration["instruction"]["sha256"]) == 64
@@ -1187,8 +1188,8 @@ def test_inputs_are_protected(qwen2, tmp_path, caplog):
     assert not any("is not used by method='slerp'" in w for w in merger.report.warnings)  # lam left unset
     merger.config.lam = 3.0
     merger.merge()
-    assert merger.report.warnings == ["lam=3.0 is not used by method='slerp', whose mix is slerp_t=0.5: set slerp_t "
-                                      "to move towards the instruct model."]
+    assert merger.report.warnings[1:] == ["lam=3.0 is not used by method='slerp', whose mix is slerp_t=0.5: set "
+                                          "slerp_t to move towards the instruct model."]
     for folder in (qwen2["reasoning"], qwen2["reasoning"].parent):
         with pytest.raises(ConfigError, match="would replace an input"):
             merger.save_pretrained(folder, overwrite=True)
@@ -1673,6 +1674,20 @@ def test_a_reasoning_model_with_its_own_code_gives_a_merge_that_loads_the_same_w
     with caplog.at_level(logging.WARNING, logger="rain_hf.merger"):
         merger.save_pretrained(tmp_path / "out2")
     assert "auto_map names modeling_mine.py, which its folder lacks" in caplog.text
+
+
+def test_bias_changes_of_a_full_instruct_model_left_behind_are_named(qwen2, tokenizer, tmp_path):
+    # Qwen2's q/k/v biases change in its instruct fine-tune; without project_bias they stay the reasoning model's
+    warning = ("the instruct model changed 6 biases of merged modules (e.g. model.layers.0.self_attn.q_proj.bias); "
+               "they keep the reasoning model's values: they are merged only with project_bias=True")
+    for method in ("rain", "task_arithmetic"):
+        assert warning in RainMerger.plan(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
+                                          RainMergingConfig(method=method)).warnings
+    assert not any("biases" in w for w in RainMerger.plan(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
+                                                          RainMergingConfig(project_bias=True)).warnings)
+    llama = build_triple(tmp_path, "llama", tokenizer=tokenizer)  # no biases at all
+    assert not any("biases" in w for w in RainMerger.plan(llama["base"], llama["reasoning"], llama["instruct"],
+                                                          RainMergingConfig()).warnings)
 
 
 def test_merged_biases_are_saved_after_project_bias_is_edited(qwen2, tmp_path):
