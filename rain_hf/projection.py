@@ -115,7 +115,7 @@ def without_bias_column(v: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor,
         v: V [d + 1, k] and s [k] of [H | 1].
 
     Returns:
-        V [d, k] and s [k] (descending) of H; directions beyond H's rank have s = 0.
+        V [d, min(d, k)] and s [min(d, k)] (descending) of H; directions beyond H's rank have s = 0.
     """
     left, sigma, _ = torch.linalg.svd(v[:-1] * s, full_matrices=False)
     return left.contiguous(), sigma

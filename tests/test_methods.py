@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from rain_hf.config import METHODS, RainMergingConfig
-from rain_hf.methods import BASELINE_METHODS, merge_tensor, needs_base, slerp, tensor_seed, trim_by_magnitude
+from rain_hf.methods import (
+    BASELINE_METHODS,
+    _dare_drop,
+    merge_tensor,
+    needs_base,
+    slerp,
+    tensor_seed,
+    trim_by_magnitude,
+)
 
 KEY = "model.layers.0.mlp.up_proj.weight"
 
@@ -85,6 +93,38 @@ def test_ties_matches_peft_convention():
     ours = merge_tensor("ties", reasoning, base, delta, cfg, KEY)
     theirs = base + merge_utils.ties([reasoning - base, delta], torch.tensor([1.0, 0.8]), density=0.3)
     torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_disjoint_merge_gives_peft_numbers_bit_for_bit(dtype):
+    from peft.utils import merge_utils
+
+    from rain_hf.methods import disjoint_merge
+
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(64, 48, generator=generator, dtype=dtype) for _ in range(2))
+    a[::3] = 0.0  # trimmed or dropped entries, and sums of exactly zero
+    b[1::4] = -a[1::4]
+    for lam in (1.0, 0.7, 2.5):
+        stacked = torch.stack([a, b])
+        majority = merge_utils.calculate_majority_sign_mask(stacked, method="total")
+        weights = torch.tensor([1.0, lam], dtype=dtype)
+        theirs = merge_utils.disjoint_merge(stacked * merge_utils.reshape_weight_task_tensors(stacked, weights),
+                                            majority)
+        ours = disjoint_merge(a, b, lam)
+        assert ours.dtype == dtype and torch.equal(ours, theirs), lam
+    for method in ("dare_ties", "dare_linear"):  # and the whole tensor merge, as peft's helpers gave it
+        cfg = RainMergingConfig(method=method, lam=0.7, density=0.5, seed=3)
+        reasoning, base, delta = _triple(4, (16, 16))
+        dropped = _dare_drop([reasoning - base, delta], 0.5, tensor_seed(3, KEY))
+        stacked = torch.stack(dropped)
+        weights = torch.tensor([1.0, 0.7])
+        if method == "dare_ties":
+            mixed = merge_utils.disjoint_merge(stacked * merge_utils.reshape_weight_task_tensors(stacked, weights),
+                                               merge_utils.calculate_majority_sign_mask(stacked, method="total"))
+        else:
+            mixed = merge_utils.task_arithmetic(dropped, weights)
+        assert torch.equal(merge_tensor(method, reasoning, base, delta, cfg, KEY), base + mixed), method
 
 
 def test_trim_keeps_ties_at_the_cut_in_index_order():
