@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -189,12 +190,37 @@ def test_disjointness_stops_on_a_held_out_word_problem_under_another_instruction
         check_disjoint(org, evals + [reworded], check_training=False)
 
 
-def test_cli_refuses_runs_that_would_mislabel_or_replace_results(tmp_path, capsys):
+def test_cli_refuses_runs_that_would_mislabel_or_replace_results(tmp_path, capsys, monkeypatch):
+    from benchmarks.organism import bench
+
+    def accepted(*args, **kwargs):  # a run that got past the checks must not write the committed results
+        raise AssertionError("the run was accepted")
+
+    monkeypatch.setattr(bench, "Bench", accepted)
+    monkeypatch.setattr(bench, "out_folder_problem", lambda out: None)
     other = tmp_path / "other-organism"
     assert bench_main(["--organism", str(other)]) == 2  # would replace the committed RESULTS.md
     assert "give --out DIR" in capsys.readouterr().err
     assert bench_main(["--quick", "--grids", "orthogonal"]) == 2
     assert "--quick runs its own small grids" in capsys.readouterr().err
+    # variants/NAME/ holds the results of `build --variant NAME`: not the committed organism's, nor another
+    # variant's that shares the grid
+    assert bench_main(["--grids", "orthogonal"]) == 2
+    assert "--grids orthogonal without --out writes variants/orthogonal/, the results of `build --variant " \
+           "orthogonal`, but --organism" in capsys.readouterr().err
+    from benchmarks.organism import build
+
+    for role in ("base", "reasoning", "instruct"):
+        (other / "checkpoints" / role).mkdir(parents=True)
+        (other / "checkpoints" / role / "model.safetensors").touch()
+    for name in ("eval_prompts.jsonl", "reasoning_calibration.json", "instruction_calibration.jsonl",
+                 "prompts_only.jsonl"):
+        (other / "data").mkdir(exist_ok=True)
+        (other / "data" / name).touch()
+    recipe = dataclasses.replace(build.Recipe(), **build.VARIANTS["follow25_plain_itm2"])
+    (other / "data" / "build_report.json").write_text(json.dumps({"recipe": dataclasses.asdict(recipe)}))
+    assert bench_main(["--organism", str(other), "--grids", "follow25_plain"]) == 2
+    assert "built with another recipe (instruct_forced_think_share differ)" in capsys.readouterr().err
 
 
 def test_grid_edge_picks_are_marked_and_bad_shared_calibration_is_a_note(tmp_path, monkeypatch):

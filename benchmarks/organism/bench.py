@@ -1133,6 +1133,22 @@ def results_folder(out: Path | None, quick: bool, grids: str) -> Path:
     return HERE if grids == "default" else HERE / "variants" / grids
 
 
+def variant_results_problem(org: Organism, grids: str) -> str | None:
+    """Why a run with ``--grids NAME`` and no ``--out`` must not write ``variants/NAME/``: the results committed
+    there are those of ``build --variant NAME``, and several variants share a grid."""
+    from benchmarks.organism import build as B
+
+    if grids not in B.VARIANTS:
+        return None  # a grid no variant is built with: its folder holds no variant's results
+    built, named = org.recipe(), dataclasses.replace(B.Recipe(), **B.VARIANTS[grids])
+    differ = [f.name for f in dataclasses.fields(B.Recipe) if getattr(built, f.name) != getattr(named, f.name)]
+    if not differ:
+        return None
+    return (f"--grids {grids} without --out writes variants/{grids}/, the results of `build --variant {grids}`, "
+            f"but --organism {org.root} was built with another recipe ({', '.join(differ[:3])} differ): give "
+            "--out DIR.")
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer ≥ 1."""
     try:
@@ -1177,6 +1193,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"The organism is not built (missing {missing[0]}): run `python -m benchmarks.organism.build`.",
               file=sys.stderr)
         return 2
+    if args.out is None and not args.quick and args.grids != "default":
+        problem = variant_results_problem(org, args.grids)
+        if problem:
+            print(problem, file=sys.stderr)
+            return 2
     out = results_folder(args.out, args.quick, args.grids)
     problem = out_folder_problem(out)
     if problem:
