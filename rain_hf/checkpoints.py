@@ -13,7 +13,7 @@ import math
 import os
 import re
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -33,6 +33,8 @@ MODEL_IGNORE_PATTERNS = ["consolidated*.safetensors"]
 ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "README.md"]
 
 _EDGE_BYTES = 4096  # per tensor end, for checkpoint_fingerprint
+_PIECES, _PIECE_BYTES = 64, 64  # reads spread over every tensor, for checkpoint_fingerprint
+FINGERPRINT_VERSION = "2"  # prefixed to checkpoint_fingerprint: version 1 hashed the tensor ends only
 # anchored at the end: a subfolder of a snapshot is another model than the repository's root
 _CACHE_SNAPSHOT = re.compile(
     r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\](?P<sha>[0-9a-f]{40})[/\\]?$")
@@ -255,6 +257,34 @@ class LazyCheckpoint:
             f.seek(end - n)
             return head + f.read(n)
 
+    def spread_bytes(self, key: str, pieces: int, size: int) -> bytes:
+        """``pieces`` reads of ``size`` bytes spread evenly over ``key``'s data, first and last included (all of
+        it when that is shorter)."""
+        _, _, start, end = self._entries[key]
+        with open(self.folder / self._where[key], "rb") as f:
+            if end - start <= pieces * size:
+                f.seek(start)
+                return f.read(end - start)
+            chunks = []
+            for i in range(pieces):
+                f.seek(start + (end - start - size) * i // (pieces - 1))
+                chunks.append(f.read(size))
+            return b"".join(chunks)
+
+    def row_bytes(self, key: str, rows: Iterable[int]) -> bytes:
+        """The bytes of whole rows of the 2-D tensor ``key`` (rows out of range are skipped)."""
+        shape, _, start, end = self._entries[key]
+        if len(shape) != 2 or not shape[0]:
+            return b""
+        width = (end - start) // shape[0]
+        chunks = []
+        with open(self.folder / self._where[key], "rb") as f:
+            for row in rows:
+                if 0 <= row < shape[0]:
+                    f.seek(start + row * width)
+                    chunks.append(f.read(width))
+        return b"".join(chunks)
+
     def stored_dtype(self, key: str) -> str:
         """The safetensors dtype name of ``key`` (``"BF16"``, ``"F8_E8M0"`` …), also for dtypes torch cannot read."""
         return self._entries[key][1]
@@ -351,15 +381,36 @@ def is_adapter_folder(folder: Path) -> bool:
     return (folder / "adapter_config.json").is_file()
 
 
-def checkpoint_fingerprint(ckpt: LazyCheckpoint, sample_keys: Sequence[str] | None = None) -> str:
-    """A short hash that tells checkpoints apart: every tensor's name, stored dtype and shape, the first and last
-    4 KiB of every tensor (a fine-tune changes nearly every entry, so any tensor it touched differs there; a few
-    MB read in all, whatever the model size), and the whole bytes of ``sample_keys``, if given. It depends on the
-    checkpoint alone, never on which modules a merge selects."""
+def checkpoint_fingerprint(ckpt: LazyCheckpoint, sample_keys: Sequence[str] | None = None,
+                           sample_rows: Mapping[str, Sequence[int]] | None = None) -> str:
+    """A short hash that tells checkpoints apart, ``"2-"`` and 16 hex digits.
+
+    It covers every tensor's name, stored dtype and shape, its first and last 4 KiB, and 64 reads of 64 bytes
+    spread over it (a fine-tune changes nearly every entry of what it touched; a few MB read in all, whatever the
+    model size), the whole bytes of ``sample_keys`` and the rows ``sample_rows`` names (key → row indices: the
+    think tokens' embedding rows, which a fine-tune that trains only them would change), if given. A change to a
+    few entries elsewhere can go unseen: it is a guard against mixing up models, not a hash of every byte. It
+    depends on the checkpoint alone, never on which modules a merge selects.
+    """
     digest = hashlib.sha256()
     for key in sorted(ckpt.keys()):
         digest.update(f"{key}|{ckpt.stored_dtype(key)}|{tuple(ckpt.shape(key))};".encode())
         digest.update(ckpt.edge_bytes(key, _EDGE_BYTES))
+        digest.update(ckpt.spread_bytes(key, _PIECES, _PIECE_BYTES))
     for key in sample_keys or ():
         digest.update(ckpt.get(key).contiguous().view(-1).view(torch.uint8).numpy())  # hashed in place, no copy
+    for key, rows in sorted((sample_rows or {}).items()):
+        if key in ckpt:
+            digest.update(f"{key}|{list(rows)};".encode())
+            digest.update(ckpt.row_bytes(key, rows))
+    return f"{FINGERPRINT_VERSION}-{digest.hexdigest()[:16]}"
+
+
+def legacy_fingerprint(ckpt: LazyCheckpoint) -> str:
+    """The fingerprint rain_hf recorded before version 2 (names, dtypes, shapes and tensor ends only), to check
+    feature files saved then."""
+    digest = hashlib.sha256()
+    for key in sorted(ckpt.keys()):
+        digest.update(f"{key}|{ckpt.stored_dtype(key)}|{tuple(ckpt.shape(key))};".encode())
+        digest.update(ckpt.edge_bytes(key, _EDGE_BYTES))
     return digest.hexdigest()[:16]

@@ -42,6 +42,7 @@ from .checkpoints import (
     TensorSource,
     checkpoint_fingerprint,
     is_adapter_folder,
+    legacy_fingerprint,
     read_json,
     resolve_model,
 )
@@ -882,7 +883,12 @@ class RainMerger:
 
     def _reasoning_fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = checkpoint_fingerprint(self.reasoning)
+            # the think tokens' embedding rows too: a fine-tune that trains only them changes a few rows mid-table
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            embeddings = (self.model.get_input_embeddings(), self.model.get_output_embeddings())
+            keys = {names.get(id(getattr(m, "weight", None))) for m in embeddings if m is not None} - {None}
+            rows = sorted(set(self.plan.think_token_ids))
+            self._fingerprint = checkpoint_fingerprint(self.reasoning, sample_rows={k: rows for k in keys})
         return self._fingerprint
 
     def _check_features_model(self) -> None:
@@ -891,6 +897,14 @@ class RainMerger:
         if recorded is None:
             logger.warning("These thinking features do not record which reasoning model they come from (saved by an "
                            "older rain_hf); make sure it is %s.", self.sources["reasoning"].describe())
+        elif "-" not in recorded:  # version 1: tensor ends only
+            if recorded != legacy_fingerprint(self.reasoning):
+                raise ValueError(f"These thinking features were computed on another reasoning model (fingerprint "
+                                 f"{recorded}, this one {legacy_fingerprint(self.reasoning)}): recompute them with "
+                                 "compute_features(...) on this model, or pass reasoning_calibration=... to merge().")
+            logger.warning("These thinking features were saved by an older rain_hf, whose fingerprint of the "
+                           "reasoning model covers only the ends of each tensor; it matches %s there. Recompute them "
+                           "to record the fuller one.", self.sources["reasoning"].describe())
         elif recorded != self._reasoning_fingerprint():
             raise ValueError(f"These thinking features were computed on another reasoning model (fingerprint "
                              f"{recorded}, this one {self._reasoning_fingerprint()}): recompute them with "

@@ -520,7 +520,7 @@ def test_features_reused_from_memory_and_disk(qwen2, tmp_path):
 
 def test_features_of_another_reasoning_model_or_template_are_refused(qwen2, tmp_path, tokenizer, caplog):
     features = _merger(qwen2, lam=1.0, stage2=False).compute_features(reasoning_records())
-    assert len(features.settings["reasoning_fingerprint"]) == 16
+    assert features.settings["reasoning_fingerprint"].startswith("2-")
     other = build_triple(tmp_path / "other", "qwen2", seed=1, tokenizer=tokenizer)
     cfg = RainMergingConfig(lam=1.0, stage2=False)
     with pytest.raises(ValueError, match="another reasoning model"):
@@ -537,6 +537,33 @@ def test_features_of_another_reasoning_model_or_template_are_refused(qwen2, tmp_
     save_file(weights, late / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="another reasoning model"):
         RainMerger.from_pretrained(qwen2["base"], late, qwen2["instruct"], cfg, features=features).merge()
+    # so is one that retrained only the think tokens' embedding rows, which may sit mid-table (Qwen: 151,648 of
+    # 152,064), where neither the tensor's ends nor the reads spread over it see them
+    from rain_hf.checkpoints import LazyCheckpoint, checkpoint_fingerprint, legacy_fingerprint
+
+    think_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<think>", "</think>")]
+    merger = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], cfg)
+    reference = LazyCheckpoint(qwen2["reasoning"])
+    assert merger._reasoning_fingerprint() == checkpoint_fingerprint(  # tied: the input embeddings only
+        reference, sample_rows={"model.embed_tokens.weight": think_ids})
+    mid_rows = tmp_path / "mid-rows"
+    shutil.copytree(qwen2["reasoning"], mid_rows)
+    weights = _weights(mid_rows)
+    weights["model.embed_tokens.weight"][150] += 1e-2  # 300 rows of 256 bytes: bytes 38400-38656 of 76800
+    save_file(weights, mid_rows / "model.safetensors", metadata={"format": "pt"})
+    edited = LazyCheckpoint(mid_rows)
+    assert checkpoint_fingerprint(edited) == checkpoint_fingerprint(reference)
+    rows = {"model.embed_tokens.weight": [150]}
+    assert checkpoint_fingerprint(edited, sample_rows=rows) != checkpoint_fingerprint(reference, sample_rows=rows)
+    # a file from before version 2 records the tensor ends only: checked against those, with a warning
+    old = ThinkFeatures(features.bases, features.module_group, dict(features.settings))
+    old.settings["reasoning_fingerprint"] = legacy_fingerprint(reference)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rain_hf.merger"):
+        RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], cfg, features=old).merge()
+    assert "saved by an older rain_hf, whose fingerprint of the reasoning model covers only the ends" in caplog.text
+    with pytest.raises(ValueError, match="another reasoning model"):
+        RainMerger.from_pretrained(qwen2["base"], late, qwen2["instruct"], cfg, features=old).merge()
     # the fingerprint is the checkpoint's, not the merge's: merging fewer layers with the same features is fine
     subset = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
                                         RainMergingConfig(lam=1.0, stage2=False, layers=[1]), features=features)
@@ -761,7 +788,7 @@ def test_damaged_or_ambiguous_checkpoint_folders(qwen2, tmp_path, caplog):
     save_file({**weights, "odd_buffer": torch.zeros(3, dtype=torch.complex64)}, loose / "part-a.safetensors")
     ckpt = LazyCheckpoint(loose)
     assert ckpt.get("model.norm.weight").shape == (64,)
-    assert len(checkpoint_fingerprint(ckpt)) == 16  # reads the stored dtype names only
+    assert len(checkpoint_fingerprint(ckpt)) == 18  # reads the stored dtype names only
     # a header whose shape does not fit its bytes is refused when the file is opened, naming the tensor
     data = (loose / "part-a.safetensors").read_bytes()
     size = int.from_bytes(data[:8], "little")
