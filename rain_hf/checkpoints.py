@@ -36,8 +36,14 @@ _EDGE_BYTES = 4096  # per tensor end, for checkpoint_fingerprint
 _PIECES, _PIECE_BYTES = 64, 64  # reads spread over every tensor, for checkpoint_fingerprint
 FINGERPRINT_VERSION = "2"  # prefixed to checkpoint_fingerprint: version 1 hashed the tensor ends only
 # anchored at the end: a subfolder of a snapshot is another model than the repository's root
+# (repositories without an owner, such as "gpt2", are cached as models--gpt2)
 _CACHE_SNAPSHOT = re.compile(
-    r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\](?P<sha>[0-9a-f]{40})[/\\]?$")
+    r"models--(?:(?P<org>[^/\\]+?)--)?(?P<name>[^/\\]+)[/\\]snapshots[/\\](?P<sha>[0-9a-f]{40})[/\\]?$")
+
+
+def snapshot_repo_id(match: re.Match[str]) -> str:
+    """The Hub id of a :data:`_CACHE_SNAPSHOT` match."""
+    return f"{match['org']}/{match['name']}" if match["org"] else match["name"]
 
 
 class CheckpointError(ValueError):
@@ -72,8 +78,18 @@ def _hub_identity_of_folder(folder: Path) -> tuple[str | None, str | None]:
     """(hub id, commit) of a Hub cache snapshot folder (read from its path); (None, None) for any other folder."""
     match = _CACHE_SNAPSHOT.search(str(folder.resolve()))
     if match:
-        return f"{match['org']}/{match['name']}", match["sha"]
+        return snapshot_repo_id(match), match["sha"]
     return None, None
+
+
+def _incomplete_snapshot_hint(folder: Path) -> str:
+    """For a Hub cache snapshot: how to complete it (an offline or interrupted download leaves files out)."""
+    hub_id, sha = _hub_identity_of_folder(folder)
+    if not hub_id:
+        return ""
+    return (f" This is the Hub cache's snapshot of {hub_id}, which may be incomplete (a download that was "
+            f"interrupted, or one that fetched only the config or tokenizer): complete it with the Hub reachable, "
+            f"`hf download {hub_id} --revision {sha}`.")
 
 
 def resolve_model(
@@ -207,13 +223,16 @@ class LazyCheckpoint:
             if hub_id and not bins:  # only safetensors are fetched from the Hub
                 hint = (f" The Hub repository {hub_id} may ship only PyTorch .bin weights, which rain_hf does not "
                         "download: load it with transformers and save_pretrained it to a local folder, or pass a "
-                        "revision that has safetensors (such as the Hub conversion bot's refs/pr/N).")
+                        "revision that has safetensors (such as the Hub conversion bot's refs/pr/N)."
+                        + _incomplete_snapshot_hint(self.folder).replace(" This is", " Or: this is", 1))
             raise CheckpointError(f"No safetensors weights in {self.name} ({self.folder}).{hint}")
         self._where: dict[str, str] = {}
         self._entries: dict[str, tuple[tuple[int, ...], str, int, int]] = {}
+        elsewhere: dict[str, str] = {}  # tensors a listed shard holds though the index names another shard
         for file in files:
             for key, entry in _read_header(self.folder / file, self.name).items():
                 if weight_map.get(key, file) != file:
+                    elsewhere.setdefault(key, file)
                     continue  # the index names another shard for it
                 if key in self._where:
                     where = (f"and {index.name} does not say which" if weight_map else
@@ -224,9 +243,28 @@ class LazyCheckpoint:
                 self._where[key] = file
                 self._entries[key] = entry
         missing = sorted(set(weight_map) - set(self._where))
+        misplaced = [key for key in missing if key in elsewhere]
+        if misplaced:
+            key = misplaced[0]
+            raise CheckpointError(f"{self.name}: {index.name} names {weight_map[key]} for tensor {key} (and "
+                                  f"{len(misplaced) - 1} more), but it is in {elsewhere[key]}: the index is wrong. "
+                                  "Save the checkpoint again (or correct the index's weight_map).")
         if missing:
             raise CheckpointError(f"{self.name}: the index names tensors that no shard holds, e.g. {missing[:3]}. "
-                                  "The checkpoint is incomplete: download it again.")
+                                  "The checkpoint is incomplete: download it again."
+                                  + _incomplete_snapshot_hint(self.folder))
+        doubled = sorted(key for key in elsewhere if key in self._where)
+        if doubled:  # transformers reads every listed shard, so its model may hold the other copy
+            key = doubled[0]
+            raise CheckpointError(f"{self.name}: tensor {key} (and {len(doubled) - 1} more) is stored in both "
+                                  f"{self._where[key]} and {elsewhere[key]}; {index.name} names "
+                                  f"{self._where[key]}, but transformers reads every shard the index lists, so the "
+                                  "model it loads may hold the other copy. Save the checkpoint again, with each "
+                                  "tensor in one shard.")
+
+    def readable(self, key: str) -> bool:
+        """Whether ``key``'s stored dtype is one rain_hf can read (and so copy into a merge)."""
+        return self._entries[key][1] in _SAFETENSORS_DTYPES
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -333,7 +371,8 @@ def _torch_dtype(dtype: str, key: str, name: str) -> torch.dtype:
 def _read_header(path: Path, name: str) -> dict[str, tuple[tuple[int, ...], str, int, int]]:
     """Tensor name → (shape, safetensors dtype, absolute start, end) from a safetensors file's header."""
     if not path.is_file():
-        raise CheckpointError(f"{name}: shard {path.name} is missing from {path.parent}.")
+        raise CheckpointError(f"{name}: shard {path.name} is missing from {path.parent}."
+                              + _incomplete_snapshot_hint(path.parent))
     file_size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -363,6 +402,12 @@ def _read_header(path: Path, name: str) -> dict[str, tuple[tuple[int, ...], str,
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{name}: {path} has a damaged header entry for {key} ({exc}); download or "
                                   "save the checkpoint again.") from exc
+    previous_end, previous = 0, None
+    for key, (_, _, start, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
+        if start < previous_end:  # safetensors itself refuses such a file: two tensors would share bytes
+            raise CheckpointError(f"{name}: {path} is damaged: tensors {previous} and {key} overlap in its data. "
+                                  "Download or save the checkpoint again.")
+        previous_end, previous = max(previous_end, end), key
     return entries
 
 

@@ -46,6 +46,7 @@ from rain_hf.checkpoints import (
     is_adapter_folder,
     read_json,
     resolve_model,
+    snapshot_repo_id,
 )
 
 logger = logging.getLogger(__name__)
@@ -591,7 +592,7 @@ def same_base_model(recorded: str, base_model_id: str | None, base_name: str | N
     """
     snapshot = _CACHE_SNAPSHOT.search(recorded)
     if snapshot:  # a folder of the Hub cache, on this machine or the one the adapter was trained on
-        recorded = f"{snapshot['org']}/{snapshot['name']}"
+        recorded = snapshot_repo_id(snapshot)
     names = set()
     if base_model_id:
         names.add(base_model_id.rsplit("/", 1)[-1].casefold())

@@ -462,6 +462,13 @@ class RainMerger:
         _compare_configs(configs, shown)
 
         reasoning = LazyCheckpoint(sources["reasoning"].path, f"the reasoning model {shown['reasoning']}")
+        unreadable = [key for key in reasoning.keys() if not reasoning.readable(key)]
+        if unreadable:  # every tensor of the reasoning model is copied into the output: fail now, not at the save
+            key = unreadable[0]
+            raise CheckpointError(f"The reasoning model {shown['reasoning']} stores {key} (and {len(unreadable) - 1} "
+                                  f"more) as {reasoning.stored_dtype(key)}, which rain_hf cannot read or copy into "
+                                  "the merged model: save the reasoning model with transformers in a float dtype "
+                                  "first.")
         base = LazyCheckpoint(sources["base"].path, f"the base model {shown['base']}")
         skeleton = _skeleton(configs["reasoning"])
         targets = find_target_modules(skeleton, config)

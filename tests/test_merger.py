@@ -800,6 +800,15 @@ def test_damaged_or_ambiguous_checkpoint_folders(qwen2, tmp_path, caplog):
     with pytest.raises(CheckpointError, match=r"part-a.safetensors has a damaged header entry for model.norm.weight "
                                               r"\(shape \[65\] of F32 needs 260 bytes, its offsets give 256\)"):
         LazyCheckpoint(loose)
+    # two tensors whose offsets overlap would share bytes (safetensors refuses such a file too)
+    overlapping = tmp_path / "overlapping"
+    overlapping.mkdir()
+    header_bytes = json.dumps({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                               "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}).encode()
+    (overlapping / "model.safetensors").write_bytes(len(header_bytes).to_bytes(8, "little") + header_bytes
+                                                    + bytes(24))
+    with pytest.raises(CheckpointError, match=r"model.safetensors is damaged: tensors a and b overlap in its data"):
+        LazyCheckpoint(overlapping)
     (loose / "part-a.safetensors").write_bytes(data[:-100])  # cut short: the header is fine, the data is not
     with pytest.raises(CheckpointError, match=r"^\S+: \S+part-a.safetensors is truncated: tensor \S+ ends at byte "
                                               r"\d+, the file has \d+\. Download or save the checkpoint again\.$"):
@@ -808,8 +817,23 @@ def test_damaged_or_ambiguous_checkpoint_folders(qwen2, tmp_path, caplog):
     snapshot = tmp_path / "hub" / "models--org--bin-only" / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text("{}")
-    with pytest.raises(CheckpointError, match="The Hub repository org/bin-only may ship only PyTorch .bin weights"):
+    with pytest.raises(CheckpointError, match=r"The Hub repository org/bin-only may ship only PyTorch .bin weights.* "
+                                              r"Or: this is the Hub cache's snapshot of org/bin-only, which may be "
+                                              r"incomplete .*`hf download org/bin-only --revision 0{40}`"):
         LazyCheckpoint(snapshot)
+    # a repository without an owner is cached as models--name; a shard missing from a snapshot is a partial download
+    from rain_hf.checkpoints import _hub_identity_of_folder
+
+    bare = tmp_path / "hub" / "models--tinyreason" / "snapshots" / ("a" * 40)
+    bare.mkdir(parents=True)
+    assert _hub_identity_of_folder(bare) == ("tinyreason", "a" * 40)
+    save_file(weights, bare / "model-00001-of-00002.safetensors")
+    (bare / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "model.norm.weight": "model-00001-of-00002.safetensors",
+        "model.embed_tokens.weight": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(CheckpointError, match=r"shard model-00002-of-00002.safetensors is missing from .* This is the "
+                                              r"Hub cache's snapshot of tinyreason, which may be incomplete"):
+        LazyCheckpoint(bare)
     # only the ends of each tensor are read: a change in the middle of one is not seen, one at an end is
     reference = LazyCheckpoint(qwen2["reasoning"])
     edited = tmp_path / "edited"
@@ -831,9 +855,22 @@ def test_damaged_or_ambiguous_checkpoint_folders(qwen2, tmp_path, caplog):
     weight_map = {k: "model-00001-of-00002.safetensors" for k in weights}
     (indexed / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     assert torch.equal(LazyCheckpoint(indexed).get("model.norm.weight"), weights["model.norm.weight"])
+    # ... but when the index lists both shards, transformers reads both and may keep the other copy: refused
     weight_map["model.norm.weight"] = "model-00002-of-00002.safetensors"
     (indexed / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    assert not LazyCheckpoint(indexed).get("model.norm.weight").any()
+    with pytest.raises(CheckpointError, match=r"tensor model.norm.weight \(and 0 more\) is stored in both "
+                                              r"model-00002-of-00002.safetensors and model-00001-of-00002.safetensors; "
+                                              r"model.safetensors.index.json names model-00002"):
+        LazyCheckpoint(indexed)
+    # an index that names the wrong shard says so, instead of calling the checkpoint incomplete
+    save_file({"model.norm.weight": torch.zeros(64)}, indexed / "model-00002-of-00002.safetensors")
+    weight_map["model.norm.weight"] = "model-00001-of-00002.safetensors"
+    weight_map["model.layers.0.mlp.up_proj.weight"] = "model-00002-of-00002.safetensors"
+    (indexed / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=r"names model-00002-of-00002.safetensors for tensor "
+                                              r"model.layers.0.mlp.up_proj.weight \(and 0 more\), but it is in "
+                                              r"model-00001-of-00002.safetensors: the index is wrong"):
+        LazyCheckpoint(indexed)
     (indexed / "model.safetensors.index.json").write_text("[]")
     with pytest.raises(CheckpointError, match="no valid 'weight_map'"):
         LazyCheckpoint(indexed)
@@ -1715,6 +1752,17 @@ def test_bias_changes_of_a_full_instruct_model_left_behind_are_named(qwen2, toke
     llama = build_triple(tmp_path, "llama", tokenizer=tokenizer)  # no biases at all
     assert not any("biases" in w for w in RainMerger.plan(llama["base"], llama["reasoning"], llama["instruct"],
                                                           RainMergingConfig()).warnings)
+
+
+def test_a_reasoning_tensor_that_cannot_be_copied_is_refused_by_the_plan(qwen2, tmp_path):
+    # every reasoning tensor goes into the output: finding one it cannot read at the save would waste the merge
+    reasoning = tmp_path / "reasoning"
+    shutil.copytree(qwen2["reasoning"], reasoning)
+    weights = _weights(reasoning)
+    save_file({**weights, "odd_buffer": torch.zeros(3, dtype=torch.complex64)}, reasoning / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"stores odd_buffer \(and 0 more\) as C64, which rain_hf cannot read "
+                                              r"or copy into the merged model"):
+        RainMerger.plan(qwen2["base"], reasoning, qwen2["instruct"])
 
 
 def test_merged_biases_are_saved_after_project_bias_is_edited(qwen2, tmp_path):
