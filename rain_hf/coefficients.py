@@ -59,7 +59,8 @@ def head_coefficients(
 
     ``normalize="mean"`` divides the scores by their mean over all heads before the clip (raw attention masses
     are ≪ 1, so the literal form would clip nearly everything to the lower bound); ``"none"`` is the paper's
-    literal α = clip(g / H̃, lo, hi).
+    literal α = clip(g / H̃, lo, hi). Heads without a measurement (NaN: a sliding-window layer that never saw the
+    instruction) get α = 1, stage 1 alone, and stay out of the mean.
 
     Example:
         >>> a, u = torch.tensor([[0.1, 0.3], [0.2, 0.6]]), torch.zeros(2, 2)
@@ -68,15 +69,16 @@ def head_coefficients(
                 [0.6667, 2.0000]])
     """
     scores = head_scores(alignment.double(), leakage.double(), rho)
+    unmeasured = torch.isnan(scores)
     if normalize == "mean":
-        mean = scores.mean()
+        mean = scores[~unmeasured].mean()
         if not torch.isfinite(mean) or mean <= 0:
             scores = torch.ones_like(scores)  # coefficient_warning says so
         else:
             scores = scores / mean
     elif normalize != "none":
         raise ValueError(f"normalize={normalize!r} is not 'mean' or 'none'")
-    return scores.clamp(lo, hi).float()
+    return scores.clamp(lo, hi).masked_fill(unmeasured, 1.0).float()
 
 
 def coefficient_warning(
@@ -89,11 +91,16 @@ def coefficient_warning(
     leakage outweighs alignment on many heads).
     """
     hint = "a smaller rho, or coef_normalize='none' with a box that suits the raw scores"
+    scores = head_scores(alignment.double(), leakage.double(), rho)
+    measured = ~torch.isnan(scores)
+    if not bool(measured.any()):
+        return None  # nothing was measured: the caller names the sliding windows
     if normalize == "mean":
-        mean = float(head_scores(alignment.double(), leakage.double(), rho).mean())
+        mean = float(scores[measured].mean())
         if not mean > 0:
             return (f"stage 2: the head scores a − ρ·u have a non-positive mean ({mean:.3g}), so every head got α = 1 "
                     f"and stage 2 changed nothing; try {hint}.")
+    alpha = alpha[measured]
     at_bound = float(((alpha <= lo) | (alpha >= hi)).float().mean()) if alpha.numel() else 0.0
     if at_bound > 0.5:
         return (f"stage 2: {at_bound:.0%} of the heads' coefficients sit on a bound of [{lo:g}, {hi:g}], so they "
@@ -125,16 +132,20 @@ def weight_scale(kind: str, alpha: torch.Tensor, num_kv_heads: int, head_dim: in
 
     Args:
         kind: ``"q"`` (rows of query head h get α_h), ``"kv"`` (rows of kv head g get the mean α of its query
-            heads), ``"o"`` (input columns of head h get α_h) or ``"other"`` (the layer's mean α, e.g. the MLP).
+            heads), ``"qkv"`` (a fused [q | k | v] projection: its three row blocks as ``q``, ``kv``, ``kv``),
+            ``"o"`` (input columns of head h get α_h) or ``"other"`` (the layer's mean α, e.g. the MLP).
         alpha: α [H] of the layer.
 
     Returns:
-        [out, 1] for ``q``/``kv``, [1, in] for ``o``, a 0-d tensor for ``other``.
+        [out, 1] for ``q``/``kv``/``qkv``, [1, in] for ``o``, a 0-d tensor for ``other``.
     """
     if kind == "q":
         return alpha.repeat_interleave(head_dim).unsqueeze(1)
     if kind == "kv":
         return kv_coefficients(alpha, num_kv_heads).repeat_interleave(head_dim).unsqueeze(1)
+    if kind == "qkv":
+        kv = kv_coefficients(alpha, num_kv_heads)
+        return torch.cat([alpha, kv, kv]).repeat_interleave(head_dim).unsqueeze(1)
     if kind == "o":
         return alpha.repeat_interleave(head_dim).unsqueeze(0)
     if kind == "other":

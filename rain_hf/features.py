@@ -42,7 +42,8 @@ class TargetModule:
     Attributes:
         name: module name in the model, e.g. ``model.layers.0.self_attn.q_proj``.
         layer: decoder layer index.
-        kind: ``"q"``, ``"kv"``, ``"o"`` (attention projections, mapped per head in stage 2) or ``"other"``.
+        kind: ``"q"``, ``"kv"``, ``"o"``, ``"qkv"`` (attention projections, mapped per head in stage 2; ``"qkv"``
+            is Phi-3's fused [q | k | v] projection) or ``"other"``.
         shape: (out_features, in_features).
         has_bias: whether the module has a bias.
         in_attention: whether the module sits in the block's attention module (where ``kind`` ``"other"`` means
@@ -72,6 +73,11 @@ class AttentionGeometry:
     head_dim: int
     hidden_size: int
     num_layers: int
+    fused_qkv: bool = False  # a "qkv_proj" holds the q, k and v rows as three blocks, [q | k | v]
+
+
+# Architectures whose fused "qkv_proj" is split into [q | k | v] row blocks (CodeGen's interleaves them).
+_BLOCK_QKV_MODELS = {"phi3", "phi4_multimodal"}
 
 
 def attention_geometry(model_config) -> AttentionGeometry:
@@ -80,7 +86,8 @@ def attention_geometry(model_config) -> AttentionGeometry:
     heads = cfg.num_attention_heads
     kv = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return AttentionGeometry(heads, kv, head_dim, cfg.hidden_size, cfg.num_hidden_layers)
+    return AttentionGeometry(heads, kv, head_dim, cfg.hidden_size, cfg.num_hidden_layers,
+                             getattr(cfg, "model_type", None) in _BLOCK_QKV_MODELS)
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -110,6 +117,29 @@ def unmergeable_weights(model: nn.Module) -> list[str]:
     prefix, layers = find_decoder_layers(model)
     linear = {id(m.weight) for m in layers.modules() if isinstance(m, nn.Linear)}
     return [f"{prefix}.{name}" for name, p in layers.named_parameters() if p.dim() >= 2 and id(p) not in linear]
+
+
+def sliding_windows(model_config) -> list[int | None]:
+    """Per decoder layer, its sliding attention window ``w`` (a query sees the ``w`` positions up to itself, as
+    transformers masks them) or ``None`` for full attention: from the config's ``layer_types`` (Gemma 2/3, Cohere 2,
+    gpt-oss, OLMo 3 …), else a ``sliding_window`` that applies to every layer (Mistral, Starcoder2, Phi-3).
+
+    Example:
+        >>> from transformers import MistralConfig
+        >>> sliding_windows(MistralConfig(num_hidden_layers=2, sliding_window=4096))
+        [4096, 4096]
+    """
+    cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    layers = cfg.num_hidden_layers
+    window = getattr(cfg, "sliding_window", None)
+    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+        return [None] * layers
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types:
+        return [window if kind == "sliding_attention" else None for kind in layer_types]
+    if getattr(cfg, "use_sliding_window", None) is False:
+        return [None] * layers
+    return [window] * layers
 
 
 def layers_without_attention(model: nn.Module) -> list[int]:
@@ -207,12 +237,14 @@ _OUT_NAMES = {"o_proj", "out_proj", "dense", "o", "wo", "c_proj"}
 
 
 def _attention_kind(leaf: str, out_f: int, in_f: int, geo: AttentionGeometry) -> str:
-    """Which head layout a linear inside the attention module has: "q", "kv", "o" or "other".
+    """Which head layout a linear inside the attention module has: "q", "kv", "o", "qkv" or "other".
 
     The usual names decide, checked against the head geometry; a module with another name is classified by its
     shape only where the shape is unambiguous (q and o have the same shape when H·head_dim == hidden).
     """
     q_dim, kv_dim, hidden = geo.num_heads * geo.head_dim, geo.num_kv_heads * geo.head_dim, geo.hidden_size
+    if leaf == "qkv_proj" and geo.fused_qkv and (out_f, in_f) == (q_dim + 2 * kv_dim, hidden):
+        return "qkv"
     if leaf in _QUERY_NAMES and out_f == q_dim:
         return "q"
     if leaf in _KV_NAMES and out_f == kv_dim:
@@ -241,6 +273,16 @@ def _pad(samples: Sequence[CalibrationSample], pad_id: int, device) -> tuple[tor
         ids[i, : len(s.input_ids)] = torch.tensor(s.input_ids, dtype=torch.long)
         mask[i, : len(s.input_ids)] = 1
     return ids.to(device), mask.to(device)
+
+
+def _sees_keys(query_mask: torch.Tensor, key_mask: torch.Tensor, window: int) -> torch.Tensor:
+    """The queries of ``query_mask`` [B, T] that see at least one key of ``key_mask`` [B, T] through a sliding
+    window of ``window`` positions (keys τ with t − window < τ ≤ t)."""
+    seen = key_mask.long().cumsum(dim=1)
+    before = torch.zeros_like(seen)
+    if window < seen.shape[1]:
+        before[:, window:] = seen[:, :-window]
+    return query_mask & (seen - before > 0)
 
 
 def _span_mask(samples: Sequence[CalibrationSample], attr: str, width: int) -> torch.Tensor:
@@ -726,6 +768,9 @@ def collect_attention_stats(
 
     a[l, h] = mean over samples of the mean over queries t ∈ R of Σ_{τ ∈ I} A_l[h, t, τ]; u the same over t ∈ U.
     Each layer's attention map is reduced inside its own hook, so no two layers' T×T maps are alive together.
+    In a sliding-window layer only the queries whose window reaches an instruction token count: for the others
+    the mass is zero by the mask, not by the head. A sliding layer where no constrained-response query reaches
+    one has no measurement: its rows are NaN.
 
     Returns:
         alignment [len(layers), H] and leakage [len(layers), H] (float64).
@@ -737,7 +782,10 @@ def collect_attention_stats(
     sums = {"a": torch.zeros(n, geo.num_heads, dtype=torch.float64), "u": torch.zeros(n, geo.num_heads,
                                                                                      dtype=torch.float64)}
     counts = {"a": torch.zeros(n, dtype=torch.float64), "u": torch.zeros(n, dtype=torch.float64)}
-    masks: dict[str, torch.Tensor] = {}
+    masks: dict[tuple[str, int | None], torch.Tensor] = {}
+    all_windows = sliding_windows(model.config)
+    with_response = 0  # samples with constrained-response tokens
+    windows = [all_windows[layer] if layer < len(all_windows) else None for layer in layers]
 
     def make_hook(row: int):
         def hook(_module, _args, output):
@@ -745,8 +793,8 @@ def collect_attention_stats(
             if attn is None:
                 raise RuntimeError("The attention module returned no attention probabilities; stage 2 needs the "
                                    "'eager' attention implementation.")
-            mass = attention_mass(attn, masks["I"].to(attn.device))
-            for key, qmask in (("a", masks["R"]), ("u", masks["U"])):
+            mass = attention_mass(attn, masks["I", None].to(attn.device))
+            for key, qmask in (("a", masks["R", windows[row]]), ("u", masks["U", windows[row]])):
                 mean, valid = masked_query_mean(mass, qmask.to(attn.device))
                 sums[key][row] += mean[valid].sum(dim=0).double().cpu()
                 counts[key][row] += float(valid.sum())
@@ -768,20 +816,25 @@ def collect_attention_stats(
             for batch in tqdm(list(_batches(samples, batch_size)), desc="stage 2: instruction attention", unit="batch"):
                 ids, mask = _pad(batch, pad_token_id, device)
                 width = ids.shape[1]
-                masks["I"] = _span_mask(batch, "instruction_spans", width)
-                masks["R"] = _span_mask(batch, "constrained_spans", width)
-                masks["U"] = _span_mask(batch, "unrelated_spans", width)
+                masks["I", None] = _span_mask(batch, "instruction_spans", width)
+                masks["R", None] = _span_mask(batch, "constrained_spans", width)
+                masks["U", None] = _span_mask(batch, "unrelated_spans", width)
+                with_response += int(masks["R", None].any(dim=1).sum())
+                for window in set(windows) - {None}:
+                    for kind in "RU":
+                        masks[kind, window] = _sees_keys(masks[kind, None], masks["I", None], window)
                 decoder(input_ids=ids, attention_mask=mask, use_cache=False)
     finally:
         for h in handles:
             h.remove()
         if previous is not None:
             model.set_attn_implementation(previous)
-    if float(counts["a"].min()) == 0:
+    if not with_response:
         raise ValueError("No instruction calibration sample has constrained-response tokens (R) to measure "
                          "alignment on: the responses are empty, their annotated R spans all lie past "
                          "config.max_length (raise it), or annotated unrelated spans cover them whole.")
-    alignment = sums["a"] / counts["a"].unsqueeze(1)
+    alignment = sums["a"] / counts["a"].unsqueeze(1)  # NaN for a sliding layer that never saw the instruction
     leakage = sums["u"] / counts["u"].clamp(min=1).unsqueeze(1)
+    leakage[counts["a"] == 0] = float("nan")
     return alignment, leakage
 

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -60,6 +61,7 @@ from .features import (
     find_target_modules,
     layers_without_attention,
     merged_routers,
+    sliding_windows,
     unmergeable_weights,
 )
 from .projection import (
@@ -324,8 +326,8 @@ class MergeReport:
     modules: dict[str, dict[str, float | None]] = field(default_factory=dict)
     layers: list[int] = field(default_factory=list)
     head_coefficients: list[list[float]] | None = None
-    alignment: list[list[float]] | None = None
-    leakage: list[list[float]] | None = None
+    alignment: list[list[float | None]] | None = None
+    leakage: list[list[float | None]] | None = None
     lam_search: list[dict[str, float | bool | None]] | None = None  # λ, l_think, think_open, within_budget
     projection: str | None = None  # stage 1 as it ran: "sequential" or "one-shot"
     replay_cache_bytes: int | None = None  # the sequential form's cached layer inputs, masks and position embeddings
@@ -798,7 +800,7 @@ class RainMerger:
         geo = self.plan.geometry
         a = alpha[row].to(self.device)
         w = weight_scale(target.kind, a, geo.num_kv_heads, geo.head_dim)
-        b = w.squeeze(1) if target.kind in ("q", "kv") else a.mean()
+        b = w.squeeze(1) if target.kind in ("q", "kv", "qkv") else a.mean()
         return w, b
 
     def _write_param(self, name: str, value: torch.Tensor) -> None:
@@ -1037,8 +1039,18 @@ class RainMerger:
             if problem:
                 self.report.warnings.append(problem)
                 logger.warning(problem)
-            self.report.alignment = a.tolist()
-            self.report.leakage = u.tolist()
+            unseen = [layer for layer, row in zip(self.report.layers, a) if bool(torch.isnan(row).all())]
+            if unseen:
+                windows = sorted({w for w in sliding_windows(self.model.config) if w is not None})
+                self.report.warnings.append(
+                    f"stage 2: in layers {unseen} the sliding attention window ({', '.join(map(str, windows))} "
+                    "tokens) reaches the instruction from no constrained-response token of the calibration data, "
+                    "so their heads were not measured and got α = 1 (stage 1 alone there); calibration samples "
+                    "whose responses start within the window of the instruction measure them")
+                logger.warning(self.report.warnings[-1])
+            # unmeasured heads are None in the report (JSON has no NaN)
+            self.report.alignment = [[None if math.isnan(x) else x for x in row] for row in a.tolist()]
+            self.report.leakage = [[None if math.isnan(x) else x for x in row] for row in u.tolist()]
             self.report.head_coefficients = alpha.tolist()
             self.report.timings["stage2_coefficients"] = time.perf_counter() - t2
         lam = cfg.lam

@@ -43,19 +43,21 @@ def build_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
 
 
 def model_config(arch: str, vocab_size: int, **overrides):
-    """Random-model configs: Qwen2 (biases, GQA, tied embeddings), Llama (GQA), Qwen3 (explicit head_dim)."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    """Random-model configs: Qwen2 (biases, GQA, tied embeddings), Llama (GQA), Qwen3 (explicit head_dim), Phi-3
+    (fused qkv_proj and gate_up_proj, partial rotary)."""
+    from transformers import LlamaConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   pad_token_id=0, eos_token_id=3)
     extra = {"qwen2": {"tie_word_embeddings": True}, "llama": {"tie_word_embeddings": False},
-             "qwen3": {"head_dim": 32, "tie_word_embeddings": False}}
+             "qwen3": {"head_dim": 32, "tie_word_embeddings": False},
+             "phi3": {"tie_word_embeddings": False, "partial_rotary_factor": 0.75, "bos_token_id": 1}}
     if arch not in extra:
-        raise ValueError(f"unknown arch {arch!r}: use qwen2, llama or qwen3")
+        raise ValueError(f"unknown arch {arch!r}: use qwen2, llama, qwen3 or phi3")
     common.update(extra[arch])
     common.update(overrides)
-    config_class = {"qwen2": Qwen2Config, "llama": LlamaConfig, "qwen3": Qwen3Config}[arch]
+    config_class = {"qwen2": Qwen2Config, "llama": LlamaConfig, "qwen3": Qwen3Config, "phi3": Phi3Config}[arch]
     return config_class(**common)
 
 

@@ -295,3 +295,55 @@ def test_hybrid_and_moe_layouts_are_told_apart():
     x = torch.randn(2, 1, 5, 8)
     index = (torch.tensor([0, 1]), torch.tensor([4, 2]))
     assert torch.equal(_rows_at(x, index, (2, 5), "kv_b_proj"), x[:, 0][index])
+
+
+def test_sliding_window_layers_count_only_queries_whose_window_reaches_the_instruction():
+    """Slow reference from eager attention maps: in a sliding layer, R and U queries that cannot see any instruction
+    token through the window are left out of a and u; a layer where no R query can is NaN (not measured)."""
+    from rain_hf import testing
+    from rain_hf.calibration import prepare_instruction_calibration
+    from rain_hf.coefficients import head_coefficients
+    from rain_hf.features import collect_attention_stats, sliding_windows
+
+    tokenizer = testing.build_tokenizer()
+    samples = prepare_instruction_calibration(testing.instruction_records(3), tokenizer, RainMergingConfig(lam=1.0))
+
+    def reach(s, t):  # distance from query t back to the nearest instruction token at or before it
+        return min((t - x for a, b in s.instruction_spans for x in range(a, b) if x <= t), default=10**6)
+
+    gaps = sorted(reach(s, t) for s in samples for a, b in s.constrained_spans for t in range(a, b))
+    partial, blind = (gaps[0] + gaps[-1]) // 2 + 1, gaps[0]  # some R queries reach it / none does
+    assert gaps[0] < partial <= gaps[-1]
+    for window in (partial, blind):
+        torch.manual_seed(0)  # layer 0 full attention, layer 1 sliding (Qwen2's max_window_layers)
+        config = testing.model_config("qwen2", len(tokenizer), use_sliding_window=True, sliding_window=window,
+                                      max_window_layers=1)
+        assert sliding_windows(config) == [None, window]
+        model = AutoModelForCausalLM.from_config(config)
+        a, u = collect_attention_stats(model, samples, [0, 1], 2, tokenizer.pad_token_id)
+        model.set_attn_implementation("eager")
+        ref_a, ref_u = torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64)
+        n_a, n_u = torch.zeros(2), torch.zeros(2)
+        for s in samples:
+            with torch.no_grad():
+                maps = model(torch.tensor([s.input_ids]), output_attentions=True).attentions
+            instr = [x for a_, b_ in s.instruction_spans for x in range(a_, b_)]
+            for layer, limit in ((0, 10**6), (1, window)):
+                for out, count, spans in ((ref_a, n_a, s.constrained_spans), (ref_u, n_u, s.unrelated_spans)):
+                    queries = [t for a_, b_ in spans for t in range(a_, b_) if reach(s, t) < limit]
+                    if queries:
+                        mass = maps[layer][0][:, queries][:, :, instr].double().sum(dim=2).mean(dim=1)
+                        out[layer] += mass
+                        count[layer] += 1
+        torch.testing.assert_close(a[0], ref_a[0] / n_a[0])
+        torch.testing.assert_close(u[0], ref_u[0] / n_u[0])
+        if window == partial:
+            assert 0 < n_a[1] and bool((a[1] > 0).all())
+            torch.testing.assert_close(a[1], ref_a[1] / n_a[1])
+            torch.testing.assert_close(u[1], ref_u[1] / n_u[1].clamp(min=1))
+        else:  # not measured: α = 1 there, and the full layer's scores alone set the mean
+            assert n_a[1] == 0 and bool(torch.isnan(a[1]).all() and torch.isnan(u[1]).all())
+            alpha = head_coefficients(a, u, rho=0.5, normalize="mean", lo=0.0, hi=2.0)
+            assert torch.equal(alpha[1], torch.ones(4))
+            score = (a[0] - 0.5 * u[0]) / (1 + u[0])
+            torch.testing.assert_close(alpha[0], (score / score.mean()).clamp(0, 2).float())

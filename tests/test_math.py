@@ -143,3 +143,10 @@ def test_gqa_mapping_groups_consecutive_query_heads():
     o = weight_scale("o", alpha, 2, 3)
     assert o.shape == (1, 18) and float(o[0, 6]) == 3.0
     assert float(weight_scale("other", alpha, 2, 3)) == pytest.approx(float(alpha.mean()))
+    # Phi-3's fused projection: rows [q heads | k heads | v heads], each block as its own projection
+    qkv = weight_scale("qkv", alpha, 2, 3)
+    assert qkv.shape == (18 + 6 + 6, 1)
+    assert torch.equal(qkv, torch.cat([q, kv, kv]))
+    expected = [alpha[h] for h in range(6) for _ in range(3)] + [kv_coefficients(alpha, 2)[g] for _ in "kv"
+                                                                  for g in range(2) for _ in range(3)]
+    assert qkv.squeeze(1).tolist() == pytest.approx([float(x) for x in expected])

@@ -1765,6 +1765,33 @@ def test_a_reasoning_tensor_that_cannot_be_copied_is_refused_by_the_plan(qwen2, 
         RainMerger.plan(qwen2["base"], reasoning, qwen2["instruct"])
 
 
+def test_phi3_fused_qkv_rows_are_scaled_per_head(tokenizer, tmp_path):
+    # Phi-4-mini's layout: [q heads | k heads | v heads] rows in one qkv_proj; stage 2 scales each block per head
+    paths = build_triple(tmp_path, "phi3", tokenizer=tokenizer)
+    plan = RainMerger.plan(paths["base"], paths["reasoning"], paths["instruct"])
+    assert {t.name.rsplit(".", 1)[-1]: t.kind for t in plan.targets}["qkv_proj"] == "qkv"
+    assert not any("could not be mapped to heads" in w for w in plan.warnings)
+    merged = {}
+    for stage2 in (True, False):  # the same one-shot Δ⊥, with and without the head scales
+        merger = _merger(paths, lam=2.0, stage2=stage2, sequential=False)
+        merger.merge(reasoning_records(4), instruction_records(3) if stage2 else None)
+        merged[stage2] = {k: v.detach().double() for k, v in merger.model.named_parameters()}
+        if stage2:
+            alpha = torch.tensor(merger.report.head_coefficients, dtype=torch.float64)
+    reasoning = _weights(paths["reasoning"])
+    for layer in (0, 1):
+        key = f"model.layers.{layer}.self_attn.qkv_proj.weight"
+        heads = alpha[layer]
+        kv = torch.stack([heads[2 * g:2 * g + 2].mean() for g in range(2)])  # 4 query heads over 2 kv heads
+        rows = torch.cat([heads.repeat_interleave(16), kv.repeat_interleave(16), kv.repeat_interleave(16)])
+        delta = merged[False][key] - reasoning[key].double()
+        torch.testing.assert_close(merged[True][key] - reasoning[key].double(), rows[:, None] * delta,
+                                   atol=1e-6, rtol=1e-5)
+        # the per-layer scale it used to get is told apart at these tolerances
+        assert not torch.allclose(merged[True][key] - reasoning[key].double(), heads.mean() * delta,
+                                  atol=1e-6, rtol=1e-5)
+
+
 def test_merged_biases_are_saved_after_project_bias_is_edited(qwen2, tmp_path):
     # project_bias is fixed by the plan: an edit after the merge must not make the save drop the merged biases
     merger = _merger(qwen2, method="task_arithmetic", lam=0.5, project_bias=True)
