@@ -83,9 +83,14 @@ _BLOCK_QKV_MODELS = {"phi3", "phi4_multimodal"}
 def attention_geometry(model_config) -> AttentionGeometry:
     """Head counts and head_dim from a transformers config (explicit ``head_dim`` wins, as in Qwen3)."""
     cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    heads = cfg.num_attention_heads
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    try:
+        heads = cfg.num_attention_heads
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    except RuntimeError as exc:  # transformers' per-layer configs (Gemma 4) refuse a global head count or width
+        raise ConfigError(f"{type(cfg).__name__} gives its layers different attention geometries (head_dim or kv "
+                          f"heads per layer: {exc.__class__.__name__}), and rain_hf maps heads with one geometry "
+                          "for the whole model: such models cannot be merged yet.") from exc
     return AttentionGeometry(heads, kv, head_dim, cfg.hidden_size, cfg.num_hidden_layers,
                              getattr(cfg, "model_type", None) in _BLOCK_QKV_MODELS)
 
@@ -119,27 +124,33 @@ def unmergeable_weights(model: nn.Module) -> list[str]:
     return [f"{prefix}.{name}" for name, p in layers.named_parameters() if p.dim() >= 2 and id(p) not in linear]
 
 
-def sliding_windows(model_config) -> list[int | None]:
-    """Per decoder layer, its sliding attention window ``w`` (a query sees the ``w`` positions up to itself, as
-    transformers masks them) or ``None`` for full attention: from the config's ``layer_types`` (Gemma 2/3, Cohere 2,
-    gpt-oss, OLMo 3 …), else a ``sliding_window`` that applies to every layer (Mistral, Starcoder2, Phi-3).
+def local_attention(model_config) -> list[tuple[str, int] | None]:
+    """Per decoder layer, how far its attention reaches: ``("sliding", w)`` (a query sees the ``w`` positions up
+    to itself, as transformers masks them), ``("chunked", c)`` (the positions of its own block of ``c``, Llama 4)
+    or ``None`` for full attention. From the config's ``layer_types`` (Gemma 2/3, Cohere 2, gpt-oss, OLMo 3,
+    Llama 4 …), else a ``sliding_window`` that applies to every layer (Mistral, Starcoder2, Phi-3).
 
     Example:
         >>> from transformers import MistralConfig
-        >>> sliding_windows(MistralConfig(num_hidden_layers=2, sliding_window=4096))
-        [4096, 4096]
+        >>> local_attention(MistralConfig(num_hidden_layers=2, sliding_window=4096))
+        [('sliding', 4096), ('sliding', 4096)]
     """
     cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     layers = cfg.num_hidden_layers
-    window = getattr(cfg, "sliding_window", None)
-    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
-        return [None] * layers
+
+    def size(name: str) -> int | None:
+        value = getattr(cfg, name, None)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+    window, chunk = size("sliding_window"), size("attention_chunk_size")
     layer_types = getattr(cfg, "layer_types", None)
     if layer_types:
-        return [window if kind == "sliding_attention" else None for kind in layer_types]
-    if getattr(cfg, "use_sliding_window", None) is False:
+        reach = {"sliding_attention": ("sliding", window) if window else None,
+                 "chunked_attention": ("chunked", chunk) if chunk else None}
+        return [reach.get(kind) for kind in layer_types]
+    if window is None or getattr(cfg, "use_sliding_window", None) is False:
         return [None] * layers
-    return [window] * layers
+    return [("sliding", window)] * layers
 
 
 def layers_without_attention(model: nn.Module) -> list[int]:
@@ -275,13 +286,15 @@ def _pad(samples: Sequence[CalibrationSample], pad_id: int, device) -> tuple[tor
     return ids.to(device), mask.to(device)
 
 
-def _sees_keys(query_mask: torch.Tensor, key_mask: torch.Tensor, window: int) -> torch.Tensor:
-    """The queries of ``query_mask`` [B, T] that see at least one key of ``key_mask`` [B, T] through a sliding
-    window of ``window`` positions (keys τ with t − window < τ ≤ t)."""
-    seen = key_mask.long().cumsum(dim=1)
-    before = torch.zeros_like(seen)
-    if window < seen.shape[1]:
-        before[:, window:] = seen[:, :-window]
+def _sees_keys(query_mask: torch.Tensor, key_mask: torch.Tensor, reach: tuple[str, int]) -> torch.Tensor:
+    """The queries of ``query_mask`` [B, T] (right-padded) that see at least one key of ``key_mask`` [B, T] through
+    a local attention ``reach`` of :func:`local_attention`: keys τ ≤ t with t − w < τ (``("sliding", w)``) or in t's
+    block of c positions (``("chunked", c)``)."""
+    kind, size = reach
+    seen = key_mask.long().cumsum(dim=1)  # keys up to and including t
+    positions = torch.arange(seen.shape[1])
+    first = positions - size + 1 if kind == "sliding" else positions - positions % size  # the first visible key
+    before = torch.where(first > 0, seen[:, (first - 1).clamp(min=0)], torch.zeros_like(seen))
     return query_mask & (seen - before > 0)
 
 
@@ -768,9 +781,9 @@ def collect_attention_stats(
 
     a[l, h] = mean over samples of the mean over queries t ∈ R of Σ_{τ ∈ I} A_l[h, t, τ]; u the same over t ∈ U.
     Each layer's attention map is reduced inside its own hook, so no two layers' T×T maps are alive together.
-    In a sliding-window layer only the queries whose window reaches an instruction token count: for the others
-    the mass is zero by the mask, not by the head. A sliding layer where no constrained-response query reaches
-    one has no measurement: its rows are NaN.
+    In a sliding-window or chunked layer only the queries whose window (chunk) reaches an instruction token
+    count: for the others the mass is zero by the mask, not by the head. Such a layer where no
+    constrained-response query reaches one has no measurement: its rows are NaN.
 
     Returns:
         alignment [len(layers), H] and leakage [len(layers), H] (float64).
@@ -783,7 +796,7 @@ def collect_attention_stats(
                                                                                      dtype=torch.float64)}
     counts = {"a": torch.zeros(n, dtype=torch.float64), "u": torch.zeros(n, dtype=torch.float64)}
     masks: dict[tuple[str, int | None], torch.Tensor] = {}
-    all_windows = sliding_windows(model.config)
+    all_windows = local_attention(model.config)
     with_response = 0  # samples with constrained-response tokens
     windows = [all_windows[layer] if layer < len(all_windows) else None for layer in layers]
 
@@ -833,7 +846,7 @@ def collect_attention_stats(
         raise ValueError("No instruction calibration sample has constrained-response tokens (R) to measure "
                          "alignment on: the responses are empty, their annotated R spans all lie past "
                          "config.max_length (raise it), or annotated unrelated spans cover them whole.")
-    alignment = sums["a"] / counts["a"].unsqueeze(1)  # NaN for a sliding layer that never saw the instruction
+    alignment = sums["a"] / counts["a"].unsqueeze(1)  # NaN for a local layer that never saw the instruction
     leakage = sums["u"] / counts["u"].clamp(min=1).unsqueeze(1)
     leakage[counts["a"] == 0] = float("nan")
     return alignment, leakage

@@ -60,8 +60,8 @@ from .features import (
     find_decoder_layers,
     find_target_modules,
     layers_without_attention,
+    local_attention,
     merged_routers,
-    sliding_windows,
     unmergeable_weights,
 )
 from .projection import (
@@ -564,11 +564,16 @@ class RainMerger:
                         f"{key} has shape {shape} in the {role} model {shown[role]} but {expected[1]} in the "
                         f"{expected[0]} model {shown[expected[0]]}: the models must share one base.")
         if unstored and len(unstored) == len(keys_to_check):
+            multimodal = any("language_model." in key for key in reasoning.keys())
+            fix = (" It is a multimodal checkpoint (its decoder is stored under language_model.): save each of the "
+                   "three models' language model as a text-only causal LM with transformers first (for Gemma 3: a "
+                   "Gemma3ForCausalLM built from config.text_config, given the weights of model.language_model and "
+                   "lm_head, saved with its tokenizer), and merge those.") if multimodal else ""
             raise ModelMismatchError(
                 f"None of the {len(unstored)} tensors of the targeted modules is stored under the name the model "
                 f"class gives it (e.g. {unstored[0]}): transformers converts this checkpoint layout when it loads it, "
                 "and a merge reads tensors by the names they are stored under, so rain_hf cannot merge this "
-                "layout.")
+                f"layout.{fix}")
         if unstored:
             modules = sorted({key.rsplit(".", 2)[-2] for key in unstored})
             raise ModelMismatchError(
@@ -1041,12 +1046,14 @@ class RainMerger:
                 logger.warning(problem)
             unseen = [layer for layer, row in zip(self.report.layers, a) if bool(torch.isnan(row).all())]
             if unseen:
-                windows = sorted({w for w in sliding_windows(self.model.config) if w is not None})
+                reach = local_attention(self.model.config)
+                kinds = sorted({f"{'window' if r[0] == 'sliding' else 'chunk'} of {r[1]} tokens"
+                                for layer in unseen if (r := reach[layer]) is not None})
                 self.report.warnings.append(
-                    f"stage 2: in layers {unseen} the sliding attention window ({', '.join(map(str, windows))} "
-                    "tokens) reaches the instruction from no constrained-response token of the calibration data, "
-                    "so their heads were not measured and got α = 1 (stage 1 alone there); calibration samples "
-                    "whose responses start within the window of the instruction measure them")
+                    f"stage 2: in layers {unseen} the local attention ({', '.join(kinds)}) reaches the instruction "
+                    "from no constrained-response token of the calibration data, so their heads were not measured "
+                    "and got α = 1 (stage 1 alone there); calibration samples whose responses start within reach "
+                    "of the instruction measure them")
                 logger.warning(self.report.warnings[-1])
             # unmeasured heads are None in the report (JSON has no NaN)
             self.report.alignment = [[None if math.isnan(x) else x for x in row] for row in a.tolist()]

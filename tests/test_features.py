@@ -303,7 +303,7 @@ def test_sliding_window_layers_count_only_queries_whose_window_reaches_the_instr
     from rain_hf import testing
     from rain_hf.calibration import prepare_instruction_calibration
     from rain_hf.coefficients import head_coefficients
-    from rain_hf.features import collect_attention_stats, sliding_windows
+    from rain_hf.features import collect_attention_stats, local_attention
 
     tokenizer = testing.build_tokenizer()
     samples = prepare_instruction_calibration(testing.instruction_records(3), tokenizer, RainMergingConfig(lam=1.0))
@@ -318,7 +318,7 @@ def test_sliding_window_layers_count_only_queries_whose_window_reaches_the_instr
         torch.manual_seed(0)  # layer 0 full attention, layer 1 sliding (Qwen2's max_window_layers)
         config = testing.model_config("qwen2", len(tokenizer), use_sliding_window=True, sliding_window=window,
                                       max_window_layers=1)
-        assert sliding_windows(config) == [None, window]
+        assert local_attention(config) == [None, ("sliding", window)]
         model = AutoModelForCausalLM.from_config(config)
         a, u = collect_attention_stats(model, samples, [0, 1], 2, tokenizer.pad_token_id)
         model.set_attn_implementation("eager")
@@ -347,3 +347,36 @@ def test_sliding_window_layers_count_only_queries_whose_window_reaches_the_instr
             assert torch.equal(alpha[1], torch.ones(4))
             score = (a[0] - 0.5 * u[0]) / (1 + u[0])
             torch.testing.assert_close(alpha[0], (score / score.mean()).clamp(0, 2).float())
+
+
+def test_local_attention_reach_matches_the_masks_transformers_builds():
+    from transformers import Gemma2Config, Llama4TextConfig, Qwen2Config
+
+    from rain_hf.features import _sees_keys, local_attention
+
+    assert local_attention(Llama4TextConfig(num_hidden_layers=4, attention_chunk_size=8)) == [("chunked", 8)] * 3 + [None]
+    assert local_attention(Gemma2Config(num_hidden_layers=2, sliding_window=16)) == [("sliding", 16), None]
+    assert local_attention(Qwen2Config(num_hidden_layers=2, sliding_window=16)) == [None, None]  # not switched on
+    generator = torch.Generator().manual_seed(0)
+    keys, queries = (torch.rand(3, 40, generator=generator) < p for p in (0.1, 0.5))
+    for reach in (("sliding", 1), ("sliding", 5), ("sliding", 64), ("chunked", 8), ("chunked", 7)):
+        kind, size = reach
+        expected = torch.zeros_like(queries)
+        for b in range(3):
+            for t in range(40):
+                # transformers: kv_idx > q_idx - window, or kv_idx // chunk == q_idx // chunk; causal: kv_idx <= q_idx
+                visible = [k for k in range(t + 1) if (k > t - size if kind == "sliding" else k // size == t // size)]
+                expected[b, t] = bool(queries[b, t]) and any(bool(keys[b, k]) for k in visible)
+        assert torch.equal(_sees_keys(queries, keys, reach), expected), reach
+
+
+def test_per_layer_head_geometry_is_refused_by_name():
+    from transformers import Gemma4TextConfig
+
+    from rain_hf.features import attention_geometry
+
+    config = Gemma4TextConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16, global_head_dim=32, sliding_window=8)
+    with pytest.raises(ConfigError, match="Gemma4TextConfig gives its layers different attention geometries .*cannot "
+                                          "be merged yet"):
+        attention_geometry(config)

@@ -1792,6 +1792,23 @@ def test_phi3_fused_qkv_rows_are_scaled_per_head(tokenizer, tmp_path):
                                   atol=1e-6, rtol=1e-5)
 
 
+def test_a_multimodal_layout_is_refused_with_the_text_only_route(qwen2, tmp_path):
+    # Gemma 3's 4B-27B checkpoints store the decoder as language_model.model.layers.*
+    from rain_hf.merger import ModelMismatchError
+
+    folders = {}
+    for role in ("base", "reasoning", "instruct"):
+        folders[role] = tmp_path / role
+        shutil.copytree(qwen2[role], folders[role])
+        weights = _weights(folders[role])
+        save_file({f"language_model.{k}": v for k, v in weights.items()}, folders[role] / "model.safetensors",
+                  metadata={"format": "pt"})
+    with pytest.raises(ModelMismatchError, match=r"cannot merge this layout. It is a multimodal checkpoint \(its "
+                                                 r"decoder is stored under language_model.\): save each of the three "
+                                                 r"models' language model as a text-only causal LM"):
+        RainMerger.plan(folders["base"], folders["reasoning"], folders["instruct"])
+
+
 def test_merged_biases_are_saved_after_project_bias_is_edited(qwen2, tmp_path):
     # project_bias is fixed by the plan: an edit after the merge must not make the save drop the merged biases
     merger = _merger(qwen2, method="task_arithmetic", lam=0.5, project_bias=True)
