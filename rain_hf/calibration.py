@@ -709,13 +709,15 @@ def _parse_record(record: Mapping, template: _Template) -> _Fields:
 
 
 class _GivenOffsets(tuple):
-    """A ``(start, end)`` pair in the stripped text, remembering the offsets the record gave (for messages)."""
+    """A ``(start, end)`` pair in the stripped text, remembering the offsets the record gave and where the text
+    sits in its field (for messages)."""
 
     given: list[int]
+    where: str
 
-    def __new__(cls, start: int, end: int, given: Sequence[int]) -> _GivenOffsets:
+    def __new__(cls, start: int, end: int, given: Sequence[int], where: str) -> _GivenOffsets:
         pair = super().__new__(cls, (start, end))
-        pair.given = list(given)
+        pair.given, pair.where = list(given), where
         return pair
 
 
@@ -728,6 +730,9 @@ def _shift_offsets(groups: list[list[Any]], text: str, text_at: int) -> list[lis
     """
     leading = len(text) - len(text.lstrip())
     stripped = len(text.strip())
+    notes = [f"it starts at character {text_at + leading} of the field" if text_at + leading else "",
+             "edge whitespace stripped" if stripped != len(text) else ""]
+    where = ", ".join(note for note in notes if note)
 
     def inside(offset: int) -> int:
         offset -= text_at + leading
@@ -737,7 +742,7 @@ def _shift_offsets(groups: list[list[Any]], text: str, text_at: int) -> list[lis
             return stripped
         return offset
 
-    return [[_GivenOffsets(inside(item[0]), inside(item[1]), item) if _is_offset_pair(item) else item
+    return [[_GivenOffsets(inside(item[0]), inside(item[1]), item, where) if _is_offset_pair(item) else item
              for item in group] for group in groups]
 
 
@@ -833,11 +838,13 @@ def locate_annotations(segment: str, groups: Iterable[Sequence[Any]]) -> tuple[l
                 start, end = int(item[0]), int(item[1])
                 given = getattr(item, "given", None)
                 named = f"offsets {given or list(item)}"
-                if given is not None and 0 <= start == end <= len(segment):  # all in the stripped whitespace
-                    missing.append(f"{named} cover only whitespace")
+                if (given or item)[0] >= (given or item)[1]:
+                    missing.append(f"{named} are empty or reversed (write [start, end) with start < end)")
+                elif given is not None and 0 <= start == end <= len(segment):
+                    missing.append(f"{named} cover only whitespace")  # all of it in the stripped edges
                 elif not 0 <= start < end <= len(segment):
-                    whitespace = "" if given is None else ", edge whitespace stripped"
-                    missing.append(f"{named} outside the segment of {len(segment)} characters{whitespace}")
+                    where = f" ({item.where})" if getattr(item, "where", "") else ""
+                    missing.append(f"{named} outside the segment of {len(segment)} characters{where}")
                 elif not segment[start:end].strip():
                     missing.append(f"{named} cover only whitespace")
                 else:

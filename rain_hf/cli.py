@@ -623,15 +623,20 @@ def _check_out_folder(out: Path, job: MergeJob, overwrite: bool) -> None:
                            "delete it. Pick another folder.")
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {str(out)!r} is a file, not a folder: pick another path.")
-    parent = target.parent
+    from .merger import input_folder_in
+    from .writer import holds_output, replace_problem
+
+    if overwrite and holds_output(out) and os.path.ismount(target):
+        raise CliError(f"--out {str(out)!r} is a mount point, so the new output cannot take its place: empty it "
+                       "(an empty folder is filled) or name a folder inside it.")
+    # an empty folder made ahead is filled in place (it may be a mount point): only it must be writable
+    parent = target if target.is_dir() and not holds_output(target) else target.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
         raise CliError(f"--out {str(out)!r}: {parent} is a file, so no folder can be made under it.")
     if not os.access(parent, os.W_OK):
         raise CliError(f"--out {str(out)!r}: {parent} is not writable, so the output cannot be written there.")
-    from .merger import input_folder_in
-    from .writer import holds_output, replace_problem
 
     if input_folder_in(out, {role: m for role, m in job.models.items() if Path(m).is_dir()}):
         return  # _check_out_models names the input model, once planning has resolved them

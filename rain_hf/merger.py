@@ -84,7 +84,7 @@ _ROLES = ("base", "reasoning", "instruct")
 _PLAN_FIELDS = ("target_modules", "layers", "think_open", "think_close", "project_bias")
 # config fields that the save applies: the saved record takes them as they are then (output_dtype also rounds the
 # merged weights at merge time, so a change of it after the merge is warned about at save)
-_SAVE_FIELDS = ("output_dtype", "max_shard_size")
+_SAVE_FIELDS = ("max_shard_size",)  # save options: output_dtype belongs to the merge (its weights were rounded to it)
 
 
 def _as_list(value: Any) -> Any:
@@ -194,14 +194,15 @@ def _bias_changed(instruct: LazyCheckpoint, base: LazyCheckpoint, key: str) -> b
     return not torch.equal(instruct.get(key), base.get(key))
 
 
-def _check_fits_float16(name: str, tensor: torch.Tensor, output_dtype: str | None) -> None:
+def _check_fits_float16(name: str, tensor: torch.Tensor, merged_in_float16: bool) -> None:
     """Refuse a tensor that overflowed float16 (a cast or a merge gave ±inf), naming it and the fix."""
     if bool(torch.isfinite(tensor).all()):
         return
-    fix = ("save in 'bfloat16' (same size, float32's range) or leave output_dtype unset" if output_dtype
-           else "merge in float32 (torch_dtype='float32') and save with output_dtype='bfloat16'")
-    raise ConfigError(f"{name} does not fit in float16 (largest magnitude 65504): saved as float16 it holds "
-                      f"infinite values: {fix}.")
+    fix = "save with output_dtype='bfloat16' (float16's size, float32's range) or 'float32'"
+    if merged_in_float16:  # the merged weights in memory overflowed already
+        fix = "load the models with torch_dtype='float32' (or 'bfloat16'), merge again and " + fix
+    raise ConfigError(f"{name} does not fit in float16 (largest magnitude 65504): as float16 it holds infinite "
+                      f"values: {fix}.")
 
 
 def _dtype_problem(out: torch.dtype, loaded: torch.dtype) -> str | None:
@@ -1370,7 +1371,8 @@ class RainMerger:
                         tensor = self.reasoning.get(spec.name).to(spec.dtype)
                     if spec.dtype == torch.float16 and (spec.name in merged or
                                                         self.reasoning.dtype(spec.name) != torch.float16):
-                        _check_fits_float16(spec.name, tensor, merged_with.output_dtype)
+                        _check_fits_float16(spec.name, tensor,
+                                            spec.name in merged and params[spec.name].dtype == torch.float16)
                     writer.write(spec.name, tensor)
                     del tensor  # else the next read would hold two of the largest tensors (embeddings, LM head)
                 writer.close()

@@ -176,12 +176,12 @@ def replace_problem(target: str | os.PathLike, marker: str | None = None) -> str
     if target.is_symlink() and not target.exists():
         return (f"{target} is a symbolic link to {os.readlink(target)}, which does not exist: create that folder "
                 "or name another one for the output.")
-    if not target.is_dir():
-        return None
+    if not target.is_dir() or not holds_output(target):
+        return None  # nothing there, or an empty folder, which is filled in place
     resolved, cwd = target.resolve(), Path.cwd().resolve()
     if resolved == cwd or resolved in cwd.parents:
         return (f"{target} is the current directory or a folder above it: the output takes its place whole, which "
-                "would delete (or, if empty, swap out) the folder you work in. Name a new folder for the output.")
+                "would delete the folder you work in. Name a new folder for the output.")
     if resolved == Path.home().resolve():
         return f"{target} is the home folder: name a new folder for the output."
     if marker is not None and holds_output(target) and not (target / marker).is_file():

@@ -396,11 +396,19 @@ def test_offsets_may_take_in_the_whitespace_stripped_off_a_field(tok, caplog):
     assert [_text(tok, s, sp).strip() for sp in s.instruction_spans] == ["Write in lowercase."]
     assert [_text(tok, s, sp).strip() for sp in s.constrained_spans] == ["apples"]
     # the warning quotes the offsets the record gave: [0, 9] is the think block, not the answer
-    assert "response offsets [0, 9] outside the segment of 16 characters, edge whitespace stripped" in caplog.text
+    assert ("response offsets [0, 9] outside the segment of 16 characters (it starts at character 19 of the "
+            "field, edge whitespace stripped)") in caplog.text
     record = dict(record, instruction_spans=[[len(prompt) - 1, len(prompt)]], response_spans=[])
     with caplog.at_level(logging.WARNING, logger="rain_hf"):
         prepare_instruction_calibration([record], tok, _cfg())
     assert f"prompt offsets [{len(prompt) - 1}, {len(prompt)}] cover only whitespace" in caplog.text
+    caplog.clear()  # in a field without edge whitespace, neither is said
+    record = {"prompt": "Tell me about apples.", "reasoning": "ok", "response": "apples are good.",
+              "instruction_spans": [[5, 5], [0, 500]]}
+    with caplog.at_level(logging.WARNING, logger="rain_hf"):
+        prepare_instruction_calibration([record], tok, _cfg())
+    assert "prompt offsets [5, 5] are empty or reversed (write [start, end) with start < end); prompt offsets " \
+           "[0, 500] outside the segment of 21 characters" in caplog.text
 
 
 def test_dataset_input(tok):

@@ -314,6 +314,7 @@ def test_overwrite_replaces_only_an_earlier_output(triple, tmp_path, capsys, mon
         capsys.readouterr().err)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
     (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "notes.txt").write_text("mine")  # (an empty working directory would be filled in place)
     monkeypatch.chdir(tmp_path / "work")
     for out in (".", "..", str(tmp_path)):
         assert main([str(config), "--out", out, "--overwrite"]) == 2
@@ -325,6 +326,18 @@ def test_overwrite_replaces_only_an_earlier_output(triple, tmp_path, capsys, mon
     monkeypatch.setenv("HOME", str(tmp_path / "work"))
     assert main([str(config), "--out", str(tmp_path / "out"), "--overwrite"]) == 0
     assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "model.safetensors").is_file()
+    # an empty folder made ahead is filled in place: only it must be writable, not its parent (a mount point
+    # under a root-owned /mnt); a mount point that holds something cannot be replaced, which is said before the merge
+    (tmp_path / "volume").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path and real_access(path, mode))
+    assert main([str(config), "--out", str(tmp_path / "volume")]) == 0
+    assert (tmp_path / "volume" / "model.safetensors").is_file()
+    assert main([str(config), "--out", str(tmp_path / "elsewhere")]) == 2
+    assert f"{tmp_path} is not writable" in _one_error_line(capsys.readouterr().err)
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == tmp_path / "volume")
+    assert main([str(config), "--out", str(tmp_path / "volume"), "--overwrite"]) == 2
+    assert "is a mount point, so the new output cannot take its place" in _one_error_line(capsys.readouterr().err)
 
 
 def test_dry_run_prints_the_plan(triple, tmp_path, capsys):

@@ -1597,7 +1597,10 @@ def test_saved_records_describe_the_merge_the_model_holds(qwen2, tmp_path, caplo
            "model is that merge (saved in the checkpoint's own dtypes, which its merged weights were rounded to), " \
            "and its card and rain_merging_config.json describe it: make a new RainMerger with project_bias " \
            "changed" in caplog.text
-    # ... and it is saved as it was merged: in float32, its biases the reasoning model's (project_bias was off)
+    # ... and it is saved as it was merged: in float32, its biases the reasoning model's (project_bias was off),
+    # and so its records say
+    recorded = json.loads((out / "rain_merging_config.json").read_text())["config"]
+    assert (recorded["output_dtype"], recorded["project_bias"]) == (None, False)
     saved = load_file(out / "model.safetensors")
     params = dict(merger.model.named_parameters())
     assert {t.dtype for t in saved.values()} == {torch.float32}
@@ -1692,7 +1695,7 @@ def test_biases_merge_with_lambda_and_their_rows_head_scale(qwen2):
     torch.testing.assert_close(baseline.model.get_parameter(key).detach(), reas[key] + 0.5 * (inst[key] - base[key]))
 
 
-def test_a_tensor_that_overflows_float16_is_refused_at_save(qwen2, tmp_path):
+def test_a_tensor_that_overflows_float16_is_refused_at_save(qwen2, tmp_path, tokenizer):
     # a bf16 or fp32 checkpoint may hold values past float16's 65504 (an outlier norm weight)
     folders = {role: tmp_path / role for role in ("base", "reasoning", "instruct")}
     for role, folder in folders.items():
@@ -1703,12 +1706,24 @@ def test_a_tensor_that_overflows_float16_is_refused_at_save(qwen2, tmp_path):
     merger = RainMerger.from_pretrained(folders["base"], folders["reasoning"], folders["instruct"],
                                         RainMergingConfig(method="task_arithmetic", output_dtype="float16"))
     merger.merge()
-    with pytest.raises(ConfigError, match=r"model.norm.weight does not fit in float16 .*save in 'bfloat16'"):
+    with pytest.raises(ConfigError, match=r"model.norm.weight does not fit in float16 .*: save with output_dtype='bfloat16'"):
         merger.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()
     merger.config.output_dtype = "bfloat16"
     merger.merge()
     assert _weights(merger.save_pretrained(tmp_path / "out"))["model.norm.weight"][0].item() > 65504
+    # merged in float16 (a float16 checkpoint loaded as stored): the weights in memory overflowed already
+    half = build_triple(tmp_path / "half", "llama", tokenizer=tokenizer, dtype=torch.float16)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    for role, value in (("reasoning", 60000.0), ("instruct", 60000.0), ("base", 0.0)):
+        weights = _weights(half[role])
+        weights[key][0, 0] = value
+        save_file(weights, str(half[role] / "model.safetensors"), metadata={"format": "pt"})
+    merger = _merger(half, method="task_arithmetic")
+    merger.merge()
+    with pytest.raises(ConfigError, match=rf"{key} does not fit in float16 .*: load the models with "
+                                          r"torch_dtype='float32' \(or 'bfloat16'\), merge again and save with"):
+        merger.save_pretrained(tmp_path / "half-out")
 
 
 def test_a_reasoning_model_with_its_own_code_gives_a_merge_that_loads_the_same_way(qwen2, tmp_path, caplog):

@@ -92,6 +92,12 @@ def test_atomic_directory_with_a_marker_replaces_only_an_earlier_output(tmp_path
     with atomic_directory(target, overwrite=True, marker="done.json") as tmp:
         (tmp / "done.json").write_text("{}")
     assert [p.name for p in target.iterdir()] == ["done.json"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)  # an empty working directory is filled in place, as any empty folder
+    with atomic_directory(".", marker="done.json") as tmp:
+        (tmp / "done.json").write_text("{}")
+    assert [p.name for p in empty.iterdir()] == ["done.json"]
     monkeypatch.chdir(target)  # never the working directory or above it, marker or not
     for folder in (target, tmp_path, Path(".")):
         with pytest.raises(OutputExistsError, match="current directory or a folder above it"):
