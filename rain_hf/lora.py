@@ -182,6 +182,11 @@ def check_adapter_config(config: Mapping[str, object], name: str) -> list[str]:
                            "every column of the merged weight, so ΔW depends on the base weight and is not "
                            "scaling·B·A. Merge it into the base model (merge_and_unload(); save_pretrained) and "
                            "pass that full model as the instruct model.")
+    if config.get("layer_replication"):  # merged, it has more layers than the base: there is nothing to pass
+        raise AdapterError(f"The instruct adapter {name} uses layer_replication={config['layer_replication']!r}: it "
+                           "belongs to a model whose layers are duplicated, so it holds no task vector of the base "
+                           "model, whose layers it would not line up with. Such an adapter cannot be merged into "
+                           "the reasoning model.")
     for field, what in _REFUSED_FEATURES.items():
         if config.get(field):
             raise AdapterError(f"The instruct adapter {name} uses {what}, which rain_hf does not support "
@@ -513,6 +518,7 @@ class LoraDelta:
         base_shapes: Mapping[str, tuple[int, ...]],
         base_model_id: str | None,
         base_name: str,
+        base_revision: str | None = None,
     ) -> list[str]:
         """Check that the adapter belongs to this base model; return warnings about what will be ignored.
 
@@ -520,7 +526,8 @@ class LoraDelta:
             base_shapes: the base checkpoint's tensor shapes by name.
             base_model_id: the base model's Hub id, if known.
             base_name: the base model's local folder (or its name), used for messages and for comparing a recorded
-                local path.
+                local path (two existing folders are compared by their weights' fingerprints).
+            base_revision: the base model's Hub commit, if known (compared with the adapter's recorded one).
 
         Raises:
             AdapterError: an adapted module the base does not have, or a ΔW shape that differs from the base
@@ -530,6 +537,11 @@ class LoraDelta:
         """
         base_label = base_model_id or base_name
         missing = [key for key in self._factors if key not in base_shapes]
+        if missing and all(f"model.{key}" in base_shapes for key in missing):
+            raise AdapterError(f"The instruct adapter {self._name} adapts modules without the 'model.' prefix the "
+                               f"base model {base_label} stores them under ({_examples(missing)}): it was trained on "
+                               "the bare decoder (AutoModel), not on AutoModelForCausalLM. Load it on the causal "
+                               "LM's decoder and save it again, or train it on AutoModelForCausalLM.")
         if missing:
             raise AdapterError(f"The instruct adapter {self._name} adapts modules the base model {base_label} does "
                                f"not have: {_examples(missing)}. The adapter was trained on another architecture: "
@@ -557,6 +569,14 @@ class LoraDelta:
             for key in unfit:
                 del self._copies[key]
         recorded = self.base_model_name_or_path
+        recorded_revision = self.config.get("revision")
+        snapshot = _CACHE_SNAPSHOT.search(recorded or "")
+        if snapshot and not recorded_revision:
+            recorded_revision = snapshot["sha"]
+        if _different_commits(recorded_revision, base_revision):
+            warnings.append(f"Adapter {self._name} records base revision {recorded_revision!r}, but the base is at "
+                            f"{base_revision!r}: if the weights differ, its ΔW is no task vector of this base; pass "
+                            "the base model at the adapter's revision.")
         if recorded:
             same = same_base_model(recorded, base_model_id, base_name)
             if same is False:
@@ -606,11 +626,33 @@ def same_base_model(recorded: str, base_model_id: str | None, base_name: str | N
     rec = PureWindowsPath(recorded) if "\\" in recorded else Path(recorded).expanduser()
     base_path = Path(base_name).expanduser() if base_name else None
     exists = isinstance(rec, Path) and rec.exists()
-    if exists and base_path is not None and base_path.exists() and rec.resolve() == base_path.resolve():
-        return True
+    if exists and base_path is not None and base_path.exists():
+        if rec.resolve() == base_path.resolve():
+            return True
+        # two folders here (a generic name such as "base" or "checkpoint-500" proves nothing): their weights decide
+        return _same_weights(rec, base_path)
     if rec.name.casefold() in names:
         return True
     return False if exists else None
+
+
+def _same_weights(a: Path, b: Path) -> bool | None:
+    """Whether two local model folders hold the same weights (by checkpoint fingerprint); None if unreadable."""
+    from .checkpoints import checkpoint_fingerprint
+
+    try:
+        return checkpoint_fingerprint(LazyCheckpoint(a)) == checkpoint_fingerprint(LazyCheckpoint(b))
+    except (CheckpointError, OSError):
+        return None
+
+
+def _different_commits(recorded: str | None, current: str | None) -> bool:
+    """Whether two revisions are both commit hashes (full or abbreviated) of different commits; branch names and
+    unknown revisions cannot be compared."""
+    commit = re.compile(r"[0-9a-f]{7,40}")
+    if not (recorded and current and commit.fullmatch(recorded) and commit.fullmatch(current)):
+        return False
+    return not (recorded.startswith(current) or current.startswith(recorded))
 
 
 def is_lora_adapter(path: str | os.PathLike) -> bool:

@@ -37,6 +37,7 @@ from .calibration import (
 )
 from .card import PRECOMPUTED_FEATURES_SOURCE, write_model_card
 from .checkpoints import (
+    ADAPTER_PATTERNS,
     CheckpointError,
     LazyCheckpoint,
     ModelSource,
@@ -185,6 +186,19 @@ def _load_model_config(src: ModelSource, role: str):
                               "unquantized checkpoint, or dequantize it first (load it with transformers and "
                               "save_pretrained in bfloat16).")
     return config
+
+
+def _resolve_role(name: str | os.PathLike, revision: str | None, token: str | bool | None, role: str) -> ModelSource:
+    """:func:`resolve_model` for one role; an instruct model on the Hub that is a peft adapter fetches the adapter's
+    files only (its repository may also hold a full model or Trainer checkpoints)."""
+    if role == "instruct" and not Path(os.fspath(name)).expanduser().is_dir():
+        try:
+            probe = resolve_model(name, revision, token, allow_patterns=["adapter_config.json"], role=role)
+        except CheckpointError:
+            probe = None  # the full fetch below says what is wrong
+        if probe is not None and is_adapter_folder(probe.path):
+            return resolve_model(name, revision, token, allow_patterns=ADAPTER_PATTERNS, role=role)
+    return resolve_model(name, revision, token, role=role)
 
 
 def _bias_changed(instruct: LazyCheckpoint, base: LazyCheckpoint, key: str) -> bool:
@@ -451,7 +465,7 @@ class RainMerger:
         if unknown:
             raise ConfigError(f"revision names unknown roles {sorted(unknown)}; use {list(_ROLES)}.")
         names = {"base": base_model, "reasoning": reasoning_model, "instruct": instruct_model}
-        sources = {role: resolve_model(names[role], revs.get(role), token, role=role) for role in _ROLES}
+        sources = {role: _resolve_role(names[role], revs.get(role), token, role) for role in _ROLES}
         shown = {role: sources[role].describe() for role in _ROLES}
         for a, b in (("instruct", "base"), ("instruct", "reasoning"), ("reasoning", "base")):
             if sources[a].path.resolve() == sources[b].path.resolve():
@@ -504,7 +518,15 @@ class RainMerger:
             instruct = LoraDelta.from_pretrained(sources["instruct"].path)
             instruct.source = sources["instruct"]
             base_shapes = {k: base.shape(k) for k in base.keys()}
-            warnings += instruct.validate(base_shapes, sources["base"].hub_id, str(sources["base"].path))
+            warnings += instruct.validate(base_shapes, sources["base"].hub_id, str(sources["base"].path),
+                                          sources["base"].revision)
+            beside = [p.name for p in sources["instruct"].path.glob("*.safetensors")
+                      if not p.name.startswith("adapter_model")]
+            if beside and (sources["instruct"].path / "config.json").is_file():
+                warnings.append(f"the instruct folder {shown['instruct']} holds a LoRA adapter and a full model "
+                                f"({beside[0]}, config.json); rain_hf merges the adapter, on the base model, while "
+                                "transformers would load the full model with the adapter on top: keep one of them "
+                                "in the folder")
             instruct.use_base(base)
             if instruct.bias_keys() and not config.project_bias:
                 warnings.append(f"the adapter trained {len(instruct.bias_keys())} biases (e.g. "

@@ -319,7 +319,8 @@ def test_other_peft_type_is_refused(bases, tmp_path):
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("layer_replication", [[0, 2], [1, 2]], "layer_replication"),
+    ("layer_replication", [[0, 2], [1, 2]], "layer_replication=.*belongs to a model whose layers are duplicated.*"
+                                            "cannot be merged"),
     ("use_qalora", True, "QALoRA"),
     ("alora_invocation_tokens", [1, 2], "aLoRA"),
     ("init_lora_weights", "pissa_niter_4", "path_initial_model_for_weight_conversion"),
@@ -384,6 +385,35 @@ def test_same_base_model_rules(bases, tmp_path):
     assert same_base_model("Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-7B-Instruct", "x") is False
     assert same_base_model(r"C:\models\qwen", None, qwen) is True  # recorded on Windows: same folder name
     assert same_base_model(r"C:\models\other", None, qwen) is None
+    # two folders on this machine with one generic name: their weights decide
+    other, copy = tmp_path / "run2" / "qwen", tmp_path / "copy" / "qwen"
+    _save_random(Qwen2ForCausalLM, Qwen2Config(**TINY), other, seed=7)
+    shutil.copytree(bases["qwen"], copy)
+    assert same_base_model(str(other), None, qwen) is False
+    assert same_base_model(str(copy), None, qwen) is True
+
+
+def test_a_different_base_revision_is_warned(bases, plain_adapter):
+    shapes = _base_shapes(bases["qwen"])
+    _edit_config(plain_adapter, base_model_name_or_path="org/tiny-base", revision="1" * 40)
+    lora = LoraDelta.from_pretrained(plain_adapter)
+    assert any(f"records base revision '{'1' * 40}', but the base is at '{'2' * 40}'" in w
+               for w in lora.validate(shapes, "org/tiny-base", str(bases["qwen"]), "2" * 40))
+    assert lora.validate(shapes, "org/tiny-base", str(bases["qwen"]), "1" * 7) == []  # an abbreviated hash
+    assert lora.validate(shapes, "org/tiny-base", str(bases["qwen"]), "main") == []  # a branch: not comparable
+    # a recorded Hub-cache snapshot carries its commit
+    _edit_config(plain_adapter, revision=None,
+                 base_model_name_or_path="/c/hub/models--org--tiny-base/snapshots/" + "1" * 40)
+    assert any("records base revision" in w for w in LoraDelta.from_pretrained(plain_adapter).validate(
+        shapes, "org/tiny-base", str(bases["qwen"]), "2" * 40))
+
+
+def test_an_adapter_of_the_bare_decoder_is_named(bases, plain_adapter):
+    file = plain_adapter / "adapter_model.safetensors"
+    tensors = load_file(str(file))
+    save_file({k.replace("base_model.model.model.", "base_model.model."): v for k, v in tensors.items()}, str(file))
+    with pytest.raises(AdapterError, match=r"without the 'model.' prefix .*trained on the bare decoder \(AutoModel\)"):
+        LoraDelta.from_pretrained(plain_adapter).validate(_base_shapes(bases["qwen"]), None, str(bases["qwen"]))
 
 
 def test_bin_only_adapter_is_refused(bases, tmp_path):

@@ -1457,6 +1457,34 @@ def test_plan_warns_about_merged_modules_the_adapter_leaves_alone(qwen2, tmp_pat
     assert not [w for w in narrow.warnings if "holds no delta" in w]
 
 
+def test_an_adapter_beside_a_full_model_and_a_hub_adapter_fetch(qwen2, tmp_path, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    from rain_hf.checkpoints import ADAPTER_PATTERNS
+
+    base = AutoModelForCausalLM.from_pretrained(qwen2["base"])
+    folder = tmp_path / "both"
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(folder)
+    # transformers loads such a folder as its full model with the adapter on top: the two tools would disagree
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(qwen2["instruct"] / name, folder / name)
+    plan = RainMerger.plan(qwen2["base"], qwen2["reasoning"], folder, RainMergingConfig(lam=1.0))
+    assert plan.instruct_kind == "lora"
+    assert any("holds a LoRA adapter and a full model (model.safetensors, config.json); rain_hf merges the adapter"
+               in w for w in plan.warnings)
+    # a Hub adapter repository (which may also hold a full model or Trainer checkpoints): adapter files only
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs["allow_patterns"]))
+        return str({"me/base": qwen2["base"], "me/reasoning": qwen2["reasoning"], "me/lora": folder}[repo_id])
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
+    RainMerger.plan("me/base", "me/reasoning", "me/lora", RainMergingConfig(lam=1.0))
+    assert [c for c in calls if c[0] == "me/lora"] == [("me/lora", ["adapter_config.json"]), ("me/lora", ADAPTER_PATTERNS)]
+    assert all(c[1] != ADAPTER_PATTERNS for c in calls if c[0] != "me/lora")
+
+
 def test_plan_counts_trained_biases_in_the_adapter_warnings(qwen2, tmp_path):
     from peft import LoraConfig, get_peft_model
 
