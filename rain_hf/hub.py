@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import os
 import re
@@ -120,9 +121,7 @@ def push_folder(
         >>> push_folder("merged", "my-user/r1-rain-merged", create_pr=True).pr_url  # doctest: +SKIP
         'https://huggingface.co/my-user/r1-rain-merged/discussions/1'
     """
-    if private is not None and not isinstance(private, bool):
-        raise TypeError(f"private must be True, False or None, not {private!r}; pass the commit message as "
-                        "commit_message=.")
+    check_private(private)
     folder = Path(folder).expanduser()
     files = _files_to_upload(folder)
     names = {name for name, _ in files}
@@ -185,6 +184,13 @@ def push_folder(
     return info
 
 
+def check_private(private: object) -> None:
+    """Refuse a ``private`` that is not True, False or None (a string such as "false" would be truthy)."""
+    if private is not None and not isinstance(private, bool):
+        hint = " (a commit message goes in commit_message=)" if isinstance(private, str) and " " in private else ""
+        raise TypeError(f"private must be True, False or None, not {private!r}{hint}.")
+
+
 def _public_problem(api: HfApi, repo_id: str) -> str | None:
     """private=True makes only a new repository private: why a push to an existing public one is refused, or
     None (also when the visibility cannot be read; the commit then reports real failures)."""
@@ -195,9 +201,10 @@ def _public_problem(api: HfApi, repo_id: str) -> str | None:
     if not public:
         return None
     return (f"{repo_id} already exists and is public, so private=True cannot keep this upload private (it only "
-            "applies to a repository the push creates). Make the repository private first (its settings on the "
+            "applies to a repository the push creates). If it is yours, make it private first (its settings on the "
             f"Hub, or HfApi().update_repo_settings({repo_id!r}, private=True)), or push without private=True "
-            "(output: {private: false} in a rain-merge YAML) to publish it.")
+            "(output: {private: false} in a rain-merge YAML) to publish it; if it is not, push to a repository "
+            "of your own.")
 
 
 def _files_to_upload(folder: Path) -> list[tuple[str, Path]]:
@@ -208,8 +215,17 @@ def _files_to_upload(folder: Path) -> list[tuple[str, Path]]:
     root = folder.resolve()
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)
-        if not path.is_file() or any(part.startswith(".") for part in relative.parts):
+        if any(part.startswith(".") for part in relative.parts):
             continue  # skip .cache/, .git/, .gitattributes-like local state
+        if path.is_symlink() and not path.exists():  # its target is gone (a cache blob deleted, say)
+            name = relative.as_posix()
+            if _is_replaced(name) or name in _NEEDED:
+                raise FileNotFoundError(f"Cannot push {str(folder)!r}: its file {name} links to {os.readlink(path)}, "
+                                        "which does not exist. Save the merge again and push again.")
+            logger.warning("Not pushing %s: it links to %s, which does not exist.", relative, os.readlink(path))
+            continue
+        if not path.is_file():
+            continue
         if path.is_symlink() and not path.resolve().is_relative_to(root):
             name = relative.as_posix()
             if _is_replaced(name) or name in _NEEDED:  # pushing the rest would publish a model missing this file
@@ -221,6 +237,19 @@ def _files_to_upload(folder: Path) -> list[tuple[str, Path]]:
         files.append((relative.as_posix(), path))
     if not files:
         raise FileNotFoundError(f"Cannot push {str(folder)!r}: it holds no files.")
+    names = {name for name, _ in files}
+    if "model.safetensors.index.json" in names:  # a shard left out would publish (or, re-pushed, delete) a part
+        try:
+            index = json.loads((folder / "model.safetensors.index.json").read_text(encoding="utf-8"))
+            shards = set(index["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+            raise FileNotFoundError(f"Cannot push {str(folder)!r}: its model.safetensors.index.json is not a "
+                                    f"readable shard index ({exc}). Save the merge again.") from exc
+        missing = sorted(shard for shard in shards if shard not in names)
+        if missing:
+            raise FileNotFoundError(f"Cannot push {str(folder)!r}: its shard index names {missing[0]} (and "
+                                    f"{len(missing) - 1} more), which the folder does not hold. Save the merge "
+                                    "again and push again.")
     return files
 
 
@@ -333,11 +362,9 @@ class _RetryHint:
         extra = "".join(f", {name}={value!r}" for name, value in
                         (("private", self.private), ("revision", self.revision),
                          ("create_pr", self.create_pr or None)) if value is not None)
-        flags = "".join(flag for flag, on in ((" --private", self.private),
-                                             (f" --revision {self.revision}", self.revision),
-                                             (" --create-pr", self.create_pr)) if on)
+        # not `hf upload`: it would send the local card as it is and leave an earlier upload's weights behind
         return (f"The local output at {self.folder} is intact; retry with rain_hf.hub.push_folder("
-                f"'{self.folder}', '{self.repo_id}'{extra}) or `hf upload {self.repo_id} {self.folder} .{flags}`")
+                f"{str(self.folder)!r}, {self.repo_id!r}{extra}).")
 
 
 def _hub_error(exc: BaseException, repo_id: str, folder: Path, revision: str | None, step: str,

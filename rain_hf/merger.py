@@ -1443,9 +1443,10 @@ class RainMerger:
         Example:
             >>> merger.push_to_hub("my-user/r1-rain", private=True, save_directory="r1-rain")  # doctest: +SKIP
         """
-        from .hub import HubError, check_push_target, namespaced_repo_id, push_folder
+        from .hub import HubError, check_private, check_push_target, namespaced_repo_id, push_folder
 
-        check_push_target(repo_id, revision)  # before a save that may take minutes and gigabytes
+        check_private(private)  # before a save that may take minutes and gigabytes
+        check_push_target(repo_id, revision)
         scratch = None
         if save_directory is None:
             scratch = tempfile.TemporaryDirectory(prefix="rain_hf-push-")

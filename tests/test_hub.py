@@ -393,7 +393,7 @@ def test_retry_hint_keeps_the_push_settings(hub, merged):
         push_folder(merged, "me/r1-rain", token="hf_wrong", private=True, revision="dev", create_pr=True)
     message = str(excinfo.value)
     assert f"push_folder('{merged}', 'me/r1-rain', private=True, revision='dev', create_pr=True)" in message
-    assert f"hf upload me/r1-rain {merged} . --private --revision dev --create-pr" in message
+    assert "hf upload" not in message  # it would send the local card as it is and keep stale weights
     assert excinfo.value.reason in message and "intact" not in excinfo.value.reason
 
 
@@ -467,6 +467,23 @@ def test_a_weight_file_linked_from_outside_stops_the_push(hub, merged, tmp_path)
     assert hub.requests == []
 
 
+def test_a_dangling_link_or_a_missing_shard_stops_the_push(hub, merged, tmp_path):
+    # a shard whose cache blob was deleted: pushing the rest would publish, or on a re-push delete, a part
+    shard = merged / "model-00002-of-00002.safetensors"
+    data = shard.read_bytes()
+    shard.unlink()
+    shard.symlink_to(tmp_path / "gone.safetensors")
+    with pytest.raises(FileNotFoundError, match="its file model-00002-of-00002.safetensors links to .*gone.safetensors, "
+                                                "which does not exist"):
+        push_folder(merged, "me/r1-rain", token=TOKEN)
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=r"its shard index names model-00002-of-00002.safetensors \(and 0 "
+                                                r"more\), which the folder does not hold"):
+        push_folder(merged, "me/r1-rain", token=TOKEN)
+    assert hub.requests == []
+    shard.write_bytes(data)
+
+
 def test_missing_or_empty_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a folder"):
         push_folder(tmp_path / "nope", "me/x", token=TOKEN)
@@ -499,6 +516,9 @@ def test_merger_push_to_hub_sends_one_commit_with_card_and_weights(hub, tmp_path
     with pytest.raises(TypeError, match="positional"):  # keyword-only, as in transformers: not taken for private
         merger.push_to_hub("me/tiny-ta", "Add the merge", token=TOKEN)  # type: ignore[misc]
     assert len(hub.commits) == 1
+    with pytest.raises(TypeError, match="private must be True, False or None, not 'false'"):  # before the save
+        merger.push_to_hub("me/tiny-ta", token=TOKEN, private="false", save_directory=tmp_path / "again")
+    assert not (tmp_path / "again").exists() and len(hub.commits) == 1
 
 
 def test_merger_push_to_hub_card_snippet_loads_the_pushed_branch_and_namespace(hub, tmp_path, monkeypatch):
@@ -595,3 +615,5 @@ def test_push_refuses_a_commit_message_in_the_place_of_private(hub, merged):
     with pytest.raises(TypeError, match="private must be True, False or None"):
         push_folder(merged, "me/r1-rain", private="Add RAIN merge", token=TOKEN)  # type: ignore[arg-type]
     assert hub.commits == []
+    with pytest.raises(TypeError, match=r"private must be True, False or None, not 'false'\.$"):
+        push_folder(merged, "me/r1-rain", private="false", token=TOKEN)  # type: ignore[arg-type]
