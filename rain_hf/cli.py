@@ -729,7 +729,7 @@ def _run(args: argparse.Namespace) -> int:
     if card_failed is not None:  # the output is complete but not as asked: say so in the status
         pushed = (f" It was not pushed to {args.push_to_hub}: fix the template, write the card again "
                   f"(rain_hf.card.write_model_card with model_id={args.push_to_hub!r}) and push the folder "
-                  "(rain_hf.hub.push_folder or `hf upload`)." if args.push_to_hub else "")
+                  "(rain_hf.hub.push_folder)." if args.push_to_hub else "")
         print(f"{PROG}: error: the card template failed, so {saved} has the default card.{pushed}", file=sys.stderr)
         return 1
     if args.push_to_hub:
