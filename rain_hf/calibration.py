@@ -1212,6 +1212,26 @@ def generate_traces(records: list[dict], model: Any, tokenizer: Any, config: Any
 
 
 # ----------------------------------------------------------------------------------------------------- pipeline
+_STAGE2_ANNOTATIONS = ("related_prompt_list", "instruction_spans", "response_spans")
+
+
+def _warn_if_swapped(records: Sequence[Any], kind: str) -> None:
+    """Warn when a set looks like the other stage's (the two files passed the wrong way round): reasoning records
+    that carry stage-2 span annotations, or an instruction set of reasoning traces none of which is annotated."""
+    dicts = [r for r in records if isinstance(r, Mapping)]
+    annotated = sum(any(r.get(key) for key in _STAGE2_ANNOTATIONS) for r in dicts)
+    if kind == "reasoning" and dicts and annotated > len(dicts) / 2:
+        logger.warning("%d of %d reasoning calibration records carry stage-2 annotations (%s): this looks like the "
+                       "instruction calibration set. Stage 1 wants reasoning traces (the paper's "
+                       "reasoning_calibration_set.json); check that the two sets are not swapped.", annotated,
+                       len(dicts), ", ".join(_STAGE2_ANNOTATIONS))
+    if kind == "instruction" and dicts and not annotated and sum("reasoning" in r for r in dicts) > len(dicts) / 2:
+        logger.warning("The instruction calibration records are reasoning traces ('reasoning' field) with no "
+                       "instruction or response annotated, so stage 2 would take each whole prompt as the "
+                       "instruction: this looks like the reasoning calibration set; check that the two sets are not "
+                       "swapped (the paper's instruction set is instruction_calibration_set.jsonl).")
+
+
 def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limit: int | None,
              stats: dict | None = None) -> list[CalibrationSample]:
     """Load, (generate,) validate and render a calibration set; see the public wrappers."""
@@ -1222,6 +1242,7 @@ def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limi
     def where(index: int) -> str:
         return f"index {index}" + (f" ({locations[index]})" if locations else "")
 
+    _warn_if_swapped(records, kind)
     template = _template_parts(tokenizer, config)
     prompt_only = [i for i, r in enumerate(records) if _is_prompt_only(r)]
     if prompt_only and model is None:

@@ -520,6 +520,9 @@ def _method_formula(method: str, lam: Any, config: dict[str, Any]) -> str:
     return f"method {method!r}."
 
 
+_HUB_ID_LIKE = re.compile(r"[\w.\-]+(/[\w.\-]+)?")
+
+
 def _reproduction_yaml(method: str, config: dict[str, Any], info: dict[str, Any]) -> str:
     document: dict[str, Any] = {}
     for role, key in (("base", "base_model"), ("reasoning", "reasoning_model"), ("instruct", "instruct_model")):
@@ -527,6 +530,8 @@ def _reproduction_yaml(method: str, config: dict[str, Any], info: dict[str, Any]
         if not entry:
             continue
         name = entry.get("hub_id") or entry.get("name_or_path") or entry.get("path")
+        if not entry.get("hub_id") and _HUB_ID_LIKE.fullmatch(str(name)):
+            name = f"./{name}"  # a local folder named like a Hub id: elsewhere rain-merge would fetch that repo
         revision = entry.get("revision")
         document[key] = {"path": name, "revision": revision} if revision and entry.get("hub_id") else name
     document["method"] = method

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import functools
 import json
 import logging
@@ -171,8 +172,12 @@ def load_job(path: str | os.PathLike) -> MergeJob:
         raise CliError(f"{path}: the top level must be a mapping of keys ({', '.join(TOP_LEVEL_KEYS)}).")
     unknown = sorted(set(map(str, data)) - set(TOP_LEVEL_KEYS))
     if unknown:
-        raise CliError(f"{path}: unknown key(s) {unknown}; known keys: {list(TOP_LEVEL_KEYS)}. "
-                       "Merge parameters go under 'parameters:'.")
+        from .config import RainMergingConfig as config_class  # (the function imports the name itself later)
+
+        fields = {f.name for f in dataclasses.fields(config_class)}
+        hint = (" Merge parameters go under 'parameters:'." if any(key in fields for key in unknown) else "")
+        raise CliError(f"{path}: unknown key(s) {unknown}{_did_you_mean(unknown, TOP_LEVEL_KEYS)}; known keys: "
+                       f"{list(TOP_LEVEL_KEYS)}.{hint}")
     folder = path.resolve().parent
 
     models: dict[str, str] = {}
@@ -231,7 +236,8 @@ def load_job(path: str | os.PathLike) -> MergeJob:
         raise CliError(f"{path}: 'output' must be a mapping with keys {list(OUTPUT_KEYS)}.")
     unknown = sorted(set(map(str, output)) - set(OUTPUT_KEYS))
     if unknown:
-        raise CliError(f"{path}: unknown output key(s) {unknown}; known: {list(OUTPUT_KEYS)}.")
+        raise CliError(f"{path}: unknown output key(s) {unknown}{_did_you_mean(unknown, OUTPUT_KEYS)}; known: "
+                       f"{list(OUTPUT_KEYS)}.")
     max_shard_size = output.get("max_shard_size")
     if max_shard_size is not None:
         try:
@@ -263,13 +269,19 @@ def load_job(path: str | os.PathLike) -> MergeJob:
                     card_template, written_models, written_calibration, path.resolve())
 
 
+def _did_you_mean(unknown: list[str], known: Any) -> str:
+    """' (did you mean …?)' hints for misspelt keys, as RainMergingConfig gives them under 'parameters:'."""
+    close = {key: difflib.get_close_matches(key, list(known), n=1) for key in unknown}
+    return "".join(f" ({key!r}: did you mean {match[0]!r}?)" for key, match in close.items() if match)
+
+
 def _model_entry(value: Any, key: str, folder: Path, path: Path) -> tuple[str, str | None, str]:
     """(where to load from, revision, the name as written) of a model entry."""
     if isinstance(value, dict):
         unknown = sorted(set(map(str, value)) - set(MODEL_KEYS))
         if unknown or not value.get("path"):
             raise CliError(f"{path}: '{key}' as a mapping needs 'path' (and optionally 'revision'); got keys "
-                           f"{sorted(map(str, value))}.")
+                           f"{sorted(map(str, value))}{_did_you_mean(unknown, MODEL_KEYS)}.")
         name, revision = value["path"], value.get("revision")
         if not isinstance(name, str):
             raise CliError(f"{path}: {key}.path {name!r} is not a string (YAML read it as {type(name).__name__}); "
@@ -332,7 +344,8 @@ def _calibration(value: Any, folder: Path, path: Path) -> dict[str, Path]:
         raise CliError(f"{path}: 'calibration' must be a mapping {{reasoning: PATH, instruction: PATH}}.")
     unknown = sorted(set(map(str, value)) - set(CALIBRATION_KEYS))
     if unknown:
-        raise CliError(f"{path}: unknown calibration key(s) {unknown}; known: {list(CALIBRATION_KEYS)}.")
+        raise CliError(f"{path}: unknown calibration key(s) {unknown}{_did_you_mean(unknown, CALIBRATION_KEYS)}; "
+                       f"known: {list(CALIBRATION_KEYS)}.")
     found = {}
     for name in CALIBRATION_KEYS:
         if value.get(name) is not None:
@@ -556,9 +569,9 @@ def _configure_logging(verbose: bool) -> Callable[[], None]:
     return restore
 
 
-def _check_push_target(repo_id: str | None, online: bool) -> None:
-    """A repo id the Hub would refuse, or (with ``online``) an offline Hub, found before the merge rather than
-    after it."""
+def _check_push_target(repo_id: str | None, online: bool, token: str | None = None) -> None:
+    """A repo id the Hub would refuse, or (with ``online``) an offline Hub or no token at all, found before the
+    merge rather than after it."""
     if not repo_id:
         return
     from .hub import HubError, check_push_target
@@ -568,6 +581,12 @@ def _check_push_target(repo_id: str | None, online: bool) -> None:
     except HubError as exc:
         later = " (or merge without --push-to-hub and upload the folder later)" if "OFFLINE" in exc.reason else ""
         raise CliError(f"--push-to-hub {repo_id!r}: {exc.reason}{later}") from exc
+    if online and token is None:
+        from huggingface_hub import get_token
+
+        if not get_token():  # the push would fail only after the whole merge
+            raise CliError(f"--push-to-hub {repo_id!r}: no Hub token: log in (`hf auth login`), set HF_TOKEN, or "
+                           "give token: in the YAML (or merge without --push-to-hub and upload the folder later).")
 
 
 def _check_calibration_files(job: MergeJob, config_path: str) -> None:
@@ -669,10 +688,15 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     from .calibration import CalibrationError
     from .checkpoints import CheckpointError
-    from .merger import RainMerger, check_device
+    from .merger import ModelMismatchError, RainMerger, check_device
 
     check_device(args.device)
-    _check_push_target(args.push_to_hub, online=not args.dry_run)
+    for kind, path in job.calibration.items():  # the Python API warns when given data it does not use: so does this
+        if not job.config.uses_calibration(kind):
+            logger.warning("%s: calibration.%s (%s) is not used by this merge (method=%s, stage1=%s, stage2=%s, "
+                           "lam=%s).", args.config, kind, path, job.config.method, job.config.stage1,
+                           job.config.stage2, job.config.lam)
+    _check_push_target(args.push_to_hub, online=not args.dry_run, token=job.token)
     # everything that can be checked without loading weights, before the load (and in a dry run); the checks
     # that need no model first, as planning a Hub model downloads its weights
     _check_calibration_files(job, args.config)
@@ -682,6 +706,8 @@ def _run(args: argparse.Namespace) -> int:
         parts = RainMerger.plan(job.models["base"], job.models["reasoning"], job.models["instruct"],
                                 config=job.config, revision=job.revision, token=job.token, _return_parts=True)
     except CalibrationError as exc:  # e.g. think_open is not one token of the tokenizer: a parameters problem
+        raise CliError(f"{args.config}: {exc}") from exc
+    except ModelMismatchError as exc:  # the three models the YAML names do not fit together: fix the YAML
         raise CliError(f"{args.config}: {exc}") from exc
     except CheckpointError as exc:
         _reword_missing_folder(exc, job)

@@ -305,6 +305,13 @@ class RainMergingConfig:
         positive_int("batch_size")
         positive_int("max_length")
         positive_int("max_reasoning_samples", optional=True)
+        cap = self.max_reasoning_samples
+        if self.lam == "auto" and self.method == "rain" and self.stage1 and cap is not None:
+            held = max(1, round(cap * self.lam_auto_holdout))  # as rain_hf.calibration.holdout_count
+            if cap - held < 1:
+                raise ConfigError(f"RainMergingConfig.max_reasoning_samples={cap} with lam='auto': the search holds "
+                                  f"out {held} of them to measure L_think, which leaves none for stage 1. Allow more "
+                                  "samples, lower lam_auto_holdout, or set lam to a number.")
         positive_int("max_instruction_samples", optional=True)
         choice("on_malformed", MALFORMED_POLICIES)
         positive_int("max_new_tokens")

@@ -299,7 +299,7 @@ def test_sample_limits_take_the_first_usable(tok):
     records = [RECORD, {"prompt": "x", "reasoning": ""}, RECORD, RECORD, RECORD]
     samples = prepare_reasoning_calibration(records, tok, _cfg(max_reasoning_samples=2))
     assert [s.index for s in samples] == [0, 2]
-    samples = prepare_instruction_calibration(records, tok, _cfg(max_instruction_samples=3, max_reasoning_samples=1))
+    samples = prepare_instruction_calibration(records, tok, _cfg(lam=1.0, max_instruction_samples=3, max_reasoning_samples=1))
     assert [s.index for s in samples] == [0, 2, 3]
 
 
@@ -832,3 +832,19 @@ def test_special_tokens_inside_the_texts_are_warned_about(tok, caplog):
                       "tokenizer reads as control tokens (an end of turn inside the text, say): remove them unless "
                       "they are meant as such."]
     assert tok.convert_tokens_to_ids("<|end|>") in sample.input_ids[sample.think_open:sample.think_close]
+
+
+def test_swapped_calibration_sets_are_warned_about(tok, caplog):
+    from rain_hf.testing import instruction_records, reasoning_records
+
+    with caplog.at_level(logging.WARNING, logger="rain_hf.calibration"):
+        prepare_reasoning_calibration(instruction_records(3), tok, _cfg())  # 'reason' reads as the thinking
+        prepare_instruction_calibration(reasoning_records(3), tok, _cfg())
+    assert "3 of 3 reasoning calibration records carry stage-2 annotations" in caplog.text
+    assert "The instruction calibration records are reasoning traces ('reasoning' field) with no instruction or " \
+           "response annotated" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rain_hf.calibration"):  # the right way round: nothing said
+        prepare_reasoning_calibration(reasoning_records(3), tok, _cfg())
+        prepare_instruction_calibration(instruction_records(3), tok, _cfg())
+    assert "swapped" not in caplog.text

@@ -118,6 +118,12 @@ def test_body_has_method_config_calibration_and_usage(tmp_path):
     block = _yaml_block(text)
     assert block["reasoning_model"] == {"path": REASONING, "revision": SHA}
     assert block["method"] == "rain"
+    # a local folder named like a Hub id stays a path: elsewhere rain-merge would fetch that repository instead
+    local = _info(local=("base", "instruct"))
+    local["inputs"]["base"].update(name_or_path="Qwen/R1-base", path="/work/Qwen/R1-base")
+    local["inputs"]["instruct"].update(name_or_path="../models/it", path="/models/it")
+    local_block = _yaml_block(build_model_card(local).text)
+    assert (local_block["base_model"], local_block["instruct_model"]) == ("./Qwen/R1-base", "../models/it")
     rebuilt = RainMergingConfig.from_dict({"method": block["method"], **block["parameters"]})
     assert rebuilt.to_dict() == info["config"]
     assert "projection was sequential" not in text

@@ -89,8 +89,10 @@ def test_usage_errors_are_one_line(capsys):
 @pytest.mark.parametrize("content, expected", [
     ("base_model: [unclosed\n", "invalid YAML at line"),
     ("- just\n- a list\n", "top level must be a mapping"),
-    ({"base_model": "a/b", "reasoning_model": "c/d", "instruct_model": "e/f", "lambda": 1},
-     "unknown key(s) ['lambda']; known keys: ['base_model'"),
+    ({"base_model": "a/b", "reasoning_model": "c/d", "instruct_model": "e/f", "lam": 1},
+     "unknown key(s) ['lam']; known keys: ['base_model'"),  # ... "Merge parameters go under 'parameters:'."
+    ({"base_model": "a/b", "reasoning_model": "c/d", "instruct_model": "e/f", "paramters": {"lam": 1}},
+     "unknown key(s) ['paramters'] ('paramters': did you mean 'parameters'?); known keys"),
     ({"base_model": "a/b", "reasoning_model": "c/d"}, "'instruct_model' is missing"),
 ])
 def test_bad_yaml_exits_2_with_one_line(tmp_path, capsys, content, expected):
@@ -112,6 +114,8 @@ def test_bad_yaml_exits_2_with_one_line(tmp_path, capsys, content, expected):
     ({"rcond": 1e-14, "precision": "float64"}, "Use rcond >= 1e-13."),
     ({"stage1": "yes please"}, "stage1 must be true or false"),
     ({"lam_grid": ["1e-2", "x"]}, "lam_grid"),
+    ({"lam": "auto", "max_reasoning_samples": 1}, "max_reasoning_samples=1 with lam='auto': the search holds out 1 "
+                                                  "of them to measure L_think, which leaves none for stage 1"),
 ])
 def test_bad_parameters_exit_2(tmp_path, capsys, parameters, expected):
     config = _write(tmp_path, _minimal(tmp_path, parameters=parameters))
@@ -130,11 +134,13 @@ def test_small_rcond_is_accepted_where_it_is_resolved_or_unused():
 @pytest.mark.parametrize("change, expected", [
     ({"calibration": {"reasoning": "data/missing.json", "instruction": "data/i.jsonl"}}, "does not exist"),
     ({"calibration": {"instruction": "data/i.jsonl"}}, "needs 'calibration: {reasoning: PATH}'"),
-    ({"calibration": {"reasoning": "data/r.json", "instructions": "x"}}, "unknown calibration key(s)"),
+    ({"calibration": {"reasoning": "data/r.json", "instructions": "x"}},
+     "unknown calibration key(s) ['instructions'] ('instructions': did you mean 'instruction'?)"),
     ({"dtype": "float8"}, "dtype 'float8' is not one of"),
     ({"output": {"max_shard_size": "lots"}}, "max_shard_size='lots' is not a size"),
-    ({"output": {"privat": True}}, "unknown output key(s) ['privat']"),
-    ({"instruct_model": {"path": "a/b", "rev": "x"}}, "needs 'path' (and optionally 'revision')"),
+    ({"output": {"privat": True}}, "unknown output key(s) ['privat'] ('privat': did you mean 'private'?)"),
+    ({"instruct_model": {"path": "a/b", "revison": "x"}},
+     "needs 'path' (and optionally 'revision'); got keys ['path', 'revison'] ('revison': did you mean 'revision'?)"),
     ({"method": "ties", "parameters": {"method": "slerp"}}, "give it once"),
     ({"token": 123}, "'token' must be a string"),
     ({"parameters": []}, "'parameters' must be a mapping"),  # not read as "no parameters"
@@ -360,6 +366,13 @@ def test_full_run_writes_the_output_folder(triple, tmp_path, capsys, monkeypatch
 
     monkeypatch.setattr("rain_hf.hub.push_folder", fake_push)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # the push itself is faked
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    config_without_token = _job_file(triple[0], tmp_path, parameters={"lam": 1.0, "stage2": False})
+    # without any token the push would fail after the whole merge: said first
+    assert main([str(config_without_token), "--out", str(tmp_path / "x"), "--push-to-hub", "me/tiny-rain"]) == 2
+    assert "no Hub token: log in (`hf auth login`), set HF_TOKEN" in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "x").exists()
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
     config = _job_file(root, tmp_path, output={"private": True, "max_shard_size": "10MB"})
     out = tmp_path / "out"
     out.mkdir()  # an empty folder made ahead is filled, not refused
@@ -560,13 +573,31 @@ def test_float64_card_yaml_reruns(tmp_path, capsys):
     ({"think_open": "<thinking>"}, "think-open token '<thinking>' is not a single token of the tokenizer"),
     ({"target_modules": ["foo_proj"]}, "['foo_proj'] match no linear module"),
     ({"max_length": 8}, "no usable reasoning calibration samples"),  # found in merge(), exit 2 all the same
+    ({"a base of another width": True}, "differs"),  # three models that do not fit together, as the YAML names them
 ])
 def test_config_errors_found_on_the_models_exit_2(triple, tmp_path, capsys, parameters, expected):
     root, _ = triple
-    config = _job_file(root, tmp_path, parameters={"lam": 1.0, **parameters})
+    wide = parameters.pop("a base of another width", False)
+    if wide and not (root / "other").exists():  # a plan-time mismatch (ModelMismatchError): a YAML problem
+        from rain_hf import testing
+
+        testing.build_triple(root / "wide", "qwen2", hidden_size=32)
+        shutil.copytree(root / "wide" / "base", root / "other")
+    config = _job_file(root, tmp_path, parameters={"lam": 1.0, **parameters}, **({"base_model": "other"} if wide
+                                                                                  else {}))
     assert main([str(config), "--out", str(tmp_path / "out")]) == 2
-    assert expected in _one_error_line(capsys.readouterr().err)
+    line = _one_error_line(capsys.readouterr().err)
+    assert expected in line and (not wide or line.startswith(f"rain-merge: error: {config}: ")), line
     assert not (tmp_path / "out").exists()
+
+
+def test_calibration_a_merge_does_not_use_is_warned_about(triple, tmp_path, capsys):
+    root, _ = triple
+    config = _job_file(root, tmp_path, parameters={"lam": 1.0, "stage2": False})
+    assert main([str(config), "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert f"{config}: calibration.instruction (" in err and ") is not used by this merge (method=rain, " \
+        "stage1=True, stage2=False, lam=1.0)." in err
 
 
 def test_baseline_run_needs_no_calibration(triple, tmp_path):
