@@ -855,22 +855,19 @@ def test_damaged_or_ambiguous_checkpoint_folders(qwen2, tmp_path, caplog):
     weight_map = {k: "model-00001-of-00002.safetensors" for k in weights}
     (indexed / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     assert torch.equal(LazyCheckpoint(indexed).get("model.norm.weight"), weights["model.norm.weight"])
+    def refused_with(changes: dict[str, str], message: str) -> None:
+        (indexed / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {**weight_map, **changes}}))
+        with pytest.raises(CheckpointError, match=message):
+            LazyCheckpoint(indexed)
+
     # ... but when the index lists both shards, transformers reads both and may keep the other copy: refused
-    weight_map["model.norm.weight"] = "model-00002-of-00002.safetensors"
-    (indexed / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    with pytest.raises(CheckpointError, match=r"tensor model.norm.weight \(and 0 more\) is stored in both "
-                                              r"model-00002-of-00002.safetensors and model-00001-of-00002.safetensors; "
-                                              r"model.safetensors.index.json names model-00002"):
-        LazyCheckpoint(indexed)
+    refused_with({"model.norm.weight": "model-00002-of-00002.safetensors"},
+                 r"tensor model.norm.weight \(and 0 more\) is stored in both model-00002-of-00002.safetensors and "
+                 r"model-00001-of-00002.safetensors; model.safetensors.index.json names model-00002")
     # an index that names the wrong shard says so, instead of calling the checkpoint incomplete
-    save_file({"model.norm.weight": torch.zeros(64)}, indexed / "model-00002-of-00002.safetensors")
-    weight_map["model.norm.weight"] = "model-00001-of-00002.safetensors"
-    weight_map["model.layers.0.mlp.up_proj.weight"] = "model-00002-of-00002.safetensors"
-    (indexed / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    with pytest.raises(CheckpointError, match=r"names model-00002-of-00002.safetensors for tensor "
-                                              r"model.layers.0.mlp.up_proj.weight \(and 0 more\), but it is in "
-                                              r"model-00001-of-00002.safetensors: the index is wrong"):
-        LazyCheckpoint(indexed)
+    refused_with({"model.layers.0.mlp.up_proj.weight": "model-00002-of-00002.safetensors"},
+                 r"names model-00002-of-00002.safetensors for tensor model.layers.0.mlp.up_proj.weight \(and 0 "
+                 r"more\), but it is in model-00001-of-00002.safetensors: the index is wrong")
     (indexed / "model.safetensors.index.json").write_text("[]")
     with pytest.raises(CheckpointError, match="no valid 'weight_map'"):
         LazyCheckpoint(indexed)
