@@ -1216,20 +1216,17 @@ _STAGE2_ANNOTATIONS = ("related_prompt_list", "instruction_spans", "response_spa
 
 
 def _warn_if_swapped(records: Sequence[Any], kind: str) -> None:
-    """Warn when a set looks like the other stage's (the two files passed the wrong way round): reasoning records
-    that carry stage-2 span annotations, or an instruction set of reasoning traces none of which is annotated."""
+    """Warn when the reasoning set looks like the instruction set (the two files passed the wrong way round):
+    every record carries stage-2 span annotations, as in the paper's instruction set. A reasoning set that mixes
+    in annotated instruction prompts, as the README suggests for templates where the model opens ``<think>``, is
+    not warned about."""
     dicts = [r for r in records if isinstance(r, Mapping)]
     annotated = sum(any(r.get(key) for key in _STAGE2_ANNOTATIONS) for r in dicts)
-    if kind == "reasoning" and dicts and annotated > len(dicts) / 2:
-        logger.warning("%d of %d reasoning calibration records carry stage-2 annotations (%s): this looks like the "
+    if kind == "reasoning" and dicts and annotated == len(dicts) == len(records):
+        logger.warning("Every reasoning calibration record carries stage-2 annotations (%s): this looks like the "
                        "instruction calibration set. Stage 1 wants reasoning traces (the paper's "
-                       "reasoning_calibration_set.json); check that the two sets are not swapped.", annotated,
-                       len(dicts), ", ".join(_STAGE2_ANNOTATIONS))
-    if kind == "instruction" and dicts and not annotated and sum("reasoning" in r for r in dicts) > len(dicts) / 2:
-        logger.warning("The instruction calibration records are reasoning traces ('reasoning' field) with no "
-                       "instruction or response annotated, so stage 2 would take each whole prompt as the "
-                       "instruction: this looks like the reasoning calibration set; check that the two sets are not "
-                       "swapped (the paper's instruction set is instruction_calibration_set.jsonl).")
+                       "reasoning_calibration_set.json); check that the two sets are not swapped.",
+                       ", ".join(_STAGE2_ANNOTATIONS))
 
 
 def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limit: int | None,

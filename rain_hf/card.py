@@ -530,7 +530,7 @@ def _reproduction_yaml(method: str, config: dict[str, Any], info: dict[str, Any]
         if not entry:
             continue
         name = entry.get("hub_id") or entry.get("name_or_path") or entry.get("path")
-        if not entry.get("hub_id") and _HUB_ID_LIKE.fullmatch(str(name)):
+        if not entry.get("hub_id") and _HUB_ID_LIKE.fullmatch(str(name)) and not str(name).startswith("."):
             name = f"./{name}"  # a local folder named like a Hub id: elsewhere rain-merge would fetch that repo
         revision = entry.get("revision")
         document[key] = {"path": name, "revision": revision} if revision and entry.get("hub_id") else name

@@ -174,8 +174,12 @@ def load_job(path: str | os.PathLike) -> MergeJob:
     if unknown:
         from .config import RainMergingConfig as config_class  # (the function imports the name itself later)
 
-        fields = {f.name for f in dataclasses.fields(config_class)}
-        hint = (" Merge parameters go under 'parameters:'." if any(key in fields for key in unknown) else "")
+        fields = [f.name for f in dataclasses.fields(config_class)]
+        near = {key: (difflib.get_close_matches(key, fields, n=1) or [None])[0] for key in unknown}
+        named = ", ".join(f"{key!r}: did you mean parameters.{field}?" for key, field in near.items()
+                          if field and field != key)
+        hint = (" Merge parameters go under 'parameters:'" + (f" ({named})" if named else "") + "."
+                if any(near.values()) else "")
         raise CliError(f"{path}: unknown key(s) {unknown}{_did_you_mean(unknown, TOP_LEVEL_KEYS)}; known keys: "
                        f"{list(TOP_LEVEL_KEYS)}.{hint}")
     folder = path.resolve().parent
@@ -688,6 +692,7 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     from .calibration import CalibrationError
     from .checkpoints import CheckpointError
+    from .lora import AdapterError
     from .merger import ModelMismatchError, RainMerger, check_device
 
     check_device(args.device)
@@ -707,7 +712,7 @@ def _run(args: argparse.Namespace) -> int:
                                 config=job.config, revision=job.revision, token=job.token, _return_parts=True)
     except CalibrationError as exc:  # e.g. think_open is not one token of the tokenizer: a parameters problem
         raise CliError(f"{args.config}: {exc}") from exc
-    except ModelMismatchError as exc:  # the three models the YAML names do not fit together: fix the YAML
+    except (ModelMismatchError, AdapterError) as exc:  # the models the YAML names do not fit together: fix the YAML
         raise CliError(f"{args.config}: {exc}") from exc
     except CheckpointError as exc:
         _reword_missing_folder(exc, job)

@@ -307,11 +307,14 @@ class RainMergingConfig:
         positive_int("max_reasoning_samples", optional=True)
         cap = self.max_reasoning_samples
         if self.lam == "auto" and self.method == "rain" and self.stage1 and cap is not None:
-            held = max(1, round(cap * self.lam_auto_holdout))  # as rain_hf.calibration.holdout_count
-            if cap - held < 1:
+            def held(n: int) -> int:  # as rain_hf.calibration.holdout_count
+                return max(1, round(n * self.lam_auto_holdout))
+
+            if cap - held(cap) < 1:
+                need = next(n for n in range(2, 10**6) if n - held(n) >= 1)
                 raise ConfigError(f"RainMergingConfig.max_reasoning_samples={cap} with lam='auto': the search holds "
-                                  f"out {held} of them to measure L_think, which leaves none for stage 1. Allow more "
-                                  "samples, lower lam_auto_holdout, or set lam to a number.")
+                                  f"out {held(cap)} of them to measure L_think, which leaves none for stage 1. Allow "
+                                  f"at least {need} samples, or set lam to a number.")
         positive_int("max_instruction_samples", optional=True)
         choice("on_malformed", MALFORMED_POLICIES)
         positive_int("max_new_tokens")

@@ -113,8 +113,8 @@ def push_folder(
 
     Raises:
         HubError: the push failed; the local folder is intact.
-        FileNotFoundError: ``folder`` does not exist, holds no files, or links a file the model needs (weights,
-            config, tokenizer, card, sidecar) from outside.
+        FileNotFoundError: ``folder`` does not exist, holds no files, links a file the model needs (weights,
+            config, tokenizer, card, sidecar) from outside or to nothing, or lacks a shard its index names.
         TypeError: ``private`` is not a bool.
 
     Example:
@@ -246,6 +246,10 @@ def _files_to_upload(folder: Path) -> list[tuple[str, Path]]:
             raise FileNotFoundError(f"Cannot push {str(folder)!r}: its model.safetensors.index.json is not a "
                                     f"readable shard index ({exc}). Save the merge again.") from exc
         missing = sorted(shard for shard in shards if shard not in names)
+        if missing and "model.safetensors" in names:  # transformers loads the single file: the index is stale
+            raise FileNotFoundError(f"Cannot push {str(folder)!r}: its model.safetensors.index.json names shards "
+                                    f"the folder does not hold ({missing[0]} …) and is stale beside "
+                                    "model.safetensors, which transformers loads: delete the index and push again.")
         if missing:
             raise FileNotFoundError(f"Cannot push {str(folder)!r}: its shard index names {missing[0]} (and "
                                     f"{len(missing) - 1} more), which the folder does not hold. Save the merge "

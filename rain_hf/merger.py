@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -191,12 +192,16 @@ def _load_model_config(src: ModelSource, role: str):
 def _resolve_role(name: str | os.PathLike, revision: str | None, token: str | bool | None, role: str) -> ModelSource:
     """:func:`resolve_model` for one role; an instruct model on the Hub that is a peft adapter fetches the adapter's
     files only (its repository may also hold a full model or Trainer checkpoints)."""
-    if role == "instruct" and not Path(os.fspath(name)).expanduser().is_dir():
-        try:
-            probe = resolve_model(name, revision, token, allow_patterns=["adapter_config.json"], role=role)
-        except CheckpointError:
-            probe = None  # the full fetch below says what is wrong
-        if probe is not None and is_adapter_folder(probe.path):
+    text = os.fspath(name)
+    if role == "instruct" and not Path(text).expanduser().is_dir() and re.fullmatch(r"[\w.\-]+/[\w.\-]+", text):
+        from huggingface_hub import hf_hub_download
+
+        try:  # one small file (the cache answers offline); a full model has none
+            hf_hub_download(text, "adapter_config.json", revision=revision, token=token)
+            is_adapter = True
+        except Exception:  # no such file, or the repository cannot be reached: the fetch below says what is wrong
+            is_adapter = False
+        if is_adapter:
             return resolve_model(name, revision, token, allow_patterns=ADAPTER_PATTERNS, role=role)
     return resolve_model(name, revision, token, role=role)
 

@@ -839,12 +839,13 @@ def test_swapped_calibration_sets_are_warned_about(tok, caplog):
 
     with caplog.at_level(logging.WARNING, logger="rain_hf.calibration"):
         prepare_reasoning_calibration(instruction_records(3), tok, _cfg())  # 'reason' reads as the thinking
-        prepare_instruction_calibration(reasoning_records(3), tok, _cfg())
-    assert "3 of 3 reasoning calibration records carry stage-2 annotations" in caplog.text
-    assert "The instruction calibration records are reasoning traces ('reasoning' field) with no instruction or " \
-           "response annotated" in caplog.text
+    assert "Every reasoning calibration record carries stage-2 annotations" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="rain_hf.calibration"):  # the right way round: nothing said
         prepare_reasoning_calibration(reasoning_records(3), tok, _cfg())
         prepare_instruction_calibration(instruction_records(3), tok, _cfg())
+        # nor for reasoning traces with annotated instruction prompts mixed in (a free template's stage 1), or an
+        # unannotated instruction set, which stage 2 reads whole
+        prepare_reasoning_calibration(reasoning_records(3) + instruction_records(3), tok, _cfg())
+        prepare_instruction_calibration(reasoning_records(3), tok, _cfg())
     assert "swapped" not in caplog.text

@@ -122,8 +122,10 @@ def test_body_has_method_config_calibration_and_usage(tmp_path):
     local = _info(local=("base", "instruct"))
     local["inputs"]["base"].update(name_or_path="Qwen/R1-base", path="/work/Qwen/R1-base")
     local["inputs"]["instruct"].update(name_or_path="../models/it", path="/models/it")
+    local["inputs"]["reasoning"].update(name_or_path="./r1", path="/work/r1", hub_id=None)
     local_block = _yaml_block(build_model_card(local).text)
-    assert (local_block["base_model"], local_block["instruct_model"]) == ("./Qwen/R1-base", "../models/it")
+    assert (local_block["base_model"], local_block["instruct_model"], local_block["reasoning_model"]) == (
+        "./Qwen/R1-base", "../models/it", "./r1")
     rebuilt = RainMergingConfig.from_dict({"method": block["method"], **block["parameters"]})
     assert rebuilt.to_dict() == info["config"]
     assert "projection was sequential" not in text

@@ -93,6 +93,8 @@ def test_usage_errors_are_one_line(capsys):
      "unknown key(s) ['lam']; known keys: ['base_model'"),  # ... "Merge parameters go under 'parameters:'."
     ({"base_model": "a/b", "reasoning_model": "c/d", "instruct_model": "e/f", "paramters": {"lam": 1}},
      "unknown key(s) ['paramters'] ('paramters': did you mean 'parameters'?); known keys"),
+    ({"base_model": "a/b", "reasoning_model": "c/d", "instruct_model": "e/f", "max_lenght": 512},
+     "Merge parameters go under 'parameters:' ('max_lenght': did you mean parameters.max_length?)."),
     ({"base_model": "a/b", "reasoning_model": "c/d"}, "'instruct_model' is missing"),
 ])
 def test_bad_yaml_exits_2_with_one_line(tmp_path, capsys, content, expected):
@@ -115,7 +117,8 @@ def test_bad_yaml_exits_2_with_one_line(tmp_path, capsys, content, expected):
     ({"stage1": "yes please"}, "stage1 must be true or false"),
     ({"lam_grid": ["1e-2", "x"]}, "lam_grid"),
     ({"lam": "auto", "max_reasoning_samples": 1}, "max_reasoning_samples=1 with lam='auto': the search holds out 1 "
-                                                  "of them to measure L_think, which leaves none for stage 1"),
+                                                  "of them to measure L_think, which leaves none for stage 1. Allow "
+                                                  "at least 2 samples, or set lam to a number."),
 ])
 def test_bad_parameters_exit_2(tmp_path, capsys, parameters, expected):
     config = _write(tmp_path, _minimal(tmp_path, parameters=parameters))
@@ -589,6 +592,23 @@ def test_config_errors_found_on_the_models_exit_2(triple, tmp_path, capsys, para
     line = _one_error_line(capsys.readouterr().err)
     assert expected in line and (not wide or line.startswith(f"rain-merge: error: {config}: ")), line
     assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_that_does_not_fit_the_base_exits_2(triple, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rain_hf import testing
+
+    root, _ = triple
+    if not (root / "narrow-lora").exists():
+        narrow = testing.build_triple(root / "narrow", "qwen2", hidden_size=32)
+        model = AutoModelForCausalLM.from_pretrained(narrow["base"])
+        get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(root / "narrow-lora")
+    config = _job_file(root, tmp_path, instruct_model="narrow-lora")
+    assert main([str(config), "--out", str(tmp_path / "out")]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"rain-merge: error: {config}: The instruct adapter") and "does not fit" in line
 
 
 def test_calibration_a_merge_does_not_use_is_warned_about(triple, tmp_path, capsys):

@@ -480,6 +480,12 @@ def test_a_dangling_link_or_a_missing_shard_stops_the_push(hub, merged, tmp_path
     with pytest.raises(FileNotFoundError, match=r"its shard index names model-00002-of-00002.safetensors \(and 0 "
                                                 r"more\), which the folder does not hold"):
         push_folder(merged, "me/r1-rain", token=TOKEN)
+    # beside model.safetensors (which transformers loads) the index is stale: that is what is said
+    (merged / "model.safetensors").write_bytes(data)
+    with pytest.raises(FileNotFoundError, match="is stale beside model.safetensors, which transformers loads: delete "
+                                                "the index"):
+        push_folder(merged, "me/r1-rain", token=TOKEN)
+    (merged / "model.safetensors").unlink()
     assert hub.requests == []
     shard.write_bytes(data)
 

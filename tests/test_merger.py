@@ -1457,7 +1457,7 @@ def test_plan_warns_about_merged_modules_the_adapter_leaves_alone(qwen2, tmp_pat
 def test_an_adapter_beside_a_full_model_and_a_hub_adapter_fetch(qwen2, tmp_path, monkeypatch):
     from peft import LoraConfig, get_peft_model
 
-    from rain_hf.checkpoints import ADAPTER_PATTERNS
+    from rain_hf.checkpoints import ADAPTER_PATTERNS, MODEL_PATTERNS
 
     base = AutoModelForCausalLM.from_pretrained(qwen2["base"])
     folder = tmp_path / "both"
@@ -1470,16 +1470,28 @@ def test_an_adapter_beside_a_full_model_and_a_hub_adapter_fetch(qwen2, tmp_path,
     assert any("holds a LoRA adapter and a full model (model.safetensors, config.json); rain_hf merges the adapter"
                in w for w in plan.warnings)
     # a Hub adapter repository (which may also hold a full model or Trainer checkpoints): adapter files only
-    calls = []
+    calls, probed = [], []
+    folders = {"me/base": qwen2["base"], "me/reasoning": qwen2["reasoning"], "me/lora": folder,
+               "me/instruct": qwen2["instruct"]}
 
     def fake_snapshot_download(repo_id, **kwargs):
         calls.append((repo_id, kwargs["allow_patterns"]))
-        return str({"me/base": qwen2["base"], "me/reasoning": qwen2["reasoning"], "me/lora": folder}[repo_id])
+        return str(folders[repo_id])
+
+    def fake_hf_hub_download(repo_id, filename, **kwargs):
+        probed.append(repo_id)
+        if not (folders[repo_id] / filename).is_file():
+            raise FileNotFoundError(filename)  # what the Hub client raises is an error of its own; any will do
+        return str(folders[repo_id] / filename)
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_hf_hub_download)
     RainMerger.plan("me/base", "me/reasoning", "me/lora", RainMergingConfig(lam=1.0))
-    assert [c for c in calls if c[0] == "me/lora"] == [("me/lora", ["adapter_config.json"]), ("me/lora", ADAPTER_PATTERNS)]
+    assert [c for c in calls if c[0] == "me/lora"] == [("me/lora", ADAPTER_PATTERNS)] and probed == ["me/lora"]
     assert all(c[1] != ADAPTER_PATTERNS for c in calls if c[0] != "me/lora")
+    calls.clear()  # a full instruct model: one probe, then the full-model fetch
+    RainMerger.plan("me/base", "me/reasoning", "me/instruct", RainMergingConfig(lam=1.0))
+    assert ("me/instruct", MODEL_PATTERNS) in calls and probed[-1] == "me/instruct"
 
 
 def test_plan_counts_trained_biases_in_the_adapter_warnings(qwen2, tmp_path):
