@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import POSITION_SETS as POSITION_MODES
+from .config import holdout_count
 
 logger = logging.getLogger(__name__)
 
@@ -379,10 +380,6 @@ def _records_of_list(path: Path, content: list, locations: list[str]) -> list[di
 
 
 # --------------------------------------------------------------------------------------------- tokenizer checks
-def holdout_count(n: int, share: float) -> int:
-    """How many of ``n`` calibration samples ``lam="auto"`` holds out: ``round(n · share)``, at least one."""
-    return max(1, round(n * share))
-
 
 def holdout_indices(n: int, share: float, seed: int = 0, groups: Sequence[Any] | None = None) -> list[int]:
     """Sorted indices of the ``round(n · share)`` (at least one) of ``n`` calibration samples that ``lam="auto"``

@@ -437,11 +437,7 @@ def checkpoint_fingerprint(ckpt: LazyCheckpoint, sample_keys: Sequence[str] | No
     few entries elsewhere can go unseen: it is a guard against mixing up models, not a hash of every byte. It
     depends on the checkpoint alone, never on which modules a merge selects.
     """
-    digest = hashlib.sha256()
-    for key in sorted(ckpt.keys()):
-        digest.update(f"{key}|{ckpt.stored_dtype(key)}|{tuple(ckpt.shape(key))};".encode())
-        digest.update(ckpt.edge_bytes(key, _EDGE_BYTES))
-        digest.update(ckpt.spread_bytes(key, _PIECES, _PIECE_BYTES))
+    digest = _tensor_digest(ckpt, spread=True)
     for key in sample_keys or ():
         digest.update(ckpt.get(key).contiguous().view(-1).view(torch.uint8).numpy())  # hashed in place, no copy
     for key, rows in sorted((sample_rows or {}).items()):
@@ -454,8 +450,15 @@ def checkpoint_fingerprint(ckpt: LazyCheckpoint, sample_keys: Sequence[str] | No
 def legacy_fingerprint(ckpt: LazyCheckpoint) -> str:
     """The fingerprint rain_hf recorded before version 2 (names, dtypes, shapes and tensor ends only), to check
     feature files saved then."""
+    return _tensor_digest(ckpt, spread=False).hexdigest()[:16]
+
+
+def _tensor_digest(ckpt: LazyCheckpoint, spread: bool) -> hashlib._Hash:
+    """SHA-256 over every tensor's name, stored dtype, shape and end bytes (and, with ``spread``, its spread reads)."""
     digest = hashlib.sha256()
     for key in sorted(ckpt.keys()):
         digest.update(f"{key}|{ckpt.stored_dtype(key)}|{tuple(ckpt.shape(key))};".encode())
         digest.update(ckpt.edge_bytes(key, _EDGE_BYTES))
-    return digest.hexdigest()[:16]
+        if spread:
+            digest.update(ckpt.spread_bytes(key, _PIECES, _PIECE_BYTES))
+    return digest

@@ -36,7 +36,7 @@ from typing import Any, NoReturn
 import yaml
 
 from . import __version__
-from .config import CONFIG_NAME, ConfigError, RainMergingConfig, parse_size
+from .config import CONFIG_NAME, ConfigError, RainMergingConfig, did_you_mean, parse_size
 
 logger = logging.getLogger("rain_hf.cli")
 
@@ -172,15 +172,13 @@ def load_job(path: str | os.PathLike) -> MergeJob:
         raise CliError(f"{path}: the top level must be a mapping of keys ({', '.join(TOP_LEVEL_KEYS)}).")
     unknown = sorted(set(map(str, data)) - set(TOP_LEVEL_KEYS))
     if unknown:
-        from .config import RainMergingConfig as config_class  # (the function imports the name itself later)
-
-        fields = [f.name for f in dataclasses.fields(config_class)]
+        fields = [f.name for f in dataclasses.fields(RainMergingConfig)]
         near = {key: (difflib.get_close_matches(key, fields, n=1) or [None])[0] for key in unknown}
         named = ", ".join(f"{key!r}: did you mean parameters.{field}?" for key, field in near.items()
                           if field and field != key)
         hint = (" Merge parameters go under 'parameters:'" + (f" ({named})" if named else "") + "."
                 if any(near.values()) else "")
-        raise CliError(f"{path}: unknown key(s) {unknown}{_did_you_mean(unknown, TOP_LEVEL_KEYS)}; known keys: "
+        raise CliError(f"{path}: unknown key(s) {unknown}{did_you_mean(unknown, TOP_LEVEL_KEYS)}; known keys: "
                        f"{list(TOP_LEVEL_KEYS)}.{hint}")
     folder = path.resolve().parent
 
@@ -240,7 +238,7 @@ def load_job(path: str | os.PathLike) -> MergeJob:
         raise CliError(f"{path}: 'output' must be a mapping with keys {list(OUTPUT_KEYS)}.")
     unknown = sorted(set(map(str, output)) - set(OUTPUT_KEYS))
     if unknown:
-        raise CliError(f"{path}: unknown output key(s) {unknown}{_did_you_mean(unknown, OUTPUT_KEYS)}; known: "
+        raise CliError(f"{path}: unknown output key(s) {unknown}{did_you_mean(unknown, OUTPUT_KEYS)}; known: "
                        f"{list(OUTPUT_KEYS)}.")
     max_shard_size = output.get("max_shard_size")
     if max_shard_size is not None:
@@ -273,19 +271,13 @@ def load_job(path: str | os.PathLike) -> MergeJob:
                     card_template, written_models, written_calibration, path.resolve())
 
 
-def _did_you_mean(unknown: list[str], known: Any) -> str:
-    """' (did you mean …?)' hints for misspelt keys, as RainMergingConfig gives them under 'parameters:'."""
-    close = {key: difflib.get_close_matches(key, list(known), n=1) for key in unknown}
-    return "".join(f" ({key!r}: did you mean {match[0]!r}?)" for key, match in close.items() if match)
-
-
 def _model_entry(value: Any, key: str, folder: Path, path: Path) -> tuple[str, str | None, str]:
     """(where to load from, revision, the name as written) of a model entry."""
     if isinstance(value, dict):
         unknown = sorted(set(map(str, value)) - set(MODEL_KEYS))
         if unknown or not value.get("path"):
             raise CliError(f"{path}: '{key}' as a mapping needs 'path' (and optionally 'revision'); got keys "
-                           f"{sorted(map(str, value))}{_did_you_mean(unknown, MODEL_KEYS)}.")
+                           f"{sorted(map(str, value))}{did_you_mean(unknown, MODEL_KEYS)}.")
         name, revision = value["path"], value.get("revision")
         if not isinstance(name, str):
             raise CliError(f"{path}: {key}.path {name!r} is not a string (YAML read it as {type(name).__name__}); "
@@ -348,7 +340,7 @@ def _calibration(value: Any, folder: Path, path: Path) -> dict[str, Path]:
         raise CliError(f"{path}: 'calibration' must be a mapping {{reasoning: PATH, instruction: PATH}}.")
     unknown = sorted(set(map(str, value)) - set(CALIBRATION_KEYS))
     if unknown:
-        raise CliError(f"{path}: unknown calibration key(s) {unknown}{_did_you_mean(unknown, CALIBRATION_KEYS)}; "
+        raise CliError(f"{path}: unknown calibration key(s) {unknown}{did_you_mean(unknown, CALIBRATION_KEYS)}; "
                        f"known: {list(CALIBRATION_KEYS)}.")
     found = {}
     for name in CALIBRATION_KEYS:
@@ -649,9 +641,11 @@ def _check_out_folder(out: Path, job: MergeJob, overwrite: bool) -> None:
     from .merger import input_folder_in
     from .writer import holds_output, replace_problem
 
-    if overwrite and holds_output(out) and os.path.ismount(target):
-        raise CliError(f"--out {str(out)!r} is a mount point, so the new output cannot take its place: empty it "
-                       "(an empty folder is filled) or name a folder inside it.")
+    # an input's folder is named by _check_out_models, once planning has resolved the models
+    is_input = input_folder_in(out, {role: m for role, m in job.models.items() if Path(m).is_dir()})
+    problem = None if is_input else replace_problem(out, marker=CONFIG_NAME)
+    if problem:  # --overwrite would not help
+        raise CliError(f"--out {str(out)!r}: {problem}")
     # an empty folder made ahead is filled in place (it may be a mount point): only it must be writable
     parent = target if target.is_dir() and not holds_output(target) else target.parent
     while not parent.exists():
@@ -660,13 +654,7 @@ def _check_out_folder(out: Path, job: MergeJob, overwrite: bool) -> None:
         raise CliError(f"--out {str(out)!r}: {parent} is a file, so no folder can be made under it.")
     if not os.access(parent, os.W_OK):
         raise CliError(f"--out {str(out)!r}: {parent} is not writable, so the output cannot be written there.")
-
-    if input_folder_in(out, {role: m for role, m in job.models.items() if Path(m).is_dir()}):
-        return  # _check_out_models names the input model, once planning has resolved them
-    problem = replace_problem(out, marker=CONFIG_NAME)
-    if problem:  # --overwrite would not help
-        raise CliError(f"--out {str(out)!r}: {problem}")
-    if not overwrite and holds_output(out):
+    if not is_input and not overwrite and holds_output(out):
         raise CliError(f"--out {str(out)!r} already exists; pass --overwrite to replace it or pick another "
                        "folder.")
 

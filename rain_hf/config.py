@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,23 @@ CONFIG_NAME = "rain_merging_config.json"
 
 class ConfigError(ValueError):
     """A field of :class:`RainMergingConfig` has a value the merge cannot use."""
+
+
+def did_you_mean(unknown: Sequence[Any], known: Iterable[str]) -> str:
+    """' (key: did you mean …?)' hints for misspelt keys, one per key with a close known one."""
+    known = list(known)
+    close = {key: difflib.get_close_matches(str(key), known, n=1) for key in unknown}
+    return "".join(f" ({key!r}: did you mean {match[0]!r}?)" for key, match in close.items() if match)
+
+
+def holdout_count(n: int, share: float) -> int:
+    """How many of ``n`` calibration samples ``lam="auto"`` holds out: ``round(n · share)``, at least one."""
+    return max(1, round(n * share))
+
+
+def fewest_for_holdout(share: float) -> int:
+    """The fewest reasoning calibration samples that leave one for stage 1 after ``lam="auto"``'s hold-out."""
+    return next(n for n in range(2, 10**6) if n - holdout_count(n, share) >= 1)
 
 
 @dataclass
@@ -307,14 +325,12 @@ class RainMergingConfig:
         positive_int("max_reasoning_samples", optional=True)
         cap = self.max_reasoning_samples
         if self.lam == "auto" and self.method == "rain" and self.stage1 and cap is not None:
-            def held(n: int) -> int:  # as rain_hf.calibration.holdout_count
-                return max(1, round(n * self.lam_auto_holdout))
-
-            if cap - held(cap) < 1:
-                need = next(n for n in range(2, 10**6) if n - held(n) >= 1)
+            held = holdout_count(cap, self.lam_auto_holdout)
+            if cap - held < 1:
                 raise ConfigError(f"RainMergingConfig.max_reasoning_samples={cap} with lam='auto': the search holds "
-                                  f"out {held(cap)} of them to measure L_think, which leaves none for stage 1. Allow "
-                                  f"at least {need} samples, or set lam to a number.")
+                                  f"out {held} of them to measure L_think, which leaves none for stage 1. Allow at "
+                                  f"least {fewest_for_holdout(self.lam_auto_holdout)} samples, or set lam to a "
+                                  "number.")
         positive_int("max_instruction_samples", optional=True)
         choice("on_malformed", MALFORMED_POLICIES)
         positive_int("max_new_tokens")
@@ -352,9 +368,8 @@ class RainMergingConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known, key=str)
         if unknown:
-            close = {key: difflib.get_close_matches(str(key), known, n=1) for key in unknown}
-            hint = "".join(f" ({key!r}: did you mean {match[0]!r}?)" for key, match in close.items() if match)
-            raise ConfigError(f"Unknown RainMergingConfig keys {unknown}{hint}; known keys: {sorted(known)}.")
+            raise ConfigError(f"Unknown RainMergingConfig keys {unknown}{did_you_mean(unknown, known)}; known keys: "
+                              f"{sorted(known)}.")
         return cls(**data)
 
     def to_json(self) -> str:

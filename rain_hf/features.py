@@ -80,9 +80,14 @@ class AttentionGeometry:
 _BLOCK_QKV_MODELS = {"phi3", "phi4_multimodal"}
 
 
+def text_config(model_config):
+    """The decoder's config: a multimodal config's text config, any other config itself."""
+    return model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+
+
 def attention_geometry(model_config) -> AttentionGeometry:
     """Head counts and head_dim from a transformers config (explicit ``head_dim`` wins, as in Qwen3)."""
-    cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    cfg = text_config(model_config)
     try:
         heads = cfg.num_attention_heads
         kv = getattr(cfg, "num_key_value_heads", None) or heads
@@ -135,7 +140,7 @@ def local_attention(model_config) -> list[tuple[str, int] | None]:
         >>> local_attention(MistralConfig(num_hidden_layers=2, sliding_window=4096))
         [('sliding', 4096), ('sliding', 4096)]
     """
-    cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    cfg = text_config(model_config)
     layers = cfg.num_hidden_layers
 
     def size(name: str) -> int | None:
@@ -156,8 +161,7 @@ def local_attention(model_config) -> list[tuple[str, int] | None]:
 def layers_without_attention(model: nn.Module) -> list[int]:
     """Indices of the decoder blocks that hold no softmax attention module (the linear-attention blocks of a hybrid
     model such as Qwen3-Next or MiniMax): stage 2 has no instruction attention to score there."""
-    config = getattr(model, "config", None)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = text_config(getattr(model, "config", None))
     # MiniMax's linear attention is a class named *Attention too: the config's layer types tell them apart
     layer_types = list(getattr(config, "layer_types", None) or [])
     blocks = find_decoder_layers(model)[1]
@@ -383,14 +387,14 @@ class ThinkFeatures:
             if key in self.settings and self.settings[key] != getattr(config, key):
                 raise ValueError(f"These thinking features were computed with {key}={self.settings[key]!r} but the "
                                  f"config asks for {getattr(config, key)!r}: recompute them or change the config.")
-        floor = RCOND_FLOOR.get(self.settings.get("precision"))
+        recorded = self.settings.get("precision")
+        floor = RCOND_FLOOR.get(recorded)
         if projects and config.projection == "svd" and floor is not None and config.rcond < floor:
             # the config's own floor is for its precision; these singular values are only as exact as their SVD
-            raise ValueError(f"These thinking features' SVD ran in {self.settings['precision']}, which resolves "
+            raise ValueError(f"These thinking features' SVD ran in {recorded}, which resolves "
                              f"singular values down to about {floor:g}·σ_max, but the config asks for rcond="
                              f"{config.rcond:g}: below that, rounding noise would be protected. Recompute the "
                              f"features with precision='float64', or use rcond >= {floor:g}.")
-        recorded = self.settings.get("precision")
         if projects and recorded is not None and recorded != config.precision:
             raise ValueError(f"These thinking features' SVD ran in {recorded}, but the config asks for precision="
                              f"{config.precision!r}: recompute them in it (pass reasoning_calibration=... to merge()), "

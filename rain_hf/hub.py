@@ -217,24 +217,21 @@ def _files_to_upload(folder: Path) -> list[tuple[str, Path]]:
         relative = path.relative_to(folder)
         if any(part.startswith(".") for part in relative.parts):
             continue  # skip .cache/, .git/, .gitattributes-like local state
+        bad_link = None  # (where the link points, what is wrong, the fix)
         if path.is_symlink() and not path.exists():  # its target is gone (a cache blob deleted, say)
-            name = relative.as_posix()
-            if _is_replaced(name) or name in _NEEDED:
-                raise FileNotFoundError(f"Cannot push {str(folder)!r}: its file {name} links to {os.readlink(path)}, "
-                                        "which does not exist. Save the merge again and push again.")
-            logger.warning("Not pushing %s: it links to %s, which does not exist.", relative, os.readlink(path))
-            continue
-        if not path.is_file():
-            continue
-        if path.is_symlink() and not path.resolve().is_relative_to(root):
+            bad_link = (os.readlink(path), "which does not exist", "Save the merge again and push again.")
+        elif path.is_file() and path.is_symlink() and not path.resolve().is_relative_to(root):
+            bad_link = (path.resolve(), "outside the folder", "Copy the file into the folder (or save the merge "
+                        "there again) and push again.")
+        if bad_link is not None:
             name = relative.as_posix()
             if _is_replaced(name) or name in _NEEDED:  # pushing the rest would publish a model missing this file
-                raise FileNotFoundError(f"Cannot push {str(folder)!r}: its file {relative.as_posix()} links "
-                                        f"to {path.resolve()}, outside the folder. Copy the file into the folder "
-                                        "(or save the merge there again) and push again.")
-            logger.warning("Not pushing %s: it links to %s, outside the folder.", relative, path.resolve())
+                raise FileNotFoundError(f"Cannot push {str(folder)!r}: its file {name} links to {bad_link[0]}, "
+                                        f"{bad_link[1]}. {bad_link[2]}")
+            logger.warning("Not pushing %s: it links to %s, %s.", relative, bad_link[0], bad_link[1])
             continue
-        files.append((relative.as_posix(), path))
+        if path.is_file():
+            files.append((relative.as_posix(), path))
     if not files:
         raise FileNotFoundError(f"Cannot push {str(folder)!r}: it holds no files.")
     names = {name for name, _ in files}

@@ -50,7 +50,7 @@ from .checkpoints import (
     resolve_model,
 )
 from .coefficients import coefficient_warning, head_coefficients, weight_scale
-from .config import CONFIG_NAME, ConfigError, RainMergingConfig, parse_size
+from .config import CONFIG_NAME, ConfigError, RainMergingConfig, fewest_for_holdout, parse_size
 from .features import (
     AttentionGeometry,
     LayerReplay,
@@ -64,6 +64,7 @@ from .features import (
     layers_without_attention,
     local_attention,
     merged_routers,
+    text_config,
     unmergeable_weights,
 )
 from .projection import (
@@ -84,9 +85,9 @@ _ROLES = ("base", "reasoning", "instruct")
 
 #: Config fields the plan is built on (which modules, which think tokens): fixed for a merger's lifetime.
 _PLAN_FIELDS = ("target_modules", "layers", "think_open", "think_close", "project_bias")
-# config fields that the save applies: the saved record takes them as they are then (output_dtype also rounds the
-# merged weights at merge time, so a change of it after the merge is warned about at save)
-_SAVE_FIELDS = ("max_shard_size",)  # save options: output_dtype belongs to the merge (its weights were rounded to it)
+# config fields that the save applies: the saved record takes them as they are then (not output_dtype: the merged
+# weights were rounded to it at merge time, so the save keeps the merge's)
+_SAVE_FIELDS = ("max_shard_size",)
 
 
 def _as_list(value: Any) -> Any:
@@ -609,8 +610,7 @@ class RainMerger:
                 f"with (e.g. {unstored[0]}): transformers renames some stored tensors when it loads them (Phi-MoE's "
                 "block_sparse_moe.gate becomes mlp.router), and a merge reads tensors by the names they are stored "
                 f"under. List target_modules without {', '.join(modules)}.")
-        vocab = {role: int(getattr(c.get_text_config() if hasattr(c, "get_text_config") else c, "vocab_size", 0))
-                 for role, c in configs.items()}
+        vocab = {role: int(getattr(text_config(c), "vocab_size", 0)) for role, c in configs.items()}
         if len(set(vocab.values())) > 1:
             warnings.append(f"vocabulary sizes differ ({vocab}); embeddings and lm_head are never merged, the "
                             "merged model keeps the reasoning model's")
@@ -1124,7 +1124,7 @@ class RainMerger:
                               f"{len(samples)} reasoning calibration samples share one prompt: add samples with "
                               "other prompts, or set lam to a number.")
         if not kept:
-            need = next(n for n in range(2, 10**6) if n - holdout_count(n, share) >= 1)  # leaves one for stage 1
+            need = fewest_for_holdout(share)
             raise ConfigError(f"lam='auto' holds out {len(held)} of the {len(samples)} reasoning calibration samples "
                               f"(lam_auto_holdout={share}), which leaves none for stage 1: pass at least {need} "
                               "samples, lower lam_auto_holdout, or set lam to a number.")
@@ -1352,8 +1352,7 @@ class RainMerger:
                                "reset() put the reasoning model's weights back, or a later merge() did not finish): "
                                "call merge() again.")
         edited = [k for k, v in vars(self._merged_config).items()
-                  if k != "max_shard_size" and _as_list(getattr(self.config, k)) != _as_list(v)] \
-            if self._merged_config else []
+                  if k not in _SAVE_FIELDS and _as_list(getattr(self.config, k)) != _as_list(v)]
         if edited:
             was = self._merged_config.output_dtype
             rounded = (f" (rounded to and saved in {was!r})" if was else
@@ -1414,9 +1413,9 @@ class RainMerger:
                 f.write("\n")
             if (src / "generation_config.json").is_file():
                 (tmp / "generation_config.json").write_bytes((src / "generation_config.json").read_bytes())
-            for file in license_files(src):  # the merge redistributes the reasoning model's weights
-                (tmp / file.name).write_bytes(file.read_bytes())
-            for file in remote_code_files(src, model_config):  # config.json's auto_map still names them
+            # the merge redistributes the reasoning model's weights (its licence), and config.json's auto_map still
+            # names its code
+            for file in [*license_files(src), *remote_code_files(src, model_config)]:
                 (tmp / file.name).write_bytes(file.read_bytes())
             self.tokenizer.save_pretrained(str(tmp))
         self.report.timings["save"] = time.perf_counter() - start

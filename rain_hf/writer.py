@@ -188,6 +188,9 @@ def replace_problem(target: str | os.PathLike, marker: str | None = None) -> str
         return (f"{target} is not empty and holds no {marker}, so it is not an earlier output of this tool; "
                 "replacing it would delete everything in it. Name a new folder, or empty or delete this one "
                 "yourself.")
+    if os.path.ismount(target):
+        return (f"{target} is a mount point, so the new output cannot take its place: empty it (an empty folder "
+                "is filled in place) or name a folder inside it.")
     return None
 
 
@@ -218,9 +221,6 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False, marker:
         with _filled_in_place(target) as tmp:
             yield tmp
         return
-    if os.path.ismount(target):
-        raise OutputExistsError(f"{target} is a mount point, so the new output cannot take its place: empty it "
-                                "and save again (an empty folder is filled), or name a folder inside it.")
     made = [p for p in (target.parent, *target.parent.parents) if not p.exists()]  # innermost first
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
