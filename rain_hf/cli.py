@@ -127,6 +127,9 @@ class MergeJob:
             lines.append(f"  {name:11s}: {path if path else '(none)'}")
         if self.config.method != "rain" and self.calibration:
             lines.append(f"  (method {self.config.method} does not use calibration data)")
+        ignored = self.config.unused_settings()
+        if ignored:  # the merge warns about them too
+            lines.append("parameters this merge does not read: " + ", ".join(f"{k}={v!r}" for k, v in ignored.items()))
         lines.append(f"reasoning model dtype: {self.dtype}")
         shard = self.max_shard_size if self.max_shard_size is not None else self.config.max_shard_size
         lines.append(f"output: {out or '(none: dry run)'} (max_shard_size {shard}"

@@ -357,6 +357,40 @@ class RainMergingConfig:
             return False
         return self.stage1 or self.lam == "auto" if kind == "reasoning" else self.stage2
 
+    def unused_settings(self) -> dict[str, Any]:
+        """The fields set away from their default that a merge with this config never reads, e.g. ``density``
+        with task arithmetic, ``rho`` with stage 2 off or ``lam_grid`` with a numeric λ (merges warn about them).
+
+        Example:
+            >>> RainMergingConfig(method="task_arithmetic", density=0.7, rho=0.2).unused_settings()
+            {'density': 0.7, 'rho': 0.2}
+        """
+        read = {"method", "lam", "target_modules", "layers", "think_open", "think_close", "output_dtype",
+                "max_shard_size", "project_bias"}
+        if self.method == "slerp":
+            read = (read - {"lam"}) | {"slerp_t"}  # its mix is slerp_t
+        elif self.method in ("ties", "dare_ties", "dare_linear"):
+            read |= {"density", "seed"} if self.method.startswith("dare") else {"density"}
+        elif self.method == "rain":
+            # calibration handling and trace generation: whether the data is prompt-only is not known here
+            read |= {"stage1", "stage2", "think_spacing", "batch_size", "max_length", "on_malformed",
+                     "max_new_tokens", "do_sample"}
+            if self.do_sample:
+                read |= {"temperature", "top_p", "seed"}
+            if self.lam == "auto":  # L_think at the held-out samples' thinking positions
+                read |= {"lam_grid", "lam_auto_max_kl", "lam_auto_holdout", "lam_auto_min_think_open", "seed"}
+            if self.stage1 or self.lam == "auto":
+                read |= {"max_reasoning_samples", "positions"}
+                if self.positions.startswith("window"):
+                    read.add("window")
+            if self.stage1:
+                read |= {"projection", "precision", "sequential", "sequential_offload",
+                         "rcond" if self.projection == "svd" else "ridge"}
+            if self.stage2:
+                read |= {"rho", "coef_normalize", "coef_min", "coef_max", "probe_lam", "max_instruction_samples"}
+        default = RainMergingConfig(method=self.method).to_dict()  # lam's default depends on the method
+        return {name: value for name, value in self.to_dict().items() if name not in read and value != default[name]}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

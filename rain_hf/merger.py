@@ -1008,9 +1008,18 @@ class RainMerger:
             self.report.warnings.append(f"{name} was given but this merge does not use it (method={cfg.method}, "
                                         f"stage1={cfg.stage1}, stage2={cfg.stage2}, lam={cfg.lam})")
             logger.warning(self.report.warnings[-1])
-        if cfg.method == "slerp" and not isinstance(cfg.lam, str) and cfg.lam != 1.0:
-            self.report.warnings.append(f"lam={cfg.lam} is not used by method='slerp', whose mix is slerp_t="
-                                        f"{cfg.slerp_t}: set slerp_t to move towards the instruct model.")
+        ignored = cfg.unused_settings()
+        if ignored:
+            hint = (f" method='slerp' mixes by slerp_t={cfg.slerp_t}: set slerp_t to move towards the instruct "
+                    "model." if cfg.method == "slerp" and "lam" in ignored else "")
+            context = [f"method={cfg.method}"]
+            if cfg.method == "rain":
+                context += [f"stage1={cfg.stage1}", f"stage2={cfg.stage2}", f"lam={cfg.lam}"]
+                context += [f"projection={cfg.projection}"] if {"rcond", "ridge"} & set(ignored) else []
+                context += [f"do_sample={cfg.do_sample}"] if {"temperature", "top_p"} & set(ignored) else []
+            self.report.warnings.append(
+                "This merge does not read " + ", ".join(f"{k}={v!r}" for k, v in ignored.items())
+                + f" ({', '.join(context)}): leave them out, or set what uses them.{hint}")
             logger.warning(self.report.warnings[-1])
         if cfg.method != "rain":
             self._apply_baseline()

@@ -356,7 +356,11 @@ def test_dry_run_prints_the_plan(triple, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "merge plan (method=rain" in out and "merged modules:" in out
     assert "reasoning.json" in out and "push to the Hub: me/x" in out and "nothing was merged" in out
+    assert "does not read" not in out
     assert not (tmp_path / "out").exists()
+    config = _job_file(root, tmp_path, parameters={"lam": 1.0, "stage2": False, "rho": 0.2, "density": 0.3})
+    assert main([str(config), "--dry-run"]) == 0
+    assert "parameters this merge does not read: rho=0.2, density=0.3" in capsys.readouterr().out
 
 
 def test_full_run_writes_the_output_folder(triple, tmp_path, capsys, monkeypatch):

@@ -1127,6 +1127,29 @@ def test_baselines_share_the_engine(qwen2, tmp_path, method):
         assert torch.equal(v, merger.model.get_parameter(k)), k
 
 
+@pytest.mark.parametrize("settings, unread", [
+    (dict(method="task_arithmetic", lam=0.7), dict(density=0.2, rho=0.1, positions="think", seed=5, lam_grid=[1.0])),
+    (dict(method="rain", lam=2.0, stage2=False, sequential=False),
+     dict(rho=0.1, coef_max=1.5, probe_lam=2.0, lam_grid=[1.0], slerp_t=0.9, seed=4, temperature=0.3, ridge=0.5)),
+    (dict(method="rain", lam=2.0, stage1=False), dict(rcond=0.3, precision="float64", window=1, density=0.9)),
+])
+def test_settings_a_merge_does_not_read_are_warned_about_and_change_nothing(qwen2, settings, unread):
+    merger = _merger(qwen2, **settings)
+    data = (reasoning_records(3) if merger.config.uses_calibration("reasoning") else None,
+            instruction_records(3) if merger.config.uses_calibration("instruction") else None)
+    merger.merge(*data)
+    assert not any("does not read" in w for w in merger.report.warnings)
+    before = {k: v.clone() for k, v in merger.model.state_dict().items()}
+    for name, value in unread.items():
+        setattr(merger.config, name, value)
+    assert merger.config.unused_settings() == unread
+    merger.merge(*data)
+    warning, = (w for w in merger.report.warnings if w.startswith("This merge does not read "))
+    assert all(f"{k}={v!r}" in warning for k, v in unread.items())
+    for key, value in merger.model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
 def test_prompt_only_calibration_is_completed_by_the_reasoning_model(organism_root):
     ckpt = os.path.join(organism_root, "checkpoints")
     cfg = RainMergingConfig(lam=2.0, stage2=False, max_reasoning_samples=8, max_new_tokens=96, batch_size=8,
@@ -1246,11 +1269,12 @@ def test_inputs_are_protected(qwen2, tmp_path, caplog):
         merger.merge(reasoning_records(2), instruction_records(2))
     assert merger.report.lam is None  # SLERP has no λ
     assert sum("was given but this merge does not use it" in w for w in merger.report.warnings) == 2
-    assert not any("is not used by method='slerp'" in w for w in merger.report.warnings)  # lam left unset
+    assert not any("does not read" in w for w in merger.report.warnings)  # lam left unset
     merger.config.lam = 3.0
     merger.merge()
-    assert merger.report.warnings[1:] == ["lam=3.0 is not used by method='slerp', whose mix is slerp_t=0.5: set "
-                                          "slerp_t to move towards the instruct model."]
+    assert merger.report.warnings[1:] == ["This merge does not read lam=3.0 (method=slerp): leave them out, or set "
+                                          "what uses them. method='slerp' mixes by slerp_t=0.5: set slerp_t to move "
+                                          "towards the instruct model."]
     for folder in (qwen2["reasoning"], qwen2["reasoning"].parent):
         with pytest.raises(ConfigError, match="would replace an input"):
             merger.save_pretrained(folder, overwrite=True)

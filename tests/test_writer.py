@@ -191,6 +191,23 @@ def test_atomic_directory_fills_an_existing_empty_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_unused_settings_name_what_a_merge_never_reads():
+    from rain_hf.config import METHODS
+
+    for method in METHODS:  # defaults, and the lam each method resolves to, are never flagged
+        assert RainMergingConfig(method=method).unused_settings() == {}
+    assert RainMergingConfig(method="ties", density=0.3, seed=2).unused_settings() == {"seed": 2}
+    assert RainMergingConfig(method="dare_linear", density=0.3, seed=2).unused_settings() == {}
+    assert RainMergingConfig(method="slerp", lam=2.0, slerp_t=0.2).unused_settings() == {"lam": 2.0}
+    # lam='auto' measures L_think at the positions even with stage 1 off; a numeric lam reads no grid
+    assert RainMergingConfig(stage1=False, positions="think", rcond=0.2).unused_settings() == {"rcond": 0.2}
+    assert RainMergingConfig(lam=1.0, lam_grid=[1.0], lam_auto_max_kl=0.1, positions="think+prev",
+                             window=2).unused_settings() == {"lam_grid": [1.0], "lam_auto_max_kl": 0.1, "window": 2}
+    assert RainMergingConfig(projection="ridge", rcond=0.2, ridge=0.5).unused_settings() == {"rcond": 0.2}
+    assert RainMergingConfig(do_sample=True, temperature=0.3, seed=1).unused_settings() == {}
+    assert RainMergingConfig(lam=1.0, temperature=0.3, seed=1).unused_settings() == {"temperature": 0.3, "seed": 1}
+
+
 def test_config_round_trip_and_validation(tmp_path):
     cfg = RainMergingConfig(lam=2.5, positions="think+prev", target_modules=["q_proj"], layers=[0, 1],
                             lam_auto_min_think_open=None)
