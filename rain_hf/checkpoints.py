@@ -426,20 +426,17 @@ def is_adapter_folder(folder: Path) -> bool:
     return (folder / "adapter_config.json").is_file()
 
 
-def checkpoint_fingerprint(ckpt: LazyCheckpoint, sample_keys: Sequence[str] | None = None,
-                           sample_rows: Mapping[str, Sequence[int]] | None = None) -> str:
+def checkpoint_fingerprint(ckpt: LazyCheckpoint, sample_rows: Mapping[str, Sequence[int]] | None = None) -> str:
     """A short hash that tells checkpoints apart, ``"2-"`` and 16 hex digits.
 
     It covers every tensor's name, stored dtype and shape, its first and last 4 KiB, and 64 reads of 64 bytes
     spread over it (a fine-tune changes nearly every entry of what it touched; a few MB read in all, whatever the
-    model size), the whole bytes of ``sample_keys`` and the rows ``sample_rows`` names (key → row indices: the
-    think tokens' embedding rows, which a fine-tune that trains only them would change), if given. A change to a
+    model size), and the rows ``sample_rows`` names (key → row indices: the think tokens' embedding rows, which a
+    fine-tune that trains only them would change), if given. A change to a
     few entries elsewhere can go unseen: it is a guard against mixing up models, not a hash of every byte. It
     depends on the checkpoint alone, never on which modules a merge selects.
     """
     digest = _tensor_digest(ckpt, spread=True)
-    for key in sample_keys or ():
-        digest.update(ckpt.get(key).contiguous().view(-1).view(torch.uint8).numpy())  # hashed in place, no copy
     for key, rows in sorted((sample_rows or {}).items()):
         if key in ckpt:
             digest.update(f"{key}|{list(rows)};".encode())
