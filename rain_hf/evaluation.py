@@ -644,7 +644,7 @@ def think_kl(
     input_ids: Sequence[torch.Tensor],
     positions: Sequence[Sequence[int]],
     batch_size: int = 8,
-    pad_token_id: int = 0,
+    pad_token_id: int | None = 0,
 ) -> float:
     """L_think: mean KL(p_model ‖ p_reference) of the next-token distributions at the given positions.
 
@@ -661,7 +661,8 @@ def think_kl(
         input_ids: N 1-D LongTensors (token ids of held-out reasoning samples).
         positions: N lists of positions (0 ≤ t < len(input_ids[i])); samples with no position are skipped.
         batch_size: sequences per forward pass.
-        pad_token_id: the id used for right padding (masked out, never scored).
+        pad_token_id: the id used for right padding (masked out, never scored; ``None``, as from a tokenizer without
+            a pad token, pads with 0).
 
     Returns:
         The mean KL over all positions (nats).
@@ -692,7 +693,7 @@ def think_log_probs(
     input_ids: Sequence[torch.Tensor],
     positions: Sequence[Sequence[int]],
     batch_size: int = 8,
-    pad_token_id: int = 0,
+    pad_token_id: int | None = 0,
 ) -> torch.Tensor:
     """fp32 next-token log-probabilities [N, V] (CPU) at the given positions, one row per position in the order of
     ``input_ids`` and of each sample's positions; keep a reference model's once and compare later models with
@@ -727,13 +728,13 @@ def think_open_share(reference_choices: torch.Tensor, choices: torch.Tensor, ope
 
 def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """KL(p ‖ q) per row of log-probabilities [N, V] → [N]; tokens with p = 0 add nothing (0·log 0 = 0), also where
-    a logit was masked to −inf."""
+    a logit was masked to −inf. A NaN in either row gives NaN (a broken model must not score as a perfect one)."""
     p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), torch.zeros((), dtype=p.dtype, device=p.device)).sum(-1)
+    return torch.where(p == 0, torch.zeros((), dtype=p.dtype, device=p.device), p * (log_p - log_q)).sum(-1)
 
 
 def _scoring_batches(
-    input_ids: Sequence[torch.Tensor], positions: Sequence[Sequence[int]], batch_size: int, pad_token_id: int
+    input_ids: Sequence[torch.Tensor], positions: Sequence[Sequence[int]], batch_size: int, pad_token_id: int | None
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Right-padded batches (ids, mask, rows, cols, index) of the sequences that have positions, longest first;
     ``index`` is each scored row's place in input order (samples, then their positions)."""
@@ -751,12 +752,13 @@ def _scoring_batches(
             samples.append((ids, pos, first_row))
             first_row += len(pos)
     if not samples:
-        raise ValueError("think_kl needs at least one position.")
+        raise ValueError("No position to score: every sample's position list is empty.")
     samples.sort(key=lambda s: len(s[0]), reverse=True)  # less padding
     batches = []
     for i in range(0, len(samples), batch_size):
         batch = samples[i : i + batch_size]
-        ids, mask = _pad([s[0] for s in batch], pad_token_id, left=False)
+        # the padding is masked and never scored, so a tokenizer without a pad token (None) may pad with 0
+        ids, mask = _pad([s[0] for s in batch], 0 if pad_token_id is None else pad_token_id, left=False)
         rows = torch.tensor([b for b, s in enumerate(batch) for _ in s[1]], dtype=torch.long)
         cols = torch.tensor([p for s in batch for p in s[1]], dtype=torch.long)
         index = torch.tensor([s[2] + k for s in batch for k in range(len(s[1]))], dtype=torch.long)
@@ -819,6 +821,13 @@ def _top_left_singular_vectors(
     return u[:, :k][:, s[:k] > rtol * s[0]]
 
 
+def _rank_cutoff(delta: torch.Tensor) -> float:
+    """Relative singular value below which a delta's direction is rounding noise of its stored dtype: a rank-4
+    LoRA product stored in bfloat16 has noise directions near 1e-3·s_max."""
+    eps = torch.finfo(delta.dtype).eps if delta.is_floating_point() else 0.0
+    return max(1e-5, eps)
+
+
 def _cosine(dot: float, norm_a2: float, norm_b2: float) -> float:
     denom = math.sqrt(norm_a2 * norm_b2)
     return dot / denom if denom > 0 else float("nan")
@@ -837,8 +846,9 @@ def task_vector_geometry(
     For each module type (the module's last name component: ``q_proj``, ``down_proj``; biases as
     ``q_proj.bias``), the cosine is that of the deltas flattened and concatenated over layers:
     Σ_l⟨a_l, b_l⟩ / √(Σ_l‖a_l‖² · Σ_l‖b_l‖²). The subspace overlap of one 2-D delta pair is ‖U_aᵀU_b‖_F² / r with
-    U the top-r left singular vectors, r = k or less where a delta's rank is below k (a LoRA delta): 1 for the same
-    subspace, ≈ r/m for random ones. The type's value is its mean over layers, leaving out pairs with a zero delta.
+    U the top-r left singular vectors, r = k or less where a delta's rank is below k (a LoRA delta; directions
+    with a singular value below the delta's dtype's machine epsilon times the largest, or 1e-5 of it in float32,
+    count as rounding noise): 1 for the same subspace, ≈ r/m for random ones. The type's value is its mean over layers, leaving out pairs with a zero delta.
     The overall cosine uses all shared tensors. Tensors are read one at a time (a lazy mapping, such as a view of
     safetensors shards, or a callable ``name → tensor`` works) and processed in fp32 on their device.
 
@@ -901,8 +911,8 @@ def task_vector_geometry(
         dot_all, norm_a_all, norm_b_all = dot_all + dot, norm_a_all + na2, norm_b_all + nb2
         if a32.ndim == 2:
             randomized = svd == "randomized" or (svd == "auto" and min(a32.shape) > 1024)
-            u_a = _top_left_singular_vectors(a32, k, randomized)
-            u_b = _top_left_singular_vectors(b32, k, randomized)
+            u_a = _top_left_singular_vectors(a32, k, randomized, rtol=_rank_cutoff(a))
+            u_b = _top_left_singular_vectors(b32, k, randomized, rtol=_rank_cutoff(b))
             r = min(u_a.shape[1], u_b.shape[1])
             if r:  # undefined where a delta is zero
                 # ≤ 1 in exact arithmetic; float32 rounding can put it a few ulps above
@@ -960,7 +970,7 @@ def render_prompts(
         text = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True, **template_kwargs
         )
-        if force_think_open and not text.rstrip().endswith(force_think_open):
+        if force_think_open and not text.rstrip().endswith(force_think_open.rstrip()):
             text += force_think_open
         texts.append(text)
     return texts
@@ -1008,6 +1018,11 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
+# the model's generation_config rules that would make greedy decoding other than the argmax (Qwen2.5-Instruct ships
+# repetition_penalty 1.05), set to their neutral values so that two models are decoded alike
+_PLAIN_GREEDY = {"num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": 0}
+
+
 def generate(
     model: Any,
     tokenizer: Any,
@@ -1035,7 +1050,9 @@ def generate(
         prompts: N strings (one user message each) or N message lists.
         max_new_tokens: generation budget per prompt.
         do_sample, temperature, top_p: greedy (default) or sampled decoding; other sampling settings (such as
-            ``top_k``) come from the model's ``generation_config``, which greedy decoding ignores.
+            ``top_k``, repetition penalties) come from the model's ``generation_config``. Greedy decoding is the
+            plain argmax: it ignores them, and sets the config's beams, repetition penalties and minimum lengths to
+            their neutral values.
         batch_size: prompts per ``generate`` call.
         force_think_open: append this tag (e.g. ``"<think>"``) to each rendered prompt.
         seed: torch seed of sampled decoding, set once for the whole run (the caller's RNG state is restored
@@ -1051,11 +1068,11 @@ def generate(
         >>> split_generation(outs[0]).format_ok  # doctest: +SKIP
         True
     """
-    if not prompts:
-        return []
     texts = render_prompts(
         tokenizer, prompts, force_think_open=force_think_open, chat_template_kwargs=chat_template_kwargs
     )
+    if not texts:
+        return []
     stop_ids = _stop_token_ids(model, tokenizer)
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids[0] if stop_ids else None)
@@ -1077,7 +1094,7 @@ def generate(
     if do_sample:
         gen_kwargs.update(temperature=temperature, top_p=top_p)
     else:  # don't let the model's sampling defaults (e.g. temperature 0.6) trigger warnings under greedy decoding
-        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None, **_PLAIN_GREEDY)
 
     device = _model_device(model)
     results: list[str] = [""] * len(texts)

@@ -10,6 +10,7 @@ import sys
 import textwrap
 from collections.abc import Iterator, Mapping
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
@@ -565,8 +566,10 @@ def test_think_kl_without_logits_to_keep_and_errors(model, kl_data):
     assert merged.training  # training flag restored
     with pytest.raises(ValueError, match="outside"):
         ev.think_kl(model, model, [torch.tensor([1, 2])], [[2]])
-    with pytest.raises(ValueError, match="at least one position"):
+    with pytest.raises(ValueError, match="No position to score"):
         ev.think_kl(model, model, [torch.tensor([1, 2])], [[]])
+    # a tokenizer without a pad token gives pad_token_id=None: the padding is never scored, so any id does
+    assert ev.think_kl(merged, model, *kl_data, batch_size=3, pad_token_id=None) == pytest.approx(expected, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -648,6 +651,18 @@ def test_task_vector_geometry_ignores_directions_a_delta_does_not_have(svd):
     assert zero["modules"]["o_proj"]["subspace_overlap"] is None and math.isnan(zero["cosine"])
 
 
+@pytest.mark.parametrize("svd", ["exact", "randomized"])
+def test_task_vector_geometry_of_low_rank_deltas_stored_in_bfloat16(svd):
+    # two rank-4 LoRA products spanning one subspace; stored in bf16, their rounding noise is no direction of theirs
+    gen = torch.Generator().manual_seed(2)
+    basis = torch.linalg.qr(torch.randn(256, 4, generator=gen)).Q
+    a, b = ({"l.o_proj.weight": basis @ torch.randn(4, 300, generator=gen)} for _ in range(2))
+    for dtype in (torch.float32, torch.bfloat16):
+        geo = ev.task_vector_geometry({n: t.to(dtype) for n, t in a.items()}, {n: t.to(dtype) for n, t in b.items()},
+                                      k=8, svd=svd)
+        assert geo["modules"]["o_proj"]["subspace_overlap"] == pytest.approx(1.0, abs=1e-3), dtype
+
+
 def test_task_vector_geometry_lazy_sources_and_randomized_svd():
     a, b = _random_deltas(0), _random_deltas(1)
     expected = ev.task_vector_geometry(a, b, k=2)
@@ -695,7 +710,7 @@ def test_randomized_svd_stops_once_the_kept_directions_settle(monkeypatch):
 PROMPTS = ["what is two plus three ?", "hello", "what is the answer ?", "two plus two plus four is what ?"]
 
 
-def test_render_prompts(tokenizer):
+def test_render_prompts(tokenizer, monkeypatch):
     plain = ev.render_prompts(tokenizer, ["hello"])
     for unwrapped in ("hello", [{"role": "user", "content": "hello"}]):
         with pytest.raises(TypeError, match="wrap one prompt, or one conversation"):
@@ -707,6 +722,11 @@ def test_render_prompts(tokenizer):
     )
     assert forced == [plain[0] + THINK_OPEN]
     assert ev.render_prompts(tokenizer, [forced[0]], force_think_open=None)[0].count(THINK_OPEN) == 1
+    # a template that already ends with the tag and a newline, asked for the tag with R1's newline: not doubled
+    monkeypatch.setattr(tokenizer, "chat_template", tokenizer.chat_template.replace(
+        "<|im_start|>assistant ", f"<|im_start|>assistant {THINK_OPEN}\n"))
+    rendered = ev.render_prompts(tokenizer, ["hello"], force_think_open=f"{THINK_OPEN}\n")[0]
+    assert rendered.count(THINK_OPEN) == 1 and rendered.endswith(f"{THINK_OPEN}\n"), rendered
 
 
 def test_render_prompts_passes_chat_template_kwargs(tokenizer, monkeypatch):
@@ -736,6 +756,28 @@ def test_generate_batched_equals_one_by_one(model, tokenizer):
         assert 0 < len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= 6
         assert "<pad>" not in text
     assert ev.generate(model, tokenizer, [], max_new_tokens=2) == []
+    assert ev.generate(model, tokenizer, iter([]), max_new_tokens=2) == []
+    assert ev.generate(model, tokenizer, np.array(PROMPTS[:2]), max_new_tokens=6) == batched[:2]
+
+
+def test_greedy_generate_is_the_argmax_whatever_the_generation_config(tokenizer):
+    penalised = tiny_qwen2(0)
+    with torch.no_grad():
+        penalised.lm_head.weight.mul_(5)
+    text = ev.render_prompts(tokenizer, PROMPTS[:1])[0]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    stops, out = ev._stop_token_ids(penalised, tokenizer), []
+    with torch.no_grad():
+        for _ in range(8):
+            token = int(penalised(torch.tensor([ids + out])).logits[0, -1].argmax())
+            if token in stops:
+                break
+            out.append(token)
+    argmax = tokenizer.decode(out, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    # Qwen2.5-Instruct ships repetition_penalty 1.05: a greedy comparison must not decode it by other rules
+    penalised.generation_config.repetition_penalty = 3.0
+    penalised.generation_config.no_repeat_ngram_size = 1
+    assert ev.generate(penalised, tokenizer, PROMPTS[:1], max_new_tokens=8) == [argmax]
 
 
 def test_generate_stops_at_eos_and_keeps_think_tokens(model, tokenizer):
@@ -921,3 +963,6 @@ def test_kl_rows_masked_tokens_add_nothing():
     p = log_p[0, :2].exp()
     assert float(kl[0]) == pytest.approx(float((p * (log_p[0, :2] - log_q[0, :2])).sum()))
     assert float(kl[1]) == pytest.approx(-float(log_q[1, 0]))
+    # a row with NaN (a merge whose logits are NaN) is NaN, in either place, not a perfect 0
+    nan_row = torch.full((1, 3), float("nan"))
+    assert torch.isnan(ev.kl_rows(nan_row, log_q[:1])).all() and torch.isnan(ev.kl_rows(log_p[:1], nan_row)).all()
