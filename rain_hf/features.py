@@ -357,7 +357,7 @@ class ThinkFeatures:
             ``settings["project_bias"]`` and a module of the group has a bias).
         module_group: module name → group name.
         settings: what the features were computed with (positions, window, project_bias, the SVD's precision,
-            num_samples, num_rows; from a
+            num_samples, num_rows, and ``calls_per_pass`` for groups that run more than once in a pass; from a
             merger also the think tokens, think_spacing, max_length and the reasoning model's fingerprint, and
             for ``lam="auto"`` the ``holdout_share`` and ``holdout_seed`` of the held-out draw).
         heldout: reasoning samples kept out of the features for ``lam="auto"``: (token ids, thinking positions)
@@ -480,6 +480,10 @@ class _FeatureRecorder:
         modules = dict(model.named_modules())
         self.rows: dict[str, list[torch.Tensor]] = {}
         self.module_group: dict[str, str] = {}
+        # inputs each group read in the batch running now, and the most over batches: a module that runs twice in a
+        # pass (Gemma 3n's AltUp router) has two inputs to protect, which the sequential replay must wait for
+        self.batch_calls: dict[str, int] = {}
+        self.calls_per_pass: dict[str, int] = {}
         self._last: tuple[torch.Tensor, str] | None = None
         self.index: tuple[torch.Tensor, torch.Tensor] | None = None
         self.shape: tuple[int, int] = (0, 0)  # (batch rows, padded length) of the batch running now
@@ -493,6 +497,8 @@ class _FeatureRecorder:
             else:
                 group = self.module_group.get(name, name)
                 self.rows.setdefault(group, []).append(_rows_at(x, self.index, self.shape, name))
+                self.batch_calls[group] = self.batch_calls.get(group, 0) + 1
+                self.calls_per_pass[group] = max(self.calls_per_pass.get(group, 0), self.batch_calls[group])
             # the grouping is decided on the first batch and must stay the same on the others
             self.module_group.setdefault(name, group)
             self._last = (x, group)
@@ -537,10 +543,19 @@ def capture_think_features(
                 recorder.index = _think_index(batch, config)
                 recorder.shape = tuple(ids.shape)
                 recorder._last = None
+                recorder.batch_calls = {}
                 n_rows += len(recorder.index[1])
                 decoder(input_ids=ids, attention_mask=mask, use_cache=False)
     finally:
         recorder.close()
+    uncalled = [t.name for t in targets if t.name not in recorder.module_group]
+    if uncalled:
+        raise ValueError(
+            f"{len(uncalled)} of the modules to merge never ran in the reasoning model's forward pass over the "
+            f"calibration data (e.g. {uncalled[0]}), so they have no thinking features: the model uses their "
+            "weights without calling them (BLOOM with pretraining_tp > 1 and slow_but_exact) or no calibration "
+            "token reaches them (an unrouted expert). Leave them out with target_modules (a list of the other "
+            "modules' names, or a regular expression), or add calibration samples that reach them.")
     svd_device = svd_device or device
     biased = {recorder.module_group[t.name] for t in targets if t.has_bias and t.name in recorder.module_group}
     bases = {}
@@ -550,6 +565,9 @@ def capture_think_features(
     settings = {"positions": config.positions, "window": config.window, "project_bias": config.project_bias,
                 "precision": config.precision, "max_reasoning_samples": config.max_reasoning_samples,
                 "num_samples": len(samples), "num_rows": n_rows}
+    repeated = {group: n for group, n in recorder.calls_per_pass.items() if n > 1}
+    if repeated:
+        settings["calls_per_pass"] = repeated
     logger.info("Captured thinking features: %d samples, %d positions, %d input groups", len(samples), n_rows,
                 len(bases))
     return ThinkFeatures(bases, dict(recorder.module_group), settings)
@@ -725,40 +743,50 @@ class LayerReplay:
             self.broken = False
 
     @torch.no_grad()
-    def group_rows(self, layer: int, module_names: Sequence[str]) -> list[torch.Tensor]:
+    def group_rows(self, layer: int, module_names: Sequence[str], calls: int = 1) -> list[torch.Tensor]:
         """The input rows [m_b, d] per batch, at the thinking positions, of the group of ``module_names`` (modules
-        of decoder layer ``layer`` that read the same input), in the model as it is now."""
+        of decoder layer ``layer`` that read the same input), in the model as it is now; a group that runs
+        ``calls`` times in a pass (on different inputs) gives the rows of every call, stacked."""
         self._advance_to(layer)
         modules = dict(self.model.named_modules())
         rows: list[torch.Tensor] = []
-        b = 0
+        b, seen = 0, []
 
         def hook(_module, args):
+            if seen and args[0] is seen[-1]:
+                return  # another module of the group on the same input
+            seen.append(args[0])
             rows.append(_rows_at(args[0], self.index[b], self.shapes[b], module_names[0]))
-            raise _Stop
+            if len(seen) == calls:
+                raise _Stop
 
         handles = _register_all([(modules[name], hook) for name in module_names], pre=True)
         try:
             with eval_mode(self.model):
                 for b in range(len(self.hidden)):
+                    seen.clear()
+                    batch_rows = len(rows)
                     try:
                         self._run_layer(b)
                     except _Stop:
+                        if len(rows) - batch_rows > 1:
+                            rows[batch_rows:] = [torch.cat(rows[batch_rows:])]
                         continue
-                    raise RuntimeError(f"Decoder layer {layer} never called {module_names[0]}: its thinking features "
-                                       "cannot be captured.")
+                    raise RuntimeError(f"Decoder layer {layer} called {module_names[0]} {len(seen)} times, not "
+                                       f"{calls}: its thinking features cannot be captured.")
         finally:
+            seen.clear()
             for h in handles:
                 h.remove()
         return rows
 
-    def group_basis(self, layer: int, module_names: Sequence[str], svd_device: str | torch.device | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def group_basis(self, layer: int, module_names: Sequence[str], svd_device: str | torch.device | None = None,
+                    calls: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """V [d, k] and s [k] of the group's feature matrix H [m, d] (see :meth:`group_rows` and
         :func:`rain_hf.projection.feature_svd`)."""
         biased = any(getattr(self.model.get_submodule(name), "bias", None) is not None for name in module_names)
-        return _rows_svd(self.group_rows(layer, module_names), self.config, svd_device or _input_device(self.model),
-                         bias_column=biased, where=module_names[0])
+        return _rows_svd(self.group_rows(layer, module_names, calls), self.config,
+                         svd_device or _input_device(self.model), bias_column=biased, where=module_names[0])
 
 
 # ---------------------------------------------------------------------------------------------- stage 2

@@ -857,8 +857,10 @@ class RainMerger:
         # another λ's merge) does not matter when its features are captured.
         replay = LayerReplay(self.model, self._stage1_samples, self.config, self._pad_id())
         self.report.replay_cache_bytes = replay.nbytes()
+        calls = self.features.settings.get("calls_per_pass", {})  # groups that run more than once in a pass
         for group in tqdm(self._input_groups(), desc=f"{desc} (sequential)", unit="group"):
-            basis = replay.group_basis(group[0].layer, [t.name for t in group], svd_device=self.device)
+            basis = replay.group_basis(group[0].layer, [t.name for t in group], svd_device=self.device,
+                                       calls=calls.get(self.features.module_group[group[0].name], 1))
             for target in group:
                 self._merge_module(target, lam, alpha, record, basis)
 

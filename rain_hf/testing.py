@@ -44,20 +44,26 @@ def build_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
 
 def model_config(arch: str, vocab_size: int, **overrides):
     """Random-model configs: Qwen2 (biases, GQA, tied embeddings), Llama (GQA), Qwen3 (explicit head_dim), Phi-3
-    (fused qkv_proj and gate_up_proj, partial rotary)."""
-    from transformers import LlamaConfig, Phi3Config, Qwen2Config, Qwen3Config
+    (fused qkv_proj and gate_up_proj, partial rotary), Gemma 3n text (a module that runs twice per layer: the
+    AltUp router; sliding and full attention layers)."""
+    from transformers import Gemma3nTextConfig, LlamaConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   pad_token_id=0, eos_token_id=3)
     extra = {"qwen2": {"tie_word_embeddings": True}, "llama": {"tie_word_embeddings": False},
              "qwen3": {"head_dim": 32, "tie_word_embeddings": False},
-             "phi3": {"tie_word_embeddings": False, "partial_rotary_factor": 0.75, "bos_token_id": 1}}
+             "phi3": {"tie_word_embeddings": False, "partial_rotary_factor": 0.75, "bos_token_id": 1},
+             "gemma3n": {"vocab_size_per_layer_input": vocab_size, "hidden_size_per_layer_input": 8, "head_dim": 16,
+                         "num_kv_shared_layers": 0, "sliding_window": 6, "laurel_rank": 8,
+                         "activation_sparsity_pattern": [0.0] * 2, "bos_token_id": 1,
+                         "layer_types": ["sliding_attention", "full_attention"]}}
     if arch not in extra:
-        raise ValueError(f"unknown arch {arch!r}: use qwen2, llama, qwen3 or phi3")
+        raise ValueError(f"unknown arch {arch!r}: use qwen2, llama, qwen3, phi3 or gemma3n")
     common.update(extra[arch])
     common.update(overrides)
-    config_class = {"qwen2": Qwen2Config, "llama": LlamaConfig, "qwen3": Qwen3Config, "phi3": Phi3Config}[arch]
+    config_class = {"qwen2": Qwen2Config, "llama": LlamaConfig, "qwen3": Qwen3Config, "phi3": Phi3Config,
+                    "gemma3n": Gemma3nTextConfig}[arch]
     return config_class(**common)
 
 

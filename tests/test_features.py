@@ -380,3 +380,74 @@ def test_per_layer_head_geometry_is_refused_by_name():
     with pytest.raises(ConfigError, match="Gemma4TextConfig gives its layers different attention geometries .*cannot "
                                           "be merged yet"):
         attention_geometry(config)
+
+
+def _random_samples(n: int, vocab: int, seed: int):
+    import random
+
+    from rain_hf.calibration import CalibrationSample
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        length = rng.randint(14, 30)
+        ids = [rng.randint(6, vocab - 1) for _ in range(length)]
+        open_at = rng.randint(3, length // 2)
+        close_at = rng.randint(open_at + 2, length - 2)
+        ids[open_at], ids[close_at] = 4, 5
+        out.append(CalibrationSample(ids, open_at, close_at, (0, open_at), (open_at + 1, close_at),
+                                     (close_at + 1, length), index=i))
+    return out
+
+
+def test_a_module_that_runs_twice_in_a_pass_gives_both_inputs_one_shot_and_replayed():
+    from transformers import Gemma3nTextConfig
+
+    from rain_hf.features import LayerReplay, capture_think_features
+
+    # Gemma 3n's AltUp router runs twice per layer (predict, then correct) on different inputs
+    config = Gemma3nTextConfig(vocab_size=300, vocab_size_per_layer_input=300, hidden_size=64,
+                               hidden_size_per_layer_input=8, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_kv_shared_layers=0,
+                               sliding_window=6, laurel_rank=8, activation_sparsity_pattern=[0.0] * 2,
+                               layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    samples = _random_samples(4, 300, seed=3)
+    cfg = RainMergingConfig(lam=1.0, batch_size=2, positions="window", window=2)
+    name = "model.layers.1.altup.modality_router"
+    targets = [t for t in find_target_modules(model, cfg) if t.name in (name, "model.layers.1.mlp.down_proj")]
+    features = capture_think_features(model, samples, targets, cfg, 0)
+    assert features.settings["calls_per_pass"] == {name: 2}
+    inputs = []  # the obvious reference: every input the module gets in unpadded passes, at the thinking positions
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
+    reference = []
+    with torch.no_grad():
+        for sample in samples:
+            inputs.clear()
+            model(input_ids=torch.tensor([sample.input_ids]))
+            positions = torch.tensor(sample.think_positions(cfg.positions, cfg.window))
+            reference += [x.reshape(-1, x.shape[-1])[positions] for x in inputs]
+    handle.remove()
+    assert len(reference) == 2 * len(samples)
+    gram = torch.cat(reference).T @ torch.cat(reference)
+    v, s = features.bases[name]
+    torch.testing.assert_close(v @ torch.diag(s**2) @ v.T, gram, rtol=1e-4, atol=1e-4)
+    rows = torch.cat(LayerReplay(model, samples, cfg, 0).group_rows(1, [name], calls=2))
+    torch.testing.assert_close(rows.T @ rows, gram, rtol=1e-4, atol=1e-4)
+
+
+def test_modules_that_never_run_are_named_when_features_are_captured():
+    from transformers import BloomConfig
+
+    from rain_hf.features import capture_think_features
+
+    # with pretraining_tp > 1 and slow_but_exact, BLOOM multiplies by slices of these weights without calling them
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(BloomConfig(vocab_size=300, hidden_size=64, n_layer=2, n_head=4,
+                                                         pretraining_tp=2, slow_but_exact=True),
+                                             attn_implementation="eager").eval()
+    cfg = RainMergingConfig(lam=1.0, batch_size=2)
+    with pytest.raises(ValueError, match=r"4 of the modules to merge never ran .*\(e\.g\. transformer\.h\.0\."
+                                         r"self_attention\.dense\).*Leave them out with target_modules"):
+        capture_think_features(model, _random_samples(3, 300, seed=0), find_target_modules(model, cfg), cfg, 0)

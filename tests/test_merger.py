@@ -241,6 +241,19 @@ def test_sequential_projection_is_null_on_the_merged_models_own_inputs(qwen2, to
     assert torch.equal(first, dict(one_shot.model.named_parameters())["model.layers.0.self_attn.q_proj.weight"])
 
 
+def test_sequential_projection_covers_every_call_of_a_module_that_runs_twice(tmp_path, tokenizer):
+    # Gemma 3n's AltUp router runs twice per layer on different inputs: both are protected, in the merged model
+    paths = build_triple(tmp_path, "gemma3n", tokenizer=tokenizer)
+    cfg = dict(lam=3.0, stage2=False, rcond=1e-5, positions="window", window=1, target_modules=["modality_router"])
+    records = reasoning_records(2)
+    samples = prepare_reasoning_calibration(records, tokenizer, RainMergingConfig(**cfg))
+    merger = _merger(paths, sequential=True, **cfg)
+    merger.merge(records)
+    assert set(merger.features.settings["calls_per_pass"].values()) == {2}
+    residuals = _own_input_residuals(merger, samples, ("window", 1))
+    assert len(residuals) == 2 and max(residuals.values()) < 1e-4, residuals
+
+
 def _replay_model(tokenizer, layer_types):
     torch.manual_seed(0)
     cfg = model_config("qwen2", len(tokenizer), num_hidden_layers=3, use_sliding_window=True, sliding_window=6,
