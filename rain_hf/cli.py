@@ -145,9 +145,9 @@ def load_job(path: str | os.PathLike) -> MergeJob:
     """Read and validate a ``rain-merge`` YAML file; raises :class:`CliError` or :class:`ConfigError`.
 
     Example:
-        >>> job = load_job("examples/qwen7b_rain.yaml")  # doctest: +SKIP
-        >>> job.models["reasoning"]  # doctest: +SKIP
-        'deepseek-ai/DeepSeek-R1-Distill-Qwen-7B'
+        >>> job = load_job("examples/organism_rain.yaml")  # doctest: +SKIP
+        >>> job.config.think_spacing  # doctest: +SKIP
+        ['', '', '']
     """
     path = Path(path)
     if path.is_dir():
@@ -473,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     Example:
         >>> main(["--version"])  # doctest: +SKIP
         rain-merge (rain_hf) 0.1.0
+        0
     """
     encoding = _lenient_output()
     try:

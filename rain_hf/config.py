@@ -363,7 +363,7 @@ class RainMergingConfig:
 
         Example:
             >>> RainMergingConfig(method="task_arithmetic", density=0.7, rho=0.2).unused_settings()
-            {'density': 0.7, 'rho': 0.2}
+            {'rho': 0.2, 'density': 0.7}
         """
         read = {"method", "lam", "target_modules", "layers", "think_open", "think_close", "output_dtype",
                 "max_shard_size", "project_bias"}
