@@ -40,6 +40,18 @@ def test_variant_needs_an_output_folder(capsys):
     assert "--variant needs --out" in capsys.readouterr().err
 
 
+def test_force_finetunes_without_a_base_is_refused_not_a_new_base(tmp_path, monkeypatch):
+    def train_base(*args, **kwargs):
+        raise AssertionError("--force-finetunes trained a new base")
+
+    monkeypatch.setattr(B, "train_base", train_base)
+    # `cp -r benchmarks/organism/checkpoints OUT/` into a missing OUT gives OUT/base, not OUT/checkpoints/base
+    (tmp_path / "base").mkdir()
+    with pytest.raises(SystemExit, match=r"--force-finetunes retrains the fine-tunes from the base at .*checkpoints/"
+                                         r"base, and there is none: copy one there first \(mkdir -p "):
+        B.main(["--out", str(tmp_path), "--force-finetunes", "--skip-checks"])
+
+
 def test_training_prompts_follow_the_recipe_recorded_by_the_build(tmp_path):
     from benchmarks.organism.bench import Organism, training_prompts
 

@@ -758,6 +758,10 @@ def main(argv=None) -> int:
     tok = build_tokenizer(recipe)  # deterministic and cheap: always rebuilt, and rewritten into reused checkpoints
     report["timings_s"]["tokenizer"] = time.time() - t0
     print(f"[tokenizer] {len(tok)} tokens, {report['timings_s']['tokenizer']:.1f}s", flush=True)
+    if args.force_finetunes and not args.force and not have(base_dir):
+        raise SystemExit(f"--force-finetunes retrains the fine-tunes from the base at {base_dir}, and there is none: "
+                         f"copy one there first (mkdir -p {out} && cp -r benchmarks/organism/checkpoints {out}/), "
+                         "or drop --force-finetunes to train a new base.")
     if have(base_dir) and not args.force:
         print(f"[base] exists at {base_dir}, reusing (use --force to retrain)", flush=True)
         save_tokenizer_files(tok, base_dir)
