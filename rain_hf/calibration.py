@@ -43,7 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import POSITION_SETS as POSITION_MODES
-from .config import holdout_count
+from .config import ConfigError, fewest_for_holdout, holdout_count
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,10 @@ _MAX_REASONS_SHOWN = 5
 
 class CalibrationError(ValueError):
     """The calibration data (or the tokenizer used to render it) cannot be used; the message says how to fix it."""
+
+
+class PromptOnlyError(CalibrationError):
+    """Records with only a prompt were given without the reasoning model that writes their reasoning and response."""
 
 
 class _Malformed(Exception):
@@ -433,6 +437,30 @@ def holdout_split(items: Sequence[Any], share: float, seed: int = 0, key: Any = 
     groups = None if key is None else [key(x) for x in items]
     out = set(holdout_indices(len(items), share, seed, groups))
     return [x for i, x in enumerate(items) if i not in out], [x for i, x in enumerate(items) if i in out]
+
+
+def lam_auto_holdout(samples: Sequence[CalibrationSample], share: float, seed: int
+                     ) -> tuple[list[CalibrationSample], list[CalibrationSample]]:
+    """(stage-1 samples, held-out samples) of ``lam="auto"``: a seeded draw of ``share`` of the samples, those that
+    share a prompt kept together, is left out of stage 1 to measure L_think.
+
+    Raises:
+        ConfigError: when the draw leaves no sample for stage 1.
+    """
+    kept, held = holdout_split(samples, share, seed, key=prompt_key)
+    if kept and len(held) > holdout_count(len(samples), share):
+        logger.warning("lam='auto' holds out %d of the %d reasoning calibration samples, where lam_auto_holdout=%s "
+                       "asks for %d: every prompt has more traces than that, and one prompt's traces are held out "
+                       "together.", len(held), len(samples), share, holdout_count(len(samples), share))
+    if not kept and len({prompt_key(s) for s in samples}) == 1 and len(samples) > 1:
+        raise ConfigError(f"lam='auto' holds out samples whose prompts stage 1 does not see, and all {len(samples)} "
+                          "reasoning calibration samples share one prompt: add samples with other prompts, or set "
+                          "lam to a number.")
+    if not kept:
+        raise ConfigError(f"lam='auto' holds out {len(held)} of the {len(samples)} reasoning calibration samples "
+                          f"(lam_auto_holdout={share}), which leaves none for stage 1: pass at least "
+                          f"{fewest_for_holdout(share)} samples, lower lam_auto_holdout, or set lam to a number.")
+    return kept, held
 
 
 def prompt_key(sample: CalibrationSample) -> tuple[int, ...]:
@@ -1240,7 +1268,7 @@ def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limi
     template = _template_parts(tokenizer, config)
     prompt_only = [i for i, r in enumerate(records) if _is_prompt_only(r)]
     if prompt_only and model is None:
-        raise CalibrationError(
+        raise PromptOnlyError(
             f"{len(prompt_only)} of {len(records)} {kind} calibration records (first: {where(prompt_only[0])}) have "
             "only a prompt. Pass 'reasoning' and 'response' for every record, or pass the reasoning model "
             "(model=...) / let RainMerger generate them with generate_traces."

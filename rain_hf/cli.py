@@ -457,8 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "in one commit")
     parser.add_argument("--device", default="cpu", help="where forward passes and projections run, e.g. cuda, "
                         "cuda:1 (default: cpu)")
-    parser.add_argument("--dry-run", action="store_true", help="validate the models and config, print the plan, "
-                        "merge nothing (Hub models are still downloaded in full: the check reads their files)")
+    parser.add_argument("--dry-run", action="store_true", help="validate the models, config and calibration "
+                        "samples, print the plan, merge nothing (Hub models are still downloaded in full: the check "
+                        "reads their files)")
     parser.add_argument("--overwrite", action="store_true", help="replace DIR if it exists (only an earlier "
                         "output: a folder holding rain_merging_config.json)")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logs, and tracebacks on errors")
@@ -602,6 +603,43 @@ def _check_calibration_files(job: MergeJob, config_path: str) -> None:
                 raise CliError(f"{config_path}: calibration.{name}: {exc}") from exc
 
 
+def _dry_run_calibration(job: MergeJob, tokenizer: Any, config_path: str) -> list[str]:
+    """The dry run's tokenised check of each calibration set the merge reads (what ``max_length`` cuts off, and
+    ``lam: auto``'s hold-out), as the merge prepares them after the load; one plan line per set. Sets with
+    prompt-only records are written by the reasoning model during the merge, so they are checked then."""
+    from .calibration import (
+        CalibrationError,
+        PromptOnlyError,
+        lam_auto_holdout,
+        prepare_instruction_calibration,
+        prepare_reasoning_calibration,
+    )
+
+    lines = []
+    for name, prepare in (("reasoning", prepare_reasoning_calibration),
+                          ("instruction", prepare_instruction_calibration)):
+        if name not in job.calibration or not job.config.uses_calibration(name):
+            continue
+        stats: dict[str, Any] = {}
+        try:
+            samples = prepare(str(job.calibration[name]), tokenizer, job.config, stats=stats)
+        except PromptOnlyError:
+            lines.append(f"  {name}: prompt-only records, written by the reasoning model during the merge and "
+                         "checked then")
+            continue
+        except CalibrationError as exc:
+            raise CliError(f"{config_path}: calibration.{name}: {exc}") from exc
+        line = f"  {name}: {len(samples)} usable samples ({stats['num_malformed']} malformed, skipped)"
+        if name == "reasoning" and job.config.lam == "auto":
+            try:
+                kept, held = lam_auto_holdout(samples, job.config.lam_auto_holdout, job.config.seed)
+            except ConfigError as exc:
+                raise ConfigError(f"{config_path}: {exc}") from exc
+            line += f", {len(held)} held out by lam: auto" + (f", {len(kept)} for stage 1" if job.config.stage1 else "")
+        lines.append(line)
+    return lines
+
+
 def _check_load_dtype(job: MergeJob, plan: Any, reasoning: Any, config_path: str) -> None:
     """``dtype:`` narrower than the weights the merge saves, found before the load (and in a dry run)."""
     if job.dtype == "auto":
@@ -717,8 +755,12 @@ def _run(args: argparse.Namespace) -> int:
     if out is not None:
         _check_out_models(out, plan)
     if args.dry_run:
+        checked = _dry_run_calibration(job, parts[1], args.config)
         print(plan.summary())
         print(job.describe(args.out, args.push_to_hub))
+        if checked:
+            print("calibration samples (tokenised as the merge will):")
+            print("\n".join(checked))
         print("dry run: nothing was merged.")
         return 0
 

@@ -28,12 +28,10 @@ from . import __version__
 from .calibration import (
     CalibrationSample,
     check_think_tokens,
-    holdout_count,
-    holdout_split,
+    lam_auto_holdout,
     padding_id,
     prepare_instruction_calibration,
     prepare_reasoning_calibration,
-    prompt_key,
     template_opens_think,
 )
 from .card import PRECOMPUTED_FEATURES_SOURCE, write_model_card
@@ -50,7 +48,7 @@ from .checkpoints import (
     resolve_model,
 )
 from .coefficients import coefficient_warning, head_coefficients, weight_scale
-from .config import CONFIG_NAME, ConfigError, RainMergingConfig, fewest_for_holdout, parse_size
+from .config import CONFIG_NAME, ConfigError, RainMergingConfig, parse_size
 from .features import (
     AttentionGeometry,
     LayerReplay,
@@ -1122,24 +1120,8 @@ class RainMerger:
             self.reset()
 
     def _hold_out(self, samples: list[CalibrationSample]) -> tuple[list[CalibrationSample], list[CalibrationSample]]:
-        """(stage-1 samples, held-out samples): a seeded draw of ``lam_auto_holdout`` of the samples is kept out of
-        stage 1 to measure L_think (:func:`~rain_hf.calibration.holdout_split`)."""
-        share = self.config.lam_auto_holdout
-        kept, held = holdout_split(samples, share, self.config.seed, key=prompt_key)
-        if kept and len(held) > holdout_count(len(samples), share):
-            logger.warning("lam='auto' holds out %d of the %d reasoning calibration samples, where lam_auto_holdout=%s "
-                           "asks for %d: every prompt has more traces than that, and one prompt's traces are held "
-                           "out together.", len(held), len(samples), share, holdout_count(len(samples), share))
-        if not kept and len({prompt_key(s) for s in samples}) == 1 and len(samples) > 1:
-            raise ConfigError(f"lam='auto' holds out samples whose prompts stage 1 does not see, and all "
-                              f"{len(samples)} reasoning calibration samples share one prompt: add samples with "
-                              "other prompts, or set lam to a number.")
-        if not kept:
-            need = fewest_for_holdout(share)
-            raise ConfigError(f"lam='auto' holds out {len(held)} of the {len(samples)} reasoning calibration samples "
-                              f"(lam_auto_holdout={share}), which leaves none for stage 1: pass at least {need} "
-                              "samples, lower lam_auto_holdout, or set lam to a number.")
-        return kept, held
+        """(stage-1 samples, held-out samples) for ``lam="auto"`` (:func:`~rain_hf.calibration.lam_auto_holdout`)."""
+        return lam_auto_holdout(samples, self.config.lam_auto_holdout, self.config.seed)
 
     def _think_rows(self, samples: list[CalibrationSample]) -> list[tuple[list[int], list[int]]]:
         """(token ids, thinking positions) of each sample, as L_think reads them."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rain_hf import testing
 from rain_hf.cli import TOP_LEVEL_KEYS, load_job, main
 from rain_hf.config import RainMergingConfig
 
@@ -358,9 +359,34 @@ def test_dry_run_prints_the_plan(triple, tmp_path, capsys):
     assert "reasoning.json" in out and "push to the Hub: me/x" in out and "nothing was merged" in out
     assert "does not read" not in out
     assert not (tmp_path / "out").exists()
+    assert "  reasoning: 4 usable samples (0 malformed, skipped)\n  instruction: 4 usable samples" in out
     config = _job_file(root, tmp_path, parameters={"lam": 1.0, "stage2": False, "rho": 0.2, "density": 0.3})
     assert main([str(config), "--dry-run"]) == 0
     assert "parameters this merge does not read: rho=0.2, density=0.3" in capsys.readouterr().out
+
+
+def test_dry_run_tokenises_the_calibration_as_the_merge_will(triple, tmp_path, capsys):
+    root, _ = triple
+    # what only token counts show: samples max_length cuts off, a lam: auto hold-out that leaves stage 1 nothing
+    config = _job_file(root, tmp_path, parameters={"lam": 1.0, "max_length": 12})
+    assert main([str(config), "--dry-run"]) == 2
+    assert "calibration.reasoning: no usable reasoning calibration samples: 4 malformed" in _one_error_line(
+        capsys.readouterr().err)
+    record = testing.reasoning_records(1)[0]
+    (root / "one_prompt.json").write_text(json.dumps([record, dict(record, response="Other words. 3")]))
+    config = _job_file(root, tmp_path, parameters={"lam": "auto", "stage2": False},
+                       calibration={"reasoning": "one_prompt.json"})
+    assert main([str(config), "--dry-run"]) == 2
+    assert "all 2 reasoning calibration samples share one prompt" in _one_error_line(capsys.readouterr().err)
+    config = _job_file(root, tmp_path, parameters={"lam": "auto", "stage2": False})
+    assert main([str(config), "--dry-run"]) == 0
+    assert "  reasoning: 4 usable samples (0 malformed, skipped), 1 held out by lam: auto, 3 for stage 1" in (
+        capsys.readouterr().out)
+    (root / "prompts.json").write_text(json.dumps([{"prompt": r["prompt"]} for r in testing.reasoning_records(2)]))
+    config = _job_file(root, tmp_path, calibration={"reasoning": "prompts.json", "instruction": "instruction.jsonl"})
+    assert main([str(config), "--dry-run"]) == 0
+    assert "  reasoning: prompt-only records, written by the reasoning model during the merge" in (
+        capsys.readouterr().out)
 
 
 def test_full_run_writes_the_output_folder(triple, tmp_path, capsys, monkeypatch):
