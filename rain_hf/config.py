@@ -372,13 +372,16 @@ class RainMergingConfig:
         elif self.method in ("ties", "dare_ties", "dare_linear"):
             read |= {"density", "seed"} if self.method.startswith("dare") else {"density"}
         elif self.method == "rain":
-            # calibration handling and trace generation: whether the data is prompt-only is not known here
-            read |= {"stage1", "stage2", "think_spacing", "batch_size", "max_length", "on_malformed",
-                     "max_new_tokens", "do_sample"}
-            if self.do_sample:
-                read |= {"temperature", "top_p", "seed"}
-            if self.lam == "auto":  # L_think at the held-out samples' thinking positions
-                read |= {"lam_grid", "lam_auto_max_kl", "lam_auto_holdout", "lam_auto_min_think_open", "seed"}
+            read |= {"stage1", "stage2"}
+            if self.uses_calibration("reasoning") or self.uses_calibration("instruction"):
+                # calibration handling and trace generation: whether the data is prompt-only is not known here
+                read |= {"think_spacing", "batch_size", "max_length", "on_malformed", "max_new_tokens", "do_sample"}
+                if self.do_sample:
+                    read |= {"temperature", "top_p", "seed"}
+            if self.lam == "auto":  # L_think at the thinking positions of samples stage 1 did not see
+                read |= {"lam_grid", "lam_auto_max_kl", "lam_auto_min_think_open"}
+                if self.stage1:  # without stage 1 every sample measures L_think: nothing is held out
+                    read |= {"lam_auto_holdout", "seed"}
             if self.stage1 or self.lam == "auto":
                 read |= {"max_reasoning_samples", "positions"}
                 if self.positions.startswith("window"):
@@ -389,7 +392,8 @@ class RainMergingConfig:
             if self.stage2:
                 read |= {"rho", "coef_normalize", "coef_min", "coef_max", "probe_lam", "max_instruction_samples"}
         default = RainMergingConfig(method=self.method).to_dict()  # lam's default depends on the method
-        return {name: value for name, value in self.to_dict().items() if name not in read and value != default[name]}
+        return {name: value for name, value in self.to_dict().items()
+                if name not in read and (list(value) if isinstance(value, tuple) else value) != default[name]}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1145,6 +1145,9 @@ def test_baselines_share_the_engine(qwen2, tmp_path, method):
     (dict(method="rain", lam=2.0, stage2=False, sequential=False),
      dict(rho=0.1, coef_max=1.5, probe_lam=2.0, lam_grid=[1.0], slerp_t=0.9, seed=4, temperature=0.3, ridge=0.5)),
     (dict(method="rain", lam=2.0, stage1=False), dict(rcond=0.3, precision="float64", window=1, density=0.9)),
+    (dict(method="rain", lam=2.0, stage1=False, stage2=False), dict(max_length=8, batch_size=1, on_malformed="error")),
+    (dict(method="rain", lam="auto", lam_grid=[1.0, 2.0], stage1=False, stage2=False),
+     dict(lam_auto_holdout=0.5, seed=3, probe_lam=2.0)),
 ])
 def test_settings_a_merge_does_not_read_are_warned_about_and_change_nothing(qwen2, settings, unread):
     merger = _merger(qwen2, **settings)

@@ -206,6 +206,15 @@ def test_unused_settings_name_what_a_merge_never_reads():
     assert RainMergingConfig(projection="ridge", rcond=0.2, ridge=0.5).unused_settings() == {"rcond": 0.2}
     assert RainMergingConfig(do_sample=True, temperature=0.3, seed=1).unused_settings() == {}
     assert RainMergingConfig(lam=1.0, temperature=0.3, seed=1).unused_settings() == {"temperature": 0.3, "seed": 1}
+    # no stage reads calibration data: none of its settings counts; lam='auto' without stage 1 holds nothing out
+    assert RainMergingConfig(lam=1.0, stage1=False, stage2=False, max_length=8, think_spacing=["", "", ""],
+                             batch_size=1).unused_settings() == {"think_spacing": ["", "", ""], "batch_size": 1,
+                                                                 "max_length": 8}
+    assert RainMergingConfig(stage1=False, lam_auto_holdout=0.5, seed=3).unused_settings() == {
+        "lam_auto_holdout": 0.5, "seed": 3}
+    edited = RainMergingConfig(method="ties")
+    edited.think_spacing = ("\n", "\n", "\n\n")  # the default, as a tuple
+    assert edited.unused_settings() == {}
 
 
 def test_config_round_trip_and_validation(tmp_path):
