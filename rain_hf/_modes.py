@@ -1,4 +1,4 @@
-"""Module-mode helpers shared by the passes that read a model (calibration features, evaluation)."""
+"""Mode helpers shared by the passes that read or generate with a model (calibration, features, evaluation)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,31 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+
+# generation_config settings a generation here never takes from the model: one sequence per prompt, as tensors
+ONE_SEQUENCE = {"num_beams": 1, "num_return_sequences": 1, "return_dict_in_generate": False}
+# and those that would make greedy decoding other than the argmax (Qwen2.5-Instruct ships repetition_penalty 1.05),
+# at their neutral values, so that two models are decoded alike
+PLAIN_GREEDY = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": 0}
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch for the block (CPU and the model's accelerator) without changing the caller's RNG state.
+
+    Example:
+        >>> state = torch.get_rng_state()
+        >>> with seeded(0, torch.device("cpu")):
+        ...     a = torch.rand(1)
+        >>> with seeded(0, torch.device("cpu")):
+        ...     b = torch.rand(1)
+        >>> bool(torch.equal(a, b)), bool(torch.equal(torch.get_rng_state(), state))
+        (True, True)
+    """
+    devices = [] if device.type == "cpu" else [device.index or 0]
+    with torch.random.fork_rng(devices=devices, device_type=None if device.type == "cpu" else device.type):
+        torch.manual_seed(seed)
+        yield
 
 
 @contextlib.contextmanager

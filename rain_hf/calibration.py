@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import codecs
+import contextlib
 import copy
 import hashlib
 import json
@@ -42,6 +43,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ._modes import ONE_SEQUENCE, PLAIN_GREEDY, seeded
 from .config import POSITION_SETS as POSITION_MODES
 from .config import ConfigError, fewest_for_holdout, holdout_count
 
@@ -1132,19 +1134,25 @@ def split_generated_ids(
     return reasoning, response
 
 
-def _generation_config(model: Any, config: Any, pad_id: int) -> Any:
-    """The model's generation config with the calibration settings applied (greedy or sampled)."""
+def _generation_config(model: Any, tokenizer: Any, config: Any, pad_id: int) -> Any:
+    """The model's generation config with the calibration settings applied: greedy (the plain argmax, whatever
+    penalties the model's config sets) or sampled; one sequence per prompt, stopping at any end-of-sequence id of
+    the config or the tokenizer."""
     from transformers import GenerationConfig
 
     gen = copy.deepcopy(getattr(model, "generation_config", None) or GenerationConfig())
     gen.max_new_tokens = config.max_new_tokens
     gen.max_length = None
     gen.do_sample = config.do_sample
+    settings = dict(ONE_SEQUENCE)
     if config.do_sample:
-        gen.temperature, gen.top_p = config.temperature, config.top_p
+        settings.update(temperature=config.temperature, top_p=config.top_p)
     else:
-        gen.temperature = gen.top_p = gen.top_k = None
+        settings.update(temperature=None, top_p=None, top_k=None, min_length=None, **PLAIN_GREEDY)
+    for name, value in settings.items():
+        setattr(gen, name, value)
     gen.pad_token_id = pad_id
+    gen.eos_token_id = sorted(_stop_ids(gen, tokenizer, None)) or None
     return gen
 
 
@@ -1187,7 +1195,7 @@ def _generate_batch(records: list[dict], model: Any, tokenizer: Any, config: Any
     device = getattr(model, "device", torch.device("cpu"))
     input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prefix_ids], device=device)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefix_ids], device=device)
-    gen = _generation_config(model, config, pad_id)
+    gen = _generation_config(model, tokenizer, config, pad_id)
     with torch.no_grad():
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen)
     # a stand-in pad id is an ordinary token (id 0 is "!" in Qwen's vocabulary): it must not end a generation
@@ -1200,6 +1208,8 @@ def _generate_batch(records: list[dict], model: Any, tokenizer: Any, config: Any
             results[row]["generation_error"] = str(err)
             continue
         results[row]["reasoning"], results[row]["response"] = reasoning, response
+        if not stops.intersection(generated):  # max_new_tokens ran out: the answer is cut short
+            results[row]["generation_cut"] = True
         # a chat-format record is read from its messages while its 'prompt' is absent or None (a Dataset row):
         # give it one, or the trace just generated would be ignored and the record would still be prompt-only
         if results[row].get("prompt") is None:
@@ -1217,23 +1227,45 @@ def generate_traces(records: list[dict], model: Any, tokenizer: Any, config: Any
 
     Returns:
         One dict per input record, in order. Records that already had a reasoning trace or a response are copied
-        unchanged; generated ones get ``reasoning``, ``response`` and the raw ``generation`` text, or a
+        unchanged; generated ones get ``reasoning``, ``response`` and the raw ``generation`` text (and
+        ``generation_cut: True`` when ``max_new_tokens`` ran out in the answer, which is then kept cut short), or a
         ``generation_error`` (no proper think block and answer) that makes them malformed calibration samples.
+        The merge's own completion of prompt-only records (``prepare_*_calibration(model=...)``) gives the same
+        traces. The caller's random state is left as it was.
     """
     template = _template_parts(tokenizer, config)
     records = load_records(records)
     todo = [i for i, r in enumerate(records) if _is_prompt_only(r)]
     results = [dict(r) for r in records]
-    torch.manual_seed(config.seed)
     batches = range(0, len(todo), config.batch_size)
-    for start in tqdm(batches, desc="Generating calibration traces", unit="batch"):
-        rows = todo[start:start + config.batch_size]
-        for row, done in zip(rows, _generate_batch([records[i] for i in rows], model, tokenizer, config, template)):
-            results[row] = done
-    failed = sum(results[i].get("generation_error") is not None for i in todo)
-    if todo:
-        logger.info("Generated %d calibration traces (%d without a proper think block).", len(todo), failed)
+    with _generation_seed(model, config):
+        for start in tqdm(batches, desc="Generating calibration traces", unit="batch"):
+            rows = todo[start:start + config.batch_size]
+            for row, done in zip(rows, _generate_batch([records[i] for i in rows], model, tokenizer, config,
+                                                       template)):
+                results[row] = done
+    _log_generated([results[i] for i in todo], "calibration", config.max_new_tokens)
     return results
+
+
+def _generation_seed(model: Any, config: Any) -> Any:
+    """Sampled generation seeded with ``config.seed`` without changing the caller's random state; greedy draws
+    nothing."""
+    if not config.do_sample:
+        return contextlib.nullcontext()
+    return seeded(config.seed, torch.device(getattr(model, "device", "cpu")))
+
+
+def _log_generated(records: Sequence[Mapping], kind: str, max_new_tokens: int) -> None:
+    """Say how many generated traces failed, and how many answers ``max_new_tokens`` cut short."""
+    if not records:
+        return
+    failed = sum(r.get("generation_error") is not None for r in records)
+    cut = sum(bool(r.get("generation_cut")) for r in records)
+    logger.info("Generated %d %s traces (%d without a proper think block).", len(records), kind, failed)
+    if cut:
+        logger.warning("%d of %d generated %s answers ran out of max_new_tokens=%d and are kept cut short; raise "
+                       "max_new_tokens for whole answers.", cut, len(records), kind, max_new_tokens)
 
 
 # ----------------------------------------------------------------------------------------------------- pipeline
@@ -1271,25 +1303,27 @@ def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limi
         raise PromptOnlyError(
             f"{len(prompt_only)} of {len(records)} {kind} calibration records (first: {where(prompt_only[0])}) have "
             "only a prompt. Pass 'reasoning' and 'response' for every record, or pass the reasoning model "
-            "(model=...) / let RainMerger generate them with generate_traces."
+            "(model=...), or complete them first with generate_traces."
         )
-    chunk = config.batch_size if prompt_only else len(records)
-    if prompt_only:
-        torch.manual_seed(config.seed)
+    # prompt-only records are generated in batches of the next batch_size of them, as generate_traces does (a
+    # sampled trace depends on its batch), and only as far as the sample limit reaches
+    batch_starts = iter(range(0, len(prompt_only), config.batch_size))
+    generated: dict[int, dict] = {}
+    made_all: list[dict] = []
     samples: list[CalibrationSample] = []
     failures: list[tuple[int, str]] = []
     progress = tqdm(total=len(records), desc=f"Preparing {kind} calibration", unit="sample")
     try:
-        for start in range(0, len(records), chunk):
-            batch = records[start:start + chunk]
-            todo = [j for j, r in enumerate(batch) if _is_prompt_only(r)]
-            if todo:
-                generated = _generate_batch([batch[j] for j in todo], model, tokenizer, config, template)
-                batch = list(batch)
-                for j, record in zip(todo, generated):
-                    batch[j] = record
-            for offset, record in enumerate(batch):
-                index = start + offset
+        with _generation_seed(model, config) if prompt_only else contextlib.nullcontext():
+            for index, record in enumerate(records):
+                if _is_prompt_only(record):
+                    if index not in generated:
+                        start = next(batch_starts)
+                        rows = prompt_only[start:start + config.batch_size]
+                        made = _generate_batch([records[i] for i in rows], model, tokenizer, config, template)
+                        generated.update(zip(rows, made))
+                        made_all += made
+                    record = generated.pop(index)
                 progress.update(1)
                 try:
                     samples.append(_build_sample(_parse_record(record, template), index, tokenizer, template,
@@ -1304,10 +1338,9 @@ def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limi
                     logger.warning("Skipping malformed %s calibration sample at %s: %s", kind, where(index), err)
                 if limit is not None and len(samples) >= limit:
                     break
-            if limit is not None and len(samples) >= limit:
-                break
     finally:
         progress.close()
+    _log_generated(made_all, kind, config.max_new_tokens)
     if not samples:
         by_reason: dict[str, list[int]] = {}
         for i, reason in failures:  # one line per distinct reason: a whole file usually fails the same way

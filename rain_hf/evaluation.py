@@ -31,7 +31,7 @@ import shutil
 import sys
 import tempfile
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from rain_hf._modes import ONE_SEQUENCE, PLAIN_GREEDY, seeded
 from rain_hf._modes import eval_mode as _eval_mode
 
 logger = logging.getLogger(__name__)
@@ -1009,20 +1010,6 @@ def _completion_ids(ids: Sequence[int], stop_ids: Iterable[int], pad_token_id: i
     return out
 
 
-@contextlib.contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed torch for the block (CPU and the model's accelerator) without changing the caller's RNG state."""
-    devices = [] if device.type == "cpu" else [device.index or 0]
-    with torch.random.fork_rng(devices=devices, device_type=None if device.type == "cpu" else device.type):
-        torch.manual_seed(seed)
-        yield
-
-
-# the model's generation_config rules that would make greedy decoding other than the argmax (Qwen2.5-Instruct ships
-# repetition_penalty 1.05), set to their neutral values so that two models are decoded alike
-_PLAIN_GREEDY = {"num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": 0}
-
-
 def generate(
     model: Any,
     tokenizer: Any,
@@ -1088,18 +1075,19 @@ def generate(
         "max_new_tokens": max_new_tokens,
         "do_sample": do_sample,
         "pad_token_id": pad_id,
+        **ONE_SEQUENCE,
     }
     if stop_ids:
         gen_kwargs["eos_token_id"] = stop_ids
     if do_sample:
         gen_kwargs.update(temperature=temperature, top_p=top_p)
     else:  # don't let the model's sampling defaults (e.g. temperature 0.6) trigger warnings under greedy decoding
-        gen_kwargs.update(temperature=None, top_p=None, top_k=None, **_PLAIN_GREEDY)
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None, **PLAIN_GREEDY)
 
     device = _model_device(model)
     results: list[str] = [""] * len(texts)
     progress = tqdm(total=len(texts), desc=desc, unit="prompt", leave=False)
-    seeding = _seeded(seed, device) if do_sample else contextlib.nullcontext()
+    seeding = seeded(seed, device) if do_sample else contextlib.nullcontext()
     with torch.no_grad(), _eval_mode(model), seeding:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]

@@ -507,12 +507,7 @@ def test_prompt_only_records_are_generated(tok, chain_ids, do_sample):
 
 
 def test_sampled_traces_follow_the_seed(tok, chain_ids):
-    i = chain_ids
-    successor = {i["last"]: i["a"], i["a"]: i["b"], i["b"]: i["close"], i["close"]: i["c"], i["c"]: i["d"],
-                 i["d"]: i["eos"]}
-    model = _chain_model(tok, successor)
-    with torch.no_grad():  # after "o", another "o" is as likely as "k": a fork that only sampling takes both ways
-        model.lm_head.weight[i["a"]] += 10.0 * torch.eye(32)[list(successor).index(i["a"])]
+    model = _forked_chain_model(tok, chain_ids)  # after "o", another "o" is as likely as "k"
     records = [{"prompt": f"Question {n}?"} for n in range(8)]
 
     def reasonings(**settings) -> list:
@@ -523,6 +518,62 @@ def test_sampled_traces_follow_the_seed(tok, chain_ids):
     first = reasonings(do_sample=True, seed=0)
     assert len(set(first)) > 1 and reasonings(do_sample=True, seed=0) == first
     assert reasonings(do_sample=True, seed=1) != first
+
+
+def _forked_chain_model(tok, chain_ids):
+    """The chain model of the traces above, with a fork after "o" that only sampling takes both ways."""
+    i = chain_ids
+    successor = {i["last"]: i["a"], i["a"]: i["b"], i["b"]: i["close"], i["close"]: i["c"], i["c"]: i["d"],
+                 i["d"]: i["eos"]}
+    model = _chain_model(tok, successor)
+    with torch.no_grad():
+        model.lm_head.weight[i["a"]] += 10.0 * torch.eye(32)[list(successor).index(i["a"])]
+    return model
+
+
+def test_generated_traces_are_the_same_from_the_merge_and_leave_the_random_state_alone(tok, chain_ids):
+    model = _forked_chain_model(tok, chain_ids)
+    records = [{"prompt": "Q1?"}, RECORD, {"prompt": "Q2?"}, {"prompt": "Q3?"}, RECORD, {"prompt": "Q4?"},
+               {"prompt": "Q5?"}]
+    cfg = _cfg(max_new_tokens=12, batch_size=2, do_sample=True, seed=3)
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    traces = generate_traces(records, model, tok, cfg)
+    # the merge completes prompt-only records in the same batches as generate_traces: the same sampled traces
+    by_merge = prepare_reasoning_calibration(records, tok, cfg, model=model)
+    prepare_reasoning_calibration(records, tok, _cfg(max_new_tokens=12, batch_size=2), model=model)  # greedy
+    assert torch.equal(torch.rand(4), expected)  # the caller's stream goes on where it was
+    assert len({traces[k].get("reasoning") for k in (0, 2, 3, 5, 6)}) > 1  # it did sample
+    assert [s.input_ids for s in by_merge] == [s.input_ids for s in prepare_reasoning_calibration(traces, tok, cfg)]
+
+
+@pytest.mark.parametrize("setting", [{"no_repeat_ngram_size": 1}, {"num_beams": 2, "num_return_sequences": 2},
+                                     {"return_dict_in_generate": True}])
+def test_greedy_traces_ignore_the_models_own_decoding_rules(tok, chain_ids, setting):
+    i = chain_ids
+    model = _chain_model(tok, {i["last"]: i["a"], i["a"]: i["b"], i["b"]: i["close"], i["close"]: i["c"],
+                               i["c"]: i["d"], i["d"]: i["eos"]})
+    for name, value in setting.items():
+        setattr(model.generation_config, name, value)
+    traces = generate_traces([{"prompt": "Hi"}, {"prompt": "Hello there"}], model, tok,
+                             _cfg(max_new_tokens=12, batch_size=2))
+    assert [(t.get("reasoning"), t.get("response")) for t in traces] == [("ok", "ys")] * 2
+
+
+def test_generation_stops_at_the_tokenizers_end_and_says_when_an_answer_is_cut(tok, chain_ids, caplog):
+    i = chain_ids
+    model = _chain_model(tok, {i["last"]: i["a"], i["a"]: i["b"], i["b"]: i["close"], i["close"]: i["c"],
+                               i["c"]: i["d"], i["d"]: i["eos"]})
+    model.generation_config.eos_token_id = i["c"] + 1  # an end-of-turn id the model never writes
+    (trace,) = generate_traces([{"prompt": "Hi"}], model, tok, _cfg(max_new_tokens=40))
+    assert trace["generation"].endswith(tok.eos_token) and "generation_cut" not in trace  # not 40 tokens on
+    looping = _chain_model(tok, {i["last"]: i["a"], i["a"]: i["b"], i["b"]: i["close"], i["close"]: i["c"],
+                                 i["c"]: i["d"], i["d"]: i["c"]})
+    with caplog.at_level("WARNING", logger="rain_hf.calibration"):
+        (sample,) = prepare_reasoning_calibration([{"prompt": "Hi"}], tok, _cfg(max_new_tokens=8), model=looping)
+    assert _text(tok, sample, sample.response_span).strip() == "ysysy"  # kept, cut short
+    assert "1 of 1 generated reasoning answers ran out of max_new_tokens=8" in caplog.text
 
 
 def test_generation_without_think_block_is_malformed(tok, chain_ids):
