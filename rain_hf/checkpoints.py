@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 #: Files fetched from the Hub for a full model: weights, configs, tokenizer, code for ``trust_remote_code`` (copied
 #: into the merge, never run by it); never .bin/.pt/.gguf duplicates.
 MODEL_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "vocab*",
-                  "merges.txt", "README.md", "LICENSE*", "*.py"]
+                  "merges.txt", "README.md", "LICENSE*", "LICENCE*", "License*", "license*", "licence*", "COPYING*",
+                  "NOTICE*", "USE_POLICY*", "*.py"]
 #: Files never fetched for a full model: Mistral-style repositories ship the whole model a second time in the
 #: native format (``consolidated.safetensors``) beside the transformers shards.
 MODEL_IGNORE_PATTERNS = ["consolidated*.safetensors"]

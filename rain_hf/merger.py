@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -1410,7 +1411,7 @@ class RainMerger:
             # names its code
             for file in [*license_files(src), *remote_code_files(src, model_config)]:
                 (tmp / file.name).write_bytes(file.read_bytes())
-            self.tokenizer.save_pretrained(str(tmp))
+            copy_tokenizer_files(src, tmp, self.tokenizer)
         self.report.timings["save"] = time.perf_counter() - start
         return Path(save_directory).expanduser()
 
@@ -1486,9 +1487,33 @@ def _card_license(folder: Path) -> dict[str, str]:
     return {key: str(data[key]) for key in ("license", "license_name", "license_link") if data.get(key)}
 
 
+_LICENSE_FILE = re.compile(r"(licen[cs]e|copying|notice|use_policy)([._-].*)?", re.IGNORECASE)
+# a tokenizer's own files, as transformers and sentencepiece/tiktoken tokenizers store them
+_TOKENIZER_FILE = re.compile(r"(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab.*|merges\.txt|"
+                             r".*\.model|.*\.tiktoken|chat_template.*)")
+
+
 def license_files(folder: Path) -> list[Path]:
-    """The top-level licence files (``LICENSE``, ``LICENSE.txt``, …) of a model folder, copied into a merge of it."""
-    return sorted(p for p in folder.glob("LICENSE*") if p.is_file())
+    """The top-level licence files of a model folder (``LICENSE``, ``LICENCE.txt``, ``license.md``, ``COPYING``,
+    ``NOTICE``, ``USE_POLICY.md``, in any case), copied into a merge of it."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and _LICENSE_FILE.fullmatch(p.name))
+
+
+def copy_tokenizer_files(folder: Path, out: Path, tokenizer: Any) -> None:
+    """Copy the reasoning model's tokenizer into a merge of it byte for byte (``tokenizer.json``,
+    ``tokenizer_config.json``, a sentencepiece ``tokenizer.model``, ``chat_template.jinja``,
+    ``additional_chat_templates/`` …): saving the loaded tokenizer instead would write what this transformers
+    version made of it (another class name, files dropped, keys added), which other versions may load differently.
+    A folder with none of them (the tokenizer came from elsewhere) gets ``tokenizer`` saved."""
+    files = [p for p in folder.iterdir() if p.is_file() and _TOKENIZER_FILE.fullmatch(p.name)]
+    if not files:
+        tokenizer.save_pretrained(str(out))
+        return
+    for file in files:
+        (out / file.name).write_bytes(file.read_bytes())
+    templates = folder / "additional_chat_templates"
+    if templates.is_dir():
+        shutil.copytree(templates, out / templates.name, dirs_exist_ok=True)
 
 
 def remote_code_files(folder: Path, model_config: dict) -> list[Path]:

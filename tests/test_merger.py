@@ -1327,6 +1327,17 @@ def test_licence_comes_from_the_reasoning_models_card(qwen2, tmp_path):
     # the merge ships the reasoning model's licence file, so its relative link resolves in the new repository
     assert (out / "LICENSE").read_text() == "Apache License, Version 2.0\n"
     assert "license_link: LICENSE" in (out / "README.md").read_text()
+    # Apache-2.0's NOTICE must travel with the weights, and licences come in other spellings
+    for name in ("NOTICE", "license.txt", "LICENCE.md", "USE_POLICY.md", "COPYING"):
+        (reasoning / name).write_text(name)
+    (reasoning / "notes.txt").write_text("not a licence")
+    merger = RainMerger.from_pretrained(qwen2["base"], reasoning, qwen2["instruct"],
+                                        RainMergingConfig(method="task_arithmetic"))
+    merger.merge()
+    out = merger.save_pretrained(tmp_path / "out_notice")
+    assert all((out / name).read_text() == name for name in ("NOTICE", "license.txt", "LICENCE.md", "USE_POLICY.md",
+                                                             "COPYING"))
+    assert not (out / "notes.txt").exists()
     # an instruct model under another licence: the merge is bound by both, so the metadata names neither
     instruct = tmp_path / "instruct"
     shutil.copytree(qwen2["instruct"], instruct)
@@ -1340,6 +1351,39 @@ def test_licence_comes_from_the_reasoning_models_card(qwen2, tmp_path):
         "instruct": {"license": "other", "license_name": "llama3.1"}}
     text = (out / "README.md").read_text()
     assert "license:" not in text.split("\n---\n", 1)[0] and "`llama3.1`" in text
+
+
+def test_the_reasoning_models_tokenizer_files_are_copied_byte_for_byte(qwen2, tmp_path):
+    reasoning = tmp_path / "reasoning"
+    shutil.copytree(qwen2["reasoning"], reasoning)
+    # a tokenizer laid out as another transformers version wrote it: saving the loaded one would rewrite it (class
+    # name, keys, the chat template's place) and drop the files it does not use
+    config = json.loads((reasoning / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["chat_template"] = (reasoning / "chat_template.jinja").read_text()
+    (reasoning / "chat_template.jinja").unlink()
+    (reasoning / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    (reasoning / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|end|>", "pad_token": "<pad>"}))
+    (reasoning / "tokenizer.model").write_bytes(b"\x00sentencepiece")
+    merger = RainMerger.from_pretrained(qwen2["base"], reasoning, qwen2["instruct"],
+                                        RainMergingConfig(method="task_arithmetic"))
+    merger.merge()
+    out = merger.save_pretrained(tmp_path / "out")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
+        assert (out / name).read_bytes() == (reasoning / name).read_bytes(), name
+    assert not (out / "chat_template.jinja").exists()  # where the input keeps it, in tokenizer_config.json
+    reloaded, original = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(reasoning)
+    messages = [{"role": "user", "content": "Max has 3 apples."}]
+    assert reloaded.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        original.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # named chat templates beside the default one travel too
+    from rain_hf.merger import copy_tokenizer_files
+
+    (reasoning / "additional_chat_templates").mkdir()
+    (reasoning / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages }}")
+    (tmp_path / "copy").mkdir()
+    copy_tokenizer_files(reasoning, tmp_path / "copy", original)
+    assert (tmp_path / "copy" / "additional_chat_templates" / "tool_use.jinja").read_text() == "{{ messages }}"
 
 
 def test_card_snippet_keeps_special_think_tokens_visible(qwen2, tmp_path):
