@@ -630,12 +630,12 @@ def _dry_run_calibration(job: MergeJob, tokenizer: Any, config_path: str) -> lis
         except CalibrationError as exc:
             raise CliError(f"{config_path}: calibration.{name}: {exc}") from exc
         line = f"  {name}: {len(samples)} usable samples ({stats['num_malformed']} malformed, skipped)"
-        if name == "reasoning" and job.config.lam == "auto":
+        if name == "reasoning" and job.config.lam == "auto" and job.config.stage1:  # else nothing is held out
             try:
                 kept, held = lam_auto_holdout(samples, job.config.lam_auto_holdout, job.config.seed)
             except ConfigError as exc:
                 raise ConfigError(f"{config_path}: {exc}") from exc
-            line += f", {len(held)} held out by lam: auto" + (f", {len(kept)} for stage 1" if job.config.stage1 else "")
+            line += f", {len(held)} held out by lam: auto, {len(kept)} for stage 1"
         lines.append(line)
     return lines
 

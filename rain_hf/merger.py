@@ -878,11 +878,28 @@ class RainMerger:
         dw, db = self._projected(target, dw, db, record, basis, column_scale)
         theta = self.reasoning.get(target.weight_key)
         theta = theta.to(self.device, work_dtype(theta.dtype)) + lam * ws * dw
+        self._refuse_non_finite(target.weight_key, theta)
         self._write_param(target.weight_key, theta.to(self._output_dtype(target.weight_key)))
         if db is not None:
             b = self.reasoning.get(target.bias_key)
             b = b.to(self.device, work_dtype(b.dtype)) + lam * bs * db
+            self._refuse_non_finite(target.bias_key, b)
             self._write_param(target.bias_key, b.to(self._output_dtype(target.bias_key)))
+
+    def _refuse_non_finite(self, key: str, merged: torch.Tensor) -> None:
+        """Refuse a merged tensor holding NaN or ±inf, naming the input it came from: the merge would otherwise
+        save (and ``lam="auto"`` score) a broken model without a word."""
+        if bool(torch.isfinite(merged).all()):
+            return
+        inputs = [("the reasoning model's", lambda: self.reasoning.get(key)),
+                  ("the base model's", lambda: self.base.get(key) if key in self.base else None),
+                  (f"the instruct {'model' if isinstance(self.instruct, FullDelta) else 'adapter'}'s task vector",
+                   lambda: self.instruct.delta(key))]
+        broken = [what for what, read in inputs if (t := read()) is not None and not bool(torch.isfinite(t).all())]
+        where = (" and ".join(broken) + " tensor" if broken else
+                 "the arithmetic (values too large for float32)")
+        raise CheckpointError(f"Merging {key} gives NaN or infinite values, from {where}: check that checkpoint (a "
+                              "damaged file or a diverged fine-tune) before merging it.")
 
     def _input_groups(self) -> list[list[TargetModule]]:
         """The merged modules grouped by shared input, in the order the forward pass reaches them (the order in
@@ -913,6 +930,7 @@ class RainMerger:
                     base = base.to(self.device, work_dtype(base.dtype))
                 delta = torch.zeros_like(reasoning) if delta is None else delta.to(self.device)
                 merged = merge_tensor(cfg.method, reasoning, base, delta, cfg, key)
+                self._refuse_non_finite(key, merged)
                 self._write_param(key, merged.to(self._output_dtype(key)))
 
     def reset(self) -> None:
@@ -1196,7 +1214,8 @@ class RainMerger:
                 self._apply_rain(float(lam), alpha, record=False, desc=f"lam=auto: λ={lam}")
                 kl = float(kl_rows(log_probs(), reference).mean())
                 share = think_open_share(reference_choices, first_choices(), open_id)
-                search.append({"lam": float(lam), "l_think": kl, "think_open": share})
+                # a NaN (overflowing activations) fails the budget, and is null in the sidecar: JSON has no NaN
+                search.append({"lam": float(lam), "l_think": kl if math.isfinite(kl) else None, "think_open": share})
                 search[-1]["within_budget"] = self._passes(search[-1])
                 logger.info("lam=auto: λ=%s L_think=%.4g think-open share=%s", lam, kl, share)
                 if search[-1]["within_budget"]:
@@ -1243,7 +1262,8 @@ class RainMerger:
         cfg = self.config
         share = row["think_open"]
         guard = cfg.lam_auto_min_think_open
-        return row["l_think"] <= cfg.lam_auto_max_kl and (guard is None or share is None or share >= guard)
+        kl = row["l_think"]
+        return kl is not None and kl <= cfg.lam_auto_max_kl and (guard is None or share is None or share >= guard)
 
     # ------------------------------------------------------------------ saving
     def sidecar(self) -> dict[str, Any]:

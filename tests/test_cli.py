@@ -378,6 +378,10 @@ def test_dry_run_tokenises_the_calibration_as_the_merge_will(triple, tmp_path, c
                        calibration={"reasoning": "one_prompt.json"})
     assert main([str(config), "--dry-run"]) == 2
     assert "all 2 reasoning calibration samples share one prompt" in _one_error_line(capsys.readouterr().err)
+    config = _job_file(root, tmp_path, parameters={"lam": "auto", "stage1": False, "stage2": False},
+                       calibration={"reasoning": "one_prompt.json"})  # without stage 1 nothing is held out
+    assert main([str(config), "--dry-run"]) == 0
+    assert "  reasoning: 2 usable samples (0 malformed, skipped)\n" in capsys.readouterr().out
     config = _job_file(root, tmp_path, parameters={"lam": "auto", "stage2": False})
     assert main([str(config), "--dry-run"]) == 0
     assert "  reasoning: 4 usable samples (0 malformed, skipped), 1 held out by lam: auto, 3 for stage 1" in (

@@ -1166,6 +1166,38 @@ def test_settings_a_merge_does_not_read_are_warned_about_and_change_nothing(qwen
         assert torch.equal(value, before[key]), key
 
 
+@pytest.mark.parametrize("role, method", [("instruct", "rain"), ("instruct", "ties"), ("reasoning", "rain"),
+                                          ("base", "task_arithmetic")])
+def test_non_finite_weights_are_refused_with_their_model_named(qwen2, tmp_path, role, method):
+    folders = {r: tmp_path / r for r in ("base", "reasoning", "instruct")}
+    for r, folder in folders.items():
+        shutil.copytree(qwen2[r], folder)
+    weights = _weights(folders[role])
+    weights["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")  # a damaged file or a diverged fine-tune
+    save_file(weights, str(folders[role] / "model.safetensors"), metadata={"format": "pt"})
+    merger = _merger(folders, method=method, lam=1.0, stage1=False, stage2=False)
+    what = {"instruct": "the instruct model's task vector", "reasoning": "the reasoning model's",
+            "base": "the base model's and the instruct model's task vector"}[role]
+    with pytest.raises(CheckpointError, match=f"Merging model.layers.1.mlp.up_proj.weight gives NaN or infinite "
+                                              f"values, from {what} tensor"):
+        merger.merge()
+    with pytest.raises(RuntimeError, match="Nothing to save"):
+        merger.save_pretrained(tmp_path / "out")
+
+
+def test_a_nan_l_think_fails_the_budget_and_is_null_in_the_sidecar(qwen2, tmp_path, monkeypatch):
+    import rain_hf.evaluation
+
+    monkeypatch.setattr(rain_hf.evaluation, "kl_rows", lambda p, q: torch.full(p.shape[:1], float("nan")))
+    merger = _merger(qwen2, lam="auto", lam_grid=[1.0, 2.0], stage2=False, lam_auto_min_think_open=None)
+    merger.merge(reasoning_records(4))
+    assert merger.report.lam == 1.0 and [row["l_think"] for row in merger.report.lam_search] == [None, None]
+    out = merger.save_pretrained(tmp_path / "out")
+    json.loads((out / "rain_merging_config.json").read_text(),
+               parse_constant=lambda constant: pytest.fail(f"{constant} is not JSON"))
+    assert "| 1.0 | NaN |" in (out / "README.md").read_text()
+
+
 def test_prompt_only_calibration_is_completed_by_the_reasoning_model(organism_root):
     ckpt = os.path.join(organism_root, "checkpoints")
     cfg = RainMergingConfig(lam=2.0, stage2=False, max_reasoning_samples=8, max_new_tokens=96, batch_size=8,

@@ -48,8 +48,13 @@ def test_force_finetunes_without_a_base_is_refused_not_a_new_base(tmp_path, monk
     # `cp -r benchmarks/organism/checkpoints OUT/` into a missing OUT gives OUT/base, not OUT/checkpoints/base
     (tmp_path / "base").mkdir()
     with pytest.raises(SystemExit, match=r"--force-finetunes retrains the fine-tunes from the base at .*checkpoints/"
-                                         r"base, and there is none: copy one there first \(mkdir -p "):
+                                         r"base, and there is none: copy the committed one \(mkdir -p "):
         B.main(["--out", str(tmp_path), "--force-finetunes", "--skip-checks"])
+    # a variant whose recipe changes what the base reads needs its own base, not the committed one
+    with pytest.raises(SystemExit, match=r"copy a base built with this variant's recipe \(it changes p_follow"):
+        B.main(["--variant", "follow25_plain", "--out", str(tmp_path), "--force-finetunes", "--skip-checks"])
+    with pytest.raises(SystemExit, match="copy the committed one"):  # the sweep's fine-tunes on the committed base
+        B.main(["--variant", "plain_r300_itm2", "--out", str(tmp_path), "--force-finetunes", "--skip-checks"])
 
 
 def test_training_prompts_follow_the_recipe_recorded_by_the_build(tmp_path):

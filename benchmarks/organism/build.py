@@ -87,6 +87,9 @@ class Recipe:
     reply_style: str = T.DEFAULT_REPLY_STYLE
 
 
+# Recipe fields that only the fine-tunes read: recipes that differ in these alone share one base.
+FINETUNE_FIELDS = {"ft_steps", "reasoning_ft_steps", "ft_lr", "ft_warmup", "reasoning_ft_plain_share",
+                   "instruct_forced_think_share", "eval_max_new_tokens"}
 QUICK_STEPS = dict(base_steps=30, ft_steps=6, reasoning_ft_steps=6, base_warmup=5, ft_warmup=2)
 # Near-orthogonal task vectors (cos -0.08 against -0.53): the base rarely thinks, and the reasoning model ignores
 # format instructions by omission (its fine-tune never sees one) instead of being taught to. BUILD.md, "Variant".
@@ -759,9 +762,12 @@ def main(argv=None) -> int:
     report["timings_s"]["tokenizer"] = time.time() - t0
     print(f"[tokenizer] {len(tok)} tokens, {report['timings_s']['tokenizer']:.1f}s", flush=True)
     if args.force_finetunes and not args.force and not have(base_dir):
+        own_base = sorted(set(VARIANTS.get(args.variant, {})) - FINETUNE_FIELDS)
+        source = (f"a base built with this variant's recipe (it changes {', '.join(own_base)}, which the base reads)"
+                  if own_base else f"the committed one (mkdir -p {ckpt} && cp -r benchmarks/organism/checkpoints/base "
+                  f"{ckpt}/)")
         raise SystemExit(f"--force-finetunes retrains the fine-tunes from the base at {base_dir}, and there is none: "
-                         f"copy one there first (mkdir -p {out} && cp -r benchmarks/organism/checkpoints {out}/), "
-                         "or drop --force-finetunes to train a new base.")
+                         f"copy {source} there first, or drop --force-finetunes to train a new base.")
     if have(base_dir) and not args.force:
         print(f"[base] exists at {base_dir}, reusing (use --force to retrain)", flush=True)
         save_tokenizer_files(tok, base_dir)

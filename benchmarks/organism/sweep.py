@@ -84,17 +84,12 @@ logger = logging.getLogger("benchmarks.organism.sweep")
 
 
 # ---------------------------------------------------------------------------------------------- build + generate
-# Recipe fields that only the fine-tunes read: recipes that differ in these alone share one base.
-FINETUNE_FIELDS = {"ft_steps", "reasoning_ft_steps", "ft_lr", "ft_warmup", "reasoning_ft_plain_share",
-                   "instruct_forced_think_share", "eval_max_new_tokens"}
-
-
 def make_recipe(overrides: dict[str, Any], quick: bool) -> B.Recipe:
     return replace(B.Recipe(), **{**overrides, **(B.QUICK_STEPS if quick else {})})
 
 
 def base_dir(out: Path, recipe: B.Recipe) -> Path:
-    fields = {k: v for k, v in asdict(recipe).items() if k not in FINETUNE_FIELDS}
+    fields = {k: v for k, v in asdict(recipe).items() if k not in B.FINETUNE_FIELDS}
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
     return out / "_bases" / digest
 
