@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -741,9 +742,12 @@ class RainMerger:
             source = f"a list of {len(data)} records"
         else:
             source = type(data).__name__
+        is_file = isinstance(data, (str, os.PathLike))
+        # sha256 is of the records as read (a file and the same records from a datasets.Dataset hash alike);
+        # file_sha256 is what sha256sum prints for the file
         self.calibration_info[kind] = {"num_samples": len(samples), "num_malformed": stats.get("num_malformed"),
-                                       "source": source, "sha256": stats.get("sha256"),
-                                       "is_file": isinstance(data, (str, os.PathLike))}
+                                       "source": source, "sha256": stats.get("sha256"), "is_file": is_file,
+                                       "file_sha256": _file_sha256(data) if is_file else None}
         return samples
 
     # ------------------------------------------------------------------ stage 1
@@ -1511,6 +1515,14 @@ _LICENSE_FILE = re.compile(r"(licen[cs]e|copying|notice|use_policy)([._-].*)?", 
 # a tokenizer's own files, as transformers and sentencepiece/tiktoken tokenizers store them
 _TOKENIZER_FILE = re.compile(r"(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab.*|merges\.txt|"
                              r".*\.model|.*\.tiktoken|chat_template.*)")
+
+
+def _file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def license_files(folder: Path) -> list[Path]:

@@ -1723,6 +1723,20 @@ def test_editing_the_passed_config_warns_once_per_edit(qwen2, caplog):
     assert "changed afterwards (lam=4.0)" in caplog.text
 
 
+def test_calibration_files_are_recorded_with_the_hash_sha256sum_prints(qwen2, tmp_path):
+    import hashlib
+
+    path = tmp_path / "reasoning.json"
+    path.write_text(json.dumps(reasoning_records(3), indent=3))
+    merger = _merger(qwen2, lam=1.0, stage2=False, sequential=False)
+    merger.merge(str(path))
+    entry = merger.sidecar()["calibration"]["reasoning"]
+    assert entry["file_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]
+    merger.merge(reasoning_records(3))  # the same records, not from a file: the records' hash alone
+    again = merger.sidecar()["calibration"]["reasoning"]
+    assert again["sha256"] == entry["sha256"] and again["file_sha256"] is None
+
+
 def test_saved_records_describe_the_merge_the_model_holds(qwen2, tmp_path, caplog, monkeypatch):
     """Config edits after a merge, later merges that read less data, and failed merges never leak into the
     sidecar or card of the model that is saved."""
