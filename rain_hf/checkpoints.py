@@ -24,9 +24,14 @@ logger = logging.getLogger(__name__)
 
 #: Files fetched from the Hub for a full model: weights, configs, tokenizer, code for ``trust_remote_code`` (copied
 #: into the merge, never run by it); never .bin/.pt/.gguf duplicates.
+def _any_case(prefix: str) -> str:
+    """A Hub file pattern (fnmatch, case-sensitive) for names starting with ``prefix`` in any case."""
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in prefix) + "*"
+
+
 MODEL_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "vocab*",
-                  "merges.txt", "README.md", "LICENSE*", "LICENCE*", "License*", "license*", "licence*", "COPYING*",
-                  "NOTICE*", "USE_POLICY*", "*.py"]
+                  "merges.txt", "README.md", "*.py",
+                  *(_any_case(word) for word in ("license", "licence", "copying", "notice", "use_policy"))]
 #: Files never fetched for a full model: Mistral-style repositories ship the whole model a second time in the
 #: native format (``consolidated.safetensors``) beside the transformers shards.
 MODEL_IGNORE_PATTERNS = ["consolidated*.safetensors"]

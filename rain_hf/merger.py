@@ -1204,6 +1204,11 @@ class RainMerger:
                                    cfg.batch_size, self._pad_id()).argmax(-1)
 
         reference, reference_choices = log_probs(), first_choices()
+        if not bool(torch.isfinite(reference.max(dim=-1).values).all()):  # -inf entries are masked tokens
+            raise CheckpointError(
+                "lam='auto': the reasoning model's own next-token probabilities at the held-out calibration samples "
+                "hold NaN or infinite values, so L_think cannot be measured: check the reasoning checkpoint, or load "
+                "it in float32 (bfloat16 or float16 activations can overflow).")
         opened = int((reference_choices == open_id).sum())
         if prefixes and opened < len(prefixes) / 2:  # a reasoning model opens it on (nearly) every prompt
             self.report.warnings.append(
@@ -1512,9 +1517,9 @@ def _card_license(folder: Path) -> dict[str, str]:
 
 
 _LICENSE_FILE = re.compile(r"(licen[cs]e|copying|notice|use_policy)([._-].*)?", re.IGNORECASE)
-# a tokenizer's own files, as transformers and sentencepiece/tiktoken tokenizers store them
+# a tokenizer's own files, as transformers and sentencepiece/tiktoken/Mistral tokenizers store them
 _TOKENIZER_FILE = re.compile(r"(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab.*|merges\.txt|"
-                             r".*\.model|.*\.tiktoken|chat_template.*)")
+                             r".*\.model|.*\.tiktoken|.*tekken.*\.json|chat_template.*)")
 
 
 def _file_sha256(path: str | os.PathLike) -> str:
@@ -1536,16 +1541,30 @@ def copy_tokenizer_files(folder: Path, out: Path, tokenizer: Any) -> None:
     ``tokenizer_config.json``, a sentencepiece ``tokenizer.model``, ``chat_template.jinja``,
     ``additional_chat_templates/`` …): saving the loaded tokenizer instead would write what this transformers
     version made of it (another class name, files dropped, keys added), which other versions may load differently.
-    A folder with none of them (the tokenizer came from elsewhere) gets ``tokenizer`` saved."""
-    files = [p for p in folder.iterdir() if p.is_file() and _TOKENIZER_FILE.fullmatch(p.name)]
-    if not files:
-        tokenizer.save_pretrained(str(out))
-        return
-    for file in files:
-        (out / file.name).write_bytes(file.read_bytes())
+    Where the copies do not load back as the same tokenizer (a file under a name not known here), ``tokenizer``
+    is saved over them instead."""
+    names = set(getattr(tokenizer, "vocab_files_names", {}).values())  # the files this tokenizer class reads
+    for file in folder.iterdir():
+        if file.is_file() and (_TOKENIZER_FILE.fullmatch(file.name) or file.name in names):
+            (out / file.name).write_bytes(file.read_bytes())
     templates = folder / "additional_chat_templates"
     if templates.is_dir():
         shutil.copytree(templates, out / templates.name, dirs_exist_ok=True)
+    if not _same_tokenizer(out, tokenizer):
+        logger.warning("The reasoning model's tokenizer files, copied, do not load back as its tokenizer: the merged "
+                       "folder gets the tokenizer as this transformers version saves it.")
+        tokenizer.save_pretrained(str(out))
+
+
+def _same_tokenizer(folder: Path, tokenizer: Any) -> bool:
+    """Whether ``folder`` loads as a tokenizer with ``tokenizer``'s vocabulary and chat template."""
+    from transformers import AutoTokenizer
+
+    try:
+        loaded = AutoTokenizer.from_pretrained(str(folder))
+    except Exception:  # noqa: BLE001 - any failure to load means the copy is not usable as it is
+        return False
+    return loaded.get_vocab() == tokenizer.get_vocab() and loaded.chat_template == tokenizer.chat_template
 
 
 def remote_code_files(folder: Path, model_config: dict) -> list[Path]:

@@ -1185,6 +1185,18 @@ def test_non_finite_weights_are_refused_with_their_model_named(qwen2, tmp_path, 
         merger.save_pretrained(tmp_path / "out")
 
 
+def test_lam_auto_refuses_a_reasoning_model_whose_own_probabilities_are_not_finite(qwen2, tmp_path):
+    reasoning = tmp_path / "reasoning"
+    shutil.copytree(qwen2["reasoning"], reasoning)
+    weights = _weights(reasoning)
+    weights["model.norm.weight"][0] = float("nan")  # not a merged tensor: the reasoning model's own forward breaks
+    save_file(weights, str(reasoning / "model.safetensors"), metadata={"format": "pt"})
+    merger = RainMerger.from_pretrained(qwen2["base"], reasoning, qwen2["instruct"],
+                                        RainMergingConfig(lam="auto", stage1=False, stage2=False))
+    with pytest.raises(CheckpointError, match="the reasoning model's own next-token probabilities .* hold NaN"):
+        merger.merge(reasoning_records(4))
+
+
 def test_a_nan_l_think_fails_the_budget_and_is_null_in_the_sidecar(qwen2, tmp_path, monkeypatch):
     import rain_hf.evaluation
 
@@ -1370,6 +1382,12 @@ def test_licence_comes_from_the_reasoning_models_card(qwen2, tmp_path):
     assert all((out / name).read_text() == name for name in ("NOTICE", "license.txt", "LICENCE.md", "USE_POLICY.md",
                                                              "COPYING"))
     assert not (out / "notes.txt").exists()
+    from fnmatch import fnmatchcase  # what huggingface_hub filters a Hub fetch with
+
+    from rain_hf.checkpoints import MODEL_PATTERNS
+
+    for name in ("NOTICE", "Notice.md", "license.txt", "LICENCE.md", "Use_Policy.md", "copying"):
+        assert any(fnmatchcase(name, pattern) for pattern in MODEL_PATTERNS), name
     # an instruct model under another licence: the merge is bound by both, so the metadata names neither
     instruct = tmp_path / "instruct"
     shutil.copytree(qwen2["instruct"], instruct)
@@ -1416,6 +1434,51 @@ def test_the_reasoning_models_tokenizer_files_are_copied_byte_for_byte(qwen2, tm
     (tmp_path / "copy").mkdir()
     copy_tokenizer_files(reasoning, tmp_path / "copy", original)
     assert (tmp_path / "copy" / "additional_chat_templates" / "tool_use.jinja").read_text() == "{{ messages }}"
+
+
+def _as_tekken(folder: Path) -> None:
+    """Store a folder's byte-level BPE tokenizer as Mistral's tekken.json instead of tokenizer.json."""
+    import base64
+
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    specials = [t["content"] for t in sorted(spec["added_tokens"], key=lambda t: t["id"])]
+    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+    vocab = sorted((i, token) for token, i in spec["model"]["vocab"].items() if token not in specials)
+    tekken = {"config": {"pattern": r"\s+|[^\s]+", "num_vocab_tokens": len(vocab), "version": "v7",
+                         "default_vocab_size": len(vocab) + len(specials),
+                         "default_num_special_tokens": len(specials)},
+              "vocab": [{"rank": k, "token_bytes": base64.b64encode(bytes(byte_of[c] for c in token)).decode(),
+                         "token_str": None} for k, (_, token) in enumerate(vocab)],
+              "special_tokens": [{"rank": k, "token_str": t, "is_control": True} for k, t in enumerate(specials)]}
+    (folder / "tekken.json").write_text(json.dumps(tekken))
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer_config.json").unlink()
+
+
+def test_a_tokenizer_under_another_name_still_reaches_the_merge(qwen2, tmp_path, monkeypatch, caplog):
+    import re
+
+    import rain_hf.merger
+
+    reasoning = tmp_path / "reasoning"
+    shutil.copytree(qwen2["reasoning"], reasoning)
+    _as_tekken(reasoning)  # transformers falls back to tekken.json where tokenizer.json is missing
+    original = AutoTokenizer.from_pretrained(reasoning)
+    merger = RainMerger.from_pretrained(qwen2["base"], reasoning, qwen2["instruct"],
+                                        RainMergingConfig(method="task_arithmetic"))
+    merger.merge()
+    out = merger.save_pretrained(tmp_path / "out")
+    assert (out / "tekken.json").read_bytes() == (reasoning / "tekken.json").read_bytes()
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == original.get_vocab()
+    # a file under a name the copy does not know: the copies do not load back, so the loaded tokenizer is saved
+    monkeypatch.setattr(rain_hf.merger, "_TOKENIZER_FILE", re.compile("chat_template.*"))
+    with caplog.at_level(logging.WARNING, logger="rain_hf.merger"):
+        out = merger.save_pretrained(tmp_path / "out2")
+    assert "do not load back as its tokenizer" in caplog.text
+    reloaded = AutoTokenizer.from_pretrained(out)
+    assert reloaded.get_vocab() == original.get_vocab() and reloaded.chat_template == original.chat_template
 
 
 def test_card_snippet_keeps_special_think_tokens_visible(qwen2, tmp_path):

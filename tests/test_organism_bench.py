@@ -232,6 +232,9 @@ def test_grid_edge_picks_are_marked_and_bad_shared_calibration_is_a_note(tmp_pat
     assert BE._edge_text(dict(record, lam=4.0)) == ""  # the data stopped it
     assert BE._edge_text(dict(record, max_kl=0.005)) == ""  # λ 5 failed (a fallback, not an edge pick)
     assert BE._edge_text(dict(record, min_think_open=1.01)) == ""
+    nan = [search[0], dict(search[1], l_think=None)]  # a NaN L_think is null in the sidecar and fails the budget
+    assert BE._edge_text(dict(record, search=nan)) == ""
+    assert BE._search_text(dict(record, search=nan)) == "4: 0.0040 [1.000], 5: NaN [1.000]"
 
     class Tokenizer:
         def encode(self, text, add_special_tokens=False):

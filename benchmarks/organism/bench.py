@@ -961,7 +961,7 @@ def _edge_text(record: dict[str, Any]) -> str:
     stopped it (a pick that passed nothing is the grid's smallest λ, and says so in the warnings)."""
     search = record.get("search") or []
     top = max(search, key=lambda s: s["lam"], default=None)
-    if top is None or record["lam"] != top["lam"] or top["l_think"] > record["max_kl"]:
+    if top is None or record["lam"] != top["lam"] or top["l_think"] is None or top["l_think"] > record["max_kl"]:
         return ""
     guard = record.get("min_think_open")
     if guard is not None and top.get("think_open") is not None and top["think_open"] < guard:
@@ -975,7 +975,7 @@ def _guard(auto: dict[str, Any]) -> str:
 
 
 def _search_text(auto: dict[str, Any]) -> str:
-    return ", ".join(f"{s['lam']:g}: {s['l_think']:.4f}"
+    return ", ".join(f"{s['lam']:g}: " + ("NaN" if s["l_think"] is None else f"{s['l_think']:.4f}")
                      + ("" if s.get("think_open") is None else f" [{s['think_open']:.3f}]")
                      for s in auto["search"] or [])
 
