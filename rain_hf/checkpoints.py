@@ -22,13 +22,13 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-#: Files fetched from the Hub for a full model: weights, configs, tokenizer, code for ``trust_remote_code`` (copied
-#: into the merge, never run by it); never .bin/.pt/.gguf duplicates.
 def _any_case(prefix: str) -> str:
     """A Hub file pattern (fnmatch, case-sensitive) for names starting with ``prefix`` in any case."""
     return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in prefix) + "*"
 
 
+#: Files fetched from the Hub for a full model: weights, configs, tokenizer, code for ``trust_remote_code`` (copied
+#: into the merge, never run by it), licence files; never .bin/.pt/.gguf duplicates.
 MODEL_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "vocab*",
                   "merges.txt", "README.md", "*.py",
                   *(_any_case(word) for word in ("license", "licence", "copying", "notice", "use_policy"))]

@@ -849,7 +849,8 @@ def task_vector_geometry(
     Σ_l⟨a_l, b_l⟩ / √(Σ_l‖a_l‖² · Σ_l‖b_l‖²). The subspace overlap of one 2-D delta pair is ‖U_aᵀU_b‖_F² / r with
     U the top-r left singular vectors, r = k or less where a delta's rank is below k (a LoRA delta; directions
     with a singular value below the delta's dtype's machine epsilon times the largest, or 1e-5 of it in float32,
-    count as rounding noise): 1 for the same subspace, ≈ r/m for random ones. The type's value is its mean over layers, leaving out pairs with a zero delta.
+    count as rounding noise): 1 for the same subspace, ≈ r/m for random ones. The type's value is its mean over
+    layers, leaving out pairs with a zero delta.
     The overall cosine uses all shared tensors. Tensors are read one at a time (a lazy mapping, such as a view of
     safetensors shards, or a callable ``name → tensor`` works) and processed in fp32 on their device.
 
