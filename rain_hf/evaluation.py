@@ -183,6 +183,23 @@ def _join_pieces(texts: Sequence[str], think_open: str, think_close: str) -> str
     return "\n".join(pieces)
 
 
+def warn_if_opened_by_prompt(generations: Sequence[str], think_open: str = "<think>", think_close: str = "</think>",
+                             prompt_ends_with_open: bool = False) -> bool:
+    """Warn (and return True) when most generations close a think block they never opened while
+    ``prompt_ends_with_open`` is False: the prompts most likely ended with ``think_open`` (an R1-Distill template),
+    and without the flag every such generation counts as a broken format, and one that never closes its thinking
+    is scored as all answer."""
+    if prompt_ends_with_open:
+        return False
+    closed_only = sum(think_close in g and think_open not in g for g in generations)
+    if closed_only * 2 <= len(generations):
+        return False
+    logger.warning("%d of %d generations close a think block they never opened: the prompts probably ended with "
+                   "%s (pass prompt_ends_with_open=True, e.g. template_opens_think(tokenizer, config)).",
+                   closed_only, len(generations), think_open)
+    return True
+
+
 def think_format_rate(
     generations: Sequence[str],
     think_open: str = "<think>",
@@ -197,6 +214,7 @@ def think_format_rate(
     """
     if not generations:
         raise ValueError("think_format_rate needs at least one generation.")
+    warn_if_opened_by_prompt(generations, think_open, think_close, prompt_ends_with_open)
     ok = sum(
         split_generation(g, think_open, think_close, prompt_ends_with_open=prompt_ends_with_open).format_ok
         for g in generations

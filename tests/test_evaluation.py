@@ -181,6 +181,18 @@ def test_split_generation_forced_template(text, answer, ok):
     assert split.answer == answer
 
 
+def test_generations_opened_by_the_prompt_are_pointed_out(caplog):
+    r1_style = ["2+3=5</think>5", "so 7</think>7", "still thinking"]  # the template wrote <think>
+    with caplog.at_level("WARNING", logger="rain_hf.evaluation"):
+        assert ev.think_format_rate(r1_style) == 0.0
+    assert "2 of 3 generations close a think block they never opened" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rain_hf.evaluation"):
+        assert ev.think_format_rate(r1_style, prompt_ends_with_open=True) == pytest.approx(2 / 3)
+        assert ev.think_format_rate(["<think>a</think>b", "a</think>b", "<think>c</think>d"]) == pytest.approx(2 / 3)
+    assert "never opened" not in caplog.text
+
+
 def test_split_generation_custom_tags_and_rate():
     split = ev.split_generation("<reason>r</reason>a", think_open="<reason>", think_close="</reason>")
     assert split == ev.ThinkSplit(thinking="r", answer="a", format_ok=True)

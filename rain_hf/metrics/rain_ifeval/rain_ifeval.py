@@ -19,7 +19,7 @@ import json
 import datasets
 import evaluate
 
-from rain_hf.evaluation import instruction_following, split_generation
+from rain_hf.evaluation import instruction_following, split_generation, warn_if_opened_by_prompt
 
 _DESCRIPTION = """
 IFEval instruction-following accuracy of generations from reasoning models. Each prediction is split into its
@@ -123,6 +123,7 @@ class RainIfeval(evaluate.Metric):
         if len(kwargs) != len(predictions):
             raise ValueError(f"{len(predictions)} predictions but {len(kwargs)} kwargs lists")
         kwargs = [[_as_kwargs(item, i, j) for j, item in enumerate(row)] for i, row in enumerate(kwargs)]
+        warn_if_opened_by_prompt(predictions, think_open, think_close, prompt_ends_with_open)
         splits = [split_generation(p, think_open, think_close, prompt_ends_with_open) for p in predictions]
         answers = [s.answer for s in splits] if split_thinking else list(predictions)
         scores = instruction_following(answers, prompts, instruction_id_list, kwargs)
