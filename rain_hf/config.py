@@ -68,8 +68,10 @@ class RainMergingConfig:
             benchmark needs 4–5) and 1.0 for the baselines.
         lam_grid: candidate λ values for ``lam="auto"``.
         lam_auto_max_kl: the largest L_think (mean KL(merged ‖ reasoning) at the thinking positions of held-out
-            reasoning calibration samples, the think-close token's own left out: it predicts the answer's first
-            token, where format instructions act) ``lam="auto"`` accepts; it picks the largest λ of the grid
+            reasoning calibration samples, the think-close token's own left out, as it predicts the answer's first
+            token, where format instructions act, and so are those whose next token the prompt supplies: the chat
+            template's tokens before the think-open token, and the think-open token itself where the template
+            writes it) ``lam="auto"`` accepts; it picks the largest λ of the grid
             within it (and the think-open guard below), or, when none is, the grid's smallest λ with a warning.
         lam_auto_holdout: share of the reasoning calibration samples held out of stage 1 to measure L_think (a
             random draw seeded with ``seed``, not the last samples, so that a file grouped by domain does not hold

@@ -1153,13 +1153,21 @@ class RainMerger:
 
     def _l_think_rows(self, heldout: list[tuple[list[int], list[int]]]) -> tuple[list[torch.Tensor], list[list[int]]]:
         """Token ids and positions where ``lam="auto"`` measures L_think: the thinking positions of each held-out
-        sample but the think-close token's own, whose next token is the answer's first. Format instructions act
-        there (capitals, quotation marks, a start phrase), so a KL taken there grows with the instruction
-        following that λ is meant to maximise, not with damage to the thinking format."""
-        close_id = self.plan.think_token_ids[1]
-        # Every position set holds the think-open anchor, so no sample is left without a position.
-        ids = [torch.tensor(sample_ids) for sample_ids, _ in heldout]
-        positions = [[p for p in sample_positions if sample_ids[p] != close_id] for sample_ids, sample_positions in heldout]
+        sample but the think-close token's own, whose next token is the answer's first, and those whose next token
+        the prompt gives (the chat template's tokens before the think-open decision, and the think-open token
+        itself where the template writes it). Format instructions act at the answer's first token (capitals,
+        quotation marks, a start phrase), so a KL taken there grows with the instruction following that λ is meant
+        to maximise, not with damage to the thinking format; and a prediction of a token the prompt supplies never
+        shapes a generation."""
+        open_id, close_id = self.plan.think_token_ids
+        # the first position the model's own output follows: the think-open decision, or after a template's <think>
+        decided = 0 if template_opens_think(self.tokenizer, self.config) else 1
+        ids, positions = [], []
+        for sample_ids, sample_positions in heldout:
+            start = len(sample_ids) - 1 - sample_ids[::-1].index(open_id) - decided if open_id in sample_ids else 0
+            ids.append(torch.tensor(sample_ids))
+            # every position set holds the think-open anchor, so no sample is left without a position
+            positions.append([p for p in sample_positions if p >= start and sample_ids[p] != close_id])
         return ids, positions
 
     def _think_open_prefixes(self, sequences: list[list[int]]) -> list[list[int]]:
@@ -1226,7 +1234,8 @@ class RainMerger:
                 # a NaN (overflowing activations) fails the budget, and is null in the sidecar: JSON has no NaN
                 search.append({"lam": float(lam), "l_think": kl if math.isfinite(kl) else None, "think_open": share})
                 search[-1]["within_budget"] = self._passes(search[-1])
-                logger.info("lam=auto: λ=%s L_think=%.4g think-open share=%s", lam, kl, share)
+                logger.info("lam=auto: λ=%s L_think=%.4g%s", lam, kl,
+                            "" if share is None else f" think-open share={share:.3f}")
                 if search[-1]["within_budget"]:
                     chosen = float(lam)
         finally:

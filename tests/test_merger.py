@@ -345,16 +345,17 @@ def test_sequential_offload_gives_the_same_merge(qwen2, tokenizer):
     assert replay.hidden[0].device == replay.store  # the cache itself stays where it is kept
 
 
-def _reference_l_think(merged, reasoning, heldout, close_id) -> float:
+def _reference_l_think(merged, reasoning, heldout, open_id, close_id) -> float:
     """Slow L_think: full forward passes, one held-out sample at a time, KL(merged ‖ reasoning) averaged over the
-    thinking positions but the think-close token's own."""
+    thinking positions but the think-close token's own and those predicting prompt tokens (a free template: from
+    the think-open decision on)."""
     kls = []
     for ids, positions in heldout:
         with torch.no_grad():
             log_m = torch.log_softmax(merged(torch.tensor([ids])).logits[0].double(), -1)
             log_r = torch.log_softmax(reasoning(torch.tensor([ids])).logits[0].double(), -1)
         kl = (log_m.exp() * (log_m - log_r)).sum(-1)
-        kls += [kl[p] for p in positions if ids[p] != close_id]
+        kls += [kl[p] for p in positions if p >= ids.index(open_id) - 1 and ids[p] != close_id]
     return float(torch.stack(kls).mean())
 
 
@@ -367,18 +368,18 @@ def test_sequential_with_lam_auto_and_stage2(qwen2, tmp_path, tokenizer):
     # each searched λ is measured on the sequential merge itself: a fixed-λ sequential merge on the six stage-1
     # samples, with the same stage 2, has the same L_think on the two held-out samples
     reasoning = AutoModelForCausalLM.from_pretrained(qwen2["reasoning"], dtype=torch.float32).eval()
-    close_id = tokenizer.convert_tokens_to_ids("</think>")
+    open_id, close_id = tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
     held = holdout_indices(8, 0.25)
     stage1_records = [r for i, r in enumerate(reasoning_records(8)) if i not in held]
     for row in merger.report.lam_search:
         fixed = _merger(qwen2, sequential=True, lam=row["lam"])
         model = fixed.merge(stage1_records, instruction_records()).eval()
         assert fixed.report.projection == "sequential"
-        expected = _reference_l_think(model, reasoning, merger.features.heldout, close_id)
+        expected = _reference_l_think(model, reasoning, merger.features.heldout, open_id, close_id)
         assert row["l_think"] == pytest.approx(expected, rel=1e-3)
     one_shot = _merger(qwen2, sequential=False, lam=32.0)
     model = one_shot.merge(stage1_records, instruction_records()).eval()
-    other = _reference_l_think(model, reasoning, merger.features.heldout, close_id)
+    other = _reference_l_think(model, reasoning, merger.features.heldout, open_id, close_id)
     assert abs(other - merger.report.lam_search[-1]["l_think"]) > 0.1 * other  # the two forms differ here
     out = merger.save_pretrained(tmp_path / "out")
     sidecar = json.loads((out / "rain_merging_config.json").read_text())
@@ -1033,32 +1034,47 @@ def test_lam_auto_picks_largest_lambda_within_think_budget(qwen2):
     assert none.report.lam == 0.5 and any("no λ of the grid" in w for w in none.report.warnings)
 
 
-def test_lam_auto_l_think_leaves_out_the_think_close_position(qwen2, tokenizer):
+@pytest.mark.parametrize("forced", [False, True])
+def test_lam_auto_l_think_leaves_out_the_think_close_and_prompt_positions(qwen2, tokenizer, tmp_path, forced):
     # The think-close token's next token is the answer's first, where format instructions act: lam="auto" must not
-    # count that change against λ. Slow reference: full forward passes of each searched λ, one sample at a time.
-    auto = _merger(qwen2, lam="auto", lam_grid=[32.0, 128.0], stage2=False, sequential=False)
+    # count that change against λ; nor predictions of tokens the prompt supplies (the template's tokens before the
+    # think-open decision, and <think> itself where the template writes it, as R1's does): they never shape a
+    # generation. Slow reference: full forward passes of each searched λ, one sample at a time.
+    reasoning_folder = qwen2["reasoning"]
+    if forced:
+        reasoning_folder = tmp_path / "reasoning"
+        shutil.copytree(qwen2["reasoning"], reasoning_folder)
+        template = reasoning_folder / "chat_template.jinja"
+        template.write_text(template.read_text().replace("<|assistant|>{% endif %}", "<|assistant|><think>{% endif %}"))
+    auto = RainMerger.from_pretrained(qwen2["base"], reasoning_folder, qwen2["instruct"],
+                                      RainMergingConfig(lam="auto", lam_grid=[32.0, 128.0], stage2=False,
+                                                        sequential=False))
     auto.merge(reasoning_records(8))
     assert auto.calibration_info["reasoning"]["num_samples"] == 8
     assert auto.calibration_info["reasoning"]["num_held_out"] == len(auto.features.heldout) == 2  # for the card
-    close_id = tokenizer.convert_tokens_to_ids("</think>")
+    card = (auto.save_pretrained(tmp_path / "out") / "README.md").read_text()
+    assert ("no think-open share is checked" in card) == forced
+    open_id, close_id = tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
     reasoning = AutoModelForCausalLM.from_pretrained(qwen2["reasoning"], dtype=torch.float32).eval()
     for row in auto.report.lam_search:
-        fixed = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
+        fixed = RainMerger.from_pretrained(qwen2["base"], reasoning_folder, qwen2["instruct"],
                                            RainMergingConfig(lam=row["lam"], stage2=False), features=auto.features)
         merged = fixed.merge().eval()
         assert any("leave 2 reasoning calibration samples out of stage 1" in w for w in fixed.report.warnings)
-        kept, with_close = [], []
+        kept, with_all = [], []
         for ids, positions in auto.features.heldout:
             assert sum(ids[p] == close_id for p in positions) == 1
+            first = ids.index(open_id) - (0 if forced else 1)  # the first prediction the model's own output follows
+            assert min(positions) < first  # the window reaches into the prompt
             with torch.no_grad():
                 log_m = torch.log_softmax(merged(torch.tensor([ids])).logits[0].double(), -1)
                 log_r = torch.log_softmax(reasoning(torch.tensor([ids])).logits[0].double(), -1)
             kl = (log_m.exp() * (log_m - log_r)).sum(-1)
-            kept += [kl[p] for p in positions if ids[p] != close_id]
-            with_close += [kl[p] for p in positions]
-        expected, other = float(torch.stack(kept).mean()), float(torch.stack(with_close).mean())
+            kept += [kl[p] for p in positions if p >= first and ids[p] != close_id]
+            with_all += [kl[p] for p in positions]
+        expected, other = float(torch.stack(kept).mean()), float(torch.stack(with_all).mean())
         assert row["l_think"] == pytest.approx(expected, rel=1e-4)
-        assert abs(other - expected) > 1e-3 * expected  # the close position would change the figure
+        assert abs(other - expected) > 1e-3 * expected  # the left-out positions would change the figure
 
 
 def test_default_lam_is_auto_and_reused_features_keep_their_heldout_samples(qwen2, tmp_path):
