@@ -940,8 +940,9 @@ def summary_lines(rows: Sequence[Row], info: dict[str, Any]) -> list[str]:
                    "on held-out calibration); "
                    f"best RAIN 1+2 λ on test prompts: {best.lam:g}" if best else
                    f"lam='auto' picked λ={auto['lam']:g}; no RAIN 1+2 λ is feasible on test prompts")
-        out.append("  auto search (λ: held-out L_think at the stage-1 positions before `</think>`[, share of the "
-                   "calibration prompts that still open `<think>`]): " + _search_text(auto))
+        out.append("  auto search (λ: held-out L_think at the stage-1 positions from the `<think>` decision to "
+                   "before `</think>`[, share of the calibration prompts that still open `<think>`]): "
+                   + _search_text(auto))
     auto_seq = info.get("auto_sequential")
     if auto_seq:
         best = best_constrained(rows).get("rain_seq_both")
