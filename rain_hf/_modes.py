@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -14,9 +15,25 @@ ONE_SEQUENCE = {"num_beams": 1, "num_return_sequences": 1, "return_dict_in_gener
 PLAIN_GREEDY = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": 0}
 
 
+def end_ids(generation_config: Any, tokenizer: Any) -> list[int]:
+    """End-of-sequence / end-of-turn ids: the generation config's eos ids, then the tokenizer's eos, once each.
+
+    Example:
+        >>> from types import SimpleNamespace as NS
+        >>> end_ids(NS(eos_token_id=[7, 2]), NS(eos_token_id=2))
+        [7, 2]
+    """
+    ids: list[int] = []
+    for eos in (getattr(generation_config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if eos is not None:
+            ids += [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
+    return list(dict.fromkeys(ids))
+
+
 @contextlib.contextmanager
-def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed torch for the block (CPU and the model's accelerator) without changing the caller's RNG state.
+def seeded(seed: int, device: torch.device, enabled: bool = True) -> Iterator[None]:
+    """Seed torch for the block (CPU and the model's accelerator) without changing the caller's RNG state;
+    ``enabled=False`` (greedy decoding, which draws nothing) leaves it alone.
 
     Example:
         >>> state = torch.get_rng_state()
@@ -27,6 +44,9 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
         >>> bool(torch.equal(a, b)), bool(torch.equal(torch.get_rng_state(), state))
         (True, True)
     """
+    if not enabled:
+        yield
+        return
     devices = [] if device.type == "cpu" else [device.index or 0]
     with torch.random.fork_rng(devices=devices, device_type=None if device.type == "cpu" else device.type):
         torch.manual_seed(seed)

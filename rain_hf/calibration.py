@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import bisect
 import codecs
-import contextlib
 import copy
 import hashlib
 import json
@@ -43,7 +42,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ._modes import ONE_SEQUENCE, PLAIN_GREEDY, seeded
+from ._modes import ONE_SEQUENCE, PLAIN_GREEDY, end_ids, seeded
 from .config import POSITION_SETS as POSITION_MODES
 from .config import ConfigError, fewest_for_holdout, holdout_count
 
@@ -1152,18 +1151,8 @@ def _generation_config(model: Any, tokenizer: Any, config: Any, pad_id: int) -> 
     for name, value in settings.items():
         setattr(gen, name, value)
     gen.pad_token_id = pad_id
-    gen.eos_token_id = sorted(_stop_ids(gen, tokenizer, None)) or None
+    gen.eos_token_id = end_ids(gen, tokenizer) or None
     return gen
-
-
-def _stop_ids(gen: Any, tokenizer: Any, pad_id: int | None) -> set[int]:
-    """EOS ids of the generation config and tokenizer, plus the tokenizer's own padding id (``None``: none)."""
-    stops = set() if pad_id is None else {pad_id}
-    for eos in (gen.eos_token_id, tokenizer.eos_token_id):
-        if eos is None:
-            continue
-        stops.update(eos if isinstance(eos, (list, tuple)) else [eos])
-    return stops
 
 
 def padding_id(tokenizer: Any) -> int:
@@ -1192,14 +1181,14 @@ def _generate_batch(records: list[dict], model: Any, tokenizer: Any, config: Any
         return results
     pad_id = padding_id(tokenizer)
     width = max(len(p) for p in prefix_ids)
-    device = getattr(model, "device", torch.device("cpu"))
+    device = _device(model)
     input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prefix_ids], device=device)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefix_ids], device=device)
     gen = _generation_config(model, tokenizer, config, pad_id)
     with torch.no_grad():
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen)
     # a stand-in pad id is an ordinary token (id 0 is "!" in Qwen's vocabulary): it must not end a generation
-    stops = _stop_ids(gen, tokenizer, tokenizer.pad_token_id)
+    stops = {*end_ids(gen, tokenizer), *([] if tokenizer.pad_token_id is None else [tokenizer.pad_token_id])}
     for row, generated in zip(rows, output[:, width:].tolist()):
         results[row]["generation"] = tokenizer.decode(generated, skip_special_tokens=False)
         try:
@@ -1238,7 +1227,7 @@ def generate_traces(records: list[dict], model: Any, tokenizer: Any, config: Any
     todo = [i for i, r in enumerate(records) if _is_prompt_only(r)]
     results = [dict(r) for r in records]
     batches = range(0, len(todo), config.batch_size)
-    with _generation_seed(model, config):
+    with seeded(config.seed, _device(model), enabled=config.do_sample):
         for start in tqdm(batches, desc="Generating calibration traces", unit="batch"):
             rows = todo[start:start + config.batch_size]
             for row, done in zip(rows, _generate_batch([records[i] for i in rows], model, tokenizer, config,
@@ -1248,12 +1237,8 @@ def generate_traces(records: list[dict], model: Any, tokenizer: Any, config: Any
     return results
 
 
-def _generation_seed(model: Any, config: Any) -> Any:
-    """Sampled generation seeded with ``config.seed`` without changing the caller's random state; greedy draws
-    nothing."""
-    if not config.do_sample:
-        return contextlib.nullcontext()
-    return seeded(config.seed, torch.device(getattr(model, "device", "cpu")))
+def _device(model: Any) -> torch.device:
+    return torch.device(getattr(model, "device", "cpu"))
 
 
 def _log_generated(records: Sequence[Mapping], kind: str, max_new_tokens: int) -> None:
@@ -1314,7 +1299,7 @@ def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limi
     failures: list[tuple[int, str]] = []
     progress = tqdm(total=len(records), desc=f"Preparing {kind} calibration", unit="sample")
     try:
-        with _generation_seed(model, config) if prompt_only else contextlib.nullcontext():
+        with seeded(config.seed, _device(model), enabled=config.do_sample and bool(prompt_only)):
             for index, record in enumerate(records):
                 if _is_prompt_only(record):
                     if index not in generated:

@@ -27,11 +27,12 @@ def _any_case(prefix: str) -> str:
     return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in prefix) + "*"
 
 
+#: How licence files start (in any case): ``LICENSE``, ``LICENCE.txt``, ``COPYING``, ``NOTICE``, ``USE_POLICY.md``.
+LICENSE_NAMES = ("license", "licence", "copying", "notice", "use_policy")
 #: Files fetched from the Hub for a full model: weights, configs, tokenizer, code for ``trust_remote_code`` (copied
 #: into the merge, never run by it), licence files; never .bin/.pt/.gguf duplicates.
 MODEL_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "vocab*",
-                  "merges.txt", "README.md", "*.py",
-                  *(_any_case(word) for word in ("license", "licence", "copying", "notice", "use_policy"))]
+                  "merges.txt", "README.md", "*.py", *(_any_case(name) for name in LICENSE_NAMES)]
 #: Files never fetched for a full model: Mistral-style repositories ship the whole model a second time in the
 #: native format (``consolidated.safetensors``) beside the transformers shards.
 MODEL_IGNORE_PATTERNS = ["consolidated*.safetensors"]

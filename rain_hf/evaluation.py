@@ -21,7 +21,6 @@ The same instruction-following score is available as an ``evaluate`` metric modu
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import math
@@ -39,7 +38,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rain_hf._modes import ONE_SEQUENCE, PLAIN_GREEDY, seeded
+from rain_hf._modes import ONE_SEQUENCE, PLAIN_GREEDY, end_ids, seeded
 from rain_hf._modes import eval_mode as _eval_mode
 
 logger = logging.getLogger(__name__)
@@ -996,21 +995,6 @@ def render_prompts(
     return texts
 
 
-def _as_id_list(value: Any) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, int):
-        return [value]
-    return [int(v) for v in value]
-
-
-def _stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """End-of-sequence / end-of-turn ids: the model's generation_config eos ids, then the tokenizer's eos."""
-    ids = _as_id_list(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
-    ids += _as_id_list(getattr(tokenizer, "eos_token_id", None))
-    return list(dict.fromkeys(ids))
-
-
 def _completion_ids(ids: Sequence[int], stop_ids: Iterable[int], pad_token_id: int | None) -> list[int]:
     """Cut a generated id sequence at its first stop token, and drop trailing padding.
 
@@ -1079,7 +1063,7 @@ def generate(
     )
     if not texts:
         return []
-    stop_ids = _stop_token_ids(model, tokenizer)
+    stop_ids = end_ids(getattr(model, "generation_config", None), tokenizer)
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids[0] if stop_ids else None)
     )
@@ -1106,7 +1090,7 @@ def generate(
     device = _model_device(model)
     results: list[str] = [""] * len(texts)
     progress = tqdm(total=len(texts), desc=desc, unit="prompt", leave=False)
-    seeding = seeded(seed, device) if do_sample else contextlib.nullcontext()
+    seeding = seeded(seed, device, enabled=do_sample)
     with torch.no_grad(), _eval_mode(model), seeding:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]

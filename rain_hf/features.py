@@ -557,7 +557,7 @@ def capture_think_features(
             "token reaches them (an unrouted expert). Leave them out with target_modules (a list of the other "
             "modules' names, or a regular expression), or add calibration samples that reach them.")
     svd_device = svd_device or device
-    biased = {recorder.module_group[t.name] for t in targets if t.has_bias and t.name in recorder.module_group}
+    biased = {recorder.module_group[t.name] for t in targets if t.has_bias}  # every target ran (checked above)
     bases = {}
     for group, chunks in tqdm(recorder.rows.items(), desc="stage 1: feature SVD", unit="group"):
         bases[group] = _rows_svd(chunks, config, svd_device, bias_column=group in biased, where=group)

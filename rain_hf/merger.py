@@ -39,6 +39,7 @@ from .calibration import (
 from .card import PRECOMPUTED_FEATURES_SOURCE, write_model_card
 from .checkpoints import (
     ADAPTER_PATTERNS,
+    LICENSE_NAMES,
     CheckpointError,
     LazyCheckpoint,
     ModelSource,
@@ -1164,7 +1165,8 @@ class RainMerger:
         decided = 0 if template_opens_think(self.tokenizer, self.config) else 1
         ids, positions = [], []
         for sample_ids, sample_positions in heldout:
-            start = len(sample_ids) - 1 - sample_ids[::-1].index(open_id) - decided if open_id in sample_ids else 0
+            opened = _think_open_at(sample_ids, open_id)
+            start = 0 if opened is None else opened - decided
             ids.append(torch.tensor(sample_ids))
             # every position set holds the think-open anchor, so no sample is left without a position
             positions.append([p for p in sample_positions if p >= start and sample_ids[p] != close_id])
@@ -1180,9 +1182,8 @@ class RainMerger:
                         "checked.")
             return []
         open_id = self.plan.think_token_ids[0]
-        # The last think-open token opens the block: a prompt may quote the token, the thinking and answer may not.
-        starts = [len(ids) - 1 - ids[::-1].index(open_id) if open_id in ids else 0 for ids in sequences]
-        return [ids[:start] for ids, start in zip(sequences, starts) if start > 0]
+        starts = [_think_open_at(ids, open_id) for ids in sequences]
+        return [ids[:start] for ids, start in zip(sequences, starts) if start]
 
     def _choose_lambda(self, alpha: torch.Tensor | None, heldout: list[tuple[list[int], list[int]]],
                        instruction_ids: Sequence[list[int]] = ()) -> float:
@@ -1525,10 +1526,16 @@ def _card_license(folder: Path) -> dict[str, str]:
     return {key: str(data[key]) for key in ("license", "license_name", "license_link") if data.get(key)}
 
 
-_LICENSE_FILE = re.compile(r"(licen[cs]e|copying|notice|use_policy)([._-].*)?", re.IGNORECASE)
+_LICENSE_FILE = re.compile(rf"({'|'.join(LICENSE_NAMES)})([._-].*)?", re.IGNORECASE)
 # a tokenizer's own files, as transformers and sentencepiece/tiktoken/Mistral tokenizers store them
 _TOKENIZER_FILE = re.compile(r"(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab.*|merges\.txt|"
                              r".*\.model|.*\.tiktoken|.*tekken.*\.json|chat_template.*)")
+
+
+def _think_open_at(ids: Sequence[int], open_id: int) -> int | None:
+    """Index of the think-open token that opens the block: the last one (a prompt may quote the token, the
+    thinking and answer may not); ``None`` without one."""
+    return len(ids) - 1 - list(ids)[::-1].index(open_id) if open_id in ids else None
 
 
 def _file_sha256(path: str | os.PathLike) -> str:

@@ -17,6 +17,7 @@ from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from rain_hf import evaluation as ev
+from rain_hf._modes import end_ids
 from rain_hf._punkt import PUNKT_BUILD_VERSION, build_punkt_parameters
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -778,7 +779,7 @@ def test_greedy_generate_is_the_argmax_whatever_the_generation_config(tokenizer)
         penalised.lm_head.weight.mul_(5)
     text = ev.render_prompts(tokenizer, PROMPTS[:1])[0]
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    stops, out = ev._stop_token_ids(penalised, tokenizer), []
+    stops, out = end_ids(penalised.generation_config, tokenizer), []
     with torch.no_grad():
         for _ in range(8):
             token = int(penalised(torch.tensor([ids + out])).logits[0, -1].argmax())
