@@ -58,9 +58,10 @@ def head_coefficients(
     """Coefficients α [L, H] from alignment a [L, H] and leakage u [L, H].
 
     ``normalize="mean"`` divides the scores by their mean over all heads before the clip (raw attention masses
-    are ≪ 1, so the literal form would clip nearly everything to the lower bound); ``"none"`` is the paper's
-    literal α = clip(g / H̃, lo, hi). Heads without a measurement (NaN: a sliding-window layer that never saw the
-    instruction) get α = 1, stage 1 alone, and stay out of the mean.
+    are ≪ 1, so the literal form gives every α about the size of an attention mass, ≈ 0.05: λ about 20 times
+    smaller); ``"none"`` is the paper's literal α = clip(g / H̃, lo, hi). Heads without a measurement (NaN: a
+    sliding-window layer that never saw the instruction) get α = 1, stage 1 alone, and stay out of the mean; so
+    does every head when the mean score is not positive (nothing to rank by), whatever the box.
 
     Example:
         >>> a, u = torch.tensor([[0.1, 0.3], [0.2, 0.6]]), torch.zeros(2, 2)
@@ -73,9 +74,8 @@ def head_coefficients(
     if normalize == "mean":
         mean = scores[~unmeasured].mean()
         if not torch.isfinite(mean) or mean <= 0:
-            scores = torch.ones_like(scores)  # coefficient_warning says so
-        else:
-            scores = scores / mean
+            return torch.ones_like(scores, dtype=torch.float32)  # coefficient_warning says so
+        scores = scores / mean
     elif normalize != "none":
         raise ValueError(f"normalize={normalize!r} is not 'mean' or 'none'")
     return scores.clamp(lo, hi).masked_fill(unmeasured, 1.0).float()

@@ -30,8 +30,8 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path, PureWindowsPath
 
 import torch
@@ -97,7 +97,8 @@ class _Factor:
         module: the base model's module name, e.g. ``"model.layers.0.self_attn.q_proj"``.
         key_a / key_b: the adapter tensors ``lora_A`` ``[r, in]`` and ``lora_B`` ``[out, r]``.
         rank, alpha, scaling: the resolved ``r``, ``lora_alpha`` and ``alpha / r`` (or ``alpha / sqrt(r)``).
-        shape: ΔW's shape in the base weight's layout (``[out, in]``, or ``[in, out]`` with fan_in_fan_out).
+        out_in: ``(out, in)`` from the factors' shapes.
+        transposed: whether the base weight is stored ``[in, out]`` (a GPT-2 style ``Conv1D``).
     """
 
     module: str
@@ -106,7 +107,13 @@ class _Factor:
     rank: int
     alpha: float
     scaling: float
-    shape: tuple[int, int]
+    out_in: tuple[int, int]
+    transposed: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """ΔW's shape in the base weight's layout: ``[out, in]``, or ``[in, out]`` when transposed."""
+        return (self.out_in[1], self.out_in[0]) if self.transposed else self.out_in
 
 
 def resolve_pattern(patterns: Mapping[str, object] | None, module: str) -> object | None:
@@ -438,10 +445,8 @@ class LoraDelta:
                                f"its config (r / rank_pattern) gives r={rank}, so its scaling is unknown. {fix}")
         if "alpha_pattern" in clash:
             self._ambiguous_alpha.append(f"{module} ({clash['alpha_pattern']})")
-        out_in = (shape_b[0], shape_a[1])
-        shape = (out_in[1], out_in[0]) if self._fan_in_fan_out else out_in
         scaling = lora_scaling(rank, alpha, bool(self.config.get("use_rslora", False)))
-        return _Factor(module, key_a, key_b, rank, alpha, scaling, shape)
+        return _Factor(module, key_a, key_b, rank, alpha, scaling, (shape_b[0], shape_a[1]), self._fan_in_fan_out)
 
     def weight_keys(self) -> list[str]:
         """Base-model weight names that have a delta, e.g. ``"model.layers.0.self_attn.q_proj.weight"``: LoRA
@@ -481,7 +486,7 @@ class LoraDelta:
         entry = self._factors[weight_key]
         a = self._tensors.get(entry.key_a).to(device=device, dtype=torch.float32)  # [r, in]
         b = self._tensors.get(entry.key_b).to(device=device, dtype=torch.float32)  # [out, r]
-        if self._fan_in_fan_out:
+        if entry.transposed:
             return a.T.contiguous() * entry.scaling, b.T.contiguous()  # [in, r], [r, out]
         return b * entry.scaling, a
 
@@ -519,6 +524,7 @@ class LoraDelta:
         base_model_id: str | None,
         base_name: str,
         base_revision: str | None = None,
+        conv1d_modules: Collection[str] | None = None,
     ) -> list[str]:
         """Check that the adapter belongs to this base model; return warnings about what will be ignored.
 
@@ -528,6 +534,11 @@ class LoraDelta:
             base_name: the base model's local folder (or its name), used for messages and for comparing a recorded
                 local path (two existing folders are compared by their weights' fingerprints).
             base_revision: the base model's Hub commit, if known (compared with the adapter's recorded one).
+            conv1d_modules: names of the base model's GPT-2 style ``Conv1D`` modules (weights stored
+                ``[in, out]``), if known. peft transposes ΔW per module by this and rewrites the saved
+                ``fan_in_fan_out`` at each one, so an adapter on ``Conv1D`` layers and ``lm_head`` is saved with
+                ``false``. Without it, a module whose base weight is not square is read in the layout its shape
+                shows, and a square one by ``fan_in_fan_out``.
 
         Raises:
             AdapterError: an adapted module the base does not have, or a ΔW shape that differs from the base
@@ -536,6 +547,7 @@ class LoraDelta:
                 same weights.
         """
         base_label = base_model_id or base_name
+        self._set_layouts(base_shapes, conv1d_modules)
         missing = [key for key in self._factors if key not in base_shapes]
         if missing and all(f"model.{key}" in base_shapes for key in missing):
             raise AdapterError(f"The instruct adapter {self._name} adapts modules without the 'model.' prefix the "
@@ -590,6 +602,18 @@ class LoraDelta:
         else:
             warnings.append(f"Adapter {self._name} does not record its base model; only tensor shapes were checked.")
         return warnings  # the caller logs them (RainMerger.plan logs every plan warning once)
+
+    def _set_layouts(self, base_shapes: Mapping[str, tuple[int, ...]], conv1d: Collection[str] | None) -> None:
+        # the saved fan_in_fan_out is whatever peft set at the last adapted module, so it is a default only
+        for key, entry in self._factors.items():
+            if conv1d is not None:
+                transposed = entry.module in conv1d
+            elif tuple(base_shapes.get(key, ())) in (entry.out_in, entry.out_in[::-1]):
+                transposed = entry.transposed if entry.out_in[0] == entry.out_in[1] else (
+                    tuple(base_shapes[key]) != entry.out_in)
+            else:
+                transposed = self._fan_in_fan_out  # a shape that fits neither way: the mismatch check names it
+            self._factors[key] = replace(entry, transposed=transposed)
 
 
 def _looks_like_path(text: str) -> bool:

@@ -525,8 +525,9 @@ class RainMerger:
             instruct = LoraDelta.from_pretrained(sources["instruct"].path)
             instruct.source = sources["instruct"]
             base_shapes = {k: base.shape(k) for k in base.keys()}
+            conv1d = {name for name, module in skeleton.named_modules() if type(module).__name__ == "Conv1D"}
             warnings += instruct.validate(base_shapes, sources["base"].hub_id, str(sources["base"].path),
-                                          sources["base"].revision)
+                                          sources["base"].revision, conv1d_modules=conv1d)
             beside = [p.name for p in sources["instruct"].path.glob("*.safetensors")
                       if not p.name.startswith("adapter_model")]
             if beside and (sources["instruct"].path / "config.json").is_file():

@@ -75,9 +75,9 @@ def project_ridge(delta: torch.Tensor, v: torch.Tensor, s: torch.Tensor, ridge: 
     _check_finite(s)
     if s.numel() == 0 or float(s[0]) == 0.0:  # H = 0 constrains nothing (and ε = 0 would give 0/0)
         return delta.clone()
-    s2 = s.to(delta.dtype) ** 2
-    eps = ridge * s2[0]
-    weights = s2 / (s2 + eps)
+    # the shrink weights in s's precision: s² overflows (or underflows) in float16 when s_max > 256
+    s2 = s.double() ** 2
+    weights = (s2 / (s2 + ridge * s2[0])).to(delta.dtype)
     vv = v.to(delta.dtype)
     return delta - ((delta @ vv) * weights) @ vv.transpose(0, 1)
 

@@ -172,6 +172,26 @@ def test_gpt2_conv1d_fan_in_fan_out(bases, tmp_path):
     _assert_matches(lora, reference, bases["gpt2"])
 
 
+def test_gpt2_conv1d_with_lm_head_is_read_per_module(bases, tmp_path):
+    # peft rewrites the saved fan_in_fan_out at every module: Conv1D layers, then the nn.Linear lm_head, leave false
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=r".*(attn\.c_attn|attn\.c_proj)|lm_head")
+    reference = make_adapter(bases["gpt2"], tmp_path / "ad", config)
+    conv = [k for k in reference if ".attn." in k]
+    assert len(conv) == 4
+    shapes = _base_shapes(bases["gpt2"])
+    lora = LoraDelta.from_pretrained(tmp_path / "ad")
+    assert lora.config["fan_in_fan_out"] is False
+    conv1d = {k.removesuffix(".weight") for k in shapes if ".attn.c_" in k and k.endswith(".weight")}
+    lora.validate(shapes, None, str(bases["gpt2"]), conv1d_modules=conv1d)
+    for key in conv:
+        torch.testing.assert_close(lora.delta(key), reference[key], rtol=1e-5, atol=1e-7)
+    # without the module types, the non-square c_attn [32, 96] is read in the layout its base weight shows
+    lora = LoraDelta.from_pretrained(tmp_path / "ad")
+    lora.validate(shapes, None, str(bases["gpt2"]))
+    torch.testing.assert_close(lora.delta("transformer.h.0.attn.c_attn.weight"),
+                               reference["transformer.h.0.attn.c_attn.weight"], rtol=1e-5, atol=1e-7)
+
+
 def test_ignored_parts_are_warned(bases, tmp_path):
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens", "lm_head"],
                         modules_to_save=["norm"], bias="all")

@@ -51,6 +51,18 @@ def test_ridge_matches_closed_form():
     assert torch.allclose(project_ridge(dw, v, s, 0.05), reference, atol=1e-10)
 
 
+@pytest.mark.parametrize("scale", [1e-4, 1e3], ids=["tiny", "large"])
+def test_ridge_of_a_half_precision_delta_stays_finite(scale):
+    # s² of features this size leaves float16's range (it overflows past 256, underflows below ~1e-4)
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(6, 9, generator=g) * scale
+    dw = torch.randn(3, 9, generator=g)
+    v, s = feature_svd(h, torch.float32)
+    got = project_ridge(dw.half(), v, s, 0.05)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), project_ridge(dw, v, s, 0.05), rtol=1e-2, atol=1e-2)
+
+
 def test_bias_column_projection_protects_affine_outputs():
     g = torch.Generator().manual_seed(2)
     h = torch.randn(4, 8, generator=g, dtype=torch.float64)
@@ -125,6 +137,8 @@ def test_coefficient_warning_names_a_stage_2_that_cannot_rank_heads():
     ones = head_coefficients(a, leaky, 0.5, "mean", 0.0, 2.0)
     assert torch.equal(ones, torch.ones(2, 2))
     assert "non-positive mean" in coefficient_warning(a, leaky, 0.5, "mean", ones, 0.0, 2.0)
+    for lo, hi in ((0.0, 0.5), (1.2, 3.0)):  # a box without 1 in it does not clip the fallback, as the warning says
+        assert torch.equal(head_coefficients(a, leaky, 0.5, "mean", lo, hi), torch.ones(2, 2))
     # a mean near 0 against a wide spread: every α lands on a bound
     a2, u2 = torch.tensor([[0.10, 0.10, 0.12, 0.08]]), torch.tensor([[0.19, 0.21, 0.22, 0.17]])
     saturated = head_coefficients(a2, u2, 0.5, "mean", 0.0, 2.0)
