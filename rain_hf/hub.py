@@ -4,8 +4,8 @@
 file of the output folder — weights, index, config, tokenizer, chat template, generation config, ``README.md``
 (the model card), heatmap and sidecar — in **one** ``create_commit``. Each file is passed to the Hub client as a
 path, so large shards are hashed and uploaded in chunks, never read whole into memory. The same commit deletes
-the weights, tokenizer, chat template and generation config files (and heatmap) an earlier upload left at the
-top of the repository that this folder does not have:
+the weights, tokenizer, chat templates and generation config files (and heatmap) an earlier upload left in the
+repository that this folder does not have:
 transformers reads ``model.safetensors`` before ``model.safetensors.index.json``, so an old single-file merge
 would otherwise shadow a new sharded one. Any failure from the
 Hub (authentication, a missing or wrongly typed repository, a bad revision, network errors) is raised as
@@ -45,16 +45,18 @@ __all__ = ["DEFAULT_COMMIT_MESSAGE", "HubError", "check_push_target", "push_fold
 DEFAULT_COMMIT_MESSAGE = "Upload merged model (rain_hf)"
 _OTHER_REPO_TYPES = {"datasets": "dataset", "spaces": "Space", "kernels": "kernel", "buckets": "bucket"}
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
-#: Top-level files of an earlier upload that a new upload replaces (deleted when the folder lacks them): the
-#: names transformers loads a model's weights, tokenizer, chat template and generation config from (an old
-#: special_tokens_map.json or added_tokens.json would change the new tokenizer's special tokens), and the stage-2
-#: heatmap of a merge that had stage 2. Other files (a Trainer's optimizer.pt, an adapter) are left alone.
+_TEMPLATES_FOLDER = "additional_chat_templates"  # transformers reads every .jinja there as a named chat template
+#: Files of an earlier upload that a new upload replaces (deleted when the folder lacks them): the names
+#: transformers loads a model's weights, tokenizer, chat templates and generation config from (an old
+#: special_tokens_map.json or added_tokens.json would change the new tokenizer's special tokens, an old
+#: additional_chat_templates/*.jinja would add a named template to it), and the stage-2 heatmap of a merge that had
+#: stage 2. Other files (a Trainer's optimizer.pt, an adapter) are left alone.
 REPLACED_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
                      "pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json",
                      "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                      "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
                      "chat_template.jinja", "chat_template.json", "generation_config.json",
-                     "rain_merging_heatmap.png")
+                     "rain_merging_heatmap.png", f"{_TEMPLATES_FOLDER}/*.jinja")
 
 
 class HubError(RuntimeError):
@@ -100,9 +102,9 @@ def push_folder(
         commit_description: the commit's longer description (or the pull request's, with ``create_pr``).
         create_pr: open a pull request with the commit instead of committing to the branch.
 
-    The commit also deletes top-level files matching :data:`REPLACED_PATTERNS` that the branch holds and
-    ``folder`` does not (the weight, tokenizer, chat-template and generation-config files and heatmap of an earlier
-    upload), so the repository holds one model.
+    The commit also deletes files matching :data:`REPLACED_PATTERNS` that the branch holds and ``folder`` does
+    not (the weight, tokenizer, chat-template and generation-config files and heatmap of an earlier upload), so
+    the repository holds one model.
 
     A model card written by rain_hf whose usage snippet loads another model id (a folder saved without
     ``model_id=``, e.g. ``rain-merge`` without ``--push-to-hub``) is uploaded with the snippet loading the pushed
@@ -287,14 +289,20 @@ def _card_for_target(folder: Path, names: set[str], repo_id: str, revision: str 
 
 
 def _is_replaced(name: str) -> bool:
-    return "/" not in name and any(fnmatch.fnmatchcase(name, pattern) for pattern in REPLACED_PATTERNS)
+    # fnmatch's * crosses "/": a pattern names files in a folder only when it names the folder
+    return any(fnmatch.fnmatchcase(name, pattern) and name.count("/") == pattern.count("/")
+               for pattern in REPLACED_PATTERNS)
 
 
 def _replaced_files(api: HfApi, repo_id: str, revision: str | None, uploading: set[str]) -> tuple[list[str], bool]:
-    """Top-level files of the branch that :data:`REPLACED_PATTERNS` names and the upload lacks, and whether the
-    branch holds an ``adapter_config.json`` the upload does not replace."""
-    remote = [entry.path for entry in api.list_repo_tree(repo_id, revision=revision, repo_type="model")
-              if isinstance(entry, RepoFile)]
+    """Files of the branch that :data:`REPLACED_PATTERNS` names and the upload lacks, and whether the branch
+    holds an ``adapter_config.json`` the upload does not replace."""
+    top = list(api.list_repo_tree(repo_id, revision=revision, repo_type="model"))
+    remote = [entry.path for entry in top if isinstance(entry, RepoFile)]
+    if any(entry.path == _TEMPLATES_FOLDER and not isinstance(entry, RepoFile) for entry in top):
+        remote += [entry.path for entry in api.list_repo_tree(repo_id, path_in_repo=_TEMPLATES_FOLDER,
+                                                               revision=revision, repo_type="model")
+                   if isinstance(entry, RepoFile)]
     stale = sorted(name for name in remote if _is_replaced(name) and name not in uploading)
     return stale, "adapter_config.json" in remote and "adapter_config.json" not in uploading
 

@@ -69,7 +69,7 @@ class FakeHub(httpx2.BaseTransport):
         ("branch", "POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/branch/(?P<branch>[^/]+)"),
         ("preupload", "POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/preupload/(?P<rev>[^/]+)"),
         ("commit", "POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/commit/(?P<rev>[^/]+)"),
-        ("tree", "GET", r"/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)"),
+        ("tree", "GET", r"/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(/(?P<folder>.+))?"),
         ("repo_info", "GET", r"/api/models/(?P<repo>[^/]+/[^/]+)(/revision/.*)?"),
         ("lfs_batch", "POST", r"/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch"),
         ("lfs_verify", "POST", r"/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/verify"),
@@ -132,10 +132,13 @@ class FakeHub(httpx2.BaseTransport):
         tree = self.trees.get((match["repo"], unquote(match["rev"])))
         if tree is None:
             return self._error(404, request)
+        prefix = f"{unquote(match['folder'])}/" if match["folder"] else ""
         entries, folders = [], set()
         for path, entry in sorted(tree.items()):
-            if "/" in path:
-                folders.add(path.split("/", 1)[0])
+            if not path.startswith(prefix):
+                continue
+            if "/" in path[len(prefix):]:
+                folders.add(prefix + path[len(prefix):].split("/", 1)[0])
             else:
                 size = entry["size"] if entry["mode"] == "lfs" else len(entry["content"])
                 entries.append({"type": "file", "path": path, "size": size, "oid": "1" * 40})
@@ -438,13 +441,16 @@ def test_a_new_upload_deletes_the_weights_it_replaces(hub, merged, tmp_path, cap
     (old / "original").mkdir(parents=True)
     kept = {"notes.md", "original/model.safetensors", "optimizer.pt", "training_args.bin", "adapter_model.safetensors",
             "adapter_config.json"}  # not a model's weights: left alone
+    (old / "additional_chat_templates").mkdir()
     for name in ("model.safetensors", "rain_merging_heatmap.png", "config.json", "special_tokens_map.json",
-                 "added_tokens.json", *kept):  # an old tokenizer's special tokens would change the new one's
+                 "added_tokens.json", "additional_chat_templates/tool_use.jinja",
+                 *kept):  # an old tokenizer's special tokens (or named templates) would change the new one's
         (old / name).write_bytes(b"an earlier merge: " + name.encode())
     push_folder(old, "me/r1-rain", token=TOKEN)
     (merged / "rain_merging_heatmap.png").unlink()  # the new merge ran without stage 2
     push_folder(merged, "me/r1-rain", token=TOKEN, create_pr=True)
-    replaced = ["added_tokens.json", "model.safetensors", "rain_merging_heatmap.png", "special_tokens_map.json"]
+    replaced = ["added_tokens.json", "additional_chat_templates/tool_use.jinja", "model.safetensors",
+                "rain_merging_heatmap.png", "special_tokens_map.json"]
     assert hub.commits[-1]["deleted"] == replaced
     assert "model.safetensors" in hub.trees[("me/r1-rain", "main")]  # a pull request leaves main as it was
     with caplog.at_level("WARNING", logger="rain_hf.hub"):
