@@ -1421,7 +1421,8 @@ class RainMerger:
                 json.dump(info, f, indent=2)
                 f.write("\n")
             write_model_card(tmp, info, template_path=card_template, eval_results=eval_results,
-                             model_id=model_id or str(save_directory), model_revision=model_revision)
+                             model_id=model_id or str(Path(save_directory).expanduser()),
+                             model_revision=model_revision)
             writer = ShardedSafetensorsWriter(tmp, specs, shard_size)
             try:
                 for spec in tqdm(writer._order, desc="save", unit="tensor"):

@@ -158,6 +158,14 @@ def test_body_has_method_config_calibration_and_usage(tmp_path):
         assert said in " ".join(build_model_card(ablation).text.split())
 
 
+@pytest.mark.parametrize("model_id", [r"C:\Users\me\merged", 'out/the "final" merge', "me/merged"])
+def test_usage_snippet_is_python_that_names_the_model(model_id):
+    code = build_model_card(_info(), model_id=model_id, model_revision="dev").text.split("```python\n")[1]
+    names = {}
+    exec(code.split("tokenizer = ")[0], names)  # the lines up to the load: model_id and revision
+    assert names["model_id"] == model_id and names["revision"] == "dev"
+
+
 def test_usage_snippet_revision():
     assert 'revision = "dev"' in build_model_card(_info(), model_id="me/m", model_revision="dev").text
     for revision in (None, "main", "refs/pr/3"):  # a pull request's ref is not where the model stays

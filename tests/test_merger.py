@@ -664,11 +664,13 @@ def test_crash_during_save_leaves_no_output(qwen2, tmp_path, monkeypatch):
     assert [p for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
 
-def test_sharded_output_reloads(qwen2, tmp_path):
+def test_sharded_output_reloads(qwen2, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # the card's usage snippet loads the folder, ~ expanded
     merger = _merger(qwen2, lam=1.0, stage1=False, stage2=False)
     merger.merge()
-    out = merger.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    out = merger.save_pretrained("~/sharded", max_shard_size="40KB")
     assert (out / "model.safetensors.index.json").is_file()
+    assert f"model_id = {json.dumps(str(out))}" in (out / "README.md").read_text(encoding="utf-8")
     model = AutoModelForCausalLM.from_pretrained(out)
     for k, v in model.named_parameters():
         assert torch.equal(v, merger.model.get_parameter(k)), k
