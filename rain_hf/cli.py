@@ -642,17 +642,20 @@ def _dry_run_calibration(job: MergeJob, tokenizer: Any, config_path: str) -> lis
 
 def _check_load_dtype(job: MergeJob, plan: Any, reasoning: Any, config_path: str) -> None:
     """``dtype:`` narrower than the weights the merge saves, found before the load (and in a dry run)."""
-    if job.dtype == "auto":
-        return
-    from .merger import _DTYPES, load_dtype_problem
+    from .merger import _DTYPES, auto_load_dtype, load_dtype_problem
 
-    found = load_dtype_problem(plan, reasoning, _DTYPES[job.dtype])
+    auto = auto_load_dtype(plan, reasoning)
+    if job.dtype == "auto" and auto is None:
+        return  # the load's own check says it, once the dtype is known
+    loaded = auto[0] if job.dtype == "auto" else _DTYPES[job.dtype]
+    found = load_dtype_problem(plan, reasoning, loaded)
     if found:
-        name = str(found[0]).replace("torch.", "")
-        raise CliError(f"{config_path}: dtype: {job.dtype} cannot hold the merged weights, which are saved as "
-                       f"{name} ({'parameters.output_dtype' if job.config.output_dtype else 'as stored'}): use "
-                       f"dtype: {name} (or auto), or set parameters.output_dtype: {job.dtype} to save in "
-                       f"{job.dtype}.")
+        name, short = str(found[0]).replace("torch.", ""), str(loaded).replace("torch.", "")
+        how = f"dtype: auto loads the model as {short} ({auto[1]})" if job.dtype == "auto" else f"dtype: {short}"
+        or_auto = " (or auto)" if job.dtype != "auto" and auto and auto[0] == found[0] else ""
+        raise CliError(f"{config_path}: {how}, which cannot hold the merged weights, saved as {name} "
+                       f"({'parameters.output_dtype' if job.config.output_dtype else 'as stored'}): use dtype: "
+                       f"{name}{or_auto}, or set parameters.output_dtype: {short} to save in {short}.")
 
 
 def _check_out_models(out: Path, plan: Any) -> None:

@@ -281,6 +281,23 @@ def load_dtype_problem(plan: MergePlan, reasoning: LazyCheckpoint,
     return None
 
 
+def auto_load_dtype(plan: MergePlan, reasoning: LazyCheckpoint) -> tuple[torch.dtype, str] | None:
+    """(dtype, where from) that transformers' ``dtype="auto"`` loads the reasoning model in: its config.json's
+    ``dtype`` (or ``torch_dtype``), else the dtype its floating-point weights are stored in; None when that cannot
+    be told before the load (weights stored in several float dtypes)."""
+    try:
+        stored_config = json.loads((Path(plan.sources["reasoning"].path) / "config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        stored_config = {}
+    for key in ("dtype", "torch_dtype"):
+        named = stored_config.get(key)
+        if isinstance(named, str) and named in _DTYPES:
+            return _DTYPES[named], f"its config.json's {key}"
+    stored = {reasoning.dtype(k) for k in reasoning.keys()
+              if reasoning.readable(k) and reasoning.dtype(k).is_floating_point}
+    return (stored.pop(), "the dtype its weights are stored in") if len(stored) == 1 else None
+
+
 def input_folder_in(target: str | os.PathLike, sources: Mapping[str, ModelSource | str | os.PathLike]
                     ) -> tuple[str, Path] | None:
     """(role, folder) of an input (a resolved source, or a folder path) that ``target`` is, or holds: writing the
@@ -694,10 +711,12 @@ class RainMerger:
             dtype = _DTYPES[dtype]
         check_device(device)
         plan, tokenizer, reasoning, base, instruct = parts
-        if dtype != "auto":  # before the load, which takes minutes on a large model
-            found = load_dtype_problem(plan, reasoning, dtype)
-            if found:
-                raise ConfigError(found[1])
+        # before the load, which takes minutes on a large model
+        auto = auto_load_dtype(plan, reasoning) if dtype == "auto" else None
+        found = load_dtype_problem(plan, reasoning, auto[0] if auto else dtype) if dtype != "auto" or auto else None
+        if found:
+            raise ConfigError(found[1] if auto is None else f"{found[1]} (torch_dtype='auto' loads it as "
+                              f"{str(auto[0]).replace('torch.', '')}: {auto[1]}.)")
         kwargs: dict[str, Any] = {"dtype": dtype}
         if device_map is not None:
             kwargs["device_map"] = device_map

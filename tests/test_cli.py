@@ -312,6 +312,24 @@ def _job_file(root: Path, tmp_path: Path, **extra) -> Path:
     return _write(root, job, name=f"{tmp_path.name}.yaml")
 
 
+def test_dtype_auto_that_loads_narrower_is_refused_before_the_load(triple, tmp_path, capsys, monkeypatch):
+    # float32 weights whose config.json says bfloat16 (common on the Hub): transformers' auto loads bfloat16
+    root, paths = triple
+    narrow = root / f"{tmp_path.name}-reasoning"
+    shutil.copytree(paths["reasoning"], narrow)
+    stored = json.loads((narrow / "config.json").read_text())
+    (narrow / "config.json").write_text(json.dumps({**stored, "dtype": "bfloat16"}))
+    config = _job_file(root, tmp_path, reasoning_model=narrow.name)
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained",
+                        lambda *a, **k: pytest.fail("loaded before the dtype check"))
+    for dry in ([], ["--dry-run"]):
+        assert main([str(config), "--out", str(tmp_path / "o"), *dry]) == 2
+        assert re.search(r"dtype: auto loads the model as bfloat16 \(its config.json's dtype\), which cannot hold "
+                         r"the merged weights, saved as float32 \(as stored\): use dtype: float32, or set "
+                         r"parameters.output_dtype: bfloat16", _one_error_line(capsys.readouterr().err)), dry
+    assert not (tmp_path / "o").exists()
+
+
 def test_overwrite_replaces_only_an_earlier_output(triple, tmp_path, capsys, monkeypatch):
     root, _ = triple
     config = _job_file(root, tmp_path, method="task_arithmetic")
@@ -467,8 +485,8 @@ def test_problems_found_before_any_weight_is_loaded(triple, tmp_path, capsys, mo
          r"No reasoning calibration record has a prompt: the first one \(.*keys.json record 0\) has keys "
          r"\['answer', 'question'\]"),
         (dict(dtype="bfloat16"), out,
-         "dtype: bfloat16 cannot hold the merged weights, which are saved as float32 .* parameters.output_dtype: "
-         "bfloat16"),
+         r"dtype: bfloat16, which cannot hold the merged weights, saved as float32 \(as stored\): use dtype: "
+         r"float32 \(or auto\), or set parameters.output_dtype: bfloat16"),
         (dict(), ["--out", str(paths["reasoning"]), "--overwrite"],
          "is \\(or holds\\) the reasoning model's folder"),
         (dict(), ["--out", str(tmp_path / "afile"), "--overwrite"], "is a file, not a folder"),

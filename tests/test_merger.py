@@ -1303,16 +1303,21 @@ def test_output_dtype_wider_than_the_loaded_model_is_refused(qwen2, monkeypatch)
     assert merger.model.dtype == torch.float32
 
 
-def test_loaded_dtype_from_the_config_is_checked_after_the_load(qwen2, tmp_path):
+def test_loaded_dtype_from_the_config_is_checked_before_the_load(qwen2, tmp_path, monkeypatch):
     """dtype='auto' loads in config.json's dtype, which may be narrower than the stored tensors."""
     import shutil
+
+    import transformers
 
     reasoning = tmp_path / "reasoning"
     shutil.copytree(qwen2["reasoning"], reasoning)
     config = json.loads((reasoning / "config.json").read_text())
     config["dtype"] = "bfloat16"
     (reasoning / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="saved as float32 .* loaded as bfloat16"):
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("loaded before the dtype check"))
+    with pytest.raises(ConfigError, match=r"saved as float32 .* loaded as bfloat16.*\(torch_dtype='auto' loads it "
+                                          r"as bfloat16: its config.json's dtype.\)"):
         RainMerger.from_pretrained(qwen2["base"], reasoning, qwen2["instruct"])
 
 
