@@ -573,8 +573,11 @@ def _configure_logging(verbose: bool) -> Callable[[], None]:
 def _check_push_target(repo_id: str | None, online: bool, token: str | None = None) -> None:
     """A repo id the Hub would refuse, or (with ``online``) an offline Hub or no token at all, found before the
     merge rather than after it."""
-    if not repo_id:
+    if repo_id is None:
         return
+    if not repo_id.strip():  # e.g. --push-to-hub "$REPO" with REPO unset: not "no push"
+        raise CliError(f"--push-to-hub {repo_id!r}: give the repository id to push to (e.g. me/my-merge), or leave "
+                       "the option out.")
     from .hub import HubError, check_push_target
 
     try:

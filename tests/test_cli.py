@@ -495,6 +495,7 @@ def test_problems_found_before_any_weight_is_loaded(triple, tmp_path, capsys, mo
         (dict(), ["--out", str(root)], "holds the calibration.reasoning"),
         (dict(), ["--out", str(tmp_path / "afile")], "is a file, not a folder"),
         (dict(), ["--out", str(tmp_path / "full")], "already exists; pass --overwrite"),
+        (dict(), ["--out", str(tmp_path / "o"), "--push-to-hub", ""], "--push-to-hub '': give the repository id"),
         (dict(), ["--out", str(tmp_path / "o"), "--push-to-hub", "not a repo"],
          "is not a valid repository id"),
         (dict(), ["--out", str(tmp_path / "o"), "--push-to-hub", "me/x"],
