@@ -57,6 +57,10 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be found, read, or merged with the others."""
 
 
+class ModelNameError(CheckpointError):
+    """A model name that names no model: a file, a malformed Hub id, or a repository or revision the Hub lacks."""
+
+
 @dataclass
 class ModelSource:
     """A model input after resolution.
@@ -130,7 +134,7 @@ def resolve_model(
                            "picks a commit of a Hub id).", revision, role, text)
         return ModelSource(text, local.resolve(), hub_id, sha)
     if local.exists():
-        raise CheckpointError(f"The {role} model {text!r} is a file; pass the folder that holds config.json and "
+        raise ModelNameError(f"The {role} model {text!r} is a file; pass the folder that holds config.json and "
                               "the safetensors weights.")
     written_as_path = text.startswith((".", "/", "~"))
     looks_local = written_as_path or os.sep in text.strip("/").split("/", 1)[-1] or text.count("/") > 1
@@ -143,7 +147,12 @@ def resolve_model(
             repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
             hint = (f" If {sub!r} is a subfolder of the Hub repository {repo!r}, download it and pass the local "
                     f"folder: `hf download {repo} --include '{sub}/*' --local-dir DIR`, then DIR/{sub}.")
-        raise CheckpointError(f"The {role} model {text!r} is neither an existing local folder nor a valid Hub id "
+        elif "@" in text:  # mergekit's name@revision
+            hint = (" A revision is given on its own: revision=... in Python, {path: ..., revision: ...} in a "
+                    "rain-merge YAML.")
+        elif "+" in text:  # mergekit's model+lora
+            hint = " A LoRA adapter is passed as the instruct model itself; its adapter_config.json names the base."
+        raise ModelNameError(f"The {role} model {text!r} is neither an existing local folder nor a valid Hub id "
                               f"('org/name'). Check the path.{hint}")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -159,12 +168,12 @@ def resolve_model(
                                    allow_patterns=allow_patterns or MODEL_PATTERNS,
                                    ignore_patterns=None if allow_patterns else MODEL_IGNORE_PATTERNS)
     except RevisionNotFoundError as exc:
-        raise CheckpointError(f"The {role} model {text!r} has no revision {revision!r} on the Hub.") from exc
+        raise ModelNameError(f"The {role} model {text!r} has no revision {revision!r} on the Hub.") from exc
     except GatedRepoError as exc:
         raise CheckpointError(f"The {role} model {text!r} is gated: accept its licence on the Hub and pass a "
                               "token (token=... or `hf auth login`).") from exc
     except RepositoryNotFoundError as exc:
-        raise CheckpointError(f"The {role} model {text!r} was not found on the Hub (or is private: pass a "
+        raise ModelNameError(f"The {role} model {text!r} was not found on the Hub (or is private: pass a "
                               f"token), and no local folder {local.resolve()} exists either.") from exc
     except LocalEntryNotFoundError as exc:
         what = f"Revision {revision!r} of the {role} model {text!r}" if revision else f"The {role} model {text!r}"

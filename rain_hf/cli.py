@@ -707,8 +707,8 @@ def _check_out_folder(out: Path, job: MergeJob, overwrite: bool) -> None:
                        "folder.")
 
 
-def _reword_missing_folder(exc: Exception, job: MergeJob) -> None:
-    """Raise ``exc`` again naming the folder the CLI looked in: a name that is no folder under the YAML's folder
+def _reworded(exc: Exception, job: MergeJob) -> str:
+    """``exc``'s message naming the folder the CLI looked in: a name that is no folder under the YAML's folder
     is tried as a Hub id, and a failed download names the folder under the working directory instead."""
     message = str(exc)
     anchor = job.source.resolve().parent
@@ -717,8 +717,7 @@ def _reword_missing_folder(exc: Exception, job: MergeJob) -> None:
         if seen in message and Path(name).resolve() != anchor / name:
             message = message.replace(seen, f"local folder {anchor / name} (model paths are relative to the YAML "
                                              "file) ")
-    if message != str(exc):
-        raise type(exc)(message) from exc
+    return message
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -727,7 +726,7 @@ def _run(args: argparse.Namespace) -> int:
         raise CliError("--out DIR is required (or pass --dry-run).")
     out = Path(args.out) if args.out else None
     from .calibration import CalibrationError
-    from .checkpoints import CheckpointError
+    from .checkpoints import CheckpointError, ModelNameError
     from .lora import AdapterError
     from .merger import ModelMismatchError, RainMerger, check_device
 
@@ -748,10 +747,13 @@ def _run(args: argparse.Namespace) -> int:
                                 config=job.config, revision=job.revision, token=job.token, _return_parts=True)
     except CalibrationError as exc:  # e.g. think_open is not one token of the tokenizer: a parameters problem
         raise CliError(f"{args.config}: {exc}") from exc
-    except (ModelMismatchError, AdapterError) as exc:  # the models the YAML names do not fit together: fix the YAML
-        raise CliError(f"{args.config}: {exc}") from exc
+    except (ModelMismatchError, AdapterError, ModelNameError) as exc:
+        # the YAML names no model, or models that do not fit together: fix the YAML
+        raise CliError(f"{args.config}: {_reworded(exc, job)}") from exc
     except CheckpointError as exc:
-        _reword_missing_folder(exc, job)
+        message = _reworded(exc, job)
+        if message != str(exc):
+            raise type(exc)(message) from exc
         raise
     plan, reasoning = parts[0], parts[2]
     for role, source in plan.sources.items():

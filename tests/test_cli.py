@@ -518,6 +518,10 @@ def test_problems_found_before_any_weight_is_loaded(triple, tmp_path, capsys, mo
          "base_model.revision 'v2' is given for the local folder"),
         (dict(base_model="cwd/base"), out, "'cwd/base' is a folder under the current directory but not under the "
                                            "YAML file's folder"),
+        # names that name no model (mergekit's name@revision and model+lora forms among them)
+        (dict(base_model=str(tmp_path / "afile")), out, "afile' is a file; pass the folder"),
+        (dict(base_model="Qwen/Qwen2.5-0.5B@main"), out, r"A revision is given on its own: .*\{path: ..., revision: "),
+        (dict(instruct_model="base+instruct"), out, "A LoRA adapter is passed as the instruct model itself"),
     ]
     for job, extra, expected in cases:
         config = _job_file(root, tmp_path, **job)  # one file, rewritten per case
