@@ -221,7 +221,8 @@ class LazyCheckpoint:
         if index.is_file() and not single.is_file():
             document = read_json(index, self.name)
             weight_map = document.get("weight_map") if isinstance(document, dict) else None
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str)
+                                                                             for v in weight_map.values()):
                 raise CheckpointError(f"{self.name}: {index} has no valid 'weight_map' (tensor name → shard file). "
                                       "The checkpoint is damaged: download or save it again.")
             files = sorted(set(weight_map.values()))
@@ -396,6 +397,8 @@ def _read_header(path: Path, name: str) -> dict[str, tuple[tuple[int, ...], str,
             if size > 100_000_000:
                 raise ValueError("header too large")
             header = json.loads(f.read(size))
+            if not isinstance(header, dict):
+                raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
     except (struct.error, ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{name}: {path} is not a valid safetensors file ({exc}).") from exc
     entries = {}
@@ -404,7 +407,10 @@ def _read_header(path: Path, name: str) -> dict[str, tuple[tuple[int, ...], str,
             continue
         try:
             start, end = meta["data_offsets"]
-            shape = tuple(int(n) for n in meta["shape"])
+            shape = tuple(meta["shape"])
+            # as safetensors requires: a negative offset would read the header as data
+            if not all(type(n) is int and n >= 0 for n in (start, end, *shape)) or start > end:
+                raise ValueError(f"offsets {[start, end]} and shape {list(shape)} must be integers ≥ 0, in order")
             itemsize = _ITEMSIZE.get(str(meta["dtype"]))
             if itemsize is not None and end - start != math.prod(shape) * itemsize:
                 raise ValueError(f"shape {list(shape)} of {meta['dtype']} needs {math.prod(shape) * itemsize} bytes, "

@@ -565,10 +565,16 @@ class RainMerger:
                 warnings.append(f"the adapter holds deltas for {len(outside)} tensors outside the merged set "
                                 f"(e.g. {outside[0]}); they are not merged")
             idle = [t.weight_key for t in targets if t.weight_key not in touched and t.bias_key not in touched_bias]
-            if idle:  # zero deltas: merged as no change, yet they cost stage-1 work and read as "projected"
+            if idle:  # zero deltas: cost stage-1 work and read as "projected"; a baseline even changes them
+                if config.method in ("rain", "task_arithmetic"):
+                    effect = "they keep the reasoning model's weights"
+                elif config.method == "slerp":
+                    effect = "slerp still moves them toward the base model"
+                else:  # ties, dare: trimming or dropping acts on the reasoning model's own task vector
+                    effect = f"{config.method} still merges them, with a zero instruct task vector, and changes them"
                 warnings.append(f"the adapter holds no delta for {len(idle)} of the {len(targets)} merged modules "
-                                f"(e.g. {idle[0]}); they keep the reasoning model's weights: set target_modules to "
-                                "the adapter's modules to leave them out")
+                                f"(e.g. {idle[0]}); {effect}: set target_modules to the adapter's modules to leave "
+                                "them out (they then keep the reasoning model's weights)")
         else:
             instruct_ckpt = LazyCheckpoint(sources["instruct"].path, f"the instruct model {shown['instruct']}")
             instruct = FullDelta(instruct_ckpt, base)

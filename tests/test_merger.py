@@ -788,9 +788,10 @@ def test_damaged_or_ambiguous_checkpoint_folders(qwen2, tmp_path, caplog):
     (folder / "model.safetensors.index.json").write_text('{"metadata": {}, "weight_map": ')
     with pytest.raises(CheckpointError, match="model.safetensors.index.json is not valid JSON"):
         LazyCheckpoint(folder)
-    (folder / "model.safetensors.index.json").write_text('{"metadata": {}}')
-    with pytest.raises(CheckpointError, match="no valid 'weight_map'.*download or save it again"):
-        LazyCheckpoint(folder)
+    for damaged in ('{"metadata": {}}', '{"weight_map": {}}'):  # an empty map says nothing of the shards beside it
+        (folder / "model.safetensors.index.json").write_text(damaged)
+        with pytest.raises(CheckpointError, match="no valid 'weight_map'.*download or save it again"):
+            LazyCheckpoint(folder)
     # no index, no model.safetensors: every *.safetensors is read, and a tensor in two files is an error
     loose = tmp_path / "loose"
     loose.mkdir()
@@ -825,6 +826,16 @@ def test_damaged_or_ambiguous_checkpoint_folders(qwen2, tmp_path, caplog):
                                                     + bytes(24))
     with pytest.raises(CheckpointError, match=r"model.safetensors is damaged: tensors a and b overlap in its data"):
         LazyCheckpoint(overlapping)
+    # what safetensors refuses: a header that is no object, offsets into the header, shapes that are no sizes
+    for header, says in (([], "its header is a JSON list"),
+                         ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [-4, 0]}}, r"offsets \[-4, 0\]"),
+                         ({"a": {"dtype": "F32", "shape": [-1, -1], "data_offsets": [0, 4]}}, r"shape \[-1, -1\]"),
+                         ({"a": {"dtype": "F32", "shape": [1.5], "data_offsets": [0, 4]}}, r"shape \[1.5\]")):
+        header_bytes = json.dumps(header).encode()
+        (overlapping / "model.safetensors").write_bytes(len(header_bytes).to_bytes(8, "little") + header_bytes
+                                                        + bytes(24))
+        with pytest.raises(CheckpointError, match=says):
+            LazyCheckpoint(overlapping)
     (loose / "part-a.safetensors").write_bytes(data[:-100])  # cut short: the header is fine, the data is not
     with pytest.raises(CheckpointError, match=r"^\S+: \S+part-a.safetensors is truncated: tensor \S+ ends at byte "
                                               r"\d+, the file has \d+\. Download or save the checkpoint again\.$"):
@@ -1651,6 +1662,15 @@ def test_plan_warns_about_merged_modules_the_adapter_leaves_alone(qwen2, tmp_pat
     assert logged == plan.warnings and any("base-v0" in w for w in logged)  # the adapter's too, each once
     idle = [w for w in plan.warnings if "holds no delta" in w]
     assert len(idle) == 1 and f"for {len(plan.targets) - 4} of the {len(plan.targets)} merged modules" in idle[0]
+    assert "they keep the reasoning model's weights" in idle[0]
+    # a baseline still changes them (TIES trims, DARE drops the reasoning model's own task vector, SLERP moves
+    # toward the base): the warning must not promise the reasoning model's weights
+    for method, says in (("ties", "ties still merges them"), ("dare_linear", "dare_linear still merges them"),
+                         ("slerp", "slerp still moves them toward the base model")):
+        warnings = RainMerger.plan(qwen2["base"], qwen2["reasoning"], tmp_path / "qv",
+                                   RainMergingConfig(method=method, lam=1.0)).warnings
+        idle = [w for w in warnings if "holds no delta" in w]
+        assert len(idle) == 1 and says in idle[0] and "they keep the" not in idle[0], method
     narrow = RainMerger.plan(qwen2["base"], qwen2["reasoning"], tmp_path / "qv",
                              RainMergingConfig(lam=1.0, target_modules=["q_proj", "v_proj"]))
     assert not [w for w in narrow.warnings if "holds no delta" in w]
