@@ -25,6 +25,7 @@ import inspect
 import logging
 import math
 import os
+import random
 import re
 import shutil
 import sys
@@ -406,7 +407,10 @@ def _build_checker(
 
     Kwargs with a ``None`` value are dropped, as the IFEval data pads every record with all keys. lm-eval drops
     every falsy value instead; for a ``0`` (e.g. ``let_frequency``) that makes its checker draw a random number,
-    so a 0 is kept here. A missing argument is an error rather than a random draw, and so is an unknown one.
+    so a 0 is kept here. A missing argument is an error rather than a random draw, and so is an unknown one. A
+    value the checker cannot use (IFEval's own data asks for the letter ``"#"`` twice; an empty keyword list) makes
+    it draw one at random: that draw is seeded by the instruction and its kwargs, so the score is repeatable, and
+    warned about once.
     """
     if instruction_id not in registry:
         raise ValueError(f"Unknown IFEval instruction id {instruction_id!r}; known ids: {sorted(registry)}")
@@ -426,10 +430,26 @@ def _build_checker(
     if unknown:
         raise ValueError(f"{instruction_id} takes the kwargs {list(arg_keys) or 'none'}, not {unknown}: drop them or "
                          f"check the instruction id. Prompt: {prompt[:60]!r}")
-    checker.build_description(**clean)
+    state = random.getstate()  # the caller's random state is left as it was
+    try:
+        random.seed(f"{instruction_id}|{sorted(clean.items())!r}")
+        seeded_state = random.getstate()
+        checker.build_description(**clean)
+        drew = random.getstate() != seeded_state
+    finally:
+        random.setstate(state)
+    key = (instruction_id, repr(sorted(clean.items())))
+    if drew and key not in _RANDOM_KWARGS_WARNED:
+        _RANDOM_KWARGS_WARNED.add(key)
+        logger.warning("IFEval: the checker %s cannot use the kwargs %s and drew its own at random (as lm-eval "
+                       "does; seeded here, so the score is repeatable, but it does not check what the prompt asks). "
+                       "Prompt: %r", instruction_id, clean, prompt[:60])
     if "prompt" in arg_keys:
         checker.build_description(prompt=prompt)
     return checker
+
+
+_RANDOM_KWARGS_WARNED: set[tuple[str, str]] = set()
 
 
 def _loose_variants(response: str) -> list[str]:

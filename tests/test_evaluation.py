@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -455,6 +456,22 @@ def test_instruction_following_errors(monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ImportError, match=r'pip install "rain_hf\[eval\]"'):
         ev.instruction_following(["a"], ["p"], [["punctuation:no_comma"]], [[{}]])
+
+
+def test_kwargs_a_checker_cannot_use_give_a_repeatable_score(caplog):
+    # IFEval's records 1122 and 1129 ask for the letter "#" and "!": lm-eval's checker draws a letter at random
+    answer = "".join(chr(c) * 3 for c in range(ord("a"), ord("z") + 1))[:40]
+    kwargs = {"letter": "#", "let_frequency": 3, "let_relation": "at least"}
+    scores = set()
+    with caplog.at_level("WARNING", logger="rain_hf.evaluation"):
+        for seed in range(12):
+            random.seed(seed)
+            before = random.getstate()
+            scores.add(ev.instruction_following([answer], ["p"], [["keywords:letter_frequency"]],
+                                                [[kwargs]])["prompt_strict"])
+            assert random.getstate() == before  # the caller's random state is untouched
+    assert len(scores) == 1
+    assert caplog.text.count("cannot use the kwargs {'letter': '#'") == 1  # once, not per call
 
 
 # ----------------------------------------------------------------------------------------------------------------
