@@ -22,15 +22,16 @@ if TYPE_CHECKING:
     from nltk.tokenize.punkt import PunktParameters
 
 # Bump when the training text or the word lists change: saved models with another version are rebuilt.
-PUNKT_BUILD_VERSION = "rain_hf-punkt-3"
+PUNKT_BUILD_VERSION = "rain_hf-punkt-4"
 
 # Common abbreviations that rarely end a sentence (lowercase, without the final period), limited to those that
 # nltk's published English model also treats as abbreviations, since IFEval's scores were computed with that model:
 # it ends a sentence after "e.g.", "i.e.", "fig.", "vol.", "approx." or "dept.", and so does this one. Words that
 # are also ordinary sentence-final words ("no", "min", "etc") are left out on purpose.
 EXTRA_ABBREVIATIONS = (
-    "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "a.m", "p.m", "u.s", "u.k", "inc", "ltd", "corp",
-    "jan", "feb", "aug", "sept", "oct", "nov", "gen", "lt",
+    "mr", "mrs", "ms", "messrs", "dr", "prof", "sr", "jr", "st", "vs", "a.m", "p.m", "u.s", "u.k", "u.s.a", "u.n",
+    "u.s.s.r", "d.c", "inc", "ltd", "corp", "co", "bros", "ph.d", "m.b.a", "jan", "feb", "aug", "sep", "sept", "oct",
+    "nov", "dec", "gen", "lt", "col", "maj", "adm", "sen", "rep", "reps", "ave", "ft", "mg", "yr",
 )  # fmt: skip
 
 # Function words written in lower case inside a sentence and capitalised only at its start. Punkt's orthographic
@@ -118,7 +119,7 @@ def build_punkt_parameters() -> PunktParameters:
         >>> PunktSentenceTokenizer(build_punkt_parameters()).tokenize("Dr. Lee sat down. He smiled.")
         ['Dr. Lee sat down.', 'He smiled.']
     """
-    from nltk.tokenize.punkt import _ORTHO_BEG_UC, _ORTHO_MID_LC, PunktTrainer
+    from nltk.tokenize.punkt import _ORTHO_BEG_UC, _ORTHO_MID_LC, _ORTHO_MID_UC, PunktTrainer
 
     trainer = PunktTrainer()
     trainer.train(punkt_training_text(), finalize=True)
@@ -126,4 +127,8 @@ def build_punkt_parameters() -> PunktParameters:
     params.abbrev_types.update(EXTRA_ABBREVIATIONS)
     for word in COMMON_WORDS:
         params.ortho_context[word] |= _ORTHO_BEG_UC | _ORTHO_MID_LC
+    # a capital "A" inside a sentence is an initial ("Mr. A. Smith"), and "a" after an initial starts no sentence:
+    # nltk's model has seen it so, and lists no "a" among its sentence starters
+    params.ortho_context["a"] |= _ORTHO_MID_UC
+    params.sent_starters.discard("a")
     return params

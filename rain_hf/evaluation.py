@@ -235,18 +235,18 @@ def _default_nltk_data_dir() -> str:
 
 
 def _real_punkt_tab(nltk: Any, version: str) -> str | None:
-    """The nltk data folder of a punkt_tab English model that nltk finds and that this module did not build (a
-    folder or a ``punkt_tab.zip``), else None."""
-    try:
-        found = nltk.data.find("tokenizers/punkt_tab/english/")
-    except LookupError:
-        return None
-    if isinstance(found, nltk.data.ZipFilePathPointer):  # <root>/tokenizers/punkt_tab.zip
-        return os.path.dirname(os.path.dirname(os.path.abspath(found.zipfile.filename)))
-    lang_dir = os.path.normpath(str(found))
-    if _punkt_state(lang_dir, version) != "foreign":
-        return None
-    return os.path.dirname(os.path.dirname(os.path.dirname(lang_dir)))
+    """The first folder on ``nltk.data.path`` that holds a punkt_tab English model this module did not build (a
+    folder or a ``punkt_tab.zip``), else None. Every folder is looked at: one of this module's, which an earlier
+    call with a named folder put first, must not hide a real model behind it."""
+    for root in nltk.data.path:
+        root = os.path.abspath(os.path.expanduser(str(root)))
+        lang_dir = os.path.join(root, "tokenizers", "punkt_tab", "english")
+        if os.path.isdir(lang_dir):
+            if _punkt_state(lang_dir, version) == "foreign":
+                return root
+        elif os.path.isfile(os.path.join(root, "tokenizers", "punkt_tab.zip")):  # as nltk's downloader leaves it
+            return root
+    return None
 
 
 def _make_unshared_dirs(directory: str, ours: str) -> None:
@@ -320,6 +320,9 @@ def ensure_nltk_data(path: str | None = None) -> str:
     nltk's published English model it split 2 of 124 paragraphs of licence texts and this project's README
     differently, and 36 of 120 sentences "… in <abbreviation> <Word> …" (it ends a sentence at "Jan. We" or
     "p.m. She", nltk's does not), which can move ``length_constraints:number_sentences`` near its threshold.
+    Those counts are from an earlier build ("rain_hf-punkt-3"); the current one also knows "Ph.D.", "Co.", "Dec.",
+    "U.N." and other abbreviations of nltk's list, and keeps "Mr. A. Smith" together (not re-counted: nltk's
+    model is not on the machine this was built on).
 
     Args:
         path: nltk data folder. Defaults to ``$RAIN_HF_NLTK_DATA``, else ``~/.cache/rain_hf/nltk_data``

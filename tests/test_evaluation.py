@@ -250,6 +250,11 @@ def test_ensure_nltk_data_builds_punkt_tab_offline(tmp_path, no_nltk_download, o
     ("Mr. Will Smith arrived late.", ["Mr. Will Smith arrived late."]),
     ("We saw Dr. Who yesterday.", ["We saw Dr. Who yesterday."]),
     ("We drove to St. Louis. Then we flew home.", ["We drove to St. Louis.", "Then we flew home."]),
+    # abbreviations nltk's model knows, before a lower-case word; initials after a title
+    ("She earned a Ph.D. in physics. Then she taught.", ["She earned a Ph.D. in physics.", "Then she taught."]),
+    ("Acme Co. and the U.N. signed. Good.", ["Acme Co. and the U.N. signed.", "Good."]),
+    ("Mr. A. Smith left. Bye.", ["Mr. A. Smith left.", "Bye."]),
+    ("Mr. A. B. Smith left.", ["Mr. A. B. Smith left."]),
     # as in nltk's published English model, "e.g." is not an abbreviation
     ("I like fruit, e.g. apples.", ["I like fruit, e.g.", "apples."]),
 ])
@@ -320,6 +325,9 @@ def test_ensure_nltk_data_prefers_a_real_punkt_tab_nltk_finds(tmp_path, own_nltk
     nltk.data.path.insert(0, str(real))
     assert ev.ensure_nltk_data() == str(real)
     assert sorted(os.listdir(lang_dir)) == sorted(ev._PUNKT_FILES)  # used as it is
+    own = ev.ensure_nltk_data(str(tmp_path / "own"))  # a named folder: the project's model, put first on the path
+    assert nltk.data.path[0] == own
+    assert ev.ensure_nltk_data() == str(real)  # … which must not hide the real one from the next default call
     # as nltk's downloader leaves it: tokenizers/punkt_tab.zip
     import zipfile
 
