@@ -1174,9 +1174,14 @@ class RainMerger:
         return lam_auto_holdout(samples, self.config.lam_auto_holdout, self.config.seed)
 
     def _think_rows(self, samples: list[CalibrationSample]) -> list[tuple[list[int], list[int]]]:
-        """(token ids, thinking positions) of each sample, as L_think reads them."""
+        """(token ids, thinking positions) of each sample, as L_think reads them: without the positions whose next
+        token the chat template's generation prompt supplies (the ``\\n`` of an R1-style ``<think>\\n``)."""
         cfg = self.config
-        return [(list(s.input_ids), s.think_positions(cfg.positions, cfg.window)) for s in samples]
+        rows = []
+        for s in samples:
+            first = 0 if s.generated_from is None else s.generated_from - 1  # this position predicts the first
+            rows.append((list(s.input_ids), [p for p in s.think_positions(cfg.positions, cfg.window) if p >= first]))
+        return rows
 
     def _l_think_rows(self, heldout: list[tuple[list[int], list[int]]]) -> tuple[list[torch.Tensor], list[list[int]]]:
         """Token ids and positions where ``lam="auto"`` measures L_think: the thinking positions of each held-out
@@ -1188,14 +1193,20 @@ class RainMerger:
         shapes a generation."""
         open_id, close_id = self.plan.think_token_ids
         # the first position the model's own output follows: the think-open decision, or after a template's <think>
+        # (the rows _think_rows made start past the template's "<think>\\n" already; this keeps features saved
+        # before it at the think-open token)
         decided = 0 if template_opens_think(self.tokenizer, self.config) else 1
         ids, positions = [], []
         for sample_ids, sample_positions in heldout:
             opened = _think_open_at(sample_ids, open_id)
             start = 0 if opened is None else opened - decided
             ids.append(torch.tensor(sample_ids))
-            # every position set holds the think-open anchor, so no sample is left without a position
             positions.append([p for p in sample_positions if p >= start and sample_ids[p] != close_id])
+        if not any(positions):  # positions="think" with a template that writes "<think>\\n": only </think> is left
+            raise ConfigError(f"lam='auto' has no thinking position to measure L_think at: with positions="
+                              f"{self.config.positions!r} every one is the think-close token or one whose next token "
+                              "the chat template supplies. Use positions='think+prev' or 'window' (the default), or "
+                              "a numeric lam.")
         return ids, positions
 
     def _think_open_prefixes(self, sequences: list[list[int]]) -> list[list[int]]:

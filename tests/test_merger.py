@@ -1047,18 +1047,20 @@ def test_lam_auto_picks_largest_lambda_within_think_budget(qwen2):
     assert none.report.lam == 0.5 and any("no λ of the grid" in w for w in none.report.warnings)
 
 
-@pytest.mark.parametrize("forced", [False, True])
+@pytest.mark.parametrize("forced", ["", "<think>", "<think>\n"], ids=["free", "think", "think-newline"])
 def test_lam_auto_l_think_leaves_out_the_think_close_and_prompt_positions(qwen2, tokenizer, tmp_path, forced):
     # The think-close token's next token is the answer's first, where format instructions act: lam="auto" must not
     # count that change against λ; nor predictions of tokens the prompt supplies (the template's tokens before the
-    # think-open decision, and <think> itself where the template writes it, as R1's does): they never shape a
-    # generation. Slow reference: full forward passes of each searched λ, one sample at a time.
+    # think-open decision, and <think> itself where the template writes it, and the "\n" after it where the
+    # template writes that too, as R1-Distill's and QwQ's do): they never shape a generation. Slow reference: full
+    # forward passes of each searched λ, one sample at a time.
     reasoning_folder = qwen2["reasoning"]
     if forced:
         reasoning_folder = tmp_path / "reasoning"
         shutil.copytree(qwen2["reasoning"], reasoning_folder)
         template = reasoning_folder / "chat_template.jinja"
-        template.write_text(template.read_text().replace("<|assistant|>{% endif %}", "<|assistant|><think>{% endif %}"))
+        template.write_text(template.read_text().replace("<|assistant|>{% endif %}",
+                                                         f"<|assistant|>{forced}{{% endif %}}"))
     auto = RainMerger.from_pretrained(qwen2["base"], reasoning_folder, qwen2["instruct"],
                                       RainMergingConfig(lam="auto", lam_grid=[32.0, 128.0], stage2=False,
                                                         sequential=False))
@@ -1066,7 +1068,7 @@ def test_lam_auto_l_think_leaves_out_the_think_close_and_prompt_positions(qwen2,
     assert auto.calibration_info["reasoning"]["num_samples"] == 8
     assert auto.calibration_info["reasoning"]["num_held_out"] == len(auto.features.heldout) == 2  # for the card
     card = (auto.save_pretrained(tmp_path / "out") / "README.md").read_text()
-    assert ("no think-open share is checked" in card) == forced
+    assert ("no think-open share is checked" in card) == bool(forced)
     open_id, close_id = tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
     reasoning = AutoModelForCausalLM.from_pretrained(qwen2["reasoning"], dtype=torch.float32).eval()
     for row in auto.report.lam_search:
@@ -1077,17 +1079,28 @@ def test_lam_auto_l_think_leaves_out_the_think_close_and_prompt_positions(qwen2,
         kept, with_all = [], []
         for ids, positions in auto.features.heldout:
             assert sum(ids[p] == close_id for p in positions) == 1
-            first = ids.index(open_id) - (0 if forced else 1)  # the first prediction the model's own output follows
-            assert min(positions) < first  # the window reaches into the prompt
+            opened = ids.index(open_id)
+            # the first prediction the model's own output follows
+            first = {"": opened - 1, "<think>": opened, "<think>\n": opened + 1}[forced]
+            if forced == "<think>\n":
+                assert tokenizer.decode(ids[opened + 1]) == "\n"
+            # the held-out rows start there already; the ±3 window reached into what the prompt supplies
+            assert min(positions) == first
+            supplied = list(range(opened - 3, first))
             with torch.no_grad():
                 log_m = torch.log_softmax(merged(torch.tensor([ids])).logits[0].double(), -1)
                 log_r = torch.log_softmax(reasoning(torch.tensor([ids])).logits[0].double(), -1)
             kl = (log_m.exp() * (log_m - log_r)).sum(-1)
             kept += [kl[p] for p in positions if p >= first and ids[p] != close_id]
-            with_all += [kl[p] for p in positions]
+            with_all += [kl[p] for p in positions + supplied]
         expected, other = float(torch.stack(kept).mean()), float(torch.stack(with_all).mean())
         assert row["l_think"] == pytest.approx(expected, rel=1e-4)
         assert abs(other - expected) > 1e-3 * expected  # the left-out positions would change the figure
+    if forced == "<think>\n":  # the think tokens alone leave nothing: <think> predicts the template's "\n"
+        bare = RainMerger.from_pretrained(qwen2["base"], reasoning_folder, qwen2["instruct"],
+                                          RainMergingConfig(positions="think", stage2=False, sequential=False))
+        with pytest.raises(ConfigError, match="lam='auto' has no thinking position .* positions='think'"):
+            bare.merge(reasoning_records(8))
 
 
 def test_default_lam_is_auto_and_reused_features_keep_their_heldout_samples(qwen2, tmp_path):
