@@ -620,8 +620,18 @@ class _ThinkSplit:
         self.source = source  # the field as errors name it
 
 
+_FIELD_LABELS = ("field 'reasoning' / 'reason'", "field 'response'")
+
+
 def _raw_fields(record: Mapping) -> tuple[Any, Any, Any]:
-    """The raw (prompt, reasoning, response) of a record; ``None`` marks an absent field.
+    """The raw (prompt, reasoning, response) of a record; ``None`` marks an absent field (see
+    :func:`_labelled_fields`)."""
+    return _labelled_fields(record)[:3]
+
+
+def _labelled_fields(record: Mapping) -> tuple[Any, Any, Any, tuple[str, str]]:
+    """The raw (prompt, reasoning, response) of a record, and how errors name the reasoning and the response;
+    ``None`` marks an absent field.
 
     ``messages``-style records (one user turn, optionally one assistant turn whose content holds
     ``<think>…</think>answer`` or which has a ``reasoning_content``) are accepted too, and so is a ``response``
@@ -649,8 +659,8 @@ def _raw_fields(record: Mapping) -> tuple[Any, Any, Any]:
     reasoning = next(iter(given.values()), None)
     response = record.get("response")
     if reasoning is None and response is not None:
-        return record.get("prompt"), _ThinkSplit(response, "response"), None
-    return record.get("prompt"), reasoning, response
+        return record.get("prompt"), _ThinkSplit(response, "response"), None, _FIELD_LABELS
+    return record.get("prompt"), reasoning, response, _FIELD_LABELS
 
 
 def _prompt_label(record: Mapping) -> str:
@@ -660,8 +670,9 @@ def _prompt_label(record: Mapping) -> str:
     return "field 'prompt'"
 
 
-def _fields_from_messages(messages: list) -> tuple[Any, Any, Any]:
-    """(prompt, reasoning, response) of a chat-format record; reasoning is split off at the think tokens later."""
+def _fields_from_messages(messages: list) -> tuple[Any, Any, Any, tuple[str, str]]:
+    """(prompt, reasoning, response, their labels) of a chat-format record; reasoning is split off at the think
+    tokens later."""
     roles = [m.get("role") if isinstance(m, Mapping) else None for m in messages]
     if roles not in (["user"], ["user", "assistant"]):
         raise _Malformed(f"'messages' must be one user turn, optionally followed by one assistant turn; got {roles}")
@@ -671,11 +682,12 @@ def _fields_from_messages(messages: list) -> tuple[Any, Any, Any]:
                              "join the parts' text into one string")
     prompt = messages[0].get("content")
     if len(messages) == 1:
-        return prompt, None, None
+        return prompt, None, None, _FIELD_LABELS
     answer = messages[1]
     if answer.get("reasoning_content") is not None:
-        return prompt, answer["reasoning_content"], answer.get("content")
-    return prompt, _ThinkSplit(answer.get("content"), "messages[1].content"), None
+        return (prompt, answer["reasoning_content"], answer.get("content"),
+                ("'messages[1].reasoning_content'", "'messages[1].content'"))
+    return prompt, _ThinkSplit(answer.get("content"), "messages[1].content"), None, _FIELD_LABELS
 
 
 def _is_prompt_only(record: Mapping) -> bool:
@@ -714,8 +726,7 @@ def _parse_record(record: Mapping, template: _Template) -> _Fields:
     """Validate one record and gather its annotations."""
     if record.get("generation_error") is not None:
         raise _Malformed(f"generated trace unusable: {record['generation_error']}")
-    prompt, reasoning, response = _raw_fields(record)
-    reasoning_label, response_label = "field 'reasoning' / 'reason'", "field 'response'"
+    prompt, reasoning, response, (reasoning_label, response_label) = _labelled_fields(record)
     answer_at = 0  # where the answer starts in its field as given
     if isinstance(reasoning, _ThinkSplit):
         source = reasoning.source
@@ -1070,10 +1081,13 @@ def _build_sample(fields: _Fields, index: int, tokenizer: Any, template: _Templa
 
     if n > max_length:
         if close_tok + 1 >= max_length:
+            kept = ("survives the cut to config.max_length={max_length}, but no response token does (the answer's "
+                    "first token is at position {after})" if close_tok < max_length else
+                    "does not survive the cut to config.max_length={max_length}")
             raise _Malformed(
                 f"the rendered sample has {n} tokens and its think-close token is at position {close_tok}, so it "
-                f"does not survive the cut to config.max_length={max_length}: raise max_length or shorten the "
-                "prompt/reasoning"
+                + kept.format(max_length=max_length, after=close_tok + 1)
+                + f": raise max_length to at least {close_tok + 2} or shorten the prompt/reasoning"
             )
         logger.info("Calibration sample at %s: %d tokens, response cut to max_length=%d.", where, n, max_length)
         ids = ids[:max_length]

@@ -276,6 +276,13 @@ def test_slow_tokenizer_and_missing_template_are_refused(make_tok):
         ({"prompt": "Hi", "reasoning": "Hmm.", "response": "<think>Ok."}, "contains the think token '<think>'"),
         ({"prompt": "Hi", "reasoning": "Hmm " * 40, "response": "Ok."}, "config.max_length=30"),
         (dict(RECORD, related_prompt_list="oops"), "'related_prompt_list' must be a list"),
+        # a chat record names its own fields
+        ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None,
+                                                            "reasoning_content": "Hmm."}]},
+         "'messages[1].content' is missing"),
+        ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ok.",
+                                                            "reasoning_content": " "}]},
+         "'messages[1].reasoning_content' is empty"),
     ],
 )
 def test_malformed_sample_is_refused_with_index_and_reason(tok, record, reason):
@@ -795,6 +802,16 @@ def test_unrelated_spans_are_taken_out_of_the_default_response_span(tok):
     assert unrelated and not tokens(s.constrained_spans) & unrelated
     assert tokens(s.constrained_spans) | unrelated == response
     assert _text(tok, s, s.constrained_spans[0]).strip() == "Cats sat."
+
+
+def test_a_cut_that_keeps_the_think_close_but_no_answer_says_so(tok):
+    (full,) = prepare_reasoning_calibration([RECORD], tok, _cfg())
+    with pytest.raises(CalibrationError, match=rf"position {full.think_close}, so it survives the cut to config."
+                                               rf"max_length={full.think_close + 1}, but no response token does .* "
+                                               rf"raise max_length to at least {full.think_close + 2}"):
+        prepare_reasoning_calibration([RECORD], tok, _cfg(max_length=full.think_close + 1, on_malformed="error"))
+    with pytest.raises(CalibrationError, match=rf"does not survive the cut to config.max_length={full.think_close}"):
+        prepare_reasoning_calibration([RECORD], tok, _cfg(max_length=full.think_close, on_malformed="error"))
 
 
 def test_annotated_spans_past_the_cut_leave_r_empty(tok, caplog):
