@@ -137,8 +137,8 @@ class RainMergingConfig:
         batch_size: calibration samples per forward pass. Stage 2 runs eager attention, which holds each layer's
             attention scores and their float32 softmax, batch_size × heads × tokens² × (4 + 2 × dtype bytes):
             about 14 GiB for 4 samples of 4096 tokens with 28 heads in bf16 (logged when stage 2 starts).
-        max_length: calibration sequences are cut to this many tokens (the think tokens and at least one answer token must survive
-            the cut).
+        max_length: calibration sequences are cut to this many tokens (the think tokens and at least one answer
+            token must survive the cut).
         max_reasoning_samples, max_instruction_samples: use at most this many calibration samples (``None``: all).
         on_malformed: ``"skip"`` a malformed calibration sample (logged with its index) or raise (``"error"``).
         max_new_tokens, do_sample, temperature, top_p: generation of traces for prompt-only calibration data
