@@ -847,8 +847,9 @@ def target_checks(rows: Sequence[Row], info: dict[str, Any]) -> list[tuple[str, 
     default = next((r for r in rows if r.method.startswith("RAIN config defaults")), None)
     if default is not None:
         best_both = max(best_feasible_if(rows, "rain_both", ref), best_feasible_if(rows, "rain_seq_both", ref))
-        checks.append(("RainMergingConfig() defaults are a setting the benchmark supports (feasible, IF within 0.05 "
-                       "of the best feasible RAIN 1+2 row, one-shot or sequential)",
+        checks.append(("RainMergingConfig() defaults (think_spacing set to the organism's layout) are a setting the "
+                       "benchmark supports (feasible, IF within 0.05 of the best feasible RAIN 1+2 row, one-shot or "
+                       "sequential)",
                        feasible(default, ref) and default.if_prompt >= best_both - 0.05 - 1e-9,
                        f"λ={default.lam:g}: think {default.think:.3f}, acc {default.accuracy:.3f}, IF "
                        f"{default.if_prompt:.3f} (best feasible RAIN 1+2: {best_both:.3f})"))
@@ -1068,7 +1069,8 @@ def results_markdown(rows: Sequence[Row], info: dict[str, Any], command: str, wa
         f"RAIN rows use `RainMergingConfig` defaults unless named: positions={defaults.positions} "
         f"(window ±{defaults.window}), rcond {defaults.rcond}, {defaults.projection.upper()}, stage 2 with ρ "
         f"{defaults.rho}, {defaults.coef_normalize}-normalised coefficients clipped to [{defaults.coef_min:g}, "
-        f"{defaults.coef_max:g}], probe λ {defaults.probe_lam:g}; rows without `sequential` or `defaults` in their "
+        f"{defaults.coef_max:g}], probe λ {defaults.probe_lam:g}, and think_spacing set to the organism's layout "
+        "('', '', ''; the `R1 \\n spacing` row keeps the default); rows without `sequential` or `defaults` in their "
         "name use the one-shot projection (precomputed features, or `sequential=False`). TIES/DARE: density "
         f"{defaults.density}, weights [1, λ]. Stage-2-only rows project nothing.",
         "",
