@@ -94,9 +94,6 @@ class CalibrationSample:
             the tokens where the annotations themselves overlap (26 of the paper's 365 instruction samples do);
             those tokens count in both.
         index: index of the record in the user's input.
-        generated_from: index of the first token a generation writes itself, past the chat template's generation
-            prompt: the think-open token, or the first token after the template's ``<think>\\n`` (R1-Distill,
-            QwQ). ``None`` when not known.
     """
 
     input_ids: list[int]
@@ -109,7 +106,6 @@ class CalibrationSample:
     constrained_spans: list[Span] = field(default_factory=list)
     unrelated_spans: list[Span] = field(default_factory=list)
     index: int = 0
-    generated_from: int | None = None
 
     def think_positions(self, mode: str = "window", window: int = 3) -> list[int]:
         """Token positions of the thinking features, sorted and unique.
@@ -565,8 +561,19 @@ def template_opens_think(tokenizer: Any, config: Any) -> bool:
         >>> template_opens_think(tokenizer, RainMergingConfig())
         False
     """
+    return template_think_tail(tokenizer, config) is not None
+
+
+def template_think_tail(tokenizer: Any, config: Any) -> int | None:
+    """How many tokens the chat template's generation prompt writes after the think-open token it ends with: 0 for
+    a bare ``<think>``, 1 for R1-Distill's and QwQ's ``<think>\\n``; None when it does not open the think block.
+    A generation's first own token follows them, so predictions up to there are the prompt's, not the model's."""
     template = _template_parts(tokenizer, config)
-    return template.after.rstrip().endswith(template.think_open)
+    stripped = template.after.rstrip()
+    if not stripped.endswith(template.think_open):
+        return None
+    written = template.after[len(stripped):]
+    return len(tokenizer(written, add_special_tokens=False)["input_ids"]) if written else 0
 
 
 def _apply_template(tokenizer: Any, prompt: str) -> str:
@@ -579,9 +586,8 @@ def _apply_template(tokenizer: Any, prompt: str) -> str:
     return rendered
 
 
-def _generation_prefix(tokenizer: Any, template: _Template, prompt: str) -> tuple[str, int, int]:
-    """The rendered prompt up to and including ``<think>\\n``, the character offset of the think-open token, and
-    the length of the chat template's own rendering (what a generation's prompt supplies).
+def _generation_prefix(tokenizer: Any, template: _Template, prompt: str) -> tuple[str, int]:
+    """The rendered prompt up to and including ``<think>\\n``, and the character offset of the think-open token.
 
     The real rendering is compared with the sentinel split so that the prompt's offset is known exactly.
     """
@@ -595,7 +601,7 @@ def _generation_prefix(tokenizer: Any, template: _Template, prompt: str) -> tupl
     else:
         open_char = len(rendered)
         prefix = rendered + template.think_open + template.spacing[0]
-    return prefix, open_char, len(rendered)
+    return prefix, open_char
 
 
 # -------------------------------------------------------------------------------------------- record parsing
@@ -1039,7 +1045,7 @@ def _build_sample(fields: _Fields, index: int, tokenizer: Any, template: _Templa
             logger.warning("Calibration sample at %s: its %s holds the special token(s) %s, which the tokenizer "
                            "reads as control tokens (an end of turn inside the text, say): remove them unless they "
                            "are meant as such.", where, name, ", ".join(map(repr, found)))
-    prefix, open_char, prompt_end = _generation_prefix(tokenizer, template, fields.prompt)
+    prefix, open_char = _generation_prefix(tokenizer, template, fields.prompt)
     prompt_char = len(template.before)
     text = prefix + fields.reasoning + template.spacing[1]
     close_char = len(text)
@@ -1058,10 +1064,6 @@ def _build_sample(fields: _Fields, index: int, tokenizer: Any, template: _Templa
         raise _Malformed("the prompt tokens could not be located before the think-open token")
     thinking_span = (open_tok + 1, close_tok)
     response_span = (close_tok + 1, n)
-    # the first token the generation prompt does not supply whole: <think> itself, or the first after the
-    # template's "<think>\n"
-    generated = next((i for i, end in enumerate(offsets.ends) if end > prompt_end), n)
-    generated = min(max(generated, open_tok), close_tok)
     if thinking_span[1] <= thinking_span[0] or response_span[1] <= response_span[0]:
         raise _Malformed("the thinking or the response has no tokens")
 
@@ -1115,7 +1117,6 @@ def _build_sample(fields: _Fields, index: int, tokenizer: Any, template: _Templa
         constrained_spans=constrained,
         unrelated_spans=merge_spans([thinking_span, *unrelated]),
         index=index,
-        generated_from=generated,
     )
 
 
@@ -1195,7 +1196,7 @@ def _generate_batch(records: list[dict], model: Any, tokenizer: Any, config: Any
     for i, record in enumerate(records):
         try:
             prompt = prompts[i] = _text(_raw_fields(record)[0], _prompt_label(record), template, check_think=False)
-            prefix, _, _ = _generation_prefix(tokenizer, template, prompt)
+            prefix, _ = _generation_prefix(tokenizer, template, prompt)
         except _Malformed as err:
             results[i]["generation_error"] = str(err)
             continue

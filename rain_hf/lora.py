@@ -1,7 +1,7 @@
 """A peft LoRA adapter as a task vector: ΔW per base-model module, computed from the adapter's own tensors.
 
 The instruct model of a merge may be a LoRA adapter on the base model instead of a full checkpoint. Its task
-vector is, per adapted module, ``ΔW = scaling · B @ A`` (transposed when ``fan_in_fan_out``), with
+vector is, per adapted module, ``ΔW = scaling · B @ A`` (transposed for GPT-2 style ``Conv1D`` weights), with
 ``scaling = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) and ``r`` / ``alpha`` overridden per module by
 ``rank_pattern`` / ``alpha_pattern``. :class:`LoraDelta` reads the factors lazily from ``adapter_model.safetensors``
 and builds one ΔW at a time: no merged copy of the model is ever made.
@@ -479,8 +479,8 @@ class LoraDelta:
     def factors(self, weight_key: str, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Low-rank factors ``(L, R)`` with ``delta(weight_key) == L @ R``, in fp32.
 
-        Shapes: ``L`` ``[out, r]`` and ``R`` ``[r, in]`` (``L`` ``[in, r]``, ``R`` ``[r, out]`` with fan_in_fan_out),
-        i.e. ``L @ R`` has the base weight's layout. The scaling is folded into ``L``. Useful to project ΔW in
+        Shapes: ``L`` ``[out, r]`` and ``R`` ``[r, in]`` (``L`` ``[in, r]``, ``R`` ``[r, out]`` for a ``Conv1D``
+        weight, see :meth:`validate`), i.e. ``L @ R`` has the base weight's layout. The scaling is folded into ``L``. Useful to project ΔW in
         O((out + in)·r) memory.
         """
         entry = self._factors[weight_key]
@@ -493,8 +493,8 @@ class LoraDelta:
     def delta(self, weight_key: str, device: torch.device | str | None = None) -> torch.Tensor | None:
         """ΔW of ``weight_key`` as fp32 ``[out, in]`` (the base weight's layout), or None when not adapted.
 
-        ``scaling · B @ A`` with ``A`` ``[r, in]``, ``B`` ``[out, r]``; transposed to ``[in, out]`` when the adapter
-        says ``fan_in_fan_out`` (GPT-2 style ``Conv1D`` weights, stored ``[in, out]``).
+        ``scaling · B @ A`` with ``A`` ``[r, in]``, ``B`` ``[out, r]``; transposed to ``[in, out]`` for GPT-2 style
+        ``Conv1D`` weights, stored ``[in, out]`` (before :meth:`validate`: as the adapter's ``fan_in_fan_out`` says).
 
         Trained full copies (``modules_to_save``, ``bias="all"``) give ``copy − base`` (see :meth:`use_base`), and
         a ``lora_bias`` adds ``scaling · lora_B.bias`` to its module's bias.
@@ -547,7 +547,7 @@ class LoraDelta:
                 same weights.
         """
         base_label = base_model_id or base_name
-        self._set_layouts(base_shapes, conv1d_modules)
+        layout_warnings = self._set_layouts(base_shapes, conv1d_modules)
         missing = [key for key in self._factors if key not in base_shapes]
         if missing and all(f"model.{key}" in base_shapes for key in missing):
             raise AdapterError(f"The instruct adapter {self._name} adapts modules without the 'model.' prefix the "
@@ -567,7 +567,7 @@ class LoraDelta:
                                f"({len(mismatched)} of {len(self._factors)} modules). The adapter was trained on a "
                                f"model of another size ({self.base_model_name_or_path or 'base not recorded'}): "
                                "pass the adapter's base model.")
-        warnings = list(self._warnings)
+        warnings = list(self._warnings) + layout_warnings
         no_bias = sorted(k for k in self._lora_biases if k not in base_shapes)
         if no_bias:  # peft's merge_and_unload refuses these too: a bias-free layer has nowhere to put one
             warnings.append(f"Adapter {self._name} trained biases (lora_bias) for modules whose base layer has no "
@@ -603,8 +603,9 @@ class LoraDelta:
             warnings.append(f"Adapter {self._name} does not record its base model; only tensor shapes were checked.")
         return warnings  # the caller logs them (RainMerger.plan logs every plan warning once)
 
-    def _set_layouts(self, base_shapes: Mapping[str, tuple[int, ...]], conv1d: Collection[str] | None) -> None:
+    def _set_layouts(self, base_shapes: Mapping[str, tuple[int, ...]], conv1d: Collection[str] | None) -> list[str]:
         # the saved fan_in_fan_out is whatever peft set at the last adapted module, so it is a default only
+        contradicted, square = [], []
         for key, entry in self._factors.items():
             if conv1d is not None:
                 transposed = entry.module in conv1d
@@ -613,7 +614,17 @@ class LoraDelta:
                     tuple(base_shapes[key]) != entry.out_in)
             else:
                 transposed = self._fan_in_fan_out  # a shape that fits neither way: the mismatch check names it
+            if conv1d is None and entry.out_in[0] != entry.out_in[1] and transposed != self._fan_in_fan_out:
+                contradicted.append(entry.module)
+            elif conv1d is None and entry.out_in[0] == entry.out_in[1]:
+                square.append(entry.module)
             self._factors[key] = replace(entry, transposed=transposed)
+        if contradicted and square:
+            return [f"Adapter {self._name} says fan_in_fan_out={self._fan_in_fan_out}, but the layout of "
+                    f"{_examples(contradicted)} shows otherwise (peft rewrites the flag at each module, e.g. last at "
+                    f"an nn.Linear lm_head): its square modules ({_examples(square)}) are read by the flag and may "
+                    "be transposed wrongly; pass conv1d_modules= to validate()."]
+        return []
 
 
 def _looks_like_path(text: str) -> bool:

@@ -35,6 +35,7 @@ from .calibration import (
     prepare_instruction_calibration,
     prepare_reasoning_calibration,
     template_opens_think,
+    template_think_tail,
 )
 from .card import PRECOMPUTED_FEATURES_SOURCE, write_model_card
 from .checkpoints import (
@@ -566,12 +567,13 @@ class RainMerger:
                                 f"(e.g. {outside[0]}); they are not merged")
             idle = [t.weight_key for t in targets if t.weight_key not in touched and t.bias_key not in touched_bias]
             if idle:  # zero deltas: cost stage-1 work and read as "projected"; a baseline even changes them
-                if config.method in ("rain", "task_arithmetic"):
-                    effect = "they keep the reasoning model's weights"
-                elif config.method == "slerp":
+                if config.method == "slerp" and config.slerp_t > 0:
                     effect = "slerp still moves them toward the base model"
-                else:  # ties, dare: trimming or dropping acts on the reasoning model's own task vector
+                elif config.method in ("ties", "dare_ties", "dare_linear") and config.density < 1:
+                    # trimming or dropping acts on the reasoning model's own task vector
                     effect = f"{config.method} still merges them, with a zero instruct task vector, and changes them"
+                else:
+                    effect = "they keep the reasoning model's weights"
                 warnings.append(f"the adapter holds no delta for {len(idle)} of the {len(targets)} merged modules "
                                 f"(e.g. {idle[0]}); {effect}: set target_modules to the adapter's modules to leave "
                                 "them out (they then keep the reasoning model's weights)")
@@ -1174,39 +1176,34 @@ class RainMerger:
         return lam_auto_holdout(samples, self.config.lam_auto_holdout, self.config.seed)
 
     def _think_rows(self, samples: list[CalibrationSample]) -> list[tuple[list[int], list[int]]]:
-        """(token ids, thinking positions) of each sample, as L_think reads them: without the positions whose next
-        token the chat template's generation prompt supplies (the ``\\n`` of an R1-style ``<think>\\n``)."""
+        """(token ids, thinking positions) of each sample, as L_think reads them."""
         cfg = self.config
-        rows = []
-        for s in samples:
-            first = 0 if s.generated_from is None else s.generated_from - 1  # this position predicts the first
-            rows.append((list(s.input_ids), [p for p in s.think_positions(cfg.positions, cfg.window) if p >= first]))
-        return rows
+        return [(list(s.input_ids), s.think_positions(cfg.positions, cfg.window)) for s in samples]
 
     def _l_think_rows(self, heldout: list[tuple[list[int], list[int]]]) -> tuple[list[torch.Tensor], list[list[int]]]:
         """Token ids and positions where ``lam="auto"`` measures L_think: the thinking positions of each held-out
         sample but the think-close token's own, whose next token is the answer's first, and those whose next token
         the prompt gives (the chat template's tokens before the think-open decision, and the think-open token
-        itself where the template writes it). Format instructions act at the answer's first token (capitals,
+        and the whitespace after it where the template writes them, as R1-Distill's ``<think>\\n``). Format instructions act at the answer's first token (capitals,
         quotation marks, a start phrase), so a KL taken there grows with the instruction following that λ is meant
         to maximise, not with damage to the thinking format; and a prediction of a token the prompt supplies never
         shapes a generation."""
         open_id, close_id = self.plan.think_token_ids
-        # the first position the model's own output follows: the think-open decision, or after a template's <think>
-        # (the rows _think_rows made start past the template's "<think>\\n" already; this keeps features saved
-        # before it at the think-open token)
-        decided = 0 if template_opens_think(self.tokenizer, self.config) else 1
+        # the first position the model's own output follows: the think-open decision (the position before
+        # <think>), or the last token of a template's "<think>" or "<think>\\n"
+        tail = template_think_tail(self.tokenizer, self.config)
+        after_open = -1 if tail is None else tail
         ids, positions = [], []
         for sample_ids, sample_positions in heldout:
             opened = _think_open_at(sample_ids, open_id)
-            start = 0 if opened is None else opened - decided
+            start = 0 if opened is None else opened + after_open
             ids.append(torch.tensor(sample_ids))
             positions.append([p for p in sample_positions if p >= start and sample_ids[p] != close_id])
-        if not any(positions):  # positions="think" with a template that writes "<think>\\n": only </think> is left
-            raise ConfigError(f"lam='auto' has no thinking position to measure L_think at: with positions="
-                              f"{self.config.positions!r} every one is the think-close token or one whose next token "
-                              "the chat template supplies. Use positions='think+prev' or 'window' (the default), or "
-                              "a numeric lam.")
+        if not any(positions):  # the think tokens alone with a template that writes "<think>\\n": only </think>
+            raise ConfigError("lam='auto' has no thinking position to measure L_think at: with positions="
+                              f"{self.config.positions!r} (window {self.config.window}) every one is the think-close "
+                              "token or one whose next token the chat template supplies. Use positions='think+prev', "
+                              "or 'window' with window ≥ 1 (the default is 'window', 3), or a numeric lam.")
         return ids, positions
 
     def _think_open_prefixes(self, sequences: list[list[int]]) -> list[list[int]]:

@@ -187,7 +187,10 @@ def test_gpt2_conv1d_with_lm_head_is_read_per_module(bases, tmp_path):
         torch.testing.assert_close(lora.delta(key), reference[key], rtol=1e-5, atol=1e-7)
     # without the module types, the non-square c_attn [32, 96] is read in the layout its base weight shows
     lora = LoraDelta.from_pretrained(tmp_path / "ad")
-    lora.validate(shapes, None, str(bases["gpt2"]))
+    warnings = lora.validate(shapes, None, str(bases["gpt2"]))
+    # … and the square attn.c_proj, which the shapes cannot tell, is named with the way to read it right
+    assert any("its square modules (transformer.h.0.attn.c_proj, transformer.h.1.attn.c_proj)" in w
+               and "pass conv1d_modules=" in w for w in warnings)
     torch.testing.assert_close(lora.delta("transformer.h.0.attn.c_attn.weight"),
                                reference["transformer.h.0.attn.c_attn.weight"], rtol=1e-5, atol=1e-7)
 

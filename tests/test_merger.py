@@ -1084,15 +1084,13 @@ def test_lam_auto_l_think_leaves_out_the_think_close_and_prompt_positions(qwen2,
             first = {"": opened - 1, "<think>": opened, "<think>\n": opened + 1}[forced]
             if forced == "<think>\n":
                 assert tokenizer.decode(ids[opened + 1]) == "\n"
-            # the held-out rows start there already; the ±3 window reached into what the prompt supplies
-            assert min(positions) == first
-            supplied = list(range(opened - 3, first))
+            assert min(positions) < first  # the ±3 window reaches into what the prompt supplies
             with torch.no_grad():
                 log_m = torch.log_softmax(merged(torch.tensor([ids])).logits[0].double(), -1)
                 log_r = torch.log_softmax(reasoning(torch.tensor([ids])).logits[0].double(), -1)
             kl = (log_m.exp() * (log_m - log_r)).sum(-1)
             kept += [kl[p] for p in positions if p >= first and ids[p] != close_id]
-            with_all += [kl[p] for p in positions + supplied]
+            with_all += [kl[p] for p in positions]
         expected, other = float(torch.stack(kept).mean()), float(torch.stack(with_all).mean())
         assert row["l_think"] == pytest.approx(expected, rel=1e-4)
         assert abs(other - expected) > 1e-3 * expected  # the left-out positions would change the figure
@@ -1684,6 +1682,10 @@ def test_plan_warns_about_merged_modules_the_adapter_leaves_alone(qwen2, tmp_pat
                                    RainMergingConfig(method=method, lam=1.0)).warnings
         idle = [w for w in warnings if "holds no delta" in w]
         assert len(idle) == 1 and says in idle[0] and "they keep the" not in idle[0], method
+    for settings in ({"method": "ties", "density": 1.0}, {"method": "slerp", "slerp_t": 0.0}):  # these change nothing
+        warnings = RainMerger.plan(qwen2["base"], qwen2["reasoning"], tmp_path / "qv",
+                                   RainMergingConfig(lam=1.0, **settings)).warnings
+        assert any("holds no delta" in w and "they keep the reasoning model's weights" in w for w in warnings)
     narrow = RainMerger.plan(qwen2["base"], qwen2["reasoning"], tmp_path / "qv",
                              RainMergingConfig(lam=1.0, target_modules=["q_proj", "v_proj"]))
     assert not [w for w in narrow.warnings if "holds no delta" in w]
