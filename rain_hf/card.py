@@ -563,6 +563,10 @@ def _reproduction_yaml(method: str, config: dict[str, Any], info: dict[str, Any]
         else:
             text += (f"\n# {name} calibration: {entry['source']}, not a file; save it as JSONL and add it under "
                      "calibration:")
+    unprojected = (calibration.get("reasoning") or {}).get("held_out_not_projected")
+    if unprojected and config.get("lam") != "auto":
+        text += (f"\n# the thinking features held out {unprojected} reasoning samples for lam='auto' and project with "
+                 "the rest; a rerun from the file projects with all of them, so its weights differ")
     if config.get("lam") == "auto" and info.get("lam") is not None and config.get("stage1", True):
         text += (f"\n# lam='auto' chose λ = {info['lam']}, projecting with the reasoning samples it did not hold out; "
                  f"lam: {info['lam']} with the same file projects with all of them, so its weights differ")

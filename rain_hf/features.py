@@ -448,12 +448,35 @@ class ThinkFeatures:
                 else:
                     s = f.get_tensor(key)
                 bases[group] = (v, s)
+        def damaged(what: str) -> ValueError:
+            return ValueError(f"{path} is damaged: {what}. Compute the features again "
+                              "(RainMerger.compute_features) and save them.")
+
+        try:
+            module_group, settings = json.loads(meta["module_group"]), json.loads(meta["settings"])
+        except (KeyError, ValueError) as exc:
+            raise damaged(f"its metadata lacks a readable {exc}") from exc
+        if not isinstance(module_group, dict) or not isinstance(settings, dict) or not settings:
+            raise damaged("its module_group or settings metadata is not a filled mapping")
+        dtype = {"float32": torch.float32, "float64": torch.float64}.get(settings.get("precision"))
+        for group in sorted(set(module_group.values())):
+            v, s = bases.get(group, (None, None))
+            if v is None or s is None or v.dim() != 2 or s.dim() != 1 or v.shape[1] != s.numel():
+                shapes = [None if x is None else list(x.shape) for x in (v, s)]
+                raise damaged(f"the basis of {group} is missing or malformed (V, s shapes {shapes}; V must be [d, k] "
+                              "and s [k])")
+            if dtype is not None and (v.dtype != dtype or s.dtype != dtype):
+                raise damaged(f"the basis of {group} is stored as {v.dtype}/{s.dtype}, not the "
+                              f"{settings['precision']} its SVD ran in")
         heldout = []
         if held:
-            ids, pos = iter(held["ids"]), iter(held["pos"])
-            heldout = [([next(ids) for _ in range(n)], [next(pos) for _ in range(m)])
-                       for n, m in zip(held["ids_len"], held["pos_len"])]
-        return cls(bases, json.loads(meta["module_group"]), json.loads(meta["settings"]), heldout)
+            try:
+                ids, pos = iter(held["ids"]), iter(held["pos"])
+                heldout = [([next(ids) for _ in range(n)], [next(pos) for _ in range(m)])
+                           for n, m in zip(held["ids_len"], held["pos_len"], strict=True)]
+            except (KeyError, StopIteration, ValueError) as exc:
+                raise damaged(f"its held-out samples do not add up ({exc!r})") from exc
+        return cls(bases, module_group, settings, heldout)
 
 
 def _register_all(pairs: Sequence[tuple[nn.Module, Any]], pre: bool) -> list[Any]:

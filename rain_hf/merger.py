@@ -783,7 +783,8 @@ class RainMerger:
     def compute_features(self, reasoning_calibration) -> ThinkFeatures:
         """Stage-1 features of the reasoning model on ``reasoning_calibration`` (kept and returned).
 
-        They depend only on the reasoning model and its calibration set: compute them once, then merge several
+        They depend only on the reasoning model (its weights, tokenizer and chat template, and the dtype it is
+        loaded in) and its calibration set: compute them once, then merge several
         instruct models (or save them with :meth:`ThinkFeatures.save` and pass ``features=`` later). They are
         taken on the reasoning model's own weights, so a merge the model holds is undone (merge again).
         """
@@ -802,7 +803,9 @@ class RainMerger:
         cfg = self.config
         self.features.settings.update(think_open=cfg.think_open, think_close=cfg.think_close,
                                       think_spacing=cfg.think_spacing, max_length=cfg.max_length,
-                                      reasoning_fingerprint=self._reasoning_fingerprint())
+                                      reasoning_fingerprint=self._reasoning_fingerprint(),
+                                      tokenizer_digest=self._tokenizer_digest(),
+                                      loaded_dtype=str(self.model.dtype).replace("torch.", ""))
         if heldout:
             self.features.settings.update(holdout_share=cfg.lam_auto_holdout, holdout_seed=cfg.seed)
             self.calibration_info["reasoning"]["num_held_out"] = len(heldout)  # measured L_think, not projected
@@ -985,9 +988,31 @@ class RainMerger:
             self._fingerprint = checkpoint_fingerprint(self.reasoning, sample_rows={k: rows for k in keys})
         return self._fingerprint
 
+    def _tokenizer_digest(self) -> str:
+        """A digest of the tokenizer's full definition and chat template: they decide which tokens the calibration
+        text becomes, and so where the thinking features were taken."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        text = (backend.to_str() if backend is not None else repr(sorted(self.tokenizer.get_vocab().items()))) \
+            + "\0" + str(getattr(self.tokenizer, "chat_template", None))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
     def _check_features_model(self) -> None:
-        """Refuse thinking features computed on another reasoning model (they would project the wrong null space)."""
-        recorded = self.features.settings.get("reasoning_fingerprint")
+        """Refuse thinking features computed on another reasoning model (they would project the wrong null space);
+        warn about features taken with another tokenizer or chat template, or in another dtype."""
+        settings = self.features.settings
+        if settings.get("tokenizer_digest") not in (None, self._tokenizer_digest()):
+            self.report.warnings.append(
+                "the thinking features were computed with another tokenizer or chat template than this merger's (a "
+                "different tokenizer.json or template, or another transformers version that writes it otherwise): "
+                "if they render the calibration text differently, the features protect other positions; recompute "
+                "them with this tokenizer to be sure")
+        loaded = str(self.model.dtype).replace("torch.", "")
+        if settings.get("loaded_dtype") not in (None, loaded):
+            self.report.warnings.append(
+                f"the thinking features were taken with the reasoning model loaded in {settings['loaded_dtype']}, "
+                f"this merge loads it in {loaded}: the protected subspace is {settings['loaded_dtype']}'s; recompute "
+                "the features to match")
+        recorded = settings.get("reasoning_fingerprint")
         if recorded is None:
             logger.warning("These thinking features do not record which reasoning model they come from (saved by an "
                            "older rain_hf); make sure it is %s.", self.sources["reasoning"].describe())
@@ -1383,9 +1408,13 @@ class RainMerger:
                 "reasoning_fingerprint": self.features.settings.get("reasoning_fingerprint")}
             if auto and held:
                 info["reasoning"]["num_held_out"] = held
+            elif held:  # features for lam="auto" reused at a numeric λ: the held-out samples were not projected
+                info["reasoning"]["held_out_not_projected"] = held
         elif info["reasoning"] and not auto and info["reasoning"].get("num_held_out"):
             # λ was set to a number since, and the features are reused: they project the samples not held out
-            info["reasoning"]["num_samples"] -= info["reasoning"].pop("num_held_out")
+            held = info["reasoning"].pop("num_held_out")
+            info["reasoning"]["num_samples"] -= held
+            info["reasoning"]["held_out_not_projected"] = held
         return info
 
     def save_pretrained(

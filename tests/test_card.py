@@ -303,6 +303,9 @@ def test_calibration_that_is_not_a_file_is_not_put_in_the_config():
     text = build_model_card(info).content
     assert "calibration" not in _yaml_block(text)
     assert "# reasoning calibration: precomputed thinking features; add under calibration: the file" in text
+    info["calibration"]["reasoning"]["held_out_not_projected"] = 2  # lam='auto' features reused at a numeric λ
+    assert ("# the thinking features held out 2 reasoning samples for lam='auto' and project with the rest; a rerun "
+            "from the file projects with all of them") in build_model_card(info).content
 
 
 @pytest.mark.parametrize("coefficients", [[[float("nan"), float("nan")]], []])

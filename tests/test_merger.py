@@ -530,6 +530,40 @@ def test_features_reused_from_memory_and_disk(qwen2, tmp_path):
     loaded = ThinkFeatures.load(path)
     with pytest.raises(ValueError, match="positions"):
         loaded.check_compatible(RainMergingConfig(positions="think"), [])
+    assert loaded.settings["loaded_dtype"] == "float32" and len(loaded.settings["tokenizer_digest"]) == 16
+    # a damaged file is refused when it is loaded, naming it, not with an internal error half way into a merge
+    from safetensors import safe_open
+
+    tensors = load_file(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    group = next(iter(json.loads(meta["module_group"]).values()))
+    for edit, says in ((lambda d: d.pop(f"{group}::s"), "missing or malformed"),
+                       (lambda d: d.update({f"{group}::V": d[f"{group}::V"][:-1, :-1].contiguous()}), "missing or malformed"),
+                       (lambda d: d.update({f"{group}::V": d[f"{group}::V"].bfloat16()}), "not the float32")):
+        damaged = dict(tensors)
+        edit(damaged)
+        save_file(damaged, tmp_path / "damaged.safetensors", metadata=meta)
+        with pytest.raises(ValueError, match=f"damaged.safetensors is damaged: the basis of {group} .*{says}"):
+            ThinkFeatures.load(tmp_path / "damaged.safetensors")
+    save_file(tensors, tmp_path / "damaged.safetensors", metadata={**meta, "settings": "{}"})
+    with pytest.raises(ValueError, match="is damaged: its module_group or settings"):
+        ThinkFeatures.load(tmp_path / "damaged.safetensors")
+
+
+def test_features_from_another_tokenizer_or_dtype_are_warned_about(qwen2, tmp_path):
+    features = _merger(qwen2, lam=1.0, stage2=False).compute_features(reasoning_records())
+    templated = tmp_path / "reasoning"
+    shutil.copytree(qwen2["reasoning"], templated)
+    template = templated / "chat_template.jinja"
+    template.write_text(template.read_text().replace("<|assistant|>", "<|assistant|> "))
+    merger = RainMerger.from_pretrained(qwen2["base"], templated, qwen2["instruct"],
+                                        RainMergingConfig(lam=1.0, stage2=False), features=features,
+                                        torch_dtype="float64")
+    merger.merge()
+    text = " ".join(merger.report.warnings)
+    assert "computed with another tokenizer or chat template" in text
+    assert "loaded in float32, this merge loads it in float64" in text
 
 
 def test_features_of_another_reasoning_model_or_template_are_refused(qwen2, tmp_path, tokenizer, caplog):
@@ -1119,6 +1153,11 @@ def test_default_lam_is_auto_and_reused_features_keep_their_heldout_samples(qwen
     assert summary["num_samples"] == 8 and summary["num_held_out"] == 2
     direct = first._calibration_summary()["reasoning"]  # the same figures as the merge that computed them
     assert (direct["num_samples"], direct["num_held_out"]) == (8, 2)
+    numeric = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
+                                         RainMergingConfig(lam=1.0, stage2=False), features=path)
+    numeric.merge()  # projects with the six samples the features kept: the card says a rerun from the file differs
+    summary = numeric._calibration_summary()["reasoning"]
+    assert (summary["num_samples"], summary["held_out_not_projected"]) == (6, 2)
     first.config.lam = 1.0  # edited, not merged yet: the records still describe the lam='auto' merge
     assert first._calibration_summary()["reasoning"]["num_held_out"] == 2
     first.merge()  # a number since: the reused features project the 6 not held out, on either path
