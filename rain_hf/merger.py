@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +141,42 @@ class MergePlan:
     vocab: dict[str, int]
     think_token_ids: tuple[int, int]
     warnings: list[str] = field(default_factory=list)
+    #: what the checks that depend on editable settings (method, stage 2, density, slerp_t) read, so that merge()
+    #: repeats them with the config as it is then: decoder layers without softmax attention, number of decoder
+    #: layers, attention projections without a head map, merged modules an adapter holds no delta for
+    attentionless_layers: list[int] = field(default_factory=list)
+    num_decoder_layers: int = 0
+    unmapped: list[str] = field(default_factory=list)
+    idle: list[str] = field(default_factory=list)
+
+    def config_warnings(self, config: RainMergingConfig) -> list[str]:
+        """The plan's warnings that depend on editable settings, for ``config``; raise ConfigError where stage 2
+        would score decoder layers that hold no softmax attention."""
+        merged_layers = {t.layer for t in self.targets}
+        bare = [i for i in self.attentionless_layers if i in merged_layers]
+        stage2 = config.method == "rain" and config.stage2
+        if bare and stage2:
+            attention = [i for i in range(self.num_decoder_layers) if i not in self.attentionless_layers]
+            raise ConfigError(f"Decoder layers {bare} hold no softmax attention module (linear attention, e.g. "
+                              "Qwen3-Next's Gated DeltaNet), so stage 2 has no instruction attention to score "
+                              f"there: set stage2=False, or config.layers to the attention layers {attention}.")
+        warnings = []
+        if self.unmapped and stage2:
+            # e.g. multi-head latent attention (DeepSeek-V3), or a query projection that also carries a gate
+            warnings.append(f"{len(self.unmapped)} attention projections could not be mapped to heads (e.g. "
+                            f"{self.unmapped[0]}): stage 2 scales each of them by its layer's mean α, not per head")
+        if self.idle:  # zero deltas: cost stage-1 work and read as "projected"; a baseline even changes them
+            if config.method == "slerp" and config.slerp_t > 0:
+                effect = "slerp still moves them toward the base model"
+            elif config.method in ("ties", "dare_ties", "dare_linear") and config.density < 1:
+                # trimming or dropping acts on the reasoning model's own task vector
+                effect = f"{config.method} still merges them, with a zero instruct task vector, and changes them"
+            else:
+                effect = "they keep the reasoning model's weights"
+            warnings.append(f"the adapter holds no delta for {len(self.idle)} of the {len(self.targets)} merged "
+                            f"modules (e.g. {self.idle[0]}); {effect}: set target_modules to the adapter's modules "
+                            "to leave them out (they then keep the reasoning model's weights)")
+        return warnings
 
     def summary(self) -> str:
         lines = [f"rain_hf merge plan (method={self.config.method}, lam={self.config.lam})"]
@@ -443,6 +479,7 @@ class RainMerger:
         self.instruct = instruct
         self.device = device
         self.features = features
+        self._given_features = features  # from from_pretrained(features=...): replacing them is said
         self._stage1_samples: list[CalibrationSample] | None = None  # kept for config.sequential
         self._given_config: tuple[RainMergingConfig, dict[str, Any]] | None = None  # the caller's object, as given
         self.report = MergeReport(method=self.config.method, vocab=dict(plan.vocab), warnings=list(plan.warnings))
@@ -514,25 +551,16 @@ class RainMerger:
         base = LazyCheckpoint(sources["base"].path, f"the base model {shown['base']}")
         skeleton = _skeleton(configs["reasoning"])
         targets = find_target_modules(skeleton, config)
-        if config.method == "rain" and config.stage2:
-            merged_layers = {t.layer for t in targets}
-            linear = layers_without_attention(skeleton)
-            bare = [i for i in linear if i in merged_layers]
-            if bare:
-                attention = [i for i in range(len(find_decoder_layers(skeleton)[1])) if i not in linear]
-                raise ConfigError(f"Decoder layers {bare} hold no softmax attention module (linear attention, e.g. "
-                                  "Qwen3-Next's Gated DeltaNet), so stage 2 has no instruction attention to score "
-                                  f"there: set stage2=False, or config.layers to the attention layers {attention}.")
+        checks = MergePlan(config, sources, "", "", attention_geometry(configs["reasoning"]), targets, {}, (0, 0),
+                           attentionless_layers=layers_without_attention(skeleton),
+                           num_decoder_layers=len(find_decoder_layers(skeleton)[1]),
+                           unmapped=[t.name for t in targets if t.in_attention and t.kind == "other"])
+        checks.config_warnings(config)  # a stage 2 with nothing to score is refused before any download of weights
         fused = unmergeable_weights(skeleton)
         if fused:
             warnings.append(f"{len(fused)} weight matrices inside the decoder blocks do not belong to linear "
                             f"layers (fused mixture-of-experts weights, routers that are no linear layer, "
                             f"convolutions …; e.g. {fused[0]}) and are not merged: they stay the reasoning model's")
-        unmapped = [t.name for t in targets if t.in_attention and t.kind == "other"]
-        if unmapped and config.method == "rain" and config.stage2:
-            # e.g. multi-head latent attention (DeepSeek-V3), or a query projection that also carries a gate
-            warnings.append(f"{len(unmapped)} attention projections could not be mapped to heads (e.g. "
-                            f"{unmapped[0]}): stage 2 scales each of them by its layer's mean α, not per head")
         routers = merged_routers(skeleton, targets)
         if routers:
             warnings.append(f"{len(routers)} merged modules are mixture-of-experts routers (e.g. {routers[0]}): the "
@@ -565,18 +593,8 @@ class RainMerger:
             if outside:
                 warnings.append(f"the adapter holds deltas for {len(outside)} tensors outside the merged set "
                                 f"(e.g. {outside[0]}); they are not merged")
-            idle = [t.weight_key for t in targets if t.weight_key not in touched and t.bias_key not in touched_bias]
-            if idle:  # zero deltas: cost stage-1 work and read as "projected"; a baseline even changes them
-                if config.method == "slerp" and config.slerp_t > 0:
-                    effect = "slerp still moves them toward the base model"
-                elif config.method in ("ties", "dare_ties", "dare_linear") and config.density < 1:
-                    # trimming or dropping acts on the reasoning model's own task vector
-                    effect = f"{config.method} still merges them, with a zero instruct task vector, and changes them"
-                else:
-                    effect = "they keep the reasoning model's weights"
-                warnings.append(f"the adapter holds no delta for {len(idle)} of the {len(targets)} merged modules "
-                                f"(e.g. {idle[0]}); {effect}: set target_modules to the adapter's modules to leave "
-                                "them out (they then keep the reasoning model's weights)")
+            checks.idle = [t.weight_key for t in targets
+                           if t.weight_key not in touched and t.bias_key not in touched_bias]
         else:
             instruct_ckpt = LazyCheckpoint(sources["instruct"].path, f"the instruct model {shown['instruct']}")
             instruct = FullDelta(instruct_ckpt, base)
@@ -646,9 +664,10 @@ class RainMerger:
         except Exception as exc:
             raise CheckpointError(f"The reasoning model {shown['reasoning']} has no loadable tokenizer ({exc}).") from exc
         think_ids = check_think_tokens(tokenizer, config)
-        plan = MergePlan(config, sources, "lora" if adapter else "full", configs["reasoning"].model_type,
-                         attention_geometry(configs["reasoning"]), targets, vocab, think_ids, warnings)
-        for w in warnings:
+        plan = replace(checks, instruct_kind="lora" if adapter else "full",
+                                   model_type=configs["reasoning"].model_type, vocab=vocab, think_token_ids=think_ids)
+        plan.warnings = warnings + plan.config_warnings(config)
+        for w in plan.warnings:
             logger.warning(w)
         if _return_parts:
             return plan, tokenizer, reasoning, base, instruct
@@ -1033,8 +1052,14 @@ class RainMerger:
         """A report for the merge about to run: the load's warnings and timing, and the stage-1 feature timing (the
         features may come from an earlier compute_features call); nothing from an earlier merge."""
         timings = {k: v for k, v in self.report.timings.items() if k in ("load", "stage1_features")}
+        # the plan's warnings for its own config, those that depend on editable settings again for this merge's
+        fixed = [w for w in self.plan.warnings if w not in self.plan.config_warnings(self.plan.config)]
+        now = self.plan.config_warnings(self.config)
+        for warning in now:
+            if warning not in self.plan.warnings:  # the plan logged its own
+                logger.warning(warning)
         self.report = MergeReport(method=self.config.method, vocab=dict(self.plan.vocab),
-                                  warnings=list(self.plan.warnings), timings=timings)
+                                  warnings=fixed + now, timings=timings)
 
     def _merged_keys(self) -> set[str]:
         keys = {t.weight_key for t in self.targets}
@@ -1115,6 +1140,12 @@ class RainMerger:
             heldout = self._think_rows(self._prepare("reasoning", reasoning_calibration))
         if cfg.stage1:
             if reasoning_calibration is not None:
+                if self.features is not None and self.features is self._given_features:
+                    self.report.warnings.append(
+                        "reasoning_calibration was given to merge(), so the thinking features passed to "
+                        "from_pretrained(features=...) are replaced by features of that data (and the merge may run "
+                        "sequential); leave reasoning_calibration out to merge with the given features")
+                    logger.warning(self.report.warnings[-1])
                 self.compute_features(reasoning_calibration)
             else:  # the features' own data, as compute_features recorded it (None for features from a file)
                 self.calibration_info["reasoning"] = copy.deepcopy(self._features_calibration)

@@ -527,6 +527,8 @@ def test_features_reused_from_memory_and_disk(qwen2, tmp_path):
     for (k, v), (k2, v2) in zip(first.model.named_parameters(), again.model.named_parameters()):
         assert k == k2 and torch.equal(v, v2)
     assert "stage1_features" not in again.report.timings
+    again.merge(reasoning_records())  # data given to merge() replaces the features given: said, not silent
+    assert any("features passed to from_pretrained(features=...) are replaced" in w for w in again.report.warnings)
     loaded = ThinkFeatures.load(path)
     with pytest.raises(ValueError, match="positions"):
         loaded.check_compatible(RainMergingConfig(positions="think"), [])
@@ -1721,6 +1723,13 @@ def test_plan_warns_about_merged_modules_the_adapter_leaves_alone(qwen2, tmp_pat
                                    RainMergingConfig(method=method, lam=1.0)).warnings
         idle = [w for w in warnings if "holds no delta" in w]
         assert len(idle) == 1 and says in idle[0] and "they keep the" not in idle[0], method
+    # a merger made for one method and merged with another describes the merge it ran, not the one it was made for
+    merger = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], tmp_path / "qv",
+                                        RainMergingConfig(method="task_arithmetic", lam=1.0))
+    merger.config.method = "slerp"
+    merger.merge()
+    idle = [w for w in merger.report.warnings if "holds no delta" in w]
+    assert len(idle) == 1 and "slerp still moves them toward the base model" in idle[0]
     for settings in ({"method": "ties", "density": 1.0}, {"method": "slerp", "slerp_t": 0.0}):  # these change nothing
         warnings = RainMerger.plan(qwen2["base"], qwen2["reasoning"], tmp_path / "qv",
                                    RainMergingConfig(lam=1.0, **settings)).warnings
@@ -2206,6 +2215,10 @@ def test_moe_layouts_the_plan_cannot_merge_are_named(tmp_path, arch):
             RainMerger.plan(*models, RainMergingConfig(lam=1.0, layers=[0, 1]))
         plan = RainMerger.plan(*models, RainMergingConfig(lam=1.0, stage2=False))
         assert {t.layer for t in plan.targets} == {0, 1, 2, 3}
+        merger = RainMerger.from_pretrained(*models, RainMergingConfig(lam=1.0, stage2=False))
+        merger.config.stage2 = True  # as the README suggests for comparing stages on one loaded model
+        with pytest.raises(ConfigError, match=r"Decoder layers \[0, 1, 2\] hold no softmax attention module"):
+            merger.merge(testing.reasoning_records(2), testing.instruction_records(2))
     elif arch == "deepseek_v3":  # latent attention: no projection has the per-head layout stage 2 scales
         plan = RainMerger.plan(*models, RainMergingConfig(lam=1.0))
         assert any(w.startswith("16 attention projections could not be mapped to heads (e.g. model.layers.0."
