@@ -456,8 +456,8 @@ class ThinkFeatures:
             module_group, settings = json.loads(meta["module_group"]), json.loads(meta["settings"])
         except (KeyError, ValueError) as exc:
             raise damaged(f"its metadata lacks a readable {exc}") from exc
-        if not isinstance(module_group, dict) or not isinstance(settings, dict) or not settings:
-            raise damaged("its module_group or settings metadata is not a filled mapping")
+        if not isinstance(module_group, dict) or not isinstance(settings, dict):
+            raise damaged("its module_group or settings metadata is not a mapping")
         dtype = {"float32": torch.float32, "float64": torch.float64}.get(settings.get("precision"))
         for group in sorted(set(module_group.values())):
             v, s = bases.get(group, (None, None))

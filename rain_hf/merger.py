@@ -1011,8 +1011,13 @@ class RainMerger:
         """A digest of the tokenizer's full definition and chat template: they decide which tokens the calibration
         text becomes, and so where the thinking features were taken."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        text = (backend.to_str() if backend is not None else repr(sorted(self.tokenizer.get_vocab().items()))) \
-            + "\0" + str(getattr(self.tokenizer, "chat_template", None))
+        if backend is not None:
+            # without the padding and truncation state, which every padded or truncated call sets for a while
+            definition = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("padding", "truncation")}
+            text = json.dumps(definition, sort_keys=True)
+        else:
+            text = repr(sorted(self.tokenizer.get_vocab().items()))
+        text += "\0" + str(getattr(self.tokenizer, "chat_template", None))
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
     def _check_features_model(self) -> None:
@@ -1025,12 +1030,14 @@ class RainMerger:
                 "different tokenizer.json or template, or another transformers version that writes it otherwise): "
                 "if they render the calibration text differently, the features protect other positions; recompute "
                 "them with this tokenizer to be sure")
+            logger.warning(self.report.warnings[-1])
         loaded = str(self.model.dtype).replace("torch.", "")
         if settings.get("loaded_dtype") not in (None, loaded):
             self.report.warnings.append(
                 f"the thinking features were taken with the reasoning model loaded in {settings['loaded_dtype']}, "
                 f"this merge loads it in {loaded}: the protected subspace is {settings['loaded_dtype']}'s; recompute "
                 "the features to match")
+            logger.warning(self.report.warnings[-1])
         recorded = settings.get("reasoning_fingerprint")
         if recorded is None:
             logger.warning("These thinking features do not record which reasoning model they come from (saved by an "
@@ -1095,6 +1102,7 @@ class RainMerger:
         if changed:
             raise ConfigError(f"merger.config.{changed[0]} changed after the merger was made; the modules to merge "
                               "and the think tokens are fixed by the plan: make a new RainMerger with that config.")
+        self.plan.config_warnings(cfg)  # its refusals before reset(), so that a finished merge is kept
         self._check_output_dtypes()  # output_dtype may have changed since the merger was made
         if self._touched:  # a finished merge, or one that failed half way
             self.reset()

@@ -548,7 +548,7 @@ def test_features_reused_from_memory_and_disk(qwen2, tmp_path):
         save_file(damaged, tmp_path / "damaged.safetensors", metadata=meta)
         with pytest.raises(ValueError, match=f"damaged.safetensors is damaged: the basis of {group} .*{says}"):
             ThinkFeatures.load(tmp_path / "damaged.safetensors")
-    save_file(tensors, tmp_path / "damaged.safetensors", metadata={**meta, "settings": "{}"})
+    save_file(tensors, tmp_path / "damaged.safetensors", metadata={**meta, "settings": "[]"})
     with pytest.raises(ValueError, match="is damaged: its module_group or settings"):
         ThinkFeatures.load(tmp_path / "damaged.safetensors")
 
@@ -566,6 +566,12 @@ def test_features_from_another_tokenizer_or_dtype_are_warned_about(qwen2, tmp_pa
     text = " ".join(merger.report.warnings)
     assert "computed with another tokenizer or chat template" in text
     assert "loaded in float32, this merge loads it in float64" in text
+    # the same tokenizer after a padded, truncated call (batched generation between merges) is the same tokenizer
+    same = _merger(qwen2, lam=1.0, stage2=False)
+    same.compute_features(reasoning_records())
+    same.tokenizer(["a b c", "a"], padding=True, truncation=True, max_length=2)
+    same.merge()
+    assert not any("another tokenizer" in w for w in same.report.warnings)
 
 
 def test_features_of_another_reasoning_model_or_template_are_refused(qwen2, tmp_path, tokenizer, caplog):
@@ -2216,9 +2222,11 @@ def test_moe_layouts_the_plan_cannot_merge_are_named(tmp_path, arch):
         plan = RainMerger.plan(*models, RainMergingConfig(lam=1.0, stage2=False))
         assert {t.layer for t in plan.targets} == {0, 1, 2, 3}
         merger = RainMerger.from_pretrained(*models, RainMergingConfig(lam=1.0, stage2=False))
+        merger.merge(testing.reasoning_records(2))
         merger.config.stage2 = True  # as the README suggests for comparing stages on one loaded model
         with pytest.raises(ConfigError, match=r"Decoder layers \[0, 1, 2\] hold no softmax attention module"):
             merger.merge(testing.reasoning_records(2), testing.instruction_records(2))
+        assert merger.merged  # the refusal keeps the finished merge
     elif arch == "deepseek_v3":  # latent attention: no projection has the per-head layout stage 2 scales
         plan = RainMerger.plan(*models, RainMergingConfig(lam=1.0))
         assert any(w.startswith("16 attention projections could not be mapped to heads (e.g. model.layers.0."
