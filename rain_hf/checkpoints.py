@@ -221,8 +221,8 @@ class LazyCheckpoint:
         if index.is_file() and not single.is_file():
             document = read_json(index, self.name)
             weight_map = document.get("weight_map") if isinstance(document, dict) else None
-            if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str)
-                                                                             for v in weight_map.values()):
+            if not (isinstance(weight_map, dict) and weight_map
+                    and all(isinstance(v, str) for v in weight_map.values())):
                 raise CheckpointError(f"{self.name}: {index} has no valid 'weight_map' (tensor name → shard file). "
                                       "The checkpoint is damaged: download or save it again.")
             files = sorted(set(weight_map.values()))

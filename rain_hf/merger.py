@@ -665,7 +665,7 @@ class RainMerger:
             raise CheckpointError(f"The reasoning model {shown['reasoning']} has no loadable tokenizer ({exc}).") from exc
         think_ids = check_think_tokens(tokenizer, config)
         plan = replace(checks, instruct_kind="lora" if adapter else "full",
-                                   model_type=configs["reasoning"].model_type, vocab=vocab, think_token_ids=think_ids)
+                       model_type=configs["reasoning"].model_type, vocab=vocab, think_token_ids=think_ids)
         plan.warnings = warnings + plan.config_warnings(config)
         for w in plan.warnings:
             logger.warning(w)
@@ -1247,11 +1247,11 @@ class RainMerger:
     def _l_think_rows(self, heldout: list[tuple[list[int], list[int]]]) -> tuple[list[torch.Tensor], list[list[int]]]:
         """Token ids and positions where ``lam="auto"`` measures L_think: the thinking positions of each held-out
         sample but the think-close token's own, whose next token is the answer's first, and those whose next token
-        the prompt gives (the chat template's tokens before the think-open decision, and the think-open token
-        and the whitespace after it where the template writes them, as R1-Distill's ``<think>\\n``). Format instructions act at the answer's first token (capitals,
-        quotation marks, a start phrase), so a KL taken there grows with the instruction following that λ is meant
-        to maximise, not with damage to the thinking format; and a prediction of a token the prompt supplies never
-        shapes a generation."""
+        the prompt gives (the chat template's tokens before the think-open decision, and the think-open token and
+        the whitespace after it where the template writes them, as R1-Distill's ``<think>\\n``). Format
+        instructions act at the answer's first token (capitals, quotation marks, a start phrase), so a KL taken
+        there grows with the instruction following that λ is meant to maximise, not with damage to the thinking
+        format; and a prediction of a token the prompt supplies never shapes a generation."""
         open_id, close_id = self.plan.think_token_ids
         # the first position the model's own output follows: the think-open decision (the position before
         # <think>), or the last token of a template's "<think>" or "<think>\\n"
