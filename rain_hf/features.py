@@ -555,8 +555,8 @@ def capture_think_features(
         svd_device: where to run the SVDs (default: the model's input device).
     """
     device = _input_device(model)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model  # before any hook: nothing may fail between the hooks and the try that removes them
     recorder = _FeatureRecorder(model, targets)
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
     n_rows = 0
     try:
         with eval_mode(model):
@@ -710,9 +710,9 @@ class LayerReplay:
 
             return hook
 
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model  # before the hooks (see capture_think_features)
         handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in
                    enumerate(self.layers)]
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
         try:
             with eval_mode(model):
                 for batch in _batches(samples, config.batch_size):
@@ -875,9 +875,9 @@ def collect_attention_stats(
     logger.info("Stage 2 runs eager attention: up to %.1f MiB per layer for the largest calibration batch (lower "
                 "batch_size or max_length if that does not fit).", peak / 2**20)
     previous = getattr(model.config, "_attn_implementation", None)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model  # before the hooks (see capture_think_features)
     handles = _register_all([(_attention_of(blocks[layer])[1], make_hook(row)) for row, layer in enumerate(layers)],
                             pre=False)
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
     try:
         model.set_attn_implementation("eager")
         with eval_mode(model):

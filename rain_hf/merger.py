@@ -18,7 +18,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -817,20 +817,22 @@ class RainMerger:
         heldout: list[CalibrationSample] = []
         if self.config.lam == "auto":
             samples, heldout = self._hold_out(samples)
-        self.features = capture_think_features(self.model, samples, self.targets, self.config, self._pad_id(),
-                                               svd_device=self.device)
+        # built apart and put in place whole: an interruption leaves the merger's features as they were
+        features = capture_think_features(self.model, samples, self.targets, self.config, self._pad_id(),
+                                          svd_device=self.device)
         cfg = self.config
-        self.features.settings.update(think_open=cfg.think_open, think_close=cfg.think_close,
-                                      think_spacing=cfg.think_spacing, max_length=cfg.max_length,
-                                      reasoning_fingerprint=self._reasoning_fingerprint(),
-                                      tokenizer_digest=self._tokenizer_digest(),
-                                      loaded_dtype=str(self.model.dtype).replace("torch.", ""))
+        features.settings.update(think_open=cfg.think_open, think_close=cfg.think_close,
+                                 think_spacing=cfg.think_spacing, max_length=cfg.max_length,
+                                 reasoning_fingerprint=self._reasoning_fingerprint(),
+                                 tokenizer_digest=self._tokenizer_digest(),
+                                 loaded_dtype=str(self.model.dtype).replace("torch.", ""))
+        features.heldout = self._think_rows(heldout)
+        calibration = copy.deepcopy(self.calibration_info["reasoning"])
         if heldout:
-            self.features.settings.update(holdout_share=cfg.lam_auto_holdout, holdout_seed=cfg.seed)
-            self.calibration_info["reasoning"]["num_held_out"] = len(heldout)  # measured L_think, not projected
-        self._features_calibration = copy.deepcopy(self.calibration_info["reasoning"])
-        self._stage1_samples = samples
-        self.features.heldout = self._think_rows(heldout)
+            features.settings.update(holdout_share=cfg.lam_auto_holdout, holdout_seed=cfg.seed)
+            calibration["num_held_out"] = len(heldout)  # measured L_think, not projected
+        self.features, self._stage1_samples, self._features_calibration = features, samples, calibration
+        self.calibration_info["reasoning"] = copy.deepcopy(calibration)
         self.report.timings["stage1_features"] = time.perf_counter() - start
         return self.features
 
@@ -988,6 +990,16 @@ class RainMerger:
                 self._refuse_non_finite(key, merged)
                 self._write_param(key, merged.to(self._output_dtype(key)))
 
+    def _undo_on_failure(self, final_pass: Callable[[], None]) -> None:
+        """Run a merge's final pass over the weights; if it fails half way, put the reasoning model back (the model
+        a merge returned must not hold a mix), and raise the failure itself."""
+        try:
+            final_pass()
+        except BaseException:
+            with contextlib.suppress(Exception):  # a failing reset must not hide why the merge failed
+                self.reset()
+            raise
+
     def reset(self) -> None:
         """Put the reasoning model's own weights back into every merged module (read again from its files)."""
         self.merged = False  # first: an interruption half way must not leave a mixed model that saves
@@ -1132,7 +1144,7 @@ class RainMerger:
                 + f" ({', '.join(context)}): leave them out, or set what uses them.{hint}")
             logger.warning(self.report.warnings[-1])
         if cfg.method != "rain":
-            self._apply_baseline()
+            self._undo_on_failure(self._apply_baseline)
             # SLERP has no λ: its strength is slerp_t
             self.report.lam = float(cfg.lam) if not isinstance(cfg.lam, str) and cfg.method != "slerp" else None
             self.report.timings["merge"] = time.perf_counter() - start
@@ -1218,7 +1230,7 @@ class RainMerger:
             lam = self._choose_lambda(alpha, heldout if not cfg.stage1 else self.features.heldout,
                                       [s.input_ids for s in instruction_samples])
         t3 = time.perf_counter()
-        self._apply_rain(float(lam), alpha, record=True, desc="merge")
+        self._undo_on_failure(lambda: self._apply_rain(float(lam), alpha, record=True, desc="merge"))
         self.report.lam = float(lam)
         self.report.timings["merge"] = time.perf_counter() - t3
         self._merged_config = copy.deepcopy(cfg)

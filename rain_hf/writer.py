@@ -154,9 +154,12 @@ class ShardedSafetensorsWriter:
         return weight_map
 
     def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Close the open shard, if any. Its folder is deleted anyway, so a failing close (the flush of a full disk)
+        is not raised: the error that stopped the save is the one to report."""
+        file, self._file = self._file, None
+        if file is not None:
+            with contextlib.suppress(OSError):
+                file.close()
 
 
 def holds_output(target: str | os.PathLike) -> bool:
@@ -224,8 +227,9 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False, marker:
     made = [p for p in (target.parent, *target.parent.parents) if not p.exists()]  # innermost first
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the output is an ordinary folder
     try:
+        with contextlib.suppress(OSError):  # some mounted file systems refuse it; the folder works all the same
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the output is an ordinary folder
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -267,9 +271,10 @@ def _filled_in_place(target: Path) -> Iterator[Path]:
     """Yield a temporary folder inside the empty folder ``target``; move its files up only when the block
     succeeds, else leave ``target`` empty again."""
     tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=target))
-    os.chmod(tmp, 0o755)
     moved: list[Path] = []
     try:
+        with contextlib.suppress(OSError):  # as in atomic_directory
+            os.chmod(tmp, 0o755)
         yield tmp
         for entry in sorted(tmp.iterdir()):
             os.replace(entry, target / entry.name)

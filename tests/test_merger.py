@@ -672,6 +672,54 @@ def test_a_merge_that_fails_half_way_leaves_nothing_behind(qwen2, monkeypatch):
     assert len(calibration["instruction"]["sha256"]) == 64
 
 
+@pytest.mark.parametrize("method", ["rain", "ties"])
+def test_a_final_pass_that_fails_half_way_puts_the_reasoning_model_back(qwen2, monkeypatch, method):
+    import rain_hf.merger as merger_module
+    import rain_hf.methods as methods_module
+
+    merger = _merger(qwen2, method=method, lam=1.0, stage2=False, sequential=False)
+    if method == "rain":
+        merger.compute_features(reasoning_records())
+    reasoning = _weights(qwen2["reasoning"])
+    calls = {"n": 0}
+    module, name = (methods_module, "merge_tensor") if method == "ties" else (merger_module, "project_svd")
+    original = getattr(module, name)
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # the fifth module: four are merged already
+            raise OSError("disk read failed")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, failing)
+    with pytest.raises(OSError, match="disk read failed"):  # the failure itself, not a cleanup's
+        merger.merge()
+    assert calls["n"] == 5 and not merger.merged
+    params = dict(merger.model.named_parameters())
+    assert all(torch.equal(params[t.weight_key].detach(), reasoning[t.weight_key]) for t in merger.targets)
+
+
+def test_an_interrupted_feature_capture_changes_nothing(qwen2, monkeypatch):
+    import rain_hf.features as features_module
+
+    merger = _merger(qwen2, lam=1.0, stage2=False)
+    first = merger.compute_features(reasoning_records(3))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(merger, "_tokenizer_digest", interrupted)  # after the capture, before the features are set
+    with pytest.raises(KeyboardInterrupt):
+        merger.compute_features(reasoning_records(5))
+    assert merger.features is first and merger._features_calibration["num_samples"] == 3
+    monkeypatch.undo()
+    # a failure between registering the capture's hooks and the try that removes them leaves none behind
+    monkeypatch.setattr(merger.model, "get_decoder", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        features_module.capture_think_features(merger.model, [], merger.targets, merger.config, 0)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in merger.model.modules())
+
+
 def test_bf16_output_rounds_once_from_fp32(qwen2, tmp_path):
     merger = _merger(qwen2, lam=1.0, stage1=False, stage2=False, output_dtype="bfloat16")
     merger.merge()

@@ -63,6 +63,32 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any((tmp_path / "kept").iterdir())
 
 
+def test_a_file_system_that_refuses_chmod_or_a_failing_close_leave_no_debris(tmp_path, monkeypatch):
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "chmod", refused)  # some mounted file systems do
+    for target in (tmp_path / "new" / "sub" / "out", tmp_path / "empty"):
+        if target.name == "empty":
+            target.mkdir()  # filled in place
+        with atomic_directory(target) as tmp:
+            (tmp / "config.json").write_text("{}")
+        assert sorted(p.name for p in target.iterdir()) == ["config.json"]
+    monkeypatch.undo()
+    # a shard whose close fails too (the flush of a full disk) must not replace the error that stopped the save
+    (tmp_path / "w").mkdir()
+    writer = ShardedSafetensorsWriter(tmp_path / "w", [TensorSpec("a", (2,), torch.float32)], 1 << 20)
+    writer.write("a", torch.zeros(2))
+
+    class FailingFile:
+        def close(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    writer._file = FailingFile()
+    writer.abort()
+    assert writer._file is None
+
+
 def test_atomic_directory_never_overwrites_unless_asked(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
