@@ -35,7 +35,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -586,12 +586,21 @@ def _apply_template(tokenizer: Any, prompt: str) -> str:
     return rendered
 
 
-def _generation_prefix(tokenizer: Any, template: _Template, prompt: str) -> tuple[str, int]:
-    """The rendered prompt up to and including ``<think>\\n``, and the character offset of the think-open token.
+def _generation_prefix(tokenizer: Any, template: _Template, prompt: str) -> tuple[str, int, int]:
+    """The rendered prompt up to and including ``<think>\\n``, the character offset of the think-open token, and
+    that of the prompt.
 
-    The real rendering is compared with the sentinel split so that the prompt's offset is known exactly.
+    The real rendering is compared with the sentinel split so that the prompt's offset is known exactly. A
+    template that renders something of the moment (today's date in a default system prompt) is split again when
+    it changed since: a run that crosses midnight must not lose the records rendered after it.
     """
     rendered = _apply_template(tokenizer, prompt)
+    if rendered != template.before + prompt + template.after:
+        again = _apply_template(tokenizer, _SENTINEL)
+        if again.count(_SENTINEL) == 1:
+            before, after = again.split(_SENTINEL)
+            if rendered == before + prompt + after:
+                template = replace(template, before=before, after=after)
     if rendered != template.before + prompt + template.after:
         raise _Malformed("the chat template does not render this prompt verbatim, so its span cannot be located")
     stripped = rendered.rstrip()
@@ -601,7 +610,7 @@ def _generation_prefix(tokenizer: Any, template: _Template, prompt: str) -> tupl
     else:
         open_char = len(rendered)
         prefix = rendered + template.think_open + template.spacing[0]
-    return prefix, open_char
+    return prefix, open_char, len(template.before)
 
 
 # -------------------------------------------------------------------------------------------- record parsing
@@ -1045,8 +1054,7 @@ def _build_sample(fields: _Fields, index: int, tokenizer: Any, template: _Templa
             logger.warning("Calibration sample at %s: its %s holds the special token(s) %s, which the tokenizer "
                            "reads as control tokens (an end of turn inside the text, say): remove them unless they "
                            "are meant as such.", where, name, ", ".join(map(repr, found)))
-    prefix, open_char = _generation_prefix(tokenizer, template, fields.prompt)
-    prompt_char = len(template.before)
+    prefix, open_char, prompt_char = _generation_prefix(tokenizer, template, fields.prompt)
     text = prefix + fields.reasoning + template.spacing[1]
     close_char = len(text)
     text += template.think_close + template.spacing[2]
@@ -1196,7 +1204,7 @@ def _generate_batch(records: list[dict], model: Any, tokenizer: Any, config: Any
     for i, record in enumerate(records):
         try:
             prompt = prompts[i] = _text(_raw_fields(record)[0], _prompt_label(record), template, check_think=False)
-            prefix, _ = _generation_prefix(tokenizer, template, prompt)
+            prefix, _, _ = _generation_prefix(tokenizer, template, prompt)
         except _Malformed as err:
             results[i]["generation_error"] = str(err)
             continue

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .calibration import (
+    CalibrationError,
     CalibrationSample,
     check_think_tokens,
     lam_auto_holdout,
@@ -86,6 +87,20 @@ _ROLES = ("base", "reasoning", "instruct")
 
 
 #: Config fields the plan is built on (which modules, which think tokens): fixed for a merger's lifetime.
+_NO_L_THINK_POSITION = (
+    "lam='auto' has no thinking position to measure L_think at: with {setting} "
+    "every one is the think-close token or one whose next token the chat template supplies (it writes the think-open "
+    "token and what follows it). Use positions='think+prev', or 'window' with window ≥ 1 (the default is "
+    "'window-before-answer', 3), or a numeric lam.")
+
+
+def _position_setting(config: RainMergingConfig) -> str:
+    """``positions=…`` as an error names it (with the window where the position set has one)."""
+    if config.positions.startswith("window"):
+        return f"positions={config.positions!r} and window={config.window}"
+    return f"positions={config.positions!r}"
+
+
 _PLAN_FIELDS = ("target_modules", "layers", "think_open", "think_close", "project_bias")
 # config fields that the save applies: the saved record takes them as they are then (not output_dtype: the merged
 # weights were rounded to it at merge time, so the save keeps the merge's)
@@ -148,6 +163,9 @@ class MergePlan:
     num_decoder_layers: int = 0
     unmapped: list[str] = field(default_factory=list)
     idle: list[str] = field(default_factory=list)
+    #: tokens the chat template writes after the think-open token that ends its generation prompt (None: it does
+    #: not open the block, or there is no usable template), see calibration.template_think_tail
+    think_tail: int | None = None
 
     def config_warnings(self, config: RainMergingConfig) -> list[str]:
         """The plan's warnings that depend on editable settings, for ``config``; raise ConfigError where stage 2
@@ -160,6 +178,9 @@ class MergePlan:
             raise ConfigError(f"Decoder layers {bare} hold no softmax attention module (linear attention, e.g. "
                               "Qwen3-Next's Gated DeltaNet), so stage 2 has no instruction attention to score "
                               f"there: set stage2=False, or config.layers to the attention layers {attention}.")
+        narrow = config.positions == "think" or (config.positions.startswith("window") and config.window == 0)
+        if config.method == "rain" and config.lam == "auto" and self.think_tail and narrow:
+            raise ConfigError(_NO_L_THINK_POSITION.format(setting=_position_setting(config)))
         warnings = []
         if self.unmapped and stage2:
             # e.g. multi-head latent attention (DeepSeek-V3), or a query projection that also carries a gate
@@ -664,6 +685,10 @@ class RainMerger:
         except Exception as exc:
             raise CheckpointError(f"The reasoning model {shown['reasoning']} has no loadable tokenizer ({exc}).") from exc
         think_ids = check_think_tokens(tokenizer, config)
+        try:
+            checks.think_tail = template_think_tail(tokenizer, config)
+        except CalibrationError:  # no usable chat template: the merge says so where it needs one
+            checks.think_tail = None
         plan = replace(checks, instruct_kind="lora" if adapter else "full",
                        model_type=configs["reasoning"].model_type, vocab=vocab, think_token_ids=think_ids)
         plan.warnings = warnings + plan.config_warnings(config)
@@ -1276,10 +1301,7 @@ class RainMerger:
             ids.append(torch.tensor(sample_ids))
             positions.append([p for p in sample_positions if p >= start and sample_ids[p] != close_id])
         if not any(positions):  # the think tokens alone with a template that writes "<think>\\n": only </think>
-            raise ConfigError("lam='auto' has no thinking position to measure L_think at: with positions="
-                              f"{self.config.positions!r} (window {self.config.window}) every one is the think-close "
-                              "token or one whose next token the chat template supplies. Use positions='think+prev', "
-                              "or 'window' with window ≥ 1 (the default is 'window', 3), or a numeric lam.")
+            raise ConfigError(_NO_L_THINK_POSITION.format(setting=_position_setting(self.config)))
         return ids, positions
 
     def _think_open_prefixes(self, sequences: list[list[int]]) -> list[list[int]]:

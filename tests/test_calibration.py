@@ -219,6 +219,24 @@ def test_special_tokens_inside_the_text(tok):
     assert s.input_ids[s.think_close] == tok.convert_tokens_to_ids("</think>")
 
 
+def test_a_template_that_renders_the_date_survives_midnight(tok, monkeypatch):
+    # Llama 3.2-style templates put today's date in a default system prompt: a run crossing midnight renders the
+    # later records with another date than the split around the user message that was made first
+    original = tok.apply_chat_template
+    calls = {"n": 0}
+
+    def dated(*args, **kwargs):
+        calls["n"] += 1
+        return f"Today: day {1 if calls['n'] <= 3 else 2}. " + original(*args, **kwargs)
+
+    monkeypatch.setattr(tok, "apply_chat_template", dated)
+    samples = prepare_reasoning_calibration([RECORD] * 4, tok, _cfg(on_malformed="error"))
+    assert len(samples) == 4
+    for s in samples:
+        assert _text(tok, s, s.prompt_span) == RECORD["prompt"]
+    assert "day 1" in tok.decode(samples[0].input_ids) and "day 2" in tok.decode(samples[-1].input_ids)
+
+
 def test_messages_records(tok):
     records = [
         {"messages": [{"role": "user", "content": RECORD["prompt"]},

@@ -1185,10 +1185,17 @@ def test_lam_auto_l_think_leaves_out_the_think_close_and_prompt_positions(qwen2,
         assert row["l_think"] == pytest.approx(expected, rel=1e-4)
         assert abs(other - expected) > 1e-3 * expected  # the left-out positions would change the figure
     if forced == "<think>\n":  # the think tokens alone leave nothing: <think> predicts the template's "\n"
+        for settings, named in (({"positions": "think"}, "positions='think' every"),
+                                ({"window": 0}, "positions='window-before-answer' and window=0 every")):
+            with pytest.raises(ConfigError, match=f"lam='auto' has no thinking position .* with {named}"):
+                RainMerger.plan(qwen2["base"], reasoning_folder, qwen2["instruct"], RainMergingConfig(**settings))
+        # … and when the setting is changed on a merger made before: refused before any forward pass
         bare = RainMerger.from_pretrained(qwen2["base"], reasoning_folder, qwen2["instruct"],
-                                          RainMergingConfig(positions="think", stage2=False, sequential=False))
-        with pytest.raises(ConfigError, match="lam='auto' has no thinking position .* positions='think'"):
+                                          RainMergingConfig(lam=1.0, positions="think", stage2=False))
+        bare.config.lam = "auto"
+        with pytest.raises(ConfigError, match="lam='auto' has no thinking position"):
             bare.merge(reasoning_records(8))
+        assert "stage1_features" not in bare.report.timings
 
 
 def test_default_lam_is_auto_and_reused_features_keep_their_heldout_samples(qwen2, tmp_path):
