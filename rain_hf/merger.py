@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .calibration import (
-    CalibrationError,
     CalibrationSample,
     check_think_tokens,
     lam_auto_holdout,
@@ -687,8 +686,8 @@ class RainMerger:
         think_ids = check_think_tokens(tokenizer, config)
         try:
             checks.think_tail = template_think_tail(tokenizer, config)
-        except CalibrationError:  # no usable chat template: the merge says so where it needs one
-            checks.think_tail = None
+        except Exception:  # noqa: BLE001 - no usable chat template (CalibrationError, a jinja error …): the merge
+            checks.think_tail = None  # says so where it needs one, and baselines never do
         plan = replace(checks, instruct_kind="lora" if adapter else "full",
                        model_type=configs["reasoning"].model_type, vocab=vocab, think_token_ids=think_ids)
         plan.warnings = warnings + plan.config_warnings(config)

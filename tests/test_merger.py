@@ -1198,6 +1198,17 @@ def test_lam_auto_l_think_leaves_out_the_think_close_and_prompt_positions(qwen2,
         assert "stage1_features" not in bare.report.timings
 
 
+def test_a_chat_template_that_refuses_a_lone_user_turn_does_not_stop_merges_that_never_render_it(qwen2, tmp_path):
+    reasoning = tmp_path / "reasoning"
+    shutil.copytree(qwen2["reasoning"], reasoning)
+    (reasoning / "chat_template.jinja").write_text("{{ raise_exception('a system message must come first') }}")
+    for cfg in (RainMergingConfig(method="task_arithmetic"), RainMergingConfig(lam=1.0, stage1=False, stage2=False)):
+        merger = RainMerger.from_pretrained(qwen2["base"], reasoning, qwen2["instruct"], cfg)
+        assert merger.plan.think_tail is None
+        merger.merge()
+        assert merger.merged
+
+
 def test_default_lam_is_auto_and_reused_features_keep_their_heldout_samples(qwen2, tmp_path):
     assert RainMergingConfig().lam == "auto" and RainMergingConfig(method="ties").lam == 1.0
     grid = dict(lam_grid=[0.5, 1.0, 4.0, 16.0], stage2=False, lam_auto_max_kl=1e-3)
