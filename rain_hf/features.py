@@ -555,7 +555,8 @@ def capture_think_features(
         svd_device: where to run the SVDs (default: the model's input device).
     """
     device = _input_device(model)
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model  # before any hook: nothing may fail between the hooks and the try that removes them
+    # before any hook: nothing may fail between the hooks and the try that removes them
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
     recorder = _FeatureRecorder(model, targets)
     n_rows = 0
     try:
@@ -710,7 +711,8 @@ class LayerReplay:
 
             return hook
 
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model  # before the hooks (see capture_think_features)
+        # before the hooks (see capture_think_features)
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
         handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in
                    enumerate(self.layers)]
         try:
@@ -875,7 +877,8 @@ def collect_attention_stats(
     logger.info("Stage 2 runs eager attention: up to %.1f MiB per layer for the largest calibration batch (lower "
                 "batch_size or max_length if that does not fit).", peak / 2**20)
     previous = getattr(model.config, "_attn_implementation", None)
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model  # before the hooks (see capture_think_features)
+    # before the hooks (see capture_think_features)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
     handles = _register_all([(_attention_of(blocks[layer])[1], make_hook(row)) for row, layer in enumerate(layers)],
                             pre=False)
     try:

@@ -480,8 +480,8 @@ class LoraDelta:
         """Low-rank factors ``(L, R)`` with ``delta(weight_key) == L @ R``, in fp32.
 
         Shapes: ``L`` ``[out, r]`` and ``R`` ``[r, in]`` (``L`` ``[in, r]``, ``R`` ``[r, out]`` for a ``Conv1D``
-        weight, see :meth:`validate`), i.e. ``L @ R`` has the base weight's layout. The scaling is folded into ``L``. Useful to project ΔW in
-        O((out + in)·r) memory.
+        weight, see :meth:`validate`), i.e. ``L @ R`` has the base weight's layout. The scaling is folded into
+        ``L``. Useful to project ΔW in O((out + in)·r) memory.
         """
         entry = self._factors[weight_key]
         a = self._tensors.get(entry.key_a).to(device=device, dtype=torch.float32)  # [r, in]
