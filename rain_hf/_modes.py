@@ -30,6 +30,18 @@ def end_ids(generation_config: Any, tokenizer: Any) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
+def model_device(model: Any) -> torch.device:
+    """Where a model's inputs go: its ``device`` (a transformers model's first parameter's), else its first
+    parameter's, else the CPU (a stand-in without parameters)."""
+    device = getattr(model, "device", None)
+    if device is not None:
+        return torch.device(device)
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
 @contextlib.contextmanager
 def seeded(seed: int, device: torch.device, enabled: bool = True) -> Iterator[None]:
     """Seed torch for the block (CPU and the model's accelerator) without changing the caller's RNG state;

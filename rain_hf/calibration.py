@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ._modes import ONE_SEQUENCE, PLAIN_GREEDY, end_ids, seeded
+from ._modes import ONE_SEQUENCE, PLAIN_GREEDY, end_ids, model_device, seeded
 from .config import POSITION_SETS as POSITION_MODES
 from .config import ConfigError, fewest_for_holdout, holdout_count
 
@@ -1214,7 +1214,7 @@ def _generate_batch(records: list[dict], model: Any, tokenizer: Any, config: Any
         return results
     pad_id = padding_id(tokenizer)
     width = max(len(p) for p in prefix_ids)
-    device = _device(model)
+    device = model_device(model)
     input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prefix_ids], device=device)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefix_ids], device=device)
     gen = _generation_config(model, tokenizer, config, pad_id)
@@ -1260,7 +1260,7 @@ def generate_traces(records: list[dict], model: Any, tokenizer: Any, config: Any
     todo = [i for i, r in enumerate(records) if _is_prompt_only(r)]
     results = [dict(r) for r in records]
     batches = range(0, len(todo), config.batch_size)
-    with seeded(config.seed, _device(model), enabled=config.do_sample):
+    with seeded(config.seed, model_device(model), enabled=config.do_sample):
         for start in tqdm(batches, desc="Generating calibration traces", unit="batch"):
             rows = todo[start:start + config.batch_size]
             for row, done in zip(rows, _generate_batch([records[i] for i in rows], model, tokenizer, config,
@@ -1268,10 +1268,6 @@ def generate_traces(records: list[dict], model: Any, tokenizer: Any, config: Any
                 results[row] = done
     _log_generated([results[i] for i in todo], "calibration", config.max_new_tokens)
     return results
-
-
-def _device(model: Any) -> torch.device:
-    return torch.device(getattr(model, "device", "cpu"))
 
 
 def _log_generated(records: Sequence[Mapping], kind: str, max_new_tokens: int) -> None:
@@ -1332,7 +1328,7 @@ def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limi
     failures: list[tuple[int, str]] = []
     progress = tqdm(total=len(records), desc=f"Preparing {kind} calibration", unit="sample")
     try:
-        with seeded(config.seed, _device(model), enabled=config.do_sample and bool(prompt_only)):
+        with seeded(config.seed, model_device(model), enabled=config.do_sample and bool(prompt_only)):
             for index, record in enumerate(records):
                 if _is_prompt_only(record):
                     if index not in generated:

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rain_hf._modes import ONE_SEQUENCE, PLAIN_GREEDY, end_ids, seeded
+from rain_hf._modes import ONE_SEQUENCE, PLAIN_GREEDY, end_ids, model_device, seeded
 from rain_hf._modes import eval_mode as _eval_mode
 
 logger = logging.getLogger(__name__)
@@ -631,13 +631,6 @@ def answer_accuracy(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 def _pad(seqs: Sequence[torch.Tensor], pad_token_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad 1-D token tensors to ``input_ids`` [B, T] and ``attention_mask`` [B, T] (left or right padding)."""
     width = max(len(s) for s in seqs)
@@ -662,7 +655,7 @@ def _log_probs_at(
     Uses ``logits_to_keep`` (transformers CausalLM models) so that only the requested positions go through the
     LM head.
     """
-    device = _model_device(model)
+    device = model_device(model)
     kwargs: dict[str, Any] = {}
     keep, inverse = torch.unique(cols, return_inverse=True)
     try:
@@ -1111,7 +1104,7 @@ def generate(
     else:  # don't let the model's sampling defaults (e.g. temperature 0.6) trigger warnings under greedy decoding
         gen_kwargs.update(temperature=None, top_p=None, top_k=None, **PLAIN_GREEDY)
 
-    device = _model_device(model)
+    device = model_device(model)
     results: list[str] = [""] * len(texts)
     progress = tqdm(total=len(texts), desc=desc, unit="prompt", leave=False)
     seeding = seeded(seed, device, enabled=do_sample)

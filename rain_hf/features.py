@@ -345,6 +345,11 @@ def _input_device(model: nn.Module):
     return model.get_input_embeddings().weight.device
 
 
+def _decoder(model: nn.Module) -> nn.Module:
+    """The decoder stack without the LM head: the passes that read module inputs or attention run it alone."""
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+
+
 # ---------------------------------------------------------------------------------------------- stage 1
 @dataclass
 class ThinkFeatures:
@@ -555,8 +560,7 @@ def capture_think_features(
         svd_device: where to run the SVDs (default: the model's input device).
     """
     device = _input_device(model)
-    # before any hook: nothing may fail between the hooks and the try that removes them
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    decoder = _decoder(model)  # before any hook: nothing may fail between the hooks and the try removing them
     recorder = _FeatureRecorder(model, targets)
     n_rows = 0
     try:
@@ -711,8 +715,7 @@ class LayerReplay:
 
             return hook
 
-        # before the hooks (see capture_think_features)
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+        decoder = _decoder(model)  # before the hooks (see capture_think_features)
         handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in
                    enumerate(self.layers)]
         try:
@@ -877,8 +880,7 @@ def collect_attention_stats(
     logger.info("Stage 2 runs eager attention: up to %.1f MiB per layer for the largest calibration batch (lower "
                 "batch_size or max_length if that does not fit).", peak / 2**20)
     previous = getattr(model.config, "_attn_implementation", None)
-    # before the hooks (see capture_think_features)
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    decoder = _decoder(model)  # before the hooks (see capture_think_features)
     handles = _register_all([(_attention_of(blocks[layer])[1], make_hook(row)) for row, layer in enumerate(layers)],
                             pre=False)
     try:

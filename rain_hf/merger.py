@@ -85,7 +85,6 @@ _DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.
 _ROLES = ("base", "reasoning", "instruct")
 
 
-#: Config fields the plan is built on (which modules, which think tokens): fixed for a merger's lifetime.
 _NO_L_THINK_POSITION = (
     "lam='auto' has no thinking position to measure L_think at: with {setting} "
     "every one is the think-close token or one whose next token the chat template supplies (it writes the think-open "
@@ -100,6 +99,7 @@ def _position_setting(config: RainMergingConfig) -> str:
     return f"positions={config.positions!r}"
 
 
+#: Config fields the plan is built on (which modules, which think tokens): fixed for a merger's lifetime.
 _PLAN_FIELDS = ("target_modules", "layers", "think_open", "think_close", "project_bias")
 # config fields that the save applies: the saved record takes them as they are then (not output_dtype: the merged
 # weights were rounded to it at merge time, so the save keeps the merge's)
@@ -1091,13 +1091,13 @@ class RainMerger:
                              f"{recorded}, this one {self._reasoning_fingerprint()}): recompute them with "
                              "compute_features(...) on this model, or pass reasoning_calibration=... to merge().")
 
-    def _new_report(self) -> None:
-        """A report for the merge about to run: the load's warnings and timing, and the stage-1 feature timing (the
-        features may come from an earlier compute_features call); nothing from an earlier merge."""
+    def _new_report(self, now: list[str]) -> None:
+        """A report for the merge about to run: the load's warnings and timing, the stage-1 feature timing (the
+        features may come from an earlier compute_features call), and ``now``, the plan's setting-dependent
+        warnings for this merge's config; nothing from an earlier merge."""
         timings = {k: v for k, v in self.report.timings.items() if k in ("load", "stage1_features")}
         # the plan's warnings for its own config, those that depend on editable settings again for this merge's
         fixed = [w for w in self.plan.warnings if w not in self.plan.config_warnings(self.plan.config)]
-        now = self.plan.config_warnings(self.config)
         for warning in now:
             if warning not in self.plan.warnings:  # the plan logged its own
                 logger.warning(warning)
@@ -1138,11 +1138,11 @@ class RainMerger:
         if changed:
             raise ConfigError(f"merger.config.{changed[0]} changed after the merger was made; the modules to merge "
                               "and the think tokens are fixed by the plan: make a new RainMerger with that config.")
-        self.plan.config_warnings(cfg)  # its refusals before reset(), so that a finished merge is kept
+        settings_warnings = self.plan.config_warnings(cfg)  # its refusals before reset(): a finished merge is kept
         self._check_output_dtypes()  # output_dtype may have changed since the merger was made
         if self._touched:  # a finished merge, or one that failed half way
             self.reset()
-        self._new_report()
+        self._new_report(settings_warnings)
         self.calibration_info = {"reasoning": None, "instruction": None}
         if cfg.method != "rain" or not cfg.stage1:  # no features in this merge, whenever they were computed
             self.report.timings.pop("stage1_features", None)
@@ -1290,9 +1290,8 @@ class RainMerger:
         format; and a prediction of a token the prompt supplies never shapes a generation."""
         open_id, close_id = self.plan.think_token_ids
         # the first position the model's own output follows: the think-open decision (the position before
-        # <think>), or the last token of a template's "<think>" or "<think>\\n"
-        tail = template_think_tail(self.tokenizer, self.config)
-        after_open = -1 if tail is None else tail
+        # <think>), or the last token of a template's "<think>" or "<think>\\n" (think_open is a plan field)
+        after_open = -1 if self.plan.think_tail is None else self.plan.think_tail
         ids, positions = [], []
         for sample_ids, sample_positions in heldout:
             opened = _think_open_at(sample_ids, open_id)
@@ -1308,7 +1307,7 @@ class RainMerger:
         when the chat template already ends with the think-open token, or when the guard is off."""
         if self.config.lam_auto_min_think_open is None:
             return []
-        if template_opens_think(self.tokenizer, self.config):
+        if self.plan.think_tail is not None:  # the template opens the block itself
             logger.info("lam=auto: the chat template opens the think block itself, so no think-open decision is "
                         "checked.")
             return []
