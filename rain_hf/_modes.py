@@ -10,9 +10,13 @@ import torch
 
 # generation_config settings a generation here never takes from the model: one sequence per prompt, as tensors
 ONE_SEQUENCE = {"num_beams": 1, "num_return_sequences": 1, "return_dict_in_generate": False}
-# and those that would make greedy decoding other than the argmax (Qwen2.5-Instruct ships repetition_penalty 1.05),
-# at their neutral values, so that two models are decoded alike
-PLAIN_GREEDY = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": 0}
+# and those that would make greedy decoding other than the argmax (Qwen2.5-Instruct ships repetition_penalty 1.05;
+# Whisper-style configs suppress tokens), at their neutral values, so that two models are decoded alike
+PLAIN_GREEDY = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": None, "min_new_tokens": 0,
+                "bad_words_ids": None,
+                "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None,
+                "forced_bos_token_id": None, "forced_eos_token_id": None, "exponential_decay_length_penalty": None,
+                "watermarking_config": None}
 
 
 def end_ids(generation_config: Any, tokenizer: Any) -> list[int]:

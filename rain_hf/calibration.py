@@ -1180,7 +1180,7 @@ def _generation_config(model: Any, tokenizer: Any, config: Any, pad_id: int) -> 
     if config.do_sample:
         settings.update(temperature=config.temperature, top_p=config.top_p)
     else:
-        settings.update(temperature=None, top_p=None, top_k=None, min_length=None, **PLAIN_GREEDY)
+        settings.update(temperature=None, top_p=None, top_k=None, **PLAIN_GREEDY)
     for name, value in settings.items():
         setattr(gen, name, value)
     gen.pad_token_id = pad_id

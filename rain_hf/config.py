@@ -142,7 +142,7 @@ class RainMergingConfig:
         max_reasoning_samples, max_instruction_samples: use at most this many calibration samples (``None``: all).
         on_malformed: ``"skip"`` a malformed calibration sample (logged with its index) or raise (``"error"``).
         max_new_tokens, do_sample, temperature, top_p: generation of traces for prompt-only calibration data
-            (greedy is the plain argmax: the model's own repetition penalties and beams are not applied).
+            (greedy is the plain argmax: the model's own repetition penalties, beams and token bans are not applied).
         density: fraction of entries kept by TIES / DARE.
         slerp_t: interpolation factor of SLERP (0: reasoning model, 1: instruct model).
         seed: seed of DARE's random masks, of sampled generation and of the draw of the samples ``lam="auto"``

@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import numbers
 import os
 import random
 import re
@@ -213,7 +214,7 @@ def think_format_rate(
         >>> think_format_rate(["<think>a</think>b", "<think>a b", "a</think>b"])
         0.3333333333333333
     """
-    if not generations:
+    if len(generations) == 0:  # not `not generations`: a numpy array or pandas Series has no truth value
         raise ValueError("think_format_rate needs at least one generation.")
     warn_if_opened_by_prompt(generations, think_open, think_close, prompt_ends_with_open)
     ok = sum(
@@ -560,19 +561,23 @@ def instruction_following(
 # Answer accuracy
 # ---------------------------------------------------------------------------------------------------------------
 
-# A number, thousands separators allowed, or a bare decimal (.5, but "...42" is 42); a minus sign only when it does
-# not follow a word character (20-5 → 5).
-_NUMBER_RE = re.compile(r"(?:(?<!\w)-)?(?:\d+(?:,\d{3})*(?:\.\d+)?|(?<![\d.])\.\d+)")
+# A number, thousands separators allowed (a group is exactly three digits: "12,3456" is 12 and 3456), or a bare
+# decimal (.5, but "...42" is 42), with its exponent if it has one (1.5e-3); a minus sign only when it does not
+# follow a word character (20-5 → 5).
+_NUMBER_RE = re.compile(
+    r"(?:(?<!\w)-)?(?:\d+(?:,\d{3}(?!\d))*(?:\.\d+)?|(?<![\d.])\.\d+)(?:[eE][-+]?\d+(?!\w|\.\d))?")
 # Unicode minus, figure dash and en dash before a digit read as a minus sign (−3 → -3).
 _MINUS_RE = re.compile(r"[\u2212\u2012\u2013](?=[\d.])")
 
 
 def extract_last_number(text: str) -> str | None:
-    """The last number in ``text`` (thousands separators removed), or ``None``.
+    """The last number in ``text`` (thousands separators removed, an exponent kept), or ``None``.
 
     Example:
         >>> extract_last_number("Max has 1,033 apples now. So, the answer is -4.5.")
         '-4.5'
+        >>> extract_last_number("about 6.02e23 of them")
+        '6.02e23'
     """
     matches = _NUMBER_RE.findall(_MINUS_RE.sub("-", text))
     return matches[-1].replace(",", "") if matches else None
@@ -620,7 +625,7 @@ def answer_accuracy(
     """
     if len(answers) != len(references):
         raise ValueError(f"{len(answers)} answers but {len(references)} references")
-    if not answers:
+    if len(answers) == 0:
         raise ValueError("answer_accuracy needs at least one answer.")
     extract = extract or extract_last_number
     return sum(_same_answer(extract(a), r) for a, r in zip(answers, references)) / len(answers)
@@ -629,6 +634,11 @@ def answer_accuracy(
 # ---------------------------------------------------------------------------------------------------------------
 # L_think
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: give a whole number of sequences per batch, 1 or more.")
 
 
 def _pad(seqs: Sequence[torch.Tensor], pad_token_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -775,6 +785,7 @@ def _scoring_batches(
     ``index`` is each scored row's place in input order (samples, then their positions)."""
     if len(input_ids) != len(positions):
         raise ValueError(f"{len(input_ids)} sequences but {len(positions)} position lists")
+    _check_batch_size(batch_size)
     samples = []
     first_row = 0
     for i, (ids, pos) in enumerate(zip(input_ids, positions)):
@@ -910,6 +921,8 @@ def task_vector_geometry(
     """
     if svd not in ("auto", "exact", "randomized"):
         raise ValueError(f"svd must be 'auto', 'exact' or 'randomized', got {svd!r}")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"k={k!r}: the subspace rank is a whole number, 1 or more.")
     get_a = delta_a.__getitem__ if isinstance(delta_a, Mapping) else delta_a
     get_b = delta_b.__getitem__ if isinstance(delta_b, Mapping) else delta_b
     if keys is None:
@@ -989,20 +1002,21 @@ def render_prompts(
         >>> render_prompts(tok, ["What is 2+3?"], force_think_open="<think>")[0].endswith("<think>")  # doctest: +SKIP
         True
     """
-    prompts = prompts if isinstance(prompts, str) else list(prompts)  # arrays, Series and generators too
-    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], Mapping)):
+    if isinstance(prompts, (str, Mapping)):
         raise TypeError("render_prompts takes a list of prompts: wrap one prompt, or one conversation (a list of "
                         "{'role', 'content'} dicts), in a list.")
+    prompts = list(prompts)  # arrays, Series and generators too
+    if prompts and isinstance(prompts[0], Mapping) and {"role", "content"} <= set(prompts[0]):
+        raise TypeError("render_prompts takes a list of prompts, and this is one conversation (a list of "
+                        "{'role', 'content'} dicts): wrap it in a list.")
     template_kwargs = dict(chat_template_kwargs or {})
     reserved = sorted({"conversation", "messages", "tokenize", "add_generation_prompt"} & set(template_kwargs))
     if reserved:
         raise ValueError(f"chat_template_kwargs cannot set {reserved}: render_prompts sets them itself; pass only "
                          "template variables such as enable_thinking.")
     texts = []
-    for prompt in prompts:
-        messages = (
-            [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
-        )
+    for i, prompt in enumerate(prompts):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt, i)
         text = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True, **template_kwargs
         )
@@ -1010,6 +1024,26 @@ def render_prompts(
             text += force_think_open
         texts.append(text)
     return texts
+
+
+def _messages(prompt: Any, i: int) -> list[dict]:
+    """One conversation of :func:`render_prompts`, checked: a template renders a message without ``role`` or
+    ``content`` as an empty or assistant turn, without an error."""
+    if isinstance(prompt, Mapping):
+        raise TypeError(f"prompts[{i}] is a mapping with keys {sorted(map(str, prompt))}, not a prompt: pass the "
+                        "prompt's text (e.g. [record['prompt'] for record in records]) or a list of {'role', "
+                        "'content'} messages.")
+    if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Iterable):
+        raise TypeError(f"prompts[{i}] has type {type(prompt).__name__}: give a string or a list of {{'role', "
+                        "'content'} messages.")
+    messages = []
+    for j, message in enumerate(prompt):
+        if (not isinstance(message, Mapping) or not isinstance(message.get("role"), str)
+                or not isinstance(message.get("content"), (str, list))):
+            shown = sorted(map(str, message)) if isinstance(message, Mapping) else type(message).__name__
+            raise TypeError(f"prompts[{i}][{j}] must be a message {{'role': str, 'content': str}}, got {shown}.")
+        messages.append(dict(message))
+    return messages
 
 
 def _completion_ids(ids: Sequence[int], stop_ids: Iterable[int], pad_token_id: int | None) -> list[int]:
@@ -1058,8 +1092,8 @@ def generate(
         max_new_tokens: generation budget per prompt.
         do_sample, temperature, top_p: greedy (default) or sampled decoding; other sampling settings (such as
             ``top_k``, repetition penalties) come from the model's ``generation_config``. Greedy decoding is the
-            plain argmax: it ignores them, and sets the config's beams, repetition penalties and minimum lengths to
-            their neutral values.
+            plain argmax: it ignores them, and sets the config's beams, repetition penalties, minimum lengths, banned,
+            suppressed, biased and forced tokens and watermarking to their neutral values.
         batch_size: prompts per ``generate`` call.
         force_think_open: append this tag (e.g. ``"<think>"``) to each rendered prompt.
         seed: torch seed of sampled decoding, set once for the whole run (the caller's RNG state is restored
@@ -1075,6 +1109,7 @@ def generate(
         >>> split_generation(outs[0]).format_ok  # doctest: +SKIP
         True
     """
+    _check_batch_size(batch_size)
     texts = render_prompts(
         tokenizer, prompts, force_think_open=force_think_open, chat_template_kwargs=chat_template_kwargs
     )
@@ -1133,7 +1168,8 @@ def normalize_prompt(text: str) -> str:
     symbols other than mathematical ones turned into spaces (so "cats.Do" and "cats. Do" agree, while "2+3" and
     "2×3" stay apart), invisible format characters (zero-width spaces …) dropped, whitespace collapsed. The ASCII
     operators ``* / % ^`` count as mathematical, and so does a hyphen with a digit next to it (a minus: "2-3",
-    "-5"), while a hyphen between words is a space ("well-known" and "well known" agree). Mathematical symbols
+    "-5"), while a hyphen between words is a space ("well-known" and "well known" agree). The minus sign (U+2212),
+    and a figure or en dash with a digit next to it, are the hyphen's minus ("12−4", "12–4" and "12-4" agree). Mathematical symbols
     stand apart from their neighbours, so "12*4" and "12 * 4" agree.
 
     Example:
@@ -1144,8 +1180,13 @@ def normalize_prompt(text: str) -> str:
     kept = []
     in_math = False
     for i, ch in enumerate(text):
+        if ch == "\u2212" or (ch in _NUMERIC_DASHES and _digit_beside(text, i)):
+            ch = "-"
+            math = True
+        else:
+            math = ch in _ASCII_OPERATORS or (ch == "-" and _digit_beside(text, i))
         category = unicodedata.category(ch)
-        math = category == "Sm" or ch in _ASCII_OPERATORS or (ch == "-" and _digit_beside(text, i))
+        math = math or category == "Sm"
         if math != in_math:
             kept.append(" ")  # a run of symbols ("<=") is one word, apart from its neighbours
             in_math = math
@@ -1155,6 +1196,8 @@ def normalize_prompt(text: str) -> str:
 
 # Unicode files these under punctuation or modifier symbols, yet in a prompt they are arithmetic.
 _ASCII_OPERATORS = frozenset("*/%^")
+# Figure dash and en dash: typeset minus signs between or before numbers.
+_NUMERIC_DASHES = frozenset("\u2012\u2013")
 
 
 def _digit_beside(text: str, i: int) -> bool:

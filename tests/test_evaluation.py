@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -508,6 +509,17 @@ def test_answer_accuracy():
     assert ev.answer_accuracy(["Answer: Paris"], ["paris"], extract=lambda a: a.split(":")[-1]) == 1.0
     with pytest.raises(ValueError):
         ev.answer_accuracy(["1"], [1, 2])
+    # an exponent belongs to its number, and a thousands group is exactly three digits
+    assert ev.extract_last_number("It is 1.5e-3.") == "1.5e-3"
+    assert ev.extract_last_number("about 6.02e23 atoms") == "6.02e23"
+    assert ev.answer_accuracy(["so 1e3"], [1000]) == 1.0
+    assert ev.extract_last_number("12,3456") == "3456"
+    assert ev.extract_last_number("12,345,678") == "12345678"
+    # arrays and Series, as generate accepts
+    assert ev.answer_accuracy(np.array(["It is 3"]), np.array([3])) == 1.0
+    assert ev.think_format_rate(np.array(["<think>a</think>b", "b"])) == 0.5
+    with pytest.raises(ValueError, match="at least one"):
+        ev.think_format_rate(np.array([], dtype=str))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -606,6 +618,9 @@ def test_think_kl_without_logits_to_keep_and_errors(model, kl_data):
         ev.think_kl(model, model, [torch.tensor([1, 2])], [[2]])
     with pytest.raises(ValueError, match="No position to score"):
         ev.think_kl(model, model, [torch.tensor([1, 2])], [[]])
+    for bad in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="batch_size"):
+            ev.think_kl(merged, model, *kl_data, batch_size=bad)
     # a tokenizer without a pad token gives pad_token_id=None: the padding is never scored, so any id does
     assert ev.think_kl(merged, model, *kl_data, batch_size=3, pad_token_id=None) == pytest.approx(expected, rel=1e-5)
 
@@ -673,6 +688,9 @@ def test_task_vector_geometry_matches_direct_computation():
     same = ev.task_vector_geometry(a, a, k=3)
     assert same["modules"]["down_proj"]["cosine"] == pytest.approx(1.0)
     assert same["modules"]["down_proj"]["subspace_overlap"] == pytest.approx(1.0, abs=1e-5)
+    for bad in (0, -1, 1.5):  # k=-1 sliced off the last direction instead of keeping one
+        with pytest.raises(ValueError, match="subspace rank"):
+            ev.task_vector_geometry(a, b, k=bad)
 
 
 @pytest.mark.parametrize("svd", ["exact", "randomized"])
@@ -750,9 +768,21 @@ PROMPTS = ["what is two plus three ?", "hello", "what is the answer ?", "two plu
 
 def test_render_prompts(tokenizer, monkeypatch):
     plain = ev.render_prompts(tokenizer, ["hello"])
-    for unwrapped in ("hello", [{"role": "user", "content": "hello"}]):
+    for unwrapped in ("hello", {"role": "user", "content": "hello"}):
         with pytest.raises(TypeError, match="wrap one prompt, or one conversation"):
             ev.render_prompts(tokenizer, unwrapped)
+    with pytest.raises(TypeError, match="this is one conversation"):
+        ev.render_prompts(tokenizer, [{"role": "user", "content": "hello"}])
+    # calibration records and malformed messages: templates render them as empty turns without an error
+    with pytest.raises(TypeError, match=r"prompts\[0\] is a mapping with keys \['prompt', 'response'\]"):
+        ev.render_prompts(tokenizer, [{"prompt": "hello", "response": "hi"}])
+    for message, shown in (({"role": "user", "text": "hello"}, "['role', 'text']"), ({"content": "hello"},
+                           "['content']"), ("hello", "str")):
+        with pytest.raises(TypeError, match=re.escape(f"prompts[0][0] must be a message {{'role': str, "
+                                                      f"'content': str}}, got {shown}")):
+            ev.render_prompts(tokenizer, [[message]])
+    with pytest.raises(TypeError, match=r"prompts\[1\] has type int"):
+        ev.render_prompts(tokenizer, ["hello", 3])
     assert ev.render_prompts(tokenizer, (p for p in ["hello"])) == plain  # any iterable of prompts
     assert plain == ["<|im_start|>user hello<|im_end|> <|im_start|>assistant "]
     forced = ev.render_prompts(
@@ -796,6 +826,10 @@ def test_generate_batched_equals_one_by_one(model, tokenizer):
     assert ev.generate(model, tokenizer, [], max_new_tokens=2) == []
     assert ev.generate(model, tokenizer, iter([]), max_new_tokens=2) == []
     assert ev.generate(model, tokenizer, np.array(PROMPTS[:2]), max_new_tokens=6) == batched[:2]
+    assert ev.generate(model, tokenizer, PROMPTS[:2], max_new_tokens=6, batch_size=np.int64(1)) == batched[:2]
+    for bad in (0, -1):  # -1 gave an empty completion for every prompt
+        with pytest.raises(ValueError, match="batch_size"):
+            ev.generate(model, tokenizer, PROMPTS[:2], max_new_tokens=6, batch_size=bad)
 
 
 def test_greedy_generate_is_the_argmax_whatever_the_generation_config(tokenizer):
@@ -816,6 +850,13 @@ def test_greedy_generate_is_the_argmax_whatever_the_generation_config(tokenizer)
     penalised.generation_config.repetition_penalty = 3.0
     penalised.generation_config.no_repeat_ngram_size = 1
     assert ev.generate(penalised, tokenizer, PROMPTS[:1], max_new_tokens=8) == [argmax]
+    # settings that ban, bias or force tokens are not the argmax either
+    for name, value in (("bad_words_ids", [[out[0]]]), ("suppress_tokens", [out[0]]),
+                        ("sequence_bias", {(out[0],): -100.0}), ("forced_eos_token_id", stops[0])):
+        fresh = tiny_qwen2(0)
+        fresh.load_state_dict(penalised.state_dict())
+        setattr(fresh.generation_config, name, value)
+        assert ev.generate(fresh, tokenizer, PROMPTS[:1], max_new_tokens=8) == [argmax], name
 
 
 def test_generate_stops_at_eos_and_keeps_think_tokens(model, tokenizer):
@@ -894,6 +935,11 @@ def test_calibration_overlap():
     assert ev.normalize_prompt("What is 2 - 3?") == "what is 2 - 3" == ev.normalize_prompt("What is 2-3?")
     assert ev.normalize_prompt("Is 2<=3?") == "is 2 <= 3"
     assert ev.normalize_prompt("a well-known fact") == ev.normalize_prompt("a well known fact")
+    # a typeset minus or dash between numbers is the hyphen's minus ("12–4" lost its operator)
+    assert {ev.normalize_prompt(f"What is 12{op}4?") for op in ("-", "\u2212", "\u2013", "\u2012", " - ")} == {
+        "what is 12 - 4"}
+    assert ev.normalize_prompt("x \u2212 y") == "x - y"
+    assert ev.normalize_prompt("a \u2013 b") == "a b"
     operators = ev.calibration_overlap(["Compute 12*4."], ["Compute 12/4.", "Compute 12-4.", "Compute 12 * 4"])
     assert operators.normalized_indices == [2]
     assert ev.normalize_prompt("hello\u200bworld") == "helloworld" == ev.normalize_prompt("HELLOWORLD")
