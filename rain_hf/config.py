@@ -103,7 +103,9 @@ class RainMergingConfig:
         sequential: take each module's thinking features from the model being merged instead of the reasoning
             model: input groups (q/k/v, o, gate/up, down) are merged in forward order, and each group's features
             are captured with every earlier group already merged, so the projection also covers what the earlier
-            merged layers changed in its input. The calibration batches' inputs to each decoder layer are cached
+            merged layers changed in its input. A module that runs more than once in a layer (Gemma 3n's AltUp
+            router) is captured for all its calls before that layer's later groups are merged, so its later calls,
+            which read their output, are protected on the layer's reasoning weights. The calibration batches' inputs to each decoder layer are cached
             and replayed, so it costs a few forward passes over the stage-1 calibration in all (per grid value with
             ``lam="auto"``), and memory on the model's device (or the CPU's, see ``sequential_offload``) for one
             layer's inputs (samples × tokens × hidden size in the model's dtype) plus each padded batch's attention
@@ -116,7 +118,8 @@ class RainMergingConfig:
             attention masks and position embeddings) in CPU memory and copy one batch at a time to the device of
             the layer it runs through, so an accelerator holds one batch of it instead of the whole calibration set,
             for a host–device copy each way per batch and layer run. Merged weights are the same; nothing changes
-            for a model on the CPU.
+            for a model on the CPU. The keys and values Gemma 3n's layers store for later layers stay on the device
+            (the layers fill them in place during the replay).
         rho: leakage penalty ρ of the stage-2 score g = a − ρu.
         coef_normalize: ``"mean"`` divides the stage-2 scores by their mean over all heads (mean coefficient 1
             before the clip to ``[coef_min, coef_max]``, so λ alone sets the strength); ``"none"`` keeps the

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -601,6 +601,10 @@ def capture_think_features(
     return ThinkFeatures(bases, dict(recorder.module_group), settings)
 
 
+class NonFiniteFeaturesError(ValueError):
+    """Thinking features that hold inf or NaN: the activations they were taken from overflowed."""
+
+
 def _rows_svd(chunks: list[torch.Tensor], config: RainMergingConfig, device, bias_column: bool, where: str
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(V, s) on the CPU of the feature matrix stacked from ``chunks``, with the column of ones when
@@ -612,7 +616,7 @@ def _rows_svd(chunks: list[torch.Tensor], config: RainMergingConfig, device, bia
         # An SVD of such rows either fails inside LAPACK or gives NaN singular values, which would protect
         # nothing and merge the task vector unprojected.
         rows, cols = h.shape
-        raise ValueError(f"The thinking features at the input of {where} hold {bad} non-finite values (inf or NaN) "
+        raise NonFiniteFeaturesError(f"The thinking features at the input of {where} hold {bad} non-finite values (inf or NaN) "
                          f"in a [{rows} x {cols}] matrix: the reasoning model's activations overflow (float16 models "
                          "often do: load it with torch_dtype='float32', and output_dtype='float16' to save in its own "
                          "dtype) or its weights hold inf/NaN (check the checkpoint).")
@@ -635,6 +639,20 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     if isinstance(obj, dict):
         return {k: map_tensors(v, fn) for k, v in obj.items()}
     return obj
+
+
+def _shared_mappings(obj: Any) -> Iterator[Mapping]:
+    """The mappings other than dicts inside ``obj`` (tuples, lists and dicts), which :func:`map_tensors` keeps as
+    they are: transformers' ``KVSharingDict`` (a ``UserDict``), which the layers that store keys and values for
+    later layers fill in place, so it must stay the same object."""
+    if isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _shared_mappings(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _shared_mappings(o)
+    elif isinstance(obj, Mapping):
+        yield obj
 
 
 def move_tensors(obj: Any, device: torch.device, moved: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> Any:
@@ -741,7 +759,13 @@ class LayerReplay:
         """Bytes the cache holds (one layer's inputs for every batch, and every tensor argument counted once): the
         same at every layer, as each layer's outputs have its inputs' shape."""
         seen: dict[int, int] = {}
-        map_tensors((self.hidden, self.calls), lambda t: seen.setdefault(id(t), t.numel() * t.element_size()))
+
+        def count(t: torch.Tensor) -> None:
+            seen.setdefault(id(t), t.numel() * t.element_size())
+
+        map_tensors((self.hidden, self.calls), count)
+        for shared in _shared_mappings(self.calls):
+            map_tensors(list(shared.values()), count)
         return sum(seen.values())
 
     def _run_layer(self, b: int) -> torch.Tensor:

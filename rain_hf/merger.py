@@ -56,6 +56,7 @@ from .config import CONFIG_NAME, ConfigError, RainMergingConfig, parse_size
 from .features import (
     AttentionGeometry,
     LayerReplay,
+    NonFiniteFeaturesError,
     TargetModule,
     ThinkFeatures,
     attention_geometry,
@@ -933,14 +934,29 @@ class RainMerger:
             for target in tqdm(self.targets, desc=desc, unit="module"):
                 self._merge_module(target, lam, alpha, record)
             return
+        calls = self.features.settings.get("calls_per_pass", {})  # groups that run more than once in a pass
         # Modules downstream of a group do not change its input, so whatever they hold (the reasoning weights or
-        # another λ's merge) does not matter when its features are captured.
+        # another λ's merge) does not matter when its features are captured; but a group that runs again later in
+        # its layer (Gemma 3n's AltUp router) reads, at its later calls, what that layer's other groups wrote, and
+        # they must hold the reasoning weights, as in the final merge, not the λ searched before.
+        if self._touched and any(n > 1 for n in calls.values()):
+            self.reset()
         replay = LayerReplay(self.model, self._stage1_samples, self.config, self._pad_id())
         self.report.replay_cache_bytes = replay.nbytes()
-        calls = self.features.settings.get("calls_per_pass", {})  # groups that run more than once in a pass
-        for group in tqdm(self._input_groups(), desc=f"{desc} (sequential)", unit="group"):
-            basis = replay.group_basis(group[0].layer, [t.name for t in group], svd_device=self.device,
-                                       calls=calls.get(self.features.module_group[group[0].name], 1))
+        for i, group in enumerate(tqdm(self._input_groups(), desc=f"{desc} (sequential)", unit="group")):
+            try:
+                basis = replay.group_basis(group[0].layer, [t.name for t in group], svd_device=self.device,
+                                           calls=calls.get(self.features.module_group[group[0].name], 1))
+            except NonFiniteFeaturesError as exc:
+                if i == 0:  # nothing merged yet: the reasoning model's own activations, as the error says
+                    raise
+                dtype = str(next(self.model.parameters()).dtype).replace("torch.", "")
+                raise NonFiniteFeaturesError(
+                    f"The thinking features at the input of {group[0].name}, taken on the model merged at λ={lam:g} "
+                    "up to that module (the sequential projection), hold inf or NaN values: the merged layers before "
+                    f"it overflow in {dtype} (their weights or activations), or the reasoning model's own activations do. Use a smaller λ, load "
+                    "the model in float32 (torch_dtype='float32', with output_dtype to save in its own dtype), or "
+                    "set sequential=False.") from exc
             for target in group:
                 self._merge_module(target, lam, alpha, record, basis)
 
@@ -1359,7 +1375,15 @@ class RainMerger:
         search, chosen = [], None
         try:
             for lam in sorted(set(cfg.lam_grid)):
-                self._apply_rain(float(lam), alpha, record=False, desc=f"lam=auto: λ={lam}")
+                try:
+                    self._apply_rain(float(lam), alpha, record=False, desc=f"lam=auto: λ={lam}")
+                except NonFiniteFeaturesError as exc:
+                    if not self._sequential():
+                        raise
+                    # the partly merged model overflowed part way: that λ fails the budget, as a NaN L_think does
+                    logger.warning("lam=auto: λ=%s fails the budget: %s", lam, exc)
+                    search.append({"lam": float(lam), "l_think": None, "think_open": None, "within_budget": False})
+                    continue
                 kl = float(kl_rows(log_probs(), reference).mean())
                 share = think_open_share(reference_choices, first_choices(), open_id)
                 # a NaN (overflowing activations) fails the budget, and is null in the sidecar: JSON has no NaN

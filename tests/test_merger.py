@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from rain_hf.calibration import (
 )
 from rain_hf.checkpoints import CheckpointError
 from rain_hf.config import ConfigError
-from rain_hf.features import LayerReplay, ThinkFeatures, move_tensors
+from rain_hf.features import LayerReplay, NonFiniteFeaturesError, ThinkFeatures, move_tensors
 from rain_hf.testing import (
     build_tokenizer,
     build_triple,
@@ -243,6 +244,8 @@ def test_sequential_projection_is_null_on_the_merged_models_own_inputs(qwen2, to
 
 def test_sequential_projection_covers_every_call_of_a_module_that_runs_twice(tmp_path, tokenizer):
     # Gemma 3n's AltUp router runs twice per layer on different inputs: both are protected, in the merged model
+    # (the router is the only target here: the layer's other modules, downstream of its first call and upstream of
+    # its second, would hold their reasoning weights when it is captured; see RainMergingConfig.sequential)
     paths = build_triple(tmp_path, "gemma3n", tokenizer=tokenizer)
     cfg = dict(lam=3.0, stage2=False, rcond=1e-5, positions="window", window=1, target_modules=["modality_router"])
     records = reasoning_records(2)
@@ -252,6 +255,65 @@ def test_sequential_projection_covers_every_call_of_a_module_that_runs_twice(tmp
     assert set(merger.features.settings["calls_per_pass"].values()) == {2}
     residuals = _own_input_residuals(merger, samples, ("window", 1))
     assert len(residuals) == 2 and max(residuals.values()) < 1e-4, residuals
+
+
+def test_sequential_lam_search_measures_each_lambda_from_the_reasoning_weights(tmp_path, tokenizer):
+    # The router's second call reads what its layer's attention and MLP wrote: searched after another λ, they held
+    # that λ's merge, so λ 4's L_think depended on the grid values before it
+    paths = build_triple(tmp_path, "gemma3n", tokenizer=tokenizer, noise=0.3)
+    records = reasoning_records(10)
+
+    def l_think_at_4(grid):
+        merger = _merger(paths, lam="auto", lam_grid=grid, lam_auto_max_kl=1e9, stage2=False, sequential=True,
+                         positions="window", window=2)
+        merger.merge(records)
+        return next(row["l_think"] for row in merger.report.lam_search if row["lam"] == 4.0), merger
+
+    alone, merger = l_think_at_4([4.0])
+    after_one, _ = l_think_at_4([1.0, 4.0])
+    assert set(merger.features.settings["calls_per_pass"].values()) == {2}
+    assert after_one == alone
+
+
+def test_sequential_overflow_of_the_merged_model_is_named_and_fails_the_lam_search(tmp_path, tokenizer):
+    # float16: at λ 3000 the merged layers overflow, not the reasoning model (its one-shot capture is finite)
+    paths = build_triple(tmp_path, "llama", tokenizer=tokenizer, noise=0.5, dtype=torch.float16)
+    records = reasoning_records(10)
+    with pytest.raises(NonFiniteFeaturesError, match="taken on the model merged at λ=3000 up to that module"):
+        _merger(paths, lam=3000.0, stage2=False, sequential=True).merge(records)
+    merger = _merger(paths, lam="auto", lam_grid=[1.0, 3000.0], lam_auto_max_kl=1e9, stage2=False, sequential=True)
+    merger.merge(records)  # the search went on: that λ fails the budget, as a NaN L_think does in the one-shot form
+    assert merger.report.lam == 1.0
+    assert merger.report.lam_search[1] == {"lam": 3000.0, "l_think": None, "think_open": None, "within_budget": False}
+
+
+def test_layer_replay_counts_the_key_values_layers_share(tokenizer):
+    # Gemma 3n's KV-sharing layers read keys/values from a KVSharingDict (a UserDict, not a dict) in the calls
+    cfg = model_config("gemma3n", len(tokenizer), num_hidden_layers=4, num_kv_shared_layers=2,
+                       activation_sparsity_pattern=[0.0] * 4,
+                       layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    config = RainMergingConfig(lam=1.0, batch_size=3)
+    replay = LayerReplay(model, prepare_reasoning_calibration(reasoning_records(6), tokenizer, config), config,
+                         tokenizer.pad_token_id)
+    tensors: dict[int, torch.Tensor] = {}
+
+    def walk(obj):
+        if isinstance(obj, torch.Tensor):
+            tensors[id(obj)] = obj
+        elif isinstance(obj, (tuple, list)):
+            for o in obj:
+                walk(o)
+        elif isinstance(obj, Mapping):
+            for o in obj.values():
+                walk(o)
+
+    walk((replay.hidden, replay.calls))
+    shared = [v for calls in replay.calls for _, kwargs in calls for v in kwargs.values()
+              if isinstance(v, Mapping) and not isinstance(v, dict)]
+    assert shared and any(len(s) for s in shared)
+    assert replay.nbytes() == sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _replay_model(tokenizer, layer_types):
