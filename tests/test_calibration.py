@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import types
 from pathlib import Path
@@ -614,8 +615,12 @@ def test_generation_without_think_block_is_malformed(tok, chain_ids):
 
 
 # ------------------------------------------------------------------------------------------ the paper's public sets
-@pytest.mark.skipif(not SHARED_CALIBRATION.is_dir(), reason="../shared/calibration/ is not available")
 def test_public_calibration_sets(caplog):
+    if not SHARED_CALIBRATION.is_dir():
+        # CI runs beside ../shared, and .ci/run says so: there a missing folder is a failure, not a skip
+        if os.environ.get("RAIN_HF_REQUIRE_SHARED"):
+            pytest.fail(f"{SHARED_CALIBRATION} is missing and RAIN_HF_REQUIRE_SHARED is set.")
+        pytest.skip("../shared/calibration/ is not available")
     reasoning_path = SHARED_CALIBRATION / "reasoning_calibration_set.json"
     instruction_path = SHARED_CALIBRATION / "instruction_calibration_set.jsonl"
     reasoning_records = load_records(reasoning_path)

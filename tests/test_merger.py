@@ -176,6 +176,38 @@ def test_projection_residual_on_calibration_features(qwen2, tokenizer):
 
 
 @pytest.mark.parametrize("sequential", [False, True])
+def test_float64_precision_projects_in_float64(tmp_path, tokenizer, sequential):
+    """precision="float64" on a float64 triple: the merge is the float64 projection on the float64 SVD of the
+    reasoning model's (or, sequential, the merged model's) features, to float64 rounding; a float32 SVD or float32
+    arithmetic anywhere is ~1e-7 off."""
+    paths = build_triple(tmp_path, "qwen2", tokenizer=tokenizer, dtype=torch.float64)
+    cfg = dict(lam=1.0, stage2=False, sequential=sequential, precision="float64", rcond=1e-12, positions="think+prev",
+               target_modules=["q_proj"] if sequential else "all-linear")
+    records = reasoning_records(2)
+    merger = _merger(paths, **cfg)
+    merger.merge(records)
+    names = [t.name for t in merger.targets]
+    assert all(merger.features.basis(n)[0].dtype == torch.float64 for n in names)
+    reasoning = AutoModelForCausalLM.from_pretrained(paths["reasoning"], dtype=torch.float64)
+    # sequential: merged q_proj weights leave the queries at the thinking positions as they were (keys are not
+    # merged), so the later layers' inputs there, which q_proj's features are, stay the reasoning model's
+    feats = _capture_inputs(reasoning, prepare_reasoning_calibration(records, tokenizer, RainMergingConfig(**cfg)),
+                            names, ("think+prev", 0))
+    base, instruct = _weights(paths["base"]), _weights(paths["instruct"])
+    merged = dict(merger.model.named_parameters())
+    for n in names:
+        key = n + ".weight"
+        h = feats[n]
+        assert h.dtype == torch.float64 and h.shape[0] < h.shape[1]
+        _, s, vh = torch.linalg.svd(h, full_matrices=False)
+        keep = vh[s > 1e-12 * s[0]].T
+        dw = instruct[key] - base[key]
+        expected = reasoning.get_parameter(key).detach() + (dw - dw @ keep @ keep.T)
+        assert merged[key].dtype == torch.float64
+        assert torch.allclose(merged[key].detach(), expected, rtol=0, atol=1e-12), n
+
+
+@pytest.mark.parametrize("sequential", [False, True])
 def test_project_bias_protects_modules_with_and_without_a_bias(qwen2, tokenizer, sequential):
     # Qwen2: q/k/v have biases (projected with them, [ΔW | Δb] against [H | 1]); o_proj and the MLP have none
     cfg = dict(lam=1.0, stage2=False, rcond=1e-5, positions="window", window=1, project_bias=True,
@@ -664,6 +696,11 @@ def test_features_of_another_reasoning_model_or_template_are_refused(qwen2, tmp_
     reference = LazyCheckpoint(qwen2["reasoning"])
     assert merger._reasoning_fingerprint() == checkpoint_fingerprint(  # tied: the input embeddings only
         reference, sample_rows={"model.embed_tokens.weight": think_ids})
+    untied = build_triple(tmp_path / "untied", "llama", tokenizer=tokenizer)  # its own lm_head rows count too
+    untied_merger = RainMerger.from_pretrained(untied["base"], untied["reasoning"], untied["instruct"], cfg)
+    assert untied_merger._reasoning_fingerprint() == checkpoint_fingerprint(
+        LazyCheckpoint(untied["reasoning"]),
+        sample_rows={"model.embed_tokens.weight": think_ids, "lm_head.weight": think_ids})
     mid_rows = tmp_path / "mid-rows"
     shutil.copytree(qwen2["reasoning"], mid_rows)
     weights = _weights(mid_rows)
@@ -829,6 +866,31 @@ def test_sharded_output_reloads(qwen2, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------ refusals (item 1)
+def test_stage2_leaves_sliding_layers_that_never_reach_the_instruction_at_alpha_1(tmp_path, tokenizer):
+    # layer 1 slides over 2 tokens: no constrained-response query reaches the instruction, so nothing is measured
+    paths = build_triple(tmp_path / "t", "qwen2", tokenizer=tokenizer, use_sliding_window=True, sliding_window=2,
+                         max_window_layers=1)
+    cfg = dict(lam=1.0, sequential=False)
+    merger = _merger(paths, **cfg)
+    merger.merge(reasoning_records(3), instruction_records(3))
+    assert merger.report.head_coefficients[1] == [1.0] * 4
+    assert merger.report.alignment[1] == [None] * 4
+    assert merger.report.head_coefficients[0] != [1.0] * 4 and None not in merger.report.alignment[0]
+    warning = next(w for w in merger.report.warnings if w.startswith("stage 2: in layers [1] the local attention"))
+    assert "α = 1 (stage 1 alone there)" in warning
+    stage1 = _merger(paths, stage2=False, **cfg)
+    stage1.merge(reasoning_records(3))
+    alone = dict(stage1.model.named_parameters())
+    for name, param in merger.model.named_parameters():
+        if ".layers.1." in name:
+            assert torch.allclose(param, alone[name], rtol=0, atol=1e-7), name
+    out = merger.save_pretrained(tmp_path / "out")
+    sidecar = json.loads((out / "rain_merging_config.json").read_text(encoding="utf-8"),
+                         parse_constant=lambda c: pytest.fail(f"{c} in the sidecar"))
+    assert sidecar["report"]["alignment"][1] == [None] * 4
+    assert warning in (out / "README.md").read_text(encoding="utf-8")
+
+
 def _swap(paths, role, folder):
     return {**paths, role: folder}
 
