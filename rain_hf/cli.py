@@ -36,7 +36,7 @@ from typing import Any, NoReturn
 import yaml
 
 from . import __version__
-from .config import CONFIG_NAME, ConfigError, RainMergingConfig, did_you_mean, parse_size
+from .config import CONFIG_NAME, ConfigError, RainMergingConfig, did_you_mean, mergekit_hints, parse_size
 
 logger = logging.getLogger("rain_hf.cli")
 
@@ -61,10 +61,21 @@ TOP_LEVEL_KEYS: dict[str, str] = {
                    "(needed by method rain with stage1 / stage2, and the reasoning set also for lam: auto, which "
                    "measures L_think on it; the baselines do not read them, though a file named here must exist).",
     "dtype": "dtype the reasoning model is loaded in for the calibration passes: auto (as stored), float64, "
-             "float32, float16 or bfloat16.",
+             "float32, float16 or bfloat16. Not the saved dtype, as mergekit's dtype is: parameters.output_dtype "
+             "sets that.",
     "output": "{max_shard_size: '5GB', private: true, card_template: PATH}: shard size of the saved weights "
               "(overrides parameters.max_shard_size), visibility of a repository --push-to-hub creates (left out: "
               "the Hub's default), and a Jinja model card template of your own.",
+}
+#: mergekit's top-level keys and what a rain-merge file has instead, named in the error on an unknown key
+MERGEKIT_TOP_LEVEL = {
+    "models": "name the models base_model, reasoning_model and instruct_model",
+    "merge_method": "use method",
+    "slices": "rain-merge merges whole models; parameters.layers picks decoder layers",
+    "tokenizer_source": "the reasoning model's tokenizer is kept",
+    "tokenizer": "the reasoning model's tokenizer is kept",
+    "chat_template": "the reasoning model's chat template is kept",
+    "out_dtype": "use parameters.output_dtype",
 }
 MODEL_KEYS = ("path", "revision")
 CALIBRATION_KEYS = ("reasoning", "instruction")
@@ -175,14 +186,16 @@ def load_job(path: str | os.PathLike) -> MergeJob:
         raise CliError(f"{path}: the top level must be a mapping of keys ({', '.join(TOP_LEVEL_KEYS)}).")
     unknown = sorted(set(map(str, data)) - set(TOP_LEVEL_KEYS))
     if unknown:
+        mergekit = mergekit_hints(unknown, MERGEKIT_TOP_LEVEL)
+        others = [key for key in unknown if key not in MERGEKIT_TOP_LEVEL]
         fields = [f.name for f in dataclasses.fields(RainMergingConfig)]
-        near = {key: (difflib.get_close_matches(key, fields, n=1) or [None])[0] for key in unknown}
+        near = {key: (difflib.get_close_matches(key, fields, n=1) or [None])[0] for key in others}
         named = ", ".join(f"{key!r}: did you mean parameters.{field}?" for key, field in near.items()
                           if field and field != key)
         hint = (" Merge parameters go under 'parameters:'" + (f" ({named})" if named else "") + "."
                 if any(near.values()) else "")
-        raise CliError(f"{path}: unknown key(s) {unknown}{did_you_mean(unknown, TOP_LEVEL_KEYS)}; known keys: "
-                       f"{list(TOP_LEVEL_KEYS)}.{hint}")
+        raise CliError(f"{path}: unknown key(s) {unknown}{mergekit}{did_you_mean(others, TOP_LEVEL_KEYS)}; known "
+                       f"keys: {list(TOP_LEVEL_KEYS)}.{hint}")
     folder = path.resolve().parent
 
     models: dict[str, str] = {}
@@ -645,7 +658,7 @@ def _dry_run_calibration(job: MergeJob, tokenizer: Any, config_path: str) -> lis
 
 def _check_load_dtype(job: MergeJob, plan: Any, reasoning: Any, config_path: str) -> None:
     """``dtype:`` narrower than the weights the merge saves, found before the load (and in a dry run)."""
-    from .merger import _DTYPES, auto_load_dtype, load_dtype_problem
+    from .merger import _DTYPES, _saved_dtype, auto_load_dtype, load_dtype_problem
 
     auto = auto_load_dtype(plan, reasoning)
     if job.dtype == "auto" and auto is None:
@@ -659,6 +672,17 @@ def _check_load_dtype(job: MergeJob, plan: Any, reasoning: Any, config_path: str
         raise CliError(f"{config_path}: {how}, which cannot hold the merged weights, saved as {name} "
                        f"({'parameters.output_dtype' if job.config.output_dtype else 'as stored'}): use dtype: "
                        f"{name}{or_auto}, or set parameters.output_dtype: {short} to save in {short}.")
+    saved = {_saved_dtype(plan.config, reasoning.dtype(t.weight_key)) for t in plan.targets}
+    if job.dtype != "auto" and job.config.output_dtype is None and saved and loaded not in saved:
+        # mergekit's top-level dtype is the saved one: a file written for it would silently keep the stored dtype
+        from .config import DTYPES
+
+        stored = ", ".join(sorted(str(d).replace("torch.", "") for d in saved))
+        fix = (f"Set parameters.output_dtype: {job.dtype} to save in {job.dtype} (mergekit's dtype means that)."
+               if job.dtype in DTYPES else f"The merged weights can be saved as {', '.join(DTYPES)} "
+               "(parameters.output_dtype).")
+        logger.warning("%s: dtype: %s is the dtype the reasoning model is loaded in; the merged weights are saved "
+                       "as stored (%s). %s", config_path, job.dtype, stored, fix)
 
 
 def _check_out_models(out: Path, plan: Any) -> None:

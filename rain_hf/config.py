@@ -8,7 +8,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,18 @@ def did_you_mean(unknown: Sequence[Any], known: Iterable[str]) -> str:
     return "".join(f" ({key!r}: did you mean {match[0]!r}?)" for key, match in close.items() if match)
 
 
+_PEFT_CONVENTIONS = "no such switch: TIES and DARE follow peft's conventions (see rain_hf.methods)"
+#: mergekit's merge parameters and what RainMergingConfig has instead, named in the error on an unknown key
+MERGEKIT_PARAMETERS = {"weight": "use lam", "lambda": "use lam", "t": "use slerp_t", "out_dtype": "use output_dtype",
+                       "normalize": _PEFT_CONVENTIONS, "rescale": _PEFT_CONVENTIONS, "int8_mask": _PEFT_CONVENTIONS}
+
+
+def mergekit_hints(unknown: Sequence[Any], advice: Mapping[str, str]) -> str:
+    """' ('key' is mergekit's: …)' hints for the keys ``advice`` knows as mergekit's."""
+    return "".join(f" ({key!r} is mergekit's: {advice[key]})" for key in unknown
+                   if isinstance(key, str) and key in advice)
+
+
 def holdout_count(n: int, share: float) -> int:
     """How many of ``n`` calibration samples ``lam="auto"`` holds out: ``round(n · share)``, at least one."""
     return max(1, round(n * share))
@@ -62,7 +74,8 @@ class RainMergingConfig:
     Attributes:
         method: ``"rain"`` or a baseline: ``"task_arithmetic"``, ``"ties"``, ``"dare_ties"``, ``"dare_linear"``,
             ``"slerp"``.
-        lam: global strength λ of θ = θ_R + λ·α⊙Δ⊥ (also the weight of the instruct vector in the baselines),
+        lam: global strength λ of θ = θ_R + λ·α⊙Δ⊥ (also the weight of the instruct vector in the baselines;
+            with ``ties`` and ``dare_ties`` λ = 0 is not the reasoning model, see :mod:`rain_hf.methods`),
             or ``"auto"`` to pick λ on ``lam_grid`` from calibration data alone. Left unset, it is ``"auto"`` for
             ``method="rain"`` (no fixed λ fits every model size: the paper's 7B merge used λ ≈ 1, the organism
             benchmark needs 4–5) and 1.0 for the baselines.
@@ -146,7 +159,8 @@ class RainMergingConfig:
         on_malformed: ``"skip"`` a malformed calibration sample (logged with its index) or raise (``"error"``).
         max_new_tokens, do_sample, temperature, top_p: generation of traces for prompt-only calibration data
             (greedy is the plain argmax: the model's own repetition penalties, beams and token bans are not applied).
-        density: fraction of entries kept by TIES / DARE.
+        density: fraction of entries kept by TIES / DARE (peft's conventions, not mergekit's: see
+            :mod:`rain_hf.methods`).
         slerp_t: interpolation factor of SLERP (0: reasoning model, 1: instruct model).
         seed: seed of DARE's random masks, of sampled generation and of the draw of the samples ``lam="auto"``
             holds out (so it can change the λ picked). DARE's masks use its low 32 bits only (torch's CPU
@@ -413,8 +427,9 @@ class RainMergingConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known, key=str)
         if unknown:
-            raise ConfigError(f"Unknown RainMergingConfig keys {unknown}{did_you_mean(unknown, known)}; known keys: "
-                              f"{sorted(known)}.")
+            others = [key for key in unknown if key not in MERGEKIT_PARAMETERS]
+            raise ConfigError(f"Unknown RainMergingConfig keys {unknown}{mergekit_hints(unknown, MERGEKIT_PARAMETERS)}"
+                              f"{did_you_mean(others, known)}; known keys: {sorted(known)}.")
         return cls(**data)
 
     def to_json(self) -> str:

@@ -16,17 +16,24 @@ TIES / DARE convention: **peft's** (:mod:`peft.utils.merge_utils`, whose functio
 mergekit's:
 
 * trimming (TIES): each task vector keeps its ``int(density · numel)`` largest-magnitude entries, as peft's
-  ``magnitude_based_pruning`` does, but entries tied at the cut are kept in index order (peft's ``topk`` picks
-  among ties differently on CPU and CUDA, and bf16 deltas tie by the hundred thousand); the others become 0;
+  ``magnitude_based_pruning`` does (so none of a tensor with fewer than ``1 / density`` entries; mergekit keeps
+  at least one), but entries tied at the cut are kept in index order (peft's ``topk`` picks among ties
+  differently on CPU and CUDA, and bf16 deltas tie by the hundred thousand); the others become 0;
 * drop (DARE): each entry of each task vector is kept with probability ``density`` and the kept entries are
-  rescaled by ``1 / density`` (mergekit's optional L1-norm rescale is not used);
+  rescaled by ``1 / density`` (mergekit's DARE methods instead rescale each dropped task vector back to its L1
+  norm, by default);
 * sign election (``*_ties``): the sign of the sum of the **unweighted** trimmed task vectors
   (``calculate_majority_sign_mask(method="total")``; a zero sum elects +); mergekit votes on the weighted ones;
 * disjoint merge (``*_ties``): the weighted entries that agree with the elected sign are summed and divided by
-  the **number** of agreeing entries (``disjoint_merge``), not by the sum of their weights as mergekit does;
-* ``dare_linear`` is the weighted sum of the dropped-and-rescaled task vectors, with no normalisation.
+  the **number** of agreeing entries (``disjoint_merge``). mergekit's ``ties`` divides by the sum of their
+  weights, and its ``dare_ties`` does not divide: where both task vectors agree, this ``dare_ties`` gives half
+  of mergekit's;
+* ``dare_linear`` is the weighted sum of the dropped-and-rescaled task vectors, with no normalisation (as
+  mergekit's, apart from the rescale).
 
-The weights are ``[1, λ]`` for ``[Δ_R, Δ_I]``. DARE's random masks are the one departure from peft: peft draws
+The weights are ``[1, λ]`` for ``[Δ_R, Δ_I]``. In the ``*_ties`` methods λ weighs Δ_I's entries in the sum but
+not in the sign election or the count, so λ = 0 does not give back the reasoning model: where Δ_I agrees with
+the elected sign Δ_R's entry is halved, and where Δ_I outweighs it with the other sign it is dropped. DARE's random masks are the one departure from peft: peft draws
 them from torch's global generator, this module from a :class:`torch.Generator` seeded with
 :func:`tensor_seed` (``config.seed`` and a CRC-32 of the tensor's name), on the CPU, so a merge is reproducible
 whatever the order, device or number of workers that process the tensors.

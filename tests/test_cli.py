@@ -97,6 +97,10 @@ def test_usage_errors_are_one_line(capsys):
     ({"base_model": "a/b", "reasoning_model": "c/d", "instruct_model": "e/f", "max_lenght": 512},
      "Merge parameters go under 'parameters:' ('max_lenght': did you mean parameters.max_length?)."),
     ({"base_model": "a/b", "reasoning_model": "c/d"}, "'instruct_model' is missing"),
+    ({"base_model": "a/b", "models": [{"model": "c/d"}], "merge_method": "ties", "tokenizer_source": "base"},
+     "unknown key(s) ['merge_method', 'models', 'tokenizer_source'] ('merge_method' is mergekit's: use method) "
+     "('models' is mergekit's: name the models base_model, reasoning_model and instruct_model) ('tokenizer_source' "
+     "is mergekit's: the reasoning model's tokenizer is kept); known keys"),
 ])
 def test_bad_yaml_exits_2_with_one_line(tmp_path, capsys, content, expected):
     code = main([str(_write(tmp_path, content)), "--out", str(tmp_path / "out")])
@@ -107,6 +111,9 @@ def test_bad_yaml_exits_2_with_one_line(tmp_path, capsys, content, expected):
 
 @pytest.mark.parametrize("parameters, expected", [
     ({"lam": 1.0, "lamda": 2.0}, "Unknown RainMergingConfig keys ['lamda'] ('lamda': did you mean 'lam'?); known keys: ["),
+    ({"weight": 1.0, "t": 0.5, "normalize": True}, "Unknown RainMergingConfig keys ['normalize', 't', 'weight'] "
+     "('normalize' is mergekit's: no such switch: TIES and DARE follow peft's conventions (see rain_hf.methods)) "
+     "('t' is mergekit's: use slerp_t) ('weight' is mergekit's: use lam); known keys: ["),
     ({"density": 2.0}, "density=2.0 must be <= 1"),
     ({"positions": "everywhere"}, "positions='everywhere' is not one of"),
     ({"positions": "Window"}, "is not one of ['think', 'think+prev', 'window', 'window-before-answer'] (did you mean "
@@ -328,6 +335,33 @@ def test_dtype_auto_that_loads_narrower_is_refused_before_the_load(triple, tmp_p
                          r"the merged weights, saved as float32 \(as stored\): use dtype: float32, or set "
                          r"parameters.output_dtype: bfloat16", _one_error_line(capsys.readouterr().err)), dry
     assert not (tmp_path / "o").exists()
+
+
+def test_a_dtype_wider_than_the_saved_weights_is_named_as_the_load_dtype(triple, tmp_path, capsys):
+    # mergekit's dtype is the saved dtype; here it is the load dtype, and the merged weights save as stored
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    root, _ = triple
+    bf16 = root / f"{tmp_path.name}-reasoning"
+    shutil.copytree(triple[1]["reasoning"], bf16)
+    weights = load_file(bf16 / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, bf16 / "model.safetensors", metadata={"format": "pt"})
+    stored = json.loads((bf16 / "config.json").read_text())
+    (bf16 / "config.json").write_text(json.dumps({**stored, "dtype": "bfloat16"}))
+    advice = "Set parameters.output_dtype: float32 to save in float32 (mergekit's dtype means that)."
+    for model, dtype, parameters, expected in (
+            (bf16.name, "float32", {}, f"saved as stored (bfloat16). {advice}"),
+            (bf16.name, "float32", {"output_dtype": "float32"}, None), (bf16.name, "bfloat16", {}, None),
+            (bf16.name, "auto", {}, None),
+            ("reasoning", "float64", {}, "saved as stored (float32). The merged weights can be saved as float32, "
+                                         "float16, bfloat16 (parameters.output_dtype).")):
+        config = _job_file(root, tmp_path, reasoning_model=model, method="task_arithmetic", dtype=dtype,
+                           parameters={"lam": 1.0, **parameters})
+        assert main([str(config), "--dry-run"]) == 0
+        err = capsys.readouterr().err
+        warned = f"dtype: {dtype} is the dtype the reasoning model is loaded in; the merged weights are"
+        assert (warned in err and expected in err) if expected else warned not in err, (dtype, parameters, err)
 
 
 def test_overwrite_replaces_only_an_earlier_output(triple, tmp_path, capsys, monkeypatch):
