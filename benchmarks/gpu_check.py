@@ -9,6 +9,7 @@ The memory/time figures of a larger model come from ``python -m benchmarks.merge
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
@@ -37,7 +38,9 @@ def merged_state(device: str, sequential: bool = False, offload: bool = False,
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys(), "state dict keys differ"
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
+    # NaN where a merge went non-finite: inf, so that it fails (max() over floats drops a NaN not met first)
+    diffs = [float((a[k] - b[k]).abs().max()) for k in a]
+    return float("inf") if any(d != d for d in diffs) else max(diffs)
 
 
 def lora_on_cuda() -> float:
@@ -66,7 +69,8 @@ def lora_on_cuda() -> float:
     return max_diff(out["cpu"], out["cuda"])
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks.gpu_check needs a CUDA device and none is visible; run it on a GPU machine.",
               file=sys.stderr)

@@ -8,7 +8,8 @@
 
 The three checkpoints are built once (in a separate process, cached under --workdir); the merge then runs in a
 fresh process whose peak resident set size is read from the kernel (ru_maxrss). Prints the figures and checks the
-target peak RSS ≤ 1.5 × reasoning checkpoint size + 1 GiB, and that stage 1 ran one forward pass per batch.
+target peak RSS ≤ 1.5 × reasoning checkpoint size + 1 GiB, and that stage 1 ran one forward pass per batch;
+exits 1 when either is missed.
 """
 
 from __future__ import annotations
@@ -122,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "rain_hf_bench")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    lam = args.lam if args.lam == "auto" else float(args.lam)
+    try:
+        lam = args.lam if args.lam == "auto" else float(args.lam)
+    except ValueError:
+        parser.error(f"--lam {args.lam!r}: give a number or auto.")
+    # the build and the merge run in the repository root: a relative folder must mean the caller's
+    args.workdir = args.workdir.expanduser().resolve()
     if args.offload and args.one_shot:
         parser.error("--offload moves the sequential projection's cache, and --one-shot turns it off: pick one.")
     if args._child:
@@ -156,14 +162,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"peak RSS {rss:.2f} GiB, of which CUDA start-up {fig['cuda_startup_rss_gib']:.2f} GiB (taken before "
               "the merge)")
         rss -= fig["cuda_startup_rss_gib"]
+    rss_ok = rss <= target
     print(f"peak RSS{' without CUDA start-up' if fig['cuda_startup_rss_gib'] is not None else ''} {rss:.2f} GiB; "
-          f"target ≤ 1.5 × {size:.2f} + 1 = {target:.2f} GiB: {'OK' if rss <= target else 'MISSED'} (glibc heap "
+          f"target ≤ 1.5 × {size:.2f} + 1 = {target:.2f} GiB: {'OK' if rss_ok else 'MISSED'} (glibc heap "
           "fragmentation makes the peak vary between identical runs: compare several)")
     if fig["gpu_peak_gib"] is not None:
         print(f"peak GPU memory allocated {fig['gpu_peak_gib']:.2f} GiB, reserved by the allocator "
               f"{fig['gpu_reserved_gib']:.2f} GiB")
+    passes_ok = fig["stage1_forwards"] == fig["stage1_batches"]
     print(f"stage 1: {fig['stage1_forwards']} forward passes for {fig['stage1_batches']} batches over "
-          f"{fig['num_layers']} layers: {'OK' if fig['stage1_forwards'] == fig['stage1_batches'] else 'MISSED'}")
+          f"{fig['num_layers']} layers: {'OK' if passes_ok else 'MISSED'}")
     # a replayed layer stopped at its first captured module (or the replay's start stopped before the last
     # layer) counts as one call too, so the call count is an upper bound on the layer work
     print(f"merge: {fig['merge_forwards']} decoder passes, {fig['merge_layer_calls']} decoder-layer calls, partial "
@@ -173,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     if fig["replay_cache_bytes"] is not None:
         print(f"replay cache: {fig['replay_cache_bytes'] / 2**20:.1f} MiB "
               f"{'in CPU memory' if args.offload else 'on ' + args.device}")
-    return 0
+    return 0 if rss_ok and passes_ok else 1
 
 
 if __name__ == "__main__":

@@ -188,6 +188,12 @@ def test_sweep_scores_generations_with_the_benchmark_checks():
     assert (by["RAIN stage 1+2"].think, by["RAIN stage 1+2"].if_prompt) == (1, 1)
     met = {desc.split(":")[0]: ok for desc, ok, _ in checks}
     assert met["RAIN 1+2"] is True
+    # a record a stopped run left (references only): its marks would not line up with the legend's order
+    record["info"]["geometry"]["relative_norm"] = {"reasoning": 0.03, "instruct": 0.02}
+    stopped = {**record, "rows": rows[:2], "complete": False}
+    line = S.summary_table([stopped, record], evals).splitlines()
+    assert line[2].startswith("| t (stopped after 2 models) |") and line[2].endswith("| – | – | – | – | – | – (run stopped) |")
+    assert line[3].endswith("| – | – | – | 1.000 (λ 2) | – | ✗✓✗✓ |"), line[3]  # no "complete" key: a finished run
 
 
 def test_sweep_names_unknown_recipes_and_empty_sources(tmp_path, capsys):
@@ -200,6 +206,15 @@ def test_sweep_names_unknown_recipes_and_empty_sources(tmp_path, capsys):
     assert not (tmp_path / "sw").exists()  # nothing half-made
     assert S.main(["score", str(tmp_path)]) == 2
     assert "sweep run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        S.main(["run", "--out", str(tmp_path / "sw"), "--recipes", ","])
+    assert "names no recipe" in capsys.readouterr().err
+    # one uncompressed sweep.json is a source too, as is a gzipped bundle
+    record = {"name": "one", "rows": []}
+    (tmp_path / "sweep.json").write_text(json.dumps(record))
+    assert S.load_records(tmp_path / "sweep.json") == [record]
+    S.write_bundle([record], tmp_path / "b.json.gz")
+    assert S.load_records(tmp_path / "b.json.gz") == [record]
 
 
 @pytest.mark.parametrize("name,six_heads", [("heads12", None), ("heads12_plain_r300_itm2", "plain_r300_itm2")])

@@ -142,12 +142,12 @@ def sweep_recipe(name: str, overrides: dict[str, Any], out: str, quick: bool, de
     bench.evaluate = GenerateOnly(**{f.name: getattr(bench.evaluate, f.name)
                                      for f in dataclasses.fields(BE.Evaluator)}, device=device)
 
-    def save() -> None:
+    def save(complete: bool = False) -> None:
         rows = [{"method": r.method, "family": r.family, "lam": r.lam, "label": label}
                 for r, label in zip(bench.rows, bench.evaluate.generations)]
         record = {"name": name, "overrides": overrides, "quick": quick, "build": report, "info": bench.info,
                   "rows": rows, "generations": {r["label"]: bench.evaluate.generations[r["label"]] for r in rows},
-                  "wall_s": time.perf_counter() - start}
+                  "wall_s": time.perf_counter() - start, "complete": complete}
         (root / "sweep.json").write_text(json.dumps(record, default=str), encoding="utf-8")
 
     feats = bench.features_for(RainMergingConfig().positions)
@@ -164,9 +164,9 @@ def sweep_recipe(name: str, overrides: dict[str, Any], out: str, quick: bool, de
              for lam in PLAIN_GRID]
     bench.references()
     save()
-    for method, family, lam, cfg, features, kwargs in plan:
+    for i, (method, family, lam, cfg, features, kwargs) in enumerate(plan):
         bench.merge_and_add(method, family, lam, cfg, features, **kwargs)
-        save()
+        save(complete=i == len(plan) - 1)
     logger.info("done in %.0fs", time.perf_counter() - start)
     return name
 
@@ -188,10 +188,15 @@ class GenerateOnly(BE.Evaluator):
 
 # ---------------------------------------------------------------------------------------------- scoring
 def load_records(path: Path) -> list[dict[str, Any]]:
-    """``sweep.json`` records of a sweep folder, or of a gzipped bundle written by ``run --bundle``."""
+    """``sweep.json`` records of a sweep folder, of a gzipped bundle written by ``run --bundle``, or one
+    ``sweep.json``."""
     if path.is_file():
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            return json.load(f)
+        try:
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                data = json.load(f)
+        except gzip.BadGzipFile:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        return [data] if isinstance(data, dict) else data
     return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(path.glob("*/sweep.json"))]
 
 
@@ -217,7 +222,9 @@ def summary_table(records: list[dict[str, Any]], evals: list[dict]) -> str:
             "TA best feasible IF", "SLERP", "RAIN s1", "RAIN 1+2", "1+2 plain samples", "targets met"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
-    def best(top: Any) -> str:
+    def best(top: Any, ran: bool) -> str:
+        if not ran:
+            return "–"  # not merged (a run stopped early)
         if top is None:
             return "none"
         at = f"λ {top.lam:g}" if top.lam is not None else top.method.split()[-1]
@@ -229,14 +236,17 @@ def summary_table(records: list[dict[str, Any]], evals: list[dict]) -> str:
         ins = next(r for r in rows if r.method == "instruct model")
         top = BE.best_constrained(rows)
         geo = rec["info"]["geometry"]
-        met = "".join("✓" if ok else "✗" for _, ok, _ in checks)
+        # a record a stopped run left lacks some merges: its checks would not line up with the legend
+        complete = rec.get("complete", True)
+        met = "".join("✓" if ok else "✗" for _, ok, _ in checks) if complete else "– (run stopped)"
+        families = {r.family for r in rows}
         lines.append("| " + " | ".join([
-            rec["name"], f"{geo['cosine']:+.3f}",
+            rec["name"] + ("" if complete else f" (stopped after {len(rows)} models)"), f"{geo['cosine']:+.3f}",
             f"{geo['relative_norm']['reasoning']:.2%} / {geo['relative_norm']['instruct']:.2%}",
             f"{ref.think:.2f} / {ref.accuracy:.2f} / {ref.if_prompt:.2f}",
             f"{ins.think:.2f} / {ins.accuracy:.2f} / {ins.if_prompt:.2f}",
-            *(best(top.get(family)) for family in ("task_arithmetic", "slerp", "rain_stage1", "rain_both",
-                                                   "rain_ablations")), met]) + " |")
+            *(best(top.get(family), family in families) for family in ("task_arithmetic", "slerp", "rain_stage1",
+                                                                        "rain_both", "rain_ablations")), met]) + " |")
     return "\n".join(lines)
 
 
@@ -264,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "run":
         names = [n for n in args.recipes.split(",") if n]
+        if not names:
+            ap.error(f"--recipes {args.recipes!r} names no recipe; choose from {sorted(RECIPES)}")
         unknown = [n for n in names if n not in RECIPES]
         if unknown:
             ap.error(f"unknown recipe(s) {unknown}; choose from {sorted(RECIPES)}")
@@ -302,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     table = summary_table(records, evals)
     legend = (f"Feasible: think ≥ {BE.THINK_MIN}, accuracy ≥ reasoning model − {BE.ACC_SLACK}; "
               f"{len(next(iter(records[0]['generations'].values())))} held-out prompts, free template. Targets "
-              "(in bench.target_checks order): TA phenomenon, RAIN 1+2 ≥ reasoning + 0.6, 1+2 > stage 1, |cos| ≤ 0.2.")
+              "(in bench.target_checks order): TA phenomenon, RAIN 1+2 ≥ reasoning + 0.6, 1+2 > stage 1, |cos| ≤ 0.2. "
+              "\"none\": no feasible row; \"–\": not merged (a run that stopped early: its targets are not scored).")
     print(table)
     print(legend)
     if args.markdown is not None:

@@ -1,0 +1,28 @@
+"""The GPU check's and the memory benchmark's command lines (their figures are measured by running them)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import gpu_check, merge_memory
+
+
+def test_gpu_check_fails_a_nan_difference_and_takes_no_arguments():
+    zeros = {"a": torch.zeros(2), "b": torch.zeros(2)}
+    # max() over floats drops a NaN that is not met first: the check printed OK for a merge that went NaN
+    assert gpu_check.max_diff(zeros, {"a": torch.zeros(2), "b": torch.tensor([float("nan"), 0.0])}) == float("inf")
+    assert gpu_check.max_diff(zeros, {"a": torch.tensor([0.5, 0.0]), "b": torch.zeros(2)}) == 0.5
+    with pytest.raises(SystemExit) as exc:  # not silently ignored, on a machine whose GPU time is scarce
+        gpu_check.main(["--shape", "1.5b"])
+    assert exc.value.code == 2
+
+
+def test_merge_memory_reads_a_relative_workdir_from_the_callers_folder(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exc:
+        merge_memory.main(["--lam", "foo"])
+    assert exc.value.code == 2 and "--lam 'foo': give a number or auto" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    assert merge_memory.main(["--shape", "tiny", "--samples", "4", "--workdir", "rel"]) == 0
+    assert sorted(p.name for p in (tmp_path / "rel").iterdir()) == ["merged-tiny", "qwen2-tiny"]
+    assert "stage 1: 1 forward passes for 1 batches over 2 layers: OK" in capsys.readouterr().out
