@@ -458,9 +458,11 @@ def lam_auto_holdout(samples: Sequence[CalibrationSample], share: float, seed: i
                           "reasoning calibration samples share one prompt: add samples with other prompts, or set "
                           "lam to a number.")
     if not kept:
+        # one sample is held out whatever the share, so a lower lam_auto_holdout helps only from two samples on
+        lower = ", lower lam_auto_holdout" if len(samples) > 1 else ""
         raise ConfigError(f"lam='auto' holds out {len(held)} of the {len(samples)} reasoning calibration samples "
                           f"(lam_auto_holdout={share}), which leaves none for stage 1: pass at least "
-                          f"{fewest_for_holdout(share)} samples, lower lam_auto_holdout, or set lam to a number.")
+                          f"{fewest_for_holdout(share)} samples{lower}, or set lam to a number.")
     return kept, held
 
 

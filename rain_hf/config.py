@@ -81,8 +81,9 @@ class RainMergingConfig:
             benchmark needs 4–5) and 1.0 for the baselines.
         lam_grid: candidate λ values for ``lam="auto"``.
         lam_auto_max_kl: the largest L_think (mean KL(merged ‖ reasoning) at the thinking positions of held-out
-            reasoning calibration samples, the think-close token's own left out, as it predicts the answer's first
-            token, where format instructions act, and so are those whose next token the prompt supplies: the chat
+            reasoning calibration samples, the one that predicts the answer's first token left out (the
+            think-close token's own, or the last of the whitespace ``think_spacing`` writes after it), as format
+            instructions act there, and so are those whose next token the prompt supplies: the chat
             template's tokens before the think-open token, and the think-open token itself where the template
             writes it) ``lam="auto"`` accepts; it picks the largest λ of the grid
             within it (and the think-open guard below), or, when none is, the grid's smallest λ with a warning.

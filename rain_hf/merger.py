@@ -88,9 +88,10 @@ _ROLES = ("base", "reasoning", "instruct")
 
 _NO_L_THINK_POSITION = (
     "lam='auto' has no thinking position to measure L_think at: with {setting} "
-    "every one is the think-close token or one whose next token the chat template supplies (it writes the think-open "
-    "token and what follows it). Use positions='think+prev', or 'window' with window ≥ 1 (the default is "
-    "'window-before-answer', 3), or a numeric lam.")
+    "every one predicts the answer's first token (the think-close token's own, when nothing is written between "
+    "them) or a token the chat template supplies (it writes the think-open token and what follows it). Use "
+    "positions='think+prev', or 'window' with window ≥ 1 (the default is 'window-before-answer', 3), or a numeric "
+    "lam.")
 
 
 def _position_setting(config: RainMergingConfig) -> str:
@@ -179,7 +180,10 @@ class MergePlan:
                               "Qwen3-Next's Gated DeltaNet), so stage 2 has no instruction attention to score "
                               f"there: set stage2=False, or config.layers to the attention layers {attention}.")
         narrow = config.positions == "think" or (config.positions.startswith("window") and config.window == 0)
-        if config.method == "rain" and config.lam == "auto" and self.think_tail and narrow:
+        # the think tokens alone: <think> predicts the template's "\n", and </think> the answer's first token
+        # unless the layout writes whitespace between them (then </think> predicts that, and L_think has it)
+        spaced = bool(config.think_spacing[2])
+        if config.method == "rain" and config.lam == "auto" and self.think_tail and narrow and not spaced:
             raise ConfigError(_NO_L_THINK_POSITION.format(setting=_position_setting(config)))
         warnings = []
         if self.unmapped and stage2:
@@ -1298,9 +1302,10 @@ class RainMerger:
 
     def _l_think_rows(self, heldout: list[tuple[list[int], list[int]]]) -> tuple[list[torch.Tensor], list[list[int]]]:
         """Token ids and positions where ``lam="auto"`` measures L_think: the thinking positions of each held-out
-        sample but the think-close token's own, whose next token is the answer's first, and those whose next token
-        the prompt gives (the chat template's tokens before the think-open decision, and the think-open token and
-        the whitespace after it where the template writes them, as R1-Distill's ``<think>\\n``). Format
+        sample but the one whose next token is the answer's first (the think-close token's own, or the last
+        whitespace token after it where the layout writes some, as ``think_spacing``'s "\\n\\n"), and those whose
+        next token the prompt gives (the chat template's tokens before the think-open decision, and the think-open
+        token and the whitespace after it where the template writes them, as R1-Distill's ``<think>\\n``). Format
         instructions act at the answer's first token (capitals, quotation marks, a start phrase), so a KL taken
         there grows with the instruction following that λ is meant to maximise, not with damage to the thinking
         format; and a prediction of a token the prompt supplies never shapes a generation."""
@@ -1312,11 +1317,23 @@ class RainMerger:
         for sample_ids, sample_positions in heldout:
             opened = _think_open_at(sample_ids, open_id)
             start = 0 if opened is None else opened + after_open
+            before_answer = self._answer_start(sample_ids, close_id) - 1
             ids.append(torch.tensor(sample_ids))
-            positions.append([p for p in sample_positions if p >= start and sample_ids[p] != close_id])
+            positions.append([p for p in sample_positions if p >= start and p != before_answer])
         if not any(positions):  # the think tokens alone with a template that writes "<think>\\n": only </think>
             raise ConfigError(_NO_L_THINK_POSITION.format(setting=_position_setting(self.config)))
         return ids, positions
+
+    def _answer_start(self, ids: Sequence[int], close_id: int) -> int:
+        """Index of the answer's first token: the first after the last think-close token that is not whitespace
+        alone (the layout's spacing is not the answer); 0 without a think-close token (no position is before it)."""
+        closed = next((i for i in range(len(ids) - 1, -1, -1) if ids[i] == close_id), None)
+        if closed is None:
+            return 0
+        for i in range(closed + 1, len(ids)):
+            if self.tokenizer.decode([ids[i]]).strip():
+                return i
+        return len(ids)
 
     def _think_open_prefixes(self, sequences: list[list[int]]) -> list[list[int]]:
         """Each sequence up to its think-open token, when the model itself decides whether to think there: none

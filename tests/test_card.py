@@ -452,6 +452,9 @@ def test_the_lam_search_and_the_merge_warnings_are_in_the_card():
     for row in info["report"]["lam_search"]:  # a template that opens the block itself: no share was measured
         row["think_open"] = None
     assert "within L_think ≤ 0.01 (or the smallest" in build_model_card(info).content
+    assert "at the thinking positions of held-out reasoning samples" in build_model_card(info).content
+    info["config"]["stage1"] = False  # nothing is held out: every reasoning sample measures L_think
+    assert "at the thinking positions of reasoning samples" in build_model_card(info).content
     numeric = card_module._sample_sidecar(RainMergingConfig(lam=2.0).to_dict())
     numeric["report"]["warnings"] = []
     text = build_model_card(numeric).content

@@ -439,17 +439,26 @@ def test_sequential_offload_gives_the_same_merge(qwen2, tokenizer):
     assert replay.hidden[0].device == replay.store  # the cache itself stays where it is kept
 
 
-def _reference_l_think(merged, reasoning, heldout, open_id, close_id) -> float:
+def _answer_first(ids, close_id, tokenizer) -> int:
+    """Index of the answer's first token: after </think> and the layout's whitespace tokens."""
+    i = ids.index(close_id) + 1
+    while tokenizer.decode([ids[i]]) in ("\n", "\n\n", " "):
+        i += 1
+    return i
+
+
+def _reference_l_think(merged, reasoning, heldout, open_id, close_id, tokenizer) -> float:
     """Slow L_think: full forward passes, one held-out sample at a time, KL(merged ‖ reasoning) averaged over the
-    thinking positions but the think-close token's own and those predicting prompt tokens (a free template: from
-    the think-open decision on)."""
+    thinking positions but the one predicting the answer's first token and those predicting prompt tokens (a free
+    template: from the think-open decision on)."""
     kls = []
     for ids, positions in heldout:
         with torch.no_grad():
             log_m = torch.log_softmax(merged(torch.tensor([ids])).logits[0].double(), -1)
             log_r = torch.log_softmax(reasoning(torch.tensor([ids])).logits[0].double(), -1)
         kl = (log_m.exp() * (log_m - log_r)).sum(-1)
-        kls += [kl[p] for p in positions if p >= ids.index(open_id) - 1 and ids[p] != close_id]
+        before_answer = _answer_first(ids, close_id, tokenizer) - 1
+        kls += [kl[p] for p in positions if p >= ids.index(open_id) - 1 and p != before_answer]
     return float(torch.stack(kls).mean())
 
 
@@ -469,11 +478,11 @@ def test_sequential_with_lam_auto_and_stage2(qwen2, tmp_path, tokenizer):
         fixed = _merger(qwen2, sequential=True, lam=row["lam"])
         model = fixed.merge(stage1_records, instruction_records()).eval()
         assert fixed.report.projection == "sequential"
-        expected = _reference_l_think(model, reasoning, merger.features.heldout, open_id, close_id)
+        expected = _reference_l_think(model, reasoning, merger.features.heldout, open_id, close_id, tokenizer)
         assert row["l_think"] == pytest.approx(expected, rel=1e-3)
     one_shot = _merger(qwen2, sequential=False, lam=32.0)
     model = one_shot.merge(stage1_records, instruction_records()).eval()
-    other = _reference_l_think(model, reasoning, merger.features.heldout, open_id, close_id)
+    other = _reference_l_think(model, reasoning, merger.features.heldout, open_id, close_id, tokenizer)
     assert abs(other - merger.report.lam_search[-1]["l_think"]) > 0.1 * other  # the two forms differ here
     out = merger.save_pretrained(tmp_path / "out")
     sidecar = json.loads((out / "rain_merging_config.json").read_text())
@@ -1261,10 +1270,15 @@ def test_lam_auto_picks_largest_lambda_within_think_budget(qwen2):
     assert none.report.lam == 0.5 and any("no λ of the grid" in w for w in none.report.warnings)
 
 
-@pytest.mark.parametrize("forced", ["", "<think>", "<think>\n"], ids=["free", "think", "think-newline"])
-def test_lam_auto_l_think_leaves_out_the_think_close_and_prompt_positions(qwen2, tokenizer, tmp_path, forced):
-    # The think-close token's next token is the answer's first, where format instructions act: lam="auto" must not
-    # count that change against λ; nor predictions of tokens the prompt supplies (the template's tokens before the
+@pytest.mark.parametrize("forced, spacing, position_set", [
+    ("", "\n\n", "window-before-answer"), ("<think>", "\n\n", "window-before-answer"),
+    ("<think>\n", "\n\n", "window-before-answer"), ("", "", "window-before-answer"), ("", "\n\n", "window"),
+    ("", "", "window")], ids=["free", "think", "think-newline", "free-unspaced", "free-window", "unspaced-window"])
+def test_lam_auto_l_think_leaves_out_the_answers_first_prediction_and_prompt_positions(qwen2, tokenizer, tmp_path,
+                                                                                        forced, spacing, position_set):
+    # The answer's first token is where format instructions act: lam="auto" must not count the change of its
+    # prediction (at </think>, or at the last of the whitespace the layout writes after it) against λ; nor
+    # predictions of tokens the prompt supplies (the template's tokens before the
     # think-open decision, and <think> itself where the template writes it, and the "\n" after it where the
     # template writes that too, as R1-Distill's and QwQ's do): they never shape a generation. Slow reference: full
     # forward passes of each searched λ, one sample at a time.
@@ -1275,9 +1289,10 @@ def test_lam_auto_l_think_leaves_out_the_think_close_and_prompt_positions(qwen2,
         template = reasoning_folder / "chat_template.jinja"
         template.write_text(template.read_text().replace("<|assistant|>{% endif %}",
                                                          f"<|assistant|>{forced}{{% endif %}}"))
+    layout = {"think_spacing": ["\n", "\n", spacing], "positions": position_set}
     auto = RainMerger.from_pretrained(qwen2["base"], reasoning_folder, qwen2["instruct"],
                                       RainMergingConfig(lam="auto", lam_grid=[32.0, 128.0], stage2=False,
-                                                        sequential=False))
+                                                        sequential=False, **layout))
     auto.merge(reasoning_records(8))
     assert auto.calibration_info["reasoning"]["num_samples"] == 8
     assert auto.calibration_info["reasoning"]["num_held_out"] == len(auto.features.heldout) == 2  # for the card
@@ -1287,7 +1302,8 @@ def test_lam_auto_l_think_leaves_out_the_think_close_and_prompt_positions(qwen2,
     reasoning = AutoModelForCausalLM.from_pretrained(qwen2["reasoning"], dtype=torch.float32).eval()
     for row in auto.report.lam_search:
         fixed = RainMerger.from_pretrained(qwen2["base"], reasoning_folder, qwen2["instruct"],
-                                           RainMergingConfig(lam=row["lam"], stage2=False), features=auto.features)
+                                           RainMergingConfig(lam=row["lam"], stage2=False, **layout),
+                                           features=auto.features)
         merged = fixed.merge().eval()
         assert any("leave 2 reasoning calibration samples out of stage 1" in w for w in fixed.report.warnings)
         kept, with_all = [], []
@@ -1303,19 +1319,32 @@ def test_lam_auto_l_think_leaves_out_the_think_close_and_prompt_positions(qwen2,
                 log_m = torch.log_softmax(merged(torch.tensor([ids])).logits[0].double(), -1)
                 log_r = torch.log_softmax(reasoning(torch.tensor([ids])).logits[0].double(), -1)
             kl = (log_m.exp() * (log_m - log_r)).sum(-1)
-            kept += [kl[p] for p in positions if p >= first and ids[p] != close_id]
+            close = ids.index(close_id)
+            answer = close + 1 + len(spacing)  # the tiny tokenizer writes each "\n" as one token
+            assert tokenizer.decode(ids[answer]).strip()
+            assert answer - 1 == close or not tokenizer.decode(ids[answer - 1]).strip()
+            assert (answer - 1 in positions) == (position_set == "window" or not spacing)
+            kept += [kl[p] for p in positions if p >= first and p != answer - 1]
             with_all += [kl[p] for p in positions]
         expected, other = float(torch.stack(kept).mean()), float(torch.stack(with_all).mean())
         assert row["l_think"] == pytest.approx(expected, rel=1e-4)
         assert abs(other - expected) > 1e-3 * expected  # the left-out positions would change the figure
-    if forced == "<think>\n":  # the think tokens alone leave nothing: <think> predicts the template's "\n"
+    if forced == "<think>\n":  # the think tokens alone: <think> predicts the template's "\n", and </think> the
+        # answer's first token when nothing comes between them
+        unspaced = {"think_spacing": ["\n", "\n", ""]}
         for settings, named in (({"positions": "think"}, "positions='think' every"),
                                 ({"window": 0}, "positions='window-before-answer' and window=0 every")):
             with pytest.raises(ConfigError, match=f"lam='auto' has no thinking position .* with {named}"):
-                RainMerger.plan(qwen2["base"], reasoning_folder, qwen2["instruct"], RainMergingConfig(**settings))
+                RainMerger.plan(qwen2["base"], reasoning_folder, qwen2["instruct"],
+                                RainMergingConfig(**settings, **unspaced))
+            # with the default "\n\n" after </think>, </think> predicts that, and L_think has it
+            spaced = RainMerger.from_pretrained(qwen2["base"], reasoning_folder, qwen2["instruct"],
+                                                RainMergingConfig(lam_grid=[32.0], stage2=False, **settings))
+            spaced.merge(reasoning_records(8))
+            assert spaced.report.lam_search[0]["l_think"] > 0
         # … and when the setting is changed on a merger made before: refused before any forward pass
         bare = RainMerger.from_pretrained(qwen2["base"], reasoning_folder, qwen2["instruct"],
-                                          RainMergingConfig(lam=1.0, positions="think", stage2=False))
+                                          RainMergingConfig(lam=1.0, positions="think", stage2=False, **unspaced))
         bare.config.lam = "auto"
         with pytest.raises(ConfigError, match="lam='auto' has no thinking position"):
             bare.merge(reasoning_records(8))
@@ -1385,8 +1414,10 @@ def test_lam_auto_errors_name_the_fix(qwen2, tmp_path):
     with_stage2._probe_attention = no_probe
     with pytest.raises(ValueError, match="without any .*set lam to a number"):
         with_stage2.merge(instruction_calibration=instruction_records())
-    with pytest.raises(ValueError, match="holds out 1 of the 1 .*set lam to a number"):
-        _merger(qwen2, stage2=False).merge(reasoning_records(1))
+    with pytest.raises(ValueError, match="holds out 1 of the 1 .*pass at least 2 samples, or set lam to a number"):
+        _merger(qwen2, stage2=False).merge(reasoning_records(1))  # a lower share still holds one out
+    with pytest.raises(ValueError, match="holds out 2 of the 2 .*samples, lower lam_auto_holdout, or set lam"):
+        _merger(qwen2, stage2=False, lam_auto_holdout=0.9).merge(reasoning_records(2))
     stage2_only = _merger(qwen2, stage1=False)
     with pytest.raises(ValueError, match="reasoning_calibration=.*set lam to a number"):
         stage2_only.merge(instruction_calibration=instruction_records())
