@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lam = args.lam if args.lam == "auto" else float(args.lam)
     except ValueError:
-        parser.error(f"--lam {args.lam!r}: give a number or auto.")
+        lam = None
+    if lam is None or (lam != "auto" and not 0 <= lam < float("inf")):  # NaN fails both comparisons
+        parser.error(f"--lam {args.lam!r}: give a finite number ≥ 0, or auto.")
     # the build and the merge run in the repository root: a relative folder must mean the caller's
     args.workdir = args.workdir.expanduser().resolve()
     if args.offload and args.one_shot:

@@ -678,9 +678,12 @@ def _check_load_dtype(job: MergeJob, plan: Any, reasoning: Any, config_path: str
         from .config import DTYPES
 
         stored = ", ".join(sorted(str(d).replace("torch.", "") for d in saved))
-        fix = (f"Set parameters.output_dtype: {job.dtype} to save in {job.dtype} (mergekit's dtype means that)."
+        fix = (f"Set parameters.output_dtype: {job.dtype} to save in {job.dtype} (mergekit's dtype means that)"
                if job.dtype in DTYPES else f"The merged weights can be saved as {', '.join(DTYPES)} "
-               "(parameters.output_dtype).")
+               "(parameters.output_dtype)")
+        if len(saved) == 1:
+            fix += f", or parameters.output_dtype: {stored} to keep the stored dtype and say so"
+        fix += "."
         logger.warning("%s: dtype: %s is the dtype the reasoning model is loaded in; the merged weights are saved "
                        "as stored (%s). %s", config_path, job.dtype, stored, fix)
 

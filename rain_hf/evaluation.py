@@ -1005,6 +1005,8 @@ def render_prompts(
     if isinstance(prompts, (str, Mapping)):
         raise TypeError("render_prompts takes a list of prompts: wrap one prompt, or one conversation (a list of "
                         "{'role', 'content'} dicts), in a list.")
+    if hasattr(prompts, "columns"):  # a DataFrame iterates over its column names
+        raise TypeError("render_prompts got a DataFrame: pass the column that holds the prompts (df['prompt']).")
     prompts = list(prompts)  # arrays, Series and generators too
     if prompts and isinstance(prompts[0], Mapping) and {"role", "content"} <= set(prompts[0]):
         raise TypeError("render_prompts takes a list of prompts, and this is one conversation (a list of "
@@ -1038,10 +1040,18 @@ def _messages(prompt: Any, i: int) -> list[dict]:
                         "'content'} messages.")
     messages = []
     for j, message in enumerate(prompt):
-        if (not isinstance(message, Mapping) or not isinstance(message.get("role"), str)
-                or not isinstance(message.get("content"), (str, list))):
-            shown = sorted(map(str, message)) if isinstance(message, Mapping) else type(message).__name__
-            raise TypeError(f"prompts[{i}][{j}] must be a message {{'role': str, 'content': str}}, got {shown}.")
+        where = f"prompts[{i}][{j}]"
+        if not isinstance(message, Mapping):
+            raise TypeError(f"{where} must be a message {{'role': str, 'content': str}}, got a "
+                            f"{type(message).__name__}.")
+        if not isinstance(message.get("role"), str):
+            raise TypeError(f"{where} has no string 'role' (its keys: {sorted(map(str, message))}).")
+        content = message.get("content")
+        # an assistant turn that only calls tools has no content (transformers' tool-use format)
+        if not (isinstance(content, (str, list)) or (content is None and message.get("tool_calls"))):
+            got = "no 'content'" if "content" not in message else f"'content' of type {type(content).__name__}"
+            raise TypeError(f"{where} has {got}: give a string, or a list of content parts (its keys: "
+                            f"{sorted(map(str, message))}).")
         messages.append(dict(message))
     return messages
 

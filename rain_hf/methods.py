@@ -16,8 +16,8 @@ TIES / DARE convention: **peft's** (:mod:`peft.utils.merge_utils`, whose functio
 mergekit's:
 
 * trimming (TIES): each task vector keeps its ``int(density · numel)`` largest-magnitude entries, as peft's
-  ``magnitude_based_pruning`` does (so none of a tensor with fewer than ``1 / density`` entries; mergekit keeps
-  at least one), but entries tied at the cut are kept in index order (peft's ``topk`` picks among ties
+  ``magnitude_based_pruning`` does (so none of a tensor with fewer than ``1 / density`` entries; mergekit 0.1.5
+  keeps at least one), but entries tied at the cut are kept in index order (peft's ``topk`` picks among ties
   differently on CPU and CUDA, and bf16 deltas tie by the hundred thousand); the others become 0;
 * drop (DARE): each entry of each task vector is kept with probability ``density`` and the kept entries are
   rescaled by ``1 / density`` (mergekit's DARE methods instead rescale each dropped task vector back to its L1

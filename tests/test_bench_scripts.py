@@ -19,9 +19,10 @@ def test_gpu_check_fails_a_nan_difference_and_takes_no_arguments():
 
 
 def test_merge_memory_reads_a_relative_workdir_from_the_callers_folder(tmp_path, monkeypatch, capsys):
-    with pytest.raises(SystemExit) as exc:
-        merge_memory.main(["--lam", "foo"])
-    assert exc.value.code == 2 and "--lam 'foo': give a number or auto" in capsys.readouterr().err
+    for bad in ("foo", "nan", "inf", "-1"):
+        with pytest.raises(SystemExit) as exc:
+            merge_memory.main(["--lam", bad])
+        assert exc.value.code == 2 and f"--lam {bad!r}: give a finite number ≥ 0, or auto" in capsys.readouterr().err
     monkeypatch.chdir(tmp_path)
     assert merge_memory.main(["--shape", "tiny", "--samples", "4", "--workdir", "rel"]) == 0
     assert sorted(p.name for p in (tmp_path / "rel").iterdir()) == ["merged-tiny", "qwen2-tiny"]

@@ -349,13 +349,16 @@ def test_a_dtype_wider_than_the_saved_weights_is_named_as_the_load_dtype(triple,
     save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, bf16 / "model.safetensors", metadata={"format": "pt"})
     stored = json.loads((bf16 / "config.json").read_text())
     (bf16 / "config.json").write_text(json.dumps({**stored, "dtype": "bfloat16"}))
-    advice = "Set parameters.output_dtype: float32 to save in float32 (mergekit's dtype means that)."
+    advice = ("Set parameters.output_dtype: float32 to save in float32 (mergekit's dtype means that), or "
+              "parameters.output_dtype: bfloat16 to keep the stored dtype and say so.")
     for model, dtype, parameters, expected in (
             (bf16.name, "float32", {}, f"saved as stored (bfloat16). {advice}"),
             (bf16.name, "float32", {"output_dtype": "float32"}, None), (bf16.name, "bfloat16", {}, None),
             (bf16.name, "auto", {}, None),
+            (bf16.name, "float32", {"output_dtype": "bfloat16"}, None),
             ("reasoning", "float64", {}, "saved as stored (float32). The merged weights can be saved as float32, "
-                                         "float16, bfloat16 (parameters.output_dtype).")):
+                                         "float16, bfloat16 (parameters.output_dtype), or parameters.output_dtype: "
+                                         "float32 to keep the stored dtype and say so.")):
         config = _job_file(root, tmp_path, reasoning_model=model, method="task_arithmetic", dtype=dtype,
                            parameters={"lam": 1.0, **parameters})
         assert main([str(config), "--dry-run"]) == 0

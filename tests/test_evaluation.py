@@ -776,11 +776,18 @@ def test_render_prompts(tokenizer, monkeypatch):
     # calibration records and malformed messages: templates render them as empty turns without an error
     with pytest.raises(TypeError, match=r"prompts\[0\] is a mapping with keys \['prompt', 'response'\]"):
         ev.render_prompts(tokenizer, [{"prompt": "hello", "response": "hi"}])
-    for message, shown in (({"role": "user", "text": "hello"}, "['role', 'text']"), ({"content": "hello"},
-                           "['content']"), ("hello", "str")):
-        with pytest.raises(TypeError, match=re.escape(f"prompts[0][0] must be a message {{'role': str, "
-                                                      f"'content': str}}, got {shown}")):
+    for message, problem in (({"role": "user", "text": "hello"}, "has no 'content': give a string, or a list of "
+                              "content parts (its keys: ['role', 'text'])"),
+                             ({"content": "hello"}, "has no string 'role' (its keys: ['content'])"),
+                             ({"role": "user", "content": 3}, "has 'content' of type int"),
+                             ("hello", "must be a message {'role': str, 'content': str}, got a str")):
+        with pytest.raises(TypeError, match=re.escape(f"prompts[0][0] {problem}")):
             ev.render_prompts(tokenizer, [[message]])
+    # an assistant turn that only calls a tool has no content, as transformers' tool-use format writes it
+    call = {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f"}}]}
+    assert ev.render_prompts(tokenizer, [[{"role": "user", "content": "hello"}, call]])
+    with pytest.raises(TypeError, match="got a DataFrame"):
+        ev.render_prompts(tokenizer, type("Frame", (), {"columns": ["prompt"], "__iter__": lambda s: iter([])})())
     with pytest.raises(TypeError, match=r"prompts\[1\] has type int"):
         ev.render_prompts(tokenizer, ["hello", 3])
     assert ev.render_prompts(tokenizer, (p for p in ["hello"])) == plain  # any iterable of prompts

@@ -193,7 +193,9 @@ def test_sweep_scores_generations_with_the_benchmark_checks():
     stopped = {**record, "rows": rows[:2], "complete": False}
     line = S.summary_table([stopped, record], evals).splitlines()
     assert line[2].startswith("| t (stopped after 2 models) |") and line[2].endswith("| – | – | – | – | – | – (run stopped) |")
-    assert line[3].endswith("| – | – | – | 1.000 (λ 2) | – | ✗✓✗✓ |"), line[3]  # no "complete" key: a finished run
+    assert line[3].endswith("| – | – | – | 1.000 (λ 2) | – | – (run stopped) |"), line[3]  # no flag, families missing
+    finished = [*rows, *({"method": f, "family": f, "lam": 1.0, "label": "reasoning model"} for f in S.FAMILIES)]
+    assert S.summary_table([{**record, "rows": finished}], evals).splitlines()[2].endswith("| ✓✓✗✓ |")
 
 
 def test_sweep_names_unknown_recipes_and_empty_sources(tmp_path, capsys):

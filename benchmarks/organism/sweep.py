@@ -217,6 +217,10 @@ def score_record(record: dict[str, Any], evals: list[dict]) -> tuple[list[Any], 
     return rows, BE.target_checks(rows, info)
 
 
+# the merged families of a sweep, in the table's column order
+FAMILIES = ("task_arithmetic", "slerp", "rain_stage1", "rain_both", "rain_ablations")
+
+
 def summary_table(records: list[dict[str, Any]], evals: list[dict]) -> str:
     head = ["recipe", "cos", "‖Δ‖/‖W‖ R / I", "reasoning think/acc/IF", "instruct think/acc/IF",
             "TA best feasible IF", "SLERP", "RAIN s1", "RAIN 1+2", "1+2 plain samples", "targets met"]
@@ -236,8 +240,9 @@ def summary_table(records: list[dict[str, Any]], evals: list[dict]) -> str:
         ins = next(r for r in rows if r.method == "instruct model")
         top = BE.best_constrained(rows)
         geo = rec["info"]["geometry"]
-        # a record a stopped run left lacks some merges: its checks would not line up with the legend
-        complete = rec.get("complete", True)
+        # a record a stopped run left lacks some merges: its checks would not line up with the legend (a record
+        # written before the flag: complete when every family has rows)
+        complete = rec.get("complete", set(FAMILIES) <= {r.family for r in rows})
         met = "".join("✓" if ok else "✗" for _, ok, _ in checks) if complete else "– (run stopped)"
         families = {r.family for r in rows}
         lines.append("| " + " | ".join([
@@ -245,8 +250,7 @@ def summary_table(records: list[dict[str, Any]], evals: list[dict]) -> str:
             f"{geo['relative_norm']['reasoning']:.2%} / {geo['relative_norm']['instruct']:.2%}",
             f"{ref.think:.2f} / {ref.accuracy:.2f} / {ref.if_prompt:.2f}",
             f"{ins.think:.2f} / {ins.accuracy:.2f} / {ins.if_prompt:.2f}",
-            *(best(top.get(family), family in families) for family in ("task_arithmetic", "slerp", "rain_stage1",
-                                                                        "rain_both", "rain_ablations")), met]) + " |")
+            *(best(top.get(family), family in families) for family in FAMILIES), met]) + " |")
     return "\n".join(lines)
 
 
