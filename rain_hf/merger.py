@@ -813,6 +813,8 @@ class RainMerger:
         prepare = prepare_reasoning_calibration if kind == "reasoning" else prepare_instruction_calibration
         stats: dict[str, Any] = {}
         samples = prepare(data, self.tokenizer, self.config, model=self.model, stats=stats)
+        if kind == "reasoning" and not self._touched:  # the reasoning model's own predictions
+            self._check_think_spacing(samples)
         if isinstance(data, (str, os.PathLike)):
             source = str(data)
         elif isinstance(data, list):
@@ -826,6 +828,46 @@ class RainMerger:
                                        "source": source, "sha256": stats.get("sha256"), "is_file": is_file,
                                        "file_sha256": _file_sha256(data) if is_file else None}
         return samples
+
+    def _check_think_spacing(self, samples: list[CalibrationSample], probe: int = 8) -> None:
+        """Warn when the reasoning model, confidently, does not write the whitespace ``think_spacing`` puts after
+        the think-open or the think-close token: the samples are rendered with ``think_spacing`` whatever the data
+        wrote, so a wrong layout moves every thinking feature and L_think off what the model generates."""
+        from .evaluation import think_log_probs
+
+        cfg = self.config
+        # where the chat template writes "<think>\n" itself, think_spacing[0] is not used
+        boundaries = [(0, "think_open")] if not self.plan.think_tail else []
+        boundaries.append((2, "think_close"))
+        chosen = samples[:probe]
+        positions = [[getattr(s, attr) for _, attr in boundaries] for s in chosen]
+        log_probs = think_log_probs(self.model, [torch.tensor(s.input_ids) for s in chosen], positions,
+                                    cfg.batch_size, self._pad_id())
+        best_p, best = log_probs.exp().max(dim=-1)
+        blank = {}  # token id → whether it is whitespace alone
+
+        def is_blank(token: int) -> bool:
+            if token not in blank:
+                blank[token] = not self.tokenizer.decode([token]).strip()
+            return blank[token]
+
+        for k, (slot, attr) in enumerate(boundaries):
+            rows = range(k, len(best), len(boundaries))
+            # a confident prediction of the other kind (whitespace where the layout writes none, or the reverse)
+            against = [int(best[r]) for r, s in zip(rows, chosen)
+                       if float(best_p[r]) > 0.5 and is_blank(int(best[r])) != is_blank(s.input_ids[getattr(s, attr) + 1])]
+            if len(against) * 2 <= len(chosen):
+                continue
+            predicted = max(set(against), key=against.count)
+            suggestion = self.tokenizer.decode([predicted]) if is_blank(predicted) else ""
+            tag = cfg.think_open if slot == 0 else cfg.think_close
+            self.report.warnings.append(
+                f"think_spacing[{slot}]={cfg.think_spacing[slot]!r} is written after {tag} in every calibration "
+                f"sample, but the reasoning model predicts {self.tokenizer.decode([predicted])!r} there on "
+                f"{len(against)} of {len(chosen)} of them: set think_spacing[{slot}]={suggestion!r} if that is its "
+                "layout (the samples are rendered with think_spacing, whatever the data wrote), or the thinking "
+                "features and L_think are taken on text the model does not write")
+            logger.warning(self.report.warnings[-1])
 
     # ------------------------------------------------------------------ stage 1
     def compute_features(self, reasoning_calibration) -> ThinkFeatures:

@@ -1529,6 +1529,25 @@ def test_prompt_only_calibration_is_completed_by_the_reasoning_model(organism_ro
     assert merger.features.settings["num_samples"] == 8
 
 
+def test_a_think_spacing_the_reasoning_model_does_not_write_is_warned_about(organism_root, qwen2):
+    # the organism writes <think>…</think>answer; the default think_spacing is R1's "\n", "\n", "\n\n", and the
+    # samples are rendered with it whatever the data wrote
+    ckpt = [os.path.join(organism_root, "checkpoints", r) for r in ("base", "reasoning", "instruct")]
+    data = os.path.join(organism_root, "data", "reasoning_calibration.json")
+    for spacing, warned in ((None, {0: "''", 2: "''"}), (["", "", "\n\n"], {2: "''"}), (["", "", ""], {})):
+        merger = RainMerger.from_pretrained(*ckpt, RainMergingConfig(lam=1.0, stage2=False, sequential=False,
+                                                                     **({"think_spacing": spacing} if spacing else {})))
+        merger.compute_features(data)
+        found = {int(w[len("think_spacing["):][0]): w for w in merger.report.warnings if w.startswith("think_spacing[")}
+        assert found.keys() == warned.keys(), (spacing, found)
+        for slot, fix in warned.items():
+            assert f"on 8 of 8 of them: set think_spacing[{slot}]={fix} if that is its layout" in found[slot]
+    # a random tiny model predicts nothing with confidence: no warning
+    tiny = _merger(qwen2, lam=1.0, stage2=False)
+    tiny.compute_features(reasoning_records(4))
+    assert not any(w.startswith("think_spacing[") for w in tiny.report.warnings)
+
+
 def test_lam_auto_rejects_lambdas_whose_merge_stops_opening_think(organism_root):
     """On the organism a large λ makes the merged model start formatted answers without thinking, which the
     think-open guard catches; the shares match a slow reference (one full forward pass per prompt)."""
