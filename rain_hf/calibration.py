@@ -53,6 +53,7 @@ REASONING_KEYS = ("reasoning", "reason")
 # Stand-in user message used to find where the chat template puts the user's text.
 _SENTINEL = "RainHfPromptSentinel7c1e5b"
 _MAX_REASONS_SHOWN = 5
+_MAX_SKIPS_LOGGED = 5  # malformed samples logged one by one; a whole file of them would flood the log
 
 
 class CalibrationError(ValueError):
@@ -477,6 +478,10 @@ def check_think_tokens(tokenizer: Any, config: Any) -> tuple[int, int]:
     Raises:
         CalibrationError: naming the token that is missing or splits into several tokens.
     """
+    if not all(hasattr(config, name) for name in ("think_open", "think_close")):
+        # e.g. a transformers model config: the think tokens are rain_hf's settings
+        raise TypeError(f"config must be a RainMergingConfig (it names the think tokens), got "
+                        f"{type(config).__name__}: pass RainMergingConfig() or the merger's config.")
     ids = []
     for name in ("think_open", "think_close"):
         text = getattr(config, name)
@@ -743,6 +748,11 @@ def _parse_record(record: Mapping, template: _Template) -> _Fields:
     """Validate one record and gather its annotations."""
     if record.get("generation_error") is not None:
         raise _Malformed(f"generated trace unusable: {record['generation_error']}")
+    if record.get("prompt") is None and "messages" not in record:
+        # another dataset's layout (ShareGPT 'conversations', Alpaca 'instruction'/'output' …): say what is read
+        raise _Malformed(f"field 'prompt' is missing (the record's fields: {sorted(map(str, record))[:8]}); a "
+                         "record holds 'prompt' with 'reasoning' and 'response' (or a 'response' written "
+                         "'<think>…</think>answer', or the prompt alone), or chat 'messages'")
     prompt, reasoning, response, (reasoning_label, response_label) = _labelled_fields(record)
     answer_at = 0  # where the answer starts in its field as given
     if isinstance(reasoning, _ThinkSplit):
@@ -1351,7 +1361,11 @@ def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limi
                             f"Malformed {kind} calibration sample at {where(index)}: {err}. Fix the record, or set "
                             "config.on_malformed='skip' to leave such samples out."
                         ) from None
-                    logger.warning("Skipping malformed %s calibration sample at %s: %s", kind, where(index), err)
+                    if len(failures) <= _MAX_SKIPS_LOGGED:
+                        logger.warning("Skipping malformed %s calibration sample at %s: %s", kind, where(index), err)
+                    elif len(failures) == _MAX_SKIPS_LOGGED + 1:
+                        logger.warning("Skipping more malformed %s calibration samples; the count and the reasons "
+                                       "follow at the end.", kind)
                 if limit is not None and len(samples) >= limit:
                     break
     finally:
@@ -1367,6 +1381,10 @@ def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limi
         raise CalibrationError(
             f"no usable {kind} calibration samples: {len(failures)} malformed, first reasons: {reasons}"
         )
+    if len(failures) > _MAX_SKIPS_LOGGED:
+        reasons = sorted({reason for _, reason in failures})
+        logger.warning("Skipped %d malformed %s calibration samples in all (%d distinct reason%s; the first: %s).",
+                       len(failures), kind, len(reasons), "" if len(reasons) == 1 else "s", reasons[0])
     logger.info("Using %d %s calibration samples (%d malformed skipped).", len(samples), kind, len(failures))
     if stats is not None:
         # null and absent fields read alike, so one set hashes alike from a file and from a datasets.Dataset (whose

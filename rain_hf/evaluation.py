@@ -197,7 +197,7 @@ def warn_if_opened_by_prompt(generations: Sequence[str], think_open: str = "<thi
     if closed_only * 2 <= len(generations):
         return False
     logger.warning("%d of %d generations close a think block they never opened: the prompts probably ended with "
-                   "%s (pass prompt_ends_with_open=True, e.g. template_opens_think(tokenizer, config)).",
+                   "%s (pass prompt_ends_with_open=True, e.g. template_opens_think(tokenizer, RainMergingConfig())).",
                    closed_only, len(generations), think_open)
     return True
 

@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -372,6 +373,34 @@ def input_folder_in(target: str | os.PathLike, sources: Mapping[str, ModelSource
     return None
 
 
+def _order_warning(targets: Sequence[TargetModule], checkpoints: Mapping[str, LazyCheckpoint],
+                   samples: int = 3) -> str | None:
+    """A warning when the models look passed in another order: the two fine-tunes of one base are farther from
+    each other than either is from the base (their task vectors are near-orthogonal, or opposed), so on every
+    sampled tensor ‖θ_R − θ_I‖ should be the largest of the three distances. Reads ``samples`` of the smallest
+    merged weights, from layers apart."""
+    if not targets:
+        return None
+    smallest = min(math.prod(checkpoints["base"].shape(t.weight_key)) for t in targets)
+    keys = [t.weight_key for t in targets if math.prod(checkpoints["base"].shape(t.weight_key)) == smallest]
+    keys = list(dict.fromkeys(keys[i * (len(keys) - 1) // max(samples - 1, 1)] for i in range(samples)))
+    centres = []
+    for key in keys:
+        w = {role: ckpt.get(key).float() for role, ckpt in checkpoints.items()}
+        distance = {pair: float((w[pair[0]] - w[pair[1]]).norm()) for pair in
+                    (("reasoning", "base"), ("instruct", "base"), ("reasoning", "instruct"))}
+        farthest = max(distance, key=distance.get)
+        # the role opposite the largest distance sits between the other two, where the base should be
+        centres.append(next(role for role in ("base", "reasoning", "instruct") if role not in farthest))
+    if not centres or any(c == "base" for c in centres) or len(set(centres)) > 1:
+        return None
+    role = centres[0]
+    return (f"On {len(keys)} sampled weights ({keys[0]} …) the model passed as {role}_model lies between the other "
+            "two, closer to both than the one passed as base_model, where the base should: check the order of the "
+            "models (base_model, reasoning_model, instruct_model); a fine-tune passed as base_model merges the wrong "
+            "task vector")
+
+
 def refuse_offloaded(model: torch.nn.Module, device_map: Any) -> None:
     """Raise ConfigError when accelerate offloaded part of ``model`` (its weights on the meta device).
 
@@ -542,8 +571,16 @@ class RainMerger:
 
         from .lora import LoraDelta, _natural_key
 
+        for role, name in (("base_model", base_model), ("reasoning_model", reasoning_model),
+                           ("instruct_model", instruct_model)):
+            if not isinstance(name, (str, os.PathLike)):
+                raise TypeError(f"{role} must be a Hub id or a local folder, got a {type(name).__name__}: save a "
+                                "loaded model (or peft adapter) with save_pretrained(folder) and pass the folder.")
         if isinstance(config, Mapping):
             config = RainMergingConfig.from_dict(dict(config))
+        elif config is not None and not isinstance(config, RainMergingConfig):
+            raise TypeError(f"config must be a RainMergingConfig (or a dict of its fields), got "
+                            f"{type(config).__name__}.")
         # a copy: the caller may change their object for the next merge, and this plan must not follow
         config = copy.deepcopy(config) if config is not None else RainMergingConfig()
         config.validate()
@@ -680,6 +717,10 @@ class RainMerger:
                 f"with (e.g. {unstored[0]}): transformers renames some stored tensors when it loads them (Phi-MoE's "
                 "block_sparse_moe.gate becomes mlp.router), and a merge reads tensors by the names they are stored "
                 f"under. List target_modules without {', '.join(modules)}.")
+        if not adapter:
+            swapped = _order_warning(targets, {"base": base, "reasoning": reasoning, "instruct": instruct.instruct})
+            if swapped:
+                warnings.append(swapped)
         vocab = {role: int(getattr(text_config(c), "vocab_size", 0)) for role, c in configs.items()}
         if len(set(vocab.values())) > 1:
             warnings.append(f"vocabulary sizes differ ({vocab}); embeddings and lm_head are never merged, the "
@@ -717,13 +758,14 @@ class RainMerger:
         device_map: str | dict | None = None,
         features: ThinkFeatures | str | os.PathLike | None = None,
         dtype: str | torch.dtype | None = None,
+        **unknown: Any,
     ) -> RainMerger:
         """Validate the three models (see :meth:`plan`), then load the reasoning model for the forward passes.
 
         Args:
             base_model, reasoning_model, instruct_model: Hub ids or local folders; ``instruct_model`` may be a
                 peft LoRA adapter (detected from ``adapter_config.json``).
-            config: the merge settings (default :class:`RainMergingConfig`).
+            config: the merge settings (default :class:`RainMergingConfig`; a dict of its fields is read as one).
             revision: one revision for all three, or a dict ``{"base": ..., "reasoning": ..., "instruct": ...}``.
             token: Hub token.
             device: where the forward passes and the projections run (``"cpu"``, ``"cuda"``; default: the CPU, or
@@ -738,6 +780,12 @@ class RainMerger:
                 with them and without ``reasoning_calibration`` uses the one-shot projection (see
                 ``RainMergingConfig.sequential``).
         """
+        if unknown:
+            fields = {f.name for f in dataclass_fields(RainMergingConfig)}
+            settings = sorted(k for k in unknown if k in fields)
+            hint = (f": {settings} are merge settings, passed as config=RainMergingConfig("
+                    f"{', '.join(f'{k}=...' for k in settings)})" if settings else "")
+            raise TypeError(f"RainMerger.from_pretrained() got unexpected keyword arguments {sorted(unknown)}{hint}.")
         start = time.perf_counter()
         parts = cls.plan(base_model, reasoning_model, instruct_model, config, revision=revision, token=token,
                          _return_parts=True)

@@ -302,6 +302,9 @@ def test_slow_tokenizer_and_missing_template_are_refused(make_tok):
         ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ok.",
                                                             "reasoning_content": " "}]},
          "'messages[1].reasoning_content' is empty"),
+        # another dataset's layout: the error says which fields a record is read from
+        ({"conversations": [{"from": "human", "value": "Hi"}]}, "field 'prompt' is missing (the record's fields: "
+         "['conversations']); a record holds 'prompt' with 'reasoning' and 'response'"),
     ],
 )
 def test_malformed_sample_is_refused_with_index_and_reason(tok, record, reason):
@@ -319,6 +322,15 @@ def test_skip_versus_error(tok, caplog):
     assert "sample at index 1" in caplog.text and "'response' is missing" in caplog.text
     with pytest.raises(CalibrationError, match="index 1: field 'response' is missing"):
         prepare_reasoning_calibration(records, tok, _cfg(on_malformed="error"))
+
+
+def test_a_file_of_malformed_samples_does_not_flood_the_log(tok, caplog):
+    records = [RECORD] + [{"prompt": "Hi", "reasoning": "Hmm."}] * 40
+    with caplog.at_level(logging.WARNING, logger="rain_hf.calibration"):
+        assert len(prepare_reasoning_calibration(records, tok, _cfg(on_malformed="skip"))) == 1
+    assert caplog.text.count("Skipping malformed reasoning calibration sample at") == 5
+    assert "Skipped 40 malformed reasoning calibration samples in all (1 distinct reason; the first: field 'response' is " \
+           "missing)" in caplog.text
 
 
 def test_sample_limits_take_the_first_usable(tok):

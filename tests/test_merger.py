@@ -19,6 +19,7 @@ from rain_hf.calibration import (
     holdout_indices,
     prepare_instruction_calibration,
     prepare_reasoning_calibration,
+    template_opens_think,
 )
 from rain_hf.checkpoints import CheckpointError
 from rain_hf.config import ConfigError
@@ -902,6 +903,34 @@ def test_stage2_leaves_sliding_layers_that_never_reach_the_instruction_at_alpha_
 
 def _swap(paths, role, folder):
     return {**paths, role: folder}
+
+
+def test_models_passed_in_another_order_are_warned_about(organism_root, qwen2):
+    ckpt = {r: os.path.join(organism_root, "checkpoints", r) for r in ("base", "reasoning", "instruct")}
+    for order, centre in ((("base", "reasoning", "instruct"), None), (("reasoning", "base", "instruct"), "reasoning"),
+                          (("instruct", "reasoning", "base"), "instruct"), (("base", "instruct", "reasoning"), None)):
+        warned = [w for w in RainMerger.plan(*(ckpt[r] for r in order)).warnings if "lies between" in w]
+        if centre is None:  # (reasoning and instruct swapped cannot be told from the weights)
+            assert not warned, order
+        else:
+            assert len(warned) == 1 and f"the model passed as {centre}_model lies between the other two" in warned[0]
+    assert not [w for w in RainMerger.plan(qwen2["base"], qwen2["reasoning"], qwen2["instruct"]).warnings
+                if "lies between" in w]
+
+
+def test_what_is_not_a_model_name_or_a_config_is_named(qwen2):
+    from transformers import Qwen2Config
+
+    model = AutoModelForCausalLM.from_pretrained(qwen2["base"])
+    with pytest.raises(TypeError, match="base_model must be a Hub id or a local folder, got a Qwen2ForCausalLM: save"):
+        RainMerger.from_pretrained(model, qwen2["reasoning"], qwen2["instruct"])
+    with pytest.raises(TypeError, match="config must be a RainMergingConfig .*got Qwen2Config"):
+        RainMerger.plan(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], Qwen2Config())
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['lam', 'stage2'\]: \['lam', 'stage2'\] are "
+                                        r"merge settings, passed as config=RainMergingConfig\(lam=..., stage2=...\)"):
+        RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], lam=2.0, stage2=False)
+    with pytest.raises(TypeError, match="config must be a RainMergingConfig"):
+        template_opens_think(AutoTokenizer.from_pretrained(qwen2["reasoning"]), Qwen2Config())
 
 
 def test_refuses_other_architecture(qwen2, tmp_path, tokenizer):
