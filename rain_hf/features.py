@@ -102,15 +102,30 @@ def attention_geometry(model_config) -> AttentionGeometry:
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The ModuleList of decoder blocks: the longest ModuleList some of whose blocks hold an attention module (a
-    hybrid model such as Qwen3-Next starts with linear-attention blocks)."""
+    hybrid model such as Qwen3-Next starts with linear-attention blocks), looked for in the text decoder first
+    (``get_decoder()``), so that a multimodal model's vision encoder is not taken for it."""
+    try:
+        decoder = _decoder(model)
+    except Exception:  # noqa: BLE001 - a model class without a usable decoder accessor: search it whole
+        decoder = model
+    if decoder is not model:
+        prefix = next((name for name, module in model.named_modules() if module is decoder), None)
+        found = _longest_attention_list(decoder) if prefix is not None else None
+        if found is not None:
+            return (f"{prefix}.{found[0]}" if prefix else found[0]), found[1]
+    found = _longest_attention_list(model)
+    if found is None:
+        raise ValueError(f"{type(model).__name__}: no decoder blocks with an attention module were found.")
+    return found
+
+
+def _longest_attention_list(root: nn.Module) -> tuple[str, nn.ModuleList] | None:
     best: tuple[str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
+    for name, module in root.named_modules():
         if (isinstance(module, nn.ModuleList) and len(module) > 0
                 and any(_attention_of(block) is not None for block in module)):
             if best is None or len(module) > len(best[1]):
                 best = (name, module)
-    if best is None:
-        raise ValueError(f"{type(model).__name__}: no decoder blocks with an attention module were found.")
     return best
 
 

@@ -9,7 +9,13 @@ import torch
 from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2Config, Qwen3MoeConfig
 
 from rain_hf.config import ConfigError, RainMergingConfig
-from rain_hf.features import ThinkFeatures, eager_attention_bytes, find_target_modules, unmergeable_weights
+from rain_hf.features import (
+    ThinkFeatures,
+    eager_attention_bytes,
+    find_decoder_layers,
+    find_target_modules,
+    unmergeable_weights,
+)
 
 
 def _meta(config) -> torch.nn.Module:
@@ -451,3 +457,20 @@ def test_modules_that_never_run_are_named_when_features_are_captured():
     with pytest.raises(ValueError, match=r"4 of the modules to merge never ran .*\(e\.g\. transformer\.h\.0\."
                                          r"self_attention\.dense\).*Leave them out with target_modules"):
         capture_think_features(model, _random_samples(3, 300, seed=0), find_target_modules(model, cfg), cfg, 0)
+
+
+def test_decoder_layers_are_the_text_decoders_not_a_longer_vision_encoder():
+    from transformers import Gemma3Config
+
+    # a vision tower with more layers than the text decoder was taken for the decoder (the longest ModuleList)
+    cfg = Gemma3Config(
+        text_config=dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                         pad_token_id=0, eos_token_id=3, bos_token_id=1, sliding_window=6),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=399, boi_token_index=397, eoi_token_index=398)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    name, layers = find_decoder_layers(model)
+    assert name == "model.language_model.layers" and len(layers) == 2
