@@ -1364,7 +1364,7 @@ def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limi
                     if len(failures) <= _MAX_SKIPS_LOGGED:
                         logger.warning("Skipping malformed %s calibration sample at %s: %s", kind, where(index), err)
                     elif len(failures) == _MAX_SKIPS_LOGGED + 1:
-                        logger.warning("Skipping more malformed %s calibration samples; the count and the reasons "
+                        logger.warning("Skipping more malformed %s calibration samples; their reasons, counted, "
                                        "follow at the end.", kind)
                 if limit is not None and len(samples) >= limit:
                     break
@@ -1382,9 +1382,12 @@ def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limi
             f"no usable {kind} calibration samples: {len(failures)} malformed, first reasons: {reasons}"
         )
     if len(failures) > _MAX_SKIPS_LOGGED:
-        reasons = sorted({reason for _, reason in failures})
-        logger.warning("Skipped %d malformed %s calibration samples in all (%d distinct reason%s; the first: %s).",
-                       len(failures), kind, len(reasons), "" if len(reasons) == 1 else "s", reasons[0])
+        counts: dict[str, int] = {}  # in the order first met
+        for _, reason in failures:
+            counts[reason] = counts.get(reason, 0) + 1
+        shown = "; ".join(f"{n} × {reason}" for reason, n in list(counts.items())[:_MAX_REASONS_SHOWN])
+        more = f"; and {len(counts) - _MAX_REASONS_SHOWN} other reasons" if len(counts) > _MAX_REASONS_SHOWN else ""
+        logger.warning("Skipped %d malformed %s calibration samples in all: %s%s.", len(failures), kind, shown, more)
     logger.info("Using %d %s calibration samples (%d malformed skipped).", len(samples), kind, len(failures))
     if stats is not None:
         # null and absent fields read alike, so one set hashes alike from a file and from a datasets.Dataset (whose

@@ -375,30 +375,32 @@ def input_folder_in(target: str | os.PathLike, sources: Mapping[str, ModelSource
 
 def _order_warning(targets: Sequence[TargetModule], checkpoints: Mapping[str, LazyCheckpoint],
                    samples: int = 3) -> str | None:
-    """A warning when the models look passed in another order: the two fine-tunes of one base are farther from
-    each other than either is from the base (their task vectors are near-orthogonal, or opposed), so on every
-    sampled tensor ‖θ_R − θ_I‖ should be the largest of the three distances. Reads ``samples`` of the smallest
-    merged weights, from layers apart."""
+    """A warning when the models look passed in another order: when the model given as ``base_model`` is a
+    fine-tune, the two "task vectors" measured from it share the true base's direction (cosine ≈ 0.7 for
+    near-orthogonal task vectors), while real task vectors of one base are near-orthogonal or opposed. Asked of
+    every one of ``samples`` of the smallest merged weights (from layers apart); correlated task vectors with a
+    cosine up to 0.5 pass."""
     if not targets:
         return None
     smallest = min(math.prod(checkpoints["base"].shape(t.weight_key)) for t in targets)
     keys = [t.weight_key for t in targets if math.prod(checkpoints["base"].shape(t.weight_key)) == smallest]
     keys = list(dict.fromkeys(keys[i * (len(keys) - 1) // max(samples - 1, 1)] for i in range(samples)))
-    centres = []
+    cosines = []
     for key in keys:
-        w = {role: ckpt.get(key).float() for role, ckpt in checkpoints.items()}
-        distance = {pair: float((w[pair[0]] - w[pair[1]]).norm()) for pair in
-                    (("reasoning", "base"), ("instruct", "base"), ("reasoning", "instruct"))}
-        farthest = max(distance, key=distance.get)
-        # the role opposite the largest distance sits between the other two, where the base should be
-        centres.append(next(role for role in ("base", "reasoning", "instruct") if role not in farthest))
-    if not centres or any(c == "base" for c in centres) or len(set(centres)) > 1:
+        base = checkpoints["base"].get(key).double().flatten()
+        delta_r = checkpoints["reasoning"].get(key).double().flatten() - base
+        delta_i = checkpoints["instruct"].get(key).double().flatten() - base
+        norms = float(delta_r.norm()) * float(delta_i.norm())
+        if norms == 0.0:  # a model equal to the base in this weight: nothing to tell
+            return None
+        cosines.append(float(delta_r @ delta_i) / norms)
+    if min(cosines) <= 0.5:
         return None
-    role = centres[0]
-    return (f"On {len(keys)} sampled weights ({keys[0]} …) the model passed as {role}_model lies between the other "
-            "two, closer to both than the one passed as base_model, where the base should: check the order of the "
-            "models (base_model, reasoning_model, instruct_model); a fine-tune passed as base_model merges the wrong "
-            "task vector")
+    return (f"On {len(keys)} sampled weights ({keys[0]} …) the task vectors of reasoning_model and instruct_model, "
+            f"measured from base_model, point the same way (cosine {min(cosines):.2f}–{max(cosines):.2f}), as when a "
+            "fine-tune is passed as base_model: check the order of the models (base_model, reasoning_model, "
+            "instruct_model). (A reasoning model fine-tuned from the instruct model also looks so: its task vector "
+            "already holds the instruct one.)")
 
 
 def refuse_offloaded(model: torch.nn.Module, device_map: Any) -> None:
@@ -535,6 +537,7 @@ class RainMerger:
         self.features = features
         self._given_features = features  # from from_pretrained(features=...): replacing them is said
         self._stage1_samples: list[CalibrationSample] | None = None  # kept for config.sequential
+        self._spacing_warnings: list[str] = []  # of the last reasoning set prepared, kept with its features
         self._given_config: tuple[RainMergingConfig, dict[str, Any]] | None = None  # the caller's object, as given
         self.report = MergeReport(method=self.config.method, vocab=dict(plan.vocab), warnings=list(plan.warnings))
         # what the current (or last finished) merge read; the reasoning entry of the features' own data is kept
@@ -862,7 +865,10 @@ class RainMerger:
         stats: dict[str, Any] = {}
         samples = prepare(data, self.tokenizer, self.config, model=self.model, stats=stats)
         if kind == "reasoning" and not self._touched:  # the reasoning model's own predictions
-            self._check_think_spacing(samples)
+            self._spacing_warnings = self._check_think_spacing(samples)
+            for warning in self._spacing_warnings:
+                self.report.warnings.append(warning)
+                logger.warning(warning)
         if isinstance(data, (str, os.PathLike)):
             source = str(data)
         elif isinstance(data, list):
@@ -877,45 +883,73 @@ class RainMerger:
                                        "file_sha256": _file_sha256(data) if is_file else None}
         return samples
 
-    def _check_think_spacing(self, samples: list[CalibrationSample], probe: int = 8) -> None:
-        """Warn when the reasoning model, confidently, does not write the whitespace ``think_spacing`` puts after
-        the think-open or the think-close token: the samples are rendered with ``think_spacing`` whatever the data
-        wrote, so a wrong layout moves every thinking feature and L_think off what the model generates."""
+    def _check_think_spacing(self, samples: list[CalibrationSample], probe: int = 8) -> list[str]:
+        """Warnings for a layout the reasoning model does not write: where, confidently (argmax probability
+        > 0.5), it predicts other whitespace after the think-open or the think-close token than ``think_spacing``
+        puts there (text where the layout writes whitespace, whitespace where it writes none or more of it) on most
+        of ``probe`` calibration samples. The samples are rendered with ``think_spacing`` whatever the data wrote,
+        so a wrong layout moves every thinking feature and L_think off what the model generates. Teacher-forced on
+        the rendered layout: one forward pass per sample."""
         from .evaluation import think_log_probs
 
         cfg = self.config
-        # where the chat template writes "<think>\n" itself, think_spacing[0] is not used
-        boundaries = [(0, "think_open")] if not self.plan.think_tail else []
-        boundaries.append((2, "think_close"))
-        chosen = samples[:probe]
-        positions = [[getattr(s, attr) for _, attr in boundaries] for s in chosen]
-        log_probs = think_log_probs(self.model, [torch.tensor(s.input_ids) for s in chosen], positions,
-                                    cfg.batch_size, self._pad_id())
-        best_p, best = log_probs.exp().max(dim=-1)
-        blank = {}  # token id → whether it is whitespace alone
+        blank: dict[int, bool] = {}  # token id → whether it is whitespace alone
 
         def is_blank(token: int) -> bool:
             if token not in blank:
                 blank[token] = not self.tokenizer.decode([token]).strip()
             return blank[token]
 
-        for k, (slot, attr) in enumerate(boundaries):
-            rows = range(k, len(best), len(boundaries))
-            # a confident prediction of the other kind (whitespace where the layout writes none, or the reverse)
-            against = [int(best[r]) for r, s in zip(rows, chosen)
-                       if float(best_p[r]) > 0.5 and is_blank(int(best[r])) != is_blank(s.input_ids[getattr(s, attr) + 1])]
-            if len(against) * 2 <= len(chosen):
+        # where the chat template writes "<think>\n" itself, think_spacing[0] is not used
+        boundaries = [(0, "think_open")] if not self.plan.think_tail else []
+        boundaries.append((2, "think_close"))
+        chosen = samples[:probe]
+        runs = []  # per sample and boundary: the tag's position and those of the whitespace tokens after it
+        for s in chosen:
+            for _, attr in boundaries:
+                at = getattr(s, attr)
+                end = at + 1
+                while end < len(s.input_ids) and is_blank(s.input_ids[end]):
+                    end += 1
+                runs.append(list(range(at, min(end, len(s.input_ids) - 1))))
+        positions = [[p for k in range(len(boundaries)) for p in runs[i * len(boundaries) + k]]
+                     for i in range(len(chosen))]
+        log_probs = think_log_probs(self.model, [torch.tensor(s.input_ids) for s in chosen], positions,
+                                    cfg.batch_size, self._pad_id())
+        best_p, best = (v.tolist() for v in log_probs.exp().max(dim=-1))
+        row = 0
+        layouts: dict[int, list[str]] = {k: [] for k in range(len(boundaries))}
+        longer: dict[int, int] = {k: 0 for k in range(len(boundaries))}  # read one token past the layout
+        for i, s in enumerate(chosen):
+            for k in range(len(boundaries)):
+                for q in runs[i * len(boundaries) + k]:
+                    written, predicted, p = s.input_ids[q + 1], best[row], best_p[row]
+                    row += 1
+                    if p <= 0.5 or predicted == written:
+                        continue
+                    if is_blank(predicted) or is_blank(written):  # not two answer tokens: the layout differs
+                        start = runs[i * len(boundaries) + k][0] + 1
+                        layouts[k].append(self.tokenizer.decode(s.input_ids[start:q + 1])
+                                          + (self.tokenizer.decode([predicted]) if is_blank(predicted) else ""))
+                        longer[k] += is_blank(predicted) and not is_blank(written)
+                        row += runs[i * len(boundaries) + k][-1] - q  # the rest of this run
+                        break
+        warnings = []
+        for k, (slot, _) in enumerate(boundaries):
+            if len(layouts[k]) * 2 <= len(chosen):
                 continue
-            predicted = max(set(against), key=against.count)
-            suggestion = self.tokenizer.decode([predicted]) if is_blank(predicted) else ""
+            seen = max(set(layouts[k]), key=layouts[k].count)
             tag = cfg.think_open if slot == 0 else cfg.think_close
-            self.report.warnings.append(
+            more = (", perhaps followed by more whitespace: it was read one token past the layout"
+                    if longer[k] else "")
+            warnings.append(
                 f"think_spacing[{slot}]={cfg.think_spacing[slot]!r} is written after {tag} in every calibration "
-                f"sample, but the reasoning model predicts {self.tokenizer.decode([predicted])!r} there on "
-                f"{len(against)} of {len(chosen)} of them: set think_spacing[{slot}]={suggestion!r} if that is its "
-                "layout (the samples are rendered with think_spacing, whatever the data wrote), or the thinking "
-                "features and L_think are taken on text the model does not write")
-            logger.warning(self.report.warnings[-1])
+                f"sample, but the reasoning model writes {seen!r} there (greedy, on {layouts[k].count(seen)} of "
+                f"{len(chosen)} samples, and something else than the layout on {len(layouts[k])}{more}): set "
+                f"think_spacing[{slot}]={seen!r} if that is its layout (the samples are rendered with think_spacing, "
+                "whatever the data wrote), or the thinking features and L_think are taken on text the model does "
+                "not write")
+        return warnings
 
     # ------------------------------------------------------------------ stage 1
     def compute_features(self, reasoning_calibration) -> ThinkFeatures:
@@ -944,7 +978,8 @@ class RainMerger:
                                  think_spacing=cfg.think_spacing, max_length=cfg.max_length,
                                  reasoning_fingerprint=self._reasoning_fingerprint(),
                                  tokenizer_digest=self._tokenizer_digest(),
-                                 loaded_dtype=str(self.model.dtype).replace("torch.", ""))
+                                 loaded_dtype=str(self.model.dtype).replace("torch.", ""),
+                                 spacing_warnings=list(self._spacing_warnings))
         features.heldout = self._think_rows(heldout)
         calibration = copy.deepcopy(self.calibration_info["reasoning"])
         if heldout:
@@ -1303,6 +1338,9 @@ class RainMerger:
                 self.compute_features(reasoning_calibration)
             else:  # the features' own data, as compute_features recorded it (None for features from a file)
                 self.calibration_info["reasoning"] = copy.deepcopy(self._features_calibration)
+                for warning in (self.features.settings if self.features else {}).get("spacing_warnings", []):
+                    self.report.warnings.append(warning)  # found when the features were made
+                    logger.warning(warning)
             if self.features is None:
                 raise ValueError("Stage 1 needs thinking features: pass reasoning_calibration=..., or features=... "
                                  "to from_pretrained, or set RainMergingConfig(stage1=False).")

@@ -325,12 +325,12 @@ def test_skip_versus_error(tok, caplog):
 
 
 def test_a_file_of_malformed_samples_does_not_flood_the_log(tok, caplog):
-    records = [RECORD] + [{"prompt": "Hi", "reasoning": "Hmm."}] * 40
+    records = [RECORD] + [{"prompt": "Hi", "reasoning": "Hmm."}] * 3 + [{"reasoning": "Hmm.", "response": "Ok."}] * 37
     with caplog.at_level(logging.WARNING, logger="rain_hf.calibration"):
         assert len(prepare_reasoning_calibration(records, tok, _cfg(on_malformed="skip"))) == 1
     assert caplog.text.count("Skipping malformed reasoning calibration sample at") == 5
-    assert "Skipped 40 malformed reasoning calibration samples in all (1 distinct reason; the first: field 'response' is " \
-           "missing)" in caplog.text
+    assert ("Skipped 40 malformed reasoning calibration samples in all: 3 × field 'response' is missing; 37 × field "
+            "'prompt' is missing") in caplog.text  # counted, in the order first met
 
 
 def test_sample_limits_take_the_first_usable(tok):

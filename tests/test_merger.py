@@ -905,17 +905,31 @@ def _swap(paths, role, folder):
     return {**paths, role: folder}
 
 
-def test_models_passed_in_another_order_are_warned_about(organism_root, qwen2):
+def test_models_passed_in_another_order_are_warned_about(organism_root, qwen2, tmp_path):
     ckpt = {r: os.path.join(organism_root, "checkpoints", r) for r in ("base", "reasoning", "instruct")}
-    for order, centre in ((("base", "reasoning", "instruct"), None), (("reasoning", "base", "instruct"), "reasoning"),
-                          (("instruct", "reasoning", "base"), "instruct"), (("base", "instruct", "reasoning"), None)):
-        warned = [w for w in RainMerger.plan(*(ckpt[r] for r in order)).warnings if "lies between" in w]
-        if centre is None:  # (reasoning and instruct swapped cannot be told from the weights)
-            assert not warned, order
-        else:
-            assert len(warned) == 1 and f"the model passed as {centre}_model lies between the other two" in warned[0]
-    assert not [w for w in RainMerger.plan(qwen2["base"], qwen2["reasoning"], qwen2["instruct"]).warnings
-                if "lies between" in w]
+    def warned(*paths):
+        return [w for w in RainMerger.plan(*paths).warnings if "point the same way" in w]
+
+    for order, swapped in ((("base", "reasoning", "instruct"), False), (("reasoning", "base", "instruct"), True),
+                           (("instruct", "reasoning", "base"), True), (("base", "instruct", "reasoning"), False)):
+        found = warned(*(ckpt[r] for r in order))  # (reasoning and instruct swapped cannot be told from the weights)
+        assert len(found) == int(swapped) and (not found or "check the order of the models" in found[0]), order
+    assert not warned(qwen2["base"], qwen2["reasoning"], qwen2["instruct"])
+    # right order, correlated task vectors (cos ≈ 0.37) and a smaller instruct one, which puts the instruct model
+    # between the other two: no warning (the first version, which asked only that, warned)
+    from safetensors.torch import save_file
+
+    correlated = tmp_path / "correlated"
+    shutil.copytree(qwen2["instruct"], correlated)
+    base, reasoning, instruct = (_weights(qwen2[r]) for r in ("base", "reasoning", "instruct"))
+    mixed = {}
+    for key, b in base.items():
+        delta_r, noise = reasoning[key] - b, instruct[key] - b
+        scale = float(delta_r.norm() / noise.norm()) if float(noise.norm()) > 0 else 0.0
+        mixed[key] = b + 0.2 * delta_r + 0.5 * scale * noise
+    save_file(mixed, correlated / "model.safetensors", metadata={"format": "pt"})
+    assert not warned(qwen2["base"], qwen2["reasoning"], correlated)
+    assert len(warned(qwen2["reasoning"], qwen2["base"], correlated)) == 1
 
 
 def test_what_is_not_a_model_name_or_a_config_is_named(qwen2):
@@ -1558,7 +1572,7 @@ def test_prompt_only_calibration_is_completed_by_the_reasoning_model(organism_ro
     assert merger.features.settings["num_samples"] == 8
 
 
-def test_a_think_spacing_the_reasoning_model_does_not_write_is_warned_about(organism_root, qwen2):
+def test_a_think_spacing_the_reasoning_model_does_not_write_is_warned_about(organism_root, qwen2, tmp_path):
     # the organism writes <think>…</think>answer; the default think_spacing is R1's "\n", "\n", "\n\n", and the
     # samples are rendered with it whatever the data wrote
     ckpt = [os.path.join(organism_root, "checkpoints", r) for r in ("base", "reasoning", "instruct")]
@@ -1566,15 +1580,49 @@ def test_a_think_spacing_the_reasoning_model_does_not_write_is_warned_about(orga
     for spacing, warned in ((None, {0: "''", 2: "''"}), (["", "", "\n\n"], {2: "''"}), (["", "", ""], {})):
         merger = RainMerger.from_pretrained(*ckpt, RainMergingConfig(lam=1.0, stage2=False, sequential=False,
                                                                      **({"think_spacing": spacing} if spacing else {})))
-        merger.compute_features(data)
+        features = merger.compute_features(data)
         found = {int(w[len("think_spacing["):][0]): w for w in merger.report.warnings if w.startswith("think_spacing[")}
         assert found.keys() == warned.keys(), (spacing, found)
         for slot, fix in warned.items():
-            assert f"on 8 of 8 of them: set think_spacing[{slot}]={fix} if that is its layout" in found[slot]
+            assert (f"the reasoning model writes {fix} there (greedy, on 8 of 8 samples, and something else than the "
+                    f"layout on 8): set think_spacing[{slot}]={fix} if that is its layout") in found[slot]
+    # the warnings travel with the features: a merge that reuses them (from memory or a file) says so too
+    default = RainMerger.from_pretrained(*ckpt, RainMergingConfig(lam=1.0, stage2=False, sequential=False))
+    features = default.compute_features(data)
+    default.merge()
+    assert sum(w.startswith("think_spacing[") for w in default.report.warnings) == 2
+    features.save(tmp_path / "features.safetensors")
+    reused = RainMerger.from_pretrained(*ckpt, RainMergingConfig(lam=1.0, stage2=False),
+                                        features=tmp_path / "features.safetensors")
+    reused.merge()
+    assert sum(w.startswith("think_spacing[") for w in reused.report.warnings) == 2
     # a random tiny model predicts nothing with confidence: no warning
     tiny = _merger(qwen2, lam=1.0, stage2=False)
     tiny.compute_features(reasoning_records(4))
     assert not any(w.startswith("think_spacing[") for w in tiny.report.warnings)
+
+
+def test_think_spacing_shorter_than_the_models_whitespace_is_warned_about(qwen2, tokenizer, monkeypatch):
+    # this tokenizer spells "\n\n" as two "\n" tokens (as SentencePiece byte fallback does): a model that writes
+    # "</think>\n\n" agrees with a layout of one "\n" at its first token and differs one token later
+    import rain_hf.evaluation as ev
+
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert tokenizer("\n\n", add_special_tokens=False)["input_ids"] == newline * 2
+    real = ev.think_log_probs
+
+    def always_newline(model, ids, positions, *args):  # a reasoning model that writes newlines, confidently
+        out = real(model, ids, positions, *args)
+        out[:] = -30.0
+        out[:, newline[0]] = 0.0
+        return out
+
+    monkeypatch.setattr(ev, "think_log_probs", always_newline)
+    merger = _merger(qwen2, lam=1.0, stage2=False, think_spacing=["\n", "\n", "\n"])
+    merger.compute_features(reasoning_records(8))
+    found = [w for w in merger.report.warnings if w.startswith("think_spacing[2]")]
+    assert len(found) == 1 and "writes '\\n\\n' there (greedy, on 8 of 8 samples" in found[0]
+    assert "perhaps followed by more whitespace" in found[0]
 
 
 def test_lam_auto_rejects_lambdas_whose_merge_stops_opening_think(organism_root):
