@@ -119,8 +119,8 @@ class RainMergingConfig:
             are captured with every earlier group already merged, so the projection also covers what the earlier
             merged layers changed in its input. A module that runs more than once in a layer (Gemma 3n's AltUp
             router) is captured for all its calls before that layer's later groups are merged, so its later calls,
-            which read their output, are protected on the layer's reasoning weights. The calibration batches' inputs to each decoder layer are cached
-            and replayed, so it costs a few forward passes over the stage-1 calibration in all (per grid value with
+            which read their output, are protected on the layer's reasoning weights. The calibration batches'
+            inputs to each decoder layer are cached and replayed, so it costs a few forward passes over the stage-1 calibration in all (per grid value with
             ``lam="auto"``), and memory on the model's device (or the CPU's, see ``sequential_offload``) for one
             layer's inputs (samples × tokens × hidden size in the model's dtype) plus each padded batch's attention
             mask (batch_size × tokens² elements: 1 byte each with sdpa, the model dtype's size with eager

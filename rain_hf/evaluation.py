@@ -1179,8 +1179,8 @@ def normalize_prompt(text: str) -> str:
     "2×3" stay apart), invisible format characters (zero-width spaces …) dropped, whitespace collapsed. The ASCII
     operators ``* / % ^`` count as mathematical, and so does a hyphen with a digit next to it (a minus: "2-3",
     "-5"), while a hyphen between words is a space ("well-known" and "well known" agree). The minus sign (U+2212),
-    and a figure or en dash with a digit next to it, are the hyphen's minus ("12−4", "12–4" and "12-4" agree). Mathematical symbols
-    stand apart from their neighbours, so "12*4" and "12 * 4" agree.
+    and a figure or en dash with a digit next to it, are the hyphen's minus ("12−4", "12–4" and "12-4" agree).
+    Mathematical symbols stand apart from their neighbours, so "12*4" and "12 * 4" agree.
 
     Example:
         >>> normalize_prompt("  Write a POEM,   please!\\n")

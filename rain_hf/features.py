@@ -631,10 +631,11 @@ def _rows_svd(chunks: list[torch.Tensor], config: RainMergingConfig, device, bia
         # An SVD of such rows either fails inside LAPACK or gives NaN singular values, which would protect
         # nothing and merge the task vector unprojected.
         rows, cols = h.shape
-        raise NonFiniteFeaturesError(f"The thinking features at the input of {where} hold {bad} non-finite values (inf or NaN) "
-                         f"in a [{rows} x {cols}] matrix: the reasoning model's activations overflow (float16 models "
-                         "often do: load it with torch_dtype='float32', and output_dtype='float16' to save in its own "
-                         "dtype) or its weights hold inf/NaN (check the checkpoint).")
+        raise NonFiniteFeaturesError(
+            f"The thinking features at the input of {where} hold {bad} non-finite values (inf or NaN) in a [{rows} x "
+            f"{cols}] matrix: the reasoning model's activations overflow (float16 models often do: load it with "
+            "torch_dtype='float32', and output_dtype='float16' to save in its own dtype) or its weights hold inf/NaN "
+            "(check the checkpoint).")
     if config.project_bias and bias_column:
         h = with_bias_column(h)
     v, s = feature_svd(h, torch.float64 if config.precision == "float64" else torch.float32)

@@ -945,7 +945,7 @@ class RainMerger:
             warnings.append(
                 f"think_spacing[{slot}]={cfg.think_spacing[slot]!r} is written after {tag} in every calibration "
                 f"sample, but the reasoning model writes {seen!r} there (greedy, on {layouts[k].count(seen)} of "
-                f"{len(chosen)} samples, and something else than the layout on {len(layouts[k])}{more}): set "
+                f"{len(chosen)} samples, and something other than the layout on {len(layouts[k])}{more}): set "
                 f"think_spacing[{slot}]={seen!r} if that is its layout (the samples are rendered with think_spacing, "
                 "whatever the data wrote), or the thinking features and L_think are taken on text the model does "
                 "not write")
@@ -1083,9 +1083,9 @@ class RainMerger:
                 raise NonFiniteFeaturesError(
                     f"The thinking features at the input of {group[0].name}, taken on the model merged at λ={lam:g} "
                     "up to that module (the sequential projection), hold inf or NaN values: the merged layers before "
-                    f"it overflow in {dtype} (their weights or activations), or the reasoning model's own activations do. Use a smaller λ, load "
-                    "the model in float32 (torch_dtype='float32', with output_dtype to save in its own dtype), or "
-                    "set sequential=False.") from exc
+                    f"it overflow in {dtype} (their weights or activations), or the reasoning model's own activations "
+                    "do. Use a smaller λ, load the model in float32 (torch_dtype='float32', with output_dtype to save "
+                    "in its own dtype), or set sequential=False.") from exc
             for target in group:
                 self._merge_module(target, lam, alpha, record, basis)
 

@@ -33,10 +33,12 @@ mergekit's:
 
 The weights are ``[1, λ]`` for ``[Δ_R, Δ_I]``. In the ``*_ties`` methods λ weighs Δ_I's entries in the sum but
 not in the sign election or the count, so λ = 0 does not give back the reasoning model: where Δ_I agrees with
-the elected sign Δ_R's entry is halved, and where Δ_I outweighs it with the other sign it is dropped. DARE's random masks are the one departure from peft: peft draws
-them from torch's global generator, this module from a :class:`torch.Generator` seeded with
-:func:`tensor_seed` (``config.seed`` and a CRC-32 of the tensor's name), on the CPU, so a merge is reproducible
-whatever the order, device or number of workers that process the tensors.
+the elected sign Δ_R's entry is halved, and where Δ_I outweighs it with the other sign it is dropped.
+
+DARE's random masks are the one departure from peft: peft draws them from torch's global generator, this module
+from a :class:`torch.Generator` seeded with :func:`tensor_seed` (``config.seed`` and a CRC-32 of the tensor's
+name), on the CPU, so a merge is reproducible whatever the order, device or number of workers that process the
+tensors.
 
 SLERP interpolates along the great circle between the flattened tensors (the angle is measured between their
 normalised copies, the interpolation weights are applied to the tensors themselves, as mergekit does) and falls

@@ -1584,7 +1584,7 @@ def test_a_think_spacing_the_reasoning_model_does_not_write_is_warned_about(orga
         found = {int(w[len("think_spacing["):][0]): w for w in merger.report.warnings if w.startswith("think_spacing[")}
         assert found.keys() == warned.keys(), (spacing, found)
         for slot, fix in warned.items():
-            assert (f"the reasoning model writes {fix} there (greedy, on 8 of 8 samples, and something else than the "
+            assert (f"the reasoning model writes {fix} there (greedy, on 8 of 8 samples, and something other than the "
                     f"layout on 8): set think_spacing[{slot}]={fix} if that is its layout") in found[slot]
     # the warnings travel with the features: a merge that reuses them (from memory or a file) says so too
     default = RainMerger.from_pretrained(*ckpt, RainMergingConfig(lam=1.0, stage2=False, sequential=False))
