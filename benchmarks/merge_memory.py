@@ -8,8 +8,8 @@
 
 The three checkpoints are built once (in a separate process, cached under --workdir); the merge then runs in a
 fresh process whose peak resident set size is read from the kernel (ru_maxrss). Prints the figures and checks the
-target peak RSS ≤ 1.5 × reasoning checkpoint size + 1 GiB, and that stage 1 ran one forward pass per batch;
-exits 1 when either is missed.
+target peak RSS ≤ 1.5 × reasoning checkpoint size + 1 GiB, and that stage 1 ran one forward pass per batch (besides
+the think_spacing check's passes over the first 8 samples); exits 1 when either is missed.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def run_merge(paths: dict[str, str], device: str, samples: int, out: Path, lam: 
 
     from rain_hf import RainMerger, RainMergingConfig
     from rain_hf.features import find_decoder_layers
+    from rain_hf.merger import SPACING_PROBE_SAMPLES
     from rain_hf.testing import instruction_records, reasoning_records
 
     cuda_startup = None
@@ -99,6 +100,9 @@ def run_merge(paths: dict[str, str], device: str, samples: int, out: Path, lam: 
         "reasoning_bytes": merger.reasoning.nbytes(),
         "parameters": sum(p.numel() for p in merger.model.parameters()),
         "stage1_batches": -(-merger.features.settings["num_samples"] // cfg.batch_size),  # lam="auto" holds some out
+        # the think_spacing check's own passes, over the first samples of the whole set, before any hold-out
+        "probe_batches": -(-min(SPACING_PROBE_SAMPLES, merger.calibration_info["reasoning"]["num_samples"])
+                           // cfg.batch_size),
         "lam": merger.report.lam,
         "projection": merger.report.projection,
         "replay_cache_bytes": merger.report.replay_cache_bytes,
@@ -171,9 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     if fig["gpu_peak_gib"] is not None:
         print(f"peak GPU memory allocated {fig['gpu_peak_gib']:.2f} GiB, reserved by the allocator "
               f"{fig['gpu_reserved_gib']:.2f} GiB")
-    passes_ok = fig["stage1_forwards"] == fig["stage1_batches"]
+    passes_ok = fig["stage1_forwards"] == fig["stage1_batches"] + fig["probe_batches"]
     print(f"stage 1: {fig['stage1_forwards']} forward passes for {fig['stage1_batches']} batches over "
-          f"{fig['num_layers']} layers: {'OK' if passes_ok else 'MISSED'}")
+          f"{fig['num_layers']} layers, and {fig['probe_batches']} of the think_spacing check: "
+          f"{'OK' if passes_ok else 'MISSED'}")
     # a replayed layer stopped at its first captured module (or the replay's start stopped before the last
     # layer) counts as one call too, so the call count is an upper bound on the layer work
     print(f"merge: {fig['merge_forwards']} decoder passes, {fig['merge_layer_calls']} decoder-layer calls, partial "

@@ -87,6 +87,9 @@ _DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.
 _ROLES = ("base", "reasoning", "instruct")
 
 
+#: reasoning calibration samples the think_spacing check runs the reasoning model on (one forward pass each)
+SPACING_PROBE_SAMPLES = 8
+
 _NO_L_THINK_POSITION = (
     "lam='auto' has no thinking position to measure L_think at: with {setting} "
     "every one predicts the answer's first token (the think-close token's own, when nothing is written between "
@@ -883,7 +886,7 @@ class RainMerger:
                                        "file_sha256": _file_sha256(data) if is_file else None}
         return samples
 
-    def _check_think_spacing(self, samples: list[CalibrationSample], probe: int = 8) -> list[str]:
+    def _check_think_spacing(self, samples: list[CalibrationSample], probe: int = SPACING_PROBE_SAMPLES) -> list[str]:
         """Warnings for a layout the reasoning model does not write: where, confidently (argmax probability
         > 0.5), it predicts other whitespace after the think-open or the think-close token than ``think_spacing``
         puts there (text where the layout writes whitespace, whitespace where it writes none or more of it) on most

@@ -26,4 +26,5 @@ def test_merge_memory_reads_a_relative_workdir_from_the_callers_folder(tmp_path,
     monkeypatch.chdir(tmp_path)
     assert merge_memory.main(["--shape", "tiny", "--samples", "4", "--workdir", "rel"]) == 0
     assert sorted(p.name for p in (tmp_path / "rel").iterdir()) == ["merged-tiny", "qwen2-tiny"]
-    assert "stage 1: 1 forward passes for 1 batches over 2 layers: OK" in capsys.readouterr().out
+    assert ("stage 1: 2 forward passes for 1 batches over 2 layers, and 1 of the think_spacing check: OK"
+            in capsys.readouterr().out)
