@@ -394,12 +394,12 @@ def _order_warning(targets: Sequence[TargetModule], checkpoints: Mapping[str, La
         delta_r = checkpoints["reasoning"].get(key).double().flatten() - base
         delta_i = checkpoints["instruct"].get(key).double().flatten() - base
         norms = float(delta_r.norm()) * float(delta_i.norm())
-        if norms == 0.0:  # a model equal to the base in this weight: nothing to tell
-            return None
+        if norms == 0.0:  # a model equal to the base in this weight: nothing to tell from it
+            continue
         cosines.append(float(delta_r @ delta_i) / norms)
-    if min(cosines) <= 0.5:
+    if not cosines or not all(c > 0.5 for c in cosines):  # (a NaN weight is not a vote for a swap either)
         return None
-    return (f"On {len(keys)} sampled weights ({keys[0]} …) the task vectors of reasoning_model and instruct_model, "
+    return (f"On {len(cosines)} sampled weights ({keys[0]} …) the task vectors of reasoning_model and instruct_model, "
             f"measured from base_model, point the same way (cosine {min(cosines):.2f}–{max(cosines):.2f}), as when a "
             "fine-tune is passed as base_model: check the order of the models (base_model, reasoning_model, "
             "instruct_model). (A reasoning model fine-tuned from the instruct model also looks so: its task vector "

@@ -932,6 +932,31 @@ def test_models_passed_in_another_order_are_warned_about(organism_root, qwen2, t
     assert len(warned(qwen2["reasoning"], qwen2["base"], correlated)) == 1
 
 
+def test_the_order_warning_reads_only_weights_that_tell_something():
+    from types import SimpleNamespace
+
+    from rain_hf.merger import _order_warning
+
+    gen = torch.Generator().manual_seed(0)
+
+    def triple(swapped: bool):
+        base = {f"w{i}": torch.randn(8, 16, generator=gen) for i in range(5)}
+        tuned = [{k: v + 0.1 * torch.randn(8, 16, generator=gen) for k, v in base.items()} for _ in range(2)]
+        roles = ({"base": tuned[0], "reasoning": base, "instruct": tuned[1]} if swapped
+                 else {"base": base, "reasoning": tuned[0], "instruct": tuned[1]})
+        checkpoints = {role: SimpleNamespace(shape=lambda k, d=d: tuple(d[k].shape), get=lambda k, d=d: d[k])
+                       for role, d in roles.items()}
+        return [SimpleNamespace(weight_key=k) for k in base], roles, checkpoints
+
+    targets, roles, checkpoints = triple(swapped=False)
+    roles["reasoning"]["w0"][0, 0] = float("nan")  # the first sampled weight: min() kept the NaN and warned
+    assert _order_warning(targets, checkpoints) is None
+    targets, roles, checkpoints = triple(swapped=True)
+    roles["base"]["w2"] = roles["reasoning"]["w2"].clone()  # equal in the middle weight: the other two still tell
+    warning = _order_warning(targets, checkpoints)
+    assert warning is not None and warning.startswith("On 2 sampled weights")
+
+
 def test_what_is_not_a_model_name_or_a_config_is_named(qwen2):
     from transformers import Qwen2Config
 
