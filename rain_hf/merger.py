@@ -385,8 +385,9 @@ def _order_warning(targets: Sequence[TargetModule], checkpoints: Mapping[str, La
     cosine up to 0.5 pass."""
     if not targets:
         return None
-    smallest = min(math.prod(checkpoints["base"].shape(t.weight_key)) for t in targets)
-    keys = [t.weight_key for t in targets if math.prod(checkpoints["base"].shape(t.weight_key)) == smallest]
+    sizes = {t.weight_key: math.prod(checkpoints["base"].shape(t.weight_key)) for t in targets}
+    smallest = min(sizes.values())
+    keys = [key for key, size in sizes.items() if size == smallest]
     keys = list(dict.fromkeys(keys[i * (len(keys) - 1) // max(samples - 1, 1)] for i in range(samples)))
     cosines = []
     for key in keys:
@@ -541,6 +542,7 @@ class RainMerger:
         self._given_features = features  # from from_pretrained(features=...): replacing them is said
         self._stage1_samples: list[CalibrationSample] | None = None  # kept for config.sequential
         self._spacing_warnings: list[str] = []  # of the last reasoning set prepared, kept with its features
+        self._blank_tokens: dict[int, bool] = {}  # see _whitespace_token
         self._given_config: tuple[RainMergingConfig, dict[str, Any]] | None = None  # the caller's object, as given
         self.report = MergeReport(method=self.config.method, vocab=dict(plan.vocab), warnings=list(plan.warnings))
         # what the current (or last finished) merge read; the reasoning entry of the features' own data is kept
@@ -896,46 +898,38 @@ class RainMerger:
         from .evaluation import think_log_probs
 
         cfg = self.config
-        blank: dict[int, bool] = {}  # token id → whether it is whitespace alone
-
-        def is_blank(token: int) -> bool:
-            if token not in blank:
-                blank[token] = not self.tokenizer.decode([token]).strip()
-            return blank[token]
-
+        is_blank = self._whitespace_token
         # where the chat template writes "<think>\n" itself, think_spacing[0] is not used
         boundaries = [(0, "think_open")] if not self.plan.think_tail else []
         boundaries.append((2, "think_close"))
         chosen = samples[:probe]
-        runs = []  # per sample and boundary: the tag's position and those of the whitespace tokens after it
+        runs = []  # per sample, per boundary: the tag's position and those of the whitespace tokens after it
         for s in chosen:
+            runs.append([])
             for _, attr in boundaries:
-                at = getattr(s, attr)
-                end = at + 1
+                end = getattr(s, attr) + 1
                 while end < len(s.input_ids) and is_blank(s.input_ids[end]):
                     end += 1
-                runs.append(list(range(at, min(end, len(s.input_ids) - 1))))
-        positions = [[p for k in range(len(boundaries)) for p in runs[i * len(boundaries) + k]]
-                     for i in range(len(chosen))]
-        log_probs = think_log_probs(self.model, [torch.tensor(s.input_ids) for s in chosen], positions,
+                runs[-1].append(range(getattr(s, attr), min(end, len(s.input_ids) - 1)))
+        log_probs = think_log_probs(self.model, [torch.tensor(s.input_ids) for s in chosen],
+                                    [[p for run in sample_runs for p in run] for sample_runs in runs],
                                     cfg.batch_size, self._pad_id())
-        best_p, best = (v.tolist() for v in log_probs.exp().max(dim=-1))
-        row = 0
+        best_p, best = (v.tolist() for v in log_probs.exp().max(dim=-1))  # rows in the order of the positions
+        offset = 0
         layouts: dict[int, list[str]] = {k: [] for k in range(len(boundaries))}
         longer: dict[int, int] = {k: 0 for k in range(len(boundaries))}  # read one token past the layout
-        for i, s in enumerate(chosen):
-            for k in range(len(boundaries)):
-                for q in runs[i * len(boundaries) + k]:
-                    written, predicted, p = s.input_ids[q + 1], best[row], best_p[row]
-                    row += 1
+        for s, sample_runs in zip(chosen, runs):
+            for k, run in enumerate(sample_runs):
+                rows = zip(run, best[offset:offset + len(run)], best_p[offset:offset + len(run)])
+                offset += len(run)
+                for q, predicted, p in rows:
+                    written = s.input_ids[q + 1]
                     if p <= 0.5 or predicted == written:
                         continue
                     if is_blank(predicted) or is_blank(written):  # not two answer tokens: the layout differs
-                        start = runs[i * len(boundaries) + k][0] + 1
-                        layouts[k].append(self.tokenizer.decode(s.input_ids[start:q + 1])
+                        layouts[k].append(self.tokenizer.decode(s.input_ids[run.start + 1:q + 1])
                                           + (self.tokenizer.decode([predicted]) if is_blank(predicted) else ""))
                         longer[k] += is_blank(predicted) and not is_blank(written)
-                        row += runs[i * len(boundaries) + k][-1] - q  # the rest of this run
                         break
         warnings = []
         for k, (slot, _) in enumerate(boundaries):
@@ -1451,7 +1445,7 @@ class RainMerger:
             before_answer = self._answer_start(sample_ids, close_id) - 1
             ids.append(torch.tensor(sample_ids))
             positions.append([p for p in sample_positions if p >= start and p != before_answer])
-        if not any(positions):  # the think tokens alone with a template that writes "<think>\\n": only </think>
+        if not any(positions):  # the think tokens alone, a template that writes "<think>\\n" and nothing after </think>
             raise ConfigError(_NO_L_THINK_POSITION.format(setting=_position_setting(self.config)))
         return ids, positions
 
@@ -1461,10 +1455,13 @@ class RainMerger:
         closed = next((i for i in range(len(ids) - 1, -1, -1) if ids[i] == close_id), None)
         if closed is None:
             return 0
-        for i in range(closed + 1, len(ids)):
-            if self.tokenizer.decode([ids[i]]).strip():
-                return i
-        return len(ids)
+        return next((i for i in range(closed + 1, len(ids)) if not self._whitespace_token(ids[i])), len(ids))
+
+    def _whitespace_token(self, token: int) -> bool:
+        """Whether a token decodes to whitespace alone (the layout's spacing around the think tags), cached."""
+        if token not in self._blank_tokens:
+            self._blank_tokens[token] = not self.tokenizer.decode([token]).strip()
+        return self._blank_tokens[token]
 
     def _think_open_prefixes(self, sequences: list[list[int]]) -> list[list[int]]:
         """Each sequence up to its think-open token, when the model itself decides whether to think there: none
