@@ -909,6 +909,13 @@ def collect_attention_stats(
             mass = attention_mass(attn, masks["I", None].to(attn.device))
             for key, qmask in (("a", masks["R", windows[row]]), ("u", masks["U", windows[row]])):
                 mean, valid = masked_query_mean(mass, qmask.to(attn.device))
+                if not bool(torch.isfinite(mean[valid]).all()):
+                    # NaN must stay the mark of a head no query could measure (α = 1, a local-window warning);
+                    # an overflowed softmax would otherwise pass for one
+                    heads = sorted({int(h) for h in (~torch.isfinite(mean[valid])).nonzero()[:, -1]})
+                    raise NonFiniteFeaturesError(
+                        f"Stage 2: the attention probabilities of layer {layers[row]} (heads {heads}) hold inf or "
+                        f"NaN in {attn.dtype}: the attention scores overflowed.")
                 sums[key][row] += mean[valid].sum(dim=0).double().cpu()
                 counts[key][row] += float(valid.sum())
 

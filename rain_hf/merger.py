@@ -1411,8 +1411,14 @@ class RainMerger:
         # The probe only ranks heads by attention: the one-shot Δ⊥ serves it at a fraction of the sequential cost.
         try:
             self._apply_rain(probe_lam, None, record=False, desc="stage 2: probe model", one_shot=True)
-            return collect_attention_stats(self.model, samples, self.report.layers, self.config.batch_size,
-                                           self._pad_id())
+            try:
+                return collect_attention_stats(self.model, samples, self.report.layers, self.config.batch_size,
+                                               self._pad_id())
+            except NonFiniteFeaturesError as exc:
+                raise NonFiniteFeaturesError(
+                    f"{exc} This was the stage-2 probe model θ_R + probe_lam·Δ with probe_lam={probe_lam}: lower "
+                    "probe_lam, or merge in a wider dtype (torch_dtype='float32', or 'bfloat16' for float16 "
+                    "weights).") from None
         finally:
             self.reset()
 

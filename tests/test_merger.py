@@ -901,6 +901,24 @@ def test_stage2_leaves_sliding_layers_that_never_reach_the_instruction_at_alpha_
     assert warning in (out / "README.md").read_text(encoding="utf-8")
 
 
+def test_stage2_overflowed_attention_is_named_not_read_as_unmeasured(tmp_path, tokenizer):
+    # float16 q·k of layer 1's head 0 overflows: its softmax is NaN, which stage 2 took for a head no query reached
+    paths = build_triple(tmp_path / "t", "qwen2", tokenizer=tokenizer, dtype=torch.float16)
+    file = os.path.join(paths["reasoning"], "model.safetensors")
+    weights = load_file(file)
+    config = json.loads(open(os.path.join(paths["reasoning"], "config.json")).read())
+    hd = config["hidden_size"] // config["num_attention_heads"]
+    for leaf in ("q_proj", "k_proj"):
+        weights[f"model.layers.1.self_attn.{leaf}.weight"][:hd] = 50.0
+    save_file(weights, file, metadata={"format": "pt"})
+    merger = _merger(paths, lam=1.0, stage1=False, think_spacing=["", "", ""])
+    with pytest.raises(NonFiniteFeaturesError, match=r"layer 1 \(heads \[0\]\) hold inf or NaN in torch.float16.*"
+                       r"probe_lam=1.0: lower probe_lam, or merge in a wider dtype"):
+        merger.merge(instruction_calibration=instruction_records(3))
+    for name, param in merger.model.named_parameters():  # the probe was taken back
+        assert torch.equal(param.detach(), weights[name]), name
+
+
 def _swap(paths, role, folder):
     return {**paths, role: folder}
 
