@@ -214,13 +214,12 @@ class RainMergingConfig:
     max_shard_size: int | str = "5GB"
 
     def __post_init__(self) -> None:
-        if self.lam is None:
-            self.lam = "auto" if self.method == "rain" else 1.0
         self.validate()
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first field with an unusable value (tuples become lists first)."""
+        """Raise :class:`ConfigError` naming the first field with an unusable value (tuples become lists first, and
+        an unset ``lam`` takes the method's default, so ``merger.config.lam = None`` between merges works too)."""
         for name in ("lam_grid", "target_modules", "layers", "think_spacing"):  # tuples as peft takes them
             if isinstance(getattr(self, name), tuple):
                 setattr(self, name, list(getattr(self, name)))
@@ -255,6 +254,8 @@ class RainMergingConfig:
                 raise ConfigError(f"RainMergingConfig.{name} must be a positive integer, got {value!r}.")
 
         choice("method", METHODS)
+        if self.lam is None:
+            self.lam = "auto" if self.method == "rain" else 1.0
         if isinstance(self.lam, str):
             if self.lam != "auto":
                 raise ConfigError(f"RainMergingConfig.lam={self.lam!r}: use a number or 'auto'.")

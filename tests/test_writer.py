@@ -289,6 +289,10 @@ def test_config_round_trip_and_validation(tmp_path):
     with pytest.raises(ConfigError, match=r"lam_grid must be a finite number, got None"):
         RainMergingConfig(lam_grid=[1.0, None])
     assert RainMergingConfig(stage1=False).sequential is None  # unset: nothing to make sequential, no error
+    edited = RainMergingConfig(lam=2.5)
+    edited.lam, edited.method = None, "ties"  # unset again, as the merger's own copy is edited between merges
+    edited.validate()
+    assert edited.lam == 1.0 and RainMergingConfig(lam=None).lam == "auto"
     with pytest.raises(ConfigError, match="Unknown RainMergingConfig keys"):
         RainMergingConfig.from_dict({"lambda": 1})
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20 and parse_size(7) == 7
