@@ -195,13 +195,7 @@ class MergePlan:
             warnings.append(f"{len(self.unmapped)} attention projections could not be mapped to heads (e.g. "
                             f"{self.unmapped[0]}): stage 2 scales each of them by its layer's mean α, not per head")
         if self.idle:  # zero deltas: cost stage-1 work and read as "projected"; a baseline even changes them
-            if config.method == "slerp" and config.slerp_t > 0:
-                effect = "slerp still moves them toward the base model"
-            elif config.method in ("ties", "dare_ties", "dare_linear") and config.density < 1:
-                # trimming or dropping acts on the reasoning model's own task vector
-                effect = f"{config.method} still merges them, with a zero instruct task vector, and changes them"
-            else:
-                effect = "they keep the reasoning model's weights"
+            effect = zero_task_vector_effect(config)
             warnings.append(f"the adapter holds no delta for {len(self.idle)} of the {len(self.targets)} merged "
                             f"modules (e.g. {self.idle[0]}); {effect}: set target_modules to the adapter's modules "
                             "to leave them out (they then keep the reasoning model's weights)")
@@ -374,6 +368,16 @@ def input_folder_in(target: str | os.PathLike, sources: Mapping[str, ModelSource
         if folder == target or folder.is_relative_to(target):
             return role, folder
     return None
+
+
+def zero_task_vector_effect(config: RainMergingConfig) -> str:
+    """What ``config``'s merge does to modules whose instruct task vector is zero."""
+    if config.method == "slerp" and config.slerp_t > 0:
+        return "slerp still moves them toward the base model"
+    if config.method in ("ties", "dare_ties", "dare_linear") and config.density < 1:
+        # trimming or dropping acts on the reasoning model's own task vector
+        return f"{config.method} still merges them, with a zero instruct task vector, and changes them"
+    return "they keep the reasoning model's weights"
 
 
 def _order_warning(targets: Sequence[TargetModule], checkpoints: Mapping[str, LazyCheckpoint],
@@ -552,6 +556,7 @@ class RainMerger:
         self._merged_config: RainMergingConfig | None = None  # the config of the merge the model now holds
         self.merged = False
         self._touched = False  # whether any merged module holds other weights than the reasoning model's
+        self._task_vector_seen = False  # whether this merge read a nonzero instruct task vector
         self._fingerprint: str | None = None
         self._param_map: dict[str, torch.nn.Parameter] | None = None
         self._check_output_dtypes()
@@ -997,6 +1002,7 @@ class RainMerger:
         if self.config.project_bias and target.bias_key:
             db = self.instruct.delta(target.bias_key)
             db = torch.zeros(target.shape[0]) if db is None else db
+        self._task_vector_seen = self._task_vector_seen or bool(dw.any()) or (db is not None and bool(db.any()))
         return dw.to(self.device), (db.to(self.device) if db is not None else None)
 
     def _projected(self, target: TargetModule, dw: torch.Tensor, db: torch.Tensor | None, record: bool,
@@ -1152,6 +1158,7 @@ class RainMerger:
                 if base is not None:
                     base = base.to(self.device, work_dtype(base.dtype))
                 delta = torch.zeros_like(reasoning) if delta is None else delta.to(self.device)
+                self._task_vector_seen = self._task_vector_seen or bool(delta.any())
                 merged = merge_tensor(cfg.method, reasoning, base, delta, cfg, key)
                 self._refuse_non_finite(key, merged)
                 self._write_param(key, merged.to(self._output_dtype(key)))
@@ -1245,6 +1252,21 @@ class RainMerger:
                 logger.warning(warning)
         self.report = MergeReport(method=self.config.method, vocab=dict(self.plan.vocab),
                                   warnings=fixed + now, timings=timings)
+        self._task_vector_seen = False  # set by the merge's reads of the instruct task vector
+
+    def _warn_without_task_vector(self) -> None:
+        """Warn when every merged module's instruct task vector read by this merge was zero: the instruct model
+        is base_model again (a copy, or the base's Hub id), or an adapter that was never trained."""
+        if self._task_vector_seen:
+            return
+        what = ("the instruct adapter's ΔW = B·A is zero in every merged module (an adapter saved before training, "
+                "with lora_B still at its zero init?)" if not isinstance(self.instruct, FullDelta) else
+                "the instruct model equals base_model in every merged module (a copy of the base, or the base's "
+                "name given as instruct_model?)")
+        self.report.warnings.append(f"{what[0].upper()}{what[1:]}: there is no task vector to merge, and the merge "
+                                    f"adds no instruction following ({zero_task_vector_effect(self.config)}). Pass "
+                                    "the instruction-tuned model.")
+        logger.warning(self.report.warnings[-1])
 
     def _merged_keys(self) -> set[str]:
         keys = {t.weight_key for t in self.targets}
@@ -1311,6 +1333,7 @@ class RainMerger:
             logger.warning(self.report.warnings[-1])
         if cfg.method != "rain":
             self._undo_on_failure(self._apply_baseline)
+            self._warn_without_task_vector()
             # SLERP has no λ: its strength is slerp_t
             self.report.lam = float(cfg.lam) if not isinstance(cfg.lam, str) and cfg.method != "slerp" else None
             self.report.timings["merge"] = time.perf_counter() - start
@@ -1400,6 +1423,7 @@ class RainMerger:
                                       [s.input_ids for s in instruction_samples])
         t3 = time.perf_counter()
         self._undo_on_failure(lambda: self._apply_rain(float(lam), alpha, record=True, desc="merge"))
+        self._warn_without_task_vector()
         self.report.lam = float(lam)
         self.report.timings["merge"] = time.perf_counter() - t3
         self._merged_config = copy.deepcopy(cfg)

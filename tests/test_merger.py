@@ -2105,6 +2105,29 @@ def test_plan_warns_about_merged_modules_the_adapter_leaves_alone(qwen2, tmp_pat
     assert not [w for w in narrow.warnings if "holds no delta" in w]
 
 
+def test_an_instruct_model_without_a_task_vector_is_warned_about(qwen2, tmp_path, caplog):
+    from peft import LoraConfig, get_peft_model
+
+    shutil.copytree(qwen2["base"], tmp_path / "copy")  # the same folder is refused; a copy only the merge can tell
+    assert not any("task vector" in w for w in RainMerger.plan(qwen2["base"], qwen2["reasoning"], tmp_path / "copy",
+                                                                RainMergingConfig(lam=1.0)).warnings)
+    base = AutoModelForCausalLM.from_pretrained(qwen2["base"])
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "untrained")
+    for instruct, says in ((tmp_path / "copy", "The instruct model equals base_model in every merged module"),
+                           (tmp_path / "untrained", "lora_B still at its zero init")):
+        for cfg, effect in ((dict(lam=1.0, stage2=False), "they keep the reasoning model's weights"),
+                            (dict(method="slerp"), "slerp still moves them toward the base model")):
+            merger = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], instruct,
+                                                RainMergingConfig(target_modules=["q_proj"], **cfg))
+            with caplog.at_level("WARNING"):
+                merger.merge(reasoning_records(4) if merger.config.method == "rain" else None)
+            warning = [w for w in merger.report.warnings if "there is no task vector to merge" in w]
+            assert len(warning) == 1 and says in warning[0] and effect in warning[0], (instruct, cfg)
+    merger = _merger(qwen2, lam=1.0, stage2=False)  # a real instruct model: not a word
+    merger.merge(reasoning_records(4))
+    assert not any("no task vector" in w for w in merger.report.warnings)
+
+
 def test_an_adapter_beside_a_full_model_and_a_hub_adapter_fetch(qwen2, tmp_path, monkeypatch):
     from peft import LoraConfig, get_peft_model
 
