@@ -37,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import html
 import logging
 import math
 import os
@@ -213,7 +214,8 @@ def build_model_card(
         "lam_search": lam_search,
         # the think-open share is None where the chat template opens the block itself (nothing to check)
         "think_open_checked": any(row.get("think_open") is not None for row in lam_search),
-        "warnings": [_inline(str(w)) for w in report.get("warnings") or []],
+        # a warning may name the think tokens: markdown would read "<think>" as an HTML tag and drop it
+        "warnings": [html.escape(_inline(str(w)), quote=False) for w in report.get("warnings") or []],
         "projection": report.get("projection"),
         "versions": _versions(info),
         "think_open": config.get("think_open", "<think>"),

@@ -1597,11 +1597,11 @@ class RainMerger:
         self.report.timings["lam_auto"] = time.perf_counter() - start
         return chosen
 
-    def _template_opens_think(self) -> bool | None:
-        """:func:`template_opens_think` for the card, or None where the tokenizer has no usable chat template (a
-        baseline merge does not need one)."""
+    def _template_opens_think(self, config: RainMergingConfig) -> bool | None:
+        """:func:`template_opens_think` for the card (with the config the saved files describe), or None where the
+        tokenizer has no usable chat template (a baseline merge does not need one)."""
         try:
-            return template_opens_think(self.tokenizer, self.config)
+            return template_opens_think(self.tokenizer, config)
         except Exception:  # noqa: BLE001 - CalibrationError, a jinja error …: the card then says nothing of it
             return None
 
@@ -1643,7 +1643,7 @@ class RainMerger:
             "think_tokens_special": any(getattr(self.tokenizer.added_tokens_decoder.get(i), "special", False)
                                         for i in self.plan.think_token_ids),
             # the generation prompt ends with think_open (R1-Distill): generations start inside the block
-            "template_opens_think": self._template_opens_think(),
+            "template_opens_think": self._template_opens_think(record),
             "config": config,
             "inputs": inputs,
             "calibration": self._calibration_summary(record),
@@ -1708,7 +1708,7 @@ class RainMerger:
         folder are refused rather than deleted.
 
         ``model_id`` is what the card's usage snippet loads: pass the Hub repository you will push the folder to
-        with :func:`rain_hf.hub.push_folder` (default: ``save_directory`` as given), and ``model_revision`` the
+        with :func:`rain_hf.hub.push_folder` (default: ``save_directory`` as given, with ``~`` expanded), and ``model_revision`` the
         branch, if not main. Returns the folder's path (``~`` expanded).
         """
         if not self.merged:

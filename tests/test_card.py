@@ -447,6 +447,8 @@ def test_the_lam_search_and_the_merge_warnings_are_in_the_card():
     assert "| 1.0 | 0.004 | 1.000 | yes |\n| 2.0 | 0.0213 | – | no |" in text
     assert "## Warnings\n\nThe merge reported:\n\n- lam='auto': no λ of the grid keeps L_think ≤ 0.01; using the " \
            "smallest, 1.0\n" in text
+    info["report"]["warnings"] = ["'\\n' is written after <think> & </think>"]  # markdown would drop the tags
+    assert "- '\\n' is written after &lt;think&gt; &amp; &lt;/think&gt;\n" in build_model_card(info).content
     del info["report"]["lam_search"][0]["within_budget"]  # a sidecar from before the column existed
     assert "| 1.0 | 0.004 | 1.000 | – |" in build_model_card(info).content
     for row in info["report"]["lam_search"]:  # a template that opens the block itself: no share was measured

@@ -1965,6 +1965,8 @@ def test_card_snippet_says_when_the_template_opens_the_think_block(qwen2, tmp_pa
     out = merger.save_pretrained(tmp_path / "out")
     assert json.loads((out / "rain_merging_config.json").read_text())["template_opens_think"] is True
     assert "the completion starts inside the thinking, then </think>" in (out / "README.md").read_text()
+    merger.config.think_open = "<|im_start|>"  # an edit after the merge: the saved files describe the merge
+    assert merger.sidecar()["template_opens_think"] is True
     tokenizer.chat_template = None  # a baseline merge needs no chat template: the card just says nothing of it
     tokenizer.save_pretrained(folder)
     (folder / "chat_template.jinja").unlink(missing_ok=True)
