@@ -1708,8 +1708,8 @@ class RainMerger:
         folder are refused rather than deleted.
 
         ``model_id`` is what the card's usage snippet loads: pass the Hub repository you will push the folder to
-        with :func:`rain_hf.hub.push_folder` (default: ``save_directory`` as given, with ``~`` expanded), and ``model_revision`` the
-        branch, if not main. Returns the folder's path (``~`` expanded).
+        with :func:`rain_hf.hub.push_folder` (default: ``save_directory`` as given, with ``~`` expanded), and
+        ``model_revision`` the branch, if not main. Returns the folder's path (``~`` expanded).
         """
         if not self.merged:
             if self._merged_config is None:
