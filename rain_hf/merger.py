@@ -826,6 +826,9 @@ class RainMerger:
             if dtype not in _DTYPES:
                 raise ConfigError(f"torch_dtype={dtype!r}: use one of {sorted(_DTYPES)} or 'auto'.")
             dtype = _DTYPES[dtype]
+        if dtype != "auto" and dtype not in _DTYPES.values():  # an integer dtype, or no dtype at all
+            raise ConfigError(f"torch_dtype={dtype!r}: a merge computes in floating point; use one of "
+                              f"{sorted(_DTYPES)} or 'auto'.")
         check_device(device)
         plan, tokenizer, reasoning, base, instruct = parts
         # before the load, which takes minutes on a large model
@@ -837,7 +840,15 @@ class RainMerger:
         kwargs: dict[str, Any] = {"dtype": dtype}
         if device_map is not None:
             kwargs["device_map"] = device_map
-        model = AutoModelForCausalLM.from_pretrained(str(plan.sources["reasoning"].path), **kwargs)
+        model, loading = AutoModelForCausalLM.from_pretrained(str(plan.sources["reasoning"].path),
+                                                              output_loading_info=True, **kwargs)
+        missing = sorted(loading.get("missing_keys") or [])
+        if missing:
+            # transformers fills them with random values: the calibration passes and the saved merge would use them
+            raise CheckpointError(
+                f"The reasoning model {plan.sources['reasoning'].describe()} lacks {len(missing)} tensors its model "
+                f"class needs ({', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}), which transformers would initialise at random: the checkpoint is "
+                "incomplete. Pass the complete checkpoint (every shard its index lists, saved with save_pretrained).")
         if device_map is None:
             device = device if device is not None else "cpu"
             model.to(device)

@@ -1036,6 +1036,18 @@ def test_refuses_tensor_shape_mismatch(qwen2, tmp_path):
         RainMerger.plan(qwen2["base"], qwen2["reasoning"], bare)
 
 
+def test_a_reasoning_checkpoint_missing_unmerged_tensors_is_refused(qwen2, tmp_path):
+    # the plan checks the merged tensors; transformers would fill the others (a norm here) at random
+    folder = tmp_path / "reasoning"
+    shutil.copytree(qwen2["reasoning"], folder)
+    weights = _weights(folder)
+    del weights["model.layers.1.post_attention_layernorm.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"lacks 1 tensors its model class needs \(model.layers.1."
+                                              r"post_attention_layernorm.weight\).*Pass the complete checkpoint"):
+        RainMerger.from_pretrained(qwen2["base"], folder, qwen2["instruct"], RainMergingConfig(lam=1.0))
+
+
 def test_refuses_missing_and_non_safetensors_inputs(qwen2, tmp_path):
     with pytest.raises(CheckpointError, match="neither an existing local folder nor a valid Hub id"):
         RainMerger.plan(qwen2["base"], tmp_path / "nope" / "deeper", qwen2["instruct"])
@@ -1726,6 +1738,9 @@ def test_output_dtype_wider_than_the_loaded_model_is_refused(qwen2, monkeypatch)
     with pytest.raises(ConfigError, match="disagree"):
         RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], torch_dtype="float32",
                                    dtype="bfloat16")
+    for dtype in (torch.int8, torch.float8_e4m3fn, 16):
+        with pytest.raises(ConfigError, match=r"a merge computes in floating point; use one of \['bfloat16'"):
+            RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], torch_dtype=dtype)
     monkeypatch.undo()
     merger = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
                                         torch_dtype=torch.float32, dtype="float32")  # the same dtype, two spellings
