@@ -108,7 +108,7 @@ def resolve_model(
     revision: str | None = None,
     token: str | bool | None = None,
     allow_patterns: list[str] | None = None,
-    role: str = "model",
+    role: str | None = None,
 ) -> ModelSource:
     """Find a model's files: a local folder as it is, or a Hub id fetched with ``allow_patterns`` only.
 
@@ -125,16 +125,17 @@ def resolve_model(
         True
     """
     text = os.fspath(name_or_path)
+    who = f"{role} model" if role else "model"
     local = Path(text).expanduser()
     if local.is_dir():
         hub_id, sha = _hub_identity_of_folder(local)
         if revision is not None and revision != sha:
             # the folder's files are what they are: recording the revision would misstate where they came from
-            logger.warning("revision=%r is ignored for the %s model: %s is a local folder, read as it is (a revision "
-                           "picks a commit of a Hub id).", revision, role, text)
+            logger.warning("revision=%r is ignored for the %s: %s is a local folder, read as it is (a revision "
+                           "picks a commit of a Hub id).", revision, who, text)
         return ModelSource(text, local.resolve(), hub_id, sha)
     if local.exists():
-        raise ModelNameError(f"The {role} model {text!r} is a file; pass the folder that holds config.json and "
+        raise ModelNameError(f"The {who} {text!r} is a file; pass the folder that holds config.json and "
                               "the safetensors weights.")
     written_as_path = text.startswith((".", "/", "~"))
     looks_local = written_as_path or os.sep in text.strip("/").split("/", 1)[-1] or text.count("/") > 1
@@ -152,7 +153,7 @@ def resolve_model(
                     "rain-merge YAML.")
         elif "+" in text:  # mergekit's model+lora
             hint = " A LoRA adapter is passed as the instruct model itself; its adapter_config.json names the base."
-        raise ModelNameError(f"The {role} model {text!r} is neither an existing local folder nor a valid Hub id "
+        raise ModelNameError(f"The {who} {text!r} is neither an existing local folder nor a valid Hub id "
                               f"('org/name'). Check the path.{hint}")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -168,20 +169,20 @@ def resolve_model(
                                    allow_patterns=allow_patterns or MODEL_PATTERNS,
                                    ignore_patterns=None if allow_patterns else MODEL_IGNORE_PATTERNS)
     except RevisionNotFoundError as exc:
-        raise ModelNameError(f"The {role} model {text!r} has no revision {revision!r} on the Hub.") from exc
+        raise ModelNameError(f"The {who} {text!r} has no revision {revision!r} on the Hub.") from exc
     except GatedRepoError as exc:
-        raise CheckpointError(f"The {role} model {text!r} is gated: accept its licence on the Hub and pass a "
+        raise CheckpointError(f"The {who} {text!r} is gated: accept its licence on the Hub and pass a "
                               "token (token=... or `hf auth login`).") from exc
     except RepositoryNotFoundError as exc:
-        raise ModelNameError(f"The {role} model {text!r} was not found on the Hub (or is private: pass a "
+        raise ModelNameError(f"The {who} {text!r} was not found on the Hub (or is private: pass a "
                               f"token), and no local folder {local.resolve()} exists either.") from exc
     except LocalEntryNotFoundError as exc:
-        what = f"Revision {revision!r} of the {role} model {text!r}" if revision else f"The {role} model {text!r}"
+        what = f"Revision {revision!r} of the {who} {text!r}" if revision else f"The {who} {text!r}"
         raise CheckpointError(f"{what} is not in the local Hub cache and the Hub cannot be reached (offline?), and "
                               f"no local folder {local.resolve()} exists either. Download it first or pass a local "
                               "folder.") from exc
     except HfHubHTTPError as exc:
-        raise CheckpointError(f"Fetching the {role} model {text!r} from the Hub failed: {exc}") from exc
+        raise CheckpointError(f"Fetching the {who} {text!r} from the Hub failed: {exc}") from exc
     _, sha = _hub_identity_of_folder(Path(folder))
     return ModelSource(text, Path(folder), text, sha or revision)
 

@@ -15,13 +15,13 @@ What is refused (:class:`AdapterError`) and what is only reported (warnings from
 
 - refused: another ``peft_type``; DoRA (its magnitude vector makes the merged weight depend on the base weight);
   initialisations that rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) unless converted to plain
-  LoRA; ``layer_replication``; ``target_parameters``; aLoRA, QALoRA, BD-LoRA, Arrow, KaSA, MonteCLoRA; LoRA on
-  convolutions; a ``lora_A`` without its ``lora_B`` (or the reverse); a ``.bin``-only adapter.
-- merged as peft's ``merge_and_unload`` applies them: ``modules_to_save`` copies of merged linear layers
-  (copy − base) and trained biases (``bias="all"`` / ``"lora_only"``, ``scaling·lora_B.bias`` for ``lora_bias``;
+  LoRA; ``layer_replication``; aLoRA, QALoRA, BD-LoRA, Arrow, KaSA; LoRA on convolutions; a ``lora_A`` without its ``lora_B`` (or the reverse); a ``.bin``-only adapter.
+- merged as peft's ``merge_and_unload`` applies them: plain LoRA (VeLoRA and MonteCLoRA adapters too: peft merges
+  their B·A as plain LoRA's), ``target_parameters`` on linear weights, ``modules_to_save`` copies of merged
+  linear layers (copy − base) and trained biases (``bias="all"`` / ``"lora_only"``, ``scaling·lora_B.bias`` for ``lora_bias``;
   biases only with ``project_bias=True``).
-- warned and ignored: LoRA on embeddings and on the output layer (never merged), copies of modules outside the
-  merged set (embeddings, norms, the output layer), ``trainable_token_indices``, any other non-LoRA tensor.
+- warned and ignored: LoRA on embeddings and on the output layer (never merged), ``target_parameters`` on fused
+  expert weights (which a merge never reads), copies of modules outside the merged set (embeddings, norms, the output layer), ``trainable_token_indices``, any other non-LoRA tensor.
 """
 
 from __future__ import annotations
@@ -222,11 +222,12 @@ def nested_adapters_hint(folder: Path) -> str:
     nested = sorted(p.parent.name for p in Path(folder).glob("*/adapter_config.json"))
     if not nested:
         return ""
+    # the full path: for a Hub id it lies in the cache's snapshot, and "org/repo/sub" is no name rain_hf takes
     if len(nested) == 1:
         return (f" Its subfolder {nested[0]!r} holds a peft adapter (peft saves an adapter named other than "
-                "'default' under its name): pass that folder.")
+                f"'default' under its name): pass that folder, {Path(folder) / nested[0]}.")
     return (f" Its subfolders {', '.join(map(repr, nested))} hold peft adapters (peft saves an adapter named other "
-            "than 'default' under its name): pass one of them.")
+            f"than 'default' under its name): pass one of them, e.g. {Path(folder) / nested[0]}.")
 
 
 def _refuse_bin_only(folder: Path, name: str) -> None:

@@ -657,14 +657,17 @@ class RainMerger:
                                 "transformers would load the full model with the adapter on top: keep one of them "
                                 "in the folder")
             instruct.use_base(base)
-            if instruct.bias_keys() and not config.project_bias:
-                warnings.append(f"the adapter trained {len(instruct.bias_keys())} biases (e.g. "
-                                f"{instruct.bias_keys()[0]}); they are merged only with project_bias=True")
+            merged_biases = {t.bias_key for t in targets if t.bias_key}
+            held = [key for key in instruct.bias_keys() if key in merged_biases]
+            if held and not config.project_bias:
+                warnings.append(f"the adapter trained {len(held)} biases of merged modules (e.g. {held[0]}); they "
+                                "are merged only with project_bias=True")
             touched = set(instruct.weight_keys())
             # with project_bias, a bias delta alone makes a merged module change
-            touched_bias = set(instruct.bias_keys()) if config.project_bias else set()
-            merged = {t.weight_key for t in targets} | {t.bias_key for t in targets if t.bias_key}
-            outside = sorted((touched | touched_bias) - merged, key=_natural_key)
+            touched_bias = set(held) if config.project_bias else set()
+            merged = {t.weight_key for t in targets} | merged_biases
+            # biases of other modules (norms, the output layer) are never merged, whatever project_bias
+            outside = sorted((touched | set(instruct.bias_keys())) - merged, key=_natural_key)
             if outside:
                 warnings.append(f"the adapter holds deltas for {len(outside)} tensors outside the merged set "
                                 f"(e.g. {outside[0]}); they are not merged")
@@ -783,8 +786,8 @@ class RainMerger:
             token: Hub token.
             device: where the forward passes and the projections run (``"cpu"``, ``"cuda"``; default: the CPU, or
                 with ``device_map`` the device of the input embeddings).
-            torch_dtype: dtype to load the reasoning model in (default: as stored; ``dtype=``, transformers 5's
-                name, is the same). Loading narrower than the saved weights is refused before the load: keep the
+            torch_dtype: dtype to load the reasoning model in (default: ``"auto"``, the dtype its config.json
+                names, else as stored, as transformers loads it; ``dtype=``, transformers 5's name, is the same). Loading narrower than the saved weights is refused before the load: keep the
                 stored dtype, or set ``RainMergingConfig(output_dtype=...)`` to save in the loaded one.
             device_map: e.g. ``"auto"`` to spread a reasoning model that does not fit on one device (accelerate).
                 Every module must land on a device: modules offloaded to the CPU (next to GPUs) or to disk are

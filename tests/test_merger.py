@@ -1243,6 +1243,8 @@ def test_hub_fetch_skips_the_native_mistral_copy_of_the_weights(qwen2, monkeypat
                        "model-00002-of-00002.safetensors", "model.safetensors.index.json", "tokenizer.json"]
     resolve_model("me/adapter", allow_patterns=ADAPTER_PATTERNS)
     assert calls[1]["allow_patterns"] == ADAPTER_PATTERNS and calls[1]["ignore_patterns"] is None
+    with pytest.raises(ValueError, match=r"^The model '.*config.json' is a file"):  # no role given: "The model"
+        resolve_model(str(qwen2["base"] / "config.json"))
 
 
 def test_revisions_reach_the_hub_fetch_per_role(qwen2, monkeypatch):
@@ -2195,6 +2197,13 @@ def test_plan_counts_trained_biases_in_the_adapter_warnings(qwen2, tmp_path):
                              RainMergingConfig(lam=1.0, target_modules=["q_proj"], project_bias=True))
     outside = [w for w in narrow.warnings if "outside the merged set" in w]
     assert len(outside) == 1 and "for 4 tensors" in outside[0] and "layers.0.self_attn.k_proj.bias" in outside[0]
+    # without project_bias: the merged modules' biases are the ones it would merge, the others never are
+    kept = RainMerger.plan(qwen2["base"], qwen2["reasoning"], tmp_path / "q",
+                           RainMergingConfig(lam=1.0, target_modules=["q_proj"])).warnings
+    trained = [w for w in kept if "trained" in w]
+    assert trained == ["the adapter trained 2 biases of merged modules (e.g. model.layers.0.self_attn.q_proj.bias); "
+                       "they are merged only with project_bias=True"]
+    assert [w for w in kept if "outside the merged set" in w] == outside
     # merging all linear layers, k/v change through their biases: not "no delta"
     wide = RainMerger.plan(qwen2["base"], qwen2["reasoning"], tmp_path / "q",
                            RainMergingConfig(lam=1.0, project_bias=True))
