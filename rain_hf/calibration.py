@@ -339,6 +339,11 @@ def _read_json_file(path: Path, text: str, locations: list[str]) -> list[dict]:
                          ".jsonl).")
         locations.extend(where)
         return records
+    one_record = isinstance(content, dict) and ("prompt" in content or "messages" in content)
+    if one_record and "\n" not in text.strip():  # one line of JSON Lines, read as two lines would be
+        _note_once(path, "%s holds JSON Lines (one object per line), not a JSON list: read as JSON Lines (name it "
+                         ".jsonl).")
+        return _records_of_list(path, [content], locations)
     if not isinstance(content, list):
         raise CalibrationError(
             f"{path} holds a JSON {type(content).__name__}; a .json calibration file must hold a list of "
@@ -354,8 +359,8 @@ def _parse_jsonl(path: Path, text: str) -> tuple[list[dict], list[str]]:
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
+        try:  # a byte-order mark opens each file of a concatenation of files, not only the first line
+            record = json.loads(line.removeprefix("\ufeff"))
         except json.JSONDecodeError as err:
             raise CalibrationError(
                 f"{path}: line {lineno} is not valid JSON ({err.msg}): fix or remove that line."

@@ -60,7 +60,8 @@ TOP_LEVEL_KEYS: dict[str, str] = {
     "calibration": "{reasoning: PATH, instruction: PATH}: JSON/JSONL calibration sets for stages 1 and 2 "
                    "(needed by method rain with stage1 / stage2, and the reasoning set also for lam: auto, which "
                    "measures L_think on it; the baselines do not read them, though a file named here must exist).",
-    "dtype": "dtype the reasoning model is loaded in for the calibration passes: auto (as stored), float64, "
+    "dtype": "dtype the reasoning model is loaded in for the calibration passes: auto (the dtype config.json names, "
+             "else as stored), float64, "
              "float32, float16 or bfloat16. Not the saved dtype, as mergekit's dtype is: parameters.output_dtype "
              "sets that.",
     "output": "{max_shard_size: '5GB', private: true, card_template: PATH}: shard size of the saved weights "

@@ -150,7 +150,8 @@ class RainMergingConfig:
             calibration sample (or a prompt-only generation prefix) is rendered. The default is DeepSeek-R1's
             layout (a newline after the think-open token, one before the think-close token, two after it); use
             ``["", "", ""]`` for models that write ``<think>…</think>answer`` (the project's organism). The data's
-            own whitespace around the tags is replaced by it; a merge warns when the reasoning model confidently
+            own whitespace around the tags is replaced by it, except that a chat template whose generation prompt
+            already ends with think_open and whitespace (R1-Distill's ``<think>\n``) keeps its own; a merge warns when the reasoning model confidently
             writes something else after the think-open or think-close token on most calibration samples.
         output_dtype: dtype of the merged weights (``None``: the reasoning model's).
         batch_size: calibration samples per forward pass. Stage 2 runs eager attention, which holds each layer's

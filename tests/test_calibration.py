@@ -399,6 +399,9 @@ def test_load_records_from_files(tmp_path):
     (tmp_path / "bom.jsonl").write_text("\ufeff" + json.dumps(RECORD) + "\n", encoding="utf-8")
     (tmp_path / "bom.json").write_text("\ufeff" + json.dumps([RECORD]), encoding="utf-8")
     assert load_records(tmp_path / "bom.jsonl") == load_records(tmp_path / "bom.json") == [RECORD]
+    both = (tmp_path / "bom.jsonl").read_bytes() * 2  # `cat a.jsonl b.jsonl`: a byte-order mark opens line 2 too
+    (tmp_path / "cat.jsonl").write_bytes(both)
+    assert load_records(tmp_path / "cat.jsonl") == [RECORD, RECORD]
     with pytest.raises(CalibrationError, match="Unsupported calibration data"):
         load_records(42)
 
@@ -799,6 +802,11 @@ def test_file_content_decides_between_json_and_jsonl(tok, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="rain_hf.calibration"):
         assert load_records(lines) == load_records(pretty) == [RECORD, RECORD]
     assert "lines.json holds JSON Lines" in caplog.text and "pretty.jsonl holds one JSON list" in caplog.text
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(RECORD) + "\n")  # one line of JSON Lines: read as two lines are
+    with caplog.at_level(logging.INFO, logger="rain_hf.calibration"):
+        assert load_records(one) == [RECORD]
+    assert "one.json holds JSON Lines" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="rain_hf.calibration"):
         check_records(lines)  # rain-merge checks a file, then the merge reads it again: one note is enough
