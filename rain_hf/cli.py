@@ -334,7 +334,9 @@ def _model_location(name: str, folder: Path, where: str) -> str:
         # the same YAML must name the same model from any working directory
         raise CliError(f"{where}: {name!r} is a folder under the current directory but not under the YAML file's "
                        f"folder {folder}, and model paths are relative to the YAML file: write it relative to "
-                       f"{folder}, or as an absolute path.")
+                       f"{folder}, or as an absolute path. If you mean the Hub repository {name!r}, run rain-merge "
+                       "from another directory: a name that is also a folder there is read as the folder (as "
+                       "transformers reads it).")
     return name
 
 
@@ -407,7 +409,7 @@ def _attribute_docs() -> dict[str, str]:
 
 
 def _default_text(f: dataclasses.Field) -> str:
-    if f.name == "lam":  # resolved per method in RainMergingConfig.__post_init__
+    if f.name == "lam":  # resolved per method in RainMergingConfig.validate
         return f"{RainMergingConfig().lam} (method rain), {RainMergingConfig(method='ties').lam} (baselines)"
     if f.default is not dataclasses.MISSING:
         value = f.default
@@ -453,6 +455,13 @@ def build_epilog(width: int = 100) -> str:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line instead of usage + error
+        if message.startswith("unrecognized arguments: "):
+            extra = message.removeprefix("unrecognized arguments: ").split()
+            folders = [a for a in extra if not a.startswith("-")]
+            if folders:  # mergekit-yaml's habit: `mergekit-yaml config.yml out/`
+                message += f"; the output folder is an option here: --out {folders[0]}"
+            if "--cuda" in extra:  # mergekit-yaml's flag
+                message += "; for a GPU pass --device cuda"
         self.exit(2, f"{PROG}: error: {message} (see {PROG} --help)\n")
 
 
@@ -555,10 +564,38 @@ def _raise_on_sigterm() -> Any:
         return None
 
 
+_FIELDS = frozenset(f.name for f in dataclasses.fields(RainMergingConfig))
+
+
+def yaml_terms(message: str) -> str:
+    """``message`` with the Python API's names for settings put as a rain-merge YAML writes them: the library's
+    errors and warnings say ``config.layers`` or ``RainMergingConfig(stage2=False)``, and the YAML user needs
+    ``parameters.layers`` and ``parameters.stage2: False``; ``device='cpu'`` is the ``--device cpu`` flag.
+
+    Example:
+        >>> yaml_terms("set RainMergingConfig(stage2=False), config.layers or device='cpu' (config.json)")
+        'set parameters.stage2: False, parameters.layers or --device cpu (config.json)'
+    """
+    def call(match: re.Match) -> str:
+        name, value = match.group(1), match.group(2)
+        return f"parameters.{name}: {value.strip(chr(39))}" if name in _FIELDS else match.group(0)
+
+    message = re.sub(r"\bRainMergingConfig\((\w+)=([^()]*)\)", call, message)
+    message = re.sub(r"(?<![\w.])(?:merger\.)?(?:RainMergingConfig|config)\.(\w+)",
+                     lambda m: f"parameters.{m.group(1)}" if m.group(1) in _FIELDS else m.group(0), message)
+    return re.sub(r"\bdevice='([\w:]+)'", r"--device \1", message)
+
+
+class _YamlTerms(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = yaml_terms(record.getMessage()), None
+        return True
+
+
 def _fail(exc: BaseException, status: int, verbose: bool) -> int:
     if verbose:
         traceback.print_exception(exc, file=sys.stderr)
-    message = " ".join(str(exc).split()) or type(exc).__name__
+    message = yaml_terms(" ".join(str(exc).split())) or type(exc).__name__
     if not isinstance(exc, (CliError, ConfigError)) and type(exc).__name__ not in message:
         message = f"{message} ({type(exc).__name__})"
     print(f"{PROG}: error: {message}", file=sys.stderr)
@@ -572,6 +609,7 @@ def _configure_logging(verbose: bool) -> Callable[[], None]:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose else
                                            f"{PROG}: %(message)s"))
+    handler.addFilter(_YamlTerms())
     package.addHandler(handler)
     package.setLevel(logging.DEBUG if verbose else logging.INFO)
     package.propagate = False
@@ -773,7 +811,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         parts = RainMerger.plan(job.models["base"], job.models["reasoning"], job.models["instruct"],
                                 config=job.config, revision=job.revision, token=job.token, _return_parts=True)
-    except CalibrationError as exc:  # e.g. think_open is not one token of the tokenizer: a parameters problem
+    except (CalibrationError, ConfigError) as exc:  # e.g. think_open is not one token: a parameters problem
         raise CliError(f"{args.config}: {exc}") from exc
     except (ModelMismatchError, AdapterError, ModelNameError) as exc:
         # the YAML names no model, or models that do not fit together: fix the YAML
@@ -806,7 +844,7 @@ def _run(args: argparse.Namespace) -> int:
                                         for kind in CALIBRATION_KEYS)
     try:
         merger.merge(reasoning_calibration=reasoning_file, instruction_calibration=instruction_file)
-    except CalibrationError as exc:  # the data or parameters the YAML names, as when planning: exit 2
+    except (CalibrationError, ConfigError) as exc:  # the data or parameters the YAML names, as when planning: exit 2
         raise CliError(f"{args.config}: {exc}") from exc
     for kind in CALIBRATION_KEYS:
         if (merger.calibration_info.get(kind) or {}).get("is_file") and kind in job.written_calibration:

@@ -42,6 +42,18 @@ _PEFT_CONVENTIONS = "no such switch: TIES and DARE follow peft's conventions (se
 MERGEKIT_PARAMETERS = {"weight": "use lam", "lambda": "use lam", "t": "use slerp_t", "out_dtype": "use output_dtype",
                        "normalize": _PEFT_CONVENTIONS, "rescale": _PEFT_CONVENTIONS, "int8_mask": _PEFT_CONVENTIONS}
 
+#: mergekit merge methods whose name is close to one of ours but means another merge (``linear`` is not
+#: ``dare_linear``), or that are not offered here
+MERGEKIT_METHODS = {
+    "linear": "a weighted average of whole models; the nearest here are 'task_arithmetic' (λ times the instruct "
+              "model's task vector added to the reasoning model) and 'slerp'",
+    "nuslerp": "use 'slerp'",
+    "breadcrumbs": "not offered here", "breadcrumbs_ties": "not offered here", "della": "not offered here",
+    "della_linear": "not offered here", "model_stock": "not offered here", "passthrough": "not offered here",
+    "sce": "not offered here", "karcher": "not offered here", "nearswap": "not offered here",
+    "arcee_fusion": "not offered here", "multislerp": "not offered here",
+}
+
 
 def mergekit_hints(unknown: Sequence[Any], advice: Mapping[str, str]) -> str:
     """' ('key' is mergekit's: …)' hints for the keys ``advice`` knows as mergekit's."""
@@ -151,8 +163,9 @@ class RainMergingConfig:
             layout (a newline after the think-open token, one before the think-close token, two after it); use
             ``["", "", ""]`` for models that write ``<think>…</think>answer`` (the project's organism). The data's
             own whitespace around the tags is replaced by it, except that a chat template whose generation prompt
-            already ends with think_open and whitespace (R1-Distill's ``<think>\n``) keeps its own; a merge warns when the reasoning model confidently
-            writes something else after the think-open or think-close token on most calibration samples.
+            already ends with think_open and whitespace (R1-Distill's ``<think>`` and a newline) keeps its own; a
+            merge warns when the reasoning model confidently writes something else after the think-open or
+            think-close token on most calibration samples.
         output_dtype: dtype of the merged weights (``None``: the reasoning model's).
         batch_size: calibration samples per forward pass. Stage 2 runs eager attention, which holds each layer's
             attention scores and their float32 softmax, batch_size × heads × tokens² × (4 + 2 × dtype bytes):
@@ -231,6 +244,8 @@ class RainMergingConfig:
                 lowered = [a for a in allowed if isinstance(value, str) and a.lower() == value.lower()]
                 close = lowered or (difflib.get_close_matches(value, allowed, n=1) if isinstance(value, str) else [])
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
+                if name == "method" and not lowered and isinstance(value, str) and value in MERGEKIT_METHODS:
+                    hint = f" ({value!r} is mergekit's: {MERGEKIT_METHODS[value]})"
                 raise ConfigError(f"RainMergingConfig.{name}={value!r} is not one of {list(allowed)}{hint}.")
 
         def number(name: str, lo: float | None = None, hi: float | None = None, strict_lo: bool = False,
@@ -488,11 +503,22 @@ _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2*
           "GIB": 2**30, "TIB": 2**40}
 
 
+def _finite_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
 def parse_size(size: int | str) -> int:
     """Bytes of a shard size such as ``5_000_000_000``, ``"5GB"`` or ``"500MiB"`` (decimal units as in HF; as there,
     a decimal unit ending in a lowercase ``b`` counts bits: ``"8Gb"`` is 1 GB, ``"8GiB"`` and ``"8Gib"`` 8 GiB)."""
     if isinstance(size, bool):
         raise ConfigError(f"max_shard_size={size!r} is not a size.")
+    if isinstance(size, str) and _finite_number(size.strip()):  # YAML 1.1 reads 5e9 as a string
+        size = float(size.strip())
+    if isinstance(size, float) and math.isfinite(size) and size.is_integer():  # a byte count written as 5e9
+        size = int(size)
     if isinstance(size, int):
         if size <= 0:
             raise ConfigError(f"max_shard_size={size} must be positive.")

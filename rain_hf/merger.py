@@ -44,6 +44,7 @@ from .checkpoints import (
     LICENSE_NAMES,
     CheckpointError,
     LazyCheckpoint,
+    ModelNameError,
     ModelSource,
     TensorSource,
     checkpoint_fingerprint,
@@ -235,7 +236,8 @@ def _load_model_config(src: ModelSource, role: str):
         from .lora import nested_adapters_hint
 
         hint = nested_adapters_hint(src.path) if role == "instruct" else ""  # only it may be an adapter
-        raise CheckpointError(f"The {role} model {src.describe()} has no config.json in {src.path}.{hint}")
+        # a folder that is no model folder: the name is wrong, as for a path that does not exist
+        raise ModelNameError(f"The {role} model {src.describe()} has no config.json in {src.path}.{hint}")
     try:
         config = AutoConfig.from_pretrained(str(src.path))
     except Exception as exc:  # transformers raises ValueError/KeyError/OSError for unknown or broken configs

@@ -84,6 +84,9 @@ def test_usage_errors_are_one_line(capsys):
     _one_error_line(capsys.readouterr().err)
     assert main(["x.yaml", "--bogus"]) == 2
     assert "--bogus" in _one_error_line(capsys.readouterr().err)
+    assert main(["x.yaml", "merged/", "--cuda"]) == 2  # mergekit-yaml's positional output folder and GPU flag
+    assert ("unrecognized arguments: merged/ --cuda; the output folder is an option here: --out merged/; for a GPU "
+            "pass --device cuda") in _one_error_line(capsys.readouterr().err)
 
 
 # ---------------------------------------------------------------------------------------------- YAML errors
@@ -538,7 +541,7 @@ def test_problems_found_before_any_weight_is_loaded(triple, tmp_path, capsys, mo
         (dict(), ["--out", str(tmp_path / "o"), "--push-to-hub", "me/x"],
          "HF_HUB_OFFLINE is set"),
         (dict(), ["--out", str(tmp_path / "o"), "--device", "gpu"], "is not a torch device"),
-        (dict(), ["--out", str(tmp_path / "o"), "--device", "meta"], "device='meta' holds no weights"),
+        (dict(), ["--out", str(tmp_path / "o"), "--device", "meta"], "--device meta holds no weights"),
         *([] if torch.xpu.is_available() else [
             (dict(), ["--out", str(tmp_path / "o"), "--device", "xpu"], "has no usable xpu device")]),
         # --overwrite must not delete an input that is not a model: calibration data, template, the YAML itself
@@ -554,7 +557,9 @@ def test_problems_found_before_any_weight_is_loaded(triple, tmp_path, capsys, mo
         (dict(base_model={"path": "base", "revision": "v2"}), out,
          "base_model.revision 'v2' is given for the local folder"),
         (dict(base_model="cwd/base"), out, "'cwd/base' is a folder under the current directory but not under the "
-                                           "YAML file's folder"),
+                                           "YAML file's folder.* If you mean the Hub repository 'cwd/base', run "
+                                           "rain-merge from another directory"),
+        (dict(base_model=str(tmp_path)), out, r"\.yaml: The base model .* has no config\.json"),
         # names that name no model (mergekit's name@revision and model+lora forms among them)
         (dict(base_model=str(tmp_path / "afile")), out, "afile' is a file; pass the folder"),
         (dict(base_model="Qwen/Qwen2.5-0.5B@main"), out, r"A revision is given on its own: .*\{path: ..., revision: "),
@@ -666,7 +671,7 @@ def test_float64_card_yaml_reruns(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("parameters, expected", [
-    ({"layers": [0, 9]}, "config.layers names layers [9], but the model has 2"),
+    ({"layers": [0, 9]}, "parameters.layers names layers [9], but the model has 2"),  # the YAML's terms
     ({"think_open": "<thinking>"}, "think-open token '<thinking>' is not a single token of the tokenizer"),
     ({"target_modules": ["foo_proj"]}, "['foo_proj'] match no linear module"),
     ({"max_length": 8}, "no usable reasoning calibration samples"),  # found in merge(), exit 2 all the same
@@ -684,7 +689,7 @@ def test_config_errors_found_on_the_models_exit_2(triple, tmp_path, capsys, para
                                                                                   else {}))
     assert main([str(config), "--out", str(tmp_path / "out")]) == 2
     line = _one_error_line(capsys.readouterr().err)
-    assert expected in line and (not wide or line.startswith(f"rain-merge: error: {config}: ")), line
+    assert expected in line and line.startswith(f"rain-merge: error: {config}: "), line
     assert not (tmp_path / "out").exists()
 
 

@@ -296,6 +296,13 @@ def test_config_round_trip_and_validation(tmp_path):
     with pytest.raises(ConfigError, match="Unknown RainMergingConfig keys"):
         RainMergingConfig.from_dict({"lambda": 1})
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20 and parse_size(7) == 7
+    assert parse_size(5e9) == parse_size("5e9") == parse_size("5000000000") == 5 * 10**9  # YAML's ways to write it
+    for bad in (1.5, "1.5", "inf", float("nan")):
+        with pytest.raises(ConfigError, match="is not a size"):
+            parse_size(bad)
+    with pytest.raises(ConfigError, match=r"'linear' is mergekit's: a weighted average of whole models; the nearest "
+                                          r"here are 'task_arithmetic'"):
+        RainMergingConfig(method="linear")  # not dare_linear, which difflib would offer
 
 
 def test_lam_auto_is_for_rain_only():
