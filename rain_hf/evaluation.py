@@ -85,7 +85,9 @@ class ThinkSplit:
         thinking: the text inside the think block (stripped; an unclosed block runs to the end), ``None`` when
             the generation has no think tag at all and the prompt did not open a block. When the format is
             broken: all the text that is not the answer, its pieces between tags joined by newlines.
-        answer: the answer (stripped). When the format is broken: the text after the last think-close tag, up
+        answer: the answer, its leading whitespace removed and, where it runs to the end of the generation,
+            its trailing whitespace kept, as lm-eval's IFEval scores the text after the think-close token (a
+            trailing newline decides what its loose variant "without the last line" drops). When the format is broken: the text after the last think-close tag, up
             to a think-open tag that follows it, if there is one; else the text before an unclosed think-open tag
             (so empty when the generation opens a block and never closes it: thinking is not an answer); when
             there is no tag, the whole text, or nothing when the prompt opened the block
@@ -157,21 +159,22 @@ def split_generation(
         thinking = before.lstrip()
         if thinking.startswith(think_open):
             thinking = thinking[len(think_open) :]
-        answer = after.strip()
-        return ThinkSplit(thinking=thinking.strip(), answer=answer, format_ok=bool(answer))
+        answer = after.lstrip()
+        return ThinkSplit(thinking=thinking.strip(), answer=answer, format_ok=bool(answer.strip()))
     if n_close:
         before, _, after = text.rpartition(think_close)
         # a block opened again after the last close never ended: it is thinking, not answer
         answer, _, reopened = after.partition(think_open)
         thinking = _join_pieces((before, reopened), think_open, think_close)
-        return ThinkSplit(thinking=thinking, answer=answer.strip(), format_ok=False)
+        # an answer that a reopened block ends is cut at a tag; one that runs to the end is scored as written
+        return ThinkSplit(thinking=thinking, answer=answer.strip() if reopened else answer.lstrip(), format_ok=False)
     if prompt_ends_with_open:  # the block the prompt opened was never closed: all of it is thinking
         return ThinkSplit(thinking=_join_pieces((text,), think_open, think_close), answer="", format_ok=False)
     if n_open:  # an unclosed block runs to the end: only what precedes it can be an answer
         before, _, after = text.partition(think_open)
         return ThinkSplit(thinking=_join_pieces((after,), think_open, think_close), answer=before.strip(),
                           format_ok=False)
-    return ThinkSplit(thinking=None, answer=text.strip(), format_ok=False)
+    return ThinkSplit(thinking=None, answer=text.lstrip(), format_ok=False)
 
 
 def _join_pieces(texts: Sequence[str], think_open: str, think_close: str) -> str:
@@ -202,6 +205,19 @@ def warn_if_opened_by_prompt(generations: Sequence[str], think_open: str = "<thi
     return True
 
 
+def warn_if_no_think_tags(generations: Sequence[str], think_open: str = "<think>",
+                          think_close: str = "</think>") -> bool:
+    """Warn (and return True) when no generation holds a think tag: text decoded with ``skip_special_tokens=True``
+    has lost them where they are special tokens (R1-Distill, QwQ), and would be scored as all answer, all broken
+    format; a model that does not think at all reads the same."""
+    if len(generations) == 0 or any(think_open in g or think_close in g for g in generations):
+        return False
+    logger.warning("None of the %d generations holds %s or %s: a model that does not think, or text decoded with "
+                   "skip_special_tokens=True, which drops the think tokens where they are special tokens (decode "
+                   "with skip_special_tokens=False).", len(generations), think_open, think_close)
+    return True
+
+
 def think_format_rate(
     generations: Sequence[str],
     think_open: str = "<think>",
@@ -217,6 +233,7 @@ def think_format_rate(
     if len(generations) == 0:  # not `not generations`: a numpy array or pandas Series has no truth value
         raise ValueError("think_format_rate needs at least one generation.")
     warn_if_opened_by_prompt(generations, think_open, think_close, prompt_ends_with_open)
+    warn_if_no_think_tags(generations, think_open, think_close)
     ok = sum(
         split_generation(g, think_open, think_close, prompt_ends_with_open=prompt_ends_with_open).format_ok
         for g in generations
@@ -410,7 +427,8 @@ def _build_checker(
 ):
     """Instantiate one IFEval checker (prompt passed to the checkers that read it).
 
-    Kwargs with a ``None`` value are dropped, as the IFEval data pads every record with all keys. lm-eval drops
+    Kwargs with a ``None`` value are dropped, as the IFEval data pads every record with all keys, and so are
+    empty strings (which lm-eval drops too, and which would make checks such as ``end_phrase`` pass on any text). lm-eval drops
     every falsy value instead; for a ``0`` (e.g. ``let_frequency``) that makes its checker draw a random number,
     so a 0 is kept here. A missing argument is an error rather than a random draw, and so is an unknown one. A
     value the checker cannot use (IFEval's own data asks for the letter ``"#"`` twice; an empty keyword list) makes
@@ -421,7 +439,7 @@ def _build_checker(
         raise ValueError(f"Unknown IFEval instruction id {instruction_id!r}; known ids: {sorted(registry)}")
     checker = registry[instruction_id](instruction_id)
     arg_keys = checker.get_instruction_args_keys() or []
-    clean = {k: v for k, v in (kwargs or {}).items() if v is not None}
+    clean = {k: v for k, v in (kwargs or {}).items() if v is not None and not (isinstance(v, str) and not v.strip())}
     if "prompt_to_repeat" in arg_keys and not clean.get("prompt_to_repeat"):
         # the whole prompt holds the repeat instruction itself, which IFEval's request to repeat leaves out
         raise ValueError(f"{instruction_id} needs the kwarg 'prompt_to_repeat' (the request to repeat, without the "

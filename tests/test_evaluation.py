@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -135,7 +136,7 @@ def model() -> Qwen2ForCausalLM:
     "text, thinking, answer, ok",
     [
         ("<think>2+3=5</think>The answer is 5.", "2+3=5", "The answer is 5.", True),
-        ("  \n<think>\nplan\n</think>\n\n answer \n", "plan", "answer", True),
+        ("  \n<think>\nplan\n</think>\n\n answer \n", "plan", "answer \n", True),  # trailing kept, as lm-eval
         ("<think></think>answer", "", "answer", True),
         ("<think>plan and answer", "plan and answer", "", False),  # never closed: all thinking, no answer
         ("Sure. <think>plan", "plan", "Sure.", False),  # an unclosed block after some text
@@ -433,6 +434,32 @@ def test_instruction_following_matches_lm_eval_reference(no_nltk_download):
             ours["loose_per_instruction"][0]
             == lm_ifeval.test_instruction_following_loose(inp, answer).follow_instruction_list
         )
+
+
+def test_an_answer_is_scored_as_lm_eval_scores_the_text_after_think_close(no_nltk_download):
+    """lm-eval strips only the leading whitespace after </think>: a trailing newline makes the loose variant
+    "without the last line" drop an empty line, not the comma's."""
+    ev.ensure_nltk_data()
+    generation = "<think>Plan.</think>\n\nhello world\nHope this helps, friend!\n"
+    answer = ev.split_generation(generation).answer
+    assert answer == "hello world\nHope this helps, friend!\n"
+    scores = ev.instruction_following([answer], ["p"], [["punctuation:no_comma"]], [[{}]])
+    assert scores["prompt_loose"] == 0.0  # lm-eval's verdict; the stripped answer passed (its last line dropped)
+    assert ev.instruction_following([answer.strip()], ["p"], [["punctuation:no_comma"]], [[{}]])["prompt_loose"] == 1
+    # an empty string is no argument: end_phrase "" would pass on any text
+    with pytest.raises(ValueError, match=r"startend:end_checker needs the kwargs \['end_phrase'\]"):
+        ev.instruction_following(["one two"], ["p"], [["startend:end_checker"]], [[{"end_phrase": " "}]])
+
+
+def test_generations_without_think_tags_are_warned_about(caplog):
+    with caplog.at_level(logging.WARNING, logger="rain_hf.evaluation"):
+        assert ev.think_format_rate(["plan, so: 5", "5"]) == 0.0
+    assert "None of the 2 generations holds <think> or </think>" in caplog.text
+    assert "skip_special_tokens=False" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rain_hf.evaluation"):
+        ev.think_format_rate(["<think>a</think>b", "5"])
+    assert "None of" not in caplog.text
 
 
 def test_instruction_following_on_answer_part_only():
@@ -1013,6 +1040,15 @@ def test_evaluate_load_offline(offline):
                            kwargs=[["{'end_phrase': 'two'}"]])
         except ValueError as exc:
             extra["bad_json"] = str(exc)
+        end = [["startend:end_checker"]]
+        # a row as one JSON list string, as CSV and parquet exports of IFEval store it
+        extra["json_row"] = metric.compute(predictions=["<think>a</think>one two"], prompts=["p"],
+                                           instruction_id_list=end, kwargs=['[{"end_phrase": "two"}]'])
+        for name, rows in (("dict_row", [{"end_phrase": "two"}]), ("none_row", [None]), ("int_item", [["5"]])):
+            try:
+                metric.compute(predictions=["one two"], prompts=["p"], instruction_id_list=end, kwargs=rows)
+            except ValueError as exc:
+                extra[name] = str(exc)
         print("RESULT" + json.dumps(out))
         print("EXTRA" + json.dumps(extra))
         """
@@ -1043,6 +1079,11 @@ def test_evaluate_load_offline(offline):
     assert "2 predictions but 1 kwargs lists" in extra["mismatch"]
     assert "startend:end_checker needs the kwargs ['end_phrase']" in extra["no_kwargs"]
     assert extra["bad_json"].startswith("kwargs[0][0] is not valid JSON (Expecting property name enclosed in double")
+    assert extra["json_row"]["prompt_strict"] == 1.0
+    shape = ": each row of kwargs is a list with one dict (or JSON object string, or None) per instruction id"
+    assert extra["dict_row"].startswith("kwargs[0] is a dict" + shape), extra["dict_row"]
+    assert extra["none_row"].startswith("kwargs[0] is a NoneType" + shape), extra["none_row"]
+    assert extra["int_item"].startswith("kwargs[0][0] is a int (5)" + shape), extra["int_item"]
 
 
 def test_kl_rows_masked_tokens_add_nothing():

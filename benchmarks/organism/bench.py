@@ -98,7 +98,7 @@ class Settings:
     spacing: tuple[str, str, str] | None = ("", "", "")
     r1_spacing_row: bool = True  # one RAIN row with rain_hf's default R1 spacing, for comparison
     prompts_only_row: bool = True
-    training_check: bool = True  # regenerate the ≈35k training prompts for the disjointness check (≈10 s)
+    training_check: bool = True  # regenerate the ≈49k training prompts for the disjointness check (≈10 s)
     shared_note: bool = True  # tokenize ../shared/calibration to report why it is not used
     plot: bool = True
     # The paper's setting: R1-distill templates end the prompt with <think>, and the reasoning calibration is
@@ -937,8 +937,8 @@ def summary_lines(rows: Sequence[Row], info: dict[str, Any]) -> list[str]:
     auto = info.get("auto")
     if auto:
         best = best_constrained(rows)["rain_both"]
-        out.append(f"lam='auto' picked λ={auto['lam']:g}{_edge_text(auto)} (L_think ≤ {auto['max_kl']}{_guard(auto)} "
-                   "on held-out calibration); "
+        out.append(f"lam='auto' picked λ={auto['lam']:g}{_edge_text(auto)} (L_think ≤ {auto['max_kl']} "
+                   f"on held-out calibration{_guard(auto)}); "
                    f"best RAIN 1+2 λ on test prompts: {best.lam:g}" if best else
                    f"lam='auto' picked λ={auto['lam']:g}; no RAIN 1+2 λ is feasible on test prompts")
         out.append("  auto search (λ: held-out L_think at the stage-1 positions from the `<think>` decision to "
@@ -973,7 +973,9 @@ def _edge_text(record: dict[str, Any]) -> str:
 
 def _guard(auto: dict[str, Any]) -> str:
     """The think-open condition of a lam='auto' record ('' for records made before it existed, or with it off)."""
-    return "" if auto.get("min_think_open") is None else f", think-open share ≥ {auto['min_think_open']}"
+    # the share is taken on the held-out reasoning prompts and the instruction set's (which stage 2 reads)
+    return ("" if auto.get("min_think_open") is None else
+            f", think-open share ≥ {auto['min_think_open']} on calibration prompts")
 
 
 def _search_text(auto: dict[str, Any]) -> str:

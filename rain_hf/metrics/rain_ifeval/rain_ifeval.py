@@ -15,11 +15,17 @@ An ``evaluate`` metric module. Load it offline from its folder:
 """
 
 import json
+from collections.abc import Mapping
 
 import datasets
 import evaluate
 
-from rain_hf.evaluation import instruction_following, split_generation, warn_if_opened_by_prompt
+from rain_hf.evaluation import (
+    instruction_following,
+    split_generation,
+    warn_if_no_think_tags,
+    warn_if_opened_by_prompt,
+)
 
 _DESCRIPTION = """
 IFEval instruction-following accuracy of generations from reasoning models. Each prediction is split into its
@@ -76,15 +82,34 @@ _CITATION = """
 """
 
 
+_ROW_SHAPE = ("each row of kwargs is a list with one dict (or JSON object string, or None) per instruction id of "
+              "its prediction")
+
+
+def _as_row(row, index):
+    """One prediction's kwargs list; a whole row given as one JSON list string (as CSV and parquet exports of
+    IFEval store it) is read as that list."""
+    if isinstance(row, str):
+        try:
+            row = json.loads(row)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"kwargs[{index}] is a string that is not a JSON list ({err}): {_ROW_SHAPE}.") from None
+    if not isinstance(row, (list, tuple)):
+        raise ValueError(f"kwargs[{index}] is a {type(row).__name__}: {_ROW_SHAPE}.")
+    return row
+
+
 def _as_kwargs(item, row, column):
-    """One instruction's kwargs: a dict, a JSON string, or None."""
+    """One instruction's kwargs: a dict, a JSON object string, or None."""
     if item is None:
         return {}
     if isinstance(item, str):
         try:
-            return json.loads(item) if item.strip() else {}
+            item = json.loads(item) if item.strip() else {}
         except json.JSONDecodeError as err:
             raise ValueError(f"kwargs[{row}][{column}] is not valid JSON ({err}): {item!r}") from None
+    if not isinstance(item, Mapping):
+        raise ValueError(f"kwargs[{row}][{column}] is a {type(item).__name__} ({item!r}): {_ROW_SHAPE}.")
     return dict(item)
 
 
@@ -122,8 +147,10 @@ class RainIfeval(evaluate.Metric):
             kwargs = [[{} for _ in ids] for ids in instruction_id_list]
         if len(kwargs) != len(predictions):
             raise ValueError(f"{len(predictions)} predictions but {len(kwargs)} kwargs lists")
-        kwargs = [[_as_kwargs(item, i, j) for j, item in enumerate(row)] for i, row in enumerate(kwargs)]
+        kwargs = [[_as_kwargs(item, i, j) for j, item in enumerate(_as_row(row, i))] for i, row in enumerate(kwargs)]
         warn_if_opened_by_prompt(predictions, think_open, think_close, prompt_ends_with_open)
+        if split_thinking:
+            warn_if_no_think_tags(predictions, think_open, think_close)
         splits = [split_generation(p, think_open, think_close, prompt_ends_with_open) for p in predictions]
         answers = [s.answer for s in splits] if split_thinking else list(predictions)
         scores = instruction_following(answers, prompts, instruction_id_list, kwargs)
