@@ -454,11 +454,20 @@ def build_epilog(width: int = 100) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
+    _argv: list[str] = []
+
+    def parse_args(self, args=None, namespace=None):  # the command line, for the hints of error()
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_args(args, namespace)
+
     def error(self, message: str) -> NoReturn:  # one line instead of usage + error
         if message.startswith("unrecognized arguments: "):
             extra = message.removeprefix("unrecognized arguments: ").split()
-            folders = [a for a in extra if not a.startswith("-")]
-            if folders:  # mergekit-yaml's habit: `mergekit-yaml config.yml out/`
+            # a word after an unknown --flag is that flag's value, not a folder
+            folders = [a for i, a in enumerate(extra) if not a.startswith("-")
+                       and not (i and extra[i - 1].startswith("-") and "=" not in extra[i - 1])]
+            has_out = any(a == "--out" or a.startswith("--out=") for a in self._argv)
+            if folders and not has_out:  # mergekit-yaml's habit: `mergekit-yaml config.yml out/`
                 message += f"; the output folder is an option here: --out {folders[0]}"
             if "--cuda" in extra:  # mergekit-yaml's flag
                 message += "; for a GPU pass --device cuda"
@@ -576,19 +585,28 @@ def yaml_terms(message: str) -> str:
         >>> yaml_terms("set RainMergingConfig(stage2=False), config.layers or device='cpu' (config.json)")
         'set parameters.stage2: False, parameters.layers or --device cpu (config.json)'
     """
+    def key(name: str) -> str:  # method is a top-level key of the YAML
+        return name if name == "method" else f"parameters.{name}"
+
     def call(match: re.Match) -> str:
         name, value = match.group(1), match.group(2)
-        return f"parameters.{name}: {value.strip(chr(39))}" if name in _FIELDS else match.group(0)
+        return f"{key(name)}: {value.strip(chr(39))}" if name in _FIELDS else match.group(0)
 
-    message = re.sub(r"\bRainMergingConfig\((\w+)=([^()]*)\)", call, message)
-    message = re.sub(r"(?<![\w.])(?:merger\.)?(?:RainMergingConfig|config)\.(\w+)",
-                     lambda m: f"parameters.{m.group(1)}" if m.group(1) in _FIELDS else m.group(0), message)
+    # one setting only: a call with several is Python code, left as written
+    message = re.sub(r"\bRainMergingConfig\((\w+)=([^(),]*)\)", call, message)
+    # not inside a path (/data/config.layers/)
+    message = re.sub(r"(?<![\w./\\])(?:merger\.)?(?:RainMergingConfig|config)\.(\w+)",
+                     lambda m: key(m.group(1)) if m.group(1) in _FIELDS else m.group(0), message)
     return re.sub(r"\bdevice='([\w:]+)'", r"--device \1", message)
 
 
 class _YamlTerms(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = yaml_terms(record.getMessage()), None
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a formatting mistake is the handler's to report, as logging does
+            return True
+        record.msg, record.args = yaml_terms(message), None
         return True
 
 

@@ -164,10 +164,10 @@ def split_generation(
     if n_close:
         before, _, after = text.rpartition(think_close)
         # a block opened again after the last close never ended: it is thinking, not answer
-        answer, _, reopened = after.partition(think_open)
+        answer, tag, reopened = after.partition(think_open)
         thinking = _join_pieces((before, reopened), think_open, think_close)
         # an answer that a reopened block ends is cut at a tag; one that runs to the end is scored as written
-        return ThinkSplit(thinking=thinking, answer=answer.strip() if reopened else answer.lstrip(), format_ok=False)
+        return ThinkSplit(thinking=thinking, answer=answer.strip() if tag else answer.lstrip(), format_ok=False)
     if prompt_ends_with_open:  # the block the prompt opened was never closed: all of it is thinking
         return ThinkSplit(thinking=_join_pieces((text,), think_open, think_close), answer="", format_ok=False)
     if n_open:  # an unclosed block runs to the end: only what precedes it can be an answer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -87,6 +88,22 @@ def test_usage_errors_are_one_line(capsys):
     assert main(["x.yaml", "merged/", "--cuda"]) == 2  # mergekit-yaml's positional output folder and GPU flag
     assert ("unrecognized arguments: merged/ --cuda; the output folder is an option here: --out merged/; for a GPU "
             "pass --device cuda") in _one_error_line(capsys.readouterr().err)
+    for argv in (["x.yaml", "--random-seed", "3"], ["x.yaml", "--out", "o", "extra/"]):  # a flag's value; --out given
+        assert main(argv) == 2
+        assert "the output folder is an option" not in _one_error_line(capsys.readouterr().err), argv
+
+
+def test_library_messages_in_the_yaml_terms():
+    from rain_hf.cli import _YamlTerms, yaml_terms
+
+    assert yaml_terms("config.layers names layers [5]; set RainMergingConfig(stage2=False) or device='cpu'") == (
+        "parameters.layers names layers [5]; set parameters.stage2: False or --device cpu")
+    assert yaml_terms("RainMergingConfig.method='linear' is not one of") == "method='linear' is not one of"
+    for untouched in ("/data/config.layers/model.safetensors", "C:\\m\\config.lam", "config.json",
+                      "RainMergingConfig(stage2=False, lam=1.0)", "model.config.layers", "config.unknown_name"):
+        assert yaml_terms(untouched) == untouched
+    record = logging.LogRecord("rain_hf", logging.WARNING, __file__, 1, "%d modules", ("two",), None)
+    assert _YamlTerms().filter(record)  # a formatting mistake is left to the handler, as logging does
 
 
 # ---------------------------------------------------------------------------------------------- YAML errors

@@ -142,6 +142,7 @@ def model() -> Qwen2ForCausalLM:
         ("Sure. <think>plan", "plan", "Sure.", False),  # an unclosed block after some text
         ("<think>a</think>b<think>c</think>d", "a\nb\nc", "d", False),  # two blocks: pieces kept apart
         ("<think>a</think>  \n", "a", "", False),  # empty answer
+        ("<think>a</think>Answer. \n<think>", "a", "Answer.", False),  # cut at a tag that opens an empty block
         ("intro <think>a</think>b", "intro\na", "b", False),  # block not first
         ("just an answer", None, "just an answer", False),
     ],
@@ -1044,6 +1045,10 @@ def test_evaluate_load_offline(offline):
         # a row as one JSON list string, as CSV and parquet exports of IFEval store it
         extra["json_row"] = metric.compute(predictions=["<think>a</think>one two"], prompts=["p"],
                                            instruction_id_list=end, kwargs=['[{"end_phrase": "two"}]'])
+        import numpy as np  # IFEval read with pandas: each row a numpy array of dicts
+        extra["array_row"] = metric.compute(predictions=["<think>a</think>one two"], prompts=["p"],
+                                            instruction_id_list=end,
+                                            kwargs=[np.array([{"end_phrase": "two"}], dtype=object)])
         for name, rows in (("dict_row", [{"end_phrase": "two"}]), ("none_row", [None]), ("int_item", [["5"]])):
             try:
                 metric.compute(predictions=["one two"], prompts=["p"], instruction_id_list=end, kwargs=rows)
@@ -1079,7 +1084,7 @@ def test_evaluate_load_offline(offline):
     assert "2 predictions but 1 kwargs lists" in extra["mismatch"]
     assert "startend:end_checker needs the kwargs ['end_phrase']" in extra["no_kwargs"]
     assert extra["bad_json"].startswith("kwargs[0][0] is not valid JSON (Expecting property name enclosed in double")
-    assert extra["json_row"]["prompt_strict"] == 1.0
+    assert extra["json_row"]["prompt_strict"] == 1.0 and extra["array_row"]["prompt_strict"] == 1.0
     shape = ": each row of kwargs is a list with one dict (or JSON object string, or None) per instruction id"
     assert extra["dict_row"].startswith("kwargs[0] is a dict" + shape), extra["dict_row"]
     assert extra["none_row"].startswith("kwargs[0] is a NoneType" + shape), extra["none_row"]

@@ -94,9 +94,10 @@ def _as_row(row, index):
             row = json.loads(row)
         except json.JSONDecodeError as err:
             raise ValueError(f"kwargs[{index}] is a string that is not a JSON list ({err}): {_ROW_SHAPE}.") from None
-    if not isinstance(row, (list, tuple)):
+    # a list, a tuple, or a numpy array (IFEval read with pandas, or a datasets column in numpy format)
+    if row is None or isinstance(row, Mapping) or not hasattr(row, "__len__") or not hasattr(row, "__iter__"):
         raise ValueError(f"kwargs[{index}] is a {type(row).__name__}: {_ROW_SHAPE}.")
-    return row
+    return list(row)
 
 
 def _as_kwargs(item, row, column):
