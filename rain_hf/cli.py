@@ -579,7 +579,8 @@ _FIELDS = frozenset(f.name for f in dataclasses.fields(RainMergingConfig))
 def yaml_terms(message: str) -> str:
     """``message`` with the Python API's names for settings put as a rain-merge YAML writes them: the library's
     errors and warnings say ``config.layers`` or ``RainMergingConfig(stage2=False)``, and the YAML user needs
-    ``parameters.layers`` and ``parameters.stage2: False``; ``device='cpu'`` is the ``--device cpu`` flag.
+    ``parameters.layers`` and ``parameters.stage2: False``; ``device='cpu'`` is the ``--device cpu`` flag and
+    ``torch_dtype='float32'`` the ``dtype: float32`` key.
 
     Example:
         >>> yaml_terms("set RainMergingConfig(stage2=False), config.layers or device='cpu' (config.json)")
@@ -597,6 +598,7 @@ def yaml_terms(message: str) -> str:
     # not inside a path (/data/config.layers/)
     message = re.sub(r"(?<![\w./\\])(?:merger\.)?(?:RainMergingConfig|config)\.(\w+)",
                      lambda m: key(m.group(1)) if m.group(1) in _FIELDS else m.group(0), message)
+    message = re.sub(r"\btorch_dtype='(\w+)'", r"dtype: \1", message)  # the YAML's load dtype
     return re.sub(r"\bdevice='([\w:]+)'", r"--device \1", message)
 
 

@@ -428,7 +428,8 @@ def _build_checker(
     """Instantiate one IFEval checker (prompt passed to the checkers that read it).
 
     Kwargs with a ``None`` value are dropped, as the IFEval data pads every record with all keys, and so are
-    empty strings (which lm-eval drops too, and which would make checks such as ``end_phrase`` pass on any text). lm-eval drops
+    empty or whitespace-only strings (lm-eval drops the empty ones; either would make checks such as ``end_phrase``
+    pass on any text). lm-eval drops
     every falsy value instead; for a ``0`` (e.g. ``let_frequency``) that makes its checker draw a random number,
     so a 0 is kept here. A missing argument is an error rather than a random draw, and so is an unknown one. A
     value the checker cannot use (IFEval's own data asks for the letter ``"#"`` twice; an empty keyword list) makes

@@ -99,6 +99,7 @@ def test_library_messages_in_the_yaml_terms():
     assert yaml_terms("config.layers names layers [5]; set RainMergingConfig(stage2=False) or device='cpu'") == (
         "parameters.layers names layers [5]; set parameters.stage2: False or --device cpu")
     assert yaml_terms("RainMergingConfig.method='linear' is not one of") == "method='linear' is not one of"
+    assert yaml_terms("load with torch_dtype='float32'") == "load with dtype: float32"
     for untouched in ("/data/config.layers/model.safetensors", "C:\\m\\config.lam", "config.json",
                       "RainMergingConfig(stage2=False, lam=1.0)", "model.config.layers", "config.unknown_name"):
         assert yaml_terms(untouched) == untouched

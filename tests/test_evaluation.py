@@ -145,6 +145,8 @@ def model() -> Qwen2ForCausalLM:
         ("<think>a</think>Answer. \n<think>", "a", "Answer.", False),  # cut at a tag that opens an empty block
         ("intro <think>a</think>b", "intro\na", "b", False),  # block not first
         ("just an answer", None, "just an answer", False),
+        ("just an answer \n", None, "just an answer \n", False),  # runs to the end: trailing whitespace kept
+        ("<think>a</think>b<think>c</think>d\n", "a\nb\nc", "d\n", False),
     ],
 )
 def test_split_generation_free_template(text, thinking, answer, ok):
@@ -1045,6 +1047,7 @@ def test_evaluate_load_offline(offline):
         # a row as one JSON list string, as CSV and parquet exports of IFEval store it
         extra["json_row"] = metric.compute(predictions=["<think>a</think>one two"], prompts=["p"],
                                            instruction_id_list=end, kwargs=['[{"end_phrase": "two"}]'])
+        metric.compute(predictions=["hello world"], prompts=["p"], instruction_id_list=ids)  # warns: no tag
         import numpy as np  # IFEval read with pandas: each row a numpy array of dicts
         extra["array_row"] = metric.compute(predictions=["<think>a</think>one two"], prompts=["p"],
                                             instruction_id_list=end,
@@ -1085,6 +1088,7 @@ def test_evaluate_load_offline(offline):
     assert "startend:end_checker needs the kwargs ['end_phrase']" in extra["no_kwargs"]
     assert extra["bad_json"].startswith("kwargs[0][0] is not valid JSON (Expecting property name enclosed in double")
     assert extra["json_row"]["prompt_strict"] == 1.0 and extra["array_row"]["prompt_strict"] == 1.0
+    assert "None of the 1 generations holds <think> or </think>" in proc.stderr
     shape = ": each row of kwargs is a list with one dict (or JSON object string, or None) per instruction id"
     assert extra["dict_row"].startswith("kwargs[0] is a dict" + shape), extra["dict_row"]
     assert extra["none_row"].startswith("kwargs[0] is a NoneType" + shape), extra["none_row"]

@@ -40,12 +40,15 @@ _KWARGS_DESCRIPTION = """
 Args:
     predictions (list of str): generated completions (prompt excluded, think tags kept, end-of-turn and padding
         tokens cut off: a trailing <|im_end|> is part of the answer the checkers read, and fails json_format or
-        end_checker; rain_hf.evaluation.generate cuts them).
+        end_checker; rain_hf.evaluation.generate cuts them). Decode with skip_special_tokens=False: where the think
+        tags are special tokens, True drops them (warned when no prediction holds a tag). The answer is scored as
+        lm-eval scores the text after the think-close tag: leading whitespace removed, trailing kept.
     prompts (list of str): the prompts (given to checkers whose arguments take a prompt;
         combination:repeat_prompt reads its own prompt_to_repeat kwarg).
     instruction_id_list (list of list of str): IFEval instruction ids per prediction.
-    kwargs (list of list of dict, or list of list of JSON str): one kwargs dict per instruction id, as in the IFEval
-        data set (keys with None values are dropped). Pass it to `compute` (it is not an Arrow feature, so it does
+    kwargs (list of list of dict, JSON object str or None): one kwargs dict per instruction id, as in the IFEval
+        data set (keys with None values, empty or whitespace-only strings are dropped); a row may also be one JSON
+        list string or a numpy array, as CSV, parquet or pandas give IFEval's column. Pass it to `compute` (it is not an Arrow feature, so it does
         not go through `add_batch`). It may be left out only when no instruction takes arguments: a missing
         argument (a word limit, a keyword …) is an error, not a random draw as in lm-eval.
     think_open (str): think-open tag, default "<think>".
