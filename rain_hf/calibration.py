@@ -1399,6 +1399,7 @@ def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limi
         # Arrow schema gives every nested record every key, filled with None)
         canonical = json.dumps(_without_nulls(records), sort_keys=True, ensure_ascii=False, default=str).encode()
         stats.update(num_records=len(records), num_samples=len(samples), num_malformed=len(failures),
+                     num_generated=len(made_all),
                      malformed=[{"index": i, "reason": r} for i, r in failures],
                      sha256=hashlib.sha256(canonical).hexdigest())
     return samples

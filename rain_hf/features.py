@@ -400,13 +400,18 @@ class ThinkFeatures:
         """Refuse features computed with other position settings or sample cap, for other modules, (for
         ``lam="auto"``) with another held-out draw, or (when their bases will project, ``projects``) by an SVD in
         another precision or too coarse for ``config.rcond``."""
+        # the generation settings are recorded only for features of samples whose traces the model wrote
         for key in ("positions", "window", "project_bias", "think_open", "think_close", "think_spacing",
-                    "max_length", "max_reasoning_samples"):
+                    "max_length", "max_reasoning_samples", "max_new_tokens", "do_sample", "temperature", "top_p",
+                    "generation_seed"):
             if key == "window" and config.positions not in ("window", "window-before-answer"):
                 continue  # the radius plays no part in the other position sets
-            if key in self.settings and self.settings[key] != getattr(config, key):
-                raise ValueError(f"These thinking features were computed with {key}={self.settings[key]!r} but the "
-                                 f"config asks for {getattr(config, key)!r}: recompute them or change the config.")
+            if key in ("temperature", "top_p", "generation_seed") and not config.do_sample:
+                continue  # greedy traces: do_sample itself says they differ
+            name = "seed" if key == "generation_seed" else key  # the seed the sampled traces were drawn with
+            if key in self.settings and self.settings[key] != getattr(config, name):
+                raise ValueError(f"These thinking features were computed with {name}={self.settings[key]!r} but the "
+                                 f"config asks for {getattr(config, name)!r}: recompute them or change the config.")
         recorded = self.settings.get("precision")
         floor = RCOND_FLOOR.get(recorded)
         if projects and config.projection == "svd" and floor is not None and config.rcond < floor:

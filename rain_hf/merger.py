@@ -372,6 +372,11 @@ def input_folder_in(target: str | os.PathLike, sources: Mapping[str, ModelSource
     return None
 
 
+_NO_FINISHED_MERGE = ("Nothing to {what}: the model no longer holds a finished merge (compute_features() or reset() "
+                      "put the reasoning model's weights back, or a later merge() did not finish): call merge() "
+                      "again.")
+
+
 def zero_task_vector_effect(config: RainMergingConfig) -> str:
     """What ``config``'s merge does to modules whose instruct task vector is zero."""
     if config.method == "slerp" and config.slerp_t > 0:
@@ -532,6 +537,18 @@ class RainMerger:
         >>> print(merger.report)  # doctest: +SKIP
     """
 
+    @property
+    def features(self) -> ThinkFeatures | None:
+        """The stage-1 thinking features the next merge projects with (see :meth:`compute_features`)."""
+        return self._features
+
+    @features.setter
+    def features(self, features: ThinkFeatures | None) -> None:
+        # features set by hand are treated as features passed to from_pretrained: the samples and calibration
+        # record of earlier computed ones would otherwise make a merge of neither (sequential on the old samples)
+        self._features, self._given_features = features, features
+        self._stage1_samples, self._features_calibration = None, None
+
     def __init__(self, plan: MergePlan, model, tokenizer, reasoning: LazyCheckpoint, base: LazyCheckpoint,
                  instruct, device: torch.device, features: ThinkFeatures | None = None) -> None:
         self.plan = plan
@@ -544,7 +561,7 @@ class RainMerger:
         self.base = base
         self.instruct = instruct
         self.device = device
-        self.features = features
+        self._features = features
         self._given_features = features  # from from_pretrained(features=...): replacing them is said
         self._stage1_samples: list[CalibrationSample] | None = None  # kept for config.sequential
         self._spacing_warnings: list[str] = []  # of the last reasoning set prepared, kept with its features
@@ -558,6 +575,7 @@ class RainMerger:
         self._merged_config: RainMergingConfig | None = None  # the config of the merge the model now holds
         self.merged = False
         self._touched = False  # whether any merged module holds other weights than the reasoning model's
+        self._generated_traces = 0  # how many samples of the last calibration set read the model generated
         self._task_vector_seen = False  # whether this merge read a nonzero instruct task vector
         self._fingerprint: str | None = None
         self._param_map: dict[str, torch.nn.Parameter] | None = None
@@ -890,6 +908,7 @@ class RainMerger:
         prepare = prepare_reasoning_calibration if kind == "reasoning" else prepare_instruction_calibration
         stats: dict[str, Any] = {}
         samples = prepare(data, self.tokenizer, self.config, model=self.model, stats=stats)
+        self._generated_traces = int(stats.get("num_generated") or 0)  # the model wrote some samples' traces
         if kind == "reasoning" and not self._touched:  # the reasoning model's own predictions
             self._spacing_warnings = self._check_think_spacing(samples)
             for warning in self._spacing_warnings:
@@ -998,12 +1017,16 @@ class RainMerger:
                                  tokenizer_digest=self._tokenizer_digest(),
                                  loaded_dtype=str(self.model.dtype).replace("torch.", ""),
                                  spacing_warnings=list(self._spacing_warnings))
+        if self._generated_traces:  # traces the model wrote depend on how it generated them
+            features.settings.update(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample)
+            if cfg.do_sample:
+                features.settings.update(temperature=cfg.temperature, top_p=cfg.top_p, generation_seed=cfg.seed)
         features.heldout = self._think_rows(heldout)
         calibration = copy.deepcopy(self.calibration_info["reasoning"])
         if heldout:
             features.settings.update(holdout_share=cfg.lam_auto_holdout, holdout_seed=cfg.seed)
             calibration["num_held_out"] = len(heldout)  # measured L_think, not projected
-        self.features, self._stage1_samples, self._features_calibration = features, samples, calibration
+        self._features, self._stage1_samples, self._features_calibration = features, samples, calibration
         self.calibration_info["reasoning"] = copy.deepcopy(calibration)
         self.report.timings["stage1_features"] = time.perf_counter() - start
         return self.features
@@ -1631,7 +1654,11 @@ class RainMerger:
 
     # ------------------------------------------------------------------ saving
     def sidecar(self) -> dict[str, Any]:
-        """The content of ``rain_merging_config.json``: config, inputs, versions, report."""
+        """The content of ``rain_merging_config.json``: config, inputs, versions, report (before any merge, of the
+        merger's config; refused once a merge was made but the model no longer holds it)."""
+        if not self.merged and self._merged_config is not None:
+            # the last finished merge's config beside a failed merge's report and calibration would describe neither
+            raise RuntimeError(_NO_FINISHED_MERGE.format(what="describe"))
         import huggingface_hub
         import peft
         import safetensors
@@ -1730,9 +1757,7 @@ class RainMerger:
         if not self.merged:
             if self._merged_config is None:
                 raise RuntimeError("Nothing to save yet: call merge() first.")
-            raise RuntimeError("Nothing to save: the model no longer holds a finished merge (compute_features() or "
-                               "reset() put the reasoning model's weights back, or a later merge() did not finish): "
-                               "call merge() again.")
+            raise RuntimeError(_NO_FINISHED_MERGE.format(what="save"))
         edited = [k for k, v in vars(self._merged_config).items()
                   if k not in _SAVE_FIELDS and _as_list(getattr(self.config, k)) != _as_list(v)]
         if edited:

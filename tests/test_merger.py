@@ -631,12 +631,20 @@ def test_features_reused_from_memory_and_disk(qwen2, tmp_path):
     for (k, v), (k2, v2) in zip(first.model.named_parameters(), again.model.named_parameters()):
         assert k == k2 and torch.equal(v, v2)
     assert "stage1_features" not in again.report.timings
+    # features set by hand replace the computed ones whole: not the old samples' sequential form with them
+    other = _merger(qwen2, lam=1.0, stage2=False)
+    other.compute_features(reasoning_records(5))
+    other.features = ThinkFeatures.load(path)
+    other.merge()
+    for (k, v), (k2, v2) in zip(first.model.named_parameters(), other.model.named_parameters()):
+        assert k == k2 and torch.equal(v, v2)
     again.merge(reasoning_records())  # data given to merge() replaces the features given: said, not silent
     assert any("features passed to from_pretrained(features=...) are replaced" in w for w in again.report.warnings)
     loaded = ThinkFeatures.load(path)
     with pytest.raises(ValueError, match="positions"):
         loaded.check_compatible(RainMergingConfig(positions="think"), [])
     assert loaded.settings["loaded_dtype"] == "float32" and len(loaded.settings["tokenizer_digest"]) == 16
+    assert "max_new_tokens" not in loaded.settings  # traces given, none generated: how to generate plays no part
     # a damaged file is refused when it is loaded, naming it, not with an internal error half way into a merge
     from safetensors import safe_open
 
@@ -1627,6 +1635,17 @@ def test_prompt_only_calibration_is_completed_by_the_reasoning_model(organism_ro
     info = merger.sidecar()["calibration"]["reasoning"]
     assert info["num_samples"] == 8 and info["num_malformed"] == 0
     assert merger.features.settings["num_samples"] == 8
+    # the traces the model wrote depend on how it generated them: reused features must have been made so
+    assert (merger.features.settings["max_new_tokens"], merger.features.settings["do_sample"]) == (96, False)
+    assert "temperature" not in merger.features.settings  # greedy: the sampling settings play no part
+    merger.config.temperature = 0.9
+    merger.merge()  # still greedy: the same traces
+    merger.config.max_new_tokens = 64
+    with pytest.raises(ValueError, match="computed with max_new_tokens=96 but the config asks for 64"):
+        merger.merge()
+    merger.config.max_new_tokens, merger.config.do_sample = 96, True
+    with pytest.raises(ValueError, match="computed with do_sample=False"):
+        merger.merge()
 
 
 def test_a_think_spacing_the_reasoning_model_does_not_write_is_warned_about(organism_root, qwen2, tmp_path):
@@ -2405,6 +2424,8 @@ def test_an_interrupted_restore_leaves_nothing_to_save(qwen2, tmp_path, monkeypa
     assert not merger.merged
     with pytest.raises(RuntimeError, match=r"no longer holds a finished merge .*or a later merge\(\) did not finish"):
         merger.save_pretrained(tmp_path / "mixed")
+    with pytest.raises(RuntimeError, match=r"Nothing to describe: the model no longer holds a finished merge"):
+        merger.sidecar()  # the last merge's config beside the failed one's report would describe neither
 
 
 def test_compute_features_after_a_merge_says_it_undoes_it(qwen2, tmp_path, caplog):
