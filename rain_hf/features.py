@@ -504,13 +504,14 @@ class ThinkFeatures:
         return cls(bases, module_group, settings, heldout)
 
 
-def _register_all(pairs: Sequence[tuple[nn.Module, Any]], pre: bool) -> list[Any]:
+def _register_all(pairs: Sequence[tuple[nn.Module, Any]], pre: bool, with_kwargs: bool = False) -> list[Any]:
     """Register each (module, hook) as a forward pre-hook (``pre``) or forward hook; all of them or none: a failure
     part way removes the ones already registered, so no hook outlives a failed call."""
     handles: list[Any] = []
     try:
         for module, hook in pairs:
-            handles.append(module.register_forward_pre_hook(hook) if pre else module.register_forward_hook(hook))
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=with_kwargs) if pre else
+                           module.register_forward_hook(hook, with_kwargs=with_kwargs))
     except BaseException:
         for handle in handles:
             handle.remove()
@@ -755,8 +756,8 @@ class LayerReplay:
             return hook
 
         decoder = _decoder(model)  # before the hooks (see capture_think_features)
-        handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in
-                   enumerate(self.layers)]
+        handles = _register_all([(layer, record(i)) for i, layer in enumerate(self.layers)], pre=True,
+                                with_kwargs=True)
         try:
             with eval_mode(model):
                 for batch in _batches(samples, config.batch_size):

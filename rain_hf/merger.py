@@ -18,7 +18,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
@@ -372,6 +372,18 @@ def input_folder_in(target: str | os.PathLike, sources: Mapping[str, ModelSource
     return None
 
 
+_NEEDS_FEATURES = ("Stage 1 needs thinking features: pass reasoning_calibration=..., or features=... to "
+                   "from_pretrained, or set RainMergingConfig(stage1=False).")
+_NO_HELDOUT = ("lam='auto' measures L_think on reasoning calibration samples held out of stage 1, and these thinking "
+               "features were computed without any (with a numeric lam): pass reasoning_calibration=... to merge(), "
+               "or set lam to a number.")
+_SEQUENTIAL_NEEDS_SAMPLES = ("sequential=True captures thinking features on the partly merged model, so it needs the "
+                             "reasoning calibration samples, not only precomputed features: pass "
+                             "reasoning_calibration=... to merge(), or leave sequential unset.")
+_AUTO_NEEDS_SAMPLES = ("lam='auto' measures L_think on reasoning calibration samples: pass reasoning_calibration=... "
+                       "to merge(), or set lam to a number.")
+_NEEDS_INSTRUCTIONS = ("Stage 2 needs instruction calibration data: pass instruction_calibration=... or set "
+                       "RainMergingConfig(stage2=False).")
 _NO_FINISHED_MERGE = ("Nothing to {what}: the model no longer holds a finished merge (compute_features() or reset() "
                       "put the reasoning model's weights back, or a later merge() did not finish): call merge() "
                       "again.")
@@ -1202,6 +1214,18 @@ class RainMerger:
                 self._refuse_non_finite(key, merged)
                 self._write_param(key, merged.to(self._output_dtype(key)))
 
+    @contextlib.contextmanager
+    def _reset_after(self) -> Iterator[None]:
+        """Put the reasoning model back after the block (a probe or a λ search); when the block fails, a failing
+        reset must not hide why (as in :meth:`_undo_on_failure`)."""
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.reset()
+            raise
+        self.reset()
+
     def _undo_on_failure(self, final_pass: Callable[[], None]) -> None:
         """Run a merge's final pass over the weights; if it fails half way, put the reasoning model back (the model
         a merge returned must not hold a mix), and raise the failure itself."""
@@ -1343,6 +1367,7 @@ class RainMerger:
                               "and the think tokens are fixed by the plan: make a new RainMerger with that config.")
         settings_warnings = self.plan.config_warnings(cfg)  # its refusals before reset(): a finished merge is kept
         self._check_output_dtypes()  # output_dtype may have changed since the merger was made
+        self._refuse_missing_inputs(reasoning_calibration, instruction_calibration)  # before reset() too
         if self._touched:  # a finished merge, or one that failed half way
             self.reset()
         self._new_report(settings_warnings)
@@ -1383,8 +1408,7 @@ class RainMerger:
         heldout: list[tuple[list[int], list[int]]] = []  # lam="auto": where L_think is measured
         if cfg.lam == "auto" and not cfg.stage1:
             if reasoning_calibration is None:
-                raise ValueError("lam='auto' measures L_think on reasoning calibration samples: pass "
-                                 "reasoning_calibration=... to merge(), or set lam to a number.")
+                raise ValueError(_AUTO_NEEDS_SAMPLES)
             heldout = self._think_rows(self._prepare("reasoning", reasoning_calibration))
         if cfg.stage1:
             if reasoning_calibration is not None:
@@ -1401,17 +1425,14 @@ class RainMerger:
                     self.report.warnings.append(warning)  # found when the features were made
                     logger.warning(warning)
             if self.features is None:
-                raise ValueError("Stage 1 needs thinking features: pass reasoning_calibration=..., or features=... "
-                                 "to from_pretrained, or set RainMergingConfig(stage1=False).")
+                raise ValueError(_NEEDS_FEATURES)
             # the sequential form recomputes every basis in cfg.precision; only the one-shot projection and the
             # stage-2 probe project with these features' own
             self.features.check_compatible(cfg, [t.name for t in self.targets],
                                            projects=not self._sequential() or cfg.stage2)
             self._check_features_model()
             if cfg.lam == "auto" and not self.features.heldout:  # before stage 2's attention pass, not after
-                raise ValueError("lam='auto' measures L_think on reasoning calibration samples held out of stage 1, "
-                                 "and these thinking features were computed without any (with a numeric lam): pass "
-                                 "reasoning_calibration=... to merge(), or set lam to a number.")
+                raise ValueError(_NO_HELDOUT)
             if reasoning_calibration is None and self.features.heldout and cfg.lam != "auto":
                 self.report.warnings.append(
                     f"the thinking features were computed for lam='auto' and leave {len(self.features.heldout)} "
@@ -1419,9 +1440,7 @@ class RainMerger:
                     "project with all of them")
                 logger.warning(self.report.warnings[-1])
             if cfg.sequential and self._stage1_samples is None:
-                raise ValueError("sequential=True captures thinking features on the partly merged model, so it needs "
-                                 "the reasoning calibration samples, not only precomputed features: pass "
-                                 "reasoning_calibration=... to merge(), or leave sequential unset.")
+                raise ValueError(_SEQUENTIAL_NEEDS_SAMPLES)
             self.report.projection = "sequential" if self._sequential() else "one-shot"
             if cfg.sequential is None and self._stage1_samples is None:
                 logger.info("Precomputed thinking features only: stage 1 uses the one-shot projection (pass "
@@ -1430,8 +1449,7 @@ class RainMerger:
         alpha, instruction_samples = None, []
         if cfg.stage2:
             if instruction_calibration is None:
-                raise ValueError("Stage 2 needs instruction calibration data: pass instruction_calibration=... or "
-                                 "set RainMergingConfig(stage2=False).")
+                raise ValueError(_NEEDS_INSTRUCTIONS)
             t2 = time.perf_counter()
             instruction_samples = self._prepare("instruction", instruction_calibration)
             a, u = self._probe_attention(instruction_samples, cfg.probe_lam)
@@ -1469,10 +1487,32 @@ class RainMerger:
         self.merged = True
         return self.model
 
+    def _refuse_missing_inputs(self, reasoning_calibration, instruction_calibration) -> None:
+        """The refusals of :meth:`merge` for data it was not given, or features that cannot serve without it: made
+        before the merge the model holds is undone (the same checks stand where the merge reaches them)."""
+        cfg = self.config
+        if cfg.method != "rain":
+            return
+        if cfg.stage2 and instruction_calibration is None:
+            raise ValueError(_NEEDS_INSTRUCTIONS)
+        if reasoning_calibration is not None:
+            return
+        if not cfg.stage1:
+            if cfg.lam == "auto":
+                raise ValueError(_AUTO_NEEDS_SAMPLES)
+            return
+        if self.features is None:
+            raise ValueError(_NEEDS_FEATURES)
+        self.features.check_compatible(cfg, [t.name for t in self.targets], projects=not self._sequential() or cfg.stage2)
+        if cfg.lam == "auto" and not self.features.heldout:
+            raise ValueError(_NO_HELDOUT)
+        if cfg.sequential and self._stage1_samples is None:
+            raise ValueError(_SEQUENTIAL_NEEDS_SAMPLES)
+
     def _probe_attention(self, samples: list[CalibrationSample], probe_lam: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Alignment and leakage [len(report.layers), H] of the probe model θ_R + probe_lam·Δ⊥ (then reset)."""
         # The probe only ranks heads by attention: the one-shot Δ⊥ serves it at a fraction of the sequential cost.
-        try:
+        with self._reset_after():
             self._apply_rain(probe_lam, None, record=False, desc="stage 2: probe model", one_shot=True)
             try:
                 return collect_attention_stats(self.model, samples, self.report.layers, self.config.batch_size,
@@ -1482,8 +1522,6 @@ class RainMerger:
                     f"{exc} This was the stage-2 probe model θ_R + probe_lam·Δ with probe_lam={probe_lam}: lower "
                     "probe_lam, or merge in a wider dtype (torch_dtype='float32', or 'bfloat16' for float16 "
                     "weights).") from None
-        finally:
-            self.reset()
 
     def _hold_out(self, samples: list[CalibrationSample]) -> tuple[list[CalibrationSample], list[CalibrationSample]]:
         """(stage-1 samples, held-out samples) for ``lam="auto"`` (:func:`~rain_hf.calibration.lam_auto_holdout`)."""
@@ -1587,7 +1625,7 @@ class RainMerger:
                 + (" No think-open decision is checked." if not opened else ""))
             logger.warning(self.report.warnings[-1])
         search, chosen = [], None
-        try:
+        with self._reset_after():
             for lam in sorted(set(cfg.lam_grid)):
                 try:
                     self._apply_rain(float(lam), alpha, record=False, desc=f"lam=auto: λ={lam}")
@@ -1607,8 +1645,6 @@ class RainMerger:
                             "" if share is None else f" think-open share={share:.3f}")
                 if search[-1]["within_budget"]:
                     chosen = float(lam)
-        finally:
-            self.reset()
         if chosen is not None and chosen == float(max(cfg.lam_grid)):
             self.report.warnings.append(f"lam='auto': the largest λ of the grid, {chosen}, keeps L_think within "
                                         f"{cfg.lam_auto_max_kl} (L_think {search[-1]['l_think']:.3g}); a larger λ "

@@ -225,17 +225,19 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False, marker:
             yield tmp
         return
     made = [p for p in (target.parent, *target.parent.parents) if not p.exists()]  # innermost first
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    except BaseException:
+        _remove_made(made)
+        raise
     try:
         with contextlib.suppress(OSError):  # some mounted file systems refuse it; the folder works all the same
             os.chmod(tmp, 0o755)  # mkdtemp makes it private; the output is an ordinary folder
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        for folder in made:  # the parents made for the output, unless something else was put there meanwhile
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        _remove_made(made)
         raise
     old = None
     try:
@@ -255,6 +257,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False, marker:
             if old is not None and (old / "out").exists() and not target.exists():
                 os.replace(old / "out", target)
             shutil.rmtree(tmp, ignore_errors=True)
+            _remove_made(made)
         if old is not None:
             if replaced or not (old / "out").exists():
                 shutil.rmtree(old, ignore_errors=True)
@@ -262,8 +265,20 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False, marker:
                 logger.warning("The previous content of %s was kept in %s", target, old / "out")
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:  # Ctrl-C half way through: the new output is in place, the old one must still go
+            shutil.rmtree(old, ignore_errors=True)
+            raise
     logger.info("Wrote %s", target)
+
+
+def _remove_made(made: list[Path]) -> None:
+    """Remove the parent folders made for an output that was not written (innermost first), unless something
+    else was put there meanwhile."""
+    for folder in made:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 @contextlib.contextmanager

@@ -356,6 +356,24 @@ def _replay_model(tokenizer, layer_types):
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
+def test_layer_replay_interrupted_while_it_registers_its_hooks_leaves_none(tokenizer, monkeypatch):
+    samples = prepare_reasoning_calibration(reasoning_records(2), tokenizer, RainMergingConfig())
+    model = _replay_model(tokenizer, ["full_attention"] * 3)
+    real, calls = torch.nn.Module.register_forward_pre_hook, []
+
+    def register(module, hook, **kwargs):
+        calls.append(module)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(module, hook, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "register_forward_pre_hook", register)
+    with pytest.raises(KeyboardInterrupt):
+        LayerReplay(model, samples, RainMergingConfig(), tokenizer.pad_token_id)
+    monkeypatch.undo()
+    assert not any(m._forward_pre_hooks for m in model.modules())  # a left hook broke every later forward pass
+
+
 def test_layer_replay_matches_full_forward_passes(tokenizer):
     """Cached layer inputs replayed after a merge give the rows a full forward pass of the changed model gives,
     with padded batches and a sliding-window layer between full-attention ones."""
@@ -2403,6 +2421,38 @@ def test_saved_records_describe_the_merge_the_model_holds(qwen2, tmp_path, caplo
     monkeypatch.undo()
     merger.merge()
     assert merger.sidecar()["calibration"]["reasoning"]["sha256"] == sha_a
+
+
+def test_a_refused_merge_keeps_the_finished_one_and_a_failed_restore_hides_no_error(qwen2, tmp_path, monkeypatch):
+    import rain_hf.merger as merger_module
+
+    merger = _merger(qwen2, lam=1.0)
+    merger.merge(reasoning_records(3), instruction_records(3))
+    merged = {k: p.detach().clone() for k, p in merger.model.named_parameters()}
+    for call in (lambda: merger.merge(reasoning_records(3)),  # the instruction data forgotten
+                 lambda: setattr(merger.config, "lam", "auto") or merger.merge(None, instruction_records(3))):
+        with pytest.raises(ValueError, match="Stage 2 needs instruction calibration data|computed without any"):
+            call()
+        assert merger.merged and all(torch.equal(p, merged[k]) for k, p in merger.model.named_parameters())
+    merger.config.lam = 1.0
+    merger.save_pretrained(tmp_path / "kept")  # the finished merge is still there to save
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    def unreadable(key):
+        raise OSError("the reasoning checkpoint went away")
+
+    monkeypatch.setattr(merger_module, "collect_attention_stats", out_of_memory)
+    real_apply = merger._apply_rain
+
+    def apply_then_break_reads(*args, **kwargs):  # the restore after the probe fails too
+        real_apply(*args, **kwargs)
+        monkeypatch.setattr(merger.reasoning, "get", unreadable)
+
+    monkeypatch.setattr(merger, "_apply_rain", apply_then_break_reads)
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):  # why the merge stopped, not the restore's error
+        merger.merge(reasoning_records(3), instruction_records(3))
 
 
 def test_an_interrupted_restore_leaves_nothing_to_save(qwen2, tmp_path, monkeypatch):

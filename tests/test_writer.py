@@ -379,3 +379,48 @@ def test_atomic_directory_never_deletes_the_previous_output_it_could_not_put_bac
     kept = [p for p in tmp_path.iterdir() if p.name.startswith(".out.old-")]
     assert len(kept) == 1 and (kept[0] / "out" / "old.txt").read_text() == "old"
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_an_interrupt_while_the_old_output_is_deleted_leaves_no_copy_of_it(tmp_path, monkeypatch):
+    import shutil
+
+    from rain_hf import writer as writer_module
+
+    real_rmtree, interrupts = shutil.rmtree, [1]
+
+    def rmtree(path, *args, **kwargs):
+        if interrupts and ".old-" in str(path):  # Ctrl-C after the new output took the old one's place
+            interrupts.pop()
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(writer_module.shutil, "rmtree", rmtree)
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_directory(target, overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no hidden copy of the old output
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+
+
+@pytest.mark.parametrize("failing", ["mkdtemp", "replace"])
+def test_parent_folders_made_for_an_output_that_was_not_written_are_removed(tmp_path, monkeypatch, failing):
+    import os
+
+    from rain_hf import writer as writer_module
+
+    def refuse(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    if failing == "mkdtemp":
+        monkeypatch.setattr(writer_module.tempfile, "mkdtemp", refuse)
+    else:
+        real = os.replace
+        monkeypatch.setattr(writer_module.os, "replace",
+                            lambda src, dst: refuse() if ".partial-" in str(src) else real(src, dst))
+    with pytest.raises(OSError, match="No space left"):
+        with atomic_directory(tmp_path / "a" / "b" / "out") as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert list(tmp_path.iterdir()) == []
