@@ -558,8 +558,11 @@ class RainMerger:
     def features(self, features: ThinkFeatures | None) -> None:
         # features set by hand are treated as features passed to from_pretrained: the samples and calibration
         # record of earlier computed ones would otherwise make a merge of neither (sequential on the old samples)
+        if features is self._features:
+            return
         self._features, self._given_features = features, features
         self._stage1_samples, self._features_calibration = None, None
+        self.report.timings.pop("stage1_features", None)  # the computation these replace
 
     def __init__(self, plan: MergePlan, model, tokenizer, reasoning: LazyCheckpoint, base: LazyCheckpoint,
                  instruct, device: torch.device, features: ThinkFeatures | None = None) -> None:
@@ -1287,21 +1290,26 @@ class RainMerger:
                 "the features to match")
             logger.warning(self.report.warnings[-1])
         recorded = settings.get("reasoning_fingerprint")
+        self._refuse_features_of_another_model()
         if recorded is None:
             logger.warning("These thinking features do not record which reasoning model they come from (saved by an "
                            "older rain_hf); make sure it is %s.", self.sources["reasoning"].describe())
         elif "-" not in recorded:  # version 1: tensor ends only
-            if recorded != legacy_fingerprint(self.reasoning):
-                raise ValueError(f"These thinking features were computed on another reasoning model (fingerprint "
-                                 f"{recorded}, this one {legacy_fingerprint(self.reasoning)}): recompute them with "
-                                 "compute_features(...) on this model, or pass reasoning_calibration=... to merge().")
             logger.warning("These thinking features were saved by an older rain_hf, whose fingerprint of the "
                            "reasoning model covers only the ends of each tensor; it matches %s there. Recompute them "
                            "to record the fuller one.", self.sources["reasoning"].describe())
-        elif recorded != self._reasoning_fingerprint():
+
+    def _refuse_features_of_another_model(self) -> None:
+        """Refuse thinking features whose recorded fingerprint is another reasoning model's (they would project the
+        wrong null space). The fingerprint is of the checkpoint's files, so this holds before and after a reset."""
+        recorded = self.features.settings.get("reasoning_fingerprint")
+        if recorded is None:
+            return
+        this = legacy_fingerprint(self.reasoning) if "-" not in recorded else self._reasoning_fingerprint()
+        if recorded != this:
             raise ValueError(f"These thinking features were computed on another reasoning model (fingerprint "
-                             f"{recorded}, this one {self._reasoning_fingerprint()}): recompute them with "
-                             "compute_features(...) on this model, or pass reasoning_calibration=... to merge().")
+                             f"{recorded}, this one {this}): recompute them with compute_features(...) on this model, "
+                             "or pass reasoning_calibration=... to merge().")
 
     def _new_report(self, now: list[str]) -> None:
         """A report for the merge about to run: the load's warnings and timing, the stage-1 feature timing (the
@@ -1493,21 +1501,21 @@ class RainMerger:
         cfg = self.config
         if cfg.method != "rain":
             return
+        if reasoning_calibration is None:  # in the order the merge meets them: stage 1's first
+            if not cfg.stage1 and cfg.lam == "auto":
+                raise ValueError(_AUTO_NEEDS_SAMPLES)
+            if cfg.stage1:
+                if self.features is None:
+                    raise ValueError(_NEEDS_FEATURES)
+                self.features.check_compatible(cfg, [t.name for t in self.targets],
+                                               projects=not self._sequential() or cfg.stage2)
+                self._refuse_features_of_another_model()
+                if cfg.lam == "auto" and not self.features.heldout:
+                    raise ValueError(_NO_HELDOUT)
+                if cfg.sequential and self._stage1_samples is None:
+                    raise ValueError(_SEQUENTIAL_NEEDS_SAMPLES)
         if cfg.stage2 and instruction_calibration is None:
             raise ValueError(_NEEDS_INSTRUCTIONS)
-        if reasoning_calibration is not None:
-            return
-        if not cfg.stage1:
-            if cfg.lam == "auto":
-                raise ValueError(_AUTO_NEEDS_SAMPLES)
-            return
-        if self.features is None:
-            raise ValueError(_NEEDS_FEATURES)
-        self.features.check_compatible(cfg, [t.name for t in self.targets], projects=not self._sequential() or cfg.stage2)
-        if cfg.lam == "auto" and not self.features.heldout:
-            raise ValueError(_NO_HELDOUT)
-        if cfg.sequential and self._stage1_samples is None:
-            raise ValueError(_SEQUENTIAL_NEEDS_SAMPLES)
 
     def _probe_attention(self, samples: list[CalibrationSample], probe_lam: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Alignment and leakage [len(report.layers), H] of the probe model θ_R + probe_lam·Δ⊥ (then reset)."""

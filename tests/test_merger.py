@@ -711,6 +711,16 @@ def test_features_of_another_reasoning_model_or_template_are_refused(qwen2, tmp_
     cfg = RainMergingConfig(lam=1.0, stage2=False)
     with pytest.raises(ValueError, match="another reasoning model"):
         RainMerger.from_pretrained(other["base"], other["reasoning"], other["instruct"], cfg, features=features).merge()
+    merged = RainMerger.from_pretrained(other["base"], other["reasoning"], other["instruct"], cfg)
+    merged.merge(reasoning_records())
+    assert merged.report.projection == "sequential"
+    merged.features = merged.features  # the same features set back: nothing changes
+    merged.merge()
+    assert merged.report.projection == "sequential"
+    merged.features = features  # refused before the finished merge is undone
+    with pytest.raises(ValueError, match="another reasoning model"):
+        merged.merge()
+    assert merged.merged and "stage1_features" not in merged.report.timings
     # a fine-tune that differs only in its last merged module is another model too
     import shutil
 
