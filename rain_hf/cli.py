@@ -60,10 +60,9 @@ TOP_LEVEL_KEYS: dict[str, str] = {
     "calibration": "{reasoning: PATH, instruction: PATH}: JSON/JSONL calibration sets for stages 1 and 2 "
                    "(needed by method rain with stage1 / stage2, and the reasoning set also for lam: auto, which "
                    "measures L_think on it; the baselines do not read them, though a file named here must exist).",
-    "dtype": "dtype the reasoning model is loaded in for the calibration passes: auto (the dtype config.json names, "
-             "else as stored), float64, "
-             "float32, float16 or bfloat16. Not the saved dtype, as mergekit's dtype is: parameters.output_dtype "
-             "sets that.",
+    "dtype": "dtype the reasoning model is loaded in for the calibration passes: auto (the dtype config.json "
+             "names, else as stored), float64, float32, float16 or bfloat16. Not the saved dtype, as mergekit's "
+             "dtype is: parameters.output_dtype sets that.",
     "output": "{max_shard_size: '5GB', private: true, card_template: PATH}: shard size of the saved weights "
               "(overrides parameters.max_shard_size), visibility of a repository --push-to-hub creates (left out: "
               "the Hub's default), and a Jinja model card template of your own.",
@@ -864,7 +863,7 @@ def _run(args: argparse.Namespace) -> int:
                                         for kind in CALIBRATION_KEYS)
     try:
         merger.merge(reasoning_calibration=reasoning_file, instruction_calibration=instruction_file)
-    except (CalibrationError, ConfigError) as exc:  # the data or parameters the YAML names, as when planning: exit 2
+    except (CalibrationError, ConfigError) as exc:  # the YAML's data or parameters, as when planning: exit 2
         raise CliError(f"{args.config}: {exc}") from exc
     for kind in CALIBRATION_KEYS:
         if (merger.calibration_info.get(kind) or {}).get("is_file") and kind in job.written_calibration:

@@ -87,7 +87,8 @@ class ThinkSplit:
             broken: all the text that is not the answer, its pieces between tags joined by newlines.
         answer: the answer, its leading whitespace removed and, where it runs to the end of the generation,
             its trailing whitespace kept, as lm-eval's IFEval scores the text after the think-close token (a
-            trailing newline decides what its loose variant "without the last line" drops). When the format is broken: the text after the last think-close tag, up
+            trailing newline decides what its loose variant "without the last line" drops). When the format is
+            broken: the text after the last think-close tag, up
             to a think-open tag that follows it, if there is one; else the text before an unclosed think-open tag
             (so empty when the generation opens a block and never closes it: thinking is not an answer); when
             there is no tag, the whole text, or nothing when the prompt opened the block
@@ -428,11 +429,10 @@ def _build_checker(
     """Instantiate one IFEval checker (prompt passed to the checkers that read it).
 
     Kwargs with a ``None`` value are dropped, as the IFEval data pads every record with all keys, and so are
-    empty or whitespace-only strings (lm-eval drops the empty ones; either would make checks such as ``end_phrase``
-    pass on any text). lm-eval drops
-    every falsy value instead; for a ``0`` (e.g. ``let_frequency``) that makes its checker draw a random number,
-    so a 0 is kept here. A missing argument is an error rather than a random draw, and so is an unknown one. A
-    value the checker cannot use (IFEval's own data asks for the letter ``"#"`` twice; an empty keyword list) makes
+    empty or whitespace-only strings (either would make checks such as ``end_phrase`` pass on any text). lm-eval
+    drops every falsy value (so the empty strings too); for a ``0`` (e.g. ``let_frequency``) that makes its checker
+    draw a random number, so a 0 is kept here. A missing argument is an error rather than a random draw, and so is
+    an unknown one. A value the checker cannot use (IFEval's own data asks for the letter ``"#"`` twice; an empty keyword list) makes
     it draw one at random: that draw is seeded by the instruction and its kwargs, so the score is repeatable, and
     warned about once.
     """
@@ -440,7 +440,8 @@ def _build_checker(
         raise ValueError(f"Unknown IFEval instruction id {instruction_id!r}; known ids: {sorted(registry)}")
     checker = registry[instruction_id](instruction_id)
     arg_keys = checker.get_instruction_args_keys() or []
-    clean = {k: v for k, v in (kwargs or {}).items() if v is not None and not (isinstance(v, str) and not v.strip())}
+    clean = {k: v for k, v in (kwargs or {}).items()
+             if v is not None and not (isinstance(v, str) and not v.strip())}
     if "prompt_to_repeat" in arg_keys and not clean.get("prompt_to_repeat"):
         # the whole prompt holds the repeat instruction itself, which IFEval's request to repeat leaves out
         raise ValueError(f"{instruction_id} needs the kwarg 'prompt_to_repeat' (the request to repeat, without the "

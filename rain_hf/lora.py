@@ -15,13 +15,15 @@ What is refused (:class:`AdapterError`) and what is only reported (warnings from
 
 - refused: another ``peft_type``; DoRA (its magnitude vector makes the merged weight depend on the base weight);
   initialisations that rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) unless converted to plain
-  LoRA; ``layer_replication``; aLoRA, QALoRA, BD-LoRA, Arrow, KaSA; LoRA on convolutions; a ``lora_A`` without its ``lora_B`` (or the reverse); a ``.bin``-only adapter.
+  LoRA; ``layer_replication``; aLoRA, QALoRA, BD-LoRA, Arrow, KaSA; LoRA on convolutions; a ``lora_A`` without
+  its ``lora_B`` (or the reverse); a ``.bin``-only adapter.
 - merged as peft's ``merge_and_unload`` applies them: plain LoRA (VeLoRA and MonteCLoRA adapters too: peft merges
   their B·A as plain LoRA's), ``target_parameters`` on linear weights, ``modules_to_save`` copies of merged
-  linear layers (copy − base) and trained biases (``bias="all"`` / ``"lora_only"``, ``scaling·lora_B.bias`` for ``lora_bias``;
-  biases only with ``project_bias=True``).
+  linear layers (copy − base) and trained biases (``bias="all"`` / ``"lora_only"``, ``scaling·lora_B.bias`` for
+  ``lora_bias``; biases only with ``project_bias=True``).
 - warned and ignored: LoRA on embeddings and on the output layer (never merged), ``target_parameters`` on fused
-  expert weights (which a merge never reads), copies of modules outside the merged set (embeddings, norms, the output layer), ``trainable_token_indices``, any other non-LoRA tensor.
+  expert weights (which a merge never reads), copies of modules outside the merged set (embeddings, norms, the
+  output layer), ``trainable_token_indices``, any other non-LoRA tensor.
 """
 
 from __future__ import annotations

@@ -48,8 +48,8 @@ Args:
     instruction_id_list (list of list of str): IFEval instruction ids per prediction.
     kwargs (list of list of dict, JSON object str or None): one kwargs dict per instruction id, as in the IFEval
         data set (keys with None values, empty or whitespace-only strings are dropped); a row may also be one JSON
-        list string or a numpy array, as CSV, parquet or pandas give IFEval's column. Pass it to `compute` (it is not an Arrow feature, so it does
-        not go through `add_batch`). It may be left out only when no instruction takes arguments: a missing
+        list string or a numpy array, as CSV, parquet or pandas give IFEval's column. Pass it to `compute` (it is
+        not an Arrow feature, so it does not go through `add_batch`). It may be left out only when no instruction takes arguments: a missing
         argument (a word limit, a keyword …) is an error, not a random draw as in lm-eval.
     think_open (str): think-open tag, default "<think>".
     think_close (str): think-close tag, default "</think>".
@@ -96,7 +96,8 @@ def _as_row(row, index):
         try:
             row = json.loads(row)
         except json.JSONDecodeError as err:
-            raise ValueError(f"kwargs[{index}] is a string that is not a JSON list ({err}): {_ROW_SHAPE}.") from None
+            raise ValueError(f"kwargs[{index}] is a string that is not a JSON list ({err}): "
+                             f"{_ROW_SHAPE}.") from None
     # a list, a tuple, or a numpy array (IFEval read with pandas, or a datasets column in numpy format)
     if row is None or isinstance(row, Mapping) or not hasattr(row, "__len__") or not hasattr(row, "__iter__"):
         raise ValueError(f"kwargs[{index}] is a {type(row).__name__}: {_ROW_SHAPE}.")
@@ -151,7 +152,8 @@ class RainIfeval(evaluate.Metric):
             kwargs = [[{} for _ in ids] for ids in instruction_id_list]
         if len(kwargs) != len(predictions):
             raise ValueError(f"{len(predictions)} predictions but {len(kwargs)} kwargs lists")
-        kwargs = [[_as_kwargs(item, i, j) for j, item in enumerate(_as_row(row, i))] for i, row in enumerate(kwargs)]
+        kwargs = [[_as_kwargs(item, i, j) for j, item in enumerate(_as_row(row, i))]
+                  for i, row in enumerate(kwargs)]
         warn_if_opened_by_prompt(predictions, think_open, think_close, prompt_ends_with_open)
         if split_thinking:
             warn_if_no_think_tags(predictions, think_open, think_close)
