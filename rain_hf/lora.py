@@ -6,10 +6,11 @@ vector is, per adapted module, ``ΔW = scaling · B @ A`` (transposed for GPT-2 
 ``rank_pattern`` / ``alpha_pattern``. :class:`LoraDelta` reads the factors lazily from ``adapter_model.safetensors``
 and builds one ΔW at a time: no merged copy of the model is ever made.
 
-Conventions follow peft (checked against peft 0.21): saved keys are ``base_model.model.<module>.lora_A.weight`` /
-``.lora_B.weight`` without the adapter name; ``lora_A`` is ``[r, in]`` and ``lora_B`` is ``[out, r]``; a pattern
-key ``p`` applies to a module name ``m`` when ``re.match(rf"(.*\\.)?({p})$", m)`` succeeds, the first matching key
-in the config's order winning (``peft.utils.other.get_pattern_key``).
+Conventions follow peft (checked against peft 0.21 and 0.22): saved keys are
+``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` without the adapter name; ``lora_A`` is
+``[r, in]`` and ``lora_B`` is ``[out, r]``; a pattern key ``p`` applies to a module name ``m`` when
+``re.match(rf"(.*\\.)?({p})$", m)`` succeeds, the first matching key in the saved config's order winning
+(``peft.utils.other.get_pattern_key``; peft 0.21 saves the keys sorted, 0.22 in the order they were given).
 
 What is refused (:class:`AdapterError`) and what is only reported (warnings from :meth:`LoraDelta.validate`):
 
