@@ -372,18 +372,6 @@ def input_folder_in(target: str | os.PathLike, sources: Mapping[str, ModelSource
     return None
 
 
-_NEEDS_FEATURES = ("Stage 1 needs thinking features: pass reasoning_calibration=..., or features=... to "
-                   "from_pretrained, or set RainMergingConfig(stage1=False).")
-_NO_HELDOUT = ("lam='auto' measures L_think on reasoning calibration samples held out of stage 1, and these thinking "
-               "features were computed without any (with a numeric lam): pass reasoning_calibration=... to merge(), "
-               "or set lam to a number.")
-_SEQUENTIAL_NEEDS_SAMPLES = ("sequential=True captures thinking features on the partly merged model, so it needs the "
-                             "reasoning calibration samples, not only precomputed features: pass "
-                             "reasoning_calibration=... to merge(), or leave sequential unset.")
-_AUTO_NEEDS_SAMPLES = ("lam='auto' measures L_think on reasoning calibration samples: pass reasoning_calibration=... "
-                       "to merge(), or set lam to a number.")
-_NEEDS_INSTRUCTIONS = ("Stage 2 needs instruction calibration data: pass instruction_calibration=... or set "
-                       "RainMergingConfig(stage2=False).")
 _NO_FINISHED_MERGE = ("Nothing to {what}: the model no longer holds a finished merge (compute_features() or reset() "
                       "put the reasoning model's weights back, or a later merge() did not finish): call merge() "
                       "again.")
@@ -822,8 +810,9 @@ class RainMerger:
             device: where the forward passes and the projections run (``"cpu"``, ``"cuda"``; default: the CPU, or
                 with ``device_map`` the device of the input embeddings).
             torch_dtype: dtype to load the reasoning model in (default: ``"auto"``, the dtype its config.json
-                names, else as stored, as transformers loads it; ``dtype=``, transformers 5's name, is the same). Loading narrower than the saved weights is refused before the load: keep the
-                stored dtype, or set ``RainMergingConfig(output_dtype=...)`` to save in the loaded one.
+                names, else as stored, as transformers loads it; ``dtype=``, transformers 5's name, is the same).
+                Loading narrower than the saved weights is refused before the load: keep the stored dtype, or set
+                ``RainMergingConfig(output_dtype=...)`` to save in the loaded one.
             device_map: e.g. ``"auto"`` to spread a reasoning model that does not fit on one device (accelerate).
                 Every module must land on a device: modules offloaded to the CPU (next to GPUs) or to disk are
                 refused, because their weights live outside the model where a merge cannot write them.
@@ -861,10 +850,8 @@ class RainMerger:
             raise ConfigError(f"torch_dtype={torch_dtype!r} and dtype={dtype!r} disagree: pass one of them.")
         dtype = given[0] if given else "auto"
         if isinstance(dtype, str) and dtype != "auto":
-            if dtype not in _DTYPES:
-                raise ConfigError(f"torch_dtype={dtype!r}: use one of {sorted(_DTYPES)} or 'auto'.")
-            dtype = _DTYPES[dtype]
-        if dtype != "auto" and dtype not in _DTYPES.values():  # an integer dtype, or no dtype at all
+            dtype = _DTYPES.get(dtype, dtype)
+        if dtype != "auto" and dtype not in _DTYPES.values():  # an unknown name, an integer dtype, or no dtype
             raise ConfigError(f"torch_dtype={dtype!r}: a merge computes in floating point; use one of "
                               f"{sorted(_DTYPES)} or 'auto'.")
         check_device(device)
@@ -885,8 +872,8 @@ class RainMerger:
             # transformers fills them with random values: the calibration passes and the saved merge would use them
             raise CheckpointError(
                 f"The reasoning model {plan.sources['reasoning'].describe()} lacks {len(missing)} tensors its model "
-                f"class needs ({', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}), which transformers would initialise at random: the checkpoint is "
-                "incomplete. Pass the complete checkpoint (every shard its index lists, saved with save_pretrained).")
+                f"class needs ({', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}), which transformers would "
+                "initialise at random: the checkpoint is incomplete. Pass the complete checkpoint (every shard its index lists, saved with save_pretrained).")
         if device_map is None:
             device = device if device is not None else "cpu"
             model.to(device)
@@ -1272,8 +1259,8 @@ class RainMerger:
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
     def _check_features_model(self) -> None:
-        """Refuse thinking features computed on another reasoning model (they would project the wrong null space);
-        warn about features taken with another tokenizer or chat template, or in another dtype."""
+        """Warn about reused thinking features taken with another tokenizer or chat template, in another dtype, or
+        without a full fingerprint (those of another reasoning model are refused by :meth:`_refuse_missing_inputs`)."""
         settings = self.features.settings
         if settings.get("tokenizer_digest") not in (None, self._tokenizer_digest()):
             self.report.warnings.append(
@@ -1290,7 +1277,6 @@ class RainMerger:
                 "the features to match")
             logger.warning(self.report.warnings[-1])
         recorded = settings.get("reasoning_fingerprint")
-        self._refuse_features_of_another_model()
         if recorded is None:
             logger.warning("These thinking features do not record which reasoning model they come from (saved by an "
                            "older rain_hf); make sure it is %s.", self.sources["reasoning"].describe())
@@ -1330,11 +1316,11 @@ class RainMerger:
         is base_model again (a copy, or the base's Hub id), or an adapter that was never trained."""
         if self._task_vector_seen:
             return
-        what = ("the instruct adapter's ΔW = B·A is zero in every merged module (an adapter saved before training, "
+        what = ("The instruct adapter's ΔW = B·A is zero in every merged module (an adapter saved before training, "
                 "with lora_B still at its zero init?)" if not isinstance(self.instruct, FullDelta) else
-                "the instruct model equals base_model in every merged module (a copy of the base, or the base's "
+                "The instruct model equals base_model in every merged module (a copy of the base, or the base's "
                 "name given as instruct_model?)")
-        self.report.warnings.append(f"{what[0].upper()}{what[1:]}: there is no task vector to merge, and the merge "
+        self.report.warnings.append(f"{what}: there is no task vector to merge, and the merge "
                                     f"adds no instruction following ({zero_task_vector_effect(self.config)}). Pass "
                                     "the instruction-tuned model.")
         logger.warning(self.report.warnings[-1])
@@ -1415,8 +1401,6 @@ class RainMerger:
 
         heldout: list[tuple[list[int], list[int]]] = []  # lam="auto": where L_think is measured
         if cfg.lam == "auto" and not cfg.stage1:
-            if reasoning_calibration is None:
-                raise ValueError(_AUTO_NEEDS_SAMPLES)
             heldout = self._think_rows(self._prepare("reasoning", reasoning_calibration))
         if cfg.stage1:
             if reasoning_calibration is not None:
@@ -1427,28 +1411,19 @@ class RainMerger:
                         "sequential); leave reasoning_calibration out to merge with the given features")
                     logger.warning(self.report.warnings[-1])
                 self.compute_features(reasoning_calibration)
-            else:  # the features' own data, as compute_features recorded it (None for features from a file)
+            else:  # features given or computed before, refused by _refuse_missing_inputs where they cannot serve
+                # their own data, as compute_features recorded it (None for features from a file)
                 self.calibration_info["reasoning"] = copy.deepcopy(self._features_calibration)
-                for warning in (self.features.settings if self.features else {}).get("spacing_warnings", []):
+                for warning in self.features.settings.get("spacing_warnings", []):
                     self.report.warnings.append(warning)  # found when the features were made
                     logger.warning(warning)
-            if self.features is None:
-                raise ValueError(_NEEDS_FEATURES)
-            # the sequential form recomputes every basis in cfg.precision; only the one-shot projection and the
-            # stage-2 probe project with these features' own
-            self.features.check_compatible(cfg, [t.name for t in self.targets],
-                                           projects=not self._sequential() or cfg.stage2)
-            self._check_features_model()
-            if cfg.lam == "auto" and not self.features.heldout:  # before stage 2's attention pass, not after
-                raise ValueError(_NO_HELDOUT)
-            if reasoning_calibration is None and self.features.heldout and cfg.lam != "auto":
-                self.report.warnings.append(
-                    f"the thinking features were computed for lam='auto' and leave {len(self.features.heldout)} "
-                    "reasoning calibration samples out of stage 1; pass reasoning_calibration=... to merge() to "
-                    "project with all of them")
-                logger.warning(self.report.warnings[-1])
-            if cfg.sequential and self._stage1_samples is None:
-                raise ValueError(_SEQUENTIAL_NEEDS_SAMPLES)
+                self._check_features_model()
+                if self.features.heldout and cfg.lam != "auto":
+                    self.report.warnings.append(
+                        f"the thinking features were computed for lam='auto' and leave {len(self.features.heldout)} "
+                        "reasoning calibration samples out of stage 1; pass reasoning_calibration=... to merge() to "
+                        "project with all of them")
+                    logger.warning(self.report.warnings[-1])
             self.report.projection = "sequential" if self._sequential() else "one-shot"
             if cfg.sequential is None and self._stage1_samples is None:
                 logger.info("Precomputed thinking features only: stage 1 uses the one-shot projection (pass "
@@ -1456,8 +1431,6 @@ class RainMerger:
         self.report.layers = sorted({t.layer for t in self.targets})
         alpha, instruction_samples = None, []
         if cfg.stage2:
-            if instruction_calibration is None:
-                raise ValueError(_NEEDS_INSTRUCTIONS)
             t2 = time.perf_counter()
             instruction_samples = self._prepare("instruction", instruction_calibration)
             a, u = self._probe_attention(instruction_samples, cfg.probe_lam)
@@ -1496,26 +1469,34 @@ class RainMerger:
         return self.model
 
     def _refuse_missing_inputs(self, reasoning_calibration, instruction_calibration) -> None:
-        """The refusals of :meth:`merge` for data it was not given, or features that cannot serve without it: made
-        before the merge the model holds is undone (the same checks stand where the merge reaches them)."""
+        """The refusals of :meth:`merge` for data it was not given, or for features that cannot serve without it:
+        all made before the merge the model holds is undone, in the order the merge would meet them."""
         cfg = self.config
         if cfg.method != "rain":
             return
-        if reasoning_calibration is None:  # in the order the merge meets them: stage 1's first
-            if not cfg.stage1 and cfg.lam == "auto":
-                raise ValueError(_AUTO_NEEDS_SAMPLES)
-            if cfg.stage1:
-                if self.features is None:
-                    raise ValueError(_NEEDS_FEATURES)
-                self.features.check_compatible(cfg, [t.name for t in self.targets],
-                                               projects=not self._sequential() or cfg.stage2)
-                self._refuse_features_of_another_model()
-                if cfg.lam == "auto" and not self.features.heldout:
-                    raise ValueError(_NO_HELDOUT)
-                if cfg.sequential and self._stage1_samples is None:
-                    raise ValueError(_SEQUENTIAL_NEEDS_SAMPLES)
+        if reasoning_calibration is None and not cfg.stage1 and cfg.lam == "auto":
+            raise ValueError("lam='auto' measures L_think on reasoning calibration samples: pass "
+                             "reasoning_calibration=... to merge(), or set lam to a number.")
+        if reasoning_calibration is None and cfg.stage1:  # the features given, or computed before
+            if self.features is None:
+                raise ValueError("Stage 1 needs thinking features: pass reasoning_calibration=..., or features=... "
+                                 "to from_pretrained, or set RainMergingConfig(stage1=False).")
+            # the sequential form recomputes every basis in cfg.precision; only the one-shot projection and the
+            # stage-2 probe project with these features' own
+            self.features.check_compatible(cfg, [t.name for t in self.targets],
+                                           projects=not self._sequential() or cfg.stage2)
+            self._refuse_features_of_another_model()
+            if cfg.lam == "auto" and not self.features.heldout:  # before stage 2's attention pass, not after
+                raise ValueError("lam='auto' measures L_think on reasoning calibration samples held out of stage 1, "
+                                 "and these thinking features were computed without any (with a numeric lam): pass "
+                                 "reasoning_calibration=... to merge(), or set lam to a number.")
+            if cfg.sequential and self._stage1_samples is None:
+                raise ValueError("sequential=True captures thinking features on the partly merged model, so it needs "
+                                 "the reasoning calibration samples, not only precomputed features: pass "
+                                 "reasoning_calibration=... to merge(), or leave sequential unset.")
         if cfg.stage2 and instruction_calibration is None:
-            raise ValueError(_NEEDS_INSTRUCTIONS)
+            raise ValueError("Stage 2 needs instruction calibration data: pass instruction_calibration=... or set "
+                             "RainMergingConfig(stage2=False).")
 
     def _probe_attention(self, samples: list[CalibrationSample], probe_lam: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Alignment and leakage [len(report.layers), H] of the probe model θ_R + probe_lam·Δ⊥ (then reset)."""
