@@ -916,7 +916,8 @@ def task_vector_geometry(
     with a singular value below the delta's dtype's machine epsilon times the largest, or 1e-5 of it in float32,
     count as rounding noise): 1 for the same subspace, ≈ r/m for random ones. The type's value is its mean over
     layers, leaving out pairs with a zero delta.
-    The overall cosine uses all shared tensors. Tensors are read one at a time (a lazy mapping, such as a view of
+    The overall cosine uses all shared tensors, each name once: a tied embedding given under both of its names
+    (``lm_head.weight`` and ``embed_tokens.weight``) counts twice, so leave one out with ``keys``. Tensors are read one at a time (a lazy mapping, such as a view of
     safetensors shards, or a callable ``name → tensor`` works) and processed in fp32 on their device.
 
     Args:
@@ -950,8 +951,10 @@ def task_vector_geometry(
             names = list(delta_a.keys())
             if isinstance(delta_b, Mapping):
                 missing = [n for n in names if n not in delta_b]
-                if missing:
-                    logger.warning("%d tensors of delta_a are not in delta_b and are skipped", len(missing))
+                only_b = sum(1 for n in delta_b.keys() if n not in delta_a)
+                for count, one, other in ((len(missing), "delta_a", "delta_b"), (only_b, "delta_b", "delta_a")):
+                    if count:
+                        logger.warning("%d tensors of %s are not in %s and are skipped", count, one, other)
                 names = [n for n in names if n in delta_b]
         elif isinstance(delta_b, Mapping):
             names = list(delta_b.keys())
@@ -1140,6 +1143,9 @@ def generate(
         True
     """
     _check_batch_size(batch_size)
+    if not do_sample and (temperature != 1.0 or top_p != 1.0):
+        logger.warning("generate: temperature=%s and top_p=%s are sampling settings, and do_sample=False decodes "
+                       "greedily without them; pass do_sample=True to sample.", temperature, top_p)
     texts = render_prompts(
         tokenizer, prompts, force_think_open=force_think_open, chat_template_kwargs=chat_template_kwargs
     )
@@ -1198,8 +1204,9 @@ def normalize_prompt(text: str) -> str:
     symbols other than mathematical ones turned into spaces (so "cats.Do" and "cats. Do" agree, while "2+3" and
     "2×3" stay apart), invisible format characters (zero-width spaces …) dropped, whitespace collapsed. The ASCII
     operators ``* / % ^`` count as mathematical, and so does a hyphen with a digit next to it (a minus: "2-3",
-    "-5"), while a hyphen between words is a space ("well-known" and "well known" agree). The minus sign (U+2212),
-    and a figure or en dash with a digit next to it, are the hyphen's minus ("12−4", "12–4" and "12-4" agree).
+    "-5"), while a hyphen between words is a space ("well-known" and "well known" agree). The minus sign (U+2212)
+    is read as the hyphen, and so is a figure or en dash with a digit next to it ("12−4", "12–4" and "12-4" agree;
+    "x − y" and "x - y" agree).
     Mathematical symbols stand apart from their neighbours, so "12*4" and "12 * 4" agree.
 
     Example:
@@ -1212,9 +1219,7 @@ def normalize_prompt(text: str) -> str:
     for i, ch in enumerate(text):
         if ch == "\u2212" or (ch in _NUMERIC_DASHES and _digit_beside(text, i)):
             ch = "-"
-            math = True
-        else:
-            math = ch in _ASCII_OPERATORS or (ch == "-" and _digit_beside(text, i))
+        math = ch in _ASCII_OPERATORS or (ch == "-" and _digit_beside(text, i))
         category = unicodedata.category(ch)
         math = math or category == "Sm"
         if math != in_math:

@@ -758,6 +758,17 @@ def test_task_vector_geometry_lazy_sources_and_randomized_svd():
     assert ev.task_vector_geometry(a.__getitem__, b.__getitem__, k=2, keys=list(a)) == expected
     with pytest.raises(ValueError, match="keys"):
         ev.task_vector_geometry(a.__getitem__, b.__getitem__)
+
+
+def test_task_vector_geometry_names_tensors_either_side_lacks(caplog):
+    a = _random_deltas(0)
+    one = dict(list(a.items())[:1])
+    for first, second, side in ((one, a, "of delta_b are not in delta_a"), (a, one, "of delta_a are not in delta_b")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="rain_hf.evaluation"):
+            geo = ev.task_vector_geometry(first, second, k=1)
+        assert f"{len(a) - 1} tensors {side}" in caplog.text
+        assert sum(m["num_tensors"] for m in geo["modules"].values()) == 1
     # rank-2 deltas: the randomized range finder recovers the exact top-2 subspace
     gen = torch.Generator().manual_seed(5)
     low = {
@@ -924,6 +935,14 @@ def test_generate_sampling_is_seeded(model, tokenizer):
     assert ev.generate(model, tokenizer, PROMPTS, seed=8, **kwargs) != first
 
 
+def test_generate_warns_that_greedy_decoding_drops_sampling_settings(model, tokenizer, caplog):
+    greedy = ev.generate(model, tokenizer, PROMPTS, max_new_tokens=5)
+    assert "sampling settings" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="rain_hf.evaluation"):
+        assert ev.generate(model, tokenizer, PROMPTS, max_new_tokens=5, temperature=0.6, top_p=0.95) == greedy
+    assert "temperature=0.6 and top_p=0.95" in caplog.text and "do_sample=True" in caplog.text
+
+
 def test_completion_ids():
     assert ev._completion_ids([5, 6, 3, 0, 0], stop_ids=[3], pad_token_id=0) == [5, 6]
     assert ev._completion_ids([5, 6, 0, 0], stop_ids=[3], pad_token_id=0) == [5, 6]
@@ -975,7 +994,8 @@ def test_calibration_overlap():
     # a typeset minus or dash between numbers is the hyphen's minus ("12–4" lost its operator)
     assert {ev.normalize_prompt(f"What is 12{op}4?") for op in ("-", "\u2212", "\u2013", "\u2012", " - ")} == {
         "what is 12 - 4"}
-    assert ev.normalize_prompt("x \u2212 y") == "x - y"
+    assert ev.normalize_prompt("x \u2212 y") == ev.normalize_prompt("x - y")  # a minus sign reads as the hyphen
+    assert ev.normalize_prompt("2\u2212x") == "2 - x" == ev.normalize_prompt("2-x")
     assert ev.normalize_prompt("a \u2013 b") == "a b"
     operators = ev.calibration_overlap(["Compute 12*4."], ["Compute 12/4.", "Compute 12-4.", "Compute 12 * 4"])
     assert operators.normalized_indices == [2]
