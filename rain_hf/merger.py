@@ -1641,8 +1641,9 @@ class RainMerger:
             logger.warning(self.report.warnings[-1])
         if chosen is None:
             chosen = float(min(cfg.lam_grid))
-            guard = "" if cfg.lam_auto_min_think_open is None else \
-                f" with a think-open share ≥ {cfg.lam_auto_min_think_open}"
+            # the think-open share is only checked where it was measured (not with a template that writes <think>)
+            checked = cfg.lam_auto_min_think_open is not None and any(row["think_open"] is not None for row in search)
+            guard = f" with a think-open share ≥ {cfg.lam_auto_min_think_open}" if checked else ""
             self.report.warnings.append(f"lam='auto': no λ of the grid keeps L_think ≤ {cfg.lam_auto_max_kl}"
                                         f"{guard}; using the smallest, {chosen}")
             logger.warning(self.report.warnings[-1])

@@ -2326,6 +2326,13 @@ def test_lam_auto_search_edge_cases(qwen2, monkeypatch, caplog):
         none = _merger(qwen2, lam="auto", lam_grid=[4.0, 16.0], stage2=False, lam_auto_max_kl=1e-12)
         none.merge(reasoning_records(8))
     assert none.report.lam == 4.0 and "no λ of the grid keeps L_think" in caplog.text  # logged, not only recorded
+    # this random model never opens <think> first: no think-open share was measured, so the warning names none
+    assert all(row["think_open"] is None for row in none.report.lam_search) and "think-open share" not in caplog.text
+    caplog.clear()
+    with monkeypatch.context() as patch, caplog.at_level(logging.WARNING, logger="rain_hf.merger"):
+        patch.setattr(evaluation, "think_open_share", lambda *a: 0.5)  # measured, and below the guard's 0.98
+        _merger(qwen2, lam="auto", lam_grid=[4.0], stage2=False, lam_auto_max_kl=1e-12).merge(reasoning_records(8))
+    assert "no λ of the grid keeps L_think ≤ 1e-12 with a think-open share ≥ 0.98" in caplog.text
     # a pass above a failure: picked (the largest that passes), with a warning that the budget is not monotone
     values = iter([0.0, 1.0, 0.0])
     monkeypatch.setattr(evaluation, "kl_rows", lambda *a: torch.tensor([next(values)]))
