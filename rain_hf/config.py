@@ -40,7 +40,9 @@ def did_you_mean(unknown: Sequence[Any], known: Iterable[str]) -> str:
 _PEFT_CONVENTIONS = "no such switch: TIES and DARE follow peft's conventions (see rain_hf.methods)"
 #: mergekit's merge parameters and what RainMergingConfig has instead, named in the error on an unknown key
 MERGEKIT_PARAMETERS = {"weight": "use lam", "lambda": "use lam", "t": "use slerp_t", "out_dtype": "use output_dtype",
-                       "normalize": _PEFT_CONVENTIONS, "rescale": _PEFT_CONVENTIONS, "int8_mask": _PEFT_CONVENTIONS}
+                       "normalize": _PEFT_CONVENTIONS, "rescale": _PEFT_CONVENTIONS,
+                       "int8_mask": "leave it out: in mergekit it only stores the masks in int8 to save memory, and "
+                                    "changes no merged value"}
 
 #: mergekit merge methods whose name is close to one of ours but means another merge (``linear`` is not
 #: ``dare_linear``), or that are not offered here
@@ -87,7 +89,8 @@ class RainMergingConfig:
         method: ``"rain"`` or a baseline: ``"task_arithmetic"``, ``"ties"``, ``"dare_ties"``, ``"dare_linear"``,
             ``"slerp"``.
         lam: global strength λ of θ = θ_R + λ·α⊙Δ⊥ (also the weight of the instruct vector in the baselines;
-            with ``ties`` and ``dare_ties`` λ = 0 is not the reasoning model, see :mod:`rain_hf.methods`),
+            with ``ties`` and ``dare_ties``, and ``dare_linear`` at ``density`` < 1, λ = 0 is not the reasoning
+            model, see :mod:`rain_hf.methods`),
             or ``"auto"`` to pick λ on ``lam_grid`` from calibration data alone. Left unset, it is ``"auto"`` for
             ``method="rain"`` (no fixed λ fits every model size: the paper's 7B merge used λ ≈ 1, the organism
             benchmark needs 4–5) and 1.0 for the baselines.
@@ -275,6 +278,10 @@ class RainMergingConfig:
         if isinstance(self.lam, str):
             if self.lam != "auto":
                 raise ConfigError(f"RainMergingConfig.lam={self.lam!r}: use a number or 'auto'.")
+            if self.method == "slerp":
+                raise ConfigError("RainMergingConfig.lam='auto' works with method='rain' only, and slerp does not "
+                                  "use lam: leave lam out and set slerp_t, the interpolation from the reasoning "
+                                  "model (0) to the instruct model (1).")
             if self.method != "rain":
                 raise ConfigError(f"RainMergingConfig.lam='auto' works with method='rain' only (it measures L_think "
                                   f"on held-out reasoning samples); give method={self.method!r} a number.")

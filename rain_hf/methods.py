@@ -12,7 +12,7 @@ model's tensor θ_R, the base model's tensor θ_B (when :func:`needs_base` says 
 ``slerp``                 SLERP(θ_R, θ_I; t = ``slerp_t``) with θ_I = θ_B + Δ_I  (λ is not used)
 ========================  ===========================================================================
 
-TIES / DARE convention: **peft's** (:mod:`peft.utils.merge_utils`, whose functions this module calls), not
+TIES / DARE convention: **peft's** (:mod:`peft.utils.merge_utils`, whose conventions this module reimplements), not
 mergekit's:
 
 * trimming (TIES): each task vector keeps its ``int(density · numel)`` largest-magnitude entries, as peft's
@@ -33,12 +33,13 @@ mergekit's:
 
 The weights are ``[1, λ]`` for ``[Δ_R, Δ_I]``. In the ``*_ties`` methods λ weighs Δ_I's entries in the sum but
 not in the sign election or the count, so λ = 0 does not give back the reasoning model: where Δ_I agrees with
-the elected sign Δ_R's entry is halved, and where Δ_I outweighs it with the other sign it is dropped.
+the elected sign Δ_R's entry is halved, and where Δ_I outweighs it with the other sign it is dropped. Nor does
+``dare_linear`` below density 1: Δ_R is dropped and rescaled too.
 
-DARE's random masks are the one departure from peft: peft draws them from torch's global generator, this module
-from a :class:`torch.Generator` seeded with :func:`tensor_seed` (``config.seed`` and a CRC-32 of the tensor's
-name), on the CPU, so a merge is reproducible whatever the order, device or number of workers that process the
-tensors.
+Besides the tie order at the trim cut, the other departure from peft is DARE's random masks: peft draws them from
+torch's global generator, this module from a :class:`torch.Generator` seeded with :func:`tensor_seed`
+(``config.seed`` and a CRC-32 of the tensor's name), on the CPU, so a merge is reproducible whatever the order,
+device or number of workers that process the tensors.
 
 SLERP interpolates along the great circle between the flattened tensors (the angle is measured between their
 normalised copies, the interpolation weights are applied to the tensors themselves, as mergekit does) and falls
@@ -178,6 +179,9 @@ def merge_tensor(
         raise ValueError(f"merge_tensor needs a finite lam >= 0, got {weight!r}.")
     if method in ("ties", "dare_ties", "dare_linear") and not 0.0 < float(config.density) <= 1.0:
         raise ValueError(f"config.density={config.density!r}: the share of entries {method} keeps must be in (0, 1].")
+    if method == "slerp" and not 0.0 <= float(config.slerp_t) <= 1.0:
+        raise ValueError(f"config.slerp_t={config.slerp_t!r}: slerp interpolates from the reasoning model (0) to the "
+                         "instruct model (1); use a value in [0, 1].")
     if reasoning.shape != delta_instruct.shape:
         raise ValueError(f"{key}: reasoning tensor {tuple(reasoning.shape)} and instruct task vector "
                          f"{tuple(delta_instruct.shape)} differ in shape.")

@@ -136,6 +136,7 @@ def test_bad_yaml_exits_2_with_one_line(tmp_path, capsys, content, expected):
      "('normalize' is mergekit's: no such switch: TIES and DARE follow peft's conventions (see rain_hf.methods)) "
      "('t' is mergekit's: use slerp_t) ('weight' is mergekit's: use lam); known keys: ["),
     ({"density": 2.0}, "density=2.0 must be <= 1"),
+    ({"int8_mask": True}, "('int8_mask' is mergekit's: leave it out: in mergekit it only stores the masks in int8"),
     ({"positions": "everywhere"}, "positions='everywhere' is not one of"),
     ({"positions": "Window"}, "is not one of ['think', 'think+prev', 'window', 'window-before-answer'] (did you mean "
                               "'window'?)"),

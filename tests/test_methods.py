@@ -62,6 +62,13 @@ def test_method_lists():
         needs_base("average")
 
 
+def test_lam_auto_is_refused_for_the_baselines_with_what_to_set():
+    with pytest.raises(ValueError, match="give method='ties' a number"):
+        RainMergingConfig(method="ties", lam="auto")
+    with pytest.raises(ValueError, match="slerp does not use lam: leave lam out and set slerp_t"):
+        RainMergingConfig(method="slerp", lam="auto")
+
+
 @pytest.mark.parametrize("lam", [0.0, 0.7, 2.5])
 def test_task_arithmetic(lam):
     reasoning, _, delta = _triple()
@@ -264,3 +271,7 @@ def test_merge_tensor_refuses_weights_that_cannot_merge():
     cfg.density = 0.0  # edited after validation: merge_tensor is public, and 1/density would give NaN weights
     with pytest.raises(ValueError, match=r"density=0.0: the share of entries dare_linear keeps must be in \(0, 1\]"):
         merge_tensor("dare_linear", reasoning, base, delta, cfg, KEY)
+    cfg = RainMergingConfig(method="slerp")
+    cfg.slerp_t = 2.0  # would extrapolate past the instruct model
+    with pytest.raises(ValueError, match=r"slerp_t=2.0: .* use a value in \[0, 1\]"):
+        merge_tensor("slerp", reasoning, base, delta, cfg, KEY)
