@@ -22,6 +22,8 @@ PRECISIONS = ("float32", "float64")
 # Smallest usable rcond per SVD precision, ~100 machine epsilons: a float32 SVD of a rank-300 feature matrix
 # [2400, 3584] gave noise singular values at 1.2e-6·σ_max (the exact ones are 0).
 RCOND_FLOOR = {"float32": 1e-5, "float64": 1e-13}
+#: the ridge strength that half-protects directions at RCOND_FLOOR·σ_max (ε = ridge·σ_max², shrink s²/(s² + ε))
+RIDGE_FLOOR = {"float32": 1e-10, "float64": 1e-26}
 
 CONFIG_NAME = "rain_merging_config.json"
 
@@ -124,7 +126,8 @@ class RainMergingConfig:
             span the protected subspace) or ``"ridge"`` (ΔW − ΔW Hᵀ(HHᵀ+εI)⁻¹H with ε = ``ridge``·σ_max²).
         rcond: relative singular-value cut-off of the SVD projection (at least 1e-5 with float32 precision, 1e-13
             with float64: smaller cut-offs would count rounding noise as features).
-        ridge: relative ridge strength of the ridge projection.
+        ridge: relative ridge strength of the ridge projection (at least 1e-10 with float32 precision, 1e-26 with
+            float64, for the same reason).
         project_bias: also merge biases, projecting [ΔW | Δb] against features with a constant 1 column (every
             method; off, the merged modules keep the reasoning model's biases, and a plan warns when the instruct
             model changed them).
@@ -324,6 +327,14 @@ class RainMergingConfig:
                 f"RainMergingConfig.rcond={self.rcond!r} is below what a {self.precision} SVD resolves: singular "
                 f"values under about {floor:g}·σ_max are rounding noise there, and protecting their directions "
                 f"would remove task-vector directions no feature asks to protect. Use rcond >= {floor:g}"
+                + (" or precision='float64'." if self.precision == "float32" else ".")
+            )
+        if self.projection == "ridge" and self.ridge < RIDGE_FLOOR[self.precision]:
+            raise ConfigError(
+                f"RainMergingConfig.ridge={self.ridge!r} is below what a {self.precision} SVD resolves: it would "
+                f"protect directions of singular values down to about {self.ridge**0.5:.1g}·σ_max, while those "
+                f"under about {floor:g}·σ_max are rounding noise, and remove task-vector directions no feature "
+                f"asks to protect. Use ridge >= {RIDGE_FLOOR[self.precision]:g}"
                 + (" or precision='float64'." if self.precision == "float32" else ".")
             )
         number("rho", 0.0)

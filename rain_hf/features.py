@@ -214,6 +214,7 @@ def find_target_modules(model: nn.Module, config: RainMergingConfig) -> list[Tar
     regex = re.compile(config.target_modules) if isinstance(config.target_modules, str) and not every else None
     entries = [] if every or regex else list(config.target_modules)
     matched: set[str] = set()
+    matched_in_layers: set[str] = set()
     targets: list[TargetModule] = []
     for idx, block in enumerate(layers):
         attn = _attention_of(block)
@@ -231,6 +232,7 @@ def find_target_modules(model: nn.Module, config: RainMergingConfig) -> list[Tar
                 matched.add(regex.pattern)
             if (not every and not hits) or idx not in wanted_layers:
                 continue
+            matched_in_layers.update(hits)
             out_f, in_f = module.weight.shape
             kind = "other"
             in_attention = attn_name is not None and sub.startswith(attn_name + ".")
@@ -249,6 +251,11 @@ def find_target_modules(model: nn.Module, config: RainMergingConfig) -> list[Tar
         raise ConfigError(f"target_modules entries {unmatched} match no linear module in the decoder blocks, whose "
                           f"linear modules are {names}: name them or a dotted suffix of their names (e.g. "
                           "['q_proj', 'mlp.down_proj']), or use 'all-linear'.")
+    outside = [e for e in entries if e not in matched_in_layers]
+    if outside and len(outside) < len(entries):  # with nothing selected at all, the error below says so
+        raise ConfigError(f"target_modules entries {outside} match no linear module in the layers "
+                          f"{sorted(wanted_layers)} that config.layers selects, only modules of other layers: add "
+                          "their layers or drop the entries.")
     if not targets:
         conv1d = sorted({sub for block in layers for sub, m in block.named_modules()
                          if type(m).__name__ == "Conv1D"})

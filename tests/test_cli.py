@@ -162,6 +162,18 @@ def test_small_rcond_is_accepted_where_it_is_resolved_or_unused():
 
     RainMergingConfig(rcond=1e-9, precision="float64").validate()
     RainMergingConfig(rcond=1e-9, projection="ridge").validate()  # ridge does not cut singular values
+    RainMergingConfig(ridge=1e-10, projection="ridge").validate()
+    RainMergingConfig(ridge=1e-14, projection="ridge", precision="float64").validate()
+    RainMergingConfig(ridge=1e-14).validate()  # the svd projection does not read it
+
+
+def test_ridge_below_what_float32_resolves_is_refused():
+    from rain_hf.config import ConfigError, RainMergingConfig
+
+    # ε = ridge·σ_max² would half-protect float32 rounding noise at √ridge·σ_max = 1e-7·σ_max
+    with pytest.raises(ConfigError, match=r"ridge=1e-14 is below what a float32 SVD resolves: .* about 1e-07·σ_max"
+                                          r".* Use ridge >= 1e-10 or precision='float64'\."):
+        RainMergingConfig(ridge=1e-14, projection="ridge").validate()
 
 
 @pytest.mark.parametrize("change, expected", [

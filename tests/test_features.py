@@ -46,6 +46,11 @@ def test_target_modules_match_dotted_suffixes_as_in_peft(qwen2_skeleton):
     with pytest.raises(ConfigError, match=r"matches no linear module in the layers \[0\] that config.layers"):
         find_target_modules(qwen2_skeleton, RainMergingConfig(lam=1.0, target_modules=["layers.1.mlp.up_proj"],
                                                               layers=[0]))
+    # beside an entry that selects something, one that names only other layers' modules is not dropped unsaid
+    with pytest.raises(ConfigError, match=r"entries \['layers.1.mlp.up_proj'\] match no linear module in the layers "
+                                          r"\[0\] that config.layers selects, only modules of other layers"):
+        find_target_modules(qwen2_skeleton, RainMergingConfig(lam=1.0, target_modules=["layers.1.mlp.up_proj",
+                                                                                         "q_proj"], layers=[0]))
 
 
 @pytest.mark.parametrize("entries, named", [(["q_proj", "dwon_proj"], "['dwon_proj']"),
