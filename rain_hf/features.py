@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -463,26 +463,32 @@ class ThinkFeatures:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ThinkFeatures:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FEATURES_FORMAT:
-                raise ValueError(f"{path} is not a rain_hf thinking-features file (format {meta.get('format')!r}).")
-            bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-            held = {}
-            for key in f.keys():
-                group, part = key.rsplit("::", 1)
-                if group == HELDOUT:
-                    held[part] = f.get_tensor(key).tolist()
-                    continue
-                v, s = bases.get(group, (None, None))
-                if part == "V":
-                    v = f.get_tensor(key)
-                else:
-                    s = f.get_tensor(key)
-                bases[group] = (v, s)
         def damaged(what: str) -> ValueError:
             return ValueError(f"{path} is damaged: {what}. Compute the features again "
                               "(RainMerger.compute_features) and save them.")
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FEATURES_FORMAT:
+                    raise ValueError(f"{path} is not a rain_hf thinking-features file (format "
+                                     f"{meta.get('format')!r}).")
+                bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+                held = {}
+                for key in f.keys():
+                    group, part = key.rsplit("::", 1)
+                    if group == HELDOUT:
+                        held[part] = f.get_tensor(key).tolist()
+                        continue
+                    v, s = bases.get(group, (None, None))
+                    if part == "V":
+                        v = f.get_tensor(key)
+                    else:
+                        s = f.get_tensor(key)
+                    bases[group] = (v, s)
+        except SafetensorError as exc:  # a cut-off copy, or a file of another kind
+            raise damaged(f"it is no complete safetensors file ({exc}); if it is not the features file, pass the "
+                          "one merger.features.save(path) wrote") from exc
 
         try:
             module_group, settings = json.loads(meta["module_group"]), json.loads(meta["settings"])

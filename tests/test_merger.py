@@ -681,6 +681,13 @@ def test_features_reused_from_memory_and_disk(qwen2, tmp_path):
     save_file(tensors, tmp_path / "damaged.safetensors", metadata={**meta, "settings": "[]"})
     with pytest.raises(ValueError, match="is damaged: its module_group or settings"):
         ThinkFeatures.load(tmp_path / "damaged.safetensors")
+    # a cut-off copy, or another kind of file: the same refusal, not safetensors' header error alone
+    (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    (tmp_path / "notes.txt").write_text("not features")
+    for name in ("cut.safetensors", "notes.txt"):
+        with pytest.raises(ValueError, match=f"{name} is damaged: it is no complete safetensors file .*Compute the "
+                                             r"features again \(RainMerger.compute_features\)"):
+            ThinkFeatures.load(tmp_path / name)
 
 
 def test_features_from_another_tokenizer_or_dtype_are_warned_about(qwen2, tmp_path):
