@@ -10,12 +10,15 @@ The memory/time figures of a larger model come from ``python -m benchmarks.merge
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+# progress bars (tens of kB over a dozen merges) would push the figures out of a captured output's tail
+os.environ.setdefault("TQDM_DISABLE", "1")
+import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ORG = HERE / "organism"

@@ -28,3 +28,20 @@ def test_merge_memory_reads_a_relative_workdir_from_the_callers_folder(tmp_path,
     assert sorted(p.name for p in (tmp_path / "rel").iterdir()) == ["merged-tiny", "qwen2-tiny"]
     assert ("stage 1: 2 forward passes for 1 batches over 2 layers, and 1 of the think_spacing check: OK"
             in capsys.readouterr().out)
+
+
+def test_side_benchmarks_refuse_arguments_that_would_fail_late_or_overwrite_committed_files(tmp_path, capsys):
+    from benchmarks.organism import first_token, stage2
+    from benchmarks.organism.bench import HERE
+
+    for bad in ("nan", "inf", "-1", "4,nan"):  # refused before any model loads, not as a checkpoint's NaN
+        with pytest.raises(SystemExit) as exc:
+            stage2.main(["--lams", bad, "--out", str(tmp_path / "s2")])
+        assert exc.value.code == 2 and "each λ is a finite number >= 0" in capsys.readouterr().err
+    other = tmp_path / "organism"  # another organism: its figures must not replace the committed FIRST_TOKEN.md
+    other.mkdir()
+    for part in ("checkpoints", "data"):
+        (other / part).symlink_to(HERE / part)
+    before = (HERE / "FIRST_TOKEN.md").read_bytes()
+    assert first_token.main(["--organism", str(other)]) == 2
+    assert "give --out DIR" in capsys.readouterr().err and (HERE / "FIRST_TOKEN.md").read_bytes() == before

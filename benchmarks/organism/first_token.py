@@ -266,6 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"The organism is not built (missing {org.missing()[0]}): run `python -m benchmarks.organism.build`.",
               file=sys.stderr)
         return 2
+    if args.out is None and not args.quick and args.organism.resolve() != HERE:
+        print(f"--organism {args.organism} is not the committed organism, whose FIRST_TOKEN.md this run would "
+              "replace: give --out DIR.", file=sys.stderr)
+        return 2
     out = args.out or (Path(tempfile.mkdtemp(prefix="organism-first-token-")) if args.quick else HERE)
     problem = out_folder_problem(out)
     if problem:
