@@ -250,6 +250,23 @@ def test_sigterm_removes_the_half_written_output(triple, tmp_path, capsys, monke
     assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) == before
 
 
+def test_ctrl_c_exits_130_and_removes_the_half_written_output(triple, tmp_path, capsys, monkeypatch):
+    from rain_hf import writer
+
+    root, _ = triple
+    write = writer.ShardedSafetensorsWriter.write
+
+    def interrupted_midway(self, name, tensor):
+        write(self, name, tensor)
+        raise KeyboardInterrupt  # Ctrl-C
+
+    monkeypatch.setattr(writer.ShardedSafetensorsWriter, "write", interrupted_midway)
+    config = _job_file(root, tmp_path, method="task_arithmetic", calibration=None)
+    assert main([str(config), "--out", str(tmp_path / "out")]) == 130  # 128 + SIGINT, as shells report it
+    assert "interrupted" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_missing_model_folder_is_a_configuration_error(tmp_path, capsys, monkeypatch):
     # a name written as a path is never a Hub id: a missing folder is the YAML's problem (exit 2), named at once
     config = _write(tmp_path / "configs", _minimal(tmp_path / "configs", base_model="./models/nowhere"))

@@ -363,6 +363,9 @@ IFEVAL_CASES = [
         [False],
         [True],  # loose drops the last line
     ),
+    # loose drops the first line ("Here you go:"), or the first and the last
+    ("Here you go:\nall lowercase text", "p", ["change_case:english_lowercase"], [{}], [False], [True]),
+    ("Intro:\nlowercase body\nThanks!", "p", ["change_case:english_lowercase"], [{}], [False], [True]),
     ('"quoted answer"', "p", ["startend:quotation"], [{}], [True], [True]),
     ('**"quoted answer"**', "p", ["startend:quotation"], [{}], [False], [True]),  # loose strips *
     ("<<A Title>>\nbody text", "p", ["detectable_format:title"], [{}], [True], [True]),

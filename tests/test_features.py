@@ -360,6 +360,34 @@ def test_sliding_window_layers_count_only_queries_whose_window_reaches_the_instr
             torch.testing.assert_close(alpha[0], (score / score.mean()).clamp(0, 2).float())
 
 
+def test_a_sample_without_constrained_tokens_counts_for_leakage_only():
+    """A sample whose R spans max_length cut away adds to the leakage mean u and not to the alignment mean a."""
+    from rain_hf import testing
+    from rain_hf.calibration import prepare_instruction_calibration
+    from rain_hf.features import collect_attention_stats
+
+    tokenizer = testing.build_tokenizer()
+    samples = prepare_instruction_calibration(testing.instruction_records(3), tokenizer, RainMergingConfig(lam=1.0))
+    samples[0] = dataclasses.replace(samples[0], constrained_spans=[])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(testing.model_config("qwen2", len(tokenizer)))
+    a, u = collect_attention_stats(model, samples, [0, 1], 2, tokenizer.pad_token_id)
+    model.set_attn_implementation("eager")
+    per_sample = {"a": [], "u": []}
+    for s in samples:
+        with torch.no_grad():
+            maps = model(torch.tensor([s.input_ids]), output_attentions=True).attentions
+        instr = [x for a_, b_ in s.instruction_spans for x in range(a_, b_)]
+        for key, spans in (("a", s.constrained_spans), ("u", s.unrelated_spans)):
+            queries = [t for a_, b_ in spans for t in range(a_, b_)]
+            if queries:
+                per_sample[key].append(torch.stack([m[0][:, queries][:, :, instr].double().sum(dim=2).mean(dim=1)
+                                                    for m in maps[:2]]))
+    assert (len(per_sample["a"]), len(per_sample["u"])) == (2, 3)
+    torch.testing.assert_close(a, torch.stack(per_sample["a"]).mean(dim=0).to(a.dtype))
+    torch.testing.assert_close(u, torch.stack(per_sample["u"]).mean(dim=0).to(u.dtype))
+
+
 def test_local_attention_reach_matches_the_masks_transformers_builds():
     from transformers import Gemma2Config, Llama4TextConfig, Qwen2Config
 

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -1617,19 +1618,23 @@ def test_settings_a_merge_does_not_read_are_warned_about_and_change_nothing(qwen
         assert torch.equal(value, before[key]), key
 
 
-@pytest.mark.parametrize("role, method", [("instruct", "rain"), ("instruct", "ties"), ("reasoning", "rain"),
-                                          ("base", "task_arithmetic")])
-def test_non_finite_weights_are_refused_with_their_model_named(qwen2, tmp_path, role, method):
+@pytest.mark.parametrize("role, method, key", [
+    ("instruct", "rain", "model.layers.1.mlp.up_proj.weight"), ("instruct", "ties", "model.layers.1.mlp.up_proj.weight"),
+    ("reasoning", "rain", "model.layers.1.mlp.up_proj.weight"),
+    ("base", "task_arithmetic", "model.layers.1.mlp.up_proj.weight"),
+    ("instruct", "rain", "model.layers.1.self_attn.q_proj.bias"),  # merged biases are checked as weights are
+])
+def test_non_finite_weights_are_refused_with_their_model_named(qwen2, tmp_path, role, method, key):
     folders = {r: tmp_path / r for r in ("base", "reasoning", "instruct")}
     for r, folder in folders.items():
         shutil.copytree(qwen2[r], folder)
     weights = _weights(folders[role])
-    weights["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")  # a damaged file or a diverged fine-tune
+    weights[key].view(-1)[3] = float("nan")  # a damaged file or a diverged fine-tune
     save_file(weights, str(folders[role] / "model.safetensors"), metadata={"format": "pt"})
-    merger = _merger(folders, method=method, lam=1.0, stage1=False, stage2=False)
+    merger = _merger(folders, method=method, lam=1.0, stage1=False, stage2=False, project_bias=key.endswith("bias"))
     what = {"instruct": "the instruct model's task vector", "reasoning": "the reasoning model's",
             "base": "the base model's and the instruct model's task vector"}[role]
-    with pytest.raises(CheckpointError, match=f"Merging model.layers.1.mlp.up_proj.weight gives NaN or infinite "
+    with pytest.raises(CheckpointError, match=f"Merging {re.escape(key)} gives NaN or infinite "
                                               f"values, from {what} tensor"):
         merger.merge()
     with pytest.raises(RuntimeError, match="Nothing to save"):
@@ -1791,6 +1796,10 @@ def test_output_dtype_wider_than_the_loaded_model_is_refused(qwen2, monkeypatch)
         with pytest.raises(ConfigError, match=r"torch_dtype='float32', or set RainMergingConfig\(output_dtype="
                                               r"'bfloat16'\)"):
             RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], **kwargs)
+    # as wide, yet neither holds the other: bfloat16's range, float16's precision
+    with pytest.raises(ConfigError, match=r"saved as float16 .* loaded as bfloat16, which cannot hold them exactly"):
+        RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], torch_dtype="bfloat16",
+                                   config=RainMergingConfig(output_dtype="float16"))
     with pytest.raises(ConfigError, match="disagree"):
         RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], torch_dtype="float32",
                                    dtype="bfloat16")

@@ -235,6 +235,8 @@ def test_slerp_falls_back_to_lerp_when_colinear():
     v1 = 3.0 * v0 + 1e-6
     torch.testing.assert_close(slerp(v0, v1, 0.25), 0.75 * v0 + 0.25 * v1)
     torch.testing.assert_close(slerp(torch.zeros(3), v0, 0.5), 0.5 * v0)
+    # pointing the opposite way is colinear too: sin ω ≈ 0 would blow the slerp weights up
+    torch.testing.assert_close(slerp(v0, -2.0 * v0, 0.25), torch.lerp(v0, -2.0 * v0, 0.25))
 
 
 def test_lam_override_and_errors():

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from rain_hf.config import ConfigError, RainMergingConfig, parse_size
-from rain_hf.writer import OutputExistsError, ShardedSafetensorsWriter, TensorSpec, atomic_directory
+from rain_hf.writer import OutputExistsError, ShardedSafetensorsWriter, TensorSpec, atomic_directory, plan_shards
 
 
 def test_shards_follow_byte_budget_and_reload_exactly(tmp_path):
@@ -33,6 +33,12 @@ def test_shards_follow_byte_budget_and_reload_exactly(tmp_path):
         loaded.update(load_file(tmp_path / f))
     for k, v in tensors.items():
         assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v)
+
+
+def test_a_shard_may_fill_its_budget_exactly():
+    specs = [TensorSpec(f"t{i}", (50,), torch.float32) for i in range(3)]  # 200 bytes each
+    assert [[s.name for s in shard] for shard in plan_shards(specs, 400)] == [["t0", "t1"], ["t2"]]
+    assert [[s.name for s in shard] for shard in plan_shards(specs, 399)] == [["t0"], ["t1"], ["t2"]]
 
 
 def test_writer_refuses_out_of_plan_tensors(tmp_path):
