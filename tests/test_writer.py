@@ -11,7 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from rain_hf.config import ConfigError, RainMergingConfig, parse_size
-from rain_hf.writer import OutputExistsError, ShardedSafetensorsWriter, TensorSpec, atomic_directory, plan_shards
+from rain_hf.writer import (
+    OutputExistsError,
+    ShardedSafetensorsWriter,
+    TensorSpec,
+    atomic_directory,
+    plan_shards,
+)
 
 
 def test_shards_follow_byte_budget_and_reload_exactly(tmp_path):
