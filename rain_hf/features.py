@@ -138,10 +138,13 @@ def _attention_of(block: nn.Module) -> tuple[str, nn.Module] | None:
 
 def unmergeable_weights(model: nn.Module) -> list[str]:
     """Names of the matrices (parameters with ≥ 2 dims) inside the decoder blocks that are not ``nn.Linear``
-    weights, such as the fused expert tensors of Mixtral or Qwen3-MoE: no method here merges them."""
+    weights, such as the fused expert tensors of Mixtral or Qwen3-MoE: no method here merges them. Norm weights
+    are left out, whatever their shape (Cohere's per-head q/k norms are [heads, head_dim]): no method merges a
+    norm, by design."""
     prefix, layers = find_decoder_layers(model)
-    linear = {id(m.weight) for m in layers.modules() if isinstance(m, nn.Linear)}
-    return [f"{prefix}.{name}" for name, p in layers.named_parameters() if p.dim() >= 2 and id(p) not in linear]
+    skip = {id(m.weight) for m in layers.modules() if isinstance(m, nn.Linear)}
+    skip |= {id(p) for m in layers.modules() if "norm" in type(m).__name__.lower() for p in m.parameters()}
+    return [f"{prefix}.{name}" for name, p in layers.named_parameters() if p.dim() >= 2 and id(p) not in skip]
 
 
 def local_attention(model_config) -> list[tuple[str, int] | None]:
@@ -248,9 +251,10 @@ def find_target_modules(model: nn.Module, config: RainMergingConfig) -> list[Tar
     unmatched = [e for e in entries if e not in matched]
     if unmatched:
         names = sorted({sub for block in layers for sub, m in block.named_modules() if isinstance(m, nn.Linear)})
+        example = [names[-1].rsplit(".", 1)[-1], names[0]] if len(names) > 1 else names
         raise ConfigError(f"target_modules entries {unmatched} match no linear module in the decoder blocks, whose "
                           f"linear modules are {names}: name them or a dotted suffix of their names (e.g. "
-                          "['q_proj', 'mlp.down_proj']), or use 'all-linear'.")
+                          f"{example}), or use 'all-linear'.")
     outside = [e for e in entries if e not in matched_in_layers]
     if outside and len(outside) < len(entries):  # with nothing selected at all, the error below says so
         raise ConfigError(f"target_modules entries {outside} match no linear module in the layers "

@@ -60,6 +60,7 @@ def test_target_modules_entry_matching_nothing_is_an_error(qwen2_skeleton, entri
     with pytest.raises(ConfigError, match="match no linear module") as err:
         find_target_modules(qwen2_skeleton, RainMergingConfig(lam=1.0, target_modules=entries))
     assert named in str(err.value) and "'mlp.down_proj'" in str(err.value)  # lists what there is
+    assert "(e.g. ['v_proj', 'mlp.down_proj'])" in str(err.value)  # the example is the model's own names
 
 
 def test_fused_expert_weights_are_reported_as_unmergeable(qwen2_skeleton):
@@ -74,6 +75,13 @@ def test_fused_expert_weights_are_reported_as_unmergeable(qwen2_skeleton):
         expected = [n for n, p in model.named_parameters()
                     if ".layers." in n and p.dim() >= 2 and n not in linear]
         assert expected and unmergeable_weights(model) == expected
+    # Cohere's per-head q/k norm weights are matrices, and norms: never merged, by design, so not reported
+    from transformers import CohereConfig
+
+    cohere = _meta(CohereConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, vocab_size=100, use_qk_norm=True))
+    assert any(p.dim() >= 2 and "q_norm" in n for n, p in cohere.named_parameters())
+    assert unmergeable_weights(cohere) == []
 
 
 def test_saved_features_ignore_a_window_their_position_set_does_not_use():
