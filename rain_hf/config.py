@@ -464,6 +464,10 @@ class RainMergingConfig:
             raise ConfigError(f"RainMergingConfig.from_dict expects a dict of fields, got {type(data).__name__}.")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known, key=str)
+        if unknown and "rain_hf_version" in data and isinstance(data.get("config"), dict):
+            raise ConfigError("This is a rain_merging_config.json sidecar (the config, the inputs and the report of "
+                              "a merge), not a config: read it with RainMergingConfig.load(path), or pass its "
+                              "'config' entry.")
         if unknown:
             others = [key for key in unknown if key not in MERGEKIT_PARAMETERS]
             raise ConfigError(f"Unknown RainMergingConfig keys {unknown}{mergekit_hints(unknown, MERGEKIT_PARAMETERS)}"
@@ -483,7 +487,8 @@ class RainMergingConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> RainMergingConfig:
-        """Read a config from a JSON file (a ``rain_merging_config.json`` sidecar works too)."""
+        """Read a config from a JSON file (a ``rain_merging_config.json`` sidecar works too: its config as the
+        merge ran, with an unset ``sequential`` set to the mode stage 1 ran in, as the card's YAML writes it)."""
         with open(path, encoding="utf-8") as f:
             try:
                 data = json.load(f)
@@ -495,7 +500,13 @@ class RainMergingConfig:
                               f"{type(data).__name__}.")
         written_by = None
         if "config" in data and isinstance(data["config"], dict):  # the sidecar written by save_pretrained
-            written_by, data = data.get("rain_hf_version"), data["config"]
+            projection = (data.get("report") or {}).get("projection")
+            written_by, data = data.get("rain_hf_version"), dict(data["config"])
+            if data.get("sequential", False) is None and projection in ("sequential", "one-shot"):
+                # unset, the mode follows the data a merge is given: features passed in ran one-shot
+                data["sequential"] = projection == "sequential"
+                if not data["sequential"]:
+                    data["sequential_offload"] = False
         try:
             return cls.from_dict(data)
         except ConfigError as exc:

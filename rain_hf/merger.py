@@ -909,7 +909,14 @@ class RainMerger:
     def _prepare(self, kind: str, data) -> list[CalibrationSample]:
         prepare = prepare_reasoning_calibration if kind == "reasoning" else prepare_instruction_calibration
         stats: dict[str, Any] = {}
-        samples = prepare(data, self.tokenizer, self.config, model=self.model, stats=stats)
+        with _collected_warnings("rain_hf.calibration") as said:
+            samples = prepare(data, self.tokenizer, self.config, model=self.model, stats=stats)
+        # what the data made the library say (sets swapped, answers cut short, spans not found) belongs in the card
+        # (many: the first ones and the last, which sums up skipped malformed samples)
+        shown = said if len(said) <= _CALIBRATION_WARNINGS_SHOWN else said[: _CALIBRATION_WARNINGS_SHOWN - 2] + [
+            f"… {len(said) - _CALIBRATION_WARNINGS_SHOWN + 1} more warnings about the {kind} calibration data, which "
+            "the log holds; the last:", said[-1]]
+        self.report.warnings.extend(shown)
         self._generated_traces = int(stats.get("num_generated") or 0)  # the model wrote some samples' traces
         if kind == "reasoning" and not self._touched:  # the reasoning model's own predictions
             self._spacing_warnings = self._check_think_spacing(samples)
@@ -1937,6 +1944,26 @@ def _think_open_at(ids: Sequence[int], open_id: int) -> int | None:
     """Index of the think-open token that opens the block: the last one (a prompt may quote the token, the
     thinking and answer may not); ``None`` without one."""
     return len(ids) - 1 - list(ids)[::-1].index(open_id) if open_id in ids else None
+
+
+_CALIBRATION_WARNINGS_SHOWN = 5
+
+
+@contextlib.contextmanager
+def _collected_warnings(name: str) -> Iterator[list[str]]:
+    """The messages of the warnings logged under ``name`` inside the block (they are logged as usual too)."""
+    said: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    handler = Collect(logging.WARNING)
+    logging.getLogger(name).addHandler(handler)
+    try:
+        yield said
+    finally:
+        logging.getLogger(name).removeHandler(handler)
 
 
 def _file_sha256(path: str | os.PathLike) -> str:

@@ -2377,6 +2377,22 @@ def test_editing_the_passed_config_warns_once_per_edit(qwen2, caplog):
     assert "changed afterwards (lam=4.0)" in caplog.text
 
 
+def test_warnings_about_the_calibration_data_reach_the_report_and_the_card(qwen2, tmp_path):
+    merger = _merger(qwen2, lam=1.0, stage2=False, sequential=False)
+    merger.merge(instruction_records(4))  # the instruction set passed as the reasoning set
+    swapped = [w for w in merger.report.warnings if "looks like the instruction calibration set" in w]
+    assert len(swapped) == 1
+    merger.save_pretrained(tmp_path / "out")
+    assert "looks like the instruction calibration set" in (tmp_path / "out" / "README.md").read_text()
+    # seven malformed samples give seven warnings: the first three, a count, and the summing-up last one
+    merger.merge(reasoning_records(4) + [{"prompt": "x", "reasoning": "y", "response": 7}] * 7)
+    said = [w for w in merger.report.warnings if "malformed" in w or "more warnings" in w]
+    assert len(said) == 5 and all("Skipping malformed reasoning calibration sample" in w for w in said[:3])
+    assert said[3] == "… 3 more warnings about the reasoning calibration data, which the log holds; the last:"
+    assert said[4].startswith("Skipped 7 malformed reasoning calibration samples in all")
+    assert not any("looks like the instruction" in w for w in merger.report.warnings)  # a new merge, a new report
+
+
 def test_calibration_files_are_recorded_with_the_hash_sha256sum_prints(qwen2, tmp_path):
     import hashlib
 

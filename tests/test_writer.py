@@ -272,6 +272,17 @@ def test_config_round_trip_and_validation(tmp_path):
     with pytest.raises(ConfigError, match=r"Unknown RainMergingConfig keys \['future_field'\].*written by rain_hf "
                                           r"99\.0 and this is rain_hf .*install rain_hf 99\.0"):
         RainMergingConfig.load(tmp_path / "s.json")
+    # an unset sequential is read as the mode stage 1 ran in (features passed in run one-shot whatever the data)
+    ran = {"rain_hf_version": "0", "config": {**cfg.to_dict(), "sequential": None, "sequential_offload": True},
+           "report": {"projection": "one-shot"}}
+    (tmp_path / "s.json").write_text(json.dumps(ran))
+    loaded = RainMergingConfig.load(tmp_path / "s.json")
+    assert (loaded.sequential, loaded.sequential_offload) == (False, False)
+    ran["report"]["projection"] = "sequential"
+    (tmp_path / "s.json").write_text(json.dumps(ran))
+    assert RainMergingConfig.load(tmp_path / "s.json").sequential is True
+    with pytest.raises(ConfigError, match=r"This is a rain_merging_config.json sidecar .*RainMergingConfig.load"):
+        RainMergingConfig.from_json(json.dumps(ran))
     for bad, msg in [({"method": "fancy"}, "method"), ({"lam": "big"}, "lam"), ({"rcond": 0}, "rcond"),
                      ({"coef_min": 2.0, "coef_max": 1.0}, "coef_min"), ({"positions": "all"}, "positions"),
                      ({"target_modules": "attention("}, "target_modules"), ({"layers": [-1]}, "layers"),
