@@ -555,7 +555,8 @@ def _reproduction_yaml(method: str, config: dict[str, Any], info: dict[str, Any]
              and entry.get("source") != PRECOMPUTED_FEATURES_SOURCE}
     if files:
         document["calibration"] = files
-    text = yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=100, default_flow_style=None).rstrip()
+    text = yaml.dump(document, Dumper=_ReadableDumper, sort_keys=False, allow_unicode=True, width=100,
+                     default_flow_style=None).rstrip()
     for name, entry in calibration.items():
         if name in files or not entry.get("source"):
             continue
@@ -577,6 +578,19 @@ def _reproduction_yaml(method: str, config: dict[str, Any], info: dict[str, Any]
     return text
 
 
+class _ReadableDumper(yaml.SafeDumper):
+    """Safe YAML in which strings holding line breaks are written double-quoted ("\\n\\n"): the plain dumper folds
+    them into quoted blocks of blank lines (R1's think_spacing), correct but easy to break when edited."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = '"' if "\n" in value or "\r" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_ReadableDumper.add_representer(str, _represent_str)
+
+
 def _calibration_rows(calibration: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for name in ("reasoning", "instruction"):
@@ -586,7 +600,9 @@ def _calibration_rows(calibration: dict[str, Any]) -> list[dict[str, Any]]:
             if entry.get("num_held_out"):
                 used = f"{used} ({entry['num_held_out']} held out to choose λ)"
             rows.append({"name": name, "num_samples": used,
-                         "num_malformed": entry.get("num_malformed", "–"), "source": _inline(entry.get("source") or "–", cell=True)})
+                         "num_malformed": entry.get("num_malformed", "–"), "source": _inline(entry.get("source") or "–", cell=True),
+                         # what sha256sum prints for the file, to check a copy of it against
+                         "file_sha256": f"`{entry['file_sha256']}`" if entry.get("file_sha256") else "–"})
     return rows
 
 

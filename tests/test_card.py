@@ -53,7 +53,8 @@ def _info(method: str = "rain", *, local: tuple[str, ...] = (), coefficients: bo
         "config": config,
         "inputs": inputs,
         "calibration": {
-            "reasoning": {"num_samples": 150, "num_malformed": 3, "source": "calib/reasoning.json"} if rain else None,
+            "reasoning": {"num_samples": 150, "num_malformed": 3, "source": "calib/reasoning.json",
+                          "file_sha256": "ab" * 32} if rain else None,
             "instruction": {"num_samples": 365, "num_malformed": 0, "source": "calib/instr.jsonl"} if rain else None,
         },
         "report": {
@@ -106,8 +107,8 @@ def test_body_has_method_config_calibration_and_usage(tmp_path):
     text = write_model_card(tmp_path, info, model_id="me/merged").read_text(encoding="utf-8")
     assert "https://arxiv.org/abs/2602.22538" in text and "@inproceedings" in text
     assert "λ = 1.25" in text
-    assert "| reasoning | 150 | 3 | calib/reasoning.json |" in text
-    assert "| instruction | 365 | 0 | calib/instr.jsonl |" in text
+    assert f"| reasoning | 150 | 3 | calib/reasoning.json | `{'ab' * 32}` |" in text  # what sha256sum prints
+    assert "| instruction | 365 | 0 | calib/instr.jsonl | – |" in text
     assert 'model_id = "me/merged"' in text
     assert "AutoModelForCausalLM.from_pretrained(model_id" in text and "apply_chat_template(" in text
     # removed fraction: mean over layers per module type
@@ -117,6 +118,8 @@ def test_body_has_method_config_calibration_and_usage(tmp_path):
     # the full config is a rain-merge YAML whose parameters rebuild the same RainMergingConfig
     block = _yaml_block(text)
     assert block["reasoning_model"] == {"path": REASONING, "revision": SHA}
+    # line breaks written as escapes, not folded into quoted blocks of blank lines
+    assert block["parameters"]["think_spacing"] == ["\n", "\n", "\n\n"] and '  - "\\n\\n"\n' in text
     assert block["method"] == "rain"
     # a local folder named like a Hub id stays a path: elsewhere rain-merge would fetch that repository instead
     local = _info(local=("base", "instruct"))
