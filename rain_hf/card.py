@@ -599,8 +599,8 @@ def _calibration_rows(calibration: dict[str, Any]) -> list[dict[str, Any]]:
             used = entry.get("num_samples", "?")
             if entry.get("num_held_out"):
                 used = f"{used} ({entry['num_held_out']} held out to choose λ)"
-            rows.append({"name": name, "num_samples": used,
-                         "num_malformed": entry.get("num_malformed", "–"), "source": _inline(entry.get("source") or "–", cell=True),
+            rows.append({"name": name, "num_samples": used, "num_malformed": entry.get("num_malformed", "–"),
+                         "source": _inline(entry.get("source") or "–", cell=True),
                          # what sha256sum prints for the file, to check a copy of it against
                          "file_sha256": f"`{entry['file_sha256']}`" if entry.get("file_sha256") else "–"})
     return rows

@@ -917,8 +917,9 @@ def task_vector_geometry(
     count as rounding noise): 1 for the same subspace, ≈ r/m for random ones. The type's value is its mean over
     layers, leaving out pairs with a zero delta.
     The overall cosine uses all shared tensors, each name once: a tied embedding given under both of its names
-    (``lm_head.weight`` and ``embed_tokens.weight``) counts twice, so leave one out with ``keys``. Tensors are read one at a time (a lazy mapping, such as a view of
-    safetensors shards, or a callable ``name → tensor`` works) and processed in fp32 on their device.
+    (``lm_head.weight`` and ``embed_tokens.weight``) counts twice, so leave one out with ``keys``. Tensors are
+    read one at a time (a lazy mapping, such as a view of safetensors shards, or a callable ``name → tensor``
+    works) and processed in fp32 on their device.
 
     Args:
         delta_a, delta_b: task vectors, ``{name: tensor}`` or callables ``name → tensor``.

@@ -568,6 +568,7 @@ class RainMerger:
         self._given_features = features  # from from_pretrained(features=...): replacing them is said
         self._stage1_samples: list[CalibrationSample] | None = None  # kept for config.sequential
         self._spacing_warnings: list[str] = []  # of the last reasoning set prepared, kept with its features
+        self._reasoning_data_warnings: list[str] = []  # what preparing that set logged, kept with them too
         self._blank_tokens: dict[int, bool] = {}  # see _whitespace_token
         self._given_config: tuple[RainMergingConfig, dict[str, Any]] | None = None  # the caller's object, as given
         self.report = MergeReport(method=self.config.method, vocab=dict(plan.vocab), warnings=list(plan.warnings))
@@ -917,6 +918,8 @@ class RainMerger:
             f"… {len(said) - _CALIBRATION_WARNINGS_SHOWN + 1} more warnings about the {kind} calibration data, which "
             "the log holds; the last:", said[-1]]
         self.report.warnings.extend(shown)
+        if kind == "reasoning":
+            self._reasoning_data_warnings = shown
         self._generated_traces = int(stats.get("num_generated") or 0)  # the model wrote some samples' traces
         if kind == "reasoning" and not self._touched:  # the reasoning model's own predictions
             self._spacing_warnings = self._check_think_spacing(samples)
@@ -1025,7 +1028,8 @@ class RainMerger:
                                  reasoning_fingerprint=self._reasoning_fingerprint(),
                                  tokenizer_digest=self._tokenizer_digest(),
                                  loaded_dtype=str(self.model.dtype).replace("torch.", ""),
-                                 spacing_warnings=list(self._spacing_warnings))
+                                 spacing_warnings=list(self._spacing_warnings),
+                                 data_warnings=list(self._reasoning_data_warnings))
         if self._generated_traces:  # traces the model wrote depend on how it generated them
             features.settings.update(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample)
             if cfg.do_sample:
@@ -1421,6 +1425,8 @@ class RainMerger:
             else:  # features given or computed before, refused by _refuse_missing_inputs where they cannot serve
                 # their own data, as compute_features recorded it (None for features from a file)
                 self.calibration_info["reasoning"] = copy.deepcopy(self._features_calibration)
+                for warning in self.features.settings.get("data_warnings", []):
+                    self.report.warnings.append(warning)  # logged when the features' data was read
                 for warning in self.features.settings.get("spacing_warnings", []):
                     self.report.warnings.append(warning)  # found when the features were made
                     logger.warning(warning)

@@ -2391,6 +2391,15 @@ def test_warnings_about_the_calibration_data_reach_the_report_and_the_card(qwen2
     assert said[3] == "… 3 more warnings about the reasoning calibration data, which the log holds; the last:"
     assert said[4].startswith("Skipped 7 malformed reasoning calibration samples in all")
     assert not any("looks like the instruction" in w for w in merger.report.warnings)  # a new merge, a new report
+    # features computed first, or saved and passed in: the warnings their data drew are kept with them
+    merger.compute_features(instruction_records(4))
+    merger.merge()
+    assert sum("looks like the instruction calibration set" in w for w in merger.report.warnings) == 1
+    merger.features.save(tmp_path / "features.safetensors")
+    reused = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], merger.config,
+                                        features=tmp_path / "features.safetensors")
+    reused.merge()
+    assert sum("looks like the instruction calibration set" in w for w in reused.report.warnings) == 1
 
 
 def test_calibration_files_are_recorded_with_the_hash_sha256sum_prints(qwen2, tmp_path):
