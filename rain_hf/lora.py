@@ -10,16 +10,17 @@ Conventions follow peft (checked against peft 0.21 and 0.22): saved keys are
 ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` without the adapter name; ``lora_A`` is
 ``[r, in]`` and ``lora_B`` is ``[out, r]``; a pattern key ``p`` applies to a module name ``m`` when
 ``re.match(rf"(.*\\.)?({p})$", m)`` succeeds, the first matching key in the saved config's order winning
-(``peft.utils.other.get_pattern_key``; peft 0.21 saves the keys sorted, 0.22 in the order they were given).
+(``peft.utils.other.get_pattern_key``; peft 0.21 saves the keys sorted, 0.22 in the order they were given). For a
+linear weight adapted through ``target_parameters`` the name matched is the parameter's, ``m + ".weight"``.
 
 What is refused (:class:`AdapterError`) and what is only reported (warnings from :meth:`LoraDelta.validate`):
 
 - refused: another ``peft_type``; DoRA (its magnitude vector makes the merged weight depend on the base weight);
-  initialisations that rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) unless converted to plain
+  initialisations that rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, Astra) unless converted to plain
   LoRA; ``layer_replication``; aLoRA, QALoRA, BD-LoRA, Arrow, KaSA; LoRA on convolutions; a ``lora_A`` without
   its ``lora_B`` (or the reverse); a ``.bin``-only adapter.
-- merged as peft's ``merge_and_unload`` applies them: plain LoRA (VeLoRA and MonteCLoRA adapters too: peft merges
-  their B·A as plain LoRA's), ``target_parameters`` on linear weights, ``modules_to_save`` copies of merged
+- merged as peft's ``merge_and_unload`` applies them: plain LoRA (VeLoRA, MonteCLoRA and MiCA adapters too: peft
+  merges their B·A as plain LoRA's), ``target_parameters`` on linear weights, ``modules_to_save`` copies of merged
   linear layers (copy − base) and trained biases (``bias="all"`` / ``"lora_only"``, ``scaling·lora_B.bias`` for
   ``lora_bias``; biases only with ``project_bias=True``).
 - warned and ignored: LoRA on embeddings and on the output layer (never merged), ``target_parameters`` on fused
@@ -85,7 +86,7 @@ _REFUSED_FEATURES = {
     "kasa_config": "KaSA (a learned singular-value diagonal and a truncated base weight)",
 }
 #: ``init_lora_weights`` values (prefixes) after which the training ran on a rewritten base weight.
-_BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+_BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "astra")
 
 
 class AdapterError(CheckpointError):
@@ -155,6 +156,12 @@ def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
+def _saved_keys_sorted(config: Mapping[str, object]) -> bool:
+    """Whether peft wrote the adapter's pattern keys sorted (before 0.22), or the writer is unknown."""
+    found = re.match(r"(\d+)\.(\d+)", str(config.get("peft_version") or ""))
+    return found is None or (int(found[1]), int(found[2])) < (0, 22)
+
+
 def module_of_saved_key(key: str) -> str:
     """A saved adapter key with peft's ``base_model.model.`` prefix removed (base-model naming)."""
     return key.removeprefix(PEFT_PREFIX)
@@ -204,7 +211,7 @@ def check_adapter_config(config: Mapping[str, object], name: str) -> list[str]:
                                "(merge_and_unload(); save_pretrained) and pass that full model as the instruct model.")
     init = str(config.get("init_lora_weights", True)).lower()
     if init.startswith(_BASE_MUTATING_INITS):
-        # peft converts PiSSA, OLoRA, CorDA and LoRA-GA adapters to plain LoRA on save, but not LoftQ ones
+        # peft converts PiSSA, OLoRA, CorDA, LoRA-GA and Astra adapters to plain LoRA on save, but not LoftQ ones
         convert = ("" if init.startswith("loftq") else
                    "Convert it to a plain LoRA adapter: save it with PeftModel.save_pretrained(..., "
                    "path_initial_model_for_weight_conversion=<the initial adapter>), or ")
@@ -354,8 +361,10 @@ class LoraDelta:
         self._ambiguous_alpha: list[str] = []
         # target_parameters on a linear layer's weight saves ordinary factors; on other parameters (fused experts
         # [E, in, out]) the factors stack the experts and sit on the parameter's module, nested under .base_layer
-        parameters = [str(p) for p in self.config.get("target_parameters") or ()
-                      if str(p).rpartition(".")[2] != "weight"]
+        targeted = [str(p) for p in self.config.get("target_parameters") or ()]
+        parameters = [p for p in targeted if p.rpartition(".")[2] != "weight"]
+        # peft names a targeted parameter "<module>.weight" when it resolves rank_pattern / alpha_pattern keys
+        self._weight_parameters = [p for p in targeted if p.rpartition(".")[2] == "weight"]
         parents = {p.rpartition(".")[0] for p in parameters if "." in p}
         # a bare parameter name ("gate_up_proj") matches any module holding one, so the modules it adapted are
         # told apart by their factors: they stack one rank per expert where a linear layer's hold one
@@ -380,9 +389,9 @@ class LoraDelta:
         if self._ambiguous_alpha:
             self._warnings.append(f"Adapter {self._name}: several alpha_pattern keys with different values match "
                                   f"{len(self._ambiguous_alpha)} modules (e.g. {self._ambiguous_alpha[0]}); the first "
-                                  "in adapter_config.json wins, as on peft's reload, but peft saves the keys sorted, so "
-                                  "training may have used another and the scaling may be off: rename the keys so that "
-                                  "one matches each module.")
+                                  "in adapter_config.json wins, as on peft's reload, but peft before 0.22 saved the "
+                                  "keys sorted, so training may have used another and the scaling may be off: rename "
+                                  "the keys so that one matches each module.")
         if parameter_lora:
             targets = sorted(parameters)
             self._warnings.append(f"Adapter {self._name}: LoRA on parameters that are not linear-layer weights "
@@ -404,10 +413,18 @@ class LoraDelta:
                                   f"copies of base-model weights (e.g. {_examples(others)}) are ignored.")
         return factors
 
+    def _pattern_name(self, module: str) -> str:
+        """The name rank_pattern / alpha_pattern keys are matched against: the module's, or for a linear weight
+        adapted through ``target_parameters`` the parameter's (peft 0.22 matches ``<module>.weight`` there)."""
+        weight = f"{module.replace('.base_layer', '')}.weight"
+        if any(weight == p or weight.endswith(f".{p}") for p in self._weight_parameters):
+            return weight
+        return module
+
     def _configured_rank(self, module: str) -> int | None:
         """The rank adapter_config.json gives ``module`` (None when a pattern key is not a valid regex)."""
         try:
-            rank = resolve_pattern(self.config.get("rank_pattern"), module)
+            rank = resolve_pattern(self.config.get("rank_pattern"), self._pattern_name(module))
         except re.error:
             return None  # _factor names the bad key
         return int(self.config.get("r", 8) if rank is None else rank)
@@ -427,27 +444,30 @@ class LoraDelta:
         if shape_a[0] != shape_b[1]:
             raise AdapterError(f"The instruct adapter {self._name}: module {module} has lora_A {list(shape_a)} and "
                                f"lora_B {list(shape_b)}, whose ranks differ. The file is corrupt: save it again.")
+        name = self._pattern_name(module)
         try:
-            rank = resolve_pattern(self.config.get("rank_pattern"), module)
-            alpha = resolve_pattern(self.config.get("alpha_pattern"), module)
-            matches = {field: matching_pattern_keys(self.config.get(field), module)
+            rank = resolve_pattern(self.config.get("rank_pattern"), name)
+            alpha = resolve_pattern(self.config.get("alpha_pattern"), name)
+            matches = {field: matching_pattern_keys(self.config.get(field), name)
                        for field in ("rank_pattern", "alpha_pattern")}
         except re.error as exc:
             raise AdapterError(f"The instruct adapter {self._name}: a rank_pattern / alpha_pattern key is not a valid "
                                f"regular expression ({exc}). Fix adapter_config.json.") from exc
         rank = int(self.config.get("r", 8) if rank is None else rank)
         alpha = float(self.config.get("lora_alpha", 8) if alpha is None else alpha)
-        # peft writes adapter_config.json with sorted keys, so when several keys match, the one that wins on
-        # reload (the first in the file) need not be the one that applied in training
+        # peft before 0.22 wrote adapter_config.json with sorted keys, so when several keys match, the one that
+        # wins on reload (the first in the file) need not be the one that applied in training
+        sorted_keys = _saved_keys_sorted(self.config)
         clash = {field: ", ".join(f"{k!r}: {self.config[field][k]}" for k in keys) for field, keys in matches.items()
                  if len({repr(self.config[field][k]) for k in keys}) > 1}
         if rank != shape_a[0]:
-            fix = (f"Several rank_pattern keys match it ({clash['rank_pattern']}) and the first wins; peft saves the "
-                   "keys sorted, which can change which one that is: rename the keys so that one matches each module."
+            fix = (f"Several rank_pattern keys match it ({clash['rank_pattern']}) and the first wins"
+                   + ("; peft before 0.22 saved the keys sorted, which can change which one that is: rename the "
+                      "keys so that one matches each module." if sorted_keys else ": fix adapter_config.json.")
                    if "rank_pattern" in clash else "Fix adapter_config.json or save the adapter again with peft.")
             raise AdapterError(f"The instruct adapter {self._name}: module {module} has rank {shape_a[0]} tensors but "
                                f"its config (r / rank_pattern) gives r={rank}, so its scaling is unknown. {fix}")
-        if "alpha_pattern" in clash:
+        if "alpha_pattern" in clash and sorted_keys:  # since 0.22 the file keeps the order training used
             self._ambiguous_alpha.append(f"{module} ({clash['alpha_pattern']})")
         scaling = lora_scaling(rank, alpha, bool(self.config.get("use_rslora", False)))
         return _Factor(module, key_a, key_b, rank, alpha, scaling, (shape_b[0], shape_a[1]), self._fan_in_fan_out)

@@ -24,7 +24,14 @@ from transformers import (
 
 from rain_hf import RainMerger, RainMergingConfig
 from rain_hf.checkpoints import CheckpointError, LazyCheckpoint
-from rain_hf.lora import AdapterError, LoraDelta, is_lora_adapter, resolve_pattern, same_base_model
+from rain_hf.lora import (
+    AdapterError,
+    LoraDelta,
+    _saved_keys_sorted,
+    is_lora_adapter,
+    resolve_pattern,
+    same_base_model,
+)
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=64, vocab_size=64, max_position_embeddings=64)
@@ -132,7 +139,8 @@ def test_rank_and_alpha_patterns_resolve_like_peft(bases, tmp_path):
 def test_clashing_alpha_pattern_keys_are_warned(bases, tmp_path):
     # layers.1's q_proj matches both keys; the first key in the saved file's order wins, in peft as here. peft 0.21
     # saves adapter_config.json with sorted keys, so the module trained with alpha 32 (the first key at creation)
-    # reloads with alpha 2; 0.22 keeps the order. The file cannot tell which was trained, so it is said
+    # reloads with alpha 2; 0.22 keeps the order. A file from before 0.22 cannot tell which was trained, so it is
+    # said; one from 0.22 on reloads as trained
     alphas = {"q_proj": 32, r"layers\.1\..*": 2}
     config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], alpha_pattern=alphas)
     reference = make_adapter(bases["qwen"], tmp_path / "ad", config)
@@ -143,9 +151,16 @@ def test_clashing_alpha_pattern_keys_are_warned(bases, tmp_path):
     assert lora.scaling(key) == pytest.approx(alphas[saved[0]] / 4)
     torch.testing.assert_close(lora.delta(key) * 32 / alphas[saved[0]], reference[key])  # trained with alpha 32
     text = "\n".join(lora.validate(_base_shapes(bases["qwen"]), None, str(bases["qwen"])))
-    assert "several alpha_pattern keys with different values match 1 modules" in text
-    shown = ", ".join(f"{k!r}: {alphas[k]}" for k in saved)
-    assert f"model.layers.1.self_attn.q_proj ({shown})" in text
+    if _saved_keys_sorted(lora.config):
+        assert "several alpha_pattern keys with different values match 1 modules" in text
+        shown = ", ".join(f"{k!r}: {alphas[k]}" for k in saved)
+        assert f"model.layers.1.self_attn.q_proj ({shown})" in text and "peft before 0.22 saved the keys" in text
+    else:
+        assert "alpha_pattern" not in text
+    for version, said in (("0.21.2", True), ("0.22.0", False), (None, True)):  # an unknown writer may have sorted
+        (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps({**lora.config, "peft_version": version}))
+        warned = LoraDelta.from_pretrained(tmp_path / "ad").validate(_base_shapes(bases["qwen"]), None, "base")
+        assert any("several alpha_pattern keys" in w for w in warned) == said, version
     plain = make_adapter(bases["qwen"], tmp_path / "plain", LoraConfig(r=4, target_modules=["q_proj"],
                                                                       alpha_pattern={"q_proj": 32, "x_proj": 2}))
     assert plain and not [w for w in LoraDelta.from_pretrained(tmp_path / "plain").validate(
@@ -267,6 +282,13 @@ def test_target_parameters_on_linear_weights_merge_and_on_fused_experts_are_igno
                        target_parameters=["self_attn.q_proj.weight", "mlp.down_proj.weight"])
     reference = make_adapter(bases["llama"], tmp_path / "dense", dense)
     _assert_matches(LoraDelta.from_pretrained(tmp_path / "dense"), reference, bases["llama"])
+    # peft resolves rank/alpha patterns on a targeted parameter's name ("...q_proj.weight"), not its module's
+    for n, patterns in enumerate([dict(alpha_pattern={"q_proj.weight": 2}, rank_pattern={"down_proj.weight": 2}),
+                                  dict(alpha_pattern={"q_proj": 2})]):  # matches no parameter: peft ignores it
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=[], **patterns,
+                            target_parameters=["self_attn.q_proj.weight", "mlp.down_proj.weight"])
+        reference = make_adapter(bases["llama"], tmp_path / f"patterns{n}", config)
+        _assert_matches(LoraDelta.from_pretrained(tmp_path / f"patterns{n}"), reference, bases["llama"])
 
     moe = _save_random(AutoModelForCausalLM.from_config, Qwen3MoeConfig(
         **TINY, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, head_dim=8), tmp_path / "moe")
@@ -351,6 +373,7 @@ def test_other_peft_type_is_refused(bases, tmp_path):
     ("use_qalora", True, "QALoRA"),
     ("alora_invocation_tokens", [1, 2], "aLoRA"),
     ("init_lora_weights", "pissa_niter_4", "path_initial_model_for_weight_conversion"),
+    ("init_lora_weights", "astra", "path_initial_model_for_weight_conversion"),  # subtracts its init from the base
     ("init_lora_weights", "loftq", "rewrites the base weights before training, so B·A is not its change to the "
                                    "original base. Merge it into its base model"),  # peft cannot convert LoftQ
 ])
