@@ -387,6 +387,45 @@ def zero_task_vector_effect(config: RainMergingConfig) -> str:
     return "they keep the reasoning model's weights"
 
 
+def _sampled_keys(targets: Sequence[TargetModule], checkpoints: Mapping[str, LazyCheckpoint],
+                  samples: int = 3) -> list[str]:
+    """``samples`` of the smallest merged weights, from layers apart: cheap to read, and spread over the model."""
+    sizes = {t.weight_key: math.prod(checkpoints["base"].shape(t.weight_key)) for t in targets}
+    smallest = min(sizes.values())
+    keys = [key for key, size in sizes.items() if size == smallest]
+    return list(dict.fromkeys(keys[i * (len(keys) - 1) // max(samples - 1, 1)] for i in range(samples)))
+
+
+#: ‖θ − θ_B‖ / ‖θ_B‖ above which a model is not taken for a fine-tune of base_model: fine-tunes move weights by
+#: percents (the organism's 2–4 %), two unrelated models of one shape are ≈ √2 apart
+_FINETUNE_DISTANCE = 0.5
+
+
+def _distance_warnings(targets: Sequence[TargetModule], checkpoints: Mapping[str, LazyCheckpoint],
+                       roles: Sequence[str]) -> list[str]:
+    """Warnings for models that are too far from ``base_model`` on sampled weights to be fine-tunes of it (a
+    Qwen2 base given for a Qwen2.5 instruct model): their task vector would be mostly another model's weights."""
+    if not targets:
+        return []
+    keys = _sampled_keys(targets, checkpoints)
+    warnings = []
+    for role in roles:
+        ratios = []
+        for key in keys:
+            base = checkpoints["base"].get(key).double()
+            norm = float(base.norm())
+            if norm > 0:
+                ratios.append(float((checkpoints[role].get(key).double() - base).norm()) / norm)
+        ratios = [r for r in ratios if math.isfinite(r)]
+        if ratios and min(ratios) > _FINETUNE_DISTANCE:
+            warnings.append(
+                f"{role}_model differs from base_model by {min(ratios):.0%}–{max(ratios):.0%} of the base's norm on "
+                f"{len(ratios)} sampled weights ({keys[0]} …), where a fine-tune moves weights by a few percent: is "
+                f"base_model the model {role}_model was fine-tuned from? Its task vector would be mostly the "
+                "difference between two unrelated models.")
+    return warnings
+
+
 def _order_warning(targets: Sequence[TargetModule], checkpoints: Mapping[str, LazyCheckpoint],
                    samples: int = 3) -> str | None:
     """A warning when the models look passed in another order: when the model given as ``base_model`` is a
@@ -396,10 +435,7 @@ def _order_warning(targets: Sequence[TargetModule], checkpoints: Mapping[str, La
     cosine up to 0.5 pass."""
     if not targets:
         return None
-    sizes = {t.weight_key: math.prod(checkpoints["base"].shape(t.weight_key)) for t in targets}
-    smallest = min(sizes.values())
-    keys = [key for key, size in sizes.items() if size == smallest]
-    keys = list(dict.fromkeys(keys[i * (len(keys) - 1) // max(samples - 1, 1)] for i in range(samples)))
+    keys = _sampled_keys(targets, checkpoints, samples)
     cosines = []
     for key in keys:
         base = checkpoints["base"].get(key).double().flatten()
@@ -761,6 +797,9 @@ class RainMerger:
             swapped = _order_warning(targets, {"base": base, "reasoning": reasoning, "instruct": instruct.instruct})
             if swapped:
                 warnings.append(swapped)
+        warnings += _distance_warnings(targets, {"base": base, "reasoning": reasoning,
+                                                 "instruct": None if adapter else instruct.instruct},
+                                       ("reasoning",) if adapter else ("reasoning", "instruct"))
         vocab = {role: int(getattr(text_config(c), "vocab_size", 0)) for role, c in configs.items()}
         if len(set(vocab.values())) > 1:
             warnings.append(f"vocabulary sizes differ ({vocab}); embeddings and lm_head are never merged, the "
@@ -946,7 +985,9 @@ class RainMerger:
         puts there (text where the layout writes whitespace, whitespace where it writes none or more of it) on most
         of ``probe`` calibration samples. The samples are rendered with ``think_spacing`` whatever the data wrote,
         so a wrong layout moves every thinking feature and L_think off what the model generates. Teacher-forced on
-        the rendered layout: one forward pass per sample."""
+        the rendered layout: one forward pass per sample. In the same pass, where the chat template leaves the
+        think-open token to the model, a warning when the model confidently opens with something else on most of
+        them: an instruct model given as the reasoning model."""
         from .evaluation import think_log_probs
 
         cfg = self.config
@@ -955,6 +996,8 @@ class RainMerger:
         boundaries = [(0, "think_open")] if not self.plan.think_tail else []
         boundaries.append((2, "think_close"))
         chosen = samples[:probe]
+        # the model's own first token, where the template leaves it: the think-open one, for a reasoning model
+        first = not self.plan.think_tail and all(s.think_open > 0 for s in chosen)
         runs = []  # per sample, per boundary: the tag's position and those of the whitespace tokens after it
         for s in chosen:
             runs.append([])
@@ -964,13 +1007,19 @@ class RainMerger:
                     end += 1
                 runs[-1].append(range(getattr(s, attr), min(end, len(s.input_ids) - 1)))
         log_probs = think_log_probs(self.model, [torch.tensor(s.input_ids) for s in chosen],
-                                    [[p for run in sample_runs for p in run] for sample_runs in runs],
+                                    [[s.think_open - 1] * first + [p for run in sample_runs for p in run]
+                                     for s, sample_runs in zip(chosen, runs)],
                                     cfg.batch_size, self._pad_id())
         best_p, best = (v.tolist() for v in log_probs.exp().max(dim=-1))  # rows in the order of the positions
         offset = 0
+        other_first: list[int] = []  # what the model confidently writes first instead of the think-open token
         layouts: dict[int, list[str]] = {k: [] for k in range(len(boundaries))}
         longer: dict[int, int] = {k: 0 for k in range(len(boundaries))}  # read one token past the layout
         for s, sample_runs in zip(chosen, runs):
+            if first:
+                if best_p[offset] > 0.5 and best[offset] != s.input_ids[s.think_open]:
+                    other_first.append(best[offset])
+                offset += 1
             for k, run in enumerate(sample_runs):
                 rows = zip(run, best[offset:offset + len(run)], best_p[offset:offset + len(run)])
                 offset += len(run)
@@ -984,6 +1033,13 @@ class RainMerger:
                         longer[k] += is_blank(predicted) and not is_blank(written)
                         break
         warnings = []
+        if len(other_first) * 2 > len(chosen):
+            seen = self.tokenizer.decode([max(set(other_first), key=other_first.count)])
+            warnings.append(
+                f"reasoning_model does not open {cfg.think_open} after the prompt: on {len(other_first)} of "
+                f"{len(chosen)} calibration samples it confidently writes something else first (greedy, e.g. "
+                f"{seen!r}). Check that it is the reasoning model (the models go in the order base_model, "
+                "reasoning_model, instruct_model), and that think_open is its think-open token")
         for k, (slot, _) in enumerate(boundaries):
             if len(layouts[k]) * 2 <= len(chosen):
                 continue

@@ -967,6 +967,38 @@ def _swap(paths, role, folder):
     return {**paths, role: folder}
 
 
+def test_a_model_too_far_from_the_base_to_be_its_fine_tune_is_warned_about(organism_root, qwen2, tokenizer, tmp_path):
+    other = build_triple(tmp_path / "other", "qwen2", seed=7, tokenizer=tokenizer)  # same shapes, another base
+
+    def warned(*paths):
+        return [w for w in RainMerger.plan(*paths).warnings if "where a fine-tune moves weights" in w]
+
+    assert not warned(qwen2["base"], qwen2["reasoning"], qwen2["instruct"])
+    ckpt = [os.path.join(organism_root, "checkpoints", r) for r in ("base", "reasoning", "instruct")]
+    assert not warned(*ckpt)  # the organism's fine-tunes: 2–4 % of the weights' norm
+    found = warned(qwen2["base"], qwen2["reasoning"], other["instruct"])
+    assert len(found) == 1 and found[0].startswith("instruct_model differs from base_model by ")
+    assert "is base_model the model instruct_model was fine-tuned from?" in found[0]
+    found = warned(qwen2["base"], other["reasoning"], other["instruct"])
+    assert [w.split(" ")[0] for w in found] == ["reasoning_model", "instruct_model"]
+
+
+def test_an_instruct_model_given_as_the_reasoning_model_is_warned_about(organism_root):
+    ckpt = {r: os.path.join(organism_root, "checkpoints", r) for r in ("base", "reasoning", "instruct")}
+    data = os.path.join(organism_root, "data", "reasoning_calibration.json")
+    config = RainMergingConfig(lam=1.0, stage2=False, think_spacing=["", "", ""])
+
+    def warned(reasoning, instruct):
+        merger = RainMerger.from_pretrained(ckpt["base"], ckpt[reasoning], ckpt[instruct], config)
+        merger.compute_features(data)
+        return [w for w in merger.report.warnings if "does not open <think> after the prompt" in w]
+
+    assert not warned("reasoning", "instruct")
+    found = warned("instruct", "reasoning")  # the organism's instruct model answers at once
+    assert len(found) == 1 and "confidently writes something else first" in found[0]
+    assert "the models go in the order base_model, reasoning_model, instruct_model" in found[0]
+
+
 def test_models_passed_in_another_order_are_warned_about(organism_root, qwen2, tmp_path):
     ckpt = {r: os.path.join(organism_root, "checkpoints", r) for r in ("base", "reasoning", "instruct")}
     def warned(*paths):
