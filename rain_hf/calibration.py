@@ -198,7 +198,7 @@ def _load_with_locations(data: Any) -> tuple[list[dict], list[str] | None]:
     ``data`` is a path, so that errors about a record can name it."""
     if isinstance(data, (str, os.PathLike)):
         locations: list[str] = []
-        return _load_path(Path(data), locations), locations
+        return _load_path(Path(data).expanduser(), locations), locations
     return _load_in_memory(data), None
 
 

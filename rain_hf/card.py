@@ -155,7 +155,7 @@ def build_model_card(
         >>> card.data.eval_results[0].metric_value
         0.61
     """
-    path = Path(template_path) if template_path is not None else default_template_path()
+    path = Path(template_path).expanduser() if template_path is not None else default_template_path()
     if not path.is_file():
         raise FileNotFoundError(f"Model card template {str(path)!r} does not exist; pass the path of a Jinja "
                                 "markdown template (or None for the default one).")
@@ -248,7 +248,7 @@ def check_template(template_path: str | os.PathLike) -> None:
     also :func:`trial_render`)."""
     import jinja2
 
-    path = Path(template_path)
+    path = Path(template_path).expanduser()
     try:
         jinja2.Template(path.read_text(encoding="utf-8"))
     except jinja2.TemplateSyntaxError as exc:  # unknown filters and tests are reported as syntax errors too

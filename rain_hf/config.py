@@ -10,6 +10,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 METHODS = ("rain", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp")
@@ -482,14 +483,14 @@ class RainMergingConfig:
         return cls.from_dict(json.loads(text))
 
     def save(self, path: str | os.PathLike) -> None:
-        with open(path, "w", encoding="utf-8") as f:
+        with open(Path(path).expanduser(), "w", encoding="utf-8") as f:
             f.write(self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> RainMergingConfig:
         """Read a config from a JSON file (a ``rain_merging_config.json`` sidecar works too: its config as the
         merge ran, with an unset ``sequential`` set to the mode stage 1 ran in, as the card's YAML writes it)."""
-        with open(path, encoding="utf-8") as f:
+        with open(Path(path).expanduser(), encoding="utf-8") as f:
             try:
                 data = json.load(f)
             except json.JSONDecodeError as exc:

@@ -462,7 +462,8 @@ class ThinkFeatures:
             tensors[HELDOUT + "::pos_len"] = torch.tensor([len(x) for x in positions], dtype=torch.int64)
         meta = {"format": FEATURES_FORMAT, "module_group": json.dumps(self.module_group),
                 "settings": json.dumps(self.settings)}
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        path = Path(path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata=meta)
 
     @classmethod
@@ -471,6 +472,7 @@ class ThinkFeatures:
             return ValueError(f"{path} is damaged: {what}. Compute the features again "
                               "(RainMerger.compute_features) and save them.")
 
+        path = Path(path).expanduser()
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}

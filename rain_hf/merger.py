@@ -2030,7 +2030,7 @@ def _collected_warnings(name: str) -> Iterator[list[str]]:
 
 def _file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(Path(path).expanduser(), "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -2434,6 +2434,28 @@ def test_warnings_about_the_calibration_data_reach_the_report_and_the_card(qwen2
     assert sum("looks like the instruction calibration set" in w for w in reused.report.warnings) == 1
 
 
+def test_paths_given_with_a_tilde_are_the_home_folder_s(qwen2, tmp_path, monkeypatch):
+    from rain_hf.card import check_template, default_template_path
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "reasoning.json").write_text(json.dumps(reasoning_records(4)))
+    merger = _merger(qwen2, lam=1.0, stage2=False, sequential=False)
+    merger.merge("~/reasoning.json")
+    assert merger.calibration_info["reasoning"]["file_sha256"]
+    merger.features.save("~/features.safetensors")
+    merger.config.save("~/config.json")
+    assert sorted(p.name for p in (tmp_path / "home").iterdir()) == ["config.json", "features.safetensors",
+                                                                     "reasoning.json"]
+    assert not (tmp_path / "~").exists()  # no folder named "~" under the working directory
+    assert ThinkFeatures.load("~/features.safetensors").bases.keys() == merger.features.bases.keys()
+    assert RainMergingConfig.load("~/config.json") == merger.config
+    shutil.copy(default_template_path(), tmp_path / "home" / "card.md.j2")
+    check_template("~/card.md.j2")
+    merger.save_pretrained(tmp_path / "out", card_template="~/card.md.j2")
+
+
 def test_calibration_files_are_recorded_with_the_hash_sha256sum_prints(qwen2, tmp_path):
     import hashlib
 
