@@ -953,9 +953,16 @@ class RainMerger:
             samples = prepare(data, self.tokenizer, self.config, model=self.model, stats=stats)
         # what the data made the library say (sets swapped, answers cut short, spans not found) belongs in the card
         # (many: the first ones and the last, which sums up skipped malformed samples)
-        shown = said if len(said) <= _CALIBRATION_WARNINGS_SHOWN else said[: _CALIBRATION_WARNINGS_SHOWN - 2] + [
+        shown = list(said) if len(said) <= _CALIBRATION_WARNINGS_SHOWN else said[: _CALIBRATION_WARNINGS_SHOWN - 2] + [
             f"… {len(said) - _CALIBRATION_WARNINGS_SHOWN + 1} more warnings about the {kind} calibration data, which "
             "the log holds; the last:", said[-1]]
+        context = getattr(text_config(self.model.config), "max_position_embeddings", None)
+        longer = [len(s.input_ids) for s in samples if isinstance(context, int) and len(s.input_ids) > context]
+        if longer:  # positions past the trained context: rotary angles the model never saw, features off its use
+            shown.append(f"{len(longer)} of {len(samples)} {kind} calibration samples are longer than the model's "
+                         f"context (max_position_embeddings={context}; the longest {max(longer)} tokens): set "
+                         f"max_length to at most {context} to cut them, or use shorter samples")
+            logger.warning(shown[-1])
         self.report.warnings.extend(shown)
         if kind == "reasoning":
             self._reasoning_data_warnings = shown

@@ -2434,6 +2434,19 @@ def test_warnings_about_the_calibration_data_reach_the_report_and_the_card(qwen2
     assert sum("looks like the instruction calibration set" in w for w in reused.report.warnings) == 1
 
 
+def test_calibration_longer_than_the_model_s_context_is_warned_about(qwen2):
+    merger = _merger(qwen2, lam=1.0, stage2=False, sequential=False)
+    merger.merge(reasoning_records(4))
+    assert not any("longer than the model's context" in w for w in merger.report.warnings)
+    lengths = [len(s.input_ids) for s in merger._prepare("reasoning", reasoning_records(4))]
+    merger.model.config.max_position_embeddings = min(lengths) - 1  # as if the model had a shorter context
+    merger.merge(reasoning_records(4))
+    found = [w for w in merger.report.warnings if "longer than the model's context" in w]
+    assert found == [f"4 of 4 reasoning calibration samples are longer than the model's context "
+                     f"(max_position_embeddings={min(lengths) - 1}; the longest {max(lengths)} tokens): set max_length "
+                     f"to at most {min(lengths) - 1} to cut them, or use shorter samples"]
+
+
 def test_paths_given_with_a_tilde_are_the_home_folder_s(qwen2, tmp_path, monkeypatch):
     from rain_hf.card import check_template, default_template_path
 
