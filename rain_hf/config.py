@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import json
 import math
+import numbers
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -234,6 +235,13 @@ class RainMergingConfig:
     seed: int = 0
     max_shard_size: int | str = "5GB"
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # merger.config.lamda = 3 would otherwise be kept beside lam and change nothing
+        if not name.startswith("_") and name not in _FIELD_NAMES:
+            raise AttributeError(f"RainMergingConfig has no setting {name!r}{did_you_mean([name], _FIELD_NAMES)}; "
+                                 f"its settings are {sorted(_FIELD_NAMES)}.")
+        super().__setattr__(name, value)
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -244,6 +252,12 @@ class RainMergingConfig:
         for name in ("lam_grid", "target_modules", "layers", "think_spacing"):  # tuples as peft takes them
             if isinstance(getattr(self, name), tuple):
                 setattr(self, name, list(getattr(self, name)))
+        # numpy scalars (a λ from np.linspace) as the Python numbers they stand for: the config is saved as JSON
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _plain_number(getattr(self, f.name)))
+        for name in ("lam_grid", "layers"):
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, [_plain_number(v) for v in getattr(self, name)])
 
         def choice(name: str, allowed: tuple[str, ...]) -> None:
             value = getattr(self, name)
@@ -259,7 +273,8 @@ class RainMergingConfig:
                    strict_hi: bool = False, value: Any = _FIELD) -> None:
             value = getattr(self, name) if value is _FIELD else value
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
-                raise ConfigError(f"RainMergingConfig.{name} must be a finite number, got {value!r}.")
+                raise ConfigError(f"RainMergingConfig.{name} must be a finite number (an int or a float), got "
+                                  f"{value!r}.")
             if lo is not None and (value <= lo if strict_lo else value < lo):
                 raise ConfigError(f"RainMergingConfig.{name}={value!r} must be {'>' if strict_lo else '>='} {lo}.")
             if hi is not None and (value >= hi if strict_hi else value > hi):
@@ -520,6 +535,14 @@ class RainMergingConfig:
 
 
 _FIELD = object()  # "read the value from the field" for validate's number()
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(RainMergingConfig))
+
+
+def _plain_number(value: Any) -> Any:
+    """A numpy (or other non-builtin) real number as a Python int or float; anything else as it is."""
+    if type(value) in (bool, int, float) or isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return value  # (np.float64 is a float subclass, and becomes a plain float too)
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def _finite(value: int | float) -> bool:

@@ -865,6 +865,9 @@ class RainMerger:
             settings = sorted(k for k in unknown if k in fields)
             hint = (f": {settings} are merge settings, passed as config=RainMergingConfig("
                     f"{', '.join(f'{k}=...' for k in settings)})" if settings else "")
+            if "trust_remote_code" in unknown:
+                hint += (" (trust_remote_code: rain_hf loads the reasoning model with transformers' own classes; a "
+                         "model whose code lives in its repository is not supported)")
             raise TypeError(f"RainMerger.from_pretrained() got unexpected keyword arguments {sorted(unknown)}{hint}.")
         start = time.perf_counter()
         parts = cls.plan(base_model, reasoning_model, instruct_model, config, revision=revision, token=token,
@@ -1842,6 +1845,7 @@ class RainMerger:
         eval_results: list | None = None,
         model_id: str | None = None,
         model_revision: str | None = None,
+        **unknown: Any,
     ) -> Path:
         """Write the merged model as a Hugging Face folder (loadable with ``AutoModelForCausalLM``).
 
@@ -1856,6 +1860,12 @@ class RainMerger:
         with :func:`rain_hf.hub.push_folder` (default: ``save_directory`` as given, with ``~`` expanded), and
         ``model_revision`` the branch, if not main. Returns the folder's path (``~`` expanded).
         """
+        if unknown:  # transformers' save_pretrained habits
+            hints = {"push_to_hub": "push with merger.push_to_hub(repo_id) instead",
+                     "safe_serialization": "the weights are always written as safetensors",
+                     "safe_serialisation": "the weights are always written as safetensors"}
+            said = "".join(f" ({k}: {hints[k]})" for k in sorted(unknown) if k in hints)
+            raise TypeError(f"RainMerger.save_pretrained() got unexpected keyword arguments {sorted(unknown)}{said}.")
         if not self.merged:
             if self._merged_config is None:
                 raise RuntimeError("Nothing to save yet: call merge() first.")

@@ -1051,7 +1051,7 @@ def test_the_order_warning_reads_only_weights_that_tell_something():
     assert warning is not None and warning.startswith("On 2 sampled weights")
 
 
-def test_what_is_not_a_model_name_or_a_config_is_named(qwen2):
+def test_what_is_not_a_model_name_or_a_config_is_named(qwen2, tmp_path):
     from transformers import Qwen2Config
 
     model = AutoModelForCausalLM.from_pretrained(qwen2["base"])
@@ -1062,6 +1062,16 @@ def test_what_is_not_a_model_name_or_a_config_is_named(qwen2):
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['lam', 'stage2'\]: \['lam', 'stage2'\] are "
                                         r"merge settings, passed as config=RainMergingConfig\(lam=..., stage2=...\)"):
         RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], lam=2.0, stage2=False)
+    with pytest.raises(TypeError, match=r"\['trust_remote_code'\] \(trust_remote_code: rain_hf loads the reasoning "
+                                        r"model with transformers' own classes"):
+        RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], trust_remote_code=True)
+    merger = _merger(qwen2, method="task_arithmetic", lam=1.0)
+    merger.merge()
+    with pytest.raises(TypeError, match=r"save_pretrained\(\) got unexpected keyword arguments \['push_to_hub', "
+                                        r"'safe_serialization'\] \(push_to_hub: push with merger.push_to_hub\(repo_id\) "
+                                        r"instead\) \(safe_serialization: the weights are always written as safetensors\)"):
+        merger.save_pretrained(tmp_path / "out", push_to_hub=True, safe_serialization=True)
+    assert not (tmp_path / "out").exists()
     with pytest.raises(TypeError, match="config must be a RainMergingConfig"):
         template_opens_think(AutoTokenizer.from_pretrained(qwen2["reasoning"]), Qwen2Config())
 

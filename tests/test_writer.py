@@ -272,6 +272,14 @@ def test_config_round_trip_and_validation(tmp_path):
     with pytest.raises(ConfigError, match=r"Unknown RainMergingConfig keys \['future_field'\].*written by rain_hf "
                                           r"99\.0 and this is rain_hf .*install rain_hf 99\.0"):
         RainMergingConfig.load(tmp_path / "s.json")
+    # numpy numbers (a λ from np.linspace) are kept as the Python numbers they stand for; a typo is no new field
+    import numpy as np
+
+    numeric = RainMergingConfig(lam=np.float32(1.5), lam_grid=list(np.linspace(1, 2, 3)), layers=[np.int64(0)])
+    assert type(numeric.lam) is float and numeric.lam_grid == [1.0, 1.5, 2.0] and type(numeric.layers[0]) is int
+    assert all(type(v) is float for v in numeric.lam_grid) and RainMergingConfig.from_json(numeric.to_json()) == numeric
+    with pytest.raises(AttributeError, match=r"no setting 'lamda' \('lamda': did you mean 'lam'\?\)"):
+        numeric.lamda = 3.0
     # an unset sequential is read as the mode stage 1 ran in (features passed in run one-shot whatever the data)
     ran = {"rain_hf_version": "0", "config": {**cfg.to_dict(), "sequential": None, "sequential_offload": True},
            "report": {"projection": "one-shot"}}
@@ -309,7 +317,7 @@ def test_config_round_trip_and_validation(tmp_path):
     assert parse_size("500Mib") == parse_size("500MiB") == 500 * 2**20
     with pytest.raises(ConfigError, match="finite"):
         RainMergingConfig(lam=10**400)
-    with pytest.raises(ConfigError, match=r"lam_grid must be a finite number, got None"):
+    with pytest.raises(ConfigError, match=r"lam_grid must be a finite number \(an int or a float\), got None"):
         RainMergingConfig(lam_grid=[1.0, None])
     assert RainMergingConfig(stage1=False).sequential is None  # unset: nothing to make sequential, no error
     edited = RainMergingConfig(lam=2.5)
