@@ -252,6 +252,8 @@ class RainMergingConfig:
         for name in ("lam_grid", "target_modules", "layers", "think_spacing"):  # tuples as peft takes them
             if isinstance(getattr(self, name), tuple):
                 setattr(self, name, list(getattr(self, name)))
+        if isinstance(self.target_modules, (set, frozenset)):  # peft takes a set of names too
+            self.target_modules = sorted(self.target_modules, key=str)
         # numpy scalars (a λ from np.linspace) as the Python numbers they stand for: the config is saved as JSON
         for f in dataclasses.fields(self):
             setattr(self, f.name, _plain_number(getattr(self, f.name)))

@@ -432,10 +432,13 @@ def _build_checker(
     empty or whitespace-only strings (either would make checks such as ``end_phrase`` pass on any text). lm-eval
     drops every falsy value (so the empty strings too); for a ``0`` (e.g. ``let_frequency``) that makes its checker
     draw a random number, so a 0 is kept here. A missing argument is an error rather than a random draw, and so is
-    an unknown one. A value the checker cannot use (IFEval's own data asks for the letter ``"#"`` twice; an empty keyword list) makes
-    it draw one at random: that draw is seeded by the instruction and its kwargs, so the score is repeatable, and
-    warned about once.
+    an unknown one. A value the checker cannot use (IFEval's own data asks for the letter ``"#"`` twice; an empty
+    keyword list) makes it draw one at random: that draw is seeded by the instruction and its kwargs, so the score
+    is repeatable, and warned about once.
     """
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise TypeError(f"The kwargs of {instruction_id} are a {type(kwargs).__name__}, not a dict (or None): parse "
+                        "a JSON string first (json.loads), or score with the evaluate metric, which reads them.")
     if instruction_id not in registry:
         raise ValueError(f"Unknown IFEval instruction id {instruction_id!r}; known ids: {sorted(registry)}")
     checker = registry[instruction_id](instruction_id)
@@ -540,6 +543,10 @@ def instruction_following(
         )
     if n == 0:
         raise ValueError("instruction_following needs at least one answer.")
+    whole = sum(isinstance(a, str) and ("<think>" in a or "</think>" in a) for a in answers)
+    if whole:  # the thinking would be scored as part of the answer
+        logger.warning("%d of %d answers hold a think tag: pass the answer part of each generation "
+                       "(split_generation(text).answer), not the whole text.", whole, n)
     registry = _ifeval_registry(nltk_data_path)
 
     strict: list[list[bool]] = []

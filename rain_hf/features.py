@@ -245,6 +245,10 @@ def find_target_modules(model: nn.Module, config: RainMergingConfig) -> list[Tar
                                         in_attention))
     if regex is not None and regex.pattern not in matched:
         example = f"{prefix}.0.{next(sub for sub, m in layers[0].named_modules() if isinstance(m, nn.Linear))}"
+        if regex.pattern.lower().replace("_", "-") in ("all", "linear", "all-linears", "all-linear"):
+            raise ConfigError(f"target_modules={regex.pattern!r} is read as a regular expression (as in peft) and "
+                              "matches no linear module's whole name: did you mean 'all-linear' (every linear "
+                              "layer of the decoder blocks)?")
         raise ConfigError(f"target_modules={regex.pattern!r} is a regular expression (as in peft) and matches no "
                           f"linear module's whole name, such as {example!r}: write e.g. r'.*\\.q_proj', or a "
                           f"list of names such as [{regex.pattern!r}].")

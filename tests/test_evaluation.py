@@ -468,14 +468,17 @@ def test_generations_without_think_tags_are_warned_about(caplog):
     assert "None of" not in caplog.text
 
 
-def test_instruction_following_on_answer_part_only():
+def test_instruction_following_on_answer_part_only(caplog):
     generations = ["<think>First, think: commas, Capitals, everything.</think>\nhello world without commas"]
     answers = [ev.split_generation(g).answer for g in generations]
     ids = [["punctuation:no_comma", "change_case:english_lowercase"]]
-    on_answer = ev.instruction_following(answers, ["p"], ids, [[{}, {}]])
-    on_whole = ev.instruction_following(generations, ["p"], ids, [[{}, {}]])
+    with caplog.at_level(logging.WARNING, logger="rain_hf.evaluation"):
+        on_answer = ev.instruction_following(answers, ["p"], ids, [[{}, {}]])
+        assert "think tag" not in caplog.text
+        on_whole = ev.instruction_following(generations, ["p"], ids, [[{}, {}]])
     assert on_answer["prompt_strict"] == 1.0
     assert on_whole["prompt_strict"] == 0.0
+    assert "1 of 1 answers hold a think tag: pass the answer part" in caplog.text  # whole generations, said
 
 
 def test_instruction_following_errors(monkeypatch):
@@ -489,6 +492,8 @@ def test_instruction_following_errors(monkeypatch):
     for kwargs in ({}, {"num_words": 10, "relation": None}):
         with pytest.raises(ValueError, match=r"length_constraints:number_words needs the kwargs \[.*'relation'\]"):
             ev.instruction_following(["one two"], ["p"], [["length_constraints:number_words"]], [[kwargs]])
+    with pytest.raises(TypeError, match=r"kwargs of punctuation:no_comma are a str, not a dict .*json.loads"):
+        ev.instruction_following(["a"], ["p"], [["punctuation:no_comma"]], [['{"num_words": 3}']])
     with pytest.raises(ValueError, match=r"takes the kwargs none, not \['num_words'\]"):
         ev.instruction_following(["a"], ["p"], [["punctuation:no_comma"]], [[{"num_words": 3}]])
     zero = ev.instruction_following(["lll"], ["p"], [["keywords:letter_frequency"]],

@@ -120,6 +120,12 @@ def test_a_string_target_is_a_regex_over_whole_names_as_in_peft(qwen2_skeleton):
         find_target_modules(qwen2_skeleton, RainMergingConfig(lam=1.0, target_modules="q_proj"))
     with pytest.raises(ConfigError, match="not a valid regular expression"):
         RainMergingConfig(lam=1.0, target_modules="(")
+    for near in ("all", "all_linear", "Linear"):
+        with pytest.raises(ConfigError, match=r"did you mean 'all-linear'"):
+            find_target_modules(qwen2_skeleton, RainMergingConfig(lam=1.0, target_modules=near))
+    # a set of names, as peft takes it
+    assert find_target_modules(qwen2_skeleton, RainMergingConfig(lam=1.0, target_modules={"v_proj", "q_proj"})) == \
+        find_target_modules(qwen2_skeleton, RainMergingConfig(lam=1.0, target_modules=["q_proj", "v_proj"]))
     with pytest.raises(ConfigError, match=r"in the layers \[0\]"):
         find_target_modules(qwen2_skeleton, RainMergingConfig(lam=1.0, target_modules=r"model\.layers\.1\..*",
                                                               layers=[0]))
