@@ -118,7 +118,7 @@ def split_generation(
     - ``prompt_ends_with_open=True`` (the chat template already put ``think_open`` at the end of the prompt): the
       completion contains no ``think_open``, exactly one ``think_close``, and a non-empty answer after it.
 
-    An empty block (``<think>\n\n</think>``) in the completion passes the format check; test
+    An empty block (``<think>\\n\\n</think>``) in the completion passes the format check; test
     ``thinking.strip()`` as well where the model must actually think. (Qwen3's template with thinking switched off
     writes that empty block into the prompt, so such a completion has no block and fails the check.)
 

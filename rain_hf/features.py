@@ -404,6 +404,12 @@ class ThinkFeatures:
     settings: dict = field(default_factory=dict)
     heldout: list[tuple[list[int], list[int]]] = field(default_factory=list)
 
+    def __repr__(self) -> str:  # the bases are whole matrices: a summary, not their values
+        shown = {k: self.settings[k] for k in ("positions", "num_samples", "num_rows", "precision")
+                 if k in self.settings}
+        return (f"ThinkFeatures({len(self.bases)} groups of {len(self.module_group)} modules, "
+                f"{len(self.heldout)} held-out samples, {', '.join(f'{k}={v!r}' for k, v in shown.items())})")
+
     def basis(self, module_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         if module_name not in self.module_group:
             raise KeyError(f"No thinking features were captured for {module_name}: compute the features with the "

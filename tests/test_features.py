@@ -84,6 +84,13 @@ def test_fused_expert_weights_are_reported_as_unmergeable(qwen2_skeleton):
     assert unmergeable_weights(cohere) == []
 
 
+def test_features_print_as_a_summary_not_their_matrices():
+    features = ThinkFeatures({"g": (torch.randn(64, 8), torch.rand(8))}, {"m.q_proj": "g", "m.k_proj": "g"},
+                             {"positions": "window", "num_samples": 8})
+    assert repr(features) == ("ThinkFeatures(1 groups of 2 modules, 0 held-out samples, positions='window', "
+                              "num_samples=8)")
+
+
 def test_saved_features_ignore_a_window_their_position_set_does_not_use():
     features = ThinkFeatures({}, {}, {"positions": "think", "window": 3})
     features.check_compatible(RainMergingConfig(lam=1.0, positions="think", window=1), [])
