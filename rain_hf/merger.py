@@ -197,9 +197,11 @@ class MergePlan:
                             f"{self.unmapped[0]}): stage 2 scales each of them by its layer's mean α, not per head")
         if self.idle:  # zero deltas: cost stage-1 work and read as "projected"; a baseline even changes them
             effect = zero_task_vector_effect(config)
+            advice = ("(set target_modules to the adapter's modules to leave them out of the merge and its report)"
+                      if effect == _KEPT else ": set target_modules to the adapter's modules to leave them out (they "
+                      "then keep the reasoning model's weights)")
             warnings.append(f"the adapter holds no delta for {len(self.idle)} of the {len(self.targets)} merged "
-                            f"modules (e.g. {self.idle[0]}); {effect}: set target_modules to the adapter's modules "
-                            "to leave them out (they then keep the reasoning model's weights)")
+                            f"modules (e.g. {self.idle[0]}); {effect}{' ' if effect == _KEPT else ''}{advice}")
         return warnings
 
     def summary(self) -> str:
@@ -236,6 +238,9 @@ def _load_model_config(src: ModelSource, role: str):
         from .lora import nested_adapters_hint
 
         hint = nested_adapters_hint(src.path) if role == "instruct" else ""  # only it may be an adapter
+        if role != "instruct" and (src.path / "adapter_config.json").is_file():
+            hint = (f" It is a peft adapter (adapter_config.json), and only instruct_model may be one: pass the full "
+                    f"{role} model (an adapter merged into its base with merge_and_unload() and saved).")
         # a folder that is no model folder: the name is wrong, as for a path that does not exist
         raise ModelNameError(f"The {role} model {src.describe()} has no config.json in {src.path}.{hint}")
     try:
@@ -384,7 +389,10 @@ def zero_task_vector_effect(config: RainMergingConfig) -> str:
     if config.method in ("ties", "dare_ties", "dare_linear") and config.density < 1:
         # trimming or dropping acts on the reasoning model's own task vector
         return f"{config.method} still merges them, with a zero instruct task vector, and changes them"
-    return "they keep the reasoning model's weights"
+    return _KEPT
+
+
+_KEPT = "they keep the reasoning model's weights"
 
 
 def _sampled_keys(targets: Sequence[TargetModule], checkpoints: Mapping[str, LazyCheckpoint],

@@ -532,3 +532,12 @@ def test_tensors_are_read_lazily(plain_adapter):
     lora = LoraDelta.from_pretrained(plain_adapter)
     assert isinstance(lora._tensors, LazyCheckpoint)
     assert lora.shape("model.layers.0.mlp.down_proj.weight") == (32, 64)
+
+
+def test_an_adapter_given_as_another_model_than_the_instruct_one_is_named(bases, plain_adapter):
+    from rain_hf import RainMerger
+    from rain_hf.merger import ModelNameError
+
+    with pytest.raises(ModelNameError, match=r"The reasoning model .* has no config\.json .* It is a peft adapter "
+                                             r"\(adapter_config\.json\), and only instruct_model may be one"):
+        RainMerger.plan(bases["qwen"], plain_adapter, bases["qwen_wide"])

@@ -2204,7 +2204,8 @@ def test_plan_warns_about_merged_modules_the_adapter_leaves_alone(qwen2, tmp_pat
     assert logged == plan.warnings and any("base-v0" in w for w in logged)  # the adapter's too, each once
     idle = [w for w in plan.warnings if "holds no delta" in w]
     assert len(idle) == 1 and f"for {len(plan.targets) - 4} of the {len(plan.targets)} merged modules" in idle[0]
-    assert "they keep the reasoning model's weights" in idle[0]
+    assert "they keep the reasoning model's weights (set target_modules to the adapter's modules to leave them out of " \
+           "the merge and its report)" in idle[0] and "they then keep" not in idle[0]  # the advice is no repetition
     # a baseline still changes them (TIES trims, DARE drops the reasoning model's own task vector, SLERP moves
     # toward the base): the warning must not promise the reasoning model's weights
     for method, says in (("ties", "ties still merges them"), ("dare_linear", "dare_linear still merges them"),
