@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import bisect
 import codecs
+import contextlib
+import contextvars
 import copy
 import hashlib
 import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,28 @@ from .config import POSITION_SETS as POSITION_MODES
 from .config import ConfigError, fewest_for_holdout, holdout_count
 
 logger = logging.getLogger(__name__)
+_COLLECTED: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("rain_hf_calibration_warnings",
+                                                                               default=None)
+
+
+def _warn(message: str, *args: Any) -> None:
+    """Log a warning about the calibration data, and hand its text to :func:`collect_warnings` when one is open
+    (whatever the logging level: a merge's report and card list them)."""
+    logger.warning(message, *args)
+    said = _COLLECTED.get()
+    if said is not None:
+        said.append(message % args if args else message)
+
+
+@contextlib.contextmanager
+def collect_warnings() -> Iterator[list[str]]:
+    """The texts of the warnings about calibration data given inside the block, in order."""
+    said: list[str] = []
+    token = _COLLECTED.set(said)
+    try:
+        yield said
+    finally:
+        _COLLECTED.reset(token)
 
 Span = tuple[int, int]
 REASONING_KEYS = ("reasoning", "reason")
@@ -456,7 +480,7 @@ def lam_auto_holdout(samples: Sequence[CalibrationSample], share: float, seed: i
     """
     kept, held = holdout_split(samples, share, seed, key=prompt_key)
     if kept and len(held) > holdout_count(len(samples), share):
-        logger.warning("lam='auto' holds out %d of the %d reasoning calibration samples, where lam_auto_holdout=%s "
+        _warn("lam='auto' holds out %d of the %d reasoning calibration samples, where lam_auto_holdout=%s "
                        "asks for %d: every prompt has more traces than that, and one prompt's traces are held out "
                        "together.", len(held), len(samples), share, holdout_count(len(samples), share))
     if not kept and len({prompt_key(s) for s in samples}) == 1 and len(samples) > 1:
@@ -1044,7 +1068,7 @@ def _default_constrained(response_span: Span, unrelated: list[Span], where: str)
     that the two query sets stay disjoint."""
     constrained = _subtract(response_span, unrelated)
     if not constrained:
-        logger.warning("Calibration sample at %s: its annotated unrelated spans cover the whole response, so it has "
+        _warn("Calibration sample at %s: its annotated unrelated spans cover the whole response, so it has "
                        "no constrained-response tokens (R) and counts for leakage only.", where)
     return constrained
 
@@ -1068,7 +1092,7 @@ def _build_sample(fields: _Fields, index: int, tokenizer: Any, template: _Templa
     for name in ("prompt", "reasoning", "response"):
         found = [t for t in template.specials if t in getattr(fields, name)]
         if found:
-            logger.warning("Calibration sample at %s: its %s holds the special token(s) %s, which the tokenizer "
+            _warn("Calibration sample at %s: its %s holds the special token(s) %s, which the tokenizer "
                            "reads as control tokens (an end of turn inside the text, say): remove them unless they "
                            "are meant as such.", where, name, ", ".join(map(repr, found)))
     prefix, open_char, prompt_char = _generation_prefix(tokenizer, template, fields.prompt)
@@ -1097,7 +1121,7 @@ def _build_sample(fields: _Fields, index: int, tokenizer: Any, template: _Templa
     unrelated_chars, missing_u = locate_annotations(fields.response, fields.unrelated_groups)
     missing = [f"prompt {m}" for m in missing_p] + [f"response {m}" for m in missing_r + missing_u]
     if missing:
-        logger.warning(
+        _warn(
             "Calibration sample at %s: %d annotation(s) not found in their segment, ignored: %s",
             where, len(missing), "; ".join(missing[:_MAX_REASONS_SHOWN]) + (" …" if len(missing) > _MAX_REASONS_SHOWN else ""),
         )
@@ -1124,7 +1148,7 @@ def _build_sample(fields: _Fields, index: int, tokenizer: Any, template: _Templa
     if annotated and not constrained:
         # falling back to the whole (cut) response would measure alignment on tokens the annotation left out; an
         # empty R only drops the sample from the alignment mean (stage 2 averages over samples that have R)
-        logger.warning(
+        _warn(
             "Calibration sample at %s: every annotated constrained-response span (R) lies past the cut to "
             "config.max_length=%d, so its R is empty and it counts for leakage only: raise max_length to keep it.",
             where, max_length,
@@ -1295,7 +1319,7 @@ def _log_generated(records: Sequence[Mapping], kind: str, max_new_tokens: int) -
     cut = sum(bool(r.get("generation_cut")) for r in records)
     logger.info("Generated %d %s traces (%d without a proper think block).", len(records), kind, failed)
     if cut:
-        logger.warning("%d of %d generated %s answers ran out of max_new_tokens=%d and are kept cut short; raise "
+        _warn("%d of %d generated %s answers ran out of max_new_tokens=%d and are kept cut short; raise "
                        "max_new_tokens for whole answers.", cut, len(records), kind, max_new_tokens)
 
 
@@ -1311,7 +1335,7 @@ def _warn_if_swapped(records: Sequence[Any], kind: str) -> None:
     dicts = [r for r in records if isinstance(r, Mapping)]
     annotated = sum(any(r.get(key) for key in _STAGE2_ANNOTATIONS) for r in dicts)
     if kind == "reasoning" and dicts and annotated == len(dicts) == len(records):
-        logger.warning("Every reasoning calibration record carries stage-2 annotations (%s): this looks like the "
+        _warn("Every reasoning calibration record carries stage-2 annotations (%s): this looks like the "
                        "instruction calibration set. Stage 1 wants reasoning traces (the paper's "
                        "reasoning_calibration_set.json); check that the two sets are not swapped.",
                        ", ".join(_STAGE2_ANNOTATIONS))
@@ -1367,9 +1391,9 @@ def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limi
                             "config.on_malformed='skip' to leave such samples out."
                         ) from None
                     if len(failures) <= _MAX_SKIPS_LOGGED:
-                        logger.warning("Skipping malformed %s calibration sample at %s: %s", kind, where(index), err)
+                        _warn("Skipping malformed %s calibration sample at %s: %s", kind, where(index), err)
                     elif len(failures) == _MAX_SKIPS_LOGGED + 1:
-                        logger.warning("Skipping more malformed %s calibration samples; their reasons, counted, "
+                        _warn("Skipping more malformed %s calibration samples; their reasons, counted, "
                                        "follow at the end.", kind)
                 if limit is not None and len(samples) >= limit:
                     break
@@ -1392,7 +1416,7 @@ def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limi
             counts[reason] = counts.get(reason, 0) + 1
         shown = "; ".join(f"{n} × {reason}" for reason, n in list(counts.items())[:_MAX_REASONS_SHOWN])
         more = f"; and {len(counts) - _MAX_REASONS_SHOWN} other reasons" if len(counts) > _MAX_REASONS_SHOWN else ""
-        logger.warning("Skipped %d malformed %s calibration samples in all: %s%s.", len(failures), kind, shown, more)
+        _warn("Skipped %d malformed %s calibration samples in all: %s%s.", len(failures), kind, shown, more)
     logger.info("Using %d %s calibration samples (%d malformed skipped).", len(samples), kind, len(failures))
     if stats is not None:
         # null and absent fields read alike, so one set hashes alike from a file and from a datasets.Dataset (whose

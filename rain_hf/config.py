@@ -236,8 +236,8 @@ class RainMergingConfig:
     max_shard_size: int | str = "5GB"
 
     def __setattr__(self, name: str, value: Any) -> None:
-        # merger.config.lamda = 3 would otherwise be kept beside lam and change nothing
-        if not name.startswith("_") and name not in _FIELD_NAMES:
+        # merger.config.lamda = 3 would otherwise be kept beside lam and change nothing (a subclass keeps its own)
+        if type(self) is RainMergingConfig and not name.startswith("_") and name not in _FIELD_NAMES:
             raise AttributeError(f"RainMergingConfig has no setting {name!r}{did_you_mean([name], _FIELD_NAMES)}; "
                                  f"its settings are {sorted(_FIELD_NAMES)}.")
         super().__setattr__(name, value)
@@ -250,8 +250,11 @@ class RainMergingConfig:
         """Raise :class:`ConfigError` naming the first field with an unusable value (tuples become lists first, and
         an unset ``lam`` takes the method's default, so ``merger.config.lam = None`` between merges works too)."""
         for name in ("lam_grid", "target_modules", "layers", "think_spacing"):  # tuples as peft takes them
-            if isinstance(getattr(self, name), tuple):
-                setattr(self, name, list(getattr(self, name)))
+            value = getattr(self, name)
+            if isinstance(value, (tuple, range)):
+                setattr(self, name, list(value))
+            elif type(value).__name__ == "ndarray":  # np.linspace(…) as a grid, np.arange(…) as layers
+                setattr(self, name, value.tolist())
         if isinstance(self.target_modules, (set, frozenset)):  # peft takes a set of names too
             self.target_modules = sorted(self.target_modules, key=str)
         # numpy scalars (a λ from np.linspace) as the Python numbers they stand for: the config is saved as JSON

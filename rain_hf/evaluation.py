@@ -1151,7 +1151,7 @@ def generate(
         True
     """
     _check_batch_size(batch_size)
-    if not do_sample and (temperature != 1.0 or top_p != 1.0):
+    if not do_sample and (temperature not in (None, 1.0) or top_p not in (None, 1.0)):
         logger.warning("generate: temperature=%s and top_p=%s are sampling settings, and do_sample=False decodes "
                        "greedily without them; pass do_sample=True to sample.", temperature, top_p)
     texts = render_prompts(

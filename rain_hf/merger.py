@@ -38,6 +38,9 @@ from .calibration import (
     template_opens_think,
     template_think_tail,
 )
+from .calibration import (
+    collect_warnings as collect_calibration_warnings,
+)
 from .card import PRECOMPUTED_FEATURES_SOURCE, write_model_card
 from .checkpoints import (
     ADAPTER_PATTERNS,
@@ -960,13 +963,13 @@ class RainMerger:
     def _prepare(self, kind: str, data) -> list[CalibrationSample]:
         prepare = prepare_reasoning_calibration if kind == "reasoning" else prepare_instruction_calibration
         stats: dict[str, Any] = {}
-        with _collected_warnings("rain_hf.calibration") as said:
+        with collect_calibration_warnings() as said:
             samples = prepare(data, self.tokenizer, self.config, model=self.model, stats=stats)
         # what the data made the library say (sets swapped, answers cut short, spans not found) belongs in the card
         # (many: the first ones and the last, which sums up skipped malformed samples)
-        shown = list(said) if len(said) <= _CALIBRATION_WARNINGS_SHOWN else said[: _CALIBRATION_WARNINGS_SHOWN - 2] + [
-            f"… {len(said) - _CALIBRATION_WARNINGS_SHOWN + 1} more warnings about the {kind} calibration data, which "
-            "the log holds; the last:", said[-1]]
+        shown = list(said) if len(said) <= _CALIBRATION_WARNINGS_SHOWN else said[: _CALIBRATION_WARNINGS_SHOWN - 1] + [
+            f"… {len(said) - _CALIBRATION_WARNINGS_SHOWN} more warnings about the {kind} calibration data, which the "
+            f"log holds; the last: {said[-1]}"]
         context = getattr(text_config(self.model.config), "max_position_embeddings", None)
         longer = [len(s.input_ids) for s in samples if isinstance(context, int) and len(s.input_ids) > context]
         if longer:  # positions past the trained context: rotary angles the model never saw, features off its use
@@ -1015,7 +1018,7 @@ class RainMerger:
         boundaries.append((2, "think_close"))
         chosen = samples[:probe]
         # the model's own first token, where the template leaves it: the think-open one, for a reasoning model
-        first = not self.plan.think_tail and all(s.think_open > 0 for s in chosen)
+        first = self.plan.think_tail is None and all(s.think_open > 0 for s in chosen)
         runs = []  # per sample, per boundary: the tag's position and those of the whitespace tokens after it
         for s in chosen:
             runs.append([])
@@ -1500,7 +1503,8 @@ class RainMerger:
                 # their own data, as compute_features recorded it (None for features from a file)
                 self.calibration_info["reasoning"] = copy.deepcopy(self._features_calibration)
                 for warning in self.features.settings.get("data_warnings", []):
-                    self.report.warnings.append(warning)  # logged when the features' data was read
+                    self.report.warnings.append(warning)  # drawn by the data the features were computed from
+                    logger.warning(warning)
                 for warning in self.features.settings.get("spacing_warnings", []):
                     self.report.warnings.append(warning)  # found when the features were made
                     logger.warning(warning)
@@ -2034,23 +2038,6 @@ def _think_open_at(ids: Sequence[int], open_id: int) -> int | None:
 
 
 _CALIBRATION_WARNINGS_SHOWN = 5
-
-
-@contextlib.contextmanager
-def _collected_warnings(name: str) -> Iterator[list[str]]:
-    """The messages of the warnings logged under ``name`` inside the block (they are logged as usual too)."""
-    said: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            said.append(record.getMessage())
-
-    handler = Collect(logging.WARNING)
-    logging.getLogger(name).addHandler(handler)
-    try:
-        yield said
-    finally:
-        logging.getLogger(name).removeHandler(handler)
 
 
 def _file_sha256(path: str | os.PathLike) -> str:

@@ -945,7 +945,8 @@ def test_generate_sampling_is_seeded(model, tokenizer):
 
 def test_generate_warns_that_greedy_decoding_drops_sampling_settings(model, tokenizer, caplog):
     greedy = ev.generate(model, tokenizer, PROMPTS, max_new_tokens=5)
-    assert "sampling settings" not in caplog.text
+    assert ev.generate(model, tokenizer, PROMPTS, max_new_tokens=5, temperature=None, top_p=None) == greedy
+    assert "sampling settings" not in caplog.text  # (None: no setting given)
     with caplog.at_level(logging.WARNING, logger="rain_hf.evaluation"):
         assert ev.generate(model, tokenizer, PROMPTS, max_new_tokens=5, temperature=0.6, top_p=0.95) == greedy
     assert "temperature=0.6 and top_p=0.95" in caplog.text and "do_sample=True" in caplog.text

@@ -983,7 +983,7 @@ def test_a_model_too_far_from_the_base_to_be_its_fine_tune_is_warned_about(organ
     assert [w.split(" ")[0] for w in found] == ["reasoning_model", "instruct_model"]
 
 
-def test_an_instruct_model_given_as_the_reasoning_model_is_warned_about(organism_root):
+def test_an_instruct_model_given_as_the_reasoning_model_is_warned_about(organism_root, tmp_path):
     ckpt = {r: os.path.join(organism_root, "checkpoints", r) for r in ("base", "reasoning", "instruct")}
     data = os.path.join(organism_root, "data", "reasoning_calibration.json")
     config = RainMergingConfig(lam=1.0, stage2=False, think_spacing=["", "", ""])
@@ -997,6 +997,16 @@ def test_an_instruct_model_given_as_the_reasoning_model_is_warned_about(organism
     found = warned("instruct", "reasoning")  # the organism's instruct model answers at once
     assert len(found) == 1 and "confidently writes something else first" in found[0]
     assert "the models go in the order base_model, reasoning_model, instruct_model" in found[0]
+    # a template that writes <think> itself (bare, or with whitespace) leaves the model nothing to open: no probe
+    for suffix in ("<think>", "<think>\n"):
+        opened = tmp_path / f"opened{len(suffix)}"
+        shutil.copytree(ckpt["instruct"], opened, dirs_exist_ok=True)
+        template = (opened / "chat_template.jinja").read_text()
+        assert template.count("<|assistant|>{%- endif -%}") == 1
+        (opened / "chat_template.jinja").write_text(template.replace(
+            "<|assistant|>{%- endif -%}", "<|assistant|>{{ " + repr(suffix) + " }}{%- endif -%}"))
+        ckpt[f"opened{len(suffix)}"] = str(opened)
+        assert not warned(f"opened{len(suffix)}", "reasoning")
 
 
 def test_models_passed_in_another_order_are_warned_about(organism_root, qwen2, tmp_path):
@@ -2427,13 +2437,20 @@ def test_warnings_about_the_calibration_data_reach_the_report_and_the_card(qwen2
     assert len(swapped) == 1
     merger.save_pretrained(tmp_path / "out")
     assert "looks like the instruction calibration set" in (tmp_path / "out" / "README.md").read_text()
-    # seven malformed samples give seven warnings: the first three, a count, and the summing-up last one
+    # seven malformed samples give seven warnings: the first four, and a count with the summing-up last one
     merger.merge(reasoning_records(4) + [{"prompt": "x", "reasoning": "y", "response": 7}] * 7)
     said = [w for w in merger.report.warnings if "malformed" in w or "more warnings" in w]
-    assert len(said) == 5 and all("Skipping malformed reasoning calibration sample" in w for w in said[:3])
-    assert said[3] == "… 3 more warnings about the reasoning calibration data, which the log holds; the last:"
-    assert said[4].startswith("Skipped 7 malformed reasoning calibration samples in all")
+    assert len(said) == 5 and all("Skipping malformed reasoning calibration sample" in w for w in said[:4])
+    assert said[4].startswith("… 2 more warnings about the reasoning calibration data, which the log holds; the "
+                              "last: Skipped 7 malformed reasoning calibration samples in all")
     assert not any("looks like the instruction" in w for w in merger.report.warnings)  # a new merge, a new report
+    # the report does not depend on how loud the log is
+    logging.getLogger("rain_hf").setLevel(logging.ERROR)
+    try:
+        merger.merge(instruction_records(4))
+    finally:
+        logging.getLogger("rain_hf").setLevel(logging.NOTSET)
+    assert sum("looks like the instruction calibration set" in w for w in merger.report.warnings) == 1
     # features computed first, or saved and passed in: the warnings their data drew are kept with them
     merger.compute_features(instruction_records(4))
     merger.merge()

@@ -1,5 +1,6 @@
 """Streaming sharded safetensors and the all-or-nothing output folder."""
 
+import dataclasses
 import errno
 import json
 import os
@@ -280,6 +281,18 @@ def test_config_round_trip_and_validation(tmp_path):
     assert all(type(v) is float for v in numeric.lam_grid) and RainMergingConfig.from_json(numeric.to_json()) == numeric
     with pytest.raises(AttributeError, match=r"no setting 'lamda' \('lamda': did you mean 'lam'\?\)"):
         numeric.lamda = 3.0
+    arrays = RainMergingConfig(lam_grid=np.linspace(0.5, 2, 4), layers=np.arange(2))
+    assert arrays.lam_grid == [0.5, 1.0, 1.5, 2.0] and arrays.layers == [0, 1] == RainMergingConfig(layers=range(2)).layers
+
+    @dataclasses.dataclass
+    class Extended(RainMergingConfig):  # a subclass's own fields and attributes are its business
+        extra: int = 0
+
+        def __post_init__(self):
+            super().__post_init__()
+            self.note = "mine"
+
+    assert Extended(extra=2).extra == 2
     # an unset sequential is read as the mode stage 1 ran in (features passed in run one-shot whatever the data)
     ran = {"rain_hf_version": "0", "config": {**cfg.to_dict(), "sequential": None, "sequential_offload": True},
            "report": {"projection": "one-shot"}}
