@@ -16,8 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-# progress bars (tens of kB over a dozen merges) would push the figures out of a captured output's tail
-os.environ.setdefault("TQDM_DISABLE", "1")
+if __name__ == "__main__":
+    # progress bars (tens of kB over a dozen merges) would push the figures out of a captured output's tail; tqdm
+    # reads the switch when first imported, which importing torch does
+    os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

@@ -766,17 +766,6 @@ def test_task_vector_geometry_lazy_sources_and_randomized_svd():
     assert ev.task_vector_geometry(a.__getitem__, b.__getitem__, k=2, keys=list(a)) == expected
     with pytest.raises(ValueError, match="keys"):
         ev.task_vector_geometry(a.__getitem__, b.__getitem__)
-
-
-def test_task_vector_geometry_names_tensors_either_side_lacks(caplog):
-    a = _random_deltas(0)
-    one = dict(list(a.items())[:1])
-    for first, second, side in ((one, a, "of delta_b are not in delta_a"), (a, one, "of delta_a are not in delta_b")):
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="rain_hf.evaluation"):
-            geo = ev.task_vector_geometry(first, second, k=1)
-        assert f"{len(a) - 1} tensors {side}" in caplog.text
-        assert sum(m["num_tensors"] for m in geo["modules"].values()) == 1
     # rank-2 deltas: the randomized range finder recovers the exact top-2 subspace
     gen = torch.Generator().manual_seed(5)
     low = {
@@ -796,6 +785,17 @@ def test_task_vector_geometry_names_tensors_either_side_lacks(caplog):
     exact, approx = (ev.task_vector_geometry(a, b, k=8, svd=svd)["modules"]["o_proj"]["subspace_overlap"]
                      for svd in ("exact", "randomized"))
     assert approx == pytest.approx(exact, abs=0.005)
+
+
+def test_task_vector_geometry_names_tensors_either_side_lacks(caplog):
+    a = _random_deltas(0)
+    one = dict(list(a.items())[:1])
+    for first, second, side in ((one, a, "of delta_b are not in delta_a"), (a, one, "of delta_a are not in delta_b")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="rain_hf.evaluation"):
+            geo = ev.task_vector_geometry(first, second, k=1)
+        assert f"{len(a) - 1} tensors {side}" in caplog.text
+        assert sum(m["num_tensors"] for m in geo["modules"].values()) == 1
 
 
 def test_randomized_svd_stops_once_the_kept_directions_settle(monkeypatch):

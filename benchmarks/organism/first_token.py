@@ -257,6 +257,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                              "--quick: a temp folder)")
     ap.add_argument("--threads", type=positive_int, default=2)
     args = ap.parse_args(argv)
+    if args.out is None and not args.quick and args.organism.resolve() != HERE:
+        print(f"--organism {args.organism} is not the committed organism, whose FIRST_TOKEN.md this run would "
+              "replace: give --out DIR.", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("rain_hf", "transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -265,10 +269,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if org.missing():
         print(f"The organism is not built (missing {org.missing()[0]}): run `python -m benchmarks.organism.build`.",
               file=sys.stderr)
-        return 2
-    if args.out is None and not args.quick and args.organism.resolve() != HERE:
-        print(f"--organism {args.organism} is not the committed organism, whose FIRST_TOKEN.md this run would "
-              "replace: give --out DIR.", file=sys.stderr)
         return 2
     out = args.out or (Path(tempfile.mkdtemp(prefix="organism-first-token-")) if args.quick else HERE)
     problem = out_folder_problem(out)

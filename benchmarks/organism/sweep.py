@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     print(legend)
     if args.markdown is not None:
         args.markdown.write_text(table + "\n\n" + legend + "\n", encoding="utf-8")
-    print(f"fine-tune + generation wall time per recipe (s; a shared base's training not counted): { {r['name']: round(r['wall_s']) for r in records} }")
+    print(f"wall time per recipe (s; fine-tunes, merges and generation, a shared base's training not counted): { {r['name']: round(r['wall_s']) for r in records} }")
     return 0
 
 
