@@ -65,7 +65,8 @@ TOP_LEVEL_KEYS: dict[str, str] = {
              "dtype is: parameters.output_dtype sets that.",
     "output": "{max_shard_size: '5GB', private: true, card_template: PATH}: shard size of the saved weights "
               "(overrides parameters.max_shard_size), visibility of a repository --push-to-hub creates (left out: "
-              "the Hub's default), and a Jinja model card template of your own.",
+              "the Hub's default; with private: true a push to an existing public repository is refused), and a "
+              "Jinja model card template of your own.",
 }
 #: mergekit's top-level keys and what a rain-merge file has instead, named in the error on an unknown key
 MERGEKIT_TOP_LEVEL = {
@@ -677,10 +678,25 @@ def _check_calibration_files(job: MergeJob, config_path: str) -> None:
                 raise CliError(f"{config_path}: calibration.{name}: {exc}") from exc
 
 
-def _dry_run_calibration(job: MergeJob, tokenizer: Any, config_path: str) -> list[str]:
-    """The dry run's tokenised check of each calibration set the merge reads (what ``max_length`` cuts off, and
-    ``lam: auto``'s hold-out), as the merge prepares them after the load; one plan line per set. Sets with
-    prompt-only records are written by the reasoning model during the merge, so they are checked then."""
+def _context_length(plan: Any) -> int | None:
+    """The reasoning model's ``max_position_embeddings`` (None where its config has none)."""
+    from transformers import AutoConfig
+
+    from .features import text_config
+
+    try:
+        value = getattr(text_config(AutoConfig.from_pretrained(str(plan.sources["reasoning"].path))),
+                        "max_position_embeddings", None)
+    except Exception:  # noqa: BLE001 - the plan loaded this config already; nothing to add if it cannot be read
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _dry_run_calibration(job: MergeJob, tokenizer: Any, config_path: str, context: int | None = None) -> list[str]:
+    """The dry run's tokenised check of each calibration set the merge reads (what ``max_length`` cuts off,
+    samples longer than the model's ``context``, and ``lam: auto``'s hold-out), as the merge prepares them after
+    the load; one plan line per set. Sets with prompt-only records are written by the reasoning model during the
+    merge, so they are checked then."""
     from .calibration import (
         CalibrationError,
         PromptOnlyError,
@@ -704,6 +720,10 @@ def _dry_run_calibration(job: MergeJob, tokenizer: Any, config_path: str) -> lis
         except CalibrationError as exc:
             raise CliError(f"{config_path}: calibration.{name}: {exc}") from exc
         line = f"  {name}: {len(samples)} usable samples ({stats['num_malformed']} malformed, skipped)"
+        longer = sum(len(s.input_ids) > context for s in samples) if context else 0
+        if longer:
+            line += (f", {longer} longer than the model's context (max_position_embeddings={context}): set "
+                     f"parameters.max_length to at most {context}")
         if name == "reasoning" and job.config.lam == "auto" and job.config.stage1:  # else nothing is held out
             try:
                 kept, held = lam_auto_holdout(samples, job.config.lam_auto_holdout, job.config.seed)
@@ -848,7 +868,7 @@ def _run(args: argparse.Namespace) -> int:
     if out is not None:
         _check_out_models(out, plan)
     if args.dry_run:
-        checked = _dry_run_calibration(job, parts[1], args.config)
+        checked = _dry_run_calibration(job, parts[1], args.config, _context_length(plan))
         print(plan.summary())
         print(job.describe(args.out, args.push_to_hub))
         if checked:

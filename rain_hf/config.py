@@ -82,6 +82,7 @@ class RainMergingConfig:
     """All settings of a RAIN merge (and of the baseline methods that share its engine).
 
     Defaults are the settings the project's organism benchmark supports (see ``benchmarks/organism/RESULTS.md``).
+    Setting a name that is no setting (``config.lamda = 3``) is an ``AttributeError`` naming the closest one.
 
     Example:
         >>> from rain_hf import RainMergingConfig
@@ -147,7 +148,8 @@ class RainMergingConfig:
             attention) and position embeddings (cos and sin, up to batch_size × tokens × head_dim each). ``None``
             (YAML ``null``, the default): sequential whenever ``merge()`` has the reasoning calibration samples,
             the one-shot projection when it only has precomputed ``features``; ``True``: always (an error without
-            the samples); ``False``: the paper's one-shot projection.
+            the samples); ``False``: the paper's one-shot projection. :meth:`load` of a sidecar sets an unset
+            value to the mode that merge ran in.
         sequential_offload: keep the sequential projection's replay cache (each calibration batch's layer inputs,
             attention masks and position embeddings) in CPU memory and copy one batch at a time to the device of
             the layer it runs through, so an accelerator holds one batch of it instead of the whole calibration set,
@@ -161,9 +163,9 @@ class RainMergingConfig:
         coef_min, coef_max: the box the coefficients are clipped to.
         probe_lam: the expansion point of the stage-2 probe model θ_R + probe_lam·Δ⊥.
         target_modules: ``"all-linear"`` (every linear layer inside the decoder blocks) or, as in peft, a list of
-            module names or dotted suffixes of them such as ``["q_proj", "v_proj", "mlp.down_proj"]`` (an entry
-            that matches no linear module is an error), or a regular expression that must match a module's whole
-            name (``".*self_attn.(q|v)_proj"``).
+            module names or dotted suffixes of them such as ``["q_proj", "v_proj", "mlp.down_proj"]`` (a tuple or
+            set too; an entry that matches no linear module, or none in the layers ``layers`` selects, is an
+            error), or a regular expression that must match a module's whole name (``".*self_attn.(q|v)_proj"``).
         layers: indices of decoder layers to merge (``None``: all).
         think_open, think_close: the thinking special tokens; each must be a single token of the tokenizer.
         think_spacing: the text written after think_open, before think_close and after think_close when a
@@ -173,15 +175,18 @@ class RainMergingConfig:
             own whitespace around the tags is replaced by it, except that a chat template whose generation prompt
             already ends with think_open and whitespace (R1-Distill's ``<think>`` and a newline) keeps its own; a
             merge warns when the reasoning model confidently writes something else after the think-open or
-            think-close token on most calibration samples.
+            think-close token on most calibration samples (and, where the template leaves the think-open token to
+            the model, when it confidently writes something else first: an instruct model as reasoning model).
         output_dtype: dtype of the merged weights (``None``: the reasoning model's).
         batch_size: calibration samples per forward pass. Stage 2 runs eager attention, which holds each layer's
             attention scores and their float32 softmax, batch_size × heads × tokens² × (4 + 2 × dtype bytes):
             about 14 GiB for 4 samples of 4096 tokens with 28 heads in bf16 (logged when stage 2 starts).
         max_length: calibration sequences are cut to this many tokens (the think tokens and at least one answer
-            token must survive the cut).
+            token must survive the cut); keep it within the model's ``max_position_embeddings``: longer samples
+            are warned about.
         max_reasoning_samples, max_instruction_samples: use at most this many calibration samples (``None``: all).
-        on_malformed: ``"skip"`` a malformed calibration sample (logged with its index) or raise (``"error"``).
+        on_malformed: ``"skip"`` a malformed calibration sample (logged with its index, and listed in the merge's
+            report and card) or raise (``"error"``).
         max_new_tokens, do_sample, temperature, top_p: generation of traces for prompt-only calibration data
             (greedy is the plain argmax: the model's own repetition penalties, beams and token bans are not applied).
         density: fraction of entries kept by TIES / DARE (peft's conventions, not mergekit's: see
@@ -247,8 +252,9 @@ class RainMergingConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first field with an unusable value (tuples become lists first, and
-        an unset ``lam`` takes the method's default, so ``merger.config.lam = None`` between merges works too)."""
+        """Raise :class:`ConfigError` naming the first field with an unusable value. First, tuples, ranges and
+        numpy arrays become lists (a set of ``target_modules`` a sorted list), numpy numbers Python ones, and an
+        unset ``lam`` takes the method's default, so ``merger.config.lam = None`` between merges works too."""
         for name in ("lam_grid", "target_modules", "layers", "think_spacing"):  # tuples as peft takes them
             value = getattr(self, name)
             if isinstance(value, (tuple, range)):

@@ -519,7 +519,9 @@ def instruction_following(
         answers: N answers.
         prompts: N prompts (the instruction text, used by prompt-dependent checkers).
         instruction_id_lists: N lists of IFEval instruction ids, e.g. ``["punctuation:no_comma"]``.
-        kwargs_lists: N lists of kwargs dicts, one per instruction id.
+        kwargs_lists: N lists of kwargs dicts (or None), one per instruction id; a JSON string is a TypeError
+            (``json.loads`` it, or score with the metric, which reads them). Answers holding a think tag (whole
+            generations) are warned about.
         nltk_data_path: where :func:`ensure_nltk_data` builds the nltk data (default: its default).
 
     Returns:
@@ -1134,7 +1136,8 @@ def generate(
         do_sample, temperature, top_p: greedy (default) or sampled decoding; other sampling settings (such as
             ``top_k``, repetition penalties) come from the model's ``generation_config``. Greedy decoding is the
             plain argmax: it ignores them, and sets the config's beams, repetition penalties, minimum lengths, banned,
-            suppressed, biased and forced tokens and watermarking to their neutral values.
+            suppressed, biased and forced tokens and watermarking to their neutral values; a ``temperature`` or
+            ``top_p`` given without ``do_sample=True`` is ignored, with a warning.
         batch_size: prompts per ``generate`` call.
         force_think_open: append this tag (e.g. ``"<think>"``) to each rendered prompt.
         seed: torch seed of sampled decoding, set once for the whole run (the caller's RNG state is restored

@@ -199,8 +199,9 @@ def find_target_modules(model: nn.Module, config: RainMergingConfig) -> list[Tar
     """Linear modules inside the decoder blocks selected by ``config.target_modules`` and ``config.layers``.
 
     ``target_modules`` entries match as in peft: a module's full name or a dotted suffix of it (``"q_proj"``,
-    ``"mlp.down_proj"``, ``"layers.1.mlp.up_proj"``); an entry that matches no linear module is an error. A
-    single string other than ``"all-linear"`` is a regular expression that must match a module's whole name. Attention projections are mapped to heads by their
+    ``"mlp.down_proj"``, ``"layers.1.mlp.up_proj"``); an entry that matches no linear module, or none in the
+    selected layers, is an error. A single string other than ``"all-linear"`` is a regular expression that must
+    match a module's whole name. Attention projections are mapped to heads by their
     usual names (q/k/v/o_proj and kin) and otherwise by shape inside the block's attention module: a linear with
     out = H·head_dim is a query projection, out = KV·head_dim a key/value projection, in = H·head_dim and
     out = hidden the output projection.
@@ -393,8 +394,10 @@ class ThinkFeatures:
         module_group: module name → group name.
         settings: what the features were computed with (positions, window, project_bias, the SVD's precision,
             num_samples, num_rows, and ``calls_per_pass`` for groups that run more than once in a pass; from a
-            merger also the think tokens, think_spacing, max_length and the reasoning model's fingerprint, and
-            for ``lam="auto"`` the ``holdout_share`` and ``holdout_seed`` of the held-out draw).
+            merger also the think tokens, think_spacing, max_length and the reasoning model's fingerprint, the
+            warnings its calibration data and layout drew (``data_warnings``, ``spacing_warnings``: a merge that
+            reuses the features reports them again), and for ``lam="auto"`` the ``holdout_share`` and
+            ``holdout_seed`` of the held-out draw).
         heldout: reasoning samples kept out of the features for ``lam="auto"``: (token ids, thinking positions)
             each, so that features reused in another merge can still measure L_think.
     """

@@ -25,7 +25,8 @@ What is refused (:class:`AdapterError`) and what is only reported (warnings from
   ``lora_bias``; biases only with ``project_bias=True``).
 - warned and ignored: LoRA on embeddings and on the output layer (never merged), ``target_parameters`` on fused
   expert weights (which a merge never reads), copies of modules outside the merged set (embeddings, norms, the
-  output layer), ``trainable_token_indices``, any other non-LoRA tensor.
+  output layer), ``trainable_token_indices``, any other non-LoRA tensor; and, in an adapter written before peft
+  0.22 (sorted keys) or by an unknown version, ``alpha_pattern`` keys with different values that match one module.
 """
 
 from __future__ import annotations

@@ -471,7 +471,7 @@ def test_dry_run_prints_the_plan(triple, tmp_path, capsys):
     assert "parameters this merge does not read: rho=0.2, density=0.3" in capsys.readouterr().out
 
 
-def test_dry_run_tokenises_the_calibration_as_the_merge_will(triple, tmp_path, capsys):
+def test_dry_run_tokenises_the_calibration_as_the_merge_will(triple, tmp_path, capsys, monkeypatch):
     root, _ = triple
     # what only token counts show: samples max_length cuts off, a lam: auto hold-out that leaves stage 1 nothing
     config = _job_file(root, tmp_path, parameters={"lam": 1.0, "max_length": 12})
@@ -492,6 +492,13 @@ def test_dry_run_tokenises_the_calibration_as_the_merge_will(triple, tmp_path, c
     assert main([str(config), "--dry-run"]) == 0
     assert "  reasoning: 4 usable samples (0 malformed, skipped), 1 held out by lam: auto, 3 for stage 1" in (
         capsys.readouterr().out)
+    import rain_hf.cli as cli  # a model whose context the samples outgrow: said before the merge, with the fix
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cli, "_context_length", lambda plan: 20)
+        assert main([str(_job_file(root, tmp_path, parameters={"lam": 1.0})), "--dry-run"]) == 0
+    assert ("  reasoning: 4 usable samples (0 malformed, skipped), 4 longer than the model's context "
+            "(max_position_embeddings=20): set parameters.max_length to at most 20") in capsys.readouterr().out
     (root / "prompts.json").write_text(json.dumps([{"prompt": r["prompt"]} for r in testing.reasoning_records(2)]))
     config = _job_file(root, tmp_path, calibration={"reasoning": "prompts.json", "instruction": "instruction.jsonl"})
     assert main([str(config), "--dry-run"]) == 0
