@@ -16,8 +16,8 @@ linear weight adapted through ``target_parameters`` the name matched is the para
 What is refused (:class:`AdapterError`) and what is only reported (warnings from :meth:`LoraDelta.validate`):
 
 - refused: another ``peft_type``; DoRA (its magnitude vector makes the merged weight depend on the base weight);
-  initialisations that rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, Astra) unless converted to plain
-  LoRA; ``layer_replication``; aLoRA, QALoRA, BD-LoRA, Arrow, KaSA; LoRA on convolutions; a ``lora_A`` without
+  initialisations that rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, Astra) unless converted to
+  plain LoRA; ``layer_replication``; aLoRA, QALoRA, BD-LoRA, Arrow, KaSA; LoRA on convolutions; a ``lora_A`` without
   its ``lora_B`` (or the reverse); a ``.bin``-only adapter.
 - merged as peft's ``merge_and_unload`` applies them: plain LoRA (VeLoRA, MonteCLoRA and MiCA adapters too: peft
   merges their B·A as plain LoRA's), ``target_parameters`` on linear weights, ``modules_to_save`` copies of merged
@@ -416,7 +416,7 @@ class LoraDelta:
 
     def _pattern_name(self, module: str) -> str:
         """The name rank_pattern / alpha_pattern keys are matched against: the module's, or for a linear weight
-        adapted through ``target_parameters`` the parameter's (peft 0.22 matches ``<module>.weight`` there)."""
+        adapted through ``target_parameters`` the parameter's (peft, 0.21 and 0.22, matches ``<module>.weight``)."""
         weight = f"{module.replace('.base_layer', '')}.weight"
         if any(weight == p or weight.endswith(f".{p}") for p in self._weight_parameters):
             return weight

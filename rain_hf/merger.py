@@ -967,9 +967,11 @@ class RainMerger:
             samples = prepare(data, self.tokenizer, self.config, model=self.model, stats=stats)
         # what the data made the library say (sets swapped, answers cut short, spans not found) belongs in the card
         # (many: the first ones and the last, which sums up skipped malformed samples)
-        shown = list(said) if len(said) <= _CALIBRATION_WARNINGS_SHOWN else said[: _CALIBRATION_WARNINGS_SHOWN - 1] + [
-            f"… {len(said) - _CALIBRATION_WARNINGS_SHOWN} more warnings about the {kind} calibration data, which the "
-            f"log holds; the last: {said[-1]}"]
+        shown = list(said)
+        if len(said) > _CALIBRATION_WARNINGS_SHOWN:
+            shown = said[: _CALIBRATION_WARNINGS_SHOWN - 1] + [
+                f"… {len(said) - _CALIBRATION_WARNINGS_SHOWN} more warnings about the {kind} calibration data, which "
+                f"the log holds; the last: {said[-1]}"]
         context = getattr(text_config(self.model.config), "max_position_embeddings", None)
         longer = [len(s.input_ids) for s in samples if isinstance(context, int) and len(s.input_ids) > context]
         if longer:  # positions past the trained context: rotary angles the model never saw, features off its use
