@@ -561,8 +561,9 @@ def _reproduction_yaml(method: str, config: dict[str, Any], info: dict[str, Any]
         if name in files or not entry.get("source"):
             continue
         if entry["source"] == PRECOMPUTED_FEATURES_SOURCE:
+            origin = entry.get("computed_from")
             text += (f"\n# {name} calibration: precomputed thinking features; add under calibration: the file they "
-                     "were computed from")
+                     "were computed from" + (f" ({origin})" if origin else ""))
         else:
             text += (f"\n# {name} calibration: {entry['source']}, not a file; save it as JSONL and add it under "
                      "calibration:")
@@ -600,7 +601,9 @@ def _calibration_rows(calibration: dict[str, Any]) -> list[dict[str, Any]]:
             if entry.get("num_held_out"):
                 used = f"{used} ({entry['num_held_out']} held out to choose λ)"
             rows.append({"name": name, "num_samples": used, "num_malformed": entry.get("num_malformed", "–"),
-                         "source": _inline(entry.get("source") or "–", cell=True),
+                         "source": _inline((entry.get("source") or "–") + (
+                             f" (computed from {entry['computed_from']})" if entry.get("computed_from") else ""),
+                             cell=True),
                          # what sha256sum prints for the file, to check a copy of it against
                          "file_sha256": f"`{entry['file_sha256']}`" if entry.get("file_sha256") else "–"})
     return rows

@@ -78,6 +78,11 @@ MERGEKIT_TOP_LEVEL = {
     "chat_template": "the reasoning model's chat template is kept",
     "out_dtype": "use parameters.output_dtype",
 }
+#: keys that name an option of the Python API, not of a rain-merge file
+PYTHON_ONLY_KEYS = {
+    "features": "precomputed thinking features are a Python option, RainMerger.from_pretrained(features=...); a "
+                "rain-merge run computes them from calibration.reasoning",
+}
 MODEL_KEYS = ("path", "revision")
 CALIBRATION_KEYS = ("reasoning", "instruction")
 OUTPUT_KEYS = ("max_shard_size", "private", "card_template")
@@ -188,7 +193,8 @@ def load_job(path: str | os.PathLike) -> MergeJob:
     unknown = sorted(set(map(str, data)) - set(TOP_LEVEL_KEYS))
     if unknown:
         mergekit = mergekit_hints(unknown, MERGEKIT_TOP_LEVEL)
-        others = [key for key in unknown if key not in MERGEKIT_TOP_LEVEL]
+        mergekit += "".join(f" ({key!r}: {PYTHON_ONLY_KEYS[key]})" for key in unknown if key in PYTHON_ONLY_KEYS)
+        others = [key for key in unknown if key not in MERGEKIT_TOP_LEVEL and key not in PYTHON_ONLY_KEYS]
         fields = [f.name for f in dataclasses.fields(RainMergingConfig)]
         near = {key: (difflib.get_close_matches(key, fields, n=1) or [None])[0] for key in others}
         named = ", ".join(f"{key!r}: did you mean parameters.{field}?" for key, field in near.items()

@@ -541,6 +541,12 @@ class MergeReport:
 
     def __str__(self) -> str:
         lines = [f"MergeReport(method={self.method}, lam={self.lam})"]
+        if self.lam_search:
+            passed = [row["lam"] for row in self.lam_search if row.get("within_budget")]
+            lines.append(f"  λ chosen by lam='auto' on the grid {[row['lam'] for row in self.lam_search]} "
+                         f"(within the budget: {passed or 'none'})")
+        if self.projection:
+            lines.append(f"  stage 1: {self.projection} projection")
         lines.append("  timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
         removed = self.removed_by_type()
         if removed:
@@ -1115,6 +1121,8 @@ class RainMerger:
                 features.settings.update(temperature=cfg.temperature, top_p=cfg.top_p, generation_seed=cfg.seed)
         features.heldout = self._think_rows(heldout)
         calibration = copy.deepcopy(self.calibration_info["reasoning"])
+        # where they came from, for a merge that loads them from a file: its card names the set and its hashes
+        features.settings["calibration"] = {key: calibration.get(key) for key in ("source", "sha256", "file_sha256")}
         if heldout:
             features.settings.update(holdout_share=cfg.lam_auto_holdout, holdout_seed=cfg.seed)
             calibration["num_held_out"] = len(heldout)  # measured L_think, not projected
@@ -1515,7 +1523,8 @@ class RainMerger:
                     self.report.warnings.append(
                         f"the thinking features were computed for lam='auto' and leave {len(self.features.heldout)} "
                         "reasoning calibration samples out of stage 1; pass reasoning_calibration=... to merge() to "
-                        "project with all of them")
+                        "project with all of them (with sequential=False for the one-shot projection these features "
+                        "give; left unset, a merge given the samples runs sequential)")
                     logger.warning(self.report.warnings[-1])
             self.report.projection = "sequential" if self._sequential() else "one-shot"
             if cfg.sequential is None and self._stage1_samples is None:
@@ -1834,10 +1843,14 @@ class RainMerger:
         auto = cfg.lam == "auto"
         if info["reasoning"] is None and self.features is not None and cfg.method == "rain" and cfg.stage1:
             projected, held = self.features.settings.get("num_samples"), len(self.features.heldout)
+            origin = self.features.settings.get("calibration") or {}
             info["reasoning"] = {  # the count as the calibration set had it: projected + held out, when both count
                 "num_samples": projected + held if auto and projected is not None else projected,
                 "source": PRECOMPUTED_FEATURES_SOURCE,
-                "reasoning_fingerprint": self.features.settings.get("reasoning_fingerprint")}
+                "reasoning_fingerprint": self.features.settings.get("reasoning_fingerprint"),
+                # the set the features were computed from (features saved before this was recorded: unknown)
+                "computed_from": origin.get("source"), "sha256": origin.get("sha256"),
+                "file_sha256": origin.get("file_sha256")}
             if auto and held:
                 info["reasoning"]["num_held_out"] = held
             elif held:  # features for lam="auto" reused at a numeric λ: the held-out samples were not projected

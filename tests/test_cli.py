@@ -122,6 +122,10 @@ def test_library_messages_in_the_yaml_terms():
      "unknown key(s) ['merge_method', 'models', 'tokenizer_source'] ('merge_method' is mergekit's: use method) "
      "('models' is mergekit's: name the models base_model, reasoning_model and instruct_model) ('tokenizer_source' "
      "is mergekit's: the reasoning model's tokenizer is kept); known keys"),
+    ({"base_model": "a/b", "reasoning_model": "c/d", "instruct_model": "e/f", "features": "f.safetensors"},
+     "unknown key(s) ['features'] ('features': precomputed thinking features are a Python option, "
+     "RainMerger.from_pretrained(features=...); a rain-merge run computes them from calibration.reasoning); known "
+     "keys: ['base_model', "),
 ])
 def test_bad_yaml_exits_2_with_one_line(tmp_path, capsys, content, expected):
     code = main([str(_write(tmp_path, content)), "--out", str(tmp_path / "out")])

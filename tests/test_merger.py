@@ -1458,6 +1458,9 @@ def test_lam_auto_picks_largest_lambda_within_think_budget(qwen2):
     tight = _merger(qwen2, lam="auto", lam_grid=grid, stage2=False, lam_auto_max_kl=(kl[1] * kl[2]) ** 0.5)
     tight.merge(reasoning_records(8))
     assert tight.report.lam == 1.0 and not any("largest λ" in w for w in tight.report.warnings)
+    printed = str(tight.report)  # what print(merger.report) shows: how λ was chosen, how stage 1 projected
+    assert "MergeReport(method=rain, lam=1.0)\n  λ chosen by lam='auto' on the grid [0.5, 1.0, 4.0, 16.0] (within the " \
+           "budget: [0.5, 1.0])\n  stage 1: sequential projection\n" in printed
     assert [row["l_think"] for row in tight.report.lam_search] == pytest.approx(kl, rel=1e-6)
     assert tight.features.settings["num_samples"] == 6  # two of eight held out to measure L_think
     # below every λ's: the smallest, with a warning
@@ -1501,7 +1504,8 @@ def test_lam_auto_l_think_leaves_out_the_answers_first_prediction_and_prompt_pos
                                            RainMergingConfig(lam=row["lam"], stage2=False, **layout),
                                            features=auto.features)
         merged = fixed.merge().eval()
-        assert any("leave 2 reasoning calibration samples out of stage 1" in w for w in fixed.report.warnings)
+        assert any("leave 2 reasoning calibration samples out of stage 1" in w and "with sequential=False for the "
+                   "one-shot projection" in w for w in fixed.report.warnings)
         kept, with_all = [], []
         for ids, positions in auto.features.heldout:
             assert sum(ids[p] == close_id for p in positions) == 1
@@ -2509,6 +2513,19 @@ def test_calibration_files_are_recorded_with_the_hash_sha256sum_prints(qwen2, tm
     merger.merge(reasoning_records(3))  # the same records, not from a file: the records' hash alone
     again = merger.sidecar()["calibration"]["reasoning"]
     assert again["sha256"] == entry["sha256"] and again["file_sha256"] is None
+    # features computed from the file, saved, and loaded by another merger: the file is still named, with its hashes
+    merger.compute_features(str(path))
+    merger.features.save(tmp_path / "features.safetensors")
+    reused = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], merger.config,
+                                        features=tmp_path / "features.safetensors")
+    reused.merge()
+    origin = reused.sidecar()["calibration"]["reasoning"]
+    assert origin["source"] == "precomputed thinking features" and origin["computed_from"] == str(path)
+    assert (origin["sha256"], origin["file_sha256"]) == (entry["sha256"], entry["file_sha256"])
+    card = reused.save_pretrained(tmp_path / "out") / "README.md"
+    text = card.read_text()
+    assert f"add under calibration: the file they were computed from ({path})" in text
+    assert f"precomputed thinking features (computed from {path})" in text and entry["file_sha256"] in text
 
 
 def test_saved_records_describe_the_merge_the_model_holds(qwen2, tmp_path, caplog, monkeypatch):
