@@ -395,9 +395,9 @@ class ThinkFeatures:
         settings: what the features were computed with (positions, window, project_bias, the SVD's precision,
             num_samples, num_rows, and ``calls_per_pass`` for groups that run more than once in a pass; from a
             merger also the think tokens, think_spacing, max_length and the reasoning model's fingerprint, the
-            calibration set's source and hashes (``calibration``), the warnings its calibration data and layout drew (``data_warnings``, ``spacing_warnings``: a merge that
-            reuses the features reports them again), and for ``lam="auto"`` the ``holdout_share`` and
-            ``holdout_seed`` of the held-out draw).
+            calibration set's source and hashes (``calibration``), the warnings its calibration data and layout
+            drew (``data_warnings``, ``spacing_warnings``: a merge that reuses the features reports them again),
+            and for ``lam="auto"`` the ``holdout_share`` and ``holdout_seed`` of the held-out draw).
         heldout: reasoning samples kept out of the features for ``lam="auto"``: (token ids, thinking positions)
             each, so that features reused in another merge can still measure L_think.
     """
