@@ -992,8 +992,7 @@ class RainMerger:
         if kind == "reasoning" and not self._touched:  # the reasoning model's own predictions
             self._spacing_warnings = self._check_think_spacing(samples)
             for warning in self._spacing_warnings:
-                self.report.warnings.append(warning)
-                logger.warning(warning)
+                self._warn(warning)
         if isinstance(data, (str, os.PathLike)):
             source = str(data)
         elif isinstance(data, list):
@@ -1361,19 +1360,17 @@ class RainMerger:
         without a full fingerprint (those of another reasoning model are refused by :meth:`_refuse_missing_inputs`)."""
         settings = self.features.settings
         if settings.get("tokenizer_digest") not in (None, self._tokenizer_digest()):
-            self.report.warnings.append(
+            self._warn(
                 "the thinking features were computed with another tokenizer or chat template than this merger's (a "
                 "different tokenizer.json or template, or another transformers version that writes it otherwise): "
                 "if they render the calibration text differently, the features protect other positions; recompute "
                 "them with this tokenizer to be sure")
-            logger.warning(self.report.warnings[-1])
         loaded = str(self.model.dtype).replace("torch.", "")
         if settings.get("loaded_dtype") not in (None, loaded):
-            self.report.warnings.append(
+            self._warn(
                 f"the thinking features were taken with the reasoning model loaded in {settings['loaded_dtype']}, "
                 f"this merge loads it in {loaded}: the protected subspace is {settings['loaded_dtype']}'s; recompute "
                 "the features to match")
-            logger.warning(self.report.warnings[-1])
         recorded = settings.get("reasoning_fingerprint")
         if recorded is None:
             logger.warning("These thinking features do not record which reasoning model they come from (saved by an "
@@ -1394,6 +1391,11 @@ class RainMerger:
             raise ValueError(f"These thinking features were computed on another reasoning model (fingerprint "
                              f"{recorded}, this one {this}): recompute them with compute_features(...) on this model, "
                              "or pass reasoning_calibration=... to merge().")
+
+    def _warn(self, message: str) -> None:
+        """Say ``message`` in this merge's report (and so its card and sidecar) and in the log."""
+        self.report.warnings.append(message)
+        logger.warning(message)
 
     def _new_report(self, now: list[str]) -> None:
         """A report for the merge about to run: the load's warnings and timing, the stage-1 feature timing (the
@@ -1418,10 +1420,9 @@ class RainMerger:
                 "with lora_B still at its zero init?)" if not isinstance(self.instruct, FullDelta) else
                 "The instruct model equals base_model in every merged module (a copy of the base, or the base's "
                 "name given as instruct_model?)")
-        self.report.warnings.append(f"{what}: there is no task vector to merge, and the merge "
-                                    f"adds no instruction following ({zero_task_vector_effect(self.config)}). Pass "
-                                    "the instruction-tuned model.")
-        logger.warning(self.report.warnings[-1])
+        self._warn(f"{what}: there is no task vector to merge, and the merge "
+                   f"adds no instruction following ({zero_task_vector_effect(self.config)}). Pass "
+                   "the instruction-tuned model.")
 
     def _merged_keys(self) -> set[str]:
         keys = {t.weight_key for t in self.targets}
@@ -1471,9 +1472,8 @@ class RainMerger:
                                                            ("instruction", instruction_calibration))
                   if data is not None and not cfg.uses_calibration(kind)]
         for name in unused:
-            self.report.warnings.append(f"{name} was given but this merge does not use it (method={cfg.method}, "
-                                        f"stage1={cfg.stage1}, stage2={cfg.stage2}, lam={cfg.lam})")
-            logger.warning(self.report.warnings[-1])
+            self._warn(f"{name} was given but this merge does not use it (method={cfg.method}, "
+                       f"stage1={cfg.stage1}, stage2={cfg.stage2}, lam={cfg.lam})")
         ignored = cfg.unused_settings()
         if ignored:
             hint = (f" method='slerp' mixes by slerp_t={cfg.slerp_t}: set slerp_t to move towards the instruct "
@@ -1483,10 +1483,9 @@ class RainMerger:
                 context += [f"stage1={cfg.stage1}", f"stage2={cfg.stage2}", f"lam={cfg.lam}"]
                 context += [f"projection={cfg.projection}"] if {"rcond", "ridge"} & set(ignored) else []
                 context += [f"do_sample={cfg.do_sample}"] if {"temperature", "top_p"} & set(ignored) else []
-            self.report.warnings.append(
+            self._warn(
                 "This merge does not read " + ", ".join(f"{k}={v!r}" for k, v in ignored.items())
                 + f" ({', '.join(context)}): leave them out, or set what uses them.{hint}")
-            logger.warning(self.report.warnings[-1])
         if cfg.method != "rain":
             self._undo_on_failure(self._apply_baseline)
             self._warn_without_task_vector()
@@ -1503,29 +1502,25 @@ class RainMerger:
         if cfg.stage1:
             if reasoning_calibration is not None:
                 if self.features is not None and self.features is self._given_features:
-                    self.report.warnings.append(
+                    self._warn(
                         "reasoning_calibration was given to merge(), so the thinking features passed to "
                         "from_pretrained(features=...) are replaced by features of that data (and the merge may run "
                         "sequential); leave reasoning_calibration out to merge with the given features")
-                    logger.warning(self.report.warnings[-1])
                 self.compute_features(reasoning_calibration)
             else:  # features given or computed before, refused by _refuse_missing_inputs where they cannot serve
                 # their own data, as compute_features recorded it (None for features from a file)
                 self.calibration_info["reasoning"] = copy.deepcopy(self._features_calibration)
                 for warning in self.features.settings.get("data_warnings", []):
-                    self.report.warnings.append(warning)  # drawn by the data the features were computed from
-                    logger.warning(warning)
+                    self._warn(warning)  # drawn by the data the features were computed from
                 for warning in self.features.settings.get("spacing_warnings", []):
-                    self.report.warnings.append(warning)  # found when the features were made
-                    logger.warning(warning)
+                    self._warn(warning)  # found when the features were made
                 self._check_features_model()
                 if self.features.heldout and cfg.lam != "auto":
-                    self.report.warnings.append(
+                    self._warn(
                         f"the thinking features were computed for lam='auto' and leave {len(self.features.heldout)} "
                         "reasoning calibration samples out of stage 1; pass reasoning_calibration=... to merge() to "
                         "project with all of them (with sequential=False for the one-shot projection these features "
                         "give; left unset, a merge given the samples runs sequential)")
-                    logger.warning(self.report.warnings[-1])
             self.report.projection = "sequential" if self._sequential() else "one-shot"
             if cfg.sequential is None and self._stage1_samples is None:
                 logger.info("Precomputed thinking features only: stage 1 uses the one-shot projection (pass "
@@ -1539,19 +1534,17 @@ class RainMerger:
             alpha = head_coefficients(a, u, cfg.rho, cfg.coef_normalize, cfg.coef_min, cfg.coef_max)
             problem = coefficient_warning(a, u, cfg.rho, cfg.coef_normalize, alpha, cfg.coef_min, cfg.coef_max)
             if problem:
-                self.report.warnings.append(problem)
-                logger.warning(problem)
+                self._warn(problem)
             unseen = [layer for layer, row in zip(self.report.layers, a) if bool(torch.isnan(row).all())]
             if unseen:
                 reach = local_attention(self.model.config)
                 kinds = sorted({f"{'window' if r[0] == 'sliding' else 'chunk'} of {r[1]} tokens"
                                 for layer in unseen if (r := reach[layer]) is not None})
-                self.report.warnings.append(
+                self._warn(
                     f"stage 2: in layers {unseen} the local attention ({', '.join(kinds)}) reaches the instruction "
                     "from no constrained-response token of the calibration data, so their heads were not measured "
                     "and got α = 1 (stage 1 alone there); calibration samples whose responses start within reach "
                     "of the instruction measure them")
-                logger.warning(self.report.warnings[-1])
             # unmeasured heads are None in the report (JSON has no NaN)
             self.report.alignment = [[None if math.isnan(x) else x for x in row] for row in a.tolist()]
             self.report.leakage = [[None if math.isnan(x) else x for x in row] for row in u.tolist()]
@@ -1709,12 +1702,11 @@ class RainMerger:
                 "it in float32 (bfloat16 or float16 activations can overflow).")
         opened = int((reference_choices == open_id).sum())
         if prefixes and opened < len(prefixes) / 2:  # a reasoning model opens it on (nearly) every prompt
-            self.report.warnings.append(
+            self._warn(
                 f"lam=auto: the reasoning model opens the think block first on {opened} of {len(prefixes)} "
                 "calibration prompts; check that it is a reasoning model and that the models are passed in order "
                 "(base_model, reasoning_model, instruct_model)."
                 + (" No think-open decision is checked." if not opened else ""))
-            logger.warning(self.report.warnings[-1])
         search, chosen = [], None
         with self._reset_after():
             for lam in sorted(set(cfg.lam_grid)):
@@ -1737,29 +1729,25 @@ class RainMerger:
                 if search[-1]["within_budget"]:
                     chosen = float(lam)
         if chosen is not None and chosen == float(max(cfg.lam_grid)):
-            self.report.warnings.append(f"lam='auto': the largest λ of the grid, {chosen}, keeps L_think within "
-                                        f"{cfg.lam_auto_max_kl} (L_think {search[-1]['l_think']:.3g}); a larger λ "
-                                        "may too: extend lam_grid to search further.")
-            logger.warning(self.report.warnings[-1])
+            self._warn(f"lam='auto': the largest λ of the grid, {chosen}, keeps L_think within "
+                       f"{cfg.lam_auto_max_kl} (L_think {search[-1]['l_think']:.3g}); a larger λ "
+                       "may too: extend lam_grid to search further.")
         if chosen is None:
             chosen = float(min(cfg.lam_grid))
             # the think-open share is only checked where it was measured (not with a template that writes <think>)
             checked = cfg.lam_auto_min_think_open is not None and any(row["think_open"] is not None for row in search)
             guard = f" with a think-open share ≥ {cfg.lam_auto_min_think_open}" if checked else ""
-            self.report.warnings.append(f"lam='auto': no λ of the grid keeps L_think ≤ {cfg.lam_auto_max_kl}"
-                                        f"{guard}; using the smallest, {chosen}")
-            logger.warning(self.report.warnings[-1])
+            self._warn(f"lam='auto': no λ of the grid keeps L_think ≤ {cfg.lam_auto_max_kl}"
+                       f"{guard}; using the smallest, {chosen}")
         else:
             failed_below = [row["lam"] for row in search if row["lam"] < chosen and not self._passes(row)]
             if failed_below:
-                self.report.warnings.append(
+                self._warn(
                     f"lam='auto': λ {chosen:g} passed but the smaller {', '.join(f'{v:g}' for v in failed_below)} did "
                     "not: the budget is not monotone in λ on these samples (a noisy L_think or think-open share); "
                     "more held-out samples or a finer lam_grid would make the pick steadier.")
-                logger.warning(self.report.warnings[-1])
         if chosen == 0:
-            self.report.warnings.append("lam='auto' picked λ 0: the merged model is the reasoning model.")
-            logger.warning(self.report.warnings[-1])
+            self._warn("lam='auto' picked λ 0: the merged model is the reasoning model.")
         self.report.lam_search = search
         self.report.timings["lam_auto"] = time.perf_counter() - start
         return chosen
