@@ -3,6 +3,7 @@
 import dataclasses
 import errno
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -228,6 +229,28 @@ def test_atomic_directory_fills_an_existing_empty_folder(tmp_path):
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_killed_save_leaves_folders_that_are_named(tmp_path, caplog):
+    # SIGKILL (an out-of-memory kill) runs no cleanup: the next save must say what the hidden folders are
+    target = tmp_path / "out"
+    (target / ".partial-k1ll3d").mkdir(parents=True)
+    for marker in (None, "done.json"):
+        with pytest.raises(OutputExistsError, match=r"holds only \.partial-k1ll3d: half-written.*killed.*Delete"):
+            with atomic_directory(target, overwrite=True, marker=marker):
+                pass
+    (target / "mine.txt").write_text("user data")  # not only debris: the usual refusal
+    with pytest.raises(OutputExistsError, match="holds no done.json"):
+        with atomic_directory(target, overwrite=True, marker="done.json"):
+            pass
+    (tmp_path / ".new.partial-abc").mkdir()
+    (tmp_path / ".newer.partial-abc").mkdir()  # another output's: not named
+    with caplog.at_level(logging.WARNING, logger="rain_hf"):
+        with atomic_directory(tmp_path / "new") as tmp:
+            (tmp / "a.txt").write_text("a")
+    assert ".new.partial-abc, left by an earlier save of new that was killed" in caplog.text
+    assert ".newer." not in caplog.text
+    assert (tmp_path / "new" / "a.txt").is_file()
 
 
 def test_unused_settings_name_what_a_merge_never_reads():
