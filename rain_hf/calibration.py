@@ -49,24 +49,24 @@ from .config import POSITION_SETS as POSITION_MODES
 from .config import ConfigError, fewest_for_holdout, holdout_count
 
 logger = logging.getLogger(__name__)
-_COLLECTED: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("rain_hf_calibration_warnings",
-                                                                               default=None)
+_COLLECTED: contextvars.ContextVar[tuple[list[str], ...]] = contextvars.ContextVar("rain_hf_calibration_warnings",
+                                                                                   default=())
 
 
 def _warn(message: str, *args: Any) -> None:
     """Log a warning about the calibration data, and hand its text to :func:`collect_warnings` when one is open
     (whatever the logging level: a merge's report and card list them)."""
     logger.warning(message, *args)
-    said = _COLLECTED.get()
-    if said is not None:
+    for said in _COLLECTED.get():
         said.append(message % args if args else message)
 
 
 @contextlib.contextmanager
 def collect_warnings() -> Iterator[list[str]]:
-    """The texts of the warnings about calibration data given inside the block, in order."""
+    """The texts of the warnings about calibration data given inside the block, in order; a block inside another
+    (a merge's own, inside a caller's) hands them to both."""
     said: list[str] = []
-    token = _COLLECTED.set(said)
+    token = _COLLECTED.set((*_COLLECTED.get(), said))
     try:
         yield said
     finally:
@@ -74,6 +74,9 @@ def collect_warnings() -> Iterator[list[str]]:
 
 Span = tuple[int, int]
 REASONING_KEYS = ("reasoning", "reason")
+# answer fields of other formats (TRL's prompt-completion, Alpaca's output, preference sets): not read, but a
+# prompt-only record carrying one is warned about, as its trace would be replaced by a generated one
+_UNREAD_ANSWER_KEYS = ("answer", "chosen", "completion", "output", "solution", "target")
 # Stand-in user message used to find where the chat template puts the user's text.
 _SENTINEL = "RainHfPromptSentinel7c1e5b"
 _MAX_REASONS_SHOWN = 5
@@ -210,6 +213,12 @@ def check_records(data: Any, what: str = "calibration") -> int:
         if malformed is not None:
             at = f"index {malformed[0]}" + (f" ({locations[malformed[0]]})" if locations else "")
             raise CalibrationError(f"No {what} record is usable: the first malformed one, at {at}: {malformed[1]}.")
+        first = records[0].get("prompt") if isinstance(records[0], Mapping) else None
+        if first is not None:  # a prompt field that holds no text: say what it holds
+            shown = repr(first) if len(repr(first)) <= 60 else repr(first)[:57] + "..."
+            raise CalibrationError(
+                f"No {what} record has a prompt: the first one{where} has field 'prompt' = {shown} (type "
+                f"{type(first).__name__}), where the prompt's text is wanted as a non-empty string.")
         raise CalibrationError(
             f"No {what} record has a prompt: the first one{where} has keys {sorted(records[0])}. Records need "
             "'prompt' (with 'reasoning' and 'response', or alone to let the reasoning model write them), or "
@@ -685,16 +694,23 @@ def _labelled_fields(record: Mapping) -> tuple[Any, Any, Any, tuple[str, str]]:
     ``None`` marks an absent field.
 
     ``messages``-style records (one user turn, optionally one assistant turn whose content holds
-    ``<think>…</think>answer`` or which has a ``reasoning_content``) are accepted too, and so is a ``response``
-    holding ``<think>…</think>answer`` when there is no reasoning field (the usual R1 dump).
+    ``<think>…</think>answer`` or which has a ``reasoning_content``) are accepted too, or one user turn with the
+    trace in the fields, and so is a ``response`` holding ``<think>…</think>answer`` when there is no reasoning
+    field (the usual R1 dump).
     """
-    # a datasets.Dataset gives every row every column, so a chat-format row arrives with prompt=None
+    # a datasets.Dataset gives every row every column, so a chat-format row arrives with prompt=None (or "")
     messages = record.get("messages")
-    if record.get("prompt") is None and messages is not None:
+    if _no_prompt_field(record) and messages is not None:
         if not isinstance(messages, list):
             raise _Malformed(f"field 'messages' is a {type(messages).__name__}, not a list of {{'role', 'content'}} "
                              "turns (a JSON string must be parsed first)")
-        return _fields_from_messages(messages)
+        fields = _fields_from_messages(messages)
+        if all(record.get(key) is None for key in (*REASONING_KEYS, "response")):
+            return fields
+        if len(messages) > 1:
+            raise _Malformed("the assistant turn of 'messages' and the fields 'reasoning' / 'reason' / 'response' "
+                             "both give the answer: keep one of them")
+        record = {**record, "prompt": fields[0]}  # the prompt as a chat turn, its trace in the fields
     roles = [m.get("role") if isinstance(m, Mapping) else None for m in messages] \
         if isinstance(messages, list) else None
     if roles in (["user"], ["user", "assistant"]) and isinstance(messages[0].get("content"), str):
@@ -714,9 +730,15 @@ def _labelled_fields(record: Mapping) -> tuple[Any, Any, Any, tuple[str, str]]:
     return record.get("prompt"), reasoning, response, _FIELD_LABELS
 
 
+def _no_prompt_field(record: Mapping) -> bool:
+    """Whether the record's 'prompt' is absent, None or blank (its chat form in 'messages' is then read)."""
+    prompt = record.get("prompt")
+    return prompt is None or (isinstance(prompt, str) and not prompt.strip())
+
+
 def _prompt_label(record: Mapping) -> str:
     """Where a record's prompt comes from, as error messages name it."""
-    if record.get("prompt") is None and isinstance(record.get("messages"), list):
+    if _no_prompt_field(record) and isinstance(record.get("messages"), list):
         return "messages[0].content"
     return "field 'prompt'"
 
@@ -1131,14 +1153,17 @@ def _build_sample(fields: _Fields, index: int, tokenizer: Any, template: _Templa
     annotated = bool(constrained)
 
     if n > max_length:
-        if close_tok + 1 >= max_length:
-            kept = ("survives the cut to config.max_length={max_length}, but no response token does (the answer's "
+        # the layout's whitespace after </think> (think_spacing[2]) is no answer: a cut must keep a token of the text
+        answer = offsets.token_span(response_char, response_char + len(fields.response))
+        answer_tok = close_tok + 1 if answer is None else max(answer[0], close_tok + 1)
+        if answer_tok >= max_length:
+            kept = ("survives the cut to config.max_length={max_length}, but no token of the answer does (its "
                     "first token is at position {after})" if close_tok < max_length else
                     "does not survive the cut to config.max_length={max_length}")
             raise _Malformed(
                 f"the rendered sample has {n} tokens and its think-close token is at position {close_tok}, so it "
-                + kept.format(max_length=max_length, after=close_tok + 1)
-                + f": raise max_length to at least {close_tok + 2} or shorten the prompt/reasoning"
+                + kept.format(max_length=max_length, after=answer_tok)
+                + f": raise max_length to at least {answer_tok + 1} or shorten the prompt/reasoning"
             )
         logger.info("Calibration sample at %s: %d tokens, response cut to max_length=%d.", where, n, max_length)
         ids = ids[:max_length]
@@ -1354,12 +1379,19 @@ def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limi
     _warn_if_swapped(records, kind)
     template = _template_parts(tokenizer, config)
     prompt_only = [i for i, r in enumerate(records) if _is_prompt_only(r)]
+    unread = sorted({key for i in prompt_only for key in _UNREAD_ANSWER_KEYS if records[i].get(key) is not None})
+    rename = (f"If {' / '.join(repr(k) for k in unread)} holds the model's thinking and answer, name it 'response' "
+              "('<think>…</think>answer'), or split it into 'reasoning' and 'response'.") if unread else ""
     if prompt_only and model is None:
         raise PromptOnlyError(
             f"{len(prompt_only)} of {len(records)} {kind} calibration records (first: {where(prompt_only[0])}) have "
             "only a prompt. Pass 'reasoning' and 'response' for every record, or pass the reasoning model "
-            "(model=...), or complete them first with generate_traces."
+            "(model=...), or complete them first with generate_traces." + (" " + rename if rename else "")
         )
+    if unread:  # a trace under a name this library does not read would be replaced by the model's own
+        _warn("%d of %d %s calibration records have a prompt and no field read as their thinking or answer, so the "
+              "reasoning model writes them; they carry %s, which is not read. %s", len(prompt_only), len(records),
+              kind, " / ".join(repr(k) for k in unread), rename)
     # prompt-only records are generated in batches of the next batch_size of them, as generate_traces does (a
     # sampled trace depends on its batch), and only as far as the sample limit reaches
     batch_starts = iter(range(0, len(prompt_only), config.batch_size))

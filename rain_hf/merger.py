@@ -1609,7 +1609,11 @@ class RainMerger:
 
     def _hold_out(self, samples: list[CalibrationSample]) -> tuple[list[CalibrationSample], list[CalibrationSample]]:
         """(stage-1 samples, held-out samples) for ``lam="auto"`` (:func:`~rain_hf.calibration.lam_auto_holdout`)."""
-        return lam_auto_holdout(samples, self.config.lam_auto_holdout, self.config.seed)
+        with collect_calibration_warnings() as said:  # a larger hold-out than asked: the card says what was used
+            split = lam_auto_holdout(samples, self.config.lam_auto_holdout, self.config.seed)
+        self.report.warnings.extend(said)
+        self._reasoning_data_warnings.extend(said)  # kept with the features, which hold the held-out rows
+        return split
 
     def _think_rows(self, samples: list[CalibrationSample]) -> list[tuple[list[int], list[int]]]:
         """(token ids, thinking positions) of each sample, as L_think reads them."""

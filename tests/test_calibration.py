@@ -20,6 +20,7 @@ from rain_hf.calibration import (
     _Malformed,
     check_records,
     check_think_tokens,
+    collect_warnings,
     generate_traces,
     load_records,
     locate_annotations,
@@ -849,10 +850,18 @@ def test_unrelated_spans_are_taken_out_of_the_default_response_span(tok):
 
 def test_a_cut_that_keeps_the_think_close_but_no_answer_says_so(tok):
     (full,) = prepare_reasoning_calibration([RECORD], tok, _cfg())
-    with pytest.raises(CalibrationError, match=rf"position {full.think_close}, so it survives the cut to config."
-                                               rf"max_length={full.think_close + 1}, but no response token does .* "
-                                               rf"raise max_length to at least {full.think_close + 2}"):
-        prepare_reasoning_calibration([RECORD], tok, _cfg(max_length=full.think_close + 1, on_malformed="error"))
+    # the layout's "\n\n" after </think> is whitespace, not the answer: a cut keeping only it is refused too
+    answer = next(i for i in range(full.think_close + 1, len(full.input_ids))
+                  if tok.decode([full.input_ids[i]]).strip())
+    assert answer >= full.think_close + 2
+    for cut in range(full.think_close + 1, answer + 1):
+        with pytest.raises(CalibrationError, match=rf"position {full.think_close}, so it survives the cut to config."
+                                                   rf"max_length={cut}, but no token of the answer does \(its first "
+                                                   rf"token is at position {answer}\): raise max_length to at least "
+                                                   rf"{answer + 1}"):
+            prepare_reasoning_calibration([RECORD], tok, _cfg(max_length=cut, on_malformed="error"))
+    (cut,) = prepare_reasoning_calibration([RECORD], tok, _cfg(max_length=answer + 1))
+    assert tok.decode(cut.input_ids[slice(*cut.response_span)]).strip() == RECORD["response"].split()[0]
     with pytest.raises(CalibrationError, match=rf"does not survive the cut to config.max_length={full.think_close}"):
         prepare_reasoning_calibration([RECORD], tok, _cfg(max_length=full.think_close, on_malformed="error"))
 
@@ -924,6 +933,49 @@ def test_messages_of_another_shape_leave_the_prompt_in_charge(tok):
     with pytest.raises(CalibrationError, match="No calibration record is usable: the first malformed one, at index "
                                                "0: fields 'reasoning' and 'reason' both hold a thinking text"):
         check_records([{"prompt": "p", "reasoning": "a", "reason": "b", "response": "r"}])
+
+
+def test_a_chat_turn_prompt_with_its_trace_in_the_fields(tok, chain_ids, caplog):
+    # a messages column holding the user turn only, the trace in top-level fields: the trace is read, not regenerated
+    turn = [{"role": "user", "content": RECORD["prompt"]}]
+    expected = prepare_reasoning_calibration([RECORD], tok, _cfg())[0].input_ids
+    for prompt in (None, "", " "):  # a data set gives every row every column
+        record = {"prompt": prompt, "messages": turn, "reasoning": RECORD["reasoning"], "response": RECORD["response"]}
+        (sample,) = prepare_reasoning_calibration([record], tok, _cfg(), model=_chain_model(tok, {}))
+        assert sample.input_ids == expected
+    both = {"messages": [*turn, {"role": "assistant", "content": "<think>t</think>a"}], "response": "other"}
+    with pytest.raises(CalibrationError, match="the assistant turn of 'messages' and the fields 'reasoning' / "
+                                               "'reason' / 'response' both give the answer: keep one of them"):
+        prepare_reasoning_calibration([both], tok, _cfg(on_malformed="error"))
+    with pytest.raises(CalibrationError, match=r"field 'prompt' = 3 \(type int\), where the prompt's text is"):
+        check_records([{"prompt": 3}, {"problem": "x"}])
+
+
+def test_answers_under_fields_not_read_are_named(tok, chain_ids, caplog):
+    # TRL's prompt-completion records: the completion is not read, so the model would write the trace instead
+    records = [{"prompt": "Hi", "completion": "<think>t</think>a"}, dict(RECORD, output="x")]
+    with pytest.raises(CalibrationError, match=r"1 of 2 .*only a prompt.*If 'completion' holds the model's "
+                                               r"thinking and answer, name it 'response'"):
+        prepare_reasoning_calibration(records, tok, _cfg())
+    i = chain_ids
+    model = _chain_model(tok, {i["last"]: i["a"], i["a"]: i["close"], i["close"]: i["c"], i["c"]: i["eos"]})
+    with collect_warnings() as said, caplog.at_level(logging.WARNING, logger="rain_hf.calibration"):
+        prepare_reasoning_calibration(records, tok, _cfg(max_new_tokens=8), model=model)
+    assert len(said) == 1 and said[0].startswith("1 of 2 reasoning calibration records have a prompt and no field "
+                                                 "read as their thinking or answer, so the reasoning model writes "
+                                                 "them; they carry 'completion', which is not read.")
+    with collect_warnings() as said:
+        prepare_reasoning_calibration([{"prompt": "Hi"}], tok, _cfg(max_new_tokens=8), model=model)
+    assert said == []
+
+
+def test_warning_collectors_nest(tok):
+    record = dict(RECORD, instruction_spans=["no such text"])
+    with collect_warnings() as outer:
+        with collect_warnings() as inner:
+            prepare_instruction_calibration([record], tok, _cfg())
+        prepare_instruction_calibration([record], tok, _cfg())
+    assert len(inner) == 1 and "no such text" in inner[0] and outer == inner * 2
 
 
 def test_equal_duplicate_fields_are_accepted(tok):

@@ -2199,6 +2199,15 @@ def test_lam_auto_keeps_samples_of_one_prompt_on_one_side(qwen2, tokenizer):
     samples = prepare_reasoning_calibration(records, tokenizer, merger.config)
     kept, held = merger._hold_out(samples)
     assert {s.index for s in kept}.isdisjoint({0, 1, 3}) or {s.index for s in held}.isdisjoint({0, 1, 3})
+    # two prompts with two traces each: a quarter asks for one sample, and a prompt's two go together; the card
+    # and the features (which hold the held-out rows) say so
+    pairs = [dict(r, prompt=records[i // 2 * 2]["prompt"]) for i, r in enumerate(records)]
+    merger = _merger(qwen2, lam="auto", lam_auto_holdout=0.25)
+    kept, held = merger._hold_out(prepare_reasoning_calibration(pairs, tokenizer, merger.config))
+    assert len(held) == 2
+    said = [w for w in merger.report.warnings if "holds out 2 of the 4 reasoning calibration samples, where "
+                                                 "lam_auto_holdout=0.25 asks for 1" in w]
+    assert len(said) == 1 and merger._reasoning_data_warnings == said
     same = [dict(r, prompt=records[0]["prompt"]) for r in records]
     with pytest.raises(ConfigError, match="all 4 reasoning calibration samples share one prompt: add samples"):
         merger._hold_out(prepare_reasoning_calibration(same, tokenizer, merger.config))
