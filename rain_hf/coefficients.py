@@ -60,8 +60,10 @@ def head_coefficients(
     ``normalize="mean"`` divides the scores by their mean over all heads before the clip (raw attention masses
     are ≪ 1, so the literal form gives every α about the size of an attention mass, ≈ 0.05: λ about 20 times
     smaller); ``"none"`` is the paper's literal α = clip(g / H̃, lo, hi). Heads without a measurement (NaN: a
-    sliding-window layer that never saw the instruction) get α = 1, stage 1 alone, and stay out of the mean; so
-    does every head when the mean score is not positive (nothing to rank by), whatever the box.
+    sliding-window layer that never saw the instruction) stay out of the mean and get the measured heads' mean
+    score, on the scale of the others: α = 1 (stage 1 alone) with ``"mean"``, the mean raw score in the box with
+    ``"none"`` (1 where no head was measured). Every head gets α = 1 when the mean score is not positive under
+    ``"mean"`` (nothing to rank by), whatever the box.
 
     Example:
         >>> a, u = torch.tensor([[0.1, 0.3], [0.2, 0.6]]), torch.zeros(2, 2)
@@ -71,14 +73,17 @@ def head_coefficients(
     """
     scores = head_scores(alignment.double(), leakage.double(), rho)
     unmeasured = torch.isnan(scores)
+    mean = scores[~unmeasured].mean()
     if normalize == "mean":
-        mean = scores[~unmeasured].mean()
         if not torch.isfinite(mean) or mean <= 0:
             return torch.ones_like(scores, dtype=torch.float32)  # coefficient_warning says so
-        scores = scores / mean
-    elif normalize != "none":
+        scores, fill = scores / mean, 1.0
+    elif normalize == "none":
+        # α = 1 would be ≈ 20 times the measured heads' α here (attention masses), not a neutral value
+        fill = min(max(float(mean), lo), hi) if torch.isfinite(mean) else 1.0
+    else:
         raise ValueError(f"normalize={normalize!r} is not 'mean' or 'none'")
-    return scores.clamp(lo, hi).masked_fill(unmeasured, 1.0).float()
+    return scores.clamp(lo, hi).masked_fill(unmeasured, fill).float()
 
 
 def coefficient_warning(
@@ -90,16 +95,18 @@ def coefficient_warning(
     heads sit on a bound of the box (the mean is small against the spread of the scores, which happens when
     leakage outweighs alignment on many heads).
     """
-    hint = "a smaller rho, or coef_normalize='none' with a box that suits the raw scores"
     scores = head_scores(alignment.double(), leakage.double(), rho)
     measured = ~torch.isnan(scores)
     if not bool(measured.any()):
         return None  # nothing was measured: the caller names the sliding windows
-    if normalize == "mean":
-        mean = float(scores[measured].mean())
-        if not mean > 0:
-            return (f"stage 2: the head scores a − ρ·u have a non-positive mean ({mean:.3g}), so every head got α = 1 "
-                    f"and stage 2 changed nothing; try {hint}.")
+    mean = float(scores[measured].mean())
+    # the raw scores suit a box of their own only where they are mostly positive (the box starts at 0)
+    hint = "a smaller rho" + (", or coef_normalize='none' with a box that suits the raw scores"
+                              if normalize == "mean" and mean > 0 else ", or calibration data whose responses "
+                              "attend to the instruction more than the thinking does")
+    if normalize == "mean" and not mean > 0:
+        return (f"stage 2: the head scores a − ρ·u have a non-positive mean ({mean:.3g}), so every head got α = 1 "
+                f"and stage 2 changed nothing; try {hint}.")
     alpha = alpha[measured]
     at_bound = float(((alpha <= lo) | (alpha >= hi)).float().mean()) if alpha.numel() else 0.0
     if at_bound > 0.5:

@@ -1535,15 +1535,18 @@ class RainMerger:
             problem = coefficient_warning(a, u, cfg.rho, cfg.coef_normalize, alpha, cfg.coef_min, cfg.coef_max)
             if problem:
                 self._warn(problem)
-            unseen = [layer for layer, row in zip(self.report.layers, a) if bool(torch.isnan(row).all())]
+            unseen_rows = [i for i, row in enumerate(a) if bool(torch.isnan(row).all())]
+            unseen = [self.report.layers[i] for i in unseen_rows]
             if unseen:
+                fill = float(alpha[unseen_rows[0], 0])
+                neutral = "stage 1 alone there" if fill == 1.0 else "the measured heads' mean"
                 reach = local_attention(self.model.config)
                 kinds = sorted({f"{'window' if r[0] == 'sliding' else 'chunk'} of {r[1]} tokens"
                                 for layer in unseen if (r := reach[layer]) is not None})
                 self._warn(
                     f"stage 2: in layers {unseen} the local attention ({', '.join(kinds)}) reaches the instruction "
                     "from no constrained-response token of the calibration data, so their heads were not measured "
-                    "and got α = 1 (stage 1 alone there); calibration samples whose responses start within reach "
+                    f"and got α = {fill:.3g} ({neutral}); calibration samples whose responses start within reach "
                     "of the instruction measure them")
             # unmeasured heads are None in the report (JSON has no NaN)
             self.report.alignment = [[None if math.isnan(x) else x for x in row] for row in a.tolist()]

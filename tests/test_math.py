@@ -124,6 +124,15 @@ def test_coefficients_literal_and_normalised():
     assert float(boxed.min()) == pytest.approx(0.9)
     capped = head_coefficients(a, u, 0.5, "none", 0.0, 0.2)  # the literal form's upper clip
     assert torch.allclose(capped, scores.clamp(0.0, 0.2).float()) and float(capped.max()) == pytest.approx(0.2)
+    # an unmeasured layer (NaN) gets the measured heads' mean score: 1 normalised, the raw mean (in the box) literal
+    nan = torch.full((1, 2), float("nan"))
+    a3, u3 = torch.cat([a, nan]), torch.cat([u, nan])
+    assert torch.equal(head_coefficients(a3, u3, 0.5, "mean", 0.0, 10.0)[2], torch.ones(2))
+    assert torch.allclose(head_coefficients(a3, u3, 0.5, "mean", 0.0, 10.0)[:2], norm)
+    raw = head_coefficients(a3, u3, 0.5, "none", 0.0, 1.5)
+    assert torch.allclose(raw[:2], literal) and torch.allclose(raw[2], scores.mean().float().expand(2))
+    assert torch.allclose(head_coefficients(a3, u3, 0.5, "none", 0.0, 0.1)[2], torch.full((2,), 0.1))  # in the box
+    assert torch.equal(head_coefficients(nan, nan, 0.5, "none", 0.0, 1.5), torch.ones(1, 2))  # nothing measured
 
 
 
@@ -136,15 +145,19 @@ def test_coefficient_warning_names_a_stage_2_that_cannot_rank_heads():
     leaky = torch.tensor([[0.9, 0.8], [0.7, 0.9]])
     ones = head_coefficients(a, leaky, 0.5, "mean", 0.0, 2.0)
     assert torch.equal(ones, torch.ones(2, 2))
-    assert "non-positive mean" in coefficient_warning(a, leaky, 0.5, "mean", ones, 0.0, 2.0)
+    said = coefficient_warning(a, leaky, 0.5, "mean", ones, 0.0, 2.0)
+    # the literal form cannot help: its box starts at 0, and the scores are mostly negative
+    assert "non-positive mean" in said and "coef_normalize='none'" not in said and "a smaller rho" in said
+    literal = head_coefficients(a, leaky, 0.5, "none", 0.0, 2.0)
+    assert "coef_normalize='none'" not in coefficient_warning(a, leaky, 0.5, "none", literal, 0.0, 2.0)
     for lo, hi in ((0.0, 0.5), (1.2, 3.0)):  # a box without 1 in it does not clip the fallback, as the warning says
         assert torch.equal(head_coefficients(a, leaky, 0.5, "mean", lo, hi), torch.ones(2, 2))
     # a mean near 0 against a wide spread: every α lands on a bound
     a2, u2 = torch.tensor([[0.10, 0.10, 0.12, 0.08]]), torch.tensor([[0.19, 0.21, 0.22, 0.17]])
     saturated = head_coefficients(a2, u2, 0.5, "mean", 0.0, 2.0)
     assert set(saturated.flatten().tolist()) == {0.0, 2.0}
-    assert "100% of the heads' coefficients sit on a bound of [0, 2]" in coefficient_warning(
-        a2, u2, 0.5, "mean", saturated, 0.0, 2.0)
+    said = coefficient_warning(a2, u2, 0.5, "mean", saturated, 0.0, 2.0)
+    assert "100% of the heads' coefficients sit on a bound of [0, 2]" in said and "coef_normalize='none'" in said
 
 
 def test_gqa_mapping_groups_consecutive_query_heads():

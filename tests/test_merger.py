@@ -932,6 +932,14 @@ def test_stage2_leaves_sliding_layers_that_never_reach_the_instruction_at_alpha_
     assert merger.report.head_coefficients[0] != [1.0] * 4 and None not in merger.report.alignment[0]
     warning = next(w for w in merger.report.warnings if w.startswith("stage 2: in layers [1] the local attention"))
     assert "α = 1 (stage 1 alone there)" in warning
+    # the literal α are attention masses (≪ 1): the unmeasured layer gets their mean, not 1
+    literal = _merger(paths, coef_normalize="none", **cfg)
+    literal.merge(reasoning_records(3), instruction_records(3))
+    measured = literal.report.head_coefficients[0]
+    assert literal.report.head_coefficients[1] == pytest.approx([sum(measured) / 4] * 4, rel=1e-5)
+    assert max(measured) < 0.5
+    assert any(w.startswith("stage 2: in layers [1] the local attention") and
+               f"α = {sum(measured) / 4:.3g} (the measured heads' mean)" in w for w in literal.report.warnings)
     stage1 = _merger(paths, stage2=False, **cfg)
     stage1.merge(reasoning_records(3))
     alone = dict(stage1.model.named_parameters())
