@@ -336,7 +336,8 @@ def ensure_nltk_data(path: str | None = None) -> str:
 
     Without ``path`` and ``$RAIN_HF_NLTK_DATA``, a real punkt_tab model that nltk already finds (``NLTK_DATA``,
     ``~/nltk_data`` …) is used as it is, since it is the one IFEval's published scores used, and its folder is
-    returned (``nltk.data.path`` is then left as it was). The project's own model knows fewer words: against
+    returned (``nltk.data.path`` is then left as it was, unless a folder of this function's, put first by an
+    earlier call, stands before it: the real model's folder is moved to the front). The project's own model knows fewer words: against
     nltk's published English model it split 2 of 124 paragraphs of licence texts and this project's README
     differently, and 36 of 120 sentences "… in <abbreviation> <Word> …" (it ends a sentence at "Jan. We" or
     "p.m. She", nltk's does not), which can move ``length_constraints:number_sentences`` near its threshold.
@@ -371,6 +372,11 @@ def ensure_nltk_data(path: str | None = None) -> str:
         real = _real_punkt_tab(nltk, PUNKT_BUILD_VERSION)
         if real is not None:
             logger.info("Using nltk's own punkt_tab model under %s", real)
+            entries = [os.path.abspath(os.path.expanduser(str(p))) for p in nltk.data.path]
+            at = entries.index(real)
+            if any(os.path.isdir(os.path.join(e, "tokenizers", "punkt_tab", "english")) for e in entries[:at]):
+                # one of this module's folders (put first by an earlier call) would still be what nltk loads
+                nltk.data.path[:] = [nltk.data.path[at]] + [p for i, p in enumerate(nltk.data.path) if i != at]
             return _in_use(real)
     root = os.path.abspath(os.path.expanduser(path or _default_nltk_data_dir()))
     nltk.data.path[:] = [root] + [p for p in nltk.data.path if p != root]
@@ -443,8 +449,8 @@ def _build_checker(
         raise ValueError(f"Unknown IFEval instruction id {instruction_id!r}; known ids: {sorted(registry)}")
     checker = registry[instruction_id](instruction_id)
     arg_keys = checker.get_instruction_args_keys() or []
-    clean = {k: v for k, v in (kwargs or {}).items()
-             if v is not None and not (isinstance(v, str) and not v.strip())}
+    plain = {k: _plain_kwarg(v) for k, v in (kwargs or {}).items()}
+    clean = {k: v for k, v in plain.items() if v is not None and not (isinstance(v, str) and not v.strip())}
     if "prompt_to_repeat" in arg_keys and not clean.get("prompt_to_repeat"):
         # the whole prompt holds the repeat instruction itself, which IFEval's request to repeat leaves out
         raise ValueError(f"{instruction_id} needs the kwarg 'prompt_to_repeat' (the request to repeat, without the "
@@ -478,6 +484,24 @@ def _build_checker(
 
 
 _RANDOM_KWARGS_WARNED: set[tuple[str, str]] = set()
+
+
+def _plain_kwarg(value: Any) -> Any:
+    """A kwarg as IFEval's checkers take it: IFEval read with pandas (from parquet, say) gives keyword lists as numpy
+    arrays and whole numbers as floats (2.0, NaN for a missing one, where a column mixes numbers and nulls), which
+    the checkers cannot index or test for truth; they are turned into lists, ints and None."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy arrays and scalars
+        value = value.tolist()
+    if isinstance(value, tuple):
+        value = list(value)
+    if isinstance(value, list):
+        return [_plain_kwarg(v) for v in value]
+    if isinstance(value, float) and not isinstance(value, bool):
+        if math.isnan(value):
+            return None
+        if value.is_integer():
+            return int(value)
+    return value
 
 
 def _loose_variants(response: str) -> list[str]:
@@ -556,6 +580,11 @@ def instruction_following(
     for answer, prompt, ids, kwargs_list in tqdm(
         zip(answers, prompts, instruction_id_lists, kwargs_lists), total=n, desc="IFEval", leave=False
     ):
+        for row, what in ((ids, "instruction ids"), (kwargs_list, "kwargs")):
+            if isinstance(row, (str, bytes)):  # a CSV export's JSON column: its length would count characters
+                raise TypeError(f"The {what} of prompt {prompt[:60]!r} are one string ({row[:60]!r}), not a list: "
+                                "parse a JSON string first (json.loads), or score with the evaluate metric, which "
+                                "reads them.")
         if len(kwargs_list) != len(ids):
             raise ValueError(
                 f"{len(ids)} instruction ids but {len(kwargs_list)} kwargs dicts for prompt {prompt!r}"

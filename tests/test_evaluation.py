@@ -333,6 +333,7 @@ def test_ensure_nltk_data_prefers_a_real_punkt_tab_nltk_finds(tmp_path, own_nltk
     own = ev.ensure_nltk_data(str(tmp_path / "own"))  # a named folder: the project's model, put first on the path
     assert nltk.data.path[0] == own
     assert ev.ensure_nltk_data() == str(real)  # … which must not hide the real one from the next default call
+    assert nltk.data.path[0] == str(real)  # nltk loads the first folder that holds a model
     # as nltk's downloader leaves it: tokenizers/punkt_tab.zip
     import zipfile
 
@@ -343,6 +344,29 @@ def test_ensure_nltk_data_prefers_a_real_punkt_tab_nltk_finds(tmp_path, own_nltk
             archive.writestr(f"punkt_tab/english/{name}", "")
     nltk.data.path[:] = [str(zipped)]
     assert ev.ensure_nltk_data() == str(zipped)
+
+
+def test_a_real_punkt_tab_behind_the_projects_folder_is_the_one_loaded(tmp_path, own_nltk_path, monkeypatch):
+    import shutil
+
+    import nltk
+
+    own = ev.ensure_nltk_data(str(tmp_path / "own"))
+    # a stand-in for nltk's download: the project's model without its marker, and without "dr" as an abbreviation
+    real = tmp_path / "real"
+    shutil.copytree(os.path.join(own, "tokenizers"), real / "tokenizers")
+    lang_dir = real / "tokenizers" / "punkt_tab" / "english"
+    (lang_dir / ev._PUNKT_MARKER).unlink()
+    abbreviations = (lang_dir / "abbrev_types.txt").read_text().split("\n")
+    (lang_dir / "abbrev_types.txt").write_text("\n".join(a for a in abbreviations if a.strip() != "dr"))
+    nltk.data.path.append(str(real))  # NLTK_DATA or ~/nltk_data: behind the project's folder
+    monkeypatch.delenv(ev._NLTK_DATA_ENV, raising=False)
+    text = "Dr. Lee sat down. He smiled."
+    assert len(nltk.sent_tokenize(text)) == 2
+    assert ev.ensure_nltk_data() == str(real)
+    assert nltk.sent_tokenize(text) == ["Dr.", "Lee sat down.", "He smiled."]
+    ev.ensure_nltk_data(own)  # the project's model again, for the tests that follow (nltk caches the loaded one)
+    assert len(nltk.sent_tokenize(text)) == 2
 
 
 def test_ensure_nltk_data_default_folder_from_env(offline):
@@ -494,6 +518,19 @@ def test_instruction_following_errors(monkeypatch):
             ev.instruction_following(["one two"], ["p"], [["length_constraints:number_words"]], [[kwargs]])
     with pytest.raises(TypeError, match=r"kwargs of punctuation:no_comma are a str, not a dict .*json.loads"):
         ev.instruction_following(["a"], ["p"], [["punctuation:no_comma"]], [['{"num_words": 3}']])
+    # a whole row as the JSON string of a CSV export: refused as such, not counted in characters
+    for ids, kwargs in (([["punctuation:no_comma"]], ["[{}]"]), (['["punctuation:no_comma"]'], [[{}]])):
+        with pytest.raises(TypeError, match=r"of prompt 'p' are one string .*, not a list: parse a JSON string"):
+            ev.instruction_following(["a"], ["p"], ids, kwargs)
+    # IFEval read with pandas from parquet: keyword lists as numpy arrays, whole numbers as floats or NaN
+    import numpy as np
+
+    pandas_like = ev.instruction_following(
+        ["An apple and a pear.", "One.\n\nThen two."], ["p", "q"],
+        [["keywords:existence"], ["length_constraints:nth_paragraph_first_word"]],
+        [np.array([{"keywords": np.array(["apple", "pear"]), "num_words": float("nan")}], dtype=object),
+         [{"num_paragraphs": 2.0, "nth_paragraph": np.float64(2.0), "first_word": "then", "keywords": None}]])
+    assert pandas_like["strict_per_prompt"] == [True, True]
     with pytest.raises(ValueError, match=r"takes the kwargs none, not \['num_words'\]"):
         ev.instruction_following(["a"], ["p"], [["punctuation:no_comma"]], [[{"num_words": 3}]])
     zero = ev.instruction_following(["lll"], ["p"], [["keywords:letter_frequency"]],
