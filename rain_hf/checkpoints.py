@@ -233,6 +233,9 @@ class LazyCheckpoint:
                 p.name for p in self.folder.glob("*.safetensors")
                 if not p.name.startswith(("adapter_model", "consolidated")))
             weight_map = {}
+        # what transformers can load: the single file, or shards with their index (not a bare set of files)
+        self.loadable_layout = single.is_file() or index.is_file()
+        self.files = list(files)
         if not files:
             bins = [p.name for p in self.folder.glob("*.bin")] + [p.name for p in self.folder.glob("*.pt")]
             hint = (f" It holds {bins[:3]}: convert them to safetensors first (load the model with transformers and "
@@ -394,14 +397,21 @@ def _read_header(path: Path, name: str) -> dict[str, tuple[tuple[int, ...], str,
     file_size = path.stat().st_size
     try:
         with open(path, "rb") as f:
+            if file_size < 8:
+                raise CheckpointError(f"{name}: {path} is truncated: it has {file_size} bytes, fewer than a "
+                                      "safetensors file's 8-byte header length. Download or save the checkpoint again.")
             (size,) = struct.unpack("<Q", f.read(8))
             if size > 100_000_000:
                 raise ValueError("header too large")
+            if 8 + size > file_size:  # cut off inside its header: JSON's error would not say so
+                raise CheckpointError(f"{name}: {path} is truncated: its header needs {8 + size} bytes, the file has "
+                                      f"{file_size}. Download or save the checkpoint again.")
             header = json.loads(f.read(size))
             if not isinstance(header, dict):
                 raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
     except (struct.error, ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{name}: {path} is not a valid safetensors file ({exc}).") from exc
+        raise CheckpointError(f"{name}: {path} is not a valid safetensors file ({exc}): download or save the "
+                              "checkpoint again.") from exc
     entries = {}
     for key, meta in header.items():
         if key == "__metadata__":

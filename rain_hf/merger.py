@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import hashlib
 import json
 import logging
@@ -285,13 +286,29 @@ def _bias_changed(instruct: LazyCheckpoint, base: LazyCheckpoint, key: str) -> b
     return not torch.equal(instruct.get(key), base.get(key))
 
 
+@contextlib.contextmanager
+def _full_disk_named(folder: str | os.PathLike, nbytes: int) -> Iterator[None]:
+    """Name the output folder and the size a save needs when the disk fills (a bare ENOSPC names neither); the
+    half-written output is gone by then (atomic_directory)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise OSError(exc.errno, f"The disk (or quota) holding {folder} ran out of space while the merged model was "
+                      f"written: its weights take {nbytes / 1e9:.2f} GB ({nbytes} bytes), written into a temporary "
+                      "folder beside the output (an earlier output it replaces stays until the new one is "
+                      "complete). Nothing was saved: free space there, or save to another disk.") from exc
+
+
 def _check_fits_float16(name: str, tensor: torch.Tensor, merged_in_float16: bool) -> None:
     """Refuse a tensor that overflowed float16 (a cast or a merge gave ±inf), naming it and the fix."""
     if bool(torch.isfinite(tensor).all()):
         return
-    fix = "save with output_dtype='bfloat16' (float16's size, float32's range) or 'float32'"
+    # output_dtype takes effect at the merge (the model in memory holds what is saved): a new merge is needed
+    fix = "set output_dtype='bfloat16' (float16's size, float32's range) or 'float32' and merge again"
     if merged_in_float16:  # the merged weights in memory overflowed already
-        fix = "load the models with torch_dtype='float32' (or 'bfloat16'), merge again and " + fix
+        fix = "load the models with torch_dtype='float32' (or 'bfloat16'), " + fix
     raise ConfigError(f"{name} does not fit in float16 (largest magnitude 65504): as float16 it holds infinite "
                       f"values: {fix}.")
 
@@ -693,6 +710,13 @@ class RainMerger:
         _compare_configs(configs, shown)
 
         reasoning = LazyCheckpoint(sources["reasoning"].path, f"the reasoning model {shown['reasoning']}")
+        if not reasoning.loadable_layout:  # the forward passes load it with transformers, which needs one or other
+            files = reasoning.files
+            raise CheckpointError(
+                f"The reasoning model {shown['reasoning']} holds the safetensors files {files[:3]}"
+                f"{' …' if len(files) > 3 else ''} but neither model.safetensors nor model.safetensors.index.json, "
+                "and transformers loads it through one of them: restore the index that came with the shards, or "
+                "save the model again with save_pretrained.")
         unreadable = [key for key in reasoning.keys() if not reasoning.readable(key)]
         if unreadable:  # every tensor of the reasoning model is copied into the output: fail now, not at the save
             key = unreadable[0]
@@ -702,6 +726,15 @@ class RainMerger:
                                   "first.")
         base = LazyCheckpoint(sources["base"].path, f"the base model {shown['base']}")
         skeleton = _skeleton(configs["reasoning"])
+        stated = {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}
+        wrong = [(key, reasoning.shape(key)) for key in reasoning.keys()
+                 if key in stated and tuple(reasoning.shape(key)) != stated[key]]
+        if wrong:  # transformers refuses to load it: say so before any calibration or download of the others
+            key, shape = wrong[0]
+            raise ModelMismatchError(
+                f"The reasoning model {shown['reasoning']} stores {key} with shape {tuple(shape)}, but its "
+                f"config.json makes it {stated[key]}{f' (and {len(wrong) - 1} more)' if len(wrong) > 1 else ''}: "
+                "the config does not describe these weights. Pass the config.json saved with them.")
         targets = find_target_modules(skeleton, config)
         checks = MergePlan(config, sources, "", "", attention_geometry(configs["reasoning"]), targets, {}, (0, 0),
                            attentionless_layers=layers_without_attention(skeleton),
@@ -803,6 +836,15 @@ class RainMerger:
                 f"class gives it (e.g. {unstored[0]}): transformers converts this checkpoint layout when it loads it, "
                 "and a merge reads tensors by the names they are stored under, so rain_hf cannot merge this "
                 f"layout.{fix}")
+        missing_layers = sorted({t.layer for t in targets if t.weight_key in unstored})
+        if unstored and not any(t.weight_key not in unstored for t in targets if t.layer in missing_layers):
+            # whole layers absent: the config counts more layers than the weights hold, not a renaming
+            stored = sorted({t.layer for t in targets} - set(missing_layers))
+            raise ModelMismatchError(
+                f"No checkpoint stores a tensor of decoder layers {missing_layers} (e.g. {unstored[0]}), which the "
+                f"reasoning model's config.json counts ({getattr(text_config(configs['reasoning']), 'num_hidden_layers', '?')} "
+                f"layers; stored: {stored[:3]}{' …' if len(stored) > 3 else ''}): the config does not describe these "
+                "weights. Pass the config.json saved with them.")
         if unstored:
             modules = sorted({key.rsplit(".", 2)[-2] for key in unstored})
             raise ModelMismatchError(
@@ -1246,12 +1288,22 @@ class RainMerger:
         theta = self.reasoning.get(target.weight_key)
         theta = theta.to(self.device, work_dtype(theta.dtype)) + lam * ws * dw
         self._refuse_non_finite(target.weight_key, theta)
-        self._write_param(target.weight_key, theta.to(self._output_dtype(target.weight_key)))
+        self._write_merged(target.weight_key, theta, final=record)
         if db is not None:
             b = self.reasoning.get(target.bias_key)
             b = b.to(self.device, work_dtype(b.dtype)) + lam * bs * db
             self._refuse_non_finite(target.bias_key, b)
-            self._write_param(target.bias_key, b.to(self._output_dtype(target.bias_key)))
+            self._write_merged(target.bias_key, b, final=record)
+
+    def _write_merged(self, key: str, merged: torch.Tensor, final: bool) -> None:
+        """Write a merged tensor, rounded to its output dtype, into the model. The final merge refuses one that
+        overflows float16 (in memory or as saved) here, not at the save, where no setting could mend it; a probe or a
+        λ of the search is not refused (its scores show the damage)."""
+        out = merged.to(self._output_dtype(key))
+        in_half = self._params()[key].dtype == torch.float16
+        if final and (in_half or out.dtype == torch.float16):
+            _check_fits_float16(key, merged.to(torch.float16), merged_in_float16=in_half)
+        self._write_param(key, out)
 
     def _refuse_non_finite(self, key: str, merged: torch.Tensor) -> None:
         """Refuse a merged tensor holding NaN or ±inf, naming the input it came from: the merge would otherwise
@@ -1299,7 +1351,7 @@ class RainMerger:
                 self._task_vector_seen = self._task_vector_seen or bool(delta.any())
                 merged = merge_tensor(cfg.method, reasoning, base, delta, cfg, key)
                 self._refuse_non_finite(key, merged)
-                self._write_param(key, merged.to(self._output_dtype(key)))
+                self._write_merged(key, merged, final=True)
 
     @contextlib.contextmanager
     def _reset_after(self) -> Iterator[None]:
@@ -1919,7 +1971,8 @@ class RainMerger:
         merged = self._merged_keys()
         params = self._params()
         src = self.sources["reasoning"].path
-        with atomic_directory(save_directory, overwrite=overwrite, marker=CONFIG_NAME) as tmp:
+        with _full_disk_named(save_directory, sum(spec.nbytes for spec in specs)), \
+                atomic_directory(save_directory, overwrite=overwrite, marker=CONFIG_NAME) as tmp:
             # sidecar and card first: a bad template fails before the shards are written, not after
             info = self.sidecar()
             if max_shard_size is not None:  # what this save used, so that the card's YAML reproduces it

@@ -1,6 +1,7 @@
 """RainMerger end to end on tiny random triples, against slow references written here."""
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from rain_hf.calibration import (
 from rain_hf.checkpoints import CheckpointError
 from rain_hf.config import ConfigError
 from rain_hf.features import LayerReplay, NonFiniteFeaturesError, ThinkFeatures, move_tensors
+from rain_hf.merger import ModelMismatchError
 from rain_hf.testing import (
     build_tokenizer,
     build_triple,
@@ -906,6 +908,18 @@ def test_crash_during_save_leaves_no_output(qwen2, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
     assert [p for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
+    def full(self, name, tensor):  # a full disk: the error names the folder and the size the save needs
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer.ShardedSafetensorsWriter, "write", full)
+    total = sum(v.numel() * v.element_size() for v in _weights(qwen2["reasoning"]).values())
+    with pytest.raises(OSError, match=rf"holding \S+out ran out of space while the merged model was written: its "
+                                      rf"weights take 0.00 GB \({total} bytes\).*Nothing was saved") as caught:
+        merger.save_pretrained(tmp_path / "out")
+    assert caught.value.errno == errno.ENOSPC
+    assert not (tmp_path / "out").exists()
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
 
 def test_sharded_output_reloads(qwen2, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))  # the card's usage snippet loads the folder, ~ expanded
@@ -1265,6 +1279,15 @@ def test_damaged_or_ambiguous_checkpoint_folders(qwen2, tmp_path, caplog):
     with pytest.raises(CheckpointError, match=r"^\S+: \S+part-a.safetensors is truncated: tensor \S+ ends at byte "
                                               r"\d+, the file has \d+\. Download or save the checkpoint again\.$"):
         LazyCheckpoint(loose)
+    for cut, says in ((3, r"it has 3 bytes, fewer than a safetensors file's 8-byte header length"),
+                      (8 + size // 2, rf"its header needs {8 + size} bytes, the file has {8 + size // 2}")):
+        (loose / "part-a.safetensors").write_bytes(data[:cut])  # cut off inside the header
+        with pytest.raises(CheckpointError, match=rf"part-a.safetensors is truncated: {says}\. Download or save"):
+            LazyCheckpoint(loose)
+    (loose / "part-a.safetensors").write_bytes(b"\x10" + bytes(7) + b"not json here!!!")
+    with pytest.raises(CheckpointError, match=r"is not a valid safetensors file \(.*\): download or save the"):
+        LazyCheckpoint(loose)
+    (loose / "part-a.safetensors").write_bytes(data)  # whole again, for the reads below
     # a Hub snapshot without safetensors: the repository may ship .bin weights only, which are not fetched
     snapshot = tmp_path / "hub" / "models--org--bin-only" / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
@@ -2221,6 +2244,42 @@ def test_lam_auto_keeps_samples_of_one_prompt_on_one_side(qwen2, tokenizer):
         merger._hold_out(prepare_reasoning_calibration(same, tokenizer, merger.config))
 
 
+def test_plan_refuses_a_reasoning_checkpoint_transformers_cannot_load(qwen2, tmp_path):
+    # the forward passes load the reasoning model with transformers: its layout and config are checked at plan()
+    weights = _weights(qwen2["reasoning"])
+    reasoning = tmp_path / "reasoning"
+    shutil.copytree(qwen2["reasoning"], reasoning)
+    (reasoning / "model.safetensors").unlink()
+    keys = sorted(weights)
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:]), start=1):
+        save_file({k: weights[k] for k in part}, reasoning / f"model-0000{i}-of-00002.safetensors")
+    with pytest.raises(CheckpointError, match=r"holds the safetensors files \['model-00001-of-00002.safetensors', "
+                                              r"'model-00002-of-00002.safetensors'\] but neither model.safetensors "
+                                              r"nor model.safetensors.index.json.*restore the index"):
+        RainMerger.plan(qwen2["base"], reasoning, qwen2["instruct"])
+    shutil.rmtree(reasoning)
+    shutil.copytree(qwen2["reasoning"], reasoning)
+    config = json.loads((reasoning / "config.json").read_text())
+    stored = config["intermediate_size"]
+    config["intermediate_size"] = stored - 32  # the weights say otherwise
+    (reasoning / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelMismatchError, match=rf"stores model.layers.0.mlp.down_proj.weight with shape \(64, "
+                                                 rf"{stored}\), but its config.json makes it \(64, {stored - 32}\) "
+                                                 r"\(and 5 more\): the config does not describe these weights"):
+        RainMerger.plan(qwen2["base"], reasoning, qwen2["instruct"])
+    # configs that count a layer no checkpoint stores: not a renaming of tensors on load
+    folders = {}
+    for role in ("base", "reasoning", "instruct"):
+        folders[role] = tmp_path / f"three-{role}"
+        shutil.copytree(qwen2[role], folders[role])
+        config = json.loads((folders[role] / "config.json").read_text())
+        config.update(num_hidden_layers=3, layer_types=["full_attention"] * 3)
+        (folders[role] / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelMismatchError, match=r"No checkpoint stores a tensor of decoder layers \[2\] \(e\.g\. "
+                                                 r"model\.layers\.2\..*config.json counts \(3 layers; stored: \[0, 1\]\)"):
+        RainMerger.plan(folders["base"], folders["reasoning"], folders["instruct"])
+
+
 def test_plan_warns_about_merged_modules_the_adapter_leaves_alone(qwen2, tmp_path, caplog):
     from peft import LoraConfig, get_peft_model
 
@@ -2704,7 +2763,7 @@ def test_biases_merge_with_lambda_and_their_rows_head_scale(qwen2):
     torch.testing.assert_close(baseline.model.get_parameter(key).detach(), reas[key] + 0.5 * (inst[key] - base[key]))
 
 
-def test_a_tensor_that_overflows_float16_is_refused_at_save(qwen2, tmp_path, tokenizer):
+def test_a_tensor_that_overflows_float16_is_refused_before_it_is_saved(qwen2, tmp_path, tokenizer):
     # a bf16 or fp32 checkpoint may hold values past float16's 65504 (an outlier norm weight)
     folders = {role: tmp_path / role for role in ("base", "reasoning", "instruct")}
     for role, folder in folders.items():
@@ -2715,7 +2774,8 @@ def test_a_tensor_that_overflows_float16_is_refused_at_save(qwen2, tmp_path, tok
     merger = RainMerger.from_pretrained(folders["base"], folders["reasoning"], folders["instruct"],
                                         RainMergingConfig(method="task_arithmetic", output_dtype="float16"))
     merger.merge()
-    with pytest.raises(ConfigError, match=r"model.norm.weight does not fit in float16 .*: save with output_dtype='bfloat16'"):
+    with pytest.raises(ConfigError, match=r"model.norm.weight does not fit in float16 .*: set output_dtype='bfloat16' "
+                                          r"\(float16's size, float32's range\) or 'float32' and merge again"):
         merger.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()
     merger.config.output_dtype = "bfloat16"
@@ -2729,10 +2789,19 @@ def test_a_tensor_that_overflows_float16_is_refused_at_save(qwen2, tmp_path, tok
         weights[key][0, 0] = value
         save_file(weights, str(half[role] / "model.safetensors"), metadata={"format": "pt"})
     merger = _merger(half, method="task_arithmetic")
-    merger.merge()
     with pytest.raises(ConfigError, match=rf"{key} does not fit in float16 .*: load the models with "
-                                          r"torch_dtype='float32' \(or 'bfloat16'\), merge again and save with"):
-        merger.save_pretrained(tmp_path / "half-out")
+                                          r"torch_dtype='float32' \(or 'bfloat16'\), set output_dtype='bfloat16'"):
+        merger.merge()  # refused by the merge: the model it would return holds inf
+    assert not merger.merged and torch.equal(merger.model.get_parameter(key).detach(), _weights(half["reasoning"])[key])
+    # a merged weight past 65504 in a float32 merge saved as float16: refused by the merge, whose setting mends it
+    for cfg in (dict(method="task_arithmetic", output_dtype="float16"), dict(lam=1.0, stage1=False, stage2=False)):
+        merger = RainMerger.from_pretrained(half["base"], half["reasoning"], half["instruct"],
+                                            RainMergingConfig(**cfg), torch_dtype="float32")
+        with pytest.raises(ConfigError, match=rf"{key} does not fit in float16 .*: set output_dtype='bfloat16'"):
+            merger.merge()
+        merger.config.output_dtype = "float32"
+        merger.merge()
+        assert merger.model.get_parameter(key)[0, 0].item() == 120000.0
 
 
 def test_a_reasoning_model_with_its_own_code_gives_a_merge_that_loads_the_same_way(qwen2, tmp_path, caplog):
