@@ -78,10 +78,16 @@ MERGEKIT_TOP_LEVEL = {
     "chat_template": "the reasoning model's chat template is kept",
     "out_dtype": "use parameters.output_dtype",
 }
-#: keys that name an option of the Python API, not of a rain-merge file
-PYTHON_ONLY_KEYS = {
+#: mergekit-yaml's on/off options: the word after one is no value of it (`mergekit-yaml c.yml --cuda out/`)
+MERGEKIT_SWITCHES = frozenset({"--cuda", "--lazy-unpickle", "--copy-tokenizer", "--allow-crimes", "--low-cpu-memory",
+                               "--trust-remote-code", "--write-model-card", "--safe-serialization", "--clone-tensors",
+                               "--quiet"})
+#: keys that name an option of the Python API or of the command line, not of a rain-merge file
+ELSEWHERE_KEYS = {
     "features": "precomputed thinking features are a Python option, RainMerger.from_pretrained(features=...); a "
                 "rain-merge run computes them from calibration.reasoning",
+    **{key: "the output folder is the command line's --out DIR, not a key of the file"
+       for key in ("out", "out_path", "output_dir", "output_path", "output_folder")},
 }
 MODEL_KEYS = ("path", "revision")
 CALIBRATION_KEYS = ("reasoning", "instruction")
@@ -193,8 +199,8 @@ def load_job(path: str | os.PathLike) -> MergeJob:
     unknown = sorted(set(map(str, data)) - set(TOP_LEVEL_KEYS))
     if unknown:
         mergekit = mergekit_hints(unknown, MERGEKIT_TOP_LEVEL)
-        mergekit += "".join(f" ({key!r}: {PYTHON_ONLY_KEYS[key]})" for key in unknown if key in PYTHON_ONLY_KEYS)
-        others = [key for key in unknown if key not in MERGEKIT_TOP_LEVEL and key not in PYTHON_ONLY_KEYS]
+        mergekit += "".join(f" ({key!r}: {ELSEWHERE_KEYS[key]})" for key in unknown if key in ELSEWHERE_KEYS)
+        others = [key for key in unknown if key not in MERGEKIT_TOP_LEVEL and key not in ELSEWHERE_KEYS]
         fields = [f.name for f in dataclasses.fields(RainMergingConfig)]
         near = {key: (difflib.get_close_matches(key, fields, n=1) or [None])[0] for key in others}
         named = ", ".join(f"{key!r}: did you mean parameters.{field}?" for key, field in near.items()
@@ -220,6 +226,12 @@ def load_job(path: str | os.PathLike) -> MergeJob:
     parameters = {} if data.get("parameters") is None else data["parameters"]
     if not isinstance(parameters, dict):
         raise CliError(f"{path}: 'parameters' must be a mapping of RainMergingConfig fields.")
+    misplaced = [key for key in map(str, parameters)
+                 if key not in _FIELDS and (key in TOP_LEVEL_KEYS or key in OUTPUT_KEYS)]
+    if misplaced:  # a RainMergingConfig error would list its fields only
+        key = misplaced[0]
+        where = f"under output: (output.{key})" if key in OUTPUT_KEYS else "at the top level of the file"
+        raise CliError(f"{path}: {key!r} is not a merge parameter: it goes {where}, not under parameters:.")
     parameters = _coerce_numbers(dict(parameters))
     method = data.get("method")
     if method is not None and "method" in parameters and parameters["method"] != method:
@@ -257,12 +269,15 @@ def load_job(path: str | os.PathLike) -> MergeJob:
         raise CliError(f"{path}: dtype {dtype!r} is not one of {list(DTYPE_CHOICES)}.")
 
     output = {} if data.get("output") is None else data["output"]
+    folder_hint = " The output folder is the command line's --out DIR."
     if not isinstance(output, dict):
-        raise CliError(f"{path}: 'output' must be a mapping with keys {list(OUTPUT_KEYS)}.")
+        raise CliError(f"{path}: 'output' must be a mapping with keys {list(OUTPUT_KEYS)}."
+                       + (folder_hint if isinstance(output, str) else ""))
     unknown = sorted(set(map(str, output)) - set(OUTPUT_KEYS))
     if unknown:
+        named_folder = any(key in ("path", "dir", "folder", "out", "out_path", "output_dir") for key in unknown)
         raise CliError(f"{path}: unknown output key(s) {unknown}{did_you_mean(unknown, OUTPUT_KEYS)}; known: "
-                       f"{list(OUTPUT_KEYS)}.")
+                       f"{list(OUTPUT_KEYS)}." + (folder_hint if named_folder else ""))
     max_shard_size = output.get("max_shard_size")
     if max_shard_size is not None:
         try:
@@ -469,9 +484,10 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line instead of usage + error
         if message.startswith("unrecognized arguments: "):
             extra = message.removeprefix("unrecognized arguments: ").split()
-            # a word after an unknown --flag is that flag's value, not a folder
+            # a word after an unknown --flag is that flag's value, not a folder (mergekit-yaml's switches take none)
             folders = [a for i, a in enumerate(extra) if not a.startswith("-")
-                       and not (i and extra[i - 1].startswith("-") and "=" not in extra[i - 1])]
+                       and not (i and extra[i - 1].startswith("-") and "=" not in extra[i - 1]
+                                and extra[i - 1] not in MERGEKIT_SWITCHES)]
             has_out = any(a == "--out" or a.startswith("--out=") for a in self._argv)
             if folders and not has_out:  # mergekit-yaml's habit: `mergekit-yaml config.yml out/`
                 message += f"; the output folder is an option here: --out {folders[0]}"
@@ -591,6 +607,8 @@ def yaml_terms(message: str) -> str:
     Example:
         >>> yaml_terms("set RainMergingConfig(stage2=False), config.layers or device='cpu' (config.json)")
         'set parameters.stage2: False, parameters.layers or --device cpu (config.json)'
+        >>> yaml_terms("use precision='float64'; not read: lam=3.0, lam_grid=[1.0, 2.0]")
+        'use parameters.precision: float64; not read: parameters.lam: 3.0, parameters.lam_grid: [1.0, 2.0]'
     """
     def key(name: str) -> str:  # method is a top-level key of the YAML
         return name if name == "method" else f"parameters.{name}"
@@ -601,6 +619,14 @@ def yaml_terms(message: str) -> str:
 
     # one setting only: a call with several is Python code, left as written
     message = re.sub(r"\bRainMergingConfig\((\w+)=([^(),]*)\)", call, message)
+    calls = [m.span() for m in re.finditer(r"\w+\([^()]*\)", message)]
+
+    def setting(match: re.Match) -> str:  # name=value in prose, not an argument of a call written out
+        inside = any(start < match.start() < end for start, end in calls)
+        return match.group(0) if inside or match.group(1) not in _FIELDS else call(match)
+
+    message = re.sub(r"(?<![\w.])(\w+)=('[^']*'|\[[^\]]*\]|[\w.+-]+)", setting, message)
+    message = message.replace("Unknown RainMergingConfig keys", "Unknown keys under parameters:")
     # not inside a path (/data/config.layers/)
     message = re.sub(r"(?<![\w./\\])(?:merger\.)?(?:RainMergingConfig|config)\.(\w+)",
                      lambda m: key(m.group(1)) if m.group(1) in _FIELDS else m.group(0), message)
@@ -795,7 +821,7 @@ def _check_out_folder(out: Path, job: MergeJob, overwrite: bool) -> None:
         if file is not None and file.resolve().is_relative_to(target):
             raise CliError(f"--out {str(out)!r} holds the {what} {file}: saving there would replace the folder and "
                            "delete it. Pick another folder.")
-    if out.exists() and not out.is_dir():
+    if target.exists() and not target.is_dir():  # target: ~ expanded (--out=~/x reaches us unexpanded)
         raise CliError(f"--out {str(out)!r} is a file, not a folder: pick another path.")
     from .merger import input_folder_in
     from .writer import holds_output, replace_problem

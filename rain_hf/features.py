@@ -251,7 +251,7 @@ def find_target_modules(model: nn.Module, config: RainMergingConfig) -> list[Tar
                               "matches no linear module's whole name: did you mean 'all-linear' (every linear "
                               "layer of the decoder blocks)?")
         raise ConfigError(f"target_modules={regex.pattern!r} is a regular expression (as in peft) and matches no "
-                          f"linear module's whole name, such as {example!r}: write e.g. r'.*\\.q_proj', or a "
+                          f"linear module's whole name, such as {example!r}: write e.g. '.*q_proj', or a "
                           f"list of names such as [{regex.pattern!r}].")
     unmatched = [e for e in entries if e not in matched]
     if unmatched:

@@ -93,6 +93,44 @@ def test_usage_errors_are_one_line(capsys):
         assert "the output folder is an option" not in _one_error_line(capsys.readouterr().err), argv
 
 
+def test_mergekit_users_are_pointed_to_where_a_setting_goes(tmp_path, capsys):
+    # the output folder written into the file, as mergekit's out_path or a trainer's output_dir
+    folder_hint = "The output folder is the command line's --out DIR."
+    cases = [
+        (dict(out_path="./merged"), "unknown key(s) ['out_path'] ('out_path': the output folder is the command "
+                                    "line's --out DIR, not a key of the file); known keys"),
+        (dict(output="./merged"), "'output' must be a mapping with keys ['max_shard_size', 'private', "
+                                  f"'card_template']. {folder_hint}"),
+        (dict(output={"path": "./merged"}), "unknown output key(s) ['path']; known: ['max_shard_size', 'private', "
+                                            f"'card_template']. {folder_hint}"),
+        # keys of the file's top level or of output: written under parameters
+        (dict(parameters={"lam": 1.0, "dtype": "bfloat16"}), "'dtype' is not a merge parameter: it goes at the top "
+                                                             "level of the file, not under parameters:."),
+        (dict(parameters={"lam": 1.0, "private": True}), "'private' is not a merge parameter: it goes under "
+                                                         "output: (output.private), not under parameters:."),
+    ]
+    for extra, expected in cases:
+        config = _write(tmp_path, _minimal(tmp_path, **extra))
+        assert main([str(config), "--out", str(tmp_path / "out")]) == 2
+        line = _one_error_line(capsys.readouterr().err)
+        assert expected in line, line
+        assert (folder_hint in line) == ("output" in extra), line
+    # max_shard_size is both a parameter and an output key: under parameters it is taken
+    config = _write(tmp_path, _minimal(tmp_path, parameters={"lam": 1.0, "max_shard_size": "1GB"}))
+    assert load_job(config).config.max_shard_size == "1GB"
+    # --out=~/FILE reaches rain-merge unexpanded (the shell expands ~ only at a word's start)
+    (tmp_path / "afile").write_text("x")
+    config = _write(tmp_path, _minimal(tmp_path, method="task_arithmetic", calibration=None))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HOME", str(tmp_path))
+        assert main([str(config), "--out=~/afile", "--overwrite"]) == 2
+    assert "--out '~/afile' is a file, not a folder: pick another path." in _one_error_line(capsys.readouterr().err)
+    # mergekit-yaml's switches take no value: the folder after one is still the output folder
+    for argv in (["x.yaml", "--cuda", "merged/"], ["x.yaml", "--lazy-unpickle", "merged/"]):
+        assert main(argv) == 2
+        assert "the output folder is an option here: --out merged/" in _one_error_line(capsys.readouterr().err)
+
+
 def test_library_messages_in_the_yaml_terms():
     from rain_hf.cli import _YamlTerms, yaml_terms
 
@@ -135,8 +173,8 @@ def test_bad_yaml_exits_2_with_one_line(tmp_path, capsys, content, expected):
 
 
 @pytest.mark.parametrize("parameters, expected", [
-    ({"lam": 1.0, "lamda": 2.0}, "Unknown RainMergingConfig keys ['lamda'] ('lamda': did you mean 'lam'?); known keys: ["),
-    ({"weight": 1.0, "t": 0.5, "normalize": True}, "Unknown RainMergingConfig keys ['normalize', 't', 'weight'] "
+    ({"lam": 1.0, "lamda": 2.0}, "Unknown keys under parameters: ['lamda'] ('lamda': did you mean 'lam'?); known keys: ["),
+    ({"weight": 1.0, "t": 0.5, "normalize": True}, "Unknown keys under parameters: ['normalize', 't', 'weight'] "
      "('normalize' is mergekit's: no such switch: TIES and DARE follow peft's conventions (see rain_hf.methods)) "
      "('t' is mergekit's: use slerp_t) ('weight' is mergekit's: use lam); known keys: ["),
     ({"density": 2.0}, "density=2.0 must be <= 1"),
@@ -146,11 +184,11 @@ def test_bad_yaml_exits_2_with_one_line(tmp_path, capsys, content, expected):
                               "'window'?)"),
     ({"rcond": 1e-9}, "rcond=1e-09 is below what a float32 SVD resolves: singular values under about 1e-05·σ_max "
                       "are rounding noise there, and protecting their directions would remove task-vector directions "
-                      "no feature asks to protect. Use rcond >= 1e-05 or precision='float64'."),
+                      "no feature asks to protect. Use rcond >= 1e-05 or parameters.precision: float64."),
     ({"rcond": 1e-14, "precision": "float64"}, "Use rcond >= 1e-13."),
     ({"stage1": "yes please"}, "stage1 must be true or false"),
     ({"lam_grid": ["1e-2", "x"]}, "lam_grid"),
-    ({"lam": "auto", "max_reasoning_samples": 1}, "max_reasoning_samples=1 with lam='auto': the search holds out 1 "
+    ({"lam": "auto", "max_reasoning_samples": 1}, "max_reasoning_samples=1 with parameters.lam: auto: the search holds out 1 "
                                                   "of them to measure L_think, which leaves none for stage 1. Allow "
                                                   "at least 2 samples, or set lam to a number."),
 ])
@@ -774,8 +812,8 @@ def test_calibration_a_merge_does_not_use_is_warned_about(triple, tmp_path, caps
     config = _job_file(root, tmp_path, parameters={"lam": 1.0, "stage2": False})
     assert main([str(config), "--dry-run"]) == 0
     err = capsys.readouterr().err
-    assert f"{config}: calibration.instruction (" in err and ") is not used by this merge (method=rain, " \
-        "stage1=True, stage2=False, lam=1.0)." in err
+    assert f"{config}: calibration.instruction (" in err and ") is not used by this merge (method: rain, " \
+        "parameters.stage1: True, parameters.stage2: False, parameters.lam: 1.0)." in err
 
 
 def test_baseline_run_needs_no_calibration(triple, tmp_path):
