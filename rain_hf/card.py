@@ -1,9 +1,9 @@
 """Model cards for merged models: Hub metadata, merge details, a head-coefficient heatmap.
 
 :func:`write_model_card` turns the sidecar that ``save_pretrained`` writes (``rain_merging_config.json``) into the
-folder's ``README.md``, rendered with :meth:`huggingface_hub.ModelCard.from_template` from the Jinja template
-``model_card_templates/rain_merging.md.j2`` (or a template of your own), plus ``rain_merging_heatmap.png`` when
-the merge computed per-head coefficients.
+folder's ``README.md``, rendered as :meth:`huggingface_hub.ModelCard.from_template` renders it, but in a Jinja
+sandbox, from the Jinja template ``model_card_templates/rain_merging.md.j2`` (or a template of your own), plus
+``rain_merging_heatmap.png`` when the merge computed per-head coefficients.
 
 The front matter lists the inputs' Hub ids under ``base_model`` (also for local folders that are Hub cache
 snapshots); inputs known only as local folders are named in the card's body instead, and ``base_model`` /
@@ -228,7 +228,10 @@ def build_model_card(
     variables = {"reasoning_name": "the reasoning model", "instruct_name": "the instruct model",
                  "base_name": "the base model", **variables}
     try:
-        card = ModelCard.from_template(card_data, template_path=str(path), **variables)
+        # as ModelCard.from_template renders it (its variables, then ours), but sandboxed: a template someone shares
+        # with a YAML file must not reach os.environ (the Hub token) or run commands, also in a dry run
+        template = _sandbox().from_string(path.read_text(encoding="utf-8"))
+        card = ModelCard(template.render(card_data=card_data.to_yaml(), **{**card_data.to_dict(), **variables}))
     except Exception as exc:  # a user's template can fail in any way (undefined names, type errors, bad YAML)
         if template_path is None:
             raise
@@ -236,6 +239,13 @@ def build_model_card(
                               "or pass none for the default one.") from exc
     card.content = card.content.rstrip("\n") + "\n"
     return card
+
+
+def _sandbox():
+    """The Jinja environment card templates render in: jinja2's defaults (as ``jinja2.Template``), sandboxed."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    return ImmutableSandboxedEnvironment()
 
 
 class TemplateProblem(ValueError):
@@ -250,7 +260,7 @@ def check_template(template_path: str | os.PathLike) -> None:
 
     path = Path(template_path).expanduser()
     try:
-        jinja2.Template(path.read_text(encoding="utf-8"))
+        _sandbox().from_string(path.read_text(encoding="utf-8"))
     except jinja2.TemplateSyntaxError as exc:  # unknown filters and tests are reported as syntax errors too
         raise TemplateProblem(f"{path}, line {exc.lineno}: {exc.message}") from exc
     except (OSError, UnicodeDecodeError) as exc:

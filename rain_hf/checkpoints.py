@@ -227,6 +227,14 @@ class LazyCheckpoint:
                 raise CheckpointError(f"{self.name}: {index} has no valid 'weight_map' (tensor name → shard file). "
                                       "The checkpoint is damaged: download or save it again.")
             files = sorted(set(weight_map.values()))
+            # shard names are file names in the folder (transformers joins them to it): a name that climbs out of
+            # it or is absolute would feed another file into the merge and the upload
+            astray = [f for f in files if os.path.isabs(f) or os.path.normpath(f).split(os.sep)[0] == ".."
+                      or "\\" in f]
+            if astray:
+                raise CheckpointError(f"{self.name}: {index} names the shard {astray[0]!r}, outside the checkpoint's "
+                                      "folder; shards are files in the folder. The index is damaged: download or "
+                                      "save the checkpoint again.")
         else:
             # an adapter or a Mistral-style consolidated copy in the same folder is not part of the model
             files = [single.name] if single.is_file() else sorted(
@@ -444,8 +452,18 @@ def _read_header(path: Path, name: str) -> dict[str, tuple[tuple[int, ...], str,
     return entries
 
 
+#: the largest JSON file read (config, index, adapter config): a real shard index is a few MB (DeepSeek-V3's is 9)
+MAX_JSON_BYTES = 64 << 20
+
+
 def read_json(path: Path, what: str) -> dict:
+    """The parsed JSON file ``path`` of ``what`` (e.g. "the base model"); a missing, oversized or invalid file is a
+    :class:`CheckpointError` naming it."""
     try:
+        if path.stat().st_size > MAX_JSON_BYTES:  # parsing takes about 20 times the file's size in memory
+            raise CheckpointError(f"{what}: {path} holds {path.stat().st_size} bytes, more than the "
+                                  f"{MAX_JSON_BYTES >> 20} MB any model's JSON file needs: it is damaged or not "
+                                  "this model's. Download or save the checkpoint again.")
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError as exc:

@@ -125,7 +125,7 @@ class MergeJob:
     models: dict[str, str]
     revisions: dict[str, str]
     config: RainMergingConfig
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # a printed or logged job must not show it
     calibration: dict[str, Path] = field(default_factory=dict)
     dtype: str = "auto"
     max_shard_size: int | str | None = None
@@ -717,7 +717,8 @@ def _context_length(plan: Any) -> int | None:
     from .features import text_config
 
     try:
-        value = getattr(text_config(AutoConfig.from_pretrained(str(plan.sources["reasoning"].path))),
+        value = getattr(text_config(AutoConfig.from_pretrained(str(plan.sources["reasoning"].path),
+                                                                 trust_remote_code=False)),
                         "max_position_embeddings", None)
     except Exception:  # noqa: BLE001 - the plan loaded this config already; nothing to add if it cannot be read
         return None

@@ -248,7 +248,7 @@ def _load_model_config(src: ModelSource, role: str):
         # a folder that is no model folder: the name is wrong, as for a path that does not exist
         raise ModelNameError(f"The {role} model {src.describe()} has no config.json in {src.path}.{hint}")
     try:
-        config = AutoConfig.from_pretrained(str(src.path))
+        config = AutoConfig.from_pretrained(str(src.path), trust_remote_code=False)  # never asks to run code
     except Exception as exc:  # transformers raises ValueError/KeyError/OSError for unknown or broken configs
         raise CheckpointError(f"The {role} model {src.describe()}: its config.json cannot be read ({exc}).") from exc
     quantization = getattr(config, "quantization_config", None)
@@ -864,7 +864,7 @@ class RainMerger:
             warnings.append(f"vocabulary sizes differ ({vocab}); embeddings and lm_head are never merged, the "
                             "merged model keeps the reasoning model's")
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(sources["reasoning"].path))
+            tokenizer = AutoTokenizer.from_pretrained(str(sources["reasoning"].path), trust_remote_code=False)
         except Exception as exc:
             raise CheckpointError(f"The reasoning model {shown['reasoning']} has no loadable tokenizer ({exc}).") from exc
         think_ids = check_think_tokens(tokenizer, config)
@@ -968,7 +968,8 @@ class RainMerger:
         if device_map is not None:
             kwargs["device_map"] = device_map
         model, loading = AutoModelForCausalLM.from_pretrained(str(plan.sources["reasoning"].path),
-                                                              output_loading_info=True, **kwargs)
+                                                              output_loading_info=True, trust_remote_code=False,
+                                                              **kwargs)
         missing = sorted(loading.get("missing_keys") or [])
         if missing:
             # transformers fills them with random values: the calibration passes and the saved merge would use them
@@ -2006,7 +2007,7 @@ class RainMerger:
             with open(tmp / "config.json", "w", encoding="utf-8") as f:
                 json.dump(model_config, f, indent=2, sort_keys=True)
                 f.write("\n")
-            if (src / "generation_config.json").is_file():
+            if _copyable(src, src / "generation_config.json"):
                 (tmp / "generation_config.json").write_bytes((src / "generation_config.json").read_bytes())
             # the merge redistributes the reasoning model's weights (its licence), and config.json's auto_map still
             # names its code
@@ -2111,10 +2112,35 @@ def _file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def _link_root(folder: Path) -> Path:
+    """The folder a model folder's links may point into: itself, or for a Hub cache snapshot
+    (``models--org--name/snapshots/<sha>``) the repository's cache folder, whose ``blobs/`` its files link to."""
+    folder = folder.absolute()
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent.resolve()
+    return folder.resolve()
+
+
+def _copyable(folder: Path, path: Path) -> bool:
+    """Whether ``path`` in the input model folder ``folder`` is a file to copy into the merge: not a link to
+    something outside the folder (a planted ``LICENSE -> ~/.cache/huggingface/token`` would be saved and pushed)."""
+    return path.is_file() and _inside(folder, path)
+
+
+def _inside(folder: Path, path: Path) -> bool:
+    """Whether ``path`` resolves into ``folder`` (see :func:`_link_root`); warn about one that does not."""
+    if path.resolve().is_relative_to(_link_root(folder)):
+        return True
+    logger.warning("%s in the reasoning model's folder links to %s, outside the folder: it is not copied into the "
+                   "merge. Copy it into the folder if it belongs to the model.",
+                   path.relative_to(folder) if path.is_relative_to(folder) else path.name, path.resolve())
+    return False
+
+
 def license_files(folder: Path) -> list[Path]:
     """The top-level licence files of a model folder (``LICENSE``, ``LICENCE.txt``, ``license.md``, ``COPYING``,
-    ``NOTICE``, ``USE_POLICY.md``, in any case), copied into a merge of it."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and _LICENSE_FILE.fullmatch(p.name))
+    ``NOTICE``, ``USE_POLICY.md``, in any case), copied into a merge of it; links to files outside it are left out."""
+    return sorted(p for p in folder.iterdir() if _LICENSE_FILE.fullmatch(p.name) and _copyable(folder, p))
 
 
 def copy_tokenizer_files(folder: Path, out: Path, tokenizer: Any) -> None:
@@ -2126,11 +2152,15 @@ def copy_tokenizer_files(folder: Path, out: Path, tokenizer: Any) -> None:
     is saved over them instead."""
     names = set(getattr(tokenizer, "vocab_files_names", {}).values())  # the files this tokenizer class reads
     for file in folder.iterdir():
-        if file.is_file() and (_TOKENIZER_FILE.fullmatch(file.name) or file.name in names):
+        if (_TOKENIZER_FILE.fullmatch(file.name) or file.name in names) and _copyable(folder, file):
             (out / file.name).write_bytes(file.read_bytes())
     templates = folder / "additional_chat_templates"
-    if templates.is_dir():
-        shutil.copytree(templates, out / templates.name, dirs_exist_ok=True)
+    if templates.is_dir() and _inside(folder, templates):
+
+        def outside(directory: str, entries: list[str]) -> list[str]:  # links out of the folder are not copied
+            return [name for name in entries if not _inside(folder, Path(directory) / name)]
+
+        shutil.copytree(templates, out / templates.name, dirs_exist_ok=True, ignore=outside)
     if not _same_tokenizer(out, tokenizer):
         logger.warning("The reasoning model's tokenizer files, copied, do not load back as its tokenizer: the merged "
                        "folder gets the tokenizer as this transformers version saves it.")
@@ -2142,7 +2172,7 @@ def _same_tokenizer(folder: Path, tokenizer: Any) -> bool:
     from transformers import AutoTokenizer
 
     try:
-        loaded = AutoTokenizer.from_pretrained(str(folder))
+        loaded = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception:  # noqa: BLE001 - any failure to load means the copy is not usable as it is
         return False
     return loaded.get_vocab() == tokenizer.get_vocab() and loaded.chat_template == tokenizer.chat_template
@@ -2172,7 +2202,7 @@ def remote_code_files(folder: Path, model_config: dict) -> list[Path]:
     if missing:
         logger.warning("The reasoning model's auto_map names %s, which its folder lacks: the merged folder loads "
                        "with trust_remote_code=True only once you add it.", ", ".join(missing))
-    return sorted(p for p in folder.glob("*.py") if p.is_file())
+    return sorted(p for p in folder.glob("*.py") if _copyable(folder, p))
 
 
 def _input_license_link(link: str | None, role: str, source: ModelSource) -> str | None:

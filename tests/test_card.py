@@ -399,6 +399,22 @@ def test_custom_template(tmp_path):
         build_model_card(_info(), template_path=tmp_path / "missing.j2")
 
 
+def test_a_card_template_cannot_reach_the_environment_or_run_commands(tmp_path, monkeypatch):
+    # a template shared with a YAML file renders in a sandbox: no os.environ (the Hub token), no os.popen
+    monkeypatch.setenv("HF_TOKEN", "hf_not_for_the_card")
+    template = tmp_path / "evil.md.j2"
+    for body in ("{{ cycler.__init__.__globals__.os.environ['HF_TOKEN'] }}",
+                 "{{ cycler.__init__.__globals__.os.popen('touch " + str(tmp_path / "ran") + "').read() }}",
+                 "{{ ''.__class__.__mro__[1].__subclasses__() }}"):
+        template.write_text(f"# card\n{body}\n")
+        check_template(template)  # it compiles; rendering it is refused
+        with pytest.raises(TemplateProblem, match=r"evil.md.j2: rendering the card failed \((SecurityError|"
+                                                  r"UndefinedError)"):
+            build_model_card(_info(), template)
+        assert "rendering the card failed" in trial_render(template)
+    assert not (tmp_path / "ran").exists()
+
+
 @pytest.mark.parametrize("method", ["rain", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp"])
 def test_trial_render_of_a_sample_merge(tmp_path, method):
     for extra in ({}, {"lam": "auto"}, {"stage1": False}, {"stage2": False}, {"sequential": False}):

@@ -115,6 +115,9 @@ def test_mergekit_users_are_pointed_to_where_a_setting_goes(tmp_path, capsys):
         line = _one_error_line(capsys.readouterr().err)
         assert expected in line, line
         assert (folder_hint in line) == ("output" in extra), line
+    # a printed job does not show the token its file gives
+    config = _write(tmp_path, _minimal(tmp_path, token="hf_from_the_yaml"))
+    assert "hf_from_the_yaml" not in repr(load_job(config)) and load_job(config).token == "hf_from_the_yaml"
     # max_shard_size is both a parameter and an output key: under parameters it is taken
     config = _write(tmp_path, _minimal(tmp_path, parameters={"lam": 1.0, "max_shard_size": "1GB"}))
     assert load_job(config).config.max_shard_size == "1GB"

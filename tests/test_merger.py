@@ -1202,7 +1202,7 @@ def test_refuses_quantized_inputs(qwen2, tmp_path):
         RainMerger.plan(qwen2["base"], qwen2["reasoning"], fp8)
 
 
-def test_damaged_or_ambiguous_checkpoint_folders(qwen2, tmp_path, caplog):
+def test_damaged_or_ambiguous_checkpoint_folders(qwen2, tmp_path, caplog, monkeypatch):
     import shutil
 
     from safetensors.torch import save_file
@@ -1345,6 +1345,22 @@ def test_damaged_or_ambiguous_checkpoint_folders(qwen2, tmp_path, caplog):
                  r"more\), but it is in model-00001-of-00002.safetensors: the index is wrong")
     (indexed / "model.safetensors.index.json").write_text("[]")
     with pytest.raises(CheckpointError, match="no valid 'weight_map'"):
+        LazyCheckpoint(indexed)
+    # shard names climbing out of the folder would feed another file into the merge (and the upload)
+    outside = tmp_path / "outside.safetensors"
+    save_file(weights, outside)
+    for name in ("../outside.safetensors", str(outside), "sub/../../outside.safetensors"):
+        (indexed / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {**weight_map,
+                                                                                         "model.norm.weight": name}}))
+        with pytest.raises(CheckpointError, match=f"names the shard {re.escape(repr(name))}, outside the "
+                                                  "checkpoint's folder; shards are files in the folder"):
+            LazyCheckpoint(indexed)
+    from rain_hf import checkpoints
+
+    (indexed / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    size = (indexed / "model.safetensors.index.json").stat().st_size
+    monkeypatch.setattr(checkpoints, "MAX_JSON_BYTES", size - 1)  # a gigabyte of index, in small
+    with pytest.raises(CheckpointError, match=rf"holds {size} bytes, more than the 0 MB any model's JSON file needs"):
         LazyCheckpoint(indexed)
 
 
@@ -2053,6 +2069,43 @@ def test_the_reasoning_models_tokenizer_files_are_copied_byte_for_byte(qwen2, tm
     (tmp_path / "copy").mkdir()
     copy_tokenizer_files(reasoning, tmp_path / "copy", original)
     assert (tmp_path / "copy" / "additional_chat_templates" / "tool_use.jinja").read_text() == "{{ messages }}"
+
+
+def test_links_out_of_the_reasoning_models_folder_are_not_copied(qwen2, tmp_path, caplog):
+    # a clone or an archive may hold links: LICENSE -> ~/.cache/huggingface/token would be saved and pushed
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "token").write_text("hf_not_for_the_merge")
+    reasoning = tmp_path / "reasoning"
+    shutil.copytree(qwen2["reasoning"], reasoning)
+    (reasoning / "LICENSE").symlink_to(secret / "token")
+    (reasoning / "docs").mkdir()
+    (reasoning / "docs" / "NOTICE.txt").write_text("notice")
+    (reasoning / "NOTICE").symlink_to("docs/NOTICE.txt")  # a link inside the folder is its file
+    (reasoning / "additional_chat_templates").mkdir()
+    (reasoning / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages }}")
+    (reasoning / "additional_chat_templates" / "extra").symlink_to(secret, target_is_directory=True)
+    merger = RainMerger.from_pretrained(qwen2["base"], reasoning, qwen2["instruct"],
+                                        RainMergingConfig(method="task_arithmetic"))
+    merger.merge()
+    with caplog.at_level(logging.WARNING, logger="rain_hf"):
+        out = merger.save_pretrained(tmp_path / "out")
+    assert not (out / "LICENSE").exists() and (out / "NOTICE").read_text() == "notice"
+    assert (out / "additional_chat_templates" / "tool_use.jinja").is_file()
+    assert not (out / "additional_chat_templates" / "extra").exists()
+    assert not any(b"hf_not_for_the_merge" in p.read_bytes() for p in out.rglob("*") if p.is_file())
+    assert f"LICENSE in the reasoning model's folder links to {secret / 'token'}, outside the folder" in caplog.text
+    assert f"additional_chat_templates/extra in the reasoning model's folder links to {secret}" in caplog.text
+    # a Hub cache snapshot: every file links into the repository's blobs/, which is the model's own
+    from rain_hf.merger import license_files
+
+    repo = tmp_path / "hub" / "models--org--reasoner"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (repo / "blobs" / "f00d").write_text("Apache-2.0")
+    (snapshot / "LICENSE").symlink_to(Path("..", "..", "blobs", "f00d"))
+    assert license_files(snapshot) == [snapshot / "LICENSE"]
 
 
 def _as_tekken(folder: Path) -> None:
@@ -2804,7 +2857,8 @@ def test_a_tensor_that_overflows_float16_is_refused_before_it_is_saved(qwen2, tm
         assert merger.model.get_parameter(key)[0, 0].item() == 120000.0
 
 
-def test_a_reasoning_model_with_its_own_code_gives_a_merge_that_loads_the_same_way(qwen2, tmp_path, caplog):
+def test_a_reasoning_model_with_its_own_code_gives_a_merge_that_loads_the_same_way(qwen2, tmp_path, caplog,
+                                                                                    monkeypatch):
     folders = {role: tmp_path / role for role in ("base", "reasoning", "instruct")}
     for role, folder in folders.items():
         shutil.copytree(qwen2[role], folder)
@@ -2831,6 +2885,17 @@ def test_a_reasoning_model_with_its_own_code_gives_a_merge_that_loads_the_same_w
     with caplog.at_level(logging.WARNING, logger="rain_hf.merger"):
         merger.save_pretrained(tmp_path / "out2")
     assert "auto_map names modeling_mine.py, which its folder lacks" in caplog.text
+    # a model type transformers does not know: its code is never run, and the user is not asked whether to run it
+    config["model_type"] = "rain-hf-unknown"
+    (reasoning / "config.json").write_text(json.dumps(config))
+    (reasoning / "configuration_mine.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    import builtins
+
+    asked = []
+    monkeypatch.setattr(builtins, "input", lambda *args: asked.append(args) or "y")
+    with pytest.raises(CheckpointError, match="its config.json cannot be read"):
+        RainMerger.plan(folders["base"], reasoning, folders["instruct"])
+    assert not asked and not (tmp_path / "ran").exists()
 
 
 def test_bias_changes_of_a_full_instruct_model_left_behind_are_named(qwen2, tokenizer, tmp_path):
