@@ -251,10 +251,9 @@ class RainMergingConfig:
         self.validate()
 
     # ------------------------------------------------------------------ validation
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first field with an unusable value. First, tuples, ranges and
-        numpy arrays become lists (a set of ``target_modules`` a sorted list), numpy numbers Python ones, and an
-        unset ``lam`` takes the method's default, so ``merger.config.lam = None`` between merges works too."""
+    def _normalize(self) -> None:
+        """Tuples, ranges and numpy arrays as lists, numpy numbers and booleans as Python ones (see :meth:`validate`;
+        also run by :meth:`to_dict`, for values set after the config was made)."""
         for name in ("lam_grid", "target_modules", "layers", "think_spacing"):  # tuples as peft takes them
             value = getattr(self, name)
             if isinstance(value, (tuple, range)):
@@ -269,6 +268,12 @@ class RainMergingConfig:
         for name in ("lam_grid", "layers"):
             if isinstance(getattr(self, name), list):
                 setattr(self, name, [_plain_number(v) for v in getattr(self, name)])
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first field with an unusable value. First, tuples, ranges and
+        numpy arrays become lists (a set of ``target_modules`` a sorted list), numpy numbers Python ones, and an
+        unset ``lam`` takes the method's default, so ``merger.config.lam = None`` between merges works too."""
+        self._normalize()
 
         def choice(name: str, allowed: tuple[str, ...]) -> None:
             value = getattr(self, name)
@@ -482,6 +487,9 @@ class RainMergingConfig:
                 if name not in read and (list(value) if isinstance(value, tuple) else value) != default[name]}
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a dict of JSON types (``merger.config.lam_grid = np.linspace(…)`` set after the config was
+        made is a list here)."""
+        self._normalize()
         return dataclasses.asdict(self)
 
     @classmethod
@@ -502,15 +510,27 @@ class RainMergingConfig:
         return cls(**data)
 
     def to_json(self) -> str:
+        """:meth:`to_dict` as indented JSON with sorted keys."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> RainMergingConfig:
+        """The config a :meth:`to_json` text describes."""
         return cls.from_dict(json.loads(text))
 
     def save(self, path: str | os.PathLike) -> None:
+        """Write :meth:`to_json` to ``path`` (read it back with :meth:`load`).
+
+        Example:
+            >>> import tempfile, os
+            >>> path = os.path.join(tempfile.mkdtemp(), "rain.json")
+            >>> RainMergingConfig(lam=2.5, layers=range(4)).save(path)
+            >>> RainMergingConfig.load(path).layers
+            [0, 1, 2, 3]
+        """
+        text = self.to_json() + "\n"  # first: a value JSON cannot hold must not leave the file emptied
         with open(Path(path).expanduser(), "w", encoding="utf-8") as f:
-            f.write(self.to_json() + "\n")
+            f.write(text)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> RainMergingConfig:
@@ -551,6 +571,8 @@ _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(RainMergingConfig))
 
 def _plain_number(value: Any) -> Any:
     """A numpy (or other non-builtin) real number as a Python int or float; anything else as it is."""
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):  # no numbers.Real
+        return bool(value)
     if type(value) in (bool, int, float) or isinstance(value, bool) or not isinstance(value, numbers.Real):
         return value  # (np.float64 is a float subclass, and becomes a plain float too)
     return int(value) if isinstance(value, numbers.Integral) else float(value)

@@ -306,6 +306,16 @@ def test_config_round_trip_and_validation(tmp_path):
         numeric.lamda = 3.0
     arrays = RainMergingConfig(lam_grid=np.linspace(0.5, 2, 4), layers=np.arange(2))
     assert arrays.lam_grid == [0.5, 1.0, 1.5, 2.0] and arrays.layers == [0, 1] == RainMergingConfig(layers=range(2)).layers
+    assert RainMergingConfig(stage2=np.bool_(False)).stage2 is False  # numpy's boolean is no number
+    # set after the config was made (merger.config.lam_grid = …): saved as the JSON types they stand for
+    arrays.lam_grid, arrays.lam, arrays.stage1 = np.linspace(1, 2, 3), np.float32(1.5), np.bool_(True)
+    arrays.save(tmp_path / "set.json")
+    again = RainMergingConfig.load(tmp_path / "set.json")
+    assert (again.lam_grid, again.lam, again.stage1) == ([1.0, 1.5, 2.0], 1.5, True)
+    arrays.layers = [object()]  # JSON cannot hold it: the file saved before is left whole
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        arrays.save(tmp_path / "set.json")
+    assert RainMergingConfig.load(tmp_path / "set.json") == again
 
     @dataclasses.dataclass
     class Extended(RainMergingConfig):  # a subclass's own fields and attributes are its business
