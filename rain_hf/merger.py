@@ -613,14 +613,20 @@ class RainMerger:
         return self._features
 
     @features.setter
-    def features(self, features: ThinkFeatures | None) -> None:
+    def features(self, features: ThinkFeatures | str | os.PathLike | None) -> None:
         # features set by hand are treated as features passed to from_pretrained: the samples and calibration
-        # record of earlier computed ones would otherwise make a merge of neither (sequential on the old samples)
+        # record of earlier computed ones would otherwise make a merge of neither (sequential on the old samples).
+        # The report and record of a merge the model holds stay its own (the merge keeps the features it used).
+        if isinstance(features, (str, os.PathLike)):
+            features = ThinkFeatures.load(features)  # as from_pretrained(features=PATH) takes them
+        elif features is not None and not isinstance(features, ThinkFeatures):
+            raise TypeError(f"merger.features takes ThinkFeatures (compute_features() or ThinkFeatures.load), a "
+                            f"path to saved ones, or None; got {type(features).__name__}.")
         if features is self._features:
             return
         self._features, self._given_features = features, features
         self._stage1_samples, self._features_calibration = None, None
-        self.report.timings.pop("stage1_features", None)  # the computation these replace
+        self._features_time = None  # computed elsewhere: no time of this merger's
 
     def __init__(self, plan: MergePlan, model, tokenizer, reasoning: LazyCheckpoint, base: LazyCheckpoint,
                  instruct, device: torch.device, features: ThinkFeatures | None = None) -> None:
@@ -636,6 +642,9 @@ class RainMerger:
         self.device = device
         self._features = features
         self._given_features = features  # from from_pretrained(features=...): replacing them is said
+        self._features_time: float | None = None  # how long compute_features took for the features held
+        self._merged_features: ThinkFeatures | None = None  # the features of the merge the model holds
+        self._report_unfinished = False  # the report is of a merge that did not finish
         self._stage1_samples: list[CalibrationSample] | None = None  # kept for config.sequential
         self._spacing_warnings: list[str] = []  # of the last reasoning set prepared, kept with its features
         self._reasoning_data_warnings: list[str] = []  # what preparing that set logged, kept with them too
@@ -1127,6 +1136,16 @@ class RainMerger:
                 "not write")
         return warnings
 
+    def _check_config(self) -> None:
+        """Validate ``merger.config`` as it is now (edited since the merger was made, maybe), and refuse a change
+        of what the plan fixed."""
+        cfg = self.config
+        cfg.validate()
+        changed = [name for name in _PLAN_FIELDS if getattr(cfg, name) != getattr(self.plan.config, name)]
+        if changed:
+            raise ConfigError(f"merger.config.{changed[0]} changed after the merger was made; the modules to merge "
+                              "and the think tokens are fixed by the plan: make a new RainMerger with that config.")
+
     # ------------------------------------------------------------------ stage 1
     def compute_features(self, reasoning_calibration) -> ThinkFeatures:
         """Stage-1 features of the reasoning model on ``reasoning_calibration`` (kept and returned).
@@ -1136,6 +1155,7 @@ class RainMerger:
         instruct models (or save them with :meth:`ThinkFeatures.save` and pass ``features=`` later). They are
         taken on the reasoning model's own weights, so a merge the model holds is undone (merge again).
         """
+        self._check_config()  # before the merge the model holds is undone
         if self.merged:  # the capture runs on the reasoning model itself
             logger.warning("compute_features() puts the reasoning model's weights back, undoing the last merge: call "
                            "merge() again to merge with these features.")
@@ -1170,7 +1190,7 @@ class RainMerger:
             calibration["num_held_out"] = len(heldout)  # measured L_think, not projected
         self._features, self._stage1_samples, self._features_calibration = features, samples, calibration
         self.calibration_info["reasoning"] = copy.deepcopy(calibration)
-        self.report.timings["stage1_features"] = time.perf_counter() - start
+        self._features_time = self.report.timings["stage1_features"] = time.perf_counter() - start
         return self.features
 
     # ------------------------------------------------------------------ the stream
@@ -1454,7 +1474,9 @@ class RainMerger:
         """A report for the merge about to run: the load's warnings and timing, the stage-1 feature timing (the
         features may come from an earlier compute_features call), and ``now``, the plan's setting-dependent
         warnings for this merge's config; nothing from an earlier merge."""
-        timings = {k: v for k, v in self.report.timings.items() if k in ("load", "stage1_features")}
+        timings = {k: v for k, v in self.report.timings.items() if k == "load"}
+        if self._features_time is not None:  # features computed by this merger, maybe before an earlier merge
+            timings["stage1_features"] = self._features_time
         # the plan's warnings for its own config, those that depend on editable settings again for this merge's
         fixed = [w for w in self.plan.warnings if w not in self.plan.config_warnings(self.plan.config)]
         for warning in now:
@@ -1462,6 +1484,7 @@ class RainMerger:
                 logger.warning(warning)
         self.report = MergeReport(method=self.config.method, vocab=dict(self.plan.vocab),
                                   warnings=fixed + now, timings=timings)
+        self._report_unfinished = True  # until the merge finishes: sidecar() must not describe it
         self._task_vector_seen = False  # set by the merge's reads of the instruct task vector
 
     def _warn_without_task_vector(self) -> None:
@@ -1506,11 +1529,7 @@ class RainMerger:
                                "merger merges with its own copy, merger.config: set merger.config.%s instead.",
                                ", ".join(f"{k}={getattr(given, k)!r}" for k in edited), edited[0])
                 self._given_config = (given, given.to_dict())  # said once per edit, not at every later merge
-        cfg.validate()
-        changed = [name for name in _PLAN_FIELDS if getattr(cfg, name) != getattr(self.plan.config, name)]
-        if changed:
-            raise ConfigError(f"merger.config.{changed[0]} changed after the merger was made; the modules to merge "
-                              "and the think tokens are fixed by the plan: make a new RainMerger with that config.")
+        self._check_config()
         settings_warnings = self.plan.config_warnings(cfg)  # its refusals before reset(): a finished merge is kept
         self._check_output_dtypes()  # output_dtype may have changed since the merger was made
         self._refuse_missing_inputs(reasoning_calibration, instruction_calibration)  # before reset() too
@@ -1545,8 +1564,7 @@ class RainMerger:
             # SLERP has no λ: its strength is slerp_t
             self.report.lam = float(cfg.lam) if not isinstance(cfg.lam, str) and cfg.method != "slerp" else None
             self.report.timings["merge"] = time.perf_counter() - start
-            self._merged_config = copy.deepcopy(cfg)
-            self.merged = True
+            self._finished(cfg)
             return self.model
 
         heldout: list[tuple[list[int], list[int]]] = []  # lam="auto": where L_think is measured
@@ -1615,9 +1633,15 @@ class RainMerger:
         self._warn_without_task_vector()
         self.report.lam = float(lam)
         self.report.timings["merge"] = time.perf_counter() - t3
-        self._merged_config = copy.deepcopy(cfg)
-        self.merged = True
+        self._finished(cfg)
         return self.model
+
+    def _finished(self, cfg: RainMergingConfig) -> None:
+        """Record a merge that finished: its config and features are what the saved files describe."""
+        self._merged_config = copy.deepcopy(cfg)
+        self._merged_features = self.features if cfg.method == "rain" and cfg.stage1 else None
+        self._report_unfinished = False
+        self.merged = True
 
     def _refuse_missing_inputs(self, reasoning_calibration, instruction_calibration) -> None:
         """The refusals of :meth:`merge` for data it was not given, or for features that cannot serve without it:
@@ -1832,7 +1856,7 @@ class RainMerger:
     def sidecar(self) -> dict[str, Any]:
         """The content of ``rain_merging_config.json``: config, inputs, versions, report (before any merge, of the
         merger's config; refused once a merge was made but the model no longer holds it)."""
-        if not self.merged and self._merged_config is not None:
+        if not self.merged and (self._merged_config is not None or self._report_unfinished):
             # the last finished merge's config beside a failed merge's report and calibration would describe neither
             raise RuntimeError(_NO_FINISHED_MERGE.format(what="describe"))
         import huggingface_hub
@@ -1889,13 +1913,15 @@ class RainMerger:
         info = {kind: dict(entry) if entry else entry for kind, entry in self.calibration_info.items()}
         cfg = cfg or self._record_config()
         auto = cfg.lam == "auto"
-        if info["reasoning"] is None and self.features is not None and cfg.method == "rain" and cfg.stage1:
-            projected, held = self.features.settings.get("num_samples"), len(self.features.heldout)
-            origin = self.features.settings.get("calibration") or {}
+        # a finished merge's own features, whatever merger.features was set to since
+        features = self.features if self._merged_config is None else self._merged_features
+        if info["reasoning"] is None and features is not None and cfg.method == "rain" and cfg.stage1:
+            projected, held = features.settings.get("num_samples"), len(features.heldout)
+            origin = features.settings.get("calibration") or {}
             info["reasoning"] = {  # the count as the calibration set had it: projected + held out, when both count
                 "num_samples": projected + held if auto and projected is not None else projected,
                 "source": PRECOMPUTED_FEATURES_SOURCE,
-                "reasoning_fingerprint": self.features.settings.get("reasoning_fingerprint"),
+                "reasoning_fingerprint": features.settings.get("reasoning_fingerprint"),
                 # the set the features were computed from (features saved before this was recorded: unknown)
                 "computed_from": origin.get("source"), "sha256": origin.get("sha256"),
                 "file_sha256": origin.get("file_sha256")}

@@ -1,5 +1,6 @@
 """RainMerger end to end on tiny random triples, against slow references written here."""
 
+import copy
 import dataclasses
 import errno
 import json
@@ -714,6 +715,70 @@ def test_features_from_another_tokenizer_or_dtype_are_warned_about(qwen2, tmp_pa
     assert not any("another tokenizer" in w for w in same.report.warnings)
 
 
+def test_features_set_after_a_merge_leave_its_record_alone(qwen2, tmp_path):
+    path = tmp_path / "features.safetensors"
+    _merger(qwen2, lam=1.0, stage2=False).compute_features(reasoning_records(3)).save(path)
+    merger = _merger(qwen2, lam=1.0, stage2=False)
+    merger.merge(reasoning_records(6))
+    held = merger.sidecar()
+    merger.features = str(path)  # a path, as from_pretrained(features=PATH) takes it; no merge after it
+    assert merger.features.settings["num_samples"] == 3
+    assert merger.sidecar()["calibration"] == held["calibration"] and merger.sidecar()["report"] == held["report"]
+    merger.merge()  # with the features set: its own record
+    assert merger.sidecar()["calibration"]["reasoning"]["num_samples"] == 3
+    assert "stage1_features" not in merger.report.timings  # computed elsewhere
+    with pytest.raises(TypeError, match="merger.features takes ThinkFeatures .*got dict"):
+        merger.features = {"basis": None}
+    # the time compute_features took stays with its features across a merge that does not use them
+    timed = _merger(qwen2, lam=1.0, stage2=False)
+    timed.compute_features(reasoning_records(3))
+    timed.config.method = "ties"
+    timed.merge()
+    assert "stage1_features" not in timed.report.timings
+    timed.config.method = "rain"
+    timed.merge()
+    assert "stage1_features" in timed.report.timings
+
+
+def test_compute_features_reads_the_config_as_merge_does(qwen2):
+    import numpy as np
+
+    merger = _merger(qwen2, lam=1.0, stage2=False)
+    merger.config.think_spacing = ("\n", "\n", "\n\n")  # the default, as a tuple
+    merger.config.window = np.int64(2)
+    merger.compute_features(reasoning_records(3))
+    merger.merge()  # the features match the config they were computed with
+    for name, value, says in (("batch_size", 0, "batch_size"), ("precision", "float16", "precision"),
+                              ("think_spacing", ["\n"], "think_spacing")):
+        merger.config = copy.deepcopy(merger.plan.config)
+        setattr(merger.config, name, value)
+        with pytest.raises(ConfigError, match=says):
+            merger.compute_features(reasoning_records(3))
+        assert merger.merged  # refused before the merge held is undone
+
+
+def test_a_failed_first_merge_has_nothing_to_describe(qwen2, monkeypatch):
+    merger = _merger(qwen2, lam=1.0, stage2=False)
+    original = RainMerger._merge_module
+    calls = []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RainMerger, "_merge_module", failing)
+    with pytest.raises(KeyboardInterrupt):
+        merger.merge(reasoning_records(3))
+    assert not merger.merged
+    with pytest.raises(RuntimeError, match="Nothing to describe: the model no longer holds a finished merge"):
+        merger.sidecar()
+    monkeypatch.setattr(RainMerger, "_merge_module", original)
+    merger.merge(reasoning_records(3))
+    assert merger.sidecar()["report"]["modules"]
+
+
 def test_features_of_another_reasoning_model_or_template_are_refused(qwen2, tmp_path, tokenizer, caplog):
     features = _merger(qwen2, lam=1.0, stage2=False).compute_features(reasoning_records())
     assert features.settings["reasoning_fingerprint"].startswith("2-")
@@ -730,7 +795,7 @@ def test_features_of_another_reasoning_model_or_template_are_refused(qwen2, tmp_
     merged.features = features  # refused before the finished merge is undone
     with pytest.raises(ValueError, match="another reasoning model"):
         merged.merge()
-    assert merged.merged and "stage1_features" not in merged.report.timings
+    assert merged.merged and "stage1_features" in merged.report.timings  # the merge held keeps its own record
     # a fine-tune that differs only in its last merged module is another model too
     import shutil
 
