@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 
 from .config import ConfigError, RainMergingConfig  # noqa: E402
 
-__all__ = ["RainMerger", "RainMergingConfig", "ConfigError", "ThinkFeatures", "MergeReport", "__version__"]
+__all__ = ["RainMerger", "RainMergingConfig", "ConfigError", "ThinkFeatures", "MergeReport", "MergePlan",
+           "__version__"]
 
 
 def __getattr__(name: str):
@@ -26,3 +27,7 @@ def __getattr__(name: str):
 
         return ThinkFeatures
     raise AttributeError(f"module 'rain_hf' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))  # the names served lazily by __getattr__ too

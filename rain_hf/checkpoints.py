@@ -120,9 +120,9 @@ def resolve_model(
         role: the model's role in the merge (``"base"``, ``"reasoning"``, ``"instruct"``), used in errors.
 
     Example:
-        >>> src = resolve_model("benchmarks/organism/checkpoints/base")  # doctest: +SKIP
-        >>> src.path.is_dir()  # doctest: +SKIP
-        True
+        >>> src = resolve_model("benchmarks/organism/checkpoints/base")
+        >>> src.path.is_dir(), src.hub_id
+        (True, None)
     """
     text = os.fspath(name_or_path)
     who = f"{role} model" if role else "model"
@@ -204,8 +204,9 @@ class LazyCheckpoint:
     set of ``*.safetensors`` files in the folder.
 
     Example:
-        >>> ckpt = LazyCheckpoint("benchmarks/organism/checkpoints/base")  # doctest: +SKIP
-        >>> w = ckpt.get("model.layers.0.self_attn.q_proj.weight")  # doctest: +SKIP
+        >>> ckpt = LazyCheckpoint("benchmarks/organism/checkpoints/base")
+        >>> ckpt.get("model.layers.0.self_attn.q_proj.weight").shape
+        torch.Size([192, 192])
     """
 
     def __init__(self, folder: str | os.PathLike, name: str | None = None, prefix: str = "model") -> None:

@@ -168,8 +168,8 @@ def load_job(path: str | os.PathLike) -> MergeJob:
     """Read and validate a ``rain-merge`` YAML file; raises :class:`CliError` or :class:`ConfigError`.
 
     Example:
-        >>> job = load_job("examples/organism_rain.yaml")  # doctest: +SKIP
-        >>> job.config.think_spacing  # doctest: +SKIP
+        >>> job = load_job("examples/organism_rain.yaml")
+        >>> job.config.think_spacing
         ['', '', '']
     """
     path = Path(path)
@@ -526,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``rain-merge``; returns the exit status.
 
     Example:
-        >>> main(["--version"])  # doctest: +SKIP
+        >>> main(["--version"])
         rain-merge (rain_hf) 0.1.0
         0
     """
@@ -881,8 +881,8 @@ def _run(args: argparse.Namespace) -> int:
     if out is not None:
         _check_out_folder(out, job, args.overwrite)
     try:
-        parts = RainMerger.plan(job.models["base"], job.models["reasoning"], job.models["instruct"],
-                                config=job.config, revision=job.revision, token=job.token, _return_parts=True)
+        parts = RainMerger._plan_parts(job.models["base"], job.models["reasoning"], job.models["instruct"],
+                                       config=job.config, revision=job.revision, token=job.token)
     except (CalibrationError, ConfigError) as exc:  # e.g. think_open is not one token: a parameters problem
         raise CliError(f"{args.config}: {exc}") from exc
     except (ModelMismatchError, AdapterError, ModelNameError) as exc:

@@ -15,8 +15,10 @@ Everything here is model-agnostic and works offline:
 
 The same instruction-following score is available as an ``evaluate`` metric module at :data:`METRIC_PATH`:
 
-    >>> import evaluate  # doctest: +SKIP
-    >>> metric = evaluate.load(METRIC_PATH)  # doctest: +SKIP
+    >>> import evaluate
+    >>> metric = evaluate.load(METRIC_PATH)
+    >>> metric.name
+    'rain_ifeval'
 """
 
 from __future__ import annotations
@@ -806,7 +808,8 @@ def think_log_probs(
     """
     out, order = [], []
     with torch.no_grad(), _eval_mode(model):
-        for ids, mask, rows, cols, index in _scoring_batches(input_ids, positions, batch_size, pad_token_id):
+        for ids, mask, rows, cols, index in tqdm(_scoring_batches(input_ids, positions, batch_size, pad_token_id),
+                                                 desc="think_log_probs", leave=False):
             out.append(_log_probs_at(model, ids, mask, rows, cols).cpu())
             order.append(index)
     return torch.cat(out)[torch.argsort(torch.cat(order))]  # batches run longest first; back to input order
@@ -1060,8 +1063,8 @@ def render_prompts(
 
     Example:
         >>> from transformers import AutoTokenizer
-        >>> tok = AutoTokenizer.from_pretrained("path/to/reasoning-model")  # doctest: +SKIP
-        >>> render_prompts(tok, ["What is 2+3?"], force_think_open="<think>")[0].endswith("<think>")  # doctest: +SKIP
+        >>> tok = AutoTokenizer.from_pretrained("benchmarks/organism/checkpoints/reasoning")
+        >>> render_prompts(tok, ["What is 2+3?"], force_think_open="<think>")[0].endswith("<think>")
         True
     """
     if isinstance(prompts, (str, Mapping)):

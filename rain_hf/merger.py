@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -85,6 +85,14 @@ from .projection import (
     without_bias_column,
 )
 from .writer import ShardedSafetensorsWriter, TensorSpec, atomic_directory
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from huggingface_hub import CommitInfo
+    from transformers import PreTrainedModel
+
+    #: calibration data as merge() and compute_features() take it: a JSON/JSONL file, records, or a Dataset
+    CalibrationData = str | os.PathLike | Sequence[Mapping[str, Any]] | Dataset
 
 logger = logging.getLogger(__name__)
 
@@ -594,16 +602,19 @@ class RainMerger:
     weights are read one tensor at a time from their safetensors files.
 
     Example:
+        >>> import tempfile
         >>> from rain_hf import RainMerger, RainMergingConfig
-        >>> merger = RainMerger.from_pretrained(  # doctest: +SKIP
+        >>> merger = RainMerger.from_pretrained(
         ...     base_model="benchmarks/organism/checkpoints/base",
         ...     reasoning_model="benchmarks/organism/checkpoints/reasoning",
         ...     instruct_model="benchmarks/organism/checkpoints/instruct",
         ...     config=RainMergingConfig(lam=4.0, think_spacing=["", "", ""]))  # the organism's spacing
-        >>> model = merger.merge(  # doctest: +SKIP
+        >>> model = merger.merge(
         ...     reasoning_calibration="benchmarks/organism/data/reasoning_calibration.json",
         ...     instruction_calibration="benchmarks/organism/data/instruction_calibration.jsonl")
-        >>> merger.save_pretrained("out/organism-rain")  # doctest: +SKIP
+        >>> out = merger.save_pretrained(tempfile.mkdtemp() + "/organism-rain")
+        >>> (out / "model.safetensors").is_file(), merger.report.lam
+        (True, 4.0)
         >>> print(merger.report)  # doctest: +SKIP
     """
 
@@ -671,18 +682,40 @@ class RainMerger:
         base_model: str | os.PathLike,
         reasoning_model: str | os.PathLike,
         instruct_model: str | os.PathLike,
-        config: RainMergingConfig | None = None,
+        config: RainMergingConfig | Mapping[str, Any] | None = None,
         *,
         revision: str | Mapping[str, str] | None = None,
         token: str | bool | None = None,
-        _return_parts: bool = False,
-    ):
+    ) -> MergePlan:
         """Resolve and validate the three inputs without loading any weights; returns a :class:`MergePlan`.
 
         Checks: same architecture family, layer count, hidden size, head counts and head_dim; every merged
         module's tensor present with the same shape in all three; think tokens single tokens of the reasoning
         tokenizer; a LoRA adapter's base and shapes. A vocabulary-size difference is allowed and reported.
+
+        Example:
+            >>> plan = RainMerger.plan("benchmarks/organism/checkpoints/base",
+            ...                        "benchmarks/organism/checkpoints/reasoning",
+            ...                        "benchmarks/organism/checkpoints/instruct")
+            >>> plan.model_type, plan.instruct_kind, len(plan.targets)
+            ('qwen2', 'full', 28)
         """
+        return cls._plan_parts(base_model, reasoning_model, instruct_model, config, revision=revision,
+                               token=token)[0]
+
+    @classmethod
+    def _plan_parts(
+        cls,
+        base_model: str | os.PathLike,
+        reasoning_model: str | os.PathLike,
+        instruct_model: str | os.PathLike,
+        config: RainMergingConfig | Mapping[str, Any] | None = None,
+        *,
+        revision: str | Mapping[str, str] | None = None,
+        token: str | bool | None = None,
+    ) -> tuple[MergePlan, Any, LazyCheckpoint, LazyCheckpoint, Any]:
+        """:meth:`plan`, and what it read on the way (tokenizer, reasoning and base checkpoints, the instruct
+        delta), for :meth:`from_pretrained` and the command line to reuse."""
         from transformers import AutoTokenizer
 
         from .lora import LoraDelta, _natural_key
@@ -886,9 +919,7 @@ class RainMerger:
         plan.warnings = warnings + plan.config_warnings(config)
         for w in plan.warnings:
             logger.warning(w)
-        if _return_parts:
-            return plan, tokenizer, reasoning, base, instruct
-        return plan
+        return plan, tokenizer, reasoning, base, instruct
 
     @classmethod
     def from_pretrained(
@@ -896,7 +927,7 @@ class RainMerger:
         base_model: str | os.PathLike,
         reasoning_model: str | os.PathLike,
         instruct_model: str | os.PathLike,
-        config: RainMergingConfig | None = None,
+        config: RainMergingConfig | Mapping[str, Any] | None = None,
         *,
         revision: str | Mapping[str, str] | None = None,
         token: str | bool | None = None,
@@ -938,8 +969,7 @@ class RainMerger:
                          "model whose code lives in its repository is not supported)")
             raise TypeError(f"RainMerger.from_pretrained() got unexpected keyword arguments {sorted(unknown)}{hint}.")
         start = time.perf_counter()
-        parts = cls.plan(base_model, reasoning_model, instruct_model, config, revision=revision, token=token,
-                         _return_parts=True)
+        parts = cls._plan_parts(base_model, reasoning_model, instruct_model, config, revision=revision, token=token)
         merger = cls._from_plan(parts, device=device, torch_dtype=torch_dtype, dtype=dtype, device_map=device_map,
                                 features=features, start=start)
         if isinstance(config, RainMergingConfig):  # to say so when the caller edits it instead of merger.config
@@ -951,7 +981,7 @@ class RainMerger:
                    torch_dtype: str | torch.dtype | None = None, dtype: str | torch.dtype | None = None,
                    device_map: str | dict | None = None, features: ThinkFeatures | str | os.PathLike | None = None,
                    start: float | None = None) -> RainMerger:
-        """:meth:`from_pretrained` after its :meth:`plan` (``_return_parts=True``): for a caller that planned
+        """:meth:`from_pretrained` after its :meth:`_plan_parts`: for a caller that planned
         already, e.g. the CLI's checks before the load."""
         from transformers import AutoModelForCausalLM
 
@@ -1147,7 +1177,7 @@ class RainMerger:
                               "and the think tokens are fixed by the plan: make a new RainMerger with that config.")
 
     # ------------------------------------------------------------------ stage 1
-    def compute_features(self, reasoning_calibration) -> ThinkFeatures:
+    def compute_features(self, reasoning_calibration: CalibrationData) -> ThinkFeatures:
         """Stage-1 features of the reasoning model on ``reasoning_calibration`` (kept and returned).
 
         They depend only on the reasoning model (its weights, tokenizer and chat template, and the dtype it is
@@ -1507,7 +1537,8 @@ class RainMerger:
         return keys
 
     # ------------------------------------------------------------------ merge
-    def merge(self, reasoning_calibration=None, instruction_calibration=None):
+    def merge(self, reasoning_calibration: CalibrationData | None = None,
+              instruction_calibration: CalibrationData | None = None) -> PreTrainedModel:
         """Run the merge; returns the merged model (the loaded reasoning model, changed in place).
 
         Args:
@@ -2058,9 +2089,9 @@ class RainMerger:
         overwrite: bool = False,
         card_template: str | os.PathLike | None = None,
         eval_results: list | None = None,
-    ):
+    ) -> CommitInfo:
         """Save the merged model (to ``save_directory``, or a temporary folder deleted after the upload) and upload
-        it in one commit. The arguments after ``repo_id`` are keyword-only, as in transformers' ``push_to_hub``
+        it in one commit; returns the commit's ``huggingface_hub.CommitInfo`` (its ``commit_url``, ``pr_url``). The arguments after ``repo_id`` are keyword-only, as in transformers' ``push_to_hub``
         (a commit message passed second is refused rather than taken for ``private``). ``overwrite``,
         ``card_template`` and ``eval_results`` are passed to :meth:`save_pretrained`; the card's usage snippet
         loads ``repo_id`` (with your namespace when the id has none and the token says who you are) at

@@ -5,7 +5,9 @@ Used by the test suite, the memory benchmark and anyone who wants to try a merge
 Example:
     >>> import tempfile, pathlib
     >>> from rain_hf.testing import build_triple
-    >>> paths = build_triple(pathlib.Path(tempfile.mkdtemp()), "qwen2")  # doctest: +SKIP
+    >>> paths = build_triple(pathlib.Path(tempfile.mkdtemp()), "qwen2")
+    >>> sorted(paths)
+    ['base', 'instruct', 'reasoning']
 """
 
 from __future__ import annotations
