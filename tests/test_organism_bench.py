@@ -200,7 +200,12 @@ def test_cli_refuses_runs_that_would_mislabel_or_replace_results(tmp_path, capsy
     monkeypatch.setattr(bench, "out_folder_problem", lambda out: None)
     other = tmp_path / "other-organism"
     assert bench_main(["--organism", str(other)]) == 2  # would replace the committed RESULTS.md
-    assert "give --out DIR" in capsys.readouterr().err
+    # the hint names only grids --grids takes (several built variants have none: --out is their way)
+    assert "give --out DIR, or --grids NAME for a `build --variant NAME` organism (NAME one of ['follow25_plain'," \
+        in capsys.readouterr().err
+    monkeypatch.setenv("HOME", str(tmp_path))  # --organism=~/x and --out=~/y reach the script unexpanded
+    assert bench_main(["--organism=~/other-organism", "--out=~/results"]) == 2
+    assert f"The organism is not built (missing {other}/checkpoints" in capsys.readouterr().err
     assert bench_main(["--quick", "--grids", "orthogonal"]) == 2
     assert "--quick runs its own small grids" in capsys.readouterr().err
     # variants/NAME/ holds the results of `build --variant NAME`: not the committed organism's, nor another

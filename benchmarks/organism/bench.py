@@ -1114,8 +1114,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help=f"{QUICK.n_prompts} prompts, small grids (smoke test)")
     ap.add_argument("--organism", type=Path, default=HERE, help="folder with checkpoints/ and data/ (default: here)")
     ap.add_argument("--out", type=Path, default=None,
-                    help="where RESULTS.md, results.png and results.json go (default: here, or variants/GRIDS/ "
-                         "with --grids other than 'default'; --quick: a temp folder)")
+                    help="where RESULTS.md and results.png go, and results.json outside benchmarks/organism "
+                         "(default: here, or variants/GRIDS/ with --grids other than 'default'; --quick: a temp "
+                         "folder)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads in all (default 2)")
     ap.add_argument("--workers", type=int, default=2,
                     help="processes that evaluate rows, each with threads/workers torch threads (default 2; 1: every "
@@ -1178,6 +1179,9 @@ def out_folder_problem(out: Path) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # --out=~/x reaches us unexpanded (the shell expands ~ only at a word's start)
+    args.organism = args.organism.expanduser()
+    args.out = args.out.expanduser() if args.out is not None else None
     if args.threads < 1 or args.workers < 1:
         print("--threads and --workers must be at least 1.", file=sys.stderr)
         return 2
@@ -1190,7 +1194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.out is None and not args.quick and args.grids == "default" and args.organism.resolve() != HERE:
         print(f"--organism {args.organism} is not the committed organism, whose RESULTS.md this run would replace: "
-              "give --out DIR, or --grids NAME for a `build --variant NAME` organism.", file=sys.stderr)
+              f"give --out DIR, or --grids NAME for a `build --variant NAME` organism (NAME one of "
+              f"{sorted(set(GRIDS) - {'default'})}).", file=sys.stderr)
         return 2
     org = Organism(args.organism.resolve())
     missing = org.missing()
