@@ -74,9 +74,10 @@ def collect_warnings() -> Iterator[list[str]]:
 
 Span = tuple[int, int]
 REASONING_KEYS = ("reasoning", "reason")
-# answer fields of other formats (TRL's prompt-completion, Alpaca's output, preference sets): not read, but a
-# prompt-only record carrying one is warned about, as its trace would be replaced by a generated one
-_UNREAD_ANSWER_KEYS = ("answer", "chosen", "completion", "output", "solution", "target")
+# model answers in other formats (TRL's prompt-completion, Alpaca's output, preference sets): not read, but a
+# prompt-only record carrying one is warned about, as its trace would be replaced by a generated one (a reference
+# 'answer' or 'solution', as math sets give, is no trace and is not warned about)
+_UNREAD_ANSWER_KEYS = ("chosen", "completion", "output")
 # Stand-in user message used to find where the chat template puts the user's text.
 _SENTINEL = "RainHfPromptSentinel7c1e5b"
 _MAX_REASONS_SHOWN = 5
@@ -705,11 +706,17 @@ def _labelled_fields(record: Mapping) -> tuple[Any, Any, Any, tuple[str, str]]:
             raise _Malformed(f"field 'messages' is a {type(messages).__name__}, not a list of {{'role', 'content'}} "
                              "turns (a JSON string must be parsed first)")
         fields = _fields_from_messages(messages)
-        if all(record.get(key) is None for key in (*REASONING_KEYS, "response")):
+        given = {key: record[key] for key in (*REASONING_KEYS, "response") if not _blank(record.get(key))}
+        if not given:
             return fields
         if len(messages) > 1:
+            turn = messages[1].get("content")
+            # a data set's answer column beside its chat column, holding the same answer (or its end): one answer
+            if set(given) == {"response"} and isinstance(turn, str) and isinstance(given["response"], str) \
+                    and turn.strip().endswith(given["response"].strip()):
+                return fields
             raise _Malformed("the assistant turn of 'messages' and the fields 'reasoning' / 'reason' / 'response' "
-                             "both give the answer: keep one of them")
+                             "give different answers: keep one of them")
         record = {**record, "prompt": fields[0]}  # the prompt as a chat turn, its trace in the fields
     roles = [m.get("role") if isinstance(m, Mapping) else None for m in messages] \
         if isinstance(messages, list) else None
@@ -730,10 +737,14 @@ def _labelled_fields(record: Mapping) -> tuple[Any, Any, Any, tuple[str, str]]:
     return record.get("prompt"), reasoning, response, _FIELD_LABELS
 
 
+def _blank(value: Any) -> bool:
+    """None or a whitespace-only string: a data set's empty cell."""
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
 def _no_prompt_field(record: Mapping) -> bool:
     """Whether the record's 'prompt' is absent, None or blank (its chat form in 'messages' is then read)."""
-    prompt = record.get("prompt")
-    return prompt is None or (isinstance(prompt, str) and not prompt.strip())
+    return _blank(record.get("prompt"))
 
 
 def _prompt_label(record: Mapping) -> str:
@@ -1379,7 +1390,8 @@ def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limi
     _warn_if_swapped(records, kind)
     template = _template_parts(tokenizer, config)
     prompt_only = [i for i, r in enumerate(records) if _is_prompt_only(r)]
-    unread = sorted({key for i in prompt_only for key in _UNREAD_ANSWER_KEYS if records[i].get(key) is not None})
+    carrying = [i for i in prompt_only if any(not _blank(records[i].get(key)) for key in _UNREAD_ANSWER_KEYS)]
+    unread = sorted({key for i in carrying for key in _UNREAD_ANSWER_KEYS if not _blank(records[i].get(key))})
     rename = (f"If {' / '.join(repr(k) for k in unread)} holds the model's thinking and answer, name it 'response' "
               "('<think>…</think>answer'), or split it into 'reasoning' and 'response'.") if unread else ""
     if prompt_only and model is None:
@@ -1390,7 +1402,7 @@ def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limi
         )
     if unread:  # a trace under a name this library does not read would be replaced by the model's own
         _warn("%d of %d %s calibration records have a prompt and no field read as their thinking or answer, so the "
-              "reasoning model writes them; they carry %s, which is not read. %s", len(prompt_only), len(records),
+              "reasoning model writes them; they carry %s, which is not read. %s", len(carrying), len(records),
               kind, " / ".join(repr(k) for k in unread), rename)
     # prompt-only records are generated in batches of the next batch_size of them, as generate_traces does (a
     # sampled trace depends on its batch), and only as far as the sample limit reaches

@@ -418,6 +418,8 @@ def _read_header(path: Path, name: str) -> dict[str, tuple[tuple[int, ...], str,
             header = json.loads(f.read(size))
             if not isinstance(header, dict):
                 raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
+    except CheckpointError:
+        raise  # a ValueError too: said already
     except (struct.error, ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{name}: {path} is not a valid safetensors file ({exc}): download or save the "
                               "checkpoint again.") from exc

@@ -275,7 +275,8 @@ def load_job(path: str | os.PathLike) -> MergeJob:
                        + (folder_hint if isinstance(output, str) else ""))
     unknown = sorted(set(map(str, output)) - set(OUTPUT_KEYS))
     if unknown:
-        named_folder = any(key in ("path", "dir", "folder", "out", "out_path", "output_dir") for key in unknown)
+        named_folder = any(key in ("path", "dir", "folder", "out", "out_path", "output_dir", "output_path",
+                                   "output_folder") for key in unknown)
         raise CliError(f"{path}: unknown output key(s) {unknown}{did_you_mean(unknown, OUTPUT_KEYS)}; known: "
                        f"{list(OUTPUT_KEYS)}." + (folder_hint if named_folder else ""))
     max_shard_size = output.get("max_shard_size")
@@ -619,19 +620,34 @@ def yaml_terms(message: str) -> str:
 
     # one setting only: a call with several is Python code, left as written
     message = re.sub(r"\bRainMergingConfig\((\w+)=([^(),]*)\)", call, message)
-    calls = [m.span() for m in re.finditer(r"\w+\([^()]*\)", message)]
+    # name=value in prose: not an argument of a call written out, nor part of a path or URL (/runs/lam=2.0/)
+    kept = _call_spans(message) + [m.span() for m in re.finditer(r"\S+", message) if re.search(r"[/\\]", m[0])]
 
-    def setting(match: re.Match) -> str:  # name=value in prose, not an argument of a call written out
-        inside = any(start < match.start() < end for start, end in calls)
+    def setting(match: re.Match) -> str:
+        inside = any(start <= match.start() < end for start, end in kept)
         return match.group(0) if inside or match.group(1) not in _FIELDS else call(match)
 
-    message = re.sub(r"(?<![\w.])(\w+)=('[^']*'|\[[^\]]*\]|[\w.+-]+)", setting, message)
+    message = re.sub(r"(?<![\w./\\?&=,])(\w+)=('[^']*'|\[[^\]]*\]|[\w.+-]+)", setting, message)
     message = message.replace("Unknown RainMergingConfig keys", "Unknown keys under parameters:")
     # not inside a path (/data/config.layers/)
     message = re.sub(r"(?<![\w./\\])(?:merger\.)?(?:RainMergingConfig|config)\.(\w+)",
                      lambda m: key(m.group(1)) if m.group(1) in _FIELDS else m.group(0), message)
     message = re.sub(r"\btorch_dtype='(\w+)'", r"dtype: \1", message)  # the YAML's load dtype
     return re.sub(r"\bdevice='([\w:]+)'", r"--device \1", message)
+
+
+def _call_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each ``name(...)`` in ``text``, nested parentheses included."""
+    spans = []
+    for match in re.finditer(r"\w+\(", text):
+        depth, end = 0, None
+        for i in range(match.end() - 1, len(text)):
+            depth += {"(": 1, ")": -1}.get(text[i], 0)
+            if depth == 0:
+                end = i + 1
+                break
+        spans.append((match.start(), end if end is not None else len(text)))
+    return spans
 
 
 class _YamlTerms(logging.Filter):

@@ -61,8 +61,8 @@ def head_coefficients(
     are ≪ 1, so the literal form gives every α about the size of an attention mass, ≈ 0.05: λ about 20 times
     smaller); ``"none"`` is the paper's literal α = clip(g / H̃, lo, hi). Heads without a measurement (NaN: a
     sliding-window layer that never saw the instruction) stay out of the mean and get the measured heads' mean
-    score, on the scale of the others: α = 1 (stage 1 alone) with ``"mean"``, the mean raw score in the box with
-    ``"none"`` (1 where no head was measured). Every head gets α = 1 when the mean score is not positive under
+    score, on the scale of the others: α = 1 (stage 1 alone) with ``"mean"``, the mean α of the measured heads
+    with ``"none"`` (1 where no head was measured). Every head gets α = 1 when the mean score is not positive under
     ``"mean"`` (nothing to rank by), whatever the box.
 
     Example:
@@ -80,7 +80,8 @@ def head_coefficients(
         scores, fill = scores / mean, 1.0
     elif normalize == "none":
         # α = 1 would be ≈ 20 times the measured heads' α here (attention masses), not a neutral value
-        fill = min(max(float(mean), lo), hi) if torch.isfinite(mean) else 1.0
+        measured = scores[~unmeasured].clamp(lo, hi)
+        fill = float(measured.mean()) if measured.numel() else 1.0
     else:
         raise ValueError(f"normalize={normalize!r} is not 'mean' or 'none'")
     return scores.clamp(lo, hi).masked_fill(unmeasured, fill).float()

@@ -523,10 +523,12 @@ class RainMergingConfig:
 
         Example:
             >>> import tempfile, os
-            >>> path = os.path.join(tempfile.mkdtemp(), "rain.json")
+            >>> folder = tempfile.TemporaryDirectory()
+            >>> path = os.path.join(folder.name, "rain.json")
             >>> RainMergingConfig(lam=2.5, layers=range(4)).save(path)
             >>> RainMergingConfig.load(path).layers
             [0, 1, 2, 3]
+            >>> folder.cleanup()
         """
         text = self.to_json() + "\n"  # first: a value JSON cannot hold must not leave the file emptied
         with open(Path(path).expanduser(), "w", encoding="utf-8") as f:

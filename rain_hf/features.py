@@ -948,7 +948,7 @@ def collect_attention_stats(
             for key, qmask in (("a", masks["R", windows[row]]), ("u", masks["U", windows[row]])):
                 mean, valid = masked_query_mean(mass, qmask.to(attn.device))
                 if not bool(torch.isfinite(mean[valid]).all()):
-                    # NaN must stay the mark of a head no query could measure (α = 1, a local-window warning);
+                    # NaN must stay the mark of a head no query could measure (the measured heads' mean α, a warning);
                     # an overflowed softmax would otherwise pass for one
                     heads = sorted({int(h) for h in (~torch.isfinite(mean[valid])).nonzero()[:, -1]})
                     raise NonFiniteFeaturesError(

@@ -19,13 +19,14 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from huggingface_hub import CommitInfo
 from tqdm.auto import tqdm
 
 from . import __version__
@@ -86,15 +87,10 @@ from .projection import (
 )
 from .writer import ShardedSafetensorsWriter, TensorSpec, atomic_directory
 
-if TYPE_CHECKING:
-    from datasets import Dataset
-    from huggingface_hub import CommitInfo
-    from transformers import PreTrainedModel
-
-    #: calibration data as merge() and compute_features() take it: a JSON/JSONL file, records, or a Dataset
-    CalibrationData = str | os.PathLike | Sequence[Mapping[str, Any]] | Dataset
-
 logger = logging.getLogger(__name__)
+#: calibration data as merge() and compute_features() take it: a JSON/JSONL file, or records (a list of dicts, a
+#: datasets.Dataset, which iterates over dicts)
+CalibrationData = str | os.PathLike | Iterable[Mapping[str, Any]]
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ROLES = ("base", "reasoning", "instruct")
@@ -612,9 +608,11 @@ class RainMerger:
         >>> model = merger.merge(
         ...     reasoning_calibration="benchmarks/organism/data/reasoning_calibration.json",
         ...     instruction_calibration="benchmarks/organism/data/instruction_calibration.jsonl")
-        >>> out = merger.save_pretrained(tempfile.mkdtemp() + "/organism-rain")
+        >>> folder = tempfile.TemporaryDirectory()
+        >>> out = merger.save_pretrained(folder.name + "/organism-rain")
         >>> (out / "model.safetensors").is_file(), merger.report.lam
         (True, 4.0)
+        >>> folder.cleanup()
         >>> print(merger.report)  # doctest: +SKIP
     """
 
@@ -879,9 +877,10 @@ class RainMerger:
                 "and a merge reads tensors by the names they are stored under, so rain_hf cannot merge this "
                 f"layout.{fix}")
         missing_layers = sorted({t.layer for t in targets if t.weight_key in unstored})
-        if unstored and not any(t.weight_key not in unstored for t in targets if t.layer in missing_layers):
-            # whole layers absent: the config counts more layers than the weights hold, not a renaming
-            stored = sorted({t.layer for t in targets} - set(missing_layers))
+        stored = sorted({t.layer for t in targets} - set(missing_layers))
+        if unstored and stored and missing_layers[0] > stored[-1] and not any(
+                t.weight_key not in unstored for t in targets if t.layer in missing_layers):
+            # the last layers absent whole: the config counts more layers than the weights hold, not a renaming
             raise ModelMismatchError(
                 f"No checkpoint stores a tensor of decoder layers {missing_layers} (e.g. {unstored[0]}), which the "
                 f"reasoning model's config.json counts ({getattr(text_config(configs['reasoning']), 'num_hidden_layers', '?')} "
@@ -1353,7 +1352,8 @@ class RainMerger:
         out = merged.to(self._output_dtype(key))
         in_half = self._params()[key].dtype == torch.float16
         if final and (in_half or out.dtype == torch.float16):
-            _check_fits_float16(key, merged.to(torch.float16), merged_in_float16=in_half)
+            _check_fits_float16(key, out if out.dtype == torch.float16 else merged.to(torch.float16),
+                                merged_in_float16=in_half)
         self._write_param(key, out)
 
     def _refuse_non_finite(self, key: str, merged: torch.Tensor) -> None:
@@ -1538,8 +1538,9 @@ class RainMerger:
 
     # ------------------------------------------------------------------ merge
     def merge(self, reasoning_calibration: CalibrationData | None = None,
-              instruction_calibration: CalibrationData | None = None) -> PreTrainedModel:
-        """Run the merge; returns the merged model (the loaded reasoning model, changed in place).
+              instruction_calibration: CalibrationData | None = None) -> torch.nn.Module:
+        """Run the merge; returns the merged model (the loaded reasoning model, a transformers ``PreTrainedModel``,
+        changed in place).
 
         Args:
             reasoning_calibration: stage-1 data — a JSON/JSONL path, a list of dicts or a ``datasets.Dataset``
@@ -2184,9 +2185,20 @@ def _copyable(folder: Path, path: Path) -> bool:
     return path.is_file() and _inside(folder, path)
 
 
+def _in_file_store(path: Path) -> bool:
+    """Whether the resolved ``path`` lies in a store that model folders link their files into: a Hub cache's
+    ``models--*/blobs`` (huggingface_hub's old ``local_dir`` links), git-annex's objects or DVC's cache."""
+    parts = path.parts
+    return any((name == "blobs" and i and parts[i - 1].startswith("models--"))
+               or parts[i:i + 3] == (".git", "annex", "objects") or parts[i:i + 2] == (".dvc", "cache")
+               for i, name in enumerate(parts))
+
+
 def _inside(folder: Path, path: Path) -> bool:
-    """Whether ``path`` resolves into ``folder`` (see :func:`_link_root`); warn about one that does not."""
-    if path.resolve().is_relative_to(_link_root(folder)):
+    """Whether ``path`` resolves into ``folder`` (see :func:`_link_root`) or into a file store (see
+    :func:`_in_file_store`); warn about one that does not."""
+    resolved = path.resolve()
+    if resolved.is_relative_to(_link_root(folder)) or (path.is_file() and _in_file_store(resolved)):
         return True
     logger.warning("%s in the reasoning model's folder links to %s, outside the folder: it is not copied into the "
                    "merge. Copy it into the folder if it belongs to the model.",

@@ -5,9 +5,11 @@ Used by the test suite, the memory benchmark and anyone who wants to try a merge
 Example:
     >>> import tempfile, pathlib
     >>> from rain_hf.testing import build_triple
-    >>> paths = build_triple(pathlib.Path(tempfile.mkdtemp()), "qwen2")
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> paths = build_triple(pathlib.Path(folder.name), "qwen2")
     >>> sorted(paths)
     ['base', 'instruct', 'reasoning']
+    >>> folder.cleanup()
 """
 
 from __future__ import annotations

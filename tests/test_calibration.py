@@ -945,8 +945,12 @@ def test_a_chat_turn_prompt_with_its_trace_in_the_fields(tok, chain_ids, caplog)
         assert sample.input_ids == expected
     both = {"messages": [*turn, {"role": "assistant", "content": "<think>t</think>a"}], "response": "other"}
     with pytest.raises(CalibrationError, match="the assistant turn of 'messages' and the fields 'reasoning' / "
-                                               "'reason' / 'response' both give the answer: keep one of them"):
+                                               "'reason' / 'response' give different answers: keep one of them"):
         prepare_reasoning_calibration([both], tok, _cfg(on_malformed="error"))
+    # a data set's answer column beside its chat column: empty, the answer itself or the whole turn is one answer
+    chat = prepare_reasoning_calibration([dict(both, response=None)], tok, _cfg())[0].input_ids
+    for same in ("", "a", " <think>t</think>a"):
+        assert prepare_reasoning_calibration([dict(both, response=same)], tok, _cfg())[0].input_ids == chat
     with pytest.raises(CalibrationError, match=r"field 'prompt' = 3 \(type int\), where the prompt's text is"):
         check_records([{"prompt": 3}, {"problem": "x"}])
 
@@ -964,8 +968,9 @@ def test_answers_under_fields_not_read_are_named(tok, chain_ids, caplog):
     assert len(said) == 1 and said[0].startswith("1 of 2 reasoning calibration records have a prompt and no field "
                                                  "read as their thinking or answer, so the reasoning model writes "
                                                  "them; they carry 'completion', which is not read.")
-    with collect_warnings() as said:
-        prepare_reasoning_calibration([{"prompt": "Hi"}], tok, _cfg(max_new_tokens=8), model=model)
+    with collect_warnings() as said:  # a reference answer, as math sets give, is no trace
+        prepare_reasoning_calibration([{"prompt": "Hi"}, {"prompt": "2+2?", "answer": "4", "output": ""}], tok,
+                                      _cfg(max_new_tokens=8), model=model)
     assert said == []
 
 

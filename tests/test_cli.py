@@ -141,6 +141,15 @@ def test_library_messages_in_the_yaml_terms():
         "parameters.layers names layers [5]; set parameters.stage2: False or --device cpu")
     assert yaml_terms("RainMergingConfig.method='linear' is not one of") == "method='linear' is not one of"
     assert yaml_terms("load with torch_dtype='float32'") == "load with dtype: float32"
+    # settings written name=value in prose read as the YAML writes them ...
+    assert yaml_terms("Use rcond >= 1e-05 or precision='float64'; not read: lam=3.0, lam_grid=[1.0, 2.0]") == (
+        "Use rcond >= 1e-05 or parameters.precision: float64; not read: parameters.lam: 3.0, parameters.lam_grid: "
+        "[1.0, 2.0]")
+    # ... but not inside paths, URLs or calls written out (Hydra-style run folders are named lam=2.0,rho=0.5)
+    for untouched in ("/runs/lam=2.0,rho=0.5/merged/config.json", "--out '/runs/lam=2.0/merged' already exists",
+                      "see https://x/?seed=0&window=5", "C:\\runs\\lam=2\\out",
+                      "RainMergingConfig(layers=list(range(4)), lam=2)", "f(a=1,lam=2)", "a/lam=2"):
+        assert yaml_terms(untouched) == untouched, untouched
     for untouched in ("/data/config.layers/model.safetensors", "C:\\m\\config.lam", "config.json",
                       "RainMergingConfig(stage2=False, lam=1.0)", "model.config.layers", "config.unknown_name"):
         assert yaml_terms(untouched) == untouched

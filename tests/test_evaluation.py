@@ -333,7 +333,7 @@ def test_ensure_nltk_data_prefers_a_real_punkt_tab_nltk_finds(tmp_path, own_nltk
     own = ev.ensure_nltk_data(str(tmp_path / "own"))  # a named folder: the project's model, put first on the path
     assert nltk.data.path[0] == own
     assert ev.ensure_nltk_data() == str(real)  # … which must not hide the real one from the next default call
-    assert nltk.data.path[0] == str(real)  # nltk loads the first folder that holds a model
+    assert own not in nltk.data.path  # nltk loads an unzipped model from any folder before a zipped one
     # as nltk's downloader leaves it: tokenizers/punkt_tab.zip
     import zipfile
 
@@ -359,11 +359,24 @@ def test_a_real_punkt_tab_behind_the_projects_folder_is_the_one_loaded(tmp_path,
     (lang_dir / ev._PUNKT_MARKER).unlink()
     abbreviations = (lang_dir / "abbrev_types.txt").read_text().split("\n")
     (lang_dir / "abbrev_types.txt").write_text("\n".join(a for a in abbreviations if a.strip() != "dr"))
-    nltk.data.path.append(str(real))  # NLTK_DATA or ~/nltk_data: behind the project's folder
+    nltk.data.path.insert(1, str(real))  # NLTK_DATA or ~/nltk_data: behind the project's folder
     monkeypatch.delenv(ev._NLTK_DATA_ENV, raising=False)
     text = "Dr. Lee sat down. He smiled."
     assert len(nltk.sent_tokenize(text)) == 2
     assert ev.ensure_nltk_data() == str(real)
+    assert nltk.sent_tokenize(text) == ["Dr.", "Lee sat down.", "He smiled."]
+    # the same model zipped, as nltk's downloader leaves it: found only once no folder holds an unzipped one
+    import zipfile
+
+    zipped = tmp_path / "zipped"
+    (zipped / "tokenizers").mkdir(parents=True)
+    with zipfile.ZipFile(zipped / "tokenizers" / "punkt_tab.zip", "w") as archive:
+        for file in lang_dir.iterdir():
+            archive.write(file, f"punkt_tab/english/{file.name}")
+    ev.ensure_nltk_data(own)
+    nltk.data.path[:] = [p for p in nltk.data.path if p != str(real)] + [str(zipped)]
+    assert len(nltk.sent_tokenize(text)) == 2
+    assert ev.ensure_nltk_data() == str(zipped)
     assert nltk.sent_tokenize(text) == ["Dr.", "Lee sat down.", "He smiled."]
     ev.ensure_nltk_data(own)  # the project's model again, for the tests that follow (nltk caches the loaded one)
     assert len(nltk.sent_tokenize(text)) == 2

@@ -124,14 +124,19 @@ def test_coefficients_literal_and_normalised():
     assert float(boxed.min()) == pytest.approx(0.9)
     capped = head_coefficients(a, u, 0.5, "none", 0.0, 0.2)  # the literal form's upper clip
     assert torch.allclose(capped, scores.clamp(0.0, 0.2).float()) and float(capped.max()) == pytest.approx(0.2)
-    # an unmeasured layer (NaN) gets the measured heads' mean score: 1 normalised, the raw mean (in the box) literal
+    # an unmeasured layer (NaN) gets the measured heads' mean: 1 normalised, the mean of their α literal
     nan = torch.full((1, 2), float("nan"))
     a3, u3 = torch.cat([a, nan]), torch.cat([u, nan])
     assert torch.equal(head_coefficients(a3, u3, 0.5, "mean", 0.0, 10.0)[2], torch.ones(2))
     assert torch.allclose(head_coefficients(a3, u3, 0.5, "mean", 0.0, 10.0)[:2], norm)
     raw = head_coefficients(a3, u3, 0.5, "none", 0.0, 1.5)
-    assert torch.allclose(raw[:2], literal) and torch.allclose(raw[2], scores.mean().float().expand(2))
-    assert torch.allclose(head_coefficients(a3, u3, 0.5, "none", 0.0, 0.1)[2], torch.full((2,), 0.1))  # in the box
+    assert torch.allclose(raw[:2], literal) and torch.allclose(raw[2], literal.mean().expand(2))
+    boxed = head_coefficients(a3, u3, 0.5, "none", 0.0, 0.1)
+    assert torch.allclose(boxed[2], boxed[:2].mean().expand(2))  # the measured α as the box clipped them
+    # scores mostly negative: the unmeasured layer gets the measured α's mean (here > 0), not the clipped mean score
+    a4, u4 = torch.tensor([[0.0, 0.4, 0.0, 0.0], [float("nan")] * 4]), torch.tensor([[0.5, 0.0, 0.5, 0.5], [0.0] * 4])
+    mostly = head_coefficients(a4, u4, 0.5, "none", 0.0, 2.0)
+    assert float(mostly[1, 0]) == pytest.approx(0.1) and float(mostly[0].mean()) == pytest.approx(0.1)
     assert torch.equal(head_coefficients(nan, nan, 0.5, "none", 0.0, 1.5), torch.ones(1, 2))  # nothing measured
 
 

@@ -720,10 +720,18 @@ def test_features_set_after_a_merge_leave_its_record_alone(qwen2, tmp_path):
     _merger(qwen2, lam=1.0, stage2=False).compute_features(reasoning_records(3)).save(path)
     merger = _merger(qwen2, lam=1.0, stage2=False)
     merger.merge(reasoning_records(6))
-    held = merger.sidecar()
+    held = copy.deepcopy(merger.sidecar())  # a copy: the sidecar holds the report's own dicts
     merger.features = str(path)  # a path, as from_pretrained(features=PATH) takes it; no merge after it
     assert merger.features.settings["num_samples"] == 3
     assert merger.sidecar()["calibration"] == held["calibration"] and merger.sidecar()["report"] == held["report"]
+    # a merge with features given (its calibration record comes from them) keeps theirs too
+    given = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
+                                       RainMergingConfig(lam=1.0, stage2=False), features=merger.features)
+    given.merge()
+    held = copy.deepcopy(given.sidecar())
+    given.features = _merger(qwen2, lam=1.0, stage2=False).compute_features(reasoning_records(5))
+    assert given.sidecar()["calibration"]["reasoning"]["num_samples"] == held["calibration"]["reasoning"][
+        "num_samples"] == 3
     merger.merge()  # with the features set: its own record
     assert merger.sidecar()["calibration"]["reasoning"]["num_samples"] == 3
     assert "stage1_features" not in merger.report.timings  # computed elsewhere
@@ -1347,7 +1355,8 @@ def test_damaged_or_ambiguous_checkpoint_folders(qwen2, tmp_path, caplog, monkey
     for cut, says in ((3, r"it has 3 bytes, fewer than a safetensors file's 8-byte header length"),
                       (8 + size // 2, rf"its header needs {8 + size} bytes, the file has {8 + size // 2}")):
         (loose / "part-a.safetensors").write_bytes(data[:cut])  # cut off inside the header
-        with pytest.raises(CheckpointError, match=rf"part-a.safetensors is truncated: {says}\. Download or save"):
+        with pytest.raises(CheckpointError, match=rf"part-a.safetensors is truncated: {says}\. Download or save "
+                                                  r"the checkpoint again\.$"):  # said once, not wrapped again
             LazyCheckpoint(loose)
     (loose / "part-a.safetensors").write_bytes(b"\x10" + bytes(7) + b"not json here!!!")
     with pytest.raises(CheckpointError, match=r"is not a valid safetensors file \(.*\): download or save the"):
@@ -2171,6 +2180,16 @@ def test_links_out_of_the_reasoning_models_folder_are_not_copied(qwen2, tmp_path
     (repo / "blobs" / "f00d").write_text("Apache-2.0")
     (snapshot / "LICENSE").symlink_to(Path("..", "..", "blobs", "f00d"))
     assert license_files(snapshot) == [snapshot / "LICENSE"]
+    # a local folder whose files link into a store (an old huggingface_hub local_dir, git-annex, DVC) keeps them
+    local = tmp_path / "local"
+    local.mkdir()
+    annexed = tmp_path / "repo" / ".git" / "annex" / "objects" / "ab" / "cd" / "KEY"
+    annexed.parent.mkdir(parents=True)
+    annexed.write_text("MIT")
+    (local / "LICENSE").symlink_to(repo / "blobs" / "f00d")
+    (local / "NOTICE").symlink_to(annexed)
+    (local / "COPYING").symlink_to(secret / "token")
+    assert license_files(local) == [local / "LICENSE", local / "NOTICE"]
 
 
 def _as_tekken(folder: Path) -> None:

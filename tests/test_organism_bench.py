@@ -198,6 +198,8 @@ def test_cli_refuses_runs_that_would_mislabel_or_replace_results(tmp_path, capsy
 
     monkeypatch.setattr(bench, "Bench", accepted)
     monkeypatch.setattr(bench, "out_folder_problem", lambda out: None)
+    monkeypatch.setattr(bench, "configure_logging", lambda fmt: None)  # the run's logging, not the suite's
+    monkeypatch.setattr(bench.torch, "set_num_threads", lambda n: None)  # nor its thread count
     other = tmp_path / "other-organism"
     assert bench_main(["--organism", str(other)]) == 2  # would replace the committed RESULTS.md
     # the hint names only grids --grids takes (several built variants have none: --out is their way)
