@@ -339,10 +339,11 @@ def ensure_nltk_data(path: str | None = None) -> str:
     Without ``path`` and ``$RAIN_HF_NLTK_DATA``, a real punkt_tab model that nltk already finds (``NLTK_DATA``,
     ``~/nltk_data`` …) is used as it is, since it is the one IFEval's published scores used, and its folder is
     returned (``nltk.data.path`` is then left as it was, but for the folders of this function's that an earlier
-    call put there, which are taken off it: nltk would load the project's model from them first). The project's own model knows fewer words: against
-    nltk's published English model it split 2 of 124 paragraphs of licence texts and this project's README
-    differently, and 36 of 120 sentences "… in <abbreviation> <Word> …" (it ends a sentence at "Jan. We" or
-    "p.m. She", nltk's does not), which can move ``length_constraints:number_sentences`` near its threshold.
+    call put there, which are taken off it: nltk would load the project's model from them first). The project's
+    own model knows fewer words: against nltk's published English model it split 2 of 124 paragraphs of licence
+    texts and this project's README differently, and 36 of 120 sentences "… in <abbreviation> <Word> …" (it
+    ends a sentence at "Jan. We" or "p.m. She", nltk's does not), which can move
+    ``length_constraints:number_sentences`` near its threshold.
     Those counts are from an earlier build ("rain_hf-punkt-3"); the current one also knows "Ph.D.", "Co.", "Dec.",
     "U.N." and other abbreviations of nltk's list, and keeps "Mr. A. Smith" together (not re-counted: nltk's
     model is not on the machine this was built on).
