@@ -463,8 +463,9 @@ def read_json(path: Path, what: str) -> dict:
     """The parsed JSON file ``path`` of ``what`` (e.g. "the base model"); a missing, oversized or invalid file is a
     :class:`CheckpointError` naming it."""
     try:
-        if path.stat().st_size > MAX_JSON_BYTES:  # parsing takes about 20 times the file's size in memory
-            raise CheckpointError(f"{what}: {path} holds {path.stat().st_size} bytes, more than the "
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:  # parsing takes about 20 times the file's size in memory
+            raise CheckpointError(f"{what}: {path} holds {size} bytes, more than the "
                                   f"{MAX_JSON_BYTES >> 20} MB any model's JSON file needs: it is damaged or not "
                                   "this model's. Download or save the checkpoint again.")
         with open(path, encoding="utf-8") as f:

@@ -82,12 +82,13 @@ MERGEKIT_TOP_LEVEL = {
 MERGEKIT_SWITCHES = frozenset({"--cuda", "--lazy-unpickle", "--copy-tokenizer", "--allow-crimes", "--low-cpu-memory",
                                "--trust-remote-code", "--write-model-card", "--safe-serialization", "--clone-tensors",
                                "--quiet"})
+#: keys a file may use to name the output folder, which is --out here (mergekit's out_path, a trainer's output_dir)
+OUT_FOLDER_KEYS = ("out", "out_path", "output_dir", "output_path", "output_folder")
 #: keys that name an option of the Python API or of the command line, not of a rain-merge file
 ELSEWHERE_KEYS = {
     "features": "precomputed thinking features are a Python option, RainMerger.from_pretrained(features=...); a "
                 "rain-merge run computes them from calibration.reasoning",
-    **{key: "the output folder is the command line's --out DIR, not a key of the file"
-       for key in ("out", "out_path", "output_dir", "output_path", "output_folder")},
+    **{key: "the output folder is the command line's --out DIR, not a key of the file" for key in OUT_FOLDER_KEYS},
 }
 MODEL_KEYS = ("path", "revision")
 CALIBRATION_KEYS = ("reasoning", "instruction")
@@ -275,8 +276,7 @@ def load_job(path: str | os.PathLike) -> MergeJob:
                        + (folder_hint if isinstance(output, str) else ""))
     unknown = sorted(set(map(str, output)) - set(OUTPUT_KEYS))
     if unknown:
-        named_folder = any(key in ("path", "dir", "folder", "out", "out_path", "output_dir", "output_path",
-                                   "output_folder") for key in unknown)
+        named_folder = any(key in ("path", "dir", "folder", *OUT_FOLDER_KEYS) for key in unknown)
         raise CliError(f"{path}: unknown output key(s) {unknown}{did_you_mean(unknown, OUTPUT_KEYS)}; known: "
                        f"{list(OUTPUT_KEYS)}." + (folder_hint if named_folder else ""))
     max_shard_size = output.get("max_shard_size")
@@ -726,21 +726,6 @@ def _check_calibration_files(job: MergeJob, config_path: str) -> None:
                 raise CliError(f"{config_path}: calibration.{name}: {exc}") from exc
 
 
-def _context_length(plan: Any) -> int | None:
-    """The reasoning model's ``max_position_embeddings`` (None where its config has none)."""
-    from transformers import AutoConfig
-
-    from .features import text_config
-
-    try:
-        value = getattr(text_config(AutoConfig.from_pretrained(str(plan.sources["reasoning"].path),
-                                                                 trust_remote_code=False)),
-                        "max_position_embeddings", None)
-    except Exception:  # noqa: BLE001 - the plan loaded this config already; nothing to add if it cannot be read
-        return None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
 def _dry_run_calibration(job: MergeJob, tokenizer: Any, config_path: str, context: int | None = None) -> list[str]:
     """The dry run's tokenised check of each calibration set the merge reads (what ``max_length`` cuts off,
     samples longer than the model's ``context``, and ``lam: auto``'s hold-out), as the merge prepares them after
@@ -917,7 +902,7 @@ def _run(args: argparse.Namespace) -> int:
     if out is not None:
         _check_out_models(out, plan)
     if args.dry_run:
-        checked = _dry_run_calibration(job, parts[1], args.config, _context_length(plan))
+        checked = _dry_run_calibration(job, parts[1], args.config, plan.context_length)
         print(plan.summary())
         print(job.describe(args.out, args.push_to_hub))
         if checked:

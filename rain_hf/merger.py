@@ -180,6 +180,9 @@ class MergePlan:
     #: tokens the chat template writes after the think-open token that ends its generation prompt (None: it does
     #: not open the block, or there is no usable template), see calibration.template_think_tail
     think_tail: int | None = None
+    #: the reasoning model's max_position_embeddings (None where its config has none): calibration samples longer
+    #: than it are warned about
+    context_length: int | None = None
 
     def config_warnings(self, config: RainMergingConfig) -> list[str]:
         """The plan's warnings that depend on editable settings, for ``config``; raise ConfigError where stage 2
@@ -417,6 +420,21 @@ def zero_task_vector_effect(config: RainMergingConfig) -> str:
 
 
 _KEPT = "they keep the reasoning model's weights"
+
+
+class _ReadOnce:
+    """A checkpoint whose tensors are read at most once each (the plan's weight checks sample the same few)."""
+
+    def __init__(self, checkpoint: LazyCheckpoint) -> None:
+        self._checkpoint, self._read = checkpoint, {}
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._checkpoint.shape(key)
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self._read:
+            self._read[key] = self._checkpoint.get(key)
+        return self._read[key]
 
 
 def _sampled_keys(targets: Sequence[TargetModule], checkpoints: Mapping[str, LazyCheckpoint],
@@ -893,13 +911,14 @@ class RainMerger:
                 f"with (e.g. {unstored[0]}): transformers renames some stored tensors when it loads them (Phi-MoE's "
                 "block_sparse_moe.gate becomes mlp.router), and a merge reads tensors by the names they are stored "
                 f"under. List target_modules without {', '.join(modules)}.")
+        # both checks read the same few sampled weights of each model: once
+        sampled = {"base": _ReadOnce(base), "reasoning": _ReadOnce(reasoning),
+                   "instruct": None if adapter else _ReadOnce(instruct.instruct)}
         if not adapter:
-            swapped = _order_warning(targets, {"base": base, "reasoning": reasoning, "instruct": instruct.instruct})
+            swapped = _order_warning(targets, sampled)
             if swapped:
                 warnings.append(swapped)
-        warnings += _distance_warnings(targets, {"base": base, "reasoning": reasoning,
-                                                 "instruct": None if adapter else instruct.instruct},
-                                       ("reasoning",) if adapter else ("reasoning", "instruct"))
+        warnings += _distance_warnings(targets, sampled, ("reasoning",) if adapter else ("reasoning", "instruct"))
         vocab = {role: int(getattr(text_config(c), "vocab_size", 0)) for role, c in configs.items()}
         if len(set(vocab.values())) > 1:
             warnings.append(f"vocabulary sizes differ ({vocab}); embeddings and lm_head are never merged, the "
@@ -913,8 +932,10 @@ class RainMerger:
             checks.think_tail = template_think_tail(tokenizer, config)
         except Exception:  # noqa: BLE001 - no usable chat template (CalibrationError, a jinja error …): the merge
             checks.think_tail = None  # says so where it needs one, and baselines never do
+        context = getattr(text_config(configs["reasoning"]), "max_position_embeddings", None)
         plan = replace(checks, instruct_kind="lora" if adapter else "full",
-                       model_type=configs["reasoning"].model_type, vocab=vocab, think_token_ids=think_ids)
+                       model_type=configs["reasoning"].model_type, vocab=vocab, think_token_ids=think_ids,
+                       context_length=context if isinstance(context, int) and not isinstance(context, bool) else None)
         plan.warnings = warnings + plan.config_warnings(config)
         for w in plan.warnings:
             logger.warning(w)
@@ -2092,8 +2113,9 @@ class RainMerger:
         eval_results: list | None = None,
     ) -> CommitInfo:
         """Save the merged model (to ``save_directory``, or a temporary folder deleted after the upload) and upload
-        it in one commit; returns the commit's ``huggingface_hub.CommitInfo`` (its ``commit_url``, ``pr_url``). The arguments after ``repo_id`` are keyword-only, as in transformers' ``push_to_hub``
-        (a commit message passed second is refused rather than taken for ``private``). ``overwrite``,
+        it in one commit; returns the commit's ``huggingface_hub.CommitInfo`` (its ``commit_url``, ``pr_url``).
+        The arguments after ``repo_id`` are keyword-only, as in transformers' ``push_to_hub`` (a commit message
+        passed second is refused rather than taken for ``private``). ``overwrite``,
         ``card_template`` and ``eval_results`` are passed to :meth:`save_pretrained`; the card's usage snippet
         loads ``repo_id`` (with your namespace when the id has none and the token says who you are) at
         ``revision``.
@@ -2202,7 +2224,7 @@ def _inside(folder: Path, path: Path) -> bool:
         return True
     logger.warning("%s in the reasoning model's folder links to %s, outside the folder: it is not copied into the "
                    "merge. Copy it into the folder if it belongs to the model.",
-                   path.relative_to(folder) if path.is_relative_to(folder) else path.name, path.resolve())
+                   path.relative_to(folder) if path.is_relative_to(folder) else path.name, resolved)
     return False
 
 

@@ -187,7 +187,7 @@ def replace_problem(target: str | os.PathLike, marker: str | None = None) -> str
                 "would delete the folder you work in. Name a new folder for the output.")
     if resolved == Path.home().resolve():
         return f"{target} is the home folder: name a new folder for the output."
-    debris = _killed_saves(target)
+    debris = _killed_saves(target, (".partial-",))
     if debris and all(entry in debris for entry in target.iterdir()):
         names = ", ".join(entry.name for entry in debris)
         return (f"{target} holds only {names}: half-written files of a save into this folder that was killed "
@@ -229,11 +229,12 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False, marker:
         with _filled_in_place(target) as tmp:
             yield tmp
         return
-    debris = _killed_saves(target.parent, prefix=f".{target.name}.")
+    debris = _killed_saves(target.parent, (f".{target.name}.partial-", f".{target.name}.old-"))
     if debris:
         logger.warning("%s holds %s, left by an earlier save of %s that was killed before it finished (an "
                        "'.old-' folder holds the output that save was replacing), unless a save of it is running now; "
-                       "they are not used: delete them to free the space.", target.parent, ", ".join(p.name for p in debris), target.name)
+                       "they are not used: delete them to free the space.", target.parent,
+                       ", ".join(p.name for p in debris), target.name)
     made = [p for p in (target.parent, *target.parent.parents) if not p.exists()]  # innermost first
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -283,14 +284,13 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False, marker:
     logger.info("Wrote %s", target)
 
 
-def _killed_saves(folder: Path, prefix: str = ".") -> list[Path]:
-    """The temporary folders a save killed outright (no Python cleanup runs on SIGKILL) left in ``folder``:
-    ``{prefix}partial-*`` and, beside a target, ``{prefix}old-*``."""
+def _killed_saves(folder: Path, prefixes: tuple[str, ...]) -> list[Path]:
+    """The temporary folders named ``prefixes`` (see atomic_directory and _filled_in_place) that a save killed
+    outright (no Python cleanup runs on SIGKILL) left in ``folder``."""
     if not folder.is_dir():
         return []
-    kinds = ("partial-", "old-") if prefix != "." else ("partial-",)
     return sorted(entry for entry in folder.iterdir() if entry.is_dir() and not entry.is_symlink()
-                  and any(entry.name.startswith(prefix + kind) for kind in kinds))
+                  and entry.name.startswith(prefixes))
 
 
 def _remove_made(made: list[Path]) -> None:

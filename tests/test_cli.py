@@ -546,10 +546,17 @@ def test_dry_run_tokenises_the_calibration_as_the_merge_will(triple, tmp_path, c
     assert main([str(config), "--dry-run"]) == 0
     assert "  reasoning: 4 usable samples (0 malformed, skipped), 1 held out by lam: auto, 3 for stage 1" in (
         capsys.readouterr().out)
-    import rain_hf.cli as cli  # a model whose context the samples outgrow: said before the merge, with the fix
+    # a model whose context the samples outgrow: said before the merge, with the fix
+    from rain_hf import RainMerger
+
+    planned = RainMerger._plan_parts
+
+    def short_context(cls, *args, **kwargs):
+        plan, *rest = planned(*args, **kwargs)
+        return (dataclasses.replace(plan, context_length=20), *rest)
 
     with monkeypatch.context() as patch:
-        patch.setattr(cli, "_context_length", lambda plan: 20)
+        patch.setattr(RainMerger, "_plan_parts", classmethod(short_context))
         assert main([str(_job_file(root, tmp_path, parameters={"lam": 1.0})), "--dry-run"]) == 0
     assert ("  reasoning: 4 usable samples (0 malformed, skipped), 4 longer than the model's context "
             "(max_position_embeddings=20): set parameters.max_length to at most 20") in capsys.readouterr().out
