@@ -645,9 +645,13 @@ def extract_last_number(text: str) -> str | None:
 
 
 def _as_number(value: Any) -> float | None:
+    if hasattr(value, "item") and (value.numel() if isinstance(value, torch.Tensor) else getattr(value, "size", 0)) == 1:
+        # a `datasets` column in torch or numpy format gives 0-d tensors and numpy scalars; str() of a tensor
+        # is "tensor(41)", which parses as no number
+        value = value.item()
     if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)):
+    if isinstance(value, numbers.Real):  # int, float, Fraction (whose str() is "1/2")
         return float(value)
     try:
         return float(str(value).strip().replace(",", ""))
@@ -954,9 +958,10 @@ def task_vector_geometry(
     For each module type (the module's last name component: ``q_proj``, ``down_proj``; biases as
     ``q_proj.bias``), the cosine is that of the deltas flattened and concatenated over layers:
     Σ_l⟨a_l, b_l⟩ / √(Σ_l‖a_l‖² · Σ_l‖b_l‖²). The subspace overlap of one 2-D delta pair is ‖U_aᵀU_b‖_F² / r with
-    U the top-r left singular vectors, r = k or less where a delta's rank is below k (a LoRA delta; directions
-    with a singular value below the delta's dtype's machine epsilon times the largest, or 1e-5 of it in float32,
-    count as rounding noise): 1 for the same subspace, ≈ r/m for random ones. The type's value is its mean over
+    U_a, U_b each delta's own top left singular vectors, k of them or fewer where its rank is below k (a LoRA
+    delta; directions with a singular value below the delta's dtype's machine epsilon times the largest, or 1e-5
+    of it in float32, count as rounding noise), and r the smaller of their two counts: 1 for the same subspace or
+    for a low-rank delta inside the other's top-k subspace, ≈ k/m for random ones. The type's value is its mean over
     layers, leaving out pairs with a zero delta.
     The overall cosine uses all shared tensors, each name once: a tied embedding given under both of its names
     (``lm_head.weight`` and ``embed_tokens.weight``) counts twice, so leave one out with ``keys``. Tensors are
@@ -1028,10 +1033,12 @@ def task_vector_geometry(
             randomized = svd == "randomized" or (svd == "auto" and min(a32.shape) > 1024)
             u_a = _top_left_singular_vectors(a32, k, randomized, rtol=_rank_cutoff(a))
             u_b = _top_left_singular_vectors(b32, k, randomized, rtol=_rank_cutoff(b))
+            # each side keeps its own top directions: a rank-1 LoRA delta lying along the other delta's second
+            # direction overlaps it fully, which cutting both to rank 1 would score as 0
             r = min(u_a.shape[1], u_b.shape[1])
             if r:  # undefined where a delta is zero
                 # ≤ 1 in exact arithmetic; float32 rounding can put it a few ulps above
-                entry["overlaps"].append(min(1.0, float((u_a[:, :r].T @ u_b[:, :r]).pow(2).sum()) / r))
+                entry["overlaps"].append(min(1.0, float((u_a.T @ u_b).pow(2).sum()) / r))
 
     modules = {
         t: {
@@ -1251,16 +1258,24 @@ def normalize_prompt(text: str) -> str:
     "-5"), while a hyphen between words is a space ("well-known" and "well known" agree). The minus sign (U+2212)
     is read as the hyphen, and so is a figure or en dash with a digit next to it ("12−4", "12–4" and "12-4" agree;
     "x − y" and "x - y" agree).
-    Mathematical symbols stand apart from their neighbours, so "12*4" and "12 * 4" agree.
+    Mathematical symbols stand apart from their neighbours, so "12*4" and "12 * 4" agree. A point or comma between
+    two digits belongs to the number ("3.14" and "3 14" stay apart), and superscript digits are a power ("3²" and
+    "3^2" agree; "32" stays apart).
 
     Example:
         >>> normalize_prompt("  Write a POEM,   please!\\n")
         'write a poem please'
     """
-    text = "".join(ch for ch in unicodedata.normalize("NFKC", text).casefold() if unicodedata.category(ch) != "Cf")
+    # a superscript is a power: NFKC alone would read "3²" as "32"
+    text = _SUPERSCRIPTS_RE.sub(lambda m: "^" + m.group().translate(_SUPERSCRIPT_DIGITS), text)
+    text = unicodedata.normalize("NFKC", text).casefold().replace("\u2044", "/")  # NFKC turns "½" into 1⁄2
+    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
     kept = []
     in_math = False
     for i, ch in enumerate(text):
+        if ch in ".," and 0 < i < len(text) - 1 and text[i - 1].isdigit() and text[i + 1].isdigit():
+            kept.append(ch)  # a decimal point or thousands separator: "3.14" is not "3 14"
+            continue
         if ch == "\u2212" or (ch in _NUMERIC_DASHES and _digit_beside(text, i)):
             ch = "-"
         math = ch in _ASCII_OPERATORS or (ch == "-" and _digit_beside(text, i))
@@ -1273,6 +1288,8 @@ def normalize_prompt(text: str) -> str:
     return " ".join("".join(kept).split())
 
 
+_SUPERSCRIPT_DIGITS = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹", "0123456789")
+_SUPERSCRIPTS_RE = re.compile("[⁰¹²³⁴⁵⁶⁷⁸⁹]+")
 # Unicode files these under punctuation or modifier symbols, yet in a prompt they are arithmetic.
 _ASCII_OPERATORS = frozenset("*/%^")
 # Figure dash and en dash: typeset minus signs between or before numbers.

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator, Mapping
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -595,6 +596,10 @@ def test_answer_accuracy():
     assert ev.answer_accuracy([".5", "\u22123"], [0.5, -3]) == 1.0
     assert ev.extract_last_number("none") is None
     assert ev.answer_accuracy(["Answer: Paris"], ["paris"], extract=lambda a: a.split(":")[-1]) == 1.0
+    # references as a `datasets` column in torch or numpy format gives them, and as fractions
+    assert ev.answer_accuracy(["The answer is 41.", "0.5", "3"], [torch.tensor(41), torch.tensor([0.5]),
+                                                                np.array(3.0)]) == 1.0
+    assert ev.answer_accuracy(["0.5", "2"], [Fraction(1, 2), np.int64(2)]) == 1.0
     with pytest.raises(ValueError):
         ev.answer_accuracy(["1"], [1, 2])
     # an exponent belongs to its number, and a thousands group is exactly three digits
@@ -791,6 +796,11 @@ def test_task_vector_geometry_ignores_directions_a_delta_does_not_have(svd):
     geo = ev.task_vector_geometry({"l0.o_proj.weight": rank1, "l1.o_proj.weight": torch.zeros(20, 12)},
                                   {"l0.o_proj.weight": within, "l1.o_proj.weight": full}, k=4, svd=svd)
     assert geo["modules"]["o_proj"]["subspace_overlap"] == pytest.approx(1.0, abs=1e-3)  # the zero pair left out
+    # ... and along the full-rank one's second direction, not its first
+    u, sv, vh = torch.linalg.svd(full.double(), full_matrices=False)
+    second = (u[:, 1:2] @ vh[1:2]).float()
+    geo = ev.task_vector_geometry({"l.o_proj.weight": second}, {"l.o_proj.weight": full}, k=4, svd=svd)
+    assert geo["modules"]["o_proj"]["subspace_overlap"] == pytest.approx(1.0, abs=1e-3)
     zero = ev.task_vector_geometry({"l.o_proj.weight": torch.zeros(20, 12)}, {"l.o_proj.weight": full}, k=4)
     assert zero["modules"]["o_proj"]["subspace_overlap"] is None and math.isnan(zero["cosine"])
 
@@ -1060,6 +1070,11 @@ def test_calibration_overlap():
     assert operators.normalized_indices == [2]
     assert ev.normalize_prompt("hello\u200bworld") == "helloworld" == ev.normalize_prompt("HELLOWORLD")
     assert ev.normalize_prompt("Straße") == ev.normalize_prompt("STRASSE")
+    # a decimal point belongs to its number, a superscript is a power, a vulgar fraction a division
+    assert ev.normalize_prompt("Is 3.14 > 3?") != ev.normalize_prompt("Is 3 14 > 3?")
+    assert ev.normalize_prompt("Add 1.2 and 3.") != ev.normalize_prompt("Add 1, 2 and 3.")
+    assert ev.normalize_prompt("What is 3²?") == ev.normalize_prompt("What is 3^2?") != ev.normalize_prompt("What is 32?")
+    assert ev.normalize_prompt("2¹⁰") == "2 ^ 10" and ev.normalize_prompt("½") == ev.normalize_prompt("1/2")
     with pytest.raises(TypeError, match=r"eval_prompts\[0\] is a list, not a string"):
         ev.calibration_overlap(calibration, [[{"role": "user", "content": "Add 2 and 3"}]])
     with pytest.raises(TypeError, match="calibration_prompts is one string"):
