@@ -461,7 +461,9 @@ class RainMergingConfig:
         if self.method == "slerp":
             read = (read - {"lam"}) | {"slerp_t"}  # its mix is slerp_t
         elif self.method in ("ties", "dare_ties", "dare_linear"):
-            read |= {"density", "seed"} if self.method.startswith("dare") else {"density"}
+            read.add("density")
+            if self.method.startswith("dare") and self.density < 1:  # keeping every entry draws no mask
+                read.add("seed")
         elif self.method == "rain":
             read |= {"stage1", "stage2"}
             if self.uses_calibration("reasoning") or self.uses_calibration("instruction"):

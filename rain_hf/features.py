@@ -495,10 +495,12 @@ class ThinkFeatures:
                 bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
                 held = {}
                 for key in f.keys():
-                    group, part = key.rsplit("::", 1)
+                    group, _, part = key.rpartition("::")
                     if group == HELDOUT:
                         held[part] = f.get_tensor(key).tolist()
                         continue
+                    if part not in ("V", "s"):  # every tensor saved is a group's V or s, or a held-out sample
+                        raise damaged(f"it holds a tensor {key!r} that is no group's V or s")
                     v, s = bases.get(group, (None, None))
                     if part == "V":
                         v = f.get_tensor(key)

@@ -216,7 +216,12 @@ class MergePlan:
         return warnings
 
     def summary(self) -> str:
-        lines = [f"rain_hf merge plan (method={self.config.method}, lam={self.config.lam})"]
+        cfg = self.config
+        mix = {"slerp": f"slerp_t={cfg.slerp_t}", "ties": f"lam={cfg.lam}, density={cfg.density}"}.get(
+            cfg.method, f"lam={cfg.lam}")
+        if cfg.method.startswith("dare"):
+            mix += f", density={cfg.density}" + (f", seed={cfg.seed}" if cfg.density < 1 else "")
+        lines = [f"rain_hf merge plan (method={cfg.method}, {mix})"]
         for role in _ROLES:
             src = self.sources[role]
             kind = f" [{self.instruct_kind}]" if role == "instruct" else ""
@@ -233,10 +238,11 @@ class MergePlan:
         lines.append(f"  think tokens: {self.config.think_open!r}={self.think_token_ids[0]}, "
                      f"{self.config.think_close!r}={self.think_token_ids[1]}")
         if self.config.method == "rain":
-            lines.append(f"  stage 1: {'on' if self.config.stage1 else 'off'} (positions={self.config.positions}, "
-                         f"window={self.config.window}, {self.config.projection}, rcond={self.config.rcond}); "
-                         f"stage 2: {'on' if self.config.stage2 else 'off'} (rho={self.config.rho}, "
-                         f"box=[{self.config.coef_min}, {self.config.coef_max}])")
+            window = f", window={cfg.window}" if cfg.positions.startswith("window") else ""
+            strength = f"ridge={cfg.ridge}" if cfg.projection == "ridge" else f"rcond={cfg.rcond}"
+            lines.append(f"  stage 1: {'on' if cfg.stage1 else 'off'} (positions={cfg.positions}{window}, "
+                         f"{cfg.projection}, {strength}); stage 2: {'on' if cfg.stage2 else 'off'} (rho={cfg.rho}, "
+                         f"box=[{cfg.coef_min}, {cfg.coef_max}])")
         for w in self.warnings:
             lines.append(f"  warning: {w}")
         return "\n".join(lines)
@@ -1358,12 +1364,12 @@ class RainMerger:
         dw, db = self._projected(target, dw, db, record, basis, column_scale)
         theta = self.reasoning.get(target.weight_key)
         theta = theta.to(self.device, work_dtype(theta.dtype)) + lam * ws * dw
-        self._refuse_non_finite(target.weight_key, theta)
+        self._refuse_non_finite(target.weight_key, theta, lam)
         self._write_merged(target.weight_key, theta, final=record)
         if db is not None:
             b = self.reasoning.get(target.bias_key)
             b = b.to(self.device, work_dtype(b.dtype)) + lam * bs * db
-            self._refuse_non_finite(target.bias_key, b)
+            self._refuse_non_finite(target.bias_key, b, lam)
             self._write_merged(target.bias_key, b, final=record)
 
     def _write_merged(self, key: str, merged: torch.Tensor, final: bool) -> None:
@@ -1377,7 +1383,7 @@ class RainMerger:
                                 merged_in_float16=in_half)
         self._write_param(key, out)
 
-    def _refuse_non_finite(self, key: str, merged: torch.Tensor) -> None:
+    def _refuse_non_finite(self, key: str, merged: torch.Tensor, lam: float) -> None:
         """Refuse a merged tensor holding NaN or ±inf, naming the input it came from: the merge would otherwise
         save (and ``lam="auto"`` score) a broken model without a word."""
         if bool(torch.isfinite(merged).all()):
@@ -1387,10 +1393,11 @@ class RainMerger:
                   (f"the instruct {'model' if isinstance(self.instruct, FullDelta) else 'adapter'}'s task vector",
                    lambda: self.instruct.delta(key))]
         broken = [what for what, read in inputs if (t := read()) is not None and not bool(torch.isfinite(t).all())]
-        where = (" and ".join(broken) + " tensor" if broken else
-                 "the arithmetic (values too large for float32)")
-        raise CheckpointError(f"Merging {key} gives NaN or infinite values, from {where}: check that checkpoint (a "
-                              "damaged file or a diverged fine-tune) before merging it.")
+        if not broken:  # finite inputs: λ (a grid's largest value) scaled the task vector past float32
+            raise CheckpointError(f"Merging {key} at λ={lam:g} gives infinite values, from the arithmetic (values too "
+                                  "large for float32): use a smaller lam (or lam_grid).")
+        raise CheckpointError(f"Merging {key} gives NaN or infinite values, from {' and '.join(broken)} tensor: "
+                              "check that checkpoint (a damaged file or a diverged fine-tune) before merging it.")
 
     def _input_groups(self) -> list[list[TargetModule]]:
         """The merged modules grouped by shared input, in the order the forward pass reaches them (the order in
@@ -1422,7 +1429,7 @@ class RainMerger:
                 delta = torch.zeros_like(reasoning) if delta is None else delta.to(self.device)
                 self._task_vector_seen = self._task_vector_seen or bool(delta.any())
                 merged = merge_tensor(cfg.method, reasoning, base, delta, cfg, key)
-                self._refuse_non_finite(key, merged)
+                self._refuse_non_finite(key, merged, cfg.slerp_t if cfg.method == "slerp" else cfg.lam)
                 self._write_merged(key, merged, final=True)
 
     @contextlib.contextmanager
@@ -1649,6 +1656,10 @@ class RainMerger:
             if cfg.sequential is None and self._stage1_samples is None:
                 logger.info("Precomputed thinking features only: stage 1 uses the one-shot projection (pass "
                             "reasoning_calibration=... to merge() for the sequential one).")
+                if cfg.sequential_offload:  # the config takes it with sequential unset, for a sequential run
+                    self._warn("This merge does not read sequential_offload=True: with precomputed features only, "
+                               "stage 1 runs the one-shot projection, which replays no layer (pass "
+                               "reasoning_calibration=... to merge() for the sequential one).")
         self.report.layers = sorted({t.layer for t in self.targets})
         alpha, instruction_samples = None, []
         if cfg.stage2:

@@ -60,6 +60,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 import zlib
 
 import torch
@@ -172,9 +173,12 @@ def merge_tensor(
                              "(null-space projection and head coefficients).")
         raise ValueError(f"Unknown baseline merge method {method!r}; use one of {list(BASELINE_METHODS)}.")
     weight = config.lam if lam is None else lam
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-        raise ValueError(f"merge_tensor needs a numeric lam, got {weight!r}: resolve lam='auto' first and pass "
-                         "lam=<number>.")
+    if method == "slerp":  # its mix is slerp_t; a rain config's lam='auto' must not stop it
+        weight = 0.0
+    elif isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+        advice = "resolve lam='auto' first and pass lam=<number>" if isinstance(weight, str) else "pass a number"
+        raise ValueError(f"merge_tensor needs a numeric lam, got {weight!r}: {advice}.")
+    weight = float(weight)  # a numpy scalar too
     if not math.isfinite(weight) or weight < 0:
         raise ValueError(f"merge_tensor needs a finite lam >= 0, got {weight!r}.")
     if method in ("ties", "dare_ties", "dare_linear") and not 0.0 < float(config.density) <= 1.0:

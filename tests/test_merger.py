@@ -459,6 +459,13 @@ def test_sequential_offload_gives_the_same_merge(qwen2, tokenizer):
     replay.layers, replay.devices = [layer], [torch.device("meta")]
     replay._run_layer(0)
     assert seen[0][0].type == "meta" and seen[0][1] and all(d.type == "meta" for d in seen[0][1])
+    # precomputed features only: the merge runs one-shot, and says the offload setting did nothing
+    given = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
+                                       RainMergingConfig(sequential_offload=True, **{**cfg, "sequential": None}),
+                                       features=on_device.compute_features(reasoning_records(3)))
+    given.merge()
+    assert given.report.projection == "one-shot"
+    assert any(w.startswith("This merge does not read sequential_offload=True") for w in given.report.warnings)
     assert replay.hidden[0].device == replay.store  # the cache itself stays where it is kept
 
 
@@ -681,6 +688,10 @@ def test_features_reused_from_memory_and_disk(qwen2, tmp_path):
         edit(damaged)
         save_file(damaged, tmp_path / "damaged.safetensors", metadata=meta)
         with pytest.raises(ValueError, match=f"damaged.safetensors is damaged: the basis of {group} .*{says}"):
+            ThinkFeatures.load(tmp_path / "damaged.safetensors")
+    for extra in ("extra", f"{group}::U"):  # a tensor no group saves, with or without a group's name
+        save_file({**tensors, extra: torch.zeros(2)}, tmp_path / "damaged.safetensors", metadata=meta)
+        with pytest.raises(ValueError, match=f"is damaged: it holds a tensor '{re.escape(extra)}' that is no group's"):
             ThinkFeatures.load(tmp_path / "damaged.safetensors")
     save_file(tensors, tmp_path / "damaged.safetensors", metadata={**meta, "settings": "[]"})
     with pytest.raises(ValueError, match="is damaged: its module_group or settings"):
@@ -1497,6 +1508,16 @@ def test_vocab_difference_is_reported_not_refused(qwen2, tmp_path, tokenizer):
     plan = RainMerger.plan(qwen2["base"], qwen2["reasoning"], tmp_path / "big")
     assert any("vocabulary sizes differ" in w for w in plan.warnings)
     assert "vocab sizes" in plan.summary()
+    # the header names what the method reads: slerp's t (not λ), the DARE methods' density and seed
+    slerp = RainMerger.plan(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
+                            RainMergingConfig(method="slerp", slerp_t=0.3))
+    assert slerp.summary().splitlines()[0] == "rain_hf merge plan (method=slerp, slerp_t=0.3)"
+    dare = RainMerger.plan(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
+                           RainMergingConfig(method="dare_ties", lam=0.8, density=0.2, seed=4))
+    assert dare.summary().splitlines()[0] == "rain_hf merge plan (method=dare_ties, lam=0.8, density=0.2, seed=4)"
+    ridge = RainMerger.plan(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
+                            RainMergingConfig(projection="ridge", ridge=0.05, positions="think", lam=1.0))
+    assert "stage 1: on (positions=think, ridge, ridge=0.05); stage 2: on" in ridge.summary()
 
 
 def test_missing_calibration_is_a_clear_error(qwen2):
@@ -1816,6 +1837,13 @@ def test_non_finite_weights_are_refused_with_their_model_named(qwen2, tmp_path, 
         merger.merge()
     with pytest.raises(RuntimeError, match="Nothing to save"):
         merger.save_pretrained(tmp_path / "out")
+
+
+def test_a_lam_past_float32_is_named_not_the_checkpoints(qwen2):
+    merger = _merger(qwen2, lam=1e39, stage1=False, stage2=False)  # finite inputs, an infinite product
+    with pytest.raises(CheckpointError, match=r"at λ=1e\+39 gives infinite values, from the arithmetic .*use a "
+                                              r"smaller lam \(or lam_grid\)"):
+        merger.merge()
 
 
 def test_lam_auto_refuses_a_reasoning_model_whose_own_probabilities_are_not_finite(qwen2, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -246,6 +247,14 @@ def test_lam_override_and_errors():
         merge_tensor("task_arithmetic", reasoning, None, delta, auto, KEY)
     torch.testing.assert_close(merge_tensor("task_arithmetic", reasoning, None, delta, auto, KEY, lam=2.0),
                                reasoning + 2.0 * delta)
+    # a numpy λ is a number; slerp reads slerp_t, so a rain config's lam='auto' does not stop it
+    torch.testing.assert_close(merge_tensor("task_arithmetic", reasoning, None, delta, auto, KEY, lam=np.float32(0.5)),
+                               reasoning + 0.5 * delta)
+    slerp = merge_tensor("slerp", reasoning, base, delta, RainMergingConfig(method="slerp", slerp_t=0.3), KEY)
+    torch.testing.assert_close(merge_tensor("slerp", reasoning, base, delta, RainMergingConfig(slerp_t=0.3), KEY),
+                               slerp)
+    with pytest.raises(ValueError, match=r"got \[1.0\]: pass a number"):
+        merge_tensor("task_arithmetic", reasoning, None, delta, auto, KEY, lam=[1.0])
     with pytest.raises(ValueError, match="RainMerger"):
         merge_tensor("rain", reasoning, base, delta, RainMergingConfig(), KEY)
     with pytest.raises(ValueError, match="needs the base"):

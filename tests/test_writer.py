@@ -260,6 +260,7 @@ def test_unused_settings_name_what_a_merge_never_reads():
         assert RainMergingConfig(method=method).unused_settings() == {}
     assert RainMergingConfig(method="ties", density=0.3, seed=2).unused_settings() == {"seed": 2}
     assert RainMergingConfig(method="dare_linear", density=0.3, seed=2).unused_settings() == {}
+    assert RainMergingConfig(method="dare_ties", density=1.0, seed=5).unused_settings() == {"seed": 5}  # no mask
     assert RainMergingConfig(method="slerp", lam=2.0, slerp_t=0.2).unused_settings() == {"lam": 2.0}
     # lam='auto' measures L_think at the positions even with stage 1 off; a numeric lam reads no grid
     assert RainMergingConfig(stage1=False, positions="think", rcond=0.2).unused_settings() == {"rcond": 0.2}
