@@ -244,7 +244,9 @@ def nested_adapters_hint(folder: Path) -> str:
 def _refuse_bin_only(folder: Path, name: str) -> None:
     if (folder / "adapter_model.safetensors").is_file():
         return
-    bins = sorted(p.name for p in folder.glob("adapter_model*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    # only the adapter's own pickles: a Trainer checkpoint's optimizer.pt or rng_state.pth is no adapter
+    bins = sorted(p.name for p in folder.glob("adapter_model*.bin")) + sorted(
+        p.name for p in folder.glob("adapter_model*.pt"))
     if bins:
         raise AdapterError(f"The instruct adapter {name} holds only {bins[0]} (a pickle file, which rain_hf does not "
                            "load). Convert it to safetensors: load it with PeftModel.from_pretrained(base, path) and "

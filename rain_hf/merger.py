@@ -255,6 +255,9 @@ def _load_model_config(src: ModelSource, role: str):
         from .lora import nested_adapters_hint
 
         hint = nested_adapters_hint(src.path) if role == "instruct" else ""  # only it may be an adapter
+        if role == "instruct" and next(src.path.glob("adapter_model*"), None) is not None:
+            hint = (" It holds peft adapter weights without their adapter_config.json: restore that file (it "
+                    "comes with the adapter) or save the adapter again with save_pretrained.")
         if role != "instruct" and (src.path / "adapter_config.json").is_file():
             hint = (f" It is a peft adapter (adapter_config.json), and only instruct_model may be one: pass the full "
                     f"{role} model (an adapter merged into its base with merge_and_unload() and saved).")

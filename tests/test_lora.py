@@ -472,6 +472,12 @@ def test_bin_only_adapter_is_refused(bases, tmp_path):
     assert not (tmp_path / "bin" / "adapter_model.safetensors").exists()
     with pytest.raises(AdapterError, match=r"adapter_model\.bin.*Convert it to safetensors"):
         LoraDelta.from_pretrained(tmp_path / "bin")
+    # a Trainer checkpoint's state files are no adapter pickle to convert: the weights are missing
+    (tmp_path / "bin" / "adapter_model.bin").unlink()
+    for state in ("optimizer.pt", "rng_state.pth"):
+        torch.save({}, tmp_path / "bin" / state)
+    with pytest.raises(AdapterError, match=r"has no adapter_model\.safetensors in .*Otherwise download the adapter"):
+        LoraDelta.from_pretrained(tmp_path / "bin")
 
 
 def test_missing_lora_b_is_refused(plain_adapter):
@@ -541,3 +547,8 @@ def test_an_adapter_given_as_another_model_than_the_instruct_one_is_named(bases,
     with pytest.raises(ModelNameError, match=r"The reasoning model .* has no config\.json .* It is a peft adapter "
                                              r"\(adapter_config\.json\), and only instruct_model may be one"):
         RainMerger.plan(bases["qwen"], plain_adapter, bases["qwen_wide"])
+    # an adapter folder that lost its adapter_config.json: not a model without config.json
+    (plain_adapter / "adapter_config.json").unlink()
+    with pytest.raises(ModelNameError, match=r"The instruct model .* has no config\.json .* It holds peft adapter "
+                                             r"weights without their adapter_config\.json: restore that file"):
+        RainMerger.plan(bases["qwen"], bases["qwen_wide"], plain_adapter)
