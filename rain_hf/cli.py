@@ -56,7 +56,7 @@ TOP_LEVEL_KEYS: dict[str, str] = {
     "token": "Hub token for gated/private inputs and for --push-to-hub (default: env HF_TOKEN or `hf auth "
              "login`). Prefer the environment variable over writing a token into a file.",
     "method": "rain (default) or a baseline: task_arithmetic, ties, dare_ties, dare_linear, slerp.",
-    "parameters": "Any RainMergingConfig field (listed below), e.g. {lam: 1.0, positions: window, window: 3}.",
+    "parameters": "Any RainMergingConfig field (listed below), e.g. {lam: 1.0, rcond: 0.1, window: 3}.",
     "calibration": "{reasoning: PATH, instruction: PATH}: JSON/JSONL calibration sets for stages 1 and 2 "
                    "(needed by method rain with stage1 / stage2, and the reasoning set also for lam: auto, which "
                    "measures L_think on it; the baselines do not read them, though a file named here must exist).",
@@ -464,7 +464,7 @@ def build_epilog(width: int = 100) -> str:
         "  reasoning_model: deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
         "  instruct_model: {path: Qwen/Qwen2.5-7B-Instruct, revision: main}",
         "  method: rain",
-        "  parameters: {lam: 1.0, positions: window, window: 3}",
+        "  parameters: {lam: 1.0, rcond: 0.1, window: 3}",
         "  calibration: {reasoning: data/reasoning.json, instruction: data/instruction.jsonl}",
         "  dtype: bfloat16",
         "  output: {max_shard_size: 5GB, private: true}",
