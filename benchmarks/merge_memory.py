@@ -9,7 +9,8 @@
 The three checkpoints are built once (in a separate process, cached under --workdir); the merge then runs in a
 fresh process whose peak resident set size is read from the kernel (ru_maxrss). Prints the figures and checks the
 target peak RSS ≤ 1.5 × reasoning checkpoint size + 1 GiB, and that stage 1 ran one forward pass per batch (besides
-the think_spacing check's passes over the first 8 samples); exits 1 when either is missed.
+the think_spacing check's passes over the first 8 samples); exits 1 when either is missed, 2 on a bad option, 3
+when the build or the merge fails (its error is printed above).
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ def build(workdir: Path, shape: str) -> dict[str, str]:
 
     root = workdir / f"qwen2-{shape}"
     paths = {r: root / r for r in ("base", "reasoning", "instruct")}
-    if all((p / "config.json").is_file() for p in paths.values()):
+    # the weights are written after config.json (an index after its shards): a build stopped half way is redone
+    if all((p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()
+           for p in paths.values()):
         return {k: str(v) for k, v in paths.items()}
     start = time.perf_counter()
     build_triple(root, "qwen2", noise=0.01, dtype=torch.bfloat16, **SHAPES[shape])
@@ -137,6 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir = args.workdir.expanduser().resolve()
     if args.offload and args.one_shot:
         parser.error("--offload moves the sequential projection's cache, and --one-shot turns it off: pick one.")
+    if args.samples < 1:
+        parser.error(f"--samples {args.samples}: each stage needs at least 1 calibration sample.")
+    if not args._child:  # before the build, which is the slow part at the larger shapes
+        import torch
+
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as exc:
+            parser.error(f"--device {args.device!r}: {exc}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device.")
     if args._child:
         paths = json.loads(args._child)
         print(json.dumps(run_merge(paths, args.device, args.samples, args.workdir / f"merged-{args.shape}", lam,
@@ -145,21 +159,29 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     build_cmd = [sys.executable, "-c", "import json,sys; from benchmarks.merge_memory import build; "
                  f"print(json.dumps(build(__import__('pathlib').Path({str(args.workdir)!r}), {args.shape!r})))"]
-    paths = json.loads(subprocess.run(build_cmd, check=True, stdout=subprocess.PIPE, text=True,
-                                      cwd=Path(__file__).resolve().parents[1]).stdout.strip().splitlines()[-1])
+    built = subprocess.run(build_cmd, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    if built.returncode:
+        print(f"merge_memory: building the {args.shape} checkpoints failed (exit {built.returncode}; its error is "
+              "above).", file=sys.stderr)
+        return 3
+    paths = json.loads(built.stdout.strip().splitlines()[-1])
     child = [sys.executable, "-m", "benchmarks.merge_memory", "--shape", args.shape, "--device", args.device,
              "--samples", str(args.samples), "--lam", args.lam, "--workdir", str(args.workdir),
              "--_child", json.dumps(paths)] + (["--one-shot"] if args.one_shot else []) + (
                  ["--offload"] if args.offload else [])
-    done = subprocess.run(child, check=True, stdout=subprocess.PIPE, text=True,
+    done = subprocess.run(child, stdout=subprocess.PIPE, text=True,
                           cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TQDM_DISABLE": "1"})
+    if done.returncode:  # not a missed target (exit 1): no figure was measured
+        print(f"merge_memory: the merge failed (exit {done.returncode}; its error is above).", file=sys.stderr)
+        return 3
     fig = json.loads(done.stdout.strip().splitlines()[-1])
     size = fig["reasoning_bytes"] / GIB
     target = 1.5 * size + 1.0
     print(f"shape {args.shape}: {fig['parameters'] / 1e6:.0f}M parameters, reasoning checkpoint {size:.2f} GiB, "
           f"device {args.device}, lam {args.lam} (merged with λ = {fig['lam']:g}), {fig['projection']} projection"
           f"{' (replay cache offloaded to CPU)' if args.offload else ''}")
-    print(f"wall time (load + stage 1 + stage 2 + merge + save): {fig['wall_s']:.1f} s")
+    search = " + λ search" if "lam_auto" in fig["timings"] else ""
+    print(f"wall time (load + stage 1 + stage 2{search} + merge + save): {fig['wall_s']:.1f} s")
     for stage, seconds in fig["timings"].items():
         print(f"  {stage:22s} {seconds:8.1f} s")
     rss = fig["peak_rss_gib"]

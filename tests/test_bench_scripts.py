@@ -23,11 +23,26 @@ def test_merge_memory_reads_a_relative_workdir_from_the_callers_folder(tmp_path,
         with pytest.raises(SystemExit) as exc:
             merge_memory.main(["--lam", bad])
         assert exc.value.code == 2 and f"--lam {bad!r}: give a finite number ≥ 0, or auto" in capsys.readouterr().err
+    # refused before the build, not by the merge's traceback after it (and not exit 1, a missed target)
+    for bad, says in ((["--samples", "0"], "--samples 0: each stage needs at least 1"),
+                      (["--device", "gpu"], "--device 'gpu'")):
+        with pytest.raises(SystemExit) as exc:
+            merge_memory.main(["--workdir", str(tmp_path / "never"), *bad])
+        assert exc.value.code == 2 and says in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as exc:
+            merge_memory.main(["--workdir", str(tmp_path / "never"), "--device", "cuda"])
+        assert exc.value.code == 2 and "sees no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
     monkeypatch.chdir(tmp_path)
     assert merge_memory.main(["--shape", "tiny", "--samples", "4", "--workdir", "rel"]) == 0
     assert sorted(p.name for p in (tmp_path / "rel").iterdir()) == ["merged-tiny", "qwen2-tiny"]
     assert ("stage 1: 2 forward passes for 1 batches over 2 layers, and 1 of the think_spacing check: OK"
             in capsys.readouterr().out)
+    # a build stopped before the weights were written is redone, not trusted for its config.json
+    (tmp_path / "rel" / "qwen2-tiny" / "instruct" / "model.safetensors").unlink()
+    assert merge_memory.main(["--shape", "tiny", "--samples", "4", "--workdir", "rel", "--lam", "auto"]) == 0
+    assert "wall time (load + stage 1 + stage 2 + λ search + merge + save)" in capsys.readouterr().out
 
 
 def test_side_benchmarks_refuse_arguments_that_would_fail_late_or_overwrite_committed_files(tmp_path, capsys):

@@ -718,7 +718,7 @@ def task_vector_stats(base, reasoning, instruct) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: benchmarks/organism)")
-    ap.add_argument("--quick", action="store_true", help="tiny step counts into a temp folder (smoke test)")
+    ap.add_argument("--quick", action="store_true", help="tiny step counts into a temp folder, retrained each time (smoke test)")
     ap.add_argument("--force", action="store_true", help="retrain even when checkpoints exist")
     ap.add_argument("--force-finetunes", action="store_true", help="retrain the two fine-tunes only")
     ap.add_argument("--sequential", action="store_true", help="run the two fine-tunes one after the other")
@@ -731,6 +731,8 @@ def main(argv=None) -> int:
 
     recipe = replace(Recipe(), **{**VARIANTS.get(args.variant, {}), **(QUICK_STEPS if args.quick else {})})
     out = args.out or (Path(tempfile.gettempdir()) / "organism_quick" if args.quick else HERE)
+    if args.quick and args.out is None:
+        args.force = True  # a smoke test of the training code must train, not reuse an earlier smoke test's weights
     ckpt, data_dir = out / "checkpoints", out / "data"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The build machine is shared: busy-waiting OpenMP threads slow everyone down (set before torch loads).

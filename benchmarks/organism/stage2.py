@@ -100,8 +100,8 @@ def markdown(result: dict, command: str, wall_s: float) -> str:
              f"Command: `{command}` — wall time {wall_s / 60:.1f} min on this machine ({os.cpu_count()} CPU cores, "
              f"torch {torch.__version__}).", "",
              f"Alignment a, leakage u (probe λ {result['probe_lam']:g}) and α = the library's coefficients, per layer "
-             "(rows) and query head (columns); the last column is the layer mean, which the layer's k/v rows share "
-             "per kv head and its MLP gets whole.", ""]
+             "(rows) and query head (columns); the last column is the layer mean, which its MLP gets (the k/v rows of "
+             "a kv head get the mean α of that head's query heads).", ""]
     heads = result["alpha"].shape[1]
     head = ["layer", "quantity"] + [f"h{h}" for h in range(heads)] + ["mean"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
