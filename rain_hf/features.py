@@ -115,7 +115,7 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             return (f"{prefix}.{found[0]}" if prefix else found[0]), found[1]
     found = _longest_attention_list(model)
     if found is None:
-        raise ValueError(f"{type(model).__name__}: no decoder blocks with an attention module were found.")
+        raise ValueError(_no_attention_found(model))
     return found
 
 
@@ -134,6 +134,16 @@ def _attention_of(block: nn.Module) -> tuple[str, nn.Module] | None:
         if name and type(module).__name__.endswith("Attention"):
             return name, module
     return None
+
+
+def _no_attention_found(model: nn.Module) -> str:
+    """The refusal for a model whose blocks hold no module rain_hf recognises as attention (by its class name)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    block = max(lists, key=len)[0] if lists else None
+    inside = sorted({type(m).__name__ for _, m in block.named_children()}) if block is not None else []
+    seen = f" (its blocks hold {', '.join(inside)})" if inside else ""
+    return (f"{type(model).__name__}: no decoder block holds a module whose class name ends in 'Attention'{seen}, "
+            "and stage 2 and the head mapping need one: rain_hf does not support this architecture.")
 
 
 def unmergeable_weights(model: nn.Module) -> list[str]:
@@ -280,6 +290,9 @@ def find_target_modules(model: nn.Module, config: RainMergingConfig) -> list[Tar
 _QUERY_NAMES = {"q_proj", "query", "q", "wq", "query_proj"}
 _KV_NAMES = {"k_proj", "v_proj", "key", "value", "k", "v", "wk", "wv", "key_proj", "value_proj"}
 _OUT_NAMES = {"o_proj", "out_proj", "dense", "o", "wo", "c_proj"}
+# names whose shape may match a per-head layout by chance: fused key/value and multi-head latent attention parts
+_NOT_HEAD_MAPPED = {"kv_proj", "kv", "wkv"}
+_LOW_RANK_RE = re.compile(r"_[ab]_proj")
 
 
 def _attention_kind(leaf: str, out_f: int, in_f: int, geo: AttentionGeometry) -> str:
@@ -297,7 +310,8 @@ def _attention_kind(leaf: str, out_f: int, in_f: int, geo: AttentionGeometry) ->
         return "kv"
     if leaf in _OUT_NAMES and in_f == q_dim:
         return "o"
-    if leaf in _QUERY_NAMES | _KV_NAMES | _OUT_NAMES:
+    if leaf in _QUERY_NAMES | _KV_NAMES | _OUT_NAMES or leaf in _NOT_HEAD_MAPPED or _LOW_RANK_RE.search(leaf):
+        # a fused [k | v] (JetMoE's kv_proj) or a latent projection (MLA's q_b_proj) can have q's or o's shape
         return "other"
     shapes = {"q": (q_dim, hidden), "kv": (kv_dim, hidden), "o": (hidden, q_dim)}
     matches = [k for k, shape in shapes.items() if shape == (out_f, in_f)]

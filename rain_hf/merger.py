@@ -531,8 +531,23 @@ def _skeleton(model_config) -> torch.nn.Module:
     """The model's module tree on the meta device (no memory), for finding the merged modules."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model_config)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(model_config)
+    except ValueError as exc:
+        if "Unrecognized configuration class" not in str(exc):
+            raise
+        kind = getattr(model_config, "model_type", type(model_config).__name__)
+        # a multimodal checkpoint (Mistral 3, Qwen2-VL …) whose class transformers offers no causal-LM head for
+        multimodal = model_config.get_text_config() is not model_config
+        fix = (" It is a multimodal model (its config has a text_config): save each of the three models' language "
+               "model as a text-only causal LM with transformers first (its text model class, built from "
+               "config.text_config and given the language model's and lm_head's weights, saved with the "
+               "tokenizer), and merge those.") if multimodal else (
+               " Merge checkpoints whose config.json names a causal LM (an architectures entry ending in "
+               "ForCausalLM).")
+        raise ModelMismatchError(f"transformers has no causal-LM class for model_type {kind!r} "
+                                 f"({type(model_config).__name__}), so rain_hf cannot run it.{fix}") from None
 
 
 def _compare_configs(configs: dict[str, Any], names: dict[str, str]) -> None:

@@ -528,3 +528,36 @@ def test_decoder_layers_are_the_text_decoders_not_a_longer_vision_encoder():
         model = AutoModelForCausalLM.from_config(cfg)
     name, layers = find_decoder_layers(model)
     assert name == "model.language_model.layers" and len(layers) == 2
+
+
+def test_shapes_that_match_a_head_layout_by_chance_are_not_mapped_to_heads():
+    from rain_hf.features import AttentionGeometry, _attention_kind
+
+    geo = AttentionGeometry(num_layers=1, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16)
+    assert _attention_kind("q_proj", 64, 64, geo) == "q" and _attention_kind("o_proj", 64, 64, geo) == "o"
+    assert _attention_kind("kv_in", 32, 64, geo) == "kv"  # an unknown name with kv's shape only
+    # JetMoE's fused [k | v] has q's shape, and MLA's q_b_proj (latent 64 → heads) o's: neither is per head
+    assert _attention_kind("kv_proj", 64, 48, dataclasses.replace(geo, hidden_size=48)) == "other"
+    assert _attention_kind("q_b_proj", 64, 32, dataclasses.replace(geo, head_dim=8)) == "other"
+    assert _attention_kind("out", 64, 32, dataclasses.replace(geo, head_dim=8)) == "o"
+
+
+def test_a_model_without_a_recognised_attention_module_is_named():
+    class Mla(torch.nn.Module):  # LongCat-Flash's attention class ends in MLA, not Attention
+        def __init__(self):
+            super().__init__()
+            self.q_proj = torch.nn.Linear(4, 4)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.mlp = Mla(), torch.nn.Linear(4, 4)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([Block(), Block()])
+
+    with pytest.raises(ValueError, match=r"Model: no decoder block holds a module whose class name ends in "
+                                         r"'Attention' \(its blocks hold Linear, Mla\)"):
+        find_decoder_layers(Model())

@@ -3169,3 +3169,26 @@ def test_a_layout_stored_under_other_names_throughout_is_named(qwen2, tmp_path):
     with pytest.raises(ModelMismatchError, match=r"None of the \d+ tensors of the targeted modules is stored under "
                                                  r"the name the model class gives it"):
         RainMerger.plan(*models, RainMergingConfig(lam=1.0, method="task_arithmetic"))
+
+
+def test_a_model_type_without_a_causal_lm_class_is_refused_with_the_text_only_route(qwen2, tmp_path):
+    # Mistral 3 (Ministral 3, Magistral): transformers' own error lists ~300 config classes and no way out
+    from transformers import Mistral3Config
+
+    from rain_hf.merger import ModelMismatchError
+
+    text = json.loads((Path(qwen2["reasoning"]) / "config.json").read_text())
+    config = Mistral3Config(text_config={k: text[k] for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                                "num_hidden_layers", "num_attention_heads",
+                                                                "num_key_value_heads")} | {"model_type": "mistral"},
+                            vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                           "num_attention_heads": 2, "image_size": 28, "patch_size": 14,
+                                           "head_dim": 16})
+    folders = {}
+    for role in ("base", "reasoning", "instruct"):
+        folders[role] = tmp_path / role
+        shutil.copytree(qwen2[role], folders[role])
+        config.save_pretrained(folders[role])
+    with pytest.raises(ModelMismatchError, match=r"transformers has no causal-LM class for model_type 'mistral3' "
+                                                 r"\(Mistral3Config\).* It is a multimodal model .*text-only causal LM"):
+        RainMerger.plan(folders["base"], folders["reasoning"], folders["instruct"])
