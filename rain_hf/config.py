@@ -539,8 +539,15 @@ class RainMergingConfig:
     @classmethod
     def load(cls, path: str | os.PathLike) -> RainMergingConfig:
         """Read a config from a JSON file (a ``rain_merging_config.json`` sidecar works too: its config as the
-        merge ran, with an unset ``sequential`` set to the mode stage 1 ran in, as the card's YAML writes it)."""
-        with open(Path(path).expanduser(), encoding="utf-8") as f:
+        merge ran, with an unset ``sequential`` set to the mode stage 1 ran in, as the card's YAML writes it), or
+        the folder ``save_pretrained`` wrote (its sidecar is read)."""
+        path = Path(path).expanduser()
+        if path.is_dir():  # transformers' habit: the saved folder, not its file
+            if not (path / CONFIG_NAME).is_file():
+                raise ConfigError(f"{path} is a folder without {CONFIG_NAME}: pass a file written by "
+                                  "RainMergingConfig.save, or the folder save_pretrained wrote.")
+            path = path / CONFIG_NAME
+        with open(path, encoding="utf-8") as f:
             try:
                 data = json.load(f)
             except json.JSONDecodeError as exc:

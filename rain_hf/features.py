@@ -500,6 +500,10 @@ class ThinkFeatures:
                               "(RainMerger.compute_features) and save them.")
 
         path = Path(path).expanduser()
+        if path.is_dir():  # safetensors' own error for it is "No such device"
+            found = sorted(p.name for p in path.glob("*.safetensors"))[:3]
+            raise IsADirectoryError(f"{path} is a folder; ThinkFeatures.load takes the file merger.features.save(path) "
+                                    f"wrote{f' (the folder holds {found})' if found else ''}.")
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import errno
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -59,7 +60,7 @@ from .checkpoints import (
     resolve_model,
 )
 from .coefficients import coefficient_warning, head_coefficients, weight_scale
-from .config import CONFIG_NAME, ConfigError, RainMergingConfig, parse_size
+from .config import CONFIG_NAME, ConfigError, RainMergingConfig, did_you_mean, parse_size
 from .features import (
     AttentionGeometry,
     LayerReplay,
@@ -266,6 +267,11 @@ def _load_model_config(src: ModelSource, role: str):
     try:
         config = AutoConfig.from_pretrained(str(src.path), trust_remote_code=False)  # never asks to run code
     except Exception as exc:  # transformers raises ValueError/KeyError/OSError for unknown or broken configs
+        if "trust_remote_code" in str(exc):  # its advice would run the repository's code, which rain_hf refuses
+            raise CheckpointError(
+                f"The {role} model {src.describe()} needs the Python code in its repository (its config.json has an "
+                "auto_map and a model_type transformers does not know): rain_hf loads models with transformers' own "
+                "classes only, so a model with custom code is not supported.") from None
         raise CheckpointError(f"The {role} model {src.describe()}: its config.json cannot be read ({exc}).") from exc
     quantization = getattr(config, "quantization_config", None)
     if quantization:
@@ -523,7 +529,8 @@ def refuse_offloaded(model: torch.nn.Module, device_map: Any) -> None:
     if offloaded:
         raise ConfigError(f"device_map={device_map!r} offloaded {len(offloaded)} modules to CPU or disk (e.g. "
                           f"{offloaded[0]}); a merge writes into the loaded weights and cannot reach offloaded ones. "
-                          "Pass a device_map (or max_memory) that places every module on a device, or load on one "
+                          "Pass a device_map that places every module on a GPU or the CPU (a dict, e.g. accelerate's "
+                          "infer_auto_device_map(model, max_memory=...) with room for every module), or load on one "
                           "device without device_map (device='cpu' fits any model that fits in RAM).")
 
 
@@ -657,6 +664,21 @@ class RainMerger:
         >>> folder.cleanup()
         >>> print(merger.report)  # doctest: +SKIP
     """
+
+    @property
+    def config(self) -> RainMergingConfig:
+        """The settings of the next merge; edit them, or set a new :class:`RainMergingConfig` (or a dict of its
+        fields), between merges (the modules to merge and the think tokens stay the plan's)."""
+        return self._config
+
+    @config.setter
+    def config(self, config: RainMergingConfig | Mapping[str, Any]) -> None:
+        if isinstance(config, Mapping):  # as from_pretrained(config=...) takes it
+            config = RainMergingConfig.from_dict(dict(config))
+        elif not isinstance(config, RainMergingConfig):
+            raise TypeError(f"merger.config takes a RainMergingConfig or a dict of its fields; got "
+                            f"{type(config).__name__}.")
+        self._config = config
 
     @property
     def features(self) -> ThinkFeatures | None:
@@ -990,8 +1012,9 @@ class RainMerger:
             config: the merge settings (default :class:`RainMergingConfig`; a dict of its fields is read as one).
             revision: one revision for all three, or a dict ``{"base": ..., "reasoning": ..., "instruct": ...}``.
             token: Hub token.
-            device: where the forward passes and the projections run (``"cpu"``, ``"cuda"``; default: the CPU, or
-                with ``device_map`` the device of the input embeddings).
+            device: where the forward passes and the projections run (``"cpu"``, ``"cuda"``; default: the CPU).
+                With ``device_map`` the forward passes run where it put each layer, and ``device`` (default: the
+                device of the input embeddings) is where the projections run.
             torch_dtype: dtype to load the reasoning model in (default: ``"auto"``, the dtype its config.json
                 names, else as stored, as transformers loads it; ``dtype=``, transformers 5's name, is the same).
                 Loading narrower than the saved weights is refused before the load: keep the stored dtype, or set
@@ -1011,7 +1034,16 @@ class RainMerger:
             if "trust_remote_code" in unknown:
                 hint += (" (trust_remote_code: rain_hf loads the reasoning model with transformers' own classes; a "
                          "model whose code lives in its repository is not supported)")
+            habits = {"cache_dir": "set HF_HUB_CACHE or HF_HOME", "local_files_only": "set HF_HUB_OFFLINE=1",
+                      "use_auth_token": "use token=", "max_memory": "pass a device_map dict, e.g. accelerate's "
+                      "infer_auto_device_map(model, max_memory=...) of the reasoning model"}
+            hint += "".join(f" ({k}: {habits[k]})" for k in sorted(unknown) if k in habits)
+            arguments = list(inspect.signature(cls.from_pretrained).parameters) + sorted(fields)
+            hint += did_you_mean([k for k in sorted(unknown) if k not in fields and k not in habits], arguments)
             raise TypeError(f"RainMerger.from_pretrained() got unexpected keyword arguments {sorted(unknown)}{hint}.")
+        if features is not None and not isinstance(features, (ThinkFeatures, str, os.PathLike)):
+            raise TypeError(f"from_pretrained(features=...) takes ThinkFeatures (compute_features() or "
+                            f"ThinkFeatures.load), a path to saved ones, or None; got {type(features).__name__}.")
         start = time.perf_counter()
         parts = cls._plan_parts(base_model, reasoning_model, instruct_model, config, revision=revision, token=token)
         merger = cls._from_plan(parts, device=device, torch_dtype=torch_dtype, dtype=dtype, device_map=device_map,

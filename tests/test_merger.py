@@ -25,7 +25,7 @@ from rain_hf.calibration import (
     template_opens_think,
 )
 from rain_hf.checkpoints import CheckpointError
-from rain_hf.config import ConfigError
+from rain_hf.config import CONFIG_NAME, ConfigError
 from rain_hf.features import LayerReplay, NonFiniteFeaturesError, ThinkFeatures, move_tensors
 from rain_hf.merger import ModelMismatchError
 from rain_hf.testing import (
@@ -1181,7 +1181,31 @@ def test_what_is_not_a_model_name_or_a_config_is_named(qwen2, tmp_path):
     with pytest.raises(TypeError, match=r"\['trust_remote_code'\] \(trust_remote_code: rain_hf loads the reasoning "
                                         r"model with transformers' own classes"):
         RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], trust_remote_code=True)
+    # transformers' habits and typos get the spelling rain_hf has
+    for kwargs, says in (({"lamda": 2.0}, r"\['lamda'\] \('lamda': did you mean 'lam'\?\)"),
+                         ({"torch_dype": "float32"}, r"\('torch_dype': did you mean 'torch_dtype'\?\)"),
+                         ({"cache_dir": "/x"}, r"\(cache_dir: set HF_HUB_CACHE or HF_HOME\)"),
+                         ({"max_memory": {0: "1GB"}}, r"\(max_memory: pass a device_map dict, e.g. accelerate's")):
+        with pytest.raises(TypeError, match=says):
+            RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], **kwargs)
+    with pytest.raises(TypeError, match=r"from_pretrained\(features=...\) takes ThinkFeatures .*got dict"):
+        RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], features={"basis": None})
+    # a model whose code lives in its repository: not transformers' advice to trust it, which rain_hf refuses
+    custom = tmp_path / "custom"
+    shutil.copytree(qwen2["reasoning"], custom)
+    config = json.loads((custom / "config.json").read_text())
+    config.update(model_type="mine", auto_map={"AutoConfig": "configuration_mine.MineConfig"})
+    (custom / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"needs the Python code in its repository .* a model with custom code "
+                                              r"is not supported"):
+        RainMerger.plan(qwen2["base"], custom, qwen2["instruct"])
     merger = _merger(qwen2, method="task_arithmetic", lam=1.0)
+    # a new config as a dict, as from_pretrained takes it; anything else is named at once
+    merger.config = {"method": "task_arithmetic", "lam": 0.5}
+    assert merger.config == RainMergingConfig(method="task_arithmetic", lam=0.5)
+    with pytest.raises(TypeError, match="merger.config takes a RainMergingConfig or a dict of its fields; got str"):
+        merger.config = "task_arithmetic"
+    merger.config.lam = 1.0
     merger.merge()
     with pytest.raises(TypeError, match=r"save_pretrained\(\) got unexpected keyword arguments \['push_to_hub', "
                                         r"'safe_serialization'\] \(push_to_hub: push with merger.push_to_hub\(repo_id\) "
@@ -2740,6 +2764,13 @@ def test_paths_given_with_a_tilde_are_the_home_folder_s(qwen2, tmp_path, monkeyp
     shutil.copy(default_template_path(), tmp_path / "home" / "card.md.j2")
     check_template("~/card.md.j2")
     merger.save_pretrained(tmp_path / "out", card_template="~/card.md.j2")
+    # the saved folder, as transformers' from_pretrained takes it: its sidecar; a features folder is named
+    assert RainMergingConfig.load(tmp_path / "out") == RainMergingConfig.load(tmp_path / "out" / CONFIG_NAME)
+    with pytest.raises(ConfigError, match="home is a folder without rain_merging_config.json: pass a file"):
+        RainMergingConfig.load("~")
+    with pytest.raises(IsADirectoryError, match=r"home is a folder; ThinkFeatures.load takes the file .* \(the folder "
+                                                r"holds \['features.safetensors'\]\)"):
+        ThinkFeatures.load("~")
 
 
 def test_calibration_files_are_recorded_with_the_hash_sha256sum_prints(qwen2, tmp_path):
