@@ -457,6 +457,10 @@ def test_instruction_following_strict_and_loose(no_nltk_download):
     assert scores["prompt_loose"] == pytest.approx(sum(map(all, loose)) / len(loose))
     assert scores["strict_per_prompt"] == [all(r) for r in strict]
     assert scores["prompt_loose"] > scores["prompt_strict"]
+    # a prompt is followed when all its instructions are, loosely too
+    two = ev.instruction_following(["hello, world"], ["p"], [["change_case:english_lowercase", "punctuation:no_comma"]],
+                                   [[{}, {}]])
+    assert two["loose_per_instruction"] == [[True, False]] and two["prompt_loose"] == two["prompt_strict"] == 0.0
 
 
 def test_instruction_following_matches_lm_eval_reference(no_nltk_download):

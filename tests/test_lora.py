@@ -552,3 +552,14 @@ def test_an_adapter_given_as_another_model_than_the_instruct_one_is_named(bases,
     with pytest.raises(ModelNameError, match=r"The instruct model .* has no config\.json .* It holds peft adapter "
                                              r"weights without their adapter_config\.json: restore that file"):
         RainMerger.plan(bases["qwen"], bases["qwen_wide"], plain_adapter)
+
+
+def test_a_config_without_alpha_or_rslora_keys_takes_peft_defaults(plain_adapter):
+    # r=4, lora_alpha=8 (peft's default): an older or hand-written config may leave both keys out
+    key = "model.layers.0.self_attn.q_proj.weight"
+    full = LoraDelta.from_pretrained(plain_adapter).delta(key)
+    config = json.loads((plain_adapter / "adapter_config.json").read_text())
+    assert config["lora_alpha"] == 8 and config["use_rslora"] is False
+    del config["lora_alpha"], config["use_rslora"]
+    (plain_adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert torch.equal(LoraDelta.from_pretrained(plain_adapter).delta(key), full)  # scaling 8 / 4, not 8 / √4

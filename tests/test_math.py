@@ -128,6 +128,11 @@ def test_coefficients_literal_and_normalised():
     nan = torch.full((1, 2), float("nan"))
     a3, u3 = torch.cat([a, nan]), torch.cat([u, nan])
     assert torch.equal(head_coefficients(a3, u3, 0.5, "mean", 0.0, 10.0)[2], torch.ones(2))
+    # ... also where the box leaves 1 out: α = 1 is stage 1 alone, not a clipped value
+    assert torch.equal(head_coefficients(a3, u3, 0.5, "mean", 0.0, 0.5)[2], torch.ones(2))
+    # a mean score of exactly 0 (no attention to the instruction anywhere): α = 1, not 0 / 0
+    zeros = torch.zeros(2, 2)
+    assert torch.equal(head_coefficients(zeros, zeros, 0.5, "mean", 0.0, 2.0), torch.ones(2, 2))
     assert torch.allclose(head_coefficients(a3, u3, 0.5, "mean", 0.0, 10.0)[:2], norm)
     raw = head_coefficients(a3, u3, 0.5, "none", 0.0, 1.5)
     assert torch.allclose(raw[:2], literal) and torch.allclose(raw[2], literal.mean().expand(2))

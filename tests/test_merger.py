@@ -2959,6 +2959,48 @@ def test_biases_merge_with_lambda_and_their_rows_head_scale(qwen2):
     torch.testing.assert_close(baseline.model.get_parameter(key).detach(), reas[key] + 0.5 * (inst[key] - base[key]))
 
 
+def test_o_proj_and_mlp_biases_take_their_layers_mean_alpha(tmp_path, tokenizer):
+    """A Llama with attention and MLP biases: an o_proj or MLP bias entry moves by λ·mean(α of its layer)·Δb (its
+    output is not split by head), a q/k/v bias entry by its row's head scale."""
+    paths = build_triple(tmp_path, "llama", tokenizer=tokenizer, seed=5, attention_bias=True, mlp_bias=True)
+    base, inst, reas = _weights(paths["base"]), _weights(paths["instruct"]), _weights(paths["reasoning"])
+    merger = _merger(paths, lam=2.0, stage1=False, project_bias=True)
+    merger.merge(instruction_calibration=instruction_records(3))
+    alpha = torch.tensor(merger.report.head_coefficients, dtype=torch.float64)
+    assert float(alpha.std()) > 0  # per-head α that differ, or a wrong scale could pass
+    merged = {k: v.detach().double() for k, v in merger.model.named_parameters()}
+    kinds = set()
+    for target in merger.targets:
+        leaf = target.name.rsplit(".", 1)[-1]
+        if leaf in ("q_proj", "k_proj", "v_proj"):
+            rows = _head_scale(leaf, alpha[target.layer], target.shape, 4, 2, 16)[:, 0]
+        else:  # o_proj and the MLP: one scale for the whole output
+            rows = alpha[target.layer].mean()
+        delta_b = (inst[target.bias_key] - base[target.bias_key]).double()
+        torch.testing.assert_close(merged[target.bias_key] - reas[target.bias_key].double(), 2.0 * rows * delta_b,
+                                   atol=1e-6, rtol=1e-5)
+        kinds.add(leaf)
+    assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_the_stage2_probe_projects_one_shot_in_a_sequential_merge(qwen2, monkeypatch):
+    """The probe only ranks heads: it uses the reasoning model's features (one-shot); only the final merge replays
+    the layers, once per λ merged."""
+    from rain_hf import merger as merger_module
+
+    built = []
+    real = merger_module.LayerReplay
+
+    def counting(*args, **kwargs):
+        built.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(merger_module, "LayerReplay", counting)
+    merger = _merger(qwen2, lam=1.0, sequential=True)
+    merger.merge(reasoning_records(4), instruction_records(3))
+    assert merger.report.projection == "sequential" and len(built) == 1
+
+
 def test_a_tensor_that_overflows_float16_is_refused_before_it_is_saved(qwen2, tmp_path, tokenizer):
     # a bf16 or fp32 checkpoint may hold values past float16's 65504 (an outlier norm weight)
     folders = {role: tmp_path / role for role in ("base", "reasoning", "instruct")}

@@ -47,6 +47,23 @@ def test_a_shard_may_fill_its_budget_exactly():
     specs = [TensorSpec(f"t{i}", (50,), torch.float32) for i in range(3)]  # 200 bytes each
     assert [[s.name for s in shard] for shard in plan_shards(specs, 400)] == [["t0", "t1"], ["t2"]]
     assert [[s.name for s in shard] for shard in plan_shards(specs, 399)] == [["t0"], ["t1"], ["t2"]]
+    # a first tensor above the budget (an embedding usually comes first) gets its own shard, and no empty one
+    big = [TensorSpec("embed", (200,), torch.float32), *specs[:2]]
+    assert [[s.name for s in shard] for shard in plan_shards(big, 400)] == [["embed"], ["t0", "t1"]]
+
+
+def test_two_shards_get_an_index(tmp_path):
+    specs = [TensorSpec(f"t{i}", (50,), torch.float32) for i in range(2)]
+    w = ShardedSafetensorsWriter(tmp_path, specs, 200)
+    for spec in specs:
+        w.write(spec.name, torch.ones(50))
+    w.close()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {"t0": "model-00001-of-00002.safetensors", "t1": "model-00002-of-00002.safetensors"}
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model-00001-of-00002.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}  # what transformers and other readers look for
 
 
 def test_writer_refuses_out_of_plan_tensors(tmp_path):
