@@ -44,12 +44,12 @@ def build(workdir: Path, shape: str) -> dict[str, str]:
 
     root = workdir / f"qwen2-{shape}"
     paths = {r: root / r for r in ("base", "reasoning", "instruct")}
-    # the weights are written after config.json (an index after its shards): a build stopped half way is redone
-    if all((p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()
-           for p in paths.values()):
+    done = root / "built"  # written last: a build stopped half way (a weights file cut off too) is redone
+    if done.is_file():
         return {k: str(v) for k, v in paths.items()}
     start = time.perf_counter()
     build_triple(root, "qwen2", noise=0.01, dtype=torch.bfloat16, **SHAPES[shape])
+    done.write_text("complete\n")
     print(f"built {shape} triple in {time.perf_counter() - start:.0f}s under {root}", file=sys.stderr)
     return {k: str(v) for k, v in paths.items()}
 

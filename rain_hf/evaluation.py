@@ -1259,8 +1259,8 @@ def normalize_prompt(text: str) -> str:
     is read as the hyphen, and so is a figure or en dash with a digit next to it ("12−4", "12–4" and "12-4" agree;
     "x − y" and "x - y" agree).
     Mathematical symbols stand apart from their neighbours, so "12*4" and "12 * 4" agree. A point or comma between
-    two digits belongs to the number ("3.14" and "3 14" stay apart), and superscript digits are a power ("3²" and
-    "3^2" agree; "32" stays apart).
+    two digits belongs to the number ("3.14" and "3 14" stay apart; a comma is a separator, so "1,2" and "1, 2"
+    agree), and superscript digits are a power ("3²" and "3^2" agree, "x⁻¹" and "x^-1" too; "32" stays apart).
 
     Example:
         >>> normalize_prompt("  Write a POEM,   please!\\n")
@@ -1273,8 +1273,8 @@ def normalize_prompt(text: str) -> str:
     kept = []
     in_math = False
     for i, ch in enumerate(text):
-        if ch in ".," and 0 < i < len(text) - 1 and text[i - 1].isdigit() and text[i + 1].isdigit():
-            kept.append(ch)  # a decimal point or thousands separator: "3.14" is not "3 14"
+        if ch == "." and 0 < i < len(text) - 1 and text[i - 1].isdigit() and text[i + 1].isdigit():
+            kept.append(ch)  # a decimal point: "3.14" is not "3 14" (a comma stays a separator: "1,2" is "1, 2")
             continue
         if ch == "\u2212" or (ch in _NUMERIC_DASHES and _digit_beside(text, i)):
             ch = "-"
@@ -1288,8 +1288,9 @@ def normalize_prompt(text: str) -> str:
     return " ".join("".join(kept).split())
 
 
-_SUPERSCRIPT_DIGITS = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹", "0123456789")
-_SUPERSCRIPTS_RE = re.compile("[⁰¹²³⁴⁵⁶⁷⁸⁹]+")
+_SUPERSCRIPT_DIGITS = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻", "0123456789+-")
+# a run of superscripts is an exponent ("x⁻¹" is x^-1), unless it is a vulgar fraction's numerator ("³⁄₄")
+_SUPERSCRIPTS_RE = re.compile("[⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻]+(?![⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻⁄])")
 # Unicode files these under punctuation or modifier symbols, yet in a prompt they are arithmetic.
 _ASCII_OPERATORS = frozenset("*/%^")
 # Figure dash and en dash: typeset minus signs between or before numbers.

@@ -138,10 +138,15 @@ def _attention_of(block: nn.Module) -> tuple[str, nn.Module] | None:
 
 def _no_attention_found(model: nn.Module) -> str:
     """The refusal for a model whose blocks hold no module rain_hf recognises as attention (by its class name)."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    try:
+        root = _decoder(model)  # the text decoder, not a vision encoder's blocks
+    except Exception:  # noqa: BLE001 - no usable decoder accessor: the whole model
+        root = model
+    lists = [m for m in root.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     block = max(lists, key=len)[0] if lists else None
-    inside = sorted({type(m).__name__ for _, m in block.named_children()}) if block is not None else []
-    seen = f" (its blocks hold {', '.join(inside)})" if inside else ""
+    inside = sorted({type(m).__name__ for name, m in block.named_modules() if name and not isinstance(
+        m, (nn.ModuleList, nn.Linear))}) if block is not None else []
+    seen = f" (its blocks hold {', '.join(inside[:8])}{' …' if len(inside) > 8 else ''})" if inside else ""
     return (f"{type(model).__name__}: no decoder block holds a module whose class name ends in 'Attention'{seen}, "
             "and stage 2 and the head mapping need one: rain_hf does not support this architecture.")
 

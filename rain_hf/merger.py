@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import errno
 import hashlib
 import inspect
@@ -60,7 +61,7 @@ from .checkpoints import (
     resolve_model,
 )
 from .coefficients import coefficient_warning, head_coefficients, weight_scale
-from .config import CONFIG_NAME, ConfigError, RainMergingConfig, did_you_mean, parse_size
+from .config import CONFIG_NAME, ConfigError, RainMergingConfig, parse_size
 from .features import (
     AttentionGeometry,
     LayerReplay,
@@ -117,6 +118,13 @@ def _position_setting(config: RainMergingConfig) -> str:
 
 #: Config fields the plan is built on (which modules, which think tokens): fixed for a merger's lifetime.
 _PLAN_FIELDS = ("target_modules", "layers", "think_open", "think_close", "project_bias")
+# from_pretrained options of transformers that RainMerger.from_pretrained has no counterpart for
+_TRANSFORMERS_LOAD_OPTIONS = frozenset({
+    "attn_implementation", "low_cpu_mem_usage", "subfolder", "variant", "offload_folder", "offload_state_dict",
+    "offload_buffers", "force_download", "proxies", "output_loading_info", "gguf_file", "use_safetensors",
+    "weights_only", "quantization_config", "key_mapping", "tp_plan", "tp_size", "device_mesh", "kernel_config",
+    "code_revision", "ignore_mismatched_sizes", "generation_config", "adapter_name", "adapter_kwargs", "from_tf",
+    "from_flax", "mirror"})
 # config fields that the save applies: the saved record takes them as they are then (not output_dtype: the merged
 # weights were rounded to it at merge time, so the save keeps the merge's)
 _SAVE_FIELDS = ("max_shard_size",)
@@ -668,13 +676,15 @@ class RainMerger:
     @property
     def config(self) -> RainMergingConfig:
         """The settings of the next merge; edit them, or set a new :class:`RainMergingConfig` (or a dict of its
-        fields), between merges (the modules to merge and the think tokens stay the plan's)."""
+        fields: those it leaves out take their defaults, but the modules to merge and the think tokens stay the
+        plan's), between merges."""
         return self._config
 
     @config.setter
     def config(self, config: RainMergingConfig | Mapping[str, Any]) -> None:
-        if isinstance(config, Mapping):  # as from_pretrained(config=...) takes it
-            config = RainMergingConfig.from_dict(dict(config))
+        if isinstance(config, Mapping):  # as from_pretrained(config=...) takes it, what the plan fixed kept
+            fixed = {name: copy.deepcopy(getattr(self.plan.config, name)) for name in _PLAN_FIELDS}
+            config = RainMergingConfig.from_dict({**fixed, **config})
         elif not isinstance(config, RainMergingConfig):
             raise TypeError(f"merger.config takes a RainMergingConfig or a dict of its fields; got "
                             f"{type(config).__name__}.")
@@ -1038,8 +1048,18 @@ class RainMerger:
                       "use_auth_token": "use token=", "max_memory": "pass a device_map dict, e.g. accelerate's "
                       "infer_auto_device_map(model, max_memory=...) of the reasoning model"}
             hint += "".join(f" ({k}: {habits[k]})" for k in sorted(unknown) if k in habits)
-            arguments = list(inspect.signature(cls.from_pretrained).parameters) + sorted(fields)
-            hint += did_you_mean([k for k in sorted(unknown) if k not in fields and k not in habits], arguments)
+            # transformers' own loading options are not typos of rain_hf's (tp_plan is no top_p)
+            foreign = sorted(k for k in unknown if k in _TRANSFORMERS_LOAD_OPTIONS and k not in habits)
+            if foreign:
+                hint += f" ({', '.join(foreign)}: transformers loading options rain_hf does not take)"
+            rest = [k for k in sorted(unknown) if k not in fields and k not in habits and k not in foreign]
+            arguments = [p for p in inspect.signature(cls.from_pretrained).parameters if p not in ("cls", "unknown")]
+            for key in rest:
+                match = difflib.get_close_matches(key, arguments + sorted(fields), n=1)
+                if match and match[0] in fields:
+                    hint += f" ({key!r}: did you mean the setting {match[0]!r}, as config=RainMergingConfig({match[0]}=...)?)"
+                elif match:
+                    hint += f" ({key!r}: did you mean {match[0]!r}?)"
             raise TypeError(f"RainMerger.from_pretrained() got unexpected keyword arguments {sorted(unknown)}{hint}.")
         if features is not None and not isinstance(features, (ThinkFeatures, str, os.PathLike)):
             raise TypeError(f"from_pretrained(features=...) takes ThinkFeatures (compute_features() or "
@@ -1443,9 +1463,13 @@ class RainMerger:
                   (f"the instruct {'model' if isinstance(self.instruct, FullDelta) else 'adapter'}'s task vector",
                    lambda: self.instruct.delta(key))]
         broken = [what for what, read in inputs if (t := read()) is not None and not bool(torch.isfinite(t).all())]
-        if not broken:  # finite inputs: λ (a grid's largest value) scaled the task vector past float32
-            raise CheckpointError(f"Merging {key} at λ={lam:g} gives infinite values, from the arithmetic (values too "
-                                  "large for float32): use a smaller lam (or lam_grid).")
+        if not broken and self.config.method == "slerp":  # slerp_t ∈ [0, 1] mixes two finite weights
+            raise CheckpointError(f"Merging {key} with slerp gives NaN or infinite values from finite weights: their "
+                                  "values are near float32's limit; check those checkpoints before merging them.")
+        if not broken:  # finite inputs: λ scaled the task vector past float32
+            values = "lam (or lam_grid's values)" if self.config.method == "rain" else "lam"
+            raise CheckpointError(f"Merging {key} at λ={lam:g} gives NaN or infinite values, from the arithmetic "
+                                  f"(values too large for float32): use a smaller {values}.")
         raise CheckpointError(f"Merging {key} gives NaN or infinite values, from {' and '.join(broken)} tensor: "
                               "check that checkpoint (a damaged file or a diverged fine-tune) before merging it.")
 
@@ -1479,7 +1503,7 @@ class RainMerger:
                 delta = torch.zeros_like(reasoning) if delta is None else delta.to(self.device)
                 self._task_vector_seen = self._task_vector_seen or bool(delta.any())
                 merged = merge_tensor(cfg.method, reasoning, base, delta, cfg, key)
-                self._refuse_non_finite(key, merged, cfg.slerp_t if cfg.method == "slerp" else cfg.lam)
+                self._refuse_non_finite(key, merged, cfg.lam)
                 self._write_merged(key, merged, final=True)
 
     @contextlib.contextmanager

@@ -39,8 +39,9 @@ def test_merge_memory_reads_a_relative_workdir_from_the_callers_folder(tmp_path,
     assert sorted(p.name for p in (tmp_path / "rel").iterdir()) == ["merged-tiny", "qwen2-tiny"]
     assert ("stage 1: 2 forward passes for 1 batches over 2 layers, and 1 of the think_spacing check: OK"
             in capsys.readouterr().out)
-    # a build stopped before the weights were written is redone, not trusted for its config.json
-    (tmp_path / "rel" / "qwen2-tiny" / "instruct" / "model.safetensors").unlink()
+    # a build stopped before it finished is redone, not trusted for the files it left
+    (tmp_path / "rel" / "qwen2-tiny" / "built").unlink()
+    (tmp_path / "rel" / "qwen2-tiny" / "instruct" / "model.safetensors").write_bytes(b"cut off")
     assert merge_memory.main(["--shape", "tiny", "--samples", "4", "--workdir", "rel", "--lam", "auto"]) == 0
     assert "wall time (load + stage 1 + stage 2 + λ search + merge + save)" in capsys.readouterr().out
 

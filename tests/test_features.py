@@ -559,5 +559,5 @@ def test_a_model_without_a_recognised_attention_module_is_named():
             self.layers = torch.nn.ModuleList([Block(), Block()])
 
     with pytest.raises(ValueError, match=r"Model: no decoder block holds a module whose class name ends in "
-                                         r"'Attention' \(its blocks hold Linear, Mla\)"):
+                                         r"'Attention' \(its blocks hold Mla\)"):
         find_decoder_layers(Model())

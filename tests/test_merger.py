@@ -1182,7 +1182,11 @@ def test_what_is_not_a_model_name_or_a_config_is_named(qwen2, tmp_path):
                                         r"model with transformers' own classes"):
         RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], trust_remote_code=True)
     # transformers' habits and typos get the spelling rain_hf has
-    for kwargs, says in (({"lamda": 2.0}, r"\['lamda'\] \('lamda': did you mean 'lam'\?\)"),
+    for kwargs, says in (({"lamda": 2.0}, r"\['lamda'\] \('lamda': did you mean the setting 'lam', as "
+                                          r"config=RainMergingConfig\(lam=...\)\?\)"),
+                         ({"tp_plan": "auto", "device_mesh": None}, r"\['device_mesh', 'tp_plan'\] \(device_mesh, "
+                                                                     r"tp_plan: transformers loading options .*\.$"),
+                         ({"unknow": 1}, r"\['unknow'\]\.$"),
                          ({"torch_dype": "float32"}, r"\('torch_dype': did you mean 'torch_dtype'\?\)"),
                          ({"cache_dir": "/x"}, r"\(cache_dir: set HF_HUB_CACHE or HF_HOME\)"),
                          ({"max_memory": {0: "1GB"}}, r"\(max_memory: pass a device_map dict, e.g. accelerate's")):
@@ -1194,6 +1198,10 @@ def test_what_is_not_a_model_name_or_a_config_is_named(qwen2, tmp_path):
     # a new config as a dict, as from_pretrained takes it; anything else is named at once
     merger.config = {"method": "task_arithmetic", "lam": 0.5}
     assert merger.config == RainMergingConfig(method="task_arithmetic", lam=0.5)
+    layer0 = _merger(qwen2, method="task_arithmetic", layers=[0])
+    layer0.config = {"method": "ties", "lam": 0.5}  # what the plan fixed stays, not the defaults
+    assert layer0.config.layers == [0] and layer0.config.method == "ties"
+    layer0.merge()
     with pytest.raises(TypeError, match="merger.config takes a RainMergingConfig or a dict of its fields; got str"):
         merger.config = "task_arithmetic"
     merger.config.lam = 1.0
@@ -1856,8 +1864,11 @@ def test_non_finite_weights_are_refused_with_their_model_named(qwen2, tmp_path, 
 
 def test_a_lam_past_float32_is_named_not_the_checkpoints(qwen2):
     merger = _merger(qwen2, lam=1e39, stage1=False, stage2=False)  # finite inputs, an infinite product
-    with pytest.raises(CheckpointError, match=r"at λ=1e\+39 gives infinite values, from the arithmetic .*use a "
-                                              r"smaller lam \(or lam_grid\)"):
+    with pytest.raises(CheckpointError, match=r"at λ=1e\+39 gives NaN or infinite values, from the arithmetic .*use "
+                                              r"a smaller lam \(or lam_grid's values\)\.$"):
+        merger.merge()
+    merger.config = {"method": "ties", "lam": 1e39}  # a baseline has no grid
+    with pytest.raises(CheckpointError, match=r"at λ=1e\+39 gives NaN .*use a smaller lam\.$"):
         merger.merge()
 
 
