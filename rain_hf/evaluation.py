@@ -645,7 +645,8 @@ def extract_last_number(text: str) -> str | None:
 
 
 def _as_number(value: Any) -> float | None:
-    if hasattr(value, "item") and (value.numel() if isinstance(value, torch.Tensor) else getattr(value, "size", 0)) == 1:
+    size = value.numel() if isinstance(value, torch.Tensor) else getattr(value, "size", 0)
+    if hasattr(value, "item") and size == 1:
         # a `datasets` column in torch or numpy format gives 0-d tensors and numpy scalars; str() of a tensor
         # is "tensor(41)", which parses as no number
         value = value.item()
@@ -1258,8 +1259,8 @@ def normalize_prompt(text: str) -> str:
     "-5"), while a hyphen between words is a space ("well-known" and "well known" agree). The minus sign (U+2212)
     is read as the hyphen, and so is a figure or en dash with a digit next to it ("12−4", "12–4" and "12-4" agree;
     "x − y" and "x - y" agree).
-    Mathematical symbols stand apart from their neighbours, so "12*4" and "12 * 4" agree. A point or comma between
-    two digits belongs to the number ("3.14" and "3 14" stay apart; a comma is a separator, so "1,2" and "1, 2"
+    Mathematical symbols stand apart from their neighbours, so "12*4" and "12 * 4" agree. A point between two
+    digits belongs to the number ("3.14" and "3 14" stay apart; a comma is a separator, so "1,2" and "1, 2"
     agree), and superscript digits are a power ("3²" and "3^2" agree, "x⁻¹" and "x^-1" too; "32" stays apart).
 
     Example:

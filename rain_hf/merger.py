@@ -1057,7 +1057,8 @@ class RainMerger:
             for key in rest:
                 match = difflib.get_close_matches(key, arguments + sorted(fields), n=1)
                 if match and match[0] in fields:
-                    hint += f" ({key!r}: did you mean the setting {match[0]!r}, as config=RainMergingConfig({match[0]}=...)?)"
+                    hint += (f" ({key!r}: did you mean the setting {match[0]!r}, as "
+                             f"config=RainMergingConfig({match[0]}=...)?)")
                 elif match:
                     hint += f" ({key!r}: did you mean {match[0]!r}?)"
             raise TypeError(f"RainMerger.from_pretrained() got unexpected keyword arguments {sorted(unknown)}{hint}.")
