@@ -177,7 +177,7 @@ class RainMergingConfig:
             merge warns when the reasoning model confidently writes something else after the think-open or
             think-close token on most calibration samples (and, where the template leaves the think-open token to
             the model, when it confidently writes something else first: an instruct model as reasoning model).
-        output_dtype: dtype of the merged weights (``None``: the reasoning model's).
+        output_dtype: dtype of the merged weights, a name (``"bfloat16"``) or a torch dtype (``None``: the reasoning model's).
         batch_size: calibration samples per forward pass. Stage 2 runs eager attention, which holds each layer's
             attention scores and their float32 softmax, batch_size × heads × tokens² × (4 + 2 × dtype bytes):
             about 14 GiB for 4 samples of 4096 tokens with 28 heads in bf16 (logged when stage 2 starts).
@@ -268,6 +268,8 @@ class RainMergingConfig:
         for name in ("lam_grid", "layers"):
             if isinstance(getattr(self, name), list):
                 setattr(self, name, [_plain_number(v) for v in getattr(self, name)])
+        if type(self.output_dtype).__module__ == "torch":  # torch.bfloat16, as torch_dtype= takes it
+            self.output_dtype = str(self.output_dtype).removeprefix("torch.")
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first field with an unusable value. First, tuples, ranges and
@@ -533,7 +535,9 @@ class RainMergingConfig:
             >>> folder.cleanup()
         """
         text = self.to_json() + "\n"  # first: a value JSON cannot hold must not leave the file emptied
-        with open(Path(path).expanduser(), "w", encoding="utf-8") as f:
+        path = Path(path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)  # as ThinkFeatures.save and save_pretrained do
+        with open(path, "w", encoding="utf-8") as f:
             f.write(text)
 
     @classmethod

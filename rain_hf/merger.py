@@ -1641,7 +1641,7 @@ class RainMerger:
 
     # ------------------------------------------------------------------ merge
     def merge(self, reasoning_calibration: CalibrationData | None = None,
-              instruction_calibration: CalibrationData | None = None) -> torch.nn.Module:
+              instruction_calibration: CalibrationData | None = None, **unknown: Any) -> torch.nn.Module:
         """Run the merge; returns the merged model (the loaded reasoning model, a transformers ``PreTrainedModel``,
         changed in place).
 
@@ -1655,6 +1655,12 @@ class RainMerger:
         The merge follows ``merger.config``, the merger's own copy of the config: to merge again with another λ
         or other stages, change it (``merger.config.lam = 1.0``) and call ``merge()`` again.
         """
+        if unknown:
+            fields = {f.name for f in dataclass_fields(RainMergingConfig)}
+            settings = sorted(k for k in unknown if k in fields)
+            hint = (f": {settings} are merge settings; set them on merger.config first ("
+                    + "; ".join(f"merger.config.{k} = ..." for k in settings) + ")" if settings else "")
+            raise TypeError(f"RainMerger.merge() got unexpected keyword arguments {sorted(unknown)}{hint}.")
         cfg = self.config
         if self._given_config is not None:
             given, as_given = self._given_config
@@ -2197,6 +2203,7 @@ class RainMerger:
         overwrite: bool = False,
         card_template: str | os.PathLike | None = None,
         eval_results: list | None = None,
+        **unknown: Any,
     ) -> CommitInfo:
         """Save the merged model (to ``save_directory``, or a temporary folder deleted after the upload) and upload
         it in one commit; returns the commit's ``huggingface_hub.CommitInfo`` (its ``commit_url``, ``pr_url``).
@@ -2211,6 +2218,13 @@ class RainMerger:
         """
         from .hub import HubError, check_private, check_push_target, namespaced_repo_id, push_folder
 
+        if unknown:  # transformers' push_to_hub habits
+            hints = {"safe_serialization": "the weights are always written as safetensors",
+                     "exist_ok": "an existing repository is pushed to as it is",
+                     "use_temp_dir": "without save_directory the save goes to a temporary folder",
+                     "repo_url": "pass the repository id as repo_id"}
+            said = "".join(f" ({k}: {hints[k]})" for k in sorted(unknown) if k in hints)
+            raise TypeError(f"RainMerger.push_to_hub() got unexpected keyword arguments {sorted(unknown)}{said}.")
         check_private(private)  # before a save that may take minutes and gigabytes
         check_push_target(repo_id, revision)
         scratch = None

@@ -303,6 +303,10 @@ def test_config_round_trip_and_validation(tmp_path):
     assert RainMergingConfig.from_json(cfg.to_json()) == cfg
     cfg.save(tmp_path / "c.json")
     assert RainMergingConfig.load(tmp_path / "c.json") == cfg
+    cfg.save(tmp_path / "new" / "folder" / "c.json")  # its folder made, as save_pretrained makes its own
+    assert RainMergingConfig.load(tmp_path / "new" / "folder" / "c.json") == cfg
+    # a torch dtype, as torch_dtype= takes it, is the dtype's name
+    assert RainMergingConfig(output_dtype=torch.bfloat16).output_dtype == "bfloat16"
     for text, msg in [("null", "expected a JSON object .* got NoneType"), ('"config"', "got str"),
                       ("{lam: 1}", "not valid JSON")]:
         (tmp_path / "bad.json").write_text(text)
