@@ -1268,7 +1268,7 @@ def normalize_prompt(text: str) -> str:
         'write a poem please'
     """
     # a superscript is a power: NFKC alone would read "3²" as "32"
-    text = _SUPERSCRIPTS_RE.sub(lambda m: "^" + m.group().translate(_SUPERSCRIPT_DIGITS), text)
+    text = _SUPERSCRIPTS_RE.sub(_as_power, text)
     text = unicodedata.normalize("NFKC", text).casefold().replace("\u2044", "/")  # NFKC turns "½" into 1⁄2
     text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
     kept = []
@@ -1292,6 +1292,13 @@ def normalize_prompt(text: str) -> str:
 _SUPERSCRIPT_DIGITS = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻", "0123456789+-")
 # a run of superscripts is an exponent ("x⁻¹" is x^-1), unless it is a vulgar fraction's numerator ("³⁄₄")
 _SUPERSCRIPTS_RE = re.compile("[⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻]+(?![⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻⁄])")
+
+
+def _as_power(match: re.Match) -> str:
+    run = match.group()
+    if all(ch in "⁺⁻" for ch in run):
+        return run  # a sign alone is a charge ("OH⁻" is "OH-"), left to NFKC
+    return "^" + run.translate(_SUPERSCRIPT_DIGITS)
 # Unicode files these under punctuation or modifier symbols, yet in a prompt they are arithmetic.
 _ASCII_OPERATORS = frozenset("*/%^")
 # Figure dash and en dash: typeset minus signs between or before numbers.

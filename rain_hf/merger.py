@@ -1657,9 +1657,12 @@ class RainMerger:
         """
         if unknown:
             fields = {f.name for f in dataclass_fields(RainMergingConfig)}
-            settings = sorted(k for k in unknown if k in fields)
-            hint = (f": {settings} are merge settings; set them on merger.config first ("
+            settings = sorted(k for k in unknown if k in fields and k not in _PLAN_FIELDS)
+            fixed = sorted(k for k in unknown if k in _PLAN_FIELDS)
+            hint = (" (merge settings: set them on merger.config first, "
                     + "; ".join(f"merger.config.{k} = ..." for k in settings) + ")" if settings else "")
+            hint += (f" ({', '.join(fixed)}: fixed by the plan; make a new RainMerger with that config)" if fixed
+                     else "")
             raise TypeError(f"RainMerger.merge() got unexpected keyword arguments {sorted(unknown)}{hint}.")
         cfg = self.config
         if self._given_config is not None:

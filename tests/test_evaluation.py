@@ -1080,6 +1080,7 @@ def test_calibration_overlap():
     assert ev.normalize_prompt("What is 3²?") == ev.normalize_prompt("What is 3^2?") != ev.normalize_prompt("What is 32?")
     assert ev.normalize_prompt("2¹⁰") == "2 ^ 10" and ev.normalize_prompt("½") == ev.normalize_prompt("1/2")
     assert ev.normalize_prompt("x⁻¹") == ev.normalize_prompt("x^-1") != ev.normalize_prompt("x^1")
+    assert ev.normalize_prompt("OH⁻ and Na⁺") == ev.normalize_prompt("OH- and Na+")  # a sign alone is a charge
     assert ev.normalize_prompt("³⁄₄ cup") == ev.normalize_prompt("3/4 cup") == ev.normalize_prompt("¾ cup")
     # a comma between digits stays a separator: lists and coordinates match their spaced twins
     assert ev.normalize_prompt("Sort 1,2,3 in order") == ev.normalize_prompt("Sort 1, 2, 3 in order")

@@ -1201,9 +1201,11 @@ def test_what_is_not_a_model_name_or_a_config_is_named(qwen2, tmp_path):
     layer0 = _merger(qwen2, method="task_arithmetic", layers=[0])
     layer0.config = {"method": "ties", "lam": 0.5}  # what the plan fixed stays, not the defaults
     assert layer0.config.layers == [0] and layer0.config.method == "ties"
-    with pytest.raises(TypeError, match=r"merge\(\) got unexpected keyword arguments \['lam'\]: \['lam'\] are merge "
-                                        r"settings; set them on merger.config first \(merger.config.lam = ...\)"):
+    with pytest.raises(TypeError, match=r"merge\(\) got unexpected keyword arguments \['lam'\] \(merge settings: set "
+                                        r"them on merger.config first, merger.config.lam = ...\)"):
         layer0.merge(lam=2.0)
+    with pytest.raises(TypeError, match=r"\['layers'\] \(layers: fixed by the plan; make a new RainMerger"):
+        layer0.merge(layers=[1])
     with pytest.raises(TypeError, match=r"push_to_hub\(\) got unexpected keyword arguments \['exist_ok', "
                                         r"'safe_serialization'\] \(exist_ok: .*\) \(safe_serialization: "):
         layer0.push_to_hub("me/x", safe_serialization=True, exist_ok=True)  # refused before any Hub call
