@@ -23,7 +23,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +60,7 @@ from .checkpoints import (
     resolve_model,
 )
 from .coefficients import coefficient_warning, head_coefficients, weight_scale
-from .config import CONFIG_NAME, ConfigError, RainMergingConfig, parse_size
+from .config import _FIELD_NAMES, CONFIG_NAME, ConfigError, RainMergingConfig, parse_size
 from .features import (
     AttentionGeometry,
     LayerReplay,
@@ -125,6 +124,28 @@ _TRANSFORMERS_LOAD_OPTIONS = frozenset({
     "weights_only", "quantization_config", "key_mapping", "tp_plan", "tp_size", "device_mesh", "kernel_config",
     "code_revision", "ignore_mismatched_sizes", "generation_config", "adapter_name", "adapter_kwargs", "from_tf",
     "from_flax", "mirror"})
+# what to pass instead of keyword arguments of transformers' namesakes that RainMerger's methods do not take
+_SAFETENSORS_ONLY = "the weights are always written as safetensors"
+_LOAD_HABITS = {"cache_dir": "set HF_HUB_CACHE or HF_HOME", "local_files_only": "set HF_HUB_OFFLINE=1",
+                "use_auth_token": "use token=", "max_memory": "pass a device_map dict, e.g. accelerate's "
+                "infer_auto_device_map(model, max_memory=...) of the reasoning model"}
+_SAVE_HABITS = {"push_to_hub": "push with merger.push_to_hub(repo_id) instead",
+                "safe_serialization": _SAFETENSORS_ONLY, "safe_serialisation": _SAFETENSORS_ONLY}
+_PUSH_HABITS = {"safe_serialization": _SAFETENSORS_ONLY, "exist_ok": "an existing repository is pushed to as it is",
+                "use_temp_dir": "without save_directory the save goes to a temporary folder",
+                "repo_url": "pass the repository id as repo_id"}
+
+
+def _habit_hints(unknown: Mapping[str, Any], habits: Mapping[str, str]) -> str:
+    """' (name: what to do instead)' for each unknown keyword argument that ``habits`` knows."""
+    return "".join(f" ({k}: {habits[k]})" for k in sorted(unknown) if k in habits)
+
+
+def _unexpected_arguments(method: str, unknown: Mapping[str, Any], hint: str = "") -> TypeError:
+    """The refusal of keyword arguments that ``RainMerger.<method>`` does not take (``hint`` says what to do)."""
+    return TypeError(f"RainMerger.{method}() got unexpected keyword arguments {sorted(unknown)}{hint}.")
+
+
 # config fields that the save applies: the saved record takes them as they are then (not output_dtype: the merged
 # weights were rounded to it at merge time, so the save keeps the merge's)
 _SAVE_FIELDS = ("max_shard_size",)
@@ -460,7 +481,7 @@ class _ReadOnce:
         return self._read[key]
 
 
-def _sampled_keys(targets: Sequence[TargetModule], checkpoints: Mapping[str, LazyCheckpoint],
+def _sampled_keys(targets: Sequence[TargetModule], checkpoints: Mapping[str, LazyCheckpoint | _ReadOnce],
                   samples: int = 3) -> list[str]:
     """``samples`` of the smallest merged weights, from layers apart: cheap to read, and spread over the model."""
     sizes = {t.weight_key: math.prod(checkpoints["base"].shape(t.weight_key)) for t in targets}
@@ -474,7 +495,8 @@ def _sampled_keys(targets: Sequence[TargetModule], checkpoints: Mapping[str, Laz
 _FINETUNE_DISTANCE = 0.5
 
 
-def _distance_warnings(targets: Sequence[TargetModule], checkpoints: Mapping[str, LazyCheckpoint],
+def _distance_warnings(targets: Sequence[TargetModule],
+                       checkpoints: Mapping[str, LazyCheckpoint | _ReadOnce | None],
                        roles: Sequence[str]) -> list[str]:
     """Warnings for models that are too far from ``base_model`` on sampled weights to be fine-tunes of it (a
     Qwen2 base given for a Qwen2.5 instruct model): their task vector would be mostly another model's weights."""
@@ -499,7 +521,7 @@ def _distance_warnings(targets: Sequence[TargetModule], checkpoints: Mapping[str
     return warnings
 
 
-def _order_warning(targets: Sequence[TargetModule], checkpoints: Mapping[str, LazyCheckpoint],
+def _order_warning(targets: Sequence[TargetModule], checkpoints: Mapping[str, LazyCheckpoint | _ReadOnce],
                    samples: int = 3) -> str | None:
     """A warning when the models look passed in another order: when the model given as ``base_model`` is a
     fine-tune, the two "task vectors" measured from it share the true base's direction (cosine ≈ 0.7 for
@@ -957,8 +979,8 @@ class RainMerger:
             # the last layers absent whole: the config counts more layers than the weights hold, not a renaming
             raise ModelMismatchError(
                 f"No checkpoint stores a tensor of decoder layers {missing_layers} (e.g. {unstored[0]}), which the "
-                f"reasoning model's config.json counts ({getattr(text_config(configs['reasoning']), 'num_hidden_layers', '?')} "
-                f"layers; stored: {stored[:3]}{' …' if len(stored) > 3 else ''}): the config does not describe these "
+                f"reasoning model's config.json counts "
+                f"({getattr(text_config(configs['reasoning']), 'num_hidden_layers', '?')} layers; stored: {stored[:3]}{' …' if len(stored) > 3 else ''}): the config does not describe these "
                 "weights. Pass the config.json saved with them.")
         if unstored:
             modules = sorted({key.rsplit(".", 2)[-2] for key in unstored})
@@ -1037,31 +1059,27 @@ class RainMerger:
                 ``RainMergingConfig.sequential``).
         """
         if unknown:
-            fields = {f.name for f in dataclass_fields(RainMergingConfig)}
-            settings = sorted(k for k in unknown if k in fields)
+            settings = sorted(k for k in unknown if k in _FIELD_NAMES)
             hint = (f": {settings} are merge settings, passed as config=RainMergingConfig("
                     f"{', '.join(f'{k}=...' for k in settings)})" if settings else "")
             if "trust_remote_code" in unknown:
                 hint += (" (trust_remote_code: rain_hf loads the reasoning model with transformers' own classes; a "
                          "model whose code lives in its repository is not supported)")
-            habits = {"cache_dir": "set HF_HUB_CACHE or HF_HOME", "local_files_only": "set HF_HUB_OFFLINE=1",
-                      "use_auth_token": "use token=", "max_memory": "pass a device_map dict, e.g. accelerate's "
-                      "infer_auto_device_map(model, max_memory=...) of the reasoning model"}
-            hint += "".join(f" ({k}: {habits[k]})" for k in sorted(unknown) if k in habits)
+            hint += _habit_hints(unknown, _LOAD_HABITS)
             # transformers' own loading options are not typos of rain_hf's (tp_plan is no top_p)
-            foreign = sorted(k for k in unknown if k in _TRANSFORMERS_LOAD_OPTIONS and k not in habits)
+            foreign = sorted(k for k in unknown if k in _TRANSFORMERS_LOAD_OPTIONS and k not in _LOAD_HABITS)
             if foreign:
                 hint += f" ({', '.join(foreign)}: transformers loading options rain_hf does not take)"
-            rest = [k for k in sorted(unknown) if k not in fields and k not in habits and k not in foreign]
+            rest = [k for k in sorted(unknown) if k not in _FIELD_NAMES and k not in _LOAD_HABITS and k not in foreign]
             arguments = [p for p in inspect.signature(cls.from_pretrained).parameters if p not in ("cls", "unknown")]
             for key in rest:
-                match = difflib.get_close_matches(key, arguments + sorted(fields), n=1)
-                if match and match[0] in fields:
+                match = difflib.get_close_matches(key, arguments + sorted(_FIELD_NAMES), n=1)
+                if match and match[0] in _FIELD_NAMES:
                     hint += (f" ({key!r}: did you mean the setting {match[0]!r}, as "
                              f"config=RainMergingConfig({match[0]}=...)?)")
                 elif match:
                     hint += f" ({key!r}: did you mean {match[0]!r}?)"
-            raise TypeError(f"RainMerger.from_pretrained() got unexpected keyword arguments {sorted(unknown)}{hint}.")
+            raise _unexpected_arguments("from_pretrained", unknown, hint)
         if features is not None and not isinstance(features, (ThinkFeatures, str, os.PathLike)):
             raise TypeError(f"from_pretrained(features=...) takes ThinkFeatures (compute_features() or "
                             f"ThinkFeatures.load), a path to saved ones, or None; got {type(features).__name__}.")
@@ -1112,7 +1130,8 @@ class RainMerger:
             raise CheckpointError(
                 f"The reasoning model {plan.sources['reasoning'].describe()} lacks {len(missing)} tensors its model "
                 f"class needs ({', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}), which transformers would "
-                "initialise at random: the checkpoint is incomplete. Pass the complete checkpoint (every shard its index lists, saved with save_pretrained).")
+                "initialise at random: the checkpoint is incomplete. Pass the complete checkpoint (every shard its "
+                "index lists, saved with save_pretrained).")
         if device_map is None:
             device = device if device is not None else "cpu"
             model.to(device)
@@ -1656,14 +1675,13 @@ class RainMerger:
         or other stages, change it (``merger.config.lam = 1.0``) and call ``merge()`` again.
         """
         if unknown:
-            fields = {f.name for f in dataclass_fields(RainMergingConfig)}
-            settings = sorted(k for k in unknown if k in fields and k not in _PLAN_FIELDS)
+            settings = sorted(k for k in unknown if k in _FIELD_NAMES and k not in _PLAN_FIELDS)
             fixed = sorted(k for k in unknown if k in _PLAN_FIELDS)
             hint = (" (merge settings: set them on merger.config first, "
                     + "; ".join(f"merger.config.{k} = ..." for k in settings) + ")" if settings else "")
             hint += (f" ({', '.join(fixed)}: fixed by the plan; make a new RainMerger with that config)" if fixed
                      else "")
-            raise TypeError(f"RainMerger.merge() got unexpected keyword arguments {sorted(unknown)}{hint}.")
+            raise _unexpected_arguments("merge", unknown, hint)
         cfg = self.config
         if self._given_config is not None:
             given, as_given = self._given_config
@@ -2109,12 +2127,8 @@ class RainMerger:
         with :func:`rain_hf.hub.push_folder` (default: ``save_directory`` as given, with ``~`` expanded), and
         ``model_revision`` the branch, if not main. Returns the folder's path (``~`` expanded).
         """
-        if unknown:  # transformers' save_pretrained habits
-            hints = {"push_to_hub": "push with merger.push_to_hub(repo_id) instead",
-                     "safe_serialization": "the weights are always written as safetensors",
-                     "safe_serialisation": "the weights are always written as safetensors"}
-            said = "".join(f" ({k}: {hints[k]})" for k in sorted(unknown) if k in hints)
-            raise TypeError(f"RainMerger.save_pretrained() got unexpected keyword arguments {sorted(unknown)}{said}.")
+        if unknown:
+            raise _unexpected_arguments("save_pretrained", unknown, _habit_hints(unknown, _SAVE_HABITS))
         if not self.merged:
             if self._merged_config is None:
                 raise RuntimeError("Nothing to save yet: call merge() first.")
@@ -2221,13 +2235,8 @@ class RainMerger:
         """
         from .hub import HubError, check_private, check_push_target, namespaced_repo_id, push_folder
 
-        if unknown:  # transformers' push_to_hub habits
-            hints = {"safe_serialization": "the weights are always written as safetensors",
-                     "exist_ok": "an existing repository is pushed to as it is",
-                     "use_temp_dir": "without save_directory the save goes to a temporary folder",
-                     "repo_url": "pass the repository id as repo_id"}
-            said = "".join(f" ({k}: {hints[k]})" for k in sorted(unknown) if k in hints)
-            raise TypeError(f"RainMerger.push_to_hub() got unexpected keyword arguments {sorted(unknown)}{said}.")
+        if unknown:
+            raise _unexpected_arguments("push_to_hub", unknown, _habit_hints(unknown, _PUSH_HABITS))
         check_private(private)  # before a save that may take minutes and gigabytes
         check_push_target(repo_id, revision)
         scratch = None
