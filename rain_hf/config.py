@@ -500,8 +500,9 @@ class RainMergingConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RainMergingConfig:
         """Build a config from a dict; unknown keys are an error that lists the known ones."""
-        if not isinstance(data, dict):
+        if not isinstance(data, Mapping):
             raise ConfigError(f"RainMergingConfig.from_dict expects a dict of fields, got {type(data).__name__}.")
+        data = dict(data)  # a read-only or custom mapping is as good as a dict
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known, key=str)
         if unknown and "rain_hf_version" in data and isinstance(data.get("config"), dict):

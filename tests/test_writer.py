@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import tempfile
+import types
 from pathlib import Path
 
 import pytest
@@ -380,6 +381,7 @@ def test_config_round_trip_and_validation(tmp_path):
             RainMergingConfig(**bad)
     with pytest.raises(ConfigError, match="expects a dict"):
         RainMergingConfig.from_dict(None)
+    assert RainMergingConfig.from_dict(types.MappingProxyType({"lam": 2.0})).lam == 2.0
     assert RainMergingConfig(lam_grid=(1.0, 2.0), layers=(0,)) == RainMergingConfig(lam_grid=[1.0, 2.0], layers=[0])
     assert parse_size("8Gb") == 10**9  # a lowercase b counts bits in decimal units, as in transformers
     assert parse_size("500Mib") == parse_size("500MiB") == 500 * 2**20
