@@ -37,6 +37,12 @@ SHAPES = {
 GIB = 2**30
 
 
+def _millions(count: int) -> str:
+    """A parameter count in millions, with the digits a tiny shape needs (not "0M")."""
+    millions = count / 1e6
+    return f"{millions:.0f}" if millions >= 10 else f"{millions:.2g}"
+
+
 def build(workdir: Path, shape: str) -> dict[str, str]:
     import torch
 
@@ -177,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     fig = json.loads(done.stdout.strip().splitlines()[-1])
     size = fig["reasoning_bytes"] / GIB
     target = 1.5 * size + 1.0
-    print(f"shape {args.shape}: {fig['parameters'] / 1e6:.0f}M parameters, reasoning checkpoint {size:.2f} GiB, "
+    print(f"shape {args.shape}: {_millions(fig['parameters'])}M parameters, reasoning checkpoint {size:.2f} GiB, "
           f"device {args.device}, lam {args.lam} (merged with λ = {fig['lam']:g}), {fig['projection']} projection"
           f"{' (replay cache offloaded to CPU)' if args.offload else ''}")
     search = " + λ search" if "lam_auto" in fig["timings"] else ""
