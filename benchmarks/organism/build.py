@@ -11,8 +11,8 @@ fine-tune that never thinks and follows them. Both fine-tunes start from the bas
 with one thread each, and put the loss on the assistant response only.
 
 ``--variant orthogonal`` builds the near-orthogonal variant of BUILD.md instead (base thinks 20 % of the time;
-the reasoning fine-tune sees no format instructions), into the folder given with ``--out``; BUILD.md lists the
-others (``plain_r300_itm2``, ``heads12``, ``heads12_plain_r300_itm2``).
+the reasoning fine-tune sees no format instructions), into the folder given with ``--out``. ``--help`` lists every
+variant and BUILD.md gives each one's recipe and figures.
 """
 
 from __future__ import annotations
