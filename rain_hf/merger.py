@@ -375,10 +375,14 @@ def _dtype_problem(out: torch.dtype, loaded: torch.dtype) -> str | None:
             f"RainMergingConfig(output_dtype={short!r}) to save in {short}.")
 
 
-def check_device(device: str | torch.device | None) -> None:
+def check_device(device: str | torch.device | int | None) -> None:
     """Raise ConfigError for a device torch does not know, or a CUDA device where torch sees none."""
     if device is None:
         return
+    if isinstance(device, int) and not isinstance(device, bool) and device >= 0 and not torch.cuda.is_available():
+        # torch reads a bare index as an accelerator's; with none here its own error names no fix
+        raise ConfigError(f"device={device} means the accelerator cuda:{device}, but torch sees no CUDA device here "
+                          f"(torch {torch.__version__}): use device='cpu', or install a CUDA build of torch.")
     try:
         parsed = torch.device(device)
     except RuntimeError as exc:
@@ -1029,7 +1033,7 @@ class RainMerger:
         *,
         revision: str | Mapping[str, str] | None = None,
         token: str | bool | None = None,
-        device: str | torch.device | None = None,
+        device: str | torch.device | int | None = None,
         torch_dtype: str | torch.dtype | None = None,
         device_map: str | dict | None = None,
         features: ThinkFeatures | str | os.PathLike | None = None,
@@ -1044,7 +1048,8 @@ class RainMerger:
             config: the merge settings (default :class:`RainMergingConfig`; a dict of its fields is read as one).
             revision: one revision for all three, or a dict ``{"base": ..., "reasoning": ..., "instruct": ...}``.
             token: Hub token.
-            device: where the forward passes and the projections run (``"cpu"``, ``"cuda"``; default: the CPU).
+            device: where the forward passes and the projections run (``"cpu"``, ``"cuda"``, ``"cuda:1"`` or
+                ``1``; default: the CPU).
                 With ``device_map`` the forward passes run where it put each layer, and ``device`` (default: the
                 device of the input embeddings) is where the projections run.
             torch_dtype: dtype to load the reasoning model in (default: ``"auto"``, the dtype its config.json
@@ -1092,7 +1097,7 @@ class RainMerger:
         return merger
 
     @classmethod
-    def _from_plan(cls, parts: tuple, *, device: str | torch.device | None = None,
+    def _from_plan(cls, parts: tuple, *, device: str | torch.device | int | None = None,
                    torch_dtype: str | torch.dtype | None = None, dtype: str | torch.dtype | None = None,
                    device_map: str | dict | None = None, features: ThinkFeatures | str | os.PathLike | None = None,
                    start: float | None = None) -> RainMerger:

@@ -2118,6 +2118,8 @@ def test_inputs_are_protected(qwen2, tmp_path, caplog):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="torch sees no CUDA device"):
             RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], device="cuda")
+        with pytest.raises(ConfigError, match="device=0 means the accelerator cuda:0, but torch sees no CUDA"):
+            RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], device=0)
     else:
         with pytest.raises(ConfigError, match="CUDA device\\(s\\)"):
             RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
