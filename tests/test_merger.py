@@ -2542,6 +2542,17 @@ def test_an_instruct_model_without_a_task_vector_is_warned_about(qwen2, tmp_path
     merger = _merger(qwen2, lam=1.0, stage2=False)  # a real instruct model: not a word
     merger.merge(reasoning_records(4))
     assert not any("no task vector" in w for w in merger.report.warnings)
+    # a task vector in the biases alone: merged with project_bias=True, so the merge does add something
+    weights = load_file(tmp_path / "copy" / "model.safetensors")
+    weights["model.layers.0.self_attn.q_proj.bias"] += 0.5
+    save_file(weights, tmp_path / "copy" / "model.safetensors", metadata={"format": "pt"})
+    for project_bias, warned in ((True, False), (False, True)):
+        merger = RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], tmp_path / "copy",
+                                            RainMergingConfig(target_modules=["q_proj"], lam=1.0, stage2=False,
+                                                              project_bias=project_bias))
+        merger.merge(reasoning_records(4))
+        assert any("there is no task vector to merge" in w for w in merger.report.warnings) == warned
+        assert any("changed 1 biases" in w for w in merger.report.warnings) == warned
 
 
 def test_an_adapter_beside_a_full_model_and_a_hub_adapter_fetch(qwen2, tmp_path, monkeypatch):
