@@ -39,6 +39,8 @@ def test_rcond_keeps_only_strong_directions():
     assert protected_basis(v, s, 0.1).shape == (4, 2)
     assert protected_basis(v, s, 0.01).shape == (4, 3)
     assert protected_basis(v, torch.zeros(4), 0.1).shape == (4, 0)
+    # exactly at the cut-off (exact in binary): not kept, as "s > rcond·s_max" says
+    assert protected_basis(v, torch.tensor([8.0, 2.0, 1.0, 0.0]), 0.25).shape == (4, 1)
 
 
 def test_ridge_matches_closed_form():
