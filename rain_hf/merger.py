@@ -1519,12 +1519,14 @@ class RainMerger:
                 reasoning = self.reasoning.get(key)
                 reasoning = reasoning.to(self.device, work_dtype(reasoning.dtype))
                 base = self.base.get(key) if with_base else None
+                if base is not None:  # θ_B is needed twice (in Δ_I and in the method): read and widened once
+                    base = base.to(work_dtype(base.dtype))
                 if base is not None and isinstance(self.instruct, FullDelta):
-                    delta = self.instruct.delta(key, base)  # θ_B is needed twice: read once
+                    delta = self.instruct.delta(key, base)
                 else:
                     delta = self.instruct.delta(key)
                 if base is not None:
-                    base = base.to(self.device, work_dtype(base.dtype))
+                    base = base.to(self.device)
                 delta = torch.zeros_like(reasoning) if delta is None else delta.to(self.device)
                 self._task_vector_seen = self._task_vector_seen or bool(delta.any())
                 merged = merge_tensor(cfg.method, reasoning, base, delta, cfg, key)
