@@ -100,11 +100,17 @@ def coefficient_warning(
     measured = ~torch.isnan(scores)
     if not bool(measured.any()):
         return None  # nothing was measured: the caller names the sliding windows
-    mean = float(scores[measured].mean())
-    # the raw scores suit a box of their own only where they are mostly positive (the box starts at 0)
-    hint = "a smaller rho" + (", or coef_normalize='none' with a box that suits the raw scores"
-                              if normalize == "mean" and mean > 0 else ", or calibration data whose responses "
-                              "attend to the instruction more than the thinking does")
+    raw = scores[measured]
+    mean = float(raw.mean())
+    outside = float(((raw < lo) | (raw > hi)).float().mean())
+    if normalize == "none" and outside > 0.5:  # the literal form's box does not suit the raw scores it clips
+        hint = (f"coef_min / coef_max that suit the raw scores a − ρ·u (they lie between {float(raw.min()):.3g} "
+                f"and {float(raw.max()):.3g}), or coef_normalize='mean'")
+    else:
+        # the raw scores suit a box of their own only where they are mostly positive (the box starts at 0)
+        hint = ", or ".join((["a smaller rho"] if rho > 0 else []) + (
+            ["coef_normalize='none' with a box that suits the raw scores"] if normalize == "mean" and mean > 0 else
+            ["calibration data whose responses attend to the instruction more than the thinking does"]))
     if normalize == "mean" and not mean > 0:
         return (f"stage 2: the head scores a − ρ·u have a non-positive mean ({mean:.3g}), so every head got α = 1 "
                 f"and stage 2 changed nothing; try {hint}.")

@@ -160,7 +160,9 @@ class RainMergingConfig:
         coef_normalize: ``"mean"`` divides the stage-2 scores by their mean over all heads (mean coefficient 1
             before the clip to ``[coef_min, coef_max]``, so λ alone sets the strength); ``"none"`` keeps the
             paper's literal g / (1 + u).
-        coef_min, coef_max: the box the coefficients are clipped to.
+        coef_min, coef_max: the box the measured heads' coefficients are clipped to. With ``"mean"``, heads no
+            response token could measure (sliding-window layers that never see the instruction), and every head
+            when the mean score is not positive, get α = 1, stage 1 alone there, even where 1 lies outside the box.
         probe_lam: the expansion point of the stage-2 probe model θ_R + probe_lam·Δ⊥.
         target_modules: ``"all-linear"`` (every linear layer inside the decoder blocks) or, as in peft, a list of
             module names or dotted suffixes of them such as ``["q_proj", "v_proj", "mlp.down_proj"]`` (a tuple or

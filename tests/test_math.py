@@ -170,6 +170,15 @@ def test_coefficient_warning_names_a_stage_2_that_cannot_rank_heads():
     assert set(saturated.flatten().tolist()) == {0.0, 2.0}
     said = coefficient_warning(a2, u2, 0.5, "mean", saturated, 0.0, 2.0)
     assert "100% of the heads' coefficients sit on a bound of [0, 2]" in said and "coef_normalize='none'" in said
+    one_head = torch.tensor([[0.0, 0.0, 0.0, 0.4]])  # ρ is 0 already: all the spread is alignment's
+    alone = head_coefficients(one_head, torch.zeros(1, 4), 0.0, "mean", 0.0, 2.0)
+    said = coefficient_warning(one_head, torch.zeros(1, 4), 0.0, "mean", alone, 0.0, 2.0)
+    assert "sit on a bound" in said and "rho" not in said and "coef_normalize='none'" in said
+    # the literal form with a floor above every raw score: the box is the cause, and no ρ can help
+    floored = head_coefficients(a2, u2, 0.0, "none", 0.5, 3.0)
+    said = coefficient_warning(a2, u2, 0.0, "none", floored, 0.5, 3.0)
+    assert "coef_min / coef_max that suit the raw scores a − ρ·u (they lie between 0.0684 and 0.0984)" in said
+    assert "rho" not in said
 
 
 def test_gqa_mapping_groups_consecutive_query_heads():
