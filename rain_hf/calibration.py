@@ -701,6 +701,15 @@ def _labelled_fields(record: Mapping) -> tuple[Any, Any, Any, tuple[str, str]]:
     """
     # a datasets.Dataset gives every row every column, so a chat-format row arrives with prompt=None (or "")
     messages = record.get("messages")
+    roles = [m.get("role") if isinstance(m, Mapping) else None for m in messages] \
+        if isinstance(messages, list) else None
+    if not _no_prompt_field(record) and roles in (["user"], ["user", "assistant"]) \
+            and isinstance(messages[0].get("content"), str):
+        # both forms of one sample; any other 'messages' (a system turn, a whole conversation, []) is another
+        # column of the data set, and the record is read through 'prompt' as it always was
+        if messages[0]["content"].strip() != str(record["prompt"]).strip():
+            raise _Malformed("fields 'prompt' and 'messages' both give the prompt, and they differ: keep one of them")
+        record = {**record, "prompt": None}  # the same prompt twice: read as the chat form, answers reconciled
     if _no_prompt_field(record) and messages is not None:
         if not isinstance(messages, list):
             raise _Malformed(f"field 'messages' is a {type(messages).__name__}, not a list of {{'role', 'content'}} "
@@ -718,15 +727,8 @@ def _labelled_fields(record: Mapping) -> tuple[Any, Any, Any, tuple[str, str]]:
             raise _Malformed("the assistant turn of 'messages' and the fields 'reasoning' / 'reason' / 'response' "
                              "give different answers: keep one of them")
         record = {**record, "prompt": fields[0]}  # the prompt as a chat turn, its trace in the fields
-    roles = [m.get("role") if isinstance(m, Mapping) else None for m in messages] \
-        if isinstance(messages, list) else None
-    if roles in (["user"], ["user", "assistant"]) and isinstance(messages[0].get("content"), str):
-        # both forms of one sample; any other 'messages' (a system turn, a whole conversation, []) is another
-        # column of the data set, and the record is read through 'prompt' as it always was
-        if messages[0]["content"].strip() != str(record["prompt"]).strip():
-            raise _Malformed("fields 'prompt' and 'messages' both give the prompt, and they differ: keep one of them")
-        if all(record.get(key) is None for key in (*REASONING_KEYS, "response")):
-            return _fields_from_messages(messages)  # the same prompt twice: the chat turns carry the answer
+    if all(_blank(record.get(key)) for key in (*REASONING_KEYS, "response")):
+        return record.get("prompt"), None, None, _FIELD_LABELS  # empty answer cells: a prompt to generate for
     given = {key: record[key] for key in REASONING_KEYS if record.get(key) is not None}
     if len(given) > 1 and len({str(v).strip() for v in given.values()}) > 1:
         raise _Malformed("fields 'reasoning' and 'reason' both hold a thinking text, and they differ: keep one of them")

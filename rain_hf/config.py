@@ -187,7 +187,9 @@ class RainMergingConfig:
         max_length: calibration sequences are cut to this many tokens (the think tokens and at least one answer
             token must survive the cut); keep it within the model's ``max_position_embeddings``: longer samples
             are warned about.
-        max_reasoning_samples, max_instruction_samples: use at most this many calibration samples (``None``: all).
+        max_reasoning_samples, max_instruction_samples: use at most this many calibration samples (``None``: all):
+            the first usable ones in input order. The paper's files are grouped by domain (its reasoning set starts
+            with 50 maths samples), so shuffle a file with a seed before capping it to draw from every domain.
         on_malformed: ``"skip"`` a malformed calibration sample (logged with its index, and listed in the merge's
             report and card) or raise (``"error"``).
         max_new_tokens, do_sample, temperature, top_p: generation of traces for prompt-only calibration data

@@ -335,7 +335,7 @@ def test_a_file_of_malformed_samples_does_not_flood_the_log(tok, caplog):
 
 
 def test_sample_limits_take_the_first_usable(tok):
-    records = [RECORD, {"prompt": "x", "reasoning": ""}, RECORD, RECORD, RECORD]
+    records = [RECORD, {"prompt": "x", "reasoning": "Hmm."}, RECORD, RECORD, RECORD]
     samples = prepare_reasoning_calibration(records, tok, _cfg(max_reasoning_samples=2))
     assert [s.index for s in samples] == [0, 2]
     samples = prepare_instruction_calibration(records, tok, _cfg(lam=1.0, max_instruction_samples=3, max_reasoning_samples=1))
@@ -774,6 +774,27 @@ def test_dataset_mixing_prompt_and_messages_rows(tok, chain_ids):
     cfg = _cfg(on_malformed="error", max_new_tokens=12)
     a, b = prepare_reasoning_calibration(only, tok, cfg, model=model)
     assert a.input_ids == b.input_ids
+    # empty answer cells read as absent, in the plain form as in the chat form: both rows are prompts to generate for
+    blank = [{"prompt": "Hi", "reasoning": "", "response": " "},
+             {"messages": [{"role": "user", "content": "Hi"}], "reasoning": "", "response": ""}]
+    with pytest.raises(CalibrationError, match="2 of 2 .*only a prompt"):
+        prepare_reasoning_calibration(blank, tok, _cfg())
+    a, b = prepare_reasoning_calibration(blank, tok, cfg, model=model)
+    assert a.input_ids == b.input_ids
+
+
+def test_a_prompt_column_beside_a_chat_column_reads_the_same_as_the_chat_column_alone(tok):
+    chat = [{"role": "user", "content": RECORD["prompt"]},
+            {"role": "assistant", "content": f"<think>{RECORD['reasoning']}</think>{RECORD['response']}"}]
+    for extra in ({}, {"prompt": RECORD["prompt"]}):
+        # the answer column repeats the chat answer: one answer
+        (same,) = prepare_reasoning_calibration([{**extra, "messages": chat, "response": RECORD["response"]}], tok,
+                                                _cfg(on_malformed="error"))
+        assert same.input_ids == prepare_reasoning_calibration([RECORD], tok, _cfg())[0].input_ids
+        # fields that give another answer than the chat turn: refused, not one of the two dropped in silence
+        with pytest.raises(CalibrationError, match="give different answers: keep one of them"):
+            prepare_reasoning_calibration([{**extra, "messages": chat, "reasoning": "Something else entirely.",
+                                            "response": "A different answer."}], tok, _cfg(on_malformed="error"))
 
 
 def test_non_utf8_file_is_refused_with_its_offset(tmp_path):
