@@ -296,6 +296,14 @@ def _make_unshared_dirs(directory: str, ours: str) -> None:
         folder = os.path.dirname(folder)
 
 
+def _drop_own_folders(nltk: Any, version: str) -> None:
+    """Take this module's folders off ``nltk.data.path``: put there by an earlier call, they would still be what
+    nltk loads, since it looks for the unzipped model in every folder before it opens a punkt_tab.zip."""
+    nltk.data.path[:] = [p for p in nltk.data.path if _punkt_state(os.path.join(
+        os.path.abspath(os.path.expanduser(str(p))), "tokenizers", "punkt_tab", "english"),
+        version) not in ("current", "stale")]
+
+
 def _punkt_state(lang_dir: str, version: str) -> str:
     """``"missing"``, ``"current"`` / ``"stale"`` (our build, this / another version) or ``"foreign"`` (not ours)."""
     if not os.path.isdir(lang_dir):
@@ -306,7 +314,9 @@ def _punkt_state(lang_dir: str, version: str) -> str:
     with open(marker, encoding="utf-8") as f:
         built = f.read().strip()
     complete = all(os.path.isfile(os.path.join(lang_dir, name)) for name in _PUNKT_FILES)
-    return "current" if built == version and complete else "stale"
+    # a build whose marker a umask-002 run left group-writable: nltk refuses to load the folder, so rebuild it
+    shared = bool(os.stat(marker).st_mode & 0o022)
+    return "current" if built == version and complete and not shared else "stale"
 
 
 _PUNKT_IN_USE: list[str] = []  # the nltk data folder of the last call, whose punkt model the caches hold
@@ -375,11 +385,7 @@ def ensure_nltk_data(path: str | None = None) -> str:
         real = _real_punkt_tab(nltk, PUNKT_BUILD_VERSION)
         if real is not None:
             logger.info("Using nltk's own punkt_tab model under %s", real)
-            # a folder of this module's (put first by an earlier call) would still be what nltk loads: it looks for
-            # the unzipped model in every folder before it opens a punkt_tab.zip
-            nltk.data.path[:] = [p for p in nltk.data.path if _punkt_state(os.path.join(
-                os.path.abspath(os.path.expanduser(str(p))), "tokenizers", "punkt_tab", "english"),
-                PUNKT_BUILD_VERSION) not in ("current", "stale")]
+            _drop_own_folders(nltk, PUNKT_BUILD_VERSION)
             return _in_use(real)
     root = os.path.abspath(os.path.expanduser(path or _default_nltk_data_dir()))
     nltk.data.path[:] = [root] + [p for p in nltk.data.path if p != root]
@@ -390,6 +396,11 @@ def ensure_nltk_data(path: str | None = None) -> str:
         return _in_use(root)
     if state == "foreign":
         logger.info("Using the existing nltk punkt_tab model in %s", lang_dir)
+        return _in_use(root)
+    if state == "missing" and os.path.isfile(tab_dir + ".zip"):  # as nltk's downloader leaves it
+        logger.info("Using the existing nltk punkt_tab model in %s.zip", tab_dir)
+        _drop_own_folders(nltk, PUNKT_BUILD_VERSION)
+        nltk.data.path[:] = [root] + [p for p in nltk.data.path if p != root]
         return _in_use(root)
 
     # the default folder is this module's own, down from ~/.cache/rain_hf; a folder the caller named is not
@@ -404,7 +415,9 @@ def ensure_nltk_data(path: str | None = None) -> str:
                                   "group/other write bit off the folder it names (chmod go-w), or point "
                                   f"{_NLTK_DATA_ENV} at a folder that only you can write to, with no parent "
                                   "writable by others unless it is sticky like /tmp.") from exc
-        with open(os.path.join(staging, _PUNKT_MARKER), "w", encoding="utf-8") as f:
+        # private as nltk's own files are, whatever the umask: nltk refuses a data file others can write to
+        marker = os.open(os.path.join(staging, _PUNKT_MARKER), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(marker, "w", encoding="utf-8") as f:
             f.write(PUNKT_BUILD_VERSION + "\n")
         if _punkt_state(lang_dir, PUNKT_BUILD_VERSION) == "stale":
             shutil.rmtree(lang_dir, ignore_errors=True)

@@ -308,8 +308,16 @@ def test_ensure_nltk_data_under_a_group_writable_umask(tmp_path, own_nltk_path):
         root = ev.ensure_nltk_data(str(tmp_path / "deeper" / "data"))
     finally:
         os.umask(previous)
-    assert os.path.isfile(os.path.join(root, "tokenizers", "punkt_tab", "english", ev._PUNKT_MARKER))
+    marker = os.path.join(root, "tokenizers", "punkt_tab", "english", ev._PUNKT_MARKER)
+    assert os.path.isfile(marker) and not os.stat(marker).st_mode & 0o022  # nltk refuses files others can write
     assert not os.stat(os.path.join(root, "tokenizers")).st_mode & 0o022
+    import nltk
+
+    assert nltk.sent_tokenize("Dr. Lee sat down. He smiled.") == ["Dr. Lee sat down.", "He smiled."]
+    os.chmod(marker, 0o664)  # as an older build left it: rebuilt, not trusted
+    assert ev._punkt_state(os.path.dirname(marker), PUNKT_BUILD_VERSION) == "stale"
+    ev.ensure_nltk_data(root)
+    assert not os.stat(marker).st_mode & 0o022
     # folders an older run left group-writable are mended, not a dead end
     left = tmp_path / "left"
     (left / "tokenizers" / "punkt_tab").mkdir(parents=True)
@@ -379,6 +387,11 @@ def test_a_real_punkt_tab_behind_the_projects_folder_is_the_one_loaded(tmp_path,
     assert len(nltk.sent_tokenize(text)) == 2
     assert ev.ensure_nltk_data() == str(zipped)
     assert nltk.sent_tokenize(text) == ["Dr.", "Lee sat down.", "He smiled."]
+    # the zipped folder named: used as it is, not built over (nor hidden by the project's folder on the path)
+    ev.ensure_nltk_data(own)
+    assert ev.ensure_nltk_data(str(zipped)) == str(zipped)
+    assert nltk.sent_tokenize(text) == ["Dr.", "Lee sat down.", "He smiled."]
+    assert sorted(os.listdir(zipped / "tokenizers")) == ["punkt_tab.zip"]
     ev.ensure_nltk_data(own)  # the project's model again, for the tests that follow (nltk caches the loaded one)
     assert len(nltk.sent_tokenize(text)) == 2
 
