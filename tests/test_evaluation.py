@@ -1135,7 +1135,7 @@ def test_evaluate_load_offline(offline):
             ],
             prompts=["p1", "p2", "p3"],
             instruction_id_list=[["punctuation:no_comma", "change_case:english_lowercase"]] * 3,
-            kwargs=[[{}, {}], [{}, None], ["{}", "{}"]],
+            kwargs=[[{}, {}], [{}, None], ["{}", "null"]],
         )
         ids = [["punctuation:no_comma", "change_case:english_lowercase"]]
         extra = {

@@ -113,6 +113,8 @@ def _as_kwargs(item, row, column):
             item = json.loads(item) if item.strip() else {}
         except json.JSONDecodeError as err:
             raise ValueError(f"kwargs[{row}][{column}] is not valid JSON ({err}): {item!r}") from None
+    if item is None:  # the JSON string "null": the same as None
+        return {}
     if not isinstance(item, Mapping):
         raise ValueError(f"kwargs[{row}][{column}] is a {type(item).__name__} ({item!r}): {_ROW_SHAPE}.")
     return dict(item)
