@@ -1009,7 +1009,20 @@ class RainMerger:
             tokenizer = AutoTokenizer.from_pretrained(str(sources["reasoning"].path), trust_remote_code=False)
         except Exception as exc:
             raise CheckpointError(f"The reasoning model {shown['reasoning']} has no loadable tokenizer ({exc}).") from exc
+        if len(tokenizer) <= 1:  # transformers builds an empty tokenizer for a folder without tokenizer files
+            raise CheckpointError(f"The reasoning model {shown['reasoning']} has no tokenizer files (tokenizer.json, "
+                                  "tokenizer_config.json …): the merge reads its think tokens and chat template, and "
+                                  "saves them with the merged model. Copy the tokenizer files of the reasoning "
+                                  "model into its folder.")
         think_ids = check_think_tokens(tokenizer, config)
+        rows = vocab["reasoning"]
+        beyond = {token: i for token, i in zip((config.think_open, config.think_close), think_ids) if rows and i >= rows}
+        if beyond:  # the forward passes would fail on them with torch's bare IndexError
+            raise ModelMismatchError(f"The reasoning model's tokenizer gives the think tokens {beyond} ids beyond "
+                                     f"the vocab_size={rows} of its config.json, so its weights have no embedding "
+                                     "for them (tokens added without resizing the model?): resize its embeddings "
+                                     "(model.resize_token_embeddings(len(tokenizer))) and save it again, or set "
+                                     "think_open / think_close to tokens the model was trained with.")
         try:
             checks.think_tail = template_think_tail(tokenizer, config)
         except Exception:  # noqa: BLE001 - no usable chat template (CalibrationError, a jinja error …): the merge

@@ -1524,10 +1524,26 @@ def test_revisions_reach_the_hub_fetch_per_role(qwen2, monkeypatch):
         RainMerger.plan("org/base", "org/reasoning", "org/instruct", revision={"instruction": "v2"})
 
 
-def test_refuses_think_tokens_that_are_not_single_tokens(qwen2):
+def test_refuses_think_tokens_that_are_not_single_tokens(qwen2, tmp_path):
     with pytest.raises(CalibrationError, match="<reason>"):
         RainMerger.plan(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
                         RainMergingConfig(think_open="<reason>", think_close="</reason>"))
+    # tokens added to the tokenizer but not to the embeddings: refused by the plan, not by the forward pass
+    reasoning = tmp_path / "reasoning"
+    shutil.copytree(qwen2["reasoning"], reasoning)
+    tokenizer = AutoTokenizer.from_pretrained(reasoning)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<reason>", "</reason>"]})
+    tokenizer.save_pretrained(reasoning)
+    with pytest.raises(ModelMismatchError, match=r"gives the think tokens \{'<reason>': \d+, '</reason>': \d+\} ids "
+                                                 r"beyond the vocab_size=\d+ of its config.json"):
+        RainMerger.plan(qwen2["base"], reasoning, qwen2["instruct"],
+                        RainMergingConfig(think_open="<reason>", think_close="</reason>", method="task_arithmetic"))
+    # a folder without tokenizer files: transformers gives an empty tokenizer, not an error
+    for name in os.listdir(reasoning):
+        if name.startswith("tokenizer") or name.endswith(".jinja"):
+            os.remove(reasoning / name)
+    with pytest.raises(CheckpointError, match=r"has no tokenizer files \(tokenizer.json, tokenizer_config.json"):
+        RainMerger.plan(qwen2["base"], reasoning, qwen2["instruct"], RainMergingConfig(method="task_arithmetic"))
 
 
 def test_vocab_difference_is_reported_not_refused(qwen2, tmp_path, tokenizer):
