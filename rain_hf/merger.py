@@ -952,8 +952,12 @@ class RainMerger:
                             f"The {role} model {shown[role]} stores its tensors without the "
                             f"'{key.split('.', 1)[0]}.' prefix ({bare}, not {key}): it was saved from the bare "
                             "decoder (AutoModel). Load it with AutoModelForCausalLM and save_pretrained it again.")
+                    # the configs matched already: most often a checkpoint cut short, else a setting they differ in
                     raise ModelMismatchError(f"The {role} model {shown[role]} has no tensor {key}, which the merge "
-                                             "needs: the checkpoints do not share one architecture.")
+                                             "needs and the reasoning model's config.json describes: the checkpoint "
+                                             "is incomplete (an interrupted download or save: fetch or save it "
+                                             "again), or it was built with other settings (compare the config.json "
+                                             "files).")
                 if not ckpt.dtype(key).is_floating_point or ckpt.dtype(key).itemsize == 1:
                     raise CheckpointError(f"{key} is stored as {ckpt.dtype(key)} in the {role} model "
                                           f"{shown[role]}: quantized weights hold no task vector. Pass the "

@@ -1546,6 +1546,17 @@ def test_refuses_think_tokens_that_are_not_single_tokens(qwen2, tmp_path):
         RainMerger.plan(qwen2["base"], reasoning, qwen2["instruct"], RainMergingConfig(method="task_arithmetic"))
 
 
+def test_a_checkpoint_missing_a_tensor_its_config_describes_is_named_incomplete(qwen2, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(qwen2["base"], base)
+    weights = load_file(base / "model.safetensors")
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelMismatchError, match=r"The base model .* has no tensor model.layers.1.mlp.down_proj.weight"
+                                                 r", which the merge needs .*: the checkpoint is incomplete"):
+        RainMerger.plan(base, qwen2["reasoning"], qwen2["instruct"], RainMergingConfig(method="task_arithmetic"))
+
+
 def test_vocab_difference_is_reported_not_refused(qwen2, tmp_path, tokenizer):
     from rain_hf.testing import model_config
 
