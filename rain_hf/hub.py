@@ -106,9 +106,9 @@ def push_folder(
     not (the weight, tokenizer, chat-template and generation-config files and heatmap of an earlier upload), so
     the repository holds one model.
 
-    A model card written by rain_hf whose usage snippet loads another model id (a folder saved without
+    A model card written by rain_hf whose usage snippet loads another model id or branch (a folder saved without
     ``model_id=``, e.g. ``rain-merge`` without ``--push-to-hub``) is uploaded with the snippet loading the pushed
-    repository; the local ``README.md`` is left as it is.
+    repository from the branch ``revision`` names; the local ``README.md`` is left as it is.
 
     Returns:
         The :class:`huggingface_hub.CommitInfo` of the commit (``commit_url``, ``oid``, ``pr_url``).
@@ -259,12 +259,12 @@ def _files_to_upload(folder: Path) -> list[tuple[str, Path]]:
 # Files a saved merge needs besides those REPLACED_PATTERNS names: never left out of a push.
 _NEEDED = ("config.json", "README.md", "rain_merging_config.json")
 _SNIPPET_ID = re.compile(r'^model_id = "(.*)"$', re.MULTILINE)
-_SNIPPET_REVISION = re.compile(r'^revision = "(.*)"  #', re.MULTILINE)
+_SNIPPET_REVISION = re.compile(r'^revision = "(.*)"  #[^\n]*\n', re.MULTILINE)
 
 
 def _card_for_target(folder: Path, names: set[str], repo_id: str, revision: str | None) -> bytes | None:
-    """The bytes of a rain_hf model card whose usage snippet loads ``repo_id`` instead of the model id it was
-    written with, or None when the card (or its absence) can be uploaded as it is."""
+    """The bytes of a rain_hf model card whose usage snippet loads ``repo_id`` from ``revision``'s branch instead of
+    the model id and branch it was written with, or None when the card (or its absence) can be uploaded as it is."""
     if "README.md" not in names or "rain_merging_config.json" not in names:
         return None
     try:
@@ -276,16 +276,30 @@ def _card_for_target(folder: Path, names: set[str], repo_id: str, revision: str 
         return None
     branch = None if revision in (None, "main") or revision.startswith("refs/pr/") else revision
     found = _SNIPPET_REVISION.search(text)
-    if (found.group(1) if found else None) != branch:
-        logger.warning("The model card's usage snippet loads %s, but this push goes to %s: write the card again "
-                       "(rain_hf.card.write_model_card with model_revision=%r) to load that branch.",
-                       f"the branch {found.group(1)!r}" if found else "the main branch",
-                       f"the branch {branch!r}" if branch else "main", branch)
-    if match.group(1) == repo_id:
+    written = None
+    if found:
+        try:
+            written = json.loads(f'"{found.group(1)}"')  # the template writes it with tojson
+        except ValueError:  # edited by hand
+            written = found.group(1)
+    if match.group(1) == repo_id and written == branch:
         return None
-    logger.info("The model card's usage snippet loads %r; the uploaded card loads %s instead.", match.group(1),
-                repo_id)
-    return (text[:match.start(1)] + repo_id + text[match.end(1):]).encode("utf-8")
+    logger.info("The model card's usage snippet loads %r%s; the uploaded card loads %r%s instead.", match.group(1),
+                f" from the branch {written!r}" if written else "", repo_id,
+                f" from the branch {branch!r}" if branch else "")
+    # the lines the card template writes for a branch other than main, edited from the end so offsets hold
+    if found and branch is None:
+        text = text[:found.start()] + text[found.end():]
+    elif found:
+        text = text[:found.start(1)] + json.dumps(branch)[1:-1] + text[found.end(1):]
+    elif branch is not None:
+        line = f"\nrevision = {json.dumps(branch)}  # the branch that holds this model"
+        text = text[:match.end()] + line + text[match.end():]
+    text = text[:match.start(1)] + repo_id + text[match.end(1):]
+    text = text.replace("from_pretrained(model_id, revision=revision", "from_pretrained(model_id")
+    if branch is not None:
+        text = text.replace("from_pretrained(model_id", "from_pretrained(model_id, revision=revision")
+    return text.encode("utf-8")
 
 
 def _is_replaced(name: str) -> bool:

@@ -594,10 +594,20 @@ def test_push_keeps_a_card_that_loads_the_target_and_passes_the_description(hub,
     assert commit["description"] == "λ = 1, both stages"
 
 
-def test_push_warns_when_the_card_loads_another_branch(hub, merged, caplog):
-    with caplog.at_level("WARNING", logger="rain_hf.hub"):
-        push_folder(merged, "me/r1-rain", token=TOKEN, revision="dev")
-    assert "usage snippet loads the main branch, but this push goes to the branch 'dev'" in caplog.text
+def test_push_rewrites_the_cards_snippet_for_the_target_branch(hub, merged, caplog):
+    info = json.loads((merged / "rain_merging_config.json").read_text())
+    cards = {}
+    for branch in (None, "dev", "v2"):  # what the card template writes for each target
+        write_model_card(merged, info, model_id="me/r1-rain", model_revision=branch)
+        cards[branch] = (merged / "README.md").read_bytes()
+    assert cards[None] != cards["dev"]
+    for written, target, expected in ((None, "dev", "dev"), ("dev", None, None), ("dev", "main", None),
+                                      ("dev", "v2", "v2")):
+        write_model_card(merged, info, model_id="other/name", model_revision=written)
+        with caplog.at_level("INFO", logger="rain_hf.hub"):
+            push_folder(merged, "me/r1-rain", token=TOKEN, revision=target)
+        assert hub.commits[-1]["files"]["README.md"]["content"] == cards[expected], (written, target)
+    assert "the uploaded card loads 'me/r1-rain' from the branch 'v2' instead" in caplog.text
     caplog.clear()
     (merged / "README.md").write_text("---\nlicense: mit\n---\n# my own card, no usage snippet\n")
     with caplog.at_level("WARNING", logger="rain_hf.hub"):
