@@ -179,8 +179,9 @@ class RainMergingConfig:
             merge warns when the reasoning model confidently writes something else after the think-open or
             think-close token on most calibration samples (and, where the template leaves the think-open token to
             the model, when it confidently writes something else first: an instruct model as reasoning model).
-        output_dtype: dtype of the merged weights, a name (``"bfloat16"``) or a torch dtype (``None``: the
-            reasoning model's).
+        output_dtype: dtype of every floating-point tensor saved (and config.json's ``dtype``), a name
+            (``"bfloat16"``) or a torch dtype (``None``: as the reasoning model stores them). The merged weights
+            take it in memory too; the model in memory keeps its loaded dtype elsewhere (embeddings, norms).
         batch_size: calibration samples per forward pass. Stage 2 runs eager attention, which holds each layer's
             attention scores and their float32 softmax, batch_size × heads × tokens² × (4 + 2 × dtype bytes):
             about 14 GiB for 4 samples of 4096 tokens with 28 heads in bf16 (logged when stage 2 starts).

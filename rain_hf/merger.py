@@ -356,7 +356,7 @@ def _check_fits_float16(name: str, tensor: torch.Tensor, merged_in_float16: bool
     """Refuse a tensor that overflowed float16 (a cast or a merge gave ±inf), naming it and the fix."""
     if bool(torch.isfinite(tensor).all()):
         return
-    # output_dtype takes effect at the merge (the model in memory holds what is saved): a new merge is needed
+    # output_dtype takes effect at the merge (the merged weights in memory hold what is saved): merge again
     fix = "set output_dtype='bfloat16' (float16's size, float32's range) or 'float32' and merge again"
     if merged_in_float16:  # the merged weights in memory overflowed already
         fix = "load the models with torch_dtype='float32' (or 'bfloat16'), " + fix
