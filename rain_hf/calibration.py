@@ -739,6 +739,29 @@ def _labelled_fields(record: Mapping) -> tuple[Any, Any, Any, tuple[str, str]]:
     return record.get("prompt"), reasoning, response, _FIELD_LABELS
 
 
+def _grouped_reasons(failures: Sequence[tuple[int, str]]) -> list[tuple[str, list[int]]]:
+    """Malformed samples' reasons, one per kind in the order first met, with the indices of its samples. Reasons
+    that differ only in their numbers (token counts, positions) are one kind: a whole file usually fails the same
+    way. A kind's shown reason is the one that asks for the most ("raise max_length to at least N"), so following
+    it mends them all."""
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for index, reason in failures:
+        groups.setdefault(re.sub(r"\d+", "#", reason), []).append((index, reason))
+
+    def asks(reason: str) -> int:
+        found = re.search(r"at least (\d+)", reason)
+        return int(found.group(1)) if found else 0
+
+    out = []
+    for members in groups.values():
+        reason = max((r for _, r in members), key=asks)  # the first met among equals
+        if len({r for _, r in members}) > 1:
+            reason += (f" ({'the most any of the ' + str(len(members)) + ' asks' if asks(reason) else 'the first'}; "
+                       "the others differ only in their numbers)")
+        out.append((reason, [i for i, _ in members]))
+    return out
+
+
 def _blank(value: Any) -> bool:
     """None or a whitespace-only string: a data set's empty cell."""
     return value is None or (isinstance(value, str) and not value.strip())
@@ -1447,21 +1470,16 @@ def _prepare(data: Any, tokenizer: Any, config: Any, model: Any, kind: str, limi
         progress.close()
     _log_generated(made_all, kind, config.max_new_tokens)
     if not samples:
-        by_reason: dict[str, list[int]] = {}
-        for i, reason in failures:  # one line per distinct reason: a whole file usually fails the same way
-            by_reason.setdefault(reason, []).append(i)
         reasons = "; ".join(
             f"{', '.join(map(where, ids[:3]))}{f' and {len(ids) - 3} more' if len(ids) > 3 else ''}: {reason}"
-            for reason, ids in list(by_reason.items())[:_MAX_REASONS_SHOWN])
+            for reason, ids in _grouped_reasons(failures)[:_MAX_REASONS_SHOWN])
         raise CalibrationError(
             f"no usable {kind} calibration samples: {len(failures)} malformed, first reasons: {reasons}"
         )
     if len(failures) > _MAX_SKIPS_LOGGED:
-        counts: dict[str, int] = {}  # in the order first met
-        for _, reason in failures:
-            counts[reason] = counts.get(reason, 0) + 1
-        shown = "; ".join(f"{n} × {reason}" for reason, n in list(counts.items())[:_MAX_REASONS_SHOWN])
-        more = f"; and {len(counts) - _MAX_REASONS_SHOWN} other reasons" if len(counts) > _MAX_REASONS_SHOWN else ""
+        groups = _grouped_reasons(failures)
+        shown = "; ".join(f"{len(ids)} × {reason}" for reason, ids in groups[:_MAX_REASONS_SHOWN])
+        more = f"; and {len(groups) - _MAX_REASONS_SHOWN} other reasons" if len(groups) > _MAX_REASONS_SHOWN else ""
         _warn("Skipped %d malformed %s calibration samples in all: %s%s.", len(failures), kind, shown, more)
     logger.info("Using %d %s calibration samples (%d malformed skipped).", len(samples), kind, len(failures))
     if stats is not None:

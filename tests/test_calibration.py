@@ -332,6 +332,16 @@ def test_a_file_of_malformed_samples_does_not_flood_the_log(tok, caplog):
     assert caplog.text.count("Skipping malformed reasoning calibration sample at") == 5
     assert ("Skipped 40 malformed reasoning calibration samples in all: 3 × field 'response' is missing; 37 × field "
             "'prompt' is missing") in caplog.text  # counted, in the order first met
+    # reasons that differ in their numbers only are one kind, shown by the sample that needs the most
+    too_long = [dict(RECORD, reasoning="Hmm. " * n) for n in (40, 60, 50, 45, 55, 48)]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rain_hf.calibration"):
+        assert len(prepare_reasoning_calibration([RECORD] + too_long, tok, _cfg(max_length=60))) == 1
+    summary = caplog.text[caplog.text.index("Skipped 6 malformed"):]
+    need = max(int(n) for n in re.findall(r"raise max_length to at least (\d+)", caplog.text))
+    assert summary.startswith("Skipped 6 malformed reasoning calibration samples in all: 6 × the rendered sample has")
+    assert f"raise max_length to at least {need} or shorten the prompt/reasoning (the most any of the 6 asks; " \
+           "the others differ only in their numbers)." in summary
 
 
 def test_sample_limits_take_the_first_usable(tok):
