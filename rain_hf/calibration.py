@@ -347,6 +347,12 @@ def _read_jsonl_file(path: Path, text: str, locations: list[str]) -> list[dict]:
                 f"{path} holds one JSON object spread over several lines, not JSON Lines: write one record per line "
                 "(e.g. `jq -c . IN > OUT`), or a list of records in a .json file."
             ) from None
+        if whole is None and text.lstrip().startswith("["):
+            try:  # a pretty-printed list with an error: its line 1 is "[", so name where the list breaks
+                json.loads(text)
+            except json.JSONDecodeError as err:
+                raise CalibrationError(f"{path} holds one JSON list, not JSON Lines, and it is not valid JSON "
+                                       f"({err.msg} at line {err.lineno}, column {err.colno}).") from None
         raise
     locations.extend(where)
     return records

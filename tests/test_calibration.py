@@ -857,6 +857,12 @@ def test_file_content_decides_between_json_and_jsonl(tok, tmp_path, caplog):
     pretty.write_text(json.dumps(RECORD, indent=2))
     with pytest.raises(CalibrationError, match="one JSON object spread over several lines"):
         load_records(pretty)
+    broken = json.dumps([RECORD, RECORD], indent=2)  # a trailing comma in a pretty-printed list
+    pretty.write_text(broken[:-2] + ",\n]")
+    lineno = broken.count("\n") + 1
+    with pytest.raises(CalibrationError, match=rf"pretty\.jsonl holds one JSON list, not JSON Lines, and it is not "
+                                               rf"valid JSON \(Expecting value at line {lineno}, column 1\)"):
+        load_records(pretty)
     for name, content in (("empty.json", ""), ("empty.jsonl", "\n \n")):
         (tmp_path / name).write_text(content)
         with pytest.raises(CalibrationError, match=rf"{name} is empty"):
