@@ -555,6 +555,20 @@ def _lenient_output() -> Callable[[], None]:
     return restore_all
 
 
+def _say(*lines: str) -> None:
+    """Print ``lines`` to stdout. A reader that went away (``| head -1``) loses the rest of the report, not the
+    run: the output is saved by then, and the push must still happen."""
+    try:
+        for line in lines:
+            print(line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        try:  # later prints, and Python's own flush at exit, go nowhere instead of failing again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+
+
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
@@ -903,12 +917,10 @@ def _run(args: argparse.Namespace) -> int:
         _check_out_models(out, plan)
     if args.dry_run:
         checked = _dry_run_calibration(job, parts[1], args.config, plan.context_length)
-        print(plan.summary())
-        print(job.describe(args.out, args.push_to_hub))
+        _say(plan.summary(), job.describe(args.out, args.push_to_hub))
         if checked:
-            print("calibration samples (tokenised as the merge will):")
-            print("\n".join(checked))
-        print("dry run: nothing was merged.")
+            _say("calibration samples (tokenised as the merge will):", "\n".join(checked))
+        _say("dry run: nothing was merged.")
         return 0
 
     torch_dtype = None if job.dtype == "auto" else job.dtype
@@ -936,8 +948,7 @@ def _run(args: argparse.Namespace) -> int:
     except TemplateProblem as exc:  # the merge is not thrown away for its card
         saved, card_failed = save(card_template=None), exc
         logger.error("output.card_template: %s The model was saved with the default card instead.", exc)
-    print(str(merger.report))
-    print(f"saved: {saved}")
+    _say(str(merger.report), f"saved: {saved}")
     if card_failed is not None:  # the output is complete but not as asked: say so in the status
         pushed = (f" It was not pushed to {args.push_to_hub}: fix the template, write the card again "
                   f"(rain_hf.card.write_model_card with model_id={args.push_to_hub!r}) and push the folder "
@@ -949,5 +960,5 @@ def _run(args: argparse.Namespace) -> int:
 
         info = push_folder(saved, args.push_to_hub, private=job.private, token=job.token,
                            commit_message=f"Upload {job.config.method} merge made with rain-merge")
-        print(f"pushed: {info.pr_url or info.commit_url}")
+        _say(f"pushed: {info.pr_url or info.commit_url}")
     return 0

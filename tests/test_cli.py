@@ -525,6 +525,21 @@ def test_dry_run_prints_the_plan(triple, tmp_path, capsys):
     assert "parameters this merge does not read: rho=0.2, density=0.3" in capsys.readouterr().out
 
 
+def test_a_reader_that_goes_away_does_not_fail_the_run(triple, tmp_path, monkeypatch):
+    root, _ = triple
+    config = _job_file(root, tmp_path)
+    read, write = os.pipe()
+    os.close(read)  # `rain-merge job.yaml | head -1`: head has read its line and left
+    closed = os.fdopen(write, "w")
+    monkeypatch.setattr(sys, "stdout", closed)
+    try:
+        assert main([str(config), "--dry-run"]) == 0  # was 1, "error: [Errno 32] Broken pipe", before any push
+        print("later output goes nowhere")
+        closed.flush()
+    finally:
+        closed.close()
+
+
 def test_dry_run_tokenises_the_calibration_as_the_merge_will(triple, tmp_path, capsys, monkeypatch):
     root, _ = triple
     # what only token counts show: samples max_length cuts off, a lam: auto hold-out that leaves stage 1 nothing
