@@ -82,6 +82,14 @@ MERGEKIT_TOP_LEVEL = {
 MERGEKIT_SWITCHES = frozenset({"--cuda", "--lazy-unpickle", "--copy-tokenizer", "--allow-crimes", "--low-cpu-memory",
                                "--trust-remote-code", "--write-model-card", "--safe-serialization", "--clone-tensors",
                                "--quiet"})
+#: what a rain-merge run does instead of the mergekit-yaml switches a user may carry over
+MERGEKIT_SWITCH_HINTS = {
+    "--cuda": "for a GPU pass --device cuda",
+    "--copy-tokenizer": "the reasoning model's tokenizer and chat template are always saved with the merge",
+    "--write-model-card": "a model card is always written",
+    "--lazy-unpickle": "safetensors checkpoints are always read tensor by tensor (pickled ones are refused)",
+    "--trust-remote-code": "models with custom code are not supported",
+}
 #: keys a file may use to name the output folder, which is --out here (mergekit's out_path, a trainer's output_dir)
 OUT_FOLDER_KEYS = ("out", "out_path", "output_dir", "output_path", "output_folder")
 #: keys that name an option of the Python API or of the command line, not of a rain-merge file
@@ -89,6 +97,9 @@ ELSEWHERE_KEYS = {
     "features": "precomputed thinking features are a Python option, RainMerger.from_pretrained(features=...); a "
                 "rain-merge run computes them from calibration.reasoning",
     **{key: "the output folder is the command line's --out DIR, not a key of the file" for key in OUT_FOLDER_KEYS},
+    "revision": "a revision belongs to one model: base_model: {path: org/name, revision: v1.0}",
+    "device": "the device is the command line's --device, not a key of the file",
+    **{key: f"it goes under output: (output.{key})" for key in ("private", "card_template")},
 }
 MODEL_KEYS = ("path", "revision")
 CALIBRATION_KEYS = ("reasoning", "instruction")
@@ -492,8 +503,8 @@ class _Parser(argparse.ArgumentParser):
             has_out = any(a == "--out" or a.startswith("--out=") for a in self._argv)
             if folders and not has_out:  # mergekit-yaml's habit: `mergekit-yaml config.yml out/`
                 message += f"; the output folder is an option here: --out {folders[0]}"
-            if "--cuda" in extra:  # mergekit-yaml's flag
-                message += "; for a GPU pass --device cuda"
+            message += "".join(f"; {flag}: {MERGEKIT_SWITCH_HINTS[flag]}" for flag in dict.fromkeys(extra)
+                               if flag in MERGEKIT_SWITCH_HINTS)
         self.exit(2, f"{PROG}: error: {message} (see {PROG} --help)\n")
 
 

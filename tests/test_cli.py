@@ -86,8 +86,8 @@ def test_usage_errors_are_one_line(capsys):
     assert main(["x.yaml", "--bogus"]) == 2
     assert "--bogus" in _one_error_line(capsys.readouterr().err)
     assert main(["x.yaml", "merged/", "--cuda"]) == 2  # mergekit-yaml's positional output folder and GPU flag
-    assert ("unrecognized arguments: merged/ --cuda; the output folder is an option here: --out merged/; for a GPU "
-            "pass --device cuda") in _one_error_line(capsys.readouterr().err)
+    assert ("unrecognized arguments: merged/ --cuda; the output folder is an option here: --out merged/; --cuda: for "
+            "a GPU pass --device cuda") in _one_error_line(capsys.readouterr().err)
     for argv in (["x.yaml", "--random-seed", "3"], ["x.yaml", "--out", "o", "extra/"]):  # a flag's value; --out given
         assert main(argv) == 2
         assert "the output folder is an option" not in _one_error_line(capsys.readouterr().err), argv
@@ -132,6 +132,9 @@ def test_mergekit_users_are_pointed_to_where_a_setting_goes(tmp_path, capsys):
     for argv in (["x.yaml", "--cuda", "merged/"], ["x.yaml", "--lazy-unpickle", "merged/"]):
         assert main(argv) == 2
         assert "the output folder is an option here: --out merged/" in _one_error_line(capsys.readouterr().err)
+    assert main(["x.yaml", "--out", "o", "--copy-tokenizer"]) == 2
+    assert ("unrecognized arguments: --copy-tokenizer; --copy-tokenizer: the reasoning model's tokenizer and chat "
+            "template are always saved with the merge") in _one_error_line(capsys.readouterr().err)
 
 
 def test_library_messages_in_the_yaml_terms():
@@ -241,6 +244,10 @@ def test_ridge_below_what_float32_resolves_is_refused():
     ({"instruct_model": {"path": "a/b", "revison": "x"}},
      "needs 'path' (and optionally 'revision'); got keys ['path', 'revison'] ('revison': did you mean 'revision'?)"),
     ({"method": "ties", "parameters": {"method": "slerp"}}, "give it once"),
+    # keys of a model entry, of output: or of the command line, put at the top level
+    ({"revision": "main"}, "('revision': a revision belongs to one model: base_model: {path: org/name, revision: "),
+    ({"private": True}, "('private': it goes under output: (output.private))"),
+    ({"device": "cuda"}, "('device': the device is the command line's --device, not a key of the file)"),
     ({"token": 123}, "'token' must be a string"),
     ({"parameters": []}, "'parameters' must be a mapping"),  # not read as "no parameters"
     ({"output": False}, "'output' must be a mapping"),
