@@ -1,8 +1,12 @@
-"""The GPU check's and the memory benchmark's command lines (their figures are measured by running them)."""
+"""The command lines of the GPU check, the memory benchmark and the punkt comparison (their figures are measured
+by running them)."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,3 +68,25 @@ def test_side_benchmarks_refuse_arguments_that_would_fail_late_or_overwrite_comm
     before = (HERE / "FIRST_TOKEN.md").read_bytes()
     assert first_token.main(["--organism", str(other)]) == 2
     assert "give --out DIR" in capsys.readouterr().err and (HERE / "FIRST_TOKEN.md").read_bytes() == before
+
+
+def test_punkt_comparison_counts_no_difference_against_the_projects_own_model(tmp_path, capsys, monkeypatch):
+    from benchmarks import punkt_vs_nltk
+    from rain_hf.evaluation import ensure_nltk_data
+
+    monkeypatch.setattr("nltk.data.path", list(__import__("nltk").data.path))  # ensure_nltk_data puts its folder first
+    english = os.path.join(ensure_nltk_data(str(tmp_path / "nltk")), "tokenizers", "punkt_tab", "english")
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    answer = "Dr. Lee sat down. He smiled."
+    (calibration / "instruction_calibration_set.jsonl").write_text(json.dumps({"response": answer}) + "\n")
+    (calibration / "reasoning_calibration_set.json").write_text(json.dumps([{"response": answer}]))
+    assert punkt_vs_nltk.main(["--english", english, "--calibration", str(calibration)]) == 0
+    out = capsys.readouterr().out
+    assert "calibration answers (sentence count differs): 0 of 2" in out
+    assert '"in <abbreviation> <Word>" sentences (split differs): 0 of 120' in out
+    # a model without "dr" as an abbreviation splits the answers differently, and the count says so
+    abbreviations = Path(english, "abbrev_types.txt").read_text().split("\n")
+    Path(english, "abbrev_types.txt").write_text("\n".join(a for a in abbreviations if a.strip() != "dr"))
+    assert punkt_vs_nltk.main(["--english", english, "--calibration", str(calibration)]) == 0
+    assert "calibration answers (sentence count differs): 2 of 2" in capsys.readouterr().out
