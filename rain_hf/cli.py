@@ -661,6 +661,12 @@ def yaml_terms(message: str) -> str:
     return re.sub(r"\bdevice='([\w:]+)'", r"--device \1", message)
 
 
+def _warnings_in_yaml_terms(text: str) -> str:
+    """A plan summary or merge report with its warning lines in :func:`yaml_terms`, as stderr logs them (its
+    other lines list settings as the merge read them)."""
+    return "\n".join(yaml_terms(line) if line.startswith("  warning: ") else line for line in text.split("\n"))
+
+
 def _call_spans(text: str) -> list[tuple[int, int]]:
     """(start, end) of each ``name(...)`` in ``text``, nested parentheses included."""
     spans = []
@@ -928,7 +934,7 @@ def _run(args: argparse.Namespace) -> int:
         _check_out_models(out, plan)
     if args.dry_run:
         checked = _dry_run_calibration(job, parts[1], args.config, plan.context_length)
-        _say(plan.summary(), job.describe(args.out, args.push_to_hub))
+        _say(_warnings_in_yaml_terms(plan.summary()), job.describe(args.out, args.push_to_hub))
         if checked:
             _say("calibration samples (tokenised as the merge will):", "\n".join(checked))
         _say("dry run: nothing was merged.")
@@ -959,7 +965,7 @@ def _run(args: argparse.Namespace) -> int:
     except TemplateProblem as exc:  # the merge is not thrown away for its card
         saved, card_failed = save(card_template=None), exc
         logger.error("output.card_template: %s The model was saved with the default card instead.", exc)
-    _say(str(merger.report), f"saved: {saved}")
+    _say(_warnings_in_yaml_terms(str(merger.report)), f"saved: {saved}")
     if card_failed is not None:  # the output is complete but not as asked: say so in the status
         pushed = (f" It was not pushed to {args.push_to_hub}: fix the template, write the card again "
                   f"(rain_hf.card.write_model_card with model_id={args.push_to_hub!r}) and push the folder "

@@ -525,6 +525,7 @@ def test_dry_run_prints_the_plan(triple, tmp_path, capsys):
     assert "merge plan (method=rain" in out and "merged modules:" in out
     assert "reasoning.json" in out and "push to the Hub: me/x" in out and "nothing was merged" in out
     assert "does not read" not in out
+    assert "merged only with parameters.project_bias: True" in out  # the plan's warnings as the YAML writes them
     assert not (tmp_path / "out").exists()
     assert "  reasoning: 4 usable samples (0 malformed, skipped)\n  instruction: 4 usable samples" in out
     config = _job_file(root, tmp_path, parameters={"lam": 1.0, "stage2": False, "rho": 0.2, "density": 0.3})
