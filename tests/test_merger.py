@@ -5,6 +5,7 @@ import dataclasses
 import errno
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -1663,6 +1664,11 @@ def test_lam_auto_picks_largest_lambda_within_think_budget(qwen2):
            "budget: [0.5, 1.0])\n  stage 1: sequential projection\n" in printed
     assert [row["l_think"] for row in tight.report.lam_search] == pytest.approx(kl, rel=1e-6)
     assert tight.features.settings["num_samples"] == 6  # two of eight held out to measure L_think
+    # exactly on the budget (L_think ≤ δ, think-open share ≥ its guard): within it; a hair over: not
+    at = dict(tight.report.lam_search[1], l_think=tight.config.lam_auto_max_kl, think_open=0.5)
+    tight.config.lam_auto_min_think_open = 0.5
+    assert tight._passes(at) and not tight._passes(dict(at, l_think=math.nextafter(at["l_think"], 1.0)))
+    assert not tight._passes(dict(at, think_open=math.nextafter(0.5, 0.0)))
     # below every λ's: the smallest, with a warning
     none = _merger(qwen2, lam="auto", lam_grid=grid, stage2=False, lam_auto_max_kl=kl[0] / 2)
     none.merge(reasoning_records(8))
