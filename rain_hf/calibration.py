@@ -351,8 +351,9 @@ def _read_jsonl_file(path: Path, text: str, locations: list[str]) -> list[dict]:
             try:  # a pretty-printed list with an error: its line 1 is "[", so name where the list breaks
                 json.loads(text)
             except json.JSONDecodeError as err:
-                raise CalibrationError(f"{path} holds one JSON list, not JSON Lines, and it is not valid JSON "
-                                       f"({err.msg} at line {err.lineno}, column {err.colno}).") from None
+                if err.msg != "Extra data":  # else one complete value per line: JSON Lines, whose error stands
+                    raise CalibrationError(f"{path} holds one JSON list, not JSON Lines, and it is not valid JSON "
+                                           f"({err.msg} at line {err.lineno}, column {err.colno}).") from None
         raise
     locations.extend(where)
     return records
@@ -682,9 +683,10 @@ class _ThinkSplit:
     """Marker: a text ``[<think>]thinking</think>answer`` whose thinking and answer still have to be split at the
     think tokens (an assistant message, or a ``response`` given without a separate reasoning field)."""
 
-    def __init__(self, content: Any, source: str) -> None:
+    def __init__(self, content: Any, source: str, reasoning_cell: str = "missing") -> None:
         self.content = content
         self.source = source  # the field as errors name it
+        self.reasoning_cell = reasoning_cell  # "missing", or "empty" (a blank reasoning cell beside the response)
 
 
 _FIELD_LABELS = ("field 'reasoning' / 'reason'", "field 'response'")
@@ -725,24 +727,35 @@ def _labelled_fields(record: Mapping) -> tuple[Any, Any, Any, tuple[str, str]]:
         if not given:
             return fields
         if len(messages) > 1:
-            turn = messages[1].get("content")
-            # a data set's answer column beside its chat column, holding the same answer (or its end): one answer
-            if set(given) == {"response"} and isinstance(turn, str) and isinstance(given["response"], str) \
-                    and turn.strip().endswith(given["response"].strip()):
+            # a data set's answer columns beside its chat column, repeating its answer: one answer
+            if _repeats_turn(given, messages[1]):
                 return fields
             raise _Malformed("the assistant turn of 'messages' and the fields 'reasoning' / 'reason' / 'response' "
                              "give different answers: keep one of them")
         record = {**record, "prompt": fields[0]}  # the prompt as a chat turn, its trace in the fields
     if all(_blank(record.get(key)) for key in (*REASONING_KEYS, "response")):
         return record.get("prompt"), None, None, _FIELD_LABELS  # empty answer cells: a prompt to generate for
-    given = {key: record[key] for key in REASONING_KEYS if record.get(key) is not None}
+    given = {key: record[key] for key in REASONING_KEYS if not _blank(record.get(key))}
     if len(given) > 1 and len({str(v).strip() for v in given.values()}) > 1:
         raise _Malformed("fields 'reasoning' and 'reason' both hold a thinking text, and they differ: keep one of them")
     reasoning = next(iter(given.values()), None)
     response = record.get("response")
     if reasoning is None and response is not None:
-        return record.get("prompt"), _ThinkSplit(response, "response"), None, _FIELD_LABELS
+        cell = "empty" if any(key in record and record[key] is not None for key in REASONING_KEYS) else "missing"
+        return record.get("prompt"), _ThinkSplit(response, "response", cell), None, _FIELD_LABELS
     return record.get("prompt"), reasoning, response, _FIELD_LABELS
+
+
+def _repeats_turn(given: Mapping[str, Any], turn: Mapping) -> bool:
+    """Whether the answer fields ``given`` beside a chat column repeat its assistant ``turn``: a reasoning text
+    within the turn's thinking (its ``reasoning_content``, else its content, where the think block sits), and a
+    response at the end of its content."""
+    content, thinking = turn.get("content"), turn.get("reasoning_content")
+    thinking = thinking if isinstance(thinking, str) else content
+    if not isinstance(content, str) or not all(isinstance(value, str) for value in given.values()):
+        return False
+    return all(content.strip().endswith(value.strip()) if key == "response" else value.strip() in thinking
+               for key, value in given.items())
 
 
 def _grouped_reasons(failures: Sequence[tuple[int, str]]) -> list[tuple[str, list[int]]]:
@@ -850,7 +863,8 @@ def _parse_record(record: Mapping, template: _Template) -> _Fields:
     answer_at = 0  # where the answer starts in its field as given
     if isinstance(reasoning, _ThinkSplit):
         source = reasoning.source
-        reasoning, response, answer_at = _split_think_text(reasoning.content, template, source)
+        reasoning, response, answer_at = _split_think_text(reasoning.content, template, source,
+                                                           reasoning.reasoning_cell)
         if source != "response":  # a chat answer's offsets have always counted from the text after </think>
             answer_at = 0
         reasoning_label, response_label = f"the thinking in '{source}'", f"the answer in '{source}'"
@@ -908,16 +922,18 @@ def _shift_offsets(groups: list[list[Any]], text: str, text_at: int) -> list[lis
              for item in group] for group in groups]
 
 
-def _split_think_text(content: Any, template: _Template, source: str) -> tuple[str, str, int]:
+def _split_think_text(content: Any, template: _Template, source: str,
+                      reasoning_cell: str = "missing") -> tuple[str, str, int]:
     """Split the text ``[<think>]reasoning</think>answer`` of field ``source`` into (reasoning, answer, where the
-    answer starts in ``content``); the two texts are not stripped here."""
+    answer starts in ``content``); the two texts are not stripped here. ``reasoning_cell`` says how a response's
+    error names the reasoning field beside it ("missing" or "empty")."""
     _text(content, f"field '{source}'", template, check_think=False)
     close = template.think_close
     found = content.count(close)
     if found != 1:
         if not found and template.think_open not in content:
             # no think tags at all: the sample has no thinking, which is what stage 1 protects
-            missing = "field 'reasoning' / 'reason' is missing, and " if source == "response" else ""
+            missing = f"field 'reasoning' / 'reason' is {reasoning_cell}, and " if source == "response" else ""
             give = "pass the thinking as 'reasoning', or " if source == "response" else ""
             raise _Malformed(
                 f"{missing}field '{source}' holds no {close!r} to split the thinking off: {give}write it as "

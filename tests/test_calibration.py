@@ -291,7 +291,8 @@ def test_slow_tokenizer_and_missing_template_are_refused(make_tok):
     [
         ({"prompt": "Hi", "reasoning": "Hmm."}, "field 'response' is missing"),
         ({"prompt": 3, "reasoning": "Hmm.", "response": "Ok."}, "field 'prompt' is a int, not a string"),
-        ({"prompt": "Hi", "reasoning": "  ", "response": "Ok."}, "field 'reasoning' / 'reason' is empty"),
+        ({"prompt": "Hi", "reasoning": "  ", "response": "Ok."}, "field 'reasoning' / 'reason' is empty, and field "
+                                                                 "'response' holds no '</think>'"),
         ({"prompt": "Hi", "reasoning": "a </think> b", "response": "Ok."}, "contains the think token '</think>'"),
         ({"prompt": "Hi", "reasoning": "Hmm.", "response": "<think>Ok."}, "contains the think token '<think>'"),
         ({"prompt": "Hi", "reasoning": "Hmm " * 40, "response": "Ok."}, "config.max_length=30"),
@@ -791,16 +792,27 @@ def test_dataset_mixing_prompt_and_messages_rows(tok, chain_ids):
         prepare_reasoning_calibration(blank, tok, _cfg())
     a, b = prepare_reasoning_calibration(blank, tok, cfg, model=model)
     assert a.input_ids == b.input_ids
+    # a blank alias beside the trace it names is no second trace; a blank reasoning cell beside an R1 response
+    # is no empty thinking
+    r1 = f"<think>{RECORD['reasoning']}</think>{RECORD['response']}"
+    for record in ({**RECORD, "reason": ""}, {"prompt": RECORD["prompt"], "reasoning": "", "response": r1},
+                   {"prompt": "Hi", "reason": "", "response": ""}):
+        assert len(prepare_reasoning_calibration([record], tok, cfg, model=model)) == 1, record
 
 
 def test_a_prompt_column_beside_a_chat_column_reads_the_same_as_the_chat_column_alone(tok):
     chat = [{"role": "user", "content": RECORD["prompt"]},
             {"role": "assistant", "content": f"<think>{RECORD['reasoning']}</think>{RECORD['response']}"}]
+    split = [chat[0], {"role": "assistant", "content": RECORD["response"], "reasoning_content": RECORD["reasoning"]}]
+    plain = prepare_reasoning_calibration([RECORD], tok, _cfg())[0].input_ids
     for extra in ({}, {"prompt": RECORD["prompt"]}):
-        # the answer column repeats the chat answer: one answer
-        (same,) = prepare_reasoning_calibration([{**extra, "messages": chat, "response": RECORD["response"]}], tok,
-                                                _cfg(on_malformed="error"))
-        assert same.input_ids == prepare_reasoning_calibration([RECORD], tok, _cfg())[0].input_ids
+        # answer columns that repeat the chat answer (the response alone, or both fields): one answer
+        for turns, fields in ((chat, {"response": RECORD["response"]}),
+                              (chat, {"reasoning": RECORD["reasoning"], "response": RECORD["response"]}),
+                              (split, {"reasoning": RECORD["reasoning"], "response": RECORD["response"]})):
+            (same,) = prepare_reasoning_calibration([{**extra, "messages": turns, **fields}], tok,
+                                                    _cfg(on_malformed="error"))
+            assert same.input_ids == plain, (extra, fields)
         # fields that give another answer than the chat turn: refused, not one of the two dropped in silence
         with pytest.raises(CalibrationError, match="give different answers: keep one of them"):
             prepare_reasoning_calibration([{**extra, "messages": chat, "reasoning": "Something else entirely.",
@@ -858,6 +870,10 @@ def test_file_content_decides_between_json_and_jsonl(tok, tmp_path, caplog):
     with pytest.raises(CalibrationError, match="one JSON object spread over several lines"):
         load_records(pretty)
     broken = json.dumps([RECORD, RECORD], indent=2)  # a trailing comma in a pretty-printed list
+    rows = tmp_path / "rows.jsonl"  # JSON Lines of lists: its own error (each line is a list), not the list's
+    rows.write_text('["Write a poem.", "The sea."]\n["Hi", "Ok"]\n')
+    with pytest.raises(CalibrationError, match=r"rows\.jsonl: line 1 is a JSON list, not an object"):
+        load_records(rows)
     pretty.write_text(broken[:-2] + ",\n]")
     lineno = broken.count("\n") + 1
     with pytest.raises(CalibrationError, match=rf"pretty\.jsonl holds one JSON list, not JSON Lines, and it is not "
