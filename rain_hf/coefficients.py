@@ -103,7 +103,7 @@ def coefficient_warning(
     raw = scores[measured]
     mean = float(raw.mean())
     outside = float(((raw < lo) | (raw > hi)).float().mean())
-    if normalize == "none" and outside > 0.5:  # the literal form's box does not suit the raw scores it clips
+    if normalize == "none" and outside > 0.5 and mean > 0:  # the literal form's box misses the raw scores
         hint = (f"coef_min / coef_max that suit the raw scores a − ρ·u (they lie between {float(raw.min()):.3g} "
                 f"and {float(raw.max()):.3g}), or coef_normalize='mean'")
     else:

@@ -179,6 +179,10 @@ def test_coefficient_warning_names_a_stage_2_that_cannot_rank_heads():
     said = coefficient_warning(a2, u2, 0.0, "none", floored, 0.5, 3.0)
     assert "coef_min / coef_max that suit the raw scores a − ρ·u (they lie between 0.0684 and 0.0984)" in said
     assert "rho" not in said
+    # raw scores mostly negative: no box can hold them (coef_min >= 0) and "mean" falls back to α = 1: ρ is the fix
+    a5, u5 = torch.tensor([[0.02, 0.03, 0.01, 0.20]]), torch.tensor([[0.30, 0.40, 0.20, 0.05]])
+    said = coefficient_warning(a5, u5, 0.5, "none", head_coefficients(a5, u5, 0.5, "none", 0.0, 2.0), 0.0, 2.0)
+    assert "try a smaller rho, or calibration data" in said and "coef_min" not in said
 
 
 def test_gqa_mapping_groups_consecutive_query_heads():
