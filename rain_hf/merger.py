@@ -16,6 +16,7 @@ import inspect
 import json
 import logging
 import math
+import numbers
 import os
 import re
 import shutil
@@ -379,13 +380,19 @@ def check_device(device: str | torch.device | int | None) -> None:
     """Raise ConfigError for a device torch does not know, or a CUDA device where torch sees none."""
     if device is None:
         return
-    if isinstance(device, int) and not isinstance(device, bool) and device >= 0 and not torch.cuda.is_available():
-        # torch reads a bare index as an accelerator's; with none here its own error names no fix
-        raise ConfigError(f"device={device} means the accelerator cuda:{device}, but torch sees no CUDA device here "
-                          f"(torch {torch.__version__}): use device='cpu', or install a CUDA build of torch.")
+    if isinstance(device, bool) or isinstance(device, numbers.Integral) and device < 0:
+        raise ConfigError(f"device={device!r} is not a torch device: use cpu, cuda or cuda:N.")
+    if isinstance(device, numbers.Integral):
+        device = int(device)  # a numpy integer too
+        accelerator = getattr(torch, "accelerator", None)
+        if accelerator is None or not accelerator.is_available():
+            # torch reads a bare index as an accelerator's; with none here its own error names no fix
+            raise ConfigError(f"device={device} means accelerator {device} (cuda:{device} on an NVIDIA GPU), but "
+                              f"torch sees none here (torch {torch.__version__}): use device='cpu', or install a "
+                              "CUDA build of torch.")
     try:
         parsed = torch.device(device)
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError) as exc:
         raise ConfigError(f"device={str(device)!r} is not a torch device: use cpu, cuda or cuda:N.") from exc
     if parsed.type == "meta":
         raise ConfigError("device='meta' holds no weights, so nothing could be merged or saved: use cpu or cuda.")

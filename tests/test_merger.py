@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -2151,12 +2152,17 @@ def test_inputs_are_protected(qwen2, tmp_path, caplog):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="torch sees no CUDA device"):
             RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], device="cuda")
-        with pytest.raises(ConfigError, match="device=0 means the accelerator cuda:0, but torch sees no CUDA"):
-            RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], device=0)
+        for index in (0, np.int64(0)):
+            with pytest.raises(ConfigError, match=r"device=0 means accelerator 0 \(cuda:0 on an NVIDIA GPU\), but torch "
+                                                  "sees none here"):
+                RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], device=index)
     else:
         with pytest.raises(ConfigError, match="CUDA device\\(s\\)"):
             RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
                                        device=f"cuda:{torch.cuda.device_count()}")
+    for bad in (True, -1):  # refused by rain_hf, not as torch's TypeError or as the string '-1'
+        with pytest.raises(ConfigError, match=rf"device={bad!r} is not a torch device: use cpu, cuda or cuda:N"):
+            RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], device=bad)
     with pytest.raises(ConfigError, match="device='meta' holds no weights"):
         RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], device="meta")
 
