@@ -98,8 +98,9 @@ def default_template_path() -> Path:
     """Where the default card template lives.
 
     Looked up, in order: ``model_card_templates/`` next to the ``rain_hf`` package (a source checkout or an
-    editable install), then ``share/rain_hf/model_card_templates/`` under the installation prefixes (where a
-    wheel's ``data_files`` put it).
+    editable install), then ``share/rain_hf/model_card_templates/`` (where a wheel's ``data_files`` put it) under
+    the installation prefixes and under each folder above the package (``pip install --target`` or ``--prefix``
+    puts it there, outside the running Python's prefixes).
 
     Example:
         >>> default_template_path().name
@@ -110,6 +111,7 @@ def default_template_path() -> Path:
     user_base = getattr(__import__("site"), "USER_BASE", None)
     if user_base:
         prefixes.append(user_base)
+    prefixes += [str(folder) for folder in Path(__file__).resolve().parents[1:]]
     for prefix in dict.fromkeys(p for p in prefixes if p):
         candidates.append(Path(prefix) / "share" / "rain_hf" / "model_card_templates" / TEMPLATE_NAME)
     for candidate in candidates:
