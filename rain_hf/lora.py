@@ -90,6 +90,11 @@ _REFUSED_FEATURES = {
 _BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "astra")
 
 
+def _widened(tensor: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
+    """``tensor`` on ``device`` in the dtype a delta is computed in: float32, or float64 for float64 tensors."""
+    return tensor.to(device=device, dtype=torch.promote_types(tensor.dtype, torch.float32))
+
+
 class AdapterError(CheckpointError):
     """A peft adapter cannot be used as an instruct model's task vector (kind, file, or base model)."""
 
@@ -504,21 +509,22 @@ class LoraDelta:
         return self._factors[weight_key].shape
 
     def factors(self, weight_key: str, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Low-rank factors ``(L, R)`` with ``delta(weight_key) == L @ R``, in fp32.
+        """Low-rank factors ``(L, R)`` with ``delta(weight_key) == L @ R``, in fp32 (float64 for float64 factors).
 
         Shapes: ``L`` ``[out, r]`` and ``R`` ``[r, in]`` (``L`` ``[in, r]``, ``R`` ``[r, out]`` for a ``Conv1D``
         weight, see :meth:`validate`), i.e. ``L @ R`` has the base weight's layout. The scaling is folded into
         ``L``. Useful to project ΔW in O((out + in)·r) memory.
         """
         entry = self._factors[weight_key]
-        a = self._tensors.get(entry.key_a).to(device=device, dtype=torch.float32)  # [r, in]
-        b = self._tensors.get(entry.key_b).to(device=device, dtype=torch.float32)  # [out, r]
+        a = _widened(self._tensors.get(entry.key_a), device)  # [r, in]
+        b = _widened(self._tensors.get(entry.key_b), device)  # [out, r]
         if entry.transposed:
             return a.T.contiguous() * entry.scaling, b.T.contiguous()  # [in, r], [r, out]
         return b * entry.scaling, a
 
     def delta(self, weight_key: str, device: torch.device | str | None = None) -> torch.Tensor | None:
-        """ΔW of ``weight_key`` as fp32 ``[out, in]`` (the base weight's layout), or None when not adapted.
+        """ΔW of ``weight_key`` as fp32 ``[out, in]`` (the base weight's layout; float64 where the adapter or the
+        base stores float64), or None when not adapted.
 
         ``scaling · B @ A`` with ``A`` ``[r, in]``, ``B`` ``[out, r]``; transposed to ``[in, out]`` for GPT-2 style
         ``Conv1D`` weights, stored ``[in, out]`` (before :meth:`validate`: as the adapter's ``fan_in_fan_out`` says).
@@ -536,12 +542,12 @@ class LoraDelta:
             if self._base is None:
                 raise AdapterError(f"The instruct adapter {self._name} holds a trained copy of {weight_key}; its "
                                    "delta needs the base weights: call use_base(base checkpoint) first.")
-            copy = self._tensors.get(self._copies[weight_key]).to(device=device, dtype=torch.float32)
-            copy = copy - self._base.get(weight_key).to(device=device, dtype=torch.float32)
+            copy = _widened(self._tensors.get(self._copies[weight_key]), device)
+            copy = copy - _widened(self._base.get(weight_key), device)
             total = copy if total is None else total + copy
         if weight_key in self._lora_biases:
             key, scaling = self._lora_biases[weight_key]
-            bias = self._tensors.get(key).to(device=device, dtype=torch.float32) * scaling
+            bias = _widened(self._tensors.get(key), device) * scaling
             total = bias if total is None else total + bias
         return total
 

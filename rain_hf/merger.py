@@ -1410,7 +1410,9 @@ class RainMerger:
                     c = column_scale.to(prec)
                     row["residual_after_stage2"] = feature_residual(work * c, out * c, v, s)
                 self.report.modules[target.name] = row
-            full = out.to(full.dtype)  # fp32, or float64 for float64 checkpoints
+            # fp32, or float64 for float64 checkpoints or precision: a float64 result is not rounded here, but once,
+            # where it is added to θ_R and written
+            full = out.to(torch.promote_types(full.dtype, prec))
         if db is None:
             return full, None
         return full[:, :-1], full[:, -1]

@@ -563,3 +563,34 @@ def test_a_config_without_alpha_or_rslora_keys_takes_peft_defaults(plain_adapter
     del config["lora_alpha"], config["use_rslora"]
     (plain_adapter / "adapter_config.json").write_text(json.dumps(config))
     assert torch.equal(LoraDelta.from_pretrained(plain_adapter).delta(key), full)  # scaling 8 / 4, not 8 / √4
+
+
+def test_a_float64_adapter_gives_a_float64_delta(bases, tmp_path):
+    """Factors, trained copies and the base they are subtracted from stay float64, as full float64 checkpoints do:
+    a small copy − base delta cut to float32 first would lose its low bits."""
+    base = tmp_path / "base64"
+    AutoModelForCausalLM.from_pretrained(bases["qwen"], dtype=torch.float64).save_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                                      modules_to_save=["down_proj"]))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if ".lora_" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=gen, dtype=torch.float64))
+            elif "modules_to_save" in name:
+                param.add_(1e-6 * torch.randn(param.shape, generator=gen, dtype=torch.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model.save_pretrained(tmp_path / "ad")
+    base_sd = load_file(str(base / "model.safetensors"))
+    merged = peft_model.merge_and_unload().state_dict()
+    lora = LoraDelta.from_pretrained(tmp_path / "ad")
+    lora.use_base(LazyCheckpoint(base))
+    for key in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"):
+        expected = merged[key] - base_sd[key]
+        got = lora.delta(key)
+        assert got.dtype == torch.float64, key
+        assert (got - expected).norm() / expected.norm() < 1e-12, key

@@ -214,6 +214,26 @@ def test_float64_precision_projects_in_float64(tmp_path, tokenizer, sequential):
         assert torch.allclose(merged[key].detach(), expected, rtol=0, atol=1e-12), n
 
 
+def test_float64_precision_on_float32_checkpoints_rounds_once(qwen2):
+    """precision="float64" on float32 checkpoints: θ_R + λ·ΔW⊥ is summed in float64 and rounded to float32 once,
+    so every merged weight is within half a float32 ulp of the float64 result (ΔW⊥ rounded to float32 before the
+    sum put about one weight in forty a whole ulp off)."""
+    merger = _merger(qwen2, lam=3.0, stage2=False, sequential=False, precision="float64", rcond=1e-6,
+                     target_modules=["q_proj", "o_proj"])
+    merger.merge(reasoning_records(4))
+    reasoning, base, instruct = _weights(qwen2["reasoning"]), _weights(qwen2["base"]), _weights(qwen2["instruct"])
+    merged = dict(merger.model.named_parameters())
+    half_ulp = torch.finfo(torch.float32).eps / 2
+    for target in merger.targets:
+        key = target.weight_key
+        v, s = merger.features.basis(target.name)
+        keep = v[:, s > 1e-6 * s[0]].double()
+        dw = (instruct[key] - base[key]).double()  # the float32 checkpoints' difference, exact in float32
+        exact = reasoning[key].double() + 3.0 * (dw - (dw @ keep) @ keep.T)
+        assert merged[key].dtype == torch.float32
+        assert ((merged[key].detach().double() - exact).abs() <= half_ulp * exact.abs() * (1 + 1e-9)).all(), key
+
+
 @pytest.mark.parametrize("sequential", [False, True])
 def test_project_bias_protects_modules_with_and_without_a_bias(qwen2, tokenizer, sequential):
     # Qwen2: q/k/v have biases (projected with them, [ΔW | Δb] against [H | 1]); o_proj and the MLP have none
