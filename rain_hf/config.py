@@ -417,6 +417,9 @@ class RainMergingConfig:
                               f"<think>, before and after </think>), got {self.think_spacing!r}.")
         if self.think_open == self.think_close:
             raise ConfigError("RainMergingConfig.think_open and think_close must differ.")
+        if self.output_dtype == "float64":  # not "did you mean 'float16'"
+            raise ConfigError(f"RainMergingConfig.output_dtype='float64' is not one of {list(DTYPES)}: leave "
+                              "output_dtype unset (None) to save a float64 checkpoint as stored, in float64.")
         if self.output_dtype is not None:
             choice("output_dtype", DTYPES)
         positive_int("batch_size")

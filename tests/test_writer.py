@@ -376,7 +376,8 @@ def test_config_round_trip_and_validation(tmp_path):
                      ({"coef_min": -0.5}, "coef_min"), ({"coef_min": 0.0, "coef_max": 0.0}, "coef_max"),
                      ({"layers": []}, "merges nothing"), ({"seed": 2**70}, r"seed must be an integer in \[0"),
                      ({"max_shard_size": "0.5B"}, "max_shard_size"), ({"max_shard_size": "infGB"}, "max_shard_size"),
-                     ({"temperature": float("inf")}, "finite")]:
+                     ({"temperature": float("inf")}, "finite"),
+                     ({"output_dtype": "float64"}, r"leave output_dtype unset \(None\) to save a float64 checkpoint")]:
         with pytest.raises(ConfigError, match=msg):
             RainMergingConfig(**bad)
     with pytest.raises(ConfigError, match="expects a dict"):
