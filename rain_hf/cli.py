@@ -110,6 +110,26 @@ class CliError(Exception):
     """A problem with the command line or the YAML file (exit status 2)."""
 
 
+_MAX_YAML_VALUES = 10_000
+
+
+def _expanded_size(value: Any) -> int:
+    """How many values ``value`` holds once its YAML aliases are written out (each shared object counted at
+    every place it is used), without writing them out."""
+    sizes: dict[int, int] = {}
+
+    def size(item: Any) -> int:
+        if not isinstance(item, (dict, list)):
+            return 1
+        if id(item) not in sizes:
+            sizes[id(item)] = 0  # a recursive alias (&a [*a]) counts once
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            sizes[id(item)] = min(1 + sum(size(child) for child in children), _MAX_YAML_VALUES + 1)
+        return sizes[id(item)]
+
+    return size(value)
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.safe_load`` that refuses a key given twice in one mapping (YAML itself keeps the last silently)."""
 
@@ -205,7 +225,13 @@ def load_job(path: str | os.PathLike) -> MergeJob:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise CliError(f"{path}: invalid YAML{where}: {problem}.") from exc
+        # not chained: PyYAML's error quotes the line, which may be the token's (printed by --verbose)
+        raise CliError(f"{path}: invalid YAML{where}: {problem}.") from None
+    if _expanded_size(data) > _MAX_YAML_VALUES:
+        # aliases of aliases: a few hundred bytes can stand for billions of values, which an error message
+        # that shows one would write out in full
+        raise CliError(f"{path}: the YAML expands to more than {_MAX_YAML_VALUES} values through its aliases "
+                       "(*name): a merge description needs a few dozen; write the values out.")
     if not isinstance(data, dict):
         raise CliError(f"{path}: the top level must be a mapping of keys ({', '.join(TOP_LEVEL_KEYS)}).")
     unknown = sorted(set(map(str, data)) - set(TOP_LEVEL_KEYS))

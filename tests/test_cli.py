@@ -290,6 +290,32 @@ def test_unreadable_yaml_exits_2(tmp_path, capsys):
     assert "not UTF-8 text (byte 15); save the YAML file as UTF-8" in _one_error_line(capsys.readouterr().err)
 
 
+def test_a_yaml_of_nested_aliases_is_refused_before_any_message_writes_it_out(tmp_path, capsys):
+    # 10 aliases of 10 aliases …: 500 bytes that stand for 10**8 strings, which "dtype ... is not one of" would print
+    anchors = ", ".join([f"&a0 [{', '.join(['lol'] * 10)}]"]
+                        + [f"&a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 8)])
+    config = tmp_path / "laughs.yaml"
+    config.write_text(f"base_model: a/b\nreasoning_model: c/d\ninstruct_model: e/f\ndtype: [{anchors}]\n")
+    assert main([str(config), "--dry-run"]) == 2
+    assert "the YAML expands to more than 10000 values through its aliases (*name)" in _one_error_line(
+        capsys.readouterr().err)
+    # aliases as people use them (one value named twice, a recursive one) are read
+    from rain_hf.cli import _expanded_size
+
+    recursive = []
+    recursive.append(recursive)
+    assert _expanded_size({"a": [1, 2], "b": [1, 2]}) == 9 and _expanded_size(recursive) == 1
+
+
+def test_the_token_on_a_broken_yaml_line_stays_out_of_the_verbose_traceback(tmp_path, capsys):
+    for text in ("token: hf_SECRET: x\n", "token: hf_SECRET\ntoken: hf_SECRET\n"):
+        config = tmp_path / "job.yaml"
+        config.write_text("base_model: a/b\nreasoning_model: c/d\ninstruct_model: e/f\n" + text)
+        assert main([str(config), "--dry-run", "--verbose"]) == 2
+        err = capsys.readouterr().err
+        assert "invalid YAML at line" in err and "hf_SECRET" not in err, err
+
+
 def test_sigterm_removes_the_half_written_output(triple, tmp_path, capsys, monkeypatch):
     import os
     import signal
