@@ -2352,20 +2352,27 @@ def _copyable(folder: Path, path: Path) -> bool:
     return path.is_file() and _inside(folder, path)
 
 
-def _in_file_store(path: Path) -> bool:
-    """Whether the resolved ``path`` lies in a store that model folders link their files into: a Hub cache's
-    ``models--*/blobs`` (huggingface_hub's old ``local_dir`` links), git-annex's objects or DVC's cache."""
+def _in_own_file_store(folder: Path, path: Path) -> bool:
+    """Whether the resolved ``path`` lies in the store that the model folder ``folder`` links its own files into:
+    the Hub cache's ``models--*/blobs`` its ``config.json`` links into (huggingface_hub's old ``local_dir``
+    links), or git-annex's objects or DVC's cache of a repository that holds the folder. Another repository's
+    blobs are not the model's (a link could publish a private model's files)."""
     parts = path.parts
-    return any((name == "blobs" and i and parts[i - 1].startswith("models--"))
-               or parts[i:i + 3] == (".git", "annex", "objects") or parts[i:i + 2] == (".dvc", "cache")
-               for i, name in enumerate(parts))
+    config = folder / "config.json"
+    own_blobs = config.resolve().parent if config.is_symlink() else None
+    for i, name in enumerate(parts):
+        if name == "blobs" and i and parts[i - 1].startswith("models--"):
+            return own_blobs is not None and Path(*parts[:i + 1]) == own_blobs
+        if parts[i:i + 3] == (".git", "annex", "objects") or parts[i:i + 2] == (".dvc", "cache"):
+            return folder.resolve().is_relative_to(Path(*parts[:i]))
+    return False
 
 
 def _inside(folder: Path, path: Path) -> bool:
-    """Whether ``path`` resolves into ``folder`` (see :func:`_link_root`) or into a file store (see
-    :func:`_in_file_store`); warn about one that does not."""
+    """Whether ``path`` resolves into ``folder`` (see :func:`_link_root`) or into its file store (see
+    :func:`_in_own_file_store`); warn about one that does not."""
     resolved = path.resolve()
-    if resolved.is_relative_to(_link_root(folder)) or (path.is_file() and _in_file_store(resolved)):
+    if resolved.is_relative_to(_link_root(folder)) or (path.is_file() and _in_own_file_store(folder, resolved)):
         return True
     logger.warning("%s in the reasoning model's folder links to %s, outside the folder: it is not copied into the "
                    "merge. Copy it into the folder if it belongs to the model.",

@@ -2303,16 +2303,33 @@ def test_links_out_of_the_reasoning_models_folder_are_not_copied(qwen2, tmp_path
     (repo / "blobs" / "f00d").write_text("Apache-2.0")
     (snapshot / "LICENSE").symlink_to(Path("..", "..", "blobs", "f00d"))
     assert license_files(snapshot) == [snapshot / "LICENSE"]
-    # a local folder whose files link into a store (an old huggingface_hub local_dir, git-annex, DVC) keeps them
-    local = tmp_path / "local"
-    local.mkdir()
+    # a local folder whose files link into its own store (an old huggingface_hub local_dir: the blobs its
+    # config.json links into; git-annex or DVC: the repository that holds it) keeps them
+    local = tmp_path / "repo" / "model"
+    local.mkdir(parents=True)
     annexed = tmp_path / "repo" / ".git" / "annex" / "objects" / "ab" / "cd" / "KEY"
     annexed.parent.mkdir(parents=True)
     annexed.write_text("MIT")
+    (repo / "blobs" / "c0f1").write_text("{}")
+    (local / "config.json").symlink_to(repo / "blobs" / "c0f1")
     (local / "LICENSE").symlink_to(repo / "blobs" / "f00d")
     (local / "NOTICE").symlink_to(annexed)
     (local / "COPYING").symlink_to(secret / "token")
     assert license_files(local) == [local / "LICENSE", local / "NOTICE"]
+    # … but not another repository's: a link into a private model's blobs, or another annex, would publish them
+    other = tmp_path / "hub" / "models--victim--private" / "blobs" / "beef"
+    other.parent.mkdir(parents=True)
+    other.write_text("private")
+    elsewhere = tmp_path / "other" / ".git" / "annex" / "objects" / "KEY"
+    elsewhere.parent.mkdir(parents=True)
+    elsewhere.write_text("private")
+    for name, target in (("LICENSE", other), ("NOTICE", elsewhere)):
+        (local / name).unlink()
+        (local / name).symlink_to(target)
+    (local / "config.json").unlink()
+    (local / "config.json").write_text("{}")
+    (local / "USE_POLICY.md").symlink_to(repo / "blobs" / "f00d")  # blobs, but not the folder's own (no link)
+    assert license_files(local) == []
 
 
 def _as_tekken(folder: Path) -> None:
