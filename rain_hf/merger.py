@@ -2354,15 +2354,15 @@ def _copyable(folder: Path, path: Path) -> bool:
 
 def _in_own_file_store(folder: Path, path: Path) -> bool:
     """Whether the resolved ``path`` lies in the store that the model folder ``folder`` links its own files into:
-    the Hub cache's ``models--*/blobs`` its ``config.json`` links into (huggingface_hub's old ``local_dir``
-    links), or git-annex's objects or DVC's cache of a repository that holds the folder. Another repository's
-    blobs are not the model's (a link could publish a private model's files)."""
+    the Hub cache's ``models--*/blobs`` its ``config.json`` or weights link into (huggingface_hub's old
+    ``local_dir`` links, which for large files only are the weights), or git-annex's objects or DVC's cache of a
+    repository that holds the folder. Another repository's blobs are not the model's (a link could publish a
+    private model's files)."""
     parts = path.parts
-    config = folder / "config.json"
-    own_blobs = config.resolve().parent if config.is_symlink() else None
     for i, name in enumerate(parts):
         if name == "blobs" and i and parts[i - 1].startswith("models--"):
-            return own_blobs is not None and Path(*parts[:i + 1]) == own_blobs
+            own = [folder / "config.json", *folder.glob("*.safetensors")]
+            return any(f.is_symlink() and f.resolve().parent == Path(*parts[:i + 1]) for f in own)
         if parts[i:i + 3] == (".git", "annex", "objects") or parts[i:i + 2] == (".dvc", "cache"):
             return folder.resolve().is_relative_to(Path(*parts[:i]))
     return False

@@ -2311,7 +2311,7 @@ def test_links_out_of_the_reasoning_models_folder_are_not_copied(qwen2, tmp_path
     annexed.parent.mkdir(parents=True)
     annexed.write_text("MIT")
     (repo / "blobs" / "c0f1").write_text("{}")
-    (local / "config.json").symlink_to(repo / "blobs" / "c0f1")
+    (local / "model.safetensors").symlink_to(repo / "blobs" / "c0f1")  # local_dir "auto" links large files only
     (local / "LICENSE").symlink_to(repo / "blobs" / "f00d")
     (local / "NOTICE").symlink_to(annexed)
     (local / "COPYING").symlink_to(secret / "token")
@@ -2326,8 +2326,7 @@ def test_links_out_of_the_reasoning_models_folder_are_not_copied(qwen2, tmp_path
     for name, target in (("LICENSE", other), ("NOTICE", elsewhere)):
         (local / name).unlink()
         (local / name).symlink_to(target)
-    (local / "config.json").unlink()
-    (local / "config.json").write_text("{}")
+    (local / "model.safetensors").unlink()
     (local / "USE_POLICY.md").symlink_to(repo / "blobs" / "f00d")  # blobs, but not the folder's own (no link)
     assert license_files(local) == []
 
