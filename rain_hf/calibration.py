@@ -292,9 +292,13 @@ def _load_path(path: Path, locations: list[str]) -> list[dict]:
             f"{path} is empty: fill it with records (a JSON list in .json, one JSON object per "
             "line in .jsonl)."
         )
-    if suffix == ".jsonl":
-        return _read_jsonl_file(path, text, locations)
-    return _read_json_file(path, text, locations)
+    try:
+        if suffix == ".jsonl":
+            return _read_jsonl_file(path, text, locations)
+        return _read_json_file(path, text, locations)
+    except RecursionError:  # json's decoder recurses once per level of nesting
+        raise CalibrationError(f"{path} nests its JSON deeper than Python's parser goes: a calibration record is "
+                               "a flat object of strings (and lists of them).") from None
 
 
 def _read_utf8(path: Path) -> str:

@@ -879,6 +879,10 @@ def test_file_content_decides_between_json_and_jsonl(tok, tmp_path, caplog):
     with pytest.raises(CalibrationError, match=rf"pretty\.jsonl holds one JSON list, not JSON Lines, and it is not "
                                                rf"valid JSON \(Expecting value at line {lineno}, column 1\)"):
         load_records(pretty)
+    for deep in ("deep.json", "deep.jsonl"):  # not Python's RecursionError, which names no file
+        (tmp_path / deep).write_text("[" * 100_000 + "]" * 100_000)
+        with pytest.raises(CalibrationError, match=rf"{deep} nests its JSON deeper than Python's parser goes"):
+            load_records(tmp_path / deep)
     for name, content in (("empty.json", ""), ("empty.jsonl", "\n \n")):
         (tmp_path / name).write_text(content)
         with pytest.raises(CalibrationError, match=rf"{name} is empty"):
