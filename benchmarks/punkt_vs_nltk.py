@@ -79,11 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", type=Path, default=ROOT.parent / "shared" / "calibration",
                         help="the folder of the paper's calibration sets (default: ../shared/calibration)")
     args = parser.parse_args(argv)
+    english = args.english.expanduser()
+    if not english.is_dir() and english.suffix != ".py":
+        parser.error(f"--english {args.english}: not a punkt_tab language folder nor a .py file of its tables")
+    if not english.exists():
+        parser.error(f"--english {args.english} does not exist")
     from nltk.tokenize.punkt import PunktSentenceTokenizer
 
     from rain_hf._punkt import PUNKT_BUILD_VERSION, build_punkt_parameters
 
-    theirs = PunktSentenceTokenizer(nltk_parameters(args.english.expanduser()))
+    theirs = PunktSentenceTokenizer(nltk_parameters(english))
     ours = PunktSentenceTokenizer(build_punkt_parameters())
     print(f"{PUNKT_BUILD_VERSION} against {args.english}")
     for label, texts in text_sets(args.calibration).items():
