@@ -355,7 +355,8 @@ def _read_jsonl_file(path: Path, text: str, locations: list[str]) -> list[dict]:
             try:  # a pretty-printed list with an error: its line 1 is "[", so name where the list breaks
                 json.loads(text)
             except json.JSONDecodeError as err:
-                if err.msg != "Extra data":  # else one complete value per line: JSON Lines, whose error stands
+                # a first line that is a whole value: JSON Lines (of lists), whose own error stands
+                if _json_or_none(text.lstrip().splitlines()[0]) is None:
                     raise CalibrationError(f"{path} holds one JSON list, not JSON Lines, and it is not valid JSON "
                                            f"({err.msg} at line {err.lineno}, column {err.colno}).") from None
         raise
@@ -691,6 +692,7 @@ class _ThinkSplit:
         self.content = content
         self.source = source  # the field as errors name it
         self.reasoning_cell = reasoning_cell  # "missing", or "empty" (a blank reasoning cell beside the response)
+        self.expected_thinking: str | None = None  # a reasoning column beside a chat turn must repeat its thinking
 
 
 _FIELD_LABELS = ("field 'reasoning' / 'reason'", "field 'response'")
@@ -732,7 +734,7 @@ def _labelled_fields(record: Mapping) -> tuple[Any, Any, Any, tuple[str, str]]:
             return fields
         if len(messages) > 1:
             # a data set's answer columns beside its chat column, repeating its answer: one answer
-            if _repeats_turn(given, messages[1]):
+            if _repeats_turn(given, messages[1], fields):
                 return fields
             raise _Malformed("the assistant turn of 'messages' and the fields 'reasoning' / 'reason' / 'response' "
                              "give different answers: keep one of them")
@@ -750,16 +752,23 @@ def _labelled_fields(record: Mapping) -> tuple[Any, Any, Any, tuple[str, str]]:
     return record.get("prompt"), reasoning, response, _FIELD_LABELS
 
 
-def _repeats_turn(given: Mapping[str, Any], turn: Mapping) -> bool:
-    """Whether the answer fields ``given`` beside a chat column repeat its assistant ``turn``: a reasoning text
-    within the turn's thinking (its ``reasoning_content``, else its content, where the think block sits), and a
-    response at the end of its content."""
+def _repeats_turn(given: Mapping[str, Any], turn: Mapping, fields: tuple) -> bool:
+    """Whether the answer fields ``given`` beside a chat column repeat its assistant ``turn``: a response at the
+    end of its content, and a reasoning text equal to its ``reasoning_content``, or else to the thinking of its
+    content, which is compared once the content is split at the think tokens (see :class:`_ThinkSplit`)."""
     content, thinking = turn.get("content"), turn.get("reasoning_content")
-    thinking = thinking if isinstance(thinking, str) else content
     if not isinstance(content, str) or not all(isinstance(value, str) for value in given.values()):
         return False
-    return all(content.strip().endswith(value.strip()) if key == "response" else value.strip() in thinking
-               for key, value in given.items())
+    if "response" in given and not content.strip().endswith(given["response"].strip()):
+        return False
+    reasoning = {value.strip() for key, value in given.items() if key != "response"}
+    if len(reasoning) > 1:
+        return False
+    if reasoning and isinstance(thinking, str):
+        return reasoning == {thinking.strip()}
+    if reasoning:
+        fields[1].expected_thinking = reasoning.pop()
+    return True
 
 
 def _grouped_reasons(failures: Sequence[tuple[int, str]]) -> list[tuple[str, list[int]]]:
@@ -867,8 +876,12 @@ def _parse_record(record: Mapping, template: _Template) -> _Fields:
     answer_at = 0  # where the answer starts in its field as given
     if isinstance(reasoning, _ThinkSplit):
         source = reasoning.source
+        expected = reasoning.expected_thinking
         reasoning, response, answer_at = _split_think_text(reasoning.content, template, source,
                                                            reasoning.reasoning_cell)
+        if expected is not None and expected != reasoning.strip():
+            raise _Malformed("the assistant turn of 'messages' and the fields 'reasoning' / 'reason' give different "
+                             "thinking texts: keep one of them")
         if source != "response":  # a chat answer's offsets have always counted from the text after </think>
             answer_at = 0
         reasoning_label, response_label = f"the thinking in '{source}'", f"the answer in '{source}'"

@@ -813,6 +813,10 @@ def test_a_prompt_column_beside_a_chat_column_reads_the_same_as_the_chat_column_
             (same,) = prepare_reasoning_calibration([{**extra, "messages": turns, **fields}], tok,
                                                     _cfg(on_malformed="error"))
             assert same.input_ids == plain, (extra, fields)
+        # a reasoning column that is only part of the turn (a word of it, or its answer) is another thinking text
+        for fields in ({"reasoning": RECORD["response"]}, {"reasoning": RECORD["reasoning"].split()[0]}):
+            with pytest.raises(CalibrationError, match="give different thinking texts: keep one of them"):
+                prepare_reasoning_calibration([{**extra, "messages": chat, **fields}], tok, _cfg(on_malformed="error"))
         # fields that give another answer than the chat turn: refused, not one of the two dropped in silence
         with pytest.raises(CalibrationError, match="give different answers: keep one of them"):
             prepare_reasoning_calibration([{**extra, "messages": chat, "reasoning": "Something else entirely.",
@@ -874,6 +878,10 @@ def test_file_content_decides_between_json_and_jsonl(tok, tmp_path, caplog):
     rows.write_text('["Write a poem.", "The sea."]\n["Hi", "Ok"]\n')
     with pytest.raises(CalibrationError, match=r"rows\.jsonl: line 1 is a JSON list, not an object"):
         load_records(rows)
+    pretty.write_text(broken + "\n]\n")  # a stray bracket after the list: where the list breaks, not line 1
+    with pytest.raises(CalibrationError, match=r"pretty\.jsonl holds one JSON list, not JSON Lines, and it is not "
+                                               r"valid JSON \(Extra data at line"):
+        load_records(pretty)
     pretty.write_text(broken[:-2] + ",\n]")
     lineno = broken.count("\n") + 1
     with pytest.raises(CalibrationError, match=rf"pretty\.jsonl holds one JSON list, not JSON Lines, and it is not "
