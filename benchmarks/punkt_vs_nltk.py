@@ -80,15 +80,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="the folder of the paper's calibration sets (default: ../shared/calibration)")
     args = parser.parse_args(argv)
     english = args.english.expanduser()
-    if not english.is_dir() and english.suffix != ".py":
-        parser.error(f"--english {args.english}: not a punkt_tab language folder nor a .py file of its tables")
     if not english.exists():
         parser.error(f"--english {args.english} does not exist")
     from nltk.tokenize.punkt import PunktSentenceTokenizer
 
     from rain_hf._punkt import PUNKT_BUILD_VERSION, build_punkt_parameters
 
-    theirs = PunktSentenceTokenizer(nltk_parameters(english))
+    try:
+        theirs = PunktSentenceTokenizer(nltk_parameters(english))
+    except (LookupError, OSError, AttributeError, SyntaxError) as exc:  # not the folder or the file of tables
+        parser.error(f"--english {args.english}: not nltk's punkt_tab language folder nor a .py file of its tables "
+                     f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
     ours = PunktSentenceTokenizer(build_punkt_parameters())
     print(f"{PUNKT_BUILD_VERSION} against {args.english}")
     for label, texts in text_sets(args.calibration).items():

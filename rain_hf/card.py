@@ -99,19 +99,21 @@ def default_template_path() -> Path:
 
     Looked up, in order: ``model_card_templates/`` next to the ``rain_hf`` package (a source checkout or an
     editable install), then ``share/rain_hf/model_card_templates/`` (where a wheel's ``data_files`` put it) under
-    the installation prefixes and under each folder above the package (``pip install --target`` or ``--prefix``
-    puts it there, outside the running Python's prefixes).
+    each folder above the package (``pip install --target`` or ``--prefix`` puts it there, outside the running
+    Python's prefixes), nearest first, and under the installation prefixes.
 
     Example:
         >>> default_template_path().name
         'rain_merging.md.j2'
     """
     candidates = [Path(__file__).resolve().parent.parent / "model_card_templates" / TEMPLATE_NAME]
-    prefixes = [sysconfig.get_path("data"), sys.prefix, sys.base_prefix]
+    # the folders above this package first: the install that holds this code holds its template, where another
+    # (older) rain_hf under the running Python's prefix may hold another
+    prefixes = [str(folder) for folder in Path(__file__).resolve().parents[1:]]
+    prefixes += [sysconfig.get_path("data"), sys.prefix, sys.base_prefix]
     user_base = getattr(__import__("site"), "USER_BASE", None)
     if user_base:
         prefixes.append(user_base)
-    prefixes += [str(folder) for folder in Path(__file__).resolve().parents[1:]]
     for prefix in dict.fromkeys(p for p in prefixes if p):
         candidates.append(Path(prefix) / "share" / "rain_hf" / "model_card_templates" / TEMPLATE_NAME)
     for candidate in candidates:

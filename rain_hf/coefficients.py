@@ -103,9 +103,12 @@ def coefficient_warning(
     raw = scores[measured]
     mean = float(raw.mean())
     outside = float(((raw < lo) | (raw > hi)).float().mean())
-    if normalize == "none" and outside > 0.5 and mean > 0:  # the literal form's box misses the raw scores
-        hint = (f"coef_min / coef_max that suit the raw scores a − ρ·u (they lie between {float(raw.min()):.3g} "
-                f"and {float(raw.max()):.3g}), or coef_normalize='mean'")
+    positive = float((raw > 0).float().mean())
+    if normalize == "none" and outside > 0.5 and positive > 0.5:  # the literal form's box misses the raw scores
+        low = float(raw.min())
+        span = (f"they lie between {low:.3g} and {float(raw.max()):.3g}" if low >= 0 else
+                f"the positive ones reach {float(raw.max()):.3g}; coef_min cannot go below 0")
+        hint = f"coef_min / coef_max that suit the raw scores a − ρ·u ({span}), or coef_normalize='mean'"
     else:
         # the raw scores suit a box of their own only where they are mostly positive (the box starts at 0)
         hint = ", or ".join((["a smaller rho"] if rho > 0 else []) + (

@@ -516,8 +516,9 @@ class LoraDelta:
         ``L``. Useful to project ΔW in O((out + in)·r) memory.
         """
         entry = self._factors[weight_key]
-        a = _widened(self._tensors.get(entry.key_a), device)  # [r, in]
-        b = _widened(self._tensors.get(entry.key_b), device)  # [out, r]
+        a, b = self._tensors.get(entry.key_a), self._tensors.get(entry.key_b)  # [r, in], [out, r]
+        dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)  # one dtype for the product
+        a, b = a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
         if entry.transposed:
             return a.T.contiguous() * entry.scaling, b.T.contiguous()  # [in, r], [r, out]
         return b * entry.scaling, a

@@ -380,8 +380,9 @@ def check_device(device: str | torch.device | int | None) -> None:
     """Raise ConfigError for a device torch does not know, or a CUDA device where torch sees none."""
     if device is None:
         return
-    if isinstance(device, bool) or isinstance(device, numbers.Integral) and device < 0:
-        raise ConfigError(f"device={device!r} is not a torch device: use cpu, cuda or cuda:N.")
+    if type(device).__name__ in ("bool", "bool_") or isinstance(device, numbers.Integral) and device < 0:
+        shown = str(device) if isinstance(device, numbers.Integral) else repr(bool(device))  # numpy's too
+        raise ConfigError(f"device={shown} is not a torch device: use cpu, cuda or cuda:N.")
     if isinstance(device, numbers.Integral):
         device = int(device)  # a numpy integer too
         accelerator = getattr(torch, "accelerator", None)

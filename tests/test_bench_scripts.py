@@ -90,3 +90,7 @@ def test_punkt_comparison_counts_no_difference_against_the_projects_own_model(tm
     Path(english, "abbrev_types.txt").write_text("\n".join(a for a in abbreviations if a.strip() != "dr"))
     assert punkt_vs_nltk.main(["--english", english, "--calibration", str(calibration)]) == 0
     assert "calibration answers (sentence count differs): 2 of 2" in capsys.readouterr().out
+    for bad, says in ((tmp_path / "missing", "does not exist"), (calibration, "not nltk's punkt_tab language folder")):
+        with pytest.raises(SystemExit) as exc:  # one line, not a traceback
+            punkt_vs_nltk.main(["--english", str(bad), "--calibration", str(calibration)])
+        assert exc.value.code == 2 and says in capsys.readouterr().err

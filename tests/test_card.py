@@ -456,10 +456,10 @@ def test_default_template_discovery(tmp_path, monkeypatch):
     shared.mkdir(parents=True)
     (shared / "rain_merging.md.j2").write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
     assert default_template_path() == shared / "rain_merging.md.j2"
-    # pip install --target DIR / --prefix DIR: the data files sit under DIR, outside the running Python's prefixes
+    # pip install --target DIR / --prefix DIR: the data files sit under DIR, outside the running Python's prefixes,
+    # and are the ones of this code even where the prefix holds another (older) install's
     for package, root in (("target/rain_hf", "target"), ("pfx/lib/python3.11/site-packages/rain_hf", "pfx")):
         monkeypatch.setattr(card_module, "__file__", str(tmp_path / package / "card.py"))
-        monkeypatch.setattr(card_module.sys, "prefix", str(tmp_path / "nowhere"))
         template = tmp_path / root / "share" / "rain_hf" / "model_card_templates" / "rain_merging.md.j2"
         template.parent.mkdir(parents=True)
         template.write_text(path.read_text(encoding="utf-8"), encoding="utf-8")

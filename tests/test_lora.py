@@ -594,3 +594,18 @@ def test_a_float64_adapter_gives_a_float64_delta(bases, tmp_path):
         got = lora.delta(key)
         assert got.dtype == torch.float64, key
         assert (got - expected).norm() / expected.norm() < 1e-12, key
+
+
+def test_factors_of_different_dtypes_give_one_delta(plain_adapter):
+    """peft saves each factor in its own dtype; a float64 lora_A beside a bfloat16 lora_B is multiplied in one
+    dtype (float64 here), not refused by torch's matmul."""
+    folder = plain_adapter
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    mixed = {k: v.double() if "lora_A" in k else v.bfloat16() for k, v in tensors.items()}
+    save_file(mixed, str(folder.parent / "mixed.safetensors"))
+    (folder.parent / "mixed").mkdir()
+    (folder.parent / "mixed" / "adapter_config.json").write_text((folder / "adapter_config.json").read_text())
+    (folder.parent / "mixed.safetensors").rename(folder.parent / "mixed" / "adapter_model.safetensors")
+    lora = LoraDelta.from_pretrained(folder.parent / "mixed")
+    for key in lora.weight_keys():
+        assert lora.delta(key).dtype == torch.float64, key

@@ -183,6 +183,10 @@ def test_coefficient_warning_names_a_stage_2_that_cannot_rank_heads():
     a5, u5 = torch.tensor([[0.02, 0.03, 0.01, 0.20]]), torch.tensor([[0.30, 0.40, 0.20, 0.05]])
     said = coefficient_warning(a5, u5, 0.5, "none", head_coefficients(a5, u5, 0.5, "none", 0.0, 2.0), 0.0, 2.0)
     assert "try a smaller rho, or calibration data" in said and "coef_min" not in said
+    # mostly positive with a few negative ones: the box advice, which cannot take coef_min below 0
+    a6, u6 = torch.tensor([[0.0, 0.0, 0.0, 0.9, 0.8, 0.7, 0.9]]), torch.tensor([[0.1, 0.1, 0.1, 0.0, 0.0, 0.0, 0.0]])
+    said = coefficient_warning(a6, u6, 0.5, "none", head_coefficients(a6, u6, 0.5, "none", 1.0, 3.0), 1.0, 3.0)
+    assert "(the positive ones reach 0.9; coef_min cannot go below 0)" in said
 
 
 def test_gqa_mapping_groups_consecutive_query_heads():

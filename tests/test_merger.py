@@ -2180,8 +2180,9 @@ def test_inputs_are_protected(qwen2, tmp_path, caplog):
         with pytest.raises(ConfigError, match="CUDA device\\(s\\)"):
             RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"],
                                        device=f"cuda:{torch.cuda.device_count()}")
-    for bad in (True, -1):  # refused by rain_hf, not as torch's TypeError or as the string '-1'
-        with pytest.raises(ConfigError, match=rf"device={bad!r} is not a torch device: use cpu, cuda or cuda:N"):
+    for bad in (True, -1, np.bool_(True), np.int64(-1)):  # by rain_hf, not as torch's TypeError, nor as '-1'
+        with pytest.raises(ConfigError, match=rf"device={int(bad) if bad < 0 else True} is not a torch device: use "
+                                              "cpu, cuda or cuda:N"):
             RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], device=bad)
     with pytest.raises(ConfigError, match="device='meta' holds no weights"):
         RainMerger.from_pretrained(qwen2["base"], qwen2["reasoning"], qwen2["instruct"], device="meta")
