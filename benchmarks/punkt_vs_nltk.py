@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         theirs = PunktSentenceTokenizer(nltk_parameters(english))
-    except (LookupError, OSError, AttributeError, SyntaxError) as exc:  # not the folder or the file of tables
+    except (LookupError, OSError, AttributeError, ImportError, SyntaxError, TypeError, ValueError) as exc:
+        # not the folder, nor a Python file of the tables
         parser.error(f"--english {args.english}: not nltk's punkt_tab language folder nor a .py file of its tables "
                      f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
     ours = PunktSentenceTokenizer(build_punkt_parameters())

@@ -692,7 +692,9 @@ class _ThinkSplit:
         self.content = content
         self.source = source  # the field as errors name it
         self.reasoning_cell = reasoning_cell  # "missing", or "empty" (a blank reasoning cell beside the response)
-        self.expected_thinking: str | None = None  # a reasoning column beside a chat turn must repeat its thinking
+        # columns beside a chat turn: a reasoning text must repeat its thinking, a response its answer
+        self.expected_thinking: str | None = None
+        self.expected_answer: str | None = None
 
 
 _FIELD_LABELS = ("field 'reasoning' / 'reason'", "field 'response'")
@@ -753,21 +755,23 @@ def _labelled_fields(record: Mapping) -> tuple[Any, Any, Any, tuple[str, str]]:
 
 
 def _repeats_turn(given: Mapping[str, Any], turn: Mapping, fields: tuple) -> bool:
-    """Whether the answer fields ``given`` beside a chat column repeat its assistant ``turn``: a response at the
-    end of its content, and a reasoning text equal to its ``reasoning_content``, or else to the thinking of its
-    content, which is compared once the content is split at the think tokens (see :class:`_ThinkSplit`)."""
+    """Whether the answer fields ``given`` beside a chat column repeat its assistant ``turn``. With a
+    ``reasoning_content`` turn they must equal it and its content. Otherwise the content is split at the think
+    tokens later, where the template is known, and compared then (see :class:`_ThinkSplit`): a reasoning text
+    must equal the turn's thinking, or supply it where the turn holds the answer alone; a response must equal the
+    turn's answer or its whole content."""
     content, thinking = turn.get("content"), turn.get("reasoning_content")
     if not isinstance(content, str) or not all(isinstance(value, str) for value in given.values()):
         return False
-    if "response" in given and not content.strip().endswith(given["response"].strip()):
-        return False
     reasoning = {value.strip() for key, value in given.items() if key != "response"}
     if len(reasoning) > 1:
-        return False
-    if reasoning and isinstance(thinking, str):
-        return reasoning == {thinking.strip()}
-    if reasoning:
-        fields[1].expected_thinking = reasoning.pop()
+        raise _Malformed("fields 'reasoning' and 'reason' both hold a thinking text, and they differ: keep one of them")
+    response = given["response"].strip() if "response" in given else None
+    if thinking is not None or not isinstance(fields[1], _ThinkSplit):
+        return (isinstance(thinking, str) and reasoning <= {thinking.strip()}
+                and response in (None, content.strip()))
+    fields[1].expected_thinking = reasoning.pop() if reasoning else None
+    fields[1].expected_answer = response
     return True
 
 
@@ -875,16 +879,24 @@ def _parse_record(record: Mapping, template: _Template) -> _Fields:
     prompt, reasoning, response, (reasoning_label, response_label) = _labelled_fields(record)
     answer_at = 0  # where the answer starts in its field as given
     if isinstance(reasoning, _ThinkSplit):
-        source = reasoning.source
-        expected = reasoning.expected_thinking
-        reasoning, response, answer_at = _split_think_text(reasoning.content, template, source,
-                                                           reasoning.reasoning_cell)
-        if expected is not None and expected != reasoning.strip():
-            raise _Malformed("the assistant turn of 'messages' and the fields 'reasoning' / 'reason' give different "
-                             "thinking texts: keep one of them")
+        split, source = reasoning, reasoning.source
+        content = split.content
+        if (split.expected_thinking is not None and isinstance(content, str) and template.think_open not in content
+                and template.think_close not in content):
+            # a turn that holds the answer alone beside a column that holds its thinking: one sample in two parts
+            reasoning, response, answer_at = split.expected_thinking, content, 0
+            reasoning_label, response_label = _FIELD_LABELS[0], f"the answer in '{source}'"
+        else:
+            reasoning, response, answer_at = _split_think_text(content, template, source, split.reasoning_cell)
+            if split.expected_thinking not in (None, reasoning.strip()):
+                raise _Malformed("the assistant turn of 'messages' and the fields 'reasoning' / 'reason' give "
+                                 "different thinking texts: keep one of them")
+            reasoning_label, response_label = f"the thinking in '{source}'", f"the answer in '{source}'"
+        if split.expected_answer not in (None, response.strip(), str(content).strip()):
+            raise _Malformed("the assistant turn of 'messages' and the field 'response' give different answers: keep "
+                             "one of them")
         if source != "response":  # a chat answer's offsets have always counted from the text after </think>
             answer_at = 0
-        reasoning_label, response_label = f"the thinking in '{source}'", f"the answer in '{source}'"
     stripped_prompt = _text(prompt, _prompt_label(record), template, check_think=False)
     if reasoning is None and response is None:
         raise _Malformed("only a prompt: no reasoning trace and no response")

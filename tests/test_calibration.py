@@ -813,12 +813,26 @@ def test_a_prompt_column_beside_a_chat_column_reads_the_same_as_the_chat_column_
             (same,) = prepare_reasoning_calibration([{**extra, "messages": turns, **fields}], tok,
                                                     _cfg(on_malformed="error"))
             assert same.input_ids == plain, (extra, fields)
+        # a turn that holds the answer alone beside a column that holds the thinking: one sample in two parts
+        answer_only = [chat[0], {"role": "assistant", "content": RECORD["response"]}]
+        (both,) = prepare_reasoning_calibration([{**extra, "messages": answer_only, "reasoning": RECORD["reasoning"]}],
+                                                tok, _cfg(on_malformed="error"))
+        assert both.input_ids == plain
+        for fields, says in (({"response": RECORD["response"].split()[-1]}, "field 'response' give different answers"),
+                             ({"reasoning": RECORD["reasoning"], "reason": "Other."}, "both hold a thinking text"),
+                             ({"reasoning": 5}, "give different answers")):
+            with pytest.raises(CalibrationError, match=says):  # a word of the answer, two thinking texts, no text
+                prepare_reasoning_calibration([{**extra, "messages": chat, **fields}], tok, _cfg(on_malformed="error"))
+        broken = [chat[0], {"role": "assistant", "content": RECORD["response"], "reasoning_content": 123}]
+        with pytest.raises(CalibrationError, match="give different answers"):  # not an AttributeError
+            prepare_reasoning_calibration([{**extra, "messages": broken, "reasoning": RECORD["reasoning"]}], tok,
+                                          _cfg(on_malformed="error"))
         # a reasoning column that is only part of the turn (a word of it, or its answer) is another thinking text
         for fields in ({"reasoning": RECORD["response"]}, {"reasoning": RECORD["reasoning"].split()[0]}):
             with pytest.raises(CalibrationError, match="give different thinking texts: keep one of them"):
                 prepare_reasoning_calibration([{**extra, "messages": chat, **fields}], tok, _cfg(on_malformed="error"))
         # fields that give another answer than the chat turn: refused, not one of the two dropped in silence
-        with pytest.raises(CalibrationError, match="give different answers: keep one of them"):
+        with pytest.raises(CalibrationError, match="give different thinking texts: keep one of them"):
             prepare_reasoning_calibration([{**extra, "messages": chat, "reasoning": "Something else entirely.",
                                             "response": "A different answer."}], tok, _cfg(on_malformed="error"))
 
@@ -1009,8 +1023,8 @@ def test_a_chat_turn_prompt_with_its_trace_in_the_fields(tok, chain_ids, caplog)
         (sample,) = prepare_reasoning_calibration([record], tok, _cfg(), model=_chain_model(tok, {}))
         assert sample.input_ids == expected
     both = {"messages": [*turn, {"role": "assistant", "content": "<think>t</think>a"}], "response": "other"}
-    with pytest.raises(CalibrationError, match="the assistant turn of 'messages' and the fields 'reasoning' / "
-                                               "'reason' / 'response' give different answers: keep one of them"):
+    with pytest.raises(CalibrationError, match="the assistant turn of 'messages' and the field 'response' give "
+                                               "different answers: keep one of them"):
         prepare_reasoning_calibration([both], tok, _cfg(on_malformed="error"))
     # a data set's answer column beside its chat column: empty, the answer itself or the whole turn is one answer
     chat = prepare_reasoning_calibration([dict(both, response=None)], tok, _cfg())[0].input_ids
