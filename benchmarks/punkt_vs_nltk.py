@@ -51,10 +51,10 @@ def nltk_parameters(path: Path):
 
 
 def text_sets(calibration: Path) -> dict[str, list[str]]:
-    answers = [json.loads(line)["response"]
-               for line in (calibration / "instruction_calibration_set.jsonl").read_text(encoding="utf-8").splitlines()
-               if line.strip()]
-    answers += [r["response"] for r in json.loads((calibration / "reasoning_calibration_set.json").read_text("utf-8"))]
+    lines = (calibration / "instruction_calibration_set.jsonl").read_text(encoding="utf-8").splitlines()
+    answers = [json.loads(line)["response"] for line in lines if line.strip()]
+    reasoning = json.loads((calibration / "reasoning_calibration_set.json").read_text(encoding="utf-8"))
+    answers += [record["response"] for record in reasoning]
     site = sysconfig.get_paths()["purelib"]  # the installed packages
     files = sorted(set(glob.glob(os.path.join(site, "*", "LICENSE*"))
                        + glob.glob(os.path.join(site, "*.dist-info", "LICENSE*"))))[:40] + [str(ROOT / "README.md")]

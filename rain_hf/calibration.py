@@ -712,8 +712,9 @@ def _labelled_fields(record: Mapping) -> tuple[Any, Any, Any, tuple[str, str]]:
 
     ``messages``-style records (one user turn, optionally one assistant turn whose content holds
     ``<think>…</think>answer`` or which has a ``reasoning_content``) are accepted too, or one user turn with the
-    trace in the fields, and so is a ``response`` holding ``<think>…</think>answer`` when there is no reasoning
-    field (the usual R1 dump).
+    trace in the fields, or an answer-only assistant turn with its thinking in a reasoning field (fields beside a
+    turn must repeat it, see :func:`_repeats_turn`), and so is a ``response`` holding ``<think>…</think>answer``
+    when there is no reasoning field (the usual R1 dump).
     """
     # a datasets.Dataset gives every row every column, so a chat-format row arrives with prompt=None (or "")
     messages = record.get("messages")
@@ -724,7 +725,8 @@ def _labelled_fields(record: Mapping) -> tuple[Any, Any, Any, tuple[str, str]]:
         # both forms of one sample; any other 'messages' (a system turn, a whole conversation, []) is another
         # column of the data set, and the record is read through 'prompt' as it always was
         if messages[0]["content"].strip() != str(record["prompt"]).strip():
-            raise _Malformed("fields 'prompt' and 'messages' both give the prompt, and they differ: keep one of them")
+            raise _Malformed("fields 'prompt' and 'messages' both give the prompt, and they differ: keep one of "
+                             "them")
         record = {**record, "prompt": None}  # the same prompt twice: read as the chat form, answers reconciled
     if _no_prompt_field(record) and messages is not None:
         if not isinstance(messages, list):
@@ -765,7 +767,8 @@ def _repeats_turn(given: Mapping[str, Any], turn: Mapping, fields: tuple) -> boo
         return False
     reasoning = {value.strip() for key, value in given.items() if key != "response"}
     if len(reasoning) > 1:
-        raise _Malformed("fields 'reasoning' and 'reason' both hold a thinking text, and they differ: keep one of them")
+        raise _Malformed("fields 'reasoning' and 'reason' both hold a thinking text, and they differ: keep one of "
+                         "them")
     response = given["response"].strip() if "response" in given else None
     if thinking is not None or not isinstance(fields[1], _ThinkSplit):
         return (isinstance(thinking, str) and reasoning <= {thinking.strip()}
@@ -792,8 +795,8 @@ def _grouped_reasons(failures: Sequence[tuple[int, str]]) -> list[tuple[str, lis
     for members in groups.values():
         reason = max((r for _, r in members), key=asks)  # the first met among equals
         if len({r for _, r in members}) > 1:
-            reason += (f" ({'the most any of the ' + str(len(members)) + ' asks' if asks(reason) else 'the first'}; "
-                       "the others differ only in their numbers)")
+            shown = f"the most any of the {len(members)} asks" if asks(reason) else "the first"
+            reason += f" ({shown}; the others differ only in their numbers)"
         out.append((reason, [i for i, _ in members]))
     return out
 
@@ -893,8 +896,8 @@ def _parse_record(record: Mapping, template: _Template) -> _Fields:
                                  "different thinking texts: keep one of them")
             reasoning_label, response_label = f"the thinking in '{source}'", f"the answer in '{source}'"
         if split.expected_answer not in (None, response.strip(), str(content).strip()):
-            raise _Malformed("the assistant turn of 'messages' and the field 'response' give different answers: keep "
-                             "one of them")
+            raise _Malformed("the assistant turn of 'messages' and the field 'response' give different answers: "
+                             "keep one of them")
         if source != "response":  # a chat answer's offsets have always counted from the text after </think>
             answer_at = 0
     stripped_prompt = _text(prompt, _prompt_label(record), template, check_think=False)

@@ -352,7 +352,7 @@ def ensure_nltk_data(path: str | None = None) -> str:
     call put there, which are taken off it: nltk would load the project's model from them first). The project's
     own model splits some sentences differently from nltk's English one (``python -m benchmarks.punkt_vs_nltk``,
     build "rain_hf-punkt-4"): the sentence count of 10 of the 515 answers of the paper's calibration sets, 4 of
-    394 paragraphs of licence texts and this project's README, and 45 of 120 sentences "… in <abbreviation>
+    395 paragraphs of licence texts and this project's README, and 45 of 120 sentences "… in <abbreviation>
     <Word> …" (it ends a sentence at "Jan. We" or "p.m. She", nltk's does not), which can move
     ``length_constraints:number_sentences`` near its threshold.
 

@@ -517,7 +517,8 @@ class LoraDelta:
         """
         entry = self._factors[weight_key]
         a, b = self._tensors.get(entry.key_a), self._tensors.get(entry.key_b)  # [r, in], [out, r]
-        dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)  # one dtype for the product
+        # one dtype for the product, float32 at least
+        dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
         a, b = a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
         if entry.transposed:
             return a.T.contiguous() * entry.scaling, b.T.contiguous()  # [in, r], [r, out]
