@@ -94,6 +94,12 @@ _ROLE_ORDER = ("reasoning", "instruct", "base")
 _EVAL_KEYS = ("task_type", "dataset_name", "dataset_type", "metric_type", "metric_name", "metric_value")
 
 
+def named_branch(revision: str | None) -> str | None:
+    """The branch ``revision`` names, or None for main and for an open pull request's ref (``refs/pr/N``), which is
+    no branch to create and stops being the model's home once merged (a card's snippet then loads main)."""
+    return None if revision in (None, "main") or revision.startswith("refs/pr/") else revision
+
+
 def default_template_path() -> Path:
     """Where the default card template lives.
 
@@ -194,9 +200,7 @@ def build_model_card(
         "info": info,
         "model_name": name,
         "model_id": model_id or "path/to/merged-model",
-        # an open pull request's ref stops being the model's home once merged: the snippet then loads main
-        "model_revision": None if model_revision in (None, "main") or model_revision.startswith("refs/pr/")
-        else model_revision,
+        "model_revision": named_branch(model_revision),
         "method": method,
         "method_title": _METHOD_TITLES.get(method, method),
         "method_formula": _method_formula(method, lam, config),

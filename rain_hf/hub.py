@@ -38,6 +38,8 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.hf_api import RepoFile
 
+from .card import named_branch
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_COMMIT_MESSAGE", "HubError", "check_push_target", "push_folder"]
@@ -152,8 +154,7 @@ def push_folder(
         if reason:
             raise HubError(f"{reason} Nothing was uploaded; the local output at {folder} is intact.",
                            repo_id=target, folder=folder, reason=reason)
-        # 'refs/pr/N' is an open pull request, not a branch to create
-        if revision is not None and revision != "main" and not revision.startswith("refs/pr/"):
+        if named_branch(revision) is not None:
             step = f"creating the branch {revision!r}"
             api.create_branch(target, branch=revision, exist_ok=True, repo_type="model")
         card = _card_for_target(folder, names, target, revision)
@@ -274,7 +275,7 @@ def _card_for_target(folder: Path, names: set[str], repo_id: str, revision: str 
     match = _SNIPPET_ID.search(text)
     if match is None:  # a card of the user's own template, without the usage snippet
         return None
-    branch = None if revision in (None, "main") or revision.startswith("refs/pr/") else revision
+    branch = named_branch(revision)
     found = _SNIPPET_REVISION.search(text)
     written = None
     if found:
