@@ -391,6 +391,12 @@ _SAFETENSORS_DTYPES = {
 _ITEMSIZE = {name: dtype.itemsize for name, dtype in _SAFETENSORS_DTYPES.items()}
 
 
+def work_dtype(stored: torch.dtype) -> torch.dtype:
+    """The dtype a tensor stored as ``stored`` is merged in: float32, or float64 for float64 checkpoints (so that a
+    merge that changes nothing gives back the stored values exactly)."""
+    return torch.promote_types(stored, torch.float32)
+
+
 def _torch_dtype(dtype: str, key: str, name: str) -> torch.dtype:
     # checked when a tensor is used, so an exotic buffer the merge never reads does not block the checkpoint
     if dtype not in _SAFETENSORS_DTYPES:

@@ -52,6 +52,7 @@ from rain_hf.checkpoints import (
     read_json,
     resolve_model,
     snapshot_repo_id,
+    work_dtype,
 )
 
 logger = logging.getLogger(__name__)
@@ -91,8 +92,8 @@ _BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "astra")
 
 
 def _widened(tensor: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
-    """``tensor`` on ``device`` in the dtype a delta is computed in: float32, or float64 for float64 tensors."""
-    return tensor.to(device=device, dtype=torch.promote_types(tensor.dtype, torch.float32))
+    """``tensor`` on ``device`` in the dtype a delta is computed in (:func:`work_dtype`)."""
+    return tensor.to(device=device, dtype=work_dtype(tensor.dtype))
 
 
 class AdapterError(CheckpointError):
@@ -517,8 +518,7 @@ class LoraDelta:
         """
         entry = self._factors[weight_key]
         a, b = self._tensors.get(entry.key_a), self._tensors.get(entry.key_b)  # [r, in], [out, r]
-        # one dtype for the product, float32 at least
-        dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+        dtype = work_dtype(torch.promote_types(a.dtype, b.dtype))  # one dtype for the product
         a, b = a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
         if entry.transposed:
             return a.T.contiguous() * entry.scaling, b.T.contiguous()  # [in, r], [r, out]

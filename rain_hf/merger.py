@@ -59,6 +59,7 @@ from .checkpoints import (
     legacy_fingerprint,
     read_json,
     resolve_model,
+    work_dtype,
 )
 from .coefficients import coefficient_warning, head_coefficients, weight_scale
 from .config import _FIELD_NAMES, CONFIG_NAME, ConfigError, RainMergingConfig, parse_size
@@ -162,12 +163,6 @@ class ModelMismatchError(CheckpointError):
 
 
 # ---------------------------------------------------------------------------------------------- task vectors
-def work_dtype(stored: torch.dtype) -> torch.dtype:
-    """The dtype a tensor stored as ``stored`` is merged in: float32, or float64 for float64 checkpoints (so that a
-    merge that changes nothing gives back the stored values exactly)."""
-    return torch.promote_types(stored, torch.float32)
-
-
 class FullDelta:
     """Δ = θ_I − θ_B read tensor by tensor from two checkpoints (float32, or float64 when either is stored so)."""
 
