@@ -342,7 +342,10 @@ def _read_jsonl_file(path: Path, text: str, locations: list[str]) -> list[dict]:
     try:
         records, where = _parse_jsonl(path, text)
     except CalibrationError:
-        whole = _json_or_none(text)
+        try:
+            whole, broken = json.loads(text), None
+        except json.JSONDecodeError as err:
+            whole, broken = None, err
         if isinstance(whole, list):
             _note_once(path, "%s holds one JSON list, not JSON Lines: read as a list of records (name it .json).")
             return _records_of_list(path, whole, locations)
@@ -351,14 +354,12 @@ def _read_jsonl_file(path: Path, text: str, locations: list[str]) -> list[dict]:
                 f"{path} holds one JSON object spread over several lines, not JSON Lines: write one record per line "
                 "(e.g. `jq -c . IN > OUT`), or a list of records in a .json file."
             ) from None
-        if whole is None and text.lstrip().startswith("["):
-            try:  # a pretty-printed list with an error: its line 1 is "[", so name where the list breaks
-                json.loads(text)
-            except json.JSONDecodeError as err:
-                # a first line that is a whole value: JSON Lines (of lists), whose own error stands
-                if _json_or_none(text.lstrip().splitlines()[0]) is None:
-                    raise CalibrationError(f"{path} holds one JSON list, not JSON Lines, and it is not valid JSON "
-                                           f"({err.msg} at line {err.lineno}, column {err.colno}).") from None
+        # a pretty-printed list with an error: its line 1 is "[", so name where the list breaks (a first line that
+        # is a whole value is JSON Lines of lists, whose own error stands)
+        first_line = text.lstrip().splitlines()[0]
+        if broken is not None and first_line.startswith("[") and _json_or_none(first_line) is None:
+            raise CalibrationError(f"{path} holds one JSON list, not JSON Lines, and it is not valid JSON "
+                                   f"({broken.msg} at line {broken.lineno}, column {broken.colno}).") from None
         raise
     locations.extend(where)
     return records
