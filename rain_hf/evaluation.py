@@ -397,8 +397,7 @@ def ensure_nltk_data(path: str | None = None) -> str:
         return _in_use(root)
     if state == "missing" and os.path.isfile(tab_dir + ".zip"):  # as nltk's downloader leaves it
         logger.info("Using the existing nltk punkt_tab model in %s.zip", tab_dir)
-        _drop_own_folders(nltk, PUNKT_BUILD_VERSION)
-        nltk.data.path[:] = [root] + [p for p in nltk.data.path if p != root]
+        _drop_own_folders(nltk, PUNKT_BUILD_VERSION)  # root, put first above, holds none of ours: it stays first
         return _in_use(root)
 
     # the default folder is this module's own, down from ~/.cache/rain_hf; a folder the caller named is not
